@@ -1,0 +1,31 @@
+# `make run` and `make test` each set everything up first, so a fresh clone
+# needs nothing but Python 3.11 and git.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup run test test-slow bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# The full DAG on the embedded example with the bundled model.
+run: setup
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+# What CI runs (.ci/run): everything except tests marked slow.
+test: setup
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow -q
+
+clean:
+	rm -rf data/ingested data/deduped data/audited models reports dvclive

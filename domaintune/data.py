@@ -1,0 +1,105 @@
+"""The dataset schema every stage reads and writes, plus safe-output helpers.
+
+Between stages a dataset is a folder with one Parquet file per split
+(train.parquet, validation.parquet, test.parquet), each with the columns
+id (str), text (str), label (str), split (str), and labels.json: the sorted
+list of label names seen in train. Labels stay strings end to end; integer
+ids are assigned only inside the model, from labels.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+SPLITS = ("train", "validation", "test")
+COLUMNS = ("id", "text", "label", "split")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row and the field."""
+
+    def __init__(self, file: str | os.PathLike, row: int | str | None, field: str | None, problem: str):
+        self.file, self.row, self.field, self.problem = str(file), row, field, problem
+        where = [f"{file}"]
+        if row is not None:
+            where.append(f"row {row}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(f"{': '.join(where)}: {problem}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
+
+    A stage that crashes half-way therefore leaves no partial output behind and
+    whatever was at `path` before is replaced in one rename. Works for files and
+    directories (the block decides which it creates at the yielded path).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = tmp_root / path.name
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"stage produced no output at {path}")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False, ensure_ascii=False)
+        fh.write("\n")
+
+
+def read_json(path: str | os.PathLike):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_dataset(folder: str | os.PathLike, splits: dict[str, pd.DataFrame], labels: list[str]) -> None:
+    """Write a dataset folder in the schema above (folder must not be shared with other outputs)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        df = splits.get(name)
+        if df is None:
+            df = pd.DataFrame({c: pd.Series(dtype=str) for c in COLUMNS})
+        df = df.loc[:, list(COLUMNS)].astype({c: str for c in COLUMNS}).reset_index(drop=True)
+        df.to_parquet(folder / f"{name}.parquet", index=False)
+    write_json(folder / "labels.json", sorted(labels))
+
+
+def read_dataset(folder: str | os.PathLike) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    folder = Path(folder)
+    splits = {}
+    for name in SPLITS:
+        p = folder / f"{name}.parquet"
+        if not p.exists():
+            raise DataError(p, None, None, "split file missing; run the upstream stage first")
+        df = pd.read_parquet(p)
+        missing = [c for c in COLUMNS if c not in df.columns]
+        if missing:
+            raise DataError(p, None, missing[0], "column missing from stage output")
+        splits[name] = df
+    labels = read_json(folder / "labels.json")
+    return splits, labels
+
+
+def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
+    write_json(path, metrics)

