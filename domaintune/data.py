@@ -3,12 +3,15 @@
 Between stages a dataset is a folder with one Parquet file per split
 (train.parquet, validation.parquet, test.parquet), each with the columns
 id (str), text (str), label (str), split (str), and labels.json: the sorted
-list of label names seen in train. Labels stay strings end to end; integer
+list of label names seen in train, and hashes.json: per-split SHA-256 content
+hashes plus a "dataset" hash (the dataset version later stages record).
+Labels stay strings end to end; integer
 ids are assigned only inside the model, from labels.json.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -72,17 +75,44 @@ def read_json(path: str | os.PathLike):
         return json.load(fh)
 
 
-def write_dataset(folder: str | os.PathLike, splits: dict[str, pd.DataFrame], labels: list[str]) -> None:
-    """Write a dataset folder in the schema above (folder must not be shared with other outputs)."""
+def split_hash(df: pd.DataFrame) -> str:
+    """SHA-256 of a split's canonical rows: (id, text, label) as JSON lines, sorted by id.
+
+    Independent of row order, Parquet version and file layout, so the same
+    content always gets the same hash: this is the dataset version.
+    """
+    h = hashlib.sha256()
+    rows = df.loc[:, ["id", "text", "label"]].astype(str).sort_values("id", kind="stable")
+    for rec in rows.itertuples(index=False):
+        h.update(json.dumps(list(rec), ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def dataset_hashes(splits: dict[str, pd.DataFrame], labels: list[str]) -> dict[str, str]:
+    """Per-split content hashes plus one 'dataset' hash over all splits and the label list."""
+    out = {name: split_hash(splits[name]) for name in SPLITS}
+    whole = hashlib.sha256(json.dumps([out[n] for n in SPLITS] + sorted(labels)).encode()).hexdigest()
+    out["dataset"] = whole
+    return out
+
+
+def write_dataset(folder: str | os.PathLike, splits: dict[str, pd.DataFrame], labels: list[str]) -> dict[str, str]:
+    """Write a dataset folder in the schema above; also hashes.json. Returns the hashes."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    clean = {}
     for name in SPLITS:
         df = splits.get(name)
         if df is None:
             df = pd.DataFrame({c: pd.Series(dtype=str) for c in COLUMNS})
         df = df.loc[:, list(COLUMNS)].astype({c: str for c in COLUMNS}).reset_index(drop=True)
         df.to_parquet(folder / f"{name}.parquet", index=False)
+        clean[name] = df
     write_json(folder / "labels.json", sorted(labels))
+    hashes = dataset_hashes(clean, labels)
+    write_json(folder / "hashes.json", hashes)
+    return hashes
 
 
 def read_dataset(folder: str | os.PathLike) -> tuple[dict[str, pd.DataFrame], list[str]]:
