@@ -49,6 +49,8 @@ class IngestParams:
     label_column: str = "label"
     # Column holding train/validation/test; ignored when the source has per-split files.
     split_column: Optional[str] = None
+    # Column holding stable row ids (must be unique, non-empty); None: ids are "<file stem>:<row>".
+    id_column: Optional[str] = None
     # Used only when the source carries no split of its own.
     split: dict = field(default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1})
     on_bad_row: str = "error"
@@ -90,9 +92,15 @@ class AuditParams:
     batch_size: int = 64
     # "base" embeds with base.model; a path embeds with that encoder (e.g. models/dapt).
     encoder: str = "base"
+    # cleanlab.filter.find_label_issues filter_by: which confident-learning rule proposes candidates.
+    filter_by: str = "prune_by_noise_rate"
+    # Human-review decisions CSV (id, decision accept|reject, corrected_label); "" = none.
+    decisions: str = "labels/decisions.csv"
 
     def __post_init__(self) -> None:
         _check(self.folds >= 2, "audit", "folds", "must be >= 2")
+        _one_of(self.filter_by, ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                                 "predicted_neq_given"), "audit", "filter_by")
         _one_of(self.action, ("report", "drop", "relabel"), "audit", "action")
         _check(0.0 <= self.min_score <= 1.0, "audit", "min_score", "must be in [0, 1]")
         _check(self.C > 0, "audit", "C", "must be > 0")
@@ -110,16 +118,25 @@ class DaptParams:
     lr: float = 5.0e-5
     warmup_ratio: float = 0.06
     heldout_fraction: float = 0.1
+    # Passes over the packed training blocks; when set it replaces max_steps.
+    epochs: Optional[int] = None
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "corpus", tuple(self.corpus or ()))
+        _check(all(isinstance(c, str) and c for c in self.corpus), "dapt", "corpus",
+               f"must be a list of file paths, got {list(self.corpus)!r}")
         _check(0.0 < self.mlm_probability < 1.0, "dapt", "mlm_probability", "must be in (0, 1)")
         _check(self.block_size >= 8, "dapt", "block_size", "must be >= 8")
         _check(self.max_steps >= 0, "dapt", "max_steps", "must be >= 0")
+        _check(self.epochs is None or self.epochs >= 1, "dapt", "epochs", f"must be >= 1 or null, got {self.epochs}")
         _check(self.batch_size >= 1, "dapt", "batch_size", "must be >= 1")
         _check(self.lr > 0, "dapt", "lr", "must be > 0")
         _check(0.0 <= self.warmup_ratio < 1.0, "dapt", "warmup_ratio", "must be in [0, 1)")
         _check(0.0 < self.heldout_fraction < 1.0, "dapt", "heldout_fraction", "must be in (0, 1)")
+        _check(self.weight_decay >= 0, "dapt", "weight_decay", "must be >= 0")
+        _check(self.max_grad_norm > 0, "dapt", "max_grad_norm", "must be > 0")
 
 
 FINETUNE_METHODS = ("full", "freeze", "lora", "qlora", "head")
@@ -149,6 +166,24 @@ class FinetuneParams:
     target_modules: tuple = ("query", "value")
     freeze_layers: int = 0
     seeds: tuple = (42,)
+    # Encoder modules (besides the head) trained fully next to LoRA adapters, e.g. [LayerNorm].
+    modules_to_save: tuple = ()
+    # 4-bit NF4 matmuls run in this dtype (qlora only); float32 is the safe CPU choice.
+    qlora_compute_dtype: str = "float32"
+    # Inverse regularisation of the probe (head_init: probe); C=10 was best on BANKING77 embeddings.
+    probe_C: float = 10.0
+    # Each block below the top gets this factor times the LR of the block above (1.0 = off).
+    layerwise_lr_decay: float = 1.0
+    # Epoch e trains the head and the top ceil(L*(e+1)/epochs) blocks (ULMFiT-style).
+    gradual_unfreeze: bool = False
+    # Stop after this many epochs without a validation macro-F1 gain (0 = never stop early).
+    early_stopping_patience: int = 0
+    # Put back the weights of the epoch with the best validation macro-F1 at the end.
+    restore_best: bool = True
+    # bf16 autocast: auto uses it only where the hardware runs it fast (CUDA bf16, CPU AMX/AVX512-BF16).
+    bf16: str = "auto"
+    # Write a resumable checkpoint every this many optimizer steps (0 = only at epoch ends).
+    checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -173,6 +208,16 @@ class FinetuneParams:
         _check(len(self.target_modules) > 0, s, "target_modules", "must name at least one module")
         _check(self.freeze_layers >= 0, s, "freeze_layers", "must be >= 0")
         _check(len(self.seeds) > 0, s, "seeds", "must list at least one seed")
+        _check(all(isinstance(x, int) and not isinstance(x, bool) for x in self.seeds), s, "seeds",
+               f"must be a list of integers, got {list(self.seeds)!r}")
+        _check(len(set(self.seeds)) == len(self.seeds), s, "seeds", f"has duplicates: {list(self.seeds)!r}")
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
+        _one_of(self.qlora_compute_dtype, ("float32", "bfloat16", "float16"), s, "qlora_compute_dtype")
+        _check(self.probe_C > 0, s, "probe_C", "must be > 0")
+        _check(0.0 < self.layerwise_lr_decay <= 1.0, s, "layerwise_lr_decay", "must be in (0, 1]")
+        _check(self.early_stopping_patience >= 0, s, "early_stopping_patience", "must be >= 0")
+        _one_of(self.bf16, ("auto", "on", "off"), s, "bf16")
+        _check(self.checkpoint_every >= 0, s, "checkpoint_every", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -182,6 +227,10 @@ class EvaluateParams:
     # Below this many validation rows a fitted temperature is noise.
     min_calibration_rows: int = 20
     gate: dict = field(default_factory=lambda: {"min_accuracy": 0.0, "min_macro_f1": 0.0, "max_ece": 1.0})
+    # Rows listed in each error-analysis table (most confident errors, most uncertain, confused pairs).
+    top_k: int = 20
+    # Quantile buckets of text length (words) for accuracy-by-length.
+    length_buckets: int = 4
 
     def __post_init__(self) -> None:
         _check(self.bins >= 2, "evaluate", "bins", "must be >= 2")
@@ -190,22 +239,55 @@ class EvaluateParams:
         allowed = {"min_accuracy", "min_macro_f1", "max_ece"}
         unknown = set(self.gate) - allowed
         _check(not unknown, "evaluate", "gate", f"unknown keys {sorted(unknown)}; allowed {sorted(allowed)}")
+        for k, v in self.gate.items():
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0,
+                   "evaluate", f"gate.{k}", f"must be a number in [0, 1], got {v!r}")
+        _check(self.top_k >= 1, "evaluate", "top_k", "must be >= 1")
+        _check(self.length_buckets >= 1, "evaluate", "length_buckets", "must be >= 1")
 
 
 @dataclass(frozen=True)
 class ExportParams:
     batch_size: int = 64
+    # Merged vs unmerged logits may differ by float rounding only: max |diff| / max(1, max |logit|).
+    merge_tolerance: float = 1.0e-4
+    # Also store the word-embedding table as int8 (per row): it is ~half of MiniLM's bytes.
+    int8_embeddings: bool = True
+    # Latency: best of this many batched passes over the test split, and median over this many single texts.
+    latency_repeats: int = 3
+    latency_single_texts: int = 32
+    bins: int = 15
+    intended_use: str = ("Routing and triage of short domain texts into the labels listed here, with a person "
+                         "reviewing low-confidence predictions. Not for decisions about individuals without review.")
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "export", "batch_size", "must be >= 1")
+        _check(0.0 < self.merge_tolerance < 1.0, "export", "merge_tolerance", "must be in (0, 1)")
+        _check(self.latency_repeats >= 1, "export", "latency_repeats", "must be >= 1")
+        _check(self.latency_single_texts >= 0, "export", "latency_single_texts", "must be >= 0")
+        _check(self.bins >= 2, "export", "bins", "must be >= 2")
+        _check(bool(self.intended_use.strip()), "export", "intended_use", "must not be empty")
 
 
 @dataclass(frozen=True)
 class DriftParams:
     batch_size: int = 64
+    # Embedding summary: PCA of mean-pooled embeddings fitted on train; a handful of
+    # components carries most of the topic signal and keeps the drift tests cheap.
+    pca_components: int = 5
+    # p-value (K-S / chi-square) below which one feature counts as drifted.
+    stattest_threshold: float = 0.05
+    # Share of drifted features at which a batch as a whole counts as drifted.
+    drift_share: float = 0.5
+    # A drop of the served model's mean calibrated confidence beyond this is drift on its own.
+    max_confidence_drop: float = 0.1
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "drift", "batch_size", "must be >= 1")
+        _check(self.pca_components >= 1, "drift", "pca_components", "must be >= 1")
+        _check(0.0 < self.stattest_threshold < 1.0, "drift", "stattest_threshold", "must be in (0, 1)")
+        _check(0.0 < self.drift_share <= 1.0, "drift", "drift_share", "must be in (0, 1]")
+        _check(0.0 < self.max_confidence_drop <= 1.0, "drift", "max_confidence_drop", "must be in (0, 1]")
 
 
 SECTIONS: dict[str, type] = {

@@ -40,3 +40,20 @@ def banking77() -> Path:
     if not (BANKING77 / "train.csv").exists():
         pytest.skip(f"BANKING77 not found at {BANKING77} (../shared is absent on this machine)")
     return BANKING77
+
+
+# Prefect: one temporary API server for the whole session (each start costs ~20 s),
+# with its home in a temp folder so tests never touch ~/.prefect.
+if "PREFECT_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,121 @@
+"""Rendering for the evaluate stage: PNG plots (matplotlib, Agg) and Markdown tables.
+
+Kept apart from the stage so the stage stays about numbers; nothing here
+computes a metric. matplotlib is imported inside the functions (Agg backend,
+no display needed) so importing this module is cheap.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: Path) -> None:
+    plt = _plt()
+    k = len(labels)
+    size = min(4 + 0.35 * k, 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    # Row-normalised so a rare class's errors are as visible as a common one's.
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), labels, rotation=90, fontsize=max(4, 10 - k // 10))
+    ax.set_yticks(range(k), labels, fontsize=max(4, 10 - k // 10))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    if k <= 20:  # counts are unreadable beyond ~20 classes
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                            color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of actual class")
+    ax.set_title("Confusion matrix (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reliability(bins_by_variant: dict[str, list[dict]], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
+    for (name, bins), marker in zip(bins_by_variant.items(), "os^v"):
+        pts = [(b["confidence"], b["accuracy"]) for b in bins if b["count"]]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, marker=marker, label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean confidence in bin")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title("Reliability diagram (test)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confidence_hist(conf_by_variant: dict[str, np.ndarray], bins: int, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    edges = np.linspace(0, 1, bins + 1)
+    for name, conf in conf_by_variant.items():
+        ax.hist(conf, bins=edges, alpha=0.5, label=name)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("test rows")
+    ax.set_title("Confidence histogram (test)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> None:
+    plt = _plt()
+    df = per_class.sort_values("f1")
+    fig, ax = plt.subplots(figsize=(6, min(2 + 0.25 * len(df), 30)))
+    ax.barh(df["class"].astype(str), df["f1"])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1 (test)")
+    ax.set_title("Per-class F1")
+    ax.tick_params(axis="y", labelsize=max(4, 10 - len(df) // 10))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    s = str(v).replace("\n", " ").replace("|", "\\|")
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+def md_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no tabulate dependency)."""
+    if df.empty:
+        return "_(none)_\n"
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def metrics_table(before: dict, after: dict) -> pd.DataFrame:
+    keys = [k for k in before if k in after]
+    return pd.DataFrame({"metric": keys, "before calibration": [before[k] for k in keys],
+                         "after calibration": [after[k] for k in keys]})

@@ -1,0 +1,801 @@
+"""Fine-tuning an encoder classifier: a plain torch loop, fast on CPU.
+
+The recipe that won on BANKING77 here: mean pooling, a head initialised from a
+logistic regression on frozen embeddings (linear probe, then fine-tune), AdamW
+with warmup and decay, dynamic padding over length-grouped shuffled batches.
+Methods (finetune.method):
+  full    every weight trains
+  freeze  embeddings and the bottom `freeze_layers` encoder layers stay fixed
+  lora    peft LoRA adapters on `target_modules`; the head trains fully
+  qlora   the encoder's Linear layers quantised to 4-bit NF4 (bitsandbytes,
+          double quant), LoRA on top
+  head    frozen encoder; the head trains on cached pooled embeddings
+
+Resume: with a checkpoint folder, the full training state (weights, AdamW
+moments, scheduler, RNG, data position) is written every `checkpoint_every`
+steps as safetensors + JSON (no pickle), under a key that hashes params, data
+and encoder, so a re-run after a crash continues where it stopped and a run
+with different params or data never picks up a stale checkpoint.
+
+Multi-label data: the label column holds the labels joined by "|"
+(LABEL_SEPARATOR); the model has one sigmoid per label and trains with BCE.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from domaintune.data import DataError, read_json, write_json
+from domaintune.params import BaseParams, FinetuneParams, ParamsError, as_dict
+
+log = logging.getLogger("domaintune.training")
+
+LABEL_SEPARATOR = "|"
+# Test hook: raise after this many optimizer steps (after checkpointing), to
+# simulate a crash and check that resuming gives the same result.
+CRASH_ENV = "DOMAINTUNE_CRASH_AFTER_STEPS"
+_NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm", "layernorm")
+
+
+class TrainingCrash(RuntimeError):
+    """Raised by the CRASH_ENV test hook."""
+
+
+# ---------------------------------------------------------------- labels
+
+def encode_labels(df: pd.DataFrame, labels: Sequence[str], problem_type: str, file: str = "train") -> np.ndarray:
+    """Label strings -> int ids [n] (single_label) or a multi-hot float matrix [n, K] (multi_label)."""
+    index = {name: i for i, name in enumerate(labels)}
+    if problem_type == "single_label":
+        out = np.empty(len(df), dtype=np.int64)
+        for row, value in enumerate(df["label"].tolist()):
+            if value not in index:
+                raise DataError(file, row, "label", f"label {value!r} is not in labels.json")
+            out[row] = index[value]
+        return out
+    out = np.zeros((len(df), len(labels)), dtype=np.float32)
+    for row, value in enumerate(df["label"].tolist()):
+        parts = [p.strip() for p in str(value).split(LABEL_SEPARATOR) if p.strip()]
+        if not parts:
+            raise DataError(file, row, "label", "empty multi-label value")
+        for p in parts:
+            if p not in index:
+                raise DataError(file, row, "label", f"label {p!r} (from {value!r}, split on "
+                                f"{LABEL_SEPARATOR!r}) is not in labels.json")
+            out[row, index[p]] = 1.0
+    return out
+
+
+def label_list(train_df: pd.DataFrame, labels: Sequence[str], problem_type: str) -> list[str]:
+    """The model's label order: labels.json for single-label; for multi-label the
+    individual names found by splitting (labels.json then lists the combinations)."""
+    if problem_type == "single_label":
+        return list(labels)
+    names = set()
+    for value in list(labels) + train_df["label"].tolist():
+        names.update(p.strip() for p in str(value).split(LABEL_SEPARATOR) if p.strip())
+    return sorted(names)
+
+
+# ---------------------------------------------------------------- batching
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator,
+                           group: int = 50) -> list[np.ndarray]:
+    """Shuffled batches of similar length: shuffle, sort within mega-batches of
+    `group` batches, cut, shuffle the batch order. Padding waste stays small while
+    every epoch still sees a different order (HF's group_by_length does the same)."""
+    perm = rng.permutation(len(lengths))
+    lengths = np.asarray(lengths)
+    batches = []
+    mega = batch_size * group
+    for start in range(0, len(perm), mega):
+        chunk = perm[start : start + mega]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def collate(ids: Sequence[Sequence[int]], pad_id: int):
+    """Pad a batch of token id lists to its own longest (dynamic padding)."""
+    import torch
+
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return input_ids, mask
+
+
+# ---------------------------------------------------------------- model surgery
+
+def encoder_layers(encoder):
+    """The encoder's list of transformer blocks (BERT-style `encoder.layer`, else the
+    first ModuleList as long as config.num_hidden_layers)."""
+    from torch import nn
+
+    inner = getattr(encoder, "encoder", None)
+    if inner is not None and isinstance(getattr(inner, "layer", None), nn.ModuleList):
+        return inner.layer
+    n = getattr(encoder.config, "num_hidden_layers", None)
+    for _, mod in encoder.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return mod
+    raise ParamsError("finetune: cannot find the encoder's transformer layers (not a BERT-like model?)")
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+
+def param_depth(name: str, num_layers: int) -> int:
+    """0 for embeddings, i+1 for transformer block i, num_layers+1 for the head and anything above."""
+    if name.startswith("head.") or ".head." in name:
+        return num_layers + 1
+    m = _LAYER_RE.search(name)
+    if m:
+        return int(m.group(1)) + 1
+    if "embeddings" in name:
+        return 0
+    return num_layers + 1  # pooler / final norm sit above the last block
+
+
+def linear_module_names(encoder) -> list[str]:
+    """Leaf names of the Linear layers in the encoder (what LoRA can target)."""
+    from torch import nn
+
+    names = set()
+    for name, mod in encoder.named_modules():
+        if isinstance(mod, nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def check_target_modules(encoder, targets: Sequence[str]) -> None:
+    available = linear_module_names(encoder)
+    full_names = [n for n, _ in encoder.named_modules()]
+    for t in targets:
+        if t not in available and not any(n == t or n.endswith("." + t) for n in full_names):
+            raise ParamsError(f"params.yaml: finetune.target_modules: module {t!r} is not in the model; "
+                              f"available Linear modules: {available}")
+
+
+def qlora_backend_error() -> Optional[str]:
+    """None if bitsandbytes can run a 4-bit NF4 Linear forward+backward here, else why not."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+    except Exception as exc:  # noqa: BLE001 - any import failure means no backend
+        return f"bitsandbytes cannot be imported: {exc}"
+    try:
+        lin = torch.nn.Linear(64, 64)
+        q = _to_4bit(bnb, lin, torch.float32)
+        x = torch.randn(2, 64, requires_grad=True)
+        q(x).sum().backward()
+        if x.grad is None or not torch.isfinite(x.grad).all():
+            return "bitsandbytes 4-bit backward gave no finite gradient"
+    except Exception as exc:  # noqa: BLE001
+        return f"bitsandbytes 4-bit NF4 Linear does not run on this machine: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _to_4bit(bnb, lin, compute_dtype):
+    import torch
+
+    device = lin.weight.device
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data.detach().clone().cpu(), requires_grad=False,
+                                 quant_type="nf4", compress_statistics=True)  # compress = double quant
+    if lin.bias is not None:
+        q.bias = torch.nn.Parameter(lin.bias.data.detach().clone().cpu(), requires_grad=False)
+    return q.to(device if device.type != "meta" else "cpu")  # .to() is what quantises
+
+
+def quantize_encoder_4bit(encoder, compute_dtype: str) -> int:
+    """Replace every nn.Linear inside the transformer blocks by an NF4 Linear4bit.
+    Done by hand: loading a whole model in 4-bit through transformers on CPU left
+    some layers unquantised. Embeddings stay as they are (they are lookups)."""
+    import bitsandbytes as bnb
+    import torch
+    from torch import nn
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[compute_dtype]
+    count = 0
+    for layer in encoder_layers(encoder):
+        for name, mod in list(layer.named_modules()):
+            for child_name, child in list(mod.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(mod, child_name, _to_4bit(bnb, child, dtype))
+                    count += 1
+    return count
+
+
+# ---------------------------------------------------------------- probe head
+
+def probe_head(features: np.ndarray, y: np.ndarray, problem_type: str, num_labels: int, C: float,
+               seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Head weights [K, H] and bias [K] from a logistic regression on frozen features."""
+    from sklearn.linear_model import LogisticRegression
+
+    H = features.shape[1]
+    W = np.zeros((num_labels, H), dtype=np.float32)
+    b = np.zeros(num_labels, dtype=np.float32)
+    if problem_type == "multi_label":
+        for k in range(num_labels):
+            col = y[:, k]
+            if col.min() == col.max():  # a label always on or always off: constant logit
+                p = float(np.clip(col.mean(), 1e-3, 1 - 1e-3))
+                b[k] = math.log(p / (1 - p))
+                continue
+            clf = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(features, col)
+            W[k], b[k] = clf.coef_[0], clf.intercept_[0]
+        return W, b
+    present = np.unique(y)
+    if len(present) == 1:
+        b[present[0]] = 5.0
+        return W, b
+    clf = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(features, y)
+    cls = clf.classes_
+    if len(cls) == 2:  # sklearn keeps one row for two classes: split it symmetrically
+        W[cls[0]], W[cls[1]] = -clf.coef_[0] / 2, clf.coef_[0] / 2
+        b[cls[0]], b[cls[1]] = -clf.intercept_[0] / 2, clf.intercept_[0] / 2
+    else:
+        W[cls], b[cls] = clf.coef_, clf.intercept_
+    absent = np.setdiff1d(np.arange(num_labels), cls)
+    b[absent] = b[cls].min() - 5.0  # never-seen classes start unlikely
+    return W, b
+
+
+# ---------------------------------------------------------------- metrics
+
+def classification_metrics(logits: np.ndarray, y: np.ndarray, problem_type: str) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if problem_type == "multi_label":
+        pred = (logits > 0).astype(int)
+        y = y.astype(int)
+        return {"accuracy": float(accuracy_score(y, pred)),  # exact-match (subset) accuracy
+                "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+                "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0))}
+    pred = logits.argmax(1)
+    return {"accuracy": float(accuracy_score(y, pred)),
+            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
+
+
+# ---------------------------------------------------------------- state (de)serialisation
+
+def _hash_file(path: Path, h) -> None:
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def run_key(ft: FinetuneParams, base: BaseParams, data_hash: str, encoder_dir: str, seed: int) -> str:
+    """What a checkpoint belongs to: params, data, encoder weights and seed."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"finetune": as_dict(ft), "max_length": base.max_length, "data": data_hash,
+                         "seed": seed}, sort_keys=True).encode())
+    enc = Path(encoder_dir)
+    for f in sorted(enc.glob("*.safetensors")) + sorted(enc.glob("config.json")):
+        _hash_file(f, h)
+    return h.hexdigest()[:16]
+
+
+def _optimizer_to_tensors(opt, params: list) -> tuple[dict, dict]:
+    index = {id(p): i for i, p in enumerate(params)}
+    tensors, scalars = {}, {}
+    for p, st in opt.state.items():
+        i = index[id(p)]
+        for k, v in st.items():
+            tensors[f"{i}.{k}"] = v.detach().clone().contiguous()
+    scalars["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return tensors, scalars
+
+
+def _optimizer_from_tensors(opt, params: list, tensors: dict, scalars: dict) -> None:
+    for g, saved in zip(opt.param_groups, scalars["param_groups"]):
+        g.update(saved)
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        opt.state[params[int(i)]][k] = v.clone()
+
+
+def save_checkpoint(ckpt_dir: Path, model, opt, sched, params: list, state: dict, best: Optional[dict]) -> None:
+    """Atomic: written to a temp folder then renamed, so a crash mid-write keeps the previous one."""
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in _trainable_state(model).items()},
+              str(tmp / "model.safetensors"))
+    if best is not None:
+        save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
+    if opt is not None:
+        ot, os_ = _optimizer_to_tensors(opt, params)
+        if ot:
+            save_file(ot, str(tmp / "optimizer.safetensors"))
+        state = dict(state, optimizer=os_)
+    if sched is not None:
+        state = dict(state, scheduler={k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"})
+    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    write_json(tmp / "state.json", state)
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    os.replace(tmp, ckpt_dir)
+
+
+def load_checkpoint(ckpt_dir: Path, model, opt, sched, params: list) -> tuple[dict, Optional[dict]]:
+    import torch
+    from safetensors.torch import load_file
+
+    state = read_json(ckpt_dir / "state.json")
+    weights = load_file(str(ckpt_dir / "model.safetensors"))
+    _load_trainable_state(model, weights)
+    best = load_file(str(ckpt_dir / "best.safetensors")) if (ckpt_dir / "best.safetensors").exists() else None
+    if opt is not None and "optimizer" in state:
+        ot = load_file(str(ckpt_dir / "optimizer.safetensors")) if (ckpt_dir / "optimizer.safetensors").exists() else {}
+        _optimizer_from_tensors(opt, params, ot, state["optimizer"])
+    if sched is not None and "scheduler" in state:
+        sched.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * len(sched.lr_lambdas)))
+    torch.set_rng_state(load_file(str(ckpt_dir / "rng.safetensors"))["torch_rng"])
+    return state, best
+
+
+def _trainable_state(model) -> dict:
+    """Every float tensor that training can change (quantised 4-bit weights never change)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.dtype.is_floating_point:
+            out[name] = p.detach()
+    return out
+
+
+def _load_trainable_state(model, state: dict) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in state:
+                p.copy_(state[name])
+
+
+def _snapshot(model, names: set) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+
+
+# ---------------------------------------------------------------- the loop
+
+def _use_bf16(mode: str) -> bool:
+    import torch
+
+    if mode == "off":
+        return False
+    if torch.cuda.is_available():
+        ok = torch.cuda.is_bf16_supported()
+    else:  # CPU bf16 is only faster with AMX / AVX512-BF16; elsewhere it is emulated and slow
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            flags = ""
+        ok = "amx_bf16" in flags or "avx512_bf16" in flags
+    if mode == "on" and not ok:
+        log.warning("finetune.bf16: on, but this hardware has no fast bf16; using it anyway")
+        return True
+    return ok
+
+
+def _schedule(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        progress = min(1.0, progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+    return f
+
+
+def _param_groups(model, trainable: list[tuple[str, Any]], ft: FinetuneParams, num_layers: int) -> list[dict]:
+    """AdamW groups: no weight decay on bias/LayerNorm; layer-wise LR decay (each
+    block below the top gets `layerwise_lr_decay` times the LR of the one above)."""
+    groups: dict[tuple, dict] = {}
+    for name, p in trainable:
+        depth = param_depth(name, num_layers)
+        scale = ft.layerwise_lr_decay ** (num_layers + 1 - depth)
+        wd = 0.0 if any(k in name for k in _NO_DECAY) else ft.weight_decay
+        key = (depth, wd)
+        g = groups.setdefault(key, {"params": [], "names": [], "lr": ft.lr * scale, "weight_decay": wd,
+                                    "depth": depth})
+        g["params"].append(p)
+        g["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _apply_method(model, ft: FinetuneParams, seed: int) -> None:
+    """Set requires_grad (and wrap with LoRA) according to finetune.method."""
+    import torch
+
+    enc = model.encoder
+    layers = encoder_layers(enc)
+    if ft.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        check_target_modules(enc, ft.target_modules)
+        if ft.method == "qlora":
+            quantize_encoder_4bit(enc, ft.qlora_compute_dtype)
+        torch.manual_seed(seed)  # LoRA A matrices are random: seed them
+        cfg = LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
+                         target_modules=list(ft.target_modules),
+                         modules_to_save=list(ft.modules_to_save) or None, bias="none")
+        model.encoder = get_peft_model(enc, cfg)
+        return
+    for p in enc.parameters():
+        p.requires_grad = ft.method == "full" or ft.method == "freeze"
+    if ft.method == "freeze":
+        if ft.freeze_layers > len(layers):
+            raise ParamsError(f"params.yaml: finetune.freeze_layers: {ft.freeze_layers} > the model's "
+                              f"{len(layers)} layers")
+        emb = getattr(enc, "embeddings", None)
+        if emb is not None:
+            for p in emb.parameters():
+                p.requires_grad = False
+        for layer in list(layers)[: ft.freeze_layers]:
+            for p in layer.parameters():
+                p.requires_grad = False
+
+
+def validate_setup(ft: FinetuneParams, encoder_dir: str) -> None:
+    """Everything that can be checked before any training: a bad setup fails first."""
+    if ft.method == "qlora":
+        err = qlora_backend_error()
+        if err:
+            raise ParamsError(f"params.yaml: finetune.method: qlora needs bitsandbytes 4-bit support: {err}")
+    if ft.method in ("lora", "qlora"):
+        from domaintune.modeling import load_encoder
+
+        check_target_modules(load_encoder(encoder_dir), ft.target_modules)
+
+
+def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
+              base: BaseParams, ft: FinetuneParams, seed: int, checkpoint_dir: Optional[Path] = None,
+              data_hash: str = "", progress: bool = True):
+    """Train one model with one seed. Returns (model, tokenizer, label names, result dict).
+
+    result: history (per-step loss, lr, grad norm; per-epoch validation metrics),
+    best epoch, validation metrics of the returned weights, timing."""
+    import torch
+    import torch.nn.functional as F
+
+    from domaintune.modeling import build_classifier, count_parameters, embed_texts, load_encoder, load_tokenizer, \
+        predict_logits, set_threads
+
+    set_threads()
+    names = label_list(train_df, labels, ft.problem_type)
+    y_train = encode_labels(train_df, names, ft.problem_type, "train.parquet")
+    y_val = encode_labels(val_df, names, ft.problem_type, "validation.parquet")
+    texts = train_df["text"].astype(str).tolist()
+    val_texts = val_df["text"].astype(str).tolist()
+    if not texts:
+        raise DataError("train.parquet", None, None, "no training rows")
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    tokenizer = load_tokenizer(encoder_dir)
+    encoder = load_encoder(encoder_dir)
+    model = build_classifier(encoder, len(names), ft.pooling, ft.head_dropout)
+    num_layers = len(encoder_layers(encoder))
+
+    # Linear probe: the head starts as a logistic regression on frozen embeddings.
+    t0 = time.perf_counter()
+    feats = None
+    if ft.head_init == "probe" or ft.method == "head":
+        feats = embed_texts(encoder, tokenizer, texts, batch_size=64, max_length=base.max_length, pooling=ft.pooling)
+    if ft.head_init == "probe":
+        W, b = probe_head(feats, y_train, ft.problem_type, len(names), ft.probe_C, seed)
+        with torch.no_grad():
+            model.head.weight.copy_(torch.from_numpy(W))
+            model.head.bias.copy_(torch.from_numpy(b))
+    probe_s = time.perf_counter() - t0
+
+    _apply_method(model, ft, seed)
+    for p in model.head.parameters():
+        p.requires_grad = True
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable_names = {n for n, _ in trainable}
+    train_params = [p for _, p in trainable]
+    groups = _param_groups(model, trainable, ft, num_layers)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("names", "depth")} for g in groups],
+                            lr=ft.lr, betas=(0.9, 0.999), eps=1e-8)
+    opt_params = [p for g in opt.param_groups for p in g["params"]]
+    group_depth = [g["depth"] for g in groups]
+    # Batch lengths: token ids pre-computed once; each batch padded to its own longest.
+    if ft.method == "head":
+        lengths = np.ones(len(texts), dtype=int)
+        ids = None
+    else:
+        ids = tokenizer(texts, truncation=True, max_length=base.max_length)["input_ids"]
+        lengths = np.array([len(x) for x in ids])
+    steps_per_epoch = math.ceil(len(texts) / ft.batch_size)
+    total_steps = steps_per_epoch * ft.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(ft.scheduler, int(ft.warmup_ratio * total_steps),
+                                                             total_steps))
+
+    # Loss: class weights are inverse frequency (n / (K * count)), capped so a one-off label does not dominate.
+    if ft.problem_type == "single_label":
+        weight = None
+        if ft.class_weights:
+            counts = np.bincount(y_train, minlength=len(names)).astype(np.float64)
+            weight = torch.tensor(np.clip(len(y_train) / (len(names) * np.maximum(counts, 1)), 0, 10),
+                                  dtype=torch.float32)
+
+        def loss_fn(logits, target):
+            return F.cross_entropy(logits, target, weight=weight, label_smoothing=ft.label_smoothing)
+        y_t = torch.from_numpy(y_train)
+    else:
+        pos_weight = None
+        if ft.class_weights:
+            pos = y_train.sum(0)
+            pos_weight = torch.tensor(np.clip((len(y_train) - pos) / np.maximum(pos, 1), 0, 10), dtype=torch.float32)
+
+        def loss_fn(logits, target):
+            target = target * (1 - ft.label_smoothing) + ft.label_smoothing / 2
+            return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+        y_t = torch.from_numpy(y_train)
+
+    feats_t = torch.from_numpy(feats) if ft.method == "head" else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bf16 = _use_bf16(ft.bf16)
+    device_type = "cuda" if torch.cuda.is_available() and next(model.parameters()).is_cuda else "cpu"
+
+    def set_unfrozen(epoch: int) -> None:
+        """Gradual unfreezing: epoch e trains the head plus the top ceil(L*(e+1)/epochs)
+        blocks (embeddings only in the last epoch). Frozen groups get no grad, so AdamW skips them."""
+        if not ft.gradual_unfreeze:
+            return
+        top = math.ceil(num_layers * (epoch + 1) / ft.epochs)
+        min_depth = num_layers + 1 - top if epoch < ft.epochs - 1 else 0
+        for g, depth in zip(opt.param_groups, group_depth):
+            for p in g["params"]:
+                p.requires_grad = depth >= min_depth
+
+    rng = np.random.default_rng(seed)
+    history = {"steps": [], "epochs": []}
+    best_state, best_f1, best_epoch, bad_epochs = None, -1.0, -1, 0
+    start_epoch, start_pos, step = 0, 0, 0
+    epoch_rng_state = rng.bit_generator.state
+    ckpt = checkpoint_dir / "last" if checkpoint_dir is not None else None
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+
+    if ckpt is not None and (ckpt / "state.json").exists():
+        st, best_state = load_checkpoint(ckpt, model, opt, sched, opt_params)
+        start_epoch, start_pos, step = st["epoch"], st["pos"], st["step"]
+        history = st["history"]
+        best_f1, best_epoch, bad_epochs = st["best_f1"], st["best_epoch"], st["bad_epochs"]
+        epoch_rng_state = st["epoch_rng_state"]
+        log.info("resuming seed %d from %s at epoch %d, step %d", seed, ckpt, start_epoch, step)
+    rng.bit_generator.state = epoch_rng_state
+
+    def checkpoint(epoch: int, pos: int) -> None:
+        if ckpt is None:
+            return
+        save_checkpoint(ckpt, model, opt, sched, opt_params,
+                        {"epoch": epoch, "pos": pos, "step": step, "history": history, "best_f1": best_f1,
+                         "best_epoch": best_epoch, "bad_epochs": bad_epochs, "epoch_rng_state": epoch_rng_state,
+                         "seed": seed}, best_state)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc=f"finetune seed {seed}", unit="step", leave=False)
+    t_train = time.perf_counter()
+    samples = 0
+    stopped_early = False
+    for epoch in range(start_epoch, ft.epochs):
+        epoch_rng_state = rng.bit_generator.state
+        batches = length_grouped_batches(lengths, ft.batch_size, rng)
+        set_unfrozen(epoch)
+        model.train()
+        if ft.method == "head":
+            model.encoder.eval()  # frozen feature extractor: its dropout stays off
+        pos = start_pos if epoch == start_epoch else 0
+        for pos in range(pos, len(batches)):
+            idx = batches[pos]
+            target = y_t[idx]
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                if ft.method == "head":
+                    logits = model.head(model.dropout(feats_t[idx]))
+                else:
+                    input_ids, mask = collate([ids[i] for i in idx], pad_id)
+                    logits = model(input_ids=input_ids, attention_mask=mask)
+            loss = loss_fn(logits.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_([p for p in train_params if p.grad is not None], ft.max_grad_norm)
+            lr_now = opt.param_groups[-1]["lr"]  # the head group: the un-decayed LR
+            opt.step()
+            sched.step()
+            step += 1
+            samples += len(idx)
+            history["steps"].append({"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": float(lr_now),
+                                     "grad_norm": float(gnorm)})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            if ckpt is not None and ft.checkpoint_every and step % ft.checkpoint_every == 0 and pos + 1 < len(batches):
+                checkpoint(epoch, pos + 1)
+            if crash_after and step >= crash_after:
+                raise TrainingCrash(f"{CRASH_ENV}={crash_after}: simulated crash after step {step}")
+        # End of epoch: validate, early stopping on macro-F1, keep the best weights.
+        ep = {"epoch": epoch, "step": step,
+              "train_loss": float(np.mean([s["loss"] for s in history["steps"] if s["epoch"] == epoch] or [0.0]))}
+        if len(val_texts):
+            vl = predict_logits(model, tokenizer, val_texts, batch_size=64, max_length=base.max_length)
+            ep.update({f"val_{k}": v for k, v in classification_metrics(vl, y_val, ft.problem_type).items()})
+            with torch.no_grad():
+                ep["val_loss"] = float(loss_fn(torch.from_numpy(vl), torch.from_numpy(y_val)))
+            if ep["val_macro_f1"] > best_f1:
+                best_f1, best_epoch, bad_epochs = ep["val_macro_f1"], epoch, 0
+                best_state = _snapshot(model, trainable_names) if ft.restore_best else None
+            else:
+                bad_epochs += 1
+        history["epochs"].append(ep)
+        log.info("seed %d epoch %d: %s", seed, epoch, {k: round(v, 4) for k, v in ep.items() if isinstance(v, float)})
+        stop = ft.early_stopping_patience > 0 and bad_epochs >= ft.early_stopping_patience
+        # Epoch-end checkpoint: resume starts the next epoch (or finishes, if this was the last).
+        checkpoint(ft.epochs if stop else epoch + 1, 0)
+        if stop:
+            stopped_early = True
+            log.info("seed %d: early stop after epoch %d (no macro-F1 gain for %d epochs)", seed, epoch, bad_epochs)
+            break
+        start_pos = 0
+    train_s = time.perf_counter() - t_train
+    if bar is not None:
+        bar.close()
+    if stopped_early is False and history["epochs"] and len(history["epochs"]) < ft.epochs:
+        stopped_early = True  # resumed from an early-stopped checkpoint
+    if best_state is not None and ft.restore_best:
+        _load_trainable_state(model, best_state)
+    for p in model.parameters():
+        p.requires_grad = False
+    final_val = {}
+    if len(val_texts):
+        vl = predict_logits(model, tokenizer, val_texts, batch_size=64, max_length=base.max_length)
+        final_val = classification_metrics(vl, y_val, ft.problem_type)
+    result = {
+        "seed": seed, "history": history, "best_epoch": best_epoch, "stopped_early": stopped_early,
+        "validation": final_val, "train_seconds": train_s, "probe_seconds": probe_s,
+        "train_samples_per_s": samples / train_s if train_s > 0 and samples else None,
+        "steps": step, "trainable_params": sum(p.numel() for _, p in trainable),
+        "total_params": count_parameters(model), "bf16": bf16,
+    }
+    return model, tokenizer, names, result
+
+
+def _std(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
+                     base: BaseParams, ft: FinetuneParams, out_dir: Optional[str | os.PathLike] = None, *,
+                     base_encoder: Optional[str] = None, data_hash: str = "",
+                     checkpoint_root: Optional[str | os.PathLike] = None,
+                     live_dir: Optional[str | os.PathLike] = None, progress: bool = True) -> dict:
+    """Train one model per seed in ft.seeds; save the best on validation macro-F1 to out_dir
+    (and every seed's under out_dir/seeds/<seed>/ when there is more than one). Returns metrics.
+
+    base_encoder is what model.json records as the encoder (the path as given on the
+    command line, e.g. "models/dapt"); defaults to encoder_dir.
+    """
+    from domaintune.modeling import save_classifier
+
+    validate_setup(ft, encoder_dir)
+    ckpt_root = Path(checkpoint_root) if checkpoint_root is not None else None
+    keys = {s: run_key(ft, base, data_hash, encoder_dir, s) for s in ft.seeds}
+    if ckpt_root is not None:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for old in ckpt_root.iterdir():  # checkpoints of other params/data/encoders are stale
+            if old.is_dir() and old.name not in keys.values():
+                shutil.rmtree(old)
+    runs = []
+    for seed in ft.seeds:
+        ckpt = ckpt_root / keys[seed] if ckpt_root is not None else None
+        model, tok, names, res = train_one(train_df, val_df, labels, encoder_dir, base, ft, seed, ckpt,
+                                           data_hash, progress)
+        meta = {
+            "labels": names, "pooling": ft.pooling, "problem_type": ft.problem_type, "method": ft.method,
+            "max_length": base.max_length, "base_encoder": base_encoder or str(encoder_dir),
+            "dataset_hash": data_hash, "seed": seed,
+            "label_separator": LABEL_SEPARATOR if ft.problem_type == "multi_label" else None,
+            # multi_label: a label is predicted when its sigmoid > 0.5 (logit > 0)
+            "threshold": 0.5 if ft.problem_type == "multi_label" else None,
+            "quantized_base": "nf4" if ft.method == "qlora" else None,
+            "params": {"base": as_dict(base), "finetune": as_dict(ft)},
+            "validation": res["validation"], "history_epochs": res["history"]["epochs"],
+            "best_epoch": res["best_epoch"],
+        }
+        runs.append((seed, model, tok, meta, res))
+        if len(ft.seeds) > 1 and out_dir is None:
+            del model  # only metrics wanted: free memory between seeds
+    score = lambda r: r[4]["validation"].get("macro_f1", 0.0)  # noqa: E731
+    best = max(runs, key=score)
+    if out_dir is not None:
+        out = Path(out_dir)
+        save_classifier(best[1], best[2], out, best[3])
+        if len(runs) > 1:
+            for seed, model, tok, meta, _ in runs:
+                save_classifier(model, tok, out / "seeds" / str(seed), meta)
+    if live_dir is not None:
+        write_live(live_dir, [(r[0], r[4]) for r in runs])
+    metrics = summarize(ft, [r[4] for r in runs], best[0])
+    if ckpt_root is not None:  # finished: these checkpoints are done with
+        for k in keys.values():
+            shutil.rmtree(ckpt_root / k, ignore_errors=True)
+    return metrics
+
+
+def summarize(ft: FinetuneParams, results: list[dict], best_seed: int) -> dict:
+    out: dict[str, Any] = {"method": ft.method, "problem_type": ft.problem_type, "seeds": list(ft.seeds),
+                           "best_seed": best_seed}
+    keys = sorted({k for r in results for k in r["validation"]})
+    for k in keys:
+        vals = [r["validation"][k] for r in results if k in r["validation"]]
+        out[f"val_{k}"] = next(r["validation"][k] for r in results if r["seed"] == best_seed)
+        out[f"val_{k}_mean"] = float(np.mean(vals))
+        out[f"val_{k}_std"] = _std(vals)
+    out["trainable_params"] = results[0]["trainable_params"]
+    out["total_params"] = results[0]["total_params"]
+    out["train_seconds"] = float(sum(r["train_seconds"] for r in results))
+    sps = [r["train_samples_per_s"] for r in results if r["train_samples_per_s"]]
+    out["train_samples_per_s"] = float(np.mean(sps)) if sps else None
+    out["per_seed"] = {str(r["seed"]): {"validation": r["validation"], "best_epoch": r["best_epoch"],
+                                        "stopped_early": r["stopped_early"], "steps": r["steps"],
+                                        "train_seconds": r["train_seconds"],
+                                        "final_train_loss": r["history"]["steps"][-1]["loss"]
+                                        if r["history"]["steps"] else None,
+                                        "first_train_loss": r["history"]["steps"][0]["loss"]
+                                        if r["history"]["steps"] else None}
+                       for r in results}
+    return out
+
+
+def write_live(live_dir: str | os.PathLike, runs: list[tuple[int, dict]]) -> None:
+    """DVCLive logs per seed (per-step loss, lr, grad norm; per-epoch validation metrics),
+    written from the recorded history so a resumed run logs one continuous curve."""
+    from dvclive import Live
+
+    live_dir = Path(live_dir)
+    if live_dir.exists():
+        shutil.rmtree(live_dir)
+    for seed, res in runs:
+        with Live(dir=str(live_dir / f"seed-{seed}"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            for s in res["history"]["steps"]:
+                live.step = s["step"]
+                for k in ("loss", "lr", "grad_norm"):
+                    live.log_metric(f"train/{k}", s[k], plot=True)
+            for e in res["history"]["epochs"]:
+                live.step = e["step"]
+                for k, v in e.items():
+                    if k.startswith("val_"):
+                        live.log_metric(f"val/{k[4:]}", v, plot=True)
+            live.step = res["steps"]
+            live.summary.update({"validation": res["validation"], "best_epoch": res["best_epoch"]})

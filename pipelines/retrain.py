@@ -1,0 +1,251 @@
+"""Retrain flow: every DVC stage as one Prefect task, in DAG order; a success becomes a version.
+
+DVC alone decides what is cached (`dvc repro --single-item <stage>` skips a stage
+whose deps, params and outs are unchanged); Prefect adds retries, per-stage
+state, duration and logs in the UI, and schedules. On success with publish=True
+the run is recorded as a version (domaintune.registry.publish: dvc push, git
+commit of params.yaml/dvc.lock/metrics, GTO tag, served marker). On any failure
+params.yaml, dvc.lock and the metrics are put back as they were and the
+workspace outs re-checked-out from the cache: no tag, no push, nothing half-done.
+
+    python -m pipelines.retrain [--set finetune.epochs=2 ...] [--no-publish]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from prefect import flow, get_run_logger, task
+
+from domaintune import registry
+
+# A stage that exits 2 reported bad data or params (domaintune.stage.run_stage): retrying cannot help.
+BAD_INPUT_EXIT = 2
+SKIP_MARK = "didn't change, skipping"
+_EXITED = re.compile(r"exited with (-?\d+)")
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, tail: str):
+        self.stage, self.returncode = stage, returncode
+        super().__init__(f"stage {stage!r} failed with exit code {returncode}:\n{tail}")
+
+
+def stage_order(root: Path) -> list[str]:
+    """Stages of dvc.yaml in dependency order (DVC's own graph; ties keep dvc.yaml order)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    root = Path(root).resolve()
+
+    def address(stage) -> str:
+        # Stage.addressing is relative to the process cwd; name stages relative to the repo instead.
+        rel = Path(stage.path).resolve().relative_to(root)
+        return stage.name if rel == Path("dvc.yaml") else f"{rel.as_posix()}:{stage.name}"
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        stages = [s for s in repo.index.stages if getattr(s, "cmd", None)]
+        position = {id(s): i for i, s in enumerate(stages)}
+        order = nx.lexicographical_topological_sort(graph.reverse(copy=True),
+                                                    key=lambda s: str(position.get(id(s), -1)).zfill(6))
+        return [address(s) for s in order if id(s) in position]
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # dvc.yaml says `python -m stages.x`: make that the interpreter running this flow.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    """Retry crashes and killed processes, not a stage that rejected its input."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.returncode != BAD_INPUT_EXIT
+    except Exception:  # noqa: BLE001 - anything else (OSError, dvc lock contention) may pass on retry
+        return True
+    return False
+
+
+@task(name="dvc-stage", task_run_name="{stage}", retries=1, retry_delay_seconds=2,
+      retry_condition_fn=_retry_if_transient)
+def run_dvc_stage(root: str, stage: str) -> dict:
+    """`dvc repro --single-item <stage>`, its output streamed line by line into the task log."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([registry.dvc_exe(), "repro", "--single-item", stage], cwd=root, env=_child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        lines.append(line)
+        logger.info(line)
+    rc = proc.wait()
+    if rc != 0:
+        # dvc itself exits 255; the stage command's own code is in "failed to run: ..., exited with N".
+        codes = [m.group(1) for ln in lines for m in [_EXITED.search(ln)] if m]
+        raise StageFailed(stage, int(codes[-1]) if codes else rc, "\n".join(lines[-30:]))
+    skipped = any(SKIP_MARK in ln for ln in lines)
+    return {"stage": stage, "seconds": time.perf_counter() - t0, "ran": not skipped}
+
+
+def parse_overrides(overrides: Sequence[str] | dict | None) -> dict[str, object]:
+    """`section.key=value` strings (values parsed as YAML) or a ready dict -> {dotted key: value}."""
+    import yaml
+
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    out = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r}: expected section.key=value, e.g. finetune.epochs=2")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def apply_overrides(params_file: Path, overrides: dict[str, object]) -> None:
+    """Set dotted keys in params.yaml keeping its comments and layout (like `dvc exp run -S`), then validate."""
+    from ruamel.yaml import YAML
+
+    from domaintune.params import ParamsError, load_all
+
+    if not overrides:
+        return
+    yml = YAML()
+    yml.preserve_quotes = True
+    with open(params_file, encoding="utf-8") as fh:
+        data = yml.load(fh)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            if not isinstance(node, dict) or p not in node:
+                raise ParamsError(f"{params_file}: override {dotted!r}: no section {p!r}")
+            node = node[p]
+        node[leaf] = value
+    tmp = params_file.with_name(params_file.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yml.dump(data, fh)
+    try:
+        load_all(tmp)  # a bad override fails here, before params.yaml changes
+    except Exception:
+        tmp.unlink()
+        raise
+    os.replace(tmp, params_file)
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    files = set(registry.VERSION_FILES)
+    if (root / "dvc.lock").exists():
+        files |= {o.path for o in registry.lock_outs(root) if o.in_git}
+    return {f: ((root / f).read_bytes() if (root / f).is_file() else None) for f in sorted(files)}
+
+
+def _restore(root: Path, snap: dict[str, bytes | None]) -> None:
+    for f, data in snap.items():
+        if data is None:
+            (root / f).unlink(missing_ok=True)
+        else:
+            (root / f).write_bytes(data)
+    if (root / "dvc.lock").exists():
+        # Outs back to what the restored dvc.lock names (they are in the cache).
+        subprocess.run([registry.dvc_exe(), "checkout", "--force"], cwd=root, env=_child_env(),
+                       capture_output=True)
+
+
+@flow(name="domaintune-retrain")
+def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: bool = True, retries: int = 1,
+                 remote: str | None = None) -> dict:
+    """Run the DAG stage by stage; on success optionally publish a version."""
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    wanted = parse_overrides(overrides)
+    t0 = time.perf_counter()
+    with registry.repo_lock(root):
+        snap = _snapshot(root)
+        try:
+            apply_overrides(root / "params.yaml", wanted)
+            order = stage_order(root)
+            logger.info("stages in DAG order: %s", " -> ".join(order))
+            stage_task = run_dvc_stage.with_options(retries=retries)
+            results = [stage_task(str(root), s) for s in order]
+            version, created = None, False
+            if publish:
+                summary = "retrain" + ("".join(f" {k}={v}" for k, v in wanted.items()) if wanted else "")
+                v, created = registry.publish(root, summary, remote)
+                version = v.tag
+                logger.info("%s %s", "published" if created else "unchanged, still", version)
+        except BaseException:
+            logger.error("retrain failed: restoring params.yaml, dvc.lock and outs as they were")
+            _restore(root, snap)
+            raise
+    ran = [r["stage"] for r in results if r["ran"]]
+    return {"stages": results, "ran": ran, "version": version, "created": created,
+            "seconds": time.perf_counter() - t0}
+
+
+DEPLOYMENT_NAME = "scheduled-retrain"
+
+
+def make_deployment(cron: str, repo: str = ".", overrides: list[str] | None = None, publish: bool = True,
+                    name: str = DEPLOYMENT_NAME):
+    """A Prefect deployment of retrain_flow on `cron` (validated by Prefect), for this repo."""
+    from prefect.schedules import Cron
+
+    Cron(cron)  # a bad cron string fails here with Prefect's message, before anything is registered
+    return retrain_flow.to_deployment(
+        name=name, cron=cron,
+        parameters={"repo": str(Path(repo).resolve()), "overrides": list(overrides or []), "publish": publish},
+        description="domaintune: run the DVC stages and publish a version when anything changed",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.retrain", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    return run_from_args(args)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--repo", default=".", help="project root (default: .)")
+    ap.add_argument("--set", "-S", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a params.yaml value before running (repeatable)")
+    ap.add_argument("--no-publish", dest="publish", action="store_false", help="run the DAG but record no version")
+    ap.add_argument("--retries", type=int, default=1, help="retries per stage for transient failures")
+    ap.add_argument("--remote", default=None, help="DVC remote to push to (default: the repo's default remote)")
+
+
+def run_from_args(args) -> int:
+    try:
+        result = retrain_flow(repo=args.repo, overrides=args.overrides, publish=args.publish, retries=args.retries,
+                              remote=args.remote)
+    except registry.BusyError as exc:
+        print(f"retrain: {exc}", file=sys.stderr)
+        return 3
+    except (StageFailed, registry.RegistryError, ValueError) as exc:
+        print(f"retrain: failed, nothing published: {exc}", file=sys.stderr)
+        return 1
+    ran = ", ".join(result["ran"]) or "none (all cached)"
+    print(f"stages run: {ran}")
+    if result["version"]:
+        print(f"{'new version' if result['created'] else 'unchanged, current version'}: {result['version']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,500 @@
+"""Audit: find likely label errors with cleanlab and act on them (report, drop or relabel).
+
+How a row gets flagged:
+1. Every text is embedded once with the frozen encoder (mean pooling over
+   non-padding tokens, length-sorted batches); the vectors are cached (see
+   domaintune/embeddings.py) so re-running with other audit params is cheap.
+2. K-fold (audit.folds) stratified cross-validation of a logistic regression
+   (audit.C) on the train embeddings gives every train row an out-of-sample
+   probability vector: the model that scores a row never saw its label.
+   Validation/test rows are scored by one model fitted on all of train.
+3. score = 1 - p(given label): one minus cleanlab's self-confidence label
+   quality score (cleanlab.rank.get_label_quality_scores, method
+   "self_confidence"), so 1.0 = the model is sure the label is wrong. Rows
+   are ranked by it (rank 1 = most suspicious). suggested_label = argmax of
+   the out-of-sample probabilities.
+4. A row is flagged when cleanlab's confident learning finds it
+   (cleanlab.filter.find_label_issues, audit.filter_by) AND its score is at
+   least audit.min_score AND the suggestion differs from the given label.
+   Confident learning estimates the noise rate per class pair from the data,
+   so the number of flags follows the data; min_score then keeps only the
+   rows the model is confident about (see params.yaml for the measured
+   precision/recall trade-off).
+
+Only train rows are ever changed; validation/test rows are reported only.
+Human decisions (labels/decisions.csv) override the automatic policy.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from domaintune.data import (SPLITS, DataError, atomic_output, dataset_hashes, read_dataset, read_json,
+                             write_dataset, write_json, write_metrics)
+from domaintune.params import AuditParams, BaseParams, as_dict, load_params
+from domaintune.stage import StageError, run_stage, stage_parser
+
+log = logging.getLogger("domaintune")
+
+DECISION_VALUES = ("accept", "reject")
+DECISION_COLUMNS = ("id", "decision", "corrected_label")
+# Free-text columns a reviewer may add; any other column is rejected so a typo
+# such as "corected_label" cannot be silently ignored.
+DECISION_NOTE_COLUMNS = ("note", "comment", "reviewer")
+
+
+# --------------------------------------------------------------------------- decisions
+
+def read_decisions(path: str | Path | None, splits: dict[str, pd.DataFrame], labels: list[str]) -> pd.DataFrame:
+    """Read and validate the human-review decisions file.
+
+    Returns a frame with id, decision, corrected_label ("" when not given) and
+    line (the row's line number in the file; the header is line 1). Any bad
+    row raises DataError naming the file, that line and the field.
+    """
+    empty = pd.DataFrame({"id": [], "decision": [], "corrected_label": [], "line": []})
+    if path is None or str(path) == "":
+        return empty
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, None, None, "decisions file not found (ship an empty file with the header "
+                                          "'id,decision,corrected_label' when there are no decisions)")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise DataError(path, 1, None, "file is empty; it needs at least the header 'id,decision,corrected_label'")
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(path, None, None, f"not a readable CSV file: {exc}") from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    for col in ("id", "decision"):
+        if col not in df.columns:
+            raise DataError(path, 1, col, f"required column missing; header must include {list(DECISION_COLUMNS)}")
+    unknown = [c for c in df.columns if c not in DECISION_COLUMNS + DECISION_NOTE_COLUMNS]
+    if unknown:
+        raise DataError(path, 1, unknown[0], f"unknown column; allowed {list(DECISION_COLUMNS + DECISION_NOTE_COLUMNS)}")
+    if "corrected_label" not in df.columns:
+        df["corrected_label"] = ""
+    split_of = {str(i): name for name in SPLITS for i in splits[name]["id"].astype(str)}
+    known_labels = set(labels)
+    seen: dict[str, int] = {}
+    rows = []
+    for i, rec in enumerate(df.itertuples(index=False)):
+        line = i + 2
+        rid = str(rec.id).strip()
+        decision = str(rec.decision).strip().lower()
+        corrected = str(rec.corrected_label).strip()
+        if not rid:
+            raise DataError(path, line, "id", "empty id")
+        if rid not in split_of:
+            raise DataError(path, line, "id", f"unknown id {rid!r}: no such row in the audited dataset")
+        if split_of[rid] != "train":
+            raise DataError(path, line, "id", f"id {rid!r} is a {split_of[rid]} row; only train rows can be "
+                                              "changed (validation/test labels are never edited)")
+        if rid in seen:
+            raise DataError(path, line, "id", f"duplicate decision for id {rid!r} (first on line {seen[rid]})")
+        seen[rid] = line
+        if decision not in DECISION_VALUES:
+            raise DataError(path, line, "decision", f"must be one of {list(DECISION_VALUES)}, got {rec.decision!r}")
+        if corrected and corrected not in known_labels:
+            raise DataError(path, line, "corrected_label", f"unknown label {corrected!r}; known labels: {sorted(known_labels)}")
+        if corrected and decision == "reject":
+            raise DataError(path, line, "corrected_label", "a rejected flag keeps the given label; "
+                                                           "use decision 'accept' to correct it")
+        rows.append({"id": rid, "decision": decision, "corrected_label": corrected, "line": line})
+    return pd.DataFrame(rows) if rows else empty
+
+
+# --------------------------------------------------------------------------- embeddings
+
+def resolve_encoder(params: AuditParams, base: BaseParams) -> str:
+    from domaintune.modeling import resolve_model
+
+    if params.encoder == "base":
+        return resolve_model(base.model)
+    if not Path(params.encoder).is_dir():
+        raise FileNotFoundError(f"params.yaml: audit.encoder: encoder folder {params.encoder!r} does not exist "
+                                "(use 'base' or a folder such as models/dapt)")
+    return str(Path(params.encoder).resolve())
+
+
+def embed_splits(splits: dict[str, pd.DataFrame], encoder_path: str, cache_dir: str | Path,
+                 max_length: int, batch_size: int) -> tuple[dict[str, np.ndarray], bool, float]:
+    """Mean-pooled embeddings of every row of every split, through the cache.
+
+    Returns ({split: array}, reused, seconds spent embedding (0 when reused)).
+    """
+    from domaintune.embeddings import cached_embeddings, encoder_fingerprint
+
+    texts = [t for name in SPLITS for t in splits[name]["text"].astype(str)]
+    ids = [f"{name}/{i}" for name in SPLITS for i in splits[name]["id"].astype(str)]
+    key = {
+        "format": 1,
+        "dataset": dataset_hashes(splits, sorted(set(splits["train"]["label"])))["dataset"],
+        "encoder_fingerprint": encoder_fingerprint(encoder_path),
+        "max_length": max_length,
+        "pooling": "mean",
+    }
+    seconds = {"embed": 0.0}
+
+    def compute() -> np.ndarray:
+        from domaintune.modeling import embed_texts, load_encoder, load_tokenizer, set_threads
+
+        t0 = time.perf_counter()
+        set_threads()
+        tok, enc = load_tokenizer(encoder_path), load_encoder(encoder_path)
+        emb = embed_texts(enc, tok, texts, batch_size=batch_size, max_length=max_length, pooling="mean")
+        seconds["embed"] = time.perf_counter() - t0
+        log.info("embedded %d texts in %.1fs", len(texts), seconds["embed"])
+        return emb
+
+    emb, reused = cached_embeddings(cache_dir, key, ids, compute)
+    if reused:
+        log.info("reused cached embeddings from %s (key matched)", cache_dir)
+    out, start = {}, 0
+    for name in SPLITS:
+        n = len(splits[name])
+        out[name] = emb[start:start + n]
+        start += n
+    return out, reused, seconds["embed"]
+
+
+# --------------------------------------------------------------------------- scoring
+
+def _fit_lr(X: np.ndarray, y: np.ndarray, C: float, seed: int):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(X, y)
+
+
+def _full_probs(model, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """predict_proba mapped onto all n_classes columns (a class missing from training gets 0)."""
+    probs = np.zeros((len(X), n_classes))
+    probs[:, model.classes_] = model.predict_proba(X)
+    return probs
+
+
+def out_of_sample_probs(X: np.ndarray, y: np.ndarray, n_classes: int, folds: int, C: float,
+                        seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Stratified K-fold out-of-sample class probabilities for every row.
+
+    Returns (probs [n, n_classes], scorable [n] bool, folds actually used).
+
+    Small classes: StratifiedKFold spreads a class's rows over the folds, so a
+    class with at least 2 rows always has a row in every training portion and
+    its rows get an honest probability even when it has fewer rows than folds
+    (sklearn only warns). A class with a single train row cannot appear in the
+    training portion of its own fold: that row's p(given) would be 0 for lack
+    of evidence, not because its label is wrong, so it is marked unscorable
+    (never flagged, counted in the metrics) instead. folds is capped at the
+    largest class size because StratifiedKFold refuses more folds than that.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    n = len(y)
+    counts = np.bincount(y, minlength=n_classes)
+    k = int(min(folds, counts.max(), n))
+    if k < 2:
+        raise StageError(f"audit: cannot cross-validate {n} train rows: no class has 2 or more rows")
+    probs = np.zeros((n, n_classes))
+    scorable = np.ones(n, dtype=bool)
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        fold_iter = list(skf.split(X, y))
+    for train_idx, held_idx in fold_iter:
+        present = np.unique(y[train_idx])
+        if len(present) < 2:  # logistic regression needs two classes; nothing to learn from
+            probs[held_idx] = 1.0 / n_classes
+            scorable[held_idx] = False
+            continue
+        model = _fit_lr(X[train_idx], y[train_idx], C, seed)
+        probs[held_idx] = _full_probs(model, X[held_idx], n_classes)
+        scorable[held_idx] &= np.isin(y[held_idx], present)
+    return probs, scorable, k
+
+
+def score_rows(y: np.ndarray, probs: np.ndarray, scorable: np.ndarray, min_score: float,
+               filter_by: str) -> pd.DataFrame:
+    """Per row: score, suggested (class index), rank, cleanlab_issue, flagged. See the module docstring."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    n = len(y)
+    score = np.full(n, np.nan)
+    suggested = probs.argmax(axis=1)
+    cl_issue = np.zeros(n, dtype=bool)
+    idx = np.flatnonzero(scorable)
+    if len(idx):
+        score[idx] = 1.0 - get_label_quality_scores(y[idx], probs[idx], method="self_confidence")
+        # cleanlab estimates per-class noise from the labels it sees: it needs at least two
+        # classes present; with fewer (a tiny validation split) only the score rule applies.
+        if len(np.unique(y[idx])) >= 2:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cl_issue[idx] = find_label_issues(y[idx], probs[idx], filter_by=filter_by)
+        else:
+            cl_issue[idx] = True
+    flagged = cl_issue & (np.nan_to_num(score, nan=-1.0) >= min_score) & (suggested != y)
+    order = np.argsort(-np.nan_to_num(score, nan=-1.0), kind="stable")
+    rank = np.empty(n, dtype=int)
+    rank[order] = np.arange(1, n + 1)
+    return pd.DataFrame({"score": score, "suggested": suggested, "rank": rank,
+                         "cleanlab_issue": cl_issue, "flagged": flagged, "scorable": scorable})
+
+
+def run_datalab(X: np.ndarray, y: np.ndarray, probs: np.ndarray, ids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """cleanlab Datalab outliers and near-duplicates among train rows (information only, never acted on)."""
+    from cleanlab import Datalab
+
+    if len(y) < 3:
+        return pd.DataFrame(), pd.DataFrame()
+    lab = Datalab(data={"label": y}, label_name="label", verbosity=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lab.find_issues(features=X, pred_probs=probs, issue_types={"outlier": {}, "near_duplicate": {}})
+    out = lab.get_issues("outlier")
+    outliers = pd.DataFrame({"id": ids, "outlier_score": out["outlier_score"].to_numpy()})
+    outliers = outliers[out["is_outlier_issue"].to_numpy()].sort_values("outlier_score", kind="stable")
+    nd = lab.get_issues("near_duplicate")
+    sets = [";".join(ids[j] for j in s) for s in nd["near_duplicate_sets"]]
+    near = pd.DataFrame({"id": ids, "near_duplicate_score": nd["near_duplicate_score"].to_numpy(),
+                         "near_duplicate_ids": sets})
+    near = near[nd["is_near_duplicate_issue"].to_numpy()].sort_values("near_duplicate_score", kind="stable")
+    return outliers.reset_index(drop=True), near.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- core
+
+@dataclass
+class AuditResult:
+    splits: dict[str, pd.DataFrame]
+    label_issues: pd.DataFrame      # flagged rows of every split, with action_taken
+    scores: pd.DataFrame            # every row's score/suggestion (for reviewers looking past the flags)
+    changes: pd.DataFrame           # every train row dropped or relabelled, with why
+    decisions_applied: pd.DataFrame
+    outliers: pd.DataFrame
+    near_duplicates: pd.DataFrame
+    metrics: dict = field(default_factory=dict)
+
+
+def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[str, np.ndarray],
+          params: AuditParams, seed: int, decisions: pd.DataFrame | None = None) -> AuditResult:
+    """The pure core: score every row, decide what happens to each train row, return new splits + reports."""
+    if decisions is None:
+        decisions = pd.DataFrame({"id": [], "decision": [], "corrected_label": [], "line": []})
+    label_index = {lab: i for i, lab in enumerate(labels)}
+    n_classes = len(labels)
+    splits = {k: v.reset_index(drop=True).copy() for k, v in splits.items()}
+    rows_in = {s: int(len(splits[s])) for s in SPLITS}
+    metrics: dict = {}
+    timings: dict = {}
+
+    train = splits["train"]
+    y_train = train["label"].map(label_index).to_numpy()
+    if np.isnan(y_train.astype(float)).any():  # labels.json is the train label set, so this is corruption
+        bad = int(np.flatnonzero(pd.isna(train["label"].map(label_index)))[0])
+        raise DataError("train.parquet", bad, "label", f"label {train['label'][bad]!r} not in labels.json")
+    y_train = y_train.astype(int)
+
+    t0 = time.perf_counter()
+    probs_train, scorable, k = out_of_sample_probs(embeddings["train"], y_train, n_classes, params.folds,
+                                                   params.C, seed)
+    per_split_probs = {"train": (y_train, probs_train, scorable)}
+    holdout = [s for s in ("validation", "test") if len(splits[s])]
+    if holdout:
+        full = _fit_lr(embeddings["train"], y_train, params.C, seed)
+        for s in holdout:
+            ys = splits[s]["label"].map(label_index)
+            known = ys.notna().to_numpy()  # a label unseen in train cannot be scored (ingest forbids it anyway)
+            per_split_probs[s] = (ys.fillna(0).astype(int).to_numpy(),
+                                  _full_probs(full, embeddings[s], n_classes), known)
+    timings["cv_seconds"] = round(time.perf_counter() - t0, 3)
+
+    t0 = time.perf_counter()
+    scored = {}
+    for s, (ys, pr, ok) in per_split_probs.items():
+        sc = score_rows(ys, pr, ok, params.min_score, params.filter_by)
+        df = splits[s]
+        sc.insert(0, "id", df["id"].astype(str).to_numpy())
+        sc.insert(1, "text", df["text"].to_numpy())
+        sc.insert(2, "given_label", df["label"].to_numpy())
+        sc["suggested_label"] = [labels[j] for j in sc["suggested"]]
+        sc["split"] = s
+        sc["p_given"] = 1.0 - sc["score"]
+        scored[s] = sc
+    timings["cleanlab_seconds"] = round(time.perf_counter() - t0, 3)
+
+    # Decide each train row's fate: decisions first (they override), then the policy for flagged rows.
+    st = scored["train"]
+    dec = decisions.set_index("id") if len(decisions) else None
+    new_label = train["label"].astype(str).to_numpy().copy()
+    drop = np.zeros(len(train), dtype=bool)
+    action_taken = np.array(["none"] * len(train), dtype=object)
+    reason = np.array([""] * len(train), dtype=object)
+    applied = []
+    for i, rid in enumerate(st["id"]):
+        given, sugg = st.at[i, "given_label"], st.at[i, "suggested_label"]
+        if dec is not None and rid in dec.index:
+            d = dec.loc[rid]
+            if d["decision"] == "reject":
+                act, effect = "kept (decision: reject)", "kept"
+            elif d["corrected_label"]:
+                target = d["corrected_label"]
+                act, effect = (f"relabelled (decision: accept, corrected)", "relabelled") if target != given \
+                    else ("kept (decision: accept, corrected label equals given)", "kept")
+                new_label[i] = target
+            elif params.action == "drop":
+                act, effect = "dropped (decision: accept)", "dropped"
+                drop[i] = True
+            else:
+                act, effect = ("relabelled (decision: accept, suggestion)", "relabelled") if sugg != given \
+                    else ("kept (decision: accept, suggestion equals given)", "kept")
+                new_label[i] = sugg
+            action_taken[i], reason[i] = act, "decision"
+            applied.append({"id": rid, "line": int(d["line"]), "decision": d["decision"],
+                            "corrected_label": d["corrected_label"], "given_label": given,
+                            "suggested_label": sugg, "flagged": bool(st.at[i, "flagged"]),
+                            "score": st.at[i, "score"], "effect": effect,
+                            "final_label": "" if drop[i] else new_label[i]})
+        elif st.at[i, "flagged"]:
+            reason[i] = "policy"
+            if params.action == "drop":
+                drop[i], action_taken[i] = True, "dropped"
+            elif params.action == "relabel":
+                new_label[i], action_taken[i] = sugg, "relabelled"
+            else:
+                action_taken[i] = "none (action: report)"
+    st["action_taken"] = action_taken
+    for s in holdout:
+        scored[s]["action_taken"] = f"none ({s} rows are never changed)"
+
+    relabelled = (~drop) & (new_label != train["label"].astype(str).to_numpy())
+    changes = pd.DataFrame({
+        "id": st["id"], "text": st["text"], "given_label": st["given_label"],
+        "new_label": np.where(drop, "", new_label), "change": np.where(drop, "dropped", "relabelled"),
+        "reason": reason, "score": st["score"],
+    })[drop | relabelled].reset_index(drop=True)
+    out_train = train.copy()
+    out_train["label"] = new_label
+    out_train = out_train[~drop].reset_index(drop=True)
+    splits["train"] = out_train
+
+    issue_cols = ["id", "text", "given_label", "suggested_label", "score", "rank", "split", "action_taken"]
+    label_issues = pd.concat([scored[s][scored[s]["flagged"]] for s in scored], ignore_index=True)
+    label_issues = label_issues.sort_values(["split", "rank"], key=lambda c: c.map(
+        {"train": 0, "validation": 1, "test": 2}) if c.name == "split" else c, kind="stable")[issue_cols]
+    scores = pd.concat([scored[s] for s in scored], ignore_index=True)[
+        ["id", "split", "given_label", "suggested_label", "p_given", "score", "rank", "cleanlab_issue", "flagged",
+         "scorable", "text"]]
+
+    t0 = time.perf_counter()
+    outliers, near = run_datalab(embeddings["train"], y_train, probs_train, st["id"].tolist())
+    timings["datalab_seconds"] = round(time.perf_counter() - t0, 3)
+
+    flagged_train = st[st["flagged"]]
+    decisions_applied = pd.DataFrame(applied, columns=["id", "line", "decision", "corrected_label", "given_label",
+                                                       "suggested_label", "flagged", "score", "effect",
+                                                       "final_label"])
+    metrics.update({
+        "rows_in": rows_in,
+        "rows_out": {s: int(len(splits[s])) for s in SPLITS},
+        "issues_found": int(len(flagged_train)),
+        "issues_found_rate": round(len(flagged_train) / max(len(train), 1), 4),
+        "issues_per_class": {lab: int(c) for lab, c in flagged_train["given_label"].value_counts().sort_index().items()},
+        "issues_found_by_split": {s: int(scored[s]["flagged"].sum()) for s in scored},
+        "cleanlab_candidates": int(st["cleanlab_issue"].sum()),
+        "unscorable_rows": int((~scorable).sum()),
+        "folds_used": k,
+        "action": params.action,
+        "min_score": params.min_score,
+        "rows_acted_on": {"dropped": int(drop.sum()), "relabelled": int(relabelled.sum())},
+        "decisions": {
+            "rows": int(len(decisions)),
+            "accept": int((decisions["decision"] == "accept").sum()) if len(decisions) else 0,
+            "reject": int((decisions["decision"] == "reject").sum()) if len(decisions) else 0,
+            "applied": int(len(decisions_applied)),
+            "changed_rows": int((decisions_applied["effect"] != "kept").sum()),
+        },
+        "datalab": {"outliers": int(len(outliers)), "near_duplicates": int(len(near))},
+    } | timings)
+    return AuditResult(splits=splits, label_issues=label_issues.reset_index(drop=True), scores=scores,
+                       changes=changes, decisions_applied=decisions_applied, outliers=outliers,
+                       near_duplicates=near, metrics=metrics)
+
+
+# --------------------------------------------------------------------------- I/O edge
+
+def run(args) -> None:
+    base, params = load_params(args.params, "base", "audit")
+    decisions_path = args.decisions if args.decisions is not None else params.decisions
+    in_dir = Path(args.in_dir)
+    splits, labels = read_dataset(in_dir)
+    # Validate the decisions before the slow embedding, so a typo fails in seconds and writes nothing.
+    decisions = read_decisions(decisions_path, splits, labels)
+
+    encoder_path = resolve_encoder(params, base)
+    embeddings, reused, embed_s = embed_splits(splits, encoder_path, args.embeddings, base.max_length,
+                                               params.batch_size)
+    result = audit(splits, labels, embeddings, params, base.seed, decisions)
+
+    m = result.metrics
+    m["embeddings_reused"] = reused
+    m["embed_seconds"] = round(embed_s, 3)
+    m["encoder"] = params.encoder if params.encoder != "base" else f"base:{base.model}"
+    m["dataset_hash_in"] = dataset_hashes(splits, labels)["dataset"]
+    out_labels = sorted(set(labels))  # relabelling only moves rows between known labels
+
+    with atomic_output(args.out) as out_tmp, atomic_output(args.report) as rep_tmp:
+        hashes = write_dataset(out_tmp, result.splits, out_labels)
+        m["dataset_hash_out"] = hashes["dataset"]
+        manifest = in_dir / "manifest.json"
+        if manifest.exists():  # downstream stages want the dedupe provenance; audited data carries it on
+            shutil.copyfile(manifest, out_tmp / "upstream_manifest.json")
+        rep_tmp.mkdir()
+        result.label_issues.to_csv(rep_tmp / "label_issues.csv", index=False)
+        result.scores.to_csv(rep_tmp / "label_scores.csv", index=False)
+        result.changes.to_csv(rep_tmp / "changes.csv", index=False)
+        result.decisions_applied.to_csv(rep_tmp / "decisions_applied.csv", index=False)
+        result.outliers.to_csv(rep_tmp / "datalab_outliers.csv", index=False)
+        result.near_duplicates.to_csv(rep_tmp / "datalab_near_duplicates.csv", index=False)
+        write_json(rep_tmp / "summary.json", {
+            "params": as_dict(params), "seed": base.seed, "max_length": base.max_length,
+            "encoder_path": encoder_path, "decisions_file": str(decisions_path or ""),
+            "score": "1 - p(given label) from out-of-sample probabilities (1 - cleanlab self-confidence)",
+            "flag_rule": f"cleanlab find_label_issues(filter_by={params.filter_by!r}) and score >= "
+                         f"{params.min_score} and suggested label != given label",
+            "metrics": m,
+        })
+        # Metrics last, inside both blocks: any failure above leaves no metrics either.
+        with atomic_output(args.metrics) as met_tmp:
+            write_metrics(met_tmp, m)
+    log.info("flagged %d train rows; action %s: dropped %d, relabelled %d; decisions applied %d",
+             m["issues_found"], params.action, m["rows_acted_on"]["dropped"], m["rows_acted_on"]["relabelled"],
+             m["decisions"]["applied"])
+
+
+def build_parser():
+    ap = stage_parser("audit", "Find likely label errors with cleanlab; report, drop or relabel them.")
+    ap.add_argument("--in", dest="in_dir", required=True, help="deduped dataset folder")
+    ap.add_argument("--out", required=True, help="audited dataset folder")
+    ap.add_argument("--report", required=True, help="report folder (label_issues.csv, summary.json, ...)")
+    ap.add_argument("--metrics", required=True, help="metrics JSON")
+    ap.add_argument("--embeddings", default="data/embeddings",
+                    help="embedding cache folder (a persistent DVC out; reused when its key matches)")
+    ap.add_argument("--decisions", default=None, help="human-review decisions CSV (default: audit.decisions)")
+    return ap
+
+
+def main(argv=None) -> int:
+    return run_stage("audit", run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""Stage dedupe: data/ingested -> data/deduped + manifest.json (content hashes, every removal and why).
+
+Rows are compared on their normalised text (domaintune/textnorm.py: NFKC,
+casefold, whitespace collapsed) through its SHA-256, in this order:
+1. exact duplicates inside a split: the first row (source order) is kept;
+2. same text, different labels inside a split: `dedupe.conflict_policy`
+   drop (all copies) | majority (keep the majority label's first row; a tie
+   drops all) | error;
+3. cross-split leaks: a validation text also in train, a test text also in
+   train or validation, is removed from validation/test (train is never cut
+   to protect an evaluation split);
+4. optional near duplicates (MinHash LSH over word shingles, every candidate
+   pair verified with the exact Jaccard): inside train between rows with the
+   same label (a near copy with another label is a labelling question for
+   audit, not redundancy), and as near leaks from validation/test to train
+   (any label: a leak is about the text).
+The manifest's per-split SHA-256 content hashes are the dataset version every
+later stage and model version refers to.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from domaintune.data import (SPLITS, DataError, atomic_output, dataset_hashes, read_dataset, read_json,
+                             write_dataset, write_json)
+from domaintune.params import DedupeParams, as_dict, load_params
+from domaintune.stage import run_stage, stage_parser
+from domaintune.textnorm import jaccard, minhash_signatures, minhashes, normalise_all, sha256_all, shingles
+
+log = logging.getLogger("domaintune")
+
+REASONS = ("exact_duplicate", "label_conflict", "cross_split_leak", "near_duplicate", "near_leak",
+           "label_absent_from_train")
+REMOVED_COLUMNS = ["id", "split", "reason", "kept_id", "text", "label"]
+
+
+@dataclass
+class DedupeResult:
+    splits: dict[str, pd.DataFrame]
+    labels: list[str]
+    removed: pd.DataFrame
+    rows_in: dict[str, int]
+
+
+def _stack(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    parts = []
+    for s in SPLITS:
+        df = splits[s].loc[:, ["id", "text", "label"]].astype(str).reset_index(drop=True)
+        parts.append(df.assign(split=s, row=np.arange(1, len(df) + 1)))
+    rows = pd.concat(parts, ignore_index=True)
+    rows["norm"] = normalise_all(rows["text"])
+    rows["key"] = sha256_all(rows["norm"])
+    return rows
+
+
+def _exact_within_split(rows: pd.DataFrame, policy: str, files: dict[str, str]) -> tuple[pd.Series, pd.Series]:
+    """Reason and kept_id for rows removed as exact duplicates or label conflicts (None = keep)."""
+    reason = pd.Series(None, index=rows.index, dtype=object)
+    kept = pd.Series("", index=rows.index, dtype=object)
+    grp = ["split", "key"]
+    in_group = rows.duplicated(grp, keep=False)  # only rows that have a copy need any grouping
+    if not in_group.any():
+        return reason, kept
+    g = rows.loc[in_group, grp + ["id", "label", "row"]]
+    nlab = g.groupby(grp, sort=False)["label"].transform("nunique")
+
+    same = g[nlab == 1]
+    first = same.groupby(grp, sort=False)["id"].transform("first")
+    later = same.index[same["id"].to_numpy() != first.to_numpy()]
+    reason[later] = "exact_duplicate"
+    kept[later] = first[later]
+
+    conf = g[nlab > 1]
+    if conf.empty:
+        return reason, kept
+    if policy == "error":
+        split, key = conf.iloc[0][grp]
+        grp_rows = conf[(conf["split"] == split) & (conf["key"] == key)]
+        a = grp_rows.iloc[0]
+        b = grp_rows[grp_rows["label"] != a["label"]].iloc[0]
+        raise DataError(files[split], int(b["row"]), "label",
+                        f"id {b['id']!r} has label {b['label']!r} but id {a['id']!r} (row {int(a['row'])}) has the "
+                        f"same normalised text with label {a['label']!r} (dedupe.conflict_policy: error)")
+    if policy == "drop":
+        reason[conf.index] = "label_conflict"
+        return reason, kept
+    # majority: count each label per group; a unique top count wins, a tie drops the group.
+    counts = conf.groupby(grp + ["label"], sort=False).size().rename("n").reset_index()
+    top = counts.groupby(grp, sort=False)["n"].transform("max")
+    winners = counts[counts["n"] == top]
+    n_winners = winners.groupby(grp, sort=False)["label"].transform("size")
+    winners = winners[n_winners == 1].loc[:, grp + ["label"]].rename(columns={"label": "winner"})
+    c = conf.rename_axis("pos").reset_index().merge(winners, on=grp, how="left").set_index("pos")
+    tie = c["winner"].isna()
+    reason[c.index[tie]] = "label_conflict"
+    win = c[~tie]
+    is_winner = win["label"] == win["winner"]
+    keeper_of_group = win[is_winner].groupby(grp, sort=False)["id"].first().rename("keeper")
+    k = win.join(keeper_of_group, on=grp)["keeper"]
+    drop = win.index[(win["id"] != k).to_numpy()]
+    reason[drop] = np.where(is_winner[drop].to_numpy(), "exact_duplicate", "label_conflict")
+    kept[drop] = k[drop]
+    return reason, kept
+
+
+def _cross_split(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept: pd.Series) -> None:
+    """Remove validation texts found in train, and test texts found in train or validation."""
+    ref = rows[alive & rows["split"].eq("train").to_numpy()]
+    for s in ("validation", "test"):
+        owner = pd.Series(ref["id"].to_numpy(), index=ref["key"].to_numpy())
+        owner = owner[~owner.index.duplicated()]
+        cand = rows[alive & rows["split"].eq(s).to_numpy()]
+        hit = cand["key"].isin(owner.index)
+        idx = cand.index[hit.to_numpy()]
+        reason[idx] = "cross_split_leak"
+        kept[idx] = owner.reindex(cand.loc[idx, "key"]).to_numpy()
+        alive[idx] = False
+        ref = pd.concat([ref, rows[alive & rows["split"].eq(s).to_numpy()]])
+
+
+def _near(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
+          p: DedupeParams, seed: int) -> None:
+    """MinHash LSH candidates, verified with the exact Jaccard: near duplicates in train, near leaks out of eval."""
+    from datasketch import MinHashLSH
+
+    order = [int(i) for i in np.flatnonzero(alive)]  # RangeIndex: label == position
+    norm = rows["norm"].to_numpy()
+    ids, labels, split = rows["id"].to_numpy(), rows["label"].to_numpy(), rows["split"].to_numpy()
+    sets = {i: shingles(norm[i], p.shingle_size) for i in order}
+    sigs = minhash_signatures([sets[i] for i in order], p.num_perm, seed)
+    hashes = dict(zip(order, minhashes(sigs, p.num_perm, seed)))
+
+    lsh = MinHashLSH(threshold=p.jaccard_threshold, num_perm=p.num_perm)
+    train = [i for i in order if split[i] == "train"]
+    for i in train:
+        lsh.insert(i, hashes[i], check_duplication=False)
+    # Greedy in source order: a row removes the later rows it nearly duplicates;
+    # a removed row never removes others, so the result does not depend on LSH bucket order.
+    for i in train:
+        if not alive[i]:
+            continue
+        for j in lsh.query(hashes[i]):
+            if j > i and alive[j] and labels[j] == labels[i] and jaccard(sets[i], sets[j]) >= p.jaccard_threshold:
+                alive[j] = False
+                reason[j], kept[j] = "near_duplicate", ids[i]
+    for i in train:
+        if not alive[i]:
+            lsh.remove(i)
+    # Validation is checked against train; test against train and the surviving validation.
+    for s in ("validation", "test"):
+        members = [i for i in order if split[i] == s]
+        for i in members:
+            best = None
+            for j in lsh.query(hashes[i]):
+                score = jaccard(sets[i], sets[j])
+                if score >= p.jaccard_threshold and (best is None or (score, -j) > best[0]):
+                    best = ((score, -j), j)
+            if best is not None:
+                alive[i] = False
+                reason[i], kept[i] = "near_leak", ids[best[1]]
+        for i in members:
+            if alive[i]:
+                lsh.insert(i, hashes[i], check_duplication=False)
+
+
+def dedupe(splits: dict[str, pd.DataFrame], p: DedupeParams, seed: int,
+           files: dict[str, str] | None = None) -> DedupeResult:
+    """Pure core over the three split frames; `files` only names the inputs in error messages."""
+    files = files or {s: f"{s}.parquet" for s in SPLITS}
+    rows = _stack(splits)
+    # kept_id in removed.csv must point at exactly one row
+    dup = rows["id"].duplicated()
+    if dup.any():
+        r = rows[dup].iloc[0]
+        raise DataError(files[r["split"]], int(r["row"]), "id", f"id {r['id']!r} appears more than once in the dataset")
+    reason, kept = _exact_within_split(rows, p.conflict_policy, files)
+    alive = reason.isna().to_numpy().copy()
+    _cross_split(rows, alive, reason, kept)
+    if p.near_duplicates and alive.any():
+        _near(rows, alive, reason, kept, p, seed)
+
+    # Dedupe can empty a class in train (e.g. its only rows were conflicts); evaluation
+    # rows of that class would then carry a label the model cannot predict.
+    train_labels = set(rows.loc[alive & rows["split"].eq("train").to_numpy(), "label"])
+    orphan = alive & ~rows["label"].isin(train_labels).to_numpy()
+    reason[orphan] = "label_absent_from_train"
+    alive &= ~orphan
+
+    removed = rows.loc[~alive].assign(reason=reason[~alive], kept_id=kept[~alive]).loc[:, REMOVED_COLUMNS]
+    out = {s: rows.loc[alive & rows["split"].eq(s).to_numpy(), ["id", "text", "label", "split"]].reset_index(drop=True)
+           for s in SPLITS}
+    return DedupeResult(out, sorted(train_labels), removed.reset_index(drop=True),
+                        {s: len(splits[s]) for s in SPLITS})
+
+
+def manifest_of(result: DedupeResult, hashes: dict, input_hashes: dict, p: DedupeParams, seed: int,
+                in_dir: str) -> dict:
+    per = {}
+    for s in SPLITS:
+        r = result.removed.loc[result.removed["split"] == s, "reason"].value_counts()
+        per[s] = {"rows_in": result.rows_in[s], "rows_out": len(result.splits[s]), "sha256": hashes[s],
+                  "removed": {k: int(r.get(k, 0)) for k in REASONS if r.get(k, 0)}}
+    return {
+        "dataset_sha256": hashes["dataset"],
+        "splits": per,
+        "labels": result.labels,
+        "removed_total": len(result.removed),
+        "input": {"path": in_dir, "sha256": input_hashes},
+        "params": {**as_dict(p), "seed": seed},
+        "normalisation": "Unicode NFKC, casefold, whitespace runs -> one space, stripped; SHA-256 of UTF-8",
+    }
+
+
+def metrics_of(result: DedupeResult) -> dict:
+    counts = result.removed["reason"].value_counts()
+    return {
+        "removed": {k: int(counts.get(k, 0)) for k in REASONS},
+        "removed_total": len(result.removed),
+        "rows_in": sum(result.rows_in.values()),
+        "rows_out": {s: len(result.splits[s]) for s in SPLITS},
+    }
+
+
+def run(args) -> None:
+    p, base = load_params(args.params, "dedupe", "base")
+    in_dir = Path(args.in_dir)
+    splits, _ = read_dataset(in_dir)
+    files = {s: str(in_dir / f"{s}.parquet") for s in SPLITS}
+    result = dedupe(splits, p, base.seed, files)
+    hashes_file = in_dir / "hashes.json"
+    input_hashes = read_json(hashes_file) if hashes_file.exists() else dataset_hashes(splits, _)
+    with atomic_output(args.out) as tmp:
+        hashes = write_dataset(tmp, result.splits, result.labels)
+        write_json(tmp / "manifest.json", manifest_of(result, hashes, input_hashes, p, base.seed, str(in_dir)))
+        result.removed.to_csv(tmp / "removed.csv", index=False)
+    metrics = metrics_of(result)
+    with atomic_output(args.metrics) as tmp:
+        write_json(tmp, metrics)
+    log.info("removed %d rows (%s); out train %d / validation %d / test %d; dataset %s",
+             metrics["removed_total"], ", ".join(f"{k} {v}" for k, v in metrics["removed"].items() if v),
+             *metrics["rows_out"].values(), hashes["dataset"][:12])
+
+
+def main(argv=None) -> int:
+    ap = stage_parser("dedupe", __doc__.splitlines()[0])
+    ap.add_argument("--in", dest="in_dir", required=True, help="input dataset folder (ingest output)")
+    ap.add_argument("--out", required=True, help="output dataset folder")
+    ap.add_argument("--metrics", required=True, help="metrics JSON")
+    return run_stage("dedupe", run, ap, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""finetune stage: train the classifier on the audited data over the (DAPT) encoder.
+
+Reads train + validation of the dataset folder, trains one model per seed in
+finetune.seeds with finetune.method (see domaintune/training.py), and writes the
+best on validation macro-F1 to --out (modeling.save_classifier layout; every
+seed's model under --out/seeds/<seed>/ when there are several), the metrics
+JSON, DVCLive curves under --live, and resumable checkpoints under
+--checkpoints (a persisted DVC out, so a crashed run continues from there).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from domaintune.data import atomic_output, read_dataset, read_json, write_metrics
+from domaintune.params import load_params
+
+
+def run(args: argparse.Namespace) -> dict:
+    from domaintune.training import train_classifier, validate_setup
+
+    base, ft = load_params(args.params, "base", "finetune")
+    if not Path(args.encoder).is_dir():
+        raise FileNotFoundError(f"--encoder {args.encoder}: no such model folder; run the dapt stage first")
+    splits, labels = read_dataset(args.inp)
+    hashes_path = Path(args.inp) / "hashes.json"
+    data_hash = read_json(hashes_path)["dataset"] if hashes_path.exists() else ""
+    validate_setup(ft, args.encoder)  # bad method/target/backend: fail before any output or training
+    with atomic_output(args.out) as out, atomic_output(args.live) as live:
+        metrics = train_classifier(splits["train"], splits["validation"], labels, args.encoder, base, ft, out,
+                                   base_encoder=args.encoder, data_hash=data_hash,
+                                   checkpoint_root=args.checkpoints, live_dir=live,
+                                   progress=not args.no_progress)
+        metrics["dataset_hash"] = data_hash
+        write_metrics(args.metrics, metrics)
+    # DVC requires the persisted checkpoints out to exist even when a finished run cleared it.
+    Path(args.checkpoints).mkdir(parents=True, exist_ok=True)
+    return metrics
+
+
+def main(argv=None) -> int:
+    from domaintune.stage import run_stage, stage_parser
+
+    ap = stage_parser("finetune", __doc__.splitlines()[0])
+    ap.add_argument("--in", dest="inp", required=True, help="dataset folder (train/validation parquet, labels.json)")
+    ap.add_argument("--encoder", required=True, help="encoder folder to fine-tune (e.g. models/dapt)")
+    ap.add_argument("--out", required=True, help="output model folder")
+    ap.add_argument("--metrics", required=True, help="metrics JSON")
+    ap.add_argument("--checkpoints", default="models/checkpoints",
+                    help="resumable training state (a persisted DVC out)")
+    ap.add_argument("--live", default="reports/finetune/live", help="DVCLive log folder (training curves)")
+    ap.add_argument("--no-progress", action="store_true", help="no console progress bar")
+    return run_stage("finetune", run, ap, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""A tiny real git + DVC project with trivial python stages, for registry and flow tests.
+
+Same shape as the real DAG where the registry looks (data/audited/hashes.json
+with a "dataset" hash, models/export, metrics/*.json kept in git, params.yaml
+that domaintune.params validates), but each stage runs in well under a second.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+AUDIT = """\
+import hashlib, json, pathlib
+src = pathlib.Path("src/data.csv").read_bytes()
+out = pathlib.Path("data/audited"); out.mkdir(parents=True, exist_ok=True)
+(out / "train.csv").write_bytes(src)
+(out / "hashes.json").write_text(json.dumps({"dataset": hashlib.sha256(src).hexdigest()}))
+pathlib.Path("metrics").mkdir(exist_ok=True)
+pathlib.Path("metrics/audit.json").write_text(json.dumps({"rows": src.count(b"\\n")}))
+"""
+
+TRAIN = """\
+import hashlib, json, pathlib, sys, yaml
+epochs = yaml.safe_load(open("params.yaml"))["finetune"]["epochs"]
+flaky = pathlib.Path("FAIL_ONCE")
+if flaky.exists():  # a transient failure: gone on the next attempt
+    flaky.unlink()
+    sys.exit(1)
+if epochs == 13:
+    print("train: error: params.yaml: finetune.epochs: 13 is unlucky", file=sys.stderr)
+    sys.exit(2)
+data = pathlib.Path("data/audited/train.csv").read_bytes()
+digest = hashlib.sha256(data + str(epochs).encode()).digest()
+out = pathlib.Path("models/export"); (out / "sub").mkdir(parents=True, exist_ok=True)
+(out / "weights.bin").write_bytes(digest * 512)
+(out / "sub" / "model.json").write_text(json.dumps({"epochs": epochs}))
+acc = digest[0] / 255
+pathlib.Path("metrics/evaluate.json").write_text(json.dumps({"accuracy": acc, "macro_f1": acc / 2, "ece": 0.1}))
+"""
+
+DVC_YAML = """\
+stages:
+  audit:
+    cmd: python fake/audit.py
+    deps: [fake/audit.py, src/data.csv]
+    params: [base.seed]
+    outs: [data/audited]
+    metrics:
+      - metrics/audit.json:
+          cache: false
+  train:
+    cmd: python fake/train.py
+    deps: [fake/train.py, data/audited]
+    params: [finetune.epochs]
+    outs: [models/export]
+    metrics:
+      - metrics/evaluate.json:
+          cache: false
+"""
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    for k, v in (("GIT_AUTHOR_NAME", "t"), ("GIT_AUTHOR_EMAIL", "t@x"), ("GIT_COMMITTER_NAME", "t"),
+                 ("GIT_COMMITTER_EMAIL", "t@x")):
+        e.setdefault(k, v)
+    return e
+
+
+def sh(root: Path, *cmd: str) -> str:
+    proc = subprocess.run(list(cmd), cwd=root, env=env(), capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd}: {proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def make_fake_repo(root: Path, rows: int = 10) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "fake").mkdir()
+    (root / "fake" / "audit.py").write_text(AUDIT)
+    (root / "fake" / "train.py").write_text(TRAIN)
+    (root / "src").mkdir()
+    (root / "src" / "data.csv").write_text("text,label\n" + "".join(f"row {i},a\n" for i in range(rows)))
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / ".gitignore").write_text("/data/\n/models/\n__pycache__/\n")
+    sh(root, "git", "init", "-q", "-b", "main")
+    sh(root, "git", "config", "user.name", "tester")
+    sh(root, "git", "config", "user.email", "tester@example.com")
+    sh(root, str(BIN / "dvc"), "init", "-q")
+    sh(root, str(BIN / "dvc"), "config", "core.analytics", "false")
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-q", "-m", "init")
+    return root
+
+
+def add_rows(root: Path, n: int, start: int = 1000) -> None:
+    with open(root / "src" / "data.csv", "a") as fh:
+        fh.writelines(f"row {i},b\n" for i in range(start, start + n))
+    sh(root, "git", "commit", "-q", "-am", f"add {n} rows")
+
+
+def workspace(root: Path) -> dict[str, bytes]:
+    """Every file of the working tree (not .git, not the DVC cache/tmp), path -> bytes."""
+    out = {}
+    for p in root.rglob("*"):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not rel.startswith((".git/", ".dvc/cache/", ".dvc/tmp/", ".domaintune/")) \
+                and "__pycache__" not in rel:
+            out[rel] = p.read_bytes()
+    return out

@@ -1,0 +1,77 @@
+"""Helpers for evaluate/export tests: tiny datasets and tiny saved classifiers.
+
+Models are built from the session's tiny random BERT (conftest.tiny_bert) and
+saved with domaintune.modeling.save_classifier, i.e. exactly the layout the
+finetune stage writes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from domaintune.data import write_dataset
+
+LABELS = ["billing", "login", "shipping"]
+WORDS = {
+    "billing": ["refund", "invoice", "charged", "payment", "card", "twice", "price"],
+    "login": ["password", "reset", "account", "locked", "sign", "email", "code"],
+    "shipping": ["parcel", "delivery", "late", "courier", "tracking", "address", "box"],
+}
+
+
+def make_split(name: str, n_per_class: int, labels=LABELS, seed: int = 0) -> pd.DataFrame:
+    import random
+
+    rng = random.Random(f"{name}-{seed}")
+    rows = []
+    for lab in labels:
+        for i in range(n_per_class):
+            words = rng.sample(WORDS[lab], k=rng.randint(2, 6)) + ["please", "help"][: rng.randint(0, 2)]
+            rows.append({"id": f"{name}-{lab}-{i}", "text": " ".join(words), "label": lab, "split": name})
+    return pd.DataFrame(rows)
+
+
+def make_dataset(folder: Path, n_val: int = 10, n_test: int = 10, labels=LABELS) -> Path:
+    splits = {"train": make_split("train", 5, labels), "validation": make_split("validation", n_val, labels),
+              "test": make_split("test", n_test, labels)}
+    write_dataset(folder, splits, list(labels))
+    return folder
+
+
+def make_model(tiny_bert: Path, out: Path, labels=LABELS, lora: bool = False, seed: int = 0,
+               problem_type: str = "single_label") -> Path:
+    """Save a tiny classifier; with lora=True a LoRA adapter with non-zero (random) B matrices."""
+    import torch
+
+    from domaintune.modeling import build_classifier, load_encoder, load_tokenizer, save_classifier
+
+    torch.manual_seed(seed)
+    enc = load_encoder(str(tiny_bert))
+    meta = {"labels": list(labels), "pooling": "mean", "problem_type": problem_type,
+            "method": "lora" if lora else "full", "max_length": 32, "base_encoder": str(tiny_bert),
+            "dataset_hash": "test", "params": {"lr": 1e-4}}
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        enc = get_peft_model(enc, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+        with torch.no_grad():  # peft initialises B to zero (adapter = identity); make it matter
+            for name, p in enc.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    model = build_classifier(enc, len(labels), "mean", 0.0)
+    with torch.no_grad():  # random tiny encoders give near-identical logits; a bigger head spreads them
+        model.head.weight.normal_(0, 2.0)
+    save_classifier(model, load_tokenizer(str(tiny_bert)), out, meta)
+    return out
+
+
+def write_params(path: Path, **sections) -> Path:
+    """A params.yaml with the repo's defaults overridden per section."""
+    repo = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    for sec, over in sections.items():
+        data.setdefault(sec, {}).update(over)
+    path.write_text(yaml.safe_dump(data))
+    return path

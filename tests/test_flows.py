@@ -1,0 +1,197 @@
+"""Prefect flows on a real git + DVC project with trivial stages, against one temporary Prefect server.
+
+retrain -> v1; nothing changed -> no new version and no stage re-run; new data ->
+v2 with another dataset hash; a failing stage publishes nothing and leaves the
+tree as it was; a transient failure is retried; a second retrain fails fast;
+rollback flow; the cron deployment exists on the server and a triggered run completes.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from _fake_pipeline import add_rows, make_fake_repo, sh, workspace
+from domaintune import registry
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory, prefect_harness):
+    return make_fake_repo(tmp_path_factory.mktemp("flows") / "proj")
+
+
+def _task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                               sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100)
+
+    return asyncio.run(go())
+
+
+def _logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                          offset=0, sort=LogSort.TIMESTAMP_ASC)
+
+    return [log.message for log in asyncio.run(go())]
+
+
+def test_retrain_publishes_versions_and_caches(proj):
+    from pipelines.retrain import retrain_flow
+
+    state = retrain_flow(repo=str(proj), return_state=True)
+    assert state.is_completed()
+    res = state.result()
+    assert res["ran"] == ["audit", "train"] and res["version"] == "domaintune@v1.0.0" and res["created"]
+    # One task per DVC stage, in DAG order, each completed, with the stage's output in its log.
+    runs = sorted(_task_runs(state.state_details.flow_run_id), key=lambda r: r.start_time)
+    assert [r.name for r in runs] == ["audit", "train"]
+    assert all(r.state.is_completed() for r in runs)
+    # Run logs reach the API in batches: give the last batch a moment.
+    for _ in range(20):
+        logs = "\n".join(_logs(state.state_details.flow_run_id))
+        if "python fake/train.py" in logs:
+            break
+        time.sleep(0.5)
+    assert "Running stage 'audit'" in logs and "python fake/train.py" in logs
+    assert sh(proj, "git", "status", "--porcelain").strip() == ""
+
+    # Nothing changed: DVC skips both stages and no version is added.
+    res = retrain_flow(repo=str(proj))
+    assert res["ran"] == [] and res["version"] == "domaintune@v1.0.0" and not res["created"]
+
+    # New rows in the source: data stages re-run, new major version with another dataset hash.
+    add_rows(proj, 4)
+    res = retrain_flow(repo=str(proj))
+    assert res["ran"] == ["audit", "train"] and res["version"] == "domaintune@v2.0.0"
+    v1, v2 = registry.list_versions(proj)
+    assert v1.record["dataset_hash"] != v2.record["dataset_hash"] and v2.served
+
+    # A params override (like `dvc exp run -S`) re-runs only the stage that reads it -> new minor.
+    res = retrain_flow(repo=str(proj), overrides=["finetune.epochs=4"])
+    assert res["ran"] == ["train"] and res["version"] == "domaintune@v2.1.0"
+    assert "  epochs: 4" in (proj / "params.yaml").read_text()
+    assert "# LoRA wants" in (proj / "params.yaml").read_text()  # comments survive the override
+
+
+def test_failed_stage_publishes_nothing_and_restores(proj):
+    from pipelines.retrain import StageFailed, retrain_flow
+
+    before, tags, head = workspace(proj), sh(proj, "git", "tag"), sh(proj, "git", "rev-parse", "HEAD")
+    add_rows(proj, 2, start=5000)  # audit will run and succeed, then train fails
+    before = workspace(proj)
+    head = sh(proj, "git", "rev-parse", "HEAD")
+    state = retrain_flow(repo=str(proj), overrides=["finetune.epochs=13"], return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageFailed, match="train.*exit code 2"):
+        state.result()
+    runs = {r.name: r for r in _task_runs(state.state_details.flow_run_id)}
+    assert runs["train"].run_count == 1  # bad input (exit 2) is not retried
+    assert sh(proj, "git", "tag") == tags and sh(proj, "git", "rev-parse", "HEAD") == head
+    assert workspace(proj) == before  # params.yaml, dvc.lock, metrics and outs as they were
+    assert sh(proj, "git", "status", "--porcelain").strip() == ""
+
+
+def test_transient_failure_is_retried(proj):
+    from pipelines.retrain import retrain_flow
+
+    (proj / "FAIL_ONCE").write_text("")
+    state = retrain_flow(repo=str(proj), overrides=["finetune.epochs=6"], return_state=True)
+    assert state.is_completed(), state
+    runs = {r.name: r for r in _task_runs(state.state_details.flow_run_id)}
+    assert runs["train"].run_count == 2
+    assert state.result()["version"] == "domaintune@v3.0.0"  # the rows added above, now published
+
+
+def test_second_retrain_fails_fast(proj):
+    from pipelines.retrain import retrain_flow
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with registry.repo_lock(proj):
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert held.wait(5)
+        before = workspace(proj)
+        t0 = time.perf_counter()
+        with pytest.raises(registry.BusyError, match="already running"):
+            retrain_flow(repo=str(proj), overrides=["finetune.epochs=7"])
+        assert time.perf_counter() - t0 < 15
+        assert workspace(proj) == before
+    finally:
+        release.set()
+        t.join()
+
+
+def test_rollback_flow(proj):
+    from pipelines.rollback import rollback_flow
+
+    v1_export = registry.git_bytes(proj, registry.get_version(proj, "v1").commit, "dvc.lock")
+    res = rollback_flow("v1", repo=str(proj))
+    assert res["version"] == "domaintune@v1.0.0" and res["files_verified"] >= 4
+    assert (proj / "dvc.lock").read_bytes() == v1_export
+    assert registry.served_version(proj) == "v1.0.0"
+    from domaintune.cli import main
+
+    assert main(["rollback", "v3", "--repo", str(proj)]) == 0
+    assert registry.served_version(proj) == "v3.0.0"
+
+
+def test_cli_versions_and_diff(proj, capsys):
+    from domaintune.cli import main
+
+    assert main(["versions", "--repo", str(proj)]) == 0
+    out = capsys.readouterr().out
+    served = [ln for ln in out.splitlines() if ln.startswith("*")]
+    assert len(served) == 1 and "v3.0.0" in served[0]
+    assert {"v1.0.0", "v2.0.0", "v2.1.0", "v3.0.0"} <= set(out.split())
+    assert main(["diff", "v2.0.0", "v2.1.0", "--repo", str(proj)]) == 0
+    out = capsys.readouterr().out
+    assert "finetune.epochs: 3 -> 4" in out
+    assert main(["diff", "v2.0.0", "v9", "--repo", str(proj)]) == 1
+    assert "no version 'v9.0.0'" in capsys.readouterr().err
+
+
+def test_schedule_deployment_and_triggered_run(proj):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runner import Runner
+
+    from pipelines.retrain import make_deployment
+
+    with pytest.raises(Exception, match="cron|Invalid"):
+        make_deployment("not a cron", str(proj))
+    dep = make_deployment("0 3 * * 1", str(proj), publish=False)
+
+    async def go():
+        runner = Runner(name="test-runner", query_seconds=1)
+        dep_id = await runner.add_deployment(dep)
+        async with get_client() as client:
+            d = await client.read_deployment(dep_id)
+            crons = [s.schedule.cron for s in d.schedules]
+            run = await run_deployment(f"domaintune-retrain/{dep.name}", timeout=0)
+            await runner.start(run_once=True)
+            final = await client.read_flow_run(run.id)
+        return crons, final
+
+    crons, final = asyncio.run(go())
+    assert crons == ["0 3 * * 1"]
+    assert final.state.is_completed(), final.state

@@ -1,0 +1,343 @@
+"""Data tests for the ingest stage: every source format, every bad input, every split rule."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from domaintune.data import DataError, read_dataset, read_json
+from domaintune.params import IngestParams
+from domaintune.sources import read_source, tables_from_hf
+from stages.ingest import ingest, main
+
+LABELS = ["billing", "login", "shipping"]
+
+
+def rows(n: int, labels=LABELS, start: int = 1) -> list[dict]:
+    return [{"ticket_id": f"T{i:04d}", "text": f"ticket number {i} about {labels[i % len(labels)]}",
+             "label": labels[i % len(labels)]} for i in range(start, start + n)]
+
+
+def write_csv(path: Path, records: list[dict], sep: str = ",") -> Path:
+    pd.DataFrame(records).to_csv(path, index=False, sep=sep)
+    return path
+
+
+def run_ingest(source, seed: int = 42, **kw):
+    p = IngestParams(source=str(source), **kw)
+    return ingest(read_source(str(source)), p, seed)
+
+
+def error_of(source, **kw) -> DataError:
+    with pytest.raises(DataError) as exc:
+        run_ingest(source, **kw)
+    return exc.value
+
+
+def assert_names(err: DataError, file, row, field):
+    assert err.file == str(file)
+    assert err.row == row
+    assert err.field == field
+    msg = str(err)
+    assert str(file) in msg and (row is None or f"row {row}" in msg) and f"'{field}'" in msg
+
+
+# ---------------------------------------------------------------- splits
+
+def test_stratified_split_is_reproducible_and_every_class_is_in_train(tmp_path):
+    recs = rows(60) + [{"ticket_id": "RARE1", "text": "a rare refund case", "label": "refund"}]
+    src = write_csv(tmp_path / "tickets.csv", recs)
+    a = run_ingest(src, id_column="ticket_id", seed=7)
+    b = run_ingest(src, id_column="ticket_id", seed=7)
+    c = run_ingest(src, id_column="ticket_id", seed=8)
+    ids = lambda r: {s: sorted(df["id"]) for s, df in r.splits.items()}  # noqa: E731
+    assert ids(a) == ids(b)
+    assert ids(a) != ids(c)  # the seed matters
+    sizes = {s: len(df) for s, df in a.splits.items()}
+    # 20 rows per main class at 0.8/0.1/0.1 -> 16/2/2 each; the 1-row class stays in train.
+    assert sizes == {"train": 49, "validation": 6, "test": 6}
+    assert a.labels == sorted(LABELS + ["refund"])
+    assert set(a.splits["train"]["label"]) == set(a.labels)
+    assert "RARE1" in set(a.splits["train"]["id"])
+    for s in ("validation", "test"):
+        assert a.splits[s]["label"].value_counts().to_dict() == {lab: 2 for lab in LABELS}
+    assert a.split_source == "stratified" and a.rejected.empty
+    assert list(a.splits["train"].columns) == ["id", "text", "label", "split"]
+
+
+def test_default_ids_are_file_stem_and_row_and_stay_when_rows_are_appended(tmp_path):
+    recs = [{k: v for k, v in r.items() if k != "ticket_id"} for r in rows(90)]
+    src = write_csv(tmp_path / "tickets.csv", recs)
+    before = run_ingest(src)
+    all_ids = pd.concat(before.splits.values())
+    assert sorted(all_ids["id"], key=lambda s: int(s.split(":")[1])) == [f"tickets:{i}" for i in range(1, 91)]
+    text_of = dict(zip(all_ids["id"], all_ids["text"]))
+    assert text_of["tickets:5"] == recs[4]["text"]
+
+    more = recs + [{k: v for k, v in r.items() if k != "ticket_id"} for r in rows(30, start=500)]
+    write_csv(src, more)
+    after = run_ingest(src)
+    split_before = {i: s for s, df in before.splits.items() for i in df["id"]}
+    split_after = {i: s for s, df in after.splits.items() for i in df["id"]}
+    assert {i: split_after[i] for i in split_before} != {} and set(split_before) <= set(split_after)
+    moved = sum(split_before[i] != split_after[i] for i in split_before)
+    assert moved <= 6  # hash-ranked split: appending 30 rows moves only a few of the 90 old rows
+
+
+def test_split_column_is_used_and_missing_validation_is_carved_from_train(tmp_path):
+    recs = rows(40)
+    for i, r in enumerate(recs):
+        r["part"] = "TEST" if i % 5 == 0 else "train"
+    src = write_csv(tmp_path / "data.csv", recs)
+    res = run_ingest(src, split_column="part", id_column="ticket_id",
+                     split={"train": 0.8, "validation": 0.1, "test": 0.1})
+    assert res.split_source == "column"
+    assert sorted(res.splits["test"]["id"]) == sorted(r["ticket_id"] for r in recs if r["part"] == "TEST")
+    # validation = 0.1 / (0.8 + 0.1) of the 32 train rows, per class: round(10.67*0.111)=1 or so per class
+    assert 3 <= len(res.splits["validation"]) <= 4
+    assert len(res.splits["train"]) + len(res.splits["validation"]) == 32
+
+
+def test_bad_split_value_names_row_and_split_column(tmp_path):
+    recs = rows(9)
+    for r in recs:
+        r["part"] = "train"
+    recs[6]["part"] = "holdout"
+    src = write_csv(tmp_path / "data.csv", recs)
+    err = error_of(src, split_column="part")
+    assert_names(err, src, 7, "part")
+    assert "holdout" in str(err)
+
+
+def test_folder_with_split_files_keeps_the_sources_splits(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    write_csv(folder / "train.csv", rows(12))
+    pd.DataFrame(rows(3, start=100)).to_json(folder / "valid.jsonl", orient="records", lines=True)
+    pd.DataFrame(rows(3, start=200)).to_parquet(folder / "test.parquet", index=False)
+    res = run_ingest(folder)
+    assert res.split_source == "files"
+    assert {s: len(df) for s, df in res.splits.items()} == {"train": 12, "validation": 3, "test": 3}
+    assert list(res.splits["validation"]["id"]) == ["valid:1", "valid:2", "valid:3"]
+    assert list(res.splits["test"]["id"]) == ["test:1", "test:2", "test:3"]
+    assert res.splits["test"]["text"].iloc[0] == "ticket number 200 about shipping"
+
+
+def test_folder_of_unsplit_files_is_pooled_and_split(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    write_csv(folder / "part_a.csv", rows(20))
+    write_csv(folder / "part_b.tsv", rows(20, start=50), sep="\t")
+    res = run_ingest(folder, id_column="ticket_id")
+    assert res.rows_read == 40 and sum(len(df) for df in res.splits.values()) == 40
+    assert res.split_source == "stratified"
+
+
+def test_folder_mixing_split_named_and_other_files_is_refused(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    write_csv(folder / "train.csv", rows(6))
+    write_csv(folder / "extra.csv", rows(6))
+    with pytest.raises(DataError, match="extra.csv"):
+        run_ingest(folder)
+
+
+def test_hf_dataset_column_mapping_and_class_names(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    feats = datasets.Features({"utterance": datasets.Value("string"),
+                               "intent": datasets.ClassLabel(names=["card_lost", "refund"])})
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"utterance": [f"train text {i}" for i in range(20)],
+                                             "intent": [i % 2 for i in range(20)]}, features=feats),
+        "test": datasets.Dataset.from_dict({"utterance": ["t one", "t two", "t three"],
+                                            "intent": [0, 1, -1]}, features=feats),
+        "unsupervised": datasets.Dataset.from_dict({"utterance": ["u"], "intent": [0]}, features=feats),
+    })
+    seen = {}
+
+    def fake_load(name, config=None):
+        seen["args"] = (name, config)
+        return dd
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    tables = read_source("hf:acme/tickets")
+    assert seen["args"] == ("acme/tickets", None)
+    p = IngestParams(source="hf:acme/tickets", text_column="utterance", label_column="intent", on_bad_row="skip")
+    res = ingest(tables, p, 42)
+    assert res.split_source == "hf" and res.labels == ["card_lost", "refund"]
+    assert list(res.splits["test"]["label"]) == ["card_lost", "refund"]  # ints mapped back to names
+    # the -1 ("no label") row is rejected as missing; 'unsupervised' is not a split we use
+    assert res.rejected[["file", "row", "reason"]].values.tolist() == [["hf:acme/tickets[test]", 3, "missing_label"]]
+    # no validation split in the source: carved from train (0.1 / 0.9 of 20 rows -> 1 per class)
+    assert len(res.splits["validation"]) == 2 and len(res.splits["train"]) == 18
+    assert tables_from_hf(dd["train"], "hf:x")[0].split == "train"
+
+
+# ---------------------------------------------------------------- bad input: one test each
+
+def test_missing_column_names_the_columns_found(tmp_path):
+    src = write_csv(tmp_path / "d.csv", [{"body": "x", "label": "a"}])
+    err = error_of(src)
+    assert_names(err, src, None, "text")
+    assert "columns found: ['body', 'label']" in str(err)
+
+
+@pytest.mark.parametrize("bad_text", ["", "   \t "])
+def test_empty_or_whitespace_text_names_row_and_column(tmp_path, bad_text):
+    recs = rows(6)
+    recs[3]["text"] = bad_text
+    src = write_csv(tmp_path / "d.csv", recs)
+    err = error_of(src)
+    assert_names(err, src, 4, "text")
+    assert "empty" in str(err) and "line 5" in str(err)
+
+
+def test_missing_label_names_row_and_column(tmp_path):
+    recs = rows(6)
+    recs[1]["label"] = None
+    src = write_csv(tmp_path / "d.csv", recs)
+    assert_names(error_of(src), src, 2, "label")
+
+
+def test_undecodable_bytes_name_row_column_and_byte_offset(tmp_path):
+    src = write_csv(tmp_path / "d.csv", rows(6))
+    data = src.read_bytes().replace(b"ticket number 3 ", b"ticket num\xffber 3 ")
+    src.write_bytes(data)
+    err = error_of(src)
+    assert_names(err, src, 3, "text")
+    assert "byte offset %d" % data.index(b"\xff") in str(err)
+
+
+def test_undecodable_bytes_in_jsonl_name_line_and_key(tmp_path):
+    src = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": f"text {i}", "label": "ab"[i % 2]}).encode() for i in range(5)]
+    lines[2] = b'{"text": "caf\xe9 au lait", "label": "a"}'
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    err = error_of(src)
+    assert_names(err, src, 3, "text")
+    assert "byte offset %d" % src.read_bytes().index(b"\xe9") in str(err)
+
+
+def test_malformed_json_line_is_reported_with_its_line(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c", oops}\n')
+    with pytest.raises(DataError, match=r"row 3: invalid JSON"):
+        run_ingest(src)
+
+
+def test_validation_label_never_seen_in_train_names_row_and_column(tmp_path):
+    recs = rows(12)
+    for r in recs:
+        r["part"] = "train"
+    recs[10].update(part="validation", label="warranty")
+    src = write_csv(tmp_path / "d.csv", recs)
+    err = error_of(src, split_column="part")
+    assert_names(err, src, 11, "label")
+    assert "'warranty'" in str(err) and "never appears in train" in str(err)
+
+
+def test_only_one_class_fails_even_in_skip_mode(tmp_path):
+    src = write_csv(tmp_path / "d.csv", rows(10, labels=["billing"]))
+    err = error_of(src, on_bad_row="skip")
+    assert_names(err, src, None, "label")
+    assert "only one class ('billing')" in str(err)
+
+
+def test_duplicate_id_names_both_rows(tmp_path):
+    recs = rows(6)
+    recs[4]["ticket_id"] = recs[1]["ticket_id"]
+    src = write_csv(tmp_path / "d.csv", recs)
+    err = error_of(src, id_column="ticket_id")
+    assert_names(err, src, 5, "ticket_id")
+    assert "row 2" in str(err)
+
+
+def test_short_row_is_malformed(tmp_path):
+    src = tmp_path / "d.csv"
+    src.write_text("text,label\nhello,a\nworld\nagain,b\n")
+    with pytest.raises(DataError, match=r"row 2: has 1 fields, the header has 2 \(line 3\)"):
+        run_ingest(src)
+
+
+# ---------------------------------------------------------------- skip mode and the CLI
+
+def write_params(path: Path, **ingest_kw) -> Path:
+    path.write_text(yaml.safe_dump({"base": {"seed": 3}, "ingest": ingest_kw}))
+    return path
+
+
+def test_skip_mode_lists_every_rejected_row_and_counts_it(tmp_path):
+    recs = rows(30)
+    for r in recs:
+        r["part"] = "train"
+    recs[2]["text"] = " "
+    recs[5]["label"] = None
+    recs[7].update(part="test", label="warranty")
+    recs[9].update(part="test")
+    src = write_csv(tmp_path / "d.csv", recs)
+    src.write_bytes(src.read_bytes().replace(b"ticket number 12 ", b"ticket \xfe\xfe 12 "))
+    params = write_params(tmp_path / "params.yaml", split_column="part", on_bad_row="skip", id_column="ticket_id")
+    out, metrics = tmp_path / "ingested", tmp_path / "m" / "ingest.json"
+    assert main(["--source", str(src), "--out", str(out), "--metrics", str(metrics), "--params", str(params)]) == 0
+    rej = pd.read_csv(out / "rejected.csv", keep_default_na=False)
+    assert rej[["row", "field", "reason"]].values.tolist() == [
+        [3, "text", "empty_text"], [6, "label", "missing_label"], [8, "label", "unseen_label"],
+        [12, "text", "undecodable_bytes"]]
+    assert list(rej.columns) == ["file", "row", "field", "reason", "detail", "text"]
+    assert rej["text"].iloc[1] == recs[5]["text"]
+    assert rej["text"].iloc[3] == "ticket \\xfe\\xfe 12 about billing"  # raw bytes shown, file stays UTF-8
+    m = read_json(metrics)
+    assert m["rows_read"] == 30 and m["rejected"] == 4
+    assert m["rejected_by_reason"] == {"empty_text": 1, "missing_label": 1, "undecodable_bytes": 1,
+                                       "unseen_label": 1}
+    splits, labels = read_dataset(out)
+    assert sum(m["rows"].values()) == 26 == sum(len(df) for df in splits.values())
+    assert list(splits["test"]["id"]) == [recs[9]["ticket_id"]]
+    assert (out / "hashes.json").exists() and labels == LABELS
+
+
+def test_failing_ingest_leaves_no_output_and_exits_2(tmp_path, capsys):
+    recs = rows(6)
+    recs[3]["text"] = ""
+    src = write_csv(tmp_path / "d.csv", recs)
+    params = write_params(tmp_path / "params.yaml")
+    out, metrics = tmp_path / "ingested", tmp_path / "ingest.json"
+    assert main(["--source", str(src), "--out", str(out), "--metrics", str(metrics), "--params", str(params)]) == 2
+    assert "row 4: field 'text'" in capsys.readouterr().err
+    assert not out.exists() and not metrics.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_command_line_source_wins_over_params(tmp_path):
+    src = write_csv(tmp_path / "d.csv", rows(20))
+    params = write_params(tmp_path / "params.yaml", source="does/not/exist.csv")
+    out = tmp_path / "ingested"
+    assert main(["--source", str(src), "--out", str(out), "--metrics", str(tmp_path / "m.json"),
+                 "--params", str(params)]) == 0
+    splits, _ = read_dataset(out)
+    assert sum(len(df) for df in splits.values()) == 20
+
+
+def test_parquet_integer_labels_become_strings(tmp_path):
+    src = tmp_path / "d.parquet"
+    pd.DataFrame({"text": [f"t{i}" for i in range(10)], "label": [i % 2 for i in range(10)]}).to_parquet(src)
+    res = run_ingest(src)
+    assert res.labels == ["0", "1"]
+    p = dataclasses.replace(IngestParams(), text_column="text")
+    assert p.label_column == "label"
+
+
+def test_row_numbers_survive_quoted_newlines_crlf_and_blank_lines(tmp_path):
+    src = tmp_path / "d.csv"
+    # record 1 spans two lines; a blank line is not a record; record 3 has empty text (line 6)
+    src.write_bytes(b'text,label\r\n"first line\r\nsecond line",a\r\n\r\nok,b\r\n"",a\r\nfine,b\r\n')
+    err = error_of(src)
+    assert_names(err, src, 3, "text")
+    assert "(line 6)" in str(err)
+    res = run_ingest(src, on_bad_row="skip", split={"train": 1.0, "validation": 0.0, "test": 0.0})
+    assert list(res.splits["train"]["id"]) == ["d:1", "d:2", "d:4"]
+    assert res.splits["train"]["text"].iloc[0] == "first line\r\nsecond line"

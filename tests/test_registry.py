@@ -1,0 +1,186 @@
+"""Registry on a real git + DVC + GTO project (tiny fake stages): publish, list, diff, verify, roll back."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from _fake_pipeline import BIN, add_rows, make_fake_repo, sh, workspace
+from domaintune import registry
+
+
+def repro(root: Path) -> None:
+    sh(root, str(BIN / "dvc"), "repro", "-q")
+
+
+def set_epochs(root: Path, epochs: int) -> None:
+    p = root / "params.yaml"
+    lines = p.read_text().splitlines(keepends=True)
+    start = lines.index("finetune:\n")
+    i = next(i for i in range(start, len(lines)) if lines[i].startswith("  epochs:"))
+    lines[i] = f"  epochs: {epochs}\n"
+    p.write_text("".join(lines))
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    """v1.0.0 (10 rows) -> v2.0.0 (15 rows) -> v2.1.0 (same data, epochs 5), with each version's files."""
+    root = make_fake_repo(tmp_path_factory.mktemp("reg") / "proj")
+    snaps = {}
+    repro(root)
+    v1, created = registry.publish(root, "first")
+    assert created
+    snaps[v1.version] = workspace(root)
+    add_rows(root, 5)
+    repro(root)
+    v2, _ = registry.publish(root, "more data")
+    snaps[v2.version] = workspace(root)
+    set_epochs(root, 5)
+    repro(root)
+    v21, _ = registry.publish(root, "epochs 5")
+    snaps[v21.version] = workspace(root)
+    return root, snaps
+
+
+def test_versions_semver_and_records(history):
+    root, snaps = history
+    versions = registry.list_versions(root)
+    assert [v.version for v in versions] == ["v1.0.0", "v2.0.0", "v2.1.0"]
+    v1, v2, v21 = versions
+    # New data -> new major; same data, new params -> new minor.
+    assert v1.record["dataset_hash"] != v2.record["dataset_hash"] == v21.record["dataset_hash"]
+    for v in versions:
+        files = snaps[v.version]
+        assert v.record["dataset_hash"] == json.loads(files["data/audited/hashes.json"])["dataset"]
+        assert v.record["metrics"]["evaluate"] == json.loads(files["metrics/evaluate.json"])
+        assert v.record["base_model"] == "minilm" and v.record["method"] == "lora"
+        # The tagged commit holds exactly that version's params, dvc.lock and metrics.
+        for f in ("params.yaml", "dvc.lock", "metrics/evaluate.json", "metrics/audit.json"):
+            assert registry.git_bytes(root, v.commit, f) == files[f]
+    assert [v.served for v in versions] == [False, False, True]  # publishing serves the new version
+    assert v21.key_metrics()["evaluate.accuracy"] == v21.record["metrics"]["evaluate"]["accuracy"]
+    assert sh(root, "git", "status", "--porcelain").strip() == ""
+
+
+def test_republish_unchanged_creates_nothing(history):
+    root, _ = history
+    tags = sh(root, "git", "tag")
+    repro(root)
+    v, created = registry.publish(root, "again")
+    assert not created and v.version == "v2.1.0"
+    assert sh(root, "git", "tag") == tags
+
+
+def test_diff(history):
+    root, _ = history
+    d = registry.diff_versions(root, "v2.0.0", "v2.1.0")
+    assert d["params"] == {"finetune.epochs": (3, 5)}
+    assert "dataset_hash" not in d
+    assert set(d["metrics"]) <= {"evaluate.accuracy", "evaluate.macro_f1"}
+    d = registry.diff_versions(root, "v1.0.0", "v2.0.0")
+    assert d["params"] == {}
+    assert d["metrics"]["audit.rows"] == (11, 16)  # lines incl. header
+    assert d["dataset_hash"][0] != d["dataset_hash"][1]
+    with pytest.raises(registry.RegistryError, match="no version 'v9.0.0'"):
+        registry.diff_versions(root, "v1.0.0", "v9")
+
+
+def _cache_obj(root: Path, version: registry.Version, relpath: str) -> Path:
+    """The DVC cache file holding `relpath` (inside models/export) of `version`."""
+    cache = registry.cache_dir(root)
+    out = next(o for o in registry.lock_outs(root, version.commit) if o.path == "models/export")
+    entries = json.loads(registry.cache_path(cache, out.md5).read_text())
+    md5 = next(e["md5"] for e in entries if e["relpath"] == relpath)
+    return registry.cache_path(cache, md5)
+
+
+def test_tampered_cache_fails_and_changes_nothing(history):
+    root, _ = history
+    before = workspace(root)
+    head = sh(root, "git", "rev-parse", "HEAD")
+    target = registry.get_version(root, "v1.0.0")
+    obj = _cache_obj(root, target, "weights.bin")
+    good = obj.read_bytes()
+    obj.chmod(0o644)
+    obj.write_bytes(b"x" + good[1:])
+    try:
+        with pytest.raises(registry.RegistryError, match=r"models/export/weights.bin.*does not match"):
+            registry.rollback(root, "v1.0.0")
+    finally:
+        obj.write_bytes(good)
+    assert workspace(root) == before
+    assert sh(root, "git", "rev-parse", "HEAD") == head
+    assert registry.served_version(root) == "v2.1.0"
+
+
+def test_rollback_restores_v1_exactly_then_forward(history):
+    root, snaps = history
+    # Lose one of v1's objects locally: rollback must fetch it from the DVC remote.
+    v1 = registry.get_version(root, "v1.0.0")
+    _cache_obj(root, v1, "weights.bin").unlink()
+    version, checked = registry.rollback(root, "v1")
+    assert version.version == "v1.0.0" and version.served
+    assert checked >= 4
+    now = workspace(root)
+    for rel, data in snaps["v1.0.0"].items():
+        if rel.startswith(("data/", "models/", "metrics/")) or rel in ("params.yaml", "dvc.lock", "dvc.yaml"):
+            assert now[rel] == data, rel
+    assert not [r for r in now if r.startswith(("data/", "models/")) and r not in snaps["v1.0.0"]]
+    assert registry.served_version(root) == "v1.0.0"
+    assert "rollback to domaintune@v1.0.0" in sh(root, "git", "log", "-1", "--format=%s")
+    assert sh(root, "git", "status", "--porcelain").strip() == ""
+    # DVC agrees every out is what dvc.lock says; only the source (newer than v1) differs.
+    status = sh(root, str(BIN / "dvc"), "status")
+    assert "changed outs" not in status and "src/data.csv" in status
+    # And forward again.
+    registry.rollback(root, "v2.1.0")
+    now = workspace(root)
+    assert now["models/export/weights.bin"] == snaps["v2.1.0"]["models/export/weights.bin"]
+    assert registry.served_version(root) == "v2.1.0"
+
+
+def test_missing_object_without_remote_fails_and_changes_nothing(tmp_path):
+    root = make_fake_repo(tmp_path / "p")
+    repro(root)
+    registry.publish(root, "v1", remote=registry.ensure_remote(root, str(tmp_path / "remote")))
+    add_rows(root, 3)
+    repro(root)
+    registry.publish(root)
+    v1 = registry.get_version(root, "v1.0.0")
+    obj = _cache_obj(root, v1, "weights.bin")
+    obj.unlink()
+    shutil.rmtree(tmp_path / "remote")  # the remote lost it too
+    (tmp_path / "remote").mkdir()
+    before = workspace(root)
+    with pytest.raises(registry.RegistryError, match=r"weights.bin: .* not in cache"):
+        registry.rollback(root, "v1.0.0")
+    assert workspace(root) == before
+    assert registry.served_version(root) == "v2.0.0"
+
+
+def test_lock_is_exclusive_and_fails_fast(tmp_path):
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder():
+        with registry.repo_lock(tmp_path):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(5)
+    t0 = time.perf_counter()
+    with pytest.raises(registry.BusyError, match="already running"):
+        with registry.repo_lock(tmp_path):
+            pass
+    assert time.perf_counter() - t0 < 1.0
+    release.set()
+    t.join()
+    with registry.repo_lock(tmp_path):  # free again once the holder is done
+        pass
+
