@@ -87,9 +87,15 @@ def run_probe(splits, labels, base, ev: EvaluateParams) -> dict:
     index = {lab: i for i, lab in enumerate(labels)}
     clf = LogisticRegression(C=10.0, max_iter=2000)
     clf.fit(emb["train"], splits["train"]["label"].map(index))
-    # decision_function = multinomial logits (softmax of them is predict_proba).
-    res = evaluate_logits(splits["validation"], splits["test"], clf.decision_function(emb["validation"]),
-                          clf.decision_function(emb["test"]), labels, ev)
+    def logits(x):
+        # decision_function = multinomial logits (softmax of them is predict_proba); a class absent
+        # from train (only in --limit smoke runs) gets a logit no softmax will pick.
+        out = np.full((len(x), len(labels)), -1e4)
+        out[:, clf.classes_] = clf.decision_function(x)
+        return out
+
+    res = evaluate_logits(splits["validation"], splits["test"], logits(emb["validation"]), logits(emb["test"]),
+                          labels, ev)
     return summarize(res, time.perf_counter() - t0)
 
 

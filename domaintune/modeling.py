@@ -102,8 +102,9 @@ def embed_texts(encoder, tokenizer, texts: Sequence[str], batch_size: int = 64, 
     with torch.inference_mode():
         for idx in length_sorted_batches(texts, batch_size):
             enc = _tokenize(tokenizer, [texts[i] for i in idx], max_length)
+            enc = {k: v.to(encoder.device) for k, v in enc.items()}  # the encoder may sit on a GPU
             hidden = encoder(**enc).last_hidden_state
-            vec = pool(hidden, enc["attention_mask"], pooling).float().numpy()
+            vec = pool(hidden, enc["attention_mask"], pooling).float().cpu().numpy()
             if out is None:
                 out = np.zeros((len(texts), vec.shape[1]), dtype=np.float32)
             out[idx] = vec
@@ -145,11 +146,13 @@ def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64,
     import torch
 
     model.eval()
+    device = next(model.parameters()).device
     out = np.zeros((len(texts), model.head.out_features), dtype=np.float32)
     with torch.inference_mode():
         for idx in length_sorted_batches(texts, batch_size):
             enc = _tokenize(tokenizer, [texts[i] for i in idx], max_length)
-            out[idx] = model(**enc).float().numpy()
+            enc = {k: v.to(device) for k, v in enc.items()}  # the model may sit on a GPU
+            out[idx] = model(**enc).float().cpu().numpy()
     return out
 
 

@@ -86,19 +86,22 @@ class DedupeParams:
 class AuditParams:
     folds: int = 5
     action: str = "report"
-    min_score: float = 0.0
+    # Act only on rows whose calibrated p(given label) <= 1 - min_score (see params.yaml).
+    min_score: float = 0.995
     # Inverse regularisation of the cross-validated logistic regression on embeddings.
     C: float = 10.0
     batch_size: int = 64
     # "base" embeds with base.model; a path embeds with that encoder (e.g. models/dapt).
     encoder: str = "base"
     # cleanlab.filter.find_label_issues filter_by: which confident-learning rule proposes candidates.
-    filter_by: str = "prune_by_noise_rate"
+    filter_by: str = "prune_by_class"
     # Human-review decisions CSV (id, decision accept|reject, corrected_label); "" = none.
     decisions: str = "labels/decisions.csv"
 
     def __post_init__(self) -> None:
         _check(self.folds >= 2, "audit", "folds", "must be >= 2")
+        _check(bool(self.decisions), "audit", "decisions",
+               "must name a CSV (it is a DVC dep); ship a header-only file for no decisions")
         _one_of(self.filter_by, ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
                                  "predicted_neq_given"), "audit", "filter_by")
         _one_of(self.action, ("report", "drop", "relabel"), "audit", "action")
@@ -122,6 +125,10 @@ class DaptParams:
     epochs: Optional[int] = None
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
+    # Steps fitting a freshly initialised MLM head on the frozen body before the
+    # "before" measurement and the full training (skipped when the head was loaded).
+    head_warmup_steps: int = 50
+    head_warmup_lr: float = 1.0e-3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "corpus", tuple(self.corpus or ()))
@@ -137,6 +144,8 @@ class DaptParams:
         _check(0.0 < self.heldout_fraction < 1.0, "dapt", "heldout_fraction", "must be in (0, 1)")
         _check(self.weight_decay >= 0, "dapt", "weight_decay", "must be >= 0")
         _check(self.max_grad_norm > 0, "dapt", "max_grad_norm", "must be > 0")
+        _check(self.head_warmup_steps >= 0, "dapt", "head_warmup_steps", "must be >= 0")
+        _check(self.head_warmup_lr > 0, "dapt", "head_warmup_lr", "must be > 0")
 
 
 FINETUNE_METHODS = ("full", "freeze", "lora", "qlora", "head")
@@ -184,6 +193,8 @@ class FinetuneParams:
     bf16: str = "auto"
     # Write a resumable checkpoint every this many optimizer steps (0 = only at epoch ends).
     checkpoint_every: int = 100
+    # auto: CUDA when torch sees one, else CPU.
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -218,6 +229,7 @@ class FinetuneParams:
         _check(self.early_stopping_patience >= 0, s, "early_stopping_patience", "must be >= 0")
         _one_of(self.bf16, ("auto", "on", "off"), s, "bf16")
         _check(self.checkpoint_every >= 0, s, "checkpoint_every", "must be >= 0")
+        _one_of(self.device, ("auto", "cpu", "cuda"), s, "device")
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,10 @@ class Predictor:
             model, tok, meta = load_int8_classifier(model_dir / INT8_DIR, dynamic=dynamic_int8)
         else:
             raise ValueError(f"variant must be 'float' or 'int8', got {variant!r}")
-        cal = read_json(Path(calibration) / "calibration.json" if calibration and Path(calibration).is_dir()
-                        else calibration) if calibration else meta
+        cal = meta  # an exported model.json carries temperature/thresholds itself
+        if calibration:
+            path = Path(calibration)
+            cal = read_json(path / "calibration.json" if path.is_dir() else path)
         if calibration and cal.get("labels") and list(cal["labels"]) != list(meta["labels"]):
             raise ValueError(f"{calibration}: calibration was fitted for labels {cal['labels']}, "
                              f"model has {meta['labels']}")

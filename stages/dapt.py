@@ -332,6 +332,61 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 # ----------------------------------------------------------------------------- core
 
 
+def _batches(n_blocks: int, batch_size: int, rng: np.random.Generator):
+    """Endless shuffled passes over the block indices, batch_size at a time."""
+    order = np.empty(0, dtype=np.int64)
+    while True:
+        if len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(n_blocks)])
+        batch, order = order[:batch_size], order[batch_size:]
+        yield batch
+
+
+def warm_up_head(model, train_ids, train_attn, vocab: Vocab, params: DaptParams, steps: int,
+                 rng: np.random.Generator, seed: int) -> float:
+    """Fit a freshly initialised MLM head on the frozen base body; returns seconds spent.
+
+    Two reasons. Measurement: a random head makes the base encoder look absurdly
+    bad (perplexity ~ vocabulary size), so "before" would mostly measure head
+    fitting; after this warm-up it measures the base body. Training: the first
+    steps with a random head push large, meaningless gradients into the
+    pre-trained body (the linear-probe-then-fine-tune argument). The tied
+    decoder (= word embeddings) stays frozen here; only transform + bias train.
+    """
+    import torch
+
+    if steps <= 0:
+        return 0.0
+    t0 = time.perf_counter()
+    head = _mlm_head(model)
+    emb = model.get_input_embeddings().weight
+    trainable = [p for p in head.parameters() if p is not emb]
+    opt = torch.optim.AdamW(trainable, lr=params.head_warmup_lr, weight_decay=0.0)
+    emb.requires_grad_(False)  # else every step also computes a (discarded) 30k x hidden embedding gradient
+    model.eval()  # the body as the before/after measurement sees it: no dropout
+    torch.manual_seed(seed)
+    try:
+        batches = _batches(len(train_ids), params.batch_size, rng)
+        for step in range(steps):
+            batch = next(batches)
+            ids, labels = whole_word_mask(train_ids[batch], train_attn[batch], vocab, params.mlm_probability, rng)
+            labels_t = torch.from_numpy(labels)
+            with torch.no_grad():
+                hidden = model.base_model(input_ids=torch.from_numpy(ids),
+                                          attention_mask=torch.from_numpy(train_attn[batch])).last_hidden_state
+            sel = labels_t != IGNORE
+            loss = torch.nn.functional.cross_entropy(head(hidden[sel]).float(), labels_t[sel])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+            opt.step()
+            if (step + 1) % 25 == 0 or step + 1 == steps:
+                log.info("head warm-up step %d/%d  loss %.4f", step + 1, steps, loss.item())
+    finally:
+        emb.requires_grad_(True)
+    return time.perf_counter() - t0
+
+
 def check_block_size(base_path: str, block_size: int) -> None:
     from transformers import AutoConfig
 
@@ -368,9 +423,13 @@ def adapt(corpus: Corpus, base_path: str, params: DaptParams, seed: int):
                                            np.random.default_rng([seed, 1]))
 
     model, head_source = load_mlm_model(base_path, seed)
-    loss_before = heldout_loss(model, held_in, held_attn, held_labels)
-    log.info("held-out MLM loss before: %.4f (perplexity %.1f) on %d blocks", loss_before, math.exp(loss_before),
-             len(held_ids))
+    loss_initial = heldout_loss(model, held_in, held_attn, held_labels)
+    rng = np.random.default_rng([seed, 2])  # dynamic masking: a fresh mask every time a block is seen
+    head_steps = params.head_warmup_steps if head_source.startswith("initialised") else 0
+    head_s = warm_up_head(model, train_ids, train_attn, vocab, params, head_steps, rng, seed)
+    loss_before = heldout_loss(model, held_in, held_attn, held_labels) if head_steps else loss_initial
+    log.info("held-out MLM loss before: %.4f (perplexity %.1f) on %d blocks; with the %s head %.4f",
+             loss_before, math.exp(loss_before), len(held_ids), "fresh" if head_steps else "loaded", loss_initial)
 
     n_blocks = len(train_ids)
     per_epoch = math.ceil(n_blocks / params.batch_size)
@@ -384,17 +443,14 @@ def adapt(corpus: Corpus, base_path: str, params: DaptParams, seed: int):
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    rng = np.random.default_rng([seed, 2])  # dynamic masking: a fresh mask every time a block is seen
     torch.manual_seed(seed)  # dropout
-    order = np.empty(0, dtype=np.int64)
+    batches = _batches(n_blocks, params.batch_size, rng)
     tokens_seen = samples_seen = 0
     last_losses: list[float] = []
     model.train()
     t_train = time.perf_counter()
     for step in range(total_steps):
-        if len(order) < params.batch_size:
-            order = np.concatenate([order, rng.permutation(n_blocks)])
-        batch, order = order[:params.batch_size], order[params.batch_size:]
+        batch = next(batches)
         ids, labels = whole_word_mask(train_ids[batch], train_attn[batch], vocab, params.mlm_probability, rng)
         attn = torch.from_numpy(train_attn[batch])
         loss = mlm_loss(model, torch.from_numpy(ids), attn, torch.from_numpy(labels))
@@ -415,6 +471,9 @@ def adapt(corpus: Corpus, base_path: str, params: DaptParams, seed: int):
 
     metrics = {
         "enabled": True,
+        "loss_fresh_head": round(loss_initial, 5),
+        "head_warmup_steps": head_steps,
+        "head_warmup_seconds": round(head_s, 2),
         "loss_before": round(loss_before, 5),
         "loss_after": round(loss_after, 5),
         "perplexity_before": round(math.exp(loss_before), 4),

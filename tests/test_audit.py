@@ -46,7 +46,9 @@ def synthetic(n_per_class=15, n_flips=4, seed=0, dim=8):
 def P(**kw) -> AuditParams:
     # Strong regularisation for the 8-dim synthetic clusters: with C=10 (tuned for 384-dim sentence
     # embeddings) the logistic regression bends around the flipped points and blurs the clean ones.
-    return AuditParams(**({"C": 0.1} | kw))
+    # With 4 classes and 45 rows per fold, calibrated p(given) of a flip is 1e-5..0.2 (clean rows >= 0.5),
+    # so the BANKING77-tuned default min_score (0.995) is relaxed here; test_min_score_limits_flags covers it.
+    return AuditParams(**({"C": 0.1, "min_score": 0.5} | kw))
 
 
 def decisions_frame(rows):
@@ -85,9 +87,15 @@ def test_flag_count_follows_the_data():
 
 def test_min_score_limits_flags():
     splits, emb, flipped, _ = synthetic()
-    res = audit_stage.audit(splits, LABELS, emb, P(action="report", min_score=1.0), seed=42)
+    res = audit_stage.audit(splits, LABELS, emb, P(action="report"), seed=42)
+    scores = res.scores.query("split == 'train'").set_index("id")["score"]
+    strict = float(scores[sorted(flipped)].median())  # half the flips score at least this
+    res2 = audit_stage.audit(splits, LABELS, emb, P(action="report", min_score=strict), seed=42)
+    found = set(res2.label_issues.query("split == 'train'")["id"])
+    assert found == {i for i in flipped if scores[i] >= strict} and 0 < len(found) < len(flipped)
     # score 1.0 would need p(given) == 0 exactly: nothing passes
-    assert res.metrics["issues_found"] == 0
+    res3 = audit_stage.audit(splits, LABELS, emb, P(action="report", min_score=1.0), seed=42)
+    assert res3.metrics["issues_found"] == 0
 
 
 def test_drop_removes_exactly_the_flagged_train_rows():

@@ -68,7 +68,7 @@ def dataset(tmp_path):
 
 def _params(corpus, **kw):
     base = dict(corpus=(str(corpus),), block_size=24, batch_size=8, max_steps=40, lr=2e-3, warmup_ratio=0.1,
-                heldout_fraction=0.2)
+                heldout_fraction=0.2, head_warmup_steps=10, head_warmup_lr=1e-2)
     base.update(kw)
     return DaptParams(**base)
 
@@ -208,6 +208,8 @@ def test_stage_trains_loss_goes_down_and_encoder_loads(tiny_bert, dataset, tmp_p
     assert json.loads(metrics_path.read_text()) == m
     assert m["steps"] == 40 and m["tokens_seen"] > 0 and m["samples_per_s"] > 0
     assert m["loss_after"] < m["loss_before"] - 1.0, m  # it learns the domain
+    # the fresh head was fitted on the frozen body first, and that alone lowers the loss
+    assert m["head_warmup_steps"] == 10 and m["loss_before"] < m["loss_fresh_head"]
     assert m["perplexity_after"] == pytest.approx(math.exp(m["loss_after"]), rel=1e-3)
     assert m["heldout_texts"] > 0 and m["heldout_masked_tokens"] > 0
     # the saved body loads as a plain encoder and differs from the base
@@ -227,6 +229,10 @@ def test_stage_trains_loss_goes_down_and_encoder_loads(tiny_bert, dataset, tmp_p
     # A second round that starts from models/dapt continues with its trained MLM head.
     model, source = dapt.load_mlm_model(str(out), seed=0)
     assert source.endswith(dapt.HEAD_FILE)
+    second = dapt.run(folder, tmp_path / "round2", tmp_path / "round2.json", BaseParams(model=str(out), seed=7),
+                      _params(corpus, max_steps=0))
+    assert second["head_warmup_steps"] == 0  # a loaded head needs no warm-up
+    assert second["loss_before"] == second["loss_fresh_head"] < m["loss_before"]  # it starts where round 1 ended
     from safetensors.torch import load_file
 
     saved = load_file(str(out / dapt.HEAD_FILE))

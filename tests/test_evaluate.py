@@ -206,3 +206,69 @@ def test_unknown_label_in_test_names_row(evaluated, tmp_path, capsys):
 def test_validation_too_small_to_calibrate(evaluated, tmp_path, capsys):
     err = _run_bad(tmp_path, evaluated / "data", evaluated / "model", capsys, min_calibration_rows=31)
     assert "validation.parquet" in err and "30 rows" in err and "min_calibration_rows=31" in err
+
+
+def test_multi_label_thresholds_tuned_on_validation():
+    # Label 'login' is under-predicted: positives get p ~0.3, so 0.5 misses them and a tuned threshold does not.
+    rng = np.random.default_rng(0)
+
+    def make(n, name):
+        Y = rng.integers(0, 2, size=(n, 3))
+        Y[Y.sum(1) == 0, 0] = 1
+        p = np.where(Y == 1, 0.85, 0.1)
+        p[:, 1] = np.where(Y[:, 1] == 1, 0.3, 0.05)
+        logits = np.log(p / (1 - p)) + rng.normal(0, 0.05, size=p.shape)
+        labels = ["|".join(LABELS[j] for j in range(3) if row[j]) for row in Y]
+        df = pd.DataFrame({"id": [f"{name}-{i}" for i in range(n)], "text": ["a b c"] * n, "label": labels,
+                           "split": name})
+        return df, logits
+
+    (val, vl), (test, tl) = make(200, "validation"), make(100, "test")
+    res = ev.evaluate_logits(val, test, vl, tl, LABELS, EvaluateParams(), problem_type="multi_label")
+    thr = res.calibration["thresholds"]
+    assert 0.05 < thr["login"] <= 0.3 and res.calibration["method"] == "thresholds"
+    assert res.before["accuracy"] < 1.0 and res.after["accuracy"] == 1.0
+    assert res.after["macro_f1"] == 1.0
+    assert res.after["ece"] == res.before["ece"]  # thresholds do not change probabilities
+    pc = res.tables["per_class"]
+    assert list(pc["class"]) == LABELS and pc.loc[1, "threshold"] == thr["login"]
+    ev.check_labels(LABELS, ["billing", "billing|login", "shipping"], {"validation": val, "test": test}, "d",
+                    "multi_label")
+
+
+def test_stage_runs_a_multi_label_model(tiny_bert, tmp_path):
+    from domaintune.data import write_dataset
+
+    splits = {}
+    for name, n in (("train", 5), ("validation", 10), ("test", 8)):
+        df = make_split(name, n)
+        df.loc[::3, "label"] = df.loc[::3, "label"] + "|login"
+        df["label"] = df["label"].str.replace("login|login", "login", regex=False)
+        splits[name] = df
+    write_dataset(tmp_path / "data", splits, sorted(set(splits["train"]["label"])))
+    model = make_model(tiny_bert, tmp_path / "model", problem_type="multi_label")
+    rc = ev.main(["--in", str(tmp_path / "data"), "--model", str(model), "--out", str(tmp_path / "eval"),
+                  "--metrics", str(tmp_path / "m.json"), "--params", str(write_params(tmp_path / "p.yaml"))])
+    assert rc == 0
+    calib = json.loads((tmp_path / "eval/calibration.json").read_text())
+    assert set(calib["thresholds"]) == set(LABELS)
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert set(ev.METRIC_KEYS) <= set(m["after"])
+    assert all(0.0 <= m[ph][k] <= 1.0 for ph in ("before", "after") for k in ("accuracy", "macro_f1", "ece"))
+    assert m["after"]["ece"] == m["before"]["ece"]  # thresholds leave the probabilities alone
+    assert "## Most confident errors" in (tmp_path / "eval/report.md").read_text()
+
+
+def test_predictor_applies_the_stage_calibration(evaluated, tmp_path):
+    from domaintune.calibration import softmax
+    from domaintune.predict import Predictor
+
+    calib = json.loads((evaluated / "reports/eval/calibration.json").read_text())
+    p = Predictor.load(evaluated / "model", calibration=evaluated / "reports/eval")
+    assert p.temperature == pytest.approx(calib["temperature"])
+    texts = ["refund charged twice", "password locked"]
+    np.testing.assert_allclose(p.predict_proba(texts), softmax(p.logits(texts), calib["temperature"]), atol=1e-12)
+    calib["labels"] = ["x", "y", "z"]
+    (tmp_path / "c.json").write_text(json.dumps(calib))
+    with pytest.raises(ValueError, match="fitted for labels"):
+        Predictor.load(evaluated / "model", calibration=tmp_path / "c.json")

@@ -8,6 +8,7 @@ rollback flow; the cron deployment exists on the server and a triggered run comp
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
@@ -160,7 +161,7 @@ def test_cli_versions_and_diff(proj, capsys):
 
     assert main(["versions", "--repo", str(proj)]) == 0
     out = capsys.readouterr().out
-    served = [ln for ln in out.splitlines() if ln.startswith("*")]
+    served = [ln for ln in out.splitlines() if ln.startswith("* ") and " v" in ln]
     assert len(served) == 1 and "v3.0.0" in served[0]
     assert {"v1.0.0", "v2.0.0", "v2.1.0", "v3.0.0"} <= set(out.split())
     assert main(["diff", "v2.0.0", "v2.1.0", "--repo", str(proj)]) == 0
@@ -195,3 +196,130 @@ def test_schedule_deployment_and_triggered_run(proj):
     crons, final = asyncio.run(go())
     assert crons == ["0 3 * * 1"]
     assert final.state.is_completed(), final.state
+
+
+# ----------------------------------------------------------------------------- the real DAG
+
+TEMPLATES = {
+    "refund": ["I want my money back for order {n}", "please refund the charge of {n} dollars",
+               "refund request for invoice {n}", "how do I get a refund for {n}"],
+    "password": ["I forgot my password again {n}", "reset my password please, user {n}",
+                 "cannot log in, password rejected {n}", "password reset email never came {n}"],
+    "shipping": ["where is my parcel {n}", "package {n} has not arrived yet",
+                 "tracking number {n} shows no movement", "when will order {n} ship"],
+}
+
+
+def _tiny_rows(start: int, per_class: int) -> list[tuple[str, str, str]]:
+    rows = []
+    for label, temps in TEMPLATES.items():
+        for k in range(per_class):
+            n = start + k
+            rows.append((f"T{label[0]}{n:05d}", temps[k % len(temps)].format(n=n), label))
+    return rows
+
+
+def _write_csv(path: Path, rows) -> None:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["ticket_id", "text", "label"])
+        w.writerows(rows)
+
+
+def _copy_repo(dst: Path) -> None:
+    import shutil
+    import subprocess
+
+    from _fake_pipeline import REPO
+
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                         check=True, capture_output=True, text=True).stdout
+    for rel in filter(None, out.split("\0")):
+        if (REPO / rel).is_file() and not rel.startswith(("bench/results/", "tests/")):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+
+
+@pytest.fixture(scope="module")
+def dag(tmp_path_factory, tiny_bert, prefect_harness):
+    from pipelines.retrain import apply_overrides
+
+    root = tmp_path_factory.mktemp("dag") / "domaintune"
+    root.mkdir()
+    _copy_repo(root)
+    _write_csv(root / "tiny.csv", _tiny_rows(100, 30))
+    (root / "tiny_corpus.txt").write_text(
+        "\n".join(f"customer {i} asked about refunds, passwords and parcels" for i in range(60)) + "\n")
+    apply_overrides(root / "params.yaml", {
+        "base.model": str(tiny_bert), "base.max_length": 32,
+        "ingest.source": "tiny.csv", "ingest.id_column": "ticket_id",
+        "audit.folds": 3,
+        "dapt.corpus": ["tiny_corpus.txt"], "dapt.max_steps": 4, "dapt.block_size": 32, "dapt.batch_size": 4,
+        "finetune.epochs": 1, "finetune.batch_size": 8,
+        "evaluate.min_calibration_rows": 5,
+        "drift.pca_components": 3,
+    })
+    sh(root, "git", "init", "-q", "-b", "main")
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-qm", "tiny project")
+    return root
+
+
+FIXED_BATCH = ["refund the charge of 7 dollars", "my parcel 12 is late", "password rejected again",
+               "where is my money", "reset the password for user 99"]
+
+
+def _versioned_files(root: Path) -> dict[str, bytes]:
+    return {k: v for k, v in workspace(root).items()
+            if k.startswith(("data/", "models/", "reports/", "metrics/")) or k in ("params.yaml", "dvc.lock")}
+
+
+@pytest.mark.slow
+def test_real_dag_retrain_rollback_monitor(dag):
+    import numpy as np
+
+    from domaintune.predict import Predictor
+    from pipelines.monitor import monitor_flow
+    from pipelines.retrain import retrain_flow
+    from pipelines.rollback import rollback_flow
+
+    res = retrain_flow(repo=str(dag))
+    assert res["version"] == "domaintune@v1.0.0"
+    assert res["ran"] == ["ingest", "dedupe", "audit", "dapt", "finetune", "evaluate", "export", "drift"]
+    v1_files = _versioned_files(dag)
+    v1_probs = Predictor.load(dag / "models/export").predict_proba(FIXED_BATCH)
+
+    # New rows in the source file -> every stage re-runs -> v2 with another dataset hash.
+    with open(dag / "tiny.csv", "a", newline="", encoding="utf-8") as fh:
+        import csv
+
+        csv.writer(fh).writerows(_tiny_rows(500, 6))
+    sh(dag, "git", "commit", "-qam", "more tickets")
+    res = retrain_flow(repo=str(dag))
+    assert res["version"] == "domaintune@v2.0.0"
+    v1, v2 = registry.list_versions(dag)
+    assert v1.record["dataset_hash"] != v2.record["dataset_hash"]
+    assert v2.record["dataset_hash"] == json.loads((dag / "data/audited/hashes.json").read_text())["dataset"]
+    assert not np.array_equal(Predictor.load(dag / "models/export").predict_proba(FIXED_BATCH), v1_probs)
+
+    # Roll back: every versioned file byte-identical to v1's, same predictions.
+    out = rollback_flow("v1", repo=str(dag))
+    assert out["version"] == "domaintune@v1.0.0"
+    now = _versioned_files(dag)
+    assert sorted(now) == sorted(v1_files)
+    assert [k for k in v1_files if now[k] != v1_files[k]] == []
+    np.testing.assert_array_equal(Predictor.load(dag / "models/export").predict_proba(FIXED_BATCH), v1_probs)
+
+    # Monitor against the restored baseline: in-domain batch vs another domain.
+    (dag / "same.txt").write_text("\n".join(t for _, t, _ in _tiny_rows(700, 10)) + "\n")
+    same = monitor_flow("same.txt", repo=str(dag), out="reports/monitor_same")
+    (dag / "other.txt").write_text("\n".join(
+        f"Die Rechnung Nr. {i}{i} über {i * 37} Euro wurde am {i % 28 + 1}.03.2025 doppelt abgebucht, Kündigung!"
+        for i in range(30)) + "\n")
+    other = monitor_flow("other.txt", repo=str(dag), out="reports/monitor_other")
+    assert other["drift"] is True
+    assert other["drifted_share"] > same["drifted_share"]
+    assert (dag / "reports/monitor_other/report.html").exists()
+    assert json.loads((dag / "reports/monitor_other/verdict.json").read_text())["drift"] is True

@@ -341,3 +341,16 @@ def test_row_numbers_survive_quoted_newlines_crlf_and_blank_lines(tmp_path):
     res = run_ingest(src, on_bad_row="skip", split={"train": 1.0, "validation": 0.0, "test": 0.0})
     assert list(res.splits["train"]["id"]) == ["d:1", "d:2", "d:4"]
     assert res.splits["train"]["text"].iloc[0] == "first line\r\nsecond line"
+
+
+def test_tsv_and_parquet_bytes_report_undecodable_cells(tmp_path):
+    tsv = tmp_path / "d.tsv"
+    tsv.write_bytes(b"text\tlabel\nfine text\ta\nbroken \x80 text\tb\nmore\ta\n")
+    err = error_of(tsv)
+    assert_names(err, tsv, 2, "text")
+    assert "byte offset %d" % tsv.read_bytes().index(b"\x80") in str(err)
+    pq = tmp_path / "d.parquet"
+    pd.DataFrame({"text": [b"ok one", b"ok two", b"bad \xc3\x28 utf8"], "label": ["a", "b", "a"]}).to_parquet(pq)
+    err = error_of(pq)
+    assert_names(err, pq, 3, "text")
+    assert "byte offset 4 of the cell" in str(err)

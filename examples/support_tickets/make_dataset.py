@@ -498,8 +498,8 @@ def add_typos(text: str, r: random.Random, n: int) -> str:
     return " ".join(words)
 
 
-def compose_ticket(label: str, r: random.Random) -> tuple[str, int]:
-    """One ticket text for `label`; returns (text, core template index)."""
+def compose_ticket(label: str, r: random.Random) -> tuple[str, int, str]:
+    """One ticket text for `label`; returns (text, core template index, filled core sentence)."""
     t = r.choices(range(len(CORE[label])), k=1)[0]
     core = fill(CORE[label][t], r)
     tone = r.choices(TONES, TONE_WEIGHTS)[0]
@@ -513,7 +513,7 @@ def compose_ticket(label: str, r: random.Random) -> tuple[str, int]:
         text = " - ".join(parts) if len(parts) > 1 else parts[0]
         if r.random() < 0.3:
             text += r.choice([" pls", " asap", "?", " thx", "!!"])
-        return text, t
+        return text, t, core
     if tone in ("polite", "rambling") or r.random() < 0.25:
         g = fill(r.choice(GREETINGS), r)
         parts.append(g + r.choice([",", ",", "!", ""]))
@@ -550,7 +550,7 @@ def compose_ticket(label: str, r: random.Random) -> tuple[str, int]:
     text = " ".join(parts)
     if tone == "angry":
         text = text.replace(".", "!", 1) if r.random() < 0.4 else text
-    return text, t
+    return text, t, core
 
 
 # ---------------------------------------------------------------- similarity helpers
@@ -607,7 +607,8 @@ def exact_variant(text: str, kind: str, r: random.Random) -> str:
     if kind == "identical":
         return text
     if kind == "case":
-        return text.lower() if r.random() < 0.5 else text.upper()
+        low = text.lower()
+        return low if low != text and r.random() < 0.5 else text.upper()
     if kind == "whitespace":
         words = text.split(" ")
         j = r.randrange(len(words))
@@ -658,6 +659,8 @@ class Row:
     label: str           # the label written to labelled.csv (after any flip)
     true_label: str      # the class of the template that produced the text
     template: int        # index into CORE[true_label]; -1 for rows copied from another row
+    core: str = ""       # the filled core sentence (before tone changes and typos)
+    typos: int = 0       # typos added after composing
     ticket_id: str = ""
     noise: list = field(default_factory=list)  # (kind, detail-template) pairs
 
@@ -679,11 +682,13 @@ def _make_base(r: random.Random) -> tuple[list[Row], ShingleIndex, list[str]]:
     r.shuffle(plan)
     for lab in plan:
         for _attempt in range(200):
-            text, t = compose_ticket(lab, r)
+            text, t, core = compose_ticket(lab, r)
             if not MIN_WORDS <= n_words(text) <= MAX_WORDS:
                 continue
+            typos = 0
             if r.random() < 0.15:
-                text = add_typos(text, r, r.choice([1, 1, 2]))
+                typos = r.choice([1, 1, 2])
+                text = add_typos(text, r, typos)
             key = normalise(text)
             if key in seen:
                 continue
@@ -695,7 +700,7 @@ def _make_base(r: random.Random) -> tuple[list[Row], ShingleIndex, list[str]]:
             raise RuntimeError(f"could not compose a distinct {lab} ticket; add templates")
         seen[key] = len(rows)
         index.add(s)
-        rows.append(Row(text=text, label=lab, true_label=lab, template=t))
+        rows.append(Row(text=text, label=lab, true_label=lab, template=t, core=core, typos=typos))
     return rows, index, list(seen)
 
 
@@ -857,7 +862,7 @@ def _make_unlabelled(r: random.Random, set_keys: list[str]) -> list[str]:
             raise RuntimeError("unlabelled corpus: too many collisions; add templates")
         kind = r.choices(kinds, kind_w)[0]
         if kind == "ticket":
-            text, _ = compose_ticket(r.choices(labels, weights)[0], r)
+            text, _, _ = compose_ticket(r.choices(labels, weights)[0], r)
             if r.random() < 0.15:
                 text = add_typos(text, r, 1)
         elif kind == "reply":
