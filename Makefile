@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run test test-slow bench clean
+.PHONY: setup run test test-slow bench clean remote
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
+
+# The DVC remote versions are pushed to: a local folder next to the repo by default
+# (../<repo>-dvc-remote, in .dvc/config.local); `make remote URL=s3://bucket/path` for S3.
+remote: setup
+	$(BIN)/domaintune remote $(if $(URL),--url $(URL))
 
 clean:
 	rm -rf data/ingested data/deduped data/audited models reports dvclive

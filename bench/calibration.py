@@ -161,18 +161,33 @@ def run_finetune(splits, labels, base, ev: EvaluateParams, params_path: Path) ->
     return out_dict
 
 
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "scikit-learn", "scipy", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def main() -> int:
+    global DATA, OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
     ap.add_argument("--skip-finetune", action="store_true", help="only the frozen-embedding probe (~3 min)")
+    ap.add_argument("--data", default=str(DATA), help="folder with BANKING77 train.csv/test.csv")
+    ap.add_argument("--out", default=str(OUT), help="results JSON")
     ap.add_argument("--limit", type=int, default=0, help="smoke test: keep this many rows per split (no results file)")
     args = ap.parse_args()
+    DATA, OUT = Path(args.data), Path(args.out)
     if not (DATA / "train.csv").exists():
         print(f"BANKING77 not found at {DATA}", file=sys.stderr)
         return 1
     base, ev = load_params(args.params, "base", "evaluate")
     splits, labels = load_banking77(base.seed)
-    global OUT
     if args.limit:
         splits = {s: df.sample(n=min(args.limit, len(df)), random_state=0).reset_index(drop=True)
                   for s, df in splits.items()}
@@ -182,7 +197,8 @@ def main() -> int:
         "dataset": "banking77", "rows": {s: len(df) for s, df in splits.items()}, "labels": len(labels),
         "validation": "10% of train.csv, stratified, random_state=base.seed; fits T only",
         "ece_bins": ev.bins, "target_ece_after": TARGET_ECE,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "versions": versions(),
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
 

@@ -78,7 +78,9 @@ def probe(encoder_path: str, train_texts, y_train, test_texts, y_test, n_labels:
     x_test = embed_texts(enc, tok, test_texts, batch_size=64, max_length=128)
     t_embed = time.perf_counter() - t0
     clf = LogisticRegression(C=C, max_iter=3000).fit(x_train, y_train)
-    m = single_label_metrics(clf.predict_proba(x_test), y_test, n_labels)
+    probs = np.zeros((len(x_test), n_labels))
+    probs[:, clf.classes_] = clf.predict_proba(x_test)  # a --limit sample may miss some classes
+    m = single_label_metrics(probs, y_test, n_labels)
     return {"test_accuracy": round(m["accuracy"], 4), "test_macro_f1": round(m["macro_f1"], 4),
             "test_ece": round(m["ece"], 4), "embed_seconds": round(t_embed, 1),
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -96,6 +98,7 @@ def main() -> None:
     ap.add_argument("--head-warmup-steps", type=int, default=50)
     ap.add_argument("--speed-steps", type=int, default=8)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: the stage's, all cores)")
     ap.add_argument("--C", type=float, default=10.0)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dapt.json"))
     args = ap.parse_args()
@@ -107,12 +110,16 @@ def main() -> None:
     from stages import dapt
 
     set_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     t_all = time.perf_counter()
     train = pd.read_csv(Path(args.data) / "train.csv")
     test = pd.read_csv(Path(args.data) / "test.csv")
     if args.limit:
         train = train.sample(n=min(args.limit, len(train)), random_state=0)
         test = test.sample(n=min(max(args.limit // 3, 1), len(test)), random_state=0)
+        test = test[test["category"].isin(set(train["category"]))]
     labels = sorted(train["category"].unique())
     index = {c: i for i, c in enumerate(labels)}
     y_train = train["category"].map(index).to_numpy()
@@ -169,7 +176,8 @@ def main() -> None:
         "probe_accuracy_delta_dapt_minus_base": round(dapt_probe["test_accuracy"] - base_probe["test_accuracy"], 4),
         "total_seconds": round(time.perf_counter() - t_all, 1),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__, "note": "shared 2-core box; other jobs may run beside this one"},
+                    "torch": torch.__version__, "loadavg_1min_start_end": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+                    "note": "shared 2-core box; lighter jobs of other engineers may run beside this one"},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -7,7 +7,7 @@ re-embedding: it holds
 
   embeddings.npy   float32 [n, hidden], rows in the order of ids.json
   ids.json         the row ids, so a reuse can be checked row by row
-  key.json         what the vectors depend on: the input dataset hash, the
+  key.json         what the vectors depend on: a hash of the row ids and texts, the
                    encoder's identity (a fingerprint of its files), max_length
                    and pooling
 

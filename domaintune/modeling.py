@@ -47,7 +47,8 @@ def set_threads() -> None:
     """Use every core for intra-op work; inter-op parallelism only adds contention on CPU."""
     import torch
 
-    n = os.cpu_count() or 1
+    # the cores this process may run on (taskset/cgroups), not every core of the host
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(n)
     try:
         torch.set_num_interop_threads(1)

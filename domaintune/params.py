@@ -264,6 +264,7 @@ class ExportParams:
     # Merged vs unmerged logits may differ by float rounding only: max |diff| / max(1, max |logit|).
     merge_tolerance: float = 1.0e-4
     # Also store the word-embedding table as int8 (per row): it is ~half of MiniLM's bytes.
+    # (Measured on BANKING77: 99.8% prediction agreement with float32, bench/results/calibration.json.)
     int8_embeddings: bool = True
     # Latency: best of this many batched passes over the test split, and median over this many single texts.
     latency_repeats: int = 3

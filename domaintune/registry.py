@@ -465,24 +465,33 @@ def verify_version(root: Path, version: Version, fetch: bool = True) -> list[Out
     bad_git = check_git_outs(root, outs, version.commit)
     cache = cache_dir(root)
     missing, corrupted = check_cache(root, outs, cache)
+    fetch_note = []
     if missing and fetch and not corrupted:
-        _fetch(root, version.commit)
+        note = _fetch(root, version.commit)
         missing, corrupted = check_cache(root, outs, cache)
-    problems = bad_git + corrupted + missing
+        if missing and note:
+            fetch_note = [f"fetch from the DVC remote: {note}"]
+    problems = bad_git + corrupted + missing + fetch_note
     if problems:
         raise RegistryError(f"cannot restore {version.tag}; nothing was changed:\n  " + "\n  ".join(problems))
     return outs
 
 
-def _fetch(root: Path, commit: str) -> None:
+def _fetch(root: Path, commit: str) -> str | None:
+    """Fetch the objects of `commit` from the default remote; returns what went wrong, if anything."""
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     remote = default_remote(root)
     if remote is None:
-        return
-    with Repo(str(root)) as repo:
-        # The objects of that commit only; workspace=False: the current outs are not needed.
-        repo.fetch(revs=[commit], workspace=False, remote=remote)
+        return "no DVC remote configured"
+    try:
+        with Repo(str(root)) as repo:
+            # The objects of that commit only; workspace=False: the current outs are not needed.
+            repo.fetch(revs=[commit], workspace=False, remote=remote)
+    except DvcException as exc:  # some objects are not on the remote either: reported by the caller
+        return f"{remote}: {exc}"
+    return None
 
 
 def rollback(root: Path, name: str) -> tuple[Version, int]:
@@ -492,6 +501,10 @@ def rollback(root: Path, name: str) -> tuple[Version, int]:
     root = Path(root)
     version = get_version(root, name)
     with repo_lock(root):
+        dirty = git(root, "status", "--porcelain", "--", *VERSION_FILES).strip()
+        if dirty:
+            # Rollback overwrites these; never lose someone's uncommitted edits.
+            raise RegistryError(f"uncommitted changes would be overwritten, commit or discard them first:\n{dirty}")
         outs = verify_version(root, version)
         cache = cache_dir(root)
         files = sorted(set(VERSION_FILES) | {o.path for o in outs if o.in_git})

@@ -513,7 +513,9 @@ def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str
     torch.manual_seed(seed)
     np.random.seed(seed)
     tokenizer = load_tokenizer(encoder_dir)
-    encoder = load_encoder(encoder_dir)
+    # fp32 master weights whatever the checkpoint's dtype (transformers v5 loads fp16 files as fp16);
+    # bf16 speed comes from autocast, not from bf16 weights.
+    encoder = load_encoder(encoder_dir).float()
     model = build_classifier(encoder, len(names), ft.pooling, ft.head_dropout)
     num_layers = len(encoder_layers(encoder))
     device = torch.device(resolve_device(ft.device))
@@ -671,7 +673,8 @@ def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str
             step += 1
             samples += len(idx)
             history["steps"].append({"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": float(lr_now),
-                                     "grad_norm": float(gnorm)})
+                                     "grad_norm": float(gnorm), "samples": len(idx),
+                                     "seconds": time.perf_counter() - t_train})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
@@ -776,7 +779,7 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
             for seed, model, tok, meta, _ in runs:
                 save_classifier(model, tok, out / "seeds" / str(seed), meta)
     if live_dir is not None:
-        write_live(live_dir, [(r[0], r[4]) for r in runs])
+        write_live(live_dir, [(r[0], r[4]) for r in runs], best[0])
     metrics = summarize(ft, [r[4] for r in runs], best[0])
     if ckpt_root is not None:  # finished: these checkpoints are done with
         for k in keys.values():
@@ -809,16 +812,21 @@ def summarize(ft: FinetuneParams, results: list[dict], best_seed: int) -> dict:
     return out
 
 
-def write_live(live_dir: str | os.PathLike, runs: list[tuple[int, dict]]) -> None:
-    """DVCLive logs per seed (per-step loss, lr, grad norm; per-epoch validation metrics),
-    written from the recorded history so a resumed run logs one continuous curve."""
+def write_live(live_dir: str | os.PathLike, runs: list[tuple[int, dict]], best_seed: int) -> None:
+    """DVCLive logs (per-step loss, lr, grad norm; per-epoch validation metrics), written
+    from the recorded history so a resumed run logs one continuous curve. The kept (best)
+    seed's logs are live_dir itself (so dvc.yaml can name live_dir/plots); with several
+    seeds, every seed's are also under live_dir/seeds/<seed>/."""
     from dvclive import Live
 
     live_dir = Path(live_dir)
     if live_dir.exists():
         shutil.rmtree(live_dir)
-    for seed, res in runs:
-        with Live(dir=str(live_dir / f"seed-{seed}"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    targets = [(live_dir, res) for seed, res in runs if seed == best_seed]
+    if len(runs) > 1:
+        targets += [(live_dir / "seeds" / str(seed), res) for seed, res in runs]
+    for folder, res in targets:
+        with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
             for s in res["history"]["steps"]:
                 live.step = s["step"]
                 for k in ("loss", "lr", "grad_norm"):

@@ -148,19 +148,25 @@ def apply_overrides(params_file: Path, overrides: dict[str, object]) -> None:
     os.replace(tmp, params_file)
 
 
-def _snapshot(root: Path) -> dict[str, bytes | None]:
+def _snapshot(root: Path) -> dict:
     files = set(registry.VERSION_FILES)
     if (root / "dvc.lock").exists():
         files |= {o.path for o in registry.lock_outs(root) if o.in_git}
-    return {f: ((root / f).read_bytes() if (root / f).is_file() else None) for f in sorted(files)}
+    staged = set(registry.git(root, "diff", "--cached", "--name-only").splitlines())
+    return {"files": {f: ((root / f).read_bytes() if (root / f).is_file() else None) for f in sorted(files)},
+            "staged": staged}
 
 
-def _restore(root: Path, snap: dict[str, bytes | None]) -> None:
-    for f, data in snap.items():
+def _restore(root: Path, snap: dict) -> None:
+    for f, data in snap["files"].items():
         if data is None:
             (root / f).unlink(missing_ok=True)
         else:
             (root / f).write_bytes(data)
+    # With core.autostage DVC `git add`s dvc.lock as it runs: unstage what was not staged before.
+    unstage = [f for f in snap["files"] if f not in snap["staged"]]
+    if unstage:
+        subprocess.run(["git", "reset", "-q", "--", *unstage], cwd=root, capture_output=True)
     if (root / "dvc.lock").exists():
         # Outs back to what the restored dvc.lock names (they are in the cache).
         subprocess.run([registry.dvc_exe(), "checkout", "--force"], cwd=root, env=_child_env(),
@@ -188,8 +194,8 @@ def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: b
                 summary = "retrain" + ("".join(f" {k}={v}" for k, v in wanted.items()) if wanted else "")
                 v, created = registry.publish(root, summary, remote)
                 version = v.tag
-            publish_seconds = time.perf_counter() - t_pub
                 logger.info("%s %s", "published" if created else "unchanged, still", version)
+            publish_seconds = time.perf_counter() - t_pub
         except BaseException:
             logger.error("retrain failed: restoring params.yaml, dvc.lock and outs as they were")
             _restore(root, snap)

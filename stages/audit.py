@@ -29,6 +29,8 @@ Human decisions (labels/decisions.csv) override the automatic policy.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -39,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, dataset_hashes, read_dataset, read_json,
+from domaintune.data import (SPLITS, DataError, atomic_output, dataset_hashes, read_dataset,
                              write_dataset, write_json, write_metrics)
 from domaintune.params import AuditParams, BaseParams, as_dict, load_params
 from domaintune.stage import StageError, run_stage, stage_parser
@@ -137,9 +139,14 @@ def embed_splits(splits: dict[str, pd.DataFrame], encoder_path: str, cache_dir: 
 
     texts = [t for name in SPLITS for t in splits[name]["text"].astype(str)]
     ids = [f"{name}/{i}" for name in SPLITS for i in splits[name]["id"].astype(str)]
+    # Keyed on the texts (and ids), not the dataset hash: vectors do not depend on labels, so a
+    # relabelled upstream dataset (or the benchmark's noisy copies) reuses them.
+    texts_hash = hashlib.sha256()
+    for rid, text in zip(ids, texts):
+        texts_hash.update(json.dumps([rid, text], ensure_ascii=False).encode("utf-8") + b"\n")
     key = {
         "format": 1,
-        "dataset": dataset_hashes(splits, sorted(set(splits["train"]["label"])))["dataset"],
+        "texts": texts_hash.hexdigest(),
         "encoder_fingerprint": encoder_fingerprint(encoder_path),
         "max_length": max_length,
         "pooling": "mean",
@@ -389,7 +396,7 @@ def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[s
                 act, effect = "kept (decision: reject)", "kept"
             elif d["corrected_label"]:
                 target = d["corrected_label"]
-                act, effect = (f"relabelled (decision: accept, corrected)", "relabelled") if target != given \
+                act, effect = ("relabelled (decision: accept, corrected)", "relabelled") if target != given \
                     else ("kept (decision: accept, corrected label equals given)", "kept")
                 new_label[i] = target
             elif params.action == "drop":
@@ -438,6 +445,10 @@ def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[s
 
     t0 = time.perf_counter()
     outliers, near = run_datalab(embeddings["train"], y_train, probs_train, st["id"].tolist())
+    # Reviewers read these files: show the text and label next to each id.
+    lookup = st.set_index("id")[["given_label", "text"]]
+    outliers = outliers.join(lookup, on="id") if len(outliers) else outliers
+    near = near.join(lookup, on="id") if len(near) else near
     timings["datalab_seconds"] = round(time.perf_counter() - t0, 3)
 
     flagged_train = st[st["flagged"]]

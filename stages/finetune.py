@@ -33,8 +33,13 @@ def run(args: argparse.Namespace) -> dict:
                                    progress=not args.no_progress)
         metrics["dataset_hash"] = data_hash
         write_metrics(args.metrics, metrics)
-    # DVC requires the persisted checkpoints out to exist even when a finished run cleared it.
-    Path(args.checkpoints).mkdir(parents=True, exist_ok=True)
+    # DVC requires the persisted checkpoints out to exist (and not be empty) even when a
+    # finished run cleared its checkpoints.
+    ckpt = Path(args.checkpoints)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "README.txt").write_text(
+        "Resumable finetune state, one folder per run key (hash of params, data and encoder).\n"
+        "A crashed run resumes from here; a finished run removes its folder.\n")
     return metrics
 
 

@@ -89,6 +89,7 @@ def make_fake_repo(root: Path, rows: int = 10) -> Path:
     (root / "src").mkdir()
     (root / "src" / "data.csv").write_text("text,label\n" + "".join(f"row {i},a\n" for i in range(rows)))
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    set_params(root, {"finetune.epochs": 3, "finetune.method": "lora", "base.model": "minilm"})
     (root / "dvc.yaml").write_text(DVC_YAML)
     (root / ".gitignore").write_text("/data/\n/models/\n__pycache__/\n")
     sh(root, "git", "init", "-q", "-b", "main")
@@ -96,9 +97,24 @@ def make_fake_repo(root: Path, rows: int = 10) -> Path:
     sh(root, "git", "config", "user.email", "tester@example.com")
     sh(root, str(BIN / "dvc"), "init", "-q")
     sh(root, str(BIN / "dvc"), "config", "core.analytics", "false")
+    sh(root, str(BIN / "dvc"), "config", "core.autostage", "true")  # as in this repo: dvc git-adds dvc.lock
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-q", "-m", "init")
     return root
+
+
+def set_params(root: Path, values: dict) -> None:
+    """Set dotted keys in params.yaml, keeping its comments (tests must not depend on the repo's defaults)."""
+    from ruamel.yaml import YAML
+
+    yml = YAML()
+    path = root / "params.yaml"
+    data = yml.load(path.read_text())
+    for dotted, value in values.items():
+        section, key = dotted.split(".", 1)
+        data[section][key] = value
+    with path.open("w") as fh:
+        yml.dump(data, fh)
 
 
 def add_rows(root: Path, n: int, start: int = 1000) -> None:

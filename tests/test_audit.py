@@ -304,7 +304,12 @@ def test_stage_runs_and_reuses_embeddings_when_only_action_changes(tmp_path, tin
     for s in ("validation", "test"):  # never changed
         pd.testing.assert_frame_equal(out2[s], splits[s].astype(str))
 
-    # A different dataset invalidates the cache (key = dataset hash + encoder + max_length).
+    # A label-only change upstream still reuses them (vectors depend on texts, not labels)...
+    splits["train"].loc[0, "label"] = "login"
+    write_dataset(tmp_path / "data/deduped", splits, ["billing", "login", "shipping"])
+    assert audit_stage.main(_argv(tmp_path, params)) == 0
+    assert read_json(tmp_path / "metrics/audit.json")["embeddings_reused"] is True
+    # ...but changed text invalidates the cache (key = ids+texts hash + encoder fingerprint + max_length).
     monkeypatch.undo()
     splits["train"].loc[0, "text"] = "a changed question about my invoice"
     write_dataset(tmp_path / "data/deduped", splits, ["billing", "login", "shipping"])
@@ -335,3 +340,75 @@ def test_stage_applies_decisions_file(tmp_path, tiny_bert):
     assert m["decisions"] == {"rows": 2, "accept": 1, "reject": 1, "applied": 2, "changed_rows": 1}
     changes = pd.read_csv(tmp_path / "reports/audit/changes.csv")
     assert changes.query("id == 'billing-0'")["reason"].tolist() == ["decision"]
+
+
+@pytest.mark.slow
+def test_dvc_keeps_the_embedding_cache_across_reruns(tmp_path, tiny_bert):
+    """Real DVC on a copy of the repo: data/embeddings is a persist out, so `dvc repro audit` after an
+    audit.action or decisions change re-runs only audit and reuses the cached embeddings."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+    def sh(*cmd):
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return proc.stdout + proc.stderr
+
+    def ran(out):
+        import re
+        return set(re.findall(r"Running stage '([^']+)'", out))
+
+    root = tmp_path / "proj"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=repo,
+                           check=True, capture_output=True, text=True).stdout.split("\0")
+    for rel in filter(None, files):
+        if (repo / rel).is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / rel, root / rel)
+    rows = ["ticket_id,text,label"] + [f"T{lab[0]}{k:03d},{w} question number {k} about my {w},{lab}"
+                                       for lab, w in (("billing", "invoice"), ("login", "password"),
+                                                      ("shipping", "parcel")) for k in range(30)]
+    (root / "tiny.csv").write_text("\n".join(rows) + "\n")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["base"].update(model=str(tiny_bert), max_length=32)
+    params["ingest"].update(source="tiny.csv", id_column="ticket_id")
+    params["audit"].update(folds=3, action="report")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny")
+
+    assert ran(sh("dvc", "repro", "audit")) == {"ingest", "dedupe", "audit"}
+    assert read_json(root / "metrics/audit.json")["embeddings_reused"] is False
+    params["audit"]["action"] = "drop"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(sh("dvc", "repro", "audit")) == {"audit"}
+    assert read_json(root / "metrics/audit.json")["embeddings_reused"] is True
+    assert ran(sh("dvc", "repro", "audit")) == set()
+    train_id = pd.read_parquet(root / "data/deduped/train.parquet").query("label == 'billing'")["id"].iloc[0]
+    (root / "labels/decisions.csv").write_text(f"id,decision,corrected_label\n{train_id},accept,login\n")
+    assert ran(sh("dvc", "repro", "audit")) == {"audit"}
+    m = read_json(root / "metrics/audit.json")
+    assert m["embeddings_reused"] is True and m["decisions"]["changed_rows"] == 1
+
+
+def test_datalab_reports_near_duplicates_and_outliers_without_acting():
+    splits, emb, _, _ = synthetic(n_flips=0)
+    emb["train"][1] = emb["train"][0]           # an exact copy in embedding space
+    emb["train"][5] = emb["train"][5] + 200.0   # far from every cluster
+    res = audit_stage.audit(splits, LABELS, emb, P(action="drop"), seed=42)
+    ids = splits["train"]["id"]
+    near = res.near_duplicates.set_index("id")
+    assert {ids[0], ids[1]} <= set(near.index)
+    assert ids[1] in near.loc[ids[0], "near_duplicate_ids"].split(";")
+    assert ids[5] in set(res.outliers["id"])
+    assert {"given_label", "text"} <= set(res.outliers.columns)
+    assert res.metrics["datalab"]["outliers"] >= 1 and res.metrics["datalab"]["near_duplicates"] >= 2
+    # information only: nothing is dropped for being an outlier or a near-duplicate
+    assert len(res.splits["train"]) == len(splits["train"]) - res.metrics["rows_acted_on"]["dropped"]
+    assert not set(res.changes["id"]) & {ids[0], ids[1], ids[5]}

@@ -9,7 +9,7 @@ import yaml
 
 from domaintune.data import DataError, read_dataset, read_json, write_dataset
 from domaintune.params import DedupeParams
-from domaintune.textnorm import normalise, shingles
+from domaintune.textnorm import normalise, normalise_all, shingles
 from stages.dedupe import dedupe, main
 
 EXACT = DedupeParams(near_duplicates=False)
@@ -53,6 +53,8 @@ def test_ascii_fast_path_matches_the_unicode_path():
         t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
         slow = " ".join(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", t).casefold()).split())
         assert normalise(t) == slow, repr(t)
+    mixed = ["ＡＢＣ  def", "ǰ", "Straße\u00a0X", "plain ASCII\t text "]
+    assert normalise_all(mixed) == [normalise(t) for t in mixed] == ["abc def", "\u01f0", "strasse x", "plain ascii text"]
 
 
 def test_exact_duplicates_within_a_split_keep_the_first():

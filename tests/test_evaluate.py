@@ -143,9 +143,15 @@ def test_dvc_plots_render(evaluated, tmp_path):
     r = subprocess.run([dvc, "plots", "show", "--json"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
-    assert not shown.get("errors"), shown.get("errors")
-    plots = {title: p[0]["content"]["data"]["values"] for title, p in shown["data"].items()}
-    assert len(plots) == 4, list(plots)
+    # Other stages' plots (e.g. finetune's DVCLive curves) have no data here; ours must have no errors.
+    ours = [e for e in shown.get("errors") or [] if "reports/eval" in str(e.get("source", e.get("name")))]
+    assert not ours, ours
+    import yaml
+
+    titles = {next(iter(p)) for p in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+              if "reports/eval" in json.dumps(p)}
+    assert len(titles) == 4
+    plots = {t: shown["data"][t][0]["content"]["data"]["values"] for t in titles}
     assert len(plots["Confusion matrix (test)"]) == 24
     assert {row["class"] for row in plots["Per-class F1 (test)"]} == set(LABELS)
     reliability = next(v for t, v in plots.items() if t.startswith("Reliability"))

@@ -94,6 +94,7 @@ def test_class_counts_match_readme_and_are_mildly_imbalanced(labelled):
     assert len(counts) == 8
     # README.md's class table: | `label` | rows in labelled.csv | ... |
     readme = (EX / "README.md").read_text(encoding="utf-8")
+    readme = readme.split("## Classes", 1)[1].split("\n## ", 1)[0]
     documented = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\| `(\w+)` \| (\d+) \|", readme, re.M)}
     assert documented == dict(counts)
     ratio = max(counts.values()) / min(counts.values())
@@ -131,6 +132,9 @@ def test_generator_depends_on_seed(gen):
 
 # ---------------------------------------------------------------- noise
 def test_noise_ids_exist_and_counts(labelled, noise):
+    readme = (EX / "README.md").read_text(encoding="utf-8").split("## Deliberate noise", 1)[1]
+    documented = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\| `(\w+)` \| (\d+) \|", readme, re.M)}
+    assert documented == dict(Counter(n["kind"] for n in noise))
     ids = {r["ticket_id"] for r in labelled}
     kinds = Counter(n["kind"] for n in noise)
     assert set(kinds) == {"exact_duplicate", "near_duplicate", "label_flip", "label_conflict"}
@@ -200,7 +204,7 @@ def test_near_duplicates_are_near_and_not_exact(labelled, noise):
         assert _norm(a) != _norm(b)
         sa, sb = _shingles(a), _shingles(b)
         j = len(sa & sb) / len(sa | sb)
-        assert j >= 0.85 and abs(j - float(d["jaccard"])) < 1e-3
+        assert j >= 0.88 and abs(j - float(d["jaccard"])) < 1e-3
         assert label[n["ticket_id"]] == label[d["of"]]
 
 
@@ -251,3 +255,43 @@ def test_frozen_minilm_probe_lands_in_the_documented_band(tmp_path):
 
     acc = json.loads(out.read_text())["accuracy_vs_true_labels"]
     assert 0.85 <= acc <= 0.95, acc
+
+
+# ---------------------------------------------------------------- the pipeline finds the noise
+@pytest.fixture(scope="module")
+def dedupe_removed(tmp_path_factory):
+    """Run the real ingest + dedupe stages on the example (~10 s); the ids dedupe removed."""
+    import pandas as pd
+
+    from stages import dedupe, ingest
+
+    tmp = tmp_path_factory.mktemp("example_dedupe")
+    params = str(REPO / "params.yaml")
+    assert ingest.main(["--params", params, "--source", str(EX / "labelled.csv"), "--out", str(tmp / "ing"),
+                        "--metrics", str(tmp / "ing.json")]) == 0
+    assert dedupe.main(["--params", params, "--in", str(tmp / "ing"), "--out", str(tmp / "dd"),
+                        "--metrics", str(tmp / "dd.json")]) == 0
+    return set(pd.read_csv(tmp / "dd" / "removed.csv")["id"])
+
+
+def _pairs(noise, kinds):
+    return [(n["ticket_id"], _detail(n["detail"])["of"]) for n in noise if n["kind"] in kinds]
+
+
+def test_dedupe_removes_listed_exact_duplicates_and_conflicts_and_nothing_unlisted(dedupe_removed, noise):
+    missed = [p for p in _pairs(noise, ("exact_duplicate", "label_conflict")) if not set(p) & dedupe_removed]
+    assert not missed, missed
+    listed = {i for p in _pairs(noise, ("exact_duplicate", "label_conflict", "near_duplicate")) for i in p}
+    assert dedupe_removed <= listed, sorted(dedupe_removed - listed)
+    # Label flips are audit's business: dedupe must not remove them.
+    assert not {n["ticket_id"] for n in noise if n["kind"] == "label_flip"} & dedupe_removed
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "stages/dedupe.py builds MinHashLSH with threshold = jaccard_threshold (0.8): with 128 perms "
+    "(b=9, r=13) a pair at true Jaccard 0.88 is a candidate only 85% of the time, so TCK-000586 "
+    "(J=0.880 with TCK-001045) is missed. Fix: query LSH at a lower threshold (~0.65) and keep the "
+    "exact-Jaccard check. strict: this test fails once dedupe is fixed, so drop the marker then."))
+def test_dedupe_removes_every_listed_near_duplicate(dedupe_removed, noise):
+    missed = [p for p in _pairs(noise, ("near_duplicate",)) if not set(p) & dedupe_removed]
+    assert not missed, missed

@@ -165,3 +165,21 @@ def test_missing_audit_summary_is_an_error(exported, tmp_path, capsys):
                   "--metrics", str(tmp_path / "m.json"), "--params", str(root / "params.yaml")])
     assert rc == 2 and not (tmp_path / "out").exists()
     assert "summary.json" in capsys.readouterr().err
+
+
+def test_export_of_a_full_finetune_has_nothing_to_merge(tiny_bert, tmp_path):
+    make_dataset(tmp_path / "data", n_val=10, n_test=4)
+    model = make_model(tiny_bert, tmp_path / "ft", lora=False, seed=5)
+    params = write_params(tmp_path / "params.yaml", export={"latency_repeats": 1, "latency_single_texts": 0})
+    # A hand-written calibration (no evaluate run needed for this check).
+    write_json(tmp_path / "eval/calibration.json", {"problem_type": "single_label", "method": "temperature",
+                                                    "temperature": 1.5, "labels": LABELS})
+    write_json(tmp_path / "eval/metrics.json", {"before": {}, "after": {}})
+    assert ex.main(["--model", str(model), "--calibration", str(tmp_path / "eval"), "--in", str(tmp_path / "data"),
+                    "--out", str(tmp_path / "export"), "--metrics", str(tmp_path / "x.json"),
+                    "--params", str(params)]) == 0
+    m = json.loads((tmp_path / "x.json").read_text())
+    assert m["merge_check"]["had_adapter"] is False and m["merge_check"]["max_abs_diff"] == 0.0
+    card = (tmp_path / "export/README.md").read_text()
+    assert "No label-audit summary was given" in card and "LoRA adapter merged" not in card
+    assert read_json(tmp_path / "export/model.json")["temperature"] == 1.5

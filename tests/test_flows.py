@@ -82,10 +82,12 @@ def test_retrain_publishes_versions_and_caches(proj):
     assert v1.record["dataset_hash"] != v2.record["dataset_hash"] and v2.served
 
     # A params override (like `dvc exp run -S`) re-runs only the stage that reads it -> new minor.
+    comments = [ln.split("#", 1)[1] for ln in (proj / "params.yaml").read_text().splitlines() if "#" in ln]
     res = retrain_flow(repo=str(proj), overrides=["finetune.epochs=4"])
     assert res["ran"] == ["train"] and res["version"] == "domaintune@v2.1.0"
-    assert "  epochs: 4" in (proj / "params.yaml").read_text()
-    assert "# LoRA wants" in (proj / "params.yaml").read_text()  # comments survive the override
+    text = (proj / "params.yaml").read_text()
+    assert "  epochs: 4" in text
+    assert [ln.split("#", 1)[1] for ln in text.splitlines() if "#" in ln] == comments  # comments survive
 
 
 def test_failed_stage_publishes_nothing_and_restores(proj):
@@ -169,6 +171,12 @@ def test_cli_versions_and_diff(proj, capsys):
     assert "finetune.epochs: 3 -> 4" in out
     assert main(["diff", "v2.0.0", "v9", "--repo", str(proj)]) == 1
     assert "no version 'v9.0.0'" in capsys.readouterr().err
+    # `domaintune retrain` with nothing changed: every stage cached, the served version stays.
+    assert main(["retrain", "--repo", str(proj)]) == 0
+    out = capsys.readouterr().out
+    assert "stages run: none (all cached)" in out and "unchanged, current version: domaintune@v3.0.0" in out
+    assert main(["retrain", "--repo", str(proj), "--set", "finetune.epochs=13"]) == 1
+    assert "nothing published" in capsys.readouterr().err
 
 
 def test_schedule_deployment_and_triggered_run(proj):
@@ -196,6 +204,9 @@ def test_schedule_deployment_and_triggered_run(proj):
     crons, final = asyncio.run(go())
     assert crons == ["0 3 * * 1"]
     assert final.state.is_completed(), final.state
+    assert final.parameters["repo"] == str(proj.resolve())
+    runs = _task_runs(final.id)
+    assert sorted(r.name for r in runs) == ["audit", "train"] and all(r.state.is_completed() for r in runs)
 
 
 # ----------------------------------------------------------------------------- the real DAG
@@ -272,8 +283,10 @@ FIXED_BATCH = ["refund the charge of 7 dollars", "my parcel 12 is late", "passwo
 
 
 def _versioned_files(root: Path) -> dict[str, bytes]:
+    """params.yaml, dvc.lock and every file under an out that dvc.lock records."""
+    outs = [o.path for o in registry.lock_outs(root)]
     return {k: v for k, v in workspace(root).items()
-            if k.startswith(("data/", "models/", "reports/", "metrics/")) or k in ("params.yaml", "dvc.lock")}
+            if k in ("params.yaml", "dvc.lock") or any(k == o or k.startswith(o + "/") for o in outs)}
 
 
 @pytest.mark.slow
@@ -289,6 +302,9 @@ def test_real_dag_retrain_rollback_monitor(dag):
     assert res["version"] == "domaintune@v1.0.0"
     assert res["ran"] == ["ingest", "dedupe", "audit", "dapt", "finetune", "evaluate", "export", "drift"]
     v1_files = _versioned_files(dag)
+    assert sh(dag, "git", "status", "--porcelain").strip() == ""  # the version commit took everything
+    assert {"models/export/model.json", "models/drift_baseline/profile.json", "data/audited/hashes.json",
+            "metrics/evaluate.json"} <= set(v1_files)
     v1_probs = Predictor.load(dag / "models/export").predict_proba(FIXED_BATCH)
 
     # New rows in the source file -> every stage re-runs -> v2 with another dataset hash.
