@@ -22,7 +22,6 @@ Multi-label data: the label column holds the labels joined by "|"
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -767,9 +766,9 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
             "validation": res["validation"], "history_epochs": res["history"]["epochs"],
             "best_epoch": res["best_epoch"],
         }
+        if out_dir is None:  # only metrics wanted: do not keep every seed's model in memory
+            model = None
         runs.append((seed, model, tok, meta, res))
-        if len(ft.seeds) > 1 and out_dir is None:
-            del model  # only metrics wanted: free memory between seeds
     score = lambda r: r[4]["validation"].get("macro_f1", 0.0)  # noqa: E731
     best = max(runs, key=score)
     if out_dir is not None:

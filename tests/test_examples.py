@@ -287,11 +287,6 @@ def test_dedupe_removes_listed_exact_duplicates_and_conflicts_and_nothing_unlist
     assert not {n["ticket_id"] for n in noise if n["kind"] == "label_flip"} & dedupe_removed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stages/dedupe.py builds MinHashLSH with threshold = jaccard_threshold (0.8): with 128 perms "
-    "(b=9, r=13) a pair at true Jaccard 0.88 is a candidate only 85% of the time, so TCK-000586 "
-    "(J=0.880 with TCK-001045) is missed. Fix: query LSH at a lower threshold (~0.65) and keep the "
-    "exact-Jaccard check. strict: this test fails once dedupe is fixed, so drop the marker then."))
 def test_dedupe_removes_every_listed_near_duplicate(dedupe_removed, noise):
     missed = [p for p in _pairs(noise, ("near_duplicate",)) if not set(p) & dedupe_removed]
     assert not missed, missed

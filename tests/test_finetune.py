@@ -1,7 +1,6 @@
 """finetune stage on a tiny random BERT and a tiny keyword dataset (seconds per test)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pandas as pd
 import pytest
 
 from domaintune.data import read_json, write_dataset
-from domaintune.params import BaseParams, FinetuneParams, ParamsError
+from domaintune.params import BaseParams, FinetuneParams
 
 WORDS = {
     "billing": ["invoice", "refund", "charge", "payment", "bill"],
