@@ -162,7 +162,30 @@ def lock_outs(root: Path, rev: str | None = None) -> list[Out]:
                               capture_output=True)
         ignored = set(proc.stdout.decode().splitlines())
         tracked = {p for _, p, _ in entries if p not in ignored}
-    return [Out(stage, path, md5, path in tracked) for stage, path, md5 in entries]
+    # An uncached out that git ignores (finetune's resumable checkpoints) is scratch
+    # state: neither git nor the DVC cache holds it, so it is not part of a version.
+    scratch = _uncached_outs(root, rev) - tracked
+    return [Out(stage, path, md5, path in tracked) for stage, path, md5 in entries if path not in scratch]
+
+
+def _uncached_outs(root: Path, rev: str | None) -> set[str]:
+    """Paths of outs dvc.yaml (at `rev`, or in the workspace) declares with cache: false."""
+    if rev is None:
+        path = root / "dvc.yaml"
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+    else:
+        raw = git_bytes(root, rev, "dvc.yaml")
+        text = raw.decode("utf-8") if raw else ""
+    stages = (yaml.safe_load(text) or {}).get("stages") or {}
+    out = set()
+    for body in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in body.get(kind) or []:
+                if isinstance(entry, dict):
+                    for p, opts in entry.items():
+                        if isinstance(opts, dict) and opts.get("cache") is False:
+                            out.add(p)
+    return out
 
 
 def cache_dir(root: Path) -> Path:

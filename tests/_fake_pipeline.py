@@ -41,6 +41,8 @@ digest = hashlib.sha256(data + str(epochs).encode()).digest()
 out = pathlib.Path("models/export"); (out / "sub").mkdir(parents=True, exist_ok=True)
 (out / "weights.bin").write_bytes(digest * 512)
 (out / "sub" / "model.json").write_text(json.dumps({"epochs": epochs}))
+ckpt = pathlib.Path("models/checkpoints"); ckpt.mkdir(parents=True, exist_ok=True)
+(ckpt / "README").write_text("resume state, cleared after a finished run")  # like finetune's
 acc = digest[0] / 255
 pathlib.Path("metrics/evaluate.json").write_text(json.dumps({"accuracy": acc, "macro_f1": acc / 2, "ece": 0.1}))
 """
@@ -59,7 +61,11 @@ stages:
     cmd: python fake/train.py
     deps: [fake/train.py, data/audited]
     params: [finetune.epochs]
-    outs: [models/export]
+    outs:
+      - models/export
+      - models/checkpoints:   # like finetune's: persisted, uncached, ignored by git -> not part of a version
+          persist: true
+          cache: false
     metrics:
       - metrics/evaluate.json:
           cache: false
