@@ -34,16 +34,6 @@ sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
-TEMPLATES = {
-    "refund": ["I want my money back for order {n}", "please refund the charge of {n} dollars",
-               "refund request for invoice {n}", "how do I get a refund for {n}"],
-    "password": ["I forgot my password again {n}", "reset my password please, user {n}",
-                 "cannot log in, password rejected {n}", "password reset email never came {n}"],
-    "shipping": ["where is my parcel {n}", "package {n} has not arrived yet",
-                 "tracking number {n} shows no movement", "when will order {n} ship"],
-}
-
-
 def sh(cwd: Path, *cmd: str) -> str:
     env = dict(os.environ, GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="b@x", GIT_COMMITTER_NAME="bench",
                GIT_COMMITTER_EMAIL="b@x")
@@ -54,8 +44,7 @@ def sh(cwd: Path, *cmd: str) -> str:
 
 
 def make_project(dst: Path, tiny_bert: Path) -> Path:
-    import csv
-
+    from _fake_pipeline import tiny_rows, write_ticket_csv
     from pipelines.retrain import apply_overrides
 
     files = sh(REPO, "git", "ls-files", "--cached", "--others", "--exclude-standard", "-z").split("\0")
@@ -63,12 +52,7 @@ def make_project(dst: Path, tiny_bert: Path) -> Path:
         if (REPO / rel).is_file() and not rel.startswith(("bench/results/", "tests/")):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dst / rel)
-    with (dst / "tiny.csv").open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["ticket_id", "text", "label"])
-        for label, temps in TEMPLATES.items():
-            for k in range(30):
-                w.writerow([f"T{label[0]}{k:04d}", temps[k % len(temps)].format(n=100 + k), label])
+    write_ticket_csv(dst / "tiny.csv", tiny_rows(30))
     (dst / "tiny_corpus.txt").write_text(
         "\n".join(f"customer {i} asked about refunds, passwords and parcels" for i in range(60)) + "\n")
     apply_overrides(dst / "params.yaml", {

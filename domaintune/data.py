@@ -75,6 +75,9 @@ def read_json(path: str | os.PathLike):
         return json.load(fh)
 
 
+_json_string = json.encoder.encode_basestring  # json.dumps(str, ensure_ascii=False)
+
+
 def split_hash(df: pd.DataFrame) -> str:
     """SHA-256 of a split's canonical rows: (id, text, label) as JSON lines, sorted by id.
 
@@ -83,9 +86,10 @@ def split_hash(df: pd.DataFrame) -> str:
     """
     h = hashlib.sha256()
     rows = df.loc[:, ["id", "text", "label"]].astype(str).sort_values("id", kind="stable")
-    for rec in rows.itertuples(index=False):
-        h.update(json.dumps(list(rec), ensure_ascii=False).encode("utf-8"))
-        h.update(b"\n")
+    # Each line is exactly json.dumps([id, text, label], ensure_ascii=False) + "\n"; building it from
+    # the same string encoder json.dumps uses is ~4x faster than one json.dumps call per row.
+    for rec in zip(rows["id"], rows["text"], rows["label"]):
+        h.update(("[" + ", ".join(map(_json_string, rec)) + "]\n").encode("utf-8"))
     return h.hexdigest()
 
 

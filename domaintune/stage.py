@@ -21,9 +21,21 @@ class StageError(RuntimeError):
     """A stage refused to continue (e.g. a failed quality gate); the message says why."""
 
 
-def stage_parser(name: str, description: str) -> argparse.ArgumentParser:
+def stage_parser(name: str, description: str, *, inp: str | None = None, out: str | None = None,
+                 metrics: str | None = "metrics JSON (dvc metrics)") -> argparse.ArgumentParser:
+    """--params plus the flags most stages share; each given help text adds its flag.
+
+    --in (args.in_dir) is the stage's input dataset folder, --out its main output,
+    --metrics the small JSON that `dvc metrics` reads.
+    """
     ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if inp:
+        ap.add_argument("--in", dest="in_dir", required=True, help=inp)
+    if out:
+        ap.add_argument("--out", required=True, help=out)
+    if metrics:
+        ap.add_argument("--metrics", required=True, help=metrics)
     return ap
 
 

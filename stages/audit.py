@@ -536,11 +536,9 @@ def run(args) -> None:
 
 
 def build_parser():
-    ap = stage_parser("audit", "Find likely label errors with cleanlab; report, drop or relabel them.")
-    ap.add_argument("--in", dest="in_dir", required=True, help="deduped dataset folder")
-    ap.add_argument("--out", required=True, help="audited dataset folder")
+    ap = stage_parser("audit", "Find likely label errors with cleanlab; report, drop or relabel them.",
+                      inp="deduped dataset folder", out="audited dataset folder")
     ap.add_argument("--report", required=True, help="report folder (label_issues.csv, summary.json, ...)")
-    ap.add_argument("--metrics", required=True, help="metrics JSON")
     ap.add_argument("--embeddings", default="data/embeddings",
                     help="embedding cache folder (a persistent DVC out; reused when its key matches)")
     ap.add_argument("--decisions", default=None, help="human-review decisions CSV (default: audit.decisions)")

@@ -573,23 +573,20 @@ def run(in_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, base:
     else:
         metrics = {"enabled": False, "steps": 0}
     info["metrics"] = metrics
-    with atomic_output(out_dir) as tmp:
+    with atomic_output(out_dir) as tmp, atomic_output(metrics_path) as tmp_metrics:
         tmp.mkdir()
         if params.enabled:
             save_encoder(model, tok, base_path, tmp, base.seed)
         else:
             info["pass_through"] = pass_through(base_path, tmp)
         write_json(tmp / INFO_FILE, info)
-    with atomic_output(metrics_path) as tmp:
-        write_json(tmp, metrics)
+        write_json(tmp_metrics, metrics)
     return metrics
 
 
 def main(argv=None) -> int:
-    ap = stage_parser("dapt", "Domain-adaptive MLM pre-training of the base encoder (or a pass-through when disabled).")
-    ap.add_argument("--in", dest="in_dir", required=True, help="audited dataset folder (only its train split is read)")
-    ap.add_argument("--out", required=True, help="output encoder folder")
-    ap.add_argument("--metrics", required=True, help="metrics JSON path")
+    ap = stage_parser("dapt", "Domain-adaptive MLM pre-training of the base encoder (or a pass-through when disabled).",
+                      inp="audited dataset folder (only its train split is read)", out="output encoder folder")
 
     def go(args) -> None:
         base, params = load_params(args.params, "base", "dapt")

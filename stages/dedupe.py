@@ -135,9 +135,11 @@ def _near(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept: pd.Ser
     sigs = minhash_signatures([sets[i] for i in order], p.num_perm, seed)
     hashes = dict(zip(order, minhashes(sigs, p.num_perm, seed)))
 
-    # LSH is only a candidate filter: banded at the target threshold it misses
-    # ~15% of pairs at J=0.88 (128 perms). Band lower and let the exact Jaccard decide.
-    lsh = MinHashLSH(threshold=max(0.5, p.jaccard_threshold - 0.15), num_perm=p.num_perm)
+    # LSH is only a candidate filter: banded at the target threshold (128 perms) it
+    # never even compares 60% of the pairs at J=0.80 and 15% at J=0.88. Band lower,
+    # weighted against misses (128 perms, threshold 0.8: 21 bands of 6 rows, a pair at
+    # J=0.80 is missed with p=0.002), and let the exact Jaccard decide.
+    lsh = MinHashLSH(threshold=max(0.5, p.jaccard_threshold - 0.15), num_perm=p.num_perm, weights=(0.1, 0.9))
     train = [i for i in order if split[i] == "train"]
     for i in train:
         lsh.insert(i, hashes[i], check_duplication=False)
@@ -236,23 +238,21 @@ def run(args) -> None:
     result = dedupe(splits, p, base.seed, files)
     hashes_file = in_dir / "hashes.json"
     input_hashes = read_json(hashes_file) if hashes_file.exists() else dataset_hashes(splits, _)
-    with atomic_output(args.out) as tmp:
+    metrics = metrics_of(result)
+    # Nested: the dataset and its metrics land together or not at all.
+    with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
         hashes = write_dataset(tmp, result.splits, result.labels)
         write_json(tmp / "manifest.json", manifest_of(result, hashes, input_hashes, p, base.seed, str(in_dir)))
         result.removed.to_csv(tmp / "removed.csv", index=False)
-    metrics = metrics_of(result)
-    with atomic_output(args.metrics) as tmp:
-        write_json(tmp, metrics)
+        write_json(tmp_metrics, metrics)
     log.info("removed %d rows (%s); out train %d / validation %d / test %d; dataset %s",
              metrics["removed_total"], ", ".join(f"{k} {v}" for k, v in metrics["removed"].items() if v),
              *metrics["rows_out"].values(), hashes["dataset"][:12])
 
 
 def main(argv=None) -> int:
-    ap = stage_parser("dedupe", __doc__.splitlines()[0])
-    ap.add_argument("--in", dest="in_dir", required=True, help="input dataset folder (ingest output)")
-    ap.add_argument("--out", required=True, help="output dataset folder")
-    ap.add_argument("--metrics", required=True, help="metrics JSON")
+    ap = stage_parser("dedupe", __doc__.splitlines()[0], inp="input dataset folder (ingest output)",
+                      out="output dataset folder")
     return run_stage("dedupe", run, ap, argv)
 
 

@@ -299,19 +299,16 @@ def compare_batch(baseline: Baseline, texts: Sequence[str], model_dir: str | Pat
 
 
 def main(argv=None) -> int:
-    ap = stage_parser("drift", __doc__.splitlines()[0])
-    ap.add_argument("--in", dest="inp", required=True, help="audited dataset folder")
+    ap = stage_parser("drift", __doc__.splitlines()[0], inp="audited dataset folder", out="baseline folder to write")
     ap.add_argument("--model", required=True, help="exported model folder")
-    ap.add_argument("--out", required=True, help="baseline folder to write")
-    ap.add_argument("--metrics", required=True, help="metrics JSON to write")
 
     def run(args) -> None:
         from domaintune.modeling import set_threads
         from domaintune.params import load_params
 
         base, params = load_params(args.params, "base", "drift")
-        splits, labels = read_dataset(args.inp)
-        hashes_path = Path(args.inp) / "hashes.json"
+        splits, labels = read_dataset(args.in_dir)
+        hashes_path = Path(args.in_dir) / "hashes.json"
         dataset_hash = read_json(hashes_path).get("dataset") if hashes_path.exists() else None
         set_threads()
         with atomic_output(args.out) as tmp:

@@ -393,11 +393,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    ap = stage_parser("evaluate", __doc__.splitlines()[0])
-    ap.add_argument("--in", dest="in_dir", required=True, help="audited dataset folder")
+    ap = stage_parser("evaluate", __doc__.splitlines()[0], inp="audited dataset folder",
+                      out="report folder (calibration.json, report.md, plots)")
     ap.add_argument("--model", required=True, help="fine-tuned classifier folder (seeds/<seed>/ evaluated too)")
-    ap.add_argument("--out", required=True, help="report folder (calibration.json, report.md, plots)")
-    ap.add_argument("--metrics", required=True, help="metrics JSON for dvc metrics")
     return run_stage("evaluate", run, ap, argv)
 
 

@@ -314,13 +314,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    ap = stage_parser("export", __doc__.splitlines()[0])
+    ap = stage_parser("export", __doc__.splitlines()[0], inp="audited dataset folder (test split, hashes)",
+                      out="export folder")
     ap.add_argument("--model", required=True, help="fine-tuned classifier folder")
     ap.add_argument("--calibration", required=True, help="evaluate's report folder (calibration.json, metrics.json)")
-    ap.add_argument("--in", dest="in_dir", required=True, help="audited dataset folder (test split, hashes)")
     ap.add_argument("--audit", default=None, help="audit report folder (summary.json) for the model card")
-    ap.add_argument("--out", required=True, help="export folder")
-    ap.add_argument("--metrics", required=True, help="metrics JSON for dvc metrics")
     return run_stage("export", run, ap, argv)
 
 

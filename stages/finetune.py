@@ -22,8 +22,8 @@ def run(args: argparse.Namespace) -> dict:
     base, ft = load_params(args.params, "base", "finetune")
     if not Path(args.encoder).is_dir():
         raise FileNotFoundError(f"--encoder {args.encoder}: no such model folder; run the dapt stage first")
-    splits, labels = read_dataset(args.inp)
-    hashes_path = Path(args.inp) / "hashes.json"
+    splits, labels = read_dataset(args.in_dir)
+    hashes_path = Path(args.in_dir) / "hashes.json"
     data_hash = read_json(hashes_path)["dataset"] if hashes_path.exists() else ""
     validate_setup(ft, args.encoder)  # bad method/target/backend: fail before any output or training
     with atomic_output(args.out) as out, atomic_output(args.live) as live:
@@ -46,11 +46,9 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     from domaintune.stage import run_stage, stage_parser
 
-    ap = stage_parser("finetune", __doc__.splitlines()[0])
-    ap.add_argument("--in", dest="inp", required=True, help="dataset folder (train/validation parquet, labels.json)")
+    ap = stage_parser("finetune", __doc__.splitlines()[0], inp="dataset folder (train/validation parquet, labels.json)",
+                      out="output model folder")
     ap.add_argument("--encoder", required=True, help="encoder folder to fine-tune (e.g. models/dapt)")
-    ap.add_argument("--out", required=True, help="output model folder")
-    ap.add_argument("--metrics", required=True, help="metrics JSON")
     ap.add_argument("--checkpoints", default="models/checkpoints",
                     help="resumable training state (a persisted DVC out)")
     ap.add_argument("--live", default="reports/finetune/live", help="DVCLive log folder (training curves)")

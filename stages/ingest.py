@@ -258,22 +258,20 @@ def run(args) -> None:
     # The command line's --source (${ingest.source} in dvc.yaml, so DVC tracks the file) wins.
     p = dataclasses.replace(p, source=args.source)
     result = ingest(read_source(args.source), p, base.seed)
-    with atomic_output(args.out) as tmp:
+    metrics = metrics_of(result)
+    # Nested: the dataset and its metrics land together or not at all.
+    with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
         hashes = write_dataset(tmp, result.splits, result.labels)
         result.rejected.assign(text=result.rejected["text"].map(_printable)).to_csv(tmp / "rejected.csv", index=False)
-    metrics = metrics_of(result)
-    with atomic_output(args.metrics) as tmp:
-        write_json(tmp, metrics)
+        write_json(tmp_metrics, metrics)
     log.info("read %d rows -> train %d / validation %d / test %d, %d rejected, %d labels; dataset %s",
              result.rows_read, *metrics["rows"].values(), metrics["rejected"], metrics["labels"],
              hashes["dataset"][:12])
 
 
 def main(argv=None) -> int:
-    ap = stage_parser("ingest", __doc__.splitlines()[0])
+    ap = stage_parser("ingest", __doc__.splitlines()[0], out="output dataset folder")
     ap.add_argument("--source", required=True, help="file, folder or hf:<name> (overrides ingest.source)")
-    ap.add_argument("--out", required=True, help="output dataset folder")
-    ap.add_argument("--metrics", required=True, help="metrics JSON")
     return run_stage("ingest", run, ap, argv)
 
 

@@ -16,6 +16,35 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# Three small, clearly separable intents for runs of the real DAG on a tiny BERT.
+TINY_INTENTS = {
+    "refund": ["I want my money back for order {n}", "please refund the charge of {n} dollars",
+               "refund request for invoice {n}", "how do I get a refund for {n}"],
+    "password": ["I forgot my password again {n}", "reset my password please, user {n}",
+                 "cannot log in, password rejected {n}", "password reset email never came {n}"],
+    "shipping": ["where is my parcel {n}", "package {n} has not arrived yet",
+                 "tracking number {n} shows no movement", "when will order {n} ship"],
+}
+
+
+def tiny_rows(per_class: int, start: int = 100) -> list[tuple[str, str, str]]:
+    """(ticket_id, text, label) rows; numbers start..start+per_class-1 keep every text distinct."""
+    rows = []
+    for label, templates in TINY_INTENTS.items():
+        for k in range(per_class):
+            n = start + k
+            rows.append((f"T{label[0]}{n:05d}", templates[k % len(templates)].format(n=n), label))
+    return rows
+
+
+def write_ticket_csv(path: Path, rows) -> None:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["ticket_id", "text", "label"])
+        w.writerows(rows)
+
 AUDIT = """\
 import hashlib, json, pathlib
 src = pathlib.Path("src/data.csv").read_bytes()

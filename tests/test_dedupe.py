@@ -269,3 +269,42 @@ def test_exact_path_agrees_with_pandas_drop_duplicates_on_random_data():
     assert list(res.splits["validation"]["id"]) == list(val["id"])
     assert list(res.splits["test"]["id"]) == list(test["id"])
     assert len(res.removed) == 400 - sum(len(df) for df in res.splits.values())
+
+
+def test_near_duplicates_just_above_the_threshold_are_all_found():
+    """LSH is only a candidate filter; banded at the threshold itself it misses pairs near it.
+
+    60 pairs of distinct 60-word texts, each pair differing in a few words so that the exact
+    word-3-gram Jaccard lies in [0.80, 0.86]: every second copy must be removed.
+    """
+    import random
+
+    from datasketch import MinHashLSH
+
+    from domaintune.textnorm import jaccard, minhash_signatures, minhashes
+
+    rng = random.Random(7)
+    vocab = [f"w{i}" for i in range(5000)]
+    pairs = []
+    while len(pairs) < 60:
+        words = rng.sample(vocab, 60)
+        edited = list(words)
+        for pos in rng.sample(range(3, 57), 2):
+            edited[pos] = rng.choice(vocab)
+        a, b = " ".join(words), " ".join(edited)
+        if 0.80 <= jaccard(shingles(a, 3), shingles(b, 3)) <= 0.86:
+            pairs.append((a, b))
+    train = [(f"p{k}{side}", text, "x") for k, pair in enumerate(pairs) for side, text in zip("ab", pair)]
+    p = DedupeParams(near_duplicates=True, jaccard_threshold=0.8, num_perm=128, shingle_size=3)
+    res = dedupe(dataset(train), p, 0)
+    assert removed_of(res) == {f"p{k}b": ("near_duplicate", f"p{k}a") for k in range(len(pairs))}
+
+    # The same pairs through LSH banded at the threshold: some are never even candidates,
+    # which is why the stage bands lower.
+    sets = [shingles(t, 3) for _, t, _ in train]
+    mh = minhashes(minhash_signatures(sets, 128, 0), 128, 0)
+    lsh = MinHashLSH(threshold=0.8, num_perm=128)
+    for k in range(0, len(mh), 2):
+        lsh.insert(k, mh[k])
+    missed = sum(k not in lsh.query(mh[k + 1]) for k in range(0, len(mh), 2))
+    assert missed > 0

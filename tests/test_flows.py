@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from _fake_pipeline import add_rows, make_fake_repo, sh, workspace
+from _fake_pipeline import add_rows, make_fake_repo, sh, tiny_rows, workspace, write_ticket_csv
 from domaintune import registry
 
 
@@ -211,34 +211,6 @@ def test_schedule_deployment_and_triggered_run(proj):
 
 # ----------------------------------------------------------------------------- the real DAG
 
-TEMPLATES = {
-    "refund": ["I want my money back for order {n}", "please refund the charge of {n} dollars",
-               "refund request for invoice {n}", "how do I get a refund for {n}"],
-    "password": ["I forgot my password again {n}", "reset my password please, user {n}",
-                 "cannot log in, password rejected {n}", "password reset email never came {n}"],
-    "shipping": ["where is my parcel {n}", "package {n} has not arrived yet",
-                 "tracking number {n} shows no movement", "when will order {n} ship"],
-}
-
-
-def _tiny_rows(start: int, per_class: int) -> list[tuple[str, str, str]]:
-    rows = []
-    for label, temps in TEMPLATES.items():
-        for k in range(per_class):
-            n = start + k
-            rows.append((f"T{label[0]}{n:05d}", temps[k % len(temps)].format(n=n), label))
-    return rows
-
-
-def _write_csv(path: Path, rows) -> None:
-    import csv
-
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["ticket_id", "text", "label"])
-        w.writerows(rows)
-
-
 def _copy_repo(dst: Path) -> None:
     import shutil
     import subprocess
@@ -260,7 +232,7 @@ def dag(tmp_path_factory, tiny_bert, prefect_harness):
     root = tmp_path_factory.mktemp("dag") / "domaintune"
     root.mkdir()
     _copy_repo(root)
-    _write_csv(root / "tiny.csv", _tiny_rows(100, 30))
+    write_ticket_csv(root / "tiny.csv", tiny_rows(30, start=100))
     (root / "tiny_corpus.txt").write_text(
         "\n".join(f"customer {i} asked about refunds, passwords and parcels" for i in range(60)) + "\n")
     apply_overrides(root / "params.yaml", {
@@ -311,7 +283,7 @@ def test_real_dag_retrain_rollback_monitor(dag):
     with open(dag / "tiny.csv", "a", newline="", encoding="utf-8") as fh:
         import csv
 
-        csv.writer(fh).writerows(_tiny_rows(500, 6))
+        csv.writer(fh).writerows(tiny_rows(6, start=500))
     sh(dag, "git", "commit", "-qam", "more tickets")
     res = retrain_flow(repo=str(dag))
     assert res["version"] == "domaintune@v2.0.0"
@@ -329,7 +301,7 @@ def test_real_dag_retrain_rollback_monitor(dag):
     np.testing.assert_array_equal(Predictor.load(dag / "models/export").predict_proba(FIXED_BATCH), v1_probs)
 
     # Monitor against the restored baseline: in-domain batch vs another domain.
-    (dag / "same.txt").write_text("\n".join(t for _, t, _ in _tiny_rows(700, 10)) + "\n")
+    (dag / "same.txt").write_text("\n".join(t for _, t, _ in tiny_rows(10, start=700)) + "\n")
     same = monitor_flow("same.txt", repo=str(dag), out="reports/monitor_same")
     (dag / "other.txt").write_text("\n".join(
         f"Die Rechnung Nr. {i}{i} über {i * 37} Euro wurde am {i % 28 + 1}.03.2025 doppelt abgebucht, Kündigung!"

@@ -17,32 +17,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _fake_pipeline import tiny_rows, write_ticket_csv
+
 REPO = Path(__file__).resolve().parents[1]
 DOWNSTREAM_OF_FINETUNE = {"finetune", "evaluate", "export", "drift"}
 
-# Three small, clearly separable intents; a few rows repeat so dedupe has work.
-TEMPLATES = {
-    "refund": ["I want my money back for order {n}", "please refund the charge of {n} dollars",
-               "refund request for invoice {n}", "how do I get a refund for {n}"],
-    "password": ["I forgot my password again {n}", "reset my password please, user {n}",
-                 "cannot log in, password rejected {n}", "password reset email never came {n}"],
-    "shipping": ["where is my parcel {n}", "package {n} has not arrived yet",
-                 "tracking number {n} shows no movement", "when will order {n} ship"],
-}
-
-
 def write_tiny_dataset(path: Path, rows_per_class: int = 36) -> None:
-    import csv
-
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["ticket_id", "text", "label"])
-        i = 0
-        for label, templates in TEMPLATES.items():
-            for k in range(rows_per_class):
-                i += 1
-                w.writerow([f"T{i:04d}", templates[k % len(templates)].format(n=100 + k), label])
-        w.writerow([f"T{i + 1:04d}", "where is my parcel 100", "shipping"])  # exact duplicate of a row above
+    rows = tiny_rows(rows_per_class)
+    rows.append(("T99999", "where is my parcel 100", "shipping"))  # exact duplicate of a row above
+    write_ticket_csv(path, rows)
 
 
 def _files_to_copy() -> list[str]:
