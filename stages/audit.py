@@ -21,7 +21,7 @@ How a row gets flagged:
    suggestion differs from the given label. Confident learning estimates the
    noise per class from the data and min_score keeps only the rows the model
    is confident about; neither is a fixed count, so the number of flags
-   follows the data (BANKING77, 10% flips: 918 flags, 5%: 541; see
+   follows the data (BANKING77, 10% flips: 896 flags, 5%: 507; see
    bench/results/audit.json for precision/recall).
 
 Only train rows are ever changed; validation/test rows are reported only.

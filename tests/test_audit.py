@@ -317,6 +317,35 @@ def test_stage_runs_and_reuses_embeddings_when_only_action_changes(tmp_path, tin
     assert read_json(tmp_path / "metrics/audit.json")["embeddings_reused"] is False
 
 
+def test_stage_embeds_with_an_adapted_encoder_folder_when_asked(tmp_path, tiny_bert, capsys):
+    """audit.encoder: a folder (e.g. models/dapt from an earlier run) replaces base.model for embedding."""
+    from conftest import make_tiny_bert
+
+    splits, params = _tiny_project(tmp_path, tiny_bert, "report")
+    assert audit_stage.main(_argv(tmp_path, params)) == 0
+    base_vectors = np.load(tmp_path / "data/embeddings/embeddings.npy")
+
+    adapted = make_tiny_bert(tmp_path / "adapted", seed=1)  # stands in for models/dapt: other weights
+    cfg = yaml.safe_load(params.read_text())
+    cfg["audit"]["encoder"] = str(adapted)
+    params.write_text(yaml.safe_dump(cfg))
+    assert audit_stage.main(_argv(tmp_path, params)) == 0
+    m = read_json(tmp_path / "metrics/audit.json")
+    assert m["encoder"] == str(adapted) and m["embeddings_reused"] is False  # another encoder: no stale cache
+    summary = read_json(tmp_path / "reports/audit/summary.json")
+    assert summary["encoder_path"] == str(adapted.resolve())
+    adapted_vectors = np.load(tmp_path / "data/embeddings/embeddings.npy")
+    assert adapted_vectors.shape == base_vectors.shape and not np.allclose(adapted_vectors, base_vectors)
+
+    # A folder that does not exist: a clear error naming the key, and the previous outputs stay as they were.
+    before = (tmp_path / "metrics/audit.json").read_bytes()
+    cfg["audit"]["encoder"] = str(tmp_path / "models/dapt")
+    params.write_text(yaml.safe_dump(cfg))
+    assert audit_stage.main(_argv(tmp_path, params)) == 2
+    assert "audit.encoder" in capsys.readouterr().err
+    assert (tmp_path / "metrics/audit.json").read_bytes() == before
+
+
 def test_stage_bad_decisions_exit_2_and_write_nothing(tmp_path, tiny_bert, capsys):
     _, params = _tiny_project(tmp_path, tiny_bert, "drop", "id,decision,corrected_label\nbilling-0,accept,spam\n")
     assert audit_stage.main(_argv(tmp_path, params)) == 2
