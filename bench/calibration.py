@@ -117,7 +117,6 @@ def run_finetune(splits, labels, base, ev: EvaluateParams, params_path: Path) ->
         train_s = time.perf_counter() - t0
         model, tok, meta = load_classifier(out, merge=True)
         ml = int(meta["max_length"])
-        t1 = time.perf_counter()
         val_logits = predict_logits(model, tok, splits["validation"]["text"].tolist(), 64, ml)
         test_texts = splits["test"]["text"].tolist()
         t2 = time.perf_counter()

@@ -44,27 +44,9 @@ def sh(cwd: Path, *cmd: str) -> str:
 
 
 def make_project(dst: Path, tiny_bert: Path) -> Path:
-    from _fake_pipeline import tiny_rows, write_ticket_csv
-    from pipelines.retrain import apply_overrides
+    from _fake_pipeline import make_tiny_dag, tiny_rows
 
-    files = sh(REPO, "git", "ls-files", "--cached", "--others", "--exclude-standard", "-z").split("\0")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file() and not rel.startswith(("bench/results/", "tests/")):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst / rel)
-    write_ticket_csv(dst / "tiny.csv", tiny_rows(30))
-    (dst / "tiny_corpus.txt").write_text(
-        "\n".join(f"customer {i} asked about refunds, passwords and parcels" for i in range(60)) + "\n")
-    apply_overrides(dst / "params.yaml", {
-        "base.model": str(tiny_bert), "base.max_length": 32, "ingest.source": "tiny.csv",
-        "ingest.id_column": "ticket_id", "audit.folds": 3, "dapt.corpus": ["tiny_corpus.txt"],
-        "dapt.max_steps": 4, "dapt.block_size": 32, "dapt.batch_size": 4, "finetune.epochs": 1,
-        "finetune.batch_size": 8, "evaluate.min_calibration_rows": 5, "drift.pca_components": 3,
-    })
-    sh(dst, "git", "init", "-q", "-b", "main")
-    sh(dst, "git", "add", "-A")
-    sh(dst, "git", "commit", "-qm", "bench project")
-    return dst
+    return make_tiny_dag(dst, tiny_bert, tiny_rows(30))
 
 
 def timed(fn):

@@ -115,7 +115,6 @@ def embed_texts(encoder, tokenizer, texts: Sequence[str], batch_size: int = 64, 
 
 
 def _classifier_class():
-    import torch
     from torch import nn
 
     class EncoderClassifier(nn.Module):

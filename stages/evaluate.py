@@ -293,7 +293,7 @@ def render_markdown(res: EvalResult, metrics: dict, meta: dict, seeds: dict | No
     from domaintune.report import md_table, metrics_table
 
     cal = res.calibration
-    md = [f"# Evaluation report\n",
+    md = ["# Evaluation report\n",
           f"Model: method `{meta.get('method')}`, base `{meta.get('base_encoder', '?')}`, "
           f"{len(res.labels)} labels, {res.problem_type}. Test rows: {metrics['test_rows']}, "
           f"validation rows used for calibration: {cal['validation_rows']}.\n"]

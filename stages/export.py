@@ -153,7 +153,7 @@ def model_card(meta: dict, base, hashes: dict, split_sizes: dict, eval_metrics: 
             "Weights are safetensors only; no remote code.", "",
             "## Training data", "",
             f"- Dataset content hash (the dataset version): `{hashes['dataset']}`",
-            f"- Split sizes: " + ", ".join(f"{k} {v}" for k, v in split_sizes.items()),
+            "- Split sizes: " + ", ".join(f"{k} {v}" for k, v in split_sizes.items()),
             "- Labels: " + ", ".join(f"`{lab}`" for lab in meta["labels"])]
     if manifest:
         removed = {sp: v.get("removed", {}) for sp, v in (manifest.get("splits") or {}).items()}

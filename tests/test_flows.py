@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from _fake_pipeline import add_rows, make_fake_repo, sh, tiny_rows, workspace, write_ticket_csv
+from _fake_pipeline import add_rows, make_fake_repo, make_tiny_dag, sh, tiny_rows, workspace
 from domaintune import registry
 
 
@@ -211,43 +211,9 @@ def test_schedule_deployment_and_triggered_run(proj):
 
 # ----------------------------------------------------------------------------- the real DAG
 
-def _copy_repo(dst: Path) -> None:
-    import shutil
-    import subprocess
-
-    from _fake_pipeline import REPO
-
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                         check=True, capture_output=True, text=True).stdout
-    for rel in filter(None, out.split("\0")):
-        if (REPO / rel).is_file() and not rel.startswith(("bench/results/", "tests/")):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst / rel)
-
-
 @pytest.fixture(scope="module")
 def dag(tmp_path_factory, tiny_bert, prefect_harness):
-    from pipelines.retrain import apply_overrides
-
-    root = tmp_path_factory.mktemp("dag") / "domaintune"
-    root.mkdir()
-    _copy_repo(root)
-    write_ticket_csv(root / "tiny.csv", tiny_rows(30, start=100))
-    (root / "tiny_corpus.txt").write_text(
-        "\n".join(f"customer {i} asked about refunds, passwords and parcels" for i in range(60)) + "\n")
-    apply_overrides(root / "params.yaml", {
-        "base.model": str(tiny_bert), "base.max_length": 32,
-        "ingest.source": "tiny.csv", "ingest.id_column": "ticket_id",
-        "audit.folds": 3,
-        "dapt.corpus": ["tiny_corpus.txt"], "dapt.max_steps": 4, "dapt.block_size": 32, "dapt.batch_size": 4,
-        "finetune.epochs": 1, "finetune.batch_size": 8,
-        "evaluate.min_calibration_rows": 5,
-        "drift.pca_components": 3,
-    })
-    sh(root, "git", "init", "-q", "-b", "main")
-    sh(root, "git", "add", "-A")
-    sh(root, "git", "commit", "-qm", "tiny project")
-    return root
+    return make_tiny_dag(tmp_path_factory.mktemp("dag") / "domaintune", tiny_bert, tiny_rows(30, start=100))
 
 
 FIXED_BATCH = ["refund the charge of 7 dollars", "my parcel 12 is late", "password rejected again",

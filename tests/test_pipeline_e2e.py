@@ -9,29 +9,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
-from _fake_pipeline import tiny_rows, write_ticket_csv
+from _fake_pipeline import make_tiny_dag, set_params, tiny_rows
 
-REPO = Path(__file__).resolve().parents[1]
 DOWNSTREAM_OF_FINETUNE = {"finetune", "evaluate", "export", "drift"}
-
-def write_tiny_dataset(path: Path, rows_per_class: int = 36) -> None:
-    rows = tiny_rows(rows_per_class)
-    rows.append(("T99999", "where is my parcel 100", "shipping"))  # exact duplicate of a row above
-    write_ticket_csv(path, rows)
-
-
-def _files_to_copy() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                         cwd=REPO, check=True, capture_output=True, text=True).stdout
-    return [f for f in out.split("\0") if f and (REPO / f).is_file()]
 
 
 def _env() -> dict:
@@ -53,36 +41,10 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def set_params(project: Path, updates: dict) -> None:
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in updates.items():
-        section, key = dotted.split(".", 1)
-        params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_bert):
-    root = tmp_path_factory.mktemp("e2e") / "domaintune"
-    for rel in _files_to_copy():
-        dst = root / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dst)
-    write_tiny_dataset(root / "tiny.csv")
-    (root / "tiny_corpus.txt").write_text(
-        "\n".join(f"customer {i} asked about refunds, passwords and parcels" for i in range(60)) + "\n")
-    set_params(root, {
-        "base.model": str(tiny_bert), "base.max_length": 32,
-        "ingest.source": "tiny.csv", "ingest.id_column": "ticket_id",
-        "audit.folds": 3,
-        "dapt.corpus": ["tiny_corpus.txt"], "dapt.max_steps": 4, "dapt.block_size": 32, "dapt.batch_size": 4,
-        "finetune.epochs": 1, "finetune.batch_size": 8,
-        "evaluate.min_calibration_rows": 5,
-    })
-    run(["git", "init", "-q"], root)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], root)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny project"], root)
+    rows = tiny_rows(36) + [("T99999", "where is my parcel 100", "shipping")]  # an exact duplicate for dedupe
+    root = make_tiny_dag(tmp_path_factory.mktemp("e2e") / "domaintune", tiny_bert, rows)
     first = run(["dvc", "repro"], root)
     return root, first
 
@@ -96,8 +58,13 @@ def test_first_repro_runs_every_stage_and_writes_all_outs(project):
             path = entry if isinstance(entry, str) else next(iter(entry))
             assert (root / path).exists(), f"stage {name} did not write {path}"
     ingested = json.loads((root / "metrics/ingest.json").read_text())
+    assert ingested["rows_read"] == 3 * 36 + 1 and ingested["rejected"] == 0
+    # The one duplicated text is removed once: within its split or as a leak out of validation/test.
+    removed = pd.read_csv(root / "data/deduped/removed.csv")
+    copies = removed[removed["text"] == "where is my parcel 100"]
+    assert len(copies) == 1 and copies["reason"].iloc[0] in {"exact_duplicate", "cross_split_leak"}
     deduped = json.loads((root / "metrics/dedupe.json").read_text())
-    assert json.dumps(ingested) and json.dumps(deduped)
+    assert deduped["removed_total"] == len(removed)
     hashes = json.loads((root / "data/audited/hashes.json").read_text())
     assert re.fullmatch(r"[0-9a-f]{64}", hashes["dataset"])
 
