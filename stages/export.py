@@ -70,23 +70,24 @@ def score_variant(logits: np.ndarray, test: pd.DataFrame, meta: dict, calib: dic
 
 
 def time_variant(model, tokenizer, texts: list[str], batch_size: int, max_length: int, repeats: int,
-                 single: int) -> dict:
-    """Batched throughput (best of `repeats` passes, after a warm-up) and median single-text latency."""
+                 single: int) -> tuple[np.ndarray, dict]:
+    """The variant's logits on `texts`, with batched throughput (best of `repeats` passes, after a
+    warm-up) and median single-text latency."""
     from domaintune.modeling import predict_logits
 
     predict_logits(model, tokenizer, texts[: min(len(texts), batch_size)], batch_size, max_length)  # warm-up
     passes = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        predict_logits(model, tokenizer, texts, batch_size, max_length)
+        logits = predict_logits(model, tokenizer, texts, batch_size, max_length)
         passes.append(time.perf_counter() - t0)
     one = []
     for t in texts[:single]:
         t0 = time.perf_counter()
         predict_logits(model, tokenizer, [t], 1, max_length)
         one.append(time.perf_counter() - t0)
-    return {"batched_ms_per_text": 1000 * min(passes) / max(len(texts), 1),
-            "single_text_ms_median": 1000 * statistics.median(one) if one else None}
+    return logits, {"batched_ms_per_text": 1000 * min(passes) / max(len(texts), 1),
+                    "single_text_ms_median": 1000 * statistics.median(one) if one else None}
 
 
 def folder_bytes(path: Path, pattern: str = "*") -> int:
@@ -246,12 +247,17 @@ def run(args: argparse.Namespace) -> None:
     check_calibration(calib, meta, cal_dir / "calibration.json")
     ml = int(meta.get("max_length", base.max_length))
     bs = params.batch_size
-    unmerged_logits = predict_logits(model, tok, texts, bs, ml)
+    latency = (params.latency_repeats, params.latency_single_texts)
+    timing = {}
     had_adapter = bool(meta.get("adapter"))
-    timing = {"unmerged": time_variant(model, tok, texts, bs, ml, params.latency_repeats, params.latency_single_texts)}
-    del model
-    merged, tok, _ = load_classifier(args.model, merge=True)
-    merged_logits = predict_logits(merged, tok, texts, bs, ml)
+    if had_adapter:
+        unmerged_logits, timing["unmerged"] = time_variant(model, tok, texts, bs, ml, *latency)
+        del model
+        merged, tok, _ = load_classifier(args.model, merge=True)
+        merged_logits = predict_logits(merged, tok, texts, bs, ml)
+    else:  # nothing to merge: the loaded model is the merged one
+        merged = model
+        merged_logits = unmerged_logits = predict_logits(model, tok, texts, bs, ml)
     agree = logit_agreement(unmerged_logits, merged_logits)
     merge_check = {"had_adapter": had_adapter, "texts": len(texts), "tolerance": params.merge_tolerance, **agree}
     if agree["max_rel_diff"] > params.merge_tolerance:
@@ -273,12 +279,11 @@ def run(args: argparse.Namespace) -> None:
         save_classifier(merged, tok, tmp, export_meta)
         # Reload what was written: the artefact itself must reproduce the merged logits.
         fmodel, ftok, fmeta = load_classifier(tmp)
-        float_logits = predict_logits(fmodel, ftok, texts, bs, ml)
+        float_logits, timing["float32"] = time_variant(fmodel, ftok, texts, bs, ml, *latency)
+        timing.setdefault("unmerged", timing["float32"])  # no adapter: the same weights and graph
         roundtrip = logit_agreement(merged_logits, float_logits)
         if roundtrip["max_rel_diff"] > params.merge_tolerance:
             raise StageError(f"saved export does not reproduce the merged model's logits ({roundtrip})")
-        timing["float32"] = time_variant(fmodel, ftok, texts, bs, ml, params.latency_repeats,
-                                         params.latency_single_texts)
         del merged
 
         qdir = tmp / INT8_DIR
@@ -288,16 +293,15 @@ def run(args: argparse.Namespace) -> None:
         write_json(qdir / "model.json", {**fmeta, "quantization": {"scheme": QUANT_SCHEME,
                                                                    "embeddings": params.int8_embeddings, **qinfo}})
         qmodel, qtok, _ = load_int8_classifier(qdir)
-        int8_logits = predict_logits(qmodel, qtok, texts, bs, ml)
-        timing["int8"] = time_variant(qmodel, qtok, texts, bs, ml, params.latency_repeats, params.latency_single_texts)
+        int8_logits, timing["int8"] = time_variant(qmodel, qtok, texts, bs, ml, *latency)
 
         weights = {"unmerged": None, "float32": folder_bytes(tmp, "*.safetensors") - folder_bytes(qdir, "*.safetensors"),
                    "int8": folder_bytes(qdir, "*.safetensors")}
         variants = {}
         for name, lg in (("unmerged", unmerged_logits), ("float32", float_logits), ("int8", int8_logits)):
+            # unmerged size: base encoder + adapter live elsewhere, not an artefact here
             variants[name] = {**score_variant(lg, test, meta, calib, params.bins), **timing[name],
-                              "size_bytes": weights[name] if weights[name] is not None else None}
-        variants["unmerged"]["size_bytes"] = None  # base encoder + adapter live elsewhere; not an artefact here
+                              "size_bytes": weights[name]}
         metrics = {"test_rows": len(texts), "merge_check": merge_check,
                    "int8_vs_float32": logit_agreement(float_logits, int8_logits),
                    "int8_size_ratio": weights["int8"] / weights["float32"],
