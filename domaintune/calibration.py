@@ -97,11 +97,6 @@ def ece_mce(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> tupl
     return float(ece), float(mce)
 
 
-def ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    p = np.asarray(probs)
-    return ece_mce(p.max(axis=1), p.argmax(axis=1) == y, bins)[0]
-
-
 # ---------------------------------------------------------------- temperature
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> dict:
     """One scalar T minimising validation NLL of softmax(logits / T).

@@ -6,7 +6,8 @@ id (str), text (str), label (str), split (str), and labels.json: the sorted
 list of label names seen in train, and hashes.json: per-split SHA-256 content
 hashes plus a "dataset" hash (the dataset version later stages record).
 Labels stay strings end to end; integer
-ids are assigned only inside the model, from labels.json.
+ids are assigned only inside the model, from labels.json. A multi-label row
+holds its labels joined by LABEL_SEPARATOR.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 
 SPLITS = ("train", "validation", "test")
@@ -135,5 +137,33 @@ def read_dataset(folder: str | os.PathLike) -> tuple[dict[str, pd.DataFrame], li
     return splits, labels
 
 
-def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
-    write_json(path, metrics)
+# ---------------------------------------------------------------- labels
+LABEL_SEPARATOR = "|"
+
+
+def split_labels(value) -> list[str]:
+    """The labels of one multi-label cell ("a|b" -> ["a", "b"]), blanks dropped."""
+    return [p.strip() for p in str(value).split(LABEL_SEPARATOR) if p.strip()]
+
+
+def encode_labels(df: pd.DataFrame, labels: Sequence[str], problem_type: str, file: str = "train") -> np.ndarray:
+    """Label strings -> int ids [n] (single_label) or a multi-hot float matrix [n, K] (multi_label)."""
+    index = {name: i for i, name in enumerate(labels)}
+    if problem_type == "single_label":
+        out = np.empty(len(df), dtype=np.int64)
+        for row, value in enumerate(df["label"].tolist()):
+            if value not in index:
+                raise DataError(file, row, "label", f"label {value!r} is not in labels.json")
+            out[row] = index[value]
+        return out
+    out = np.zeros((len(df), len(labels)), dtype=np.float32)
+    for row, value in enumerate(df["label"].tolist()):
+        parts = split_labels(value)
+        if not parts:
+            raise DataError(file, row, "label", "empty multi-label value")
+        for p in parts:
+            if p not in index:
+                raise DataError(file, row, "label", f"label {p!r} (from {value!r}, split on "
+                                f"{LABEL_SEPARATOR!r}) is not in labels.json")
+            out[row, index[p]] = 1.0
+    return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -89,8 +89,12 @@ def length_sorted_batches(texts: Sequence[str], batch_size: int) -> list[np.ndar
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _tokenize(tokenizer, texts, max_length):
-    return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+def _token_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, device):
+    """(row indices, tokenized batch on `device`) for length-sorted batches of `texts`."""
+    for idx in length_sorted_batches(texts, batch_size):
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        yield idx, {k: v.to(device) for k, v in enc.items()}  # the model may sit on a GPU
 
 
 def embed_texts(encoder, tokenizer, texts: Sequence[str], batch_size: int = 64, max_length: int = 128,
@@ -99,18 +103,11 @@ def embed_texts(encoder, tokenizer, texts: Sequence[str], batch_size: int = 64, 
     import torch
 
     encoder.eval()
-    out = None
+    out = np.zeros((len(texts), encoder.config.hidden_size), dtype=np.float32)
     with torch.inference_mode():
-        for idx in length_sorted_batches(texts, batch_size):
-            enc = _tokenize(tokenizer, [texts[i] for i in idx], max_length)
-            enc = {k: v.to(encoder.device) for k, v in enc.items()}  # the encoder may sit on a GPU
+        for idx, enc in _token_batches(tokenizer, texts, batch_size, max_length, encoder.device):
             hidden = encoder(**enc).last_hidden_state
-            vec = pool(hidden, enc["attention_mask"], pooling).float().cpu().numpy()
-            if out is None:
-                out = np.zeros((len(texts), vec.shape[1]), dtype=np.float32)
-            out[idx] = vec
-    if out is None:
-        return np.zeros((0, 0), dtype=np.float32)
+            out[idx] = pool(hidden, enc["attention_mask"], pooling).float().cpu().numpy()
     return out
 
 
@@ -127,12 +124,14 @@ def _classifier_class():
             self.dropout = nn.Dropout(dropout)
             self.head = nn.Linear(encoder.config.hidden_size, num_labels)
 
-        def forward(self, input_ids, attention_mask, token_type_ids=None):
+        def forward(self, input_ids, attention_mask, token_type_ids=None, return_mean_pooled: bool = False):
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = token_type_ids
             hidden = self.encoder(**kwargs).last_hidden_state
-            return self.head(self.dropout(pool(hidden, attention_mask, self.pooling)))
+            logits = self.head(self.dropout(pool(hidden, attention_mask, self.pooling)))
+            # The drift profile wants the mean-pooled text vector too: same pass, no second forward.
+            return (logits, mean_pool(hidden, attention_mask)) if return_mean_pooled else logits
 
     return EncoderClassifier
 
@@ -141,19 +140,27 @@ def build_classifier(encoder, num_labels: int, pooling: str = "mean", dropout: f
     return _classifier_class()(encoder, num_labels, pooling, dropout)
 
 
-def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
-    """Raw logits [n, num_labels] in input order (length-sorted batches internally)."""
+def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64, max_length: int = 128,
+                   mean_pooled: bool = False):
+    """Raw logits [n, num_labels] in input order (length-sorted batches internally).
+
+    mean_pooled=True returns (logits, mean-pooled encoder output [n, hidden]) from the same pass.
+    """
     import torch
 
     model.eval()
     device = next(model.parameters()).device
     out = np.zeros((len(texts), model.head.out_features), dtype=np.float32)
+    pooled = np.zeros((len(texts), model.head.in_features), dtype=np.float32) if mean_pooled else None
     with torch.inference_mode():
-        for idx in length_sorted_batches(texts, batch_size):
-            enc = _tokenize(tokenizer, [texts[i] for i in idx], max_length)
-            enc = {k: v.to(device) for k, v in enc.items()}  # the model may sit on a GPU
-            out[idx] = model(**enc).float().cpu().numpy()
-    return out
+        for idx, enc in _token_batches(tokenizer, texts, batch_size, max_length, device):
+            if mean_pooled:
+                logits, vec = model(**enc, return_mean_pooled=True)
+                pooled[idx] = vec.float().cpu().numpy()
+            else:
+                logits = model(**enc)
+            out[idx] = logits.float().cpu().numpy()
+    return (out, pooled) if mean_pooled else out
 
 
 def save_classifier(model, tokenizer, out_dir: str | os.PathLike, meta: dict) -> None:
@@ -218,16 +225,3 @@ def count_parameters(module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def iter_texts(df_list: Iterable) -> list[str]:
-    return [t for df in df_list for t in df["text"].tolist()]

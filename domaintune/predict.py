@@ -12,13 +12,14 @@ An exported folder (stages/export.py) carries its calibration in model.json:
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from domaintune.data import read_json
+from domaintune.data import LABEL_SEPARATOR, DataError, read_json
 
 INT8_DIR = "int8"
 
@@ -30,8 +31,8 @@ class Predictor:
         self.labels: list[str] = list(meta["labels"])
         self.problem_type: str = meta.get("problem_type", "single_label")
         self.max_length = int(meta.get("max_length", 128))
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.temperature = float(temperature)
         thr = thresholds or {}
         self.thresholds = np.array([float(thr.get(lab, 0.5)) for lab in self.labels])
@@ -57,12 +58,18 @@ class Predictor:
         if calibration and cal.get("labels") and list(cal["labels"]) != list(meta["labels"]):
             raise ValueError(f"{calibration}: calibration was fitted for labels {cal['labels']}, "
                              f"model has {meta['labels']}")
-        return cls(model, tok, meta, float(cal.get("temperature") or 1.0), cal.get("thresholds"), batch_size)
+        t = cal.get("temperature")
+        t = 1.0 if t is None else t  # uncalibrated (e.g. finetune's own folder)
+        source = calibration or model_dir / "model.json"
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise DataError(source, None, "temperature", f"must be a positive number, got {t!r}")
+        return cls(model, tok, meta, float(t), cal.get("thresholds"), batch_size)
 
-    def logits(self, texts: Sequence[str]) -> np.ndarray:
+    def logits(self, texts: Sequence[str], mean_pooled: bool = False):
+        """Raw logits; mean_pooled=True also returns the mean-pooled text vectors of the same pass."""
         from domaintune.modeling import predict_logits
 
-        return predict_logits(self.model, self.tokenizer, list(texts), self.batch_size, self.max_length)
+        return predict_logits(self.model, self.tokenizer, list(texts), self.batch_size, self.max_length, mean_pooled)
 
     def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
         from domaintune.calibration import sigmoid, softmax
@@ -76,10 +83,13 @@ class Predictor:
         return self.proba_from_logits(self.logits(texts))
 
     def predict(self, texts: Sequence[str]) -> list[str]:
-        """Label names; multi-label predictions are the labels over their thresholds, joined by '|'."""
-        probs = self.predict_proba(texts)
+        """Label names; multi-label predictions are the labels over their thresholds, joined by LABEL_SEPARATOR."""
+        return self.labels_from_proba(self.predict_proba(texts))
+
+    def labels_from_proba(self, probs: np.ndarray) -> list[str]:
         if self.problem_type == "multi_label":
-            return ["|".join(lab for lab, on in zip(self.labels, row) if on) for row in probs >= self.thresholds]
+            return [LABEL_SEPARATOR.join(lab for lab, on in zip(self.labels, row) if on)
+                    for row in probs >= self.thresholds]
         return [self.labels[i] for i in probs.argmax(axis=1)]
 
 

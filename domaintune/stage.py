@@ -14,9 +14,6 @@ from typing import Callable, Sequence
 from domaintune.data import DataError
 from domaintune.params import ParamsError
 
-log = logging.getLogger("domaintune")
-
-
 class StageError(RuntimeError):
     """A stage refused to continue (e.g. a failed quality gate); the message says why."""
 

@@ -36,12 +36,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from domaintune.data import DataError, read_json, write_json
+from domaintune.data import LABEL_SEPARATOR, DataError, encode_labels, read_json, split_labels, write_json
 from domaintune.params import BaseParams, FinetuneParams, ParamsError, as_dict
 
 log = logging.getLogger("domaintune.training")
 
-LABEL_SEPARATOR = "|"
 # Test hook: raise after this many optimizer steps (after checkpointing), to
 # simulate a crash and check that resuming gives the same result.
 CRASH_ENV = "DOMAINTUNE_CRASH_AFTER_STEPS"
@@ -54,29 +53,6 @@ class TrainingCrash(RuntimeError):
 
 # ---------------------------------------------------------------- labels
 
-def encode_labels(df: pd.DataFrame, labels: Sequence[str], problem_type: str, file: str = "train") -> np.ndarray:
-    """Label strings -> int ids [n] (single_label) or a multi-hot float matrix [n, K] (multi_label)."""
-    index = {name: i for i, name in enumerate(labels)}
-    if problem_type == "single_label":
-        out = np.empty(len(df), dtype=np.int64)
-        for row, value in enumerate(df["label"].tolist()):
-            if value not in index:
-                raise DataError(file, row, "label", f"label {value!r} is not in labels.json")
-            out[row] = index[value]
-        return out
-    out = np.zeros((len(df), len(labels)), dtype=np.float32)
-    for row, value in enumerate(df["label"].tolist()):
-        parts = [p.strip() for p in str(value).split(LABEL_SEPARATOR) if p.strip()]
-        if not parts:
-            raise DataError(file, row, "label", "empty multi-label value")
-        for p in parts:
-            if p not in index:
-                raise DataError(file, row, "label", f"label {p!r} (from {value!r}, split on "
-                                f"{LABEL_SEPARATOR!r}) is not in labels.json")
-            out[row, index[p]] = 1.0
-    return out
-
-
 def label_list(train_df: pd.DataFrame, labels: Sequence[str], problem_type: str) -> list[str]:
     """The model's label order: labels.json for single-label; for multi-label the
     individual names found by splitting (labels.json then lists the combinations)."""
@@ -84,7 +60,7 @@ def label_list(train_df: pd.DataFrame, labels: Sequence[str], problem_type: str)
         return list(labels)
     names = set()
     for value in list(labels) + train_df["label"].tolist():
-        names.update(p.strip() for p in str(value).split(LABEL_SEPARATOR) if p.strip())
+        names.update(split_labels(value))
     return sorted(names)
 
 
@@ -489,7 +465,7 @@ def validate_setup(ft: FinetuneParams, encoder_dir: str) -> None:
 
 def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
               base: BaseParams, ft: FinetuneParams, seed: int, checkpoint_dir: Optional[Path] = None,
-              data_hash: str = "", progress: bool = True):
+              progress: bool = True):
     """Train one model with one seed. Returns (model, tokenizer, label names, result dict).
 
     result: history (per-step loss, lr, grad norm; per-epoch validation metrics),
@@ -753,7 +729,7 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
     for seed in ft.seeds:
         ckpt = ckpt_root / keys[seed] if ckpt_root is not None else None
         model, tok, names, res = train_one(train_df, val_df, labels, encoder_dir, base, ft, seed, ckpt,
-                                           data_hash, progress)
+                                           progress)
         meta = {
             "labels": names, "pooling": ft.pooling, "problem_type": ft.problem_type, "method": ft.method,
             "max_length": base.max_length, "base_encoder": base_encoder or str(encoder_dir),

@@ -18,6 +18,7 @@ from typing import Sequence
 from prefect import flow, get_run_logger, task
 
 from domaintune.data import DataError, atomic_output, write_json
+from domaintune.params import ParamsError
 
 
 def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
@@ -90,7 +91,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run_from_args(args) -> int:
     try:
         v = monitor_flow(args.batch, args.repo, args.baseline, args.model, args.out, args.text_column)
-    except DataError as exc:
+    except (DataError, ParamsError, FileNotFoundError) as exc:  # as the stages do: bad input -> exit 2
         print(f"monitor: error: {exc}", file=sys.stderr)
         return 2
     print(("DRIFT: " + "; ".join(v["reasons"])) if v["drift"] else

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from domaintune.data import (SPLITS, DataError, atomic_output, dataset_hashes, read_dataset,
-                             write_dataset, write_json, write_metrics)
+                             write_dataset, write_json)
 from domaintune.params import AuditParams, BaseParams, as_dict, load_params
 from domaintune.stage import StageError, run_stage, stage_parser
 
@@ -529,7 +529,7 @@ def run(args) -> None:
         })
         # Metrics last, inside both blocks: any failure above leaves no metrics either.
         with atomic_output(args.metrics) as met_tmp:
-            write_metrics(met_tmp, m)
+            write_json(met_tmp, m)
     log.info("flagged %d train rows; action %s: dropped %d, relabelled %d; decisions applied %d",
              m["issues_found"], params.action, m["rows_acted_on"]["dropped"], m["rows_acted_on"]["relabelled"],
              m["decisions"]["applied"])

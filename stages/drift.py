@@ -19,7 +19,6 @@ Nothing is pickled: arrays are safetensors, the rest JSON and Parquet.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from domaintune.data import DataError, atomic_output, read_dataset, read_json, write_json, write_metrics
+from domaintune.data import DataError, atomic_output, read_dataset, read_json, write_json
 from domaintune.stage import stage_parser, run_stage
 
 # Numeric text features every batch gets, in report order.
@@ -94,36 +93,25 @@ def load_served_model(model_dir: str | Path):
     model_dir = Path(model_dir)
     if not (model_dir / "model.json").exists():
         raise DataError(model_dir / "model.json", None, None, "exported model missing; run the export stage first")
-    meta = read_json(model_dir / "model.json")
-    t = meta.get("temperature", 1.0)
-    if not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)):
-        raise DataError(model_dir / "model.json", None, "temperature", f"must be a positive number, got {t!r}")
-    source = "model.json" if "temperature" in meta else "none recorded in model.json (uncalibrated)"
-    return Predictor.load(model_dir), source
+    predictor = Predictor.load(model_dir)  # validates the temperature, naming model.json
+    source = "model.json" if "temperature" in predictor.meta else "none recorded in model.json (uncalibrated)"
+    return predictor, source
 
 
-def model_outputs(predictor, texts: Sequence[str], batch_size: int,
-                  max_length: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Predicted label, calibrated confidence and mean-pooled embedding of each text, in input order."""
-    from domaintune.modeling import embed_texts
-
+def model_outputs(predictor, texts: Sequence[str], batch_size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Predicted label, calibrated confidence and mean-pooled embedding of each text, in input order
+    (one forward pass, at the model's own max_length)."""
     predictor.batch_size = batch_size
-    probs = predictor.proba_from_logits(predictor.logits(texts))
-    labels = predictor.labels
-    if predictor.problem_type == "multi_label":
-        pred = ["|".join(lab for lab, on in zip(labels, row) if on) for row in probs >= predictor.thresholds]
-    else:
-        pred = [labels[i] for i in probs.argmax(axis=1)]
-    emb = embed_texts(predictor.model.encoder, predictor.tokenizer, texts, batch_size=batch_size,
-                      max_length=max_length, pooling="mean")
-    return pred, probs.max(axis=1).astype(np.float64), emb
+    logits, emb = predictor.logits(texts, mean_pooled=True)
+    probs = predictor.proba_from_logits(logits)
+    return predictor.labels_from_proba(probs), probs.max(axis=1).astype(np.float64), emb
 
 
 def profile_frame(texts: Sequence[str], predictor, vocab: set[str], mean: np.ndarray | None,
-                  comps: np.ndarray | None, batch_size: int, max_length: int, k: int | None = None):
+                  comps: np.ndarray | None, batch_size: int, k: int | None = None):
     """Features + model behaviour for a batch. With mean/comps None the PCA is fitted here (on this batch)."""
-    feats = text_features(texts, predictor.tokenizer, vocab, max_length)
-    pred, conf, emb = model_outputs(predictor, texts, batch_size, max_length)
+    feats = text_features(texts, predictor.tokenizer, vocab, predictor.max_length)
+    pred, conf, emb = model_outputs(predictor, texts, batch_size)
     if mean is None:
         mean, comps = fit_pca(emb, k or 1)
     pcs = project(emb, mean, comps)
@@ -171,7 +159,7 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, numeric: Sequen
             "drifted_share": share if share is not None else len(drifted) / max(len(columns), 1)}
 
 
-def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir: str | Path, params, base,
+def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir: str | Path, params,
                    out: Path, dataset_hash: str | None = None) -> dict:
     """Write the reference profile into `out` (a fresh folder); return the metrics."""
     train = splits["train"]
@@ -182,7 +170,7 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir
     vocab_list = build_vocab(train["text"].tolist())
     vocab = set(vocab_list)
     ref, mean, comps = profile_frame(train["text"].tolist(), predictor, vocab, None, None, params.batch_size,
-                                     base.max_length, k=params.pca_components)
+                                     k=params.pca_components)
     ref.insert(0, "id", train["id"].astype(str).values)
     ref.insert(1, "label", train["label"].astype(str).values)
     numeric = list(TEXT_FEATURES) + pca_columns(comps.shape[0]) + [CONF_COLUMN]
@@ -197,8 +185,7 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir
     sanity = None
     val = splits.get("validation")
     if val is not None and len(val) >= 2:
-        cur, _, _ = profile_frame(val["text"].tolist(), predictor, vocab, mean, comps, params.batch_size,
-                                  base.max_length)
+        cur, _, _ = profile_frame(val["text"].tolist(), predictor, vocab, mean, comps, params.batch_size)
         sanity = drift_report(ref, cur, numeric, params.stattest_threshold, params.drift_share, out / "report.html")
     else:
         # Still ship a report: the reference against itself documents the features.
@@ -212,7 +199,7 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir
         "labels": list(predictor.labels),
         "temperature": temperature,
         "temperature_source": t_source,
-        "max_length": base.max_length,
+        "max_length": predictor.max_length,
         "numeric_features": numeric,
         "categorical_features": [PRED_COLUMN],
         "pca_components": int(comps.shape[0]),
@@ -268,7 +255,7 @@ def compare_batch(baseline: Baseline, texts: Sequence[str], model_dir: str | Pat
         raise DataError(Path(model_dir) / "model.json", None, "labels",
                         "served model's labels differ from the baseline's; rebuild the baseline (drift stage)")
     cur, _, _ = profile_frame(list(texts), predictor, baseline.vocab, baseline.mean, baseline.components,
-                              batch_size, baseline.profile["max_length"])
+                              batch_size)
     numeric = baseline.profile["numeric_features"]
     rep = drift_report(baseline.reference, cur, numeric, params.stattest_threshold, params.drift_share, html_path)
     conf_ref = float(baseline.profile["mean_confidence"])
@@ -306,14 +293,14 @@ def main(argv=None) -> int:
         from domaintune.modeling import set_threads
         from domaintune.params import load_params
 
-        base, params = load_params(args.params, "base", "drift")
+        params = load_params(args.params, "drift")
         splits, labels = read_dataset(args.in_dir)
         hashes_path = Path(args.in_dir) / "hashes.json"
         dataset_hash = read_json(hashes_path).get("dataset") if hashes_path.exists() else None
         set_threads()
-        with atomic_output(args.out) as tmp:
-            metrics = build_baseline(splits, labels, args.model, params, base, tmp, dataset_hash)
-        write_metrics(args.metrics, metrics)
+        with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
+            metrics = build_baseline(splits, labels, args.model, params, tmp, dataset_hash)
+            write_json(tmp_metrics, metrics)
 
     return run_stage("drift", run, ap, argv)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domaintune.data import DataError, atomic_output, read_dataset, read_json, write_json
+from domaintune.data import DataError, atomic_output, encode_labels, read_dataset, read_json, split_labels, write_json
 from domaintune.params import EvaluateParams, load_params
 from domaintune.stage import StageError, run_stage, stage_parser
 
@@ -50,7 +50,7 @@ def check_labels(model_labels: list[str], data_labels: list[str], splits: dict[s
     in_dir = Path(in_dir)
     known = set(model_labels)
     if problem_type == "multi_label":
-        data_set = {p.strip() for lab in data_labels for p in str(lab).split("|") if p.strip()}
+        data_set = {p for lab in data_labels for p in split_labels(lab)}
     else:
         data_set = set(data_labels)
     if data_set != known:
@@ -60,8 +60,7 @@ def check_labels(model_labels: list[str], data_labels: list[str], splits: dict[s
     for name in ("validation", "test"):
         df = splits[name]
         for i, (rid, lab) in enumerate(zip(df["id"], df["label"])):
-            parts = ([p.strip() for p in str(lab).split("|") if p.strip()] if problem_type == "multi_label"
-                     else [lab])
+            parts = split_labels(lab) if problem_type == "multi_label" else [lab]
             bad = [p for p in parts if p not in known]
             if bad:
                 raise DataError(in_dir / f"{name}.parquet", f"{i} (id {rid})", "label",
@@ -81,16 +80,6 @@ def check_calibration_rows(val: pd.DataFrame, params: EvaluateParams, in_dir: st
                         "too few to fit a temperature")
 
 
-def label_matrix(df: pd.DataFrame, labels: list[str]) -> np.ndarray:
-    index = {lab: j for j, lab in enumerate(labels)}
-    Y = np.zeros((len(df), len(labels)), dtype=int)
-    for i, lab in enumerate(df["label"]):
-        for p in str(lab).split("|"):
-            if p.strip():
-                Y[i, index[p.strip()]] = 1
-    return Y
-
-
 # ---------------------------------------------------------------- core
 def evaluate_logits(val: pd.DataFrame, test: pd.DataFrame, val_logits: np.ndarray, test_logits: np.ndarray,
                     labels: list[str], params: EvaluateParams, problem_type: str = "single_label") -> EvalResult:
@@ -99,9 +88,8 @@ def evaluate_logits(val: pd.DataFrame, test: pd.DataFrame, val_logits: np.ndarra
         return _evaluate_multi_label(val, test, val_logits, test_logits, labels, params)
     from domaintune import calibration as cal
 
-    index = {lab: j for j, lab in enumerate(labels)}
-    y_val = val["label"].map(index).to_numpy(dtype=int)
-    y_test = test["label"].map(index).to_numpy(dtype=int)
+    y_val = encode_labels(val, labels, "single_label", "validation")
+    y_test = encode_labels(test, labels, "single_label", "test")
     fit = cal.fit_temperature(val_logits, y_val)
     T = fit["temperature"]
     p_before = cal.softmax(test_logits, 1.0)
@@ -202,7 +190,8 @@ def _evaluate_multi_label(val, test, val_logits, test_logits, labels, params) ->
 
     from domaintune import calibration as cal
 
-    Y_val, Y_test = label_matrix(val, labels), label_matrix(test, labels)
+    Y_val = encode_labels(val, labels, "multi_label", "validation").astype(int)
+    Y_test = encode_labels(test, labels, "multi_label", "test").astype(int)
     p_val, p_test = cal.sigmoid(val_logits), cal.sigmoid(test_logits)
     thr = cal.tune_thresholds(p_val, Y_val)
     before = cal.multi_label_metrics(p_test, Y_test, np.full(len(labels), 0.5), params.bins)
@@ -356,14 +345,17 @@ def evaluate(in_dir: str | Path, model_dir: str | Path, params: EvaluateParams) 
     res = evaluate_logits(splits["validation"], splits["test"], logits["validation"], logits["test"],
                           meta["labels"], params, problem_type)
     seeds = None
-    if seed_dirs(model_dir):
+    if dirs := seed_dirs(model_dir):
         per_seed = {}
-        for seed, d in seed_dirs(model_dir).items():
+        for seed, d in dirs.items():
             smeta = read_json(d / "model.json")
-            check_labels(smeta["labels"], labels, splits, in_dir, problem_type)
-            smeta, slog = model_logits(d, splits, params.batch_size)
-            sres = evaluate_logits(splits["validation"], splits["test"], slog["validation"], slog["test"],
-                                   smeta["labels"], params, problem_type)
+            if str(smeta.get("seed")) == str(meta.get("seed")):
+                sres = res  # finetune saves the best seed's model at the top level too: scored above
+            else:
+                check_labels(smeta["labels"], labels, splits, in_dir, problem_type)
+                smeta, slog = model_logits(d, splits, params.batch_size)
+                sres = evaluate_logits(splits["validation"], splits["test"], slog["validation"], slog["test"],
+                                       smeta["labels"], params, problem_type)
             per_seed[seed] = {"before": sres.before, "after": sres.after,
                               "temperature": sres.calibration["temperature"]}
         seeds = seed_summary(per_seed)

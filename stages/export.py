@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domaintune.data import DataError, atomic_output, read_dataset, read_json, write_json
+from domaintune.data import DataError, atomic_output, encode_labels, read_dataset, read_json, write_json
 from domaintune.params import as_dict, load_params
 from domaintune.stage import StageError, run_stage, stage_parser
 
@@ -58,13 +58,10 @@ def score_variant(logits: np.ndarray, test: pd.DataFrame, meta: dict, calib: dic
 
     labels = list(meta["labels"])
     if meta.get("problem_type", "single_label") == "multi_label":
-        from stages.evaluate import label_matrix
-
         thr = np.array([float((calib.get("thresholds") or {}).get(lab, 0.5)) for lab in labels])
-        m = cal.multi_label_metrics(cal.sigmoid(logits), label_matrix(test, labels), thr, bins)
+        m = cal.multi_label_metrics(cal.sigmoid(logits), encode_labels(test, labels, "multi_label", "test"), thr, bins)
     else:
-        index = {lab: i for i, lab in enumerate(labels)}
-        y = test["label"].map(index).to_numpy(dtype=int)
+        y = encode_labels(test, labels, "single_label", "test")
         m = cal.single_label_metrics(cal.softmax(logits, float(calib["temperature"])), y, len(labels), bins)
     return {k: m[k] for k in ("accuracy", "macro_f1", "nll", "ece")}
 

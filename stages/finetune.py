@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from domaintune.data import atomic_output, read_dataset, read_json, write_metrics
+from domaintune.data import atomic_output, read_dataset, read_json, write_json
 from domaintune.params import load_params
 
 
 def run(args: argparse.Namespace) -> dict:
-    from domaintune.training import train_classifier, validate_setup
+    from domaintune.training import train_classifier
 
     base, ft = load_params(args.params, "base", "finetune")
     if not Path(args.encoder).is_dir():
@@ -25,14 +25,13 @@ def run(args: argparse.Namespace) -> dict:
     splits, labels = read_dataset(args.in_dir)
     hashes_path = Path(args.in_dir) / "hashes.json"
     data_hash = read_json(hashes_path)["dataset"] if hashes_path.exists() else ""
-    validate_setup(ft, args.encoder)  # bad method/target/backend: fail before any output or training
-    with atomic_output(args.out) as out, atomic_output(args.live) as live:
+    with atomic_output(args.out) as out, atomic_output(args.live) as live, atomic_output(args.metrics) as met:
         metrics = train_classifier(splits["train"], splits["validation"], labels, args.encoder, base, ft, out,
                                    base_encoder=args.encoder, data_hash=data_hash,
                                    checkpoint_root=args.checkpoints, live_dir=live,
                                    progress=not args.no_progress)
         metrics["dataset_hash"] = data_hash
-        write_metrics(args.metrics, metrics)
+        write_json(met, metrics)
     # DVC requires the persisted checkpoints out to exist (and not be empty) even when a
     # finished run cleared its checkpoints.
     ckpt = Path(args.checkpoints)
