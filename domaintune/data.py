@@ -44,8 +44,10 @@ class DataError(ValueError):
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
 
-    A stage that crashes half-way therefore leaves no partial output behind and
-    whatever was at `path` before is replaced in one rename. Works for files and
+    A stage that crashes half-way therefore leaves no partial output behind.
+    A file is replaced in one rename; a folder in two (the old one is moved aside
+    next to the new one, then the new one moved in), and the old one is deleted
+    only after that. Works for files and
     directories (the block decides which it creates at the yielded path).
     """
     path = Path(path)
@@ -57,9 +59,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         if not tmp.exists():
             raise RuntimeError(f"stage produced no output at {path}")
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+            os.replace(path, tmp_root / ".replaced")  # same folder, so a rename; deleted below
+        elif tmp.is_dir() and (path.exists() or path.is_symlink()):
+            path.unlink()  # a file where a folder goes: os.replace cannot swap the two kinds
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)

@@ -36,7 +36,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from domaintune.data import LABEL_SEPARATOR, DataError, encode_labels, read_json, split_labels, write_json
+from domaintune.data import (LABEL_SEPARATOR, DataError, atomic_output, encode_labels, read_json, split_labels,
+                             write_json)
+from domaintune.embeddings import encoder_fingerprint
 from domaintune.params import BaseParams, FinetuneParams, ParamsError, as_dict
 
 log = logging.getLogger("domaintune.training")
@@ -253,20 +255,12 @@ def classification_metrics(logits: np.ndarray, y: np.ndarray, problem_type: str)
 
 # ---------------------------------------------------------------- state (de)serialisation
 
-def _hash_file(path: Path, h) -> None:
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-
-
 def run_key(ft: FinetuneParams, base: BaseParams, data_hash: str, encoder_dir: str, seed: int) -> str:
     """What a checkpoint belongs to: params, data, encoder weights and seed."""
     h = hashlib.sha256()
     h.update(json.dumps({"finetune": as_dict(ft), "max_length": base.max_length, "data": data_hash,
                          "seed": seed}, sort_keys=True).encode())
-    enc = Path(encoder_dir)
-    for f in sorted(enc.glob("*.safetensors")) + sorted(enc.glob("config.json")):
-        _hash_file(f, h)
+    h.update(encoder_fingerprint(encoder_dir).encode())  # weights, config and tokenizer files
     return h.hexdigest()[:16]
 
 
@@ -293,13 +287,17 @@ def _optimizer_from_tensors(opt, params: list, tensors: dict, scalars: dict) -> 
 
 
 def save_checkpoint(ckpt_dir: Path, model, opt, sched, params: list, state: dict, best: Optional[dict]) -> None:
-    """Atomic: written to a temp folder then renamed, so a crash mid-write keeps the previous one."""
+    """Written to a temporary folder and swapped in complete (data.atomic_output): a crash mid-write
+    leaves the previous checkpoint in place."""
+    with atomic_output(ckpt_dir) as tmp:
+        tmp.mkdir()
+        _write_checkpoint(tmp, model, opt, sched, params, state, best)
+
+
+def _write_checkpoint(tmp: Path, model, opt, sched, params: list, state: dict, best: Optional[dict]) -> None:
     import torch
     from safetensors.torch import save_file
 
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu().clone() for k, v in _trainable_state(model).items()},
               str(tmp / "model.safetensors"))
     if best is not None:
@@ -313,9 +311,6 @@ def save_checkpoint(ckpt_dir: Path, model, opt, sched, params: list, state: dict
         state = dict(state, scheduler={k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"})
     save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     write_json(tmp / "state.json", state)
-    if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    os.replace(tmp, ckpt_dir)
 
 
 def load_checkpoint(ckpt_dir: Path, model, opt, sched, params: list) -> tuple[dict, Optional[dict]]:

@@ -35,3 +35,29 @@ def test_split_hash_is_pinned():
     assert split_hash(df) == reference_hash(df)
     assert split_hash(df) == hashlib.sha256(
         '["a", "refund \\"now\\"", "y"]\n["b", "Wo ist mein Paket?", "x"]\n'.encode()).hexdigest()
+
+
+def test_atomic_output_swaps_folders_and_files_whole(tmp_path):
+    import pytest
+
+    from domaintune.data import atomic_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_output(out) as tmp:
+            tmp.mkdir()
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]  # the previous output is untouched
+    with atomic_output(out) as tmp:
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    metrics = tmp_path / "m.json"
+    metrics.write_text("{}")
+    with atomic_output(metrics) as tmp:
+        tmp.write_text('{"a": 1}')
+    assert metrics.read_text() == '{"a": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "out"]  # no temporaries left behind
