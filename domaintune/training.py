@@ -39,6 +39,7 @@ import pandas as pd
 from domaintune.data import (LABEL_SEPARATOR, DataError, atomic_output, encode_labels, read_json, split_labels,
                              write_json)
 from domaintune.embeddings import encoder_fingerprint
+from domaintune.optim import lr_schedule, no_weight_decay
 from domaintune.params import BaseParams, FinetuneParams, ParamsError, as_dict
 
 log = logging.getLogger("domaintune.training")
@@ -46,7 +47,6 @@ log = logging.getLogger("domaintune.training")
 # Test hook: raise after this many optimizer steps (after checkpointing), to
 # simulate a crash and check that resuming gives the same result.
 CRASH_ENV = "DOMAINTUNE_CRASH_AFTER_STEPS"
-_NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm", "layernorm")
 
 
 class TrainingCrash(RuntimeError):
@@ -383,20 +383,6 @@ def _use_bf16(mode: str) -> bool:
     return ok
 
 
-def _schedule(kind: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        progress = min(1.0, progress)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(0.0, 1.0 - progress)
-    return f
-
-
 def _param_groups(model, trainable: list[tuple[str, Any]], ft: FinetuneParams, num_layers: int) -> list[dict]:
     """AdamW groups: no weight decay on bias/LayerNorm; layer-wise LR decay (each
     block below the top gets `layerwise_lr_decay` times the LR of the one above)."""
@@ -404,7 +390,7 @@ def _param_groups(model, trainable: list[tuple[str, Any]], ft: FinetuneParams, n
     for name, p in trainable:
         depth = param_depth(name, num_layers)
         scale = ft.layerwise_lr_decay ** (num_layers + 1 - depth)
-        wd = 0.0 if any(k in name for k in _NO_DECAY) else ft.weight_decay
+        wd = 0.0 if no_weight_decay(name) else ft.weight_decay
         key = (depth, wd)
         g = groups.setdefault(key, {"params": [], "names": [], "lr": ft.lr * scale, "weight_decay": wd,
                                     "depth": depth})
@@ -529,7 +515,7 @@ def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str
         lengths = np.array([len(x) for x in ids])
     steps_per_epoch = math.ceil(len(texts) / ft.batch_size)
     total_steps = steps_per_epoch * ft.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(ft.scheduler, int(ft.warmup_ratio * total_steps),
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(ft.scheduler, int(ft.warmup_ratio * total_steps),
                                                              total_steps))
 
     # Loss: class weights are inverse frequency (n / (K * count)), capped so a one-off label does not dominate.

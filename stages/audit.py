@@ -9,7 +9,7 @@ How a row gets flagged:
    probability vector: the model that scores a row never saw its label.
    Validation/test rows are scored by one model fitted on all of train.
 3. The out-of-sample probabilities are temperature-calibrated (one T fitted
-   by NLL on the train rows, see fit_temperature) so that min_score means the
+   by NLL on the train rows, see calibrate_probs) so that min_score means the
    same on any dataset. score = 1 - p(given label) under those calibrated
    probabilities: one minus cleanlab's self-confidence label quality score
    (cleanlab.rank.get_label_quality_scores, method "self_confidence"), so 1.0
@@ -29,19 +29,18 @@ Human decisions (labels/decisions.csv) override the automatic policy.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, dataset_hashes, read_dataset,
+from domaintune.data import (SPLITS, DataError, atomic_output, json_lines_sha256, read_dataset, read_hashes,
                              write_dataset, write_json)
 from domaintune.params import AuditParams, BaseParams, as_dict, load_params
 from domaintune.stage import StageError, run_stage, stage_parser
@@ -141,12 +140,9 @@ def embed_splits(splits: dict[str, pd.DataFrame], encoder_path: str, cache_dir: 
     ids = [f"{name}/{i}" for name in SPLITS for i in splits[name]["id"].astype(str)]
     # Keyed on the texts (and ids), not the dataset hash: vectors do not depend on labels, so a
     # relabelled upstream dataset (or the benchmark's noisy copies) reuses them.
-    texts_hash = hashlib.sha256()
-    for rid, text in zip(ids, texts):
-        texts_hash.update(json.dumps([rid, text], ensure_ascii=False).encode("utf-8") + b"\n")
     key = {
         "format": 1,
-        "texts": texts_hash.hexdigest(),
+        "texts": json_lines_sha256(zip(ids, texts)),
         "encoder_fingerprint": encoder_fingerprint(encoder_path),
         "max_length": max_length,
         "pooling": "mean",
@@ -235,8 +231,9 @@ def out_of_sample_probs(X: np.ndarray, y: np.ndarray, n_classes: int, folds: int
     return probs, scorable, k
 
 
-def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
-    """Temperature T minimising the NLL of the given labels under softmax(log(probs) / T).
+def calibrate_probs(y: np.ndarray, probs: np.ndarray, fit_rows: np.ndarray) -> tuple[float, Callable]:
+    """Temperature T (calibration.fit_temperature on log-probabilities of the fit rows) and a function
+    applying it: softmax(log(probs) / T).
 
     Why: how sharp a logistic regression's probabilities are depends on C, the
     embedding scale and the dataset size (on BANKING77 with C=10 a clean but
@@ -245,24 +242,13 @@ def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
     dataset. Fitted against the noisy labels, T also softens as the noise
     grows. T does not change the argmax, so suggestions are unaffected.
     """
-    from scipy.optimize import minimize_scalar
-    from scipy.special import log_softmax
+    from domaintune import calibration as cal
 
-    if len(y) == 0:
-        return 1.0
-    logp = np.log(np.clip(probs, 1e-12, 1.0))
-    rows = np.arange(len(y))
+    def log_probs(p: np.ndarray) -> np.ndarray:
+        return np.log(np.clip(p, 1e-12, 1.0))
 
-    def nll(t: float) -> float:
-        return float(-log_softmax(logp / t, axis=1)[rows, y].mean())
-
-    return float(minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded", options={"xatol": 1e-3}).x)
-
-
-def apply_temperature(probs: np.ndarray, t: float) -> np.ndarray:
-    from scipy.special import softmax
-
-    return softmax(np.log(np.clip(probs, 1e-12, 1.0)) / t, axis=1)
+    t = cal.fit_temperature(log_probs(probs[fit_rows]), y[fit_rows])["temperature"] if fit_rows.any() else 1.0
+    return t, lambda p: cal.softmax(log_probs(p), t)
 
 
 def score_rows(y: np.ndarray, probs: np.ndarray, scorable: np.ndarray, min_score: float,
@@ -361,8 +347,8 @@ def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[s
             per_split_probs[s] = (ys.fillna(0).astype(int).to_numpy(),
                                   _full_probs(full, embeddings[s], n_classes), known)
     # Calibrate on the train rows' out-of-sample probabilities; apply the same T to every split.
-    temperature = fit_temperature(y_train[scorable], probs_train[scorable])
-    per_split_probs = {s: (ys, apply_temperature(pr, temperature), ok) for s, (ys, pr, ok) in per_split_probs.items()}
+    temperature, calibrated = calibrate_probs(y_train, probs_train, scorable)
+    per_split_probs = {s: (ys, calibrated(pr), ok) for s, (ys, pr, ok) in per_split_probs.items()}
     probs_train = per_split_probs["train"][1]
     timings["cv_seconds"] = round(time.perf_counter() - t0, 3)
 
@@ -502,7 +488,7 @@ def run(args) -> None:
     m["embeddings_reused"] = reused
     m["embed_seconds"] = round(embed_s, 3)
     m["encoder"] = params.encoder if params.encoder != "base" else f"base:{base.model}"
-    m["dataset_hash_in"] = dataset_hashes(splits, labels)["dataset"]
+    m["dataset_hash_in"] = read_hashes(in_dir, splits, labels)["dataset"]
     out_labels = sorted(set(labels))  # relabelling only moves rows between known labels
 
     with atomic_output(args.out) as out_tmp, atomic_output(args.report) as rep_tmp:

@@ -26,8 +26,10 @@ from typing import Sequence
 import numpy as np
 
 from domaintune.data import DataError, atomic_output, read_dataset, write_json
+from domaintune.optim import lr_schedule, no_weight_decay
 from domaintune.params import BaseParams, DaptParams, ParamsError, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
+from domaintune.textnorm import normalise
 
 log = logging.getLogger("domaintune.dapt")
 
@@ -70,25 +72,21 @@ def read_corpus_file(path: str | Path) -> list[tuple[int, str]]:
     return out
 
 
-def _norm(text: str) -> str:
-    # Exact duplicates up to case and whitespace: the same text once in training and
-    # once in the held-out slice would make the held-out perplexity a memory test.
-    return " ".join(text.split()).lower()
-
-
 def build_corpus(train_texts: Sequence[str], corpus_files: dict[str, list[tuple[int, str]]],
                  exclude_texts: Sequence[str] = (), train_file: str = "train.parquet") -> Corpus:
     """Train texts + corpus lines, minus blanks, duplicates and lines equal to a validation/test text.
 
     Every dropped line is counted and listed with its source and reason.
     """
-    excluded = {_norm(t) for t in exclude_texts}
+    # Exact duplicates after dedupe's normalisation (NFKC, casefold, whitespace): the same text once
+    # in training and once in the held-out slice would make the held-out perplexity a memory test.
+    excluded = {normalise(t) for t in exclude_texts}
     seen: set[str] = set()
     corpus = Corpus(texts=[], sources=[])
     counts = {"train_texts": 0, "corpus_lines": 0, "blank": 0, "duplicate": 0, "matches_eval_text": 0}
 
     def add(text: str, source: str, from_corpus: bool) -> None:
-        key = _norm(text)
+        key = normalise(text)
         if not key:
             counts["blank"] += 1
             corpus.removed.append({"source": source, "reason": "blank"})
@@ -320,12 +318,10 @@ def head_state(model) -> dict:
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
-    # Weight decay on matrices only: decaying biases and LayerNorm gains just pulls them to 0.
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -437,12 +433,7 @@ def adapt(corpus: Corpus, base_path: str, params: DaptParams, seed: int):
     warmup = math.ceil(params.warmup_ratio * total_steps)
     opt = torch.optim.AdamW(_param_groups(model, params.weight_decay), lr=params.lr)
 
-    def lr_factor(step: int) -> float:  # linear warmup, then linear decay to 0
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule("linear", warmup, total_steps))
     torch.manual_seed(seed)  # dropout
     batches = _batches(n_blocks, params.batch_size, rng)
     tokens_seen = samples_seen = 0

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, dataset_hashes, read_dataset, read_json,
+from domaintune.data import (SPLITS, DataError, atomic_output, read_dataset, read_hashes,
                              write_dataset, write_json)
 from domaintune.params import DedupeParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
@@ -233,11 +233,10 @@ def metrics_of(result: DedupeResult) -> dict:
 def run(args) -> None:
     p, base = load_params(args.params, "dedupe", "base")
     in_dir = Path(args.in_dir)
-    splits, _ = read_dataset(in_dir)
+    splits, labels = read_dataset(in_dir)
     files = {s: str(in_dir / f"{s}.parquet") for s in SPLITS}
     result = dedupe(splits, p, base.seed, files)
-    hashes_file = in_dir / "hashes.json"
-    input_hashes = read_json(hashes_file) if hashes_file.exists() else dataset_hashes(splits, _)
+    input_hashes = read_hashes(in_dir, splits, labels)
     metrics = metrics_of(result)
     # Nested: the dataset and its metrics land together or not at all.
     with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from domaintune.data import DataError, atomic_output, read_dataset, read_json, write_json
+from domaintune.data import DataError, atomic_output, read_dataset, read_hashes, read_json, write_json
 from domaintune.stage import stage_parser, run_stage
 
 # Numeric text features every batch gets, in report order.
@@ -295,8 +295,7 @@ def main(argv=None) -> int:
 
         params = load_params(args.params, "drift")
         splits, labels = read_dataset(args.in_dir)
-        hashes_path = Path(args.in_dir) / "hashes.json"
-        dataset_hash = read_json(hashes_path).get("dataset") if hashes_path.exists() else None
+        dataset_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
         set_threads()
         with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
             metrics = build_baseline(splits, labels, args.model, params, tmp, dataset_hash)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from domaintune.data import atomic_output, read_dataset, read_json, write_json
+from domaintune.data import atomic_output, read_dataset, read_hashes, write_json
 from domaintune.params import load_params
 
 
@@ -23,8 +23,7 @@ def run(args: argparse.Namespace) -> dict:
     if not Path(args.encoder).is_dir():
         raise FileNotFoundError(f"--encoder {args.encoder}: no such model folder; run the dapt stage first")
     splits, labels = read_dataset(args.in_dir)
-    hashes_path = Path(args.in_dir) / "hashes.json"
-    data_hash = read_json(hashes_path)["dataset"] if hashes_path.exists() else ""
+    data_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
     with atomic_output(args.out) as out, atomic_output(args.live) as live, atomic_output(args.metrics) as met:
         metrics = train_classifier(splits["train"], splits["validation"], labels, args.encoder, base, ft, out,
                                    base_encoder=args.encoder, data_hash=data_hash,
