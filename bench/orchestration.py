@@ -56,7 +56,7 @@ def timed(fn):
 
 
 def main() -> None:
-    from conftest import make_tiny_bert
+    from _fake_pipeline import make_tiny_bert
     from prefect.testing.utilities import prefect_test_harness
 
     from pipelines.retrain import retrain_flow

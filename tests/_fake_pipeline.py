@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +106,7 @@ def env() -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     for k, v in (("GIT_AUTHOR_NAME", "t"), ("GIT_AUTHOR_EMAIL", "t@x"), ("GIT_COMMITTER_NAME", "t"),
-                 ("GIT_COMMITTER_EMAIL", "t@x")):
+                 ("GIT_COMMITTER_EMAIL", "t@x"), ("DVC_NO_ANALYTICS", "1"), ("HF_HUB_OFFLINE", "1")):
         e.setdefault(k, v)
     return e
 
@@ -115,6 +117,29 @@ def sh(root: Path, *cmd: str) -> str:
     return proc.stdout
 
 
+@contextmanager
+def held_lock(root: Path, timeout: float = 30):
+    """Another thread holds `registry.repo_lock(root)` for the body (at most `timeout` s), like a
+    concurrent retrain; on exit it lets go and is joined, so the lock is free again afterwards."""
+    from domaintune import registry
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with registry.repo_lock(root):
+            held.set()
+            release.wait(timeout)
+
+    t = threading.Thread(target=holder, name="repo-lock-holder", daemon=True)
+    t.start()
+    try:
+        assert held.wait(5), f"the holder thread did not take the lock on {root} within 5 s"
+        yield
+    finally:
+        release.set()
+        t.join()
+
+
 
 # ----------------------------------------------------------------------------- the real DAG, tiny
 
@@ -123,6 +148,22 @@ TINY_DAG_PARAMS = {
     "dapt.corpus": ["tiny_corpus.txt"], "dapt.max_steps": 4, "dapt.block_size": 32, "dapt.batch_size": 4,
     "finetune.epochs": 1, "finetune.batch_size": 8, "evaluate.min_calibration_rows": 5, "drift.pca_components": 3,
 }
+
+
+def make_tiny_bert(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide random BERT with the bundled MiniLM tokenizer, saved as safetensors."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from domaintune.modeling import load_tokenizer, resolve_model
+
+    torch.manual_seed(seed)
+    tok = load_tokenizer(resolve_model("minilm"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
 
 
 def make_tiny_dag(root: Path, tiny_bert: Path, rows) -> Path:

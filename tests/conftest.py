@@ -6,28 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from _fake_pipeline import make_tiny_bert  # noqa: F401  (also re-exported: bench/orchestration.py imports it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 BANKING77 = REPO.parent / "shared" / "datasets" / "banking77"
 
 # Tests never touch a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def make_tiny_bert(out_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide random BERT with the bundled MiniLM tokenizer, saved as safetensors."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from domaintune.modeling import load_tokenizer, resolve_model
-
-    torch.manual_seed(seed)
-    tok = load_tokenizer(resolve_model("minilm"))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="session")

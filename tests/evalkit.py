@@ -1,4 +1,4 @@
-"""Helpers for evaluate/export tests: tiny datasets and tiny saved classifiers.
+"""Helpers for evaluate/export/calibration tests: tiny datasets, tiny saved classifiers, calibrated logits.
 
 Models are built from the session's tiny random BERT (conftest.tiny_bert) and
 saved with domaintune.modeling.save_classifier, i.e. exactly the layout the
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
+from domaintune import calibration as cal
 from domaintune.data import write_dataset
 
 LABELS = ["billing", "login", "shipping"]
@@ -19,6 +21,15 @@ WORDS = {
     "login": ["password", "reset", "account", "locked", "sign", "email", "code"],
     "shipping": ["parcel", "delivery", "late", "courier", "tracking", "address", "box"],
 }
+
+
+def calibrated_logits(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) logits and labels drawn from their softmax: calibrated (temperature 1) by construction."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2.0, size=(n, k))
+    p = cal.softmax(logits)
+    y = np.array([rng.choice(k, p=row) for row in p])
+    return logits, y
 
 
 def make_split(name: str, n_per_class: int, labels=LABELS, seed: int = 0) -> pd.DataFrame:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from domaintune import calibration as cal
+from evalkit import calibrated_logits
 
 
 def test_ece_mce_known_answer():
@@ -41,21 +42,12 @@ def test_nll_brier_known_answer():
     assert cal.nll_from_logits(np.log(probs), y) == pytest.approx(cal.nll(probs, y))
 
 
-def _calibrated_logits(n: int, k: int, seed: int):
-    """Logits whose softmax is, by construction, the true label distribution."""
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(0, 2.0, size=(n, k))
-    p = cal.softmax(logits)
-    y = np.array([rng.choice(k, p=row) for row in p])
-    return logits, y
-
-
 def test_temperature_recovers_three_and_ece_drops():
-    logits, y = _calibrated_logits(6000, 5, seed=0)
+    logits, y = calibrated_logits(6000, 5, seed=0)
     fit = cal.fit_temperature(logits * 3.0, y)  # an overconfident model: logits scaled by 3
     assert fit["temperature"] == pytest.approx(3.0, rel=0.06)
     assert fit["nll_after"] < fit["nll_before"]
-    test_logits, y_test = _calibrated_logits(4000, 5, seed=1)
+    test_logits, y_test = calibrated_logits(4000, 5, seed=1)
     before = cal.single_label_metrics(cal.softmax(test_logits * 3.0), y_test, 5)
     after = cal.single_label_metrics(cal.softmax(test_logits * 3.0, fit["temperature"]), y_test, 5)
     assert after["ece"] < before["ece"] / 3
@@ -66,13 +58,13 @@ def test_temperature_recovers_three_and_ece_drops():
 
 
 def test_temperature_of_calibrated_model_is_one_and_underconfident_is_sharpened():
-    logits, y = _calibrated_logits(6000, 4, seed=2)
+    logits, y = calibrated_logits(6000, 4, seed=2)
     assert cal.fit_temperature(logits, y)["temperature"] == pytest.approx(1.0, abs=0.08)
     assert cal.fit_temperature(logits / 2.0, y)["temperature"] == pytest.approx(0.5, rel=0.08)
 
 
 def test_fit_temperature_is_deterministic_and_rejects_bad_shapes():
-    logits, y = _calibrated_logits(500, 3, seed=3)
+    logits, y = calibrated_logits(500, 3, seed=3)
     assert cal.fit_temperature(logits, y) == cal.fit_temperature(logits, y)
     with pytest.raises(ValueError):
         cal.fit_temperature(logits, y[:-1])

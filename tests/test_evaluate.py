@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from domaintune import calibration as cal
 from domaintune.params import EvaluateParams
-from evalkit import LABELS, make_dataset, make_model, make_split, write_params
+from evalkit import LABELS, calibrated_logits, make_dataset, make_model, make_split, write_params
 from stages import evaluate as ev
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,16 +26,9 @@ def _frame(n: int, y: np.ndarray, name: str) -> pd.DataFrame:
                          "label": [LABELS[j] for j in y], "split": name})
 
 
-def _calibrated(n, seed):
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(0, 2.0, size=(n, 3))
-    y = np.array([rng.choice(3, p=p) for p in cal.softmax(logits)])
-    return logits, y
-
-
 def test_core_recovers_temperature_and_plants_rows():
-    vl, vy = _calibrated(3000, 0)
-    tl, ty = _calibrated(2000, 1)
+    vl, vy = calibrated_logits(3000, len(LABELS), seed=0)
+    tl, ty = calibrated_logits(2000, len(LABELS), seed=1)
     vl, tl = vl * 3.0, tl * 3.0  # an overconfident model
     # Plant: row 0 is 'billing' but the model is ~certain it is 'shipping' (the most confident error);
     # row 1 has equal logits (maximum entropy: the most uncertain prediction).

@@ -69,6 +69,19 @@ def _detail(d: str) -> dict:
     return dict(kv.split("=", 1) for kv in d.split(";"))
 
 
+def _listed_pairs(labelled, noise, kind: str) -> list[tuple[dict, tuple[str, str], tuple[str, str]]]:
+    """Every noise.csv entry of `kind` as (parsed detail, (text, label) of its row, (text, label) of detail['of'])."""
+    rows = {r["ticket_id"]: (r["text"], r["label"]) for r in labelled}
+    pairs = []
+    for n in noise:
+        if n["kind"] != kind:
+            continue
+        d = _detail(n["detail"])
+        pairs.append((d, rows[n["ticket_id"]], rows[d["of"]]))
+    assert pairs, f"noise.csv lists no {kind}"
+    return pairs
+
+
 # ---------------------------------------------------------------- files and schema
 def test_files_exist_with_documented_columns(labelled, noise):
     for name in ("make_dataset.py", "labelled.csv", "noise.csv", "unlabelled.txt", "README.md"):
@@ -176,16 +189,10 @@ def test_flipped_rows_carry_a_label_other_than_their_template_class(gen, ds, lab
 
 
 def test_exact_duplicates_fold_to_their_source(labelled, noise):
-    text = {r["ticket_id"]: r["text"] for r in labelled}
-    label = {r["ticket_id"]: r["label"] for r in labelled}
     variants = Counter()
-    for n in noise:
-        if n["kind"] != "exact_duplicate":
-            continue
-        d = _detail(n["detail"])
-        a, b = text[n["ticket_id"]], text[d["of"]]
+    for d, (a, label_a), (b, label_b) in _listed_pairs(labelled, noise, "exact_duplicate"):
         assert _norm(a) == _norm(b)
-        assert label[n["ticket_id"]] == label[d["of"]]
+        assert label_a == label_b
         assert (a == b) == (d["variant"] == "identical"), (d, a, b)
         if d["variant"] in ("nbsp", "fullwidth"):
             assert unicodedata.normalize("NFKC", a) != a  # only NFKC folds it
@@ -194,30 +201,19 @@ def test_exact_duplicates_fold_to_their_source(labelled, noise):
 
 
 def test_near_duplicates_are_near_and_not_exact(labelled, noise):
-    text = {r["ticket_id"]: r["text"] for r in labelled}
-    label = {r["ticket_id"]: r["label"] for r in labelled}
-    for n in noise:
-        if n["kind"] != "near_duplicate":
-            continue
-        d = _detail(n["detail"])
-        a, b = text[n["ticket_id"]], text[d["of"]]
+    for d, (a, label_a), (b, label_b) in _listed_pairs(labelled, noise, "near_duplicate"):
         assert _norm(a) != _norm(b)
         sa, sb = _shingles(a), _shingles(b)
         j = len(sa & sb) / len(sa | sb)
         assert j >= 0.88 and abs(j - float(d["jaccard"])) < 1e-3
-        assert label[n["ticket_id"]] == label[d["of"]]
+        assert label_a == label_b
 
 
 def test_conflicts_are_same_text_different_label(labelled, noise):
-    text = {r["ticket_id"]: r["text"] for r in labelled}
-    label = {r["ticket_id"]: r["label"] for r in labelled}
-    for n in noise:
-        if n["kind"] != "label_conflict":
-            continue
-        d = _detail(n["detail"])
-        assert text[n["ticket_id"]] == text[d["of"]]
-        assert label[n["ticket_id"]] != label[d["of"]]
-        assert d["labels"] == f"{label[d['of']]}|{label[n['ticket_id']]}"
+    for d, (a, label_a), (b, label_b) in _listed_pairs(labelled, noise, "label_conflict"):
+        assert a == b
+        assert label_a != label_b
+        assert d["labels"] == f"{label_b}|{label_a}"
 
 
 def test_no_unlisted_duplicates_or_near_duplicates(labelled, noise):

@@ -214,7 +214,9 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_bert, data, monk
                          lr=4e-3)
     with pytest.raises(TrainingCrash):
         run_stage_cli(tmp_path, tiny_bert, data, other, out="other")
-    assert [p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()] != keys
+    after = [p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()]
+    assert after != keys
+    assert keys[0] not in after  # the stale checkpoint is removed, not just left beside the new one
 
     # Back to the first params: crash again at step 7, then resume without the crash hook.
     with pytest.raises(TrainingCrash):
@@ -279,6 +281,7 @@ def test_seeds_early_stopping_and_best_restore(tmp_path, tiny_bert, data):
     assert set(m["per_seed"]) == {"0", "1"} and m["val_macro_f1_std"] >= 0
     f1s = [m["per_seed"][s]["validation"]["macro_f1"] for s in ("0", "1")]
     assert m["val_macro_f1_mean"] == pytest.approx(np.mean(f1s)) and m["val_macro_f1"] == max(f1s)
+    assert m["val_macro_f1_std"] == pytest.approx(np.std(f1s, ddof=1))  # sample std, as training._std
     for s in ("0", "1"):
         meta = read_json(tmp_path / "model" / "seeds" / s / "model.json")
         assert meta["seed"] == int(s)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from _fake_pipeline import add_rows, make_fake_repo, make_tiny_dag, sh, tiny_rows, workspace
+from _fake_pipeline import add_rows, held_lock, make_fake_repo, make_tiny_dag, sh, tiny_rows, workspace
 from domaintune import registry
 
 
@@ -93,7 +92,7 @@ def test_retrain_publishes_versions_and_caches(proj):
 def test_failed_stage_publishes_nothing_and_restores(proj):
     from pipelines.retrain import StageFailed, retrain_flow
 
-    before, tags, head = workspace(proj), sh(proj, "git", "tag"), sh(proj, "git", "rev-parse", "HEAD")
+    tags = sh(proj, "git", "tag")
     add_rows(proj, 2, start=5000)  # audit will run and succeed, then train fails
     before = workspace(proj)
     head = sh(proj, "git", "rev-parse", "HEAD")
@@ -122,26 +121,13 @@ def test_transient_failure_is_retried(proj):
 def test_second_retrain_fails_fast(proj):
     from pipelines.retrain import retrain_flow
 
-    held, release = threading.Event(), threading.Event()
-
-    def holder():
-        with registry.repo_lock(proj):
-            held.set()
-            release.wait(30)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    try:
-        assert held.wait(5)
+    with held_lock(proj, timeout=30):
         before = workspace(proj)
         t0 = time.perf_counter()
         with pytest.raises(registry.BusyError, match="already running"):
             retrain_flow(repo=str(proj), overrides=["finetune.epochs=7"])
         assert time.perf_counter() - t0 < 15
         assert workspace(proj) == before
-    finally:
-        release.set()
-        t.join()
 
 
 def test_rollback_flow(proj):

@@ -43,6 +43,7 @@ def test_unknown_key_is_rejected_with_its_name():
         ("finetune", {"lr": "fast"}, "finetune.lr: expected float"),
         ("ingest", {"split": {"train": 0.5, "validation": 0.1, "test": 0.1}}, "ingest.split"),
         ("audit", {"action": "delete"}, "audit.action"),
+        ("audit", {"filter_by": "magic"}, "audit.filter_by"),
         ("base", {"max_length": 2}, "base.max_length"),
     ],
 )

@@ -2,27 +2,17 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from _fake_pipeline import BIN, add_rows, make_fake_repo, sh, workspace
+from _fake_pipeline import BIN, add_rows, held_lock, make_fake_repo, set_params, sh, workspace
 from domaintune import registry
 
 
 def repro(root: Path) -> None:
     sh(root, str(BIN / "dvc"), "repro", "-q")
-
-
-def set_epochs(root: Path, epochs: int) -> None:
-    p = root / "params.yaml"
-    lines = p.read_text().splitlines(keepends=True)
-    start = lines.index("finetune:\n")
-    i = next(i for i in range(start, len(lines)) if lines[i].startswith("  epochs:"))
-    lines[i] = f"  epochs: {epochs}\n"
-    p.write_text("".join(lines))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +28,7 @@ def history(tmp_path_factory):
     repro(root)
     v2, _ = registry.publish(root, "more data")
     snaps[v2.version] = workspace(root)
-    set_epochs(root, 5)
+    set_params(root, {"finetune.epochs": 5})
     repro(root)
     v21, _ = registry.publish(root, "epochs 5")
     snaps[v21.version] = workspace(root)
@@ -174,24 +164,12 @@ def test_object_missing_from_cache_and_remote_fails_and_changes_nothing(history)
 
 
 def test_lock_is_exclusive_and_fails_fast(tmp_path):
-    held = threading.Event()
-    release = threading.Event()
-
-    def holder():
-        with registry.repo_lock(tmp_path):
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    assert held.wait(5)
-    t0 = time.perf_counter()
-    with pytest.raises(registry.BusyError, match="already running"):
-        with registry.repo_lock(tmp_path):
-            pass
-    assert time.perf_counter() - t0 < 1.0
-    release.set()
-    t.join()
+    with held_lock(tmp_path, timeout=10):
+        t0 = time.perf_counter()
+        with pytest.raises(registry.BusyError, match="already running"):
+            with registry.repo_lock(tmp_path):
+                pass
+        assert time.perf_counter() - t0 < 1.0
     with registry.repo_lock(tmp_path):  # free again once the holder is done
         pass
 
