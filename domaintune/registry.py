@@ -519,46 +519,50 @@ def _fetch(root: Path, commit: str) -> str | None:
 
 def rollback(root: Path, name: str) -> tuple[Version, int]:
     """Restore version `name` (files, outs), verify every file, commit, mark served. Returns (version, files checked)."""
-    from gto.api import assign
-
     root = Path(root)
     version = get_version(root, name)
     with repo_lock(root):
-        dirty = git(root, "status", "--porcelain", "--", *VERSION_FILES).strip()
-        if dirty:
-            # Rollback overwrites these; never lose someone's uncommitted edits.
-            raise RegistryError(f"uncommitted changes would be overwritten, commit or discard them first:\n{dirty}")
-        outs = verify_version(root, version)
-        cache = cache_dir(root)
-        files = sorted(set(VERSION_FILES) | {o.path for o in outs if o.in_git})
-        before = {f: ((root / f).read_bytes() if (root / f).exists() else None) for f in files}
-        try:
-            for f in files:
-                blob = git_bytes(root, version.commit, f)
-                if blob is None:
-                    if (root / f).exists():
-                        (root / f).unlink()
-                    continue
-                (root / f).parent.mkdir(parents=True, exist_ok=True)
-                (root / f).write_bytes(blob)
+        return restore_version(root, version, verify_version(root, version))
+
+
+def restore_version(root: Path, version: Version, outs: list[Out]) -> tuple[Version, int]:
+    """rollback's second half: the caller holds repo_lock and got `outs` from verify_version."""
+    from gto.api import assign
+
+    dirty = git(root, "status", "--porcelain", "--", *VERSION_FILES).strip()
+    if dirty:
+        # Rollback overwrites these; never lose someone's uncommitted edits.
+        raise RegistryError(f"uncommitted changes would be overwritten, commit or discard them first:\n{dirty}")
+    cache = cache_dir(root)
+    files = sorted(set(VERSION_FILES) | {o.path for o in outs if o.in_git})
+    before = {f: ((root / f).read_bytes() if (root / f).exists() else None) for f in files}
+    try:
+        for f in files:
+            blob = git_bytes(root, version.commit, f)
+            if blob is None:
+                if (root / f).exists():
+                    (root / f).unlink()
+                continue
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            (root / f).write_bytes(blob)
+        dvc(root, "checkout", "--force")
+        problems, checked = check_workspace(root, outs, cache)
+        if problems:
+            raise RegistryError(f"restored files of {version.tag} fail verification:\n  " + "\n  ".join(problems))
+    except Exception:
+        for f, data in before.items():
+            if data is None:
+                (root / f).unlink(missing_ok=True)
+            else:
+                (root / f).write_bytes(data)
+        with contextlib.suppress(RegistryError):
             dvc(root, "checkout", "--force")
-            problems, checked = check_workspace(root, outs, cache)
-            if problems:
-                raise RegistryError(f"restored files of {version.tag} fail verification:\n  " + "\n  ".join(problems))
-        except Exception:
-            for f, data in before.items():
-                if data is None:
-                    (root / f).unlink(missing_ok=True)
-                else:
-                    (root / f).write_bytes(data)
-            with contextlib.suppress(RegistryError):
-                dvc(root, "checkout", "--force")
-            raise
-        changed = git(root, "status", "--porcelain", "--", *files).strip()
-        if changed:
-            git(root, "add", "--", *[f for f in files if (root / f).exists()])
-            git(root, *_git_identity(root), "commit", "-q", "-m", f"rollback to {version.tag}", "--", *files)
-        if served_version(root) != version.version:
-            assign(str(root), ARTIFACT, SERVED_STAGE, version=version.version, message=f"rollback to {version.version}",
-                   force=True)  # force: re-serving a version that was served before needs a new tag
+        raise
+    changed = git(root, "status", "--porcelain", "--", *files).strip()
+    if changed:
+        git(root, "add", "--", *[f for f in files if (root / f).exists()])
+        git(root, *_git_identity(root), "commit", "-q", "-m", f"rollback to {version.tag}", "--", *files)
+    if served_version(root) != version.version:
+        assign(str(root), ARTIFACT, SERVED_STAGE, version=version.version, message=f"rollback to {version.version}",
+               force=True)  # force: re-serving a version that was served before needs a new tag
     return get_version(root, version.version), checked

@@ -3,8 +3,9 @@
 Two tasks, so the Prefect UI shows where a rollback stopped: `verify` checks every
 object the version needs (fetching missing ones from the DVC remote) without
 touching the workspace; `restore` writes the files, runs `dvc checkout`, checks
-every restored file against dvc.lock, commits and moves GTO's `prod` stage. Both
-run under the repository lock that retrain takes, so they never interleave.
+every restored file against dvc.lock, commits and moves GTO's `prod` stage. The
+flow holds the repository lock that retrain takes across both, so they never
+interleave and what was verified is what gets restored.
 
     python -m pipelines.rollback v1.0.0
 """
@@ -21,25 +22,26 @@ from domaintune import registry
 
 
 @task(name="verify-version")
-def verify(root: str, name: str) -> int:
-    version = registry.get_version(Path(root), name)
-    outs = registry.verify_version(Path(root), version)
+def verify(root: Path, name: str) -> tuple[registry.Version, list[registry.Out]]:
+    version = registry.get_version(root, name)
+    outs = registry.verify_version(root, version)
     get_run_logger().info("%s: %d outs present and intact", version.tag, len(outs))
-    return len(outs)
+    return version, outs
 
 
 @task(name="restore-version")
-def restore(root: str, name: str) -> dict:
-    version, checked = registry.rollback(Path(root), name)
+def restore(root: Path, version: registry.Version, outs: list[registry.Out]) -> dict:
+    version, checked = registry.restore_version(root, version, outs)
     get_run_logger().info("%s restored, %d files verified against dvc.lock, now served", version.tag, checked)
     return {"version": version.tag, "commit": version.commit, "files_verified": checked}
 
 
 @flow(name="domaintune-rollback")
 def rollback_flow(version: str, repo: str = ".") -> dict:
-    root = str(Path(repo).resolve())
-    verify(root, version)
-    return restore(root, version)
+    root = Path(repo).resolve()
+    with registry.repo_lock(root):
+        checked_version, outs = verify(root, version)
+        return restore(root, checked_version, outs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
