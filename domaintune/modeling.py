@@ -1,8 +1,9 @@
 """Model helpers shared by the stages: resolve, load, pool, embed, classify, save.
 
 A classifier saved by domaintune is a folder:
-  encoder/            the transformer (safetensors) and its tokenizer, or, for
-                      LoRA/QLoRA, adapter/ holds a peft adapter over base_encoder
+  encoder/            the transformer (safetensors), or, for LoRA/QLoRA,
+                      adapter/: a peft adapter over base_encoder
+  tokenizer/          the tokenizer
   head.safetensors    the classification head (dense layer over pooled output)
   model.json          labels, pooling, problem_type, method, base encoder, params
 Only safetensors are written or read; nothing is unpickled and no remote code runs.

@@ -3,7 +3,7 @@
 How a row gets flagged:
 1. Every text is embedded once with the frozen encoder (mean pooling over
    non-padding tokens, length-sorted batches); the vectors are cached (see
-   domaintune/embeddings.py) so re-running with other audit params is cheap.
+   domaintune/embeddings.py) so re-running with other audit params skips it.
 2. K-fold (audit.folds) stratified cross-validation of a logistic regression
    (audit.C) on the train embeddings gives every train row an out-of-sample
    probability vector: the model that scores a row never saw its label.

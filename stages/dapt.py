@@ -237,7 +237,8 @@ def mlm_loss(model, input_ids, attention_mask, labels, reduction: str = "mean"):
 
     The vocabulary projection (hidden x 30k) costs as much as the whole MiniLM
     body per token; applying it only at the ~15% masked positions, instead of at
-    every position as *ForMaskedLM.forward does, nearly halves each step.
+    every position as *ForMaskedLM.forward does, makes a step 1.39x faster
+    (bench/results/dapt.json).
     """
     import torch.nn.functional as F
 

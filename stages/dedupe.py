@@ -12,8 +12,9 @@ casefold, whitespace collapsed) through its SHA-256, in this order:
 4. optional near duplicates (MinHash LSH over word shingles, every candidate
    pair verified with the exact Jaccard): inside train between rows with the
    same label (a near copy with another label is a labelling question for
-   audit, not redundancy), and as near leaks from validation/test to train
-   (any label: a leak is about the text).
+   audit, not redundancy), and as near leaks (any label: a leak is about the
+   text): validation rows near a train row, test rows near a train or a
+   surviving validation row.
 The manifest's per-split SHA-256 content hashes are the dataset version every
 later stage and model version refers to.
 """

@@ -232,7 +232,7 @@ def _evaluate_multi_label(val, test, val_logits, test_logits, labels, params) ->
 
 
 def check_gate(after: dict, gate: dict) -> None:
-    """Raise StageError naming the first failed threshold (all failures listed)."""
+    """Raise StageError listing every failed threshold of evaluate.gate."""
     fails = []
     if "min_accuracy" in gate and after["accuracy"] < gate["min_accuracy"]:
         fails.append(f"accuracy {after['accuracy']:.4f} < evaluate.gate.min_accuracy {gate['min_accuracy']}")

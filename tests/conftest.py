@@ -6,10 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from _fake_pipeline import make_tiny_bert  # noqa: F401  (also re-exported: bench/orchestration.py imports it from here)
-
-REPO = Path(__file__).resolve().parents[1]
-BANKING77 = REPO.parent / "shared" / "datasets" / "banking77"
+from _fake_pipeline import make_tiny_bert
 
 # Tests never touch a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,13 +16,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
-
-
-@pytest.fixture(scope="session")
-def banking77() -> Path:
-    if not (BANKING77 / "train.csv").exists():
-        pytest.skip(f"BANKING77 not found at {BANKING77} (../shared is absent on this machine)")
-    return BANKING77
 
 
 # Prefect: one temporary API server for the whole session (each start costs ~20 s),
