@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from domaintune.data import DataError
@@ -150,13 +151,38 @@ def read_jsonl(path: Path) -> RawTable:
     return RawTable(str(path), path.stem, frame, rows, bad=bad)
 
 
+def _decode_binary_cells(frame: pd.DataFrame) -> dict[int, list[tuple[str | None, str, str]]]:
+    """Binary cells (Parquet / datasets bytes columns) -> str in place, as the text readers decode:
+    bytes that are not UTF-8 stay as surrogates and are reported with their offset in the cell."""
+    bad: dict[int, list[tuple[str | None, str, str]]] = {}
+    for col in frame.columns:
+        is_bytes = frame[col].map(lambda v: isinstance(v, bytes)).to_numpy(dtype=bool)
+        if not is_bytes.any():
+            continue
+        values = frame[col].to_numpy(copy=True)
+        for i in np.flatnonzero(is_bytes):
+            text = values[i].decode("utf-8", errors="surrogateescape")
+            if m := UNDECODABLE.search(text):
+                offset = len(text[:m.start()].encode("utf-8", "surrogateescape"))
+                bad.setdefault(int(i), []).append(
+                    (col, "undecodable_bytes", f"bytes that are not UTF-8 at byte offset {offset} of the cell"))
+            values[i] = text
+        frame[col] = values
+    return bad
+
+
+def _table_of_frame(frame: pd.DataFrame, file: str, stem: str, split: str | None = None) -> RawTable:
+    frame = frame.astype(object).where(frame.notna(), None)
+    bad = _decode_binary_cells(frame)
+    return RawTable(file, stem, frame, list(range(1, len(frame) + 1)), split=split, bad=bad)
+
+
 def read_parquet(path: Path) -> RawTable:
     try:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise DataError(path, None, None, f"cannot read Parquet: {exc}") from None
-    frame = frame.astype(object).where(frame.notna(), None)
-    return RawTable(str(path), path.stem, frame, list(range(1, len(frame) + 1)))
+    return _table_of_frame(frame, str(path), path.stem)
 
 
 def read_file(path: Path) -> RawTable:
@@ -224,9 +250,7 @@ def tables_from_hf(loaded, spec: str) -> list[RawTable]:
             if isinstance(feat, datasets.ClassLabel):
                 # -1 is the datasets convention for "no label" (e.g. hidden test labels)
                 frame[col] = [feat.int2str(int(v)) if v is not None and int(v) >= 0 else None for v in frame[col]]
-        frame = frame.astype(object).where(frame.notna(), None)
-        tables.append(RawTable(f"{spec}[{split_name}]", split_name, frame, list(range(1, len(frame) + 1)),
-                               split=split))
+        tables.append(_table_of_frame(frame, f"{spec}[{split_name}]", split_name, split))
     if not tables:
         raise DataError(spec, None, None, f"no train/validation/test split; found {list(loaded)}")
     return tables

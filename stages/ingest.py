@@ -20,7 +20,7 @@ import pandas as pd
 
 from domaintune.data import SPLITS, DataError, atomic_output, write_dataset, write_json
 from domaintune.params import IngestParams, load_params
-from domaintune.sources import UNDECODABLE, SPLIT_ALIASES, RawTable, read_source
+from domaintune.sources import SPLIT_ALIASES, RawTable, read_source
 from domaintune.stage import run_stage, stage_parser
 
 log = logging.getLogger("domaintune")
@@ -48,14 +48,7 @@ def _as_text(v):
         return v
     if isinstance(v, (bool, int, float, np.integer, np.floating)):
         return str(v)
-    if isinstance(v, bytes):
-        return v.decode("utf-8", errors="surrogateescape")
     return None
-
-
-def _bad_byte_offset(text: str) -> int:
-    m = UNDECODABLE.search(text)
-    return len(text[:m.start()].encode("utf-8", "surrogateescape"))
 
 
 def _printable(text):
@@ -123,10 +116,6 @@ def _table_rows(t: RawTable, p: IngestParams) -> pd.DataFrame:
     raw_text = t.frame[p.text_column]
     mark(out["text"].isna() & raw_text.notna(), p.text_column, "bad_text",
          lambda i: f"text is a {type(raw_text.iat[i]).__name__}, not a string" + line(i))
-    # bytes cells (Parquet binary columns) that are not UTF-8 were decoded with surrogateescape
-    has_bad_bytes = out["text"].str.contains(UNDECODABLE, na=False)
-    mark(has_bad_bytes, p.text_column, "undecodable_bytes",
-         lambda i: f"bytes that are not UTF-8 at byte offset {_bad_byte_offset(out['text'].iat[i])} of the cell")
     mark(_blank(out["text"]), p.text_column, "empty_text", lambda i: "text is empty or whitespace only" + line(i))
     mark(_blank(out["label"]), p.label_column, "missing_label", lambda i: "label is missing" + line(i))
     if p.split_column and t.split is None:

@@ -354,3 +354,19 @@ def test_tsv_and_parquet_bytes_report_undecodable_cells(tmp_path):
     err = error_of(pq)
     assert_names(err, pq, 3, "text")
     assert "byte offset 4 of the cell" in str(err)
+
+
+def test_parquet_bytes_that_are_not_utf8_in_any_used_column_are_reported(tmp_path):
+    # Label and id columns too (they used to crash the Parquet writer with a bare UnicodeEncodeError).
+    pq = tmp_path / "d.parquet"
+    pd.DataFrame({"ticket": [b"t1", b"t\xff2", b"t3", b"t4", b"t5"], "text": ["one", "two", "three", "four", "five"],
+                  "label": [b"a", b"b", b"b\xfe", b"a", b"b"], "unused": [b"\xff", b"x", b"y", b"z", b"w"]}).to_parquet(pq)
+    err = error_of(pq, id_column="ticket")
+    assert_names(err, pq, 2, "ticket")
+    assert "byte offset 1 of the cell" in str(err)
+    res = run_ingest(pq, id_column="ticket", on_bad_row="skip", split={"train": 1.0, "validation": 0.0, "test": 0.0})
+    rejected = res.rejected.set_index("row")
+    assert sorted(rejected.index) == [2, 3]  # the bad byte in an unused column costs nothing
+    assert rejected.loc[2, "field"] == "ticket" and rejected.loc[3, "field"] == "label"
+    assert set(rejected["reason"]) == {"undecodable_bytes"}
+    assert sorted(res.splits["train"]["id"]) == ["t1", "t4", "t5"]
