@@ -22,30 +22,28 @@ from domaintune.params import ParamsError
 
 
 def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
-    import pandas as pd
+    """The texts of a batch file: .txt (one per line) or anything ingest reads (csv, tsv, jsonl,
+    parquet), with ingest's row numbering and undecodable-byte reporting."""
+    from domaintune.sources import read_file
 
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, "batch file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        texts = [ln.rstrip("\n") for ln in path.read_text(encoding="utf-8").splitlines()]
-        frame = pd.DataFrame({text_column: texts})
-    elif suffix in (".csv", ".tsv"):
-        frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-    elif suffix == ".jsonl":
-        frame = pd.read_json(path, lines=True, dtype=False)
-    elif suffix == ".parquet":
-        frame = pd.read_parquet(path)
+    if path.suffix.lower() == ".txt":
+        texts = path.read_text(encoding="utf-8").splitlines()
+        rows = list(range(1, len(texts) + 1))
     else:
-        raise DataError(path, None, None, f"unsupported batch format {suffix!r}; use csv, tsv, jsonl, parquet or txt")
-    if text_column not in frame.columns:
-        raise DataError(path, None, text_column, f"column missing; columns are {list(frame.columns)}")
-    texts = frame[text_column].tolist()
-    for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
-            # Header is row 1 in CSV terms; report data rows 1-based after it.
-            raise DataError(path, i + 1, text_column, "empty or missing text")
+        table = read_file(path)
+        if text_column not in table.frame.columns:
+            raise DataError(path, None, text_column, f"column missing; columns are {list(table.frame.columns)}")
+        for i, problems in sorted(table.bad.items()):
+            for field, _, detail in problems:
+                if field in (None, text_column):
+                    raise DataError(path, table.rows[i], field or text_column, detail)
+        texts, rows = table.frame[text_column].tolist(), table.rows
+    for text, row in zip(texts, rows):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(path, row, text_column, "empty or missing text")
     return texts
 
 

@@ -138,3 +138,28 @@ def test_missing_model_fails_cleanly_without_output(tmp_path, drift_setup, capsy
     assert "model.json" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "m.json").exists()
     assert [p for p in tmp_path.iterdir()] == []  # no temporary leftovers either
+
+
+def test_monitor_batch_reader_names_file_row_and_field(tmp_path):
+    from domaintune.data import DataError
+    from pipelines.monitor import read_batch
+
+    txt = tmp_path / "b.txt"
+    txt.write_text("first ticket\nsecond ticket\n", encoding="utf-8")
+    assert read_batch(txt) == ["first ticket", "second ticket"]
+    csv = tmp_path / "b.csv"
+    csv.write_bytes(b"body,other\nfine,1\n   ,2\n")
+    with pytest.raises(DataError, match=r"b\.csv: row 2: field 'body': empty or missing text"):
+        read_batch(csv, "body")
+    with pytest.raises(DataError, match=r"field 'text': column missing"):
+        read_batch(csv)
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_bytes(b'{"text": "ok"}\n{"text": "bad \xff byte"}\n')
+    with pytest.raises(DataError, match=r"b\.jsonl: row 2: field 'text': .*not UTF-8"):
+        read_batch(jsonl)
+    with pytest.raises(DataError, match="unsupported file type"):
+        (tmp_path / "b.xlsx").write_text("x")
+        read_batch(tmp_path / "b.xlsx")
+    pq = tmp_path / "b.parquet"
+    pd.DataFrame({"text": ["a parcel", "a refund"], "label": ["x", "y"]}).to_parquet(pq)
+    assert read_batch(pq) == ["a parcel", "a refund"]
