@@ -195,8 +195,6 @@ def save_classifier(model, tokenizer, out_dir: str | os.PathLike, meta: dict) ->
 
 def load_classifier(model_dir: str | os.PathLike, merge: bool = False):
     """Load a saved classifier; returns (model, tokenizer, meta). merge=True folds a LoRA adapter in."""
-    from safetensors.torch import load_file
-
     model_dir = Path(model_dir)
     meta = read_json(model_dir / "model.json")
     if meta.get("adapter"):
@@ -208,11 +206,18 @@ def load_classifier(model_dir: str | os.PathLike, merge: bool = False):
             enc = enc.merge_and_unload()
     else:
         enc = load_encoder(str(model_dir / "encoder"))
-    model = build_classifier(enc, meta["num_labels"], meta["pooling"], meta.get("head_dropout", 0.0))
-    model.head.load_state_dict(load_file(str(model_dir / "head.safetensors")))
+    return (*assemble_classifier(enc, meta, model_dir), meta)
+
+
+def assemble_classifier(encoder, meta: dict, folder: str | os.PathLike):
+    """`encoder` + the head and tokenizer saved in `folder` -> (model in eval mode, tokenizer)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    model = build_classifier(encoder, meta["num_labels"], meta["pooling"], meta.get("head_dropout", 0.0))
+    model.head.load_state_dict(load_file(str(folder / "head.safetensors")))
     model.eval()
-    tokenizer = load_tokenizer(str(model_dir / "tokenizer"))
-    return model, tokenizer, meta
+    return model, load_tokenizer(str(folder / "tokenizer"))
 
 
 def _resolve_relative(path: str, model_dir: Path) -> Path:

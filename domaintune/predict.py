@@ -95,15 +95,10 @@ class Predictor:
 
 def load_int8_classifier(int8_dir: str | os.PathLike, dynamic: bool = False):
     """(model, tokenizer, meta) from an export's int8/ folder; same interface as modeling.load_classifier."""
-    from safetensors.torch import load_file
-
-    from domaintune.modeling import build_classifier, load_tokenizer
+    from domaintune.modeling import assemble_classifier
     from domaintune.quantize import load_int8_encoder
 
     int8_dir = Path(int8_dir)
     meta = read_json(int8_dir / "model.json")
     enc = load_int8_encoder(int8_dir / "encoder", dynamic=dynamic)
-    model = build_classifier(enc, meta["num_labels"], meta["pooling"], 0.0)
-    model.head.load_state_dict(load_file(str(int8_dir / "head.safetensors")))
-    model.eval()
-    return model, load_tokenizer(str(int8_dir / "tokenizer")), meta
+    return (*assemble_classifier(enc, meta, int8_dir), meta)

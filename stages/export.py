@@ -98,14 +98,13 @@ def base_model_name(name: str) -> str:
     return BUNDLED_NAME if name in BUNDLED_ALIASES else name
 
 
-def model_card(meta: dict, base, hashes: dict, split_sizes: dict, eval_metrics: dict, calib: dict,
+def model_card(meta: dict, hashes: dict, split_sizes: dict, eval_metrics: dict, calib: dict,
                variants: dict, merge_check: dict, audit: dict | None, manifest: dict | None,
                per_class: pd.DataFrame | None, intended_use: str) -> str:
     import yaml
 
     ft = (meta.get("params") or {}).get("finetune") or {}
-    # The base the model was actually trained from (finetune records it) wins over today's params.
-    base_name = base_model_name(((meta.get("params") or {}).get("base") or {}).get("model") or base.model)
+    base_name = meta["base_model"]  # resolved by run(): what the model was trained from
     key_params = {k: ft[k] for k in ("method", "epochs", "lr", "batch_size", "pooling", "lora_r", "lora_alpha",
                                      "target_modules", "seeds") if k in ft}
     after, before = eval_metrics.get("after", {}), eval_metrics.get("before", {})
@@ -193,7 +192,7 @@ def model_card(meta: dict, base, hashes: dict, split_sizes: dict, eval_metrics: 
             f"- Inputs longer than {meta.get('max_length')} tokens are truncated.",
             "- Calibration (temperature/thresholds) was fitted on the validation split; it holds only while "
             "incoming texts look like the training data. Watch the drift report.",
-            f"- Test metrics come from {sum(split_sizes.get(s, 0) for s in ('test',))} rows; small classes have "
+            f"- Test metrics come from {split_sizes.get('test', 0)} rows; small classes have "
             "wide error bars."]
     if per_class is not None and len(per_class):
         worst = per_class.sort_values(["f1", "class"], kind="stable").head(3)
@@ -266,6 +265,7 @@ def run(args: argparse.Namespace) -> None:
     export_meta.update({
         "source_model": str(args.model), "source_encoder": meta.get("base_encoder"),
         "base_encoder": None,  # self-contained: the merged encoder is in encoder/
+        # The base the model was actually trained from (finetune records it) wins over today's params.
         "base_model": base_model_name(((meta.get("params") or {}).get("base") or {}).get("model") or base.model),
         "merged_adapter": had_adapter, "temperature": float(calib["temperature"]),
         "thresholds": calib.get("thresholds"), "calibration": calib,
@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> None:
                    "variants": {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in variants.items()}}
         card_variants = {k: v for k, v in variants.items() if k != "unmerged"}
         (tmp / "README.md").write_text(
-            model_card(fmeta, base, hashes, split_sizes, eval_metrics, calib, card_variants, merge_check, audit,
+            model_card(fmeta, hashes, split_sizes, eval_metrics, calib, card_variants, merge_check, audit,
                        manifest, per_class, params.intended_use), encoding="utf-8")
         write_json(tmp / "export_report.json", metrics)
         write_json(tmp_metrics, metrics)
