@@ -517,6 +517,38 @@ def _fetch(root: Path, commit: str) -> str | None:
     return None
 
 
+def version_files(root: Path) -> list[str]:
+    """What a version restores from git: VERSION_FILES plus the git-tracked outs dvc.lock names."""
+    files = set(VERSION_FILES)
+    if (root / "dvc.lock").exists():
+        files |= {o.path for o in lock_outs(root) if o.in_git}
+    return sorted(files)
+
+
+@contextlib.contextmanager
+def restored_on_failure(root: Path, files: list[str]) -> Iterator[None]:
+    """If the block fails, put `files` back byte for byte, unstage those that were not staged
+    before (with core.autostage DVC `git add`s dvc.lock as it runs) and check the outs out again
+    as the restored dvc.lock names them (they are in the cache)."""
+    before = {f: ((root / f).read_bytes() if (root / f).is_file() else None) for f in files}
+    staged = set(git(root, "diff", "--cached", "--name-only").splitlines())
+    try:
+        yield
+    except BaseException:
+        for f, data in before.items():
+            if data is None:
+                (root / f).unlink(missing_ok=True)
+            else:
+                (root / f).write_bytes(data)
+        unstage = [f for f in files if f not in staged]
+        if unstage:
+            git(root, "reset", "-q", "--", *unstage, check=False)
+        if (root / "dvc.lock").exists():
+            with contextlib.suppress(RegistryError):
+                dvc(root, "checkout", "--force")
+        raise
+
+
 def rollback(root: Path, name: str) -> tuple[Version, int]:
     """Restore version `name` (files, outs), verify every file, commit, mark served. Returns (version, files checked)."""
     root = Path(root)
@@ -535,8 +567,7 @@ def restore_version(root: Path, version: Version, outs: list[Out]) -> tuple[Vers
         raise RegistryError(f"uncommitted changes would be overwritten, commit or discard them first:\n{dirty}")
     cache = cache_dir(root)
     files = sorted(set(VERSION_FILES) | {o.path for o in outs if o.in_git})
-    before = {f: ((root / f).read_bytes() if (root / f).exists() else None) for f in files}
-    try:
+    with restored_on_failure(root, files):
         for f in files:
             blob = git_bytes(root, version.commit, f)
             if blob is None:
@@ -549,15 +580,6 @@ def restore_version(root: Path, version: Version, outs: list[Out]) -> tuple[Vers
         problems, checked = check_workspace(root, outs, cache)
         if problems:
             raise RegistryError(f"restored files of {version.tag} fail verification:\n  " + "\n  ".join(problems))
-    except Exception:
-        for f, data in before.items():
-            if data is None:
-                (root / f).unlink(missing_ok=True)
-            else:
-                (root / f).write_bytes(data)
-        with contextlib.suppress(RegistryError):
-            dvc(root, "checkout", "--force")
-        raise
     changed = git(root, "status", "--porcelain", "--", *files).strip()
     if changed:
         git(root, "add", "--", *[f for f in files if (root / f).exists()])

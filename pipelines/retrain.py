@@ -148,31 +148,6 @@ def apply_overrides(params_file: Path, overrides: dict[str, object]) -> None:
     os.replace(tmp, params_file)
 
 
-def _snapshot(root: Path) -> dict:
-    files = set(registry.VERSION_FILES)
-    if (root / "dvc.lock").exists():
-        files |= {o.path for o in registry.lock_outs(root) if o.in_git}
-    staged = set(registry.git(root, "diff", "--cached", "--name-only").splitlines())
-    return {"files": {f: ((root / f).read_bytes() if (root / f).is_file() else None) for f in sorted(files)},
-            "staged": staged}
-
-
-def _restore(root: Path, snap: dict) -> None:
-    for f, data in snap["files"].items():
-        if data is None:
-            (root / f).unlink(missing_ok=True)
-        else:
-            (root / f).write_bytes(data)
-    # With core.autostage DVC `git add`s dvc.lock as it runs: unstage what was not staged before.
-    unstage = [f for f in snap["files"] if f not in snap["staged"]]
-    if unstage:
-        subprocess.run(["git", "reset", "-q", "--", *unstage], cwd=root, capture_output=True)
-    if (root / "dvc.lock").exists():
-        # Outs back to what the restored dvc.lock names (they are in the cache).
-        subprocess.run([registry.dvc_exe(), "checkout", "--force"], cwd=root, env=_child_env(),
-                       capture_output=True)
-
-
 @flow(name="domaintune-retrain")
 def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: bool = True, retries: int = 1,
                  remote: str | None = None) -> dict:
@@ -182,27 +157,32 @@ def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: b
     wanted = parse_overrides(overrides)
     t0 = time.perf_counter()
     with registry.repo_lock(root):
-        snap = _snapshot(root)
         try:
-            apply_overrides(root / "params.yaml", wanted)
-            order = stage_order(root)
-            logger.info("stages in DAG order: %s", " -> ".join(order))
-            stage_task = run_dvc_stage.with_options(retries=retries)
-            results = [stage_task(str(root), s) for s in order]
-            version, created, t_pub = None, False, time.perf_counter()
-            if publish:
-                summary = "retrain" + ("".join(f" {k}={v}" for k, v in wanted.items()) if wanted else "")
-                v, created = registry.publish(root, summary, remote)
-                version = v.tag
-                logger.info("%s %s", "published" if created else "unchanged, still", version)
-            publish_seconds = time.perf_counter() - t_pub
+            with registry.restored_on_failure(root, registry.version_files(root)):
+                results, version, created, publish_seconds = _run_and_publish(root, wanted, retries, publish,
+                                                                               remote, logger)
         except BaseException:
-            logger.error("retrain failed: restoring params.yaml, dvc.lock and outs as they were")
-            _restore(root, snap)
+            logger.error("retrain failed: params.yaml, dvc.lock and outs were put back as they were")
             raise
     ran = [r["stage"] for r in results if r["ran"]]
     return {"stages": results, "ran": ran, "version": version, "created": created,
             "publish_seconds": publish_seconds, "seconds": time.perf_counter() - t0}
+
+
+def _run_and_publish(root: Path, wanted: dict, retries: int, publish: bool, remote: str | None, logger):
+    """Apply the overrides, run every stage as a task, publish: (stage results, version, created, seconds)."""
+    apply_overrides(root / "params.yaml", wanted)
+    order = stage_order(root)
+    logger.info("stages in DAG order: %s", " -> ".join(order))
+    stage_task = run_dvc_stage.with_options(retries=retries)
+    results = [stage_task(str(root), s) for s in order]
+    version, created, t_pub = None, False, time.perf_counter()
+    if publish:
+        summary = "retrain" + ("".join(f" {k}={v}" for k, v in wanted.items()) if wanted else "")
+        v, created = registry.publish(root, summary, remote)
+        version = v.tag
+        logger.info("%s %s", "published" if created else "unchanged, still", version)
+    return results, version, created, time.perf_counter() - t_pub
 
 
 DEPLOYMENT_NAME = "scheduled-retrain"
