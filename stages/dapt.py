@@ -16,6 +16,7 @@ passed through unchanged, so finetune can always read models/dapt.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -240,12 +241,29 @@ def mlm_loss(model, input_ids, attention_mask, labels, reduction: str = "mean"):
     every position as *ForMaskedLM.forward does, makes a step 1.39x faster
     (bench/results/dapt.json).
     """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return _masked_ce(_mlm_head(model), hidden, labels, reduction)
+
+
+def _masked_ce(head, hidden, labels, reduction: str = "mean"):
+    """Cross-entropy of the MLM head at the masked positions (labels != IGNORE) only."""
     import torch.nn.functional as F
 
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     sel = labels != IGNORE
-    logits = _mlm_head(model)(hidden[sel])
-    return F.cross_entropy(logits.float(), labels[sel], reduction=reduction)
+    return F.cross_entropy(head(hidden[sel]).float(), labels[sel], reduction=reduction)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' loading report at error level only: the keys we know are missing are noise."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def heldout_loss(model, ids: np.ndarray, attn: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> float:
@@ -278,17 +296,12 @@ def load_mlm_model(base_path: str, seed: int):
     """
     import torch
     from transformers import AutoModelForMaskedLM
-    from transformers.utils import logging as hf_logging
 
     torch.manual_seed(seed)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the expected "cls.* MISSING" load report is noise here
-    try:
+    with _quiet_transformers():  # the expected "cls.* MISSING" load report
         model, loading = AutoModelForMaskedLM.from_pretrained(
             base_path, use_safetensors=True, attn_implementation="sdpa", dtype=torch.float32,
             output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     prefix = model.base_model_prefix + "."
     head_missing = [k for k in loading["missing_keys"] if not k.startswith(prefix)]
     body_missing = [k for k in loading["missing_keys"] if k.startswith(prefix) and ".pooler." not in k]
@@ -371,8 +384,7 @@ def warm_up_head(model, train_ids, train_attn, vocab: Vocab, params: DaptParams,
             with torch.no_grad():
                 hidden = model.base_model(input_ids=torch.from_numpy(ids),
                                           attention_mask=torch.from_numpy(train_attn[batch])).last_hidden_state
-            sel = labels_t != IGNORE
-            loss = torch.nn.functional.cross_entropy(head(hidden[sel]).float(), labels_t[sel])
+            loss = _masked_ce(head, hidden, labels_t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
@@ -501,15 +513,9 @@ def save_encoder(model, tokenizer, base_path: str, out_dir: Path, seed: int) -> 
 
     from domaintune.modeling import load_encoder
 
-    from transformers.utils import logging as hf_logging
-
     torch.manual_seed(seed)  # a checkpoint without pooler weights gets a repeatable one
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a missing pooler is expected and harmless (nothing downstream uses it)
-    try:
+    with _quiet_transformers():  # a missing pooler is expected and harmless (nothing downstream uses it)
         encoder = load_encoder(base_path).float()
-    finally:
-        hf_logging.set_verbosity(verbosity)
     missing, unexpected = encoder.load_state_dict(model.base_model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("pooler.") for k in missing):
         raise RuntimeError(f"adapted body does not fit the base encoder: missing {missing}, unexpected {unexpected}")
