@@ -68,3 +68,22 @@ def test_every_dvc_stage_has_its_module_and_params_section():
         sections = {p.split(".")[0] for p in stage.get("params", []) if isinstance(p, str)}
         assert name in sections, f"stage {name} does not track its own params section"
         assert sections <= set(SECTIONS), f"stage {name} tracks unknown params {sections - set(SECTIONS)}"
+
+
+# Keys whose params.yaml value is about the embedded example, not a general default.
+EXAMPLE_SPECIFIC = {("ingest", "source"), ("ingest", "id_column"), ("ingest", "split"), ("audit", "action"),
+                    ("dapt", "corpus"), ("export", "intended_use")}
+
+
+def test_dataclass_defaults_are_the_shipped_params_yaml():
+    """A key left out of params.yaml falls back to the dataclass default: that must be the same recipe."""
+    from domaintune.params import as_dict
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    differ = []
+    for section, cls in SECTIONS.items():
+        defaults = as_dict(cls())
+        for key, value in (shipped.get(section) or {}).items():
+            if (section, key) not in EXAMPLE_SPECIFIC and as_dict(parse_section(section, {key: value}))[key] != defaults[key]:
+                differ.append(f"{section}.{key}: params.yaml {value!r}, default {defaults[key]!r}")
+    assert not differ, differ
