@@ -179,7 +179,33 @@ def _to_4bit(bnb, lin, compute_dtype):
                                  quant_type="nf4", compress_statistics=True)  # compress = double quant
     if lin.bias is not None:
         q.bias = torch.nn.Parameter(lin.bias.data.detach().clone().cpu(), requires_grad=False)
+    # On AVX512-BF16 CPUs bitsandbytes repacks the weights in place the first time the layer runs in
+    # eval mode (validation), and its repacked path cannot train afterwards ("a view of a leaf Variable
+    # ... in-place"). We train, so keep the portable layout on every CPU.
+    q.support_avx512bf16_for_cpu = False
     return q.to(device if device.type != "meta" else "cpu")  # .to() is what quantises
+
+
+# bitsandbytes quantises in blocks of 64 values along in_features; its CPU kernels on AVX512
+# machines repack the 4-bit weights per block and fail (deep inside bitsandbytes) when a Linear's
+# in_features is not a multiple of it. CUDA kernels have no such limit.
+QLORA_CPU_BLOCK = 64
+
+
+def check_4bit_shapes(encoder, device: str) -> None:
+    """Refuse, before any work, a qlora encoder whose Linear shapes this device's 4-bit kernels cannot run.
+    The rule is applied on every CPU (not only AVX512 ones) so a setup that works on one laptop works on all."""
+    from torch import nn
+
+    if device.startswith("cuda"):
+        return
+    for layer_idx, layer in enumerate(encoder_layers(encoder)):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear) and mod.in_features % QLORA_CPU_BLOCK:
+                raise ParamsError(
+                    f"params.yaml: finetune.method: qlora on CPU needs every quantised Linear's in_features to be "
+                    f"a multiple of {QLORA_CPU_BLOCK} (bitsandbytes' 4-bit block); layer {layer_idx} "
+                    f"'{name}' has in_features {mod.in_features}. Use lora, or a CUDA device")
 
 
 def quantize_encoder_4bit(encoder, compute_dtype: str) -> int:
@@ -410,6 +436,7 @@ def _apply_method(model, ft: FinetuneParams, seed: int) -> None:
 
         check_target_modules(enc, ft.target_modules)
         if ft.method == "qlora":
+            check_4bit_shapes(enc, resolve_device(ft.device))
             quantize_encoder_4bit(enc, ft.qlora_compute_dtype)
         torch.manual_seed(seed)  # LoRA A matrices are random: seed them
         cfg = LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
@@ -441,7 +468,10 @@ def validate_setup(ft: FinetuneParams, encoder_dir: str) -> None:
     if ft.method in ("lora", "qlora"):
         from domaintune.modeling import load_encoder
 
-        check_target_modules(load_encoder(encoder_dir), ft.target_modules)
+        encoder = load_encoder(encoder_dir)
+        check_target_modules(encoder, ft.target_modules)
+        if ft.method == "qlora":
+            check_4bit_shapes(encoder, resolve_device(ft.device))
 
 
 def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,

@@ -151,7 +151,10 @@ TINY_DAG_PARAMS = {
 
 
 def make_tiny_bert(out_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide random BERT with the bundled MiniLM tokenizer, saved as safetensors."""
+    """A 2-layer, 64-wide random BERT with the bundled MiniLM tokenizer, saved as safetensors.
+
+    64 wide (intermediate 128): every Linear's in_features is a multiple of bitsandbytes' 64-value
+    4-bit block, which its AVX512 CPU path requires, so qlora tests run the same on every CPU."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -159,8 +162,8 @@ def make_tiny_bert(out_dir: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tok = load_tokenizer(resolve_model("minilm"))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=128)
     BertModel(cfg, add_pooling_layer=False).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir

@@ -174,7 +174,7 @@ def test_multi_label_end_to_end(tmp_path, tiny_bert):
     from domaintune.modeling import load_classifier, predict_logits
 
     data = make_dataset(tmp_path / "ml", multi=True)
-    params = write_params(tmp_path / "params.yaml", method="full", problem_type="multi_label", lr=1e-2,
+    params = write_params(tmp_path / "params.yaml", method="full", problem_type="multi_label", lr=3e-3,
                           epochs=4)
     assert run_stage_cli(tmp_path, tiny_bert, data, params) == 0
     model, tok, meta = load_classifier(tmp_path / "model")
@@ -359,3 +359,25 @@ def test_unknown_label_names_file_row_field(tmp_path, tiny_bert, capsys):
     assert run_stage_cli(tmp_path, tiny_bert, data, write_params(tmp_path / "p.yaml", method="head")) == 2
     assert "validation.parquet: row 3: field 'label': label 'refunds' is not in labels.json" in capsys.readouterr().err
     assert not (tmp_path / "model").exists()
+
+
+def test_qlora_refuses_unsupported_layer_shape_up_front(tmp_path, data, capsys):
+    """A 32-wide model cannot run bitsandbytes' 4-bit CPU kernels on AVX512 machines: refused on every CPU,
+    before training, naming the layer and the rule (not a traceback from inside bitsandbytes)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from domaintune.modeling import load_tokenizer, resolve_model
+
+    narrow = tmp_path / "narrow_bert"
+    torch.manual_seed(0)
+    tok = load_tokenizer(resolve_model("minilm"))
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False).save_pretrained(narrow)
+    tok.save_pretrained(narrow)
+    params = write_params(tmp_path / "params.yaml", method="qlora", device="cpu")
+    assert run_stage_cli(tmp_path, narrow, data, params) == 2
+    err = capsys.readouterr().err
+    assert "qlora on CPU needs every quantised Linear's in_features to be a multiple of 64" in err
+    assert "layer 0 'attention.self.query' has in_features 32" in err
+    assert "Traceback" not in err and not (tmp_path / "model").exists()
