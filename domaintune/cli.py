@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="models/export")
     p.add_argument("--out", default="reports/monitor")
     p.add_argument("--text-column", default="text")
+    from pipelines import predict as predict_command  # its own module; the import is light
+
+    predict_command.add_parser(sub)
     p = add("remote", cmd_remote, "set up the default DVC remote (a local folder unless --url)")
     p.add_argument("--url", default=None)
     return ap
