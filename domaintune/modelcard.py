@@ -187,7 +187,7 @@ def training_section(meta: dict, inputs: dict) -> list[str]:
     out += ["", "### Environment", "",
             f"- Hardware (export): {cpu_name()}, {_cores()} cores available",
             "- Frameworks: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
-            f"- Code commit: `{commit}`" if commit else "- Code commit: not a git checkout",
+            f"- Code commit at export: `{commit}`" if commit else "- Code commit: not a git checkout",
             "- Version tag: given at release (`domaintune versions` lists the tag of this commit)", ""]
     return out
 
@@ -225,7 +225,7 @@ def evaluation_section(inputs: dict) -> list[str]:
 def variants_section(variants: dict, merge_check: dict, params) -> list[str]:
     from domaintune.report import md_table
 
-    rows = [{"variant": VARIANT_TEXT[k].split(" ", 1)[0], "accuracy": pct(v["accuracy"]),
+    rows = [{"variant": k, "folder": VARIANT_TEXT[k].split(" ", 1)[0], "accuracy": pct(v["accuracy"]),
              "macro-F1": fmt(v["macro_f1"]), "ECE": fmt(v["ece"]),
              "agrees with float32": pct(v.get("agreement_with_float32")), "size (MB)": f"{v['size_bytes'] / 1e6:.1f}",
              "ms/text, batch " + str(params.batch_size): f"{v['batched_ms_per_text']:.1f}",
@@ -248,8 +248,11 @@ def usage_section(meta: dict, variants) -> list[str]:
            "than load a random head): use domaintune, or the ONNX variants with plain onnxruntime.", "",
            "With domaintune (`pip install` this project), from the folder that holds `models/export`:", "",
            "```python", "from domaintune.predict import Predictor", ""]
-    for v in variants:
-        out.append(f'p = Predictor.load("models/export", variant="{v}")')
+    best = "onnx-int8" if "onnx-int8" in variants else "float32"
+    out.append(f'p = Predictor.load("models/export", variant="{best}")')
+    others = [f'variant="{v}"' + (" (the default)" if v == "float32" else "") for v in variants if v != best]
+    if others:
+        out.append("# the other exported variants: " + ", ".join(others))
     out += ['probs = p.predict_proba(["example text"])    # calibrated, columns in p.labels order',
             'labels = p.predict(["example text"])', "```", "",
             "Or on the command line: `domaintune predict texts.csv --out predictions.jsonl --variant "
