@@ -33,7 +33,7 @@ METHOD_TEXT = {"full": "full fine-tuning (every weight trained)",
 VARIANT_TEXT = {
     "float32": "`./` float32 PyTorch weights (safetensors), loaded by domaintune",
     "int8": "`int8/` weight-only int8 safetensors (per-output-channel scales), dequantised to float32 on load: "
-            "smaller on disk, same speed as float32",
+            "smaller on disk, the same float32 computation when run",
     "onnx": "`onnx/` the calibrated classifier as one ONNX graph (onnxruntime; no domaintune needed)",
     "onnx-int8": "`onnx-int8/` onnxruntime dynamic int8 quantisation of `onnx/`",
 }

@@ -277,7 +277,9 @@ class ExportParams:
     latency_single_texts: int = 32
     bins: int = 15
     # Which variants to write (domaintune/artifacts.py); float32 is the reference the others are gated on.
-    variants: tuple = ("float32", "int8", "onnx", "onnx-int8")
+    # int8 (PyTorch weight-only) is opt-in: on BANKING77 onnx-int8 matches its accuracy at a similar size
+    # and runs ~3x faster, while int8 runs at float32 speed (bench/results/inference.json).
+    variants: tuple = ("float32", "onnx", "onnx-int8")
     # Each variant's test accuracy may fall at most this many points below float32's (0.5 = half a point) ...
     max_accuracy_drop: float = 0.5
     # ... and its ECE (after calibration) rise at most this many points above float32's.

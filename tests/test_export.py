@@ -47,7 +47,8 @@ def exported(tiny_bert, tmp_path_factory):
     model = make_model(base, root / "models/finetuned", lora=True, seed=3)
     # A random tiny model: one flipped test row is 4 points, so the gates are tested on their own (below).
     params = write_params(root / "params.yaml", export={"latency_repeats": 1, "latency_single_texts": 2,
-                                                        "max_accuracy_drop": 100.0, "max_ece_increase": 100.0})
+                                                        "max_accuracy_drop": 100.0, "max_ece_increase": 100.0,
+                                                        "variants": ["float32", "int8", "onnx", "onnx-int8"]})
     assert ev.main(["--in", str(root / "data"), "--model", str(model), "--out", str(root / "reports/eval"),
                     "--metrics", str(root / "metrics/evaluate.json"), "--params", str(params)]) == 0
     write_json(root / "reports/audit/summary.json", {
