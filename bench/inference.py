@@ -105,8 +105,9 @@ def load_and_score(folder: Path, variant: str, test, calib: dict) -> tuple[objec
 def time_best_of(predictors: dict, requests: list[list[str]], batch_size: int, rounds: int) -> dict:
     """Each variant times every request `rounds` times in a row and keeps its fastest round (the
     machine is shared: the best round is the one least disturbed by other processes). Variants run
-    one after the other, not interleaved: onnxruntime's spinning worker threads would otherwise
-    slow the PyTorch variant that runs right after them."""
+    one after the other, not interleaved: in an interleaved run PyTorch float32, timed right after
+    onnxruntime, was 12x slower on single texts than the same computation as int8 (onnxruntime's
+    worker threads spin after each run)."""
     out = {}
     for name, p in predictors.items():
         p.batch_size = batch_size
