@@ -35,8 +35,11 @@ SERVED_STAGE = "prod"
 VERSION_FILES = ("params.yaml", "dvc.yaml", "dvc.lock")
 RECORD_MARK = "domaintune-record:"
 LOCK_PATH = Path(".domaintune") / "retrain.lock"
-# Metrics shown in the versions table when present (file stem, key).
-KEY_METRICS = (("evaluate", "accuracy"), ("evaluate", "macro_f1"), ("evaluate", "ece"))
+# Metrics shown in the versions table when present: name -> (file stem, key path). The evaluate
+# stage writes {"before": {...}, "after": {...}}; the headline is after temperature calibration.
+KEY_METRICS = {"evaluate.accuracy": ("evaluate", "after", "accuracy"),
+               "evaluate.macro_f1": ("evaluate", "after", "macro_f1"),
+               "evaluate.ece": ("evaluate", "after", "ece")}
 
 
 class RegistryError(RuntimeError):
@@ -309,8 +312,15 @@ class Version:
     served: bool = False
 
     def key_metrics(self) -> dict[str, float]:
-        m = self.record.get("metrics", {})
-        return {f"{f}.{k}": m[f][k] for f, k in KEY_METRICS if isinstance(m.get(f), dict) and k in m[f]}
+        """Headline metrics (accuracy, macro-F1, ECE after calibration) the version's metrics hold."""
+        out = {}
+        for name, path in KEY_METRICS.items():
+            value = self.record.get("metrics", {})
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[name] = value
+        return out
 
 
 def _semver(v: str) -> tuple[int, int, int]:

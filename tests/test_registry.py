@@ -51,8 +51,24 @@ def test_versions_semver_and_records(history):
         for f in ("params.yaml", "dvc.lock", "metrics/evaluate.json", "metrics/audit.json"):
             assert registry.git_bytes(root, v.commit, f) == files[f]
     assert [v.served for v in versions] == [False, False, True]  # publishing serves the new version
-    assert v21.key_metrics()["evaluate.accuracy"] == v21.record["metrics"]["evaluate"]["accuracy"]
+    assert v21.key_metrics() == {f"evaluate.{k}": v21.record["metrics"]["evaluate"]["after"][k]
+                                 for k in ("accuracy", "macro_f1", "ece")}
     assert sh(root, "git", "status", "--porcelain").strip() == ""
+
+
+def test_versions_command_shows_headline_metrics(history, capsys):
+    """`domaintune versions` on versions whose metrics/evaluate.json has the evaluate stage's shape."""
+    from domaintune.cli import main
+
+    root, _ = history
+    assert main(["versions", "--repo", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for v in registry.list_versions(root):
+        after = v.record["metrics"]["evaluate"]["after"]
+        row = next(line for line in lines if f" {v.version} " in f" {line} ")
+        for k in ("accuracy", "macro_f1", "ece"):
+            assert f"{k}={after[k]:.3f}" in row, row
+        assert not row.rstrip().endswith(" -"), row
 
 
 def test_republish_unchanged_creates_nothing(history):
@@ -69,7 +85,7 @@ def test_diff(history):
     d = registry.diff_versions(root, "v2.0.0", "v2.1.0")
     assert d["params"] == {"finetune.epochs": (3, 5)}
     assert "dataset_hash" not in d
-    assert set(d["metrics"]) <= {"evaluate.accuracy", "evaluate.macro_f1"}
+    assert set(d["metrics"]) <= {f"evaluate.{p}.{k}" for p in ("before", "after") for k in ("accuracy", "macro_f1", "weighted_f1")}
     d = registry.diff_versions(root, "v1.0.0", "v2.0.0")
     assert d["params"] == {}
     assert d["metrics"]["audit.rows"] == (11, 16)  # lines incl. header
