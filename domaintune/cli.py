@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="models/export")
     p.add_argument("--out", default="reports/monitor")
     p.add_argument("--text-column", default="text")
+    from domaintune.summary import add_command  # `domaintune summary`: stdlib only, cheap to import
+    add_command(add)
     p = add("remote", cmd_remote, "set up the default DVC remote (a local folder unless --url)")
     p.add_argument("--url", default=None)
     return ap

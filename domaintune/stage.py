@@ -7,8 +7,11 @@ of a traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import time
 from typing import Callable, Sequence
 
 from domaintune.data import DataError
@@ -36,13 +39,62 @@ def stage_parser(name: str, description: str, *, inp: str | None = None, out: st
     return ap
 
 
-def run_stage(name: str, fn: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
+# Set before any library is imported (stages import torch/transformers inside their functions):
+# transformers' "Loading weights" / "Writing model shards" bars and load reports (expected missing
+# heads on a fresh classifier), Hugging Face / evidently telemetry (pointless and noisy offline).
+# setdefault: a user who wants any of it back sets the variable.
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",              # evidently's (and iterative-telemetry's) off switch
+    "TOKENIZERS_PARALLELISM": "false",  # else a fork after tokenizing warns once per process
+}
+
+
+def quiet_libraries() -> None:
+    """Process-wide: library chatter off (env above), only domaintune's own INFO lines shown."""
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("domaintune").setLevel(logging.INFO)
+    # matplotlib logs "generated new fontManager" (INFO) on a fresh machine; its warnings still show.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
+def record_seconds(metrics_path: str | None, seconds: float) -> None:
+    """Add the stage's wall time to its metrics JSON (the run summary reads it), atomically."""
+    if not metrics_path or not os.path.isfile(metrics_path):
+        return
+    with open(metrics_path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict):
+        return
+    data["stage_seconds"] = round(seconds, 1)
+    tmp = f"{metrics_path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+    os.replace(tmp, metrics_path)
+
+
+def run_stage(name: str, fn: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
               argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s", stream=sys.stderr)
+    """Parse, run fn(args), print "<name>: done in X s" (plus the line fn returns, if any).
+
+    Failures the user can fix (bad data, params, a failed gate) are one line and exit code 2.
+    """
+    quiet_libraries()
+    logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(message)s", stream=sys.stderr)
     args = parser.parse_args(argv)
+    t0 = time.perf_counter()
     try:
-        fn(args)
+        said = fn(args)
     except (DataError, ParamsError, StageError, FileNotFoundError) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
+    seconds = time.perf_counter() - t0
+    record_seconds(getattr(args, "metrics", None), seconds)
+    tail = f"; {said}" if isinstance(said, str) and said else ""
+    print(f"{name}: done in {seconds:.1f} s{tail}", file=sys.stderr, flush=True)
     return 0

@@ -134,12 +134,18 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, numeric: Sequen
 
     K-S for numeric columns and chi-square for the predicted label, fixed rather than
     evidently's size-dependent choice, so small and large batches are judged alike.
+    A numeric column that is constant in either frame (e.g. no non-ASCII text at all) has
+    zero standard deviation, and evidently's correlation matrix would divide by it
+    (NaNs and a RuntimeWarning); such columns get the same two-sample K-S test from
+    scipy instead, so a batch that moves off the constant is still caught.
     """
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
-    cols = list(numeric) + [PRED_COLUMN]
-    definition = DataDefinition(numerical_columns=list(numeric), categorical_columns=[PRED_COLUMN])
+    constant = [c for c in numeric if reference[c].nunique() < 2 or current[c].nunique() < 2]
+    varying = [c for c in numeric if c not in constant]
+    cols = varying + [PRED_COLUMN]
+    definition = DataDefinition(numerical_columns=varying, categorical_columns=[PRED_COLUMN])
     report = Report([DataDriftPreset(columns=cols, num_method="ks", cat_method="chisquare",
                                      threshold=threshold, drift_share=drift_share)])
     snap = report.run(Dataset.from_pandas(current[cols].copy(), data_definition=definition),
@@ -147,16 +153,22 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, numeric: Sequen
     if html_path is not None:
         snap.save_html(str(html_path))
     columns: dict[str, float] = {}
-    share = None
     for m in snap.dict()["metrics"]:
         cfg = m["config"]
         if cfg["type"].endswith("ValueDrift"):
             columns[cfg["column"]] = float(m["value"])
-        elif cfg["type"].endswith("DriftedColumnsCount"):
-            share = float(m["value"]["share"])
+    columns.update(constant_column_pvalues(reference, current, constant))
+    columns = {c: columns[c] for c in list(numeric) + [PRED_COLUMN] if c in columns}  # report order
     drifted = sorted(c for c, p in columns.items() if p < threshold)
     return {"p_values": columns, "drifted_columns": drifted,
-            "drifted_share": share if share is not None else len(drifted) / max(len(columns), 1)}
+            "drifted_share": len(drifted) / max(len(columns), 1), "constant_columns": constant}
+
+
+def constant_column_pvalues(reference: pd.DataFrame, current: pd.DataFrame, columns: Sequence[str]) -> dict:
+    """Two-sample K-S p-value per column (as evidently's "ks"): 1.0 when both hold the same constant."""
+    from scipy.stats import ks_2samp
+
+    return {c: float(ks_2samp(reference[c].to_numpy(float), current[c].to_numpy(float)).pvalue) for c in columns}
 
 
 def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir: str | Path, params,
@@ -285,6 +297,15 @@ def compare_batch(baseline: Baseline, texts: Sequence[str], model_dir: str | Pat
     }
 
 
+def summary_line(metrics: dict) -> str:
+    line = (f"reference profile of {metrics['reference_rows']} train rows, mean confidence "
+            f"{metrics['mean_confidence']:.3f}, train accuracy {metrics['train_accuracy']:.3f}")
+    if "validation_drifted_share" in metrics:
+        line += (f"; validation vs train: {metrics['validation_drifted_columns']} columns drifted "
+                 f"({metrics['validation_drifted_share']:.0%}, a sanity check: expect few)")
+    return line
+
+
 def main(argv=None) -> int:
     ap = stage_parser("drift", __doc__.splitlines()[0], inp="audited dataset folder", out="baseline folder to write")
     ap.add_argument("--model", required=True, help="exported model folder")
@@ -300,6 +321,7 @@ def main(argv=None) -> int:
         with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
             metrics = build_baseline(splits, labels, args.model, params, tmp, dataset_hash)
             write_json(tmp_metrics, metrics)
+        return summary_line(metrics)
 
     return run_stage("drift", run, ap, argv)
 
