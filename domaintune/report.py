@@ -13,6 +13,13 @@ import numpy as np
 import pandas as pd
 
 
+def _texts(fig) -> list[str]:
+    """Every text a reader sees on the figure: titles, labels, legend entries, annotations, tick labels."""
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
 def _plt():
     import matplotlib
 
@@ -48,9 +55,10 @@ def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_reliability(bins_by_variant: dict[str, list[dict]], path: Path, ece: dict[str, float] | None = None) -> None:
+def plot_reliability(bins_by_variant: dict[str, list[dict]], path: Path,
+                     ece: dict[str, float] | None = None) -> list[str]:
     """Accuracy against confidence per bin, one colour per variant; the legend carries each ECE
-    and every point its bin's row count (a bin of 2 rows says little)."""
+    and every point its bin's row count (a bin of 2 rows says little). Returns the texts drawn."""
     plt = _plt()
     ece = ece or {}
     fig, ax = plt.subplots(figsize=(6, 6))
@@ -73,7 +81,9 @@ def plot_reliability(bins_by_variant: dict[str, list[dict]], path: Path, ece: di
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    texts = _texts(fig)
     plt.close(fig)
+    return texts
 
 
 def plot_confidence_hist(conf_by_variant: dict[str, np.ndarray], bins: int, path: Path) -> None:
@@ -91,7 +101,8 @@ def plot_confidence_hist(conf_by_variant: dict[str, np.ndarray], bins: int, path
     plt.close(fig)
 
 
-def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> None:
+def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> list[str]:
+    """Horizontal bars, worst class at the bottom, each with its F1 written at its end. Returns the texts drawn."""
     plt = _plt()
     df = per_class.sort_values("f1")
     fig, ax = plt.subplots(figsize=(6, min(2 + 0.25 * len(df), 30)))
@@ -103,7 +114,9 @@ def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> None:
     ax.tick_params(axis="y", labelsize=max(4, 10 - len(df) // 10))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    texts = _texts(fig)
     plt.close(fig)
+    return texts
 
 
 def _cell(v) -> str:

@@ -35,6 +35,9 @@ TEXT_FEATURES = ("n_chars", "n_words", "unk_rate", "oov_rate", "non_ascii_rate",
 PRED_COLUMN = "pred_label"
 CONF_COLUMN = "confidence"
 _WORD = re.compile(r"\w+", re.UNICODE)
+# Features are compared at this many decimals (all are rates, counts, PCA coordinates or
+# probabilities of order 1): below it lies float rounding, not drift.
+ROUND_DECIMALS = 9
 
 
 def words(text: str) -> list[str]:
@@ -134,14 +137,19 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, numeric: Sequen
 
     K-S for numeric columns and chi-square for the predicted label, fixed rather than
     evidently's size-dependent choice, so small and large batches are judged alike.
-    A numeric column that is constant in either frame (e.g. no non-ASCII text at all) has
-    zero standard deviation, and evidently's correlation matrix would divide by it
+    Values are compared at ROUND_DECIMALS: a confident model's calibrated confidences are
+    1.0 give or take float rounding (0.9999999999999885), noise no test should read as
+    drift and on which evidently's histogram fails ("Too many bins for data range").
+    A numeric column that is then constant in either frame (e.g. no non-ASCII text at all)
+    has zero standard deviation, and evidently's correlation matrix would divide by it
     (NaNs and a RuntimeWarning); such columns get the same two-sample K-S test from
     scipy instead, so a batch that moves off the constant is still caught.
     """
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
+    reference = reference.assign(**{c: reference[c].astype(float).round(ROUND_DECIMALS) for c in numeric})
+    current = current.assign(**{c: current[c].astype(float).round(ROUND_DECIMALS) for c in numeric})
     constant = [c for c in numeric if reference[c].nunique() < 2 or current[c].nunique() < 2]
     varying = [c for c in numeric if c not in constant]
     cols = varying + [PRED_COLUMN]
