@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from typing import Callable, Sequence
 
 from domaintune.data import DataError
@@ -60,6 +61,9 @@ def quiet_libraries() -> None:
     logging.getLogger("domaintune").setLevel(logging.INFO)
     # matplotlib logs "generated new fontManager" (INFO) on a fresh machine; its warnings still show.
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    # peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing` alias on
+    # every LoRA model it wraps: their deprecation, not something our code calls or can change.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def record_seconds(metrics_path: str | None, seconds: float) -> None:
