@@ -84,11 +84,19 @@ def _f(v, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _scores(s: dict, split: str) -> str:
+    if f"{split}_accuracy" not in s:
+        return "-"
+    return f"accuracy {_f(s.get(f'{split}_accuracy'))}, macro-F1 {_f(s.get(f'{split}_macro_f1'))}"
+
+
 def format_table(s: dict) -> str:
     """Ten lines: data, cleaning, DAPT, validation, test, calibration, export, time, model, missing."""
     g = s.get
-    removed = (f"{g('rows_removed')} (rejected {g('rows_rejected')}, duplicates/leaks {g('rows_deduplicated')}, "
-               f"dropped by audit {g('rows_dropped_by_audit')})" if "rows_removed" in s else "-")
+    removed = (f"{g('rows_removed')} (ingest rejected {g('rows_rejected')}, dedupe {g('rows_deduplicated')}, "
+               f"audit dropped {g('rows_dropped_by_audit')})" if "rows_removed" in s else "-")
+    ece = (f"{_f(g('test_ece_before'))} -> {_f(g('test_ece_after'))} after temperature {_f(g('temperature'), '.2f')}"
+           if "test_ece_after" in s else "-")
     dapt = (f"{g('dapt_perplexity_before'):.0f} -> {g('dapt_perplexity_after'):.0f} (held-out MLM)"
             if "dapt_perplexity_after" in s else ("off" if "dapt" not in g("stages_missing", []) else "-"))
     export = "; ".join(f"{n} {v['size_mb']:.1f} MB, accuracy {_f(v.get('accuracy'))}"
@@ -102,10 +110,9 @@ def format_table(s: dict) -> str:
         ("removed", removed),
         ("flagged by audit", f"{_f(g('rows_flagged'), 'd')} label issues (see reports/audit)"),
         ("DAPT perplexity", dapt),
-        ("validation", f"accuracy {_f(g('val_accuracy'))}, macro-F1 {_f(g('val_macro_f1'))}"),
-        ("test (calibrated)", f"accuracy {_f(g('test_accuracy'))}, macro-F1 {_f(g('test_macro_f1'))}"),
-        ("test ECE", f"{_f(g('test_ece_before'))} -> {_f(g('test_ece_after'))} after temperature "
-                     f"{_f(g('temperature'), '.2f')}"),
+        ("validation", _scores(s, "val")),
+        ("test (calibrated)", _scores(s, "test")),
+        ("test ECE", ece),
         ("export", export),
         ("run time", time_line),
         ("not run yet", ", ".join(g("stages_missing", [])) or "-"),
