@@ -23,10 +23,18 @@ def load_metrics(root: str | Path) -> dict[str, dict]:
     for stage in STAGES:
         path = Path(root) / "metrics" / f"{stage}.json"
         if path.is_file():
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
-                out[stage] = data
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise SummaryError(f"{path}: not valid JSON ({exc}); re-run the {stage} stage (dvc repro)") from None
+            if not isinstance(data, dict):
+                raise SummaryError(f"{path}: expected a JSON object, got {type(data).__name__}")
+            out[stage] = data
     return out
+
+
+class SummaryError(ValueError):
+    """A stage's metrics file cannot be read; the message names it."""
 
 
 def _get(d: dict, *keys):
@@ -133,7 +141,11 @@ def write_summary(root: str | Path) -> dict:
 
 def cmd_summary(args) -> int:
     root = Path(args.repo).resolve()
-    metrics = load_metrics(root)
+    try:
+        metrics = load_metrics(root)
+    except SummaryError as exc:
+        print(f"domaintune summary: {exc}", file=sys.stderr)
+        return 2
     if not metrics:
         print(f"domaintune summary: no metrics/<stage>.json under {root}: run `dvc repro` (or `make run`) first",
               file=sys.stderr)

@@ -79,3 +79,15 @@ def test_summary_help_names_every_option(flag, capsys):
         main(["summary", "--help"])
     out = capsys.readouterr().out
     assert flag in out and "default" in out
+
+
+def test_summary_of_a_corrupt_metrics_file_is_one_line(tmp_path, capsys):
+    from domaintune.cli import main
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "evaluate.json").write_text('{"after": {"accuracy": 0.9')
+    assert main(["summary", "--repo", str(tmp_path), "--write"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert "metrics/evaluate.json" in err and "not valid JSON" in err
+    assert not (tmp_path / "metrics" / "summary.json").exists()  # no partial output
