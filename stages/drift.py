@@ -165,11 +165,35 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, numeric: Sequen
         cfg = m["config"]
         if cfg["type"].endswith("ValueDrift"):
             columns[cfg["column"]] = float(m["value"])
-    columns.update(constant_column_pvalues(reference, current, constant))
+    constant_p = constant_column_pvalues(reference, current, constant)
+    columns.update(constant_p)
     columns = {c: columns[c] for c in list(numeric) + [PRED_COLUMN] if c in columns}  # report order
+    if html_path is not None and constant:
+        _append_constant_section(Path(html_path), reference, current, constant_p, threshold)
     drifted = sorted(c for c, p in columns.items() if p < threshold)
     return {"p_values": columns, "drifted_columns": drifted,
             "drifted_share": len(drifted) / max(len(columns), 1), "constant_columns": constant}
+
+
+def _append_constant_section(html_path: Path, reference: pd.DataFrame, current: pd.DataFrame,
+                             p_values: dict[str, float], threshold: float) -> None:
+    """List the constant features in the HTML report too (evidently's part cannot show them)."""
+    from html import escape
+
+    def values(col: pd.Series) -> str:
+        return f"{col.iloc[0]:g}" if col.nunique() < 2 else f"{col.min():g} to {col.max():g}"
+
+    rows = "".join(f"<tr><td>{escape(c)}</td><td>{values(reference[c])}</td><td>{values(current[c])}</td>"
+                   f"<td>{p:.4g}</td><td>{'drifted' if p < threshold else 'no drift'}</td></tr>"
+                   for c, p in p_values.items())
+    section = ("<section style='font-family:sans-serif;margin:2em'><h2>Features constant in the reference or the "
+               "batch</h2><p>Tested with the same two-sample Kolmogorov-Smirnov test (scipy), outside the report "
+               "above, whose correlation view cannot take a zero-variance column.</p><table border='1' "
+               "cellpadding='4'><tr><th>feature</th><th>reference</th><th>current</th><th>K-S p-value</th>"
+               f"<th>verdict</th></tr>{rows}</table></section>")
+    text = html_path.read_text(encoding="utf-8")
+    cut = text.rfind("</body>")
+    html_path.write_text(text[:cut] + section + text[cut:] if cut >= 0 else text + section, encoding="utf-8")
 
 
 def constant_column_pvalues(reference: pd.DataFrame, current: pd.DataFrame, columns: Sequence[str]) -> dict:

@@ -84,7 +84,7 @@ def test_baseline_profile_contents(drift_setup):
     assert ref["pred_label"].isin(labels).all()
     assert ((ref["confidence"] > 1 / 3 - 1e-6) & (ref["confidence"] <= 1 + 1e-6)).all()
     pca = load_file(str(out / "pca.safetensors"))
-    assert pca["components"].shape == (3, 32)
+    assert pca["components"].shape == (3, 64)
     # Orthonormal axes, and the projected train set is centred.
     np.testing.assert_allclose(pca["components"] @ pca["components"].T, np.eye(3), atol=1e-4)
     np.testing.assert_allclose(ref[["pc1", "pc2", "pc3"]].mean().to_numpy(), 0, atol=1e-4)
@@ -165,7 +165,7 @@ def test_monitor_batch_reader_names_file_row_and_field(tmp_path):
     assert read_batch(pq) == ["a parcel", "a refund"]
 
 
-def test_constant_feature_no_nan_and_still_judged():
+def test_constant_feature_no_nan_and_still_judged(tmp_path):
     """A feature constant in the reference (no non-ASCII text in train) has zero std: evidently's
     correlation matrix divided by it (NaN, RuntimeWarning). It is now tested with scipy's K-S: no
     warning, p = 1 while both sides hold the constant, drift as soon as the batch moves off it."""
@@ -185,7 +185,11 @@ def test_constant_feature_no_nan_and_still_judged():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         calm = drift_report(ref, same, ["n_chars", "non_ascii_rate", "confidence"], 0.05, 0.5)
-        drifted = drift_report(ref, moved, ["n_chars", "non_ascii_rate", "confidence"], 0.05, 0.5)
+        drifted = drift_report(ref, moved, ["n_chars", "non_ascii_rate", "confidence"], 0.05, 0.5,
+                               tmp_path / "report.html")
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    section = html[html.index("Features constant in the reference"):]
+    assert "<td>non_ascii_rate</td><td>0</td><td>0.1" in section and "drifted" in section
     assert calm["constant_columns"] == ["non_ascii_rate", "confidence"]
     assert calm["p_values"]["non_ascii_rate"] == calm["p_values"]["confidence"] == 1.0
     assert calm["drifted_columns"] == []
@@ -193,3 +197,19 @@ def test_constant_feature_no_nan_and_still_judged():
     assert drifted["p_values"]["non_ascii_rate"] < 1e-6 and "non_ascii_rate" in drifted["drifted_columns"]
     assert drifted["drifted_share"] == len(drifted["drifted_columns"]) / 4
     assert all(np.isfinite(p) for p in drifted["p_values"].values())
+
+
+def test_drift_report_survives_a_feature_that_differs_only_in_float_noise(tmp_path):
+    """A saturated confidence (1.0 and 1.0 - 1e-16) used to crash evidently's histogram inside drift_report."""
+    import numpy as np
+    import pandas as pd
+
+    from stages.drift import CONF_COLUMN, PRED_COLUMN, drift_report
+
+    rng = np.random.default_rng(0)
+    ref = pd.DataFrame({"chars": rng.normal(50, 5, 40), CONF_COLUMN: 1.0 - rng.integers(0, 2, 40) * 1e-16,
+                        PRED_COLUMN: ["a", "b"] * 20})
+    cur = ref.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    out = drift_report(ref, cur, ["chars", CONF_COLUMN], 0.05, 0.5, tmp_path / "r.html")
+    assert set(out["p_values"]) == {"chars", CONF_COLUMN, PRED_COLUMN}
+    assert out["drifted_columns"] == [] and (tmp_path / "r.html").stat().st_size > 0
