@@ -24,7 +24,8 @@ run: setup
 	@$(BIN)/domaintune summary --write
 	@echo
 	@echo "model:   models/export (model card: models/export/README.md; int8 variant: models/export/int8)"
-	@echo "reports: reports/eval/report.md, reports/audit, models/drift_baseline/report.html; plots: dvc plots show"
+	@echo "reports: reports/eval/report.md, reports/audit/, models/drift_baseline/report.html"
+	@echo "plots:   dvc plots show  (writes dvc_plots/index.html, opens without network)"
 	@echo "next:    domaintune retrain (record a version)  |  domaintune versions  |  domaintune monitor --batch FILE"
 
 # What CI runs (.ci/run): everything except tests marked slow.
