@@ -49,7 +49,6 @@ QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "1",              # evidently's (and iterative-telemetry's) off switch
-    "TOKENIZERS_PARALLELISM": "false",  # else a fork after tokenizing warns once per process
 }
 
 
