@@ -56,6 +56,14 @@ def quiet_libraries() -> None:
     """Process-wide: library chatter off (env above), only domaintune's own INFO lines shown."""
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
+    # The variables are read at import: if a library is already in, tell it directly.
+    if "huggingface_hub" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules and os.environ["TRANSFORMERS_VERBOSITY"] == "error":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("domaintune").setLevel(logging.INFO)
     # matplotlib logs "generated new fontManager" (INFO) on a fresh machine; its warnings still show.

@@ -91,3 +91,19 @@ def test_summary_of_a_corrupt_metrics_file_is_one_line(tmp_path, capsys):
     assert out == "" and len(err.strip().splitlines()) == 1
     assert "metrics/evaluate.json" in err and "not valid JSON" in err
     assert not (tmp_path / "metrics" / "summary.json").exists()  # no partial output
+
+
+def test_quiet_libraries_reaches_libraries_already_imported(monkeypatch):
+    """The env switches are read at import time; a library imported earlier is told directly."""
+    import transformers  # noqa: F401  (imported before the runner sets the environment)
+    from transformers.utils import logging as hf_logging
+
+    from domaintune.stage import QUIET_ENV, quiet_libraries
+
+    for k in QUIET_ENV:
+        monkeypatch.delenv(k, raising=False)
+    hf_logging.enable_progress_bar()
+    hf_logging.set_verbosity_warning()
+    quiet_libraries()
+    assert not hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == logging.ERROR
+    assert all(__import__("os").environ[k] == v for k, v in QUIET_ENV.items())
