@@ -102,8 +102,9 @@ def test_quiet_libraries_reaches_libraries_already_imported(monkeypatch):
 
     for k in QUIET_ENV:
         monkeypatch.delenv(k, raising=False)
-    hf_logging.enable_progress_bar()
+    calls = []
+    monkeypatch.setattr(hf_logging, "disable_progress_bar", lambda: calls.append("bars off"))
     hf_logging.set_verbosity_warning()
     quiet_libraries()
-    assert not hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == logging.ERROR
+    assert calls == ["bars off"] and hf_logging.get_verbosity() == logging.ERROR
     assert all(__import__("os").environ[k] == v for k, v in QUIET_ENV.items())
