@@ -111,8 +111,9 @@ def format_table(s: dict) -> str:
                        for n, v in (g("export") or {}).items()) or "-"
     secs = g("seconds") or {}
     slow = sorted(((v, k) for k, v in secs.items() if k != "total"), reverse=True)[:3]
-    time_line = (f"{_duration(secs['total'])} (slowest: " + ", ".join(f"{k} {_duration(v)}" for v, k in slow) + ")"
-                 if secs else "-")
+    # Each stage's time is from its last real run (a stage DVC skipped keeps its old time).
+    time_line = (f"{_duration(secs['total'])} over {len(secs) - 1} stages (slowest: "
+                 + ", ".join(f"{k} {_duration(v)}" for v, k in slow) + ")" if secs else "-")
     rows = [
         ("rows", f"{_f(g('rows_in'), 'd')} in -> {_f(g('rows_out'), 'd')} out"),
         ("removed", removed),
@@ -122,7 +123,7 @@ def format_table(s: dict) -> str:
         ("test (calibrated)", _scores(s, "test")),
         ("test ECE", ece),
         ("export", export),
-        ("run time", time_line),
+        ("stage times", time_line),
         ("not run yet", ", ".join(g("stages_missing", [])) or "-"),
     ]
     width = max(len(k) for k, _ in rows)
