@@ -177,7 +177,8 @@ def test_constant_feature_no_nan_and_still_judged(tmp_path):
     # confidence: a confident model's calibrated top probability, 1.0 up to float rounding; on
     # such data evidently's histogram raised "Too many bins for data range".
     ref = pd.DataFrame({"n_chars": rng.normal(40, 5, 60), "non_ascii_rate": 0.0,
-                        "confidence": rng.choice([1.0, 0.9999999999999998], 60), PRED_COLUMN: rng.choice(["a", "b"], 60)})
+                        "confidence": rng.choice([1.0, 0.9999999999999998], 60),
+                        PRED_COLUMN: rng.choice(["a", "b"], 60)})
     same = pd.DataFrame({"n_chars": rng.normal(40, 5, 50), "non_ascii_rate": 0.0,
                          "confidence": rng.choice([1.0, 0.9999999999999885, 0.9999999999999998], 50),
                          PRED_COLUMN: rng.choice(["a", "b"], 50)})
