@@ -61,7 +61,7 @@ def plot_reliability(bins_by_variant: dict[str, list[dict]], path: Path,
     and every point its bin's row count (a bin of 2 rows says little). Returns the texts drawn."""
     plt = _plt()
     ece = ece or {}
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig, ax = plt.subplots(figsize=(6, 7))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
     for (name, bins), marker, color in zip(bins_by_variant.items(), "os^v", ("tab:orange", "tab:blue",
                                                                            "tab:green", "tab:red")):
@@ -78,7 +78,8 @@ def plot_reliability(bins_by_variant: dict[str, list[dict]], path: Path,
     ax.set_xlabel("mean confidence in bin")
     ax.set_ylabel("accuracy in bin")
     ax.set_title("Reliability diagram (test; n = rows per bin)")
-    ax.legend(loc="upper left")
+    # Below the axes: points can sit anywhere inside them (under- or over-confident models).
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     texts = _texts(fig)
