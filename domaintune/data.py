@@ -228,6 +228,25 @@ def read_dataset(folder: str | os.PathLike) -> tuple[dict[str, pd.DataFrame], li
     return splits, labels
 
 
+# ---------------------------------------------------------------- emptied splits and classes
+
+def emptied_classes(train_in: Sequence[str], kept: pd.DataFrame) -> list[str]:
+    """Classes that had train rows (train_in: the input train labels) and have none in `kept` (rows of
+    every split with columns label and split, after a stage's removals)."""
+    left = set(kept.loc[kept["split"] == "train", "label"])
+    return sorted(set(train_in) - left)
+
+
+def check_splits_kept(stage: str, rows_in: dict[str, int], rows_out: dict[str, int],
+                      why: dict[str, str], files: dict[str, str]) -> None:
+    """A split that had rows must keep at least one: an empty validation/test split only fails later
+    (in evaluate), far from the stage that emptied it. `why`: split -> what removed its rows."""
+    for s in SPLITS:
+        if rows_in.get(s, 0) and not rows_out.get(s, 0):
+            raise DataError(files[s], None, None, f"{stage} would remove all {rows_in[s]} rows of the {s} split "
+                            f"({why.get(s) or 'see the removals'}); an empty {s} split is refused")
+
+
 # ---------------------------------------------------------------- labels
 LABEL_SEPARATOR = "|"
 
