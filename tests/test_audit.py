@@ -296,7 +296,7 @@ def test_stage_runs_and_reuses_embeddings_when_only_action_changes(tmp_path, tin
     scores = pd.read_csv(rep / "label_scores.csv")
     assert len(scores) == 36 and scores["score"].between(0, 1).all()
     emb_file = tmp_path / "data/embeddings/embeddings.npy"
-    assert np.load(emb_file).shape == (36, 32)
+    assert np.load(emb_file).shape == (36, 64)
     mtime = os.stat(emb_file).st_mtime_ns
 
     # Only the action changes: the stage must not embed again (embed_texts would raise if called).
