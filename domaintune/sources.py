@@ -45,7 +45,8 @@ class RawTable:
     frame: pd.DataFrame            # the file's columns, values as read (str, number or None)
     rows: list[int]                # per frame row: the row number a person uses (see module doc)
     split: str | None = None       # the source's own split for this whole table, if it has one
-    # frame position -> [(field or None for the whole row, reason, detail)]: problems found while reading
+    # frame position -> [(field or None, reason, detail)]: problems found while reading; a malformed_row
+    # problem concerns the whole row (its field, when given, is where it was found)
     bad: dict[int, list[tuple[str | None, str, str]]] = field(default_factory=dict)
     lines: list[int] | None = None  # physical line of each row (text formats), for messages
 
@@ -126,8 +127,8 @@ def _slow_record(text: str, pos: int, line: int, delim: str) -> tuple[_Record, i
                 rec.spans.append((pos, end))
                 pos = end
             else:
-                rec.problem = (f"field {len(rec.fields) + 1} opens a quote at line {line} that is not closed by "
-                               "a quote followed by the delimiter or a line end")
+                rec.problem = (len(rec.fields), f"a quote opens this field at line {line} and no quote followed by "
+                                                "the delimiter or a line end closes it")
                 return rec, eol + 1, line + 1
         else:
             end = _literal(text, pos, delim)
@@ -178,7 +179,7 @@ def read_delimited(path: Path, delimiter: str) -> RawTable:
     if head is None:
         raise DataError(path, None, None, "file is empty (no header row)")
     if head.problem:
-        raise DataError(path, None, None, f"malformed header: {head.problem}")
+        raise DataError(path, None, None, f"malformed header: field {head.problem[0] + 1}: {head.problem[1]}")
     header = head.fields
     if (off := first_bad(0, head.spans[-1][1])) is not None:
         raise DataError(path, None, None, f"header has undecodable bytes (not UTF-8) at byte {off}")
@@ -191,7 +192,8 @@ def read_delimited(path: Path, delimiter: str) -> RawTable:
         pos = len(cells)
         problems = bad.setdefault(pos, [])
         if rec.problem:
-            problems.append((None, "malformed_row", f"{rec.problem} (line {rec.line})"))
+            k, what = rec.problem
+            problems.append((header[k] if k < width else None, "malformed_row", what))
         for col, (a, b) in zip(header + ["<extra field>"] * len(rec.spans), rec.spans):
             if (off := first_bad(a, b)) is not None:
                 problems.append((col, "undecodable_bytes",
@@ -341,8 +343,8 @@ def read_file(path: Path, kinds: dict[str, str] | None = None) -> RawTable:
 def raise_problems(table: RawTable, columns: list[str]) -> None:
     """DataError for the first problem the reader found in `columns` (or in a whole row)."""
     for i, problems in sorted(table.bad.items()):
-        for fld, _, detail in problems:
-            if fld is None or fld in columns:
+        for fld, reason, detail in problems:
+            if fld is None or fld in columns or reason == "malformed_row":
                 raise DataError(table.file, table.rows[i], fld, detail)
 
 

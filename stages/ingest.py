@@ -135,7 +135,7 @@ def _table_rows(t: RawTable, p: IngestParams) -> pd.DataFrame:
     # Problems found while reading count only in the columns we use (or for the whole row).
     used = set(need)
     for i, problems in t.bad.items():
-        hits = [pr for pr in problems if pr[0] is None or pr[0] in used]
+        hits = [pr for pr in problems if pr[0] is None or pr[0] in used or pr[1] == "malformed_row"]
         if hits:
             field.iat[i], reason.iat[i], detail.iat[i] = hits[0]
     for col, values in (("text", out["text"]), ("label", out["label"])) + ((("id", out["id"]),) if p.id_column else ()):
