@@ -217,6 +217,11 @@ def _json_key_before(prefix: str) -> str | None:
     return keys[-1] if keys else None
 
 
+def _json_constant(name: str):
+    # NaN is JSON's (non-standard) missing number; Infinity / -Infinity stay as written, like other numbers
+    return float("nan") if name == "NaN" else name
+
+
 def read_jsonl(path: Path) -> RawTable:
     text, bom = _decode(path)
     records, rows, bad = [], [], {}
@@ -235,7 +240,7 @@ def read_jsonl(path: Path) -> RawTable:
                                                 f"bytes that are not UTF-8 at byte offset {off}"))
             try:
                 # numbers stay as written (1.0 is "1.0", 01 is invalid JSON): see the label rule in ingest
-                rec = json.loads(stripped, parse_int=str, parse_float=str)
+                rec = json.loads(stripped, parse_int=str, parse_float=str, parse_constant=_json_constant)
                 if not isinstance(rec, dict):
                     raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
             except ValueError as exc:
