@@ -49,6 +49,7 @@ class RawTable:
     # problem concerns the whole row (its field, when given, is where it was found)
     bad: dict[int, list[tuple[str | None, str, str]]] = field(default_factory=dict)
     lines: list[int] | None = None  # physical line of each row (text formats), for messages
+    multiline: list[int] = field(default_factory=list)  # rows whose quoted fields span several lines
 
 
 def _decode(path: Path) -> tuple[str, int]:
@@ -89,12 +90,12 @@ def _field_end(text: str, pos: int, delim: str) -> bool:
 
 
 class _Record:
-    __slots__ = ("fields", "spans", "line", "problem")
+    __slots__ = ("fields", "spans", "line", "last_line", "problem")
 
     def __init__(self, line: int):
         self.fields: list[str] = []
         self.spans: list[tuple[int, int]] = []  # raw character span of each field in the text
-        self.line, self.problem = line, None
+        self.line, self.last_line, self.problem = line, line, None
 
 
 def _literal(text: str, pos: int, delim: str) -> int:
@@ -138,6 +139,7 @@ def _slow_record(text: str, pos: int, line: int, delim: str) -> tuple[_Record, i
         if pos < len(text) and text[pos] == delim:
             pos += 1
             continue
+        rec.last_line = line
         if text.startswith("\r\n", pos):
             return rec, pos + 2, line + 1
         return rec, pos + 1, line + 1  # "\n" or the end of the text
@@ -186,7 +188,7 @@ def read_delimited(path: Path, delimiter: str) -> RawTable:
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
         raise DataError(path, None, dup[0], "column name appears more than once in the header")
-    rows, lines, bad, cells = [], [], {}, []
+    rows, lines, bad, cells, multiline = [], [], {}, [], []
     width = len(header)
     for rec in records:
         pos = len(cells)
@@ -206,10 +208,12 @@ def read_delimited(path: Path, delimiter: str) -> RawTable:
         cells.append((rec.fields + [None] * width)[:width])
         rows.append(pos + 1)
         lines.append(rec.line)
+        if rec.last_line > rec.line:
+            multiline.append(pos + 1)
     if not cells:
         raise DataError(path, None, None, "file has a header but no data rows")
     frame = pd.DataFrame(cells, columns=header, dtype=object)
-    return RawTable(str(path), path.stem, frame, rows, bad=bad, lines=lines)
+    return RawTable(str(path), path.stem, frame, rows, bad=bad, lines=lines, multiline=multiline)
 
 
 def _json_key_before(prefix: str) -> str | None:

@@ -251,6 +251,10 @@ def _file_counts(rows: pd.DataFrame, good: pd.DataFrame, rejected: pd.DataFrame)
 def ingest(tables: list[RawTable], p: IngestParams, seed: int) -> IngestResult:
     """Raw tables -> validated, split dataset (pure: no I/O)."""
     frames = [_table_rows(t, p) for t in tables]
+    for t in tables:
+        if t.multiline:  # legal (RFC 4180 quoted line breaks), but a person should know lines != rows
+            log.info("%s: %d rows span several lines (quoted line breaks), the first is row %d (line %d)",
+                     t.file, len(t.multiline), t.multiline[0], t.lines[t.multiline[0] - 1])
     rows = pd.concat(frames, ignore_index=True)
     rows_read = len(rows)
     bad = rows["reason"].notna()
@@ -296,6 +300,8 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int) -> IngestResult:
                             f"the {s} split would be empty (rows: {counts}, rejected: {len(rejected)}); every "
                             f"class needs 3+ rows to give {s} one at ingest.split {p.split}")
     files = _file_counts(rows, good, rejected)
+    for t in tables:
+        files[t.file]["multiline_rows"] = len(t.multiline)
     rejected = rejected.loc[:, REJECTED_COLUMNS].sort_values(["file", "row"], kind="stable").reset_index(drop=True)
     return IngestResult(splits, sorted(train_labels), rejected, rows_read, split_source, files, carved)
 

@@ -146,7 +146,8 @@ def test_skip_mode_rejects_exactly_the_bad_rows_and_accounts_for_every_record(tm
     assert [tuple(r) for r in rej[["row", "field", "reason"]].itertuples(index=False)] == rejected
     assert set(rej["file"]) == {str(src)} and (rej["detail"] != "").all()
     m = read_json(metrics)
-    assert m["files"] == {str(src): {"records": records, "kept": records - len(rejected), "rejected": len(rejected)}}
+    assert m["files"] == {str(src): {"records": records, "kept": records - len(rejected), "rejected": len(rejected),
+                                     "multiline_rows": 0}}
     splits, _ = read_dataset(out)
     assert sum(len(df) for df in splits.values()) == records - len(rejected) == sum(m["rows"].values())
     assert temporaries(tmp_path) == []
@@ -171,13 +172,16 @@ def test_a_quote_opening_a_field_never_swallows_rows_and_quotes_round_trip(tmp_p
     assert rc == 0
     got = texts_of(out)
     assert got == {f"quote_opens_field:{i}": t for i, (t, _) in enumerate(mc.QUOTE_OPENS_FIELD, start=1)}
-    assert read_json(metrics)["files"][str(src)] == {"records": 12, "kept": 12, "rejected": 0}
+    assert read_json(metrics)["files"][str(src)] == {"records": 12, "kept": 12, "rejected": 0, "multiline_rows": 0}
 
 
-def test_embedded_newlines_bom_and_crlf(tmp_path):
+def test_embedded_newlines_bom_and_crlf(tmp_path, caplog):
+    caplog.set_level("INFO", logger="domaintune")
     src = corpus(tmp_path, "embedded_newlines.csv")
-    rc, _, out, _ = run(tmp_path, src)
+    rc, _, out, metrics = run(tmp_path, src)
     assert rc == 0
+    assert read_json(metrics)["files"][str(src)] == {"records": 12, "kept": 12, "rejected": 0, "multiline_rows": 2}
+    assert f"{src}: 2 rows span several lines (quoted line breaks), the first is row 2 (line 3)" in caplog.text
     got = texts_of(out)
     assert len(got) == 12
     assert got["embedded_newlines:2"] == "first line\nsecond line, with a comma"
@@ -205,7 +209,7 @@ def test_fields_past_pythons_csv_limit_are_read_and_past_max_chars_rejected(tmp_
     rej = pd.read_csv(out3 / "rejected.csv")
     assert rej[["row", "field", "reason"]].values.tolist() == [[5, "text", "too_long"]]
     assert rej["text"][0].endswith("... (200,000 characters)")
-    assert read_json(metrics)["files"][str(src)] == {"records": 12, "kept": 11, "rejected": 1}
+    assert read_json(metrics)["files"][str(src)] == {"records": 12, "kept": 11, "rejected": 1, "multiline_rows": 0}
 
 
 # ---------------------------------------------------------------- one label rule for every format

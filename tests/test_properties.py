@@ -73,12 +73,14 @@ def test_any_delimited_file_every_record_is_kept_or_rejected_with_a_reason(tmp_p
     path = tmp_path / "g.csv"
     path.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogatepass"))
     raw = path.read_bytes().decode("utf-8", "surrogateescape")  # no universal newlines: "\r" stays
-    records = sum(1 for _ in parse_delimited(raw, ",")) - 1
+    parsed = list(parse_delimited(raw, ","))[1:]
+    records, multiline = len(parsed), sum(r.last_line > r.line for r in parsed)
     p = IngestParams(source=str(path), on_bad_row="skip", split={"train": 1.0, "validation": 0.0, "test": 0.0})
     res = ingest(read_source(str(path)), p, 0)
     kept = res.splits["train"]
     assert res.rows_read == records
-    assert res.files == {str(path): {"records": records, "kept": len(kept), "rejected": len(res.rejected)}}
+    assert res.files == {str(path): {"records": records, "kept": len(kept), "rejected": len(res.rejected),
+                                     "multiline_rows": multiline}}
     assert res.rejected["reason"].notna().all() and res.rejected["detail"].str.len().gt(0).all()
     for text in kept["text"]:  # kept text is what the file holds (unescaped only inside a quoted field)
         assert text in raw or text.replace('"', '""') in raw
