@@ -297,8 +297,10 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int) -> IngestResult:
     for s in ("validation", "test"):
         if not counts[s] and (p.split[s] > 0 or split_source != "stratified"):
             raise DataError(_source_name(tables, p), None, None,
-                            f"the {s} split would be empty (rows: {counts}, rejected: {len(rejected)}); every "
-                            f"class needs 3+ rows to give {s} one at ingest.split {p.split}")
+                            f"the {s} split would be empty (rows: {counts}, rejected: {len(rejected)}): too few "
+                            f"rows per class for ingest.split ({' / '.join(f'{k} {p.split[k]}' for k in SPLITS)}; each "
+                            "class keeps one row in train); add "
+                            f"rows, or set ingest.split.{s}: 0 to go without")
     files = _file_counts(rows, good, rejected)
     for t in tables:
         files[t.file]["multiline_rows"] = len(t.multiline)

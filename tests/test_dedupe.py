@@ -246,6 +246,20 @@ def test_failing_dedupe_leaves_no_output_dir(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".deduped")]
 
 
+def test_a_stage_run_that_would_empty_a_split_exits_2_and_writes_nothing(tmp_path, capsys):
+    leaky = dataset([("a", "reset my password", "login"), ("b", "where is my parcel", "shipping")],
+                    validation=[("v", "a validation text", "login")],
+                    test=[("t1", "Reset my password", "login"), ("t2", "where is my  parcel", "shipping")])
+    in_dir = ingested(tmp_path, "in", leaky)
+    rc, out = run_main(tmp_path, in_dir, "deduped")
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"dedupe: error: {in_dir}/test.parquet: dedupe would remove all 2 rows of the test split (cross_split_leak 2); "
+        "an empty test split is refused"]
+    assert not out.exists() and not (tmp_path / "deduped.json").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 def test_vectorised_minhash_equals_datasketch_update_batch():
     from datasketch import MinHash
 
