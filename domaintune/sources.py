@@ -6,9 +6,17 @@ them plus, per row, the row number a person would use to find it:
   (blank lines are not records); messages also give the physical line.
 - JSONL: the line number (there is no header).
 - Parquet / Hugging Face: the 1-based row position.
+- .txt (batches of texts for `domaintune monitor`, not a labelled source): the line number.
 Bytes that are not UTF-8 are kept as lone surrogates (surrogateescape) and
 reported per cell with their byte offset in the file, so one bad byte costs
-one row (in skip mode), not the whole file.
+one row (in skip mode), not the whole file; raise_problems turns the first into a
+DataError for callers that cannot skip rows.
+
+CSV/TSV are read by this module's own reader (parse_delimited), not Python's csv or
+pandas: its quoting rule (below) never lets one stray quote swallow the rows after
+it, and it has no field size limit (ingest.max_chars decides). JSONL numbers are kept
+as the characters written (1.0 stays "1.0"), like numbers in CSV. A folder follows the
+naming rule in read_folder's section: every file is used, or the stage stops naming it.
 """
 from __future__ import annotations
 

@@ -6,7 +6,19 @@ files or `ingest.split_column`) or from a stratified split by `ingest.split`
 and `base.seed`. Row-level problems (empty text, missing label, bytes that are
 not UTF-8, a label unseen in train, ...) stop the stage with file/row/column
 (`on_bad_row: error`) or go to rejected.csv and the metrics (`skip`);
-dataset-level problems (a missing column, one class only) always stop it.
+dataset-level problems (a missing column, one class only, a validation/test split
+that would be empty) always stop it. For every file, the metrics give data records
+read = rows kept + rows rejected (and how many rows span several lines).
+
+Labels, one rule for every format: a label is a string. Text formats keep it as
+written, stripped (CSV/TSV cells and JSONL numbers alike: 1, 1.0 and 01 are three
+classes); typed numbers (Parquet, hub datasets) become decimal digits, an integral
+float its integer (3.0 -> "3"), booleans true/false. A label is missing when it is
+null/NaN, blank, or one of `ingest.missing_labels` (default NaN, nan, NA, N/A, n/a,
+null, NULL, None), in every format; a list or struct is a bad label.
+A source with its own splits but no validation/test split gets it carved from its
+train rows by `ingest.split` (a warning and `carved_splits` in the metrics), or stops
+the stage with `ingest.missing_split: error`.
 """
 from __future__ import annotations
 
