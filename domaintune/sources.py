@@ -62,6 +62,8 @@ class RawTable:
 
 def _decode(path: Path) -> tuple[str, int]:
     raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(path, None, None, "file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8")
     skip = len(_BOM) if raw.startswith(_BOM) else 0
     return raw[skip:].decode("utf-8", errors="surrogateescape"), skip
 
@@ -184,6 +186,9 @@ def read_delimited(path: Path, delimiter: str) -> RawTable:
         i = bisect.bisect_left(bad_at, a)
         return offsets[i] if i < len(bad_at) and bad_at[i] < b else None
 
+    if "\r" in text and "\n" not in text:
+        raise DataError(path, None, None, "lines end with a lone carriage return (old Mac style); save the file "
+                                          "with \\n or \\r\\n line ends")
     records = parse_delimited(text, delimiter)
     head = next(records, None)
     if head is None:

@@ -281,8 +281,10 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int) -> IngestResult:
     if dup.any():
         r = good[dup].iloc[0]
         first = good[good["id"] == r["id"]].iloc[0]
+        hint = "" if p.id_column else (" (ids are <file stem>:<row>: give the files different names, or set "
+                                       "ingest.id_column)")
         raise DataError(r["file"], int(r["row"]), p.id_column or "id",
-                        f"id {r['id']!r} already used by {first['file']} row {int(first['row'])}")
+                        f"id {r['id']!r} already used by {first['file']} row {int(first['row'])}{hint}")
 
     split_source, carved = _assign_splits(good, tables, p, seed)
     train_labels = set(good.loc[good["split"].eq("train"), "label"])

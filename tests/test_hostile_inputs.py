@@ -98,6 +98,9 @@ ERRORS = [  # corpus file, ingest params, the one error line (after "ingest: err
                                    "'test': 0}}, rejected: 0): too few rows per class for ingest.split (train 0.5 / "
                                    "validation 0.25 / test 0.25; each class keeps one row in train); add rows, "
                                    "or set ingest.split.test: 0 to go without"),
+    ("utf16.csv", {}, "{src}: file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8"),
+    ("old_mac_line_ends.csv", {}, "{src}: lines end with a lone carriage return (old Mac style); save the file with "
+                                  "\\n or \\r\\n line ends"),
     ("batch_bad_utf8.txt", {}, "{src}: unsupported file type '.txt'; use one of ['.csv', '.jsonl', '.parquet', "
                                "'.tsv']"),
 ]
@@ -325,6 +328,14 @@ FOLDER_ERRORS = [  # extra entry next to tickets_train.csv + tickets_test.csv, t
     ("archive", "folder", "a folder inside the source folder; ingest reads one level only (move it out or use it as "
                           "the source)"),
 ]
+
+
+def test_two_files_with_the_same_stem_get_an_error_naming_both(tmp_path, capsys):
+    folder = folder_of(tmp_path, {"train.csv": tickets(12), "train.tsv": tickets(4, 50).replace(",", "\t")})
+    rc, err, out, metrics = run(tmp_path, folder, capsys)
+    assert_failed_cleanly(rc, err, f"{folder / 'train.tsv'}: row 1: field 'id': id 'train:1' already used by "
+                          f"{folder / 'train.csv'} row 1 (ids are <file stem>:<row>: give the files different names, "
+                          "or set ingest.id_column)", out, metrics, tmp_path)
 
 
 @pytest.mark.parametrize("name, kind, expected", FOLDER_ERRORS, ids=[f[0] for f in FOLDER_ERRORS])

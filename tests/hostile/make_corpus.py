@@ -89,6 +89,9 @@ def main() -> None:
     jl = [f'{{"text": "numeric label text {i}", "label": {lab}}}' for i, lab in enumerate(["1", "1.0", "2"] * 4)]
     files["numeric_labels.jsonl"] = ("\n".join(jl) + "\n").encode()
     files["two_rows_per_class.csv"] = csv_bytes(["text,label"] + [f"{t},{lab}" for t, lab in rows(4)])
+    clean = "\n".join(["text,label"] + [f"{t},{lab}" for t, lab in rows(6)]) + "\n"
+    files["utf16.csv"] = clean.encode("utf-16")
+    files["old_mac_line_ends.csv"] = clean.replace("\n", "\r").encode()
     files["batch_bad_utf8.txt"] = b"first text\nsecond \xfe text\r\nthird text\n"
     for name, data in files.items():
         (HERE / name).write_bytes(data)
