@@ -463,18 +463,24 @@ def test_sigkill_during_ingest_then_a_rerun_gives_the_uninterrupted_output(tmp_p
         return [sys.executable, "-m", "stages.ingest", "--source", str(src), "--out", str(out),
                 "--metrics", str(out.parent / f"{out.name}.json"), "--params", str(params)]
 
-    killed_dir = tmp_path / "killed"
-    killed_dir.mkdir()
-    proc = subprocess.Popen(cmd(killed_dir / "ingested"), cwd=REPO, env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        tmps = [p for p in killed_dir.iterdir() if p.name.startswith(".ingested.tmp-")]
-        if tmps and any(tmps[0].rglob("*.parquet")):  # mid-write: part of the dataset is on disk
-            proc.send_signal(signal.SIGKILL)
+    def kill_mid_write(killed_dir: Path) -> int:
+        proc = subprocess.Popen(cmd(killed_dir / "ingested"), cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            tmps = [p for p in killed_dir.iterdir() if p.name.startswith(".ingested.tmp-")]
+            if tmps and any(tmps[0].rglob("*.parquet")):  # mid-write: part of the dataset is on disk
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        return proc.wait()
+
+    for attempt in range(3):  # a loaded machine may let the short write window pass unseen: try again
+        killed_dir = tmp_path / f"killed{attempt}"
+        killed_dir.mkdir()
+        if kill_mid_write(killed_dir) == -signal.SIGKILL:
             break
-        time.sleep(0.002)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the ingest finished before it could be killed mid-write"
+    else:
+        pytest.fail("ingest finished each time before it could be killed mid-write")
     assert temporaries(killed_dir) and not (killed_dir / "ingested").exists()  # killed: a temporary is left
     assert subprocess.run(cmd(killed_dir / "ingested"), cwd=REPO, env=env, capture_output=True).returncode == 0
     clean_dir = tmp_path / "clean"
