@@ -81,7 +81,8 @@ def _byte_offsets(text: str, base: int) -> list[int]:
 
 # ---------------------------------------------------------------- delimited text (CSV/TSV)
 # The quoting rule (RFC 4180 quoting only when a whole field is quoted):
-# - A record ends at "\n" or "\r\n" (a lone "\r" is text). A blank line is not a record.
+# - A record ends at "\n" or "\r\n" (a lone "\r" is text, except at the very end of the file).
+#   A blank line is not a record.
 # - A field that does not start with '"' is literal: everything up to the next delimiter or
 #   line end, quotes included ('say "hi" now' stays exactly that).
 # - A field that starts with '"' is quoted when a closing '"' (one not doubled: '""' inside is
@@ -96,7 +97,8 @@ _QUOTED = re.compile(r'"((?:[^"]|"")*+)"')
 
 
 def _field_end(text: str, pos: int, delim: str) -> bool:
-    return pos == len(text) or text[pos] == delim or text[pos] == "\n" or text.startswith("\r\n", pos)
+    return (pos == len(text) or text[pos] == delim or text[pos] == "\n" or text.startswith("\r\n", pos)
+            or (pos == len(text) - 1 and text[pos] == "\r"))
 
 
 class _Record:
@@ -110,12 +112,11 @@ class _Record:
 
 def _literal(text: str, pos: int, delim: str) -> int:
     """End of a literal field starting at pos (before the delimiter / line end; a CRLF's \r excluded)."""
-    end = pos
-    n = len(text)
-    while end < n and text[end] != delim and text[end] != "\n":
-        end += 1
-    if end < n and text[end] == "\n" and end > pos and text[end - 1] == "\r":
-        end -= 1
+    eol = text.find("\n", pos)
+    eol = len(text) if eol < 0 else eol
+    end = text.find(delim, pos, eol)
+    if end < 0:
+        end = eol - 1 if eol > pos and text[eol - 1] == "\r" else eol  # CRLF, or a CR ending the file
     return end
 
 
