@@ -86,6 +86,12 @@ def cmd_schedule(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from pipelines.deploy import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_remote(args) -> int:
     from domaintune import registry
 
@@ -128,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="models/export")
     p.add_argument("--out", default="reports/monitor")
     p.add_argument("--text-column", default="text")
+    p = add("deploy", cmd_deploy, "register the retrain (and monitor) flow as deployments on a Prefect work pool")
+    from pipelines.deploy import add_arguments as add_deploy_arguments
+
+    add_deploy_arguments(p)
     from domaintune.summary import add_command  # `domaintune summary`: stdlib only, cheap to import
     add_command(add)
     p = add("remote", cmd_remote, "set up the default DVC remote (a local folder unless --url)")
