@@ -42,7 +42,7 @@ def run_stage(name: str, fn: Callable[[argparse.Namespace], None], parser: argpa
     args = parser.parse_args(argv)
     try:
         fn(args)
-    except (DataError, ParamsError, StageError, FileNotFoundError) as exc:
+    except (DataError, ParamsError, StageError, OSError) as exc:  # OSError: a missing/unreadable path, a folder
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     return 0
