@@ -9,7 +9,6 @@ line on stderr, never a traceback (set DOMAINTUNE_TRACEBACK=1 to see one).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -35,16 +34,14 @@ def _root(args, need_git: bool = True) -> Path:
 
 
 def _expected_errors() -> tuple[type, ...]:
-    """Errors that are a clear message for the user (bad input, refused operation), not a bug."""
-    from domaintune.data import DataError
-    from domaintune.params import ParamsError
-    from domaintune.registry import RegistryError
-
-    found = [CliError, DataError, ParamsError, RegistryError]
-    with contextlib.suppress(ImportError):
-        from pipelines.retrain import StageFailed
-
-        found.append(StageFailed)
+    """Errors that are a clear message for the user (bad input, refused operation), not a bug. Only from
+    modules already imported (an exception cannot come from one that is not): reporting an error never
+    imports pandas or Prefect."""
+    found = [CliError]
+    for module, name in (("domaintune.data", "DataError"), ("domaintune.params", "ParamsError"),
+                         ("domaintune.registry", "RegistryError"), ("pipelines.retrain", "StageFailed")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
     return tuple(found)
 
 
