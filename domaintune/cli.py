@@ -45,28 +45,23 @@ def _expected_errors() -> tuple[type, ...]:
     return tuple(found)
 
 
-class _NoTracebackFor(logging.Filter):
-    """Drops the traceback from log records (Prefect's "Encountered exception during execution") whose
-    exception is an expected error: the message stays, and main() prints the error as one line."""
-
-    def __init__(self, kinds: tuple[type, ...]):
-        super().__init__()
-        self.kinds = kinds
+class _NoTraceback(logging.Filter):
+    """Drops the traceback from log records (Prefect's "Encountered exception during execution"): the
+    message stays, main() prints the error as one line, and DOMAINTUNE_TRACEBACK=1 brings them back."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], self.kinds) and not os.environ.get(TRACEBACK_ENV):
+        if record.exc_info and not os.environ.get(TRACEBACK_ENV):
             record.exc_info, record.exc_text = None, None
         return True
 
 
 def _quiet_prefect() -> None:
-    """Call once Prefect is imported (its logging is set up then): no tracebacks for expected errors."""
-    kinds = _expected_errors()
+    """Call once Prefect is imported (its logging is set up then)."""
     loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
                                        if isinstance(lg, logging.Logger)]
     for handler in {h for lg in loggers for h in lg.handlers}:
-        if not any(isinstance(f, _NoTracebackFor) for f in handler.filters):
-            handler.addFilter(_NoTracebackFor(kinds))
+        if not any(isinstance(f, _NoTraceback) for f in handler.filters):
+            handler.addFilter(_NoTraceback())
 
 
 def _fmt(value) -> str:
@@ -206,6 +201,13 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0 (a bad one is argparse's one-line error, exit 2)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {ln}" for ln in lines)
 
@@ -261,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("retrain", cmd_retrain, "run the DVC stages as a Prefect flow and publish a version",
             "domaintune retrain", "domaintune retrain -S finetune.epochs=4 -S finetune.lr=5e-5 --no-publish")
     _add_retrain_options(p)
-    p.add_argument("--retries", type=int, default=1, help="retries per stage for transient failures "
+    p.add_argument("--retries", type=_count, default=1, help="retries per stage for transient failures "
                    "(a stage that rejects its input is never retried)")
     p.add_argument("--remote", default=None, help="DVC remote to push to (none: the repo's default remote, "
                    "created by `domaintune remote` if missing)")
