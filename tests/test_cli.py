@@ -42,8 +42,7 @@ def test_every_option_of_every_subcommand_has_help_and_default():
     assert {"versions", "diff", "rollback", "retrain", "schedule", "monitor", "remote"} <= set(subs)
     for name, p in subs.items():
         text = p.format_help()
-        assert "examples:" in (p.epilog or ""), f"{name}: no examples in its epilog"
-        assert f"domaintune {name}" in p.epilog, f"{name}: the examples do not run `domaintune {name}`"
+        assert f"domaintune {name}" in (p.epilog or ""), f"{name}: no example (`domaintune {name} ...`) in its epilog"
         for a in p._actions:
             if isinstance(a, argparse._HelpAction):
                 continue
