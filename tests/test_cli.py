@@ -149,7 +149,7 @@ def test_stage_with_yaml_syntax_error_names_line_and_column(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("base:\n  seed: 1\nfinetune:\n  epochs: 2\n   lr: 0.1\n")
     proc = subprocess.run([sys.executable, "-m", "stages.finetune", "--in", str(tmp_path / "in"), "--encoder",
-                           str(tmp_path), "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
+                           str(tmp_path / "enc"), "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
                            "--params", str(bad)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
