@@ -103,6 +103,8 @@ def parse_overrides(overrides: Sequence[str] | dict | None) -> dict[str, object]
     """`section.key=value` strings (values parsed as YAML) or a ready dict -> {dotted key: value}."""
     import yaml
 
+    from domaintune.params import ParamsError
+
     if not overrides:
         return {}
     if isinstance(overrides, dict):
@@ -110,9 +112,12 @@ def parse_overrides(overrides: Sequence[str] | dict | None) -> dict[str, object]
     out = {}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"override {item!r}: expected section.key=value, e.g. finetune.epochs=2")
+            raise ParamsError(f"--set {item!r}: expected section.key=value, e.g. finetune.epochs=2")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     return out
 
 
