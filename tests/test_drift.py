@@ -84,7 +84,7 @@ def test_baseline_profile_contents(drift_setup):
     assert ref["pred_label"].isin(labels).all()
     assert ((ref["confidence"] > 1 / 3 - 1e-6) & (ref["confidence"] <= 1 + 1e-6)).all()
     pca = load_file(str(out / "pca.safetensors"))
-    assert pca["components"].shape == (3, 32)
+    assert pca["components"].shape == (3, 64)
     # Orthonormal axes, and the projected train set is centred.
     np.testing.assert_allclose(pca["components"] @ pca["components"].T, np.eye(3), atol=1e-4)
     np.testing.assert_allclose(ref[["pc1", "pc2", "pc3"]].mean().to_numpy(), 0, atol=1e-4)
@@ -163,3 +163,19 @@ def test_monitor_batch_reader_names_file_row_and_field(tmp_path):
     pq = tmp_path / "b.parquet"
     pd.DataFrame({"text": ["a parcel", "a refund"], "label": ["x", "y"]}).to_parquet(pq)
     assert read_batch(pq) == ["a parcel", "a refund"]
+
+
+def test_drift_report_survives_a_feature_that_differs_only_in_float_noise(tmp_path):
+    """A saturated confidence (1.0 and 1.0 - 1e-16) used to crash evidently's histogram inside drift_report."""
+    import numpy as np
+    import pandas as pd
+
+    from stages.drift import CONF_COLUMN, PRED_COLUMN, drift_report
+
+    rng = np.random.default_rng(0)
+    ref = pd.DataFrame({"chars": rng.normal(50, 5, 40), CONF_COLUMN: 1.0 - rng.integers(0, 2, 40) * 1e-16,
+                        PRED_COLUMN: ["a", "b"] * 20})
+    cur = ref.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    out = drift_report(ref, cur, ["chars", CONF_COLUMN], 0.05, 0.5, tmp_path / "r.html")
+    assert set(out["p_values"]) == {"chars", CONF_COLUMN, PRED_COLUMN}
+    assert out["drifted_columns"] == [] and (tmp_path / "r.html").stat().st_size > 0
