@@ -74,5 +74,5 @@ def test_sigkill_during_checkpoint_write_then_rerun_equals_uninterrupted(tmp_pat
     timing = ("seconds", "samples_per_s")
     strip = lambda m: {k: v for k, v in m.items() if not any(t in k for t in timing) and k != "per_seed"}  # noqa: E731
     assert strip(ma) == strip(mb) and mb["per_seed"]["0"]["steps"] == 10
-    assert not list((tmp_path / "model-ckpt").rglob(".*tmp-*"))  # the killed write's temporary is gone
+    assert not list(tmp_path.rglob(".*tmp-*"))  # no temporary of the killed run is left (outputs, checkpoint)
     assert [p.name for p in (tmp_path / "model-ckpt").iterdir()] == ["README.txt"]  # finished: state cleared
