@@ -376,8 +376,21 @@ def parse_section(section: str, raw: dict | None) -> Any:
 
 def read_params_file(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
-    with path.open(encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    if not path.is_file():
+        raise ParamsError(f"{path}: {'not a file' if path.exists() else 'no such params file'}")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not valid UTF-8 (byte offset {exc.start})") from None
+    except yaml.YAMLError as exc:  # one line naming file, line and column, never a YAML traceback
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        ctx, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if ctx and cmark is not None and cmark is not mark:
+            what += f" ({ctx} at line {cmark.line + 1}, column {cmark.column + 1})"
+        raise ParamsError(f"{path}: {where}YAML syntax error: {what}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections")
     return data

@@ -140,7 +140,7 @@ def run_stage(name: str, fn: Callable[[argparse.Namespace], object], parser: arg
     try:
         check_paths_apart(args)
         said = fn(args)
-    except (DataError, ParamsError, StageError, FileNotFoundError) as exc:
+    except (DataError, ParamsError, StageError, OSError) as exc:  # OSError: a missing/unreadable path, a folder
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0

@@ -53,6 +53,22 @@ class TrainingCrash(RuntimeError):
     """Raised by the CRASH_ENV test hook."""
 
 
+# Test hook "N:PATH": in the Nth checkpoint write of this process, once its first file is written,
+# create PATH and wait to be killed (tests SIGKILL the stage mid-write); raises if nobody does in 120 s.
+STALL_ENV = "DOMAINTUNE_STALL_IN_CHECKPOINT_WRITE"
+_checkpoint_writes = 0
+
+
+def _stall_hook() -> None:
+    global _checkpoint_writes
+    _checkpoint_writes += 1
+    spec = os.environ.get(STALL_ENV, "")
+    if spec and int(spec.split(":", 1)[0]) == _checkpoint_writes:
+        Path(spec.split(":", 1)[1]).write_text(str(os.getpid()))
+        time.sleep(120)
+        raise TrainingCrash(f"{STALL_ENV}: nobody killed this process during checkpoint write {_checkpoint_writes}")
+
+
 # ---------------------------------------------------------------- labels
 
 def label_list(train_df: pd.DataFrame, labels: Sequence[str], problem_type: str) -> list[str]:
@@ -326,6 +342,7 @@ def _write_checkpoint(tmp: Path, model, opt, sched, params: list, state: dict, b
 
     save_file({k: v.detach().contiguous().cpu().clone() for k, v in _trainable_state(model).items()},
               str(tmp / "model.safetensors"))
+    _stall_hook()
     if best is not None:
         save_file({k: v.contiguous().cpu() for k, v in best.items()}, str(tmp / "best.safetensors"))
     if opt is not None:
@@ -608,9 +625,12 @@ def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str
     def checkpoint(epoch: int, pos: int) -> None:
         if ckpt is None:
             return
+        # Mid-epoch (pos > 0), resume replays this epoch's shuffle from where it started; at an epoch
+        # end (pos 0) the next epoch shuffles with the generator as it is now, as an uninterrupted run does.
+        shuffle_state = epoch_rng_state if pos else rng.bit_generator.state
         save_checkpoint(ckpt, model, opt, sched, opt_params,
                         {"epoch": epoch, "pos": pos, "step": step, "history": history, "best_f1": best_f1,
-                         "best_epoch": best_epoch, "bad_epochs": bad_epochs, "epoch_rng_state": epoch_rng_state,
+                         "best_epoch": best_epoch, "bad_epochs": bad_epochs, "epoch_rng_state": shuffle_state,
                          "seed": seed}, best_state)
 
     def validate() -> dict:

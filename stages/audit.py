@@ -73,6 +73,8 @@ def read_decisions(path: str | Path | None, splits: dict[str, pd.DataFrame], lab
     if not path.exists():
         raise DataError(path, None, None, "decisions file not found (ship an empty file with the header "
                                           "'id,decision,corrected_label' when there are no decisions)")
+    if not path.is_file():
+        raise DataError(path, None, None, "--decisions names a folder, not a CSV file")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:
