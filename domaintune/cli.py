@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("remote", cmd_remote, "set up the default DVC remote (a local folder unless --url)",
             "domaintune remote", "domaintune remote --url s3://bucket/domaintune")
     p.add_argument("--url", default=None, help="any DVC remote URL (none: the folder ../<repo>-dvc-remote)")
+    from pipelines import predict as predict_command  # its own module; the import is light
+
+    predict_command.add_parser(sub)
     return ap
 
 
