@@ -73,6 +73,12 @@ out = pathlib.Path("models/export"); (out / "sub").mkdir(parents=True, exist_ok=
 (out / "sub" / "model.json").write_text(json.dumps({"epochs": epochs}))
 ckpt = pathlib.Path("models/checkpoints"); ckpt.mkdir(parents=True, exist_ok=True)
 (ckpt / "README").write_text("resume state, cleared after a finished run")  # like finetune's
+clf = pathlib.Path("fake/classifier")
+if clf.is_dir():  # make_fake_repo(classifier=...): a real tiny classifier as the export, T = epochs / 3
+    import shutil
+    shutil.copytree(clf, out, dirs_exist_ok=True)
+    meta = json.loads((out / "model.json").read_text())
+    (out / "model.json").write_text(json.dumps({**meta, "temperature": epochs / 3}))
 acc = digest[0] / 255
 pathlib.Path("metrics/evaluate.json").write_text(json.dumps({"accuracy": acc, "macro_f1": acc / 2, "ece": 0.1}))
 """
@@ -187,9 +193,12 @@ def make_tiny_dag(root: Path, tiny_bert: Path, rows) -> Path:
     sh(root, "git", "commit", "-qm", "tiny project")
     return root
 
-def make_fake_repo(root: Path, rows: int = 10) -> Path:
+def make_fake_repo(root: Path, rows: int = 10, classifier: Path | None = None) -> Path:
+    """classifier: a saved classifier folder the train stage copies into models/export (servable versions)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "fake").mkdir()
+    if classifier is not None:
+        shutil.copytree(classifier, root / "fake" / "classifier")
     (root / "fake" / "audit.py").write_text(AUDIT)
     (root / "fake" / "train.py").write_text(TRAIN)
     (root / "src").mkdir()
