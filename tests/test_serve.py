@@ -413,3 +413,29 @@ def test_follows_rollback_under_load_and_keeps_serving_on_a_corrupt_version(regi
         for ver, text, conf in seen:
             assert abs(conf - ref[ver][text]) < 1e-5
     assert ref["v1.0.0"][TEXTS[0]] != pytest.approx(ref["v1.1.0"][TEXTS[0]], abs=1e-3)  # T differs
+
+
+def test_shadow_a_published_version(registry_repo):
+    """`serve --shadow v1.0.0`: the candidate is materialised from the registry; the log (default path
+    reports/shadow/v1.0.0.jsonl) holds both versions' predictions, the answers are the served version's."""
+    root = registry_repo
+    served = registry.served_version(root)
+    assert served != "v1.0.0"
+    s = settings(repo=root, shadow="v1.0.0")
+    log_path = root / "reports/shadow/v1.0.0.jsonl"
+    log_path.unlink(missing_ok=True)
+    with ServerThread(build(s).app, s) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/version").json()["shadow"]["tag"] == "domaintune@v1.0.0"
+        r = c.post("/predict", json={"texts": TEXTS})
+        assert r.headers["X-Model-Version"] == served
+    releases = root / ".domaintune/releases"
+    ref_served = reference(releases / f"domaintune@{served}/models/export", TEXTS)
+    ref_shadow = reference(releases / "domaintune@v1.0.0/models/export", TEXTS)
+    assert np.allclose([p["confidence"] for p in r.json()["predictions"]], ref_served.max(1), atol=1e-5)
+    rows = {json.loads(line)["text"]: json.loads(line) for line in log_path.read_text().splitlines()}
+    assert set(rows) == set(TEXTS)
+    for i, t in enumerate(TEXTS):
+        assert rows[t]["served"]["version"] == served and rows[t]["shadow"]["version"] == "v1.0.0"
+        assert abs(rows[t]["served"]["confidence"] - ref_served[i].max()) < 1e-5
+        assert abs(rows[t]["shadow"]["confidence"] - ref_shadow[i].max()) < 1e-5
+        assert rows[t]["agree"]  # same head, other temperature: same labels, other confidences
