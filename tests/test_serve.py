@@ -265,6 +265,21 @@ def test_shadow_report_bad_log(tmp_path):
         f"domaintune shadow-report: {log_path}: row 2: field 'shadow.confidence': must be a number in [0, 1], got None"]
 
 
+def test_cli_serve_refuses_clearly(tmp_path, capsys):
+    from domaintune.cli import main
+
+    sh(tmp_path, "git", "init", "-q")
+    assert main(["serve", "--repo", str(tmp_path), "--port", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"domaintune serve: {tmp_path}: no version is served")
+    assert main(["serve", "--repo", str(tmp_path), "--max-batch", "0", "--max-wait-ms", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "domaintune serve: serve settings: invalid max_batch=0, max_wait_ms=-1.0"
+    (tmp_path / "notamodel").mkdir()
+    assert main(["serve", "--model", str(tmp_path / "notamodel")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("domaintune serve: cannot load the model:") and "model.json" in err[0]
+
+
 def free_port() -> int:
     import socket
 
@@ -366,7 +381,7 @@ def wait_for(cond, timeout: float = 60, what: str = "condition"):
         time.sleep(0.1)
 
 
-def test_follows_rollback_under_load_and_keeps_serving_on_a_corrupt_version(registry_repo):
+def test_follows_rollback_under_load_and_keeps_serving_on_a_corrupt_version(registry_repo, caplog):
     root = registry_repo
     s = settings(repo=root, poll_s=0.2)
     built = build(s)
@@ -403,6 +418,9 @@ def test_follows_rollback_under_load_and_keeps_serving_on_a_corrupt_version(regi
     assert err["version"] == "v1.2.0" and err["kept"] == "v1.0.0"
     assert "models/export/head.safetensors" in err["error"] and "does not match" in err["error"]
     assert metric(metrics, "domaintune_model_load_failures_total") == 1
+    logged = [r.getMessage() for r in caplog.records if r.name == "domaintune.serve" and r.levelname == "ERROR"]
+    assert any("v1.2.0 failed to load or verify; still serving v1.0.0" in m and "head.safetensors" in m
+               for m in logged), logged
     assert metric(metrics, "domaintune_model_info", '{role="served",variant="float",version="v1.0.0"}') == 1
     # Each client saw v1.1.0 then v1.0.0, never back; each answer is the one of the version it names.
     ref = {ver: dict(zip(TEXTS, reference(root / f".domaintune/releases/domaintune@{ver}/models/export",
