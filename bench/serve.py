@@ -101,7 +101,7 @@ def pick_model(args, work: Path) -> tuple[Path, str]:
 
     if args.model:
         cal = read_json(Path(args.calibration)) if args.calibration else {}
-        return export_like(Path(args.model), cal.get("temperature"), work / "model"), f"--model {args.model}"
+        return export_like(Path(args.model), cal.get("temperature"), work / "model"), args.model_name or args.model
     if (REPO / "bench" / "banking77.py").exists():
         try:
             from bench.banking77 import cached_finetune  # noqa: PLC0415 - optional, from the inference bench
@@ -340,6 +340,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", default="float")
     ap.add_argument("--model", default=None, help="a classifier folder to serve instead")
     ap.add_argument("--calibration", default=None, help="calibration.json for --model")
+    ap.add_argument("--model-name", default=None, help="how the results name --model")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--concurrency", type=int, default=48)
