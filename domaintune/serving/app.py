@@ -85,7 +85,7 @@ def parse_predict(body, settings) -> tuple[list[str], int]:
         raise ApiError(422, f'expected a JSON object {{"texts": [...]}}, got {type(body).__name__}')
     unknown = sorted(set(body) - {"texts", "top_k"})
     if unknown:
-        raise ApiError(422, f"unknown field (known: texts, top_k)", unknown[0])
+        raise ApiError(422, "unknown field (known: texts, top_k)", unknown[0])
     if "texts" not in body:
         raise ApiError(422, "missing field", "texts")
     top_k = body.get("top_k", settings.top_k)
