@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="text")
     p = add("remote", cmd_remote, "set up the default DVC remote (a local folder unless --url)")
     p.add_argument("--url", default=None)
-    from domaintune.serving.cli import register as register_serving
+    from pipelines.serve import register as register_serving
 
     register_serving(add)  # serve, shadow-report
     return ap

@@ -17,8 +17,9 @@ import pytest
 
 from _fake_pipeline import BIN, TINY_INTENTS, make_fake_repo, set_params, sh, tiny_rows
 from domaintune import registry
-from domaintune.serving.server import ServerThread, build
+from domaintune.serving.app import build
 from domaintune.serving.settings import ServeSettings
+from pipelines.serve import ServerThread
 
 TEXTS = ["I want my money back for order 7", "reset my password please", "where is my parcel 12",
          "refund request for invoice 9", "package 3 has not arrived yet"]

@@ -1,14 +1,13 @@
-"""`domaintune serve`: the released model over HTTP (FastAPI on uvicorn).
+"""The serving library behind `domaintune serve` (the command and uvicorn live in pipelines/serve.py).
 
 - settings.py  ServeSettings: host, port, variant, limits, batching, polling, shadow
 - holder.py    ModelHolder: loads the served version (release.materialise + Predictor.load),
                watches the registry and swaps atomically; the shadow candidate
 - batcher.py   MicroBatcher: dynamic batching across concurrent requests, inference in a worker thread
-- shadow.py    the shadow log (JSONL) and `domaintune shadow-report`
+- shadow.py    the shadow log (JSONL) and the summary behind `domaintune shadow-report`
 - metrics.py   Prometheus metrics (one registry per app)
-- app.py       the FastAPI app: KServe Open Inference Protocol v2, /predict, /version, /metrics
-- server.py    uvicorn around it: in the foreground (the CLI) or in a thread (tests, bench)
-- cli.py       the `serve` and `shadow-report` subcommands
+- app.py       the FastAPI app (KServe Open Inference Protocol v2, /predict, /version, /metrics)
+               and `build(settings)`, which loads the models and makes it
 
-Nothing heavy is imported here: the CLI imports this package to answer --help.
+Nothing heavy is imported here: the CLI imports settings.py to answer --help.
 """

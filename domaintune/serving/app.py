@@ -19,13 +19,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the endpoints' (string) annotations here
 
-from domaintune.serving.settings import MODEL_NAME, VERSION_HEADER
+from domaintune.serving.settings import MODEL_NAME, VERSION_HEADER, ServeSettings
 
 log = logging.getLogger("domaintune.serve")
 V2 = f"/v2/models/{MODEL_NAME}"
@@ -279,3 +282,33 @@ def _add_plain_routes(app, holder, batcher, settings, metrics) -> None:
     async def prometheus():
         data, content_type = metrics.render()
         return Response(data, media_type=content_type)
+
+
+@dataclass
+class Built:
+    app: object
+    holder: object
+    metrics: object
+    shadow_log: object | None
+
+
+def default_shadow_log(settings: ServeSettings, shadow_version: str) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", shadow_version)
+    return Path(settings.repo).resolve() / "reports" / "shadow" / f"{name}.jsonl"
+
+
+def build(settings: ServeSettings) -> Built:
+    """Load the served model (and the shadow candidate) and make the app; raises if the first model fails."""
+    from domaintune.serving.holder import ModelHolder
+    from domaintune.serving.metrics import Metrics
+    from domaintune.serving.shadow import ShadowLog
+
+    metrics = Metrics()
+    holder = ModelHolder(settings, metrics)
+    holder.load_initial()
+    shadow_log = None
+    if holder.shadow is not None:
+        shadow_log = ShadowLog(settings.shadow_log or default_shadow_log(settings, holder.shadow.version))
+        log.info("shadow: %s on every request, both predictions logged to %s", holder.shadow.version,
+                 shadow_log.path)
+    return Built(create_app(holder, settings, metrics, shadow_log), holder, metrics, shadow_log)

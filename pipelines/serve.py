@@ -1,15 +1,31 @@
-"""The `domaintune serve` and `domaintune shadow-report` subcommands (registered by domaintune/cli.py)."""
+"""`domaintune serve` and `domaintune shadow-report`, and uvicorn around the serving app.
+
+The library (domaintune/serving/) loads models and makes the FastAPI app; this module,
+on the top floor, starts servers: in the foreground for the CLI (uvicorn finishes
+in-flight requests on Ctrl-C/SIGTERM), or on a background thread with `ServerThread`
+(tests, benchmarks), on a socket bound before the server starts.
+
+    domaintune serve                       # the registry's prod version, following rollbacks
+    domaintune serve --model models/export # a folder (version "workspace")
+    domaintune serve --shadow v1.3.0       # + a candidate on the same requests, both logged
+    domaintune shadow-report reports/shadow/v1.3.0.jsonl
+"""
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
+
+from domaintune.serving.settings import ServeSettings
 
 
 def register(add) -> None:
     """Add both subcommands through the CLI's `add(name, fn, help)` (which also gives them --repo)."""
-    from domaintune.serving.settings import ServeSettings as S
+    S = ServeSettings  # noqa: N806 - the defaults
 
     p = add("serve", cmd_serve, "serve the released model over HTTP (KServe v2 + /predict), following rollbacks")
     p.add_argument("--host", default=S.host, help="address to bind (default: 127.0.0.1, loopback only)")
@@ -36,9 +52,7 @@ def register(add) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def settings_from_args(args):
-    from domaintune.serving.settings import ServeSettings
-
+def settings_from_args(args) -> ServeSettings:
     return ServeSettings(host=args.host, port=args.port, variant=args.variant, repo=Path(args.repo),
                          model_dir=Path(args.model) if args.model else None, poll_s=args.poll,
                          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_texts=args.max_texts,
@@ -63,14 +77,11 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from domaintune.modeling import set_threads
-    from domaintune.registry import RegistryError
-    from domaintune.serving.server import build, uvicorn_config
+    from domaintune.serving.app import build
 
     set_threads()
     try:
-        built = build(settings)
-    except RegistryError:
-        raise  # the CLI prints it (exit 1)
+        built = build(settings)  # a RegistryError (nothing served, a version failing verification): exit 1
     except (OSError, ValueError, KeyError) as exc:  # a folder that is not a loadable model
         print(f"domaintune serve: cannot load the model: {exc}", file=sys.stderr)
         return 2
@@ -89,3 +100,50 @@ def cmd_shadow_report(args) -> int:
         return 2
     print(json.dumps(summary, indent=2) if args.json else format_report(summary))
     return 0
+
+
+# ---------------------------------------------------------------- uvicorn
+def uvicorn_config(app, settings: ServeSettings):
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, access_log=settings.access_log,
+                          log_level="info", lifespan="on", timeout_graceful_shutdown=30)
+
+
+def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening socket (port 0: a free one, known before the server starts)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+class ServerThread:
+    """uvicorn on a background thread: `with ServerThread(app, settings) as url: ...` stops it on exit."""
+
+    def __init__(self, app, settings: ServeSettings):
+        import uvicorn
+
+        self.sock = bind(settings.host, settings.port)
+        self.url = f"http://{settings.host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn_config(app, settings))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="domaintune-uvicorn", daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self.sock.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
