@@ -266,6 +266,17 @@ def test_shadow_report_bad_log(tmp_path):
         f"domaintune shadow-report: {log_path}: row 2: field 'shadow.confidence': must be a number in [0, 1], got None"]
 
 
+def test_serve_help_is_light():
+    code = ("import sys, domaintune.cli as c\n"
+            "for argv in (['serve', '--help'], ['shadow-report', '--help']):\n"
+            "    try: c.main(argv)\n"
+            "    except SystemExit: pass\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'fastapi', 'uvicorn', 'numpy', 'dvc'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert "--max-wait-ms" in proc.stdout and "--shadow" in proc.stdout and "shadow-report" in proc.stdout
+
+
 def test_cli_serve_refuses_clearly(tmp_path, capsys):
     from domaintune.cli import main
 
