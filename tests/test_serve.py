@@ -469,3 +469,24 @@ def test_shadow_a_published_version(registry_repo):
         assert abs(rows[t]["served"]["confidence"] - ref_served[i].max()) < 1e-5
         assert abs(rows[t]["shadow"]["confidence"] - ref_shadow[i].max()) < 1e-5
         assert rows[t]["agree"]  # same head, other temperature: same labels, other confidences
+
+
+def test_a_failing_model_pass_is_a_json_500_and_the_server_lives_on(models):
+    s = settings(model_dir=models[0])
+    built = build(s)
+    predictor = built.holder.current.predictor
+    real = predictor.predict_proba
+
+    def flaky(texts):
+        if any("boom" in t for t in texts):
+            raise RuntimeError("simulated kernel failure")
+        return real(texts)
+
+    predictor.predict_proba = flaky
+    with ServerThread(built.app, s) as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/predict", json={"texts": ["boom"]})
+        assert r.status_code == 500
+        assert r.json() == {"error": "internal server error: RuntimeError: simulated kernel failure"}
+        assert c.post("/predict", json={"texts": ["reset my password"]}).status_code == 200
+        assert metric(c.get("/metrics").text, "domaintune_requests_total",
+                      '{endpoint="/predict",method="POST",status="500"}') == 1
