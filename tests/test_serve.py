@@ -14,6 +14,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from _fake_pipeline import BIN, TINY_INTENTS, make_fake_repo, set_params, sh, tiny_rows
 from domaintune import registry
@@ -167,6 +170,23 @@ def test_bad_input_is_a_json_4xx(server, path, body, status, words):
     r = server.post(path, headers={"content-type": "application/json"}, **kw)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(
+        st.sampled_from(["texts", "top_k", "inputs", "outputs", "datatype", "shape", "data", "id"]) | st.text(max_size=6),
+        inner, max_size=5),
+    max_leaves=25)
+
+
+@given(body=JSON)
+@hsettings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_json_body_gets_an_answer_below_500(server, body):
+    for path in ("/predict", "/v2/models/domaintune/infer"):
+        r = server.post(path, json=body)
+        assert r.status_code in (200, 413, 422), (path, body, r.text)
+        assert r.status_code == 200 or "error" in r.json()
 
 
 def test_limits_hold_without_content_length_and_server_survives(server):
