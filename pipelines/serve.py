@@ -39,7 +39,9 @@ def register(add) -> None:
                    help="JSONL of both predictions (default: reports/shadow/<candidate>.jsonl)")
     p.add_argument("--poll", type=float, default=S.poll_s, metavar="SECONDS",
                    help="how often to check the registry for a new served version")
-    p.add_argument("--max-batch", type=int, default=S.max_batch, help="texts per inference batch")
+    p.add_argument("--max-batch", type=int, default=S.max_batch, help="texts gathered into one batch")
+    p.add_argument("--infer-batch", type=int, default=S.infer_batch,
+                   help="texts per forward pass (a batch runs length-sorted in passes of this size)")
     p.add_argument("--max-wait-ms", type=float, default=S.max_wait_ms, help="wait for more requests to batch")
     p.add_argument("--max-texts", type=int, default=S.max_texts, help="texts per request (more: 413)")
     p.add_argument("--max-chars", type=int, default=S.max_chars, help="characters per text (more: 413)")
@@ -55,8 +57,9 @@ def register(add) -> None:
 def settings_from_args(args) -> ServeSettings:
     return ServeSettings(host=args.host, port=args.port, variant=args.variant, repo=Path(args.repo),
                          model_dir=Path(args.model) if args.model else None, poll_s=args.poll,
-                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_texts=args.max_texts,
-                         max_chars=args.max_chars, max_body_bytes=args.max_body_bytes, top_k=args.top_k,
+                         max_batch=args.max_batch, infer_batch=args.infer_batch, max_wait_ms=args.max_wait_ms,
+                         max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
+                         top_k=args.top_k,
                          shadow=args.shadow, shadow_log=Path(args.shadow_log) if args.shadow_log else None,
                          access_log=args.access_log)
 

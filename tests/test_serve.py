@@ -75,7 +75,8 @@ def settings(**kw) -> ServeSettings:
 @pytest.fixture(scope="module")
 def server(models):
     """One server on the folder of model a, small limits so they are cheap to hit."""
-    s = settings(model_dir=models[0], max_texts=8, max_chars=2000, max_body_bytes=20_000, max_wait_ms=30.0)
+    s = settings(model_dir=models[0], max_texts=8, max_chars=2000, max_body_bytes=20_000, max_wait_ms=30.0,
+                 infer_batch=3)  # batches run in length-sorted passes of 3: answers must come back in order
     with ServerThread(build(s).app, s) as url:
         with httpx.Client(base_url=url, timeout=30) as client:
             yield client

@@ -3,7 +3,8 @@
 Each request puts its texts on a queue and awaits a future. One collector task
 takes the first waiting request, then more until the batch holds `max_batch`
 texts or the first request has waited `max_wait_ms`, and runs the batch in a
-single worker thread (the event loop stays free to accept and parse requests;
+single worker thread, length-sorted in forward passes of `infer_batch` texts (padding
+to the longest text of each pass, not of the whole batch), (the event loop stays free to accept and parse requests;
 while a batch runs, the next one gathers). A request larger than `max_batch`
 runs as a batch of its own. The batch uses the model the holder has when it
 starts, and every request in it learns which version answered.
@@ -97,7 +98,7 @@ class MicroBatcher:
         self.metrics.batch_texts.observe(len(texts))
         self.metrics.batch_requests.observe(len(live))
         try:
-            probs = await asyncio.get_running_loop().run_in_executor(self._infer, model.predict_proba, texts)
+            probs = await asyncio.get_running_loop().run_in_executor(self._infer, self._predict, model, texts)
         except Exception as exc:  # noqa: BLE001 - a model failure answers these requests with a 500, not the loop
             log.exception("inference failed on a batch of %d texts", len(texts))
             for it in live:
@@ -113,6 +114,21 @@ class MicroBatcher:
         if self.holder.shadow is not None:
             self._run_shadow(model, texts, probs)
 
+    def _predict(self, model, texts: list[str]) -> np.ndarray:
+        """Calibrated probabilities in input order, computed in length-sorted passes of infer_batch texts."""
+        step = self.settings.infer_batch
+        if len(texts) <= step:
+            return model.predict_proba(texts)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = None
+        for i in range(0, len(order), step):
+            idx = order[i:i + step]
+            part = model.predict_proba([texts[j] for j in idx])
+            if out is None:
+                out = np.empty((len(texts), part.shape[1]), dtype=part.dtype)
+            out[idx] = part
+        return out
+
     def _run_shadow(self, model, texts: list[str], probs: np.ndarray) -> None:
         with self._shadow_lock:
             full = self._shadow_pending >= self.settings.shadow_queue
@@ -126,7 +142,7 @@ class MicroBatcher:
         fut.add_done_callback(self._shadow_done)
 
     def _shadow_batch(self, shadow, model, texts, probs) -> None:
-        cand = shadow.predict_proba(texts)
+        cand = self._predict(shadow, texts)
         self.metrics.texts.labels("shadow").inc(len(texts))
         if self.shadow_log is not None:
             self.shadow_log.write(texts, model, probs, shadow, cand)
