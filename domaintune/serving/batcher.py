@@ -115,19 +115,7 @@ class MicroBatcher:
             self._run_shadow(model, texts, probs)
 
     def _predict(self, model, texts: list[str]) -> np.ndarray:
-        """Calibrated probabilities in input order, computed in length-sorted passes of infer_batch texts."""
-        step = self.settings.infer_batch
-        if len(texts) <= step:
-            return model.predict_proba(texts)
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        out = None
-        for i in range(0, len(order), step):
-            idx = order[i:i + step]
-            part = model.predict_proba([texts[j] for j in idx])
-            if out is None:
-                out = np.empty((len(texts), part.shape[1]), dtype=part.dtype)
-            out[idx] = part
-        return out
+        return predict_sorted(model.predict_proba, texts, self.settings.infer_batch)
 
     def _run_shadow(self, model, texts: list[str], probs: np.ndarray) -> None:
         with self._shadow_lock:
@@ -152,3 +140,18 @@ class MicroBatcher:
             self._shadow_pending -= 1
         if fut.exception() is not None:
             log.error("shadow batch failed: %s", fut.exception())
+
+
+def predict_sorted(predict_proba, texts: list[str], step: int) -> np.ndarray:
+    """predict_proba(texts) in input order, computed in length-sorted passes of `step` texts."""
+    if len(texts) <= step:
+        return predict_proba(texts)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = None
+    for i in range(0, len(order), step):
+        idx = order[i:i + step]
+        part = predict_proba([texts[j] for j in idx])
+        if out is None:
+            out = np.empty((len(texts), part.shape[1]), dtype=part.dtype)
+        out[idx] = part
+    return out
