@@ -400,6 +400,18 @@ def summary(info: dict) -> dict:
             "transport_errors": info["max_load"]["transport_errors"] + info["half_load"]["transport_errors"]}
 
 
+def earlier_runs(out: Path, keep: int = 5) -> list[dict]:
+    """The summaries of the last runs in `out`: on a shared machine one run is one sample, not the truth."""
+    if not out.exists():
+        return []
+    old = json.loads(out.read_text())
+    last = {"finished": old.get("finished"), "model": old.get("model"), "settings": old.get("settings"),
+            "loadavg": [old.get("machine", {}).get(k) for k in ("loadavg_start", "loadavg_end")],
+            "mean_batch_texts": (old.get("server_metrics") or {}).get("mean_batch_texts"),
+            "summary": old.get("summary")}
+    return ([last] + old.get("earlier_runs", []))[:keep]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0,
@@ -417,6 +429,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     info = run(args)
+    info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    info["earlier_runs"] = earlier_runs(Path(args.out))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info["summary"], indent=2))
