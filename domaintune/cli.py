@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines import predict as predict_command  # its own module; the import is light
 
     predict_command.add_parser(sub)
+    from pipelines.serve import register as register_serving
+
+    register_serving(add)  # serve, shadow-report
     return ap
 
 
