@@ -9,7 +9,7 @@ head (logistic regression on its mean-pooled embeddings of 3,000 BANKING77 train
 fitted on 1,000 held-out ones). The served folder is a copy with the temperature in model.json,
 exactly what the export stage writes.
 
-The server is the real CLI, `python -m domaintune.cli serve --model ...`, in a subprocess on
+The server is the real CLI, `python -m pipelines.cli serve --model ...`, in a subprocess on
 127.0.0.1. On a shared machine the load of other work drifts, so raw and served measurements
 alternate in --rounds rounds (default 3), each round of budget/rounds seconds:
 1. raw, 1/10 each: (a) "sorted": Predictor.predict_proba, the product's own call, on 256 texts at
@@ -261,7 +261,7 @@ def free_port() -> int:
 
 
 def start_server(folder: Path, args, port: int, log: Path):
-    cmd = [sys.executable, "-m", "domaintune.cli", "serve", "--model", str(folder), "--variant", args.variant,
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--model", str(folder), "--variant", args.variant,
            "--port", str(port), "--max-batch", str(args.max_batch), "--infer-batch", str(args.infer_batch),
            "--max-wait-ms", str(args.max_wait_ms),
            "--max-chars", str(MAX_CHARS), "--max-texts", "64"]

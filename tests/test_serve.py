@@ -262,7 +262,7 @@ def test_shadow_answers_with_served_and_logs_both(models, tmp_path):
         assert abs(row["shadow"]["confidence"] - ref_b[i].max()) < 1e-5
         assert row["agree"] == (row["served"]["label"] == row["shadow"]["label"])
     disagree = int((ref_a.argmax(1) != ref_b.argmax(1)).sum())
-    r = subprocess.run([sys.executable, "-m", "domaintune.cli", "shadow-report", str(log_path), "--json"],
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "shadow-report", str(log_path), "--json"],
                        capture_output=True, text=True, env=os.environ)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
@@ -271,7 +271,7 @@ def test_shadow_answers_with_served_and_logs_both(models, tmp_path):
     assert sum(c["disagreements"] for c in rep["per_class"]) == 2 * disagree  # each one involves two classes
     mism = ref_a.argmax(1) != ref_b.argmax(1)
     assert rep["confidence_on_disagreements"]["shadow"]["mean"] == round(float(ref_b.max(1)[mism].mean()), 4)
-    text = subprocess.run([sys.executable, "-m", "domaintune.cli", "shadow-report", str(log_path)],
+    text = subprocess.run([sys.executable, "-m", "pipelines.cli", "shadow-report", str(log_path)],
                           capture_output=True, text=True, env=os.environ).stdout
     assert f"{disagree} disagreements" in text and "per class" in text
 
@@ -280,7 +280,7 @@ def test_shadow_report_bad_log(tmp_path):
     log_path = tmp_path / "bad.jsonl"
     good = {"served": {"label": "a", "confidence": 0.9}, "shadow": {"label": "b", "confidence": 0.6}}
     log_path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "shadow": {"label": "b"}}) + "\n")
-    r = subprocess.run([sys.executable, "-m", "domaintune.cli", "shadow-report", str(log_path)],
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "shadow-report", str(log_path)],
                        capture_output=True, text=True, env=os.environ)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
@@ -288,7 +288,7 @@ def test_shadow_report_bad_log(tmp_path):
 
 
 def test_serve_help_is_light():
-    code = ("import sys, domaintune.cli as c\n"
+    code = ("import sys, pipelines.cli as c\n"
             "for argv in (['serve', '--help'], ['shadow-report', '--help']):\n"
             "    try: c.main(argv)\n"
             "    except SystemExit: pass\n"
@@ -299,7 +299,7 @@ def test_serve_help_is_light():
 
 
 def test_cli_serve_refuses_clearly(tmp_path, capsys):
-    from domaintune.cli import main
+    from pipelines.cli import main
 
     sh(tmp_path, "git", "init", "-q")
     assert main(["serve", "--repo", str(tmp_path), "--port", "0"]) == 1
@@ -322,11 +322,11 @@ def free_port() -> int:
 
 
 def test_cli_serve_binds_loopback_and_stops(models, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "domaintune.cli", "serve", "--model", str(tmp_path / "nope")],
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", "--model", str(tmp_path / "nope")],
                        capture_output=True, text=True, env=os.environ)
     assert r.returncode == 2 and r.stderr.strip() == f"domaintune serve: --model {tmp_path / 'nope'}: no such folder"
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "domaintune.cli", "serve", "--model", str(models[0]),
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--model", str(models[0]),
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ)
     try:

@@ -1,4 +1,4 @@
-"""`domaintune`: versions, diff, rollback, retrain, schedule, monitor, remote.
+"""`domaintune`: versions, diff, rollback, retrain, schedule, deploy, monitor, summary, predict, serve, remote.
 
 Every heavy import (DVC, GTO, Prefect, torch) happens inside the subcommand
 that needs it, so `domaintune --help` answers at once. Exit codes: 0 success;
