@@ -16,9 +16,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # The full DAG on the embedded example with the bundled model.
+# Ends with the ten-line run summary (also saved as metrics/summary.json, what `dvc metrics show`
+# shows) and where to go next.
 run: setup
 	$(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	@echo
+	@$(BIN)/domaintune summary --write
+	@echo
+	@echo "model:   models/export (model card: models/export/README.md; int8 variant: models/export/int8)"
+	@echo "reports: reports/eval/report.md, reports/audit/, models/drift_baseline/report.html"
+	@echo "plots:   dvc plots show  (writes dvc_plots/index.html, opens without network)"
+	@echo "next:    domaintune retrain (record a version)  |  domaintune versions  |  domaintune monitor --batch FILE"
 
 # What CI runs (.ci/run): everything except tests marked slow.
 test: setup

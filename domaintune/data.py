@@ -40,6 +40,79 @@ class DataError(ValueError):
         super().__init__(f"{': '.join(where)}: {problem}")
 
 
+TMP_MARK = ".tmp-"  # atomic_output's temporaries: ".<name>.tmp-<pid>-<random>" next to the output
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the `.NAME.tmp-*` siblings of `path` that a killed run left behind; return them.
+
+    A temporary is stale unless its name carries the pid of a live process other than this
+    one (this process's own are in use by an enclosing atomic_output). Names without a pid
+    (older versions) are always stale.
+    """
+    path = Path(path)
+    prefix = f".{path.name}{TMP_MARK}"
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for sib in path.parent.iterdir():
+        if not sib.name.startswith(prefix):
+            continue
+        pid = sib.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+            continue
+        if sib.is_dir() and not sib.is_symlink():
+            shutil.rmtree(sib, ignore_errors=True)
+        else:
+            sib.unlink(missing_ok=True)
+        removed.append(sib)
+    return removed
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask can only read by setting)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_modes(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the mode a plain open()/mkdir() gets under the umask.
+
+    Libraries write through private temporaries (safetensors: 0600 files; tempfile: 0700
+    folders); outputs must be readable by whoever the umask says (e.g. a non-root server).
+    A file keeps its executable bits only if its owner had them.
+    """
+    mask = _umask()
+    root = Path(root)
+    if root.is_symlink():
+        return
+    entries = [root] + (list(root.rglob("*")) if root.is_dir() else [])
+    for p in entries:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            mode = 0o777
+        else:
+            mode = 0o777 if os.stat(p).st_mode & 0o100 else 0o666
+        os.chmod(p, mode & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
@@ -49,15 +122,19 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     next to the new one, then the new one moved in), and the old one is deleted
     only after that. Works for files and
     directories (the block decides which it creates at the yielded path).
+    Temporaries a killed run left next to `path` are deleted first (remove_stale_temporaries),
+    and the output gets the umask's modes (apply_umask_modes), whatever wrote it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-", dir=path.parent))
     tmp = tmp_root / path.name
     try:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"stage produced no output at {path}")
+        apply_umask_modes(tmp)
         if path.is_dir() and not path.is_symlink():
             os.replace(path, tmp_root / ".replaced")  # same folder, so a rename; deleted below
         elif tmp.is_dir() and (path.exists() or path.is_symlink()):
@@ -149,6 +226,25 @@ def read_dataset(folder: str | os.PathLike) -> tuple[dict[str, pd.DataFrame], li
         splits[name] = df
     labels = read_json(folder / "labels.json")
     return splits, labels
+
+
+# ---------------------------------------------------------------- emptied splits and classes
+
+def emptied_classes(train_in: Sequence[str], kept: pd.DataFrame) -> list[str]:
+    """Classes that had train rows (train_in: the input train labels) and have none in `kept` (rows of
+    every split with columns label and split, after a stage's removals)."""
+    left = set(kept.loc[kept["split"] == "train", "label"])
+    return sorted(set(train_in) - left)
+
+
+def check_splits_kept(stage: str, rows_in: dict[str, int], rows_out: dict[str, int],
+                      why: dict[str, str], files: dict[str, str]) -> None:
+    """A split that had rows must keep at least one: an empty validation/test split only fails later
+    (in evaluate), far from the stage that emptied it. `why`: split -> what removed its rows."""
+    for s in SPLITS:
+        if rows_in.get(s, 0) and not rows_out.get(s, 0):
+            raise DataError(files[s], None, None, f"{stage} would remove all {rows_in[s]} rows of the {s} split "
+                            f"({why.get(s) or 'see the removals'}); an empty {s} split is refused")
 
 
 # ---------------------------------------------------------------- labels

@@ -101,6 +101,17 @@ def _token_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length:
         yield idx, {k: v.to(device) for k, v in enc.items()}  # the model may sit on a GPU
 
 
+def _progress(texts: Sequence[str], batch_size: int, verb: str):
+    """A Progress over the batches (shown only if the pass runs long); none for a single batch,
+    so a timed one-text call (export's latency) pays nothing for it."""
+    n = -(-len(texts) // max(batch_size, 1))
+    if n <= 1:
+        return None
+    from domaintune.progress import Progress
+
+    return Progress(n, f"{verb} {len(texts)} texts", "batch")
+
+
 def embed_texts(encoder, tokenizer, texts: Sequence[str], batch_size: int = 64, max_length: int = 128,
                 pooling: str = "mean") -> np.ndarray:
     """Pooled encoder outputs for `texts`, in input order, as float32 [n, hidden]."""
@@ -108,10 +119,15 @@ def embed_texts(encoder, tokenizer, texts: Sequence[str], batch_size: int = 64, 
 
     encoder.eval()
     out = np.zeros((len(texts), encoder.config.hidden_size), dtype=np.float32)
+    bar = _progress(texts, batch_size, "embedding")
     with torch.inference_mode():
         for idx, enc in _token_batches(tokenizer, texts, batch_size, max_length, encoder.device):
             hidden = encoder(**enc).last_hidden_state
             out[idx] = pool(hidden, enc["attention_mask"], pooling).float().cpu().numpy()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
     return out
 
 
@@ -156,6 +172,7 @@ def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64,
     device = next(model.parameters()).device
     out = np.zeros((len(texts), model.head.out_features), dtype=np.float32)
     pooled = np.zeros((len(texts), model.head.in_features), dtype=np.float32) if mean_pooled else None
+    bar = _progress(texts, batch_size, "predicting")
     with torch.inference_mode():
         for idx, enc in _token_batches(tokenizer, texts, batch_size, max_length, device):
             if mean_pooled:
@@ -164,6 +181,10 @@ def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64,
             else:
                 logits = model(**enc)
             out[idx] = logits.float().cpu().numpy()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
     return (out, pooled) if mean_pooled else out
 
 

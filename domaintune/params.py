@@ -54,9 +54,21 @@ class IngestParams:
     # Used only when the source carries no split of its own.
     split: dict = field(default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1})
     on_bad_row: str = "error"
+    # A cell (text, label, id) longer than this many characters is a bad row (reason too_long).
+    max_chars: int = 1_000_000
+    # Label cells (stripped) that mean "no label" in every format, next to null/NaN and blank.
+    missing_labels: tuple = ("NaN", "nan", "NA", "N/A", "n/a", "null", "NULL", "None")
+    # A source with its own splits (files or split_column) but no validation/test: carve it from
+    # train by ingest.split (logged and in the metrics) or stop.
+    missing_split: str = "carve"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "missing_labels", tuple(self.missing_labels or ()))
         _one_of(self.on_bad_row, ("error", "skip"), "ingest", "on_bad_row")
+        _one_of(self.missing_split, ("carve", "error"), "ingest", "missing_split")
+        _check(self.max_chars >= 1, "ingest", "max_chars", f"must be >= 1, got {self.max_chars}")
+        _check(all(isinstance(v, str) for v in self.missing_labels), "ingest", "missing_labels",
+               f"must be a list of strings, got {list(self.missing_labels)!r}")
         _check(set(self.split) == {"train", "validation", "test"}, "ingest", "split",
                f"must have exactly the keys train, validation, test; got {sorted(self.split)}")
         _check(all(isinstance(v, (int, float)) and v >= 0 for v in self.split.values()),
@@ -74,8 +86,11 @@ class DedupeParams:
     jaccard_threshold: float = 0.8
     num_perm: int = 128
     shingle_size: int = 3
+    # A class left with no train rows: stop (error), or drop its rows from every split (listed in removed.csv).
+    on_empty_class: str = "error"
 
     def __post_init__(self) -> None:
+        _one_of(self.on_empty_class, ("error", "drop"), "dedupe", "on_empty_class")
         _one_of(self.conflict_policy, ("drop", "majority", "error"), "dedupe", "conflict_policy")
         _check(0.0 < self.jaccard_threshold <= 1.0, "dedupe", "jaccard_threshold", "must be in (0, 1]")
         _check(self.num_perm >= 16, "dedupe", "num_perm", "must be >= 16")
@@ -97,8 +112,11 @@ class AuditParams:
     filter_by: str = "prune_by_class"
     # Human-review decisions CSV (id, decision accept|reject, corrected_label); "" = none.
     decisions: str = "labels/decisions.csv"
+    # A class left with no train rows by drop/relabel/decisions: stop (error), or drop its rows from every split.
+    on_empty_class: str = "error"
 
     def __post_init__(self) -> None:
+        _one_of(self.on_empty_class, ("error", "drop"), "audit", "on_empty_class")
         _check(self.folds >= 2, "audit", "folds", "must be >= 2")
         _check(bool(self.decisions), "audit", "decisions",
                "must name a CSV (it is a DVC dep); ship a header-only file for no decisions")
@@ -386,8 +404,21 @@ def parse_section(section: str, raw: dict | None) -> Any:
 
 def read_params_file(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
-    with path.open(encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    if not path.is_file():
+        raise ParamsError(f"{path}: {'not a file' if path.exists() else 'no such params file'}")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not valid UTF-8 (byte offset {exc.start})") from None
+    except yaml.YAMLError as exc:  # one line naming file, line and column, never a YAML traceback
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        ctx, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if ctx and cmark is not None and cmark is not mark:
+            what += f" ({ctx} at line {cmark.line + 1}, column {cmark.column + 1})"
+        raise ParamsError(f"{path}: {where}YAML syntax error: {what}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections")
     return data

@@ -16,10 +16,12 @@ again. Any mismatch puts the previous state back and raises.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,8 +37,11 @@ SERVED_STAGE = "prod"
 VERSION_FILES = ("params.yaml", "dvc.yaml", "dvc.lock")
 RECORD_MARK = "domaintune-record:"
 LOCK_PATH = Path(".domaintune") / "retrain.lock"
-# Metrics shown in the versions table when present (file stem, key).
-KEY_METRICS = (("evaluate", "accuracy"), ("evaluate", "macro_f1"), ("evaluate", "ece"))
+# Metrics shown in the versions table when present: name -> (file stem, key path). The evaluate
+# stage writes {"before": {...}, "after": {...}}; the headline is after temperature calibration.
+KEY_METRICS = {"evaluate.accuracy": ("evaluate", "after", "accuracy"),
+               "evaluate.macro_f1": ("evaluate", "after", "macro_f1"),
+               "evaluate.ece": ("evaluate", "after", "ece")}
 
 
 class RegistryError(RuntimeError):
@@ -92,29 +97,43 @@ def _git_identity(root: Path) -> list[str]:
     return args
 
 
+# Lock files this context (thread, or a Prefect task run that copied its context) already holds:
+# `domaintune retrain` takes the lock before Prefect starts, and the flow inside takes it again.
+_HELD_LOCKS: contextvars.ContextVar[frozenset] = contextvars.ContextVar("domaintune_repo_locks", default=frozenset())
+
+
 @contextlib.contextmanager
 def repo_lock(root: Path) -> Iterator[None]:
-    """Exclusive, non-blocking lock: a second retrain/rollback fails at once and touches nothing."""
-    path = Path(root) / LOCK_PATH
+    """Exclusive, non-blocking lock: a second retrain/rollback fails at once and touches nothing.
+
+    Re-entrant within one context. The loser of a race only reads the holder's pid; it never
+    writes to the lock file."""
+    path = Path(root).resolve() / LOCK_PATH
+    if str(path) in _HELD_LOCKS.get():
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     ignore = path.parent / ".gitignore"
     if not ignore.exists():
         ignore.write_text("*\n")  # the lock folder never shows up in git status
     fh = open(path, "a+")
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise BusyError(f"{path}: a retrain or rollback is already running ({holder}); "
-                            "wait for it to finish, nothing was changed") from None
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise BusyError(f"{path}: a retrain or rollback is already running ({holder}); "
+                        "wait for it to finish, nothing was changed") from None
+    token = _HELD_LOCKS.set(_HELD_LOCKS.get() | {str(path)})
+    try:
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}\n")
         fh.flush()
         yield
     finally:
+        _HELD_LOCKS.reset(token)
         with contextlib.suppress(OSError):
             fh.seek(0)
             fh.truncate()
@@ -206,27 +225,32 @@ def _manifest(cache: Path, md5: str) -> list[dict] | None:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
-def check_cache(root: Path, outs: list[Out], cache: Path) -> tuple[list[str], list[str]]:
-    """(missing, corrupted) cache objects for the cached outs, each as 'path: md5 (what)'."""
-    missing, corrupted = [], []
+def _cache_status(outs: list[Out], cache: Path) -> list[tuple[str, str, str]]:
+    """(object md5, label, 'ok' | 'missing' | 'corrupted') for every cache object the cached outs need
+    (for a directory: its .dir manifest and, when that is readable, each file it lists)."""
+    status = []
 
-    def check(obj: str, label: str) -> None:
+    def check(obj: str, label: str) -> str:
         p = cache_path(cache, obj)
-        if not p.exists():
-            missing.append(f"{label}: {obj} not in cache")
-        elif md5_file(p) != obj.removesuffix(".dir"):
-            corrupted.append(f"{label}: cache object {p} does not match its md5 {obj}")
+        state = "missing" if not p.exists() else "ok" if md5_file(p) == obj.removesuffix(".dir") else "corrupted"
+        status.append((obj, label, state))
+        return state
 
     for o in outs:
         if o.in_git:
             continue
-        check(o.md5, o.path)
-        if o.is_dir and cache_path(cache, o.md5).exists():
-            entries = _manifest(cache, o.md5)
-            if entries is None:
-                continue  # the .dir object itself is already reported corrupted
-            for e in entries:
+        if check(o.md5, o.path) == "ok" and o.is_dir:
+            for e in _manifest(cache, o.md5) or []:
                 check(e["md5"], f"{o.path}/{e['relpath']}")
+    return status
+
+
+def check_cache(root: Path, outs: list[Out], cache: Path) -> tuple[list[str], list[str]]:
+    """(missing, corrupted) cache objects for the cached outs, each as 'path: md5 (what)'."""
+    status = _cache_status(outs, cache)
+    missing = [f"{label}: {obj} not in cache" for obj, label, state in status if state == "missing"]
+    corrupted = [f"{label}: cache object {cache_path(cache, obj)} does not match its md5 {obj}"
+                 for obj, label, state in status if state == "corrupted"]
     return missing, corrupted
 
 
@@ -309,34 +333,85 @@ class Version:
     served: bool = False
 
     def key_metrics(self) -> dict[str, float]:
-        m = self.record.get("metrics", {})
-        return {f"{f}.{k}": m[f][k] for f, k in KEY_METRICS if isinstance(m.get(f), dict) and k in m[f]}
+        """Headline metrics (accuracy, macro-F1, ECE after calibration) the version's metrics hold."""
+        out = {}
+        for name, path in KEY_METRICS.items():
+            value = self.record.get("metrics", {})
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[name] = value
+        return out
+
+
+# What `publish` writes: vMAJOR.MINOR.PATCH. GTO also accepts pre-releases (v2.0.0-rc1) and build
+# metadata; those are never domaintune's own versions (see list_versions).
+_RELEASE = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
+_SEMVER_EXTRA = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)[-+][0-9A-Za-z.+-]+$")
 
 
 def _semver(v: str) -> tuple[int, int, int]:
-    major, minor, patch = v.lstrip("v").split(".")
-    return int(major), int(minor), int(patch)
+    m = _RELEASE.match(v)
+    if m is None:
+        raise RegistryError(f"{v!r} is not a release version vMAJOR.MINOR.PATCH")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
-def list_versions(root: Path) -> list[Version]:
-    """All registered versions, oldest first, with the served one marked."""
+@dataclass
+class SkippedTag:
+    """A registry tag list_versions leaves out, and why (shown as a note, never fatal)."""
+    tag: str
+    reason: str
+
+
+def _parse_record(tag: str, contents: str) -> tuple[dict, str | None]:
+    """The JSON record publish put in a tag message: (record, problem or None)."""
+    if RECORD_MARK not in contents:
+        return {}, "no domaintune record in the tag message (not made by `domaintune retrain`)"
+    try:
+        record = json.loads(contents.split(RECORD_MARK, 1)[1].strip())
+    except json.JSONDecodeError as exc:
+        return {}, f"record JSON unreadable ({exc.msg} at line {exc.lineno} column {exc.colno})"
+    if not isinstance(record, dict):
+        return {}, f"record is a JSON {type(record).__name__}, not an object"
+    return record, None
+
+
+def scan_versions(root: Path) -> tuple[list[Version], list[SkippedTag]]:
+    """Registered release versions (oldest first, served one marked) and the tags left out, with why.
+
+    Pre-releases (`gto register ... --version v2.0.0-rc1`) and tags whose version is not
+    vMAJOR.MINOR.PATCH are skipped; a release whose record is missing or malformed is listed with an
+    empty record and a note. Nothing GTO or a person writes makes listing fail.
+    """
     fmt = "%(refname:strip=2)%00%(creatordate:iso-strict)%00%(*objectname)%00%(objectname)%00%(contents)%01"
-    out = git(root, "for-each-ref", f"--format={fmt}", f"refs/tags/{ARTIFACT}@v*")
-    versions = []
+    out = git(root, "for-each-ref", f"--format={fmt}", f"refs/tags/{ARTIFACT}@*")
+    versions, skipped = [], []
     for chunk in out.split("\x01"):
         chunk = chunk.strip("\n")
         if not chunk:
             continue
         tag, date, peeled, obj, contents = chunk.split("\x00", 4)
-        record = {}
-        if RECORD_MARK in contents:
-            record = json.loads(contents.split(RECORD_MARK, 1)[1].strip())
-        versions.append(Version(tag, tag.split("@", 1)[1], peeled or obj, date, record))
+        name = tag.split("@", 1)[1]
+        if not _RELEASE.match(name):
+            why = ("pre-release or build version, not a domaintune release" if _SEMVER_EXTRA.match(name)
+                   else "not a version vMAJOR.MINOR.PATCH")
+            skipped.append(SkippedTag(tag, why))
+            continue
+        record, problem = _parse_record(tag, contents)
+        if problem:
+            skipped.append(SkippedTag(tag, f"listed without a record: {problem}"))
+        versions.append(Version(tag, name, peeled or obj, date, record))
     versions.sort(key=lambda v: _semver(v.version))
     served = served_version(root)
     for v in versions:
         v.served = v.version == served
-    return versions
+    return versions, skipped
+
+
+def list_versions(root: Path) -> list[Version]:
+    """All registered release versions, oldest first, with the served one marked (see scan_versions)."""
+    return scan_versions(root)[0]
 
 
 def served_version(root: Path) -> str | None:
@@ -350,19 +425,20 @@ def served_version(root: Path) -> str | None:
     events = []
     for line in git(root, "for-each-ref", f"--format={fmt}", f"refs/tags/{ARTIFACT}#{SERVED_STAGE}*").splitlines():
         tag, peeled, obj = line.split("\x00")
-        parts = tag.split("#")
-        if len(parts) == 3 and parts[2].isdigit():
+        parts = tag.split("#")  # the glob also matches other stages such as `production`
+        if len(parts) == 3 and parts[1] in (SERVED_STAGE, SERVED_STAGE + "!") and parts[2].isdigit():
             events.append((int(parts[2]), not parts[1].endswith("!"), peeled or obj))
     if not events:
         return None
     _, assigned, commit = max(events)
     if not assigned:
         return None
-    fmt = "%(refname:strip=2)%00%(*objectname)"
+    fmt = "%(refname:strip=2)%00%(*objectname)%00%(objectname)"
     for line in git(root, "for-each-ref", f"--format={fmt}", f"refs/tags/{ARTIFACT}@v*").splitlines():
-        tag, peeled = line.split("\x00")
-        if peeled == commit:
-            return tag.split("@", 1)[1]
+        tag, peeled, obj = line.split("\x00")
+        name = tag.split("@", 1)[1]
+        if (peeled or obj) == commit and _RELEASE.match(name):  # a pre-release on that commit is not served
+            return name
     return None
 
 
@@ -373,11 +449,14 @@ def get_version(root: Path, name: str) -> Version:
     if 1 <= len(parts) < 3 and all(p.isdigit() for p in parts):
         parts += ["0"] * (3 - len(parts))
     name = "v" + ".".join(parts)
-    for v in list_versions(root):
+    versions, skipped = scan_versions(root)
+    for v in versions:
         if v.version == name:
             return v
-    known = ", ".join(v.version for v in list_versions(root)) or "none"
-    raise RegistryError(f"no version {name!r} of {ARTIFACT}; known: {known}")
+    known = ", ".join(v.version for v in versions) or "none"
+    why = next((f" ({s.tag} exists but is skipped: {s.reason})" for s in skipped
+                if s.tag == f"{ARTIFACT}@{name}"), "")
+    raise RegistryError(f"no version {name!r} of {ARTIFACT}{why}; known: {known}")
 
 
 def next_version(versions: list[Version], dataset_hash: str | None) -> str:
@@ -453,16 +532,61 @@ def publish(root: Path, summary: str = "retrain", remote: str | None = None) -> 
     return get_version(root, version), True
 
 
+WORKSPACE = "workspace"
+# What `domaintune diff` leads with: test accuracy, macro-F1 and ECE after calibration. The evaluate
+# stage writes them under "after"; the flat keys are what older records hold.
+HEADLINE_METRICS = (("accuracy", ("evaluate.after.accuracy", "evaluate.accuracy")),
+                    ("macro-F1", ("evaluate.after.macro_f1", "evaluate.macro_f1")),
+                    ("ECE after calibration", ("evaluate.after.ece", "evaluate.ece")))
+# Metric keys that are timings, speeds, byte sizes or hashes: shown last.
+_LAST = re.compile(r"(second|_s$|_per_s|_ms(_|$)|time|latency|duration|throughput|bytes|hash|md5|sha\d*$)", re.I)
+
+
+def default_diff_pair(root: Path) -> tuple[str, str]:
+    """What `domaintune diff` compares with no arguments: the served version with the latest, or with
+    the workspace when the served version is the latest (e.g. when only one version exists)."""
+    versions = list_versions(root)
+    if not versions:
+        raise RegistryError(f"no versions of {ARTIFACT} yet: run `domaintune retrain` first")
+    latest = versions[-1]
+    served = next((v for v in versions if v.served), latest)
+    return (served.version, latest.version) if served is not latest else (served.version, WORKSPACE)
+
+
+def workspace_record(root: Path) -> dict:
+    """The record publish would write for the workspace as it is now (params, metrics, dataset hash)."""
+    outs = lock_outs(root) if (root / "dvc.lock").exists() else []
+    return build_record(root, outs)
+
+
+def _side(root: Path, name: str) -> tuple[str, dict]:
+    if name == WORKSPACE:
+        return WORKSPACE, workspace_record(root)
+    v = get_version(root, name)
+    return v.tag, v.record
+
+
 def diff_versions(root: Path, a: str, b: str) -> dict:
-    """Params and metrics that differ between two versions: {'params': {...}, 'metrics': {...}}."""
-    va, vb = get_version(root, a), get_version(root, b)
-    out = {}
-    for key in ("params", "metrics"):
-        fa = _flatten_all(va.record.get(key, {}))
-        fb = _flatten_all(vb.record.get(key, {}))
-        out[key] = {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
-    if va.record.get("dataset_hash") != vb.record.get("dataset_hash"):
-        out["dataset_hash"] = (va.record.get("dataset_hash"), vb.record.get("dataset_hash"))
+    """What differs between two versions (either may be "workspace"), most important first:
+    {'a', 'b', 'headline': {name: (x, y)}, 'dataset_hash'?: (x, y), 'params': {...}, 'metrics': {...},
+    'timings_hashes': {...}}. 'metrics' holds every other differing metric (not headline, timing or hash)."""
+    (ta, ra), (tb, rb) = _side(root, a), _side(root, b)
+    out: dict = {"a": ta, "b": tb, "headline": {}}
+    ma, mb = _flatten_all(ra.get("metrics", {})), _flatten_all(rb.get("metrics", {}))
+    for label, keys in HEADLINE_METRICS:
+        x = next((ma[k] for k in keys if k in ma), None)
+        y = next((mb[k] for k in keys if k in mb), None)
+        if x is not None or y is not None:
+            out["headline"][label] = (x, y)
+    headline_keys = {k for _, keys in HEADLINE_METRICS for k in keys}
+    if ra.get("dataset_hash") != rb.get("dataset_hash"):
+        out["dataset_hash"] = (ra.get("dataset_hash"), rb.get("dataset_hash"))
+    pa, pb = _flatten_all(ra.get("params", {})), _flatten_all(rb.get("params", {}))
+    out["params"] = {k: (pa.get(k), pb.get(k)) for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)}
+    changed = {k: (ma.get(k), mb.get(k)) for k in sorted((set(ma) | set(mb)) - headline_keys)
+               if ma.get(k) != mb.get(k)}
+    out["metrics"] = {k: v for k, v in changed.items() if not _LAST.search(k)}
+    out["timings_hashes"] = {k: v for k, v in changed.items() if _LAST.search(k)}
     return out
 
 
@@ -487,13 +611,21 @@ def verify_version(root: Path, version: Version, fetch: bool = True) -> list[Out
     outs = lock_outs(root, version.commit)
     bad_git = check_git_outs(root, outs, version.commit)
     cache = cache_dir(root)
+    before = _cache_status(outs, cache)
     missing, corrupted = check_cache(root, outs, cache)
     fetch_note = []
     if missing and fetch and not corrupted:
         note = _fetch(root, version.commit)
+        had = {obj for obj, _, state in before if state == "ok"}
+        for obj, label, state in _cache_status(outs, cache):
+            if state == "corrupted" and obj not in had:
+                # Fetched just now and wrong: the remote's copy is bad. Never leave it in the local cache.
+                cache_path(cache, obj).unlink(missing_ok=True)
+                fetch_note.append(f"{label}: the DVC remote's copy of {obj} does not match its md5 "
+                                  "(not kept in the local cache)")
         missing, corrupted = check_cache(root, outs, cache)
         if missing and note:
-            fetch_note = [f"fetch from the DVC remote: {note}"]
+            fetch_note.append(f"fetch from the DVC remote: {note}")
     problems = bad_git + corrupted + missing + fetch_note
     if problems:
         raise RegistryError(f"cannot restore {version.tag}; nothing was changed:\n  " + "\n  ".join(problems))
@@ -549,11 +681,35 @@ def restored_on_failure(root: Path, files: list[str]) -> Iterator[None]:
         raise
 
 
+def rollback_files(root: Path, version: Version) -> list[str]:
+    """The files rollback writes from git: VERSION_FILES (deleted where the version lacks one) and the
+    git-kept outs (metrics) of the target version."""
+    return sorted(set(VERSION_FILES) | {o.path for o in lock_outs(root, version.commit) if o.in_git})
+
+
+def check_no_local_edits(root: Path, version: Version) -> None:
+    """Refuse (RegistryError naming the files) if rollback to `version` would overwrite or delete a file
+    that differs from HEAD (an uncommitted edit, or an untracked file in its place)."""
+    files = rollback_files(root, version)
+    status = git(root, "status", "--porcelain", "--untracked-files=all", "--", *files)
+    lost = []
+    for line in status.splitlines():
+        path = line[3:].split(" -> ")[-1].strip('"')
+        here = root / path
+        now = here.read_bytes() if here.is_file() else None
+        if now != git_bytes(root, version.commit, path):  # rollback would change it: the edit would be lost
+            lost.append(path)
+    if lost:
+        raise RegistryError(f"rollback to {version.tag} would overwrite uncommitted changes to "
+                            f"{', '.join(sorted(lost))}; commit or discard them first (nothing was changed)")
+
+
 def rollback(root: Path, name: str) -> tuple[Version, int]:
     """Restore version `name` (files, outs), verify every file, commit, mark served. Returns (version, files checked)."""
     root = Path(root)
     version = get_version(root, name)
     with repo_lock(root):
+        check_no_local_edits(root, version)  # before fetching anything
         return restore_version(root, version, verify_version(root, version))
 
 
@@ -561,12 +717,9 @@ def restore_version(root: Path, version: Version, outs: list[Out]) -> tuple[Vers
     """rollback's second half: the caller holds repo_lock and got `outs` from verify_version."""
     from gto.api import assign
 
-    dirty = git(root, "status", "--porcelain", "--", *VERSION_FILES).strip()
-    if dirty:
-        # Rollback overwrites these; never lose someone's uncommitted edits.
-        raise RegistryError(f"uncommitted changes would be overwritten, commit or discard them first:\n{dirty}")
+    check_no_local_edits(root, version)
     cache = cache_dir(root)
-    files = sorted(set(VERSION_FILES) | {o.path for o in outs if o.in_git})
+    files = rollback_files(root, version)
     with restored_on_failure(root, files):
         for f in files:
             blob = git_bytes(root, version.commit, f)

@@ -73,7 +73,7 @@ def resolve(root: Path, name: str | None = None) -> registry.Version:
         served = registry.served_version(root)
         if served is None:
             raise ReleaseError(f"{root}: no version is served (GTO stage {registry.SERVED_STAGE!r} is empty); "
-                               "publish one with `domaintune retrain` or give a model folder")
+                               "publish one with `domaintune retrain`, or serve a folder with --model models/export")
         name = served
     return registry.get_version(root, name)
 

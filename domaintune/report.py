@@ -13,6 +13,13 @@ import numpy as np
 import pandas as pd
 
 
+def _texts(fig) -> list[str]:
+    """Every text a reader sees on the figure: titles, labels, legend entries, annotations, tick labels."""
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
 def _plt():
     import matplotlib
 
@@ -48,24 +55,36 @@ def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_reliability(bins_by_variant: dict[str, list[dict]], path: Path) -> None:
+def plot_reliability(bins_by_variant: dict[str, list[dict]], path: Path,
+                     ece: dict[str, float] | None = None) -> list[str]:
+    """Accuracy against confidence per bin, one colour per variant; the legend carries each ECE
+    and every point its bin's row count (a bin of 2 rows says little). Returns the texts drawn."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ece = ece or {}
+    fig, ax = plt.subplots(figsize=(6, 7))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
-    for (name, bins), marker in zip(bins_by_variant.items(), "os^v"):
-        pts = [(b["confidence"], b["accuracy"]) for b in bins if b["count"]]
-        if pts:
-            x, y = zip(*pts)
-            ax.plot(x, y, marker=marker, label=name)
+    for (name, bins), marker, color in zip(bins_by_variant.items(), "os^v", ("tab:orange", "tab:blue",
+                                                                           "tab:green", "tab:red")):
+        pts = [(b["confidence"], b["accuracy"], b["count"]) for b in bins if b["count"]]
+        if not pts:
+            continue
+        x, y, n = zip(*pts)
+        label = f"{name} (ECE {ece[name]:.3f})" if name in ece else name
+        ax.plot(x, y, marker=marker, color=color, label=label)
+        for xi, yi, ni in pts:
+            ax.annotate(f"n={ni}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.02)
     ax.set_xlabel("mean confidence in bin")
     ax.set_ylabel("accuracy in bin")
-    ax.set_title("Reliability diagram (test)")
-    ax.legend(loc="upper left")
+    ax.set_title("Reliability diagram (test; n = rows per bin)")
+    # Below the axes: points can sit anywhere inside them (under- or over-confident models).
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    texts = _texts(fig)
     plt.close(fig)
+    return texts
 
 
 def plot_confidence_hist(conf_by_variant: dict[str, np.ndarray], bins: int, path: Path) -> None:
@@ -83,18 +102,22 @@ def plot_confidence_hist(conf_by_variant: dict[str, np.ndarray], bins: int, path
     plt.close(fig)
 
 
-def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> None:
+def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> list[str]:
+    """Horizontal bars, worst class at the bottom, each with its F1 written at its end. Returns the texts drawn."""
     plt = _plt()
     df = per_class.sort_values("f1")
     fig, ax = plt.subplots(figsize=(6, min(2 + 0.25 * len(df), 30)))
-    ax.barh(df["class"].astype(str), df["f1"])
-    ax.set_xlim(0, 1)
+    bars = ax.barh(df["class"].astype(str), df["f1"])
+    ax.bar_label(bars, labels=[f"{v:.2f}" for v in df["f1"]], padding=2, fontsize=max(4, 9 - len(df) // 10))
+    ax.set_xlim(0, 1.08)  # room for the value after a bar at 1.0
     ax.set_xlabel("F1 (test)")
     ax.set_title("Per-class F1")
     ax.tick_params(axis="y", labelsize=max(4, 10 - len(df) // 10))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    texts = _texts(fig)
     plt.close(fig)
+    return texts
 
 
 def _cell(v) -> str:

@@ -6,16 +6,24 @@ them plus, per row, the row number a person would use to find it:
   (blank lines are not records); messages also give the physical line.
 - JSONL: the line number (there is no header).
 - Parquet / Hugging Face: the 1-based row position.
+- .txt (batches of texts for `domaintune monitor`, not a labelled source): the line number.
 Bytes that are not UTF-8 are kept as lone surrogates (surrogateescape) and
 reported per cell with their byte offset in the file, so one bad byte costs
-one row (in skip mode), not the whole file.
+one row (in skip mode), not the whole file; raise_problems turns the first into a
+DataError for callers that cannot skip rows.
+
+CSV/TSV are read by this module's own reader (parse_delimited), not Python's csv or
+pandas: its quoting rule (below) never lets one stray quote swallow the rows after
+it, and it has no field size limit (ingest.max_chars decides). JSONL numbers are kept
+as the characters written (1.0 stays "1.0"), like numbers in CSV. A folder follows the
+naming rule in read_folder's section: every file is used, or the stage stops naming it.
 """
 from __future__ import annotations
 
-import csv
-import io
+import bisect
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +35,9 @@ from domaintune.data import DataError
 
 log = logging.getLogger("domaintune")
 
+# What a labelled source may be made of; READABLE adds .txt (one text per line) for batches of texts.
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
+READABLE = {**EXTENSIONS, ".txt": "txt"}
 # File stems / split names a source may use for its own splits.
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation",
                  "test": "test"}
@@ -43,13 +53,17 @@ class RawTable:
     frame: pd.DataFrame            # the file's columns, values as read (str, number or None)
     rows: list[int]                # per frame row: the row number a person uses (see module doc)
     split: str | None = None       # the source's own split for this whole table, if it has one
-    # frame position -> [(field or None for the whole row, reason, detail)]: problems found while reading
+    # frame position -> [(field or None, reason, detail)]: problems found while reading; a malformed_row
+    # problem concerns the whole row (its field, when given, is where it was found)
     bad: dict[int, list[tuple[str | None, str, str]]] = field(default_factory=dict)
     lines: list[int] | None = None  # physical line of each row (text formats), for messages
+    multiline: list[int] = field(default_factory=list)  # rows whose quoted fields span several lines
 
 
 def _decode(path: Path) -> tuple[str, int]:
     raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(path, None, None, "file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8")
     skip = len(_BOM) if raw.startswith(_BOM) else 0
     return raw[skip:].decode("utf-8", errors="surrogateescape"), skip
 
@@ -65,57 +79,165 @@ def _byte_offsets(text: str, base: int) -> list[int]:
     return out
 
 
+# ---------------------------------------------------------------- delimited text (CSV/TSV)
+# The quoting rule (RFC 4180 quoting only when a whole field is quoted):
+# - A record ends at "\n" or "\r\n" (a lone "\r" is text, except at the very end of the file).
+#   A blank line is not a record.
+# - A field that does not start with '"' is literal: everything up to the next delimiter or
+#   line end, quotes included ('say "hi" now' stays exactly that).
+# - A field that starts with '"' is quoted when a closing '"' (one not doubled: '""' inside is
+#   one '"') is followed by the delimiter, a line end or the end of the file. Its text may span
+#   lines.
+# - A field that starts with '"' whose first closing quote, on the same line, is followed by
+#   other text ('"urgent" please help') is literal too, quotes included.
+# - Anything else (a quote opened and never closed, or closed on a later line and followed
+#   by text) is a malformed row named by its first line; reading resumes on the next line,
+#   so one stray quote never swallows the rows after it.
+_QUOTED = re.compile(r'"((?:[^"]|"")*+)"')
+
+
+def _field_end(text: str, pos: int, delim: str) -> bool:
+    return (pos == len(text) or text[pos] == delim or text[pos] == "\n" or text.startswith("\r\n", pos)
+            or (pos == len(text) - 1 and text[pos] == "\r"))
+
+
+class _Record:
+    __slots__ = ("fields", "spans", "line", "last_line", "problem")
+
+    def __init__(self, line: int):
+        self.fields: list[str] = []
+        self.spans: list[tuple[int, int]] = []  # raw character span of each field in the text
+        self.line, self.last_line, self.problem = line, line, None
+
+
+def _literal(text: str, pos: int, delim: str) -> int:
+    """End of a literal field starting at pos (before the delimiter / line end; a CRLF's \r excluded)."""
+    eol = text.find("\n", pos)
+    eol = len(text) if eol < 0 else eol
+    end = text.find(delim, pos, eol)
+    if end < 0:
+        end = eol - 1 if eol > pos and text[eol - 1] == "\r" else eol  # CRLF, or a CR ending the file
+    return end
+
+
+def _slow_record(text: str, pos: int, line: int, delim: str) -> tuple[_Record, int, int]:
+    """One record with quotes in it, field by field. Returns (record, next position, next line)."""
+    rec = _Record(line)
+    while True:
+        if text.startswith('"', pos):
+            eol = text.find("\n", pos)
+            eol = len(text) if eol < 0 else eol
+            m = _QUOTED.match(text, pos)
+            if m and _field_end(text, m.end(), delim):
+                rec.fields.append(m.group(1).replace('""', '"'))
+                rec.spans.append((pos, m.end()))
+                line += m.group(0).count("\n")
+                pos = m.end()
+            elif m and m.end() <= eol:
+                end = _literal(text, pos, delim)
+                rec.fields.append(text[pos:end])
+                rec.spans.append((pos, end))
+                pos = end
+            else:
+                rec.problem = (len(rec.fields), f"a quote opens this field at line {line} and no quote followed by "
+                                                "the delimiter or a line end closes it")
+                return rec, eol + 1, line + 1
+        else:
+            end = _literal(text, pos, delim)
+            rec.fields.append(text[pos:end])
+            rec.spans.append((pos, end))
+            pos = end
+        if pos < len(text) and text[pos] == delim:
+            pos += 1
+            continue
+        rec.last_line = line
+        if text.startswith("\r\n", pos):
+            return rec, pos + 2, line + 1
+        return rec, pos + 1, line + 1  # "\n" or the end of the text
+
+
+def parse_delimited(text: str, delim: str):
+    """Yield the records of a delimited text (see the quoting rule above), blank lines skipped."""
+    pos, line, n = 0, 1, len(text)
+    while pos < n:
+        eol = text.find("\n", pos)
+        eol = n if eol < 0 else eol
+        if text.find('"', pos, eol) < 0:  # fast path: no quote on this line
+            stop = eol - 1 if eol > pos and text[eol - 1] == "\r" else eol
+            if stop > pos:
+                rec = _Record(line)
+                start = pos
+                for part in text[pos:stop].split(delim):
+                    rec.fields.append(part)
+                    rec.spans.append((start, start + len(part)))
+                    start += len(part) + 1
+                yield rec
+            pos, line = eol + 1, line + 1
+            continue
+        rec, pos, line = _slow_record(text, pos, line, delim)
+        yield rec
+
+
 def read_delimited(path: Path, delimiter: str) -> RawTable:
     text, bom = _decode(path)
-    offsets = iter(_byte_offsets(text, bom)) if UNDECODABLE.search(text) else None
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise DataError(path, None, None, "file is empty (no header row)") from None
-    except csv.Error as exc:
-        raise DataError(path, None, None, f"malformed header: {exc}") from None
-    if offsets is not None and any(UNDECODABLE.search(h) for h in header):
-        raise DataError(path, None, None, f"header has undecodable bytes (not UTF-8) at byte {next(offsets)}")
+    bad_at = [m.start() for m in UNDECODABLE.finditer(text)]
+    offsets = _byte_offsets(text, bom) if bad_at else []
+
+    def first_bad(a: int, b: int) -> int | None:
+        i = bisect.bisect_left(bad_at, a)
+        return offsets[i] if i < len(bad_at) and bad_at[i] < b else None
+
+    if "\r" in text and "\n" not in text:
+        raise DataError(path, None, None, "lines end with a lone carriage return (old Mac style); save the file "
+                                          "with \\n or \\r\\n line ends")
+    records = parse_delimited(text, delimiter)
+    head = next(records, None)
+    if head is None:
+        raise DataError(path, None, None, "file is empty (no header row)")
+    if head.problem:
+        raise DataError(path, None, None, f"malformed header: field {head.problem[0] + 1}: {head.problem[1]}")
+    header = head.fields
+    if (off := first_bad(0, head.spans[-1][1])) is not None:
+        raise DataError(path, None, None, f"header has undecodable bytes (not UTF-8) at byte {off}")
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
         raise DataError(path, None, dup[0], "column name appears more than once in the header")
-    records, rows, lines, bad = [], [], [], {}
+    rows, lines, bad, cells, multiline = [], [], {}, [], []
     width = len(header)
-    while True:
-        start_line = reader.line_num + 1
-        try:
-            rec = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            raise DataError(path, len(records) + 1, None, f"malformed row at line {start_line}: {exc}") from None
-        if not rec:  # blank line: not a record
-            continue
-        pos = len(records)
-        if offsets is not None:
-            for col, cell in zip(header + ["<extra field>"] * len(rec), rec):
-                n = len(UNDECODABLE.findall(cell))
-                if n:
-                    first = next(offsets)
-                    for _ in range(n - 1):
-                        next(offsets)
-                    bad.setdefault(pos, []).append(
-                        (col, "undecodable_bytes", f"bytes that are not UTF-8 at byte offset {first} (line {start_line})"))
-        if len(rec) != width:
-            bad.setdefault(pos, []).append(
-                (None, "malformed_row", f"has {len(rec)} fields, the header has {width} (line {start_line})"))
-        rec = (rec + [None] * width)[:width]
-        records.append(rec)
+    for rec in records:
+        pos = len(cells)
+        problems = bad.setdefault(pos, [])
+        if rec.problem:
+            k, what = rec.problem
+            problems.append((header[k] if k < width else None, "malformed_row", what))
+        for col, (a, b) in zip(header + ["<extra field>"] * len(rec.spans), rec.spans):
+            if (off := first_bad(a, b)) is not None:
+                problems.append((col, "undecodable_bytes",
+                                 f"bytes that are not UTF-8 at byte offset {off} (line {rec.line})"))
+        if not rec.problem and len(rec.fields) != width:
+            problems.append((None, "malformed_row",
+                             f"has {len(rec.fields)} fields, the header has {width} (line {rec.line})"))
+        if not problems:
+            del bad[pos]
+        cells.append((rec.fields + [None] * width)[:width])
         rows.append(pos + 1)
-        lines.append(start_line)
-    frame = pd.DataFrame(records, columns=header, dtype=object)
-    return RawTable(str(path), path.stem, frame, rows, bad=bad, lines=lines)
+        lines.append(rec.line)
+        if rec.last_line > rec.line:
+            multiline.append(pos + 1)
+    if not cells:
+        raise DataError(path, None, None, "file has a header but no data rows")
+    frame = pd.DataFrame(cells, columns=header, dtype=object)
+    return RawTable(str(path), path.stem, frame, rows, bad=bad, lines=lines, multiline=multiline)
 
 
 def _json_key_before(prefix: str) -> str | None:
     keys = re.findall(r'"((?:[^"\\]|\\.)*)"\s*:', prefix)
     return keys[-1] if keys else None
+
+
+def _json_constant(name: str):
+    # NaN is JSON's (non-standard) missing number; Infinity / -Infinity stay as written, like other numbers
+    return float("nan") if name == "NaN" else name
 
 
 def read_jsonl(path: Path) -> RawTable:
@@ -135,7 +257,8 @@ def read_jsonl(path: Path) -> RawTable:
                 bad.setdefault(pos, []).append((_json_key_before(line[:m.start()]), "undecodable_bytes",
                                                 f"bytes that are not UTF-8 at byte offset {off}"))
             try:
-                rec = json.loads(stripped)
+                # numbers stay as written (1.0 is "1.0", 01 is invalid JSON): see the label rule in ingest
+                rec = json.loads(stripped, parse_int=str, parse_float=str, parse_constant=_json_constant)
                 if not isinstance(rec, dict):
                     raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
             except ValueError as exc:
@@ -178,15 +301,54 @@ def _table_of_frame(frame: pd.DataFrame, file: str, stem: str, split: str | None
 
 
 def read_parquet(path: Path) -> RawTable:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
-        frame = pd.read_parquet(path)
+        table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise DataError(path, None, None, f"cannot read Parquet: {exc}") from None
+    try:
+        frame = table.to_pandas()
+    except Exception:  # a string column holding bytes that are not UTF-8: read it as bytes, decode per cell
+        as_bytes = pa.schema([f.with_type(pa.large_binary()) if pa.types.is_string(f.type)
+                              or pa.types.is_large_string(f.type) else f for f in table.schema])
+        try:
+            frame = table.cast(as_bytes).to_pandas()
+        except Exception as exc:
+            raise DataError(path, None, None, f"cannot read Parquet: {exc}") from None
+    if frame.empty:
+        raise DataError(path, None, None, "file has no rows")
     return _table_of_frame(frame, str(path), path.stem)
 
 
-def read_file(path: Path) -> RawTable:
-    kind = EXTENSIONS.get(path.suffix.lower())
+def read_txt(path: Path) -> RawTable:
+    """One text per line (column "text"; a line ends at "\n" or "\r\n"); row = line number."""
+    text, bom = _decode(path)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final line end closes the last line; it does not open a new one
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    if not lines:
+        raise DataError(path, None, None, "file is empty")
+    bad, byte_pos = {}, bom
+    for i, ln in enumerate(lines):
+        if m := UNDECODABLE.search(ln):
+            off = byte_pos + len(ln[:m.start()].encode("utf-8", "surrogateescape"))
+            bad[i] = [("text", "undecodable_bytes", f"bytes that are not UTF-8 at byte offset {off}")]
+        byte_pos += len(ln.encode("utf-8", "surrogateescape")) + 1
+    frame = pd.DataFrame({"text": lines}, dtype=object)
+    return RawTable(str(path), path.stem, frame, list(range(1, len(lines) + 1)), bad=bad,
+                    lines=list(range(1, len(lines) + 1)))
+
+
+def read_file(path: Path, kinds: dict[str, str] | None = None) -> RawTable:
+    """One file by its extension (`kinds`, default EXTENSIONS plus .txt). Problems found in cells
+    (bytes that are not UTF-8, malformed rows) are in RawTable.bad; raise_problems turns them into
+    a DataError for callers that need every row."""
+    kind = (kinds or READABLE).get(path.suffix.lower())
+    if not path.is_file():
+        raise DataError(path, None, None, "file not found" if not path.exists() else "not a regular file")
     if kind == "csv":
         return read_delimited(path, ",")
     if kind == "tsv":
@@ -195,30 +357,77 @@ def read_file(path: Path) -> RawTable:
         return read_jsonl(path)
     if kind == "parquet":
         return read_parquet(path)
-    raise DataError(path, None, None, f"unsupported file type {path.suffix!r}; use one of {sorted(EXTENSIONS)}")
+    if kind == "txt":
+        return read_txt(path)
+    raise DataError(path, None, None, f"unsupported file type {''.join(path.suffixes) or path.name!r}; "
+                                      f"use one of {sorted(kinds or READABLE)}")
 
 
-def split_of_stem(stem: str) -> str | None:
-    """'train', 'dev', 'valid-00001', 'test_part2' -> the split they name; anything else -> None."""
-    head = re.split(r"[-_.]", stem.lower(), maxsplit=1)[0]
-    return SPLIT_ALIASES.get(head)
+def raise_problems(table: RawTable, columns: list[str]) -> None:
+    """DataError for the first problem the reader found in `columns` (or in a whole row)."""
+    for i, problems in sorted(table.bad.items()):
+        for fld, reason, detail in problems:
+            if fld is None or fld in columns or reason == "malformed_row":
+                raise DataError(table.file, table.rows[i], fld, detail)
+
+
+# ---------------------------------------------------------------- folders
+# Naming rule: a file's split is the split word (train, validation, valid, dev, test) that is a
+# token of its name, tokens being split at "-", "_", ".", " " (tickets_train.csv, dev.jsonl,
+# train-00001-of-00002.parquet). Either every file names exactly one split, or none does (then
+# all rows are pooled and split by ingest.split). Names starting with "." are ignored (hidden
+# files and atomic_output's temporaries); anything else the rule cannot place (another type,
+# a sub-folder, a broken or looping link, a file naming no split or two) is an error naming it.
+
+def splits_in_name(name: str) -> list[str]:
+    """'tickets_train.csv' -> ['train']; 'trained.csv' -> []; 'train_test.csv' -> ['train', 'test']."""
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    found = []
+    for tok in re.split(r"[-_. ]+", stem.lower()):
+        split = SPLIT_ALIASES.get(tok)
+        if split and split not in found:
+            found.append(split)
+    return found
+
+
+def _folder_entry_error(p: Path) -> str | None:
+    if p.is_symlink():
+        try:
+            p.stat()
+        except FileNotFoundError:
+            return f"broken symbolic link (to {os.readlink(p)!r})"
+        except OSError as exc:
+            return f"symbolic link cannot be followed ({exc.strerror}: a loop?)"
+    if p.is_dir():
+        return "a folder inside the source folder; ingest reads one level only (move it out or use it as the source)"
+    if not p.is_file():
+        return "not a regular file"
+    if p.suffix.lower() not in EXTENSIONS:
+        return (f"unsupported file type {''.join(p.suffixes) or p.name!r} (compressed files too); a source folder "
+                f"may hold only {'/'.join(sorted(EXTENSIONS))} files (names starting with '.' are ignored)")
+    return None
 
 
 def read_folder(folder: Path) -> list[RawTable]:
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in EXTENSIONS)
-    if not files:
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    for p in entries:
+        if problem := _folder_entry_error(p):
+            raise DataError(p, None, None, problem)
+    if not entries:
         raise DataError(folder, None, None, f"folder holds no {'/'.join(sorted(EXTENSIONS))} files")
-    named = {p: split_of_stem(p.stem) for p in files}
-    with_split = [p.name for p, s in named.items() if s]
-    without = [p.name for p, s in named.items() if not s]
-    if with_split and without:
-        raise DataError(folder, None, None,
-                        f"some files name a split ({with_split}) and some do not ({without}); "
-                        "name every file train/validation/test.* or none of them")
-    tables = [read_file(p) for p in files]
-    for t, p in zip(tables, files):
-        t.split = named[p]
+    named = {p: splits_in_name(p.name) for p in entries}
+    for p, found in named.items():
+        if len(found) > 1:
+            raise DataError(p, None, None, f"file name names more than one split {found}; name exactly one")
+    with_split = [p.name for p, f in named.items() if f]
+    if with_split:
+        for p, f in named.items():
+            if not f:
+                raise DataError(p, None, None, f"file name names no split while {with_split} do; put one of "
+                                f"{sorted(SPLIT_ALIASES)} in every file name (e.g. tickets_train.csv), or in none")
+    tables = [read_file(p, EXTENSIONS) for p in entries]
+    for t, p in zip(tables, entries):
+        t.split = named[p][0] if named[p] else None
     return tables
 
 
@@ -264,4 +473,4 @@ def read_source(source: str) -> list[RawTable]:
         raise DataError(path, None, None, "source not found")
     if path.is_dir():
         return read_folder(path)
-    return [read_file(path)]
+    return [read_file(path, EXTENSIONS)]

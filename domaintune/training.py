@@ -53,6 +53,22 @@ class TrainingCrash(RuntimeError):
     """Raised by the CRASH_ENV test hook."""
 
 
+# Test hook "N:PATH": in the Nth checkpoint write of this process, once its first file is written,
+# create PATH and wait to be killed (tests SIGKILL the stage mid-write); raises if nobody does in 120 s.
+STALL_ENV = "DOMAINTUNE_STALL_IN_CHECKPOINT_WRITE"
+_checkpoint_writes = 0
+
+
+def _stall_hook() -> None:
+    global _checkpoint_writes
+    _checkpoint_writes += 1
+    spec = os.environ.get(STALL_ENV, "")
+    if spec and int(spec.split(":", 1)[0]) == _checkpoint_writes:
+        Path(spec.split(":", 1)[1]).write_text(str(os.getpid()))
+        time.sleep(120)
+        raise TrainingCrash(f"{STALL_ENV}: nobody killed this process during checkpoint write {_checkpoint_writes}")
+
+
 # ---------------------------------------------------------------- labels
 
 def label_list(train_df: pd.DataFrame, labels: Sequence[str], problem_type: str) -> list[str]:
@@ -326,6 +342,7 @@ def _write_checkpoint(tmp: Path, model, opt, sched, params: list, state: dict, b
 
     save_file({k: v.detach().contiguous().cpu().clone() for k, v in _trainable_state(model).items()},
               str(tmp / "model.safetensors"))
+    _stall_hook()
     if best is not None:
         save_file({k: v.contiguous().cpu() for k, v in best.items()}, str(tmp / "best.safetensors"))
     if opt is not None:
@@ -608,9 +625,12 @@ def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str
     def checkpoint(epoch: int, pos: int) -> None:
         if ckpt is None:
             return
+        # Mid-epoch (pos > 0), resume replays this epoch's shuffle from where it started; at an epoch
+        # end (pos 0) the next epoch shuffles with the generator as it is now, as an uninterrupted run does.
+        shuffle_state = epoch_rng_state if pos else rng.bit_generator.state
         save_checkpoint(ckpt, model, opt, sched, opt_params,
                         {"epoch": epoch, "pos": pos, "step": step, "history": history, "best_f1": best_f1,
-                         "best_epoch": best_epoch, "bad_epochs": bad_epochs, "epoch_rng_state": epoch_rng_state,
+                         "best_epoch": best_epoch, "bad_epochs": bad_epochs, "epoch_rng_state": shuffle_state,
                          "seed": seed}, best_state)
 
     def validate() -> dict:
@@ -625,9 +645,9 @@ def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from domaintune.progress import Progress
 
-        bar = tqdm(total=total_steps, initial=step, desc=f"finetune seed {seed}", unit="step", leave=False)
+        bar = Progress(total_steps, f"finetune seed {seed}", "step", initial=step)
     t_train = time.perf_counter()
     samples = 0
     stopped_early = False
@@ -662,8 +682,7 @@ def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str
                                      "grad_norm": float(gnorm), "samples": len(idx),
                                      "seconds": time.perf_counter() - t_train})
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                bar.update(1, loss=f"{float(loss.detach()):.4f}")
             if ckpt is not None and ft.checkpoint_every and step % ft.checkpoint_every == 0 and pos + 1 < len(batches):
                 checkpoint(epoch, pos + 1)
             if crash_after and step >= crash_after:
@@ -679,7 +698,11 @@ def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str
             else:
                 bad_epochs += 1
         history["epochs"].append(ep)
-        log.info("seed %d epoch %d: %s", seed, epoch, {k: round(v, 4) for k, v in ep.items() if isinstance(v, float)})
+        line = epoch_line(seed, epoch, ft.epochs, ep, best_epoch == epoch)
+        if bar is not None:
+            bar.write(line)  # clears the bar first, so the line is never glued to it
+        else:
+            log.info("%s", line)
         stop = ft.early_stopping_patience > 0 and bad_epochs >= ft.early_stopping_patience
         # Epoch-end checkpoint: resume starts the next epoch (or finishes, if this was the last).
         checkpoint(ft.epochs if stop else epoch + 1, 0)
@@ -709,6 +732,27 @@ def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str
         "total_params": count_parameters(model), "bf16": bf16,
     }
     return model, tokenizer, names, result
+
+
+def result_line(m: dict, train_rows: int) -> str:
+    """The stage's summary: method, data, steps, the kept seed's validation scores."""
+    per = m["per_seed"][str(m["best_seed"])]
+    val = ", ".join(f"{name} {m[key]:.4f}" for key, name in (("val_accuracy", "accuracy"), ("val_macro_f1", "macro-F1"))
+                    if isinstance(m.get(key), float))
+    seeds = f"best of {len(m['seeds'])} seeds: " if len(m["seeds"]) > 1 else ""
+    return (f"{m['method']} on {train_rows} train rows, {per['steps']} steps, {m['trainable_params']:,} of "
+            f"{m['total_params']:,} params trained; {seeds}seed {m['best_seed']} validation {val or '-'}")
+
+
+def epoch_line(seed: int, epoch: int, epochs: int, ep: dict, best: bool) -> str:
+    """One readable line per epoch, e.g. "seed 42 epoch 1/3: train loss 0.412 | validation accuracy
+    0.912, macro-F1 0.905, loss 0.301 (best so far)"."""
+    line = f"seed {seed} epoch {epoch + 1}/{epochs}: train loss {ep['train_loss']:.4f}"
+    val = [(name, ep[key]) for key, name in (("val_accuracy", "accuracy"), ("val_macro_f1", "macro-F1"),
+                                              ("val_micro_f1", "micro-F1"), ("val_loss", "loss")) if key in ep]
+    if val:
+        line += " | validation " + ", ".join(f"{name} {v:.4f}" for name, v in val) + (" (best so far)" if best else "")
+    return line
 
 
 def _std(values: list[float]) -> float:
@@ -767,6 +811,7 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
     if live_dir is not None:
         write_live(live_dir, [(r[0], r[4]) for r in runs], best[0])
     metrics = summarize(ft, [r[4] for r in runs], best[0])
+    log.info("%s", result_line(metrics, len(train_df)))
     if ckpt_root is not None:  # finished: these checkpoints are done with
         for k in keys.values():
             shutil.rmtree(ckpt_root / k, ignore_errors=True)

@@ -10,7 +10,6 @@ for no drift, 1 for drift (so cron/CI can act on it), 2 for bad input.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +17,6 @@ from typing import Sequence
 from prefect import flow, get_run_logger, task
 
 from domaintune.data import DataError, atomic_output, write_json
-from domaintune.params import ParamsError
 
 
 def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
@@ -28,9 +26,9 @@ def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, None, None, "batch file not found")
+        raise DataError(path, None, None, "batch file not found" if not path.exists() else "not a file")
     if path.suffix.lower() == ".txt":
-        texts = path.read_text(encoding="utf-8").splitlines()
+        texts = _read_lines(path)
         rows = list(range(1, len(texts) + 1))
     else:
         table = read_file(path)
@@ -45,6 +43,34 @@ def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
         if not isinstance(text, str) or not text.strip():
             raise DataError(path, row, text_column, "empty or missing text")
     return texts
+
+
+def _read_lines(path: Path) -> list[str]:
+    """One text per line of a UTF-8 file (a BOM is dropped); bad bytes are a DataError naming the line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(path, line, None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                                          "save the file as UTF-8") from None
+    return text.splitlines()
+
+
+def check_arguments(batch: str, repo: str = ".", baseline: str = "models/drift_baseline",
+                    model: str = "models/export", out: str = "reports/monitor", text_column: str = "text") -> list[str]:
+    """Everything that can be checked before a Prefect flow starts or a model loads: the folders exist,
+    --out is not a file, and the batch reads (bad bytes, missing column, empty texts). Returns the texts."""
+    from domaintune.params import load_params
+
+    root = Path(repo)
+    for flag, value in (("--baseline", baseline), ("--model", model)):
+        if not (root / value).is_dir():
+            raise DataError(root / value, None, None, f"{flag}: no such folder; run the pipeline (dvc repro) first")
+    if (root / out).exists() and not (root / out).is_dir():
+        raise DataError(root / out, None, None, "--out: exists and is not a folder")
+    load_params(root / "params.yaml", "drift")  # a bad params.yaml fails here, naming file and key
+    return read_batch(root / batch, text_column)
 
 
 @task(name="compare-batch")
@@ -77,21 +103,11 @@ def monitor_flow(batch: str, repo: str = ".", baseline: str = "models/drift_base
     return verdict
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--batch", required=True, help="file of new texts (csv, tsv, jsonl, parquet, txt)")
-    ap.add_argument("--repo", default=".")
-    ap.add_argument("--baseline", default="models/drift_baseline")
-    ap.add_argument("--model", default="models/export")
-    ap.add_argument("--out", default="reports/monitor", help="folder for report.html and verdict.json")
-    ap.add_argument("--text-column", default="text")
-
-
 def run_from_args(args) -> int:
-    try:
-        v = monitor_flow(args.batch, args.repo, args.baseline, args.model, args.out, args.text_column)
-    except (DataError, ParamsError, FileNotFoundError) as exc:  # as the stages do: bad input -> exit 2
-        print(f"monitor: error: {exc}", file=sys.stderr)
-        return 2
+    """`domaintune monitor`: arguments and the batch are checked before the flow starts; bad input
+    raises (DataError, ParamsError: the caller prints one line, exit 2). Returns 1 on drift, else 0."""
+    check_arguments(args.batch, args.repo, args.baseline, args.model, args.out, args.text_column)
+    v = monitor_flow(args.batch, args.repo, args.baseline, args.model, args.out, args.text_column)
     print(("DRIFT: " + "; ".join(v["reasons"])) if v["drift"] else
           f"no drift: {v['rows']} texts, {v['drifted_share']:.0%} of features drifted, "
           f"confidence {v['mean_confidence_current']:.3f} vs {v['mean_confidence_reference']:.3f}")
@@ -100,9 +116,10 @@ def run_from_args(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipelines.monitor", description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    return run_from_args(ap.parse_args(argv))
+    """`python -m pipelines.monitor ARGS` is `domaintune monitor ARGS` (same checks, messages, exit codes)."""
+    from pipelines.cli import main as cli_main
+
+    return cli_main(["monitor", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

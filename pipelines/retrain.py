@@ -12,7 +12,6 @@ workspace outs re-checked-out from the cache: no tag, no push, nothing half-done
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -104,6 +103,8 @@ def parse_overrides(overrides: Sequence[str] | dict | None) -> dict[str, object]
     """`section.key=value` strings (values parsed as YAML) or a ready dict -> {dotted key: value}."""
     import yaml
 
+    from domaintune.params import ParamsError
+
     if not overrides:
         return {}
     if isinstance(overrides, dict):
@@ -111,14 +112,26 @@ def parse_overrides(overrides: Sequence[str] | dict | None) -> dict[str, object]
     out = {}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"override {item!r}: expected section.key=value, e.g. finetune.epochs=2")
+            raise ParamsError(f"--set {item!r}: expected section.key=value, e.g. finetune.epochs=2")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     return out
 
 
-def apply_overrides(params_file: Path, overrides: dict[str, object]) -> None:
-    """Set dotted keys in params.yaml keeping its comments and layout (like `dvc exp run -S`), then validate."""
+def check_overrides(params_file: Path, overrides: Sequence[str] | dict | None) -> None:
+    """Validate `section.key=value` overrides against params.yaml without changing it (ParamsError/ValueError)."""
+    from domaintune.params import load_all
+
+    load_all(params_file)  # a broken params.yaml is named as such, not blamed on an override
+    apply_overrides(Path(params_file), parse_overrides(overrides), dry_run=True)
+
+
+def apply_overrides(params_file: Path, overrides: dict[str, object], dry_run: bool = False) -> None:
+    """Set dotted keys in params.yaml keeping its comments and layout (like `dvc exp run -S`), then validate.
+    dry_run: validate only, params.yaml stays as it is."""
     from ruamel.yaml import YAML
 
     from domaintune.params import ParamsError, load_all
@@ -145,6 +158,9 @@ def apply_overrides(params_file: Path, overrides: dict[str, object]) -> None:
     except Exception:
         tmp.unlink()
         raise
+    if dry_run:
+        tmp.unlink()
+        return
     os.replace(tmp, params_file)
 
 
@@ -201,37 +217,30 @@ def make_deployment(cron: str, repo: str = ".", overrides: list[str] | None = No
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipelines.retrain", description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    args = ap.parse_args(argv)
-    return run_from_args(args)
-
-
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--repo", default=".", help="project root (default: .)")
-    ap.add_argument("--set", "-S", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a params.yaml value before running (repeatable)")
-    ap.add_argument("--no-publish", dest="publish", action="store_false", help="run the DAG but record no version")
-    ap.add_argument("--retries", type=int, default=1, help="retries per stage for transient failures")
-    ap.add_argument("--remote", default=None, help="DVC remote to push to (default: the repo's default remote)")
-
-
 def run_from_args(args) -> int:
-    try:
-        result = retrain_flow(repo=args.repo, overrides=args.overrides, publish=args.publish, retries=args.retries,
-                              remote=args.remote)
-    except registry.BusyError as exc:
-        print(f"retrain: {exc}", file=sys.stderr)
-        return 3
-    except (StageFailed, registry.RegistryError, ValueError) as exc:
-        print(f"retrain: failed, nothing published: {exc}", file=sys.stderr)
-        return 1
+    """`domaintune retrain`: the overrides are checked before the flow starts; errors raise (the CLI
+    prints one line, exit 2): BusyError, StageFailed, RegistryError, ParamsError."""
+    root = Path(args.repo).resolve()
+    with registry.repo_lock(root):
+        check_overrides(root / "params.yaml", args.overrides)
+        try:
+            result = retrain_flow(repo=str(root), overrides=args.overrides, publish=args.publish,
+                                  retries=args.retries, remote=args.remote)
+        except StageFailed as exc:  # the stage's own output is in the log above; one line here
+            raise StageFailed(exc.stage, exc.returncode, "nothing published, params.yaml and outs as they "
+                              "were (the stage's log is above)") from None
     ran = ", ".join(result["ran"]) or "none (all cached)"
     print(f"stages run: {ran}")
     if result["version"]:
         print(f"{'new version' if result['created'] else 'unchanged, current version'}: {result['version']}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m pipelines.retrain ARGS` is `domaintune retrain ARGS` (same checks, messages, exit codes)."""
+    from pipelines.cli import main as cli_main
+
+    return cli_main(["retrain", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ interleave and what was verified is what gets restored.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -45,17 +44,10 @@ def rollback_flow(version: str, repo: str = ".") -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipelines.rollback", description=__doc__.splitlines()[0])
-    ap.add_argument("version", help="e.g. v1.0.0, v1 or domaintune@v1.0.0")
-    ap.add_argument("--repo", default=".")
-    args = ap.parse_args(argv)
-    try:
-        result = rollback_flow(args.version, args.repo)
-    except registry.RegistryError as exc:
-        print(f"rollback: {exc}", file=sys.stderr)
-        return 1
-    print(f"served: {result['version']} ({result['files_verified']} files verified)")
-    return 0
+    """`python -m pipelines.rollback ARGS` is `domaintune rollback ARGS` (same checks, messages, exit codes)."""
+    from pipelines.cli import main as cli_main
+
+    return cli_main(["rollback", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

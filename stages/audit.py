@@ -26,6 +26,9 @@ How a row gets flagged:
 
 Only train rows are ever changed; validation/test rows are reported only.
 Human decisions (labels/decisions.csv) override the automatic policy.
+A class whose every train row is dropped or relabelled away stops the stage
+(audit.on_empty_class: error), or with `drop` loses its validation/test rows too
+(changes.csv, reason class_emptied_from_train) and leaves labels.json.
 """
 from __future__ import annotations
 
@@ -40,8 +43,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, json_lines_sha256, read_dataset, read_hashes,
-                             write_dataset, write_json)
+from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, json_lines_sha256, read_dataset,
+                             read_hashes, write_dataset, write_json)
 from domaintune.params import AuditParams, BaseParams, as_dict, load_params
 from domaintune.stage import StageError, run_stage, stage_parser
 
@@ -70,6 +73,8 @@ def read_decisions(path: str | Path | None, splits: dict[str, pd.DataFrame], lab
     if not path.exists():
         raise DataError(path, None, None, "decisions file not found (ship an empty file with the header "
                                           "'id,decision,corrected_label' when there are no decisions)")
+    if not path.is_file():
+        raise DataError(path, None, None, "--decisions names a folder, not a CSV file")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:
@@ -313,6 +318,7 @@ class AuditResult:
     outliers: pd.DataFrame
     near_duplicates: pd.DataFrame
     metrics: dict = field(default_factory=dict)
+    labels: list = field(default_factory=list)  # labels.json of the output (less any class dropped)
 
 
 def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[str, np.ndarray],
@@ -420,6 +426,7 @@ def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[s
     out_train["label"] = new_label
     out_train = out_train[~drop].reset_index(drop=True)
     splits["train"] = out_train
+    splits, labels_out, changes, gone = _empty_classes(splits, labels, train, changes, params, rows_in)
 
     issue_cols = ["id", "text", "given_label", "suggested_label", "score", "rank", "split", "action_taken"]
     label_issues = pd.concat([scored[s][scored[s]["flagged"]] for s in scored], ignore_index=True)
@@ -442,6 +449,7 @@ def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[s
                                                        "suggested_label", "flagged", "score", "effect",
                                                        "final_label"])
     metrics.update({
+        "classes_dropped": gone,
         "rows_in": rows_in,
         "rows_out": {s: int(len(splits[s])) for s in SPLITS},
         "issues_found": int(len(flagged_train)),
@@ -466,7 +474,41 @@ def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[s
     } | timings)
     return AuditResult(splits=splits, label_issues=label_issues.reset_index(drop=True), scores=scores,
                        changes=changes, decisions_applied=decisions_applied, outliers=outliers,
-                       near_duplicates=near, metrics=metrics)
+                       near_duplicates=near, metrics=metrics, labels=labels_out)
+
+
+def _empty_classes(splits: dict[str, pd.DataFrame], labels: list[str], train_in: pd.DataFrame,
+                   changes: pd.DataFrame, params: AuditParams, rows_in: dict[str, int]):
+    """A class whose every train row was dropped or relabelled away: stop (audit.on_empty_class: error),
+    or drop its validation/test rows too (listed in changes.csv, reason class_emptied_from_train).
+    Returns (splits, labels, changes, dropped classes)."""
+    gone = sorted(set(train_in["label"].astype(str)) - set(splits["train"]["label"].astype(str)))
+    if gone and params.on_empty_class == "error":
+        lab = gone[0]
+        mine = changes[changes["given_label"] == lab]
+        by = {f"{c} ({r})": int(n) for (c, r), n in mine.groupby(["change", "reason"]).size().items()}
+        held = {s: int((splits[s]["label"] == lab).sum()) for s in ("validation", "test")}
+        raise StageError(f"audit would leave class {lab!r} with no train rows (train rows in: "
+                         f"{int((train_in['label'] == lab).sum())}; {by}; validation/test rows: {held}); review "
+                         "the decisions, or set audit.on_empty_class: drop to drop the class from every split")
+    if not gone:
+        return splits, labels, changes, gone
+    extra = []
+    for s in ("validation", "test"):
+        df = splits[s]
+        hit = df["label"].isin(gone).to_numpy()
+        extra.append(pd.DataFrame({"id": df["id"][hit], "text": df["text"][hit], "given_label": df["label"][hit],
+                                   "new_label": "", "change": "dropped", "reason": "class_emptied_from_train",
+                                   "score": np.nan}))
+        splits[s] = df[~hit].reset_index(drop=True)
+    changes = pd.concat([changes] + extra, ignore_index=True)
+    kept = [lab for lab in labels if lab not in gone]
+    why = {s: f"class(es) {gone} emptied from train" for s in SPLITS}
+    check_splits_kept("audit", rows_in, {s: len(splits[s]) for s in SPLITS}, why,
+                      {s: f"{s}.parquet" for s in SPLITS})
+    if len(kept) < 2:
+        raise StageError(f"audit would leave {len(kept)} class(es) {kept} with train rows; a classifier needs two")
+    return splits, kept, changes, gone
 
 
 # --------------------------------------------------------------------------- I/O edge
@@ -489,7 +531,7 @@ def run(args) -> None:
     m["embed_seconds"] = round(embed_s, 3)
     m["encoder"] = params.encoder if params.encoder != "base" else f"base:{base.model}"
     m["dataset_hash_in"] = read_hashes(in_dir, splits, labels)["dataset"]
-    out_labels = sorted(set(labels))  # relabelling only moves rows between known labels
+    out_labels = sorted(set(result.labels))  # relabelling only moves rows between known labels
 
     with atomic_output(args.out) as out_tmp, atomic_output(args.report) as rep_tmp:
         hashes = write_dataset(out_tmp, result.splits, out_labels)

@@ -29,6 +29,7 @@ import numpy as np
 from domaintune.data import DataError, atomic_output, read_dataset, write_json
 from domaintune.optim import lr_schedule, no_weight_decay
 from domaintune.params import BaseParams, DaptParams, ParamsError, as_dict, load_params
+from domaintune.progress import Progress
 from domaintune.stage import run_stage, stage_parser
 from domaintune.textnorm import normalise
 
@@ -377,6 +378,7 @@ def warm_up_head(model, train_ids, train_attn, vocab: Vocab, params: DaptParams,
     torch.manual_seed(seed)
     try:
         batches = _batches(len(train_ids), params.batch_size, rng)
+        bar = Progress(steps, "dapt MLM-head warm-up", "step")
         for step in range(steps):
             batch = next(batches)
             ids, labels = whole_word_mask(train_ids[batch], train_attn[batch], vocab, params.mlm_probability, rng)
@@ -389,8 +391,8 @@ def warm_up_head(model, train_ids, train_attn, vocab: Vocab, params: DaptParams,
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
             opt.step()
-            if (step + 1) % 25 == 0 or step + 1 == steps:
-                log.info("head warm-up step %d/%d  loss %.4f", step + 1, steps, loss.item())
+            bar.update(1, loss=f"{loss.item():.4f}")
+        bar.close()
     finally:
         emb.requires_grad_(True)
     return time.perf_counter() - t0
@@ -437,8 +439,6 @@ def adapt(corpus: Corpus, base_path: str, params: DaptParams, seed: int):
     head_steps = params.head_warmup_steps if head_source.startswith("initialised") else 0
     head_s = warm_up_head(model, train_ids, train_attn, vocab, params, head_steps, rng, seed)
     loss_before = heldout_loss(model, held_in, held_attn, held_labels) if head_steps else loss_initial
-    log.info("held-out MLM loss before: %.4f (perplexity %.1f) on %d blocks; with the %s head %.4f",
-             loss_before, math.exp(loss_before), len(held_ids), "fresh" if head_steps else "loaded", loss_initial)
 
     n_blocks = len(train_ids)
     per_epoch = math.ceil(n_blocks / params.batch_size)
@@ -453,6 +453,7 @@ def adapt(corpus: Corpus, base_path: str, params: DaptParams, seed: int):
     last_losses: list[float] = []
     model.train()
     t_train = time.perf_counter()
+    bar = Progress(total_steps, "dapt", "step")
     for step in range(total_steps):
         batch = next(batches)
         ids, labels = whole_word_mask(train_ids[batch], train_attn[batch], vocab, params.mlm_probability, rng)
@@ -466,12 +467,10 @@ def adapt(corpus: Corpus, base_path: str, params: DaptParams, seed: int):
         tokens_seen += int(attn.sum())
         samples_seen += len(batch)
         last_losses.append(loss.item())
-        if (step + 1) % 10 == 0 or step + 1 == total_steps:
-            log.info("step %d/%d  loss %.4f  lr %.2e", step + 1, total_steps, np.mean(last_losses[-10:]),
-                     sched.get_last_lr()[0])
+        bar.update(1, loss=f"{np.mean(last_losses[-10:]):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+    bar.close()
     train_s = time.perf_counter() - t_train
     loss_after = heldout_loss(model, held_in, held_attn, held_labels) if total_steps else loss_before
-    log.info("held-out MLM loss after: %.4f (perplexity %.1f)", loss_after, math.exp(loss_after))
 
     metrics = {
         "enabled": True,
@@ -592,9 +591,18 @@ def main(argv=None) -> int:
             from domaintune.modeling import set_threads
 
             set_threads()
-        run(args.in_dir, args.out, args.metrics, base, params)
+        return summary_line(run(args.in_dir, args.out, args.metrics, base, params))
 
     return run_stage("dapt", go, ap, argv)
+
+
+def summary_line(m: dict) -> str:
+    """What the stage did, for its one "done" line."""
+    if not m.get("enabled"):
+        return "disabled (dapt.enabled: false): the base encoder passed through unchanged"
+    return (f"{m['steps']} MLM steps ({m['epochs']} epochs) on {m['train_texts']} texts, {m['train_blocks']} blocks; "
+            f"held-out perplexity {m['perplexity_before']:.1f} -> {m['perplexity_after']:.1f} "
+            f"(loss {m['loss_before']:.4f} -> {m['loss_after']:.4f} on {m['heldout_blocks']} blocks)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ casefold, whitespace collapsed) through its SHA-256, in this order:
    audit, not redundancy), and as near leaks (any label: a leak is about the
    text): validation rows near a train row, test rows near a train or a
    surviving validation row.
+A class left with no train row stops the stage (dedupe.on_empty_class: error) or, with
+`drop`, loses its validation/test rows too (reason label_absent_from_train); a split that
+had rows and would lose them all always stops it. Both errors give the counts.
 The manifest's per-split SHA-256 content hashes are the dataset version every
 later stage and model version refers to.
 """
@@ -27,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, read_dataset, read_hashes,
-                             write_dataset, write_json)
+from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, emptied_classes, read_dataset,
+                             read_hashes, write_dataset, write_json)
 from domaintune.params import DedupeParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
 from domaintune.textnorm import jaccard, minhash_signatures, minhashes, normalise_all, sha256_all, shingles
@@ -189,18 +192,40 @@ def dedupe(splits: dict[str, pd.DataFrame], p: DedupeParams, seed: int,
     if p.near_duplicates and alive.any():
         _near(rows, alive, reason, kept, p, seed)
 
-    # Dedupe can empty a class in train (e.g. its only rows were conflicts); evaluation
-    # rows of that class would then carry a label the model cannot predict.
-    train_labels = set(rows.loc[alive & rows["split"].eq("train").to_numpy(), "label"])
-    orphan = alive & ~rows["label"].isin(train_labels).to_numpy()
-    reason[orphan] = "label_absent_from_train"
-    alive &= ~orphan
-
+    train_labels = _empty_classes(rows, alive, reason, p, files)
     removed = rows.loc[~alive].assign(reason=reason[~alive], kept_id=kept[~alive]).loc[:, REMOVED_COLUMNS]
     out = {s: rows.loc[alive & rows["split"].eq(s).to_numpy(), ["id", "text", "label", "split"]].reset_index(drop=True)
            for s in SPLITS}
-    return DedupeResult(out, sorted(train_labels), removed.reset_index(drop=True),
-                        {s: len(splits[s]) for s in SPLITS})
+    rows_in = {s: len(splits[s]) for s in SPLITS}
+    why = {s: ", ".join(f"{k} {v}" for k, v in removed.loc[removed["split"] == s, "reason"].value_counts().items())
+           for s in SPLITS}
+    check_splits_kept("dedupe", rows_in, {s: len(df) for s, df in out.items()}, why, files)
+    return DedupeResult(out, sorted(train_labels), removed.reset_index(drop=True), rows_in)
+
+
+def _empty_classes(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, p: DedupeParams,
+                   files: dict[str, str]) -> set[str]:
+    """Classes dedupe leaves with no train row (e.g. all their rows were conflicts): stop, or with
+    dedupe.on_empty_class: drop, remove their evaluation rows too (label_absent_from_train): a
+    model cannot predict a class it never saw. Returns the train labels left."""
+    is_train = rows["split"].eq("train").to_numpy()
+    train_labels = set(rows.loc[alive & is_train, "label"])
+    orphan = alive & ~rows["label"].isin(train_labels).to_numpy()
+    gone = emptied_classes(rows.loc[is_train, "label"], rows.loc[alive])
+    if p.on_empty_class == "error" and (gone or orphan.any()):
+        lab = gone[0] if gone else rows.loc[orphan, "label"].iloc[0]
+        mine = rows["label"].eq(lab).to_numpy()
+        counts = {s: int((mine & rows["split"].eq(s).to_numpy()).sum()) for s in SPLITS}
+        why = reason[mine & is_train].value_counts().to_dict()
+        raise DataError(files["train"], None, "label",
+                        f"dedupe would leave class {lab!r} with no train rows (rows in: {counts}; train rows removed: "
+                        f"{why or 'none: no train rows'}); set dedupe.on_empty_class: drop to drop it from every split")
+    reason[orphan] = "label_absent_from_train"
+    alive &= ~orphan
+    if len(train_labels) < 2:
+        raise DataError(files["train"], None, "label", f"dedupe would leave {len(train_labels)} class(es) in train "
+                        f"({sorted(train_labels)}); a classifier needs at least two")
+    return train_labels
 
 
 def manifest_of(result: DedupeResult, hashes: dict, input_hashes: dict, p: DedupeParams, seed: int,

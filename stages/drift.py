@@ -35,6 +35,9 @@ TEXT_FEATURES = ("n_chars", "n_words", "unk_rate", "oov_rate", "non_ascii_rate",
 PRED_COLUMN = "pred_label"
 CONF_COLUMN = "confidence"
 _WORD = re.compile(r"\w+", re.UNICODE)
+# Features are compared at this many decimals (all are rates, counts, PCA coordinates or
+# probabilities of order 1): below it lies float rounding, not drift.
+ROUND_DECIMALS = 9
 
 
 def words(text: str) -> list[str]:
@@ -134,34 +137,70 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, numeric: Sequen
 
     K-S for numeric columns and chi-square for the predicted label, fixed rather than
     evidently's size-dependent choice, so small and large batches are judged alike.
+    Values are compared at ROUND_DECIMALS: a confident model's calibrated confidences are
+    1.0 give or take float rounding (0.9999999999999885), noise no test should read as
+    drift and on which evidently's histogram fails ("Too many bins for data range").
+    A numeric column that is then constant in either frame (e.g. no non-ASCII text at all)
+    has zero standard deviation, and evidently's correlation matrix would divide by it
+    (NaNs and a RuntimeWarning); such columns get the same two-sample K-S test from
+    scipy instead, so a batch that moves off the constant is still caught.
     """
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
-    cols = list(numeric) + [PRED_COLUMN]
-    definition = DataDefinition(numerical_columns=list(numeric), categorical_columns=[PRED_COLUMN])
+    reference = reference.assign(**{c: reference[c].astype(float).round(ROUND_DECIMALS) for c in numeric})
+    current = current.assign(**{c: current[c].astype(float).round(ROUND_DECIMALS) for c in numeric})
+    constant = [c for c in numeric if reference[c].nunique() < 2 or current[c].nunique() < 2]
+    varying = [c for c in numeric if c not in constant]
+    cols = varying + [PRED_COLUMN]
+    definition = DataDefinition(numerical_columns=varying, categorical_columns=[PRED_COLUMN])
     report = Report([DataDriftPreset(columns=cols, num_method="ks", cat_method="chisquare",
                                      threshold=threshold, drift_share=drift_share)])
-    # Round away float noise: a feature whose values differ only in the last bits (a saturated confidence,
-    # say) makes numpy's histogram inside evidently fail ("Cannot create 10 finite-sized bins").
-    cur, ref = current[cols].copy(), reference[cols].copy()
-    cur[list(numeric)] = cur[list(numeric)].round(9)
-    ref[list(numeric)] = ref[list(numeric)].round(9)
-    snap = report.run(Dataset.from_pandas(cur, data_definition=definition),
-                      Dataset.from_pandas(ref, data_definition=definition))
+    snap = report.run(Dataset.from_pandas(current[cols].copy(), data_definition=definition),
+                      Dataset.from_pandas(reference[cols].copy(), data_definition=definition))
     if html_path is not None:
         snap.save_html(str(html_path))
     columns: dict[str, float] = {}
-    share = None
     for m in snap.dict()["metrics"]:
         cfg = m["config"]
         if cfg["type"].endswith("ValueDrift"):
             columns[cfg["column"]] = float(m["value"])
-        elif cfg["type"].endswith("DriftedColumnsCount"):
-            share = float(m["value"]["share"])
+    constant_p = constant_column_pvalues(reference, current, constant)
+    columns.update(constant_p)
+    columns = {c: columns[c] for c in list(numeric) + [PRED_COLUMN] if c in columns}  # report order
+    if html_path is not None and constant:
+        _append_constant_section(Path(html_path), reference, current, constant_p, threshold)
     drifted = sorted(c for c, p in columns.items() if p < threshold)
     return {"p_values": columns, "drifted_columns": drifted,
-            "drifted_share": share if share is not None else len(drifted) / max(len(columns), 1)}
+            "drifted_share": len(drifted) / max(len(columns), 1), "constant_columns": constant}
+
+
+def _append_constant_section(html_path: Path, reference: pd.DataFrame, current: pd.DataFrame,
+                             p_values: dict[str, float], threshold: float) -> None:
+    """List the constant features in the HTML report too (evidently's part cannot show them)."""
+    from html import escape
+
+    def values(col: pd.Series) -> str:
+        return f"{col.iloc[0]:g}" if col.nunique() < 2 else f"{col.min():g} to {col.max():g}"
+
+    rows = "".join(f"<tr><td>{escape(c)}</td><td>{values(reference[c])}</td><td>{values(current[c])}</td>"
+                   f"<td>{p:.4g}</td><td>{'drifted' if p < threshold else 'no drift'}</td></tr>"
+                   for c, p in p_values.items())
+    section = ("<section style='font-family:sans-serif;margin:2em'><h2>Features constant in the reference or the "
+               "batch</h2><p>Tested with the same two-sample Kolmogorov-Smirnov test (scipy), outside the report "
+               "above, whose correlation view cannot take a zero-variance column.</p><table border='1' "
+               "cellpadding='4'><tr><th>feature</th><th>reference</th><th>current</th><th>K-S p-value</th>"
+               f"<th>verdict</th></tr>{rows}</table></section>")
+    text = html_path.read_text(encoding="utf-8")
+    cut = text.rfind("</body>")
+    html_path.write_text(text[:cut] + section + text[cut:] if cut >= 0 else text + section, encoding="utf-8")
+
+
+def constant_column_pvalues(reference: pd.DataFrame, current: pd.DataFrame, columns: Sequence[str]) -> dict:
+    """Two-sample K-S p-value per column (as evidently's "ks"): 1.0 when both hold the same constant."""
+    from scipy.stats import ks_2samp
+
+    return {c: float(ks_2samp(reference[c].to_numpy(float), current[c].to_numpy(float)).pvalue) for c in columns}
 
 
 def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir: str | Path, params,
@@ -290,6 +329,15 @@ def compare_batch(baseline: Baseline, texts: Sequence[str], model_dir: str | Pat
     }
 
 
+def summary_line(metrics: dict) -> str:
+    line = (f"reference profile of {metrics['reference_rows']} train rows, mean confidence "
+            f"{metrics['mean_confidence']:.3f}, train accuracy {metrics['train_accuracy']:.3f}")
+    if "validation_drifted_share" in metrics:
+        line += (f"; validation vs train: {metrics['validation_drifted_columns']} columns drifted "
+                 f"({metrics['validation_drifted_share']:.0%}, a sanity check: expect few)")
+    return line
+
+
 def main(argv=None) -> int:
     ap = stage_parser("drift", __doc__.splitlines()[0], inp="audited dataset folder", out="baseline folder to write")
     ap.add_argument("--model", required=True, help="exported model folder")
@@ -305,6 +353,7 @@ def main(argv=None) -> int:
         with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
             metrics = build_baseline(splits, labels, args.model, params, tmp, dataset_hash)
             write_json(tmp_metrics, metrics)
+        return summary_line(metrics)
 
     return run_stage("drift", run, ap, argv)
 

@@ -167,21 +167,32 @@ def _length_buckets(words: np.ndarray, correct: np.ndarray, n: int) -> pd.DataFr
 
 
 def _plot_data(test, labels, y, pred, res: EvalResult) -> dict[str, pd.DataFrame]:
-    """CSV data for `dvc plots show` (templates declared in dvc.yaml)."""
+    """CSV data for `dvc plots show` (templates declared in dvc.yaml; series named in a `series` column)."""
     lab = np.asarray(labels, dtype=object)
-    data = {"confusion": pd.DataFrame({"actual": lab[y], "predicted": lab[pred]})}
-    for key, name in (("before", "before calibration"), ("after", "after calibration")):
-        bins = [b for b in res.reliability[name] if b["count"]]
-        data[f"reliability_{key}"] = pd.DataFrame({"confidence": [b["confidence"] for b in bins],
-                                                   "accuracy": [b["accuracy"] for b in bins],
-                                                   "count": [b["count"] for b in bins]})
-        counts = [b["count"] for b in res.reliability[name]]
-        data[f"confidence_hist_{key}"] = pd.DataFrame({
-            "confidence_bin": [f"{b['lower']:.2f}-{b['upper']:.2f}" for b in res.reliability[name]],
-            "rows": counts})
-    data["reliability_ideal"] = pd.DataFrame({"confidence": [0.0, 1.0], "accuracy": [0.0, 1.0], "count": [0, 0]})
+    data = {"confusion": pd.DataFrame({"actual": lab[y], "predicted": lab[pred]}),
+            "reliability": reliability_frame(res.reliability, ece_by_series(res))}
+    data["confidence_hist"] = pd.DataFrame([
+        {"confidence_bin": f"{b['lower']:.2f}-{b['upper']:.2f}", "rows": b["count"], "series": name}
+        for name, bins in res.reliability.items() for b in bins])
     data["per_class_f1"] = res.tables["per_class"][["class", "f1"]]
     return data
+
+
+def ece_by_series(res: EvalResult) -> dict[str, float]:
+    """The test ECE of each reliability series (single-label: before/after calibration)."""
+    if res.problem_type == "multi_label":
+        return {name: float(res.after["ece"]) for name in res.reliability}
+    return {"before calibration": float(res.before["ece"]), "after calibration": float(res.after["ece"])}
+
+
+def reliability_frame(reliability: dict[str, list[dict]], ece: dict[str, float]) -> pd.DataFrame:
+    """One row per non-empty bin of each series, plus the diagonal; series named with their ECE."""
+    rows = [{"confidence": c, "accuracy": c, "count": 0, "series": "perfectly calibrated"} for c in (0.0, 1.0)]
+    for name, bins in reliability.items():
+        label = f"{name} (ECE {ece[name]:.3f})" if name in ece else name
+        rows += [{"confidence": b["confidence"], "accuracy": b["accuracy"], "count": b["count"], "series": label}
+                 for b in bins if b["count"]]
+    return pd.DataFrame(rows, columns=["confidence", "accuracy", "count", "series"])
 
 
 def _evaluate_multi_label(val, test, val_logits, test_logits, labels, params) -> EvalResult:
@@ -223,11 +234,8 @@ def _evaluate_multi_label(val, test, val_logits, test_logits, labels, params) ->
     res.tables = {"per_class": per_class, "confident_errors": conf_err.reset_index(drop=True),
                   "uncertain": uncertain.reset_index(drop=True),
                   "by_length": _length_buckets(words, ~wrong, params.length_buckets)}
-    res.plot_data = {"reliability_after": pd.DataFrame({
-        "confidence": [b["confidence"] for b in res.reliability["probabilities"] if b["count"]],
-        "accuracy": [b["accuracy"] for b in res.reliability["probabilities"] if b["count"]],
-        "count": [b["count"] for b in res.reliability["probabilities"] if b["count"]]}),
-        "per_class_f1": per_class[["class", "f1"]]}
+    res.plot_data = {"reliability": reliability_frame(res.reliability, ece_by_series(res)),
+                     "per_class_f1": per_class[["class", "f1"]]}
     return res
 
 
@@ -272,7 +280,7 @@ def write_report(out: Path, res: EvalResult, metrics: dict, model_meta: dict, se
     write_json(out / "reliability.json", res.reliability)
     if res.confusion is not None:
         rp.plot_confusion(res.confusion, res.labels, out / "confusion.png")
-    rp.plot_reliability(res.reliability, out / "reliability.png")
+    rp.plot_reliability(res.reliability, out / "reliability.png", ece_by_series(res))
     rp.plot_confidence_hist(res.confidence, res.calibration["bins"], out / "confidence_hist.png")
     rp.plot_per_class_f1(res.tables["per_class"], out / "per_class_f1.png")
     (out / "report.md").write_text(render_markdown(res, metrics, model_meta, seeds), encoding="utf-8")
@@ -309,9 +317,13 @@ def render_markdown(res: EvalResult, metrics: dict, meta: dict, seeds: dict | No
            "## Most uncertain predictions\n", md_table(t["uncertain"]), ""]
     if "confused_pairs" in t:
         md += ["## Most confused class pairs\n", md_table(t["confused_pairs"]), ""]
-    md += ["## Accuracy by text length (words)\n", md_table(t["by_length"]), "",
-           "## Plots\n", "confusion.png, reliability.png, confidence_hist.png, per_class_f1.png "
-           "(and `dvc plots show` from plots/*.csv).\n"]
+    md += ["## Accuracy by text length (words)\n", md_table(t["by_length"]), "", "## Plots\n",
+           "Interactive versions: `dvc plots show` (opens offline; data in plots/*.csv).\n"]
+    pngs = [("Reliability diagram (ECE and rows per bin)", "reliability.png"),
+            ("Confidence histogram", "confidence_hist.png"), ("Per-class F1", "per_class_f1.png")]
+    if res.confusion is not None:
+        pngs.insert(0, ("Confusion matrix", "confusion.png"))
+    md += [f"![{title}]({name})\n" for title, name in pngs]
     return "\n".join(md)
 
 

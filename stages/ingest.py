@@ -6,7 +6,19 @@ files or `ingest.split_column`) or from a stratified split by `ingest.split`
 and `base.seed`. Row-level problems (empty text, missing label, bytes that are
 not UTF-8, a label unseen in train, ...) stop the stage with file/row/column
 (`on_bad_row: error`) or go to rejected.csv and the metrics (`skip`);
-dataset-level problems (a missing column, one class only) always stop it.
+dataset-level problems (a missing column, one class only, a validation/test split
+that would be empty) always stop it. For every file, the metrics give data records
+read = rows kept + rows rejected (and how many rows span several lines).
+
+Labels, one rule for every format: a label is a string. Text formats keep it as
+written, stripped (CSV/TSV cells and JSONL numbers alike: 1, 1.0 and 01 are three
+classes); typed numbers (Parquet, hub datasets) become decimal digits, an integral
+float its integer (3.0 -> "3"), booleans true/false. A label is missing when it is
+null/NaN, blank, or one of `ingest.missing_labels` (default NaN, nan, NA, N/A, n/a,
+null, NULL, None), in every format; a list or struct is a bad label.
+A source with its own splits but no validation/test split gets it carved from its
+train rows by `ingest.split` (a warning and `carved_splits` in the metrics), or stops
+the stage with `ingest.missing_split: error`.
 """
 from __future__ import annotations
 
@@ -35,6 +47,8 @@ class IngestResult:
     rejected: pd.DataFrame
     rows_read: int
     split_source: str
+    files: dict = dataclasses.field(default_factory=dict)  # file -> records, kept, rejected
+    carved: list = dataclasses.field(default_factory=list)  # splits carved from the source's train rows
 
 
 def _blank(values: pd.Series) -> pd.Series:
@@ -43,12 +57,31 @@ def _blank(values: pd.Series) -> pd.Series:
 
 
 def _as_text(v):
-    # Numbers in a text column are still text to a classifier; containers are not.
+    """A cell as text, one rule for every format: strings as they are; typed numbers (JSON numbers
+    already arrive as written, Parquet/hub numbers do not) as decimal digits, an integral float as
+    an integer (3.0 -> "3": pandas/Arrow turn an integer column with gaps into floats), others by
+    Python's shortest repr (0.5 -> "0.5"); booleans as true/false; NaN -> missing (None);
+    containers (lists, structs) -> not text (None, reported as a bad cell)."""
     if v is None or isinstance(v, str):
         return v
-    if isinstance(v, (bool, int, float, np.integer, np.floating)):
-        return str(v)
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if np.isnan(f):
+            return None
+        return str(int(f)) if f.is_integer() and abs(f) < 2**63 else repr(f)
     return None
+
+
+def _kind(v) -> str:
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return "a list"
+    if isinstance(v, dict):
+        return "a struct (mapping)"
+    return f"a {type(v).__name__}"
 
 
 def _printable(text):
@@ -58,11 +91,13 @@ def _printable(text):
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _as_label(v):
-    if isinstance(v, (float, np.floating)) and float(v).is_integer():
-        v = int(v)  # a label 3 read as 3.0 (pandas/NaN upcasting) is still "3"
+def _as_label(v, missing: frozenset = frozenset()):
+    """A label cell -> its label string, or None when missing (see _as_text and ingest.missing_labels)."""
     t = _as_text(v)
-    return None if t is None else t.strip()
+    if t is None:
+        return None
+    t = t.strip()
+    return None if t in missing else t
 
 
 def _table_rows(t: RawTable, p: IngestParams) -> pd.DataFrame:
@@ -75,13 +110,17 @@ def _table_rows(t: RawTable, p: IngestParams) -> pd.DataFrame:
         need.append(p.split_column)
     for c in need:
         if c not in cols:
-            raise DataError(t.file, None, c, f"column missing; columns found: {cols}")
+            hint = ""
+            if len(cols) == 1 and (seps := [d for d in ("\t", ";", ",", "|") if d in str(cols[0])]):
+                hint = f" (one column whose name holds {seps[0]!r}: is the file delimited by {seps[0]!r}?)"
+            raise DataError(t.file, None, c, f"column missing; columns found: {cols}{hint}")
     n = len(t.frame)
+    missing = frozenset(p.missing_labels)
     out = pd.DataFrame({
         "file": t.file,
         "row": np.asarray(t.rows, dtype=np.int64),
         "text": [_as_text(v) for v in t.frame[p.text_column]],
-        "label": [_as_label(v) for v in t.frame[p.label_column]],
+        "label": [_as_label(v, missing) for v in t.frame[p.label_column]],
     })
     if p.id_column:
         out["id"] = [_as_label(v) for v in t.frame[p.id_column]]
@@ -108,16 +147,25 @@ def _table_rows(t: RawTable, p: IngestParams) -> pd.DataFrame:
     # Problems found while reading count only in the columns we use (or for the whole row).
     used = set(need)
     for i, problems in t.bad.items():
-        hits = [pr for pr in problems if pr[0] is None or pr[0] in used]
+        hits = [pr for pr in problems if pr[0] is None or pr[0] in used or pr[1] == "malformed_row"]
         if hits:
             field.iat[i], reason.iat[i], detail.iat[i] = hits[0]
+    for col, values in (("text", out["text"]), ("label", out["label"])) + ((("id", out["id"]),) if p.id_column else ()):
+        name = {"text": p.text_column, "label": p.label_column, "id": p.id_column}[col]
+        size = values.map(lambda v: len(v) if isinstance(v, str) else 0)
+        mark(size > p.max_chars, name, "too_long",
+             lambda i, size=size: f"{size.iat[i]:,} characters, more than ingest.max_chars ({p.max_chars:,})" + line(i))
     if p.id_column:
         mark(_blank(out["id"]), p.id_column, "missing_id", lambda i: "id is empty" + line(i))
-    raw_text = t.frame[p.text_column]
-    mark(out["text"].isna() & raw_text.notna(), p.text_column, "bad_text",
-         lambda i: f"text is a {type(raw_text.iat[i]).__name__}, not a string" + line(i))
+    raw_text, raw_label = t.frame[p.text_column], t.frame[p.label_column]
+    mark(out["text"].isna() & raw_text.map(lambda v: v is not None).astype(bool), p.text_column, "bad_text",
+         lambda i: f"text is {_kind(raw_text.iat[i])}, not a string" + line(i))
     mark(_blank(out["text"]), p.text_column, "empty_text", lambda i: "text is empty or whitespace only" + line(i))
-    mark(_blank(out["label"]), p.label_column, "missing_label", lambda i: "label is missing" + line(i))
+    is_container = raw_label.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray))).astype(bool)
+    mark(is_container, p.label_column, "bad_label", lambda i: f"label is {_kind(raw_label.iat[i])}, not a string" + line(i))
+    mark(_blank(out["label"]), p.label_column, "missing_label",
+         lambda i: f"label is missing ({raw_label.iat[i]!r}; blank, null and ingest.missing_labels mean no label)"
+         + line(i))
     if p.split_column and t.split is None:
         raw = t.frame[p.split_column]
         mark(out["split"].isna(), p.split_column, "bad_split",
@@ -164,9 +212,61 @@ def stratified_split(df: pd.DataFrame, fractions: dict[str, float], seed: int) -
     return assign
 
 
+def _source_name(tables: list[RawTable], p: IngestParams) -> str:
+    return tables[0].file if len(tables) == 1 else str(p.source)
+
+
+def _assign_splits(good: pd.DataFrame, tables: list[RawTable], p: IngestParams, seed: int) -> tuple[str, list[str]]:
+    """Fill good["split"] in place; returns (where the splits came from, splits carved from train)."""
+    if tables[0].split is not None:
+        split_source = "hf" if tables[0].file.startswith("hf:") else "files"
+    elif p.split_column:
+        split_source = "column"
+    else:
+        split_source = "stratified"
+    present = set(good["split"].dropna()) if split_source != "stratified" else set()
+    if split_source != "stratified" and "train" not in present:
+        raise DataError(_source_name(tables, p), None, p.split_column,
+                        f"the source names splits {sorted(present)} but no train split")
+    # Splits the source lacks are carved out of its train rows, in the ingest.split proportions
+    # (e.g. a train/test source gets validation = val/(train+val) of its train rows).
+    missing = [s for s in ("validation", "test") if s not in present and p.split[s] > 0]
+    carved = missing if split_source != "stratified" else []
+    if carved and p.missing_split == "error":
+        raise DataError(_source_name(tables, p), None, p.split_column,
+                        f"the source has its own splits {sorted(present)} but no {'/'.join(carved)} split; "
+                        "add it, or set ingest.missing_split: carve to take it from train by ingest.split")
+    if missing:
+        pool = good["split"].isna() | good["split"].eq("train")
+        total = p.split["train"] + sum(p.split[s] for s in missing)
+        fractions = {s: p.split[s] / total for s in missing}
+        good.loc[pool, "split"] = stratified_split(good[pool], fractions, seed)
+    if carved:
+        log.warning("source has no %s split: carved from its train rows by ingest.split (ingest.missing_split: "
+                    "carve)", "/".join(carved))
+    good["split"] = good["split"].fillna("train")
+    return split_source, carved
+
+
+def _file_counts(rows: pd.DataFrame, good: pd.DataFrame, rejected: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Per file: data records read = rows kept + rows rejected (checked: a mismatch is a bug)."""
+    read, kept, rej = (df.groupby("file", sort=False).size() for df in (rows, good, rejected))
+    out = {}
+    for f, n in read.items():
+        k, r = int(kept.get(f, 0)), int(rej.get(f, 0))
+        if k + r != n:
+            raise RuntimeError(f"ingest lost rows of {f}: read {n}, kept {k}, rejected {r}")
+        out[str(f)] = {"records": int(n), "kept": k, "rejected": r}
+    return out
+
+
 def ingest(tables: list[RawTable], p: IngestParams, seed: int) -> IngestResult:
     """Raw tables -> validated, split dataset (pure: no I/O)."""
     frames = [_table_rows(t, p) for t in tables]
+    for t in tables:
+        if t.multiline:  # legal (RFC 4180 quoted line breaks), but a person should know lines != rows
+            log.info("%s: %d rows span several lines (quoted line breaks), the first is row %d (line %d)",
+                     t.file, len(t.multiline), t.multiline[0], t.lines[t.multiline[0] - 1])
     rows = pd.concat(frames, ignore_index=True)
     rows_read = len(rows)
     bad = rows["reason"].notna()
@@ -181,31 +281,12 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int) -> IngestResult:
     if dup.any():
         r = good[dup].iloc[0]
         first = good[good["id"] == r["id"]].iloc[0]
+        hint = "" if p.id_column else (" (ids are <file stem>:<row>: give the files different names, or set "
+                                       "ingest.id_column)")
         raise DataError(r["file"], int(r["row"]), p.id_column or "id",
-                        f"id {r['id']!r} already used by {first['file']} row {int(first['row'])}")
+                        f"id {r['id']!r} already used by {first['file']} row {int(first['row'])}{hint}")
 
-    if tables[0].split is not None:
-        split_source = "hf" if tables[0].file.startswith("hf:") else "files"
-    elif p.split_column:
-        split_source = "column"
-    else:
-        split_source = "stratified"
-    present = set(good["split"].dropna()) if split_source != "stratified" else set()
-    if split_source != "stratified" and "train" not in present:
-        raise DataError(tables[0].file if len(tables) == 1 else str(p.source), None, p.split_column,
-                        f"the source names splits {sorted(present)} but no train split")
-    # Splits the source lacks are carved out of its train rows, in the ingest.split proportions
-    # (e.g. a train/test source gets validation = val/(train+val) of its train rows).
-    missing = [s for s in ("validation", "test") if s not in present and p.split[s] > 0]
-    if missing:
-        pool = good["split"].isna() | good["split"].eq("train")
-        total = p.split["train"] + sum(p.split[s] for s in missing)
-        fractions = {s: p.split[s] / total for s in missing}
-        good.loc[pool, "split"] = stratified_split(good[pool], fractions, seed)
-        if split_source != "stratified":
-            log.info("source has no %s split: carved from train by ingest.split ratios", "/".join(missing))
-    good["split"] = good["split"].fillna("train")
-
+    split_source, carved = _assign_splits(good, tables, p, seed)
     train_labels = set(good.loc[good["split"].eq("train"), "label"])
     if not train_labels:
         raise DataError(str(p.source), None, p.label_column, "no usable rows in train")
@@ -221,13 +302,24 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int) -> IngestResult:
         rejected = pd.concat([rejected, extra], ignore_index=True)
         good = good[~unseen]
     if len(train_labels) < 2:
-        raise DataError(tables[0].file if len(tables) == 1 else str(p.source), None, p.label_column,
+        raise DataError(_source_name(tables, p), None, p.label_column,
                         f"only one class ({sorted(train_labels)[0]!r}) in train; a classifier needs at least two")
 
     splits = {s: good.loc[good["split"].eq(s), ["id", "text", "label", "split"]].reset_index(drop=True)
               for s in SPLITS}
+    counts = {s: len(df) for s, df in splits.items()}
+    for s in ("validation", "test"):
+        if not counts[s] and (p.split[s] > 0 or split_source != "stratified"):
+            raise DataError(_source_name(tables, p), None, None,
+                            f"the {s} split would be empty (rows: {counts}, rejected: {len(rejected)}): too few "
+                            f"rows per class for ingest.split ({' / '.join(f'{k} {p.split[k]}' for k in SPLITS)}; each "
+                            "class keeps one row in train); add "
+                            f"rows, or set ingest.split.{s}: 0 to go without")
+    files = _file_counts(rows, good, rejected)
+    for t in tables:
+        files[t.file]["multiline_rows"] = len(t.multiline)
     rejected = rejected.loc[:, REJECTED_COLUMNS].sort_values(["file", "row"], kind="stable").reset_index(drop=True)
-    return IngestResult(splits, sorted(train_labels), rejected, rows_read, split_source)
+    return IngestResult(splits, sorted(train_labels), rejected, rows_read, split_source, files, carved)
 
 
 def metrics_of(result: IngestResult) -> dict:
@@ -239,7 +331,20 @@ def metrics_of(result: IngestResult) -> dict:
         "rejected_by_reason": {str(k): int(v) for k, v in by_reason.items()},
         "labels": len(result.labels),
         "split_source": result.split_source,
+        "carved_splits": result.carved,
+        # per file: data records read = rows kept + rows rejected
+        "files": result.files,
     }
+
+
+def _rejected_csv(rejected: pd.DataFrame) -> pd.DataFrame:
+    # A too_long cell is shown by its start: rejected.csv must stay a file a person can open.
+    def show(text, reason):
+        text = _printable(text)
+        if reason == "too_long" and isinstance(text, str) and len(text) > 200:
+            return f"{text[:200]}... ({len(text):,} characters)"
+        return text
+    return rejected.assign(text=[show(t, r) for t, r in zip(rejected["text"], rejected["reason"])])
 
 
 def run(args) -> None:
@@ -251,7 +356,7 @@ def run(args) -> None:
     # Nested: the dataset and its metrics land together or not at all.
     with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
         hashes = write_dataset(tmp, result.splits, result.labels)
-        result.rejected.assign(text=result.rejected["text"].map(_printable)).to_csv(tmp / "rejected.csv", index=False)
+        _rejected_csv(result.rejected).to_csv(tmp / "rejected.csv", index=False)
         write_json(tmp_metrics, metrics)
     log.info("read %d rows -> train %d / validation %d / test %d, %d rejected, %d labels; dataset %s",
              result.rows_read, *metrics["rows"].values(), metrics["rejected"], metrics["labels"],

@@ -79,8 +79,16 @@ if clf.is_dir():  # make_fake_repo(classifier=...): a real tiny classifier as th
     shutil.copytree(clf, out, dirs_exist_ok=True)
     meta = json.loads((out / "model.json").read_text())
     (out / "model.json").write_text(json.dumps({**meta, "temperature": epochs / 3}))
+# metrics/evaluate.json in the shape the real evaluate stage writes, built by its own build_metrics
+# from before/after dicts with the keys calibration.single_label_metrics returns.
+from types import SimpleNamespace
+from stages.evaluate import build_metrics
 acc = digest[0] / 255
-pathlib.Path("metrics/evaluate.json").write_text(json.dumps({"accuracy": acc, "macro_f1": acc / 2, "ece": 0.1}))
+after = {"accuracy": acc, "macro_f1": acc / 2, "weighted_f1": acc / 2, "nll": 0.5, "brier": 0.2, "ece": 0.1,
+         "mce": 0.2, "mean_confidence": 0.8}
+before = {**after, "nll": 0.7, "ece": 0.25, "mean_confidence": 0.95}
+res = SimpleNamespace(calibration={"temperature": 1.5}, before=before, after=after)
+pathlib.Path("metrics/evaluate.json").write_text(json.dumps(build_metrics(res, 10, None)))
 """
 
 DVC_YAML = """\

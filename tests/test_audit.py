@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from _fake_pipeline import make_tiny_bert, make_tiny_dag, set_params, sh, tiny_rows
-from domaintune.data import DataError, read_dataset, read_json, write_dataset
+from domaintune.data import SPLITS, DataError, read_dataset, read_json, write_dataset
 from domaintune.params import AuditParams
 from stages import audit as audit_stage
 
@@ -179,6 +179,25 @@ def test_singleton_and_small_classes_do_not_crash():
     sc = res.scores.query("split == 'train'")
     assert sc.loc[sc["given_label"] == "shipping", "scorable"].all()
     assert len(res.splits["train"]) == len(keep)
+
+
+def test_decisions_that_empty_a_class_stop_the_audit_or_drop_the_class_everywhere():
+    splits, emb, _, _ = synthetic(n_flips=0)
+    refund = [i for i in splits["train"]["id"] if "-refund-" in i]
+    dec = decisions_frame([(i, "accept") for i in refund])  # accept under action drop: every refund row goes
+    with pytest.raises(audit_stage.StageError) as exc:
+        audit_stage.audit(splits, LABELS, emb, P(action="drop"), seed=42, decisions=dec)
+    assert str(exc.value) == (
+        "audit would leave class 'refund' with no train rows (train rows in: 15; {'dropped (decision)': 15}; "
+        "validation/test rows: {'validation': 3, 'test': 3}); review the decisions, or set "
+        "audit.on_empty_class: drop to drop the class from every split")
+    res = audit_stage.audit(splits, LABELS, emb, P(action="drop", on_empty_class="drop"), seed=42, decisions=dec)
+    assert res.labels == ["billing", "login", "shipping"] and res.metrics["classes_dropped"] == ["refund"]
+    for s in SPLITS:
+        assert "refund" not in set(res.splits[s]["label"])
+    held = res.changes[res.changes["reason"] == "class_emptied_from_train"]
+    assert sorted(held["id"]) == sorted(i for s in ("validation", "test") for i in splits[s]["id"] if "-refund-" in i)
+    assert len(res.changes) == 15 + 6
 
 
 # ----------------------------------------------------------------------------- decisions file

@@ -119,9 +119,11 @@ def test_near_duplicates_and_near_leaks_remove_exactly_the_expected_ids():
              ("e", "where is my parcel it was due on monday and tracking has not moved since", "shipping"),
              ("f", "i forgot my password and the reset link never arrives", "login")]
     test = [("t1", "where is my parcel it was due on monday and tracking has not moved since friday", "shipping"),
-            ("t2", "how do i change the email on my account", "login")]
+            ("t2", "how do i change the email on my account", "login"),
+            ("t3", "an invoice question nobody else asks", "billing")]
     validation = [("v1", "how do i change the email on my account please", "login")]
-    p = DedupeParams(near_duplicates=True, jaccard_threshold=0.8, num_perm=128, shingle_size=3)
+    p = DedupeParams(near_duplicates=True, jaccard_threshold=0.8, num_perm=128, shingle_size=3,
+                     on_empty_class="drop")
     res = dedupe(dataset(train, validation, test), p, 0)
     # d is an exact (normalised) copy of b with another label: a conflict; majority ties -> both dropped,
     # so the near-duplicate pass only sees a, c, e in train.
@@ -143,12 +145,31 @@ def test_near_duplicate_with_another_label_is_kept_and_exact_jaccard_decides():
     assert off.removed.empty
 
 
-def test_label_emptied_from_train_removes_its_evaluation_rows():
-    res = dedupe(dataset([("a", "x one", "p"), ("b", "X ONE", "q"), ("c", "y two", "r"), ("d", "z three", "p")],
-                         test=[("t1", "something about q", "q")]),
-                 dataclasses.replace(EXACT, conflict_policy="drop"), 0)
-    assert removed_of(res)["t1"] == ("label_absent_from_train", "")
+def test_label_emptied_from_train_stops_or_with_drop_removes_its_evaluation_rows():
+    data = dataset([("a", "x one", "p"), ("b", "X ONE", "q"), ("c", "y two", "r"), ("d", "z three", "p")],
+                   test=[("t1", "something about q", "q"), ("t2", "about p", "p")])
+    with pytest.raises(DataError) as exc:
+        dedupe(data, dataclasses.replace(EXACT, conflict_policy="drop"), 0)
+    assert str(exc.value) == (
+        "train.parquet: field 'label': dedupe would leave class 'q' with no train rows (rows in: {'train': 1, "
+        "'validation': 0, 'test': 1}; train rows removed: {'label_conflict': 1}); set dedupe.on_empty_class: drop "
+        "to drop it from every split")
+    res = dedupe(data, dataclasses.replace(EXACT, conflict_policy="drop", on_empty_class="drop"), 0)
+    assert removed_of(res) == {"a": ("label_conflict", ""), "b": ("label_conflict", ""),
+                               "t1": ("label_absent_from_train", "")}
     assert res.labels == ["p", "r"]
+
+
+def test_a_split_emptied_by_dedupe_stops_it_with_the_counts():
+    # every test row leaks from train: test would be empty, and evaluate would only fail much later
+    data = dataset([("a", "reset my password", "login"), ("b", "where is my parcel", "shipping")],
+                   validation=[("v", "a validation text", "login")],
+                   test=[("t1", "Reset my password", "login"), ("t2", "where is my  parcel", "shipping")])
+    with pytest.raises(DataError) as exc:
+        dedupe(data, EXACT, 0, files={"train": "in/train.parquet", "validation": "in/validation.parquet",
+                                       "test": "in/test.parquet"})
+    assert str(exc.value) == ("in/test.parquet: dedupe would remove all 2 rows of the test split (cross_split_leak "
+                              "2); an empty test split is refused")
 
 
 # ---------------------------------------------------------------- the stage: manifest, hashes, no partial output
@@ -225,6 +246,20 @@ def test_failing_dedupe_leaves_no_output_dir(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".deduped")]
 
 
+def test_a_stage_run_that_would_empty_a_split_exits_2_and_writes_nothing(tmp_path, capsys):
+    leaky = dataset([("a", "reset my password", "login"), ("b", "where is my parcel", "shipping")],
+                    validation=[("v", "a validation text", "login")],
+                    test=[("t1", "Reset my password", "login"), ("t2", "where is my  parcel", "shipping")])
+    in_dir = ingested(tmp_path, "in", leaky)
+    rc, out = run_main(tmp_path, in_dir, "deduped")
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"dedupe: error: {in_dir}/test.parquet: dedupe would remove all 2 rows of the test split (cross_split_leak 2); "
+        "an empty test split is refused"]
+    assert not out.exists() and not (tmp_path / "deduped.json").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 def test_vectorised_minhash_equals_datasketch_update_batch():
     from datasketch import MinHash
 
@@ -257,6 +292,8 @@ def test_exact_path_agrees_with_pandas_drop_duplicates_on_random_data():
         j = rng.randrange(len(base))
         s = rng.choices(list(recs), weights=[8, 1, 1])[0]
         recs[s].append((f"r{i}", rng.choice(variants)(base[j]), f"label{j % 3}" if j % 7 else "label_x"))
+    recs["validation"].append(("vu", "words seen only in validation", "label0"))  # splits never emptied
+    recs["test"].append(("tu", "words seen only in test", "label0"))
     splits = dataset(recs["train"], recs["validation"], recs["test"])
     res = dedupe(splits, EXACT, 0)
     allrows = pd.concat(splits.values(), ignore_index=True)
@@ -268,7 +305,7 @@ def test_exact_path_agrees_with_pandas_drop_duplicates_on_random_data():
     assert list(res.splits["train"]["id"]) == list(within.loc[within["split"] == "train", "id"])
     assert list(res.splits["validation"]["id"]) == list(val["id"])
     assert list(res.splits["test"]["id"]) == list(test["id"])
-    assert len(res.removed) == 400 - sum(len(df) for df in res.splits.values())
+    assert len(res.removed) == 402 - sum(len(df) for df in res.splits.values())
 
 
 def test_near_duplicates_just_above_the_threshold_are_all_found():
@@ -295,13 +332,14 @@ def test_near_duplicates_just_above_the_threshold_are_all_found():
         if 0.80 <= jaccard(shingles(a, 3), shingles(b, 3)) <= 0.86:
             pairs.append((a, b))
     train = [(f"p{k}{side}", text, "x") for k, pair in enumerate(pairs) for side, text in zip("ab", pair)]
+    train.append(("other", "a second class", "y"))
     p = DedupeParams(near_duplicates=True, jaccard_threshold=0.8, num_perm=128, shingle_size=3)
     res = dedupe(dataset(train), p, 0)
     assert removed_of(res) == {f"p{k}b": ("near_duplicate", f"p{k}a") for k in range(len(pairs))}
 
     # The same pairs through LSH banded at the threshold: some are never even candidates,
     # which is why the stage bands lower.
-    sets = [shingles(t, 3) for _, t, _ in train]
+    sets = [shingles(t, 3) for _, t, lab in train if lab == "x"]
     mh = minhashes(minhash_signatures(sets, 128, 0), 128, 0)
     lsh = MinHashLSH(threshold=0.8, num_perm=128)
     for k in range(0, len(mh), 2):

@@ -165,6 +165,41 @@ def test_monitor_batch_reader_names_file_row_and_field(tmp_path):
     assert read_batch(pq) == ["a parcel", "a refund"]
 
 
+def test_constant_feature_no_nan_and_still_judged(tmp_path):
+    """A feature constant in the reference (no non-ASCII text in train) has zero std: evidently's
+    correlation matrix divided by it (NaN, RuntimeWarning). It is now tested with scipy's K-S: no
+    warning, p = 1 while both sides hold the constant, drift as soon as the batch moves off it."""
+    import warnings
+
+    from stages.drift import PRED_COLUMN, drift_report
+
+    rng = np.random.default_rng(0)
+    # confidence: a confident model's calibrated top probability, 1.0 up to float rounding; on
+    # such data evidently's histogram raised "Too many bins for data range".
+    ref = pd.DataFrame({"n_chars": rng.normal(40, 5, 60), "non_ascii_rate": 0.0,
+                        "confidence": rng.choice([1.0, 0.9999999999999998], 60),
+                        PRED_COLUMN: rng.choice(["a", "b"], 60)})
+    same = pd.DataFrame({"n_chars": rng.normal(40, 5, 50), "non_ascii_rate": 0.0,
+                         "confidence": rng.choice([1.0, 0.9999999999999885, 0.9999999999999998], 50),
+                         PRED_COLUMN: rng.choice(["a", "b"], 50)})
+    moved = same.assign(non_ascii_rate=rng.uniform(0.1, 0.3, 50))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        calm = drift_report(ref, same, ["n_chars", "non_ascii_rate", "confidence"], 0.05, 0.5)
+        drifted = drift_report(ref, moved, ["n_chars", "non_ascii_rate", "confidence"], 0.05, 0.5,
+                               tmp_path / "report.html")
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    section = html[html.index("Features constant in the reference"):]
+    assert "<td>non_ascii_rate</td><td>0</td><td>0.1" in section and "drifted" in section
+    assert calm["constant_columns"] == ["non_ascii_rate", "confidence"]
+    assert calm["p_values"]["non_ascii_rate"] == calm["p_values"]["confidence"] == 1.0
+    assert calm["drifted_columns"] == []
+    assert list(calm["p_values"]) == ["n_chars", "non_ascii_rate", "confidence", PRED_COLUMN]  # report order kept
+    assert drifted["p_values"]["non_ascii_rate"] < 1e-6 and "non_ascii_rate" in drifted["drifted_columns"]
+    assert drifted["drifted_share"] == len(drifted["drifted_columns"]) / 4
+    assert all(np.isfinite(p) for p in drifted["p_values"].values())
+
+
 def test_drift_report_survives_a_feature_that_differs_only_in_float_noise(tmp_path):
     """A saturated confidence (1.0 and 1.0 - 1e-16) used to crash evidently's histogram inside drift_report."""
     import numpy as np

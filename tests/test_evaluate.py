@@ -116,6 +116,8 @@ def test_stage_writes_metrics_report_and_plots(evaluated):
     for png in ("confusion", "reliability", "confidence_hist", "per_class_f1"):
         assert (out / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
+    for png in ("confusion", "reliability", "confidence_hist", "per_class_f1"):
+        assert f"]({png}.png)" in md  # embedded, so the report shows them wherever it is rendered
     for heading in ("## Metrics on test", "## Most confident errors", "## Most uncertain predictions",
                     "## Most confused class pairs", "## Accuracy by text length", "## Seeds (2"):
         assert heading in md
@@ -132,6 +134,7 @@ def test_dvc_plots_render(evaluated, tmp_path):
     shutil.copytree(evaluated / "reports", tmp_path / "reports")
     dvc = str(Path(sys.executable).with_name("dvc"))
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    shutil.copytree(REPO / ".dvc" / "plots", tmp_path / ".dvc" / "plots")  # the series_* templates
     r = subprocess.run([dvc, "plots", "show", "--json"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
@@ -146,10 +149,13 @@ def test_dvc_plots_render(evaluated, tmp_path):
     plots = {t: shown["data"][t][0]["content"]["data"]["values"] for t in titles}
     assert len(plots["Confusion matrix (test)"]) == 24
     assert {row["class"] for row in plots["Per-class F1 (test)"]} == set(LABELS)
+    # Series are told apart by readable names (with each one's ECE), not by CSV file names.
+    ece = json.loads((evaluated / "metrics/evaluate.json").read_text())
     reliability = next(v for t, v in plots.items() if t.startswith("Reliability"))
-    assert {row["filename"] for row in reliability} == {
-        "reliability_ideal.csv", "reliability_before.csv", "reliability_after.csv"}
+    names = {row["series"] for row in reliability}
+    assert names == {"perfectly calibrated", *(f"{p} calibration (ECE {ece[p]['ece']:.3f})" for p in ("before", "after"))}
     hist = next(v for t, v in plots.items() if t.startswith("Confidence histogram"))
+    assert {row["series"] for row in hist} == {"before calibration", "after calibration"}
     assert sum(int(row["rows"]) for row in hist) == 2 * 24  # before + after, every test row once each
 
 
@@ -270,3 +276,19 @@ def test_predictor_applies_the_stage_calibration(evaluated, tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(calib))
     with pytest.raises(ValueError, match="fitted for labels"):
         Predictor.load(evaluated / "model", calibration=tmp_path / "c.json")
+
+
+def test_pngs_carry_ece_bin_counts_and_f1_values(tmp_path):
+    """What a reader of reports/eval/*.png sees: each curve's ECE, rows per bin, each class's F1."""
+    from domaintune import report as rp
+
+    bins = [{"confidence": 0.55, "accuracy": 0.5, "count": 4}, {"confidence": 0.95, "accuracy": 0.9, "count": 30},
+            {"confidence": 0.75, "accuracy": 0.0, "count": 0}]
+    texts = rp.plot_reliability({"before calibration": bins, "after calibration": bins[:1]}, tmp_path / "r.png",
+                                {"before calibration": 0.1234, "after calibration": 0.0321})
+    assert {"before calibration (ECE 0.123)", "after calibration (ECE 0.032)", "n=4", "n=30"} <= set(texts)
+    assert "n=0" not in texts  # empty bins are not drawn
+    per_class = pd.DataFrame({"class": ["a", "b"], "f1": [0.5, 0.875]})
+    texts = rp.plot_per_class_f1(per_class, tmp_path / "f.png")
+    assert {"0.50", "0.88"} <= set(texts)
+    assert (tmp_path / "r.png").read_bytes()[:4] == (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import yaml
 
-from _fake_pipeline import make_tiny_dag, set_params, sh, tiny_rows
+from _fake_pipeline import env, make_tiny_dag, set_params, sh, tiny_rows
 
 DOWNSTREAM_OF_FINETUNE = {"finetune", "evaluate", "export", "drift"}
 
@@ -25,14 +27,20 @@ def stages_run(output: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_bert):
+    """The tiny DAG after what `make run` does: `dvc repro`, then `domaintune summary --write`."""
     rows = tiny_rows(36) + [("T99999", "where is my parcel 100", "shipping")]  # an exact duplicate for dedupe
     root = make_tiny_dag(tmp_path_factory.mktemp("e2e") / "domaintune", tiny_bert, rows)
-    first = sh(root, "dvc", "repro")
-    return root, first
+    # no periodic progress lines on a slow machine: the log is checked line by line below
+    proc = subprocess.run(["dvc", "repro"], cwd=root, env={**env(), "DOMAINTUNE_PROGRESS_SECONDS": "3600"},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # cwd first on sys.path: the project's own copy of the code answers, as in a clone
+    summary = sh(root, sys.executable, "-m", "pipelines.cli", "summary", "--write")
+    return root, proc.stdout, proc.stderr, summary
 
 
 def test_first_repro_runs_every_stage_and_writes_all_outs(project):
-    root, first = project
+    root, first, _, _ = project
     dvc = yaml.safe_load((root / "dvc.yaml").read_text())
     assert stages_run(first) == set(dvc["stages"])
     for name, stage in dvc["stages"].items():
@@ -51,23 +59,91 @@ def test_first_repro_runs_every_stage_and_writes_all_outs(project):
     assert re.fullmatch(r"[0-9a-f]{64}", hashes["dataset"])
 
 
-def test_metrics_and_plots_render(project):
-    root, _ = project
-    metrics = json.loads(sh(root, "dvc", "metrics", "show", "--json"))  # stdout only: a warning cannot break it
-    assert metrics, "dvc metrics show returned nothing"
+def test_stage_logs_are_quiet_and_timed(project):
+    """Every line the stages print is their own ([stage] ... or "stage: done in X s"): no library
+    bars, load reports, warnings or tracebacks; each stage says what it did in a few lines."""
+    root, out, log, _ = project
+    stages = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    # stdout is DVC's own progress alone (a library printing to stdout would show up here)
+    dvc_own = r"(Running stage '\w+':|> python -m stages\.\w+ .*|(Generating|Updating) lock file 'dvc\.lock'|" \
+              r"Use `dvc push` to send your updates to remote storage\.|)"
+    assert [ln for ln in out.splitlines() if not re.fullmatch(dvc_own, ln)] == [], out
+    lines = log.splitlines()
+    theirs = [ln for ln in lines if not re.match(rf"(\[({'|'.join(stages)})\] |({'|'.join(stages)}): done in )", ln)]
+    assert theirs == [], "\n".join(theirs)
+    assert not re.search(r"warn|traceback|error|\r", log, re.IGNORECASE), log
+    for stage in stages:
+        own = [ln for ln in lines if ln.startswith((f"[{stage}] ", f"{stage}: "))]
+        assert re.fullmatch(rf"{stage}: done in \d+\.\d s(; .+)?", own[-1]), own
+        assert len(own) <= 3, own  # what it did (counts) and its duration, in one to three lines
+
+
+def test_run_summary(project):
+    root, _, _, table = project
+    lines = table.splitlines()
+    values = [re.split(r"\s{2,}", ln, maxsplit=1)[1] for ln in lines]
+    assert len(lines) == 10 and not [v for v in values[:-1] if re.search(r"(^|\s)-([\s,;]|$)", v)], table
+    assert lines[-1].split() == ["not", "run", "yet", "-"]  # every stage ran
+    summary = json.loads((root / "metrics/summary.json").read_text())
+    m = {p.stem: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json") if p.stem != "summary"}
+    assert summary["rows_in"] == m["ingest"]["rows_read"] == 109
+    assert summary["rows_out"] == sum(m["audit"]["rows_out"].values())
+    assert summary["rows_removed"] == m["ingest"]["rejected"] + m["dedupe"]["removed_total"] \
+        + m["audit"]["rows_acted_on"]["dropped"] == 109 - summary["rows_out"]
+    assert summary["dapt_perplexity_after"] == round(m["dapt"]["perplexity_after"], 2)
+    for key, (stage, *path) in {"test_accuracy": ("evaluate", "after", "accuracy"),
+                                "test_macro_f1": ("evaluate", "after", "macro_f1"),
+                                "test_ece_before": ("evaluate", "before", "ece"),
+                                "test_ece_after": ("evaluate", "after", "ece"),
+                                "val_macro_f1": ("finetune", "val_macro_f1")}.items():
+        value = m[stage]
+        for k in path:
+            value = value[k]
+        assert summary[key] == round(value, 4), key
+    assert set(summary["export"]) == {"float32", "int8"}
+    assert summary["export"]["int8"]["size_mb"] == round(m["export"]["variants"]["int8"]["size_bytes"] / 1e6, 1)
+    assert set(summary["seconds"]) == set(m) | {"total"} and summary["seconds"]["total"] > 0
+    # `dvc metrics show` is the headline file alone: one row, not one per stage
+    shown = json.loads(sh(root, "dvc", "metrics", "show", "--json"))
+    files = {f for rev in shown.values() for f in rev.get("data", {})}
+    assert files == {"metrics/summary.json"}, files
+
+
+def test_versions_of_real_stages_show_headline_metrics(project):
+    """A version recorded from the real stages' metrics carries accuracy, macro-F1 and ECE after calibration."""
+    from domaintune import registry
+
+    root = project[0]
+    record = registry.build_record(root, registry.lock_outs(root))
+    after = json.loads((root / "metrics/evaluate.json").read_text())["after"]
+    v = registry.Version("domaintune@v1.0.0", "v1.0.0", "0" * 40, "2026-01-01", record)
+    assert v.key_metrics() == {f"evaluate.{k}": after[k] for k in ("accuracy", "macro_f1", "ece")}
+
+
+def test_metrics_and_plots_render_offline(project):
+    root = project[0]
     sh(root, "dvc", "plots", "show", "-o", "plots_html")
-    assert (root / "plots_html" / "index.html").stat().st_size > 0
+    page = (root / "plots_html" / "index.html").read_text()
+    # The repo's page (.dvc/config plots.html_template) with vega, vega-lite and vega-embed inline.
+    assert [m for m in re.findall(r'<script data-vendored="([^"@]+)@', page)] == ["vega", "vega-lite", "vega-embed"]
+    assert "vegaEmbed('#Reliability_diagram" in page
+    # Nothing is fetched: no src/href/import/url() pointing anywhere, and outside the vendored
+    # libraries (whose code holds XML namespace and doc strings) no http(s) URL but the specs' $schema.
+    assert not re.search(r"""(src|href)\s*=\s*["']?https?:|@import|url\(\s*["']?https?:""", page, re.I)
+    own = re.sub(r'<script data-vendored="[^"]+">.*?</script>', "", page, flags=re.S)
+    urls = set(re.findall(r"https?://[^\s\"'<>)]+", own))
+    assert urls == {"https://vega.github.io/schema/vega-lite/v5.json"}, urls
 
 
 def test_second_repro_runs_nothing(project):
-    root, _ = project
+    root = project[0]
     out = sh(root, "dvc", "repro")
     assert stages_run(out) == set(), out
     assert "didn't change, skipping" in out, out  # stage log lines are on stdout: the check above is not vacuous
 
 
 def test_finetune_param_change_reruns_only_downstream(project):
-    root, _ = project
+    root = project[0]
     lr = yaml.safe_load((root / "params.yaml").read_text())["finetune"]["lr"]
     set_params(root, {"finetune.lr": lr * 2})
     out = sh(root, "dvc", "repro")

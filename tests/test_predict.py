@@ -37,7 +37,7 @@ def export(tiny_bert, tmp_path_factory):
 
 
 def cli(*argv) -> int:
-    from domaintune.cli import build_parser
+    from pipelines.cli import build_parser
 
     args = build_parser().parse_args(["predict", *map(str, argv)])
     return args.fn(args)
@@ -89,7 +89,7 @@ def test_every_input_format(export, tmp_path, fmt, capsys):
 def test_stdout_jsonl_and_onnx_variant_in_a_real_process(export, tmp_path):
     _, _, out = export
     src = write_inputs(tmp_path)["txt"]
-    r = subprocess.run([sys.executable, "-m", "domaintune.cli", "predict", str(src), "--model", str(out),
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "predict", str(src), "--model", str(out),
                         "--variant", "onnx"], capture_output=True, text=True, timeout=180, cwd=REPO)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]

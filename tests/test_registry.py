@@ -51,8 +51,24 @@ def test_versions_semver_and_records(history):
         for f in ("params.yaml", "dvc.lock", "metrics/evaluate.json", "metrics/audit.json"):
             assert registry.git_bytes(root, v.commit, f) == files[f]
     assert [v.served for v in versions] == [False, False, True]  # publishing serves the new version
-    assert v21.key_metrics()["evaluate.accuracy"] == v21.record["metrics"]["evaluate"]["accuracy"]
+    assert v21.key_metrics() == {f"evaluate.{k}": v21.record["metrics"]["evaluate"]["after"][k]
+                                 for k in ("accuracy", "macro_f1", "ece")}
     assert sh(root, "git", "status", "--porcelain").strip() == ""
+
+
+def test_versions_command_shows_headline_metrics(history, capsys):
+    """`domaintune versions` on versions whose metrics/evaluate.json has the evaluate stage's shape."""
+    from pipelines.cli import main
+
+    root, _ = history
+    assert main(["versions", "--repo", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for v in registry.list_versions(root):
+        after = v.record["metrics"]["evaluate"]["after"]
+        row = next(line for line in lines if f" {v.version} " in f" {line} ")
+        for k in ("accuracy", "macro_f1", "ece"):
+            assert f"{k}={after[k]:.3f}" in row, row
+        assert not row.rstrip().endswith(" -"), row
 
 
 def test_republish_unchanged_creates_nothing(history):
@@ -69,13 +85,65 @@ def test_diff(history):
     d = registry.diff_versions(root, "v2.0.0", "v2.1.0")
     assert d["params"] == {"finetune.epochs": (3, 5)}
     assert "dataset_hash" not in d
-    assert set(d["metrics"]) <= {"evaluate.accuracy", "evaluate.macro_f1"}
+    assert set(d["metrics"]) <= {f"evaluate.{p}.{k}" for p in ("before", "after") for k in ("accuracy", "macro_f1", "weighted_f1")}
     d = registry.diff_versions(root, "v1.0.0", "v2.0.0")
     assert d["params"] == {}
     assert d["metrics"]["audit.rows"] == (11, 16)  # lines incl. header
     assert d["dataset_hash"][0] != d["dataset_hash"][1]
     with pytest.raises(registry.RegistryError, match="no version 'v9.0.0'"):
         registry.diff_versions(root, "v1.0.0", "v9")
+
+
+def test_cli_diff_default_pair_and_order(history, capsys):
+    """No arguments: the served version (the latest here) against the workspace; headline metrics and
+    the dataset first, timings and hashes last."""
+    from pipelines.cli import main
+
+    root, _ = history
+    ev = root / "metrics" / "evaluate.json"
+    saved = ev.read_bytes()
+    m = json.loads(saved)
+    # What the real evaluate stage writes: the headline under "after", timings beside.
+    ev.write_text(json.dumps({"after": {"accuracy": 0.5, "macro_f1": 0.25, "ece": 0.05}, "eval_seconds": 3.5}))
+    try:
+        assert main(["diff", "--repo", str(root)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+    finally:
+        ev.write_bytes(saved)
+    assert lines[0] == "domaintune@v2.1.0 -> workspace"
+    assert lines[1].startswith("headline")
+    m = m.get("after", m)  # the real evaluate stage's shape, or the flat one
+    assert lines[2] == f"  accuracy: {m['accuracy']:.4f} -> 0.5000  ({0.5 - m['accuracy']:+.4f})"
+    assert lines[3] == f"  macro-F1: {m['macro_f1']:.4f} -> 0.2500  ({0.25 - m['macro_f1']:+.4f})"
+    assert lines[4] == f"  ECE after calibration: {m['ece']:.4f} -> 0.0500  ({0.05 - m['ece']:+.4f})"
+    assert lines[5] == "dataset: same"
+    order = [i for i, ln in enumerate(lines) if not ln.startswith(" ")]
+    assert [lines[i].split(":")[0] for i in order] == ["domaintune@v2.1.0 -> workspace", "headline (test split)",
+                                                      "dataset", "params", "other metrics", "timings and hashes"]
+    assert "  evaluate.eval_seconds: - -> 3.5000" in lines[lines.index("timings and hashes:"):]
+    assert main(["diff", "v1", "--repo", str(root)]) == 0  # one version: against the workspace
+    out = capsys.readouterr().out
+    assert out.startswith("domaintune@v1.0.0 -> workspace\n") and "dataset: changed " in out
+    assert main(["diff", "v1.0.0", "v2.0.0", "--repo", str(root), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert list(d)[:4] == ["a", "b", "headline", "dataset_hash"] and d["metrics"]["audit.rows"] == [11, 16]
+    headline = {k for _, keys in registry.HEADLINE_METRICS for k in keys}
+    assert d["headline"] and not headline & set(d["metrics"])  # the headline is not repeated below
+
+
+def test_rollback_refuses_any_uncommitted_file_it_would_change(history):
+    root, _ = history
+    ev = root / "metrics" / "evaluate.json"
+    saved = ev.read_bytes()
+    ev.write_text('{"accuracy": 1.0, "note": "hand edit"}\n')
+    head, tags = sh(root, "git", "rev-parse", "HEAD"), sh(root, "git", "tag")
+    try:
+        with pytest.raises(registry.RegistryError, match=r"overwrite uncommitted changes to metrics/evaluate.json;"):
+            registry.rollback(root, "v1.0.0")
+        assert ev.read_text() == '{"accuracy": 1.0, "note": "hand edit"}\n'
+        assert sh(root, "git", "rev-parse", "HEAD") == head and sh(root, "git", "tag") == tags
+    finally:
+        ev.write_bytes(saved)
 
 
 def _cache_obj(root: Path, version: registry.Version, relpath: str) -> Path:
@@ -130,6 +198,7 @@ def test_rollback_restores_v1_exactly_then_forward(history):
     assert not [r for r in now if r.startswith(("data/", "models/")) and not r.startswith(scratch)
                 and r not in snaps["v1.0.0"]]
     assert registry.served_version(root) == "v1.0.0"
+    assert registry.default_diff_pair(root) == ("v1.0.0", "v2.1.0")  # `domaintune diff`: served vs latest
     assert "rollback to domaintune@v1.0.0" in sh(root, "git", "log", "-1", "--format=%s")
     assert sh(root, "git", "status", "--porcelain").strip() == ""
     # DVC agrees every out is what dvc.lock says; only the source (newer than v1) differs.
@@ -140,6 +209,28 @@ def test_rollback_restores_v1_exactly_then_forward(history):
     now = workspace(root)
     assert now["models/export/weights.bin"] == snaps["v2.1.0"]["models/export/weights.bin"]
     assert registry.served_version(root) == "v2.1.0"
+
+
+def test_corrupt_object_fetched_from_remote_is_not_kept(history):
+    root, _ = history
+    v1 = registry.get_version(root, "v1.0.0")
+    obj = _cache_obj(root, v1, "sub/model.json")
+    md5 = obj.parent.name + obj.name
+    in_remote = registry.cache_path(root.parent / f"{root.name}-dvc-remote" / "files" / "md5", md5)
+    saved_local, saved_remote = obj.read_bytes(), in_remote.read_bytes()
+    obj.unlink()
+    in_remote.chmod(0o644)
+    in_remote.write_bytes(b'{"epochs": 666}')  # the remote's copy went bad
+    before, served = workspace(root), registry.served_version(root)
+    try:
+        with pytest.raises(registry.RegistryError, match=r"sub/model.json: the DVC remote's copy .* does not match"):
+            registry.rollback(root, "v1.0.0")
+        assert not obj.exists()  # not left in the local cache
+        assert workspace(root) == before and registry.served_version(root) == served
+    finally:
+        in_remote.write_bytes(saved_remote)
+        obj.parent.mkdir(exist_ok=True)
+        obj.write_bytes(saved_local)
 
 
 def test_object_missing_from_cache_and_remote_fails_and_changes_nothing(history):
@@ -165,11 +256,14 @@ def test_object_missing_from_cache_and_remote_fails_and_changes_nothing(history)
 
 def test_lock_is_exclusive_and_fails_fast(tmp_path):
     with held_lock(tmp_path, timeout=10):
+        holder = (tmp_path / registry.LOCK_PATH).read_text()
+        assert holder.startswith("pid ")
         t0 = time.perf_counter()
         with pytest.raises(registry.BusyError, match="already running"):
             with registry.repo_lock(tmp_path):
                 pass
         assert time.perf_counter() - t0 < 1.0
+        assert (tmp_path / registry.LOCK_PATH).read_text() == holder  # the loser never rewrites the holder's pid
     with registry.repo_lock(tmp_path):  # free again once the holder is done
         pass
 
@@ -179,7 +273,7 @@ def test_cli_help_is_instant_and_light():
     import subprocess
     import sys
 
-    code = ("import sys, domaintune.cli as c\n"
+    code = ("import sys, pipelines.cli as c\n"
             "for argv in (['--help'], ['versions', '--help'], ['rollback', '--help'], ['schedule', '--help']):\n"
             "    try: c.main(argv)\n"
             "    except SystemExit: pass\n"
@@ -189,3 +283,38 @@ def test_cli_help_is_instant_and_light():
     assert proc.stdout.strip().splitlines()[-1] == "[]"  # no heavy import behind --help
     assert "rollback" in proc.stdout and "--cron" in proc.stdout
     assert time.perf_counter() - t0 < 10
+
+
+def test_tags_gto_or_people_write_are_never_fatal(tmp_path, capsys):
+    """A pre-release registered with GTO itself, a tag with a malformed record and a tag that is no
+    version at all: listed or skipped with a note; versions, diff, rollback and the next publish work."""
+    from pipelines.cli import main
+
+    root = make_fake_repo(tmp_path / "proj")
+    repro(root)
+    v1, _ = registry.publish(root, "first")
+    sh(root, "git", "commit", "-q", "--allow-empty", "-m", "candidate")
+    sh(root, str(BIN / "gto"), "register", "domaintune", "HEAD", "--version", "v2.0.0-rc1")
+    sh(root, "git", "tag", "-a", "domaintune@v1.1.0", "-m", "hand-made\n\ndomaintune-record: {\"metrics\": {oops")
+    sh(root, "git", "tag", "domaintune@vnext", "HEAD")
+    versions, skipped = registry.scan_versions(root)
+    assert [v.version for v in versions] == ["v1.0.0", "v1.1.0"] and versions[1].record == {}
+    assert {s.tag: s.reason.split(":")[0].split(",")[0] for s in skipped} == {
+        "domaintune@v2.0.0-rc1": "pre-release or build version", "domaintune@v1.1.0": "listed without a record",
+        "domaintune@vnext": "not a version vMAJOR.MINOR.PATCH"}
+    assert main(["versions", "--repo", str(root)]) == 0
+    cap = capsys.readouterr()
+    assert "v1.1.0" in cap.out and "note: domaintune@v2.0.0-rc1: pre-release" in cap.err
+    assert main(["diff", "v1.0.0", "v1.1.0", "--repo", str(root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "domaintune@v1.0.0 -> domaintune@v1.1.0" and out[2].endswith(" -> -")  # no record: no metrics
+    with pytest.raises(registry.RegistryError, match=r"domaintune@v2.0.0-rc1 exists but is skipped: pre-release"):
+        registry.get_version(root, "v2.0.0-rc1")
+    add_rows(root, 3)
+    repro(root)
+    v2, created = registry.publish(root, "more data")  # new data: next major after v1.1.0, past the rc
+    assert created and v2.version == "v2.0.0" and registry.served_version(root) == "v2.0.0"
+    version, _ = registry.rollback(root, "v1.0.0")
+    assert version.served and registry.served_version(root) == "v1.0.0"
+    registry.rollback(root, "v2")
+    assert registry.served_version(root) == "v2.0.0"
