@@ -232,10 +232,11 @@ def split_files(folder: str | os.PathLike, name: str) -> list[Path]:
 def _as_table(df: Split) -> "pa.Table":
     import pyarrow as pa
 
+    schema = pa.schema([(c, pa.string()) for c in COLUMNS])
     if isinstance(df, pd.DataFrame):
         df = df.loc[:, list(COLUMNS)].astype({c: str for c in COLUMNS}).reset_index(drop=True)
-        return pa.Table.from_pandas(df, preserve_index=False)
-    return df.select(list(COLUMNS)).cast(pa.schema([(c, pa.string()) for c in COLUMNS]))
+        return pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    return df.select(list(COLUMNS)).cast(schema)
 
 
 def write_split(folder: str | os.PathLike, name: str, df: Split) -> None:

@@ -20,6 +20,13 @@ A class left with no train row stops the stage (dedupe.on_empty_class: error) or
 had rows and would lose them all always stops it. Both errors give the counts.
 The manifest's per-split SHA-256 content hashes are the dataset version every
 later stage and model version refers to.
+
+Memory: the texts stay in Arrow buffers (read shard by shard, ~1 byte a character);
+normalisation and hashing run CHUNK_ROWS rows at a time and keep a 128-bit key per
+row (the first half of the SHA-256), factorised to one int64 code, so the exact
+pass holds per row only that code, the id, the label and its position. Outputs are
+written by row group (domaintune/data.py). The near-duplicate pass holds the
+shingle sets of the rows that survive the exact pass.
 """
 from __future__ import annotations
 
@@ -30,36 +37,58 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, emptied_classes, read_dataset,
-                             read_hashes, write_dataset, write_json)
+from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, emptied_classes, read_hashes,
+                             read_json, read_split_table, split_files, write_dataset, write_json)
 from domaintune.params import DedupeParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
-from domaintune.textnorm import jaccard, minhash_signatures, minhashes, normalise_all, sha256_all, shingles
+from domaintune.textnorm import digest_keys, jaccard, key_codes, minhash_signatures, minhashes, normalise_all, shingles
 
 log = logging.getLogger("domaintune")
 
 REASONS = ("exact_duplicate", "label_conflict", "cross_split_leak", "near_duplicate", "near_leak",
            "label_absent_from_train")
 REMOVED_COLUMNS = ["id", "split", "reason", "kept_id", "text", "label"]
+CHUNK_ROWS = 100_000  # rows normalised and hashed at a time: bounds the Python strings alive at once
 
 
 @dataclass
 class DedupeResult:
-    splits: dict[str, pd.DataFrame]
+    tables: dict  # split -> pyarrow Table (id, text, label, split) of the kept rows
     labels: list[str]
     removed: pd.DataFrame
     rows_in: dict[str, int]
 
+    @property
+    def splits(self) -> dict[str, pd.DataFrame]:
+        return {s: t.to_pandas() for s, t in self.tables.items()}
 
-def _stack(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    parts = []
+
+def _as_tables(splits: dict[str, pd.DataFrame]) -> dict:
+    import pyarrow as pa
+
+    schema = pa.schema([(c, pa.string()) for c in ("id", "text", "label")])
+    return {s: pa.Table.from_pandas(splits[s].loc[:, ["id", "text", "label"]].astype(str).reset_index(drop=True),
+                                    schema=schema, preserve_index=False) for s in SPLITS}
+
+
+def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray"]:
+    """One frame over all splits (id, label, split, row, key: int64 code of the normalised text's
+    SHA-256), in split then source order, and the texts in the same order (Arrow, not Python)."""
+    import pyarrow as pa
+
+    parts, keys = [], []
     for s in SPLITS:
-        df = splits[s].loc[:, ["id", "text", "label"]].astype(str).reset_index(drop=True)
-        parts.append(df.assign(split=s, row=np.arange(1, len(df) + 1)))
+        t = tables[s]
+        label = t.column("label").dictionary_encode().to_pandas().astype(object)  # one str object per label
+        parts.append(pd.DataFrame({"id": t.column("id").to_pandas(), "label": label,
+                                   "split": s, "row": np.arange(1, len(t) + 1)}))
+        text = t.column("text")
+        for start in range(0, len(t), CHUNK_ROWS):
+            keys.append(digest_keys(normalise_all(text.slice(start, CHUNK_ROWS).to_pylist())))
     rows = pd.concat(parts, ignore_index=True)
-    rows["norm"] = normalise_all(rows["text"])
-    rows["key"] = sha256_all(rows["norm"])
-    return rows
+    rows["key"] = key_codes(np.concatenate(keys)) if keys else np.empty(0, dtype=np.int64)
+    texts = pa.chunked_array([c for s in SPLITS for c in tables[s].column("text").chunks], type=pa.string())
+    return rows, texts
 
 
 def _exact_within_split(rows: pd.DataFrame, policy: str, files: dict[str, str]) -> tuple[pd.Series, pd.Series]:
@@ -127,15 +156,19 @@ def _cross_split(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept:
         ref = pd.concat([ref, rows[alive & rows["split"].eq(s).to_numpy()]])
 
 
-def _near(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
+def _near(rows: pd.DataFrame, texts, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
           p: DedupeParams, seed: int) -> None:
     """MinHash LSH candidates, verified with the exact Jaccard: near duplicates in train, near leaks out of eval."""
+    import pyarrow as pa
     from datasketch import MinHashLSH
 
     order = [int(i) for i in np.flatnonzero(alive)]  # RangeIndex: label == position
-    norm = rows["norm"].to_numpy()
     ids, labels, split = rows["id"].to_numpy(), rows["label"].to_numpy(), rows["split"].to_numpy()
-    sets = {i: shingles(norm[i], p.shingle_size) for i in order}
+    sets = {}
+    for start in range(0, len(order), CHUNK_ROWS):
+        part = order[start:start + CHUNK_ROWS]
+        norm = normalise_all(texts.take(pa.array(part, type=pa.int64())).to_pylist())
+        sets.update((i, shingles(n, p.shingle_size)) for i, n in zip(part, norm))
     sigs = minhash_signatures([sets[i] for i in order], p.num_perm, seed)
     hashes = dict(zip(order, minhashes(sigs, p.num_perm, seed)))
 
@@ -179,8 +212,15 @@ def _near(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept: pd.Ser
 def dedupe(splits: dict[str, pd.DataFrame], p: DedupeParams, seed: int,
            files: dict[str, str] | None = None) -> DedupeResult:
     """Pure core over the three split frames; `files` only names the inputs in error messages."""
+    return dedupe_tables(_as_tables(splits), p, seed, files)
+
+
+def dedupe_tables(tables: dict, p: DedupeParams, seed: int, files: dict[str, str] | None = None) -> DedupeResult:
+    """The core over the three splits as pyarrow Tables (id, text, label as strings)."""
+    import pyarrow as pa
+
     files = files or {s: f"{s}.parquet" for s in SPLITS}
-    rows = _stack(splits)
+    rows, texts = _stack(tables)
     # kept_id in removed.csv must point at exactly one row
     dup = rows["id"].duplicated()
     if dup.any():
@@ -190,13 +230,21 @@ def dedupe(splits: dict[str, pd.DataFrame], p: DedupeParams, seed: int,
     alive = reason.isna().to_numpy().copy()
     _cross_split(rows, alive, reason, kept)
     if p.near_duplicates and alive.any():
-        _near(rows, alive, reason, kept, p, seed)
+        _near(rows, texts, alive, reason, kept, p, seed)
 
     train_labels = _empty_classes(rows, alive, reason, p, files)
-    removed = rows.loc[~alive].assign(reason=reason[~alive], kept_id=kept[~alive]).loc[:, REMOVED_COLUMNS]
-    out = {s: rows.loc[alive & rows["split"].eq(s).to_numpy(), ["id", "text", "label", "split"]].reset_index(drop=True)
-           for s in SPLITS}
-    rows_in = {s: len(splits[s]) for s in SPLITS}
+    gone = np.flatnonzero(~alive)
+    removed = rows.loc[~alive].assign(reason=reason[~alive], kept_id=kept[~alive],
+                                      text=texts.take(pa.array(gone, type=pa.int64())).to_pandas().to_numpy())
+    removed = removed.loc[:, REMOVED_COLUMNS]
+    out, start = {}, 0
+    for s in SPLITS:
+        t = tables[s].select(["id", "text", "label"])
+        keep = alive[start:start + len(t)]
+        start += len(t)
+        t = t.filter(pa.array(keep, type=pa.bool_()))
+        out[s] = t.append_column("split", pa.array(np.full(len(t), s, dtype=object), type=pa.string()))
+    rows_in = {s: len(tables[s]) for s in SPLITS}
     why = {s: ", ".join(f"{k} {v}" for k, v in removed.loc[removed["split"] == s, "reason"].value_counts().items())
            for s in SPLITS}
     check_splits_kept("dedupe", rows_in, {s: len(df) for s, df in out.items()}, why, files)
@@ -233,7 +281,7 @@ def manifest_of(result: DedupeResult, hashes: dict, input_hashes: dict, p: Dedup
     per = {}
     for s in SPLITS:
         r = result.removed.loc[result.removed["split"] == s, "reason"].value_counts()
-        per[s] = {"rows_in": result.rows_in[s], "rows_out": len(result.splits[s]), "sha256": hashes[s],
+        per[s] = {"rows_in": result.rows_in[s], "rows_out": len(result.tables[s]), "sha256": hashes[s],
                   "removed": {k: int(r.get(k, 0)) for k in REASONS if r.get(k, 0)}}
     return {
         "dataset_sha256": hashes["dataset"],
@@ -252,21 +300,23 @@ def metrics_of(result: DedupeResult) -> dict:
         "removed": {k: int(counts.get(k, 0)) for k in REASONS},
         "removed_total": len(result.removed),
         "rows_in": sum(result.rows_in.values()),
-        "rows_out": {s: len(result.splits[s]) for s in SPLITS},
+        "rows_out": {s: len(result.tables[s]) for s in SPLITS},
     }
 
 
 def run(args) -> None:
     p, base = load_params(args.params, "dedupe", "base")
     in_dir = Path(args.in_dir)
-    splits, labels = read_dataset(in_dir)
-    files = {s: str(in_dir / f"{s}.parquet") for s in SPLITS}
-    result = dedupe(splits, p, base.seed, files)
-    input_hashes = read_hashes(in_dir, splits, labels)
+    tables = {s: read_split_table(in_dir, s) for s in SPLITS}
+    labels = read_json(in_dir / "labels.json")
+    files = {s: str(split_files(in_dir, s)[0]) for s in SPLITS}
+    result = dedupe_tables(tables, p, base.seed, files)
+    input_hashes = read_hashes(in_dir, tables, labels)
+    del tables
     metrics = metrics_of(result)
     # Nested: the dataset and its metrics land together or not at all.
     with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
-        hashes = write_dataset(tmp, result.splits, result.labels)
+        hashes = write_dataset(tmp, result.tables, result.labels)
         write_json(tmp / "manifest.json", manifest_of(result, hashes, input_hashes, p, base.seed, str(in_dir)))
         result.removed.to_csv(tmp / "removed.csv", index=False)
         write_json(tmp_metrics, metrics)
