@@ -97,7 +97,7 @@ class DagRun:
     _live: dict[str, "DagRun"] = {}  # token -> run: tasks get the token (a string), not the object
 
     def __init__(self, root: Path, stages: Sequence[str]):
-        self.token = uuid.uuid4().hex
+        self.token, self.stages = uuid.uuid4().hex, list(stages)
         self.segments: dict[str, _Segment] = {}
         self.current: _Segment | None = None
         self.preamble: list[str] = []
@@ -262,8 +262,10 @@ def apply_overrides(params_file: Path, overrides: dict[str, object], dry_run: bo
 
 @flow(name="domaintune-retrain")
 def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: bool = True, retries: int = 1,
-                 remote: str | None = None) -> dict:
-    """Run the DAG stage by stage; on success optionally publish a version."""
+                 remote: str | None = None, dag: str | None = None) -> dict:
+    """Run the DAG stage by stage; on success optionally publish a version. `dag`: the token of a DagRun
+    the caller started in this process with the overrides already applied (run_from_args does, so DVC
+    works while Prefect starts up); otherwise the flow applies them and starts its own."""
     logger = get_run_logger()
     root = Path(repo).resolve()
     wanted = parse_overrides(overrides)
@@ -272,7 +274,7 @@ def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: b
         try:
             with registry.restored_on_failure(root, registry.version_files(root)):
                 results, version, created, publish_seconds = _run_and_publish(root, wanted, retries, publish,
-                                                                               remote, logger)
+                                                                               remote, logger, dag)
         except BaseException:
             logger.error("retrain failed: params.yaml, dvc.lock and outs were put back as they were")
             raise
@@ -281,15 +283,17 @@ def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: b
             "publish_seconds": publish_seconds, "seconds": time.perf_counter() - t0}
 
 
-def _run_and_publish(root: Path, wanted: dict, retries: int, publish: bool, remote: str | None, logger):
+def _run_and_publish(root: Path, wanted: dict, retries: int, publish: bool, remote: str | None, logger,
+                     token: str | None = None):
     """Apply the overrides, run every stage as a task, publish: (stage results, version, created, seconds)."""
-    apply_overrides(root / "params.yaml", wanted)
-    order = stage_order(root)
-    logger.info("stages in DAG order: %s", " -> ".join(order))
+    dag = DagRun._live.get(token) if token else None
+    if dag is None:
+        apply_overrides(root / "params.yaml", wanted)
+        dag = DagRun(root, stage_order(root))
+    logger.info("stages in DAG order: %s", " -> ".join(dag.stages))
     stage_task = run_dvc_stage.with_options(retries=retries)
-    dag = DagRun(root, order)
     try:
-        results = [stage_task(str(root), s, dag.token) for s in order]
+        results = [stage_task(str(root), s, dag.token) for s in dag.stages]
     finally:
         dag.close()
     version, created, t_pub = None, False, time.perf_counter()
@@ -324,8 +328,15 @@ def run_from_args(args) -> int:
     with registry.repo_lock(root):
         check_overrides(root / "params.yaml", args.overrides)
         try:
-            result = retrain_flow(repo=str(root), overrides=args.overrides, publish=args.publish,
-                                  retries=args.retries, remote=args.remote)
+            # DVC starts before the flow, so the stages run while Prefect starts its temporary server.
+            with registry.restored_on_failure(root, registry.version_files(root)):
+                apply_overrides(root / "params.yaml", parse_overrides(args.overrides))
+                dag = DagRun(root, stage_order(root))
+                try:
+                    result = retrain_flow(repo=str(root), overrides=args.overrides, publish=args.publish,
+                                          retries=args.retries, remote=args.remote, dag=dag.token)
+                finally:
+                    dag.close()
         except StageFailed as exc:  # the stage's own output is in the log above; one line here
             raise StageFailed(exc.stage, exc.returncode, "nothing published, params.yaml and outs as they "
                               "were (the stage's log is above)") from None
