@@ -143,17 +143,20 @@ def _exact_within_split(rows: pd.DataFrame, policy: str, files: dict[str, str]) 
 
 def _cross_split(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept: pd.Series) -> None:
     """Remove validation texts found in train, and test texts found in train or validation."""
-    ref = rows[alive & rows["split"].eq("train").to_numpy()]
+    cols = rows.loc[:, ["id", "key"]]  # only what is compared and reported: no copies of the other columns
+    split = rows["split"].to_numpy()
+    ref = cols[alive & (split == "train")]
     for s in ("validation", "test"):
         owner = pd.Series(ref["id"].to_numpy(), index=ref["key"].to_numpy())
         owner = owner[~owner.index.duplicated()]
-        cand = rows[alive & rows["split"].eq(s).to_numpy()]
+        in_s = split == s
+        cand = cols[alive & in_s]
         hit = cand["key"].isin(owner.index)
         idx = cand.index[hit.to_numpy()]
         reason[idx] = "cross_split_leak"
         kept[idx] = owner.reindex(cand.loc[idx, "key"]).to_numpy()
         alive[idx] = False
-        ref = pd.concat([ref, rows[alive & rows["split"].eq(s).to_numpy()]])
+        ref = pd.concat([ref, cols[alive & in_s]])
 
 
 def _near(rows: pd.DataFrame, texts, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
@@ -243,7 +246,8 @@ def dedupe_tables(tables: dict, p: DedupeParams, seed: int, files: dict[str, str
         keep = alive[start:start + len(t)]
         start += len(t)
         t = t.filter(pa.array(keep, type=pa.bool_()))
-        out[s] = t.append_column("split", pa.array(np.full(len(t), s, dtype=object), type=pa.string()))
+        name = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(t), dtype=np.int8)), pa.array([s]))
+        out[s] = t.append_column("split", name.cast(pa.string()))
     rows_in = {s: len(tables[s]) for s in SPLITS}
     why = {s: ", ".join(f"{k} {v}" for k, v in removed.loc[removed["split"] == s, "reason"].value_counts().items())
            for s in SPLITS}
