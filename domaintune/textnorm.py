@@ -131,3 +131,40 @@ def key_codes(keys: np.ndarray) -> np.ndarray:
     if (rep[codes] != keys[:, 1]).any():
         codes = pd.MultiIndex.from_arrays([keys[:, 0], keys[:, 1]]).factorize()[0]
     return codes.astype(np.int64, copy=False)
+
+
+def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n, bands) uint32: a 32-bit hash of each LSH band (`rows` consecutive signature values, bands laid
+    out as datasketch's MinHashLSH lays them). Rows with equal bands get equal hashes; unequal bands
+    collide with p ~ 2^-32, which only adds a candidate pair (every pair is checked by exact Jaccard)."""
+    n = len(signatures)
+    s = signatures[:, :bands * rows].reshape(n, bands, rows).astype(np.uint64)
+    h = np.full((n, bands), 0x9E3779B97F4A7C15, dtype=np.uint64)
+    for k in range(rows):  # murmur3's 64-bit finaliser over the running state
+        h ^= s[:, :, k]
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
+    return (h >> np.uint64(32)).astype(np.uint32)
+
+
+def candidate_pairs(keys: np.ndarray) -> np.ndarray:
+    """(pairs, 2) int64 row pairs (a < b, each once) sharing at least one band hash: the LSH candidates."""
+    found = []
+    for k in range(keys.shape[1]):
+        col = keys[:, k]
+        order = np.argsort(col, kind="stable")
+        srt = col[order]
+        starts = np.flatnonzero(np.r_[True, srt[1:] != srt[:-1]])
+        sizes = np.diff(np.r_[starts, len(srt)])
+        two = starts[sizes == 2]  # the common case, without a Python loop
+        found.append(np.sort(np.stack([order[two], order[two + 1]], axis=1), axis=1))
+        for g in np.flatnonzero(sizes > 2):
+            members = np.sort(order[starts[g]:starts[g] + sizes[g]])
+            a, b = np.triu_indices(len(members), k=1)
+            found.append(np.stack([members[a], members[b]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(found).astype(np.int64), axis=0)

@@ -41,7 +41,8 @@ from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept
                              read_json, read_split_table, split_files, write_dataset, write_json)
 from domaintune.params import DedupeParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
-from domaintune.textnorm import digest_keys, jaccard, key_codes, minhash_signatures, minhashes, normalise_all, shingles
+from domaintune.textnorm import (band_hashes, candidate_pairs, digest_keys, jaccard, key_codes, minhash_signatures,
+                                 normalise_all, shingles)
 
 log = logging.getLogger("domaintune")
 
@@ -159,57 +160,84 @@ def _cross_split(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept:
         ref = pd.concat([ref, cols[alive & in_s]])
 
 
-def _near(rows: pd.DataFrame, texts, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
-          p: DedupeParams, seed: int) -> None:
-    """MinHash LSH candidates, verified with the exact Jaccard: near duplicates in train, near leaks out of eval."""
-    import pyarrow as pa
+def _lsh_shape(p: DedupeParams) -> tuple[int, int]:
+    """LSH bands and rows per band. LSH is only a candidate filter: banded at the target threshold
+    (128 perms) it never even compares 60% of the pairs at J=0.80 and 15% at J=0.88. Band lower,
+    weighted against misses (128 perms, threshold 0.8: 21 bands of 6 rows, a pair at J=0.80 is
+    missed with p=0.002), and let the exact Jaccard decide. datasketch's MinHashLSH picks (b, r)."""
     from datasketch import MinHashLSH
 
-    order = [int(i) for i in np.flatnonzero(alive)]  # RangeIndex: label == position
-    ids, labels, split = rows["id"].to_numpy(), rows["label"].to_numpy(), rows["split"].to_numpy()
-    sets = {}
-    for start in range(0, len(order), CHUNK_ROWS):
-        part = order[start:start + CHUNK_ROWS]
-        norm = normalise_all(texts.take(pa.array(part, type=pa.int64())).to_pylist())
-        sets.update((i, shingles(n, p.shingle_size)) for i, n in zip(part, norm))
-    sigs = minhash_signatures([sets[i] for i in order], p.num_perm, seed)
-    hashes = dict(zip(order, minhashes(sigs, p.num_perm, seed)))
-
-    # LSH is only a candidate filter: banded at the target threshold (128 perms) it
-    # never even compares 60% of the pairs at J=0.80 and 15% at J=0.88. Band lower,
-    # weighted against misses (128 perms, threshold 0.8: 21 bands of 6 rows, a pair at
-    # J=0.80 is missed with p=0.002), and let the exact Jaccard decide.
     lsh = MinHashLSH(threshold=max(0.5, p.jaccard_threshold - 0.15), num_perm=p.num_perm, weights=(0.1, 0.9))
-    train = [i for i in order if split[i] == "train"]
-    for i in train:
-        lsh.insert(i, hashes[i], check_duplication=False)
+    return lsh.b, lsh.r
+
+
+def _shingle_sets(texts, positions, size: int) -> dict[int, set]:
+    import pyarrow as pa
+
+    sets = {}
+    for start in range(0, len(positions), CHUNK_ROWS):
+        part = positions[start:start + CHUNK_ROWS]
+        norm = normalise_all(texts.take(pa.array(part, type=pa.int64())).to_pylist())
+        sets.update((i, shingles(n, size)) for i, n in zip(part, norm))
+    return sets
+
+
+def _near_candidates(texts, order: np.ndarray, p: DedupeParams, seed: int) -> dict[int, list[int]]:
+    """Row -> rows sharing an LSH band with it. Signatures are made CHUNK_ROWS rows at a time and
+    only their band hashes kept (4 bytes a band), so memory is ~bands*4 bytes a row, not a sketch."""
+    bands, per_band = _lsh_shape(p)
+    keys = np.empty((len(order), bands), dtype=np.uint32)
+    for start in range(0, len(order), CHUNK_ROWS):
+        part = order[start:start + CHUNK_ROWS].tolist()
+        sets = _shingle_sets(texts, part, p.shingle_size)
+        sig = minhash_signatures([sets[i] for i in part], p.num_perm, seed)
+        keys[start:start + len(part)] = band_hashes(sig, bands, per_band)
+    pairs = order[candidate_pairs(keys)]
+    del keys
+    cands: dict[int, list[int]] = {}
+    for a, b in pairs.tolist():
+        cands.setdefault(a, []).append(b)
+        cands.setdefault(b, []).append(a)
+    return cands
+
+
+def _near(rows: pd.DataFrame, texts, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
+          p: DedupeParams, seed: int) -> None:
+    """MinHash LSH candidates, verified with the exact Jaccard: near duplicates in train, near leaks out of eval.
+    Only rows with a candidate get their shingle set built (for the exact Jaccard)."""
+    order = np.flatnonzero(alive)  # RangeIndex: label == position
+    ids, labels, split = rows["id"].to_numpy(), rows["label"].to_numpy(), rows["split"].to_numpy()
+    cands = _near_candidates(texts, order, p, seed)
+    sets = _shingle_sets(texts, sorted(cands), p.shingle_size)
+    thr = p.jaccard_threshold
+    indexed = np.zeros(len(alive), dtype=bool)  # what the LSH index holds at each step
+    train = [int(i) for i in order if split[i] == "train"]
+    indexed[train] = True
     # Greedy in source order: a row removes the later rows it nearly duplicates;
-    # a removed row never removes others, so the result does not depend on LSH bucket order.
+    # a removed row never removes others, so the result does not depend on candidate order.
     for i in train:
         if not alive[i]:
             continue
-        for j in lsh.query(hashes[i]):
-            if j > i and alive[j] and labels[j] == labels[i] and jaccard(sets[i], sets[j]) >= p.jaccard_threshold:
+        for j in cands.get(i, ()):
+            if j > i and indexed[j] and alive[j] and labels[j] == labels[i] and jaccard(sets[i], sets[j]) >= thr:
                 alive[j] = False
                 reason[j], kept[j] = "near_duplicate", ids[i]
-    for i in train:
-        if not alive[i]:
-            lsh.remove(i)
+    indexed[train] = alive[train]
     # Validation is checked against train; test against train and the surviving validation.
     for s in ("validation", "test"):
-        members = [i for i in order if split[i] == s]
+        members = [int(i) for i in order if split[i] == s]
         for i in members:
             best = None
-            for j in lsh.query(hashes[i]):
+            for j in cands.get(i, ()):
+                if not indexed[j]:
+                    continue
                 score = jaccard(sets[i], sets[j])
-                if score >= p.jaccard_threshold and (best is None or (score, -j) > best[0]):
+                if score >= thr and (best is None or (score, -j) > best[0]):
                     best = ((score, -j), j)
             if best is not None:
                 alive[i] = False
                 reason[i], kept[i] = "near_leak", ids[best[1]]
-        for i in members:
-            if alive[i]:
-                lsh.insert(i, hashes[i], check_duplication=False)
+        indexed[members] = alive[members]
 
 
 def dedupe(splits: dict[str, pd.DataFrame], p: DedupeParams, seed: int,

@@ -140,3 +140,67 @@ def test_dedupe_over_chunks_equals_one_chunk(monkeypatch):
     for s in SPLITS:
         pd.testing.assert_frame_equal(whole.splits[s], chunked.splits[s])
     assert len(whole.removed) + sum(len(t) for t in whole.tables.values()) == len(df)
+
+
+def _near_with_datasketch(rows, texts, alive, reason, kept, p, seed):
+    """The oracle: the pre-streaming near pass (a datasketch MinHash per row in a MinHashLSH index)."""
+    from datasketch import MinHashLSH
+
+    from domaintune.textnorm import jaccard, minhash_signatures, minhashes, shingles
+
+    order = [int(i) for i in np.flatnonzero(alive)]
+    ids, labels, split = rows["id"].to_numpy(), rows["label"].to_numpy(), rows["split"].to_numpy()
+    norm = normalise_all(texts.to_pylist())
+    sets = {i: shingles(norm[i], p.shingle_size) for i in order}
+    hashes = dict(zip(order, minhashes(minhash_signatures([sets[i] for i in order], p.num_perm, seed),
+                                       p.num_perm, seed)))
+    lsh = MinHashLSH(threshold=max(0.5, p.jaccard_threshold - 0.15), num_perm=p.num_perm, weights=(0.1, 0.9))
+    train = [i for i in order if split[i] == "train"]
+    for i in train:
+        lsh.insert(i, hashes[i], check_duplication=False)
+    for i in train:
+        if alive[i]:
+            for j in lsh.query(hashes[i]):
+                if j > i and alive[j] and labels[j] == labels[i] and jaccard(sets[i], sets[j]) >= p.jaccard_threshold:
+                    alive[j] = False
+                    reason[j], kept[j] = "near_duplicate", ids[i]
+    for i in train:
+        if not alive[i]:
+            lsh.remove(i)
+    for s in ("validation", "test"):
+        members = [i for i in order if split[i] == s]
+        for i in members:
+            best = None
+            for j in lsh.query(hashes[i]):
+                score = jaccard(sets[i], sets[j])
+                if score >= p.jaccard_threshold and (best is None or (score, -j) > best[0]):
+                    best = ((score, -j), j)
+            if best is not None:
+                alive[i] = False
+                reason[i], kept[i] = "near_leak", ids[best[1]]
+        for i in members:
+            if alive[i]:
+                lsh.insert(i, hashes[i], check_duplication=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_banded_near_pass_removes_exactly_what_the_datasketch_index_removed(monkeypatch, seed):
+    """Near copies (one or two words changed, across splits and labels) on bench/dedupe.py-like rows."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(60)] + ["café", "naïve", "ﬁle"]
+    base = [" ".join(rng.choice(vocab) for _ in range(rng.randint(3, 24))) for _ in range(150)]
+    rows = []
+    for i in range(600):
+        t = rng.choice(base).split(" ")
+        for _ in range(rng.choice([0, 1, 1, 2, 6])):
+            t[rng.randrange(len(t))] = rng.choice(vocab)
+        rows.append((f"r{i}", " ".join(t), rng.choice("ab"), rng.choices(SPLITS, [6, 2, 2])[0]))
+    df = pd.DataFrame(rows, columns=["id", "text", "label", "split"])
+    splits = {s: df[df["split"] == s].reset_index(drop=True) for s in SPLITS}
+    p = DedupeParams(near_duplicates=True, on_empty_class="drop", jaccard_threshold=0.6)
+    ours = dedupe_stage.dedupe(splits, p, seed)
+    monkeypatch.setattr(dedupe_stage, "_near", _near_with_datasketch)
+    oracle = dedupe_stage.dedupe(splits, p, seed)
+    assert ours.removed["reason"].value_counts().get("near_duplicate", 0) > 20
+    assert ours.removed["reason"].value_counts().get("near_leak", 0) > 5
+    pd.testing.assert_frame_equal(ours.removed, oracle.removed)
