@@ -103,13 +103,16 @@ def compare(work: Path, seed: int) -> dict:
 
     tables = {s: read_split_table(work / "ingested", s).select(["id", "text", "label"]) for s in SPLITS}
     n = sum(len(t) for t in tables.values())
+    p = DedupeParams(near_duplicates=False, on_empty_class="drop")
+    dedupe_tables({s: t.slice(0, 20_000) for s, t in tables.items()}, p, seed)  # warm-up: first-call costs
     t0 = time.perf_counter()
-    res = dedupe_tables(tables, DedupeParams(near_duplicates=False, on_empty_class="drop"), seed)
+    res = dedupe_tables(tables, p, seed)
     ours_s = time.perf_counter() - t0
     ours_kept = sum(len(t) for t in res.tables.values())
     del res
     # The baseline gets the normalised text for free (computed before its clock starts).
     df = pd.concat([t.to_pandas().assign(split=s) for s, t in tables.items()], ignore_index=True)
+    df.head(20_000).drop_duplicates(subset=["split", "text"])  # warm-up, as for ours
     t0 = time.perf_counter()
     df["norm"] = normalise_all(df["text"])
     normalise_s = time.perf_counter() - t0
@@ -182,6 +185,8 @@ def one_size(rows: int, seed: int, near_max: int, root: Path) -> dict:
            "pandas_rows_per_s": round(rows / cmp_["pandas_s"]),
            "exact_dedupe_vs_pandas": round(cmp_["pandas_s"] / cmp_["ours_s"], 3),
            "exact_dedupe_vs_pandas_both_normalising": round((cmp_["pandas_s"] + cmp_["normalise_s"]) / cmp_["ours_s"], 3),
+           # ours less the normalisation it does first (normalise_all on the same texts, timed for pandas)
+           "exact_dedupe_vs_pandas_after_normalising": round(cmp_["pandas_s"] / (cmp_["ours_s"] - cmp_["normalise_s"]), 3),
            "near_dup_rows_per_s": None,
            "generate_s": round(gen_s, 1), "ingest": ing, "dedupe_exact_stage": ded, "deduped_files": shards,
            "compare": cmp_}
