@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -103,8 +104,10 @@ class DagRun:
         self.preamble: list[str] = []
         self.rc: int | None = None
         self.cond = threading.Condition()
+        # Its own process group, so close() stops the stage command DVC is running too.
         self.proc = subprocess.Popen([registry.dvc_exe(), "repro", *stages], cwd=root, env=_child_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     start_new_session=True)
         self.reader = threading.Thread(target=self._read, name="dvc-repro-output", daemon=True)
         self.reader.start()
         DagRun._live[self.token] = self
@@ -156,13 +159,19 @@ class DagRun:
         """Stop the process if it is still running (a task failed or the flow was cancelled)."""
         DagRun._live.pop(self.token, None)
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self._signal_group(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._signal_group(signal.SIGKILL)
                 self.proc.wait()
         self.reader.join(timeout=30)
+
+    def _signal_group(self, sig) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _single_item(root: str, stage: str, emit) -> tuple[list[str], float, int]:

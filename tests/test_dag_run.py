@@ -71,3 +71,25 @@ def test_a_stage_the_process_never_reaches_falls_back(proj):
         assert run.rc == 0 and list(run.segments) == ["audit"]
     finally:
         run.close()
+
+
+def test_close_stops_dvc_and_the_stage_it_is_running(proj, tmp_path):
+    """A flow that fails or is cancelled mid-stage leaves no dvc and no stage command running."""
+    import os
+    import time
+
+    from pipelines.retrain import DagRun
+
+    (proj / "fake" / "audit.py").write_text("import time\nopen('STARTED', 'w').close()\ntime.sleep(600)\n")
+    run = DagRun(proj, ["audit"])
+    deadline = time.monotonic() + 120
+    while not (proj / "STARTED").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (proj / "STARTED").exists(), "the stage never started"
+    pgid = run.proc.pid
+    run.close()
+    assert run.proc.poll() is not None
+    with pytest.raises(ProcessLookupError):  # nothing is left in dvc's process group
+        for _ in range(50):
+            os.killpg(pgid, 0)
+            time.sleep(0.1)
