@@ -72,6 +72,16 @@ def _as_tables(splits: dict[str, pd.DataFrame]) -> dict:
                                     schema=schema, preserve_index=False) for s in SPLITS}
 
 
+def _chunk_keys(text) -> np.ndarray:
+    """Keys of a chunk of texts; each distinct raw text is normalised and hashed once (Arrow finds
+    the exact copies, which get their first copy's key)."""
+    import pyarrow.compute as pc
+
+    enc = pc.dictionary_encode(text.combine_chunks())
+    distinct = digest_keys(normalise_all(enc.dictionary.to_pylist()))
+    return distinct[enc.indices.to_numpy(zero_copy_only=False)]
+
+
 def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray"]:
     """One frame over all splits (id, label, split, row, key: int64 code of the normalised text's
     SHA-256), in split then source order, and the texts in the same order (Arrow, not Python)."""
@@ -85,7 +95,7 @@ def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray"]:
                                    "split": s, "row": np.arange(1, len(t) + 1)}))
         text = t.column("text")
         for start in range(0, len(t), CHUNK_ROWS):
-            keys.append(digest_keys(normalise_all(text.slice(start, CHUNK_ROWS).to_pylist())))
+            keys.append(_chunk_keys(text.slice(start, CHUNK_ROWS)))
     rows = pd.concat(parts, ignore_index=True)
     rows["key"] = key_codes(np.concatenate(keys)) if keys else np.empty(0, dtype=np.int64)
     texts = pa.chunked_array([c for s in SPLITS for c in tables[s].column("text").chunks], type=pa.string())
