@@ -1,0 +1,98 @@
+"""Data-parallel training across processes (several GPUs, several nodes, or CPU processes in CI).
+
+A stage with `processes > 1` re-runs its own command under torchrun (torch.distributed.run, what
+`accelerate launch` also drives): one process per device, `nnodes` machines meeting at
+`rdzv_endpoint`. Each process joins the group (NCCL on CUDA, gloo on the CPU), trains on its share
+of every global batch, and the engine averages gradients so each update equals the one-process
+update on the same global batch. Rank 0 alone writes checkpoints and outputs; the DVC stage stays
+one command with the same output files.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Sequence
+
+LAUNCHED_ENV = "DOMAINTUNE_LAUNCHED"
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if world_size() > 1:
+        dist.barrier()
+
+
+def init_from_env() -> bool:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1). Returns whether it did."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_grads(params: Sequence, loss: float) -> float:
+    """Sum every gradient (each process weighted its loss by its share of the global batch, so the sum
+    is the global-batch gradient) in one flat buffer; returns the summed loss."""
+    import torch
+    import torch.distributed as dist
+
+    # Every process runs the same model and objective, so the same parameters hold gradients everywhere
+    # (an unused one, e.g. BERT's pooler, has none on any rank and AdamW skips it, as in one process).
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n
+    t = torch.tensor([loss], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0])
+
+
+def shard(indices, world: int, rank_: int):
+    """This process's share of one global batch (rows rank, rank+world, ...)."""
+    return indices[rank_::world]
+
+
+def launch(module: str, argv: Sequence[str], processes: int, nnodes: int = 1, node_rank: int = 0,
+           rdzv_endpoint: str = "127.0.0.1:29500") -> int:
+    """Run `python -m module argv...` under torchrun with `processes` per node; returns its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}", f"--nnodes={nnodes}",
+           f"--node-rank={node_rank}", f"--master-addr={rdzv_endpoint.rsplit(':', 1)[0]}",
+           f"--master-port={rdzv_endpoint.rsplit(':', 1)[1]}", "-m", module, *argv]
+    env = dict(os.environ, **{LAUNCHED_ENV: "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    return subprocess.run(cmd, env=env).returncode
+
+
+def launched() -> bool:
+    return os.environ.get(LAUNCHED_ENV) == "1"
