@@ -35,8 +35,11 @@ class BaseParams:
     # (no network); anything else is a local directory or a hub model name.
     model: str = "minilm"
     max_length: int = 128
+    # classification: an encoder + a label head; generation: a causal LM (SFT on prompt -> response).
+    task: str = "classification"
 
     def __post_init__(self) -> None:
+        _one_of(self.task, ("classification", "generation"), "base", "task")
         _check(self.max_length >= 8, "base", "max_length", f"must be >= 8, got {self.max_length}")
         _check(bool(self.model), "base", "model", "must not be empty")
 
@@ -61,6 +64,17 @@ class IngestParams:
     # A source with its own splits (files or split_column) but no validation/test: carve it from
     # train by ingest.split (logged and in the metrics) or stop.
     missing_split: str = "carve"
+    # base.task generation: the prompt and response columns (they replace text/label_column).
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+
+    def for_task(self, task: str) -> "IngestParams":
+        """The view ingest reads with: for generation the prompt is the text and the response the label
+        (every response is kept as written: no missing-label words)."""
+        if task != "generation":
+            return self
+        return dataclasses.replace(self, text_column=self.prompt_column, label_column=self.response_column,
+                                   missing_labels=())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "missing_labels", tuple(self.missing_labels or ()))

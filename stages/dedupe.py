@@ -177,8 +177,11 @@ def _near(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept: pd.Ser
 
 
 def dedupe(splits: dict[str, pd.DataFrame], p: DedupeParams, seed: int,
-           files: dict[str, str] | None = None) -> DedupeResult:
-    """Pure core over the three split frames; `files` only names the inputs in error messages."""
+           files: dict[str, str] | None = None, task: str = "classification") -> DedupeResult:
+    """Pure core over the three split frames; `files` only names the inputs in error messages.
+    For base.task generation the key is the prompt (text) and the label is the response: different
+    responses to one prompt are conflicts (removed.csv lists them, by dedupe.conflict_policy), and
+    there are no classes to keep."""
     files = files or {s: f"{s}.parquet" for s in SPLITS}
     rows = _stack(splits)
     # kept_id in removed.csv must point at exactly one row
@@ -192,7 +195,7 @@ def dedupe(splits: dict[str, pd.DataFrame], p: DedupeParams, seed: int,
     if p.near_duplicates and alive.any():
         _near(rows, alive, reason, kept, p, seed)
 
-    train_labels = _empty_classes(rows, alive, reason, p, files)
+    train_labels = _empty_classes(rows, alive, reason, p, files) if task != "generation" else set()
     removed = rows.loc[~alive].assign(reason=reason[~alive], kept_id=kept[~alive]).loc[:, REMOVED_COLUMNS]
     out = {s: rows.loc[alive & rows["split"].eq(s).to_numpy(), ["id", "text", "label", "split"]].reset_index(drop=True)
            for s in SPLITS}
@@ -261,7 +264,7 @@ def run(args) -> None:
     in_dir = Path(args.in_dir)
     splits, labels = read_dataset(in_dir)
     files = {s: str(in_dir / f"{s}.parquet") for s in SPLITS}
-    result = dedupe(splits, p, base.seed, files)
+    result = dedupe(splits, p, base.seed, files, base.task)
     input_hashes = read_hashes(in_dir, splits, labels)
     metrics = metrics_of(result)
     # Nested: the dataset and its metrics land together or not at all.
