@@ -229,6 +229,10 @@ class FinetuneParams:
     checkpoint_every: int = 100
     # auto: CUDA when torch sees one, else CPU.
     device: str = "auto"
+    # base.task generation: pack whole examples into rows of base.max_length tokens (no attention
+    # across examples), and recompute activations in the backward pass to save memory.
+    packing: bool = False
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -277,8 +281,13 @@ class EvaluateParams:
     top_k: int = 20
     # Quantile buckets of text length (words) for accuracy-by-length.
     length_buckets: int = 4
+    # base.task generation: greedy sample generations for this many test prompts, this long at most.
+    samples: int = 5
+    max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
+        _check(self.samples >= 0, "evaluate", "samples", "must be >= 0")
+        _check(self.max_new_tokens >= 1, "evaluate", "max_new_tokens", "must be >= 1")
         _check(self.bins >= 2, "evaluate", "bins", "must be >= 2")
         _check(self.batch_size >= 1, "evaluate", "batch_size", "must be >= 1")
         _check(self.min_calibration_rows >= 1, "evaluate", "min_calibration_rows", "must be >= 1")

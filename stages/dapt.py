@@ -587,6 +587,10 @@ def main(argv=None) -> int:
 
     def go(args) -> None:
         base, params = load_params(args.params, "base", "dapt")
+        if base.task == "generation":
+            from domaintune.sft import run_dapt
+
+            return run_dapt(args, base, params)
         if params.enabled:
             from domaintune.modeling import set_threads
 

@@ -346,7 +346,11 @@ def main(argv=None) -> int:
         from domaintune.modeling import set_threads
         from domaintune.params import load_params
 
-        params = load_params(args.params, "drift")
+        params, base = load_params(args.params, "drift", "base")
+        if base.task == "generation":
+            from domaintune.generation import run_drift
+
+            return run_drift(args, params)
         splits, labels = read_dataset(args.in_dir)
         dataset_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
         set_threads()

@@ -384,8 +384,12 @@ def build_metrics(res: EvalResult, test_rows: int, seeds: dict | None) -> dict:
     return m
 
 
-def run(args: argparse.Namespace) -> None:
-    params = load_params(args.params, "evaluate")
+def run(args: argparse.Namespace) -> str | None:
+    params, base = load_params(args.params, "evaluate", "base")
+    if base.task == "generation":
+        from domaintune.genexport import run_evaluate
+
+        return run_evaluate(args, base, params)
     res, metrics, meta, seeds = evaluate(args.in_dir, args.model, params)
     check_gate(res.after, params.gate)  # before any write: a failed gate leaves no outputs
     with atomic_output(args.out) as tmp_out, atomic_output(args.metrics) as tmp_metrics:

@@ -213,12 +213,16 @@ def model_card(meta: dict, hashes: dict, split_sizes: dict, eval_metrics: dict, 
 
 
 # ---------------------------------------------------------------- stage
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> str | None:
     from domaintune.modeling import load_classifier, predict_logits, save_classifier, set_threads
     from domaintune.predict import INT8_DIR, load_int8_classifier
     from domaintune.quantize import QUANT_SCHEME, save_int8_encoder
 
     base, params = load_params(args.params, "base", "export")
+    if base.task == "generation":
+        from domaintune.genexport import run_export
+
+        return run_export(args, base, params)
     set_threads()
     in_dir, cal_dir = Path(args.in_dir), Path(args.calibration)
     splits, _ = read_dataset(in_dir)

@@ -22,6 +22,10 @@ def run(args: argparse.Namespace) -> dict:
     base, ft = load_params(args.params, "base", "finetune")
     if not Path(args.encoder).is_dir():
         raise FileNotFoundError(f"--encoder {args.encoder}: no such model folder; run the dapt stage first")
+    if base.task == "generation":
+        from domaintune.sft import run_finetune
+
+        return run_finetune(args, base, ft)
     splits, labels = read_dataset(args.in_dir)
     data_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
     with atomic_output(args.out) as out, atomic_output(args.live) as live, atomic_output(args.metrics) as met:
