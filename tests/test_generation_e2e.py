@@ -15,10 +15,10 @@ from _fake_pipeline import BIN, REPO, env, make_tiny_dag, set_params, sh, worksp
 
 PAIRS = REPO / "examples" / "support_replies" / "pairs.csv"
 GEN_PARAMS = {
-    "base.task": "generation", "base.max_length": 96, "ingest.source": "tiny_pairs.csv",
-    "dapt.max_steps": 3, "dapt.block_size": 96, "dapt.batch_size": 4, "dapt.lr": 1.0e-3,
-    "finetune.method": "lora", "finetune.epochs": 2, "finetune.batch_size": 8, "finetune.lr": 3.0e-3,
-    "finetune.target_modules": ["q_proj", "v_proj"], "finetune.lora_dropout": 0.0, "finetune.packing": True,
+    "base.task": "generation", "base.max_length": 192, "ingest.source": "tiny_pairs.csv",
+    "dapt.max_steps": 3, "dapt.block_size": 192, "dapt.batch_size": 4, "dapt.lr": 1.0e-3,
+    "finetune.method": "lora", "finetune.epochs": 2, "finetune.batch_size": 8, "finetune.lr": 1.0e-2,
+    "finetune.target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"], "finetune.lora_dropout": 0.0, "finetune.packing": True,
     "evaluate.samples": 2, "evaluate.max_new_tokens": 8,
 }
 
@@ -81,7 +81,7 @@ def test_data_stages_account_for_every_row(project):
     audit = _metrics(project, "audit")
     assert audit["issues"]["near_empty_response"] == 3  # ok / Noted. / Thanks!
     assert audit["issues"]["length_outlier"] >= 1      # the reply repeated 6 times
-    assert audit["issues"]["response_truncated"] >= 1  # ...which does not fit 96 tokens
+    assert audit["issues"]["response_truncated"] >= 1  # ...which does not fit 192 tokens
     issues = pd.read_csv(project / "reports/audit/generation_issues.csv")
     assert "TCK-000309" in set(issues.loc[issues["issue"] == "length_outlier", "id"])
     assert audit["dataset_hash_in"] != audit["dataset_hash_out"] or audit["rows_with_issues"] > 0
