@@ -247,23 +247,33 @@ def merge_adapter(peft_model, adapter: str = "default"):
     """An adapter model -> the plain base model with every LoRA delta added to a float copy of its
     base weights. 4-bit base layers are dequantised first, so the merge never rounds into 4-bit
     (peft's own merge re-quantises, which is what degrades merged QLoRA models, transformers #31293)."""
-    import torch
-    from torch import nn
-
     base = peft_model.get_base_model()
     targets = [(name, mod) for name, mod in base.named_modules()
                if hasattr(mod, "lora_A") and hasattr(mod, "base_layer")]
     for name, mod in targets:
-        inner = mod.base_layer
-        w = _float_weight(inner) + mod.get_delta_weight(adapter).float()
-        lin = nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if inner.bias is not None:
-                lin.bias.copy_(inner.bias.float())
-        parent_name, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent_name) if parent_name else base, child, lin)
+        _replace(base, name, _float_linear(mod.base_layer, mod.get_delta_weight(adapter).float()))
+    # the 4-bit layers without an adapter are dequantised too: the export is one float model
+    for name, mod in [(n, m) for n, m in base.named_modules() if type(m).__name__ == "Linear4bit"]:
+        _replace(base, name, _float_linear(mod))
     return base
+
+
+def _float_linear(inner, delta=None):
+    import torch
+    from torch import nn
+
+    w = _float_weight(inner) if delta is None else _float_weight(inner) + delta
+    lin = nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if inner.bias is not None:
+            lin.bias.copy_(inner.bias.float())
+    return lin
+
+
+def _replace(root, name: str, module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def max_logit_gap(a, b) -> float:

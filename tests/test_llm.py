@@ -120,6 +120,7 @@ def test_merge_into_dequantised_base_matches_unmerged_qlora(tok):
         merged_model = llm.merge_adapter(peft_model).eval()
         merged = merged_model(input_ids=ids).logits
     assert not any("lora" in k for k in merged_model.state_dict())
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged_model.modules())  # one float model
     assert llm.max_logit_gap(unmerged, merged) < 1e-4
     # control: the same adapter merged into the original float weights is a different model
     naive = tinyllm.build_model(tok, seed=2)
