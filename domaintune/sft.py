@@ -73,6 +73,7 @@ def train(model, batches: Batches, steps: int, lr: float, warmup_ratio: float, w
         tokens += int(batch["input_ids"].numel())
         return llm.causal_lm_loss(m, batch)
 
+    model.train()  # from_pretrained returns eval mode: no dropout, and no gradient checkpointing
     t0 = time.perf_counter()
     history = engine.fit(loss_fn, batches)
     seconds = time.perf_counter() - t0
