@@ -98,17 +98,26 @@ def build() -> tuple[list[list[str]], list[list[str]]]:
     return pairs, noise
 
 
-def main() -> None:
+def write(out: Path) -> tuple[int, int]:
     pairs, noise = build()
-    with (HERE / "pairs.csv").open("w", newline="", encoding="utf-8") as fh:
+    with (out / "pairs.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["ticket_id", "prompt", "response"])
         w.writerows(pairs)
-    with (HERE / "noise.csv").open("w", newline="", encoding="utf-8") as fh:
+    with (out / "noise.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["ticket_id", "kind", "detail"])
         w.writerows(noise)
-    print(f"wrote {len(pairs)} pairs, {len(noise)} deliberate defects")
+    return len(pairs), len(noise)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(HERE), help="folder to write pairs.csv and noise.csv (default: here)")
+    n_pairs, n_noise = write(Path(ap.parse_args(argv).out))
+    print(f"wrote {n_pairs} pairs, {n_noise} deliberate defects")
 
 
 if __name__ == "__main__":
