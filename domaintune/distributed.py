@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 LAUNCHED_ENV = "DOMAINTUNE_LAUNCHED"
 
@@ -96,3 +96,12 @@ def launch(module: str, argv: Sequence[str], processes: int, nnodes: int = 1, no
 
 def launched() -> bool:
     return os.environ.get(LAUNCHED_ENV) == "1"
+
+
+def launch_if_wanted(stage: str, argv: Sequence[str], p) -> Optional[int]:
+    """For a stage whose params ask for several processes (p.processes x p.nnodes > 1): re-run the same
+    stage command under torchrun and return its exit code. None when this process should train itself
+    (one process, or already one of the launched ones)."""
+    if p.processes * p.nnodes <= 1 or launched():
+        return None
+    return launch(f"stages.{stage}", list(argv), p.processes, p.nnodes, p.node_rank, p.rdzv_endpoint)

@@ -151,7 +151,7 @@ class Engine:
         self.step_count = 0
         self.history: list[dict] = []  # one record per optimizer step
         self.samples = 0
-        self._crash_after = crash_after()
+        self.crash_at = crash_after()  # CRASH_ENV test hook (0 = off)
 
     # -- one optimizer step
 
@@ -193,8 +193,8 @@ class Engine:
 
     def maybe_crash(self) -> None:
         """The CRASH_ENV test hook: call after the step's checkpoint (if any) is written."""
-        if self._crash_after and self.step_count >= self._crash_after:
-            raise TrainingCrash(f"{CRASH_ENV}={self._crash_after}: simulated crash after step {self.step_count}")
+        if self.crash_at and self.step_count >= self.crash_at:
+            raise TrainingCrash(f"{CRASH_ENV}={self.crash_at}: simulated crash after step {self.step_count}")
 
     # -- checkpoints
 
@@ -234,6 +234,7 @@ class Engine:
         it = iter(batches)
         bar = _bar(progress, self.cfg.total_steps, self.step_count)
         t0 = time.perf_counter()
+        start_samples = self.samples
         while self.step_count < self.cfg.total_steps:
             micro = [next(it) for _ in range(self.cfg.grad_accum)]
             rec = self.step(loss_fn, micro, samples=sum(batch_len(b) for b in micro) * self.world)
@@ -248,6 +249,8 @@ class Engine:
             self.maybe_crash()
         if bar is not None:
             bar.close()
+        self.run_seconds = time.perf_counter() - t0  # this call only (a resumed run timed from its restart)
+        self.run_samples = self.samples - start_samples
         return self.history
 
     def clear_checkpoint(self) -> None:
