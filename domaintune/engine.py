@@ -92,14 +92,14 @@ class EngineConfig:
 
 def param_groups(named_params: Iterable, lr: float, weight_decay: float,
                  lr_scale: Optional[Callable[[str], float]] = None,
-                 group_key: Optional[Callable[[str], Any]] = None) -> list[dict]:
-    """AdamW groups over the parameters that require grad: no weight decay on biases and
+                 group_key: Optional[Callable[[str], Any]] = None, trainable_only: bool = True) -> list[dict]:
+    """AdamW groups over the parameters that require grad (all given ones with trainable_only=False): no weight decay on biases and
     LayerNorm gains (optim.no_weight_decay); `lr_scale(name)` multiplies the LR (layer-wise decay);
     `group_key(name)` keeps parameters apart (e.g. by depth, for gradual unfreezing). Each group
     carries "names" and "key" next to the torch keys; Engine strips them for the optimiser."""
     groups: dict[tuple, dict] = {}
     for name, p in named_params:
-        if not p.requires_grad:
+        if trainable_only and not p.requires_grad:
             continue
         wd = 0.0 if no_weight_decay(name) else weight_decay
         scale = lr_scale(name) if lr_scale is not None else 1.0
