@@ -205,10 +205,11 @@ class Engine:
 
         if self.ckpt is None:
             return
+        rng = distributed.gather_rng_states(self.device)  # every process's dropout stream (a collective)
         if self.rank == 0:
             state = dict(loop_state, engine={"step": self.step_count, "history": self.history,
                                              "samples": self.samples})
-            save_checkpoint(self.ckpt, self.model, self.opt, self.sched, self.params, state, extra_tensors)
+            save_checkpoint(self.ckpt, self.model, self.opt, self.sched, self.params, state, extra_tensors, rng)
         distributed.barrier()
 
     def restore(self) -> Optional[tuple[dict, Optional[dict]]]:
@@ -297,15 +298,16 @@ def batch_len(batch) -> int:
 # ---------------------------------------------------------------- checkpoint files
 
 def save_checkpoint(ckpt_dir: Path, model, opt, sched, params: list, state: dict,
-                    extra: Optional[dict] = None) -> None:
+                    extra: Optional[dict] = None, rank_rng: Optional[dict] = None) -> None:
     """Written to a temporary folder and swapped in complete (data.atomic_output): a crash mid-write
     leaves the previous checkpoint in place."""
     with atomic_output(ckpt_dir) as tmp:
         tmp.mkdir()
-        _write_checkpoint(tmp, model, opt, sched, params, state, extra)
+        _write_checkpoint(tmp, model, opt, sched, params, state, extra, rank_rng or {})
 
 
-def _write_checkpoint(tmp: Path, model, opt, sched, params: list, state: dict, extra: Optional[dict]) -> None:
+def _write_checkpoint(tmp: Path, model, opt, sched, params: list, state: dict, extra: Optional[dict],
+                      rank_rng: dict) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -321,8 +323,8 @@ def _write_checkpoint(tmp: Path, model, opt, sched, params: list, state: dict, e
         state = dict(state, optimizer=os_)
     if sched is not None:
         state = dict(state, scheduler={k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"})
-    rng = {"torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    rng = {"torch_rng": torch.get_rng_state(), **rank_rng}
+    if torch.cuda.is_available() and torch.cuda.is_initialized() and "cuda_rng" not in rng:
         rng["cuda_rng"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng.safetensors"))
     write_json(tmp / "state.json", state)
@@ -340,10 +342,14 @@ def load_checkpoint(ckpt_dir: Path, model, opt, sched, params: list) -> tuple[di
         _optimizer_from_tensors(opt, params, load_file(str(f)) if f.exists() else {}, state.pop("optimizer"))
     if sched is not None and "scheduler" in state:
         sched.load_state_dict(dict(state.pop("scheduler"), lr_lambdas=[None] * len(sched.lr_lambdas)))
+    from domaintune.distributed import rank
+
     rng = load_file(str(ckpt_dir / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_rng"])
-    if "cuda_rng" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda_rng"])
+    r = rank()  # under data parallelism each process gets back its own stream
+    torch.set_rng_state(rng.get(f"torch_rng.{r}", rng["torch_rng"]))
+    cuda = rng.get(f"cuda_rng.{r}", rng.get("cuda_rng"))
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
     return state, extra
 
 

@@ -102,30 +102,23 @@ def main(argv=None) -> int:
 
     def go(args) -> str:
         from domaintune import distributed
-        from domaintune.stage import StageError
 
         base, params = load_params(args.params, "base", "dapt")
-        if params.enabled:
-            from domaintune.device import stage_device
 
-            stage_device(base)  # a bad device is one line before anything is launched or read
-            rc = distributed.launch_if_wanted("dapt", argv, params)
-            if rc is not None:
-                if rc:
-                    raise StageError(f"{params.processes * params.nnodes} training processes: a process failed "
-                                     f"(exit {rc}); see its lines above")
-                from domaintune.data import read_json
+        def train() -> dict:
+            if distributed.world_size() == 1 and not distributed.launched():
+                from domaintune.modeling import set_threads
 
-                return summary_line(read_json(args.metrics))
-            from domaintune.modeling import set_threads
+                set_threads()
+            return run(args.in_dir, args.out, args.metrics, base, params, live_dir=args.live,
+                       checkpoint_root=args.checkpoints, progress=not args.no_progress)
 
-            set_threads()
-            distributed.init_from_env()
-        try:
-            return summary_line(run(args.in_dir, args.out, args.metrics, base, params, live_dir=args.live,
-                                    checkpoint_root=args.checkpoints, progress=not args.no_progress))
-        finally:
-            distributed.shutdown()
+        if not params.enabled:
+            return summary_line(train())
+        from domaintune.device import stage_device
+
+        stage_device(base)  # a bad device is one line before anything is launched or read
+        return summary_line(distributed.run_in_processes("dapt", argv, params, args.metrics, train))
 
     return run_stage("dapt", go, ap, argv)
 
