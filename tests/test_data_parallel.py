@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,11 @@ import pytest
 from test_finetune import make_dataset, write_params
 
 REPO = Path(__file__).resolve().parents[1]
-# 1 vs 2 processes: per-process dropout streams differ, so weights differ slightly; on the tiny data the
-# validation metrics agree to this (measured: equal accuracy/macro-F1, loss within 0.02).
-TOLERANCE = {"val_accuracy": 0.13, "val_macro_f1": 0.13}
+# 1 vs 2 processes on an encoder without dropout: only the order of the gradient sums differs. Measured
+# here: weights within 7e-6, validation loss within 1e-6, equal accuracy and macro-F1. (With dropout the
+# processes draw other masks than one process does, and on this tiny data the curves then part visibly.)
+WEIGHT_TOL = 1e-4
+LOSS_TOL = 1e-4
 
 
 def _free_port() -> int:
@@ -48,7 +51,7 @@ def _weights(folder: Path) -> dict:
     return {**load_file(str(folder / "encoder" / "model.safetensors")), **load_file(str(folder / "head.safetensors"))}
 
 
-COMMON = dict(method="full", epochs=2, batch_size=8, checkpoint_every=2, bf16="off")
+COMMON = dict(method="full", epochs=2, batch_size=8, checkpoint_every=2, bf16="off", head_dropout=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -57,37 +60,44 @@ def runs(tmp_path_factory, tiny_bert):
     from test_finetune import run_stage_cli
 
     tmp = tmp_path_factory.mktemp("dp")
+    encoder = tmp / "encoder"  # the tiny BERT without dropout
+    shutil.copytree(tiny_bert, encoder)
+    config = json.loads((encoder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (encoder / "config.json").write_text(json.dumps(config))
     data = make_dataset(tmp / "audited", n_train=8)  # 24 rows, global batch 8: 3 steps an epoch, 6 in all
     one = write_params(tmp / "one.yaml", **COMMON)
-    assert run_stage_cli(tmp, tiny_bert, data, one, out="one") == 0
+    assert run_stage_cli(tmp, encoder, data, one, out="one") == 0
     two = write_params(tmp / "two.yaml", **COMMON, processes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}")
-    r2 = _stage(tmp, tiny_bert, data, two, "two")
+    r2 = _stage(tmp, encoder, data, two, "two")
     assert r2.returncode == 0, r2.stderr
-    return tmp, data, r2
+    return tmp, data, r2, encoder
 
 
 def test_two_processes_end_at_the_one_process_metrics(runs):
-    tmp, _, r2 = runs
+    tmp, _, r2, _ = runs
     m1, m2 = json.loads((tmp / "one.json").read_text()), json.loads((tmp / "two.json").read_text())
     assert m2["per_seed"]["0"]["steps"] == m1["per_seed"]["0"]["steps"] == 6
-    for key, tol in TOLERANCE.items():
-        assert abs(m1[key] - m2[key]) <= tol, (key, m1[key], m2[key])
-    assert m2["per_seed"]["0"]["first_train_loss"] == pytest.approx(m1["per_seed"]["0"]["first_train_loss"], abs=0.05)
+    assert m1["val_accuracy"] == m2["val_accuracy"] and m1["val_macro_f1"] == m2["val_macro_f1"]
+    e1, e2 = (json.loads((tmp / f / "model.json").read_text())["history_epochs"] for f in ("one", "two"))
+    assert [e["val_loss"] for e in e2] == pytest.approx([e["val_loss"] for e in e1], abs=LOSS_TOL)
+    w1, w2 = _weights(tmp / "one"), _weights(tmp / "two")
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < WEIGHT_TOL
     assert sorted(p.name for p in (tmp / "two").iterdir()) == sorted(p.name for p in (tmp / "one").iterdir())
     assert r2.stderr.count("finetune: done in") == 3  # the launcher plus the two processes it started
     assert not list(tmp.glob(".two*"))  # rank 1 made no temporaries
 
 
-def test_crash_under_two_processes_then_the_same_command_resumes_exactly(runs, tiny_bert):
+def test_crash_under_two_processes_then_the_same_command_resumes_exactly(runs):
     import torch
 
-    tmp, data, _ = runs
+    tmp, data, _, encoder = runs
     # Crash both processes after step 5 (last checkpoint: step 4), then the same command resumes.
     two_b = write_params(tmp / "two_b.yaml", **COMMON, processes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}")
-    crashed = _stage(tmp, tiny_bert, data, two_b, "twob-run", {"DOMAINTUNE_CRASH_AFTER_STEPS": "5"})
+    crashed = _stage(tmp, encoder, data, two_b, "twob-run", {"DOMAINTUNE_CRASH_AFTER_STEPS": "5"})
     assert crashed.returncode == 2 and "training processes: a process failed" in crashed.stderr
     assert not (tmp / "twob-run").exists()
-    again = _stage(tmp, tiny_bert, data, two_b, "twob-run")
+    again = _stage(tmp, encoder, data, two_b, "twob-run")
     assert again.returncode == 0, again.stderr
     assert "resuming seed 0" in again.stderr
     a, b = _weights(tmp / "two"), _weights(tmp / "twob-run")
