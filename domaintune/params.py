@@ -41,6 +41,9 @@ def _check_launch(p: Any, section: str) -> None:
     host, _, port = str(p.rdzv_endpoint).rpartition(":")
     _check(bool(host) and port.isdigit(), section, "rdzv_endpoint", f"must be HOST:PORT, got {p.rdzv_endpoint!r}")
     _check(isinstance(p.grad_accum, int) and p.grad_accum >= 1, section, "grad_accum", "must be an integer >= 1")
+    share = p.grad_accum * p.processes * p.nnodes
+    _check(p.batch_size >= share, section, "batch_size", f"must be >= grad_accum x processes x nnodes = {share} "
+           "(every micro-batch of every process needs a row)")
 
 
 @dataclass(frozen=True)

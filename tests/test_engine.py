@@ -140,3 +140,18 @@ def test_each_process_gets_its_own_rng_stream_back(tmp_path, monkeypatch):
         state, _ = load_checkpoint(tmp_path / "ck", model, None, None, [])
         assert state == {"x": 1}
         assert torch.equal(torch.get_rng_state(), streams[f"torch_rng.{r}"])
+
+
+def test_launch_settings_are_checked():
+    from domaintune.params import DaptParams, FinetuneParams
+
+    with pytest.raises(ParamsError, match=r"finetune.*batch_size: must be >= grad_accum x processes x nnodes = 8"):
+        FinetuneParams(batch_size=4, grad_accum=2, processes=2, nnodes=2, node_rank=1)
+    with pytest.raises(ParamsError, match=r"dapt.*node_rank: must be in \[0, nnodes\), got 1"):
+        DaptParams(node_rank=1)
+    with pytest.raises(ParamsError, match=r"rdzv_endpoint: must be HOST:PORT"):
+        DaptParams(rdzv_endpoint="localhost")
+    with pytest.raises(ParamsError, match=r"base.*device: must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        from domaintune.params import BaseParams
+
+        BaseParams(device="gpu")
