@@ -104,6 +104,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dapt.json"))
     ap.add_argument("--device", default="cpu", help="auto | cpu | cuda (DAPT itself runs on the product's engine there)")
     args = ap.parse_args()
+    run(args)
+
+
+def run(args) -> None:
+    """The three measurements side by side; writes args.out."""
 
     import torch
 

@@ -587,14 +587,12 @@ def write_live(live_dir: str | Path, history: list[dict], metrics: dict) -> None
     heldout/loss and heldout/perplexity at step 0 (before), every checkpoint_every steps and the end."""
     from dvclive import Live
 
+    from domaintune.engine import log_steps
+
     points = [(0, metrics["loss_before"])] + [(h["step"], h["heldout_loss"]) for h in history if "heldout_loss" in h]
     points.append((metrics["steps"], metrics["loss_after"]))
     with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for h in history:
-            live.step = h["step"]
-            live.log_metric("train/mlm_loss", h["loss"], plot=True)
-            live.log_metric("train/lr", h["lr"], plot=True)
-            live.log_metric("train/grad_norm", h["grad_norm"], plot=True)
+        log_steps(live, history, {"loss": "train/mlm_loss", "lr": "train/lr", "grad_norm": "train/grad_norm"})
         for step, loss in points:
             live.step = step
             live.log_metric("heldout/loss", loss, plot=True)

@@ -787,6 +787,8 @@ def write_live(live_dir: str | os.PathLike, runs: list[tuple[int, dict]], best_s
     seeds, every seed's are also under live_dir/seeds/<seed>/."""
     from dvclive import Live
 
+    from domaintune.engine import log_steps
+
     live_dir = Path(live_dir)
     if live_dir.exists():
         shutil.rmtree(live_dir)
@@ -795,10 +797,7 @@ def write_live(live_dir: str | os.PathLike, runs: list[tuple[int, dict]], best_s
         targets += [(live_dir / "seeds" / str(seed), res) for seed, res in runs]
     for folder, res in targets:
         with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-            for s in res["history"]["steps"]:
-                live.step = s["step"]
-                for k in ("loss", "lr", "grad_norm"):
-                    live.log_metric(f"train/{k}", s[k], plot=True)
+            log_steps(live, res["history"]["steps"], {k: f"train/{k}" for k in ("loss", "lr", "grad_norm")})
             for e in res["history"]["epochs"]:
                 live.step = e["step"]
                 for k, v in e.items():
