@@ -100,9 +100,11 @@ def inference_dtype(device: str):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def place_for_inference(model, device: str):
-    """Move a model to `device` in its inference dtype, eval mode. Returns the model."""
-    model.to(device=device, dtype=inference_dtype(device))
+def place_for_inference(model, device: str, half: bool = True):
+    """Move a model to `device` in its inference dtype (float32 with half=False), eval mode. Returns it."""
+    import torch
+
+    model.to(device=device, dtype=inference_dtype(device) if half else torch.float32)
     return model.eval()
 
 

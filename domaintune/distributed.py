@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 LAUNCHED_ENV = "DOMAINTUNE_LAUNCHED"
 
@@ -46,6 +46,9 @@ def init_from_env() -> bool:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:  # CPU processes share the cores: one process per core-share, no oversubscription
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     dist.init_process_group(backend=backend)
     return True
 
@@ -96,3 +99,54 @@ def launch(module: str, argv: Sequence[str], processes: int, nnodes: int = 1, no
 
 def launched() -> bool:
     return os.environ.get(LAUNCHED_ENV) == "1"
+
+
+def launch_if_wanted(stage: str, argv: Sequence[str], p) -> Optional[int]:
+    """For a stage whose params ask for several processes (p.processes x p.nnodes > 1): re-run the same
+    stage command under torchrun and return its exit code. None when this process should train itself
+    (one process, or already one of the launched ones)."""
+    if p.processes * p.nnodes <= 1 or launched():
+        return None
+    return launch(f"stages.{stage}", list(argv), p.processes, p.nnodes, p.node_rank, p.rdzv_endpoint)
+
+
+def run_in_processes(stage: str, argv: Sequence[str], p, metrics_path: str, train: Callable[[], object]):
+    """A stage's training entry: under `processes`/`nnodes` > 1, launch the stage's command in that many
+    processes and wait (returns the metrics rank 0 wrote); otherwise (one process, or one of the launched)
+    join the process group if there is one and run `train()`."""
+    from domaintune.stage import StageError
+
+    rc = launch_if_wanted(stage, argv, p)
+    if rc is not None:
+        if rc:
+            raise StageError(f"{p.processes * p.nnodes} training processes: a process failed (exit {rc}); "
+                             "its error is above")
+        from domaintune.data import read_json
+
+        return read_json(metrics_path)
+    init_from_env()
+    try:
+        return train()
+    finally:
+        shutdown()
+
+
+def gather_rng_states(device: str) -> dict:
+    """{"torch_rng.R": state, "cuda_rng.R": state} of every process R (for rank 0's checkpoint), empty in a
+    single process. A collective: every process must call it."""
+    import torch
+    import torch.distributed as dist
+
+    world = world_size()
+    if world == 1:
+        return {}
+    states = {"torch_rng": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        states["cuda_rng"] = torch.cuda.get_rng_state()
+    out = {}
+    for name, st in states.items():
+        t = st.to(device) if device.startswith("cuda") else st  # NCCL gathers device tensors
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t)
+        out.update({f"{name}.{r}": p.cpu() for r, p in enumerate(parts)})
+    return out

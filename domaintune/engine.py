@@ -22,7 +22,9 @@ loss function over a batch::
         return causal_lm_loss(out.logits, batch["labels"])   # a scalar: the mean over the batch
 
     batches = MyBatches(...)             # iterable; state_dict()/load_state_dict() for exact resume
-    history = engine.fit(loss_fn, batches, live_dir="reports/sft/live")   # resumes if a checkpoint exists
+    history = engine.fit(loss_fn, batches, progress="sft")   # resumes if a checkpoint exists
+    with dvclive.Live(dir="reports/sft/live", save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        log_steps(live, history, {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm"})
 
 `fit` pulls `grad_accum` batches per optimizer step, moves tensors (dicts / tuples of
 tensors) to the device, and stops at `total_steps`. An objective that needs its own loop
@@ -92,14 +94,14 @@ class EngineConfig:
 
 def param_groups(named_params: Iterable, lr: float, weight_decay: float,
                  lr_scale: Optional[Callable[[str], float]] = None,
-                 group_key: Optional[Callable[[str], Any]] = None) -> list[dict]:
-    """AdamW groups over the parameters that require grad: no weight decay on biases and
+                 group_key: Optional[Callable[[str], Any]] = None, trainable_only: bool = True) -> list[dict]:
+    """AdamW groups over the parameters that require grad (all given ones with trainable_only=False): no weight decay on biases and
     LayerNorm gains (optim.no_weight_decay); `lr_scale(name)` multiplies the LR (layer-wise decay);
     `group_key(name)` keeps parameters apart (e.g. by depth, for gradual unfreezing). Each group
     carries "names" and "key" next to the torch keys; Engine strips them for the optimiser."""
     groups: dict[tuple, dict] = {}
     for name, p in named_params:
-        if not p.requires_grad:
+        if trainable_only and not p.requires_grad:
             continue
         wd = 0.0 if no_weight_decay(name) else weight_decay
         scale = lr_scale(name) if lr_scale is not None else 1.0
@@ -151,7 +153,7 @@ class Engine:
         self.step_count = 0
         self.history: list[dict] = []  # one record per optimizer step
         self.samples = 0
-        self._crash_after = crash_after()
+        self.crash_at = crash_after()  # CRASH_ENV test hook (0 = off)
 
     # -- one optimizer step
 
@@ -193,8 +195,8 @@ class Engine:
 
     def maybe_crash(self) -> None:
         """The CRASH_ENV test hook: call after the step's checkpoint (if any) is written."""
-        if self._crash_after and self.step_count >= self._crash_after:
-            raise TrainingCrash(f"{CRASH_ENV}={self._crash_after}: simulated crash after step {self.step_count}")
+        if self.crash_at and self.step_count >= self.crash_at:
+            raise TrainingCrash(f"{CRASH_ENV}={self.crash_at}: simulated crash after step {self.step_count}")
 
     # -- checkpoints
 
@@ -205,10 +207,11 @@ class Engine:
 
         if self.ckpt is None:
             return
+        rng = distributed.gather_rng_states(self.device)  # every process's dropout stream (a collective)
         if self.rank == 0:
             state = dict(loop_state, engine={"step": self.step_count, "history": self.history,
                                              "samples": self.samples})
-            save_checkpoint(self.ckpt, self.model, self.opt, self.sched, self.params, state, extra_tensors)
+            save_checkpoint(self.ckpt, self.model, self.opt, self.sched, self.params, state, extra_tensors, rng)
         distributed.barrier()
 
     def restore(self) -> Optional[tuple[dict, Optional[dict]]]:
@@ -234,6 +237,7 @@ class Engine:
         it = iter(batches)
         bar = _bar(progress, self.cfg.total_steps, self.step_count)
         t0 = time.perf_counter()
+        start_samples = self.samples
         while self.step_count < self.cfg.total_steps:
             micro = [next(it) for _ in range(self.cfg.grad_accum)]
             rec = self.step(loss_fn, micro, samples=sum(batch_len(b) for b in micro) * self.world)
@@ -248,6 +252,8 @@ class Engine:
             self.maybe_crash()
         if bar is not None:
             bar.close()
+        self.run_seconds = time.perf_counter() - t0  # this call only (a resumed run timed from its restart)
+        self.run_samples = self.samples - start_samples
         return self.history
 
     def clear_checkpoint(self) -> None:
@@ -255,6 +261,17 @@ class Engine:
 
         if self.ckpt is not None and self.rank == 0:
             shutil.rmtree(self.ckpt.parent, ignore_errors=True)
+
+
+def log_steps(live, history: list[dict], keys: dict) -> None:
+    """DVCLive curves from an engine history: record[key] logged as metric keys[key] at record["step"]
+    (records without the key are skipped). Drawn from the history a checkpoint carries, a resumed run
+    logs one continuous curve."""
+    for rec in history:
+        live.step = rec["step"]
+        for key, name in keys.items():
+            if key in rec:
+                live.log_metric(name, rec[key], plot=True)
 
 
 def _bar(label: Optional[str], total: int, initial: int):
@@ -294,15 +311,16 @@ def batch_len(batch) -> int:
 # ---------------------------------------------------------------- checkpoint files
 
 def save_checkpoint(ckpt_dir: Path, model, opt, sched, params: list, state: dict,
-                    extra: Optional[dict] = None) -> None:
+                    extra: Optional[dict] = None, rank_rng: Optional[dict] = None) -> None:
     """Written to a temporary folder and swapped in complete (data.atomic_output): a crash mid-write
     leaves the previous checkpoint in place."""
     with atomic_output(ckpt_dir) as tmp:
         tmp.mkdir()
-        _write_checkpoint(tmp, model, opt, sched, params, state, extra)
+        _write_checkpoint(tmp, model, opt, sched, params, state, extra, rank_rng or {})
 
 
-def _write_checkpoint(tmp: Path, model, opt, sched, params: list, state: dict, extra: Optional[dict]) -> None:
+def _write_checkpoint(tmp: Path, model, opt, sched, params: list, state: dict, extra: Optional[dict],
+                      rank_rng: dict) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -318,8 +336,8 @@ def _write_checkpoint(tmp: Path, model, opt, sched, params: list, state: dict, e
         state = dict(state, optimizer=os_)
     if sched is not None:
         state = dict(state, scheduler={k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"})
-    rng = {"torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    rng = {"torch_rng": torch.get_rng_state(), **rank_rng}
+    if torch.cuda.is_available() and torch.cuda.is_initialized() and "cuda_rng" not in rng:
         rng["cuda_rng"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng.safetensors"))
     write_json(tmp / "state.json", state)
@@ -337,10 +355,14 @@ def load_checkpoint(ckpt_dir: Path, model, opt, sched, params: list) -> tuple[di
         _optimizer_from_tensors(opt, params, load_file(str(f)) if f.exists() else {}, state.pop("optimizer"))
     if sched is not None and "scheduler" in state:
         sched.load_state_dict(dict(state.pop("scheduler"), lr_lambdas=[None] * len(sched.lr_lambdas)))
+    from domaintune.distributed import rank
+
     rng = load_file(str(ckpt_dir / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_rng"])
-    if "cuda_rng" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda_rng"])
+    r = rank()  # under data parallelism each process gets back its own stream
+    torch.set_rng_state(rng.get(f"torch_rng.{r}", rng["torch_rng"]))
+    cuda = rng.get(f"cuda_rng.{r}", rng.get("cuda_rng"))
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
     return state, extra
 
 

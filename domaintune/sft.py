@@ -58,12 +58,13 @@ class Batches:
 
 def train(model, batches: Batches, steps: int, lr: float, warmup_ratio: float, weight_decay: float,
           max_grad_norm: float, scheduler: str = "linear", bf16: str = "off", device: str = "cpu",
-          checkpoint_dir=None, checkpoint_every: int = 0) -> dict:
+          checkpoint_dir=None, checkpoint_every: int = 0, grad_accum: int = 1) -> dict:
     """Run the training engine on the causal-LM objective; returns history and throughput."""
     from domaintune.engine import Engine, EngineConfig, param_groups
 
     cfg = EngineConfig(lr=lr, total_steps=steps, warmup_steps=int(warmup_ratio * steps), scheduler=scheduler,
-                       max_grad_norm=max_grad_norm, bf16=bf16, device=device, checkpoint_every=checkpoint_every)
+                       max_grad_norm=max_grad_norm, bf16=bf16, device=device, checkpoint_every=checkpoint_every,
+                       grad_accum=grad_accum)
     engine = Engine(model, param_groups(model.named_parameters(), lr, weight_decay), cfg,
                     checkpoint_dir=checkpoint_dir)
     tokens = 0
@@ -88,7 +89,8 @@ def steps_for(n_batches: int, epochs: int | None, max_steps: int) -> int:
 
 # ---------------------------------------------------------------- dapt
 
-def dapt_generation(splits: dict[str, pd.DataFrame], corpus: list[str], base, p, out) -> dict:
+def dapt_generation(splits: dict[str, pd.DataFrame], corpus: list[str], base, p, out, checkpoint_dir=None,
+                    live: Path | None = None) -> dict:
     """Continued causal-LM pre-training; writes the model + tokenizer to `out`, returns the metrics."""
     import torch
 
@@ -106,9 +108,13 @@ def dapt_generation(splits: dict[str, pd.DataFrame], corpus: list[str], base, p,
     metrics = {"task": "generation", "enabled": p.enabled, "texts": {"train": len(train_texts), "heldout": n_held},
                "blocks": len(blocks), "perplexity_before": before["perplexity"]}
     if p.enabled and blocks:
-        batches = Batches(blocks, p.batch_size, tok.pad_token_id, base.seed, block_size=p.block_size)
-        run = train(model, batches, steps_for(len(batches), p.epochs, p.max_steps), p.lr, p.warmup_ratio,
-                    p.weight_decay, p.max_grad_norm, device=stage_device(base))
+        batches = Batches(blocks, p.batch_size // p.grad_accum, tok.pad_token_id, base.seed, block_size=p.block_size)
+        steps = steps_for(math.ceil(len(batches) / p.grad_accum), p.epochs, p.max_steps)
+        run = train(model, batches, steps, p.lr, p.warmup_ratio, p.weight_decay, p.max_grad_norm,
+                    device=stage_device(base), checkpoint_dir=checkpoint_dir, checkpoint_every=p.checkpoint_every,
+                    grad_accum=p.grad_accum)
+        if live is not None:
+            write_curves(live, run["history"])
         model.to("cpu")
         metrics.update(steps=run["steps"], tokens_per_second=run["tokens_per_second"],
                        loss_first=run["history"][0]["loss"], loss_last=run["history"][-1]["loss"])
@@ -168,10 +174,9 @@ def apply_method(model, ft, device: str, seed: int):
 def finetune_generation(splits: dict[str, pd.DataFrame], encoder_dir: str, base, ft, out: Path,
                         checkpoints: str, live: Path, data_hash: str) -> dict:
     """SFT on train, perplexity on validation; writes the model (or adapter) + tokenizer + run.json."""
-    from domaintune.device import stage_device
-    from domaintune.training import run_key
+    from domaintune.training import finetune_device, run_key
 
-    device = stage_device(base)
+    device = finetune_device(base, ft)
     seed = ft.seeds[0]
     model, tok = load_causal_lm(encoder_dir)
     enc = encode_split(tok, splits["train"], base.max_length)
@@ -181,12 +186,12 @@ def finetune_generation(splits: dict[str, pd.DataFrame], encoder_dir: str, base,
         raise ParamsError(f"params.yaml: base.max_length: {base.max_length} leaves no response token in any "
                           "train example")
     model = apply_method(model, ft, device, seed)
-    batches = Batches(pairs(kept), ft.batch_size, tok.pad_token_id, seed,
+    batches = Batches(pairs(kept), ft.batch_size // ft.grad_accum, tok.pad_token_id, seed,
                       block_size=base.max_length if ft.packing else None)
     key = run_key(ft, base, data_hash, encoder_dir, seed)
-    run = train(model, batches, steps_for(len(batches), ft.epochs, 0), ft.lr, ft.warmup_ratio, ft.weight_decay,
-                ft.max_grad_norm, ft.scheduler, ft.bf16, device, Path(checkpoints) / f"sft-{key}",
-                ft.checkpoint_every)
+    run = train(model, batches, steps_for(math.ceil(len(batches) / ft.grad_accum), ft.epochs, 0), ft.lr,
+                ft.warmup_ratio, ft.weight_decay, ft.max_grad_norm, ft.scheduler, ft.bf16, device,
+                Path(checkpoints) / f"sft-{key}", ft.checkpoint_every, ft.grad_accum)
     model.to("cpu")
     val = llm.perplexity(model, pairs(encode_split(tok, splits["validation"], base.max_length)),
                          tok.pad_token_id, ft.batch_size) if len(splits["validation"]) else None
@@ -220,28 +225,56 @@ def write_curves(live: Path, history: list[dict]) -> None:
 # ---------------------------------------------------------------- stage I/O
 
 def run_dapt(args, base, params) -> str:
-    splits, _ = read_dataset(args.in_dir)
+    one_process(params, "dapt")
+    splits, labels = read_dataset(args.in_dir)
     corpus = []
     for c in params.corpus if params.enabled else ():
         corpus += [line for line in Path(c).read_text(encoding="utf-8").splitlines() if line.strip()]
-    with atomic_output(args.out) as out, atomic_output(args.metrics) as met:
-        metrics = dapt_generation(splits, corpus, base, params, out)
+    key = _dapt_key(base, params, read_hashes(args.in_dir, splits, labels)["dataset"])
+    with atomic_output(args.out) as out, atomic_output(args.live) as live, atomic_output(args.metrics) as met:
+        metrics = dapt_generation(splits, corpus, base, params, out, Path(args.checkpoints) / f"clm-{key}", live)
         metrics["params"] = as_dict(params)
         write_json(out / "dapt_info.json", {"base_model": base.model, "task": "generation", "metrics": metrics})
         write_json(met, metrics)
+    _checkpoints_readme(args.checkpoints)
     return (f"causal-LM held-out perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}"
             f" ({metrics.get('steps', 0)} steps)")
 
 
+def one_process(p, section: str) -> None:
+    if p.processes * p.nnodes > 1:
+        raise ParamsError(f"params.yaml: {section}.processes: base.task generation trains in one process for now; "
+                          f"set {section}.processes and {section}.nnodes to 1")
+
+
+def _dapt_key(base, p, data_hash: str) -> str:
+    import hashlib
+    import json
+
+    from domaintune.embeddings import encoder_fingerprint
+    from domaintune.modeling import resolve_model
+
+    h = hashlib.sha256(json.dumps({"dapt": as_dict(p), "base": as_dict(base), "data": data_hash},
+                                  sort_keys=True).encode())
+    h.update(encoder_fingerprint(resolve_model(base.model)).encode())
+    return h.hexdigest()[:16]
+
+
+def _checkpoints_readme(folder: str) -> None:
+    """DVC needs the persisted checkpoints out to exist even when a finished run cleared its state."""
+    ckpt = Path(folder)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "README.txt").write_text("Resumable training state, one folder per run key; a finished run removes it.\n")
+
+
 def run_finetune(args, base, ft) -> str:
+    one_process(ft, "finetune")
     splits, labels = read_dataset(args.in_dir)
     data_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
     with atomic_output(args.out) as out, atomic_output(args.live) as live, atomic_output(args.metrics) as met:
         metrics = finetune_generation(splits, args.encoder, base, ft, out, args.checkpoints, live, data_hash)
         write_json(met, metrics)
-    ckpt = Path(args.checkpoints)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / "README.txt").write_text("Resumable training state, one folder per run key; a finished run removes it.\n")
+    _checkpoints_readme(args.checkpoints)
     val = metrics["validation"]
     return (f"SFT {metrics['method']}: {metrics['steps']} steps, loss {metrics['loss_first']:.3f} -> "
             f"{metrics['loss_last']:.3f}" + (f", validation perplexity {val['perplexity']:.2f}" if val else ""))

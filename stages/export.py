@@ -218,11 +218,14 @@ def run(args: argparse.Namespace) -> str | None:
     from domaintune.predict import INT8_DIR, load_int8_classifier
     from domaintune.quantize import QUANT_SCHEME, save_int8_encoder
 
+    from domaintune.device import place_for_inference, stage_device
+
     base, params = load_params(args.params, "base", "export")
     if base.task == "generation":
         from domaintune.genexport import run_export
 
         return run_export(args, base, params)
+    device = stage_device(base)  # the float model's verification and latency run there, in float32
     set_threads()
     in_dir, cal_dir = Path(args.in_dir), Path(args.calibration)
     splits, _ = read_dataset(in_dir)
@@ -244,6 +247,7 @@ def run(args: argparse.Namespace) -> str | None:
 
     texts = test["text"].tolist()
     model, tok, meta = load_classifier(args.model)
+    place_for_inference(model, device, half=False)
     check_calibration(calib, meta, cal_dir / "calibration.json")
     ml = int(meta.get("max_length", base.max_length))
     bs = params.batch_size
@@ -254,6 +258,7 @@ def run(args: argparse.Namespace) -> str | None:
         unmerged_logits, timing["unmerged"] = time_variant(model, tok, texts, bs, ml, *latency)
         del model
         merged, tok, _ = load_classifier(args.model, merge=True)
+        place_for_inference(merged, device, half=False)
         merged_logits = predict_logits(merged, tok, texts, bs, ml)
     else:  # nothing to merge: the loaded model is the merged one
         merged = model
@@ -277,9 +282,10 @@ def run(args: argparse.Namespace) -> str | None:
     })
     split_sizes = {s: int(len(df)) for s, df in splits.items()}
     with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
-        save_classifier(merged, tok, tmp, export_meta)
+        save_classifier(merged.to("cpu"), tok, tmp, export_meta)
         # Reload what was written: the artefact itself must reproduce the merged logits.
         fmodel, ftok, fmeta = load_classifier(tmp)
+        place_for_inference(fmodel, device, half=False)
         float_logits, timing["float32"] = time_variant(fmodel, ftok, texts, bs, ml, *latency)
         timing.setdefault("unmerged", timing["float32"])  # no adapter: the same weights and graph
         roundtrip = logit_agreement(merged_logits, float_logits)
@@ -288,6 +294,7 @@ def run(args: argparse.Namespace) -> str | None:
         del merged
 
         qdir = tmp / INT8_DIR
+        fmodel.to("cpu")  # int8 and ONNX are CPU deployment artefacts: quantised and timed on the CPU
         qinfo = save_int8_encoder(fmodel.encoder, qdir / "encoder", params.int8_embeddings)
         shutil.copy2(tmp / "head.safetensors", qdir / "head.safetensors")
         shutil.copytree(tmp / "tokenizer", qdir / "tokenizer")

@@ -123,3 +123,35 @@ def test_auto_picks_the_local_rank_gpu_with_fake_cuda(monkeypatch):
     assert dev.inference_dtype("cuda:0") == torch.bfloat16
     assert dev.inference_dtype("cpu") == torch.float32
     assert dev.batch_size_for("cuda:0") > dev.batch_size_for("cpu")
+
+
+def test_each_process_gets_its_own_rng_stream_back(tmp_path, monkeypatch):
+    """Under data parallelism rank 0 writes every process's RNG state; a resumed process R loads state R."""
+    import torch
+
+    from domaintune import distributed
+    from domaintune.engine import load_checkpoint, save_checkpoint
+
+    model = _model()
+    streams = {f"torch_rng.{r}": torch.Generator().manual_seed(100 + r).get_state() for r in range(2)}
+    save_checkpoint(tmp_path / "ck", model, None, None, [], {"x": 1}, None, streams)
+    for r in range(2):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        state, _ = load_checkpoint(tmp_path / "ck", model, None, None, [])
+        assert state == {"x": 1}
+        assert torch.equal(torch.get_rng_state(), streams[f"torch_rng.{r}"])
+
+
+def test_launch_settings_are_checked():
+    from domaintune.params import DaptParams, FinetuneParams
+
+    with pytest.raises(ParamsError, match=r"finetune.*batch_size: must be >= grad_accum x processes x nnodes = 8"):
+        FinetuneParams(batch_size=4, grad_accum=2, processes=2, nnodes=2, node_rank=1)
+    with pytest.raises(ParamsError, match=r"dapt.*node_rank: must be in \[0, nnodes\), got 1"):
+        DaptParams(node_rank=1)
+    with pytest.raises(ParamsError, match=r"rdzv_endpoint: must be HOST:PORT"):
+        DaptParams(rdzv_endpoint="localhost")
+    with pytest.raises(ParamsError, match=r"base.*device: must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        from domaintune.params import BaseParams
+
+        BaseParams(device="gpu")
