@@ -152,10 +152,10 @@ def hidden_means(model, tok, prompts: Sequence[str], batch_size: int) -> np.ndar
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             texts = [llm.prompt_text(tok, p) for p in prompts[i: i + batch_size]]
-            enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+            enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
             h = model(**enc, output_hidden_states=True, use_cache=False).hidden_states[-1]
             m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            rows.append(((h * m).sum(1) / m.sum(1)).float().numpy())
+            rows.append(((h * m).sum(1) / m.sum(1)).float().cpu().numpy())
     return np.concatenate(rows) if rows else np.zeros((0, model.config.hidden_size))
 
 
@@ -167,12 +167,14 @@ def _features(prompts: Sequence[str], emb: np.ndarray, mean: np.ndarray, comps: 
     return df
 
 
-def drift_baseline_generation(splits: dict[str, pd.DataFrame], model_dir: str, p, out: Path) -> dict:
+def drift_baseline_generation(splits: dict[str, pd.DataFrame], model_dir: str, p, out: Path,
+                              device: str = "cpu") -> dict:
     """Reference profile of the train prompts: length descriptors and the top principal components of
     the exported model's hidden states; validation is compared with it (K-S per column) as a sanity check."""
     from scipy.stats import ks_2samp
 
     model, tok = load_causal_lm(model_dir)
+    model = model.to(device)
     train, val = splits["train"]["text"].tolist(), splits["validation"]["text"].tolist()
     emb = hidden_means(model, tok, train, p.batch_size)
     k = max(1, min(p.pca_components, emb.shape[0] - 1, emb.shape[1]))
@@ -220,12 +222,12 @@ def run_audit(args, base) -> str:
     return "; ".join(f"{k} {v}" for k, v in summary["issues"].items()) + " (reported, nothing removed)"
 
 
-def run_drift(args, params) -> str:
+def run_drift(args, params, device: str = "cpu") -> str:
     splits, labels = read_dataset(args.in_dir)
     dataset_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
     with atomic_output(args.out) as out, atomic_output(args.metrics) as met:
         out.mkdir()
-        metrics = drift_baseline_generation(splits, args.model, params, out)
+        metrics = drift_baseline_generation(splits, args.model, params, out, device)
         metrics["dataset_hash"] = dataset_hash
         write_json(met, metrics)
     return (f"prompt profile of {metrics['reference_rows']} train rows; validation vs train: "

@@ -36,8 +36,12 @@ def load_tuned(model_dir: str | Path):
 
 def evaluate_generation(splits: dict[str, pd.DataFrame], model_dir: str, base, p) -> tuple[dict, list[dict]]:
     """Held-out perplexity on the test responses, start model vs tuned; greedy sample generations."""
+    from domaintune.device import stage_device
+
+    dev = stage_device(base)
     tuned, tok, run = load_tuned(model_dir)
     start, _ = load_causal_lm(run["base_model"])
+    tuned, start = tuned.to(dev), start.to(dev)
     test = pairs(encode_split(tok, splits["test"], base.max_length))
     before = llm.perplexity(start.eval(), test, tok.pad_token_id, p.batch_size)
     after = llm.perplexity(tuned, test, tok.pad_token_id, p.batch_size)
@@ -72,10 +76,13 @@ def merged_for_export(model_dir: str, test: pd.DataFrame, base, tolerance: float
     up to n_check test examples (prompt + response); a gap over `tolerance` raises StageError."""
     import torch
 
+    from domaintune.device import stage_device
     from domaintune.stage import StageError
 
+    dev = stage_device(base)
     tuned, tok, run = load_tuned(model_dir)
-    ids = [torch.tensor([e.input_ids]) for e in encode_split(tok, test.head(n_check), base.max_length)]
+    tuned = tuned.to(dev)
+    ids = [torch.tensor([e.input_ids], device=dev) for e in encode_split(tok, test.head(n_check), base.max_length)]
     if run["method"] == "full":
         return tuned, tok, run, {"method": "full", "had_adapter": False, "examples": len(ids),
                                  "max_rel_diff": 0.0, "tolerance": tolerance}

@@ -192,12 +192,14 @@ def per_sample_nll(model, batch: dict, n_samples: int):
     """(sum of NLL, number of target tokens) per example, packed or not."""
     import torch
 
+    dev = next(model.parameters()).device
+    batch = {k: v.to(dev) for k, v in batch.items()}
     nll, valid = causal_lm_token_nll(forward_logits(model, batch), batch)
     who = batch["sample"][:, 1:]
     idx = torch.where(valid, who, torch.full_like(who, n_samples)).flatten()
-    sums = torch.zeros(n_samples + 1, dtype=nll.dtype).index_add_(0, idx, nll.flatten().detach())
-    counts = torch.zeros(n_samples + 1, dtype=torch.long).index_add_(0, idx, valid.flatten().long())
-    return sums[:-1], counts[:-1]
+    sums = torch.zeros(n_samples + 1, dtype=nll.dtype, device=dev).index_add_(0, idx, nll.flatten().detach())
+    counts = torch.zeros(n_samples + 1, dtype=torch.long, device=dev).index_add_(0, idx, valid.flatten().long())
+    return sums[:-1].cpu(), counts[:-1].cpu()
 
 
 def perplexity(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> dict:
@@ -225,6 +227,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> l
     with torch.no_grad():
         for p in prompts:
             ids = tokenizer(prompt_text(tokenizer, p), add_special_tokens=False, return_tensors="pt")["input_ids"]
+            ids = ids.to(next(model.parameters()).device)
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
             outs.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
@@ -263,7 +266,7 @@ def _float_linear(inner, delta=None):
     from torch import nn
 
     w = _float_weight(inner) if delta is None else _float_weight(inner) + delta
-    lin = nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None)
+    lin = nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None, device=w.device)
     with torch.no_grad():
         lin.weight.copy_(w)
         if inner.bias is not None:

@@ -355,7 +355,7 @@ def main(argv=None) -> int:
         if base.task == "generation":
             from domaintune.generation import run_drift
 
-            return run_drift(args, params)
+            return run_drift(args, params, device)
         splits, labels = read_dataset(args.in_dir)
         dataset_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
         set_threads()
