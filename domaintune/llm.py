@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
+
+from domaintune import chat
 
 IGNORE = -100
 DEFAULT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -40,7 +42,7 @@ def render(tokenizer, prompt: str, response: str) -> tuple[str, int, int]:
     The response span covers everything the template adds after the prompt's generation
     prefix (the response, then end-of-turn / eos markers), so the model learns to stop."""
     if getattr(tokenizer, "chat_template", None):
-        user = [{"role": "user", "content": prompt}]
+        user = chat.messages(prompt)
         head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}],
                                              tokenize=False)
@@ -56,9 +58,11 @@ def render(tokenizer, prompt: str, response: str) -> tuple[str, int, int]:
 def prompt_text(tokenizer, prompt: str) -> str:
     """What generation starts from: the template up to where the response begins."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return (tokenizer.bos_token or "") + DEFAULT_TEMPLATE.format(prompt=prompt)
+        return tokenizer.apply_chat_template(chat.messages(prompt), tokenize=False, add_generation_prompt=True)
+    msgs = chat.messages(prompt)
+    # the default template has one instruction: a conversation becomes "role: content" lines
+    instruction = msgs[0]["content"] if len(msgs) == 1 else "\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+    return (tokenizer.bos_token or "") + DEFAULT_TEMPLATE.format(prompt=instruction)
 
 
 @dataclass

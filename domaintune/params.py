@@ -66,6 +66,9 @@ class BaseParams:
         _check(bool(self.model), "base", "model", "must not be empty")
 
 
+MESSAGES_RESPONSE = "response (last assistant message)"  # the column chat.to_columns adds
+
+
 @dataclass(frozen=True)
 class IngestParams:
     # A file (csv, tsv, jsonl, parquet), a folder of such files, or "hf:<dataset name>".
@@ -89,12 +92,18 @@ class IngestParams:
     # base.task generation: the prompt and response columns (they replace text/label_column).
     prompt_column: str = "prompt"
     response_column: str = "response"
+    # base.task generation: a column of chat conversations instead (domaintune/chat.py); null = off.
+    messages_column: Optional[str] = None
 
     def for_task(self, task: str) -> "IngestParams":
         """The view ingest reads with: for generation the prompt is the text and the response the label
-        (every response is kept as written: no missing-label words)."""
+        (every response is kept as written: no missing-label words). With messages_column, the prompt is
+        that column (rewritten by chat.to_columns) and the response the column it adds."""
         if task != "generation":
             return self
+        if self.messages_column:
+            return dataclasses.replace(self, text_column=self.messages_column, label_column=MESSAGES_RESPONSE,
+                                       missing_labels=())
         return dataclasses.replace(self, text_column=self.prompt_column, label_column=self.response_column,
                                    missing_labels=())
 

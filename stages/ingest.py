@@ -367,7 +367,13 @@ def run(args) -> None:
     p, base = load_params(args.params, "ingest", "base")
     # The command line's --source (${ingest.source} in dvc.yaml, so DVC tracks the file) wins.
     p = dataclasses.replace(p, source=args.source).for_task(base.task)
-    result = ingest(read_source(args.source), p, base.seed, base.task)
+    tables = read_source(args.source)
+    if base.task == "generation" and p.messages_column:
+        from domaintune.chat import to_columns
+
+        for t in tables:
+            to_columns(t, p.messages_column, p.label_column)
+    result = ingest(tables, p, base.seed, base.task)
     metrics = metrics_of(result)
     # Nested: the dataset and its metrics land together or not at all.
     with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:

@@ -139,3 +139,16 @@ def _quantised_twin(tok, name):
     m = tinyllm.build_model(tok, seed=2)
     quantize_encoder_4bit(m, "float32")
     return m.get_submodule(name)
+
+
+def test_a_conversation_prompt_puts_loss_on_the_last_reply_only(tok):
+    from domaintune import chat
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my invoice?"},
+            {"role": "assistant", "content": "Resent it."}, {"role": "user", "content": "Thanks, and the link?"}]
+    enc = llm.encode(tok, chat.dump(msgs), "Here it is.", max_length=512)
+    resp = [t for t, y in zip(enc.input_ids, enc.labels) if y != llm.IGNORE]
+    prompt = tok.decode([t for t, y in zip(enc.input_ids, enc.labels) if y == llm.IGNORE])
+    assert tok.decode(resp, skip_special_tokens=False) == "Here it is.<|end|>\n"
+    assert "<|assistant|>\nResent it.<|end|>" in prompt and prompt.startswith("<s><|system|>\nBe brief.")
+    assert chat.messages("[not a conversation") == [{"role": "user", "content": "[not a conversation"}]

@@ -116,3 +116,38 @@ def test_audit_reports_near_duplicate_prompts_with_different_responses(model_dir
     near = issues[issues["issue"] == "near_duplicate_prompt"]
     assert list(near["id"]) == ["b"] and "'a'" in near["detail"].iloc[0]
     assert list(issues.loc[issues["issue"] == "near_empty_response", "id"]) == ["c"]
+
+
+def test_ingest_reads_a_messages_column(tmp_path):
+    import json
+
+    from domaintune.chat import to_columns
+    from domaintune.data import DataError
+    from domaintune.params import IngestParams
+    from domaintune.sources import read_source
+    from stages.ingest import ingest
+
+    def conv(i, last="assistant"):
+        return [{"role": "user", "content": f"question {i}"}, {"role": last, "content": f"answer {i}"}]
+
+    src = tmp_path / "chats.jsonl"
+    rows = [{"id": f"c{i}", "messages": conv(i, "user" if i == 7 else "assistant")} for i in range(40)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    p = IngestParams(source=str(src), id_column="id", messages_column="messages", on_bad_row="skip")
+    p = p.for_task("generation")
+
+    def run(params):
+        tables = read_source(str(src))
+        for t in tables:
+            to_columns(t, params.messages_column, params.label_column)
+        return ingest(tables, params, 42, "generation")
+
+    res = run(p)
+    assert sum(len(df) for df in res.splits.values()) == 39
+    bad = res.rejected.iloc[0]
+    assert len(res.rejected) == 1 and bad["reason"] == "bad_messages" and bad["field"] == "messages"
+    assert bad["row"] == 8 and "last message must be a non-empty 'assistant' reply" in bad["detail"]
+    row = pd.concat(res.splits.values()).set_index("id").loc["c3"]
+    assert json.loads(row["text"]) == conv(3)[:1] and row["label"] == "answer 3"
+    with pytest.raises(DataError, match=r"chats.jsonl: row 8: field 'messages': conversation the last message"):
+        run(IngestParams(source=str(src), id_column="id", messages_column="messages").for_task("generation"))
