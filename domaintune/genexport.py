@@ -53,7 +53,36 @@ def evaluate_generation(splits: dict[str, pd.DataFrame], model_dir: str, base, p
                "perplexity": {"base": before["perplexity"], "tuned": after["perplexity"]},
                "nll": {"base": before["nll"], "tuned": after["nll"]}, "samples": len(samples),
                "generation": {"max_new_tokens": p.max_new_tokens, "do_sample": False}}
+    if p.label_set:
+        metrics["classification"] = label_set_metrics(tuned, tok, splits, base, p)
     return metrics, samples
+
+
+def label_set_metrics(model, tok, splits: dict[str, pd.DataFrame], base, p) -> dict:
+    """Classification as generation: each declared label's log-likelihood as the response is its score;
+    a temperature fitted on validation turns scores into calibrated probabilities over the label set;
+    accuracy, macro-F1, ECE on test before and after (the `before` / `after` the gate reads)."""
+    import numpy as np
+
+    from domaintune.calibration import fit_temperature, single_label_metrics, softmax
+    from domaintune.data import DataError
+
+    labels = list(p.label_set)
+    scored = {}
+    for s in ("validation", "test"):
+        df = splits[s]
+        unknown = ~df["label"].isin(labels)
+        if unknown.any():
+            row = int(np.flatnonzero(unknown.to_numpy())[0])
+            raise DataError(f"{s}.parquet", row + 1, "label", f"response {df['label'].iloc[row]!r} is not in "
+                            f"evaluate.label_set {labels}")
+        y = np.array([labels.index(v) for v in df["label"]])
+        scored[s] = (llm.label_loglik(model, tok, df["text"].tolist(), labels, base.max_length, p.batch_size), y)
+    (val_x, val_y), (test_x, test_y) = scored["validation"], scored["test"]
+    t = fit_temperature(val_x, val_y)["temperature"] if len(val_y) >= p.min_calibration_rows else 1.0
+    return {"labels": labels, "temperature": t, "calibration_rows": int(len(val_y)),
+            "before": single_label_metrics(softmax(test_x), test_y, len(labels), p.bins),
+            "after": single_label_metrics(softmax(test_x, t), test_y, len(labels), p.bins)}
 
 
 def eval_report(metrics: dict, samples: list[dict]) -> str:
@@ -63,6 +92,11 @@ def eval_report(metrics: dict, samples: list[dict]) -> str:
              f"| start (before SFT) | {metrics['perplexity']['base']:.3f} | {metrics['nll']['base']:.4f} |",
              f"| tuned | {metrics['perplexity']['tuned']:.3f} | {metrics['nll']['tuned']:.4f} |", "",
              "## Sample generations (greedy)", ""]
+    if "classification" in metrics:
+        c = metrics["classification"]
+        lines[-3:-3] = [f"Classification as generation over {c['labels']} (temperature {c['temperature']:.3f}): "
+                        f"accuracy {c['after']['accuracy']:.4f}, macro-F1 {c['after']['macro_f1']:.4f}, "
+                        f"ECE {c['before']['ece']:.4f} -> {c['after']['ece']:.4f}", ""]
     for s in samples:
         lines += [f"### {s['id']}", "", f"**Prompt:** {s['prompt']}", "", f"**Reference:** {s['reference']}", "",
                   f"**Generated:** {s['generated']}", ""]
@@ -144,9 +178,13 @@ def model_card(run: dict, check: dict, tok, eval_metrics: dict, intended_use: st
 
 # ---------------------------------------------------------------- stage I/O
 
-def run_evaluate(args, base, params) -> str:
+def run_evaluate(args, base, params, check_gate) -> str:
+    """`check_gate(after, gate)`: the evaluate stage's own quality gate, applied to the label-set metrics
+    when evaluate.label_set is declared (before anything is written)."""
     splits, _ = read_dataset(args.in_dir)
     metrics, samples = evaluate_generation(splits, args.model, base, params)
+    if "classification" in metrics:
+        check_gate(metrics["classification"]["after"], params.gate)
     with atomic_output(args.out) as out, atomic_output(args.metrics) as met:
         out.mkdir()
         write_json(out / "metrics.json", metrics)

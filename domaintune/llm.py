@@ -222,6 +222,27 @@ def perplexity(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: i
     return {"nll": nll, "perplexity": math.exp(min(nll, 50.0)), "tokens": count}
 
 
+def label_loglik(model, tokenizer, prompts: Sequence[str], labels: Sequence[str], max_length: int,
+                 batch_size: int):
+    """Log-likelihood [n_prompts, n_labels] of each label as the response to each prompt (the sum over
+    the label's tokens, end-of-turn included): the scores of classification as generation."""
+    import numpy as np
+    import torch
+
+    out = np.zeros((len(prompts), len(labels)), dtype=np.float64)
+    pairs = [(i, j, encode(tokenizer, p, lab, max_length)) for i, p in enumerate(prompts)
+             for j, lab in enumerate(labels)]
+    model.eval()
+    with torch.no_grad():
+        for k in range(0, len(pairs), batch_size):
+            chunk = pairs[k: k + batch_size]
+            s, _ = per_sample_nll(model, pad_batch([(e.input_ids, e.labels) for _, _, e in chunk],
+                                                   tokenizer.pad_token_id), len(chunk))
+            for (i, j, _), v in zip(chunk, s.tolist()):
+                out[i, j] = -v
+    return out
+
+
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     """Greedy continuations of each prompt (rendered like training), special tokens stripped."""
     import torch

@@ -339,8 +339,15 @@ class EvaluateParams:
     # base.task generation: greedy sample generations for this many test prompts, this long at most.
     samples: int = 5
     max_new_tokens: int = 48
+    # generation: a declared label set (classification as generation): every validation/test response must be
+    # one of them; each label is scored by its log-likelihood, calibrated, and gated like a classifier.
+    label_set: tuple = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "label_set", tuple(self.label_set or ()))
+        _check(all(isinstance(v, str) and v.strip() for v in self.label_set) and len(set(self.label_set))
+               == len(self.label_set) and len(self.label_set) != 1, "evaluate", "label_set",
+               f"must be [] or at least two distinct non-empty strings, got {list(self.label_set)!r}")
         _check(self.samples >= 0, "evaluate", "samples", "must be >= 0")
         _check(self.max_new_tokens >= 1, "evaluate", "max_new_tokens", "must be >= 1")
         _check(self.bins >= 2, "evaluate", "bins", "must be >= 2")

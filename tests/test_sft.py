@@ -151,3 +151,47 @@ def test_ingest_reads_a_messages_column(tmp_path):
     assert json.loads(row["text"]) == conv(3)[:1] and row["label"] == "answer 3"
     with pytest.raises(DataError, match=r"chats.jsonl: row 8: field 'messages': conversation the last message"):
         run(IngestParams(source=str(src), id_column="id", messages_column="messages").for_task("generation"))
+
+
+def test_classification_as_generation_scores_the_label_set_and_gates(tmp_path, model_dir):
+    import argparse
+    import json
+
+    from domaintune.data import write_dataset
+    from domaintune.params import EvaluateParams
+    from stages.evaluate import check_gate
+
+    def split(n, start):
+        rows = [(f"q{start + i}", f"is invoice {start + i} paid?", "yes" if i % 2 else "no") for i in range(n)]
+        return pd.DataFrame(rows, columns=["id", "text", "label"]).assign(split="x")
+
+    data = {"train": split(16, 0), "validation": split(6, 100), "test": split(6, 200)}
+    _run(tmp_path, model_dir, data, method="full", epochs=1)
+    write_dataset(tmp_path / "data", data, [])
+    base = BaseParams(model=str(model_dir), max_length=64, task="generation")
+    p = EvaluateParams(label_set=("yes", "no"), min_calibration_rows=2, samples=1, max_new_tokens=2)
+    metrics, _ = genexport.evaluate_generation(data, str(tmp_path / "out"), base, p)
+    c = metrics["classification"]
+    assert c["labels"] == ["yes", "no"] and c["temperature"] > 0 and c["calibration_rows"] == 6
+    for phase in ("before", "after"):
+        assert 0 <= c[phase]["accuracy"] <= 1 and 0 < c[phase]["ece"] <= 1 and "macro_f1" in c[phase]
+    # the scores are the labels' log-likelihoods as responses (computed one by one here)
+    tuned, tok, _ = genexport.load_tuned(tmp_path / "out")
+    one = llm.encode(tok, data["test"]["text"].iloc[0], "no", 64)
+    s, _ = llm.per_sample_nll(tuned, llm.pad_batch([(one.input_ids, one.labels)], tok.pad_token_id), 1)
+    ll = llm.label_loglik(tuned, tok, data["test"]["text"].tolist()[:1], ["yes", "no"], 64, 4)
+    assert abs(ll[0, 1] + float(s[0])) < 1e-4
+    args = argparse.Namespace(in_dir=str(tmp_path / "data"), model=str(tmp_path / "out"),
+                              out=str(tmp_path / "eval"), metrics=str(tmp_path / "m.json"))
+    strict = EvaluateParams(label_set=("yes", "no"), min_calibration_rows=2, samples=1, max_new_tokens=2,
+                            gate={"max_ece": 0.0})
+    with pytest.raises(StageError, match="quality gate failed: ece"):
+        genexport.run_evaluate(args, base, strict, check_gate)
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "m.json").exists()
+    genexport.run_evaluate(args, base, p, check_gate)
+    assert json.loads((tmp_path / "m.json").read_text())["classification"]["after"]["accuracy"] >= 0
+    data["test"].loc[0, "label"] = "maybe"
+    from domaintune.data import DataError
+
+    with pytest.raises(DataError, match=r"test.parquet: row 1: field 'label': response 'maybe' is not in"):
+        genexport.evaluate_generation(data, str(tmp_path / "out"), base, p)
