@@ -97,7 +97,8 @@ def audit_generation(splits: dict[str, pd.DataFrame], tok, max_length: int, seed
         for i, (rid, resp, e) in enumerate(zip(df["id"], df["label"], enc)):
             if e.cut_tokens:
                 rows.append((rid, s, "response_truncated",
-                             f"{e.cut_tokens} of {e.response_tokens} response tokens cut by base.max_length {max_length}"))
+                             f"{e.cut_tokens} of {e.response_tokens} response tokens cut by base.max_length "
+                             f"{max_length}"))
             if len(str(resp).split()) < NEAR_EMPTY_WORDS:
                 rows.append((rid, s, "near_empty_response", f"{len(str(resp).split())} word(s): {str(resp)[:40]!r}"))
             z = 0.6745 * (n_tok[i] - med) / mad if mad > 0 else 0.0

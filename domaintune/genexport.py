@@ -125,7 +125,8 @@ def merged_for_export(model_dir: str, test: pd.DataFrame, base, tolerance: float
         merged = llm.merge_adapter(tuned).eval()
         gap = max((llm.max_logit_gap(b, merged(input_ids=x).logits) for b, x in zip(before, ids)), default=0.0)
     check = {"method": run["method"], "had_adapter": True, "examples": len(ids), "max_rel_diff": gap,
-             "tolerance": tolerance, "merged_into": "dequantised NF4 base" if run["method"] == "qlora" else "float base"}
+             "tolerance": tolerance,
+             "merged_into": "dequantised NF4 base" if run["method"] == "qlora" else "float base"}
     if gap > tolerance:
         raise StageError(f"merged model disagrees with the unmerged one: max logit difference {gap:.3g} "
                          f"(relative) > export.merge_tolerance {tolerance}")
@@ -171,7 +172,8 @@ def model_card(run: dict, check: dict, tok, eval_metrics: dict, intended_use: st
         f"logits on {check['examples']} test examples: max relative difference {check['max_rel_diff']:.3g} "
         f"(tolerance {check['tolerance']}).", "",
         "## Evaluation", "",
-        f"Test-response perplexity: start {ppl.get('base', float('nan')):.3f}, tuned {ppl.get('tuned', float('nan')):.3f}.", "",
+        f"Test-response perplexity: start {ppl.get('base', float('nan')):.3f}, "
+        f"tuned {ppl.get('tuned', float('nan')):.3f}.", "",
         "## Intended use", "", intended_use, "",
         "Load it with `transformers.pipeline('text-generation', model=<this folder>)`.", ""])
 

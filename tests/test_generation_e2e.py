@@ -18,7 +18,8 @@ GEN_PARAMS = {
     "base.task": "generation", "base.max_length": 192, "ingest.source": "tiny_pairs.csv",
     "dapt.max_steps": 3, "dapt.block_size": 192, "dapt.batch_size": 4, "dapt.lr": 1.0e-3,
     "finetune.method": "lora", "finetune.epochs": 2, "finetune.batch_size": 8, "finetune.lr": 1.0e-2,
-    "finetune.target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"], "finetune.lora_dropout": 0.0, "finetune.packing": True,
+    "finetune.target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"], "finetune.lora_dropout": 0.0,
+    "finetune.packing": True,
     "evaluate.samples": 2, "evaluate.max_new_tokens": 8,
 }
 

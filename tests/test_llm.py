@@ -51,7 +51,8 @@ def test_exactly_the_response_tokens_carry_loss_when_the_boundary_merges():
     assert all(enc.labels[i] == ids[i] for i in loss_pos)
     # the loss tokens are the response (+ eos) and the one boundary character they share, nothing else
     assert "".join(tok.convert_ids_to_tokens([ids[i] for i in loss_pos])) == full[start - 1:]
-    assert "".join(tok.convert_ids_to_tokens([t for t, y in zip(ids, enc.labels) if y == llm.IGNORE])) == full[: start - 1]
+    prompt_tokens = [t for t, y in zip(ids, enc.labels) if y == llm.IGNORE]
+    assert "".join(tok.convert_ids_to_tokens(prompt_tokens)) == full[: start - 1]
     assert enc.response_tokens == len(loss_pos) and enc.cut_tokens == 0
 
 
