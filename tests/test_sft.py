@@ -195,3 +195,30 @@ def test_classification_as_generation_scores_the_label_set_and_gates(tmp_path, m
 
     with pytest.raises(DataError, match=r"test.parquet: row 1: field 'label': response 'maybe' is not in"):
         genexport.evaluate_generation(data, str(tmp_path / "out"), base, p)
+
+
+def test_continued_pretraining_is_packed_and_resumes_exactly(tmp_path, model_dir, splits, monkeypatch):
+    from safetensors.torch import load_file
+
+    from domaintune.engine import CRASH_ENV, TrainingCrash
+    from domaintune.params import DaptParams
+
+    base = BaseParams(model=str(model_dir), max_length=64, task="generation")
+    p = DaptParams(block_size=32, max_steps=4, batch_size=4, lr=1e-3, checkpoint_every=1)
+    corpus = [f"customer {i} asked about invoices and refunds" for i in range(20)]
+
+    def run(name):
+        (tmp_path / name).mkdir(exist_ok=True)
+        return sft.dapt_generation(splits, corpus, base, p, tmp_path / name / "out", tmp_path / name / "ckpt",
+                                   tmp_path / name / "live")
+
+    m = run("straight")
+    assert m["steps"] == 4 and m["blocks"] > 0 and m["perplexity_after"] < m["perplexity_before"]
+    assert (tmp_path / "straight/live/plots/metrics/train/loss.tsv").read_text().count("\n") == 5
+    monkeypatch.setenv(CRASH_ENV, "2")
+    with pytest.raises(TrainingCrash):
+        run("crashed")
+    monkeypatch.delenv(CRASH_ENV)
+    run("crashed")
+    a, b = (load_file(tmp_path / n / "out" / "model.safetensors") for n in ("straight", "crashed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
