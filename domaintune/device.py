@@ -85,8 +85,10 @@ def use_bf16(mode: str, device: str) -> bool:
     return ok
 
 
-# Whether `bf16: auto` turns CPU autocast on where the CPU has AVX512-BF16/AMX. Decided by
-# bench/train.py (bench/results/train.json "bf16_vs_fp32"), measured on an Intel Xeon with AVX512-BF16.
+# Whether `bf16: auto` turns CPU autocast on where the CPU has AVX512-BF16/AMX. True keeps what
+# finetune did before the engine (bf16 autocast on such CPUs). `bench/train.py bf16` and
+# `throughput --bf16` measure it (results keys 5_bf16_cpu_* / 5_throughput_cpu_*); set False if bf16 is
+# slower or less accurate there.
 CPU_BF16_AUTO = True
 
 

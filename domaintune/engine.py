@@ -144,6 +144,9 @@ class Engine:
         self.groups = groups
         self.opt = make_adamw(groups, cfg, self.device)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        # Clipping sums squared norms in the model's parameter order (the sum's rounding depends on it).
+        order = {id(p): i for i, p in enumerate(model.parameters())}
+        self.clip_params = sorted(self.params, key=lambda p: order.get(id(p), len(order)))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_schedule(cfg.scheduler, cfg.warmup_steps, cfg.total_steps))
         self.bf16 = use_bf16(cfg.bf16, self.device)
@@ -182,7 +185,7 @@ class Engine:
             total += float(loss.detach()) * w
         if self.world > 1:
             total = distributed.all_reduce_grads(self.params, total)
-        clip = [p for p in self.params if p.grad is not None]
+        clip = [p for p in self.clip_params if p.grad is not None]
         gnorm = torch.nn.utils.clip_grad_norm_(clip, self.cfg.max_grad_norm) if clip else torch.tensor(0.0)
         lr_now = self.opt.param_groups[-1]["lr"]
         self.opt.step()
