@@ -4,7 +4,8 @@ Side by side in one run, same data and seed:
   1. speed of one MLM training step (forward + backward) with the vocabulary
      projection applied only at masked positions (what the stage does) vs the
      stock BertForMaskedLM forward with labels (logits at every position);
-  2. held-out MLM perplexity on held-out *train* texts (test texts are never
+  2. DAPT itself through the product's engine (domaintune.mlm.adapt -> domaintune.engine):
+     samples/s of its training loop, and held-out MLM perplexity on held-out *train* texts (test texts are never
      used for DAPT): with the fresh head, after the head warm-up (the base
      encoder's own number) and after DAPT;
   3. the effect on the downstream task: frozen mean-pooled embeddings +
@@ -39,7 +40,7 @@ def step_speed(model, train_ids, train_attn, vocab, batch_size: int, steps: int,
     """Forward+backward samples/s: masked-only head (ours) vs logits at every position (stock), interleaved."""
     import torch
 
-    from stages import dapt
+    from domaintune import mlm as dapt
 
     rng = np.random.default_rng(seed)
     model.train()
@@ -101,13 +102,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: the stage's, all cores)")
     ap.add_argument("--C", type=float, default=10.0)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dapt.json"))
+    ap.add_argument("--device", default="cpu", help="auto | cpu | cuda (DAPT itself runs on the product's engine there)")
     args = ap.parse_args()
+    run(args)
+
+
+def run(args) -> None:
+    """The three measurements side by side; writes args.out."""
 
     import torch
 
     from domaintune.modeling import load_tokenizer, resolve_model, set_threads
     from domaintune.params import DaptParams, as_dict
-    from stages import dapt
+    from domaintune import mlm as dapt
 
     set_threads()
     if args.threads:
@@ -144,7 +151,10 @@ def main() -> None:
 
     # 2. DAPT itself (the stage's core function)
     t0 = time.perf_counter()
-    model, tok, metrics, info = dapt.adapt(corpus, base_path, params, args.seed)
+    from domaintune.device import resolve_device
+
+    device = resolve_device(args.device)
+    model, tok, metrics, info, _ = dapt.adapt(corpus, base_path, params, args.seed, device, progress=False)
     dapt_seconds = time.perf_counter() - t0
     print("dapt", metrics, flush=True)
 

@@ -12,6 +12,8 @@ results into bench/results/train.json, or --results):
               set, one run per --seeds, test accuracy mean +- std; --methods adds a
               table (accuracy, trainable params, time, peak memory), one
               subprocess per run so peak memory is per run
+  bf16        bf16 autocast vs float32 of our default recipe at equal data/epochs/seed: test accuracy
+              and samples/s (decides domaintune.device.CPU_BF16_AUTO on this CPU kind)
   hf-quality  the HF recipes trained to the end (same epochs/LR/seed) -> test
               accuracy, to compare with ours at equal data and epochs
 (GPU speed, benchmark 5, is bench/train_gpu.py.) With --cpu a part stays on
@@ -215,13 +217,17 @@ def part_throughput(a) -> dict:
     device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
     base, ft = ours_params(a.params, method="full", epochs=1, batch_size=a.batch_size, lr=5e-5, seeds=(a.seed,),
                            checkpoint_every=0, device=device, bf16="off")
-    model, tok, _, res = ours_train(sub, labels, a.model, base, ft, a.seed)
-    st = res["history"]["steps"]
-    steady = sum(s["samples"] for s in st[WARMUP_STEPS:-1]) / (st[-2]["seconds"] - st[WARMUP_STEPS - 1]["seconds"])
-    out["ours"] = {"seconds": res["train_seconds"], "samples_per_s": res["train_samples_per_s"],
-                   "steady_samples_per_s": steady, "probe_seconds": res["probe_seconds"], "steps": res["steps"]}
-    print("ours", out["ours"], flush=True)
-    del model
+    runs = [("ours", "off")] + ([("ours_bf16", "on")] if a.bf16 else [])
+    for name, bf16 in runs:  # the product's engine (train_one -> FinetuneRun -> Engine), float32 and bf16 autocast
+        ft = dataclasses.replace(ft, bf16=bf16)
+        model, tok, _, res = ours_train(sub, labels, a.model, base, ft, a.seed)
+        st = res["history"]["steps"]
+        steady = sum(s["samples"] for s in st[WARMUP_STEPS:-1]) / (st[-2]["seconds"] - st[WARMUP_STEPS - 1]["seconds"])
+        out[name] = {"seconds": res["train_seconds"], "samples_per_s": res["train_samples_per_s"],
+                     "steady_samples_per_s": steady, "probe_seconds": res["probe_seconds"], "steps": res["steps"],
+                     "bf16": res["bf16"]}
+        print(name, out[name], flush=True)
+        del model
     for name, padded in (("hf_competent", False), ("hf_seeds_recipe", True)):
         m, _, secs, samples, steady = hf_train(sub, labels, a.model, padded=padded, seed=a.seed,
                                                batch_size=a.batch_size, lr=5e-5, max_steps=a.steps, device=device)
@@ -232,6 +238,8 @@ def part_throughput(a) -> dict:
     for kind in ("samples_per_s", "steady_samples_per_s"):
         out[f"ratio_vs_seeds_recipe_{kind}"] = out["ours"][kind] / out["hf_seeds_recipe"][kind]
         out[f"ratio_vs_competent_{kind}"] = out["ours"][kind] / out["hf_competent"][kind]
+        if "ours_bf16" in out:
+            out[f"ratio_bf16_vs_fp32_{kind}"] = out["ours_bf16"][kind] / out["ours"][kind]
     print({k: v for k, v in out.items() if k.startswith("ratio")}, flush=True)
     return out
 
@@ -310,6 +318,19 @@ def part_quality(a) -> dict:
             "default_runs": default, "methods": rows[len(a.seeds):]}
 
 
+def part_bf16(a) -> dict:
+    """bf16 autocast vs float32 on this CPU at equal data, epochs and seed: test accuracy and training samples/s
+    of the product's finetune (the default recipe), each run in its own process."""
+    rows = {}
+    for name, bf16 in (("fp32", "off"), ("bf16", "on")):
+        rows[name] = _child(a, a.seed, {"bf16": bf16, "epochs": int(a.epochs)})
+        print(name, {k: rows[name][k] for k in ("test_accuracy", "train_seconds", "train_samples_per_s")}, flush=True)
+    return {"setting": {"train_limit": a.train_limit, "test_limit": a.test_limit, "epochs": int(a.epochs),
+                        "seed": a.seed, "env": env_info()},
+            **rows, "accuracy_bf16_minus_fp32": rows["bf16"]["test_accuracy"] - rows["fp32"]["test_accuracy"],
+            "speed_bf16_over_fp32": rows["bf16"]["train_samples_per_s"] / rows["fp32"]["train_samples_per_s"]}
+
+
 def _method_defaults(method: str) -> dict:
     # LoRA/QLoRA/head want a larger LR than a full fine-tune (few, freshly initialised weights).
     return {"lora": {"lr": 5e-4}, "qlora": {"lr": 5e-4}, "head": {"lr": 1e-3}, "freeze": {"freeze_layers": 3},
@@ -332,7 +353,7 @@ def part_hf_quality(a) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["throughput", "quality", "hf-quality", "one"])
+    ap.add_argument("part", choices=["throughput", "quality", "hf-quality", "bf16", "one"])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--model", type=Path, default=None, help="encoder folder (default: bundled MiniLM)")
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
@@ -350,6 +371,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--parallel-cores", default="", help='e.g. "0,1;2,3;4,5": run quality runs side by side')
     ap.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is there")
+    ap.add_argument("--bf16", action="store_true", help="throughput: also time our engine under bf16 autocast")
     a = ap.parse_args(argv)
     if a.model is None:
         from domaintune.modeling import resolve_model
@@ -359,7 +381,8 @@ def main(argv=None) -> int:
         row = run_one(a)
         a.json_out.write_text(json.dumps(row))
         return 0
-    fn = {"throughput": part_throughput, "quality": part_quality, "hf-quality": part_hf_quality}[a.part]
+    fn = {"throughput": part_throughput, "quality": part_quality, "hf-quality": part_hf_quality,
+          "bf16": part_bf16}[a.part]
     t0 = time.perf_counter()
     res = fn(a)
     res["wall_seconds"] = time.perf_counter() - t0

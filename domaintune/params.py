@@ -7,6 +7,7 @@ fails before any data is read instead of silently falling back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,23 @@ def _one_of(value: Any, allowed: tuple, section: str, key: str) -> None:
     _check(value in allowed, section, key, f"must be one of {list(allowed)}, got {value!r}")
 
 
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _check_launch(p: Any, section: str) -> None:
+    """processes / nnodes / node_rank / rdzv_endpoint: the data-parallel launch (domaintune.distributed)."""
+    _check(isinstance(p.processes, int) and p.processes >= 1, section, "processes", "must be an integer >= 1")
+    _check(isinstance(p.nnodes, int) and p.nnodes >= 1, section, "nnodes", "must be an integer >= 1")
+    _check(isinstance(p.node_rank, int) and 0 <= p.node_rank < p.nnodes, section, "node_rank",
+           f"must be in [0, nnodes), got {p.node_rank}")
+    host, _, port = str(p.rdzv_endpoint).rpartition(":")
+    _check(bool(host) and port.isdigit(), section, "rdzv_endpoint", f"must be HOST:PORT, got {p.rdzv_endpoint!r}")
+    _check(isinstance(p.grad_accum, int) and p.grad_accum >= 1, section, "grad_accum", "must be an integer >= 1")
+    share = p.grad_accum * p.processes * p.nnodes
+    _check(p.batch_size >= share, section, "batch_size", f"must be >= grad_accum x processes x nnodes = {share} "
+           "(every micro-batch of every process needs a row)")
+
+
 @dataclass(frozen=True)
 class BaseParams:
     seed: int = 42
@@ -35,10 +53,20 @@ class BaseParams:
     # (no network); anything else is a local directory or a hub model name.
     model: str = "minilm"
     max_length: int = 128
+    # classification: an encoder + a label head; generation: a causal LM (SFT on prompt -> response).
+    task: str = "classification"
+    # Where every stage runs its models: auto (CUDA when torch sees one, else CPU), cpu, cuda, cuda:N.
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        _one_of(self.task, ("classification", "generation"), "base", "task")
         _check(self.max_length >= 8, "base", "max_length", f"must be >= 8, got {self.max_length}")
+        _check(_DEVICE_RE.match(str(self.device)) is not None, "base", "device",
+               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(bool(self.model), "base", "model", "must not be empty")
+
+
+MESSAGES_RESPONSE = "response (last assistant message)"  # the column chat.to_columns adds
 
 
 @dataclass(frozen=True)
@@ -61,6 +89,23 @@ class IngestParams:
     # A source with its own splits (files or split_column) but no validation/test: carve it from
     # train by ingest.split (logged and in the metrics) or stop.
     missing_split: str = "carve"
+    # base.task generation: the prompt and response columns (they replace text/label_column).
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    # base.task generation: a column of chat conversations instead (domaintune/chat.py); null = off.
+    messages_column: Optional[str] = None
+
+    def for_task(self, task: str) -> "IngestParams":
+        """The view ingest reads with: for generation the prompt is the text and the response the label
+        (every response is kept as written: no missing-label words). With messages_column, the prompt is
+        that column (rewritten by chat.to_columns) and the response the column it adds."""
+        if task != "generation":
+            return self
+        if self.messages_column:
+            return dataclasses.replace(self, text_column=self.messages_column, label_column=MESSAGES_RESPONSE,
+                                       missing_labels=())
+        return dataclasses.replace(self, text_column=self.prompt_column, label_column=self.response_column,
+                                   missing_labels=())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "missing_labels", tuple(self.missing_labels or ()))
@@ -147,6 +192,17 @@ class DaptParams:
     # "before" measurement and the full training (skipped when the head was loaded).
     head_warmup_steps: int = 50
     head_warmup_lr: float = 1.0e-3
+    # bf16 autocast: auto uses it where the hardware runs it fast (see domaintune.device.use_bf16).
+    bf16: str = "auto"
+    # Resumable checkpoint (and a held-out perplexity point on the curves) every this many steps (0 = never).
+    checkpoint_every: int = 50
+    # Micro-batches per optimizer step (batch_size is the global batch, split across them).
+    grad_accum: int = 1
+    # Data-parallel processes per node (torchrun / accelerate), nodes, this node's rank, rendezvous.
+    processes: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = "127.0.0.1:29500"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "corpus", tuple(self.corpus or ()))
@@ -164,6 +220,9 @@ class DaptParams:
         _check(self.max_grad_norm > 0, "dapt", "max_grad_norm", "must be > 0")
         _check(self.head_warmup_steps >= 0, "dapt", "head_warmup_steps", "must be >= 0")
         _check(self.head_warmup_lr > 0, "dapt", "head_warmup_lr", "must be > 0")
+        _one_of(self.bf16, ("auto", "on", "off"), "dapt", "bf16")
+        _check(self.checkpoint_every >= 0, "dapt", "checkpoint_every", "must be >= 0")
+        _check_launch(self, "dapt")
 
 
 FINETUNE_METHODS = ("full", "freeze", "lora", "qlora", "head")
@@ -213,8 +272,19 @@ class FinetuneParams:
     bf16: str = "auto"
     # Write a resumable checkpoint every this many optimizer steps (0 = only at epoch ends).
     checkpoint_every: int = 100
-    # auto: CUDA when torch sees one, else CPU.
+    # Deprecated: base.device is the one setting; a value here other than auto still wins for finetune.
     device: str = "auto"
+    # base.task generation: pack whole examples into rows of base.max_length tokens (no attention
+    # across examples), and recompute activations in the backward pass to save memory.
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    # torch.compile the model's forward (worth it on a GPU for long runs; compile time dominates short ones).
+    compile: bool = False
+    grad_accum: int = 1
+    processes: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = "127.0.0.1:29500"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -249,7 +319,10 @@ class FinetuneParams:
         _check(self.early_stopping_patience >= 0, s, "early_stopping_patience", "must be >= 0")
         _one_of(self.bf16, ("auto", "on", "off"), s, "bf16")
         _check(self.checkpoint_every >= 0, s, "checkpoint_every", "must be >= 0")
-        _one_of(self.device, ("auto", "cpu", "cuda"), s, "device")
+        _check(_DEVICE_RE.match(str(self.device)) is not None, s, "device",
+               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(isinstance(self.compile, bool), s, "compile", "must be true or false")
+        _check_launch(self, s)
 
 
 @dataclass(frozen=True)
@@ -263,8 +336,20 @@ class EvaluateParams:
     top_k: int = 20
     # Quantile buckets of text length (words) for accuracy-by-length.
     length_buckets: int = 4
+    # base.task generation: greedy sample generations for this many test prompts, this long at most.
+    samples: int = 5
+    max_new_tokens: int = 48
+    # generation: a declared label set (classification as generation): every validation/test response must be
+    # one of them; each label is scored by its log-likelihood, calibrated, and gated like a classifier.
+    label_set: tuple = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "label_set", tuple(self.label_set or ()))
+        _check(all(isinstance(v, str) and v.strip() for v in self.label_set) and len(set(self.label_set))
+               == len(self.label_set) and len(self.label_set) != 1, "evaluate", "label_set",
+               f"must be [] or at least two distinct non-empty strings, got {list(self.label_set)!r}")
+        _check(self.samples >= 0, "evaluate", "samples", "must be >= 0")
+        _check(self.max_new_tokens >= 1, "evaluate", "max_new_tokens", "must be >= 1")
         _check(self.bins >= 2, "evaluate", "bins", "must be >= 2")
         _check(self.batch_size >= 1, "evaluate", "batch_size", "must be >= 1")
         _check(self.min_calibration_rows >= 1, "evaluate", "min_calibration_rows", "must be >= 1")

@@ -22,6 +22,7 @@ Multi-label data: the label column holds the labels joined by "|"
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,43 +31,21 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (LABEL_SEPARATOR, DataError, atomic_output, encode_labels, read_json, split_labels,
-                             write_json)
+from domaintune.data import LABEL_SEPARATOR, DataError, encode_labels, split_labels
 from domaintune.embeddings import encoder_fingerprint
-from domaintune.optim import lr_schedule, no_weight_decay
 from domaintune.params import BaseParams, FinetuneParams, ParamsError, as_dict
 
 log = logging.getLogger("domaintune.training")
 
-# Test hook: raise after this many optimizer steps (after checkpointing), to
-# simulate a crash and check that resuming gives the same result.
-CRASH_ENV = "DOMAINTUNE_CRASH_AFTER_STEPS"
-
-
-class TrainingCrash(RuntimeError):
-    """Raised by the CRASH_ENV test hook."""
-
-
-# Test hook "N:PATH": in the Nth checkpoint write of this process, once its first file is written,
-# create PATH and wait to be killed (tests SIGKILL the stage mid-write); raises if nobody does in 120 s.
-STALL_ENV = "DOMAINTUNE_STALL_IN_CHECKPOINT_WRITE"
-_checkpoint_writes = 0
-
-
-def _stall_hook() -> None:
-    global _checkpoint_writes
-    _checkpoint_writes += 1
-    spec = os.environ.get(STALL_ENV, "")
-    if spec and int(spec.split(":", 1)[0]) == _checkpoint_writes:
-        Path(spec.split(":", 1)[1]).write_text(str(os.getpid()))
-        time.sleep(120)
-        raise TrainingCrash(f"{STALL_ENV}: nobody killed this process during checkpoint write {_checkpoint_writes}")
+# Test hooks and checkpoint files live in the engine; re-exported for the tests and benches that name them here.
+from domaintune.engine import CRASH_ENV, STALL_ENV, TrainingCrash, load_trainable_state  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------- labels
@@ -299,96 +278,12 @@ def classification_metrics(logits: np.ndarray, y: np.ndarray, problem_type: str)
 
 def run_key(ft: FinetuneParams, base: BaseParams, data_hash: str, encoder_dir: str, seed: int) -> str:
     """What a checkpoint belongs to: params, data, encoder weights and seed."""
+    launch = ("processes", "nnodes", "node_rank", "rdzv_endpoint")  # a run may resume under another launch
     h = hashlib.sha256()
-    h.update(json.dumps({"finetune": as_dict(ft), "max_length": base.max_length, "data": data_hash,
+    h.update(json.dumps({"finetune": {k: v for k, v in as_dict(ft).items() if k not in launch}, "max_length": base.max_length, "data": data_hash,
                          "seed": seed}, sort_keys=True).encode())
     h.update(encoder_fingerprint(encoder_dir).encode())  # weights, config and tokenizer files
     return h.hexdigest()[:16]
-
-
-def _optimizer_to_tensors(opt, params: list) -> tuple[dict, dict]:
-    index = {id(p): i for i, p in enumerate(params)}
-    tensors, scalars = {}, {}
-    for p, st in opt.state.items():
-        i = index[id(p)]
-        for k, v in st.items():
-            tensors[f"{i}.{k}"] = v.detach().clone().contiguous().cpu()
-    scalars["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    return tensors, scalars
-
-
-def _optimizer_from_tensors(opt, params: list, tensors: dict, scalars: dict) -> None:
-    for g, saved in zip(opt.param_groups, scalars["param_groups"]):
-        g.update(saved)
-    for key, v in tensors.items():
-        i, k = key.split(".", 1)
-        p = params[int(i)]
-        fused = opt.param_groups[0].get("fused")
-        # fused AdamW keeps `step` on the parameter's device, the per-tensor loop on the CPU
-        opt.state[p][k] = v.to(p.device) if k != "step" or fused else v.clone()
-
-
-def save_checkpoint(ckpt_dir: Path, model, opt, sched, params: list, state: dict, best: Optional[dict]) -> None:
-    """Written to a temporary folder and swapped in complete (data.atomic_output): a crash mid-write
-    leaves the previous checkpoint in place."""
-    with atomic_output(ckpt_dir) as tmp:
-        tmp.mkdir()
-        _write_checkpoint(tmp, model, opt, sched, params, state, best)
-
-
-def _write_checkpoint(tmp: Path, model, opt, sched, params: list, state: dict, best: Optional[dict]) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().cpu().clone() for k, v in _trainable_state(model).items()},
-              str(tmp / "model.safetensors"))
-    _stall_hook()
-    if best is not None:
-        save_file({k: v.contiguous().cpu() for k, v in best.items()}, str(tmp / "best.safetensors"))
-    if opt is not None:
-        ot, os_ = _optimizer_to_tensors(opt, params)
-        if ot:
-            save_file(ot, str(tmp / "optimizer.safetensors"))
-        state = dict(state, optimizer=os_)
-    if sched is not None:
-        state = dict(state, scheduler={k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"})
-    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    write_json(tmp / "state.json", state)
-
-
-def load_checkpoint(ckpt_dir: Path, model, opt, sched, params: list) -> tuple[dict, Optional[dict]]:
-    import torch
-    from safetensors.torch import load_file
-
-    state = read_json(ckpt_dir / "state.json")
-    weights = load_file(str(ckpt_dir / "model.safetensors"))
-    _load_trainable_state(model, weights)
-    best = load_file(str(ckpt_dir / "best.safetensors")) if (ckpt_dir / "best.safetensors").exists() else None
-    if opt is not None and "optimizer" in state:
-        ot = load_file(str(ckpt_dir / "optimizer.safetensors")) if (ckpt_dir / "optimizer.safetensors").exists() else {}
-        _optimizer_from_tensors(opt, params, ot, state["optimizer"])
-    if sched is not None and "scheduler" in state:
-        sched.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * len(sched.lr_lambdas)))
-    torch.set_rng_state(load_file(str(ckpt_dir / "rng.safetensors"))["torch_rng"])
-    return state, best
-
-
-def _trainable_state(model) -> dict:
-    """Every float tensor that training can change (quantised 4-bit weights never change)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if p.dtype.is_floating_point:
-            out[name] = p.detach()
-    return out
-
-
-def _load_trainable_state(model, state: dict) -> None:
-    import torch
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in state:
-                p.copy_(state[name])
 
 
 def _snapshot(model, names: set) -> dict:
@@ -397,52 +292,31 @@ def _snapshot(model, names: set) -> dict:
 
 # ---------------------------------------------------------------- the loop
 
-def resolve_device(name: str) -> str:
-    import torch
+def finetune_device(base: BaseParams, ft: FinetuneParams) -> str:
+    """base.device, unless the deprecated finetune.device names something other than auto."""
+    from domaintune.device import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("params.yaml: finetune.device: cuda requested but torch sees no CUDA device")
-    return name
-
-
-def _use_bf16(mode: str) -> bool:
-    import torch
-
-    if mode == "off":
-        return False
-    if torch.cuda.is_available():
-        ok = torch.cuda.is_bf16_supported()
-    else:  # CPU bf16 is only faster with AMX / AVX512-BF16; elsewhere it is emulated and slow
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            flags = ""
-        ok = "amx_bf16" in flags or "avx512_bf16" in flags
-    if mode == "on" and not ok:
-        log.warning("finetune.bf16: on, but this hardware has no fast bf16; using it anyway")
-        return True
-    return ok
+    if ft.device != "auto":
+        return resolve_device(ft.device, "finetune.device")
+    return resolve_device(base.device)
 
 
 def _param_groups(model, trainable: list[tuple[str, Any]], ft: FinetuneParams, num_layers: int) -> list[dict]:
-    """AdamW groups: no weight decay on bias/LayerNorm; layer-wise LR decay (each
-    block below the top gets `layerwise_lr_decay` times the LR of the one above)."""
-    groups: dict[tuple, dict] = {}
-    for name, p in trainable:
-        depth = param_depth(name, num_layers)
-        scale = ft.layerwise_lr_decay ** (num_layers + 1 - depth)
-        wd = 0.0 if no_weight_decay(name) else ft.weight_decay
-        key = (depth, wd)
-        g = groups.setdefault(key, {"params": [], "names": [], "lr": ft.lr * scale, "weight_decay": wd,
-                                    "depth": depth})
-        g["params"].append(p)
-        g["names"].append(name)
-    return [groups[k] for k in sorted(groups)]
+    """AdamW groups (engine.param_groups): no weight decay on bias/LayerNorm; layer-wise LR decay (each
+    block below the top gets `layerwise_lr_decay` times the LR of the one above); one group per depth
+    (gradual unfreezing switches whole depths)."""
+    from domaintune.engine import param_groups
+
+    depth = lambda n: param_depth(n, num_layers)  # noqa: E731
+    groups = param_groups(trainable, ft.lr, ft.weight_decay,
+                          lr_scale=lambda n: ft.layerwise_lr_decay ** (num_layers + 1 - depth(n)), group_key=depth,
+                          trainable_only=False)
+    for g in groups:
+        g["depth"] = g["key"]
+    return groups
 
 
-def _apply_method(model, ft: FinetuneParams, seed: int) -> None:
+def _apply_method(model, ft: FinetuneParams, seed: int, device: str = "cpu") -> None:
     """Set requires_grad (and wrap with LoRA) according to finetune.method."""
     import torch
 
@@ -453,7 +327,7 @@ def _apply_method(model, ft: FinetuneParams, seed: int) -> None:
 
         check_target_modules(enc, ft.target_modules)
         if ft.method == "qlora":
-            check_4bit_shapes(enc, resolve_device(ft.device))
+            check_4bit_shapes(enc, device)
             quantize_encoder_4bit(enc, ft.qlora_compute_dtype)
         torch.manual_seed(seed)  # LoRA A matrices are random: seed them
         cfg = LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
@@ -476,7 +350,7 @@ def _apply_method(model, ft: FinetuneParams, seed: int) -> None:
                 p.requires_grad = False
 
 
-def validate_setup(ft: FinetuneParams, encoder_dir: str) -> None:
+def validate_setup(ft: FinetuneParams, encoder_dir: str, device: str = "cpu") -> None:
     """Everything that can be checked before any training: a bad setup fails first."""
     if ft.method == "qlora":
         err = qlora_backend_error()
@@ -488,7 +362,291 @@ def validate_setup(ft: FinetuneParams, encoder_dir: str) -> None:
         encoder = load_encoder(encoder_dir)
         check_target_modules(encoder, ft.target_modules)
         if ft.method == "qlora":
-            check_4bit_shapes(encoder, resolve_device(ft.device))
+            check_4bit_shapes(encoder, device)
+
+
+@dataclass
+class LoopState:
+    """Where a fine-tuning run stands: what a checkpoint must hold besides the engine's own state."""
+
+    epoch: int = 0
+    pos: int = 0                        # next batch of `epoch`
+    epochs: list = field(default_factory=list)  # per-epoch records (train loss, validation metrics)
+    initial: Optional[dict] = None      # validation before training (where the probe starts)
+    best_f1: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    epoch_rng_state: Optional[dict] = None  # the shuffle generator at the start of `epoch`
+
+
+def _loss_function(ft: FinetuneParams, y_train: np.ndarray, num_labels: int, device: str):
+    """Cross-entropy (single label) or BCE (multi label) with label smoothing; class weights are inverse
+    frequency (n / (K * count)), capped so a one-off label does not dominate."""
+    import torch
+    import torch.nn.functional as F
+
+    if ft.problem_type == "single_label":
+        weight = None
+        if ft.class_weights:
+            counts = np.bincount(y_train, minlength=num_labels).astype(np.float64)
+            weight = torch.tensor(np.clip(len(y_train) / (num_labels * np.maximum(counts, 1)), 0, 10),
+                                  dtype=torch.float32, device=device)
+        return lambda logits, target: F.cross_entropy(logits, target, weight=weight,
+                                                      label_smoothing=ft.label_smoothing)
+    pos_weight = None
+    if ft.class_weights:
+        pos = y_train.sum(0)
+        pos_weight = torch.tensor(np.clip((len(y_train) - pos) / np.maximum(pos, 1), 0, 10), dtype=torch.float32,
+                                  device=device)
+
+    def bce(logits, target):
+        target = target * (1 - ft.label_smoothing) + ft.label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+    return bce
+
+
+class FinetuneRun:
+    """One seed's training on the engine: the classification objective, epochs over length-grouped
+    shuffled batches, validation and early stopping, best-weights restore and exact resume."""
+
+    def __init__(self, train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
+                 base: BaseParams, ft: FinetuneParams, seed: int, checkpoint_dir: Optional[Path] = None,
+                 device: Optional[str] = None):
+        import torch
+
+        from domaintune import distributed
+        from domaintune.device import batch_size_for
+
+        self.base, self.ft, self.seed = base, ft, seed
+        self.device = device or finetune_device(base, ft)
+        self.eval_batch = batch_size_for(self.device)
+        self.names = label_list(train_df, labels, ft.problem_type)
+        self.y_train = encode_labels(train_df, self.names, ft.problem_type, "train.parquet")
+        self.y_val = encode_labels(val_df, self.names, ft.problem_type, "validation.parquet")
+        self.texts = train_df["text"].astype(str).tolist()
+        self.val_texts = val_df["text"].astype(str).tolist()
+        if not self.texts:
+            raise DataError("train.parquet", None, None, "no training rows")
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        self._build_model(encoder_dir)
+        self._build_engine(checkpoint_dir)
+
+    def _build_model(self, encoder_dir: str) -> None:
+        """Encoder + head, the head fitted by a linear probe, the method applied (which weights train)."""
+        import torch
+
+        from domaintune.modeling import build_classifier, embed_texts, load_encoder, load_tokenizer
+
+        ft = self.ft
+        self.tokenizer = load_tokenizer(encoder_dir)
+        # fp32 master weights whatever the checkpoint's dtype (transformers v5 loads fp16 files as fp16);
+        # bf16 speed comes from autocast, not from bf16 weights.
+        encoder = load_encoder(encoder_dir).float()
+        self.model = build_classifier(encoder, len(self.names), ft.pooling, ft.head_dropout).to(self.device)
+        self.num_layers = len(encoder_layers(encoder))
+        t0 = time.perf_counter()
+        self.feats = None
+        if ft.head_init == "probe" or ft.method == "head":
+            self.feats = embed_texts(encoder, self.tokenizer, self.texts, batch_size=self.eval_batch,
+                                     max_length=self.base.max_length, pooling=ft.pooling)
+        if ft.head_init == "probe":
+            W, b = probe_head(self.feats, self.y_train, ft.problem_type, len(self.names), ft.probe_C, self.seed)
+            with torch.no_grad():
+                self.model.head.weight.copy_(torch.from_numpy(W))
+                self.model.head.bias.copy_(torch.from_numpy(b))
+        self.probe_s = time.perf_counter() - t0
+        _apply_method(self.model, ft, self.seed, self.device)
+        for p in self.model.head.parameters():
+            p.requires_grad = True
+        self.model.to(self.device)  # modules added by the method (LoRA) land on the same device
+
+    def _build_engine(self, checkpoint_dir: Optional[Path]) -> None:
+        import torch
+
+        from domaintune.engine import Engine, EngineConfig
+
+        ft = self.ft
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.trainable_names = {n for n, _ in trainable}
+        self.trainable_count = sum(p.numel() for _, p in trainable)
+        groups = _param_groups(self.model, trainable, ft, self.num_layers)
+        self.group_depth = [g["depth"] for g in groups]
+        if ft.method == "head":  # batches of cached features: every row costs the same
+            self.ids, self.lengths = None, np.ones(len(self.texts), dtype=int)
+        else:  # token ids pre-computed once; each batch padded to its own longest
+            self.ids = self.tokenizer(self.texts, truncation=True, max_length=self.base.max_length)["input_ids"]
+            self.lengths = np.array([len(x) for x in self.ids])
+        self.steps_per_epoch = math.ceil(len(self.texts) / ft.batch_size)
+        total = self.steps_per_epoch * ft.epochs
+        cfg = EngineConfig(lr=ft.lr, total_steps=total, warmup_steps=int(ft.warmup_ratio * total),
+                           scheduler=ft.scheduler, max_grad_norm=ft.max_grad_norm, grad_accum=ft.grad_accum,
+                           bf16=ft.bf16, checkpoint_every=ft.checkpoint_every, compile=ft.compile)
+        self.engine = Engine(self.model, groups, cfg, checkpoint_dir=checkpoint_dir, device=self.device)
+        self.loss_fn = _loss_function(ft, self.y_train, len(self.names), self.device)
+        self.y_t = torch.from_numpy(self.y_train).to(self.device)
+        self.feats_t = torch.from_numpy(self.feats).to(self.device) if ft.method == "head" else None
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def objective(self, model, idx: np.ndarray):
+        """The engine's loss function: a batch is row indices into the training data."""
+        import torch
+
+        rows = torch.from_numpy(idx).to(self.device)
+        if self.ft.method == "head":
+            logits = model.head(model.dropout(self.feats_t[rows]))
+        else:
+            input_ids, mask = collate([self.ids[i] for i in idx], self.pad_id)
+            logits = model(input_ids=input_ids.to(self.device, non_blocking=True),
+                           attention_mask=mask.to(self.device, non_blocking=True))
+        return self.loss_fn(logits.float(), self.y_t[rows])
+
+    def validate(self) -> dict:
+        import torch
+
+        from domaintune.modeling import predict_logits
+
+        vl = predict_logits(self.model, self.tokenizer, self.val_texts, batch_size=self.eval_batch,
+                            max_length=self.base.max_length)
+        out = {f"val_{k}": v for k, v in classification_metrics(vl, self.y_val, self.ft.problem_type).items()}
+        with torch.no_grad():
+            out["val_loss"] = float(self.loss_fn(torch.from_numpy(vl).to(self.device),
+                                                 torch.from_numpy(self.y_val).to(self.device)))
+        return out
+
+    def set_unfrozen(self, epoch: int) -> None:
+        """Gradual unfreezing: epoch e trains the head plus the top ceil(L*(e+1)/epochs)
+        blocks (embeddings only in the last epoch). Frozen groups get no grad, so AdamW skips them."""
+        if not self.ft.gradual_unfreeze:
+            return
+        top = math.ceil(self.num_layers * (epoch + 1) / self.ft.epochs)
+        min_depth = self.num_layers + 1 - top if epoch < self.ft.epochs - 1 else 0
+        for g, depth in zip(self.engine.opt.param_groups, self.group_depth):
+            for p in g["params"]:
+                p.requires_grad = depth >= min_depth
+
+    def checkpoint(self, loop: LoopState, rng: np.random.Generator, epoch: int, pos: int) -> None:
+        # Mid-epoch (pos > 0), resume replays this epoch's shuffle from where it started; at an epoch
+        # end (pos 0) the next epoch shuffles with the generator as it is now, as an uninterrupted run does.
+        state = dict(dataclasses.asdict(loop), epoch=epoch, pos=pos, step=self.engine.step_count, seed=self.seed,
+                     epoch_rng_state=loop.epoch_rng_state if pos else rng.bit_generator.state)
+        self.engine.save(state, self.best_state)
+
+    def train_step(self, idx: np.ndarray, epoch: int, t_train: float) -> dict:
+        """One optimizer step on global batch `idx`: this process's share, in grad_accum micro-batches,
+        each weighted by its share of the global batch."""
+        from domaintune.distributed import shard
+
+        mine = shard(idx, self.world, self.rank)
+        micro = [m for m in np.array_split(mine, self.ft.grad_accum) if len(m)]
+        weights = [len(m) / len(idx) for m in micro]
+        if not micro:  # a last batch smaller than the process count: take part with a zero-weight row, so
+            micro, weights = [idx[:1]], [0.0]  # every process reduces the same gradients
+        rec = self.engine.step(self.objective, micro, weights=weights, samples=len(idx))
+        rec.update(epoch=epoch, samples=len(idx), seconds=time.perf_counter() - t_train)
+        return rec
+
+    def restore(self) -> tuple[LoopState, np.random.Generator]:
+        rng = np.random.default_rng(self.seed)
+        loop = LoopState(epoch_rng_state=rng.bit_generator.state)
+        self.best_state = None
+        restored = self.engine.restore()
+        if restored is not None:
+            st, self.best_state = restored
+            loop = LoopState(**{k: st[k] for k in dataclasses.asdict(loop) if k in st})
+            log.info("resuming seed %d at epoch %d, step %d", self.seed, loop.epoch, self.engine.step_count)
+        rng.bit_generator.state = loop.epoch_rng_state
+        return loop, rng
+
+    def end_epoch(self, loop: LoopState, epoch: int, bar) -> bool:
+        """Validate, keep the best weights, log the epoch line; returns whether to stop early."""
+        ft = self.ft
+        ep = {"epoch": epoch, "step": self.engine.step_count,
+              "train_loss": float(np.mean([s["loss"] for s in self.engine.history if s.get("epoch") == epoch]
+                                          or [0.0]))}
+        if len(self.val_texts):
+            ep.update(self.validate())
+            if ep["val_macro_f1"] > loop.best_f1:
+                loop.best_f1, loop.best_epoch, loop.bad_epochs = ep["val_macro_f1"], epoch, 0
+                self.best_state = _snapshot(self.model, self.trainable_names) if ft.restore_best else None
+            else:
+                loop.bad_epochs += 1
+        loop.epochs.append(ep)
+        line = epoch_line(self.seed, epoch, ft.epochs, ep, loop.best_epoch == epoch)
+        if bar is not None:
+            bar.write(line)  # clears the bar first, so the line is never glued to it
+        else:
+            log.info("%s", line)
+        return ft.early_stopping_patience > 0 and loop.bad_epochs >= ft.early_stopping_patience
+
+    def train(self, progress: bool = True) -> dict:
+        """Run (or resume) the epochs; returns the result dict (history, validation, timing)."""
+        ft, engine = self.ft, self.engine
+        loop, rng = self.restore()
+        if len(self.val_texts) and loop.initial is None:  # where training starts from (e.g. the probe)
+            loop.initial = self.validate()
+        bar = None
+        if progress:
+            from domaintune.progress import Progress
+
+            bar = Progress(engine.cfg.total_steps, f"finetune seed {self.seed}", "step", initial=engine.step_count)
+        t_train, start_step, stopped_early = time.perf_counter(), engine.step_count, False
+        for epoch in range(loop.epoch, ft.epochs):
+            loop.epoch_rng_state = rng.bit_generator.state if epoch != loop.epoch or not loop.pos \
+                else loop.epoch_rng_state
+            rng.bit_generator.state = loop.epoch_rng_state
+            batches = length_grouped_batches(self.lengths, ft.batch_size, rng)
+            self.set_unfrozen(epoch)
+            self.model.train()
+            if ft.method == "head":
+                self.model.encoder.eval()  # frozen feature extractor: its dropout stays off
+            for pos in range(loop.pos if epoch == loop.epoch else 0, len(batches)):
+                rec = self.train_step(batches[pos], epoch, t_train)
+                if bar is not None:
+                    bar.update(1, loss=f"{rec['loss']:.4f}")
+                if ft.checkpoint_every and engine.step_count % ft.checkpoint_every == 0 and pos + 1 < len(batches):
+                    self.checkpoint(loop, rng, epoch, pos + 1)
+                engine.maybe_crash()
+            stop = self.end_epoch(loop, epoch, bar)
+            # Epoch-end checkpoint: resume starts the next epoch (or finishes, if this was the last).
+            self.checkpoint(loop, rng, ft.epochs if stop else epoch + 1, 0)
+            if stop:
+                stopped_early = True
+                log.info("seed %d: early stop after epoch %d (no macro-F1 gain for %d epochs)", self.seed, epoch,
+                         loop.bad_epochs)
+                break
+        if bar is not None:
+            bar.close()
+        if not stopped_early and loop.epochs and len(loop.epochs) < ft.epochs:
+            stopped_early = True  # resumed from an early-stopped checkpoint
+        return self.finish(loop, stopped_early, time.perf_counter() - t_train, engine.step_count - start_step)
+
+    def finish(self, loop: LoopState, stopped_early: bool, train_s: float, steps_run: int) -> dict:
+        from domaintune.modeling import count_parameters, predict_logits
+
+        if self.best_state is not None and self.ft.restore_best:
+            load_trainable_state(self.model, self.best_state)
+        for p in self.model.parameters():
+            p.requires_grad = False
+        final_val = {}
+        if len(self.val_texts):
+            vl = predict_logits(self.model, self.tokenizer, self.val_texts, batch_size=self.eval_batch,
+                                max_length=self.base.max_length)
+            final_val = classification_metrics(vl, self.y_val, self.ft.problem_type)
+        history = {"steps": self.engine.history, "epochs": loop.epochs}
+        if loop.initial is not None:
+            history["initial"] = loop.initial
+        samples = sum(s["samples"] for s in self.engine.history[len(self.engine.history) - steps_run:]) \
+            if steps_run else 0
+        return {
+            "seed": self.seed, "history": history, "best_epoch": loop.best_epoch, "stopped_early": stopped_early,
+            "validation": final_val, "train_seconds": train_s, "probe_seconds": self.probe_s,
+            "train_samples_per_s": samples / train_s if train_s > 0 and samples else None,
+            "steps": self.engine.step_count, "trainable_params": self.trainable_count,
+            "total_params": count_parameters(self.model), "bf16": self.engine.bf16, "device": self.device,
+            "processes": self.world,
+        }
 
 
 def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
@@ -498,240 +656,15 @@ def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str
 
     result: history (per-step loss, lr, grad norm; per-epoch validation metrics),
     best epoch, validation metrics of the returned weights, timing."""
-    import torch
-    import torch.nn.functional as F
+    from domaintune.modeling import set_threads
 
-    from domaintune.modeling import build_classifier, count_parameters, embed_texts, load_encoder, load_tokenizer, \
-        predict_logits, set_threads
+    from domaintune import distributed
 
-    set_threads()
-    names = label_list(train_df, labels, ft.problem_type)
-    y_train = encode_labels(train_df, names, ft.problem_type, "train.parquet")
-    y_val = encode_labels(val_df, names, ft.problem_type, "validation.parquet")
-    texts = train_df["text"].astype(str).tolist()
-    val_texts = val_df["text"].astype(str).tolist()
-    if not texts:
-        raise DataError("train.parquet", None, None, "no training rows")
-
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    tokenizer = load_tokenizer(encoder_dir)
-    # fp32 master weights whatever the checkpoint's dtype (transformers v5 loads fp16 files as fp16);
-    # bf16 speed comes from autocast, not from bf16 weights.
-    encoder = load_encoder(encoder_dir).float()
-    model = build_classifier(encoder, len(names), ft.pooling, ft.head_dropout)
-    num_layers = len(encoder_layers(encoder))
-    device = torch.device(resolve_device(ft.device))
-    model.to(device)
-
-    # Linear probe: the head starts as a logistic regression on frozen embeddings.
-    t0 = time.perf_counter()
-    feats = None
-    if ft.head_init == "probe" or ft.method == "head":
-        feats = embed_texts(encoder, tokenizer, texts, batch_size=64, max_length=base.max_length, pooling=ft.pooling)
-    if ft.head_init == "probe":
-        W, b = probe_head(feats, y_train, ft.problem_type, len(names), ft.probe_C, seed)
-        with torch.no_grad():
-            model.head.weight.copy_(torch.from_numpy(W))
-            model.head.bias.copy_(torch.from_numpy(b))
-    probe_s = time.perf_counter() - t0
-
-    _apply_method(model, ft, seed)
-    for p in model.head.parameters():
-        p.requires_grad = True
-    model.to(device)  # modules added by the method (LoRA) land on the same device
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    trainable_names = {n for n, _ in trainable}
-    train_params = [p for _, p in trainable]
-    groups = _param_groups(model, trainable, ft, num_layers)
-    # Fused AdamW: one kernel over all tensors; ~8x faster steps than the per-tensor loop on CPU,
-    # which matters because MiniLM's 11.7M-row word embedding is updated every step.
-    opt_groups = [{k: v for k, v in g.items() if k not in ("names", "depth")} for g in groups]
-    try:
-        opt = torch.optim.AdamW(opt_groups, lr=ft.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
-    except (RuntimeError, ValueError):  # a dtype/device the fused kernel does not cover
-        opt = torch.optim.AdamW(opt_groups, lr=ft.lr, betas=(0.9, 0.999), eps=1e-8)
-    opt_params = [p for g in opt.param_groups for p in g["params"]]
-    group_depth = [g["depth"] for g in groups]
-    # Batch lengths: token ids pre-computed once; each batch padded to its own longest.
-    if ft.method == "head":
-        lengths = np.ones(len(texts), dtype=int)
-        ids = None
-    else:
-        ids = tokenizer(texts, truncation=True, max_length=base.max_length)["input_ids"]
-        lengths = np.array([len(x) for x in ids])
-    steps_per_epoch = math.ceil(len(texts) / ft.batch_size)
-    total_steps = steps_per_epoch * ft.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(ft.scheduler, int(ft.warmup_ratio * total_steps),
-                                                             total_steps))
-
-    # Loss: class weights are inverse frequency (n / (K * count)), capped so a one-off label does not dominate.
-    if ft.problem_type == "single_label":
-        weight = None
-        if ft.class_weights:
-            counts = np.bincount(y_train, minlength=len(names)).astype(np.float64)
-            weight = torch.tensor(np.clip(len(y_train) / (len(names) * np.maximum(counts, 1)), 0, 10),
-                                  dtype=torch.float32, device=device)
-
-        def loss_fn(logits, target):
-            return F.cross_entropy(logits, target, weight=weight, label_smoothing=ft.label_smoothing)
-        y_t = torch.from_numpy(y_train)
-    else:
-        pos_weight = None
-        if ft.class_weights:
-            pos = y_train.sum(0)
-            pos_weight = torch.tensor(np.clip((len(y_train) - pos) / np.maximum(pos, 1), 0, 10), dtype=torch.float32,
-                                      device=device)
-
-        def loss_fn(logits, target):
-            target = target * (1 - ft.label_smoothing) + ft.label_smoothing / 2
-            return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
-        y_t = torch.from_numpy(y_train)
-
-    feats_t = torch.from_numpy(feats).to(device) if ft.method == "head" else None
-    y_t = y_t.to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bf16 = _use_bf16(ft.bf16)
-    device_type = device.type
-
-    def set_unfrozen(epoch: int) -> None:
-        """Gradual unfreezing: epoch e trains the head plus the top ceil(L*(e+1)/epochs)
-        blocks (embeddings only in the last epoch). Frozen groups get no grad, so AdamW skips them."""
-        if not ft.gradual_unfreeze:
-            return
-        top = math.ceil(num_layers * (epoch + 1) / ft.epochs)
-        min_depth = num_layers + 1 - top if epoch < ft.epochs - 1 else 0
-        for g, depth in zip(opt.param_groups, group_depth):
-            for p in g["params"]:
-                p.requires_grad = depth >= min_depth
-
-    rng = np.random.default_rng(seed)
-    history = {"steps": [], "epochs": []}
-    best_state, best_f1, best_epoch, bad_epochs = None, -1.0, -1, 0
-    start_epoch, start_pos, step = 0, 0, 0
-    epoch_rng_state = rng.bit_generator.state
-    ckpt = checkpoint_dir / "last" if checkpoint_dir is not None else None
-    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
-
-    if ckpt is not None and (ckpt / "state.json").exists():
-        st, best_state = load_checkpoint(ckpt, model, opt, sched, opt_params)
-        start_epoch, start_pos, step = st["epoch"], st["pos"], st["step"]
-        history = st["history"]
-        best_f1, best_epoch, bad_epochs = st["best_f1"], st["best_epoch"], st["bad_epochs"]
-        epoch_rng_state = st["epoch_rng_state"]
-        log.info("resuming seed %d from %s at epoch %d, step %d", seed, ckpt, start_epoch, step)
-    rng.bit_generator.state = epoch_rng_state
-
-    def checkpoint(epoch: int, pos: int) -> None:
-        if ckpt is None:
-            return
-        # Mid-epoch (pos > 0), resume replays this epoch's shuffle from where it started; at an epoch
-        # end (pos 0) the next epoch shuffles with the generator as it is now, as an uninterrupted run does.
-        shuffle_state = epoch_rng_state if pos else rng.bit_generator.state
-        save_checkpoint(ckpt, model, opt, sched, opt_params,
-                        {"epoch": epoch, "pos": pos, "step": step, "history": history, "best_f1": best_f1,
-                         "best_epoch": best_epoch, "bad_epochs": bad_epochs, "epoch_rng_state": shuffle_state,
-                         "seed": seed}, best_state)
-
-    def validate() -> dict:
-        vl = predict_logits(model, tokenizer, val_texts, batch_size=64, max_length=base.max_length)
-        out = {f"val_{k}": v for k, v in classification_metrics(vl, y_val, ft.problem_type).items()}
-        with torch.no_grad():
-            out["val_loss"] = float(loss_fn(torch.from_numpy(vl).to(device), torch.from_numpy(y_val).to(device)))
-        return out
-
-    if len(val_texts) and "initial" not in history:  # where training starts from (e.g. the probe)
-        history["initial"] = validate()
-
-    bar = None
-    if progress:
-        from domaintune.progress import Progress
-
-        bar = Progress(total_steps, f"finetune seed {seed}", "step", initial=step)
-    t_train = time.perf_counter()
-    samples = 0
-    stopped_early = False
-    for epoch in range(start_epoch, ft.epochs):
-        epoch_rng_state = rng.bit_generator.state
-        batches = length_grouped_batches(lengths, ft.batch_size, rng)
-        set_unfrozen(epoch)
-        model.train()
-        if ft.method == "head":
-            model.encoder.eval()  # frozen feature extractor: its dropout stays off
-        pos = start_pos if epoch == start_epoch else 0
-        for pos in range(pos, len(batches)):
-            idx = batches[pos]
-            target = y_t[torch.from_numpy(idx).to(device)]
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-                if ft.method == "head":
-                    logits = model.head(model.dropout(feats_t[torch.from_numpy(idx).to(device)]))
-                else:
-                    input_ids, mask = collate([ids[i] for i in idx], pad_id)
-                    logits = model(input_ids=input_ids.to(device, non_blocking=True),
-                                   attention_mask=mask.to(device, non_blocking=True))
-            loss = loss_fn(logits.float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_([p for p in train_params if p.grad is not None], ft.max_grad_norm)
-            lr_now = opt.param_groups[-1]["lr"]  # the head group: the un-decayed LR
-            opt.step()
-            sched.step()
-            step += 1
-            samples += len(idx)
-            history["steps"].append({"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": float(lr_now),
-                                     "grad_norm": float(gnorm), "samples": len(idx),
-                                     "seconds": time.perf_counter() - t_train})
-            if bar is not None:
-                bar.update(1, loss=f"{float(loss.detach()):.4f}")
-            if ckpt is not None and ft.checkpoint_every and step % ft.checkpoint_every == 0 and pos + 1 < len(batches):
-                checkpoint(epoch, pos + 1)
-            if crash_after and step >= crash_after:
-                raise TrainingCrash(f"{CRASH_ENV}={crash_after}: simulated crash after step {step}")
-        # End of epoch: validate, early stopping on macro-F1, keep the best weights.
-        ep = {"epoch": epoch, "step": step,
-              "train_loss": float(np.mean([s["loss"] for s in history["steps"] if s["epoch"] == epoch] or [0.0]))}
-        if len(val_texts):
-            ep.update(validate())
-            if ep["val_macro_f1"] > best_f1:
-                best_f1, best_epoch, bad_epochs = ep["val_macro_f1"], epoch, 0
-                best_state = _snapshot(model, trainable_names) if ft.restore_best else None
-            else:
-                bad_epochs += 1
-        history["epochs"].append(ep)
-        line = epoch_line(seed, epoch, ft.epochs, ep, best_epoch == epoch)
-        if bar is not None:
-            bar.write(line)  # clears the bar first, so the line is never glued to it
-        else:
-            log.info("%s", line)
-        stop = ft.early_stopping_patience > 0 and bad_epochs >= ft.early_stopping_patience
-        # Epoch-end checkpoint: resume starts the next epoch (or finishes, if this was the last).
-        checkpoint(ft.epochs if stop else epoch + 1, 0)
-        if stop:
-            stopped_early = True
-            log.info("seed %d: early stop after epoch %d (no macro-F1 gain for %d epochs)", seed, epoch, bad_epochs)
-            break
-        start_pos = 0
-    train_s = time.perf_counter() - t_train
-    if bar is not None:
-        bar.close()
-    if stopped_early is False and history["epochs"] and len(history["epochs"]) < ft.epochs:
-        stopped_early = True  # resumed from an early-stopped checkpoint
-    if best_state is not None and ft.restore_best:
-        _load_trainable_state(model, best_state)
-    for p in model.parameters():
-        p.requires_grad = False
-    final_val = {}
-    if len(val_texts):
-        vl = predict_logits(model, tokenizer, val_texts, batch_size=64, max_length=base.max_length)
-        final_val = classification_metrics(vl, y_val, ft.problem_type)
-    result = {
-        "seed": seed, "history": history, "best_epoch": best_epoch, "stopped_early": stopped_early,
-        "validation": final_val, "train_seconds": train_s, "probe_seconds": probe_s,
-        "train_samples_per_s": samples / train_s if train_s > 0 and samples else None,
-        "steps": step, "trainable_params": sum(p.numel() for _, p in trainable),
-        "total_params": count_parameters(model), "bf16": bf16,
-    }
-    return model, tokenizer, names, result
+    if distributed.world_size() == 1:
+        set_threads()
+    run = FinetuneRun(train_df, val_df, labels, encoder_dir, base, ft, seed, checkpoint_dir)
+    result = run.train(progress)
+    return run.model, run.tokenizer, run.names, result
 
 
 def result_line(m: dict, train_rows: int) -> str:
@@ -770,16 +703,19 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
     base_encoder is what model.json records as the encoder (the path as given on the
     command line, e.g. "models/dapt"); defaults to encoder_dir.
     """
+    from domaintune import distributed
     from domaintune.modeling import save_classifier
 
-    validate_setup(ft, encoder_dir)
+    validate_setup(ft, encoder_dir, finetune_device(base, ft))
     ckpt_root = Path(checkpoint_root) if checkpoint_root is not None else None
     keys = {s: run_key(ft, base, data_hash, encoder_dir, s) for s in ft.seeds}
-    if ckpt_root is not None:
+    writer = distributed.rank() == 0  # under a multi-process launch, rank 0 alone writes
+    if ckpt_root is not None and writer:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         for old in ckpt_root.iterdir():  # checkpoints of other params/data/encoders are stale
             if old.is_dir() and old.name not in keys.values():
                 shutil.rmtree(old)
+    distributed.barrier()
     runs = []
     for seed in ft.seeds:
         ckpt = ckpt_root / keys[seed] if ckpt_root is not None else None
@@ -802,17 +738,18 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
         runs.append((seed, model, tok, meta, res))
     score = lambda r: r[4]["validation"].get("macro_f1", 0.0)  # noqa: E731
     best = max(runs, key=score)
-    if out_dir is not None:
+    if out_dir is not None and writer:
         out = Path(out_dir)
         save_classifier(best[1], best[2], out, best[3])
         if len(runs) > 1:
             for seed, model, tok, meta, _ in runs:
                 save_classifier(model, tok, out / "seeds" / str(seed), meta)
-    if live_dir is not None:
+    if live_dir is not None and writer:
         write_live(live_dir, [(r[0], r[4]) for r in runs], best[0])
     metrics = summarize(ft, [r[4] for r in runs], best[0])
     log.info("%s", result_line(metrics, len(train_df)))
-    if ckpt_root is not None:  # finished: these checkpoints are done with
+    distributed.barrier()
+    if ckpt_root is not None and writer:  # finished: these checkpoints are done with
         for k in keys.values():
             shutil.rmtree(ckpt_root / k, ignore_errors=True)
     return metrics
@@ -850,6 +787,8 @@ def write_live(live_dir: str | os.PathLike, runs: list[tuple[int, dict]], best_s
     seeds, every seed's are also under live_dir/seeds/<seed>/."""
     from dvclive import Live
 
+    from domaintune.engine import log_steps
+
     live_dir = Path(live_dir)
     if live_dir.exists():
         shutil.rmtree(live_dir)
@@ -858,10 +797,7 @@ def write_live(live_dir: str | os.PathLike, runs: list[tuple[int, dict]], best_s
         targets += [(live_dir / "seeds" / str(seed), res) for seed, res in runs]
     for folder, res in targets:
         with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-            for s in res["history"]["steps"]:
-                live.step = s["step"]
-                for k in ("loss", "lr", "grad_norm"):
-                    live.log_metric(f"train/{k}", s[k], plot=True)
+            log_steps(live, res["history"]["steps"], {k: f"train/{k}" for k in ("loss", "lr", "grad_norm")})
             for e in res["history"]["epochs"]:
                 live.step = e["step"]
                 for k, v in e.items():

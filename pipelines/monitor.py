@@ -78,12 +78,14 @@ def compare(batch: str, baseline: str, model: str, params_file: str, text_column
     from domaintune.params import load_params
     from stages.drift import Baseline, compare_batch
 
-    params = load_params(params_file, "drift")
+    from domaintune.device import stage_device
+
+    base, params = load_params(params_file, "base", "drift")
     texts = read_batch(batch, text_column)
     with atomic_output(out) as tmp:
         tmp.mkdir(parents=True)
         verdict = compare_batch(Baseline(baseline), texts, model, params, params.batch_size,
-                                html_path=tmp / "report.html")
+                                html_path=tmp / "report.html", device=stage_device(base))
         verdict["batch"] = str(batch)
         write_json(tmp / "verdict.json", verdict)
     return verdict

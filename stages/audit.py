@@ -134,7 +134,7 @@ def resolve_encoder(params: AuditParams, base: BaseParams) -> str:
 
 
 def embed_splits(splits: dict[str, pd.DataFrame], encoder_path: str, cache_dir: str | Path,
-                 max_length: int, batch_size: int) -> tuple[dict[str, np.ndarray], bool, float]:
+                 max_length: int, batch_size: int, device: str = "cpu") -> tuple[dict[str, np.ndarray], bool, float]:
     """Mean-pooled embeddings of every row of every split, through the cache.
 
     Returns ({split: array}, reused, seconds spent embedding (0 when reused)).
@@ -159,8 +159,11 @@ def embed_splits(splits: dict[str, pd.DataFrame], encoder_path: str, cache_dir: 
 
         t0 = time.perf_counter()
         set_threads()
-        tok, enc = load_tokenizer(encoder_path), load_encoder(encoder_path)
-        emb = embed_texts(enc, tok, texts, batch_size=batch_size, max_length=max_length, pooling="mean")
+        from domaintune.device import batch_size_for, place_for_inference
+
+        tok, enc = load_tokenizer(encoder_path), place_for_inference(load_encoder(encoder_path), device)
+        emb = embed_texts(enc, tok, texts, batch_size=batch_size_for(device, batch_size, max(256, batch_size)),
+                          max_length=max_length, pooling="mean")
         seconds["embed"] = time.perf_counter() - t0
         log.info("embedded %d texts in %.1fs", len(texts), seconds["embed"])
         return emb
@@ -515,6 +518,10 @@ def _empty_classes(splits: dict[str, pd.DataFrame], labels: list[str], train_in:
 
 def run(args) -> None:
     base, params = load_params(args.params, "base", "audit")
+    if base.task == "generation":
+        from domaintune.generation import run_audit
+
+        return run_audit(args, base)
     decisions_path = args.decisions if args.decisions is not None else params.decisions
     in_dir = Path(args.in_dir)
     splits, labels = read_dataset(in_dir)
@@ -522,8 +529,10 @@ def run(args) -> None:
     decisions = read_decisions(decisions_path, splits, labels)
 
     encoder_path = resolve_encoder(params, base)
+    from domaintune.device import stage_device
+
     embeddings, reused, embed_s = embed_splits(splits, encoder_path, args.embeddings, base.max_length,
-                                               params.batch_size)
+                                               params.batch_size, stage_device(base))
     result = audit(splits, labels, embeddings, params, base.seed, decisions)
 
     m = result.metrics

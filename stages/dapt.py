@@ -16,582 +16,113 @@ passed through unchanged, so finetune can always read models/dapt.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional
 
-import numpy as np
-
-from domaintune.data import DataError, atomic_output, read_dataset, write_json
-from domaintune.optim import lr_schedule, no_weight_decay
-from domaintune.params import BaseParams, DaptParams, ParamsError, as_dict, load_params
-from domaintune.progress import Progress
+from domaintune.data import atomic_output, read_dataset, write_json
+from domaintune.mlm import INFO_FILE, adapt, build_corpus, pass_through, read_corpus_file, save_encoder, write_live
+from domaintune.params import BaseParams, DaptParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
-from domaintune.textnorm import normalise
 
 log = logging.getLogger("domaintune.dapt")
 
-INFO_FILE = "dapt_info.json"
-HEAD_FILE = "mlm_head.safetensors"
-IGNORE = -100  # label of positions that carry no MLM loss (torch CrossEntropy's ignore_index)
-
-
-# ----------------------------------------------------------------------------- corpus
-
-
-@dataclass
-class Corpus:
-    """The de-duplicated texts DAPT trains on, with an account of every line not used."""
-
-    texts: list[str]
-    sources: list[str]  # "file:line" of each text, for the record
-    counts: dict = field(default_factory=dict)
-    removed: list[dict] = field(default_factory=list)  # {"source", "reason"} per dropped line
-
-
-def read_corpus_file(path: str | Path) -> list[tuple[int, str]]:
-    """(line number, text) of each line of a UTF-8 text file, one text per line."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(p, None, None, "corpus file not found (listed in params.yaml dapt.corpus)")
-    raw = p.read_bytes()
-    lines = raw.split(b"\n")
-    out = []
-    for i, line in enumerate(lines, start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(p, i, None, f"line is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        out.append((i, text.rstrip("\r")))
-    if out and out[-1][1] == "" and raw.endswith(b"\n"):
-        out.pop()  # the newline that ends the last line is not an extra blank line
-    if not any(t.strip() for _, t in out):
-        raise DataError(p, None, None, "corpus file is empty (no non-blank lines)")
-    return out
-
-
-def build_corpus(train_texts: Sequence[str], corpus_files: dict[str, list[tuple[int, str]]],
-                 exclude_texts: Sequence[str] = (), train_file: str = "train.parquet") -> Corpus:
-    """Train texts + corpus lines, minus blanks, duplicates and lines equal to a validation/test text.
-
-    Every dropped line is counted and listed with its source and reason.
-    """
-    # Exact duplicates after dedupe's normalisation (NFKC, casefold, whitespace): the same text once
-    # in training and once in the held-out slice would make the held-out perplexity a memory test.
-    excluded = {normalise(t) for t in exclude_texts}
-    seen: set[str] = set()
-    corpus = Corpus(texts=[], sources=[])
-    counts = {"train_texts": 0, "corpus_lines": 0, "blank": 0, "duplicate": 0, "matches_eval_text": 0}
-
-    def add(text: str, source: str, from_corpus: bool) -> None:
-        key = normalise(text)
-        if not key:
-            counts["blank"] += 1
-            corpus.removed.append({"source": source, "reason": "blank"})
-        elif from_corpus and key in excluded:
-            # An unlabelled line identical to a validation/test text would leak it into training.
-            counts["matches_eval_text"] += 1
-            corpus.removed.append({"source": source, "reason": "matches a validation/test text"})
-        elif key in seen:
-            counts["duplicate"] += 1
-            corpus.removed.append({"source": source, "reason": "duplicate"})
-        else:
-            seen.add(key)
-            corpus.texts.append(text.strip())
-            corpus.sources.append(source)
-
-    for i, text in enumerate(train_texts):
-        counts["train_texts"] += 1
-        add(str(text), f"{train_file}:row {i}", from_corpus=False)
-    for name, lines in corpus_files.items():
-        for lineno, text in lines:
-            counts["corpus_lines"] += 1
-            add(text, f"{name}:line {lineno}", from_corpus=True)
-    counts["used"] = len(corpus.texts)
-    counts["removed"] = len(corpus.removed)
-    corpus.counts = counts
-    if len(corpus.texts) < 2:
-        raise DataError(train_file, None, "text", f"the DAPT corpus has {len(corpus.texts)} usable text(s) "
-                        "(train split + dapt.corpus); need at least 2 (one to train on, one held out)")
-    return corpus
-
-
-def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, held-out) text indices; at least one text on each side."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_held = min(max(1, round(n * fraction)), n - 1)
-    return np.sort(order[n_held:]), np.sort(order[:n_held])
-
-
-# ----------------------------------------------------------------------------- blocks and masks
-
-
-@dataclass
-class Vocab:
-    """What masking needs to know about a tokenizer."""
-
-    cls_id: int
-    sep_id: int
-    pad_id: int
-    mask_id: int
-    special: np.ndarray       # bool [vocab]: never masked, never a random replacement
-    continuation: np.ndarray  # bool [vocab]: this token continues the previous word
-
-    @classmethod
-    def from_tokenizer(cls, tok) -> "Vocab":
-        n = len(tok)
-        tokens = tok.convert_ids_to_tokens(list(range(n)))
-        special = np.zeros(n, dtype=bool)
-        special[[i for i in tok.all_special_ids if i is not None and i < n]] = True
-        if any(t.startswith("##") for t in tokens if t):
-            # WordPiece (BERT): "##" marks a piece that continues the word before it.
-            cont = np.array([bool(t) and t.startswith("##") for t in tokens])
-        elif any(t.startswith(("\u2581", "\u0120")) for t in tokens if t):
-            # SentencePiece / byte-level BPE mark word *starts* instead.
-            cont = np.array([bool(t) and not t.startswith(("\u2581", "\u0120")) for t in tokens])
-        else:
-            cont = np.zeros(n, dtype=bool)  # unknown scheme: every token is its own word
-        for name in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id"):
-            if getattr(tok, name) is None:
-                raise ParamsError(f"params.yaml: base.model: the tokenizer has no {name[:-9]} token; "
-                                  "DAPT needs a BERT-style masked-LM tokenizer")
-        return cls(tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id, special, cont & ~special)
-
-
-def pack_blocks(token_lists: Sequence[Sequence[int]], block_size: int, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate texts as `t1 [SEP] t2 [SEP] ...` and cut into blocks of exactly block_size tokens.
-
-    Each block starts with [CLS] (the position BERT always saw first). Packing
-    wastes no compute on padding; only the last block is padded, and kept, so no
-    text is dropped. Returns (input_ids, attention_mask), both int64 [n_blocks, block_size].
-    """
-    stream: list[int] = []
-    for ids in token_lists:
-        stream.extend(ids)
-        stream.append(vocab.sep_id)
-    body = block_size - 1
-    n_blocks = max(1, math.ceil(len(stream) / body))
-    ids = np.full((n_blocks, block_size), vocab.pad_id, dtype=np.int64)
-    mask = np.zeros((n_blocks, block_size), dtype=np.int64)
-    for b in range(n_blocks):
-        chunk = stream[b * body:(b + 1) * body]
-        ids[b, 0] = vocab.cls_id
-        ids[b, 1:1 + len(chunk)] = chunk
-        mask[b, :1 + len(chunk)] = 1
-    return ids, mask
-
-
-def whole_word_mask(input_ids: np.ndarray, attention_mask: np.ndarray, vocab: Vocab, probability: float,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """BERT whole-word masking: pick words with `probability`, mask every piece of a picked word.
-
-    Of the picked tokens 80% become [MASK], 10% a random token, 10% stay (so the
-    model cannot learn that only [MASK] positions matter). Special and padding
-    tokens are never picked. Every block with at least one word gets at least
-    one masked word, so no batch has an empty loss. Returns (masked ids, labels)
-    where labels hold the original id at picked positions and -100 elsewhere.
-    """
-    ids = np.asarray(input_ids)
-    cand = (np.asarray(attention_mask) == 1) & ~vocab.special[ids]
-    prev = np.zeros_like(cand)
-    prev[:, 1:] = cand[:, :-1]
-    start = cand & ~(vocab.continuation[ids] & prev)
-    word = np.cumsum(start.ravel()).reshape(ids.shape) - 1  # word index, valid where cand
-    n_words = int(start.sum())
-    if n_words == 0:
-        return ids.copy(), np.full(ids.shape, IGNORE, dtype=ids.dtype)
-    picked = rng.random(n_words) < probability
-    row_of_word = np.nonzero(start)[0]
-    has_pick = np.zeros(ids.shape[0], dtype=bool)
-    np.logical_or.at(has_pick, row_of_word, picked)
-    for row in np.unique(row_of_word[~has_pick[row_of_word]]):
-        picked[rng.choice(np.nonzero(row_of_word == row)[0])] = True
-    selected = cand & picked[np.where(cand, word, 0)]
-    r = rng.random(ids.shape)
-    replace = selected & (r < 0.8)
-    randomise = selected & (r >= 0.8) & (r < 0.9)
-    allowed = np.nonzero(~vocab.special)[0]
-    out = ids.copy()
-    out[replace] = vocab.mask_id
-    out[randomise] = rng.choice(allowed, size=int(randomise.sum()))
-    labels = np.where(selected, ids, IGNORE)
-    return out, labels
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def _mlm_head(model):
-    """The MLM head module of a *ForMaskedLM model (BERT: cls, RoBERTa-style: lm_head)."""
-    for name in ("cls", "lm_head"):
-        if hasattr(model, name):
-            return getattr(model, name)
-    raise ParamsError(f"params.yaml: base.model: {type(model).__name__} has no MLM head this stage knows "
-                      "(expected a BERT- or RoBERTa-style masked LM)")
-
-
-def mlm_loss(model, input_ids, attention_mask, labels, reduction: str = "mean"):
-    """Cross-entropy over the masked positions only.
-
-    The vocabulary projection (hidden x 30k) costs as much as the whole MiniLM
-    body per token; applying it only at the ~15% masked positions, instead of at
-    every position as *ForMaskedLM.forward does, makes a step 1.39x faster
-    (bench/results/dapt.json).
-    """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return _masked_ce(_mlm_head(model), hidden, labels, reduction)
-
-
-def _masked_ce(head, hidden, labels, reduction: str = "mean"):
-    """Cross-entropy of the MLM head at the masked positions (labels != IGNORE) only."""
-    import torch.nn.functional as F
-
-    sel = labels != IGNORE
-    return F.cross_entropy(head(hidden[sel]).float(), labels[sel], reduction=reduction)
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers' loading report at error level only: the keys we know are missing are noise."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
-def heldout_loss(model, ids: np.ndarray, attn: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> float:
-    """Mean MLM loss per masked token on fixed (already masked) held-out blocks."""
-    import torch
-
-    model.eval()
-    total, n = 0.0, 0
-    with torch.inference_mode():
-        for i in range(0, len(ids), batch_size):
-            lab = torch.from_numpy(labels[i:i + batch_size])
-            k = int((lab != IGNORE).sum())
-            if k == 0:
-                continue
-            loss = mlm_loss(model, torch.from_numpy(ids[i:i + batch_size]), torch.from_numpy(attn[i:i + batch_size]),
-                            lab, reduction="sum")
-            total += float(loss)
-            n += k
-    return total / max(n, 1)
-
-
-def load_mlm_model(base_path: str, seed: int):
-    """The base encoder with an MLM head; returns (model, where the head came from).
-
-    The head is, in order of preference: mlm_head.safetensors next to the base
-    weights (a previous DAPT round wrote it), the checkpoint's own MLM head, or a
-    fresh one. For a fresh one transformers initialises the missing cls.* weights
-    with its BERT init and ties the decoder to the word embeddings; the seed makes
-    that init repeatable.
-    """
-    import torch
-    from transformers import AutoModelForMaskedLM
-
-    torch.manual_seed(seed)
-    with _quiet_transformers():  # the expected "cls.* MISSING" load report
-        model, loading = AutoModelForMaskedLM.from_pretrained(
-            base_path, use_safetensors=True, attn_implementation="sdpa", dtype=torch.float32,
-            output_loading_info=True)
-    prefix = model.base_model_prefix + "."
-    head_missing = [k for k in loading["missing_keys"] if not k.startswith(prefix)]
-    body_missing = [k for k in loading["missing_keys"] if k.startswith(prefix) and ".pooler." not in k]
-    if body_missing:
-        raise DataError(base_path, None, None, f"not a usable encoder checkpoint: weights {sorted(body_missing)[:5]} missing")
-    head_source = "initialised (the base checkpoint has no MLM head)" if head_missing else "base checkpoint"
-    head_file = Path(base_path) / HEAD_FILE
-    if head_file.is_file():
-        from safetensors.torch import load_file
-
-        head = _mlm_head(model)
-        missing, unexpected = head.load_state_dict(load_file(str(head_file)), strict=False)
-        if unexpected or set(missing) - set(_TIED_HEAD_KEYS):
-            raise DataError(head_file, None, None, "does not match the model's MLM head "
-                            f"(missing {sorted(set(missing) - set(_TIED_HEAD_KEYS))}, unexpected {sorted(unexpected)})")
-        head_source = str(head_file)
-    return model, head_source
-
-
-# Decoder weight/bias are tied to the word embeddings / predictions.bias, so saving them would duplicate.
-_TIED_HEAD_KEYS = ("predictions.decoder.weight", "predictions.decoder.bias", "decoder.weight", "decoder.bias")
-
-
-def head_state(model) -> dict:
-    """The MLM head's own tensors; decoder weight/bias are tied to the embeddings/bias, so left out."""
-    head = _mlm_head(model)
-    return {k: v.detach().clone().contiguous().cpu() for k, v in head.state_dict().items() if k not in _TIED_HEAD_KEYS}
-
-
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if no_weight_decay(name) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# ----------------------------------------------------------------------------- core
-
-
-def _batches(n_blocks: int, batch_size: int, rng: np.random.Generator):
-    """Endless shuffled passes over the block indices, batch_size at a time."""
-    order = np.empty(0, dtype=np.int64)
-    while True:
-        if len(order) < batch_size:
-            order = np.concatenate([order, rng.permutation(n_blocks)])
-        batch, order = order[:batch_size], order[batch_size:]
-        yield batch
-
-
-def warm_up_head(model, train_ids, train_attn, vocab: Vocab, params: DaptParams, steps: int,
-                 rng: np.random.Generator, seed: int) -> float:
-    """Fit a freshly initialised MLM head on the frozen base body; returns seconds spent.
-
-    Two reasons. Measurement: a random head makes the base encoder look absurdly
-    bad (perplexity ~ vocabulary size), so "before" would mostly measure head
-    fitting; after this warm-up it measures the base body. Training: the first
-    steps with a random head push large, meaningless gradients into the
-    pre-trained body (the linear-probe-then-fine-tune argument). The tied
-    decoder (= word embeddings) stays frozen here; only transform + bias train.
-    """
-    import torch
-
-    if steps <= 0:
-        return 0.0
-    t0 = time.perf_counter()
-    head = _mlm_head(model)
-    emb = model.get_input_embeddings().weight
-    trainable = [p for p in head.parameters() if p is not emb]
-    opt = torch.optim.AdamW(trainable, lr=params.head_warmup_lr, weight_decay=0.0)
-    emb.requires_grad_(False)  # else every step also computes a (discarded) 30k x hidden embedding gradient
-    model.eval()  # the body as the before/after measurement sees it: no dropout
-    torch.manual_seed(seed)
-    try:
-        batches = _batches(len(train_ids), params.batch_size, rng)
-        bar = Progress(steps, "dapt MLM-head warm-up", "step")
-        for step in range(steps):
-            batch = next(batches)
-            ids, labels = whole_word_mask(train_ids[batch], train_attn[batch], vocab, params.mlm_probability, rng)
-            labels_t = torch.from_numpy(labels)
-            with torch.no_grad():
-                hidden = model.base_model(input_ids=torch.from_numpy(ids),
-                                          attention_mask=torch.from_numpy(train_attn[batch])).last_hidden_state
-            loss = _masked_ce(head, hidden, labels_t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
-            opt.step()
-            bar.update(1, loss=f"{loss.item():.4f}")
-        bar.close()
-    finally:
-        emb.requires_grad_(True)
-    return time.perf_counter() - t0
-
-
-def check_block_size(base_path: str, block_size: int) -> None:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(base_path)
-    limit = getattr(cfg, "max_position_embeddings", None)
-    if limit is not None and block_size > limit:
-        raise ParamsError(f"params.yaml: dapt.block_size: {block_size} exceeds the model's "
-                          f"max_position_embeddings {limit} ({base_path}); use at most {limit}")
-
-
-def adapt(corpus: Corpus, base_path: str, params: DaptParams, seed: int):
-    """Continue MLM training of base_path on the corpus. Returns (mlm model, tokenizer, metrics, info)."""
-    import torch
-
-    from domaintune.modeling import load_tokenizer
-
-    t_start = time.perf_counter()
-    check_block_size(base_path, params.block_size)
-    tok = load_tokenizer(base_path)
-    vocab = Vocab.from_tokenizer(tok)
-    train_idx, held_idx = split_heldout(len(corpus.texts), params.heldout_fraction, seed)
-    # No truncation: packing spreads a long text over several blocks instead of cutting it.
-    max_len = tok.model_max_length
-    tok.model_max_length = int(1e30)  # silences the "longer than max length" warning for unpacked texts
-    try:
-        token_lists = tok(corpus.texts, add_special_tokens=False)["input_ids"]
-    finally:
-        tok.model_max_length = max_len
-    train_ids, train_attn = pack_blocks([token_lists[i] for i in train_idx], params.block_size, vocab)
-    held_ids, held_attn = pack_blocks([token_lists[i] for i in held_idx], params.block_size, vocab)
-    # One fixed mask for the held-out blocks, drawn from its own seeded stream, so
-    # the before and after losses score exactly the same predictions.
-    held_in, held_labels = whole_word_mask(held_ids, held_attn, vocab, params.mlm_probability,
-                                           np.random.default_rng([seed, 1]))
-
-    model, head_source = load_mlm_model(base_path, seed)
-    loss_initial = heldout_loss(model, held_in, held_attn, held_labels)
-    rng = np.random.default_rng([seed, 2])  # dynamic masking: a fresh mask every time a block is seen
-    head_steps = params.head_warmup_steps if head_source.startswith("initialised") else 0
-    head_s = warm_up_head(model, train_ids, train_attn, vocab, params, head_steps, rng, seed)
-    loss_before = heldout_loss(model, held_in, held_attn, held_labels) if head_steps else loss_initial
-
-    n_blocks = len(train_ids)
-    per_epoch = math.ceil(n_blocks / params.batch_size)
-    total_steps = params.epochs * per_epoch if params.epochs is not None else params.max_steps
-    warmup = math.ceil(params.warmup_ratio * total_steps)
-    opt = torch.optim.AdamW(_param_groups(model, params.weight_decay), lr=params.lr)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule("linear", warmup, total_steps))
-    torch.manual_seed(seed)  # dropout
-    batches = _batches(n_blocks, params.batch_size, rng)
-    tokens_seen = samples_seen = 0
-    last_losses: list[float] = []
-    model.train()
-    t_train = time.perf_counter()
-    bar = Progress(total_steps, "dapt", "step")
-    for step in range(total_steps):
-        batch = next(batches)
-        ids, labels = whole_word_mask(train_ids[batch], train_attn[batch], vocab, params.mlm_probability, rng)
-        attn = torch.from_numpy(train_attn[batch])
-        loss = mlm_loss(model, torch.from_numpy(ids), attn, torch.from_numpy(labels))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
-        opt.step()
-        sched.step()
-        tokens_seen += int(attn.sum())
-        samples_seen += len(batch)
-        last_losses.append(loss.item())
-        bar.update(1, loss=f"{np.mean(last_losses[-10:]):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-    bar.close()
-    train_s = time.perf_counter() - t_train
-    loss_after = heldout_loss(model, held_in, held_attn, held_labels) if total_steps else loss_before
-
-    metrics = {
-        "enabled": True,
-        "loss_fresh_head": round(loss_initial, 5),
-        "head_warmup_steps": head_steps,
-        "head_warmup_seconds": round(head_s, 2),
-        "loss_before": round(loss_before, 5),
-        "loss_after": round(loss_after, 5),
-        "perplexity_before": round(math.exp(loss_before), 4),
-        "perplexity_after": round(math.exp(loss_after), 4),
-        "steps": total_steps,
-        "epochs": round(samples_seen / n_blocks, 3),
-        "tokens_seen": tokens_seen,
-        "samples_per_s": round(samples_seen / train_s, 2) if train_s > 0 and samples_seen else 0.0,
-        "train_seconds": round(train_s, 2),
-        "seconds": round(time.perf_counter() - t_start, 2),
-        "train_texts": int(len(train_idx)),
-        "heldout_texts": int(len(held_idx)),
-        "train_blocks": int(n_blocks),
-        "heldout_blocks": int(len(held_ids)),
-        "heldout_masked_tokens": int((held_labels != IGNORE).sum()),
-        "corpus_texts_used": corpus.counts["used"],
-        "corpus_lines_removed": corpus.counts["removed"],
-    }
-    info = {"mlm_head": head_source, "train_loss_last10": round(float(np.mean(last_losses[-10:])), 5)
-            if last_losses else None, "warmup_steps": warmup}
-    return model, tok, metrics, info
-
-
-def save_encoder(model, tokenizer, base_path: str, out_dir: Path, seed: int) -> None:
-    """Save the adapted body as a plain encoder (what load_encoder reads), plus the MLM head.
-
-    The body is copied into the base AutoModel so parts MLM training does not use
-    (BERT's pooler) keep their base weights instead of being dropped and later
-    re-initialised at random by AutoModel.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    from domaintune.modeling import load_encoder
-
-    torch.manual_seed(seed)  # a checkpoint without pooler weights gets a repeatable one
-    with _quiet_transformers():  # a missing pooler is expected and harmless (nothing downstream uses it)
-        encoder = load_encoder(base_path).float()
-    missing, unexpected = encoder.load_state_dict(model.base_model.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("pooler.") for k in missing):
-        raise RuntimeError(f"adapted body does not fit the base encoder: missing {missing}, unexpected {unexpected}")
-    encoder.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    save_file(head_state(model), str(out_dir / HEAD_FILE))
-
-
-_WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", HEAD_FILE)
-
-
-def pass_through(base_path: str, out_dir: Path) -> str:
-    """dapt.enabled: false: the base encoder and tokenizer, weights unchanged. Returns how.
-
-    A local checkpoint is copied byte for byte (config, safetensors shards, and a
-    previous round's MLM head); a hub model is loaded and saved.
-    """
-    import shutil
-
-    from domaintune.modeling import load_encoder, load_tokenizer
-
-    src = Path(base_path)
-    shards = sorted(src.glob("model-*-of-*.safetensors")) if src.is_dir() else []
-    if src.is_dir() and ((src / "model.safetensors").is_file() or shards):
-        for f in [src / n for n in _WEIGHT_FILES] + shards:
-            if f.is_file():
-                shutil.copyfile(f, out_dir / f.name)
-        how = "copied"
-    else:
-        load_encoder(base_path).save_pretrained(out_dir)
-        how = "loaded and saved"
-    load_tokenizer(base_path).save_pretrained(out_dir)
-    return how
+CHECKPOINTS_README = ("Resumable DAPT state, one folder per run key (hash of corpus, params and base weights).\n"
+                      "A crashed run resumes from here; a finished run removes its folder.\n")
 
 
 def run(in_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, base: BaseParams, params: DaptParams,
-        root: str | Path = ".") -> dict:
-    """The whole stage: read inputs, adapt (or pass through), write outputs atomically. Returns metrics."""
+        root: str | Path = ".", *, live_dir: Optional[str | Path] = None,
+        checkpoint_root: Optional[str | Path] = None, progress: bool = True) -> dict:
+    """The whole stage: read inputs, adapt (or pass through), write outputs atomically. Returns metrics.
+    Under a multi-process launch every process trains and rank 0 alone writes."""
+    from domaintune import distributed
+    from domaintune.device import stage_device
     from domaintune.modeling import resolve_model
 
     base_path = resolve_model(base.model)
     info = {"base_model": base.model, "base_path": base_path, "seed": base.seed, "params": as_dict(params)}
+    history = []
     if params.enabled:
+        device = stage_device(base)  # a bad or absent device fails before any data is read
         # Validate everything cheap before loading any model.
         files = {c: read_corpus_file(Path(root) / c) for c in params.corpus}
         splits, _ = read_dataset(in_dir)
         exclude = list(splits["validation"]["text"]) + list(splits["test"]["text"])
         corpus = build_corpus(list(splits["train"]["text"]), files, exclude,
                               train_file=str(Path(in_dir) / "train.parquet"))
-        model, tok, metrics, extra = adapt(corpus, base_path, params, base.seed)
+        model, tok, metrics, extra, history = adapt(corpus, base_path, params, base.seed, device,
+                                                    checkpoint_root, progress)
         info.update(extra)
         info["corpus"] = {"files": list(params.corpus), **corpus.counts, "removed_lines": corpus.removed}
     else:
         metrics = {"enabled": False, "steps": 0}
     info["metrics"] = metrics
-    with atomic_output(out_dir) as tmp, atomic_output(metrics_path) as tmp_metrics:
-        tmp.mkdir()
-        if params.enabled:
-            save_encoder(model, tok, base_path, tmp, base.seed)
-        else:
-            info["pass_through"] = pass_through(base_path, tmp)
-        write_json(tmp / INFO_FILE, info)
-        write_json(tmp_metrics, metrics)
+    if distributed.rank() == 0:
+        _write(out_dir, metrics_path, live_dir, base_path, base, params, info, history,
+               (model, tok) if params.enabled else None)
+        _checkpoints_readme(checkpoint_root)
     return metrics
 
 
+def _write(out_dir, metrics_path, live_dir, base_path, base, params, info, history, trained) -> None:
+    with atomic_output(out_dir) as tmp, atomic_output(metrics_path) as tmp_metrics:
+        tmp.mkdir()
+        if trained is not None:
+            save_encoder(trained[0], trained[1], base_path, tmp, base.seed)
+        else:
+            info["pass_through"] = pass_through(base_path, tmp)
+        write_json(tmp / INFO_FILE, info)
+        if live_dir is not None:
+            with atomic_output(live_dir) as tmp_live:
+                tmp_live.mkdir()
+                if trained is not None:
+                    write_live(tmp_live, history, info["metrics"])
+        write_json(tmp_metrics, info["metrics"])
+
+
+def _checkpoints_readme(checkpoint_root) -> None:
+    """DVC requires the persisted checkpoints out to exist (and not be empty) after a finished run."""
+    if checkpoint_root is not None:
+        Path(checkpoint_root).mkdir(parents=True, exist_ok=True)
+        (Path(checkpoint_root) / "README.txt").write_text(CHECKPOINTS_README)
+
+
 def main(argv=None) -> int:
+    import sys
+
     ap = stage_parser("dapt", "Domain-adaptive MLM pre-training of the base encoder (or a pass-through when disabled).",
                       inp="audited dataset folder (only its train split is read)", out="output encoder folder")
+    ap.add_argument("--checkpoints", default="models/dapt_checkpoints",
+                    help="resumable training state (a persisted DVC out); default: models/dapt_checkpoints")
+    ap.add_argument("--live", default="reports/dapt/live",
+                    help="DVCLive log folder (MLM loss, held-out perplexity); default: reports/dapt/live")
+    ap.add_argument("--no-progress", action="store_true", help="no console progress bar")
+    argv = list(sys.argv[1:] if argv is None else argv)
 
-    def go(args) -> None:
+    def go(args) -> str:
+        from domaintune import distributed
+
         base, params = load_params(args.params, "base", "dapt")
-        if params.enabled:
-            from domaintune.modeling import set_threads
+        if base.task == "generation":
+            from domaintune.sft import run_dapt
 
-            set_threads()
-        return summary_line(run(args.in_dir, args.out, args.metrics, base, params))
+            return run_dapt(args, base, params)
+
+        def train() -> dict:
+            if distributed.world_size() == 1 and not distributed.launched():
+                from domaintune.modeling import set_threads
+
+                set_threads()
+            return run(args.in_dir, args.out, args.metrics, base, params, live_dir=args.live,
+                       checkpoint_root=args.checkpoints, progress=not args.no_progress)
+
+        if not params.enabled:
+            return summary_line(train())
+        from domaintune.device import stage_device
+
+        stage_device(base)  # a bad device is one line before anything is launched or read
+        return summary_line(distributed.run_in_processes("dapt", argv, params, args.metrics, train))
 
     return run_stage("dapt", go, ap, argv)
 

@@ -251,13 +251,17 @@ def _near(rows: pd.DataFrame, texts, alive: np.ndarray, reason: pd.Series, kept:
 
 
 def dedupe(splits: dict[str, pd.DataFrame], p: DedupeParams, seed: int,
-           files: dict[str, str] | None = None) -> DedupeResult:
+           files: dict[str, str] | None = None, task: str = "classification") -> DedupeResult:
     """Pure core over the three split frames; `files` only names the inputs in error messages."""
-    return dedupe_tables(_as_tables(splits), p, seed, files)
+    return dedupe_tables(_as_tables(splits), p, seed, files, task)
 
 
-def dedupe_tables(tables: dict, p: DedupeParams, seed: int, files: dict[str, str] | None = None) -> DedupeResult:
-    """The core over the three splits as pyarrow Tables (id, text, label as strings)."""
+def dedupe_tables(tables: dict, p: DedupeParams, seed: int, files: dict[str, str] | None = None,
+                  task: str = "classification") -> DedupeResult:
+    """The core over the three splits as pyarrow Tables (id, text, label as strings).
+    For base.task generation the key is the prompt (text) and the label is the response: different
+    responses to one prompt are conflicts (removed.csv lists them, by dedupe.conflict_policy), and
+    there are no classes to keep."""
     import pyarrow as pa
 
     files = files or {s: f"{s}.parquet" for s in SPLITS}
@@ -273,7 +277,7 @@ def dedupe_tables(tables: dict, p: DedupeParams, seed: int, files: dict[str, str
     if p.near_duplicates and alive.any():
         _near(rows, texts, alive, reason, kept, p, seed)
 
-    train_labels = _empty_classes(rows, alive, reason, p, files)
+    train_labels = _empty_classes(rows, alive, reason, p, files) if task != "generation" else set()
     gone = np.flatnonzero(~alive)
     removed = rows.loc[~alive].assign(reason=reason[~alive], kept_id=kept[~alive],
                                       text=texts.take(pa.array(gone, type=pa.int64())).to_pandas().to_numpy())
@@ -352,7 +356,7 @@ def run(args) -> None:
     tables = {s: read_split_table(in_dir, s) for s in SPLITS}
     labels = read_json(in_dir / "labels.json")
     files = {s: str(split_files(in_dir, s)[0]) for s in SPLITS}
-    result = dedupe_tables(tables, p, base.seed, files)
+    result = dedupe_tables(tables, p, base.seed, files, base.task)
     input_hashes = read_hashes(in_dir, tables, labels)
     del tables
     metrics = metrics_of(result)

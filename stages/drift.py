@@ -89,14 +89,16 @@ def pca_columns(k: int) -> list[str]:
     return [f"pc{i + 1}" for i in range(k)]
 
 
-def load_served_model(model_dir: str | Path):
-    """The exported classifier with its calibration (domaintune.predict.Predictor reads model.json)."""
+def load_served_model(model_dir: str | Path, device: str = "cpu"):
+    """The exported classifier with its calibration (domaintune.predict.Predictor reads model.json), on `device`."""
+    from domaintune.device import place_for_inference
     from domaintune.predict import Predictor
 
     model_dir = Path(model_dir)
     if not (model_dir / "model.json").exists():
         raise DataError(model_dir / "model.json", None, None, "exported model missing; run the export stage first")
     predictor = Predictor.load(model_dir)  # validates the temperature, naming model.json
+    place_for_inference(predictor.model, device)
     source = "model.json" if "temperature" in predictor.meta else "none recorded in model.json (uncalibrated)"
     return predictor, source
 
@@ -204,12 +206,12 @@ def constant_column_pvalues(reference: pd.DataFrame, current: pd.DataFrame, colu
 
 
 def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir: str | Path, params,
-                   out: Path, dataset_hash: str | None = None) -> dict:
+                   out: Path, dataset_hash: str | None = None, device: str = "cpu") -> dict:
     """Write the reference profile into `out` (a fresh folder); return the metrics."""
     train = splits["train"]
     if len(train) < 2:
         raise DataError("train.parquet", None, "text", f"need at least 2 train rows for a reference profile, got {len(train)}")
-    predictor, t_source = load_served_model(model_dir)
+    predictor, t_source = load_served_model(model_dir, device)
     temperature = predictor.temperature
     vocab_list = build_vocab(train["text"].tolist())
     vocab = set(vocab_list)
@@ -290,11 +292,11 @@ class Baseline:
 
 
 def compare_batch(baseline: Baseline, texts: Sequence[str], model_dir: str | Path, params, batch_size: int = 64,
-                  html_path: Path | None = None) -> dict:
+                  html_path: Path | None = None, device: str = "cpu") -> dict:
     """Profile a new batch with the served model and test it against the baseline -> verdict dict."""
     if len(texts) < 2:
         raise DataError("batch", None, "text", f"need at least 2 texts to test for drift, got {len(texts)}")
-    predictor, _ = load_served_model(model_dir)
+    predictor, _ = load_served_model(model_dir, device)
     if predictor.labels != baseline.profile["labels"]:
         raise DataError(Path(model_dir) / "model.json", None, "labels",
                         "served model's labels differ from the baseline's; rebuild the baseline (drift stage)")
@@ -346,12 +348,19 @@ def main(argv=None) -> int:
         from domaintune.modeling import set_threads
         from domaintune.params import load_params
 
-        params = load_params(args.params, "drift")
+        from domaintune.device import stage_device
+
+        base, params = load_params(args.params, "base", "drift")
+        device = stage_device(base)
+        if base.task == "generation":
+            from domaintune.generation import run_drift
+
+            return run_drift(args, params, device)
         splits, labels = read_dataset(args.in_dir)
         dataset_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
         set_threads()
         with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
-            metrics = build_baseline(splits, labels, args.model, params, tmp, dataset_hash)
+            metrics = build_baseline(splits, labels, args.model, params, tmp, dataset_hash, device)
             write_json(tmp_metrics, metrics)
         return summary_line(metrics)
 

@@ -329,11 +329,14 @@ def render_markdown(res: EvalResult, metrics: dict, meta: dict, seeds: dict | No
 
 # ---------------------------------------------------------------- model running
 def model_logits(model_dir: str | Path, splits: dict[str, pd.DataFrame], batch_size: int,
-                 names=("validation", "test")) -> tuple[dict, dict[str, np.ndarray]]:
+                 names=("validation", "test"), device: str = "cpu") -> tuple[dict, dict[str, np.ndarray]]:
+    from domaintune.device import batch_size_for, place_for_inference
     from domaintune.modeling import load_classifier, predict_logits, set_threads
 
     set_threads()
     model, tok, meta = load_classifier(model_dir)
+    place_for_inference(model, device)  # half precision on CUDA (tolerance: tests/test_engine.py)
+    batch_size = batch_size_for(device, batch_size, max(256, batch_size))
     logits = {n: predict_logits(model, tok, splits[n]["text"].tolist(), batch_size, int(meta.get("max_length", 128)))
               for n in names}
     return meta, logits
@@ -346,14 +349,15 @@ def seed_dirs(model_dir: str | Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.iterdir()) if (p / "model.json").exists()}
 
 
-def evaluate(in_dir: str | Path, model_dir: str | Path, params: EvaluateParams) -> tuple[EvalResult, dict, dict, dict | None]:
+def evaluate(in_dir: str | Path, model_dir: str | Path, params: EvaluateParams,
+             device: str = "cpu") -> tuple[EvalResult, dict, dict, dict | None]:
     """Load, check, score the model (and each seed model); returns (result, metrics, meta, seeds)."""
     splits, labels = read_dataset(in_dir)
     meta = read_json(Path(model_dir) / "model.json")
     problem_type = meta.get("problem_type", "single_label")
     check_labels(meta["labels"], labels, splits, in_dir, problem_type)
     check_calibration_rows(splits["validation"], params, in_dir)
-    meta, logits = model_logits(model_dir, splits, params.batch_size)
+    meta, logits = model_logits(model_dir, splits, params.batch_size, device=device)
     res = evaluate_logits(splits["validation"], splits["test"], logits["validation"], logits["test"],
                           meta["labels"], params, problem_type)
     seeds = None
@@ -365,7 +369,7 @@ def evaluate(in_dir: str | Path, model_dir: str | Path, params: EvaluateParams) 
                 sres = res  # finetune saves the best seed's model at the top level too: scored above
             else:
                 check_labels(smeta["labels"], labels, splits, in_dir, problem_type)
-                smeta, slog = model_logits(d, splits, params.batch_size)
+                smeta, slog = model_logits(d, splits, params.batch_size, device=device)
                 sres = evaluate_logits(splits["validation"], splits["test"], slog["validation"], slog["test"],
                                        smeta["labels"], params, problem_type)
             per_seed[seed] = {"before": sres.before, "after": sres.after,
@@ -384,9 +388,15 @@ def build_metrics(res: EvalResult, test_rows: int, seeds: dict | None) -> dict:
     return m
 
 
-def run(args: argparse.Namespace) -> None:
-    params = load_params(args.params, "evaluate")
-    res, metrics, meta, seeds = evaluate(args.in_dir, args.model, params)
+def run(args: argparse.Namespace) -> str | None:
+    from domaintune.device import stage_device
+
+    base, params = load_params(args.params, "base", "evaluate")
+    if base.task == "generation":
+        from domaintune.genexport import run_evaluate
+
+        return run_evaluate(args, base, params, check_gate)
+    res, metrics, meta, seeds = evaluate(args.in_dir, args.model, params, stage_device(base))
     check_gate(res.after, params.gate)  # before any write: a failed gate leaves no outputs
     with atomic_output(args.out) as tmp_out, atomic_output(args.metrics) as tmp_metrics:
         write_report(tmp_out, res, metrics, meta, seeds)

@@ -123,18 +123,21 @@ def read_inputs(args: argparse.Namespace) -> dict:
     return inputs
 
 
-def merged_model(model_dir: str, texts: list[str], params, ml: int):
+def merged_model(model_dir: str, texts: list[str], params, ml: int, device: str = "cpu"):
     """(merged model, tokenizer, meta, unmerged runner timing, merged logits, merge check)."""
     from domaintune.artifacts import TorchRunner
+    from domaintune.device import place_for_inference
     from domaintune.modeling import load_classifier
 
     model, tok, meta = load_classifier(model_dir)
+    place_for_inference(model, device, half=False)  # verified on base.device, in float32
     bs, latency = params.batch_size, (params.latency_repeats, params.latency_single_texts)
     had_adapter = bool(meta.get("adapter"))
     unmerged_logits, unmerged_timing = time_runner(TorchRunner(model, tok), texts, bs, ml, *latency)
     if had_adapter:
         del model
         merged, tok, _ = load_classifier(model_dir, merge=True)
+        place_for_inference(merged, device, half=False)
         merged_logits = TorchRunner(merged, tok).logits(texts, bs, ml)
     else:  # nothing to merge: the loaded model is the merged one
         merged, merged_logits = model, unmerged_logits
@@ -207,11 +210,17 @@ def export_metadata(meta: dict, inputs: dict, args, base, params, had_adapter: b
     return out
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> str | None:
     from domaintune.modelcard import model_card
+    from domaintune.device import stage_device
     from domaintune.modeling import set_threads
 
     base, params = load_params(args.params, "base", "export")
+    if base.task == "generation":
+        from domaintune.genexport import run_export
+
+        return run_export(args, base, params)
+    device = stage_device(base)  # the source model's merge check runs there; variants are CPU artefacts
     set_threads()
     t0 = time.perf_counter()
     inputs = read_inputs(args)
@@ -221,10 +230,10 @@ def run(args: argparse.Namespace) -> None:
     check_calibration(calib, source_meta, Path(args.calibration) / "calibration.json")
     ml = int(source_meta.get("max_length", base.max_length))
     merged, tok, meta, (unmerged_logits, unmerged_timing), merged_logits, merge_check = merged_model(
-        args.model, texts, params, ml)
+        args.model, texts, params, ml, device)
     export_meta = export_metadata(meta, inputs, args, base, params, merge_check["had_adapter"])
     with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
-        quant = write_variants(tmp, merged, tok, export_meta, params)
+        quant = write_variants(tmp, merged.to("cpu"), tok, export_meta, params)
         del merged
         variants, logits = verify_variants(tmp, texts, test, meta, calib, params, ml)
         roundtrip = logit_agreement(merged_logits, logits["float32"])

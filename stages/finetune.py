@@ -6,6 +6,8 @@ best on validation macro-F1 to --out (modeling.save_classifier layout; every
 seed's model under --out/seeds/<seed>/ when there are several), the metrics
 JSON, DVCLive curves under --live, and resumable checkpoints under
 --checkpoints (a persisted DVC out, so a crashed run continues from there).
+With finetune.processes > 1 (or nnodes > 1) the same command re-runs itself
+under torchrun, one process per device; rank 0 writes the same output files.
 """
 from __future__ import annotations
 
@@ -17,18 +19,26 @@ from domaintune.params import load_params
 
 
 def run(args: argparse.Namespace) -> dict:
-    from domaintune.training import train_classifier
+    from domaintune import distributed
+    from domaintune.training import finetune_device, train_classifier
 
     base, ft = load_params(args.params, "base", "finetune")
+    finetune_device(base, ft)  # a bad or absent device is one line before any data is read
     if not Path(args.encoder).is_dir():
         raise FileNotFoundError(f"--encoder {args.encoder}: no such model folder; run the dapt stage first")
+    if base.task == "generation":
+        from domaintune.sft import run_finetune
+
+        return run_finetune(args, base, ft)
     splits, labels = read_dataset(args.in_dir)
     data_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
+    kw = dict(base_encoder=args.encoder, data_hash=data_hash, checkpoint_root=args.checkpoints,
+              progress=not args.no_progress)
+    if distributed.rank() != 0:  # a data-parallel helper process: trains, writes nothing
+        return train_classifier(splits["train"], splits["validation"], labels, args.encoder, base, ft, None, **kw)
     with atomic_output(args.out) as out, atomic_output(args.live) as live, atomic_output(args.metrics) as met:
         metrics = train_classifier(splits["train"], splits["validation"], labels, args.encoder, base, ft, out,
-                                   base_encoder=args.encoder, data_hash=data_hash,
-                                   checkpoint_root=args.checkpoints, live_dir=live,
-                                   progress=not args.no_progress)
+                                   live_dir=live, **kw)
         metrics["dataset_hash"] = data_hash
         write_json(met, metrics)
     # DVC requires the persisted checkpoints out to exist (and not be empty) even when a
@@ -42,6 +52,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
+    import sys
+
     from domaintune.stage import run_stage, stage_parser
 
     ap = stage_parser("finetune", __doc__.splitlines()[0], inp="dataset folder (train/validation parquet, labels.json)",
@@ -51,7 +63,15 @@ def main(argv=None) -> int:
                     help="resumable training state (a persisted DVC out)")
     ap.add_argument("--live", default="reports/finetune/live", help="DVCLive log folder (training curves)")
     ap.add_argument("--no-progress", action="store_true", help="no console progress bar")
-    return run_stage("finetune", run, ap, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def go(args: argparse.Namespace):
+        from domaintune import distributed
+
+        _, ft = load_params(args.params, "base", "finetune")
+        return distributed.run_in_processes("finetune", argv, ft, args.metrics, lambda: run(args))
+
+    return run_stage("finetune", go, ap, argv)
 
 
 if __name__ == "__main__":

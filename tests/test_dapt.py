@@ -12,6 +12,7 @@ import yaml
 
 from domaintune.data import DataError, write_dataset
 from domaintune.params import BaseParams, DaptParams, ParamsError
+from domaintune import mlm
 from stages import dapt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def tok(tiny_bert):
 
 @pytest.fixture(scope="module")
 def vocab(tok):
-    return dapt.Vocab.from_tokenizer(tok)
+    return mlm.Vocab.from_tokenizer(tok)
 
 
 def _frame(texts, split):
@@ -78,7 +79,7 @@ def _params(corpus, **kw):
 
 def test_pack_blocks_exact_size_and_nothing_lost(vocab):
     lists = [[1000 + i for i in range(n)] for n in (5, 17, 3, 40, 1)]
-    ids, attn = dapt.pack_blocks(lists, 16, vocab)
+    ids, attn = mlm.pack_blocks(lists, 16, vocab)
     assert ids.shape[1] == 16 and attn.shape == ids.shape
     assert (ids[:, 0] == vocab.cls_id).all()
     stream = [t for ids_ in lists for t in ids_ + [vocab.sep_id]]
@@ -93,14 +94,14 @@ def test_pack_blocks_exact_size_and_nothing_lost(vocab):
 def test_whole_word_masking_masks_whole_words_never_specials(tok, vocab):
     texts = ["unbelievably unaffordable cryptocurrency transactions", "hello world", "antidisestablishmentarianism"]
     lists = tok(texts * 8, add_special_tokens=False)["input_ids"]
-    ids, attn = dapt.pack_blocks(lists, 64, vocab)
+    ids, attn = mlm.pack_blocks(lists, 64, vocab)
     assert vocab.continuation[ids].any(), "test text must contain multi-piece words"
     rng = np.random.default_rng(0)
     picked = total = 0
     replaced = kept = randomised = 0
     for _ in range(300):
-        masked, labels = dapt.whole_word_mask(ids, attn, vocab, 0.15, rng)
-        sel = labels != dapt.IGNORE
+        masked, labels = mlm.whole_word_mask(ids, attn, vocab, 0.15, rng)
+        sel = labels != mlm.IGNORE
         assert (labels[sel] == ids[sel]).all()
         assert not vocab.special[ids[sel]].any() and (attn[sel] == 1).all()  # never [CLS]/[SEP]/[PAD]
         assert sel.any(axis=1).all()  # every block gets a masked word
@@ -120,8 +121,8 @@ def test_whole_word_masking_masks_whole_words_never_specials(tok, vocab):
 
 def test_mask_without_words_labels_nothing(vocab):
     ids = np.array([[vocab.cls_id, vocab.sep_id, vocab.pad_id, vocab.pad_id]])
-    masked, labels = dapt.whole_word_mask(ids, np.array([[1, 1, 0, 0]]), vocab, 0.5, np.random.default_rng(0))
-    assert (labels == dapt.IGNORE).all() and (masked == ids).all()
+    masked, labels = mlm.whole_word_mask(ids, np.array([[1, 1, 0, 0]]), vocab, 0.5, np.random.default_rng(0))
+    assert (labels == mlm.IGNORE).all() and (masked == ids).all()
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -129,7 +130,7 @@ def test_mask_without_words_labels_nothing(vocab):
 
 def test_build_corpus_counts_every_removed_line_and_excludes_eval_texts():
     files = {"c.txt": [(1, "a refund"), (2, ""), (3, "A  Refund"), (4, "eval text"), (5, "new text")]}
-    c = dapt.build_corpus(["train one", "train one"], files, exclude_texts=["Eval text"])
+    c = mlm.build_corpus(["train one", "train one"], files, exclude_texts=["Eval text"])
     assert c.texts == ["train one", "a refund", "new text"]
     assert c.counts == {"train_texts": 2, "corpus_lines": 5, "blank": 1, "duplicate": 2, "matches_eval_text": 1,
                         "used": 3, "removed": 4}
@@ -137,26 +138,26 @@ def test_build_corpus_counts_every_removed_line_and_excludes_eval_texts():
 
 
 def test_heldout_split_is_seeded_and_disjoint():
-    a = dapt.split_heldout(50, 0.2, seed=3)
-    b = dapt.split_heldout(50, 0.2, seed=3)
+    a = mlm.split_heldout(50, 0.2, seed=3)
+    b = mlm.split_heldout(50, 0.2, seed=3)
     assert all((x == y).all() for x, y in zip(a, b))
     assert len(a[1]) == 10 and not set(a[0]) & set(a[1]) and len(a[0]) + len(a[1]) == 50
 
 
 def test_corpus_file_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="missing.txt.*not found"):
-        dapt.read_corpus_file(tmp_path / "missing.txt")
+        mlm.read_corpus_file(tmp_path / "missing.txt")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
     with pytest.raises(DataError, match="empty.txt.*empty"):
-        dapt.read_corpus_file(empty)
+        mlm.read_corpus_file(empty)
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\nbro\xffken\n")
     with pytest.raises(DataError, match=r"bad.txt: row 2: line is not valid UTF-8"):
-        dapt.read_corpus_file(bad)
+        mlm.read_corpus_file(bad)
     ok = tmp_path / "ok.txt"
     ok.write_bytes(b"one\r\ntwo\n")
-    assert dapt.read_corpus_file(ok) == [(1, "one"), (2, "two")]
+    assert mlm.read_corpus_file(ok) == [(1, "one"), (2, "two")]
 
 
 # ----------------------------------------------------------------------------- model
@@ -165,27 +166,27 @@ def test_corpus_file_errors_name_the_file(tmp_path):
 def test_mlm_head_initialised_tied_and_loss_matches_transformers(tiny_bert, tok, vocab):
     import torch
 
-    model, source = dapt.load_mlm_model(str(tiny_bert), seed=0)
+    model, source = mlm.load_mlm_model(str(tiny_bert), seed=0)
     assert source.startswith("initialised")
     head = model.cls.predictions
     assert head.decoder.weight is model.bert.embeddings.word_embeddings.weight  # decoder tied to embeddings
-    ids, attn = dapt.pack_blocks(tok(["a card was declined", "reset my password"], add_special_tokens=False)["input_ids"],
+    ids, attn = mlm.pack_blocks(tok(["a card was declined", "reset my password"], add_special_tokens=False)["input_ids"],
                                  8, vocab)
-    masked, labels = dapt.whole_word_mask(ids, attn, vocab, 0.3, np.random.default_rng(1))
+    masked, labels = mlm.whole_word_mask(ids, attn, vocab, 0.3, np.random.default_rng(1))
     model.eval()
     with torch.no_grad():
-        ours = dapt.mlm_loss(model, torch.from_numpy(masked), torch.from_numpy(attn), torch.from_numpy(labels))
+        ours = mlm.mlm_loss(model, torch.from_numpy(masked), torch.from_numpy(attn), torch.from_numpy(labels))
         ref = model(input_ids=torch.from_numpy(masked), attention_mask=torch.from_numpy(attn),
                     labels=torch.from_numpy(labels)).loss
     assert float(ours) == pytest.approx(float(ref), rel=1e-5)
     # the same seed gives the same fresh head
-    again, _ = dapt.load_mlm_model(str(tiny_bert), seed=0)
+    again, _ = mlm.load_mlm_model(str(tiny_bert), seed=0)
     assert torch.equal(again.cls.predictions.transform.dense.weight, head.transform.dense.weight)
 
 
 def test_block_size_beyond_model_positions_is_a_params_error(tiny_bert):
     with pytest.raises(ParamsError, match=r"dapt.block_size: 256 exceeds the model's max_position_embeddings 128"):
-        dapt.check_block_size(str(tiny_bert), 256)
+        mlm.check_block_size(str(tiny_bert), 256)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -219,23 +220,23 @@ def test_stage_trains_loss_goes_down_and_encoder_loads(tiny_bert, dataset, tmp_p
     assert set(base) <= set(new)
     assert not torch.equal(base["embeddings.word_embeddings.weight"], new["embeddings.word_embeddings.weight"])
     assert load_tokenizer(str(out))("hello")["input_ids"] == load_tokenizer(str(tiny_bert))("hello")["input_ids"]
-    info = json.loads((out / dapt.INFO_FILE).read_text())
+    info = json.loads((out / mlm.INFO_FILE).read_text())
     assert info["base_model"] == str(tiny_bert) and info["params"]["max_steps"] == 40 and info["seed"] == 7
     # 32 of the 40 train texts are repeats; the blank and the copy of the test text are dropped
     assert info["corpus"]["duplicate"] == 32 and info["corpus"]["blank"] == 1
     assert info["corpus"]["matches_eval_text"] == 1 and info["corpus"]["used"] == 8 + 30
-    assert (out / dapt.HEAD_FILE).is_file()
+    assert (out / mlm.HEAD_FILE).is_file()
 
     # A second round that starts from models/dapt continues with its trained MLM head.
-    model, source = dapt.load_mlm_model(str(out), seed=0)
-    assert source.endswith(dapt.HEAD_FILE)
+    model, source = mlm.load_mlm_model(str(out), seed=0)
+    assert source.endswith(mlm.HEAD_FILE)
     second = dapt.run(folder, tmp_path / "round2", tmp_path / "round2.json", BaseParams(model=str(out), seed=7),
                       _params(corpus, max_steps=0))
     assert second["head_warmup_steps"] == 0  # a loaded head needs no warm-up
     assert second["loss_before"] == second["loss_fresh_head"] < m["loss_before"]  # it starts where round 1 ended
     from safetensors.torch import load_file
 
-    saved = load_file(str(out / dapt.HEAD_FILE))
+    saved = load_file(str(out / mlm.HEAD_FILE))
     assert torch.equal(model.cls.predictions.transform.dense.weight, saved["predictions.transform.dense.weight"])
     assert torch.equal(model.cls.predictions.decoder.bias, saved["predictions.bias"])
 
@@ -273,7 +274,7 @@ def test_disabled_is_a_bit_identical_pass_through(tiny_bert, dataset, tmp_path):
     a, b = load_encoder(str(tiny_bert)).state_dict(), load_encoder(str(out)).state_dict()
     body = [k for k in a if not k.startswith("pooler.")]  # the tiny checkpoint has no pooler: AutoModel inits one
     assert body and all(torch.equal(a[k], b[k]) for k in body)
-    assert json.loads((out / dapt.INFO_FILE).read_text())["pass_through"] == "copied"
+    assert json.loads((out / mlm.INFO_FILE).read_text())["pass_through"] == "copied"
 
 
 def test_cli_bad_input_exits_2_and_leaves_no_output(tiny_bert, dataset, tmp_path, capsys):
@@ -299,7 +300,46 @@ def test_cli_bad_input_exits_2_and_leaves_no_output(tiny_bert, dataset, tmp_path
 def test_dvc_stage_matches_cli_and_lists_corpus_deps():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["dapt"]
     params = yaml.safe_load((REPO / "params.yaml").read_text())["dapt"]
-    assert stage["cmd"] == "python -m stages.dapt --in data/audited --out models/dapt --metrics metrics/dapt.json"
+    assert stage["cmd"] == ("python -m stages.dapt --in data/audited --out models/dapt --metrics metrics/dapt.json "
+                            "--checkpoints models/dapt_checkpoints --live reports/dapt/live")
     for path in params.get("corpus") or []:
         assert path in stage["deps"], f"dapt.corpus file {path} must be a dapt dep in dvc.yaml"
     DaptParams(**params)  # the shipped section parses
+
+
+def test_resume_after_crash_equals_uninterrupted_and_live_curves(tiny_bert, dataset, tmp_path, monkeypatch):
+    """The engine's exact resume under DAPT: crash after step 13 (checkpoints every 5), re-run, identical weights
+    and metrics; DVCLive holds the MLM loss per step and held-out perplexity before, during and after."""
+    from domaintune.engine import CRASH_ENV, TrainingCrash
+
+    folder, corpus = dataset
+    base = BaseParams(model=str(tiny_bert), seed=3)
+    params = _params(corpus, max_steps=16, checkpoint_every=5)
+    ref = dapt.run(folder, tmp_path / "ref", tmp_path / "ref.json", base, params, live_dir=tmp_path / "live_ref",
+                   checkpoint_root=tmp_path / "ck_ref", progress=False)
+    ckpt = tmp_path / "ck"
+    monkeypatch.setenv(CRASH_ENV, "13")
+    with pytest.raises(TrainingCrash):
+        dapt.run(folder, tmp_path / "out", tmp_path / "m.json", base, params, checkpoint_root=ckpt, progress=False)
+    monkeypatch.delenv(CRASH_ENV)
+    assert not (tmp_path / "out").exists()
+    saved = [d for d in ckpt.iterdir() if d.is_dir()]
+    assert len(saved) == 1 and json.loads((saved[0] / "last" / "state.json").read_text())["engine"]["step"] == 10
+    m = dapt.run(folder, tmp_path / "out", tmp_path / "m.json", base, params, live_dir=tmp_path / "live",
+                 checkpoint_root=ckpt, progress=False)
+    assert [d.name for d in ckpt.iterdir()] == ["README.txt"]  # finished: its checkpoint is gone
+    drop = ("samples_per_s", "train_seconds", "seconds", "head_warmup_seconds")
+    assert {k: v for k, v in m.items() if k not in drop} == {k: v for k, v in ref.items() if k not in drop}
+    a, b = _state(tmp_path / "out"), _state(tmp_path / "ref")
+    import torch
+
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for live in (tmp_path / "live", tmp_path / "live_ref"):
+        loss = (live / "plots" / "metrics" / "train" / "mlm_loss.tsv").read_text().splitlines()
+        ppl = (live / "plots" / "metrics" / "heldout" / "perplexity.tsv").read_text().splitlines()
+        assert len(loss) == 1 + 16  # header + every step, the resumed run's curve continuous
+        assert [line.split("\t")[0] for line in ppl[1:]] == ["0", "5", "10", "15", "16"]
+    assert (tmp_path / "live" / "plots" / "metrics" / "train" / "mlm_loss.tsv").read_text() == \
+        (tmp_path / "live_ref" / "plots" / "metrics" / "train" / "mlm_loss.tsv").read_text()
+    assert float(ppl[1].split("\t")[1]) == pytest.approx(m["perplexity_before"], rel=1e-3)
+    assert float(ppl[-1].split("\t")[1]) == pytest.approx(m["perplexity_after"], rel=1e-3)
