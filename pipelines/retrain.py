@@ -305,6 +305,9 @@ def _run_and_publish(root: Path, wanted: dict, retries: int, publish: bool, remo
         results = [stage_task(str(root), s, dag.token) for s in dag.stages]
     finally:
         dag.close()
+    from domaintune.summary import write_summary
+
+    write_summary(root)  # metrics/summary.json, as `make run` writes it: part of the version below
     version, created, t_pub = None, False, time.perf_counter()
     if publish:
         summary = "retrain" + ("".join(f" {k}={v}" for k, v in wanted.items()) if wanted else "")
