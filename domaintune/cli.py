@@ -159,10 +159,9 @@ def cmd_retrain(args) -> int:
 
 def cmd_monitor(args) -> int:
     _root(args, need_git=False)
-    from pipelines.monitor import run_from_args
+    from domaintune.monitoring import run_from_args  # checks before Prefect or a model loads
 
-    _quiet_prefect()
-    return run_from_args(args)
+    return run_from_args(args, on_prefect=_quiet_prefect)
 
 
 def cmd_schedule(args) -> int:
@@ -228,12 +227,9 @@ def _add_retrain_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_monitor_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", required=True, help="file of new texts (required): csv, tsv, jsonl or parquet with "
-                   "a text column, or txt with one text per line (UTF-8)")
-    p.add_argument("--baseline", default="models/drift_baseline", help="drift baseline folder (the drift stage's out)")
-    p.add_argument("--model", default="models/export", help="exported model folder whose predictions are compared")
-    p.add_argument("--out", default="reports/monitor", help="folder for report.html and verdict.json (replaced)")
-    p.add_argument("--text-column", default="text", help="column holding the texts (not used for .txt)")
+    from domaintune.monitoring import add_arguments
+
+    add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -416,3 +416,10 @@ def _examples(batch: BatchProfile, idx: np.ndarray, atyp: np.ndarray) -> list[di
     f = batch.frame
     return [{"row": int(i) + 1, "text": batch.texts[i], "predicted": str(f[PRED_COLUMN].iat[i]),
              "confidence": float(f[CONF_COLUMN].iat[i]), "atypicality": float(atyp[i])} for i in idx]
+
+
+def validation_frame(baseline: Baseline) -> pd.DataFrame:
+    """The validation rows with every feature (text features + model outputs), for side-by-side views."""
+    text = baseline.text_ref[baseline.text_ref["split"] != "train"].reset_index(drop=True)
+    extra = [c for c in baseline.out_ref.columns if c not in text.columns]
+    return pd.concat([text, baseline.out_ref[extra].reset_index(drop=True)], axis=1)
