@@ -236,14 +236,15 @@ def reference_accuracy(labels_true: Sequence[str], labels_pred: Sequence[str], l
             "macro_f1": float(f1_score(y, p, labels=present, average="macro", zero_division=0))}
 
 
-def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir: str | Path, params,
-                   out: Path, dataset_hash: str | None = None) -> dict:
-    """Write the reference profile into `out` (a fresh folder); return the metrics."""
+def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir: str | Path | None, params,
+                   out: Path, dataset_hash: str | None = None, predictor=None) -> dict:
+    """Write the reference profile into `out` (a fresh folder); return the metrics.
+    `predictor` (a loaded domaintune.predict.Predictor) replaces loading model_dir."""
     train, val = splits["train"], splits.get("validation")
     if val is None or len(val) < 4:
         raise DataError("validation.parquet", None, "text", "the drift reference needs at least 4 validation rows "
                         f"(model outputs are taken on rows the model did not train on), got {0 if val is None else len(val)}")
-    predictor = load_served_model(model_dir, params.batch_size)
+    predictor = predictor or load_served_model(model_dir, params.batch_size)
     vocab_list = build_vocab(train["text"].tolist())
     vocab = set(vocab_list)
     both = pd.concat([train, val], ignore_index=True)

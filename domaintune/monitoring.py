@@ -129,6 +129,8 @@ def judge_texts(texts: Sequence[str], baseline_dir: str | Path, predictor, param
     prof = baseline.profile_batch(predictor, texts)
     verdict = judge(baseline, prof, params)
     verdict["batch"] = str(batch_name)
+    verdict["review_below"] = params.review_below
+    verdict["review_queued"] = int((prof.frame["confidence"] < params.review_below).sum())
     numeric = [c for c in baseline.profile["numeric_features"] if c in prof.frame.columns]
     with atomic_output(out) as tmp:
         tmp.mkdir(parents=True)
@@ -230,8 +232,7 @@ def monitor_file(path: Path, texts: Sequence[str] | None, predictor, params, s: 
     sha = file_sha256(path)
     texts = read_batch(path, s["text_column"]) if texts is None else texts
     verdict, prof = judge_texts(texts, s["baseline"], predictor, params, out, str(path))
-    queued = append_review_queue(s["review_queue"], prof, params.review_below, str(path), sha)
-    verdict["review_queued"] = queued
+    append_review_queue(s["review_queue"], prof, params.review_below, str(path), sha)
     alarm = raise_alarm(out / "verdict.json", verdict, s["alarm_command"], s["alarm_webhook"]) if verdict["drift"] \
         else ""
     append_history(s["history"], verdict, str(path), sha, alarm)
