@@ -143,3 +143,40 @@ def test_bad_input_is_one_line_before_prefect_or_torch_is_imported(project):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith(f"{project / 'nope.txt'}: batch file not found"), lines
     assert "heavy: []" in proc.stdout
+
+
+def test_monitor_folder_deployment_on_a_cron_and_its_flow(project, prefect_harness):
+    """`deploy --monitor-folder DIR --monitor-cron` registers the folder-watching flow on the pool with
+    that schedule; the flow itself (as the worker would run it) judges the new files in DIR."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from pipelines.deploy import deploy
+    from pipelines.monitor import monitor_folder_flow
+
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    inbox = project / "incoming"
+    inbox.mkdir()
+    (inbox / "monday.txt").write_text((project / "other.txt").read_text())
+
+    async def pool_and_read(names=None):
+        async with get_client() as client:
+            if names is None:
+                await client.create_work_pool(WorkPoolCreate(name="mon-pool", type="process"))
+                return None
+            return [await client.read_deployment_by_name(n) for n in names]
+
+    asyncio.run(pool_and_read())
+    names = deploy(project, "mon-pool", monitor_folder="incoming", monitor_cron="*/15 * * * *", code=REPO)
+    assert names == ["domaintune-retrain/retrain", "domaintune-monitor-folder/retrain-monitor"]
+    dep = asyncio.run(pool_and_read(names[1:]))[0]
+    assert dep.entrypoint == "pipelines/monitor.py:monitor_folder_flow"
+    assert dep.parameters == {"folder": "incoming", "repo": str(project.resolve())}
+    assert [s.schedule.cron for s in dep.schedules] == ["*/15 * * * *"]
+    verdicts = monitor_folder_flow("incoming", repo=str(project), out="reports/cron",
+                                   history="reports/cron_history.csv")
+    assert [(Path(v["batch"]).name, v["drift"]) for v in verdicts] == [("monday.txt", True)]
+    assert monitor_folder_flow("incoming", repo=str(project), out="reports/cron",
+                               history="reports/cron_history.csv") == []
