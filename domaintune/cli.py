@@ -276,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cron", required=True, help='cron expression (required), e.g. "0 3 * * 1" (Mondays 03:00)')
     p.add_argument("--name", default="scheduled-retrain", help="Prefect deployment name")
     _add_retrain_options(p)
-    p = add("monitor", cmd_monitor, "test a batch of new texts for drift against the baseline "
-            "(exit 0: no drift, 1: drift, 2: error)",
-            "domaintune monitor --batch new_tickets.csv", "domaintune monitor --batch texts.txt --out reports/monday")
+    p = add("monitor", cmd_monitor, "test a batch of new texts (or each new file in a folder) for drift against "
+            "the baseline, with the estimated accuracy (exit 0: no drift, 1: drift, 2: error)",
+            "domaintune monitor --batch new_tickets.csv", "domaintune monitor --batch texts.txt --out reports/monday",
+            "domaintune monitor --watch incoming/ --alarm-command ./page-oncall.sh")
     add_monitor_options(p)
     p = add("deploy", cmd_deploy, "register the retrain (and monitor) flow as deployments on a Prefect work pool",
             "domaintune deploy --pool nightly --cron \"0 3 * * 1\"",
