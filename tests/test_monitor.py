@@ -180,3 +180,31 @@ def test_monitor_folder_deployment_on_a_cron_and_its_flow(project, prefect_harne
     assert [(Path(v["batch"]).name, v["drift"]) for v in verdicts] == [("monday.txt", True)]
     assert monitor_folder_flow("incoming", repo=str(project), out="reports/cron",
                                history="reports/cron_history.csv") == []
+
+
+def test_flow_flag_runs_the_same_work_as_a_prefect_flow(project, prefect_harness, capsys):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    assert cli("monitor", "--batch", "other.txt", "--repo", str(project), "--out", "reports/flow", "--flow",
+               "--history", "reports/flow_history.csv") == 1
+    assert "other.txt: DRIFT" in capsys.readouterr().out
+    assert json.loads((project / "reports" / "flow" / "verdict.json").read_text())["drift"] is True
+
+    async def runs():
+        async with get_client() as client:
+            return [r.state.type.value for r in await client.read_flow_runs(limit=200, sort=FlowRunSort.START_TIME_DESC) if r.name and
+                    (await client.read_flow(r.flow_id)).name == "domaintune-monitor"]
+
+    assert "COMPLETED" in asyncio.run(runs())
+
+
+def test_drift_params_are_checked():
+    from domaintune.params import DriftParams, ParamsError
+
+    for bad in ({"false_alarm_rate": 0.0}, {"false_alarm_rate": 1.5}, {"calibration_resamples": 5},
+                {"alarm_webhook": "ftp://x"}, {"review_below": 2.0}):
+        with pytest.raises(ParamsError, match="drift\\."):
+            DriftParams(**bad)
