@@ -298,6 +298,12 @@ def speed(root, splits, folder: Path) -> dict:
     return res
 
 
+def save(result: dict) -> None:
+    """Written after each section (complete: false until the last), so a cut-short run keeps its numbers."""
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps({"complete": False, **result}, indent=2, default=float) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--speed-child", nargs=4, metavar=("FILE", "MODEL_ROOT", "BASELINE", "OUT"), help=argparse.SUPPRESS)
@@ -328,18 +334,21 @@ def main(argv=None) -> int:
                  "which is iid with the reference; 'as_is' draws without replacement."),
         "as_is": false_alarms(baseline, params, p["iid_test"]),
         "train_prior": false_alarms(baseline, params, p["iid_test"], w)}
+    save(result)
     log(f"false alarms: as is {result['false_alarms']['as_is']['total_alarms']} / 60, train prior "
         f"{result['false_alarms']['train_prior']['total_alarms']} / 60 ({time.perf_counter() - t:.0f} s)")
     result["detection"] = {name: detection(baseline, params, p[name]) for name in p
                            if not name.startswith("_") and name != "iid_test"}
+    save(result)
     log("detection: " + json.dumps({k: v["smallest_size_9_of_10"] for k, v in result["detection"].items()}))
     result["iid_whole_test"] = detection(baseline, params, p["iid_test"])["whole_pool"]
     if not args.skip_classifier:
         result["mmd_vs_domain_classifier"] = classifier_comparison(baseline, params, p)
+    save(result)
     result["speed"] = speed(root, splits, folder)
     log(f"speed: {result['speed']}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    result["complete"] = True
+    save(result)
     print(f"wrote {OUT}")
     return 0
 
