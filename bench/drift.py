@@ -221,14 +221,25 @@ def detection(baseline, params, pool) -> dict:
                                "true_accuracy": float(np.mean(true)) if true else None}
         if smallest is None and alarms >= 9:
             smallest = size
-    whole = judge(baseline, prof, params)
     return {"smallest_size_9_of_10": smallest, "per_size": per_size, "pool_rows": len(prof.texts),
-            "whole_pool": {"estimated_accuracy": whole["accuracy"]["estimated"],
-                           "ci": [whole["accuracy"]["ci_low"], whole["accuracy"]["ci_high"]],
-                           "true_accuracy": None if gold is None else
-                           true_accuracy(prof, gold, np.arange(len(prof.texts))),
-                           "estimated_macro_f1": whole["accuracy"]["estimated_macro_f1"],
-                           "reasons": whole["reasons"][:4]}}
+            "whole_pool": whole(baseline, params, pool)}
+
+
+def whole(baseline, params, pool) -> dict:
+    """The whole pool as one batch: estimated vs true accuracy and macro-F1, the first reasons."""
+    from sklearn.metrics import f1_score
+
+    from domaintune.drift import judge
+
+    prof, gold = pool
+    v = judge(baseline, prof, params)
+    pred = prof.frame["pred_label"].tolist()
+    return {"rows": len(pred), "drift": v["drift"], "estimated_accuracy": v["accuracy"]["estimated"],
+            "ci": [v["accuracy"]["ci_low"], v["accuracy"]["ci_high"]],
+            "true_accuracy": None if gold is None else true_accuracy(prof, gold, np.arange(len(pred))),
+            "estimated_macro_f1": v["accuracy"]["estimated_macro_f1"],
+            "true_macro_f1": None if gold is None else float(f1_score(gold, pred, average="macro")),
+            "reasons": v["reasons"][:4]}
 
 
 def classifier_comparison(baseline, params, pools_: dict) -> dict:
@@ -341,12 +352,12 @@ def main(argv=None) -> int:
                            if not name.startswith("_") and name != "iid_test"}
     save(result)
     log("detection: " + json.dumps({k: v["smallest_size_9_of_10"] for k, v in result["detection"].items()}))
-    result["iid_whole_test"] = detection(baseline, params, p["iid_test"])["whole_pool"]
+    result["iid_whole_test"] = whole(baseline, params, p["iid_test"])
+    result["speed"] = speed(root, splits, folder)
+    save(result)
+    log(f"speed: {result['speed']}")
     if not args.skip_classifier:
         result["mmd_vs_domain_classifier"] = classifier_comparison(baseline, params, p)
-    save(result)
-    result["speed"] = speed(root, splits, folder)
-    log(f"speed: {result['speed']}")
     result["complete"] = True
     save(result)
     print(f"wrote {OUT}")
