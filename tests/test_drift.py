@@ -229,7 +229,7 @@ def test_iid_batches_alarm_at_most_at_the_stated_rate_at_any_size():
     from domaintune.params import DriftParams
 
     rng = np.random.default_rng(0)
-    b = synthetic_baseline(4000, 1000, rng)
+    b = synthetic_baseline(4000, 1000, rng, resamples=100)
     params = DriftParams(false_alarm_rate=0.2, max_accuracy_drop=0.05)
     for m, draws in ((100, 40), (3000, 40), (100_000, 6)):
         alarms = sum(judge(synthetic_baseline(4000, 1000, rng, template=b), synthetic_batch(b, m, rng), params)["drift"]
