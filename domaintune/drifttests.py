@@ -139,13 +139,18 @@ def estimated_performance(probs: np.ndarray, z: float = 1.96, boot: int = 100, s
     tp_rows = onehot * conf[:, None]          # the row's expected true positive, at its predicted class
     rows = np.hstack([tp_rows, onehot, probs])  # per-row contributions to TP_k, predicted_k, true_k
 
+    total = rows.sum(axis=0)
+    # Classes that count, as sklearn's macro average counts labels present in y_true or y_pred: predicted
+    # at least once, or expected at least half a time (not the 1e-5 tails of every softmax).
+    present = (total[k:2 * k] >= 1) | (total[2 * k:] >= 0.5)
+
     def macro_f1(sums: np.ndarray) -> np.ndarray:
         tp, npred, ntrue = sums[..., :k], sums[..., k:2 * k], sums[..., 2 * k:]
         denom = npred + ntrue          # = 2TP + FP + FN
-        f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), np.nan)
-        return np.nanmean(f1, axis=-1)
+        f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+        return f1[..., present].mean(axis=-1)
 
-    f1 = float(macro_f1(rows.sum(axis=0)))
+    f1 = float(macro_f1(total))
     w = np.random.default_rng(seed).poisson(1.0, size=(boot, m)).astype(np.float64)
     f1_boot = macro_f1(w @ rows)
     lo, hi = np.quantile(f1_boot, [0.025, 0.975])

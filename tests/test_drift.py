@@ -261,3 +261,15 @@ def test_estimated_accuracy_tracks_true_accuracy_of_calibrated_probabilities():
         f1_err.append(abs(est["macro_f1"] - f1_score(y, pred, average="macro")))
     assert covered >= 34
     assert np.mean(f1_err) < 0.015
+
+
+def test_expected_macro_f1_ignores_the_softmax_tails_of_absent_classes():
+    """A batch of 2 of 50 classes: the 48 others hold ~1e-4 probability each and must not count as
+    classes with F1 = 0 (sklearn's macro average counts only labels present in y_true or y_pred)."""
+    from domaintune.drifttests import estimated_performance
+
+    probs = np.full((200, 50), 1e-4)
+    probs[:100, 0] = probs[100:, 1] = 1 - 49e-4
+    est = estimated_performance(probs)
+    assert est["macro_f1"] == pytest.approx(0.995, abs=0.005)
+    assert est["macro_f1_low"] <= est["macro_f1"] <= est["macro_f1_high"]
