@@ -273,3 +273,23 @@ def test_expected_macro_f1_ignores_the_softmax_tails_of_absent_classes():
     est = estimated_performance(probs)
     assert est["macro_f1"] == pytest.approx(0.995, abs=0.005)
     assert est["macro_f1_low"] <= est["macro_f1"] <= est["macro_f1_high"]
+
+
+def test_an_estimated_accuracy_drop_is_a_reason():
+    """Same features, but the model is far less sure: the CBPE estimate falls well below the
+    reference's measured accuracy, and that alone is a reason in the verdict."""
+    from domaintune.drift import judge
+    from domaintune.params import DriftParams
+
+    rng = np.random.default_rng(3)
+    b = synthetic_baseline(2000, 500, rng, resamples=40)
+    batch = synthetic_batch(b, 400, rng)
+    k = batch.probs.shape[1]
+    top = batch.probs.argmax(1)
+    batch.probs[:] = 0.4 / (k - 1)
+    batch.probs[np.arange(len(top)), top] = 0.6
+    v = judge(b, batch, DriftParams(max_accuracy_drop=0.05))
+    acc = v["accuracy"]
+    assert acc["estimated"] == pytest.approx(0.6) and acc["drop_significant"]
+    assert any(r.startswith("estimated accuracy 0.600") for r in v["reasons"])
+    assert v["drift"] is True

@@ -208,3 +208,24 @@ def test_drift_params_are_checked():
                 {"alarm_webhook": "ftp://x"}, {"review_below": 2.0}):
         with pytest.raises(ParamsError, match="drift\\."):
             DriftParams(**bad)
+
+
+def test_one_shot_runs_without_prefect_and_with_telemetry_off(project):
+    """A one-shot call judges in-process: Prefect is never imported (so no temporary server starts),
+    and DO_NOT_TRACK is set for evidently. The monitor pipeline imports no stage module."""
+    import ast
+
+    code = ("import os, sys\nfrom domaintune.cli import main\nrc = main(sys.argv[1:])\n"
+            "print('prefect imported:', 'prefect' in sys.modules, 'DO_NOT_TRACK:', os.environ.get('DO_NOT_TRACK'))\n"
+            "raise SystemExit(rc)")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("PREFECT_API_URL", "DO_NOT_TRACK")}
+    proc = subprocess.run([sys.executable, "-c", code, "monitor", "--batch", "same.txt", "--repo", str(project),
+                           "--out", "reports/plain", "--history", "reports/plain_history.csv"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "prefect imported: False DO_NOT_TRACK: 1" in proc.stdout
+    for module in ("pipelines/monitor.py", "domaintune/monitoring.py", "domaintune/drift.py"):
+        tree = ast.parse((REPO / module).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+            {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(m and m.startswith("stages") for m in imported), module
