@@ -34,27 +34,14 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+sys.path.insert(0, str(REPO / "bench"))
+
+from banking77 import DATA, load_banking77  # noqa: E402
 from domaintune.params import EvaluateParams, load_params  # noqa: E402
 from stages.evaluate import evaluate_logits  # noqa: E402
 
-DATA = REPO.parent / "shared" / "datasets" / "banking77"
 OUT = REPO / "bench" / "results" / "calibration.json"
 TARGET_ECE = 0.02
-
-
-def load_banking77(seed: int) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    from sklearn.model_selection import train_test_split
-
-    train = pd.read_csv(DATA / "train.csv")
-    test = pd.read_csv(DATA / "test.csv")
-    tr, va = train_test_split(train, test_size=0.1, stratify=train["category"], random_state=seed)
-
-    def frame(df, name):
-        return pd.DataFrame({"id": [f"{name}-{i}" for i in df.index], "text": df["text"].astype(str).to_numpy(),
-                             "label": df["category"].astype(str).to_numpy(), "split": name}).reset_index(drop=True)
-
-    splits = {"train": frame(tr, "train"), "validation": frame(va, "validation"), "test": frame(test, "test")}
-    return splits, sorted(train["category"].astype(str).unique())
 
 
 def summarize(res, seconds: float) -> dict:
@@ -186,7 +173,7 @@ def main() -> int:
         print(f"BANKING77 not found at {DATA}", file=sys.stderr)
         return 1
     base, ev = load_params(args.params, "base", "evaluate")
-    splits, labels = load_banking77(base.seed)
+    splits, labels = load_banking77(base.seed, DATA)
     if args.limit:
         splits = {s: df.sample(n=min(args.limit, len(df)), random_state=0).reset_index(drop=True)
                   for s, df in splits.items()}

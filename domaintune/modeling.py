@@ -1,12 +1,15 @@
 """Model helpers shared by the stages: resolve, load, pool, embed, classify, save.
 
 A classifier saved by domaintune is a folder:
-  encoder/            the transformer (safetensors), or, for LoRA/QLoRA,
+  encoder/            the transformer (safetensors; an export names its weights
+                      encoder.safetensors so transformers cannot mistake the bare
+                      body for a classifier), or, for LoRA/QLoRA,
                       adapter/: a peft adapter over base_encoder
   tokenizer/          the tokenizer
   head.safetensors    the classification head (dense layer over pooled output)
   model.json          labels, pooling, problem_type, method, base encoder, params
 Only safetensors are written or read; nothing is unpickled and no remote code runs.
+Exported variants (int8, ONNX) are written and loaded by domaintune/artifacts.py, on top of this.
 """
 from __future__ import annotations
 
@@ -185,12 +188,13 @@ def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64,
     return (out, pooled) if mean_pooled else out
 
 
-def save_classifier(model, tokenizer, out_dir: str | os.PathLike, meta: dict) -> None:
+def save_classifier(model, tokenizer, out_dir: str | os.PathLike, meta: dict, exported: bool = False) -> None:
     """Write the folder layout described at the top of this module.
 
     meta must hold at least labels, pooling, problem_type, method, max_length.
     A peft-wrapped encoder is saved as adapter/ and meta['base_encoder'] must
-    name the folder of the encoder it adapts.
+    name the folder of the encoder it adapts. exported=True writes the encoder
+    as encoder.safetensors (see EXPORT_ENCODER_WEIGHTS).
     """
     from safetensors.torch import save_file
 
@@ -203,6 +207,9 @@ def save_classifier(model, tokenizer, out_dir: str | os.PathLike, meta: dict) ->
             raise ValueError("saving a LoRA classifier needs meta['base_encoder']")
         enc.save_pretrained(out / "adapter")
         meta["adapter"] = "adapter"
+    elif exported:
+        save_export_encoder(enc, out / "encoder")
+        meta["adapter"] = None
     else:
         enc.save_pretrained(out / "encoder")
         meta["adapter"] = None
@@ -221,13 +228,56 @@ def load_classifier(model_dir: str | os.PathLike, merge: bool = False):
     if meta.get("adapter"):
         from peft import PeftModel
 
+        adapter_dir = model_dir / meta["adapter"]
+        check_adapter_is_safetensors(adapter_dir)
         base = load_encoder(str(_resolve_relative(meta["base_encoder"], model_dir)))
-        enc = PeftModel.from_pretrained(base, str(model_dir / meta["adapter"]))
+        enc = PeftModel.from_pretrained(base, str(adapter_dir))
         if merge:
             enc = enc.merge_and_unload()
     else:
-        enc = load_encoder(str(model_dir / "encoder"))
+        enc = load_encoder_folder(model_dir / "encoder")
     return (*assemble_classifier(enc, meta, model_dir), meta)
+
+
+def check_adapter_is_safetensors(adapter_dir: Path) -> None:
+    """peft falls back to adapter_model.bin (a pickle, read with a restricted unpickler): refuse it."""
+    from domaintune.data import DataError
+
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        found = sorted(p.name for p in adapter_dir.glob("adapter_model.*")) if adapter_dir.is_dir() else []
+        raise DataError(adapter_dir / "adapter_model.safetensors", None, None,
+                        "missing" + (f" (found {', '.join(found)}: pickle files are never loaded; re-save the "
+                                     "adapter with safetensors)" if found else ""))
+
+
+# An exported encoder stores its weights under this name, not model.safetensors, so that
+# transformers' from_pretrained on the folder fails loudly instead of loading the bare body
+# with a fresh random classification head.
+EXPORT_ENCODER_WEIGHTS = "encoder.safetensors"
+
+
+def save_export_encoder(encoder, folder: str | os.PathLike) -> None:
+    """config.json + encoder.safetensors (every tensor, shared ones once)."""
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.config.save_pretrained(folder)
+    save_model(encoder, str(folder / EXPORT_ENCODER_WEIGHTS), metadata={"format": "pt"})
+
+
+def load_encoder_folder(folder: str | os.PathLike):
+    """A classifier's encoder/: a transformers folder (training output) or an exported one."""
+    folder = Path(folder)
+    weights = folder / EXPORT_ENCODER_WEIGHTS
+    if not weights.is_file():
+        return load_encoder(str(folder))
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModel
+
+    enc = AutoModel.from_config(AutoConfig.from_pretrained(str(folder)), attn_implementation="sdpa")
+    load_model(enc, str(weights), strict=True)
+    return enc.eval()
 
 
 def assemble_classifier(encoder, meta: dict, folder: str | os.PathLike):

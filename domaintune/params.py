@@ -278,6 +278,10 @@ class EvaluateParams:
         _check(self.length_buckets >= 1, "evaluate", "length_buckets", "must be >= 1")
 
 
+# Kept equal to domaintune.artifacts.VARIANTS (not imported: params stays light).
+EXPORT_VARIANTS = ("float32", "int8", "onnx", "onnx-int8")
+
+
 @dataclass(frozen=True)
 class ExportParams:
     batch_size: int = 64
@@ -290,6 +294,20 @@ class ExportParams:
     latency_repeats: int = 3
     latency_single_texts: int = 32
     bins: int = 15
+    # Which variants to write (domaintune/artifacts.py); float32 is the reference the others are gated on.
+    # int8 (PyTorch weight-only) is opt-in: on BANKING77 onnx-int8 matched its accuracy at a similar size
+    # and ran 1.6-2.9x the batched texts/s of PyTorch float32; int8 runs the float32 computation (bench/inference.py).
+    variants: tuple = ("float32", "onnx", "onnx-int8")
+    # Each variant's test accuracy may fall at most this many points below float32's (0.5 = half a point) ...
+    max_accuracy_drop: float = 0.5
+    # ... and its ECE (after calibration) rise at most this many points above float32's.
+    max_ece_increase: float = 1.0
+    onnx_opset: int = 17
+    # onnx-int8: one weight scale per output channel (per tensor loses accuracy on BERT-style models).
+    onnx_int8_per_channel: bool = True
+    # Model card metadata (Hugging Face): the base model's licence, and the language of the data.
+    license: str = "apache-2.0"
+    language: str = "en"
     intended_use: str = ("Routing and triage of short domain texts into the labels listed here, with a person "
                          "reviewing low-confidence predictions. Not for decisions about individuals without review.")
 
@@ -300,6 +318,16 @@ class ExportParams:
         _check(self.latency_single_texts >= 0, "export", "latency_single_texts", "must be >= 0")
         _check(self.bins >= 2, "export", "bins", "must be >= 2")
         _check(bool(self.intended_use.strip()), "export", "intended_use", "must not be empty")
+        _check(len(self.variants) > 0 and set(self.variants) <= set(EXPORT_VARIANTS), "export", "variants",
+               f"must be a non-empty list of {', '.join(EXPORT_VARIANTS)}, got {list(self.variants)}")
+        _check(len(set(self.variants)) == len(self.variants), "export", "variants", "lists a variant twice")
+        _check("float32" in self.variants, "export", "variants",
+               "must include float32 (the reference every other variant is checked against)")
+        _check(self.max_accuracy_drop >= 0, "export", "max_accuracy_drop", "must be >= 0 (points)")
+        _check(self.max_ece_increase >= 0, "export", "max_ece_increase", "must be >= 0 (points)")
+        _check(7 <= self.onnx_opset <= 21, "export", "onnx_opset", "must be in [7, 21]")
+        _check(bool(self.license.strip()), "export", "license", "must not be empty")
+        _check(bool(self.language.strip()), "export", "language", "must not be empty")
 
 
 @dataclass(frozen=True)

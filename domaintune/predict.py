@@ -1,7 +1,7 @@
 """Calibrated predictions from an exported model: what flows, drift monitoring and serving call.
 
     from domaintune.predict import Predictor
-    p = Predictor.load("models/export")            # or variant="int8"
+    p = Predictor.load("models/export")            # or variant="int8", "onnx", "onnx-int8"
     probs = p.predict_proba(["my card was charged twice"])   # calibrated, rows sum to 1
     labels = p.predict(["my card was charged twice"])
 
@@ -21,13 +21,12 @@ import numpy as np
 
 from domaintune.data import LABEL_SEPARATOR, DataError, read_json
 
-INT8_DIR = "int8"
-
 
 class Predictor:
-    def __init__(self, model, tokenizer, meta: dict, temperature: float = 1.0,
-                 thresholds: dict | None = None, batch_size: int = 64):
-        self.model, self.tokenizer, self.meta = model, tokenizer, meta
+    def __init__(self, runner, meta: dict, temperature: float = 1.0, thresholds: dict | None = None,
+                 batch_size: int = 64, variant: str = "float32"):
+        self.runner, self.meta, self.variant = runner, meta, variant
+        self.model, self.tokenizer = runner.model, runner.tokenizer  # model is None for ONNX variants
         self.labels: list[str] = list(meta["labels"])
         self.problem_type: str = meta.get("problem_type", "single_label")
         self.max_length = int(meta.get("max_length", 128))
@@ -39,18 +38,15 @@ class Predictor:
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, variant: str = "float", calibration: str | os.PathLike | None = None,
-             dynamic_int8: bool = False, batch_size: int = 64) -> "Predictor":
-        """variant 'float' loads model_dir itself; 'int8' loads model_dir/int8 (dequantised weights)."""
-        model_dir = Path(model_dir)
-        if variant == "float":
-            from domaintune.modeling import load_classifier
+    def load(cls, model_dir: str | os.PathLike, variant: str = "float32",
+             calibration: str | os.PathLike | None = None, dynamic_int8: bool = False,
+             batch_size: int = 64) -> "Predictor":
+        """variant: float32 (alias float), int8, onnx or onnx-int8 (domaintune.artifacts.VARIANTS)."""
+        from domaintune.artifacts import canonical_variant, load_variant
 
-            model, tok, meta = load_classifier(model_dir)
-        elif variant == "int8":
-            model, tok, meta = load_int8_classifier(model_dir / INT8_DIR, dynamic=dynamic_int8)
-        else:
-            raise ValueError(f"variant must be 'float' or 'int8', got {variant!r}")
+        model_dir = Path(model_dir)
+        variant = canonical_variant(variant)
+        runner, meta = load_variant(model_dir, variant, dynamic_int8=dynamic_int8)
         cal = meta  # an exported model.json carries temperature/thresholds itself
         if calibration:
             path = Path(calibration)
@@ -63,13 +59,11 @@ class Predictor:
         source = calibration or model_dir / "model.json"
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
             raise DataError(source, None, "temperature", f"must be a positive number, got {t!r}")
-        return cls(model, tok, meta, float(t), cal.get("thresholds"), batch_size)
+        return cls(runner, meta, float(t), cal.get("thresholds"), batch_size, variant)
 
     def logits(self, texts: Sequence[str], mean_pooled: bool = False):
-        """Raw logits; mean_pooled=True also returns the mean-pooled text vectors of the same pass."""
-        from domaintune.modeling import predict_logits
-
-        return predict_logits(self.model, self.tokenizer, list(texts), self.batch_size, self.max_length, mean_pooled)
+        """Raw logits; mean_pooled=True also returns the mean-pooled text vectors of the same pass (torch only)."""
+        return self.runner.logits(list(texts), self.batch_size, self.max_length, mean_pooled)
 
     def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
         from domaintune.calibration import sigmoid, softmax
@@ -92,13 +86,8 @@ class Predictor:
                     for row in probs >= self.thresholds]
         return [self.labels[i] for i in probs.argmax(axis=1)]
 
-
-def load_int8_classifier(int8_dir: str | os.PathLike, dynamic: bool = False):
-    """(model, tokenizer, meta) from an export's int8/ folder; same interface as modeling.load_classifier."""
-    from domaintune.modeling import assemble_classifier
-    from domaintune.quantize import load_int8_encoder
-
-    int8_dir = Path(int8_dir)
-    meta = read_json(int8_dir / "model.json")
-    enc = load_int8_encoder(int8_dir / "encoder", dynamic=dynamic)
-    return (*assemble_classifier(enc, meta, int8_dir), meta)
+    def top_k(self, probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """The k most probable labels of each row, highest first, with their calibrated probabilities."""
+        k = max(1, min(int(k), len(self.labels)))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.labels[j], float(row[j])) for j in idx] for row, idx in zip(probs, order)]

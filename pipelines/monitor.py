@@ -62,7 +62,7 @@ def monitor_folder_flow(folder: str, repo: str = ".", baseline: str = DEFAULTS["
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m pipelines.monitor ARGS` is `domaintune monitor ARGS` (same checks, messages, exit codes)."""
-    from domaintune.cli import main as cli_main
+    from pipelines.cli import main as cli_main
 
     return cli_main(["monitor", *(sys.argv[1:] if argv is None else argv)])
 

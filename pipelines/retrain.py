@@ -238,7 +238,7 @@ def run_from_args(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m pipelines.retrain ARGS` is `domaintune retrain ARGS` (same checks, messages, exit codes)."""
-    from domaintune.cli import main as cli_main
+    from pipelines.cli import main as cli_main
 
     return cli_main(["retrain", *(sys.argv[1:] if argv is None else argv)])
 

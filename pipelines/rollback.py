@@ -45,7 +45,7 @@ def rollback_flow(version: str, repo: str = ".") -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m pipelines.rollback ARGS` is `domaintune rollback ARGS` (same checks, messages, exit codes)."""
-    from domaintune.cli import main as cli_main
+    from pipelines.cli import main as cli_main
 
     return cli_main(["rollback", *(sys.argv[1:] if argv is None else argv)])
 

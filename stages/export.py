@@ -1,19 +1,19 @@
-"""export: a standalone calibrated model (LoRA merged), an int8 variant, and a model card.
+"""export: the calibrated model in every variant (float32, int8, ONNX, ONNX int8), gated, with a model card.
 
-models/export/ is a classifier folder that domaintune.modeling.load_classifier
-loads on its own (encoder weights merged, adapter None, no reference to
-models/dapt), with the evaluate stage's temperature (or multi-label thresholds)
-in model.json, so predict/drift/serve all apply the same calibration.
-models/export/int8/ holds the weight-only int8 variant (domaintune/quantize.py).
-Before writing, the merged model's logits are checked against the unmerged
-model's on the test texts; accuracy/ECE/latency/size of each variant go to the
-metrics and the model card (README.md, Hugging Face style).
+models/export/ is a classifier folder that domaintune.predict.Predictor loads on its own
+(encoder weights merged, adapter None, no reference to models/dapt), with the evaluate
+stage's temperature (or multi-label thresholds) in model.json, so predict/drift/serve all
+apply the same calibration. Its variants are written and loaded by domaintune/artifacts.py.
+Before anything is written for good, the merged model's logits are checked against the
+unmerged model's, and every variant is re-scored on the test split (accuracy, macro-F1, ECE
+with the fitted temperature, agreement with float32, size, latency): a variant that loses more
+than export.max_accuracy_drop points of accuracy or adds more than export.max_ece_increase
+points of ECE fails the stage. The model card (README.md) is domaintune/modelcard.py's.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -26,8 +26,6 @@ from domaintune.params import as_dict, load_params
 from domaintune.stage import StageError, run_stage, stage_parser
 
 log = logging.getLogger("domaintune")
-
-BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 # ---------------------------------------------------------------- checks and scoring
@@ -66,252 +64,190 @@ def score_variant(logits: np.ndarray, test: pd.DataFrame, meta: dict, calib: dic
     return {k: m[k] for k in ("accuracy", "macro_f1", "nll", "ece")}
 
 
-def time_variant(model, tokenizer, texts: list[str], batch_size: int, max_length: int, repeats: int,
-                 single: int) -> tuple[np.ndarray, dict]:
-    """The variant's logits on `texts`, with batched throughput (best of `repeats` passes, after a
-    warm-up) and median single-text latency."""
-    from domaintune.modeling import predict_logits
-
-    predict_logits(model, tokenizer, texts[: min(len(texts), batch_size)], batch_size, max_length)  # warm-up
+def time_runner(runner, texts: list[str], batch_size: int, max_length: int, repeats: int,
+                single: int) -> tuple[np.ndarray, dict]:
+    """The runner's logits on `texts`, with batched throughput (best of `repeats` passes, after a
+    warm-up) and single-text latency percentiles."""
+    runner.logits(texts[: min(len(texts), batch_size)], batch_size, max_length)  # warm-up
     passes = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        logits = predict_logits(model, tokenizer, texts, batch_size, max_length)
+        logits = runner.logits(texts, batch_size, max_length)
         passes.append(time.perf_counter() - t0)
     one = []
     for t in texts[:single]:
         t0 = time.perf_counter()
-        predict_logits(model, tokenizer, [t], 1, max_length)
-        one.append(time.perf_counter() - t0)
+        runner.logits([t], 1, max_length)
+        one.append(1000 * (time.perf_counter() - t0))
     return logits, {"batched_ms_per_text": 1000 * min(passes) / max(len(texts), 1),
-                    "single_text_ms_median": 1000 * statistics.median(one) if one else None}
+                    "single_text_p50_ms": statistics.median(one) if one else None,
+                    "single_text_p95_ms": float(np.percentile(one, 95)) if one else None}
 
 
-def folder_bytes(path: Path, pattern: str = "*") -> int:
-    return int(sum(p.stat().st_size for p in Path(path).rglob(pattern) if p.is_file()))
-
-
-# ---------------------------------------------------------------- model card
-def base_model_name(name: str) -> str:
-    from domaintune.modeling import BUNDLED_ALIASES
-
-    return BUNDLED_NAME if name in BUNDLED_ALIASES else name
-
-
-def model_card(meta: dict, hashes: dict, split_sizes: dict, eval_metrics: dict, calib: dict,
-               variants: dict, merge_check: dict, audit: dict | None, manifest: dict | None,
-               per_class: pd.DataFrame | None, intended_use: str) -> str:
-    import yaml
-
-    ft = (meta.get("params") or {}).get("finetune") or {}
-    base_name = meta["base_model"]  # resolved by run(): what the model was trained from
-    key_params = {k: ft[k] for k in ("method", "epochs", "lr", "batch_size", "pooling", "lora_r", "lora_alpha",
-                                     "target_modules", "seeds") if k in ft}
-    after, before = eval_metrics.get("after", {}), eval_metrics.get("before", {})
-    front = {
-        "library_name": "domaintune",
-        "base_model": base_name,
-        "pipeline_tag": "text-classification",
-        "tags": ["domaintune", "text-classification", str(meta.get("method")), "calibrated"],
-        "model-index": [{
-            "name": "domaintune-classifier",
-            "results": [{
-                "task": {"type": "text-classification"},
-                "dataset": {"name": f"domaintune dataset {hashes['dataset'][:12]}", "type": "custom",
-                            "split": "test"},
-                "metrics": [{"type": k, "value": round(float(after[k]), 4), "name": f"{k} (calibrated)"}
-                            for k in ("accuracy", "macro_f1", "weighted_f1", "ece", "nll", "brier") if k in after],
-            }],
-        }],
-        "domaintune": {
-            "dataset_hash": hashes["dataset"],
-            "split_hashes": {s: hashes[s] for s in ("train", "validation", "test") if s in hashes},
-            "split_sizes": split_sizes,
-            # The deduped dataset (before the label audit) and where it came from.
-            "deduped_dataset_hash": manifest.get("dataset_sha256") if manifest else None,
-            "source_hashes": (manifest.get("input") or {}).get("sha256") if manifest else None,
-            "method": meta.get("method"),
-            "problem_type": meta.get("problem_type", "single_label"),
-            "labels": list(meta["labels"]),
-            "max_length": meta.get("max_length"),
-            "pooling": meta.get("pooling"),
-            "temperature": float(calib.get("temperature", 1.0)),
-            "thresholds": calib.get("thresholds"),
-            "finetune_params": key_params,
-            "seed": meta.get("seed"),
-        },
-    }
-    out = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
-    out += ["# domaintune classifier", "",
-            f"A {meta.get('problem_type', 'single_label').replace('_', '-')} text classifier over "
-            f"{len(meta['labels'])} labels, fine-tuned from `{base_name}` with method "
-            f"`{meta.get('method')}`" + (" (LoRA adapter merged into the encoder)" if merge_check["had_adapter"] else "")
-            + f", {meta.get('pooling')} pooling, max {meta.get('max_length')} tokens. "
-            "Weights are safetensors only; no remote code.", "",
-            "## Training data", "",
-            f"- Dataset content hash (the dataset version): `{hashes['dataset']}`",
-            "- Split sizes: " + ", ".join(f"{k} {v}" for k, v in split_sizes.items()),
-            "- Labels: " + ", ".join(f"`{lab}`" for lab in meta["labels"])]
-    if manifest:
-        removed = {sp: v.get("removed", {}) for sp, v in (manifest.get("splits") or {}).items()}
-        out += [f"- Before the label audit (dedupe output): dataset hash `{manifest.get('dataset_sha256')}`, "
-                f"{manifest.get('removed_total', 'n/a')} rows removed by dedupe: {removed}"]
-    out.append("")
-    out += ["## Label audit", ""]
-    if audit:
-        am = audit.get("metrics", audit)
-        out += [f"- Rule: {audit.get('flag_rule', 'n/a')}",
-                f"- Issues found: {am.get('issues_found', 'n/a')}; action: `{(audit.get('params') or {}).get('action', 'n/a')}`;"
-                f" rows acted on: {am.get('rows_acted_on', 'n/a')}", ""]
-    else:
-        out += ["No label-audit summary was given to export (`--audit`).", ""]
-    rows = [{"metric": k, "before calibration": before.get(k), "after calibration": after[k]}
-            for k in ("accuracy", "macro_f1", "weighted_f1", "nll", "brier", "ece", "mce") if k in after]
-    from domaintune.report import md_table
-
-    cal_line = (f"Temperature scaling fitted on the validation split: T = {calib['temperature']:.4f}; "
-                "`predict_proba` returns softmax(logits / T)." if calib.get("method") == "temperature" else
-                "Per-label thresholds tuned on the validation split (in model.json `thresholds`).")
-    out += ["## Evaluation (test split)", "", cal_line, "", md_table(pd.DataFrame(rows))]
-    if "seeds" in eval_metrics:
-        s = eval_metrics["seeds"]
-        out += [f"Across {s['n']} seeds (after calibration): accuracy {s['mean']['accuracy']:.4f} ± "
-                f"{s['std']['accuracy']:.4f}, macro-F1 {s['mean']['macro_f1']:.4f} ± {s['std']['macro_f1']:.4f}.", ""]
-    vrows = [{"variant": k, "accuracy": v["accuracy"], "macro_f1": v["macro_f1"], "ece": v["ece"],
-              "ms/text (batched)": v["batched_ms_per_text"], "size MB": v["size_bytes"] / 1e6}
-             for k, v in variants.items()]
-    out += ["## Variants", "", md_table(pd.DataFrame(vrows)),
-            f"Merged vs unmerged logits on {merge_check['texts']} test texts: max abs difference "
-            f"{merge_check['max_abs_diff']:.2e} (tolerance {merge_check['tolerance']:g}).", "",
-            "`int8/`: weight-only symmetric per-output-channel int8 (safetensors int8 tensors + float32 "
-            "scales), dequantised on load.", ""]
-    out += ["## Intended use", "", intended_use, "",
-            "## Limitations", "",
-            f"- Knows only the {len(meta['labels'])} labels above; every input is forced into one of them "
-            "(single-label) - out-of-scope texts still get a label. Route low-confidence predictions to a person.",
-            f"- Inputs longer than {meta.get('max_length')} tokens are truncated.",
-            "- Calibration (temperature/thresholds) was fitted on the validation split; it holds only while "
-            "incoming texts look like the training data. Watch the drift report.",
-            f"- Test metrics come from {split_sizes.get('test', 0)} rows; small classes have "
-            "wide error bars."]
-    if per_class is not None and len(per_class):
-        worst = per_class.sort_values(["f1", "class"], kind="stable").head(3)
-        out.append("- Weakest classes on test (F1): " +
-                   ", ".join(f"`{r['class']}` {r['f1']:.3f} (n={int(r['support'])})" for _, r in worst.iterrows()))
-    out += ["", "## How to load", "", "```python",
-            "from domaintune.predict import Predictor",
-            "",
-            'p = Predictor.load("models/export")            # variant="int8" for the int8 weights',
-            'print(p.predict(["example text"]), p.predict_proba(["example text"]))',
-            "",
-            "# or the raw model (logits; divide by model.json's temperature before softmax):",
-            "from domaintune.modeling import load_classifier, predict_logits",
-            'model, tokenizer, meta = load_classifier("models/export")',
-            'logits = predict_logits(model, tokenizer, ["example text"], 64, meta["max_length"])',
-            "```", ""]
-    return "\n".join(out)
+def check_gates(variants: dict, params) -> None:
+    """Fail on the first variant that loses too much accuracy or calibration against float32."""
+    ref = variants["float32"]
+    for name, v in variants.items():
+        if name in ("float32", "unmerged"):
+            continue
+        drop = 100 * (ref["accuracy"] - v["accuracy"])
+        if drop > params.max_accuracy_drop:
+            raise StageError(f"variant {name}: accuracy {v['accuracy']:.4f} is {drop:.2f} points below float32's "
+                             f"{ref['accuracy']:.4f} (export.max_accuracy_drop {params.max_accuracy_drop:g})")
+        rise = 100 * (v["ece"] - ref["ece"])
+        if rise > params.max_ece_increase:
+            raise StageError(f"variant {name}: ECE {v['ece']:.4f} is {rise:.2f} points above float32's "
+                             f"{ref['ece']:.4f} (export.max_ece_increase {params.max_ece_increase:g})")
 
 
 # ---------------------------------------------------------------- stage
-def run(args: argparse.Namespace) -> None:
-    from domaintune.modeling import load_classifier, predict_logits, save_classifier, set_threads
-    from domaintune.predict import INT8_DIR, load_int8_classifier
-    from domaintune.quantize import QUANT_SCHEME, save_int8_encoder
-
-    base, params = load_params(args.params, "base", "export")
-    set_threads()
+def read_inputs(args: argparse.Namespace) -> dict:
+    """Everything the stage reads besides the model, checked before any model is loaded."""
     in_dir, cal_dir = Path(args.in_dir), Path(args.calibration)
     splits, _ = read_dataset(in_dir)
-    hashes = read_json(in_dir / "hashes.json")
-    test = splits["test"]
-    if len(test) == 0:
+    if len(splits["test"]) == 0:
         raise DataError(in_dir / "test.parquet", None, None, "empty: nothing to verify the export on")
-    calib = read_json(cal_dir / "calibration.json")
-    eval_metrics = read_json(cal_dir / "metrics.json")
-    per_class = pd.read_csv(cal_dir / "per_class.csv") if (cal_dir / "per_class.csv").exists() else None
-    audit = None
-    if args.audit:
-        audit_path = Path(args.audit) / "summary.json"
-        if not audit_path.exists():
-            raise DataError(audit_path, None, None, "label-audit summary missing; run the audit stage first")
-        audit = read_json(audit_path)
+    inputs = {"splits": splits, "hashes": read_json(in_dir / "hashes.json"),
+              "calib": read_json(cal_dir / "calibration.json"), "eval_metrics": read_json(cal_dir / "metrics.json"),
+              "per_class": pd.read_csv(cal_dir / "per_class.csv") if (cal_dir / "per_class.csv").exists() else None,
+              "audit": None, "dapt": None}
+    for key, folder, name, stage in (("audit", args.audit, "summary.json", "audit"),
+                                     ("dapt", args.dapt, "dapt_info.json", "dapt")):
+        if folder:
+            path = Path(folder) / name
+            if not path.exists():
+                raise DataError(path, None, None, f"{stage} summary missing; run the {stage} stage first")
+            inputs[key] = read_json(path)
     manifest_path = in_dir / "upstream_manifest.json"
-    manifest = read_json(manifest_path) if manifest_path.exists() else None
+    inputs["manifest"] = read_json(manifest_path) if manifest_path.exists() else None
+    return inputs
 
-    texts = test["text"].tolist()
-    model, tok, meta = load_classifier(args.model)
-    check_calibration(calib, meta, cal_dir / "calibration.json")
-    ml = int(meta.get("max_length", base.max_length))
-    bs = params.batch_size
-    latency = (params.latency_repeats, params.latency_single_texts)
-    timing = {}
+
+def merged_model(model_dir: str, texts: list[str], params, ml: int):
+    """(merged model, tokenizer, meta, unmerged runner timing, merged logits, merge check)."""
+    from domaintune.artifacts import TorchRunner
+    from domaintune.modeling import load_classifier
+
+    model, tok, meta = load_classifier(model_dir)
+    bs, latency = params.batch_size, (params.latency_repeats, params.latency_single_texts)
     had_adapter = bool(meta.get("adapter"))
+    unmerged_logits, unmerged_timing = time_runner(TorchRunner(model, tok), texts, bs, ml, *latency)
     if had_adapter:
-        unmerged_logits, timing["unmerged"] = time_variant(model, tok, texts, bs, ml, *latency)
         del model
-        merged, tok, _ = load_classifier(args.model, merge=True)
-        merged_logits = predict_logits(merged, tok, texts, bs, ml)
+        merged, tok, _ = load_classifier(model_dir, merge=True)
+        merged_logits = TorchRunner(merged, tok).logits(texts, bs, ml)
     else:  # nothing to merge: the loaded model is the merged one
-        merged = model
-        merged_logits = unmerged_logits = predict_logits(model, tok, texts, bs, ml)
+        merged, merged_logits = model, unmerged_logits
     agree = logit_agreement(unmerged_logits, merged_logits)
-    merge_check = {"had_adapter": had_adapter, "texts": len(texts), "tolerance": params.merge_tolerance, **agree}
+    check = {"had_adapter": had_adapter, "texts": len(texts), "tolerance": params.merge_tolerance, **agree}
     if agree["max_rel_diff"] > params.merge_tolerance:
         raise StageError(f"merged model disagrees with the unmerged one: max logit difference "
                          f"{agree['max_abs_diff']:.3g} (relative {agree['max_rel_diff']:.3g}) > "
                          f"export.merge_tolerance {params.merge_tolerance}")
+    return merged, tok, meta, (unmerged_logits, unmerged_timing), merged_logits, check
 
-    export_meta = {k: v for k, v in meta.items() if k not in ("adapter", "num_labels", "hidden_size")}
-    export_meta.update({
+
+def write_variants(tmp: Path, merged, tok, export_meta: dict, params) -> dict:
+    """Write every variant in params.variants under tmp; returns what quantisation reported."""
+    from domaintune import artifacts
+
+    artifacts.write_float32(merged, tok, tmp, export_meta)
+    fmeta = read_json(tmp / "model.json")
+    info = {}
+    if "int8" in params.variants:
+        info["int8"] = artifacts.write_int8(tmp, merged, fmeta, params.int8_embeddings)
+    if "onnx" in params.variants or "onnx-int8" in params.variants:
+        artifacts.write_onnx(tmp, merged, tok, fmeta, params.onnx_opset)
+        if "onnx-int8" in params.variants:
+            artifacts.write_onnx_int8(tmp, params.onnx_int8_per_channel)
+        if "onnx" not in params.variants:
+            import shutil
+
+            shutil.rmtree(tmp / artifacts.SUBDIRS["onnx"])
+    return info
+
+
+def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict, calib: dict, params,
+                    ml: int) -> tuple[dict, dict]:
+    """Reload each written variant from disk, score and time it on the test split: (metrics, logits)."""
+    from domaintune.artifacts import load_variant, variant_bytes
+
+    latency = (params.latency_repeats, params.latency_single_texts)
+    rows, logits = {}, {}
+    for name in params.variants:
+        runner, _ = load_variant(tmp, name)
+        logits[name], timing = time_runner(runner, texts, params.batch_size, ml, *latency)
+        del runner
+        rows[name] = {**score_variant(logits[name], test, meta, calib, params.bins), **timing,
+                      "size_bytes": variant_bytes(tmp, name)}
+        log.info("verified %s: accuracy %.4f, ECE %.4f, %.1f ms/text batched", name, rows[name]["accuracy"],
+                 rows[name]["ece"], rows[name]["batched_ms_per_text"])
+    for name in params.variants:
+        agree = logit_agreement(logits["float32"], logits[name])
+        rows[name]["agreement_with_float32"] = agree["argmax_agreement"]
+        rows[name]["max_abs_logit_diff_vs_float32"] = agree["max_abs_diff"]
+    return rows, logits
+
+
+def export_metadata(meta: dict, inputs: dict, args, base, params, had_adapter: bool) -> dict:
+    from domaintune.modelcard import base_model_name
+
+    calib = inputs["calib"]
+    out = {k: v for k, v in meta.items() if k not in ("adapter", "num_labels", "hidden_size")}
+    out.update({
         "source_model": str(args.model), "source_encoder": meta.get("base_encoder"),
         "base_encoder": None,  # self-contained: the merged encoder is in encoder/
         # The base the model was actually trained from (finetune records it) wins over today's params.
         "base_model": base_model_name(((meta.get("params") or {}).get("base") or {}).get("model") or base.model),
         "merged_adapter": had_adapter, "temperature": float(calib["temperature"]),
         "thresholds": calib.get("thresholds"), "calibration": calib,
-        "dataset_hash": hashes["dataset"], "export_params": as_dict(params),
+        "dataset_hash": inputs["hashes"]["dataset"], "export_params": as_dict(params),
+        "variants": list(params.variants),
     })
-    split_sizes = {s: int(len(df)) for s, df in splits.items()}
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    from domaintune.modelcard import model_card
+    from domaintune.modeling import set_threads
+
+    base, params = load_params(args.params, "base", "export")
+    set_threads()
+    t0 = time.perf_counter()
+    inputs = read_inputs(args)
+    test, calib = inputs["splits"]["test"], inputs["calib"]
+    texts = test["text"].tolist()
+    source_meta = read_json(Path(args.model) / "model.json")
+    check_calibration(calib, source_meta, Path(args.calibration) / "calibration.json")
+    ml = int(source_meta.get("max_length", base.max_length))
+    merged, tok, meta, (unmerged_logits, unmerged_timing), merged_logits, merge_check = merged_model(
+        args.model, texts, params, ml)
+    export_meta = export_metadata(meta, inputs, args, base, params, merge_check["had_adapter"])
     with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
-        save_classifier(merged, tok, tmp, export_meta)
-        # Reload what was written: the artefact itself must reproduce the merged logits.
-        fmodel, ftok, fmeta = load_classifier(tmp)
-        float_logits, timing["float32"] = time_variant(fmodel, ftok, texts, bs, ml, *latency)
-        timing.setdefault("unmerged", timing["float32"])  # no adapter: the same weights and graph
-        roundtrip = logit_agreement(merged_logits, float_logits)
+        quant = write_variants(tmp, merged, tok, export_meta, params)
+        del merged
+        variants, logits = verify_variants(tmp, texts, test, meta, calib, params, ml)
+        roundtrip = logit_agreement(merged_logits, logits["float32"])
         if roundtrip["max_rel_diff"] > params.merge_tolerance:
             raise StageError(f"saved export does not reproduce the merged model's logits ({roundtrip})")
-        del merged
-
-        qdir = tmp / INT8_DIR
-        qinfo = save_int8_encoder(fmodel.encoder, qdir / "encoder", params.int8_embeddings)
-        shutil.copy2(tmp / "head.safetensors", qdir / "head.safetensors")
-        shutil.copytree(tmp / "tokenizer", qdir / "tokenizer")
-        write_json(qdir / "model.json", {**fmeta, "quantization": {"scheme": QUANT_SCHEME,
-                                                                   "embeddings": params.int8_embeddings, **qinfo}})
-        qmodel, qtok, _ = load_int8_classifier(qdir)
-        int8_logits, timing["int8"] = time_variant(qmodel, qtok, texts, bs, ml, *latency)
-
-        weights = {"unmerged": None, "float32": folder_bytes(tmp, "*.safetensors") - folder_bytes(qdir, "*.safetensors"),
-                   "int8": folder_bytes(qdir, "*.safetensors")}
-        variants = {}
-        for name, lg in (("unmerged", unmerged_logits), ("float32", float_logits), ("int8", int8_logits)):
-            # unmerged size: base encoder + adapter live elsewhere, not an artefact here
-            variants[name] = {**score_variant(lg, test, meta, calib, params.bins), **timing[name],
-                              "size_bytes": weights[name]}
-        metrics = {"test_rows": len(texts), "merge_check": merge_check,
-                   "int8_vs_float32": logit_agreement(float_logits, int8_logits),
-                   "int8_size_ratio": weights["int8"] / weights["float32"],
-                   "variants": {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in variants.items()}}
-        card_variants = {k: v for k, v in variants.items() if k != "unmerged"}
-        (tmp / "README.md").write_text(
-            model_card(fmeta, hashes, split_sizes, eval_metrics, calib, card_variants, merge_check, audit,
-                       manifest, per_class, params.intended_use), encoding="utf-8")
+        check_gates(variants, params)
+        variants["unmerged"] = {**score_variant(unmerged_logits, test, meta, calib, params.bins), **unmerged_timing}
+        metrics = {"test_rows": len(texts), "merge_check": merge_check, "variants": variants,
+                   "gates": {"max_accuracy_drop": params.max_accuracy_drop,
+                             "max_ece_increase": params.max_ece_increase},
+                   "seconds": round(time.perf_counter() - t0, 1)}
+        if "int8" in variants:
+            metrics["int8_vs_float32"] = logit_agreement(logits["float32"], logits["int8"])
+            metrics["int8_size_ratio"] = variants["int8"]["size_bytes"] / variants["float32"]["size_bytes"]
+            metrics["int8_quantization"] = quant["int8"]
+        split_sizes = {s: int(len(df)) for s, df in inputs["splits"].items()}
+        card = model_card(read_json(tmp / "model.json"), inputs, split_sizes, variants, merge_check, params)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         write_json(tmp / "export_report.json", metrics)
         write_json(tmp_metrics, metrics)
-    log.info("merged max |dlogit| %.2e; float32 acc %.4f ECE %.4f; int8 acc %.4f ECE %.4f, %.1f%% of the float size",
-             merge_check["max_abs_diff"], variants["float32"]["accuracy"], variants["float32"]["ece"],
-             variants["int8"]["accuracy"], variants["int8"]["ece"], 100 * metrics["int8_size_ratio"])
+    log.info("export: %s written in %.0f s; float32 accuracy %.4f, ECE %.4f; every variant within the gates",
+             ", ".join(params.variants), metrics["seconds"], variants["float32"]["accuracy"],
+             variants["float32"]["ece"])
 
 
 def main(argv=None) -> int:
@@ -320,6 +256,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="fine-tuned classifier folder")
     ap.add_argument("--calibration", required=True, help="evaluate's report folder (calibration.json, metrics.json)")
     ap.add_argument("--audit", default=None, help="audit report folder (summary.json) for the model card")
+    ap.add_argument("--dapt", default=None, help="DAPT encoder folder (dapt_info.json) for the model card")
     return run_stage("export", run, ap, argv)
 
 

@@ -73,6 +73,12 @@ out = pathlib.Path("models/export"); (out / "sub").mkdir(parents=True, exist_ok=
 (out / "sub" / "model.json").write_text(json.dumps({"epochs": epochs}))
 ckpt = pathlib.Path("models/checkpoints"); ckpt.mkdir(parents=True, exist_ok=True)
 (ckpt / "README").write_text("resume state, cleared after a finished run")  # like finetune's
+clf = pathlib.Path("fake/classifier")
+if clf.is_dir():  # make_fake_repo(classifier=...): a real tiny classifier as the export, T = epochs / 3
+    import shutil
+    shutil.copytree(clf, out, dirs_exist_ok=True)
+    meta = json.loads((out / "model.json").read_text())
+    (out / "model.json").write_text(json.dumps({**meta, "temperature": epochs / 3}))
 # metrics/evaluate.json in the shape the real evaluate stage writes, built by its own build_metrics
 # from before/after dicts with the keys calibration.single_label_metrics returns.
 from types import SimpleNamespace
@@ -155,6 +161,10 @@ TINY_DAG_PARAMS = {
     "base.max_length": 32, "ingest.source": "tiny.csv", "ingest.id_column": "ticket_id", "audit.folds": 3,
     "dapt.corpus": ["tiny_corpus.txt"], "dapt.max_steps": 4, "dapt.block_size": 32, "dapt.batch_size": 4,
     "finetune.epochs": 1, "finetune.batch_size": 8, "evaluate.min_calibration_rows": 5, "drift.pca_components": 3,
+    # A random tiny BERT scored on ~20 test rows: one flipped row is 5 points, so export's quality gates
+    # (tested on their own in tests/test_export.py) would fail the DAG at random; timing passes kept short.
+    "export.max_accuracy_drop": 100.0, "export.max_ece_increase": 100.0, "export.latency_repeats": 1,
+    "export.latency_single_texts": 4,
 }
 
 
@@ -195,9 +205,12 @@ def make_tiny_dag(root: Path, tiny_bert: Path, rows) -> Path:
     sh(root, "git", "commit", "-qm", "tiny project")
     return root
 
-def make_fake_repo(root: Path, rows: int = 10) -> Path:
+def make_fake_repo(root: Path, rows: int = 10, classifier: Path | None = None) -> Path:
+    """classifier: a saved classifier folder the train stage copies into models/export (servable versions)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "fake").mkdir()
+    if classifier is not None:
+        shutil.copytree(classifier, root / "fake" / "classifier")
     (root / "fake" / "audit.py").write_text(AUDIT)
     (root / "fake" / "train.py").write_text(TRAIN)
     (root / "src").mkdir()

@@ -13,11 +13,11 @@ import pytest
 
 from _fake_pipeline import REPO, held_lock, sh
 from domaintune import __version__
-from domaintune.cli import build_parser
+from pipelines.cli import build_parser
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "domaintune.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, timeout=120)
 
 
@@ -69,8 +69,8 @@ def git_dir(tmp_path) -> Path:
 
 
 def cli_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
-    """domaintune.cli.main in this process (cheap: imports are paid once), as a CompletedProcess."""
-    from domaintune.cli import main
+    """pipelines.cli.main in this process (cheap: imports are paid once), as a CompletedProcess."""
+    from pipelines.cli import main
 
     try:
         rc = main(list(args))
@@ -172,7 +172,7 @@ def test_lock_contention_reported_before_prefect_is_imported(git_dir, command):
     server starts) and never rewrites the holder's pid in the lock file."""
     from domaintune import registry
 
-    code = ("import sys\nfrom domaintune.cli import main\n"
+    code = ("import sys\nfrom pipelines.cli import main\n"
             f"rc = main({[*command, '--repo', str(git_dir)]!r})\n"
             "print(rc, sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'torch', 'dvc'}))\n")
     with held_lock(git_dir):

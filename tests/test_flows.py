@@ -138,14 +138,14 @@ def test_rollback_flow(proj):
     assert res["version"] == "domaintune@v1.0.0" and res["files_verified"] >= 4
     assert (proj / "dvc.lock").read_bytes() == v1_export
     assert registry.served_version(proj) == "v1.0.0"
-    from domaintune.cli import main
+    from pipelines.cli import main
 
     assert main(["rollback", "v3", "--repo", str(proj)]) == 0
     assert registry.served_version(proj) == "v3.0.0"
 
 
 def test_cli_versions_and_diff(proj, capsys):
-    from domaintune.cli import main
+    from pipelines.cli import main
 
     assert main(["versions", "--repo", str(proj)]) == 0
     out = capsys.readouterr().out

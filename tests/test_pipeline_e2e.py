@@ -35,7 +35,7 @@ def project(tmp_path_factory, tiny_bert):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # cwd first on sys.path: the project's own copy of the code answers, as in a clone
-    summary = sh(root, sys.executable, "-m", "domaintune.cli", "summary", "--write")
+    summary = sh(root, sys.executable, "-m", "pipelines.cli", "summary", "--write")
     return root, proc.stdout, proc.stderr, summary
 
 

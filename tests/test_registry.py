@@ -58,7 +58,7 @@ def test_versions_semver_and_records(history):
 
 def test_versions_command_shows_headline_metrics(history, capsys):
     """`domaintune versions` on versions whose metrics/evaluate.json has the evaluate stage's shape."""
-    from domaintune.cli import main
+    from pipelines.cli import main
 
     root, _ = history
     assert main(["versions", "--repo", str(root)]) == 0
@@ -97,7 +97,7 @@ def test_diff(history):
 def test_cli_diff_default_pair_and_order(history, capsys):
     """No arguments: the served version (the latest here) against the workspace; headline metrics and
     the dataset first, timings and hashes last."""
-    from domaintune.cli import main
+    from pipelines.cli import main
 
     root, _ = history
     ev = root / "metrics" / "evaluate.json"
@@ -273,7 +273,7 @@ def test_cli_help_is_instant_and_light():
     import subprocess
     import sys
 
-    code = ("import sys, domaintune.cli as c\n"
+    code = ("import sys, pipelines.cli as c\n"
             "for argv in (['--help'], ['versions', '--help'], ['rollback', '--help'], ['schedule', '--help']):\n"
             "    try: c.main(argv)\n"
             "    except SystemExit: pass\n"
@@ -288,7 +288,7 @@ def test_cli_help_is_instant_and_light():
 def test_tags_gto_or_people_write_are_never_fatal(tmp_path, capsys):
     """A pre-release registered with GTO itself, a tag with a malformed record and a tag that is no
     version at all: listed or skipped with a note; versions, diff, rollback and the next publish work."""
-    from domaintune.cli import main
+    from pipelines.cli import main
 
     root = make_fake_repo(tmp_path / "proj")
     repro(root)

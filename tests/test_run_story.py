@@ -63,7 +63,7 @@ def test_stage_runner_times_the_stage_and_records_it(tmp_path, capsys):
 
 
 def test_summary_without_metrics_is_one_line(tmp_path, capsys):
-    from domaintune.cli import main
+    from pipelines.cli import main
 
     assert main(["summary", "--repo", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
@@ -73,7 +73,7 @@ def test_summary_without_metrics_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", ["--write", "--json"])
 def test_summary_help_names_every_option(flag, capsys):
-    from domaintune.cli import main
+    from pipelines.cli import main
 
     with pytest.raises(SystemExit):
         main(["summary", "--help"])
@@ -82,7 +82,7 @@ def test_summary_help_names_every_option(flag, capsys):
 
 
 def test_summary_of_a_corrupt_metrics_file_is_one_line(tmp_path, capsys):
-    from domaintune.cli import main
+    from pipelines.cli import main
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "evaluate.json").write_text('{"after": {"accuracy": 0.9')

@@ -82,7 +82,7 @@ def prefect_server(tmp_path_factory):
 
 
 def _cli(args: list[str], e: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "domaintune.cli", *args], cwd=cwd, env=e, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=e, capture_output=True,
                           text=True, timeout=180)
 
 

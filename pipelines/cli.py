@@ -1,4 +1,4 @@
-"""`domaintune`: versions, diff, rollback, retrain, schedule, monitor, remote.
+"""`domaintune`: versions, diff, rollback, retrain, schedule, deploy, monitor, summary, predict, serve, remote.
 
 Every heavy import (DVC, GTO, Prefect, torch) happens inside the subcommand
 that needs it, so `domaintune --help` answers at once. Exit codes: 0 success;
@@ -292,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("remote", cmd_remote, "set up the default DVC remote (a local folder unless --url)",
             "domaintune remote", "domaintune remote --url s3://bucket/domaintune")
     p.add_argument("--url", default=None, help="any DVC remote URL (none: the folder ../<repo>-dvc-remote)")
+    from pipelines import predict as predict_command  # its own module; the import is light
+
+    predict_command.add_parser(sub)
+    from pipelines.serve import register as register_serving
+
+    register_serving(add)  # serve, shadow-report
     return ap
 
 

@@ -1,0 +1,40 @@
+"""ServeSettings: every knob of `domaintune serve`, validated once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_NAME = "domaintune"  # the model name in the KServe v2 paths
+VERSION_HEADER = "X-Model-Version"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = "127.0.0.1"       # loopback unless told otherwise
+    port: int = 8080
+    variant: str = "float"        # Predictor.load variant
+    repo: Path = Path(".")        # registry: serve its GTO prod version
+    model_dir: Path | None = None  # a plain folder instead of the registry (version "workspace")
+    poll_s: float = 5.0           # how often the registry is checked for a new served version
+    max_batch: int = 64           # texts gathered from concurrent requests into one batch
+    infer_batch: int = 16         # texts per forward pass: a batch runs length-sorted in passes of this size,
+                                  # so short texts are not padded to the longest of 64 (less wasted compute)
+    max_wait_ms: float = 5.0      # how long the first request of a batch waits for company
+    max_texts: int = 256          # texts per request
+    max_chars: int = 20_000       # characters per text
+    max_body_bytes: int = 4 << 20  # request body
+    top_k: int = 3                # default top-k in /predict answers
+    shadow: str | None = None     # candidate version (or folder) run on the same requests
+    shadow_log: Path | None = None  # JSONL of both predictions; default reports/shadow/<candidate>.jsonl
+    shadow_queue: int = 8         # shadow batches waiting at most; more are skipped and counted
+    access_log: bool = False
+
+    def __post_init__(self):
+        checks = {"port": 0 <= self.port <= 65535, "poll_s": self.poll_s > 0, "max_batch": self.max_batch >= 1,
+                  "infer_batch": self.infer_batch >= 1,
+                  "max_wait_ms": self.max_wait_ms >= 0, "max_texts": self.max_texts >= 1,
+                  "max_chars": self.max_chars >= 1, "max_body_bytes": self.max_body_bytes >= 64,
+                  "top_k": self.top_k >= 1, "shadow_queue": self.shadow_queue >= 1}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"serve settings: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")

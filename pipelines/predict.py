@@ -1,0 +1,107 @@
+"""`domaintune predict`: calibrated predictions for a file of texts, from the workspace's export or a version's.
+
+    domaintune predict tickets.csv --out predictions.jsonl [--variant onnx-int8] [--top-k 3]
+    domaintune predict tickets.parquet --version v1.2.0 --out predictions.csv
+
+The library work (streamed reading, bad-row checks, output) is domaintune/batchpredict.py;
+`--version` materialises the version's models/export from the DVC cache or remote into
+.domaintune/releases/ (domaintune/release.py), md5-verified, without touching the workspace.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  domaintune predict new_tickets.csv --out predictions.jsonl
+  domaintune predict texts.txt --variant onnx-int8 --top-k 5 > predictions.jsonl
+  domaintune predict batch.parquet --version v1.2.0 --out predictions.csv --on-bad-row skip
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from domaintune.params import EXPORT_VARIANTS  # = artifacts.VARIANTS; params is light to import
+
+    p = sub.add_parser("predict", help="predict labels for a CSV/TSV/JSONL/Parquet/TXT file of texts",
+                       description="Calibrated predictions (label, confidence, top-k) for every row of a file, "
+                                   "streamed in chunks.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="file of texts: .csv, .tsv, .jsonl, .parquet, or .txt (one text per line)")
+    p.add_argument("--out", default=None, help="output file, .jsonl or .csv (default: JSONL on stdout)")
+    p.add_argument("--variant", default="float32", choices=list(EXPORT_VARIANTS) + ["float"],
+                   help="exported variant to run (default: float32)")
+    p.add_argument("--version", default=None,
+                   help="a published version (e.g. v1.2.0) instead of --model, fetched from the DVC cache/remote "
+                        "(default: none, use --model)")
+    p.add_argument("--model", default="models/export", help="export folder (default: models/export)")
+    p.add_argument("--top-k", type=int, default=3, help="labels with confidences per row (default: 3)")
+    p.add_argument("--text-column", default="text", help="column/field holding the text (default: text)")
+    p.add_argument("--id-column", default="id",
+                   help="column/field holding the row id, if present (default: id; else the row number)")
+    p.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
+                   help="error: stop at the first bad row, writing nothing; skip: list bad rows on stderr and "
+                        "predict the rest (default: error)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="rows read and predicted at a time (default: 1024)")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per model call (default: 64)")
+    p.add_argument("--repo", default=".", help="project root, for --version (default: .)")
+    p.set_defaults(fn=cmd_predict)
+    return p
+
+
+def _model_folder(args) -> Path:
+    if args.version is None:
+        return Path(args.model)
+    from domaintune import release
+
+    rel = release.materialise(Path(args.repo), args.version)
+    print(f"predict: {rel.tag} ({rel.files} files verified) at {rel.path}", file=sys.stderr)
+    return rel.path
+
+
+def run(args) -> dict:
+    from domaintune import batchpredict as bp
+    from domaintune.data import DataError, atomic_output
+    from domaintune.modeling import set_threads
+    from domaintune.predict import Predictor
+
+    src, out = Path(args.input), Path(args.out) if args.out else None
+    bp.input_format(src)
+    fmt = bp.output_format(out)
+    if args.top_k < 1 or args.chunk_size < 1 or args.batch_size < 1:
+        raise DataError("command line", None, None, "--top-k, --chunk-size and --batch-size must be >= 1")
+    if out is not None and out.resolve() == src.resolve():
+        raise DataError(out, None, None, "--out is the input file; refusing to overwrite it")
+    folder = _model_folder(args)
+    if not (folder / "model.json").is_file():
+        raise DataError(folder / "model.json", None, None, "no exported model here; run the export stage "
+                        "(`dvc repro export`) or give --model / --version")
+    set_threads()
+    predictor = Predictor.load(folder, variant=args.variant, batch_size=args.batch_size)
+    kw = dict(text_column=args.text_column, id_column=args.id_column, top_k=args.top_k, chunk=args.chunk_size,
+              on_bad_row=args.on_bad_row)
+    if out is None:
+        return bp.predict_file(predictor, src, sys.stdout, fmt, **kw)
+    with atomic_output(out) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            result = bp.predict_file(predictor, src, f, fmt, **kw)
+    return result
+
+
+def cmd_predict(args) -> int:
+    from domaintune.data import DataError
+    from domaintune.registry import RegistryError
+
+    try:
+        result = run(args)
+    except (DataError, RegistryError, ValueError) as exc:
+        print(f"domaintune predict: error: {exc}", file=sys.stderr)
+        return 2
+    for row, fld, problem in result["bad_rows"]:
+        where = f"row {row}" + (f": field {fld!r}" if fld else "")
+        print(f"domaintune predict: skipped {args.input}: {where}: {problem}", file=sys.stderr)
+    print(f"domaintune predict: {result['predicted']:,} of {result['rows']:,} rows predicted"
+          + (f", {len(result['bad_rows']):,} bad rows skipped" if result["bad_rows"] else "")
+          + (f", {result['blank_lines']:,} blank lines ignored" if result["blank_lines"] else "")
+          + f" in {result['seconds']:.1f} s" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+    return 0

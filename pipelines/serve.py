@@ -1,0 +1,152 @@
+"""`domaintune serve` and `domaintune shadow-report`, and uvicorn around the serving app.
+
+The library (domaintune/serving/) loads models and makes the FastAPI app; this module,
+on the top floor, starts servers: in the foreground for the CLI (uvicorn finishes
+in-flight requests on Ctrl-C/SIGTERM), or on a background thread with `ServerThread`
+(tests, benchmarks), on a socket bound before the server starts.
+
+    domaintune serve                       # the registry's prod version, following rollbacks
+    domaintune serve --model models/export # a folder (version "workspace")
+    domaintune serve --shadow v1.3.0       # + a candidate on the same requests, both logged
+    domaintune shadow-report reports/shadow/v1.3.0.jsonl
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from domaintune.serving.settings import ServeSettings
+
+
+def register(add) -> None:
+    """Add both subcommands through the CLI's `add(name, fn, help)` (which also gives them --repo)."""
+    S = ServeSettings  # noqa: N806 - the defaults
+
+    p = add("serve", cmd_serve, "serve the released model over HTTP (KServe v2 + /predict), following rollbacks")
+    p.add_argument("--host", default=S.host, help="address to bind (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=S.port)
+    p.add_argument("--variant", default=S.variant, help="model variant to load (default: float)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="serve this export folder (version 'workspace') instead of the registry's prod version")
+    p.add_argument("--shadow", default=None, metavar="VERSION",
+                   help="also run this candidate version (or folder) on every request, log both predictions")
+    p.add_argument("--shadow-log", default=None, metavar="FILE",
+                   help="JSONL of both predictions (default: reports/shadow/<candidate>.jsonl)")
+    p.add_argument("--poll", type=float, default=S.poll_s, metavar="SECONDS",
+                   help="how often to check the registry for a new served version")
+    p.add_argument("--max-batch", type=int, default=S.max_batch, help="texts gathered into one batch")
+    p.add_argument("--infer-batch", type=int, default=S.infer_batch,
+                   help="texts per forward pass (a batch runs length-sorted in passes of this size)")
+    p.add_argument("--max-wait-ms", type=float, default=S.max_wait_ms, help="wait for more requests to batch")
+    p.add_argument("--max-texts", type=int, default=S.max_texts, help="texts per request (more: 413)")
+    p.add_argument("--max-chars", type=int, default=S.max_chars, help="characters per text (more: 413)")
+    p.add_argument("--max-body-bytes", type=int, default=S.max_body_bytes, help="request body size (more: 413)")
+    p.add_argument("--top-k", type=int, default=S.top_k, help="default top-k of /predict")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p = add("shadow-report", cmd_shadow_report, "summarise a shadow log: agreement, per-class disagreement, "
+                                                "confidence on disagreements")
+    p.add_argument("log", help="the JSONL written by `domaintune serve --shadow`")
+    p.add_argument("--json", action="store_true")
+
+
+def settings_from_args(args) -> ServeSettings:
+    return ServeSettings(host=args.host, port=args.port, variant=args.variant, repo=Path(args.repo),
+                         model_dir=Path(args.model) if args.model else None, poll_s=args.poll,
+                         max_batch=args.max_batch, infer_batch=args.infer_batch, max_wait_ms=args.max_wait_ms,
+                         max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
+                         top_k=args.top_k,
+                         shadow=args.shadow, shadow_log=Path(args.shadow_log) if args.shadow_log else None,
+                         access_log=args.access_log)
+
+
+def cmd_serve(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"domaintune serve: {exc}", file=sys.stderr)
+        return 2
+    if settings.model_dir is not None and not settings.model_dir.is_dir():
+        print(f"domaintune serve: --model {settings.model_dir}: no such folder", file=sys.stderr)
+        return 2
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("domaintune.serve").warning("binding %s: reachable from other machines", settings.host)
+    import uvicorn
+
+    from domaintune.modeling import set_threads
+    from domaintune.serving.app import build
+
+    set_threads()
+    try:
+        built = build(settings)  # a RegistryError (nothing served, a version failing verification): exit 1
+    except (OSError, ValueError, KeyError) as exc:  # a folder that is not a loadable model
+        print(f"domaintune serve: cannot load the model: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.Server(uvicorn_config(built.app, settings)).run()
+    return 0
+
+
+def cmd_shadow_report(args) -> int:
+    from domaintune.data import DataError
+    from domaintune.serving.shadow import format_report, summarise
+
+    try:
+        summary = summarise(Path(args.log))
+    except DataError as exc:
+        print(f"domaintune shadow-report: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2) if args.json else format_report(summary))
+    return 0
+
+
+# ---------------------------------------------------------------- uvicorn
+def uvicorn_config(app, settings: ServeSettings):
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, access_log=settings.access_log,
+                          log_level="info", lifespan="on", timeout_graceful_shutdown=30)
+
+
+def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening socket (port 0: a free one, known before the server starts)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+class ServerThread:
+    """uvicorn on a background thread: `with ServerThread(app, settings) as url: ...` stops it on exit."""
+
+    def __init__(self, app, settings: ServeSettings):
+        import uvicorn
+
+        self.sock = bind(settings.host, settings.port)
+        self.url = f"http://{settings.host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn_config(app, settings))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="domaintune-uvicorn", daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self.sock.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

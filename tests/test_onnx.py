@@ -1,0 +1,130 @@
+"""The ONNX variants run without domaintune: plain onnxruntime + tokenizers + numpy in a process that
+cannot import domaintune give the same calibrated probabilities as domaintune's Predictor.
+
+Tolerances: onnx vs PyTorch float32 within 1e-5 (the same float32 math, other kernels); onnx-int8
+vs its own Predictor within 1e-5 (the same graph and runtime; only tokenisation differs in who does
+it), and onnx-int8 vs float32 within 0.1 (dynamic int8 activations; a random tiny model is the
+worst case for quantisation ranges).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from evalkit import LABELS, make_model, make_split
+
+# Runs under `python -I` (no PYTHONPATH, no cwd on sys.path) with domaintune blocked on top,
+# since the venv's editable install would otherwise still find it.
+ISOLATED = r'''
+import sys
+
+class NoDomaintune:
+    def find_spec(self, name, path=None, target=None):
+        if name == "domaintune" or name.startswith("domaintune."):
+            raise ImportError("domaintune is not importable in this process")
+        return None
+
+sys.meta_path.insert(0, NoDomaintune())
+try:
+    import domaintune  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("domaintune was importable")
+import json, os
+
+import numpy as np
+
+texts = json.load(open(sys.argv[2]))
+os.chdir(sys.argv[1])  # the folder that holds models/export, as the card's snippet assumes
+snippet = open(sys.argv[3]).read().replace('texts = ["example text"]', "texts = TEXTS")
+ns = {"TEXTS": texts}
+exec(compile(snippet, "README.md", "exec"), ns)
+assert "domaintune" not in sys.modules
+np.save(sys.argv[4], ns["probs"])
+print(json.dumps({"labels": [ns["config"]["id2label"][str(i)] for i in ns["probs"].argmax(1)]}))
+'''
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_bert, tmp_path_factory):
+    from domaintune import artifacts
+    from domaintune.modeling import load_classifier
+
+    root = tmp_path_factory.mktemp("onnx")
+    ft = make_model(tiny_bert, root / "ft", seed=11)
+    model, tok, meta = load_classifier(ft)
+    meta = {**{k: v for k, v in meta.items() if k not in ("adapter", "num_labels", "hidden_size")},
+            "temperature": 1.7, "base_encoder": None}
+    out = root / "models/export"
+    artifacts.write_float32(model, tok, out, meta)
+    artifacts.write_onnx(out, model, tok, meta)
+    artifacts.write_onnx_int8(out)
+    texts = make_split("test", 4)["text"].tolist() + ["", "x " * 300, "Émoji 🙂 and ÜNICODE"]
+    return root, out, meta, texts
+
+
+def run_isolated(root, folder_variant: str, texts, tmp_path, meta):
+    from domaintune.modelcard import usage_section
+
+    card = "\n".join(usage_section(meta, ["float32", folder_variant]))
+    snippet = card.split("```python\n")[2].split("```")[0]  # the no-domaintune one
+    (tmp_path / "snippet.py").write_text(snippet)
+    (tmp_path / "run.py").write_text(ISOLATED)
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    r = subprocess.run([sys.executable, "-I", str(tmp_path / "run.py"), str(root), str(tmp_path / "texts.json"),
+                        str(tmp_path / "snippet.py"), str(tmp_path / "probs.npy")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return np.load(tmp_path / "probs.npy"), json.loads(r.stdout.strip().splitlines()[-1])["labels"]
+
+
+@pytest.mark.parametrize("variant, tol_float", [("onnx", 1e-5), ("onnx-int8", 0.1)])
+def test_onnx_runs_without_domaintune_and_matches_predictor(onnx_export, tmp_path, variant, tol_float):
+    from domaintune.calibration import softmax
+    from domaintune.predict import Predictor
+
+    root, out, meta, texts = onnx_export
+    probs, labels = run_isolated(root, variant, texts, tmp_path, meta)
+    own = Predictor.load(out, variant=variant).predict_proba(texts)
+    ref = Predictor.load(out).predict_proba(texts)  # float32 PyTorch
+    np.testing.assert_allclose(probs, own, atol=1e-5)
+    np.testing.assert_allclose(probs, ref, atol=tol_float)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert labels == [LABELS[i] for i in own.argmax(1)]
+    # The temperature is inside the graph: probabilities are softmax(logits / T), not softmax(logits).
+    logits = Predictor.load(out, variant=variant).logits(texts)
+    np.testing.assert_allclose(probs, softmax(logits, 1.7), atol=1e-5)
+    assert np.abs(softmax(logits, 1.0) - probs).max() > 1e-3
+
+
+def test_onnx_folder_is_self_describing(onnx_export):
+    root, out, meta, _ = onnx_export
+    for variant in ("onnx", "onnx-int8"):
+        d = out / variant
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["model_type"] == "bert" and cfg["id2label"] == {str(i): lab for i, lab in enumerate(LABELS)}
+        assert cfg["label2id"] == {lab: i for i, lab in enumerate(LABELS)} and "architectures" not in cfg
+        assert cfg["domaintune"]["temperature"] == 1.7 and cfg["domaintune"]["max_length"] == 32
+        assert (d / "tokenizer.json").is_file() and (d / "model.onnx").is_file()
+    import onnx
+
+    graph = onnx.load(str(out / "onnx/model.onnx")).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in graph.output] == ["probabilities", "logits"]
+    dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]  # dynamic batch and sequence axes
+    ops = {n.op_type for n in onnx.load(str(out / "onnx-int8/model.onnx")).graph.node}
+    assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+
+
+def test_onnx_predictor_refuses_embeddings(onnx_export):
+    from domaintune.predict import Predictor
+
+    _, out, _, texts = onnx_export
+    with pytest.raises(ValueError, match="use variant float32 for text embeddings"):
+        Predictor.load(out, variant="onnx").logits(texts, mean_pooled=True)

@@ -1,0 +1,191 @@
+"""`domaintune predict`: every input format, JSONL/CSV output, bad rows, streaming in chunks, --variant, --version."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from _fake_pipeline import BIN, make_fake_repo, set_params, sh, workspace
+from domaintune import batchpredict as bp
+from evalkit import LABELS, make_model, make_split
+from pipelines.predict import cmd_predict
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = make_split("test", 3)["text"].tolist()  # 9 texts
+
+
+@pytest.fixture(scope="module")
+def export(tiny_bert, tmp_path_factory):
+    from domaintune import artifacts
+    from domaintune.modeling import load_classifier
+
+    root = tmp_path_factory.mktemp("predict")
+    ft = make_model(tiny_bert, root / "ft", seed=7)
+    model, tok, meta = load_classifier(ft)
+    meta = {**{k: v for k, v in meta.items() if k not in ("adapter", "num_labels", "hidden_size")},
+            "temperature": 2.0, "base_encoder": None}
+    out = root / "export"
+    artifacts.write_float32(model, tok, out, meta)
+    artifacts.write_onnx(out, model, tok, meta)
+    return root, ft, out
+
+
+def cli(*argv) -> int:
+    from pipelines.cli import build_parser
+
+    args = build_parser().parse_args(["predict", *map(str, argv)])
+    return args.fn(args)
+
+
+def write_inputs(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = [f"t{i}" for i in range(len(TEXTS))]
+    df = pd.DataFrame({"id": ids, "text": TEXTS})
+    paths = {"csv": folder / "in.csv", "tsv": folder / "in.tsv", "jsonl": folder / "in.jsonl",
+             "parquet": folder / "in.parquet", "txt": folder / "in.txt"}
+    df.to_csv(paths["csv"], index=False)
+    df.to_csv(paths["tsv"], index=False, sep="\t")
+    paths["jsonl"].write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, TEXTS)))
+    df.to_parquet(paths["parquet"], index=False)
+    paths["txt"].write_text("\n".join(TEXTS) + "\n")
+    return paths
+
+
+def read_out(path: Path) -> list[dict]:
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        return [{**r, "confidence": float(r["confidence"]), "top_k": json.loads(r["top_k"])} for r in rows]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet", "txt"])
+def test_every_input_format(export, tmp_path, fmt, capsys):
+    from domaintune.predict import Predictor
+
+    _, _, out = export
+    src = write_inputs(tmp_path)[fmt]
+    dest = tmp_path / ("out.csv" if fmt in ("tsv", "parquet") else "out.jsonl")
+    assert cli(src, "--model", out, "--out", dest, "--top-k", 2) == 0
+    rows = read_out(dest)
+    p = Predictor.load(out)
+    probs = p.predict_proba(TEXTS)
+    assert [r["text"] for r in rows] == TEXTS
+    assert [r["id"] for r in rows] == ([str(i + 1) for i in range(9)] if fmt == "txt" else [f"t{i}" for i in range(9)])
+    assert [r["label"] for r in rows] == p.predict(TEXTS)
+    np.testing.assert_allclose([r["confidence"] for r in rows], probs.max(axis=1), atol=1e-6)
+    for r, row in zip(rows, probs):
+        assert len(r["top_k"]) == 2 and r["top_k"][0]["label"] == r["label"]
+        assert r["top_k"][1]["confidence"] == pytest.approx(np.sort(row)[-2], abs=1e-6)
+    assert "9 of 9 rows predicted" in capsys.readouterr().err
+
+
+def test_stdout_jsonl_and_onnx_variant_in_a_real_process(export, tmp_path):
+    _, _, out = export
+    src = write_inputs(tmp_path)["txt"]
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "predict", str(src), "--model", str(out),
+                        "--variant", "onnx"], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["text"] for x in rows] == TEXTS and set(rows[0]) == {"id", "text", "label", "confidence", "top_k"}
+    assert len(rows[0]["top_k"]) == 3 and all(x["label"] in LABELS for x in rows)
+    # Not a terminal: plain progress lines, no bar.
+    assert "predict: 9/9 rows (100%)" in r.stderr and "\r" not in r.stderr
+
+
+BAD = [  # (format, file content, expected row, field, problem)
+    ("csv", "id,text\na,fine text\nb,\nc,more\n", 2, "text", "empty text"),
+    ("csv", "id,text\na,fine text\nb,x,extra\n", 2, None, "has 3 fields, the header has 2"),
+    ("jsonl", '{"id": 1, "text": "ok"}\n{"id": 2, "text": 5}\n', 2, "text", "not text: int 5"),
+    ("jsonl", '{"id": 1, "text": "ok"}\n\n{"id": 2, "txt": "x"}\n', 3, "text", "missing"),
+    ("jsonl", '{"id": 1, "text": "ok"}\n{"id": 2,\n', 2, None, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("fmt, content, row, field, problem", BAD)
+def test_bad_row_stops_with_file_row_field_and_writes_nothing(export, tmp_path, capsys, fmt, content, row, field,
+                                                              problem):
+    _, _, out = export
+    src = tmp_path / f"bad.{fmt}"
+    src.write_text(content)
+    dest = tmp_path / "out.jsonl"
+    assert cli(src, "--model", out, "--out", dest) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{src}: row {row}" in err[0] and problem in err[0]
+    assert (f"field {field!r}" in err[0]) == (field is not None)
+    assert not dest.exists() and not list(tmp_path.glob(".out.jsonl.tmp-*"))
+
+
+def test_bad_rows_skipped_are_each_listed_and_counted(export, tmp_path, capsys):
+    _, _, out = export
+    src = tmp_path / "mixed.csv"
+    src.write_bytes(b"id,text\na,refund please\nb,\nc,bad \xff byte\n\nd,password reset\n")
+    dest = tmp_path / "out.csv"
+    assert cli(src, "--model", out, "--out", dest, "--on-bad-row", "skip") == 0
+    assert [r["id"] for r in read_out(dest)] == ["a", "d"]
+    err = capsys.readouterr().err
+    assert f"skipped {src}: row 2: field 'text': empty text" in err
+    assert f"skipped {src}: row 3: field 'text': bytes that are not UTF-8" in err
+    assert "2 of 4 rows predicted, 2 bad rows skipped, 1 blank lines ignored" in err
+
+
+def test_parquet_without_the_text_column_and_unknown_formats(export, tmp_path, capsys):
+    _, _, out = export
+    pd.DataFrame({"body": ["x"]}).to_parquet(tmp_path / "a.parquet")
+    assert cli(tmp_path / "a.parquet", "--model", out) == 2
+    assert "field 'text': no such column" in capsys.readouterr().err
+    (tmp_path / "a.xlsx").write_text("x")
+    assert cli(tmp_path / "a.xlsx", "--model", out) == 2
+    assert "unknown input format '.xlsx'" in capsys.readouterr().err
+    src = write_inputs(tmp_path)["txt"]
+    assert cli(src, "--model", out, "--out", tmp_path / "o.txt") == 2
+    assert "unknown output format '.txt'" in capsys.readouterr().err
+    assert cli(src, "--model", tmp_path / "nomodel") == 2
+    assert "model.json: no exported model here" in capsys.readouterr().err
+
+
+def test_streams_in_chunks(export, tmp_path):
+    """The file is read and predicted `chunk` rows at a time: no call ever sees more."""
+    from domaintune.predict import Predictor
+
+    _, _, out = export
+    p = Predictor.load(out)
+    sizes = []
+    real = p.predict_proba
+    p.predict_proba = lambda texts: sizes.append(len(texts)) or real(texts)
+    src = tmp_path / "many.txt"
+    src.write_text("".join(f"ticket {i} about a refund\n" for i in range(23)))
+    with open(tmp_path / "o.jsonl", "w") as f:
+        res = bp.predict_file(p, src, f, "jsonl", chunk=5, progress_stream=open("/dev/null", "w"))
+    assert sizes == [5, 5, 5, 5, 3] and res["predicted"] == 23
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 23
+
+
+def test_version_predicts_with_a_published_model_without_touching_the_workspace(export, tmp_path):
+    from domaintune import registry
+    from domaintune.predict import Predictor
+
+    _, ft, _ = export
+    root = make_fake_repo(tmp_path / "proj", classifier=ft)
+    sh(root, str(BIN / "dvc"), "repro", "-q")
+    v1, _ = registry.publish(root, "first")  # T = epochs / 3 = 1.0
+    set_params(root, {"finetune.epochs": 6})  # the workspace's export now has T = 2.0
+    sh(root, "git", "commit", "-qam", "epochs 6")
+    sh(root, str(BIN / "dvc"), "repro", "-q")
+    before = workspace(root)
+    src = write_inputs(tmp_path / "in")["jsonl"]
+    assert cli(src, "--version", v1.version, "--repo", root, "--out", tmp_path / "v1.jsonl") == 0
+    assert cli(src, "--model", root / "models/export", "--out", tmp_path / "ws.jsonl") == 0
+    v1_rows, ws_rows = read_out(tmp_path / "v1.jsonl"), read_out(tmp_path / "ws.jsonl")
+    released = Predictor.load(root / ".domaintune/releases" / v1.tag / "models/export")
+    assert released.temperature == 1.0 and Predictor.load(root / "models/export").temperature == 2.0
+    np.testing.assert_allclose([r["confidence"] for r in v1_rows], released.predict_proba(TEXTS).max(1), atol=1e-6)
+    assert [r["confidence"] for r in v1_rows] != [r["confidence"] for r in ws_rows]
+    assert workspace(root) == before
+    assert cli(src, "--version", "v9.9.9", "--repo", root) == 2
