@@ -279,21 +279,16 @@ def use_flow(args) -> bool:
     return bool(getattr(args, "flow", False) or os.environ.get("PREFECT_API_URL"))
 
 
-def run_from_args(args, on_prefect=None) -> int:
-    """`domaintune monitor`: check, then judge in-process (or as a Prefect flow with --flow or
-    PREFECT_API_URL). Bad input raises DataError/ParamsError (one line, exit 2). Returns 1 on drift."""
+def run_from_args(args, flow_runner=None) -> int:
+    """`domaintune monitor`: check, then judge in-process, or with --flow / PREFECT_API_URL through
+    `flow_runner(args) -> verdicts` (pipelines/cli.py passes the Prefect flows of pipelines/monitor.py;
+    domaintune/ never imports pipelines/). Bad input raises DataError/ParamsError (one line, exit 2).
+    Returns 1 on drift."""
     telemetry_off()
     root = Path(args.repo)
     texts = check_arguments(args.batch, args.repo, args.baseline, args.model, args.out, args.text_column, args.watch)
-    if use_flow(args):
-        from pipelines.monitor import monitor_flow, monitor_folder_flow
-
-        if on_prefect is not None:
-            on_prefect()
-        kw = {"repo": args.repo, "baseline": args.baseline, "model": args.model, "out": args.out,
-              "text_column": args.text_column, "history": args.history, "review_queue": args.review_queue,
-              "alarm_command": args.alarm_command, "alarm_webhook": args.alarm_webhook}
-        verdicts = (monitor_folder_flow(args.watch, **kw) if args.watch else [monitor_flow(args.batch, **kw)])
+    if use_flow(args) and flow_runner is not None:
+        verdicts = flow_runner(args)
     else:
         verdicts = run_local(args, texts, root)
     for v in verdicts:

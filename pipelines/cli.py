@@ -161,7 +161,13 @@ def cmd_monitor(args) -> int:
     _root(args, need_git=False)
     from domaintune.monitoring import run_from_args  # checks before Prefect or a model loads
 
-    return run_from_args(args, on_prefect=_quiet_prefect)
+    def as_flows(a):
+        from pipelines.monitor import run_flows_from_args
+
+        _quiet_prefect()
+        return run_flows_from_args(a)
+
+    return run_from_args(args, flow_runner=as_flows)
 
 
 def cmd_schedule(args) -> int:

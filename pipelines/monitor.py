@@ -60,6 +60,14 @@ def monitor_folder_flow(folder: str, repo: str = ".", baseline: str = DEFAULTS["
                 alarm_webhook=alarm_webhook)
 
 
+def run_flows_from_args(args) -> list[dict]:
+    """`domaintune monitor --flow` (or with PREFECT_API_URL set): the same work as Prefect flow runs."""
+    kw = {"repo": args.repo, "baseline": args.baseline, "model": args.model, "out": args.out,
+          "text_column": args.text_column, "history": args.history, "review_queue": args.review_queue,
+          "alarm_command": args.alarm_command, "alarm_webhook": args.alarm_webhook}
+    return monitor_folder_flow(args.watch, **kw) if args.watch else [monitor_flow(args.batch, **kw)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m pipelines.monitor ARGS` is `domaintune monitor ARGS` (same checks, messages, exit codes)."""
     from pipelines.cli import main as cli_main

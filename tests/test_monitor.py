@@ -40,7 +40,7 @@ def project(tmp_path_factory, tiny_bert):
 
 
 def cli(*argv) -> int:
-    from domaintune.cli import main
+    from pipelines.cli import main
 
     return main(list(argv))
 
@@ -134,7 +134,7 @@ def test_webhook_alarm_posts_the_verdict_to_loopback(tmp_path):
 
 def test_bad_input_is_one_line_before_prefect_or_torch_is_imported(project):
     """The old monitor imported Prefect (and started a server) before noticing a missing file."""
-    code = ("import sys\nfrom domaintune.cli import main\nrc = main(sys.argv[1:])\n"
+    code = ("import sys\nfrom pipelines.cli import main\nrc = main(sys.argv[1:])\n"
             "print('heavy:', sorted(m for m in ('prefect', 'torch', 'transformers', 'evidently') if m in sys.modules))\n"
             "raise SystemExit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, "monitor", "--batch", "nope.txt", "--repo", str(project)],
@@ -215,7 +215,7 @@ def test_one_shot_runs_without_prefect_and_with_telemetry_off(project):
     and DO_NOT_TRACK is set for evidently. The monitor pipeline imports no stage module."""
     import ast
 
-    code = ("import os, sys\nfrom domaintune.cli import main\nrc = main(sys.argv[1:])\n"
+    code = ("import os, sys\nfrom pipelines.cli import main\nrc = main(sys.argv[1:])\n"
             "print('prefect imported:', 'prefect' in sys.modules, 'DO_NOT_TRACK:', os.environ.get('DO_NOT_TRACK'))\n"
             "raise SystemExit(rc)")
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("PREFECT_API_URL", "DO_NOT_TRACK")}
