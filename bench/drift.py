@@ -355,6 +355,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-classifier", action="store_true", help="leave out the domain-classifier comparison")
     ap.add_argument("--speed-only", metavar="FOLDER", help="only the speed runs, with FOLDER/baseline from an "
                     "earlier run, added to an existing results file")
+    ap.add_argument("--classifier-only", metavar="FOLDER", help="only the MMD vs domain-classifier comparison, "
+                    "with FOLDER/baseline from an earlier run and 500 texts per pool, added to the results file")
     ap.add_argument("--holdout-only", action="store_true",
                     help="only the held-out-train false-alarm run, added to an existing results file")
     args = ap.parse_args(argv)
@@ -374,6 +376,25 @@ def main(argv=None) -> int:
         result["speed"] = speed(root, load_banking77(base.seed)[0], Path(args.speed_only))
         OUT.write_text(json.dumps(result, indent=2, default=float) + "\n")
         log(f"speed: {result['speed']}")
+        return 0
+    if args.classifier_only:
+        from banking77 import cached_finetune, load_banking77
+
+        from domaintune.drift import Baseline
+        from domaintune.predict import Predictor
+
+        base = load_params(REPO / "params.yaml", "base")
+        root, _ = cached_finetune(REPO / "params.yaml", log=log)
+        splits = load_banking77(base.seed)[0]
+        splits["test"] = splits["test"].sample(n=500, random_state=0).reset_index(drop=True)
+        predictor = Predictor.load(root / "model", calibration=root / "calibration.json",
+                                   batch_size=params.batch_size)
+        p = pools(splits, predictor, Baseline(Path(args.classifier_only) / "baseline"), log)
+        result = json.loads(OUT.read_text())
+        result["mmd_vs_domain_classifier"] = classifier_comparison(Baseline(Path(args.classifier_only) / "baseline"),
+                                                                   params, p)
+        OUT.write_text(json.dumps(result, indent=2, default=float) + "\n")
+        log(f"classifier: {result['mmd_vs_domain_classifier']}")
         return 0
     if args.holdout_only:
         result = json.loads(OUT.read_text())
