@@ -349,24 +349,10 @@ def save(result: dict) -> None:
     OUT.write_text(json.dumps({"complete": False, **result}, indent=2, default=float) + "\n")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--speed-child", nargs=4, metavar=("FILE", "MODEL_ROOT", "BASELINE", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--skip-classifier", action="store_true", help="leave out the domain-classifier comparison")
-    ap.add_argument("--speed-only", metavar="FOLDER", help="only the speed runs, with FOLDER/baseline from an "
-                    "earlier run, added to an existing results file")
-    ap.add_argument("--classifier-only", metavar="FOLDER", help="only the MMD vs domain-classifier comparison, "
-                    "with FOLDER/baseline from an earlier run and 500 texts per pool, added to the results file")
-    ap.add_argument("--holdout-only", action="store_true",
-                    help="only the held-out-train false-alarm run, added to an existing results file")
-    args = ap.parse_args(argv)
-    if args.speed_child:
-        speed_child(*args.speed_child)
-        return 0
+def partial_run(args, params, log) -> int:
+    """One section added to an existing results file (--speed-only, --classifier-only, --holdout-only)."""
     from domaintune.params import load_params
 
-    params = load_params(REPO / "params.yaml", "drift")
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if args.speed_only:
         from banking77 import cached_finetune, load_banking77
 
@@ -402,6 +388,29 @@ def main(argv=None) -> int:
         OUT.write_text(json.dumps(result, indent=2, default=float) + "\n")
         log(f"held-out train false alarms: {result['false_alarms']['train_holdout']['total_alarms']} / 60")
         return 0
+    return 2
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--speed-child", nargs=4, metavar=("FILE", "MODEL_ROOT", "BASELINE", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--skip-classifier", action="store_true", help="leave out the domain-classifier comparison")
+    ap.add_argument("--speed-only", metavar="FOLDER", help="only the speed runs, with FOLDER/baseline from an "
+                    "earlier run, added to an existing results file")
+    ap.add_argument("--classifier-only", metavar="FOLDER", help="only the MMD vs domain-classifier comparison, "
+                    "with FOLDER/baseline from an earlier run and 500 texts per pool, added to the results file")
+    ap.add_argument("--holdout-only", action="store_true",
+                    help="only the held-out-train false-alarm run, added to an existing results file")
+    args = ap.parse_args(argv)
+    if args.speed_child:
+        speed_child(*args.speed_child)
+        return 0
+    from domaintune.params import load_params
+
+    params = load_params(REPO / "params.yaml", "drift")
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.speed_only or args.classifier_only or args.holdout_only:
+        return partial_run(args, params, log)
     root, splits, predictor, baseline, metrics, folder = setup(params, log)
     p = pools(splits, predictor, baseline, log)
     result = {"machine": f"{os.cpu_count()} CPU cores", "params": {"false_alarm_rate": params.false_alarm_rate,
