@@ -293,10 +293,10 @@ def speed_child(file: str, model_root: str, baseline_dir: str, out: str) -> None
                       "in_process_total_s": t2 - t0, "drift": verdict["drift"]}))
 
 
-def speed(root, splits, folder: Path) -> dict:
+def speed(root, splits, folder: Path, sizes=(1000, 10000), res: dict | None = None) -> dict:
     texts = splits["test"]["text"].tolist()
-    res = {}
-    for n in (1000, 10000):
+    res = {} if res is None else res
+    for n in sizes:
         rng = np.random.default_rng(n)
         f = folder / f"batch_{n}.txt"
         f.write_text("\n".join(texts[i] for i in rng.choice(len(texts), n, replace=n > len(texts))) + "\n")
@@ -359,7 +359,8 @@ def partial_run(args, params, log) -> int:
         base = load_params(REPO / "params.yaml", "base")
         root, _ = cached_finetune(REPO / "params.yaml", log=log)
         result = json.loads(OUT.read_text())
-        result["speed"] = speed(root, load_banking77(base.seed)[0], Path(args.speed_only))
+        result["speed"] = speed(root, load_banking77(base.seed)[0], Path(args.speed_only),
+                                [int(n) for n in args.speed_sizes.split(",")], result.get("speed"))
         OUT.write_text(json.dumps(result, indent=2, default=float) + "\n")
         log(f"speed: {result['speed']}")
         return 0
@@ -397,6 +398,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-classifier", action="store_true", help="leave out the domain-classifier comparison")
     ap.add_argument("--speed-only", metavar="FOLDER", help="only the speed runs, with FOLDER/baseline from an "
                     "earlier run, added to an existing results file")
+    ap.add_argument("--speed-sizes", default="1000,10000", help="batch sizes of --speed-only (comma-separated)")
     ap.add_argument("--classifier-only", metavar="FOLDER", help="only the MMD vs domain-classifier comparison, "
                     "with FOLDER/baseline from an earlier run and 500 texts per pool, added to the results file")
     ap.add_argument("--holdout-only", action="store_true",
