@@ -249,9 +249,10 @@ def classifier_comparison(baseline, params, pools_: dict) -> dict:
     ref_emb = baseline.arrays["ref_embeddings"]
     level = None
     out = {}
-    for name, (prof, _) in pools_.items():
+    for name, pool in pools_.items():
         if name.startswith("_"):
             continue
+        prof = pool[0]
         row = {}
         for size in (50, 200):
             clf, mmd, secs, mmd_secs = 0, 0, [], []
