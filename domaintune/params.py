@@ -418,22 +418,35 @@ class ExportParams:
 @dataclass(frozen=True)
 class DriftParams:
     batch_size: int = 64
-    # Embedding summary: PCA of mean-pooled embeddings fitted on train; a handful of
-    # components carries most of the topic signal and keeps the drift tests cheap.
+    # Embedding summary: PCA of the validation rows' mean-pooled embeddings; a handful of
+    # components carries most of the topic signal (each is one tested feature).
     pca_components: int = 5
-    # p-value (K-S / chi-square) below which one feature counts as drifted.
-    stattest_threshold: float = 0.05
-    # Share of drifted features at which a batch as a whole counts as drifted.
-    drift_share: float = 0.5
-    # A drop of the served model's mean calibrated confidence beyond this is drift on its own.
-    max_confidence_drop: float = 0.1
+    # Probability that a batch drawn like the reference raises the drift alarm, at any batch
+    # size: every signal's null is calibrated on resamples of the reference and tested at
+    # false_alarm_rate / (number of signals) (Bonferroni).
+    false_alarm_rate: float = 0.01
+    # Resamples of the reference per pseudo-batch size when the baseline calibrates the nulls.
+    calibration_resamples: int = 300
+    seed: int = 0
+    # An estimated accuracy (CBPE, no labels) significantly more than this below the
+    # reference's measured accuracy is a reason for the alarm.
+    max_accuracy_drop: float = 0.05
+    # Texts whose calibrated confidence is below this go to the review queue (monitor).
+    review_below: float = 0.5
+    # On an alarm: a command run with the verdict.json path as its last argument (split like a
+    # shell line, no shell), and/or a URL the verdict is POSTed to as JSON. Empty: none.
+    alarm_command: str = ""
+    alarm_webhook: str = ""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "drift", "batch_size", "must be >= 1")
         _check(self.pca_components >= 1, "drift", "pca_components", "must be >= 1")
-        _check(0.0 < self.stattest_threshold < 1.0, "drift", "stattest_threshold", "must be in (0, 1)")
-        _check(0.0 < self.drift_share <= 1.0, "drift", "drift_share", "must be in (0, 1]")
-        _check(0.0 < self.max_confidence_drop <= 1.0, "drift", "max_confidence_drop", "must be in (0, 1]")
+        _check(0.0 < self.false_alarm_rate < 1.0, "drift", "false_alarm_rate", "must be in (0, 1)")
+        _check(self.calibration_resamples >= 20, "drift", "calibration_resamples", "must be >= 20")
+        _check(0.0 <= self.max_accuracy_drop <= 1.0, "drift", "max_accuracy_drop", "must be in [0, 1]")
+        _check(0.0 <= self.review_below <= 1.0, "drift", "review_below", "must be in [0, 1]")
+        _check(self.alarm_webhook == "" or self.alarm_webhook.startswith(("http://", "https://")), "drift",
+               "alarm_webhook", "must be empty or an http(s):// URL")
 
 
 SECTIONS: dict[str, type] = {

@@ -159,10 +159,15 @@ def cmd_retrain(args) -> int:
 
 def cmd_monitor(args) -> int:
     _root(args, need_git=False)
-    from pipelines.monitor import run_from_args
+    from domaintune.monitoring import run_from_args  # checks before Prefect or a model loads
 
-    _quiet_prefect()
-    return run_from_args(args)
+    def as_flows(a):
+        from pipelines.monitor import run_flows_from_args
+
+        _quiet_prefect()
+        return run_flows_from_args(a)
+
+    return run_from_args(args, flow_runner=as_flows)
 
 
 def cmd_schedule(args) -> int:
@@ -228,12 +233,9 @@ def _add_retrain_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_monitor_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", required=True, help="file of new texts (required): csv, tsv, jsonl or parquet with "
-                   "a text column, or txt with one text per line (UTF-8)")
-    p.add_argument("--baseline", default="models/drift_baseline", help="drift baseline folder (the drift stage's out)")
-    p.add_argument("--model", default="models/export", help="exported model folder whose predictions are compared")
-    p.add_argument("--out", default="reports/monitor", help="folder for report.html and verdict.json (replaced)")
-    p.add_argument("--text-column", default="text", help="column holding the texts (not used for .txt)")
+    from domaintune.monitoring import add_arguments
+
+    add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,9 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cron", required=True, help='cron expression (required), e.g. "0 3 * * 1" (Mondays 03:00)')
     p.add_argument("--name", default="scheduled-retrain", help="Prefect deployment name")
     _add_retrain_options(p)
-    p = add("monitor", cmd_monitor, "test a batch of new texts for drift against the baseline "
-            "(exit 0: no drift, 1: drift, 2: error)",
-            "domaintune monitor --batch new_tickets.csv", "domaintune monitor --batch texts.txt --out reports/monday")
+    p = add("monitor", cmd_monitor, "test a batch of new texts (or each new file in a folder) for drift against "
+            "the baseline, with the estimated accuracy (exit 0: no drift, 1: drift, 2: error)",
+            "domaintune monitor --batch new_tickets.csv", "domaintune monitor --batch texts.txt --out reports/monday",
+            "domaintune monitor --watch incoming/ --alarm-command ./page-oncall.sh")
     add_monitor_options(p)
     p = add("deploy", cmd_deploy, "register the retrain (and monitor) flow as deployments on a Prefect work pool",
             "domaintune deploy --pool nightly --cron \"0 3 * * 1\"",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 RETRAIN_ENTRY = "pipelines/retrain.py:retrain_flow"
 MONITOR_ENTRY = "pipelines/monitor.py:monitor_flow"
+MONITOR_FOLDER_ENTRY = "pipelines/monitor.py:monitor_folder_flow"
 
 
 class DeployError(RuntimeError):
@@ -57,13 +58,16 @@ def _check_pool(pool: str) -> str:
 
 def deploy(repo: str | Path, pool: str, cron: str | None = None, name: str = "retrain",
            overrides: list[str] | None = None, publish: bool = True, code: str | Path | None = None,
-           image: str | None = None, monitor_batch: str | None = None, monitor_cron: str | None = None) -> list[str]:
+           image: str | None = None, monitor_batch: str | None = None, monitor_cron: str | None = None,
+           monitor_folder: str | None = None) -> list[str]:
     """Register the deployments; returns their full names (flow/deployment)."""
     from prefect import flow as prefect_flow
 
     repo = Path(repo).resolve()
     if not (repo / "dvc.yaml").exists():
         raise DeployError(f"--repo {repo}: no dvc.yaml there (not a domaintune project)")
+    if monitor_batch and monitor_folder:
+        raise DeployError("give --monitor-batch or --monitor-folder, not both")
     _check_cron(cron)
     _check_cron(monitor_cron)
     pool_type = _check_pool(pool)
@@ -73,6 +77,10 @@ def deploy(repo: str | Path, pool: str, cron: str | None = None, name: str = "re
     source = str(Path(code).resolve() if code else repo)
     specs = [("domaintune-retrain", name, RETRAIN_ENTRY, cron, "domaintune: run the DVC stages, publish a version",
               {"repo": str(repo), "overrides": list(overrides or []), "publish": publish})]
+    if monitor_folder:
+        specs.append(("domaintune-monitor-folder", f"{name}-monitor", MONITOR_FOLDER_ENTRY, monitor_cron,
+                      "domaintune: drift verdict for each new batch file in the folder (history, review queue, "
+                      "alarm)", {"folder": monitor_folder, "repo": str(repo)}))
     if monitor_batch:
         specs.append(("domaintune-monitor", f"{name}-monitor", MONITOR_ENTRY, monitor_cron,
                       "domaintune: drift verdict for the named batch", {"batch": monitor_batch, "repo": str(repo)}))
@@ -99,7 +107,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--image", default=None, help="container image for docker/kubernetes pools (default: none)")
     ap.add_argument("--monitor-batch", default=None,
                     help="also deploy the monitor flow on this batch file (default: no monitor deployment)")
-    ap.add_argument("--monitor-cron", default=None, help="schedule of the monitor deployment (default: none)")
+    ap.add_argument("--monitor-folder", default=None,
+                    help="also deploy the monitor on this folder of incoming batch files (relative to --repo): each "
+                         "run judges the files its history does not list yet (default: none)")
+    ap.add_argument("--monitor-cron", default=None, help="schedule of the monitor deployment, e.g. \"*/15 * * * *\" "
+                    "(default: none)")
 
 
 def run_from_args(args) -> int:
@@ -107,7 +119,7 @@ def run_from_args(args) -> int:
 
     try:
         names = deploy(args.repo, args.pool, args.cron, args.name, args.overrides, args.publish, args.code,
-                       args.image, args.monitor_batch, args.monitor_cron)
+                       args.image, args.monitor_batch, args.monitor_cron, args.monitor_folder)
     except DeployError as exc:
         print(f"deploy: {exc}", file=sys.stderr)
         return 2

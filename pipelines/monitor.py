@@ -1,120 +1,71 @@
-"""Monitor flow: compare a new batch of texts (and the served model's predictions) with the drift baseline.
+"""Monitor flows: `domaintune monitor` as Prefect flows, for the UI and for scheduled deployments.
 
-Reads a file of texts (CSV/TSV/JSONL/Parquet with a text column, or .txt with
-one text per line), profiles it exactly like the drift stage profiled train,
-runs evidently's drift tests per feature plus the prediction-distribution and
-confidence checks, and writes report.html + verdict.json to --out. Exit code 0
-for no drift, 1 for drift (so cron/CI can act on it), 2 for bad input.
+The work itself is domaintune.monitoring (check, judge, report, history, review queue, alarm);
+one-shot CLI calls run it in-process without Prefect. These flows run it when PREFECT_API_URL is
+set or --flow is given, and `domaintune deploy --monitor-folder DIR --monitor-cron CRON` deploys
+monitor_folder_flow so a worker judges each new batch file dropped in DIR on that schedule.
 
-    python -m pipelines.monitor --batch new_tickets.csv
+    python -m pipelines.monitor --batch new_tickets.csv      # same as `domaintune monitor ...`
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from prefect import flow, get_run_logger, task
+from domaintune.monitoring import read_batch, telemetry_off  # noqa: F401 - read_batch re-exported
 
-from domaintune.data import DataError, atomic_output, write_json
+telemetry_off()
 
+from prefect import flow, get_run_logger  # noqa: E402 - telemetry switches first
 
-def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
-    """The texts of a batch file: .txt (one per line) or anything ingest reads (csv, tsv, jsonl,
-    parquet), with ingest's row numbering and undecodable-byte reporting."""
-    from domaintune.sources import read_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, None, None, "batch file not found" if not path.exists() else "not a file")
-    if path.suffix.lower() == ".txt":
-        texts = _read_lines(path)
-        rows = list(range(1, len(texts) + 1))
-    else:
-        table = read_file(path)
-        if text_column not in table.frame.columns:
-            raise DataError(path, None, text_column, f"column missing; columns are {list(table.frame.columns)}")
-        for i, problems in sorted(table.bad.items()):
-            for field, _, detail in problems:
-                if field in (None, text_column):
-                    raise DataError(path, table.rows[i], field or text_column, detail)
-        texts, rows = table.frame[text_column].tolist(), table.rows
-    for text, row in zip(texts, rows):
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(path, row, text_column, "empty or missing text")
-    return texts
+DEFAULTS = {"baseline": "models/drift_baseline", "model": "models/export", "out": "reports/monitor",
+            "text_column": "text", "history": "reports/monitor_history.csv",
+            "review_queue": "data/review_queue.csv", "alarm_command": None, "alarm_webhook": None}
 
 
-def _read_lines(path: Path) -> list[str]:
-    """One text per line of a UTF-8 file (a BOM is dropped); bad bytes are a DataError naming the line."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise DataError(path, line, None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                                          "save the file as UTF-8") from None
-    return text.splitlines()
+def _run(batch: str | None, watch: str | None, repo: str, **kw) -> list[dict]:
+    from domaintune.monitoring import check_arguments, run_local
 
-
-def check_arguments(batch: str, repo: str = ".", baseline: str = "models/drift_baseline",
-                    model: str = "models/export", out: str = "reports/monitor", text_column: str = "text") -> list[str]:
-    """Everything that can be checked before a Prefect flow starts or a model loads: the folders exist,
-    --out is not a file, and the batch reads (bad bytes, missing column, empty texts). Returns the texts."""
-    from domaintune.params import load_params
-
-    root = Path(repo)
-    for flag, value in (("--baseline", baseline), ("--model", model)):
-        if not (root / value).is_dir():
-            raise DataError(root / value, None, None, f"{flag}: no such folder; run the pipeline (dvc repro) first")
-    if (root / out).exists() and not (root / out).is_dir():
-        raise DataError(root / out, None, None, "--out: exists and is not a folder")
-    load_params(root / "params.yaml", "drift")  # a bad params.yaml fails here, naming file and key
-    return read_batch(root / batch, text_column)
-
-
-@task(name="compare-batch")
-def compare(batch: str, baseline: str, model: str, params_file: str, text_column: str, out: str) -> dict:
-    from domaintune.params import load_params
-    from stages.drift import Baseline, compare_batch
-
-    from domaintune.device import stage_device
-
-    base, params = load_params(params_file, "base", "drift")
-    texts = read_batch(batch, text_column)
-    with atomic_output(out) as tmp:
-        tmp.mkdir(parents=True)
-        verdict = compare_batch(Baseline(baseline), texts, model, params, params.batch_size,
-                                html_path=tmp / "report.html", device=stage_device(base))
-        verdict["batch"] = str(batch)
-        write_json(tmp / "verdict.json", verdict)
-    return verdict
+    args = argparse.Namespace(batch=batch, watch=watch, repo=repo, **{**DEFAULTS, **kw})
+    texts = check_arguments(batch, repo, args.baseline, args.model, args.out, args.text_column, watch)
+    verdicts = run_local(args, texts, Path(repo))
+    log = get_run_logger()
+    for v in verdicts:
+        (log.warning if v["drift"] else log.info)("%s: %s", v["batch"], "DRIFT: " + "; ".join(v["reasons"])
+                                                  if v["drift"] else "no drift")
+    return verdicts
 
 
 @flow(name="domaintune-monitor")
-def monitor_flow(batch: str, repo: str = ".", baseline: str = "models/drift_baseline", model: str = "models/export",
-                 out: str = "reports/monitor", text_column: str = "text") -> dict:
-    root = Path(repo).resolve()
-    verdict = compare(str(root / batch), str(root / baseline), str(root / model), str(root / "params.yaml"),
-                      text_column, str(root / out))
-    log = get_run_logger()
-    if verdict["drift"]:
-        log.warning("DRIFT: %s", "; ".join(verdict["reasons"]))
-    else:
-        log.info("no drift (%d rows, %.0f%% of features drifted)", verdict["rows"], 100 * verdict["drifted_share"])
-    return verdict
+def monitor_flow(batch: str, repo: str = ".", baseline: str = DEFAULTS["baseline"], model: str = DEFAULTS["model"],
+                 out: str = DEFAULTS["out"], text_column: str = "text", history: str = DEFAULTS["history"],
+                 review_queue: str = DEFAULTS["review_queue"], alarm_command: str | None = None,
+                 alarm_webhook: str | None = None) -> dict:
+    """Judge one batch file against the drift baseline."""
+    return _run(batch, None, repo, baseline=baseline, model=model, out=out, text_column=text_column,
+                history=history, review_queue=review_queue, alarm_command=alarm_command,
+                alarm_webhook=alarm_webhook)[0]
 
 
-def run_from_args(args) -> int:
-    """`domaintune monitor`: arguments and the batch are checked before the flow starts; bad input
-    raises (DataError, ParamsError: the caller prints one line, exit 2). Returns 1 on drift, else 0."""
-    check_arguments(args.batch, args.repo, args.baseline, args.model, args.out, args.text_column)
-    v = monitor_flow(args.batch, args.repo, args.baseline, args.model, args.out, args.text_column)
-    print(("DRIFT: " + "; ".join(v["reasons"])) if v["drift"] else
-          f"no drift: {v['rows']} texts, {v['drifted_share']:.0%} of features drifted, "
-          f"confidence {v['mean_confidence_current']:.3f} vs {v['mean_confidence_reference']:.3f}")
-    print(f"report: {Path(args.repo) / args.out / 'report.html'}")
-    return 1 if v["drift"] else 0
+@flow(name="domaintune-monitor-folder")
+def monitor_folder_flow(folder: str, repo: str = ".", baseline: str = DEFAULTS["baseline"],
+                        model: str = DEFAULTS["model"], out: str = DEFAULTS["out"], text_column: str = "text",
+                        history: str = DEFAULTS["history"], review_queue: str = DEFAULTS["review_queue"],
+                        alarm_command: str | None = None, alarm_webhook: str | None = None) -> list[dict]:
+    """Judge every batch file in `folder` that the history does not list yet (the scheduled monitor)."""
+    return _run(None, folder, repo, baseline=baseline, model=model, out=out, text_column=text_column,
+                history=history, review_queue=review_queue, alarm_command=alarm_command,
+                alarm_webhook=alarm_webhook)
+
+
+def run_flows_from_args(args) -> list[dict]:
+    """`domaintune monitor --flow` (or with PREFECT_API_URL set): the same work as Prefect flow runs."""
+    kw = {"repo": args.repo, "baseline": args.baseline, "model": args.model, "out": args.out,
+          "text_column": args.text_column, "history": args.history, "review_queue": args.review_queue,
+          "alarm_command": args.alarm_command, "alarm_webhook": args.alarm_webhook}
+    return monitor_folder_flow(args.watch, **kw) if args.watch else [monitor_flow(args.batch, **kw)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

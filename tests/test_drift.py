@@ -1,4 +1,4 @@
-"""Drift stage and monitor comparison on a tiny dataset and a tiny random classifier."""
+"""Drift baseline (stage), calibrated tests, label-free accuracy estimate, on tiny models and synthetic data."""
 from __future__ import annotations
 
 import json
@@ -19,6 +19,8 @@ TEMPLATES = {
     "shipping": ["where is my parcel {n}", "the delivery is late by {n} days",
                  "package arrived damaged", "change the shipping address please"],
 }
+GERMAN = ("Sehr geehrte Damen und Herren, die Lieferung Nummer {a} vom {b}.{c}.2025 ist beschädigt, "
+          "Größe {d}, bitte um Rückerstattung von {e} Euro.")
 
 
 def tiny_splits(n_per_class: int = 12, seed: int = 0) -> tuple[dict[str, pd.DataFrame], list[str]]:
@@ -35,6 +37,12 @@ def tiny_splits(n_per_class: int = 12, seed: int = 0) -> tuple[dict[str, pd.Data
     return {k: pd.DataFrame(v) for k, v in splits.items()}, sorted(TEMPLATES)
 
 
+def german(n: int, seed: int = 1) -> list[str]:
+    rng = random.Random(seed)
+    return [GERMAN.format(a=rng.randint(10000, 99999), b=rng.randint(1, 28), c=rng.randint(1, 12),
+                          d=rng.randint(30, 50), e=rng.randint(100, 999)) for _ in range(n)]
+
+
 def save_tiny_classifier(tiny_bert: Path, out: Path, labels: list[str], temperature: float = 1.5) -> Path:
     import torch
 
@@ -48,83 +56,82 @@ def save_tiny_classifier(tiny_bert: Path, out: Path, labels: list[str], temperat
     return out
 
 
+DRIFT_YAML = "drift: {batch_size: 16, pca_components: 3, calibration_resamples: 60}\n"
+
+
 @pytest.fixture(scope="module")
 def drift_setup(tmp_path_factory, tiny_bert):
+    """A tiny project: audited data, an exported tiny classifier, the baseline the drift stage builds."""
     root = tmp_path_factory.mktemp("drift")
-    splits, labels = tiny_splits()
+    splits, labels = tiny_splits(40)
     write_dataset(root / "audited", splits, labels)
-    save_tiny_classifier(tiny_bert, root / "export", labels)
-    params = root / "params.yaml"
-    params.write_text("base: {seed: 0, model: minilm, max_length: 64}\n"
-                      "drift: {batch_size: 16, pca_components: 3, stattest_threshold: 0.05, drift_share: 0.5,"
-                      " max_confidence_drop: 0.1}\n")
+    save_tiny_classifier(tiny_bert, root / "models" / "export", labels)
+    (root / "params.yaml").write_text(DRIFT_YAML)
     from stages.drift import main
 
-    rc = main(["--params", str(params), "--in", str(root / "audited"), "--model", str(root / "export"),
-               "--out", str(root / "baseline"), "--metrics", str(root / "metrics" / "drift.json")])
+    rc = main(["--params", str(root / "params.yaml"), "--in", str(root / "audited"), "--model",
+               str(root / "models" / "export"), "--out", str(root / "models" / "drift_baseline"),
+               "--metrics", str(root / "metrics" / "drift.json")])
     assert rc == 0
     return root, splits, labels
 
 
-def test_baseline_profile_contents(drift_setup):
-    from safetensors.numpy import load_file
+def test_baseline_is_an_honest_reference_and_records_its_rows(drift_setup):
+    """Model outputs come from validation (the old baseline took them from train), text features
+    from train + validation, and the rows used are recorded."""
+    from domaintune.drift import Baseline, load_served_model, reference_accuracy
 
     root, splits, labels = drift_setup
-    out = root / "baseline"
-    assert sorted(p.name for p in out.iterdir()) == ["pca.safetensors", "profile.json", "reference.parquet",
-                                                     "report.html", "vocab.json"]
-    ref = pd.read_parquet(out / "reference.parquet")
-    train = splits["train"]
-    assert len(ref) == len(train)
-    assert ref["id"].tolist() == train["id"].tolist()
-    # Features are the real per-text numbers.
-    assert ref["n_chars"].tolist() == [float(len(t)) for t in train["text"]]
-    assert ref["n_words"].tolist() == [float(len(t.split())) for t in train["text"]]
-    assert (ref["oov_rate"] == 0).all()           # every train word is in the train vocabulary
-    assert ref["pred_label"].isin(labels).all()
-    assert ((ref["confidence"] > 1 / 3 - 1e-6) & (ref["confidence"] <= 1 + 1e-6)).all()
-    pca = load_file(str(out / "pca.safetensors"))
-    assert pca["components"].shape == (3, 64)
-    # Orthonormal axes, and the projected train set is centred.
-    np.testing.assert_allclose(pca["components"] @ pca["components"].T, np.eye(3), atol=1e-4)
-    np.testing.assert_allclose(ref[["pc1", "pc2", "pc3"]].mean().to_numpy(), 0, atol=1e-4)
-    assert ref["pc1"].var() >= ref["pc2"].var() >= ref["pc3"].var()
-    profile = read_json(out / "profile.json")
-    assert profile["temperature"] == 1.5
-    assert profile["dataset_hash"] == read_json(root / "audited" / "hashes.json")["dataset"]
-    assert abs(sum(profile["label_distribution"].values()) - 1) < 1e-9
-    assert profile["label_distribution"]["billing"] == pytest.approx((train["label"] == "billing").mean())
-    assert profile["mean_confidence"] == pytest.approx(ref["confidence"].mean())
-    assert set(profile["sanity_validation_vs_train"]["p_values"]) == set(profile["numeric_features"]) | {"pred_label"}
-    html = (out / "report.html").read_text(encoding="utf-8")
-    assert "Drifted Columns" in html and "oov_rate" in html
+    out = root / "models" / "drift_baseline"
+    assert sorted(p.name for p in out.iterdir()) == sorted(Baseline.FILES)
+    b = Baseline(out)
+    train, val = splits["train"], splits["validation"]
+    assert b.out_ref["id"].tolist() == val["id"].tolist()
+    assert b.out_ref["label"].tolist() == val["label"].tolist()
+    assert b.text_ref["id"].tolist() == train["id"].tolist() + val["id"].tolist()
+    assert b.text_ref["split"].tolist() == ["train"] * len(train) + ["validation"] * len(val)
+    assert b.text_ref["n_chars"].tolist() == [float(len(t)) for t in pd.concat([train, val])["text"]]
+    # oov_rate against train's own vocabulary is 0 on train by construction: only validation counts.
+    assert b.text_ref.loc[b.text_ref["split"] == "train", "oov_rate"].isna().all()
+    assert b.out_ref["oov_rate"].notna().all()
+    pred = load_served_model(root / "models" / "export").predict(val["text"].tolist())
+    assert b.out_ref["pred_label"].tolist() == pred
+    prof = b.profile
+    assert prof["reference_rows"]["model_outputs"] == {"validation": len(val)}
+    assert prof["reference_rows"]["text_features"] == {"train": len(train), "validation": len(val)}
+    assert prof["reference_measured"] == reference_accuracy(val["label"], pred, labels)
+    assert prof["dataset_hash"] == read_json(root / "audited" / "hashes.json")["dataset"]
+    np.testing.assert_allclose(b.arrays["pca_components"] @ b.arrays["pca_components"].T, np.eye(3), atol=1e-4)
+    # The null of every signal was resampled at sizes capped at half its reference.
+    sizes = {g: [e["size"] for e in entries] for g, entries in prof["null"].items()}
+    assert sizes == {"text": [(len(train) + len(val)) // 2], "heldout": [len(val) // 2]}
+    signals = set(prof["null"]["text"][0]["fits"]) | set(prof["null"]["heldout"][0]["fits"])
+    assert signals == {"n_chars", "n_words", "unk_rate", "non_ascii_rate", "digit_rate", "upper_rate", "oov_rate",
+                       "pc1", "pc2", "pc3", "confidence", "pred_label", "embeddings_mmd"}
     metrics = json.loads((root / "metrics" / "drift.json").read_text())
-    assert metrics["reference_rows"] == len(train)
-    assert metrics["pca_components"] == 3
+    assert metrics["output_reference_rows"] == len(val) and metrics["signals"] == 14
 
 
-def test_monitor_verdicts(drift_setup):
+def test_judge_same_vs_other_domain(drift_setup):
+    from domaintune.drift import Baseline, judge, load_served_model
     from domaintune.params import DriftParams
-    from stages.drift import Baseline, compare_batch
 
     root, splits, _ = drift_setup
-    baseline = Baseline(root / "baseline")
+    b = Baseline(root / "models" / "drift_baseline")
+    predictor = load_served_model(root / "models" / "export")
     params = DriftParams(pca_components=3)
-    same = compare_batch(baseline, splits["train"]["text"].tolist(), root / "export", params, 16)
+    same = judge(b, b.profile_batch(predictor, splits["test"]["text"].tolist()), params)
     assert same["drift"] is False and same["reasons"] == []
-    assert same["drifted_columns"] == []
-    assert same["confidence_drop"] == pytest.approx(0.0, abs=1e-6)
-    # Another domain: long German texts full of numbers and unseen words.
-    rng = random.Random(1)
-    shifted = [f"Sehr geehrte Damen und Herren, die Lieferung Nummer {rng.randint(10000, 99999)} vom "
-               f"{rng.randint(1, 28)}.{rng.randint(1, 12)}.2025 ist beschädigt, Größe {rng.randint(30, 50)}, "
-               f"bitte um Rückerstattung von {rng.randint(100, 999)} Euro." for _ in range(30)]
-    html = root / "monitor.html"
-    moved = compare_batch(baseline, shifted, root / "export", params, 16, html_path=html)
+    assert same["tests"] == 14 and same["per_test_level"] == pytest.approx(0.01 / 14)
+    moved = judge(b, b.profile_batch(predictor, german(30)), params)
     assert moved["drift"] is True
     assert {"n_chars", "n_words", "oov_rate", "digit_rate", "non_ascii_rate"} <= set(moved["drifted_columns"])
-    assert moved["p_values"]["n_chars"] < 1e-6
-    assert html.exists() and html.stat().st_size > 1000
+    assert moved["signals"]["embeddings_mmd"]["drifted"]
+    ps = list(moved["p_values"].values())
+    assert ps == sorted(ps)                                  # signals most drifted first
+    assert len(moved["most_atypical"]) == 10 and len(moved["least_confident"]) == 10
+    confs = [e["confidence"] for e in moved["least_confident"]]
+    assert confs == sorted(confs)
 
 
 def test_missing_model_fails_cleanly_without_output(tmp_path, drift_setup, capsys):
@@ -136,81 +143,153 @@ def test_missing_model_fails_cleanly_without_output(tmp_path, drift_setup, capsy
                str(tmp_path / "nope"), "--out", str(out), "--metrics", str(tmp_path / "m.json")])
     assert rc == 2
     assert "model.json" in capsys.readouterr().err
-    assert not out.exists() and not (tmp_path / "m.json").exists()
-    assert [p for p in tmp_path.iterdir()] == []  # no temporary leftovers either
+    assert [p for p in tmp_path.iterdir()] == []  # no output, no temporary leftovers either
 
 
-def test_monitor_batch_reader_names_file_row_and_field(tmp_path):
-    from domaintune.data import DataError
-    from pipelines.monitor import read_batch
+def test_statistics_match_scipy():
+    from scipy.stats import chi2_contingency, ks_2samp
 
-    txt = tmp_path / "b.txt"
-    txt.write_text("first ticket\nsecond ticket\n", encoding="utf-8")
-    assert read_batch(txt) == ["first ticket", "second ticket"]
-    csv = tmp_path / "b.csv"
-    csv.write_bytes(b"body,other\nfine,1\n   ,2\n")
-    with pytest.raises(DataError, match=r"b\.csv: row 2: field 'body': empty or missing text"):
-        read_batch(csv, "body")
-    with pytest.raises(DataError, match=r"field 'text': column missing"):
-        read_batch(csv)
-    jsonl = tmp_path / "b.jsonl"
-    jsonl.write_bytes(b'{"text": "ok"}\n{"text": "bad \xff byte"}\n')
-    with pytest.raises(DataError, match=r"b\.jsonl: row 2: field 'text': .*not UTF-8"):
-        read_batch(jsonl)
-    with pytest.raises(DataError, match="unsupported file type"):
-        (tmp_path / "b.xlsx").write_text("x")
-        read_batch(tmp_path / "b.xlsx")
-    pq = tmp_path / "b.parquet"
-    pd.DataFrame({"text": ["a parcel", "a refund"], "label": ["x", "y"]}).to_parquet(pq)
-    assert read_batch(pq) == ["a parcel", "a refund"]
-
-
-def test_constant_feature_no_nan_and_still_judged(tmp_path):
-    """A feature constant in the reference (no non-ASCII text in train) has zero std: evidently's
-    correlation matrix divided by it (NaN, RuntimeWarning). It is now tested with scipy's K-S: no
-    warning, p = 1 while both sides hold the constant, drift as soon as the batch moves off it."""
-    import warnings
-
-    from stages.drift import PRED_COLUMN, drift_report
+    from domaintune import drifttests as dt
 
     rng = np.random.default_rng(0)
-    # confidence: a confident model's calibrated top probability, 1.0 up to float rounding; on
-    # such data evidently's histogram raised "Too many bins for data range".
-    ref = pd.DataFrame({"n_chars": rng.normal(40, 5, 60), "non_ascii_rate": 0.0,
-                        "confidence": rng.choice([1.0, 0.9999999999999998], 60),
-                        PRED_COLUMN: rng.choice(["a", "b"], 60)})
-    same = pd.DataFrame({"n_chars": rng.normal(40, 5, 50), "non_ascii_rate": 0.0,
-                         "confidence": rng.choice([1.0, 0.9999999999999885, 0.9999999999999998], 50),
-                         PRED_COLUMN: rng.choice(["a", "b"], 50)})
-    moved = same.assign(non_ascii_rate=rng.uniform(0.1, 0.3, 50))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        calm = drift_report(ref, same, ["n_chars", "non_ascii_rate", "confidence"], 0.05, 0.5)
-        drifted = drift_report(ref, moved, ["n_chars", "non_ascii_rate", "confidence"], 0.05, 0.5,
-                               tmp_path / "report.html")
-    html = (tmp_path / "report.html").read_text(encoding="utf-8")
-    section = html[html.index("Features constant in the reference"):]
-    assert "<td>non_ascii_rate</td><td>0</td><td>0.1" in section and "drifted" in section
-    assert calm["constant_columns"] == ["non_ascii_rate", "confidence"]
-    assert calm["p_values"]["non_ascii_rate"] == calm["p_values"]["confidence"] == 1.0
-    assert calm["drifted_columns"] == []
-    assert list(calm["p_values"]) == ["n_chars", "non_ascii_rate", "confidence", PRED_COLUMN]  # report order kept
-    assert drifted["p_values"]["non_ascii_rate"] < 1e-6 and "non_ascii_rate" in drifted["drifted_columns"]
-    assert drifted["drifted_share"] == len(drifted["drifted_columns"]) / 4
-    assert all(np.isfinite(p) for p in drifted["p_values"].values())
+    a, b = rng.normal(size=300), rng.normal(0.2, size=120).round(1)
+    d = ks_2samp(a, b).statistic
+    assert dt.ks_statistic(np.sort(a), b) == pytest.approx(300 * 120 / 420 * d * d)
+    r, c = np.array([30, 0, 50, 20]), np.array([10, 0, 5, 25])
+    assert dt.chi2_statistic(r, c) == pytest.approx(chi2_contingency(np.array([r[r + c > 0], c[r + c > 0]]),
+                                                                     correction=False)[0])
 
 
-def test_drift_report_survives_a_feature_that_differs_only_in_float_noise(tmp_path):
-    """A saturated confidence (1.0 and 1.0 - 1e-16) used to crash evidently's histogram inside drift_report."""
-    import numpy as np
-    import pandas as pd
+def synthetic(n: int, rng: np.random.Generator, shift: float = 0.0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Rows shaped like real features: skewed lengths, integer word counts, zero-inflated rates,
+    a mostly-zero unk rate, confidences piled near 1, 6 labels, 16-dim embeddings."""
+    from domaintune.drift import TEXT_FEATURES
 
-    from stages.drift import CONF_COLUMN, PRED_COLUMN, drift_report
+    words = rng.poisson(10 + 10 * shift, n) + 1
+    f = pd.DataFrame({"n_chars": words * rng.uniform(4, 6, n), "n_words": words.astype(float),
+                      "unk_rate": np.where(rng.random(n) < 0.01, 0.1, 0.0),
+                      "oov_rate": np.where(rng.random(n) < 0.3, rng.uniform(0, 0.3, n), 0.0),
+                      "non_ascii_rate": 0.0, "digit_rate": np.where(rng.random(n) < 0.2, 0.05, 0.0),
+                      "upper_rate": rng.beta(1, 30, n)})[list(TEXT_FEATURES)]
+    emb = rng.normal(size=(n, 16)) + shift
+    k = 6
+    pred = rng.choice(k, n, p=[0.3, 0.2, 0.2, 0.1, 0.1, 0.1])
+    conf = np.clip(rng.beta(9, 1, n), 1 / k + 0.01, 1.0)
+    probs = np.tile(((1 - conf) / (k - 1))[:, None], (1, k))
+    probs[np.arange(n), pred] = conf
+    return f, emb, probs
+
+
+def synthetic_baseline(n_text: int, n_val: int, rng, resamples: int = 200, template=None):
+    """A Baseline built by the library's own calibration on synthetic reference rows. With a template
+    baseline, fresh reference rows reuse its random features and calibrated nulls (the null of a
+    size-normalised statistic is a property of the distribution, not of one reference sample)."""
+    from domaintune import drift as d
+    from domaintune import drifttests as dt
+
+    labels = [f"l{i}" for i in range(6)]
+    text, _, _ = synthetic(n_text, rng)
+    text.insert(0, "split", ["train"] * (n_text - n_val) + ["validation"] * n_val)
+    text.loc[text["split"] == "train", "oov_rate"] = np.nan
+    f, emb, probs = synthetic(n_val, rng)
+    out = pd.DataFrame(emb[:, :3], columns=["pc1", "pc2", "pc3"])
+    out["pred_label"] = [labels[i] for i in probs.argmax(1)]
+    out["confidence"] = probs.max(1)
+    out.insert(0, "oov_rate", text.loc[text["split"] != "train", "oov_rate"].to_numpy())
+    rff = dt.fit_rff(emb, 0, 128) if template is None else {k: template.arrays[k] for k in ("rff_w", "rff_b")}
+    phi = dt.rff_map(emb, rff)
+    b = object.__new__(d.Baseline)
+    b.text_ref, b.out_ref, b.labels = text, out, labels
+    b.arrays = {**rff, "phi_mean": phi.mean(0), "ref_embeddings": dt.normalise(emb),
+                "pca_mean": np.zeros(16, np.float32), "pca_components": np.eye(16, dtype=np.float32)[:3]}
+    null = d.calibrate(text, out, phi, labels, 3, resamples, 0) if template is None else template.profile["null"]
+    b.profile = {"null": null, "mean_confidence": out["confidence"].mean(),
+                 "prediction_distribution": d.distribution(out["pred_label"].tolist(), labels),
+                 "reference_measured": {"accuracy": float(out["confidence"].mean()), "macro_f1": 0.8}}
+    return b
+
+
+def synthetic_batch(b, m: int, rng, shift: float = 0.0):
+    from domaintune.drift import BatchProfile
+
+    f, emb, probs = synthetic(m, rng, shift)
+    frame = pd.concat([f, pd.DataFrame(emb[:, :3], columns=["pc1", "pc2", "pc3"])], axis=1)
+    frame["pred_label"] = [b.labels[i] for i in probs.argmax(1)]
+    frame["confidence"] = probs.max(1)
+    return BatchProfile([f"t{i}" for i in range(m)], frame, probs, emb)
+
+
+def test_iid_batches_alarm_at_most_at_the_stated_rate_at_any_size():
+    """The old rule (per-feature p < 0.05, alarm at half the features; a fixed confidence drop) had no
+    error rate; now 14 signals with resampled nulls, Bonferroni at false_alarm_rate. At a generous
+    0.2 the rate is measurable with 40 draws per size, from 100 to 100,000 texts; a small shift is caught.
+    Each draw is a fresh reference and a fresh batch (the rate holds over both: with one fixed
+    reference, large batches all see that reference's own chance deviation)."""
+    from domaintune.drift import judge
+    from domaintune.params import DriftParams
 
     rng = np.random.default_rng(0)
-    ref = pd.DataFrame({"chars": rng.normal(50, 5, 40), CONF_COLUMN: 1.0 - rng.integers(0, 2, 40) * 1e-16,
-                        PRED_COLUMN: ["a", "b"] * 20})
-    cur = ref.sample(frac=1.0, random_state=1).reset_index(drop=True)
-    out = drift_report(ref, cur, ["chars", CONF_COLUMN], 0.05, 0.5, tmp_path / "r.html")
-    assert set(out["p_values"]) == {"chars", CONF_COLUMN, PRED_COLUMN}
-    assert out["drifted_columns"] == [] and (tmp_path / "r.html").stat().st_size > 0
+    b = synthetic_baseline(4000, 1000, rng, resamples=100)
+    params = DriftParams(false_alarm_rate=0.2, max_accuracy_drop=0.05)
+    for m, draws in ((100, 40), (3000, 40), (100_000, 6)):
+        alarms = sum(judge(synthetic_baseline(4000, 1000, rng, template=b), synthetic_batch(b, m, rng), params)["drift"]
+                     for _ in range(draws))
+        assert alarms <= 0.2 * draws + 2 * np.sqrt(draws * 0.2 * 0.8), (m, alarms)
+    strict = DriftParams()  # 0.01
+    caught = [judge(b, synthetic_batch(b, 1000, rng, shift=0.15), strict) for _ in range(5)]
+    assert all(v["drift"] for v in caught)
+    assert all(v["signals"]["embeddings_mmd"]["drifted"] for v in caught)
+
+
+def test_estimated_accuracy_tracks_true_accuracy_of_calibrated_probabilities():
+    """CBPE: with labels drawn from the probabilities (a calibrated model), the estimate's 95% interval
+    covers the realised accuracy about 95% of the time, and the expected macro-F1 is close."""
+    from sklearn.metrics import f1_score
+
+    from domaintune.drifttests import estimated_performance
+
+    rng = np.random.default_rng(1)
+    covered, f1_err = 0, []
+    for _ in range(40):
+        logits = rng.normal(size=(2000, 5)) * 2
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        y = np.array([rng.choice(5, p=p) for p in probs])
+        pred = probs.argmax(1)
+        est = estimated_performance(probs)
+        acc = (y == pred).mean()
+        covered += est["accuracy_low"] <= acc <= est["accuracy_high"]
+        f1_err.append(abs(est["macro_f1"] - f1_score(y, pred, average="macro")))
+    assert covered >= 34
+    assert np.mean(f1_err) < 0.015
+
+
+def test_expected_macro_f1_ignores_the_softmax_tails_of_absent_classes():
+    """A batch of 2 of 50 classes: the 48 others hold ~1e-4 probability each and must not count as
+    classes with F1 = 0 (sklearn's macro average counts only labels present in y_true or y_pred)."""
+    from domaintune.drifttests import estimated_performance
+
+    probs = np.full((200, 50), 1e-4)
+    probs[:100, 0] = probs[100:, 1] = 1 - 49e-4
+    est = estimated_performance(probs)
+    assert est["macro_f1"] == pytest.approx(0.995, abs=0.005)
+    assert est["macro_f1_low"] <= est["macro_f1"] <= est["macro_f1_high"]
+
+
+def test_an_estimated_accuracy_drop_is_a_reason():
+    """Same features, but the model is far less sure: the CBPE estimate falls well below the
+    reference's measured accuracy, and that alone is a reason in the verdict."""
+    from domaintune.drift import judge
+    from domaintune.params import DriftParams
+
+    rng = np.random.default_rng(3)
+    b = synthetic_baseline(2000, 500, rng, resamples=40)
+    batch = synthetic_batch(b, 400, rng)
+    k = batch.probs.shape[1]
+    top = batch.probs.argmax(1)
+    batch.probs[:] = 0.4 / (k - 1)
+    batch.probs[np.arange(len(top)), top] = 0.6
+    v = judge(b, batch, DriftParams(max_accuracy_drop=0.05))
+    acc = v["accuracy"]
+    assert acc["estimated"] == pytest.approx(0.6) and acc["drop_significant"]
+    assert any(r.startswith("estimated accuracy 0.600") for r in v["reasons"])
+    assert v["drift"] is True

@@ -1,0 +1,165 @@
+"""Two-sample drift statistics with a null calibrated on resamples of the reference, and the
+label-free accuracy estimate (CBPE-style) of a batch.
+
+Every signal is a size-normalised two-sample statistic T whose distribution under "the batch
+is drawn like the reference" does not depend on the batch size m (asymptotically):
+  ks      n*m/(n+m) * D^2, D the Kolmogorov-Smirnov distance of the two empirical CDFs
+  chi2    the 2 x K homogeneity chi-square of the predicted-label counts
+  mmd     n*m/(n+m) * ||mean phi(ref) - mean phi(batch)||^2, phi random Fourier features of a
+          Gaussian kernel on the L2-normalised embeddings (a linear-time MMD^2)
+The null of T is measured, not assumed: at baseline time the reference is split at random into a
+pseudo-batch of m rows and a pseudo-reference of the rest, for several m, and T is computed on
+each split (a permutation null). A scaled chi-square a*chi2(nu) is fitted to each m's resamples
+by their mean and variance; a batch's p-value is the LARGEST of those fits' tail probabilities
+(the most conservative batch size), so it holds at any size. With K signals, each is tested at
+false_alarm_rate / K (Bonferroni): an iid batch alarms with probability <= false_alarm_rate.
+Nothing here imports torch: arrays in, numbers out.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+# Batch sizes the null is resampled at (capped at half the reference).
+CALIBRATION_SIZES = (100, 300, 1000, 3000)
+RFF_FEATURES = 512
+
+
+def ks_statistic(ref_sorted: np.ndarray, batch: np.ndarray) -> float:
+    """Size-normalised K-S statistic n*m/(n+m) * D^2 (ref_sorted must be sorted)."""
+    b = np.sort(np.asarray(batch, dtype=np.float64))
+    n, m = len(ref_sorted), len(b)
+    grid = np.concatenate([ref_sorted, b])
+    d = np.abs(np.searchsorted(ref_sorted, grid, "right") / n - np.searchsorted(b, grid, "right") / m).max()
+    return float(n * m / (n + m) * d * d)
+
+
+def chi2_statistic(ref_counts: np.ndarray, batch_counts: np.ndarray) -> float:
+    """2 x K homogeneity chi-square of two count vectors (categories empty in both are skipped)."""
+    r, c = np.asarray(ref_counts, float), np.asarray(batch_counts, float)
+    n, m = r.sum(), c.sum()
+    tot = r + c
+    keep = tot > 0
+    r, c, tot = r[keep], c[keep], tot[keep]
+    er, ec = n * tot / (n + m), m * tot / (n + m)
+    return float(((r - er) ** 2 / er).sum() + ((c - ec) ** 2 / ec).sum())
+
+
+def mmd_statistic(ref_mean: np.ndarray, n: int, batch_phi: np.ndarray) -> float:
+    """Size-normalised linear-time MMD^2 on random Fourier features."""
+    m = len(batch_phi)
+    diff = ref_mean - batch_phi.mean(axis=0)
+    return float(n * m / (n + m) * float(diff @ diff))
+
+
+def normalise(emb: np.ndarray) -> np.ndarray:
+    emb = np.asarray(emb, dtype=np.float32)
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
+def fit_rff(ref_emb: np.ndarray, seed: int, n_features: int = RFF_FEATURES) -> dict[str, np.ndarray]:
+    """Random Fourier features of a Gaussian kernel whose bandwidth is the median distance between
+    reference embeddings (the usual heuristic)."""
+    rng = np.random.default_rng(seed)
+    x = normalise(ref_emb)
+    sub = x[rng.permutation(len(x))[:500]]
+    d2 = np.maximum((sub ** 2).sum(1)[:, None] + (sub ** 2).sum(1)[None, :] - 2 * sub @ sub.T, 0)
+    med = float(np.sqrt(np.median(d2[np.triu_indices(len(sub), 1)]))) if len(sub) > 1 else 1.0
+    sigma = med if med > 0 else 1.0
+    w = rng.normal(0.0, 1.0 / sigma, size=(x.shape[1], n_features)).astype(np.float32)
+    b = rng.uniform(0, 2 * math.pi, size=n_features).astype(np.float32)
+    return {"rff_w": w, "rff_b": b, "rff_sigma": np.array([sigma], dtype=np.float32)}
+
+
+def rff_map(emb: np.ndarray, rff: dict[str, np.ndarray]) -> np.ndarray:
+    w, b = rff["rff_w"], rff["rff_b"]
+    return (np.sqrt(2.0 / w.shape[1]) * np.cos(normalise(emb) @ w + b)).astype(np.float64)
+
+
+def calibration_sizes(n: int) -> list[int]:
+    """Pseudo-batch sizes for a reference of n rows: the grid capped at n // 2 (at least 2)."""
+    cap = max(2, n // 2)
+    return sorted({min(s, cap) for s in CALIBRATION_SIZES})
+
+
+def fit_scaled_chi2(values: np.ndarray) -> dict[str, float]:
+    """a * chi2(nu) with the mean and variance of the resampled statistics (Satterthwaite)."""
+    mu, var = float(np.mean(values)), float(np.var(values, ddof=1)) if len(values) > 1 else 0.0
+    if mu <= 0 or var <= 0:
+        return {"a": 0.0, "nu": 0.0, "mean": mu, "var": var}
+    return {"a": var / (2 * mu), "nu": 2 * mu * mu / var, "mean": mu, "var": var}
+
+
+def null_pvalue(t: float, fits: Sequence[dict]) -> float:
+    """The largest tail probability of T over the per-size null fits (conservative in the size).
+    A degenerate fit (the statistic was 0 in every resample: e.g. a feature constant in the
+    reference) falls back to the K-S/Kolmogorov bound 2*exp(-2T), which is conservative for ties."""
+    from scipy.stats import chi2
+
+    ps = []
+    for f in fits:
+        if f["a"] > 0 and f["nu"] > 0:
+            ps.append(float(chi2.sf(t / f["a"], f["nu"])))
+        else:
+            ps.append(min(1.0, 2.0 * math.exp(-2.0 * t)) if t > 0 else 1.0)
+    return max(ps) if ps else 1.0
+
+
+def resample_null(n: int, sizes: Sequence[int], resamples: int, seed: int, statistic) -> list[dict]:
+    """Fit the null of `statistic(batch_idx, ref_idx) -> dict[signal, T]` per pseudo-batch size.
+    Returns [{"size": m, "fits": {signal: fit}}]."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for m in sizes:
+        draws: dict[str, list[float]] = {}
+        for _ in range(resamples):
+            perm = rng.permutation(n)
+            for name, t in statistic(perm[:m], perm[m:]).items():
+                draws.setdefault(name, []).append(t)
+        out.append({"size": int(m), "fits": {k: fit_scaled_chi2(np.array(v)) for k, v in draws.items()}})
+    return out
+
+
+def estimated_performance(probs: np.ndarray, z: float = 1.96, boot: int = 100, seed: int = 0) -> dict:
+    """CBPE-style estimate from calibrated probabilities [m, K] (no labels):
+    expected accuracy = mean max probability, with a Poisson-binomial interval (the batch's
+    correctness indicators are independent Bernoulli(max prob) if the model is calibrated);
+    expected macro-F1 from the expected confusion matrix C[true j, predicted k] = sum_i p_ij
+    over the texts predicted k, with a Poisson-bootstrap interval."""
+    probs = np.asarray(probs, dtype=np.float64)
+    m, k = probs.shape
+    pred = probs.argmax(axis=1)
+    conf = probs[np.arange(m), pred]
+    acc = float(conf.mean())
+    sd = float(math.sqrt(float((conf * (1 - conf)).sum())) / m)
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(m), pred] = 1.0
+    tp_rows = onehot * conf[:, None]          # the row's expected true positive, at its predicted class
+    rows = np.hstack([tp_rows, onehot, probs])  # per-row contributions to TP_k, predicted_k, true_k
+
+    total = rows.sum(axis=0)
+    # Classes that count, as sklearn's macro average counts labels present in y_true or y_pred: predicted
+    # at least once, or expected at least half a time (not the 1e-5 tails of every softmax).
+    present = (total[k:2 * k] >= 1) | (total[2 * k:] >= 0.5)
+
+    def macro_f1(sums: np.ndarray) -> np.ndarray:
+        tp, npred, ntrue = sums[..., :k], sums[..., k:2 * k], sums[..., 2 * k:]
+        denom = npred + ntrue          # = 2TP + FP + FN
+        f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+        return f1[..., present].mean(axis=-1)
+
+    f1 = float(macro_f1(total))
+    w = np.random.default_rng(seed).poisson(1.0, size=(boot, m)).astype(np.float64)
+    f1_boot = macro_f1(w @ rows)
+    lo, hi = np.quantile(f1_boot, [0.025, 0.975])
+    return {"accuracy": acc, "accuracy_sd": sd, "accuracy_low": max(0.0, acc - z * sd),
+            "accuracy_high": min(1.0, acc + z * sd), "macro_f1": f1, "macro_f1_low": float(lo),
+            "macro_f1_high": float(hi)}
+
+
+def one_sided_z(level: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.isf(level))
