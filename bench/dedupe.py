@@ -46,7 +46,7 @@ def synth(n: int, seed: int) -> dict[str, pd.DataFrame]:
     zipf = 1.0 / np.arange(1, len(vocab) + 1)
     zipf /= zipf.sum()
     kinds = rng.choice(4, size=n, p=[0.75, 0.14, 0.08, 0.03])  # original, exact copy, variant, near copy
-    n_orig = int((kinds == 0).sum())
+    n_orig = int((kinds == 0).sum()) + int(n > 0 and kinds[0] != 0)  # a copy kind in row 0 takes an original too
     lengths = rng.integers(6, 30, size=n_orig)
     words = rng.choice(len(vocab), size=int(lengths.sum()), p=zipf)
     cuts = np.cumsum(lengths)[:-1]

@@ -1,19 +1,18 @@
 """What Prefect + the registry cost on top of plain DVC, measured side by side in one run.
 
-On two fresh copies of this repo with the tiny config (2-layer random BERT, ~90
-tickets, a few DAPT/fine-tune steps), the same DAG runs once as plain
-`dvc repro` and once as the retrain flow (one Prefect task per stage):
-  - dvc_full_s / flow_full_s: wall time of a full run each way
-  - flow_overhead_s: flow wall time minus the sum of its stage tasks' times
-    (task start-up, logging, the lock, the stage-order lookup), without and with
-    publishing (dvc push + git commit + GTO tag)
-  - dvc_noop_s: `dvc repro` with nothing changed (median of 3)
-  - flow_noop_s: the retrain flow with nothing changed (median of 3): every
-    stage task asks DVC, which skips it; no version is added
-Targets: no-op `dvc repro` <= 3 s; flow overhead <= 10% of a full run.
-The Prefect server is the temporary local one (started before timing starts).
+On fresh copies of this repo with the tiny config (2-layer random BERT, ~90
+tickets, a few DAPT/fine-tune steps), the same DAG runs as plain `dvc repro`
+and as `domaintune retrain --no-publish` (the CLI: its temporary Prefect server,
+one Prefect task per stage), each in its own process, in pairs whose order
+alternates (dvc first, then the CLI first), so load drifting on a shared
+machine hits both sides alike:
+  - dvc_full_runs_s / cli_full_runs_s: wall time of each full run
+  - cli_vs_dvc_ratio: sum of the CLI runs over sum of the dvc runs (target <= 1.05)
+  - dvc_noop_s / cli_noop_s: nothing changed (median of 3 / 2)
+The CLI's Prefect home (database) is created once before timing starts, as on any
+machine that has run Prefect before; its server start is inside every CLI run.
 
-    flock /tmp/domaintune-heavy.lock .venv/bin/python bench/orchestration.py
+    flock /tmp/domaintune-heavy.lock .venv/bin/python bench/orchestration.py [--pairs 2]
 """
 from __future__ import annotations
 
@@ -55,59 +54,62 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
+CLI = "import sys; from domaintune.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
 def main() -> None:
+    import argparse
+
     from _fake_pipeline import make_tiny_bert
-    from prefect.testing.utilities import prefect_test_harness
 
-    from pipelines.retrain import retrain_flow
-
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "orchestration.json"))
+    args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-orch-"))
-    os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))
+    os.environ["PREFECT_HOME"] = str(work / "prefect-home")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PYTHONPATH"] = str(REPO)
     try:
         tiny = make_tiny_bert(work / "tiny_bert")
-        plain = make_project(work / "plain" / "domaintune", tiny)
-        flowed = make_project(work / "flow" / "domaintune", tiny)
         dvc = str(Path(sys.executable).parent / "dvc")
-
-        dvc_full_s, _ = timed(lambda: sh(plain, dvc, "repro"))
+        # Prefect's database and migrations once, outside the clock (a first-ever run pays them once).
+        sh(work, sys.executable, "-c", "from prefect import flow; flow(name='warm')(lambda: 1)()")
+        dvc_runs, cli_runs, cli_out = [], [], ""
+        for i in range(args.pairs):
+            plain = make_project(work / f"plain{i}" / "domaintune", tiny)
+            flowed = make_project(work / f"cli{i}" / "domaintune", tiny)
+            run_dvc = lambda: dvc_runs.append(timed(lambda: sh(plain, dvc, "repro"))[0])  # noqa: E731
+            run_cli = lambda: cli_runs.append(timed(  # noqa: E731
+                lambda: sh(flowed, sys.executable, "-c", CLI, "retrain", "--repo", str(flowed), "--no-publish"))[0])
+            for fn in ((run_dvc, run_cli) if i % 2 == 0 else (run_cli, run_dvc)):
+                fn()
         dvc_noop = [timed(lambda: sh(plain, dvc, "repro"))[0] for _ in range(3)]
-
-        with prefect_test_harness(server_startup_timeout=120):
-            warm = make_project(work / "warm" / "domaintune", tiny)  # first flow run pays Prefect's start-up
-            retrain_flow(repo=str(warm), publish=False, overrides=["dapt.enabled=false"])
-            flow_full_s, res = timed(lambda: retrain_flow(repo=str(flowed)))
-            stage_sum = sum(s["seconds"] for s in res["stages"])
-            noop = [timed(lambda: retrain_flow(repo=str(flowed))) for _ in range(3)]
-        assert res["version"] == "domaintune@v1.0.0" and res["created"], res
-        assert all(not r["ran"] and r["version"] == "domaintune@v1.0.0" for _, r in noop), noop
-
-        overhead_total = flow_full_s - stage_sum
-        overhead_no_publish = overhead_total - res["publish_seconds"]
+        cli_noop = []
+        for _ in range(2):
+            t, cli_out = timed(lambda: sh(flowed, sys.executable, "-c", CLI, "retrain", "--repo", str(flowed),
+                                          "--no-publish"))
+            cli_noop.append(t)
+        assert "stages run: none (all cached)" in cli_out, cli_out
+        ratio = sum(cli_runs) / sum(dvc_runs)
         result = {
-            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
-            "config": "tiny: 2-layer 32-wide random BERT, 90 tickets / 3 labels, dapt 4 steps, finetune 1 epoch",
-            "stages": [s["stage"] for s in res["stages"]],
-            "dvc_full_s": round(dvc_full_s, 2),
-            "flow_full_s": round(flow_full_s, 2),
-            "flow_stage_sum_s": round(stage_sum, 2),
-            "flow_stage_seconds": {s["stage"]: round(s["seconds"], 2) for s in res["stages"]},
-            "flow_publish_s": round(res["publish_seconds"], 2),
-            "flow_overhead_s": round(overhead_no_publish, 2),
-            "flow_overhead_fraction": round(overhead_no_publish / flow_full_s, 4),
-            "flow_overhead_with_publish_s": round(overhead_total, 2),
-            "flow_overhead_with_publish_fraction": round(overhead_total / flow_full_s, 4),
-            "flow_vs_dvc_full_ratio": round(flow_full_s / dvc_full_s, 3),
+            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                        "note": "2 cores shared with other work: compare the pairs, not absolute times"},
+            "config": "tiny: 2-layer 64-wide random BERT, 90 tickets / 3 labels, dapt 4 steps, finetune 1 epoch",
+            "method": "domaintune retrain --no-publish (one dvc repro process, started before the flow; one "
+                      "Prefect task per stage; temporary Prefect server) vs dvc repro, fresh copies, alternating order",
+            "dvc_full_runs_s": [round(x, 2) for x in dvc_runs],
+            "cli_full_runs_s": [round(x, 2) for x in cli_runs],
+            "cli_vs_dvc_pair_ratios": [round(c / d, 3) for c, d in zip(cli_runs, dvc_runs)],
+            "cli_vs_dvc_ratio": round(ratio, 3),
             "dvc_noop_s": round(statistics.median(dvc_noop), 2),
             "dvc_noop_runs_s": [round(x, 2) for x in dvc_noop],
-            "flow_noop_s": round(statistics.median(t for t, _ in noop), 2),
-            "flow_noop_runs_s": [round(t, 2) for t, _ in noop],
-            "targets": {"dvc_noop_s_max": 3.0, "flow_overhead_fraction_max": 0.10},
+            "cli_noop_s": round(statistics.median(cli_noop), 2),
+            "cli_noop_runs_s": [round(x, 2) for x in cli_noop],
+            "targets": {"cli_vs_dvc_ratio_max": 1.05, "dvc_noop_s_max": 3.0},
         }
-        result["meets_targets"] = {
-            "dvc_noop": result["dvc_noop_s"] <= 3.0,
-            "flow_overhead": result["flow_overhead_fraction"] <= 0.10,
-        }
-        out = REPO / "bench" / "results" / "orchestration.json"
+        result["meets_targets"] = {"cli_vs_dvc_ratio": ratio <= 1.05, "dvc_noop": result["dvc_noop_s"] <= 3.0}
+        out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))

@@ -16,6 +16,7 @@ Imports point one way: predict -> artifacts -> modeling, quantize.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import warnings
@@ -144,15 +145,32 @@ def write_onnx(out: Path, model, tokenizer, meta: dict, opset: int = 17) -> Path
     return d
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 def write_onnx_int8(out: Path, per_channel: bool = True) -> Path:
     """onnx-int8/: onnxruntime dynamic quantisation (int8 weights, int8 activations at run time)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, d = out / SUBDIRS["onnx"], out / SUBDIRS["onnx-int8"]
     d.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_dynamic(src / ONNX_FILE, d / ONNX_FILE, per_channel=per_channel, weight_type=QuantType.QInt8)
+    # quantize_dynamic logs a root-level WARNING suggesting ORT's pre-processing (shape inference + graph
+    # optimisation) on every call. Dynamic quantisation does not need it (the export gates re-check the
+    # accuracy of what it writes), so that one advice line is dropped, not the logger.
+    advice = _DropMessage("Please consider to run pre-processing before quantization")
+    logging.getLogger().addFilter(advice)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(src / ONNX_FILE, d / ONNX_FILE, per_channel=per_channel, weight_type=QuantType.QInt8)
+    finally:
+        logging.getLogger().removeFilter(advice)
     for f in src.iterdir():
         if f.name not in (ONNX_FILE, f"{ONNX_FILE}.data") and f.is_file():
             shutil.copy2(f, d / f.name)

@@ -1,7 +1,9 @@
 """The dataset schema every stage reads and writes, plus safe-output helpers.
 
-Between stages a dataset is a folder with one Parquet file per split
-(train.parquet, validation.parquet, test.parquet), each with the columns
+Between stages a dataset is a folder with the Parquet shards of each split
+(train.parquet, then train-00001.parquet, ... when a split has more than
+SHARD_ROWS rows; the same for validation and test; row groups of ROW_GROUP_ROWS
+rows, so a reader can stream them), each with the columns
 id (str), text (str), label (str), split (str), and labels.json: the sorted
 list of label names seen in train, and hashes.json: per-split SHA-256 content
 hashes plus a "dataset" hash (the dataset version later stages record).
@@ -18,13 +20,21 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("id", "text", "label", "split")
+# A few large files for DVC to track, not many small ones; row groups bound what a streaming reader holds.
+SHARD_ROWS = 2_000_000
+ROW_GROUP_ROWS = 100_000
+HASH_CHUNK_ROWS = 100_000
+Split = Union[pd.DataFrame, "pa.Table"]
 
 
 class DataError(ValueError):
@@ -159,14 +169,31 @@ def read_json(path: str | os.PathLike):
 _json_string = json.encoder.encode_basestring  # json.dumps(str, ensure_ascii=False)
 
 
-def split_hash(df: pd.DataFrame) -> str:
+def split_hash(df: Split) -> str:
     """SHA-256 of a split's canonical rows: (id, text, label) as JSON lines, sorted by id.
 
     Independent of row order, Parquet version and file layout, so the same
-    content always gets the same hash: this is the dataset version.
+    content always gets the same hash: this is the dataset version. A pyarrow Table
+    is hashed without turning it into Python objects all at once (sorted by Arrow:
+    UTF-8 byte order is code point order, the order Python sorts str by; stable, as pandas').
     """
+    if not isinstance(df, pd.DataFrame):
+        return _table_hash(df)
     rows = df.loc[:, ["id", "text", "label"]].astype(str).sort_values("id", kind="stable")
     return json_lines_sha256(zip(rows["id"], rows["text"], rows["label"]))
+
+
+def _table_hash(table: "pa.Table") -> str:
+    import pyarrow.compute as pc
+
+    t = table.select(["id", "text", "label"])
+    order = pc.sort_indices(t, sort_keys=[("id", "ascending")])
+
+    def records():
+        for start in range(0, len(order), HASH_CHUNK_ROWS):
+            part = t.take(order[start:start + HASH_CHUNK_ROWS])
+            yield from zip(*(part.column(c).to_pylist() for c in ("id", "text", "label")))
+    return json_lines_sha256(records())
 
 
 def json_lines_sha256(records) -> str:
@@ -180,7 +207,7 @@ def json_lines_sha256(records) -> str:
     return h.hexdigest()
 
 
-def dataset_hashes(splits: dict[str, pd.DataFrame], labels: list[str]) -> dict[str, str]:
+def dataset_hashes(splits: dict[str, Split], labels: list[str]) -> dict[str, str]:
     """Per-split content hashes plus one 'dataset' hash over all splits and the label list."""
     out = {name: split_hash(splits[name]) for name in SPLITS}
     whole = hashlib.sha256(json.dumps([out[n] for n in SPLITS] + sorted(labels)).encode()).hexdigest()
@@ -194,8 +221,38 @@ def read_hashes(folder: str | os.PathLike, splits: dict[str, pd.DataFrame], labe
     return read_json(path) if path.exists() else dataset_hashes(splits, labels)
 
 
-def write_dataset(folder: str | os.PathLike, splits: dict[str, pd.DataFrame], labels: list[str]) -> dict[str, str]:
-    """Write a dataset folder in the schema above; also hashes.json. Returns the hashes."""
+def split_files(folder: str | os.PathLike, name: str) -> list[Path]:
+    """The shards of one split in order: NAME.parquet, then NAME-00001.parquet, ..."""
+    folder = Path(folder)
+    first = folder / f"{name}.parquet"
+    more = sorted(p for p in folder.glob(f"{name}-*.parquet") if p.stem[len(name) + 1:].isdigit())
+    return ([first] if first.exists() else []) + more
+
+
+def _as_table(df: Split) -> "pa.Table":
+    import pyarrow as pa
+
+    schema = pa.schema([(c, pa.string()) for c in COLUMNS])
+    if isinstance(df, pd.DataFrame):
+        df = df.loc[:, list(COLUMNS)].astype({c: str for c in COLUMNS}).reset_index(drop=True)
+        return pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    return df.select(list(COLUMNS)).cast(schema)
+
+
+def write_split(folder: str | os.PathLike, name: str, df: Split) -> None:
+    """One split as shards of at most SHARD_ROWS rows in row groups of ROW_GROUP_ROWS (an empty
+    split is one file with no rows, so every split always has NAME.parquet)."""
+    import pyarrow.parquet as pq
+
+    table = _as_table(df)
+    for k, start in enumerate(range(0, max(len(table), 1), SHARD_ROWS)):
+        path = Path(folder) / (f"{name}.parquet" if k == 0 else f"{name}-{k:05d}.parquet")
+        pq.write_table(table.slice(start, SHARD_ROWS), path, row_group_size=ROW_GROUP_ROWS)
+
+
+def write_dataset(folder: str | os.PathLike, splits: dict[str, Split], labels: list[str]) -> dict[str, str]:
+    """Write a dataset folder in the schema above; also hashes.json. Returns the hashes.
+    A split may be a DataFrame or a pyarrow Table (streamed out by row group, never made into Python rows)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     clean = {}
@@ -203,27 +260,47 @@ def write_dataset(folder: str | os.PathLike, splits: dict[str, pd.DataFrame], la
         df = splits.get(name)
         if df is None:
             df = pd.DataFrame({c: pd.Series(dtype=str) for c in COLUMNS})
-        df = df.loc[:, list(COLUMNS)].astype({c: str for c in COLUMNS}).reset_index(drop=True)
-        df.to_parquet(folder / f"{name}.parquet", index=False)
-        clean[name] = df
+        clean[name] = _as_table(df)
+        write_split(folder, name, clean[name])
     write_json(folder / "labels.json", sorted(labels))
     hashes = dataset_hashes(clean, labels)
     write_json(folder / "hashes.json", hashes)
     return hashes
 
 
+def read_split_table(folder: str | os.PathLike, name: str) -> "pa.Table":
+    """A split's shards as one pyarrow Table (strings stay in Arrow buffers: ~1 byte a character)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = split_files(folder, name)
+    if not files:
+        raise DataError(Path(folder) / f"{name}.parquet", None, None, "split file missing; run the upstream stage first")
+    tables = []
+    for p in files:
+        t = pq.read_table(p)
+        missing = [c for c in COLUMNS if c not in t.column_names]
+        if missing:
+            raise DataError(p, None, missing[0], "column missing from stage output")
+        tables.append(t.select(list(COLUMNS)))
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
 def read_dataset(folder: str | os.PathLike) -> tuple[dict[str, pd.DataFrame], list[str]]:
     folder = Path(folder)
     splits = {}
     for name in SPLITS:
-        p = folder / f"{name}.parquet"
-        if not p.exists():
-            raise DataError(p, None, None, "split file missing; run the upstream stage first")
-        df = pd.read_parquet(p)
-        missing = [c for c in COLUMNS if c not in df.columns]
-        if missing:
-            raise DataError(p, None, missing[0], "column missing from stage output")
-        splits[name] = df
+        files = split_files(folder, name)
+        if not files:
+            raise DataError(folder / f"{name}.parquet", None, None, "split file missing; run the upstream stage first")
+        parts = []
+        for p in files:
+            df = pd.read_parquet(p)
+            missing = [c for c in COLUMNS if c not in df.columns]
+            if missing:
+                raise DataError(p, None, missing[0], "column missing from stage output")
+            parts.append(df)
+        splits[name] = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
     labels = read_json(folder / "labels.json")
     return splits, labels
 

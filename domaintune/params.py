@@ -53,14 +53,20 @@ class BaseParams:
     # (no network); anything else is a local directory or a hub model name.
     model: str = "minilm"
     max_length: int = 128
+    # classification: an encoder + a label head; generation: a causal LM (SFT on prompt -> response).
+    task: str = "classification"
     # Where every stage runs its models: auto (CUDA when torch sees one, else CPU), cpu, cuda, cuda:N.
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        _one_of(self.task, ("classification", "generation"), "base", "task")
         _check(self.max_length >= 8, "base", "max_length", f"must be >= 8, got {self.max_length}")
         _check(_DEVICE_RE.match(str(self.device)) is not None, "base", "device",
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(bool(self.model), "base", "model", "must not be empty")
+
+
+MESSAGES_RESPONSE = "response (last assistant message)"  # the column chat.to_columns adds
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,23 @@ class IngestParams:
     # A source with its own splits (files or split_column) but no validation/test: carve it from
     # train by ingest.split (logged and in the metrics) or stop.
     missing_split: str = "carve"
+    # base.task generation: the prompt and response columns (they replace text/label_column).
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    # base.task generation: a column of chat conversations instead (domaintune/chat.py); null = off.
+    messages_column: Optional[str] = None
+
+    def for_task(self, task: str) -> "IngestParams":
+        """The view ingest reads with: for generation the prompt is the text and the response the label
+        (every response is kept as written: no missing-label words). With messages_column, the prompt is
+        that column (rewritten by chat.to_columns) and the response the column it adds."""
+        if task != "generation":
+            return self
+        if self.messages_column:
+            return dataclasses.replace(self, text_column=self.messages_column, label_column=MESSAGES_RESPONSE,
+                                       missing_labels=())
+        return dataclasses.replace(self, text_column=self.prompt_column, label_column=self.response_column,
+                                   missing_labels=())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "missing_labels", tuple(self.missing_labels or ()))
@@ -251,6 +274,10 @@ class FinetuneParams:
     checkpoint_every: int = 100
     # Deprecated: base.device is the one setting; a value here other than auto still wins for finetune.
     device: str = "auto"
+    # base.task generation: pack whole examples into rows of base.max_length tokens (no attention
+    # across examples), and recompute activations in the backward pass to save memory.
+    packing: bool = False
+    gradient_checkpointing: bool = False
     # torch.compile the model's forward (worth it on a GPU for long runs; compile time dominates short ones).
     compile: bool = False
     grad_accum: int = 1
@@ -309,8 +336,20 @@ class EvaluateParams:
     top_k: int = 20
     # Quantile buckets of text length (words) for accuracy-by-length.
     length_buckets: int = 4
+    # base.task generation: greedy sample generations for this many test prompts, this long at most.
+    samples: int = 5
+    max_new_tokens: int = 48
+    # generation: a declared label set (classification as generation): every validation/test response must be
+    # one of them; each label is scored by its log-likelihood, calibrated, and gated like a classifier.
+    label_set: tuple = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "label_set", tuple(self.label_set or ()))
+        _check(all(isinstance(v, str) and v.strip() for v in self.label_set) and len(set(self.label_set))
+               == len(self.label_set) and len(self.label_set) != 1, "evaluate", "label_set",
+               f"must be [] or at least two distinct non-empty strings, got {list(self.label_set)!r}")
+        _check(self.samples >= 0, "evaluate", "samples", "must be >= 0")
+        _check(self.max_new_tokens >= 1, "evaluate", "max_new_tokens", "must be >= 1")
         _check(self.bins >= 2, "evaluate", "bins", "must be >= 2")
         _check(self.batch_size >= 1, "evaluate", "batch_size", "must be >= 1")
         _check(self.min_calibration_rows >= 1, "evaluate", "min_calibration_rows", "must be >= 1")

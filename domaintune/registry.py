@@ -34,7 +34,7 @@ import yaml
 ARTIFACT = "domaintune"
 SERVED_STAGE = "prod"
 # Files that, with the DVC cache, fully describe a version.
-VERSION_FILES = ("params.yaml", "dvc.yaml", "dvc.lock")
+VERSION_FILES = ("params.yaml", "dvc.yaml", "dvc.lock", "metrics/summary.json")
 RECORD_MARK = "domaintune-record:"
 LOCK_PATH = Path(".domaintune") / "retrain.lock"
 # Metrics shown in the versions table when present: name -> (file stem, key path). The evaluate
@@ -736,7 +736,9 @@ def restore_version(root: Path, version: Version, outs: list[Out]) -> tuple[Vers
     changed = git(root, "status", "--porcelain", "--", *files).strip()
     if changed:
         git(root, "add", "--", *[f for f in files if (root / f).exists()])
-        git(root, *_git_identity(root), "commit", "-q", "-m", f"rollback to {version.tag}", "--", *files)
+        # a version file neither version has (e.g. no run summary yet) is no pathspec git knows
+        known = [f for f in files if (root / f).exists() or git_bytes(root, "HEAD", f) is not None]
+        git(root, *_git_identity(root), "commit", "-q", "-m", f"rollback to {version.tag}", "--", *known)
     if served_version(root) != version.version:
         assign(str(root), ARTIFACT, SERVED_STAGE, version=version.version, message=f"rollback to {version.version}",
                force=True)  # force: re-serving a version that was served before needs a new tag

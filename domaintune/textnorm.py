@@ -107,3 +107,64 @@ def minhashes(signatures: np.ndarray, num_perm: int, seed: int) -> list:
         m.hashvalues = sig
         out.append(m)
     return out
+
+
+def digest_keys(norm: Sequence[str]) -> np.ndarray:
+    """(rows, 2) uint64: the first 128 bits of each normal form's SHA-256 (sha256_all), the compact
+    duplicate key a streaming dedupe keeps per row (16 bytes instead of a 65-byte bytes object)."""
+    sha = hashlib.sha256
+    raw = b"".join([sha(t.encode("utf-8", "surrogatepass")).digest()[:16] for t in norm])
+    return np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+
+
+def key_codes(keys: np.ndarray) -> np.ndarray:
+    """Dense int64 codes for (rows, 2) uint64 keys: equal codes <=> equal 128-bit keys.
+
+    Factorised on the first 64 bits (a hash table over integers); a code whose rows differ in
+    the second 64 bits (a 64-bit collision, ~3e-6 at 10M rows) makes it factorise the pairs.
+    """
+    import pandas as pd
+
+    codes, uniques = pd.factorize(keys[:, 0])
+    rep = np.zeros(len(uniques), dtype=np.uint64)
+    rep[codes] = keys[:, 1]
+    if (rep[codes] != keys[:, 1]).any():
+        codes = pd.MultiIndex.from_arrays([keys[:, 0], keys[:, 1]]).factorize()[0]
+    return codes.astype(np.int64, copy=False)
+
+
+def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n, bands) uint32: a 32-bit hash of each LSH band (`rows` consecutive signature values, bands laid
+    out as datasketch's MinHashLSH lays them). Rows with equal bands get equal hashes; unequal bands
+    collide with p ~ 2^-32, which only adds a candidate pair (every pair is checked by exact Jaccard)."""
+    n = len(signatures)
+    s = signatures[:, :bands * rows].reshape(n, bands, rows).astype(np.uint64)
+    h = np.full((n, bands), 0x9E3779B97F4A7C15, dtype=np.uint64)
+    for k in range(rows):  # murmur3's 64-bit finaliser over the running state
+        h ^= s[:, :, k]
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
+    return (h >> np.uint64(32)).astype(np.uint32)
+
+
+def candidate_pairs(keys: np.ndarray) -> np.ndarray:
+    """(pairs, 2) int64 row pairs (a < b, each once) sharing at least one band hash: the LSH candidates."""
+    found = []
+    for k in range(keys.shape[1]):
+        col = keys[:, k]
+        order = np.argsort(col, kind="stable")
+        srt = col[order]
+        starts = np.flatnonzero(np.r_[True, srt[1:] != srt[:-1]])
+        sizes = np.diff(np.r_[starts, len(srt)])
+        two = starts[sizes == 2]  # the common case, without a Python loop
+        found.append(np.sort(np.stack([order[two], order[two + 1]], axis=1), axis=1))
+        for g in np.flatnonzero(sizes > 2):
+            members = np.sort(order[starts[g]:starts[g] + sizes[g]])
+            a, b = np.triu_indices(len(members), k=1)
+            found.append(np.stack([members[a], members[b]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(found).astype(np.int64), axis=0)

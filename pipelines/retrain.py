@@ -1,8 +1,13 @@
 """Retrain flow: every DVC stage as one Prefect task, in DAG order; a success becomes a version.
 
-DVC alone decides what is cached (`dvc repro --single-item <stage>` skips a stage
-whose deps, params and outs are unchanged); Prefect adds retries, per-stage
-state, duration and logs in the UI, and schedules. On success with publish=True
+DVC alone decides what is cached (it skips a stage whose deps, params and outs
+are unchanged); Prefect adds retries, per-stage state, duration and logs in the
+UI, and schedules. The DAG runs as ONE `dvc repro` process (DVC reads the DAG,
+params and lock once, as a plain `dvc repro` does); its output is cut at DVC's
+"Running stage 'X'" / "Stage 'X' didn't change" lines into one segment per stage,
+and the task of stage X streams X's segment into its log and fails when X failed.
+A retried stage, and any stage that process did not reach, runs as
+`dvc repro --single-item X`. On success with publish=True
 the run is recorded as a version (domaintune.registry.publish: dvc push, git
 commit of params.yaml/dvc.lock/metrics, GTO tag, served marker). On any failure
 params.yaml, dvc.lock and the metrics are put back as they were and the
@@ -14,9 +19,12 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +36,7 @@ from domaintune import registry
 BAD_INPUT_EXIT = 2
 SKIP_MARK = "didn't change, skipping"
 _EXITED = re.compile(r"exited with (-?\d+)")
+_STAGE_LINE = re.compile(r"^(?:Running stage '(?P<run>[^']+)':|Stage '(?P<skip>[^']+)' didn't change, skipping)")
 
 
 class StageFailed(RuntimeError):
@@ -76,11 +85,96 @@ def _retry_if_transient(task, task_run, state) -> bool:
     return False
 
 
-@task(name="dvc-stage", task_run_name="{stage}", retries=1, retry_delay_seconds=2,
-      retry_condition_fn=_retry_if_transient)
-def run_dvc_stage(root: str, stage: str) -> dict:
-    """`dvc repro --single-item <stage>`, its output streamed line by line into the task log."""
-    logger = get_run_logger()
+class _Segment:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.t0, self.t1 = time.perf_counter(), None
+        self.taken = False  # a task consumed it; a retry of that stage runs --single-item
+
+
+class DagRun:
+    """One `dvc repro STAGES...` process; a reader thread cuts its output into per-stage segments."""
+
+    _live: dict[str, "DagRun"] = {}  # token -> run: tasks get the token (a string), not the object
+
+    def __init__(self, root: Path, stages: Sequence[str]):
+        self.token, self.stages = uuid.uuid4().hex, list(stages)
+        self.segments: dict[str, _Segment] = {}
+        self.current: _Segment | None = None
+        self.preamble: list[str] = []
+        self.rc: int | None = None
+        self.cond = threading.Condition()
+        # Its own process group, so close() stops the stage command DVC is running too.
+        self.proc = subprocess.Popen([registry.dvc_exe(), "repro", *stages], cwd=root, env=_child_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     start_new_session=True)
+        self.reader = threading.Thread(target=self._read, name="dvc-repro-output", daemon=True)
+        self.reader.start()
+        DagRun._live[self.token] = self
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            m = _STAGE_LINE.match(line)
+            with self.cond:
+                if m:
+                    if self.current is not None:
+                        self.current.t1 = time.perf_counter()
+                    self.current = self.segments.setdefault(m.group("run") or m.group("skip"), _Segment())
+                    self.current.lines.extend(self.preamble)
+                    self.preamble = []
+                (self.current.lines if self.current is not None else self.preamble).append(line)
+                self.cond.notify_all()
+        rc = self.proc.wait()
+        with self.cond:
+            if self.current is not None and self.current.t1 is None:
+                self.current.t1 = time.perf_counter()
+            self.rc = rc
+            self.cond.notify_all()
+
+    def follow(self, stage: str, emit) -> tuple[list[str], float, int] | None:
+        """Emit stage's lines as they come until it ends: (lines, seconds, exit code: 0 unless the process
+        failed in it), or None when this process will not run it (not reached, or already taken)."""
+        with self.cond:
+            seg = self.segments.get(stage)
+            if seg is not None and seg.taken:
+                return None
+            seen = 0
+            while True:
+                seg = self.segments.get(stage)
+                if seg is None and self.rc is not None:
+                    return None
+                if seg is not None:
+                    seg.taken = True
+                    for line in seg.lines[seen:]:
+                        emit(line)
+                    seen = len(seg.lines)
+                    if seg.t1 is not None and (self.rc is not None or self.current is not seg):
+                        failed = self.rc not in (None, 0) and self.current is seg
+                        return seg.lines, seg.t1 - seg.t0, (self.rc if failed else 0)
+                self.cond.wait(timeout=1.0)
+
+    def close(self) -> None:
+        """Stop the process if it is still running (a task failed or the flow was cancelled)."""
+        DagRun._live.pop(self.token, None)
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.proc.wait()
+        self.reader.join(timeout=30)
+
+    def _signal_group(self, sig) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _single_item(root: str, stage: str, emit) -> tuple[list[str], float, int]:
     t0 = time.perf_counter()
     proc = subprocess.Popen([registry.dvc_exe(), "repro", "--single-item", stage], cwd=root, env=_child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -89,14 +183,25 @@ def run_dvc_stage(root: str, stage: str) -> dict:
     for line in proc.stdout:
         line = line.rstrip("\n")
         lines.append(line)
-        logger.info(line)
-    rc = proc.wait()
+        emit(line)
+    return lines, time.perf_counter() - t0, proc.wait()
+
+
+@task(name="dvc-stage", task_run_name="{stage}", retries=1, retry_delay_seconds=2,
+      retry_condition_fn=_retry_if_transient)
+def run_dvc_stage(root: str, stage: str, dag: str | None = None) -> dict:
+    """Stage `stage` of the running `dvc repro` (DagRun `dag`), or `dvc repro --single-item <stage>` when that
+    process does not run it; its output streamed line by line into the task log."""
+    logger = get_run_logger()
+    run = DagRun._live.get(dag) if dag else None
+    got = run.follow(stage, logger.info) if run is not None else None
+    lines, seconds, rc = got if got is not None else _single_item(root, stage, logger.info)
     if rc != 0:
         # dvc itself exits 255; the stage command's own code is in "failed to run: ..., exited with N".
         codes = [m.group(1) for ln in lines for m in [_EXITED.search(ln)] if m]
         raise StageFailed(stage, int(codes[-1]) if codes else rc, "\n".join(lines[-30:]))
     skipped = any(SKIP_MARK in ln for ln in lines)
-    return {"stage": stage, "seconds": time.perf_counter() - t0, "ran": not skipped}
+    return {"stage": stage, "seconds": seconds, "ran": not skipped}
 
 
 def parse_overrides(overrides: Sequence[str] | dict | None) -> dict[str, object]:
@@ -166,8 +271,10 @@ def apply_overrides(params_file: Path, overrides: dict[str, object], dry_run: bo
 
 @flow(name="domaintune-retrain")
 def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: bool = True, retries: int = 1,
-                 remote: str | None = None) -> dict:
-    """Run the DAG stage by stage; on success optionally publish a version."""
+                 remote: str | None = None, dag: str | None = None) -> dict:
+    """Run the DAG stage by stage; on success optionally publish a version. `dag`: the token of a DagRun
+    the caller started in this process with the overrides already applied (run_from_args does, so DVC
+    works while Prefect starts up); otherwise the flow applies them and starts its own."""
     logger = get_run_logger()
     root = Path(repo).resolve()
     wanted = parse_overrides(overrides)
@@ -176,7 +283,7 @@ def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: b
         try:
             with registry.restored_on_failure(root, registry.version_files(root)):
                 results, version, created, publish_seconds = _run_and_publish(root, wanted, retries, publish,
-                                                                               remote, logger)
+                                                                               remote, logger, dag)
         except BaseException:
             logger.error("retrain failed: params.yaml, dvc.lock and outs were put back as they were")
             raise
@@ -185,13 +292,22 @@ def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: b
             "publish_seconds": publish_seconds, "seconds": time.perf_counter() - t0}
 
 
-def _run_and_publish(root: Path, wanted: dict, retries: int, publish: bool, remote: str | None, logger):
+def _run_and_publish(root: Path, wanted: dict, retries: int, publish: bool, remote: str | None, logger,
+                     token: str | None = None):
     """Apply the overrides, run every stage as a task, publish: (stage results, version, created, seconds)."""
-    apply_overrides(root / "params.yaml", wanted)
-    order = stage_order(root)
-    logger.info("stages in DAG order: %s", " -> ".join(order))
+    dag = DagRun._live.get(token) if token else None
+    if dag is None:
+        apply_overrides(root / "params.yaml", wanted)
+        dag = DagRun(root, stage_order(root))
+    logger.info("stages in DAG order: %s", " -> ".join(dag.stages))
     stage_task = run_dvc_stage.with_options(retries=retries)
-    results = [stage_task(str(root), s) for s in order]
+    try:
+        results = [stage_task(str(root), s, dag.token) for s in dag.stages]
+    finally:
+        dag.close()
+    from domaintune.summary import write_summary
+
+    write_summary(root)  # metrics/summary.json, as `make run` writes it: part of the version below
     version, created, t_pub = None, False, time.perf_counter()
     if publish:
         summary = "retrain" + ("".join(f" {k}={v}" for k, v in wanted.items()) if wanted else "")
@@ -224,8 +340,15 @@ def run_from_args(args) -> int:
     with registry.repo_lock(root):
         check_overrides(root / "params.yaml", args.overrides)
         try:
-            result = retrain_flow(repo=str(root), overrides=args.overrides, publish=args.publish,
-                                  retries=args.retries, remote=args.remote)
+            # DVC starts before the flow, so the stages run while Prefect starts its temporary server.
+            with registry.restored_on_failure(root, registry.version_files(root)):
+                apply_overrides(root / "params.yaml", parse_overrides(args.overrides))
+                dag = DagRun(root, stage_order(root))
+                try:
+                    result = retrain_flow(repo=str(root), overrides=args.overrides, publish=args.publish,
+                                          retries=args.retries, remote=args.remote, dag=dag.token)
+                finally:
+                    dag.close()
         except StageFailed as exc:  # the stage's own output is in the log above; one line here
             raise StageFailed(exc.stage, exc.returncode, "nothing published, params.yaml and outs as they "
                               "were (the stage's log is above)") from None

@@ -27,9 +27,13 @@ def register(add) -> None:
     """Add both subcommands through the CLI's `add(name, fn, help)` (which also gives them --repo)."""
     S = ServeSettings  # noqa: N806 - the defaults
 
-    p = add("serve", cmd_serve, "serve the released model over HTTP (KServe v2 + /predict), following rollbacks")
+    p = add("serve", cmd_serve, "serve the released model over HTTP (KServe v2 + /predict), following rollbacks",
+            "domaintune serve                          # the GTO prod version on 127.0.0.1:8080",
+            "domaintune serve --model models/export --variant onnx-int8 --port 9000",
+            "domaintune serve --shadow v1.3.0          # also run v1.3.0 on every request, log both",
+            "curl -s localhost:8080/predict -d '{\"texts\": [\"my card was charged twice\"]}'")
     p.add_argument("--host", default=S.host, help="address to bind (default: 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=S.port)
+    p.add_argument("--port", type=int, default=S.port, help="port to listen on")
     p.add_argument("--variant", default=S.variant, help="model variant to load (default: float)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="serve this export folder (version 'workspace') instead of the registry's prod version")
@@ -49,9 +53,10 @@ def register(add) -> None:
     p.add_argument("--top-k", type=int, default=S.top_k, help="default top-k of /predict")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p = add("shadow-report", cmd_shadow_report, "summarise a shadow log: agreement, per-class disagreement, "
-                                                "confidence on disagreements")
+                                                "confidence on disagreements",
+            "domaintune shadow-report reports/shadow/v1.3.0.jsonl", "domaintune shadow-report log.jsonl --json")
     p.add_argument("log", help="the JSONL written by `domaintune serve --shadow`")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def settings_from_args(args) -> ServeSettings:

@@ -518,6 +518,10 @@ def _empty_classes(splits: dict[str, pd.DataFrame], labels: list[str], train_in:
 
 def run(args) -> None:
     base, params = load_params(args.params, "base", "audit")
+    if base.task == "generation":
+        from domaintune.generation import run_audit
+
+        return run_audit(args, base)
     decisions_path = args.decisions if args.decisions is not None else params.decisions
     in_dir = Path(args.in_dir)
     splits, labels = read_dataset(in_dir)

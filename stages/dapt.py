@@ -104,6 +104,10 @@ def main(argv=None) -> int:
         from domaintune import distributed
 
         base, params = load_params(args.params, "base", "dapt")
+        if base.task == "generation":
+            from domaintune.sft import run_dapt
+
+            return run_dapt(args, base, params)
 
         def train() -> dict:
             if distributed.world_size() == 1 and not distributed.launched():

@@ -20,6 +20,13 @@ A class left with no train row stops the stage (dedupe.on_empty_class: error) or
 had rows and would lose them all always stops it. Both errors give the counts.
 The manifest's per-split SHA-256 content hashes are the dataset version every
 later stage and model version refers to.
+
+Memory: the texts stay in Arrow buffers (read shard by shard, ~1 byte a character);
+normalisation and hashing run CHUNK_ROWS rows at a time and keep a 128-bit key per
+row (the first half of the SHA-256), factorised to one int64 code, so the exact
+pass holds per row only that code, the id, the label and its position. Outputs are
+written by row group (domaintune/data.py). The near-duplicate pass holds the
+shingle sets of the rows that survive the exact pass.
 """
 from __future__ import annotations
 
@@ -30,36 +37,69 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, emptied_classes, read_dataset,
-                             read_hashes, write_dataset, write_json)
+from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, emptied_classes, read_hashes,
+                             read_json, read_split_table, split_files, write_dataset, write_json)
 from domaintune.params import DedupeParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
-from domaintune.textnorm import jaccard, minhash_signatures, minhashes, normalise_all, sha256_all, shingles
+from domaintune.textnorm import (band_hashes, candidate_pairs, digest_keys, jaccard, key_codes, minhash_signatures,
+                                 normalise_all, shingles)
 
 log = logging.getLogger("domaintune")
 
 REASONS = ("exact_duplicate", "label_conflict", "cross_split_leak", "near_duplicate", "near_leak",
            "label_absent_from_train")
 REMOVED_COLUMNS = ["id", "split", "reason", "kept_id", "text", "label"]
+CHUNK_ROWS = 100_000  # rows normalised and hashed at a time: bounds the Python strings alive at once
 
 
 @dataclass
 class DedupeResult:
-    splits: dict[str, pd.DataFrame]
+    tables: dict  # split -> pyarrow Table (id, text, label, split) of the kept rows
     labels: list[str]
     removed: pd.DataFrame
     rows_in: dict[str, int]
 
+    @property
+    def splits(self) -> dict[str, pd.DataFrame]:
+        return {s: t.to_pandas() for s, t in self.tables.items()}
 
-def _stack(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    parts = []
+
+def _as_tables(splits: dict[str, pd.DataFrame]) -> dict:
+    import pyarrow as pa
+
+    schema = pa.schema([(c, pa.string()) for c in ("id", "text", "label")])
+    return {s: pa.Table.from_pandas(splits[s].loc[:, ["id", "text", "label"]].astype(str).reset_index(drop=True),
+                                    schema=schema, preserve_index=False) for s in SPLITS}
+
+
+def _chunk_keys(text) -> np.ndarray:
+    """Keys of a chunk of texts; each distinct raw text is normalised and hashed once (Arrow finds
+    the exact copies, which get their first copy's key)."""
+    import pyarrow.compute as pc
+
+    enc = pc.dictionary_encode(text.combine_chunks())
+    distinct = digest_keys(normalise_all(enc.dictionary.to_pylist()))
+    return distinct[enc.indices.to_numpy(zero_copy_only=False)]
+
+
+def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray"]:
+    """One frame over all splits (id, label, split, row, key: int64 code of the normalised text's
+    SHA-256), in split then source order, and the texts in the same order (Arrow, not Python)."""
+    import pyarrow as pa
+
+    parts, keys = [], []
     for s in SPLITS:
-        df = splits[s].loc[:, ["id", "text", "label"]].astype(str).reset_index(drop=True)
-        parts.append(df.assign(split=s, row=np.arange(1, len(df) + 1)))
+        t = tables[s]
+        label = t.column("label").dictionary_encode().to_pandas().astype(object)  # one str object per label
+        parts.append(pd.DataFrame({"id": t.column("id").to_pandas(), "label": label,
+                                   "split": s, "row": np.arange(1, len(t) + 1)}))
+        text = t.column("text")
+        for start in range(0, len(t), CHUNK_ROWS):
+            keys.append(_chunk_keys(text.slice(start, CHUNK_ROWS)))
     rows = pd.concat(parts, ignore_index=True)
-    rows["norm"] = normalise_all(rows["text"])
-    rows["key"] = sha256_all(rows["norm"])
-    return rows
+    rows["key"] = key_codes(np.concatenate(keys)) if keys else np.empty(0, dtype=np.int64)
+    texts = pa.chunked_array([c for s in SPLITS for c in tables[s].column("text").chunks], type=pa.string())
+    return rows, texts
 
 
 def _exact_within_split(rows: pd.DataFrame, policy: str, files: dict[str, str]) -> tuple[pd.Series, pd.Series]:
@@ -114,73 +154,118 @@ def _exact_within_split(rows: pd.DataFrame, policy: str, files: dict[str, str]) 
 
 def _cross_split(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept: pd.Series) -> None:
     """Remove validation texts found in train, and test texts found in train or validation."""
-    ref = rows[alive & rows["split"].eq("train").to_numpy()]
+    cols = rows.loc[:, ["id", "key"]]  # only what is compared and reported: no copies of the other columns
+    split = rows["split"].to_numpy()
+    ref = cols[alive & (split == "train")]
     for s in ("validation", "test"):
         owner = pd.Series(ref["id"].to_numpy(), index=ref["key"].to_numpy())
         owner = owner[~owner.index.duplicated()]
-        cand = rows[alive & rows["split"].eq(s).to_numpy()]
+        in_s = split == s
+        cand = cols[alive & in_s]
         hit = cand["key"].isin(owner.index)
         idx = cand.index[hit.to_numpy()]
         reason[idx] = "cross_split_leak"
         kept[idx] = owner.reindex(cand.loc[idx, "key"]).to_numpy()
         alive[idx] = False
-        ref = pd.concat([ref, rows[alive & rows["split"].eq(s).to_numpy()]])
+        ref = pd.concat([ref, cols[alive & in_s]])
 
 
-def _near(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
-          p: DedupeParams, seed: int) -> None:
-    """MinHash LSH candidates, verified with the exact Jaccard: near duplicates in train, near leaks out of eval."""
+def _lsh_shape(p: DedupeParams) -> tuple[int, int]:
+    """LSH bands and rows per band. LSH is only a candidate filter: banded at the target threshold
+    (128 perms) it never even compares 60% of the pairs at J=0.80 and 15% at J=0.88. Band lower,
+    weighted against misses (128 perms, threshold 0.8: 21 bands of 6 rows, a pair at J=0.80 is
+    missed with p=0.002), and let the exact Jaccard decide. datasketch's MinHashLSH picks (b, r)."""
     from datasketch import MinHashLSH
 
-    order = [int(i) for i in np.flatnonzero(alive)]  # RangeIndex: label == position
-    norm = rows["norm"].to_numpy()
-    ids, labels, split = rows["id"].to_numpy(), rows["label"].to_numpy(), rows["split"].to_numpy()
-    sets = {i: shingles(norm[i], p.shingle_size) for i in order}
-    sigs = minhash_signatures([sets[i] for i in order], p.num_perm, seed)
-    hashes = dict(zip(order, minhashes(sigs, p.num_perm, seed)))
-
-    # LSH is only a candidate filter: banded at the target threshold (128 perms) it
-    # never even compares 60% of the pairs at J=0.80 and 15% at J=0.88. Band lower,
-    # weighted against misses (128 perms, threshold 0.8: 21 bands of 6 rows, a pair at
-    # J=0.80 is missed with p=0.002), and let the exact Jaccard decide.
     lsh = MinHashLSH(threshold=max(0.5, p.jaccard_threshold - 0.15), num_perm=p.num_perm, weights=(0.1, 0.9))
-    train = [i for i in order if split[i] == "train"]
-    for i in train:
-        lsh.insert(i, hashes[i], check_duplication=False)
+    return lsh.b, lsh.r
+
+
+def _shingle_sets(texts, positions, size: int) -> dict[int, set]:
+    import pyarrow as pa
+
+    sets = {}
+    for start in range(0, len(positions), CHUNK_ROWS):
+        part = positions[start:start + CHUNK_ROWS]
+        norm = normalise_all(texts.take(pa.array(part, type=pa.int64())).to_pylist())
+        sets.update((i, shingles(n, size)) for i, n in zip(part, norm))
+    return sets
+
+
+def _near_candidates(texts, order: np.ndarray, p: DedupeParams, seed: int) -> dict[int, list[int]]:
+    """Row -> rows sharing an LSH band with it. Signatures are made CHUNK_ROWS rows at a time and
+    only their band hashes kept (4 bytes a band), so memory is ~bands*4 bytes a row, not a sketch."""
+    bands, per_band = _lsh_shape(p)
+    keys = np.empty((len(order), bands), dtype=np.uint32)
+    for start in range(0, len(order), CHUNK_ROWS):
+        part = order[start:start + CHUNK_ROWS].tolist()
+        sets = _shingle_sets(texts, part, p.shingle_size)
+        sig = minhash_signatures([sets[i] for i in part], p.num_perm, seed)
+        keys[start:start + len(part)] = band_hashes(sig, bands, per_band)
+    pairs = order[candidate_pairs(keys)]
+    del keys
+    cands: dict[int, list[int]] = {}
+    for a, b in pairs.tolist():
+        cands.setdefault(a, []).append(b)
+        cands.setdefault(b, []).append(a)
+    return cands
+
+
+def _near(rows: pd.DataFrame, texts, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
+          p: DedupeParams, seed: int) -> None:
+    """MinHash LSH candidates, verified with the exact Jaccard: near duplicates in train, near leaks out of eval.
+    Only rows with a candidate get their shingle set built (for the exact Jaccard)."""
+    order = np.flatnonzero(alive)  # RangeIndex: label == position
+    ids, labels, split = rows["id"].to_numpy(), rows["label"].to_numpy(), rows["split"].to_numpy()
+    cands = _near_candidates(texts, order, p, seed)
+    sets = _shingle_sets(texts, sorted(cands), p.shingle_size)
+    thr = p.jaccard_threshold
+    indexed = np.zeros(len(alive), dtype=bool)  # what the LSH index holds at each step
+    train = [int(i) for i in order if split[i] == "train"]
+    indexed[train] = True
     # Greedy in source order: a row removes the later rows it nearly duplicates;
-    # a removed row never removes others, so the result does not depend on LSH bucket order.
+    # a removed row never removes others, so the result does not depend on candidate order.
     for i in train:
         if not alive[i]:
             continue
-        for j in lsh.query(hashes[i]):
-            if j > i and alive[j] and labels[j] == labels[i] and jaccard(sets[i], sets[j]) >= p.jaccard_threshold:
+        for j in cands.get(i, ()):
+            if j > i and indexed[j] and alive[j] and labels[j] == labels[i] and jaccard(sets[i], sets[j]) >= thr:
                 alive[j] = False
                 reason[j], kept[j] = "near_duplicate", ids[i]
-    for i in train:
-        if not alive[i]:
-            lsh.remove(i)
+    indexed[train] = alive[train]
     # Validation is checked against train; test against train and the surviving validation.
     for s in ("validation", "test"):
-        members = [i for i in order if split[i] == s]
+        members = [int(i) for i in order if split[i] == s]
         for i in members:
             best = None
-            for j in lsh.query(hashes[i]):
+            for j in cands.get(i, ()):
+                if not indexed[j]:
+                    continue
                 score = jaccard(sets[i], sets[j])
-                if score >= p.jaccard_threshold and (best is None or (score, -j) > best[0]):
+                if score >= thr and (best is None or (score, -j) > best[0]):
                     best = ((score, -j), j)
             if best is not None:
                 alive[i] = False
                 reason[i], kept[i] = "near_leak", ids[best[1]]
-        for i in members:
-            if alive[i]:
-                lsh.insert(i, hashes[i], check_duplication=False)
+        indexed[members] = alive[members]
 
 
 def dedupe(splits: dict[str, pd.DataFrame], p: DedupeParams, seed: int,
-           files: dict[str, str] | None = None) -> DedupeResult:
+           files: dict[str, str] | None = None, task: str = "classification") -> DedupeResult:
     """Pure core over the three split frames; `files` only names the inputs in error messages."""
+    return dedupe_tables(_as_tables(splits), p, seed, files, task)
+
+
+def dedupe_tables(tables: dict, p: DedupeParams, seed: int, files: dict[str, str] | None = None,
+                  task: str = "classification") -> DedupeResult:
+    """The core over the three splits as pyarrow Tables (id, text, label as strings).
+    For base.task generation the key is the prompt (text) and the label is the response: different
+    responses to one prompt are conflicts (removed.csv lists them, by dedupe.conflict_policy), and
+    there are no classes to keep."""
+    import pyarrow as pa
+
     files = files or {s: f"{s}.parquet" for s in SPLITS}
-    rows = _stack(splits)
+    rows, texts = _stack(tables)
     # kept_id in removed.csv must point at exactly one row
     dup = rows["id"].duplicated()
     if dup.any():
@@ -190,13 +275,22 @@ def dedupe(splits: dict[str, pd.DataFrame], p: DedupeParams, seed: int,
     alive = reason.isna().to_numpy().copy()
     _cross_split(rows, alive, reason, kept)
     if p.near_duplicates and alive.any():
-        _near(rows, alive, reason, kept, p, seed)
+        _near(rows, texts, alive, reason, kept, p, seed)
 
-    train_labels = _empty_classes(rows, alive, reason, p, files)
-    removed = rows.loc[~alive].assign(reason=reason[~alive], kept_id=kept[~alive]).loc[:, REMOVED_COLUMNS]
-    out = {s: rows.loc[alive & rows["split"].eq(s).to_numpy(), ["id", "text", "label", "split"]].reset_index(drop=True)
-           for s in SPLITS}
-    rows_in = {s: len(splits[s]) for s in SPLITS}
+    train_labels = _empty_classes(rows, alive, reason, p, files) if task != "generation" else set()
+    gone = np.flatnonzero(~alive)
+    removed = rows.loc[~alive].assign(reason=reason[~alive], kept_id=kept[~alive],
+                                      text=texts.take(pa.array(gone, type=pa.int64())).to_pandas().to_numpy())
+    removed = removed.loc[:, REMOVED_COLUMNS]
+    out, start = {}, 0
+    for s in SPLITS:
+        t = tables[s].select(["id", "text", "label"])
+        keep = alive[start:start + len(t)]
+        start += len(t)
+        t = t.filter(pa.array(keep, type=pa.bool_()))
+        name = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(t), dtype=np.int8)), pa.array([s]))
+        out[s] = t.append_column("split", name.cast(pa.string()))
+    rows_in = {s: len(tables[s]) for s in SPLITS}
     why = {s: ", ".join(f"{k} {v}" for k, v in removed.loc[removed["split"] == s, "reason"].value_counts().items())
            for s in SPLITS}
     check_splits_kept("dedupe", rows_in, {s: len(df) for s, df in out.items()}, why, files)
@@ -233,7 +327,7 @@ def manifest_of(result: DedupeResult, hashes: dict, input_hashes: dict, p: Dedup
     per = {}
     for s in SPLITS:
         r = result.removed.loc[result.removed["split"] == s, "reason"].value_counts()
-        per[s] = {"rows_in": result.rows_in[s], "rows_out": len(result.splits[s]), "sha256": hashes[s],
+        per[s] = {"rows_in": result.rows_in[s], "rows_out": len(result.tables[s]), "sha256": hashes[s],
                   "removed": {k: int(r.get(k, 0)) for k in REASONS if r.get(k, 0)}}
     return {
         "dataset_sha256": hashes["dataset"],
@@ -252,21 +346,23 @@ def metrics_of(result: DedupeResult) -> dict:
         "removed": {k: int(counts.get(k, 0)) for k in REASONS},
         "removed_total": len(result.removed),
         "rows_in": sum(result.rows_in.values()),
-        "rows_out": {s: len(result.splits[s]) for s in SPLITS},
+        "rows_out": {s: len(result.tables[s]) for s in SPLITS},
     }
 
 
 def run(args) -> None:
     p, base = load_params(args.params, "dedupe", "base")
     in_dir = Path(args.in_dir)
-    splits, labels = read_dataset(in_dir)
-    files = {s: str(in_dir / f"{s}.parquet") for s in SPLITS}
-    result = dedupe(splits, p, base.seed, files)
-    input_hashes = read_hashes(in_dir, splits, labels)
+    tables = {s: read_split_table(in_dir, s) for s in SPLITS}
+    labels = read_json(in_dir / "labels.json")
+    files = {s: str(split_files(in_dir, s)[0]) for s in SPLITS}
+    result = dedupe_tables(tables, p, base.seed, files, base.task)
+    input_hashes = read_hashes(in_dir, tables, labels)
+    del tables
     metrics = metrics_of(result)
     # Nested: the dataset and its metrics land together or not at all.
     with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
-        hashes = write_dataset(tmp, result.splits, result.labels)
+        hashes = write_dataset(tmp, result.tables, result.labels)
         write_json(tmp / "manifest.json", manifest_of(result, hashes, input_hashes, p, base.seed, str(in_dir)))
         result.removed.to_csv(tmp / "removed.csv", index=False)
         write_json(tmp_metrics, metrics)

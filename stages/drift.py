@@ -352,6 +352,10 @@ def main(argv=None) -> int:
 
         base, params = load_params(args.params, "base", "drift")
         device = stage_device(base)
+        if base.task == "generation":
+            from domaintune.generation import run_drift
+
+            return run_drift(args, params, device)
         splits, labels = read_dataset(args.in_dir)
         dataset_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
         set_threads()

@@ -388,10 +388,14 @@ def build_metrics(res: EvalResult, test_rows: int, seeds: dict | None) -> dict:
     return m
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> str | None:
     from domaintune.device import stage_device
 
     base, params = load_params(args.params, "base", "evaluate")
+    if base.task == "generation":
+        from domaintune.genexport import run_evaluate
+
+        return run_evaluate(args, base, params, check_gate)
     res, metrics, meta, seeds = evaluate(args.in_dir, args.model, params, stage_device(base))
     check_gate(res.after, params.gate)  # before any write: a failed gate leaves no outputs
     with atomic_output(args.out) as tmp_out, atomic_output(args.metrics) as tmp_metrics:

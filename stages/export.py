@@ -183,8 +183,8 @@ def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict,
         del runner
         rows[name] = {**score_variant(logits[name], test, meta, calib, params.bins), **timing,
                       "size_bytes": variant_bytes(tmp, name)}
-        log.info("verified %s: accuracy %.4f, ECE %.4f, %.1f ms/text batched", name, rows[name]["accuracy"],
-                 rows[name]["ece"], rows[name]["batched_ms_per_text"])
+        log.debug("verified %s: accuracy %.4f, ECE %.4f, %.1f ms/text batched", name, rows[name]["accuracy"],
+                  rows[name]["ece"], rows[name]["batched_ms_per_text"])
     for name in params.variants:
         agree = logit_agreement(logits["float32"], logits[name])
         rows[name]["agreement_with_float32"] = agree["argmax_agreement"]
@@ -210,12 +210,16 @@ def export_metadata(meta: dict, inputs: dict, args, base, params, had_adapter: b
     return out
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> str | None:
     from domaintune.modelcard import model_card
     from domaintune.device import stage_device
     from domaintune.modeling import set_threads
 
     base, params = load_params(args.params, "base", "export")
+    if base.task == "generation":
+        from domaintune.genexport import run_export
+
+        return run_export(args, base, params)
     device = stage_device(base)  # the source model's merge check runs there; variants are CPU artefacts
     set_threads()
     t0 = time.perf_counter()
@@ -250,9 +254,10 @@ def run(args: argparse.Namespace) -> None:
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_json(tmp / "export_report.json", metrics)
         write_json(tmp_metrics, metrics)
-    log.info("export: %s written in %.0f s; float32 accuracy %.4f, ECE %.4f; every variant within the gates",
-             ", ".join(params.variants), metrics["seconds"], variants["float32"]["accuracy"],
-             variants["float32"]["ece"])
+    log.info("export: %s written in %.0f s, every variant within the gates (%s)", ", ".join(params.variants),
+             metrics["seconds"], "; ".join(f"{k} acc {v['accuracy']:.4f} ECE {v['ece']:.4f} "
+                                            f"{v['size_bytes'] / 1e6:.1f} MB" for k, v in variants.items()
+                                            if k in params.variants))
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,10 @@ def run(args: argparse.Namespace) -> dict:
     finetune_device(base, ft)  # a bad or absent device is one line before any data is read
     if not Path(args.encoder).is_dir():
         raise FileNotFoundError(f"--encoder {args.encoder}: no such model folder; run the dapt stage first")
+    if base.task == "generation":
+        from domaintune.sft import run_finetune
+
+        return run_finetune(args, base, ft)
     splits, labels = read_dataset(args.in_dir)
     data_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
     kw = dict(base_encoder=args.encoder, data_hash=data_hash, checkpoint_root=args.checkpoints,

@@ -260,8 +260,9 @@ def _file_counts(rows: pd.DataFrame, good: pd.DataFrame, rejected: pd.DataFrame)
     return out
 
 
-def ingest(tables: list[RawTable], p: IngestParams, seed: int) -> IngestResult:
-    """Raw tables -> validated, split dataset (pure: no I/O)."""
+def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "classification") -> IngestResult:
+    """Raw tables -> validated, split dataset (pure: no I/O). For base.task generation, `p` names the
+    prompt as text_column and the response as label_column (IngestParams.for_task)."""
     frames = [_table_rows(t, p) for t in tables]
     for t in tables:
         if t.multiline:  # legal (RFC 4180 quoted line breaks), but a person should know lines != rows
@@ -286,7 +287,12 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int) -> IngestResult:
         raise DataError(r["file"], int(r["row"]), p.id_column or "id",
                         f"id {r['id']!r} already used by {first['file']} row {int(first['row'])}{hint}")
 
+    if task == "generation":  # a response is no class: split at random (seeded), keep no label set
+        responses, good["label"] = good["label"], ""
     split_source, carved = _assign_splits(good, tables, p, seed)
+    if task == "generation":
+        good["label"] = responses
+        return _generation_result(good, rejected, rows, rows_read, split_source, carved, tables)
     train_labels = set(good.loc[good["split"].eq("train"), "label"])
     if not train_labels:
         raise DataError(str(p.source), None, p.label_column, "no usable rows in train")
@@ -322,6 +328,16 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int) -> IngestResult:
     return IngestResult(splits, sorted(train_labels), rejected, rows_read, split_source, files, carved)
 
 
+def _generation_result(good, rejected, rows, rows_read, split_source, carved, tables) -> IngestResult:
+    splits = {s: good.loc[good["split"].eq(s), ["id", "text", "label", "split"]].reset_index(drop=True)
+              for s in SPLITS}
+    if splits["train"].empty:
+        raise DataError(tables[0].file, None, None, "no usable rows in train")
+    files = _file_counts(rows, good, rejected)
+    rejected = rejected.loc[:, REJECTED_COLUMNS].sort_values(["file", "row"], kind="stable").reset_index(drop=True)
+    return IngestResult(splits, [], rejected, rows_read, split_source, files, carved)
+
+
 def metrics_of(result: IngestResult) -> dict:
     by_reason = result.rejected["reason"].value_counts().sort_index()
     return {
@@ -350,8 +366,14 @@ def _rejected_csv(rejected: pd.DataFrame) -> pd.DataFrame:
 def run(args) -> None:
     p, base = load_params(args.params, "ingest", "base")
     # The command line's --source (${ingest.source} in dvc.yaml, so DVC tracks the file) wins.
-    p = dataclasses.replace(p, source=args.source)
-    result = ingest(read_source(args.source), p, base.seed)
+    p = dataclasses.replace(p, source=args.source).for_task(base.task)
+    tables = read_source(args.source)
+    if base.task == "generation" and p.messages_column:
+        from domaintune.chat import to_columns
+
+        for t in tables:
+            to_columns(t, p.messages_column, p.label_column)
+    result = ingest(tables, p, base.seed, base.task)
     metrics = metrics_of(result)
     # Nested: the dataset and its metrics land together or not at all.
     with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:

@@ -36,3 +36,12 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# Prefect puts a console handler on the root logger the first time its logging is set up, bound to
+# whatever sys.stderr is at that moment. Done inside a test that captures output, that stream is closed
+# after the test and every later log record becomes a "--- Logging error ---" traceback on stderr. Set it
+# up now, while sys.stderr is the session's own stream.
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+setup_logging()

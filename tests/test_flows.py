@@ -68,6 +68,11 @@ def test_retrain_publishes_versions_and_caches(proj):
         time.sleep(0.5)
     assert "Running stage 'audit'" in logs and "python fake/train.py" in logs
     assert sh(proj, "git", "status", "--porcelain").strip() == ""
+    # The run summary is written by the flow and is part of the version.
+    v = registry.get_version(proj, "v1.0.0")
+    summary = json.loads(registry.git_bytes(proj, v.commit, "metrics/summary.json"))
+    assert summary == json.loads((proj / "metrics" / "summary.json").read_text())
+    assert summary["test_accuracy"] == round(json.loads((proj / "metrics/evaluate.json").read_text())["after"]["accuracy"], 4)
 
     # Nothing changed: DVC skips both stages and no version is added.
     res = retrain_flow(repo=str(proj))

@@ -100,8 +100,9 @@ def test_run_summary(project):
         for k in path:
             value = value[k]
         assert summary[key] == round(value, 4), key
-    assert set(summary["export"]) == {"float32", "int8"}
-    assert summary["export"]["int8"]["size_mb"] == round(m["export"]["variants"]["int8"]["size_bytes"] / 1e6, 1)
+    assert set(summary["export"]) == {"float32", "onnx", "onnx-int8"}  # export.variants' default
+    assert summary["export"]["onnx-int8"]["size_mb"] == round(
+        m["export"]["variants"]["onnx-int8"]["size_bytes"] / 1e6, 1)
     assert set(summary["seconds"]) == set(m) | {"total"} and summary["seconds"]["total"] > 0
     # `dvc metrics show` is the headline file alone: one row, not one per stage
     shown = json.loads(sh(root, "dvc", "metrics", "show", "--json"))

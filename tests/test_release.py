@@ -53,7 +53,7 @@ def test_served_and_named_versions_outside_the_workspace(history):
     old = release.materialise(root, "v1")
     assert _folder(old.path) == snaps["v1.0.0"]
     assert old.dataset_hash == registry.get_version(root, "v1.0.0").record["dataset_hash"]
-    assert old.metrics["evaluate"]["ece"] == 0.1
+    assert old.metrics["evaluate"]["after"]["ece"] == 0.1
     info = json.loads((old.path.parents[1] / "release.json").read_text())
     assert info["commit"] == old.version.commit and info["out"] == "models/export"
     # The workspace still holds v2 and git sees nothing new (.domaintune/ ignores itself).

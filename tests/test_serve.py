@@ -174,7 +174,7 @@ def test_bad_input_is_a_json_4xx(server, path, body, status, words):
 
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
     lambda inner: st.lists(inner, max_size=6) | st.dictionaries(
         st.sampled_from(["texts", "top_k", "inputs", "outputs", "datatype", "shape", "data", "id"]) | st.text(max_size=6),
         inner, max_size=5),
@@ -302,9 +302,9 @@ def test_cli_serve_refuses_clearly(tmp_path, capsys):
     from pipelines.cli import main
 
     sh(tmp_path, "git", "init", "-q")
-    assert main(["serve", "--repo", str(tmp_path), "--port", "0"]) == 1
+    assert main(["serve", "--repo", str(tmp_path), "--port", "0"]) == 2  # every CLI error is exit 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"domaintune serve: {tmp_path}: no version is served")
+    assert len(err) == 1 and err[0].startswith(f"domaintune serve: error: {tmp_path}: no version is served")
     assert main(["serve", "--repo", str(tmp_path), "--max-batch", "0", "--max-wait-ms", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "domaintune serve: serve settings: invalid max_batch=0, max_wait_ms=-1.0"
     (tmp_path / "notamodel").mkdir()
@@ -423,7 +423,7 @@ def test_follows_rollback_under_load_and_keeps_serving_on_a_corrupt_version(regi
         wait_for(lambda: sum(map(len, load.seen)) >= 10, what="first responses")
         v = c.get("/version").json()
         assert v["tag"] == "domaintune@v1.1.0" and v["dataset_hash"] == registry.get_version(root, "v1.1.0").record[
-            "dataset_hash"] and v["metrics"]["evaluate"]["ece"] == 0.1
+            "dataset_hash"] and v["metrics"]["evaluate"]["after"]["ece"] == 0.1
         registry.rollback(root, "v1.0.0")  # what `domaintune rollback v1.0.0` does
         wait_for(lambda: c.get("/version").json()["version"] == "v1.0.0", what="the swap to v1.0.0")
         n = sum(map(len, load.seen))

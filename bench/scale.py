@@ -1,0 +1,231 @@
+"""Benchmark: ingest + dedupe at 1M and 10M synthetic rows: peak RSS, exact dedupe vs pandas, near-dup rows/s.
+
+Data: bench/dedupe.py's generator (seeded support tickets: ~14% exact copies, ~8%
+case/whitespace/width variants, ~3% one-word near copies, mostly non-ASCII words),
+written as one Parquet source in 1M-row blocks (block k: synth(1M, seed + k), ids
+renumbered), so 1M rows are exactly bench/dedupe.py's rows and 10M never sit in
+memory as Python objects while they are generated.
+
+Per size, each step in its own process, one after the other:
+- ingest and dedupe: the real stages (`python -m stages.ingest`, `python -m stages.dedupe`, exact
+  pass: dedupe.near_duplicates false), each process's peak RSS from wait4;
+- compare: our dedupe core (stages.dedupe.dedupe_tables, normalisation included) against pandas
+  `drop_duplicates` on the already normalised text (+ the same cross-split leak removal with sets),
+  side by side in one process on the same ingested rows; both must keep the same rows;
+- near: the near-duplicate pass (dedupe_tables with near_duplicates on, minus the exact pass),
+  up to --near-max-rows rows (band hashes per row; shingle sets only for rows with a candidate).
+
+    flock /tmp/domaintune-heavy.lock .venv/bin/python bench/scale.py --rows 1000000 10000000
+    .venv/bin/python bench/scale.py --rows 20000 --out /tmp/s.json      # quick check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BLOCK = 1_000_000
+
+
+def generate(rows: int, seed: int, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.dedupe import synth
+
+    writer = None
+    for k, start in enumerate(range(0, rows, BLOCK)):
+        n = min(BLOCK, rows - start)
+        import pandas as pd
+
+        block = pd.concat(synth(n, seed + k).values(), ignore_index=True)
+        block["id"] = [f"r{start + int(i[1:])}" for i in block["id"]]
+        table = pa.Table.from_pandas(block, preserve_index=False)
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table, row_group_size=100_000)
+        del block, table
+    writer.close()
+
+
+MAX_AS = int(os.environ.get("SCALE_MAX_AS_GB", "12")) << 30  # address-space cap of each stage process: a stage that would need more fails alone
+
+
+def _cap() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MAX_AS, MAX_AS))
+
+
+def stage(args: list[str], cwd: Path) -> dict:
+    """Run a stage in its own process; its wall time and peak RSS (from wait4, this child only)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=subprocess.PIPE, preexec_fn=_cap,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    res = {"wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024}
+    if rc != 0:
+        res["failed"] = f"exit {rc} under a {MAX_AS >> 30} GiB address-space cap: {out.decode(errors='replace')[-600:]}"
+    return res
+
+
+def ingested_without_ingest(work: Path) -> None:
+    """The dataset ingest would write (the same rows, unvalidated), straight from the source, so dedupe
+    is still measured when the ingest stage could not run."""
+    import pyarrow.parquet as pq
+
+    from domaintune.data import SPLITS, write_dataset
+
+    t = pq.read_table(work / "source.parquet")
+    split = t.column("split").to_numpy(zero_copy_only=False)
+    labels = sorted(set(t.column("label").to_pylist()))
+    write_dataset(work / "ingested", {s: t.filter(split == s) for s in SPLITS}, labels)
+
+
+def compare(work: Path, seed: int) -> dict:
+    """Our exact dedupe core vs pandas drop_duplicates, side by side on the same ingested rows."""
+    import pandas as pd
+
+    from domaintune.data import SPLITS, read_split_table
+    from domaintune.params import DedupeParams
+    from domaintune.textnorm import normalise_all
+    from stages.dedupe import dedupe_tables
+
+    tables = {s: read_split_table(work / "ingested", s).select(["id", "text", "label"]) for s in SPLITS}
+    n = sum(len(t) for t in tables.values())
+    p = DedupeParams(near_duplicates=False, on_empty_class="drop")
+    dedupe_tables({s: t.slice(0, 20_000) for s, t in tables.items()}, p, seed)  # warm-up: first-call costs
+    t0 = time.perf_counter()
+    res = dedupe_tables(tables, p, seed)
+    ours_s = time.perf_counter() - t0
+    ours_kept = sum(len(t) for t in res.tables.values())
+    del res
+    # The baseline gets the normalised text for free (computed before its clock starts).
+    df = pd.concat([t.to_pandas().assign(split=s) for s, t in tables.items()], ignore_index=True)
+    df.head(20_000).drop_duplicates(subset=["split", "text"])  # warm-up, as for ours
+    t0 = time.perf_counter()
+    df["norm"] = normalise_all(df["text"])
+    normalise_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    within = df.drop_duplicates(subset=["split", "norm"])
+    train = set(within.loc[within["split"] == "train", "norm"])
+    val = within[within["split"] == "validation"]
+    val = val[~val["norm"].isin(train)]
+    test = within[within["split"] == "test"]
+    test = test[~test["norm"].isin(train | set(val["norm"]))]
+    pandas_kept = int((within["split"] == "train").sum()) + len(val) + len(test)
+    pandas_s = time.perf_counter() - t0
+    if ours_kept != pandas_kept:
+        raise SystemExit(f"ours kept {ours_kept} rows, pandas {pandas_kept}: the comparison is void")
+    return {"rows": n, "rows_kept": ours_kept, "ours_s": round(ours_s, 3), "pandas_s": round(pandas_s, 3),
+            "normalise_s": round(normalise_s, 3), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def near(work: Path, seed: int) -> dict:
+    from domaintune.data import SPLITS, read_split_table
+    from domaintune.params import DedupeParams
+    from stages.dedupe import dedupe_tables
+
+    import datasketch  # noqa: F401  (outside the clock: it pulls in scipy)
+
+    tables = {s: read_split_table(work / "ingested", s).select(["id", "text", "label"]) for s in SPLITS}
+    n = sum(len(t) for t in tables.values())
+    t0 = time.perf_counter()
+    dedupe_tables(tables, DedupeParams(near_duplicates=False, on_empty_class="drop"), seed)
+    exact_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = dedupe_tables(tables, DedupeParams(near_duplicates=True, on_empty_class="drop"), seed)
+    total_s = time.perf_counter() - t0
+    counts = res.removed["reason"].value_counts().to_dict()
+    return {"rows": n, "exact_s": round(exact_s, 2), "with_near_s": round(total_s, 2),
+            "near_part_s": round(total_s - exact_s, 2), "removed": {k: int(v) for k, v in counts.items()},
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def child(step: str, work: Path, seed: int) -> dict:
+    cmd = [sys.executable, __file__, "--step", step, "--work", str(work), "--seed", str(seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"step {step} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def one_size(rows: int, seed: int, near_max: int, root: Path) -> dict:
+    work = root / f"rows{rows}"
+    work.mkdir(parents=True, exist_ok=True)
+    params = work / "params.yaml"
+    params.write_text(json.dumps({"base": {"seed": seed}, "ingest": {"id_column": "id", "split_column": "split"},
+                                  "dedupe": {"near_duplicates": False}}))
+    t0 = time.perf_counter()
+    generate(rows, seed, work / "source.parquet")
+    gen_s = time.perf_counter() - t0
+    ing = stage(["stages.ingest", "--source", str(work / "source.parquet"), "--out", str(work / "ingested"),
+                 "--metrics", str(work / "ingest.json"), "--params", str(params)], work)
+    if "failed" in ing:
+        ingested_without_ingest(work)
+    ded = stage(["stages.dedupe", "--in", str(work / "ingested"), "--out", str(work / "deduped"),
+                 "--metrics", str(work / "dedupe.json"), "--params", str(params)], work)
+    shards = sorted(p.name for p in (work / "deduped").glob("*.parquet"))
+    cmp_ = child("compare", work, seed)
+    if "failed" in ded:
+        raise SystemExit(f"dedupe failed at {rows} rows: {ded['failed']}")
+    run = {"rows": rows, "peak_rss_bytes": max(ing["peak_rss_bytes"], ded["peak_rss_bytes"]),
+           "ingest_completed": "failed" not in ing,
+           "exact_dedupe_rows_per_s": round(rows / cmp_["ours_s"]),
+           "pandas_rows_per_s": round(rows / cmp_["pandas_s"]),
+           "exact_dedupe_vs_pandas": round(cmp_["pandas_s"] / cmp_["ours_s"], 3),
+           "exact_dedupe_vs_pandas_both_normalising": round((cmp_["pandas_s"] + cmp_["normalise_s"]) / cmp_["ours_s"], 3),
+           # ours less the normalisation it does first (normalise_all on the same texts, timed for pandas)
+           "exact_dedupe_vs_pandas_after_normalising": round(cmp_["pandas_s"] / (cmp_["ours_s"] - cmp_["normalise_s"]), 3),
+           "near_dup_rows_per_s": None,
+           "generate_s": round(gen_s, 1), "ingest": ing, "dedupe_exact_stage": ded, "deduped_files": shards,
+           "compare": cmp_}
+    if rows <= near_max:
+        nr = child("near", work, seed)
+        run["near_dup_rows_per_s"] = round(rows / nr["near_part_s"]) if nr["near_part_s"] > 0 else None
+        run["near"] = nr
+    else:
+        run["near_skipped"] = f"{rows} rows > --near-max-rows {near_max}"
+    shutil.rmtree(work, ignore_errors=True)
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--near-max-rows", type=int, default=10_000_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", help="scratch folder (default: a temporary one)")
+    ap.add_argument("--step", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
+    args = ap.parse_args()
+    if args.step:
+        print(json.dumps((compare if args.step == "compare" else near)(Path(args.work), args.seed)))
+        return
+    root = Path(args.work or tempfile.mkdtemp(prefix="domaintune-scale-"))
+    out = Path(args.out)
+    result = {"benchmark": "streaming ingest + dedupe at scale (synthetic support tickets, bench/dedupe.py's generator)",
+              "seed": args.seed, "runs": [],
+              "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
+                          "platform": platform.platform()}}
+    for rows in args.rows:  # written after each size, so a long 10M run leaves the 1M figures behind
+        result["runs"].append(one_size(rows, args.seed, args.near_max_rows, root))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["runs"][-1], indent=2), flush=True)
+    if not args.work:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""base.task: generation -- loading a causal LM, and the audit and drift stages for it.
+
+The stage modules keep their names, order, arguments and outs; for a generation task each calls
+a `run_<stage>` here (audit, drift), in domaintune/sft.py (dapt, finetune) or in
+domaintune/genexport.py (evaluate, export). The dataset schema is the classification one with
+text = the prompt and label = the response (labels.json is empty: there is no label set).
+
+- audit: reports what hurts SFT (responses cut by base.max_length, counted in tokens; near-empty
+  responses; near-duplicate train prompts with different responses; response-length outliers) and
+  passes the data through unchanged.
+- dapt: continued causal-LM pre-training on dapt.corpus and the train prompts and responses, in
+  packed blocks (llm.pack), on the training engine; held-out perplexity before and after.
+- finetune: SFT with completion-only loss (llm.encode), methods full | lora | qlora (NF4, double
+  quant), optional packing (finetune.packing) and gradient checkpointing, resumable checkpoints.
+- evaluate: held-out perplexity of the start model and the tuned model on the test responses, and
+  sample generations.
+- export: the adapter merged into a float (for QLoRA: dequantised) copy of the base, checked
+  against the unmerged model's logits on test examples (export.merge_tolerance, else the stage
+  fails), saved as safetensors + tokenizer + generation config + model card.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from domaintune import llm
+from domaintune.data import SPLITS, atomic_output, read_dataset, read_hashes, write_dataset, write_json
+from domaintune.params import ParamsError, as_dict
+
+log = logging.getLogger("domaintune")
+
+NEAR_EMPTY_WORDS = 3       # a response of fewer words than this teaches the model to say nothing
+OUTLIER_Z = 3.5            # modified z-score (median/MAD) of response tokens: Iglewicz & Hoaglin's cut-off
+NEAR_PROMPT_JACCARD = 0.8  # word-3-gram Jaccard of two prompts that count as near duplicates (as dedupe)
+RUN_FILE = "run.json"
+
+
+# ---------------------------------------------------------------- loading
+
+def load_causal_lm(path: str, dtype: str = "float32"):
+    """(model, tokenizer) from a folder or hub name: safetensors only, no remote code, a fast tokenizer
+    (its offsets place the response), a pad token (eos when the tokenizer has none)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domaintune.modeling import resolve_model
+
+    where = resolve_model(path)
+    tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
+    if not tok.is_fast:
+        raise ParamsError(f"params.yaml: base.model: {path}: the tokenizer is not a fast tokenizer; "
+                          "completion-only labels need its character offsets")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, trust_remote_code=False,
+                                                     dtype=getattr(torch, dtype))
+    except ValueError as exc:
+        raise ParamsError(f"params.yaml: base.model: {path} is not a causal language model with safetensors "
+                          f"weights: {str(exc).splitlines()[0]}") from None
+    return model, tok
+
+
+def encode_split(tok, df: pd.DataFrame, max_length: int) -> list[llm.Encoded]:
+    return [llm.encode(tok, p, r, max_length) for p, r in zip(df["text"].tolist(), df["label"].tolist())]
+
+
+def pairs(encoded: Sequence[llm.Encoded]) -> list[tuple[list[int], list[int]]]:
+    return [(e.input_ids, e.labels) for e in encoded]
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ---------------------------------------------------------------- audit
+
+def audit_generation(splits: dict[str, pd.DataFrame], tok, max_length: int, seed: int) -> pd.DataFrame:
+    """One row per (example, issue): id, split, issue, detail. Nothing is removed."""
+    rows = []
+    for s in SPLITS:
+        df = splits[s]
+        enc = encode_split(tok, df, max_length)
+        n_tok = np.array([e.response_tokens for e in enc], dtype=float)
+        med = np.median(n_tok) if len(n_tok) else 0.0
+        mad = np.median(np.abs(n_tok - med)) if len(n_tok) else 0.0
+        for i, (rid, resp, e) in enumerate(zip(df["id"], df["label"], enc)):
+            if e.cut_tokens:
+                rows.append((rid, s, "response_truncated",
+                             f"{e.cut_tokens} of {e.response_tokens} response tokens cut by base.max_length "
+                             f"{max_length}"))
+            if len(str(resp).split()) < NEAR_EMPTY_WORDS:
+                rows.append((rid, s, "near_empty_response", f"{len(str(resp).split())} word(s): {str(resp)[:40]!r}"))
+            z = 0.6745 * (n_tok[i] - med) / mad if mad > 0 else 0.0
+            if abs(z) > OUTLIER_Z:
+                rows.append((rid, s, "length_outlier", f"{int(n_tok[i])} response tokens (median {med:g}, "
+                                                       f"modified z {z:.1f})"))
+    rows += _near_prompts(splits["train"], seed)
+    return pd.DataFrame(rows, columns=["id", "split", "issue", "detail"])
+
+
+def _near_prompts(train: pd.DataFrame, seed: int) -> list[tuple]:
+    """Train prompts that are near duplicates (word-3-gram Jaccard >= 0.8) with different responses."""
+    from datasketch import MinHashLSH
+
+    from domaintune.textnorm import jaccard, minhash_signatures, minhashes, normalise_all, shingles
+
+    norm = normalise_all(train["text"].astype(str).tolist())
+    sets = [shingles(t, 3) for t in norm]
+    if not sets:
+        return []
+    hashes = minhashes(minhash_signatures(sets, 128, seed), 128, seed)
+    lsh = MinHashLSH(threshold=0.65, num_perm=128)
+    for i, h in enumerate(hashes):
+        lsh.insert(i, h, check_duplication=False)
+    ids, resp = train["id"].tolist(), train["label"].tolist()
+    out = []
+    for i, h in enumerate(hashes):
+        for j in sorted(lsh.query(h)):
+            if j > i and resp[i] != resp[j] and jaccard(sets[i], sets[j]) >= NEAR_PROMPT_JACCARD:
+                out.append((ids[j], "train", "near_duplicate_prompt",
+                            f"prompt near {ids[i]!r} (Jaccard {jaccard(sets[i], sets[j]):.2f}), different response"))
+    return out
+
+
+def audit_summary(issues: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> dict:
+    kinds = ("response_truncated", "near_empty_response", "near_duplicate_prompt", "length_outlier")
+    counts = issues["issue"].value_counts()
+    return {"task": "generation", "action": "report", "rows": {s: len(splits[s]) for s in SPLITS},
+            "issues": {k: int(counts.get(k, 0)) for k in kinds}, "rows_with_issues": int(issues["id"].nunique()),
+            "thresholds": {"near_empty_words": NEAR_EMPTY_WORDS, "length_outlier_modified_z": OUTLIER_Z,
+                           "near_duplicate_prompt_jaccard": NEAR_PROMPT_JACCARD}}
+
+
+# ---------------------------------------------------------------- drift
+
+def hidden_means(model, tok, prompts: Sequence[str], batch_size: int) -> np.ndarray:
+    """Mean of the last hidden layer over each rendered prompt's tokens: the model's own view of it."""
+    import torch
+
+    rows = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            texts = [llm.prompt_text(tok, p) for p in prompts[i: i + batch_size]]
+            enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
+            h = model(**enc, output_hidden_states=True, use_cache=False).hidden_states[-1]
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            rows.append(((h * m).sum(1) / m.sum(1)).float().cpu().numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, model.config.hidden_size))
+
+
+def _features(prompts: Sequence[str], emb: np.ndarray, mean: np.ndarray, comps: np.ndarray) -> pd.DataFrame:
+    df = pd.DataFrame({"prompt_chars": [len(p) for p in prompts], "prompt_words": [len(p.split()) for p in prompts]})
+    proj = (emb - mean) @ comps.T
+    for k in range(proj.shape[1]):
+        df[f"pc{k + 1}"] = proj[:, k]
+    return df
+
+
+def drift_baseline_generation(splits: dict[str, pd.DataFrame], model_dir: str, p, out: Path,
+                              device: str = "cpu") -> dict:
+    """Reference profile of the train prompts: length descriptors and the top principal components of
+    the exported model's hidden states; validation is compared with it (K-S per column) as a sanity check."""
+    from scipy.stats import ks_2samp
+
+    model, tok = load_causal_lm(model_dir)
+    model = model.to(device)
+    train, val = splits["train"]["text"].tolist(), splits["validation"]["text"].tolist()
+    emb = hidden_means(model, tok, train, p.batch_size)
+    k = max(1, min(p.pca_components, emb.shape[0] - 1, emb.shape[1]))
+    mean = emb.mean(0)
+    _, sing, vt = np.linalg.svd(emb - mean, full_matrices=False)
+    comps = vt[:k]
+    ref = _features(train, emb, mean, comps)
+    ref.to_parquet(out / "reference.parquet", index=False)
+    explained = (sing[:k] ** 2 / max(float((sing ** 2).sum()), 1e-12)).tolist()
+    write_json(out / "profile.json", {"task": "generation", "model": str(model_dir), "columns": list(ref.columns),
+                                      "pca_mean": mean.tolist(), "pca_components": comps.tolist(),
+                                      "explained_variance_ratio": explained, "params": as_dict(p)})
+    drifted = []
+    if val:
+        cur = _features(val, hidden_means(model, tok, val, p.batch_size), mean, comps)
+        drifted = [c for c in ref.columns if ks_2samp(ref[c], cur[c]).pvalue < p.stattest_threshold]
+    return {"task": "generation", "reference_rows": len(ref), "columns": len(ref.columns),
+            "pca_explained_variance": explained, "validation_drifted_columns": len(drifted),
+            "validation_drifted": drifted,
+            "validation_drift_verdict": bool(val) and len(drifted) / len(ref.columns) >= p.drift_share}
+
+
+# ---------------------------------------------------------------- stage I/O
+
+def run_audit(args, base) -> str:
+    in_dir = Path(args.in_dir)
+    splits, labels = read_dataset(in_dir)
+    from domaintune.modeling import resolve_model
+
+    tok = _tokenizer(resolve_model(base.model))
+    issues = audit_generation(splits, tok, base.max_length, base.seed)
+    summary = audit_summary(issues, splits)
+    summary["dataset_hash_in"] = read_hashes(in_dir, splits, labels)["dataset"]
+    with atomic_output(args.out) as out, atomic_output(args.report) as rep, atomic_output(args.metrics) as met:
+        summary["dataset_hash_out"] = write_dataset(out, splits, labels)["dataset"]
+        if (in_dir / "manifest.json").exists():
+            shutil.copyfile(in_dir / "manifest.json", out / "upstream_manifest.json")
+        rep.mkdir()
+        issues.to_csv(rep / "generation_issues.csv", index=False)
+        write_json(rep / "summary.json", {"max_length": base.max_length, "metrics": summary})
+        write_json(met, summary)
+    emb = Path(args.embeddings)  # a persistent DVC out of the stage: it must exist, unused here
+    emb.mkdir(parents=True, exist_ok=True)
+    (emb / "README.txt").write_text("Embedding cache of the classification audit; unused for base.task generation.\n")
+    return "; ".join(f"{k} {v}" for k, v in summary["issues"].items()) + " (reported, nothing removed)"
+
+
+def run_drift(args, params, device: str = "cpu") -> str:
+    splits, labels = read_dataset(args.in_dir)
+    dataset_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
+    with atomic_output(args.out) as out, atomic_output(args.metrics) as met:
+        out.mkdir()
+        metrics = drift_baseline_generation(splits, args.model, params, out, device)
+        metrics["dataset_hash"] = dataset_hash
+        write_json(met, metrics)
+    return (f"prompt profile of {metrics['reference_rows']} train rows; validation vs train: "
+            f"{metrics['validation_drifted_columns']} of {metrics['columns']} columns drifted")
+
+
+
