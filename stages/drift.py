@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         dataset_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
         set_threads()
         with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
-            metrics = build_baseline(splits, labels, args.model, params, tmp, dataset_hash, device)
+            metrics = build_baseline(splits, labels, args.model, params, tmp, dataset_hash, device=device)
             write_json(tmp_metrics, metrics)
         return summary_line(metrics)
 

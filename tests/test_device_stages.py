@@ -60,7 +60,9 @@ def _params(root, tiny_bert, device="auto", **sections):
 def test_inference_stages_place_their_model_on_cuda(project, tiny_bert, fake_cuda, tmp_path):
     import torch
 
-    from pipelines.monitor import compare
+    import shutil
+
+    from pipelines.cli import main as cli
     from stages import audit, drift, evaluate
 
     root, _ = project
@@ -74,7 +76,10 @@ def test_inference_stages_place_their_model_on_cuda(project, tiny_bert, fake_cud
     assert fake_cuda[-1] == ("EncoderClassifier", "cuda:0", torch.bfloat16)
     batch = tmp_path / "batch.txt"
     batch.write_text("where is my parcel\nrefund my order please\nreset my password\n")
-    compare.fn(str(batch), str(tmp_path / "baseline"), model, params, "text", str(tmp_path / "monitor"))
+    shutil.copy(params, tmp_path / "params.yaml")  # `domaintune monitor` reads the repo's params.yaml
+    assert cli(["monitor", "--batch", str(batch), "--repo", str(tmp_path), "--baseline", str(tmp_path / "baseline"),
+                "--model", model, "--out", str(tmp_path / "monitor")]) in (0, 1)  # 1: drift, still a verdict
+    assert (tmp_path / "monitor" / "verdict.json").exists()
     assert fake_cuda[-1] == ("EncoderClassifier", "cuda:0", torch.bfloat16)
     n = len(fake_cuda)
     assert audit.main(["--params", params, "--in", ds, "--out", str(tmp_path / "audited"), "--report",
