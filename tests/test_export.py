@@ -330,3 +330,22 @@ def test_a_pickled_lora_adapter_is_refused(tiny_bert, tmp_path):
     st.rename(model / "adapter" / "adapter_model.bin")  # what an old peft save looks like (a pickle)
     with pytest.raises(DataError, match=r"adapter_model.safetensors: missing \(found adapter_model.bin: pickle"):
         load_classifier(model)
+
+
+def test_the_accuracy_gate_never_fails_on_a_single_test_row():
+    """On the example's 177 test rows one flipped prediction is 0.56 points, above the 0.5-point default:
+    the allowance is at least one row, so one flip passes and two fail, naming both numbers."""
+    from types import SimpleNamespace
+
+    from domaintune.stage import StageError
+
+    params = SimpleNamespace(max_accuracy_drop=0.5, max_ece_increase=1.0)
+    ref = {"accuracy": 168 / 177, "ece": 0.07}
+    ex.check_gates({"float32": ref, "onnx-int8": {"accuracy": 167 / 177, "ece": 0.07}}, params, 177)
+    with pytest.raises(StageError, match=r"variant onnx-int8: accuracy 0\.9379 is 1\.13 points below .*"
+                                         r"export\.max_accuracy_drop 0\.5; one of the 177 test rows is 0\.56 points"):
+        ex.check_gates({"float32": ref, "onnx-int8": {"accuracy": 166 / 177, "ece": 0.07}}, params, 177)
+    # On a large test split the 0.5-point allowance itself applies.
+    with pytest.raises(StageError):
+        ex.check_gates({"float32": {"accuracy": 0.95, "ece": 0.07}, "onnx": {"accuracy": 0.944, "ece": 0.07}},
+                       params, 10_000)
