@@ -68,7 +68,7 @@ def to_columns(table, column: str, response_column: str) -> None:
         prompt, response, problem = split_conversation(cell)
         if problem is not None:
             table.bad.setdefault(i, []).append((column, "bad_messages", f"conversation {problem}"))
-            prompt, response = "-", "-"  # placeholders: the row is rejected for the problem above
+            prompt, response = "-", "-"  # filler keeping columns aligned: the row is rejected for the problem above
         prompts.append(prompt)
         responses.append(response)
     frame[column] = prompts
