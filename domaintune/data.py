@@ -268,21 +268,27 @@ def write_dataset(folder: str | os.PathLike, splits: dict[str, Split], labels: l
     return hashes
 
 
+def _read_shards(folder: str | os.PathLike, name: str, read, column_names) -> list:
+    """Every shard of a split, read by `read`, each checked for the stage-output columns."""
+    files = split_files(folder, name)
+    if not files:
+        raise DataError(Path(folder) / f"{name}.parquet", None, None, "split file missing; run the upstream stage first")
+    parts = []
+    for p in files:
+        part = read(p)
+        missing = [c for c in COLUMNS if c not in column_names(part)]
+        if missing:
+            raise DataError(p, None, missing[0], "column missing from stage output")
+        parts.append(part)
+    return parts
+
+
 def read_split_table(folder: str | os.PathLike, name: str) -> "pa.Table":
     """A split's shards as one pyarrow Table (strings stay in Arrow buffers: ~1 byte a character)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = split_files(folder, name)
-    if not files:
-        raise DataError(Path(folder) / f"{name}.parquet", None, None, "split file missing; run the upstream stage first")
-    tables = []
-    for p in files:
-        t = pq.read_table(p)
-        missing = [c for c in COLUMNS if c not in t.column_names]
-        if missing:
-            raise DataError(p, None, missing[0], "column missing from stage output")
-        tables.append(t.select(list(COLUMNS)))
+    tables = [t.select(list(COLUMNS)) for t in _read_shards(folder, name, pq.read_table, lambda t: t.column_names)]
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
@@ -290,16 +296,7 @@ def read_dataset(folder: str | os.PathLike) -> tuple[dict[str, pd.DataFrame], li
     folder = Path(folder)
     splits = {}
     for name in SPLITS:
-        files = split_files(folder, name)
-        if not files:
-            raise DataError(folder / f"{name}.parquet", None, None, "split file missing; run the upstream stage first")
-        parts = []
-        for p in files:
-            df = pd.read_parquet(p)
-            missing = [c for c in COLUMNS if c not in df.columns]
-            if missing:
-                raise DataError(p, None, missing[0], "column missing from stage output")
-            parts.append(df)
+        parts = _read_shards(folder, name, pd.read_parquet, lambda df: df.columns)
         splits[name] = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
     labels = read_json(folder / "labels.json")
     return splits, labels

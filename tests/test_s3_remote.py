@@ -102,16 +102,22 @@ def test_publish_pushes_every_object_to_the_bucket(published, s3):
             assert f"store/files/md5/{md5[:2]}/{md5[2:]}" in keys, (v.tag, out.path)
 
 
-def test_fresh_clone_pulls_and_rolls_back_from_s3_byte_identical(published, s3, tmp_path):
-    root, snaps = published
-    endpoint, _ = s3
+def _pulled_clone(root: Path, endpoint: str, tmp_path: Path) -> Path:
+    """A fresh git clone of the project, set to the bucket, its served version pulled from it."""
     clone = tmp_path / "clone"
     sh(tmp_path, "git", "clone", "-q", str(root), str(clone))
     sh(clone, "git", "fetch", "-q", "--tags")
     _use_s3(clone, endpoint)
     assert not (clone / ".dvc" / "cache").exists()
-    # The served version (v2) pulled into the fresh clone.
     sh(clone, str(BIN / "dvc"), "pull", "-q")
+    return clone
+
+
+def test_fresh_clone_pulls_and_rolls_back_from_s3_byte_identical(published, s3, tmp_path):
+    root, snaps = published
+    endpoint, _ = s3
+    # The served version (v2) pulled into a fresh clone.
+    clone = _pulled_clone(root, endpoint, tmp_path)
     now = workspace(clone)
     for rel in ("models/export/weights.bin", "models/export/sub/model.json", "data/audited/train.csv"):
         assert now[rel] == snaps["v2.0.0"][rel], rel
@@ -127,11 +133,7 @@ def test_fresh_clone_pulls_and_rolls_back_from_s3_byte_identical(published, s3, 
 def test_corrupted_object_in_the_bucket_is_detected_and_changes_nothing(published, s3, tmp_path):
     root, snaps = published
     endpoint, client = s3
-    clone = tmp_path / "clone"
-    sh(tmp_path, "git", "clone", "-q", str(root), str(clone))
-    sh(clone, "git", "fetch", "-q", "--tags")
-    _use_s3(clone, endpoint)
-    sh(clone, str(BIN / "dvc"), "pull", "-q")
+    clone = _pulled_clone(root, endpoint, tmp_path)
     v1 = registry.get_version(clone, "v1.0.0")
     key = _object_key(root, registry.get_version(root, "v1.0.0"), "models/export/weights.bin")
     original = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
