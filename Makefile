@@ -23,7 +23,7 @@ run: setup
 	@echo
 	@$(BIN)/domaintune summary --write
 	@echo
-	@echo "model:   models/export (model card: models/export/README.md; int8 variant: models/export/int8)"
+	@echo "model:   models/export (model card: models/export/README.md; ONNX: models/export/onnx, models/export/onnx-int8)"
 	@echo "reports: reports/eval/report.md, reports/audit/, models/drift_baseline/report.html"
 	@echo "plots:   dvc plots show  (writes dvc_plots/index.html, opens without network)"
 	@echo "next:    domaintune retrain (record a version)  |  domaintune versions  |  domaintune monitor --batch FILE"
