@@ -81,8 +81,9 @@ def run_dag(folder: Path) -> dict:
     return {"wall_s": round(wall, 1), "stage_s": per_stage,
             "metrics": {"dapt_perplexity_before": _find(dapt, "perplexity_before", "ppl_before"),
                         "dapt_perplexity_after": _find(dapt, "perplexity_after", "ppl_after"),
-                        "test_accuracy": _find(ev, "accuracy"), "test_macro_f1": _find(ev, "macro_f1"),
-                        "ece_after": _find(ev, "ece_after", "ece_calibrated"),
+                        "test_accuracy": (ev.get("after") or {}).get("accuracy"),
+                        "test_macro_f1": (ev.get("after") or {}).get("macro_f1"),
+                        "ece_before": (ev.get("before") or {}).get("ece"), "ece_after": (ev.get("after") or {}).get("ece"),
                         "export_variants": sorted(exp.get("variants", {})) if isinstance(exp.get("variants"), dict)
                         else exp.get("variants")},
             "evaluate_json": ev}

