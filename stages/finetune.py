@@ -68,8 +68,13 @@ def main(argv=None) -> int:
     def go(args: argparse.Namespace):
         from domaintune import distributed
 
-        _, ft = load_params(args.params, "base", "finetune")
-        return distributed.run_in_processes("finetune", argv, ft, args.metrics, lambda: run(args))
+        base, ft = load_params(args.params, "base", "finetune")
+        metrics = distributed.run_in_processes("finetune", argv, ft, args.metrics, lambda: run(args))
+        if base.task == "generation":
+            from domaintune.sft import finetune_summary
+
+            return finetune_summary(metrics)
+        return metrics
 
     return run_stage("finetune", go, ap, argv)
 
