@@ -116,9 +116,10 @@ def test_export_is_merged_verified_and_loads_in_a_pipeline(project):
     gen = pipeline("text-generation", model=str(out), tokenizer=str(out), device="cpu")
     res = gen("Where is my invoice?", max_new_tokens=5, do_sample=False)
     assert isinstance(res[0]["generated_text"], str)
-    drift = _metrics(project, "drift")
-    assert drift["reference_rows"] == _metrics(project, "dedupe")["rows_out"]["train"]
-    assert (project / "models/drift_baseline/reference.parquet").is_file()
+    drift, rows = _metrics(project, "drift"), _metrics(project, "dedupe")["rows_out"]
+    assert drift["task"] == "generation" and drift["output_reference_rows"] == rows["validation"]
+    assert drift["text_reference_rows"] == rows["train"] + rows["validation"]
+    assert (project / "models/drift_baseline/reference_outputs.parquet").is_file()  # the classifier's baseline files
 
 
 def test_publish_and_roll_back_a_generation_version(project):
