@@ -103,7 +103,7 @@ def shard_batch(batch: dict, world: int, rank: int) -> dict:
 
 def train(model, batches: Batches, steps: int, lr: float, warmup_ratio: float, weight_decay: float,
           max_grad_norm: float, scheduler: str = "linear", bf16: str = "off", device: str = "cpu",
-          checkpoint_dir=None, checkpoint_every: int = 0, grad_accum: int = 1) -> dict:
+          checkpoint_dir=None, checkpoint_every: int = 0, grad_accum: int = 1, optimizer: str = "adamw") -> dict:
     """Run the training engine on the causal-LM objective; returns history and throughput. Under a
     multi-process launch (domaintune.distributed) each process trains on its Shard of every global
     batch; rank 0 alone writes checkpoints."""
@@ -112,7 +112,7 @@ def train(model, batches: Batches, steps: int, lr: float, warmup_ratio: float, w
 
     cfg = EngineConfig(lr=lr, total_steps=steps, warmup_steps=int(warmup_ratio * steps), scheduler=scheduler,
                        max_grad_norm=max_grad_norm, bf16=bf16, device=device, checkpoint_every=checkpoint_every,
-                       grad_accum=grad_accum)
+                       grad_accum=grad_accum, optimizer=optimizer)
     engine = Engine(model, param_groups(model.named_parameters(), lr, weight_decay), cfg,
                     checkpoint_dir=checkpoint_dir)
     shards = Shard(batches, distributed.world_size(), distributed.rank())
@@ -187,6 +187,21 @@ def _blocks(tok, texts: Sequence[str], block_size: int) -> list[tuple[list[int],
 
 # ---------------------------------------------------------------- finetune (SFT)
 
+def optimizer_for(ft, device: str) -> str:
+    """finetune.optimizer resolved for this device: auto is bitsandbytes' paged 8-bit AdamW for qlora on CUDA
+    (the optimizer state of QLoRA recipes: 8-bit moments that page to host memory under pressure) and torch
+    AdamW elsewhere; paged_adamw_8bit without CUDA is a ParamsError (one line, exit 2)."""
+    if ft.optimizer == "paged_adamw_8bit":
+        if not device.startswith("cuda"):
+            raise ParamsError(f"params.yaml: finetune.optimizer: paged_adamw_8bit needs a CUDA device (bitsandbytes "
+                              f"pages its state through CUDA memory) but this run trains on {device}; "
+                              "use auto or adamw")
+        return "paged_adamw_8bit"
+    if ft.optimizer == "auto" and ft.method == "qlora" and device.startswith("cuda"):
+        return "paged_adamw_8bit"
+    return "adamw"
+
+
 def apply_method(model, ft, device: str, seed: int):
     """full: every weight trains; lora: adapters on finetune.target_modules; qlora: the transformer
     blocks' Linear layers in NF4 (double quant) under the adapters. Returns the model to train."""
@@ -240,10 +255,11 @@ def finetune_generation(splits: dict[str, pd.DataFrame], encoder_dir: str, base,
     key = run_key(ft, base, data_hash, encoder_dir, seed)
     run = train(model, batches, steps_for(math.ceil(len(batches) / ft.grad_accum), ft.epochs, 0), ft.lr,
                 ft.warmup_ratio, ft.weight_decay, ft.max_grad_norm, ft.scheduler, ft.bf16, device,
-                Path(checkpoints) / f"sft-{key}", ft.checkpoint_every, ft.grad_accum)
+                Path(checkpoints) / f"sft-{key}", ft.checkpoint_every, ft.grad_accum, optimizer_for(ft, device))
     model.to("cpu")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics = {"task": "generation", "method": ft.method, "packing": ft.packing, "steps": run["steps"],
+               "optimizer": optimizer_for(ft, device),
                "processes": distributed.world_size(), "train_examples": len(kept),
                "skipped_no_response_tokens": skipped, "loss_first": run["history"][0]["loss"],
                "loss_last": run["history"][-1]["loss"], "tokens_per_second": run["tokens_per_second"],

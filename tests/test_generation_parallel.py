@@ -125,7 +125,7 @@ def test_sft_under_two_processes_ends_at_the_one_process_metrics(setup, capfd):
         assert rc == 0, err
         out[n] = (json.loads((tmp / f"ft{n}.json").read_text()), err)
     (m1, _), (m2, err2) = out[1], out[2]
-    assert m1["processes"] == 1 and m2["processes"] == 2
+    assert m1["processes"] == 1 and m2["processes"] == 2 and m1["optimizer"] == m2["optimizer"] == "adamw"
     assert m1["steps"] == m2["steps"] == 6 and m1["train_examples"] == m2["train_examples"] == 22
     assert m2["validation"]["perplexity"] == pytest.approx(m1["validation"]["perplexity"], rel=REL_TOL)
     assert m2["validation"]["tokens"] == m1["validation"]["tokens"]
