@@ -147,7 +147,11 @@ def audit_summary(issues: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> dict
 
 # ---------------------------------------------------------------- stage I/O
 
-def run_audit(args, base) -> str:
+def run_audit(args, base, label_audit=None) -> str:
+    """The audit stage for generation: the SFT checks (reported, nothing removed), and with a declared label
+    set `label_audit(splits)` (the audit stage's cleanlab audit on the response as the label, passed in by
+    stages/audit.py) whose result -- reports, and train rows dropped or relabelled by audit.action -- is the
+    output."""
     in_dir = Path(args.in_dir)
     splits, labels = read_dataset(in_dir)
     from domaintune.modeling import resolve_model
@@ -156,15 +160,27 @@ def run_audit(args, base) -> str:
     issues = audit_generation(splits, tok, base.max_length, base.seed)
     summary = audit_summary(issues, splits)
     summary["dataset_hash_in"] = read_hashes(in_dir, splits, labels)["dataset"]
+    result = label_audit(splits) if label_audit is not None else None
+    if result is not None:
+        summary["label_audit"] = result.metrics
     with atomic_output(args.out) as out, atomic_output(args.report) as rep, atomic_output(args.metrics) as met:
-        summary["dataset_hash_out"] = write_dataset(out, splits, labels)["dataset"]
+        summary["dataset_hash_out"] = write_dataset(out, result.splits if result else splits, labels)["dataset"]
         if (in_dir / "manifest.json").exists():
             shutil.copyfile(in_dir / "manifest.json", out / "upstream_manifest.json")
         rep.mkdir()
         issues.to_csv(rep / "generation_issues.csv", index=False)
+        if result is not None:
+            result.write_reports(rep)
         write_json(rep / "summary.json", {"max_length": base.max_length, "metrics": summary})
         write_json(met, summary)
-    emb = Path(args.embeddings)  # a persistent DVC out of the stage: it must exist, unused here
+    emb = Path(args.embeddings)  # a persistent DVC out of the stage: it must exist
     emb.mkdir(parents=True, exist_ok=True)
-    (emb / "README.txt").write_text("Embedding cache of the classification audit; unused for base.task generation.\n")
-    return "; ".join(f"{k} {v}" for k, v in summary["issues"].items()) + " (reported, nothing removed)"
+    if result is None:
+        (emb / "README.txt").write_text("Embedding cache of the label audit; unused for base.task generation "
+                                        "without evaluate.label_set.\n")
+    line = "; ".join(f"{k} {v}" for k, v in summary["issues"].items()) + " (reported, nothing removed)"
+    if result is not None:
+        m = result.metrics
+        line += (f"; label audit: {m['issues_found']} train rows flagged, dropped {m['rows_acted_on']['dropped']}, "
+                 f"relabelled {m['rows_acted_on']['relabelled']}")
+    return line
