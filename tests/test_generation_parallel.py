@@ -4,7 +4,8 @@ tests/test_data_parallel.py for the classifier: the stage stays one command, ran
 - a shard's loss (sft.shard_batch) times 1/world, summed over the processes, is the one-process loss of the
   global batch, gradients included, also when a process is left without a row;
 - finetune.processes: 2 (SFT) and dapt.processes: 2 (causal-LM continued pre-training) at the same global
-  batch end at the 1-process metrics within the tolerance below.
+  batch end at the 1-process metrics within the tolerance below;
+- (slow) SFT crashed under 2 processes resumes from its last checkpoint to the uninterrupted weights.
 """
 from __future__ import annotations
 
@@ -66,18 +67,19 @@ def _params(path: Path, model: Path, n: int, **section) -> Path:
     return path
 
 
-def _stage(tmp: Path, stage: str, argv: list[str], n: int, capfd) -> tuple[int, str]:
+def _stage(tmp: Path, stage: str, argv: list[str], n: int, capfd=None, env_extra=None) -> tuple[int, str]:
     """The stage as DVC runs it: one command; a subprocess for 2 processes (it launches torchrun), in this
     process for one (what tests/test_data_parallel.py does too; it saves an interpreter start)."""
     argv = [*argv, "--no-progress"]
     if n == 1:
         import importlib
 
-        capfd.readouterr()
+        if capfd is not None:
+            capfd.readouterr()
         rc = importlib.import_module(f"stages.{stage}").main(argv)
-        return rc, capfd.readouterr().err
+        return rc, capfd.readouterr().err if capfd is not None else ""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", **(env_extra or {}))
     r = subprocess.run([sys.executable, "-m", f"stages.{stage}", *argv], cwd=tmp, env=env,
                        capture_output=True, text=True, timeout=240)
     return r.returncode, r.stderr
@@ -111,19 +113,32 @@ def test_shards_sum_to_the_global_batch_loss_and_gradient(setup):
             assert float((g_whole - g_split).abs().max()) < 1e-6 * max(1.0, float(g_whole.abs().max()))
 
 
-def test_sft_under_two_processes_ends_at_the_one_process_metrics(setup, capfd):
+@pytest.fixture(scope="module")
+def sft_runs(setup):
+    """finetune (SFT) in 1 and in 2 processes on the same data and global batch."""
     tmp, data, model = setup
-    ft = {"method": "full", "epochs": 2, "batch_size": 8, "lr": 5e-3, "checkpoint_every": 2, "bf16": "off",
-          "packing": False}
     out = {}
     for n in (1, 2):
-        params = _params(tmp / f"ft{n}.yaml", model, n, finetune=ft)
-        rc, err = _stage(tmp, "finetune", ["--params", str(params), "--in", str(data), "--encoder", str(model),
-                                           "--out", str(tmp / f"ft{n}"), "--metrics", str(tmp / f"ft{n}.json"),
-                                           "--checkpoints", str(tmp / f"ftck{n}"), "--live", str(tmp / f"ftlive{n}")],
-                         n, capfd)
+        params = _params(tmp / f"ft{n}.yaml", model, n, finetune=FT)
+        rc, err = _stage(tmp, "finetune", _ft_argv(tmp, params, data, model, f"ft{n}"), n, None)
         assert rc == 0, err
         out[n] = (json.loads((tmp / f"ft{n}.json").read_text()), err)
+    return out
+
+
+FT = {"method": "full", "epochs": 2, "batch_size": 8, "lr": 5e-3, "checkpoint_every": 2, "bf16": "off",
+      "packing": False}
+
+
+def _ft_argv(tmp: Path, params: Path, data: Path, model: Path, name: str) -> list[str]:
+    return ["--params", str(params), "--in", str(data), "--encoder", str(model), "--out", str(tmp / name),
+            "--metrics", str(tmp / f"{name}.json"), "--checkpoints", str(tmp / f"{name}-ck"), "--live",
+            str(tmp / f"{name}-live")]
+
+
+def test_sft_under_two_processes_ends_at_the_one_process_metrics(setup, sft_runs):
+    tmp, data, model = setup
+    out = sft_runs
     (m1, _), (m2, err2) = out[1], out[2]
     assert m1["processes"] == 1 and m2["processes"] == 2 and m1["optimizer"] == m2["optimizer"] == "adamw"
     assert m1["steps"] == m2["steps"] == 6 and m1["train_examples"] == m2["train_examples"] == 22
@@ -135,7 +150,27 @@ def test_sft_under_two_processes_ends_at_the_one_process_metrics(setup, capfd):
     assert w1.keys() == w2.keys() and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < WEIGHT_TOL
     assert sorted(p.name for p in (tmp / "ft2").iterdir()) == sorted(p.name for p in (tmp / "ft1").iterdir())
     assert err2.count("finetune: done in") == 3 and "2 process(es)" in err2  # the launcher and its two processes
-    assert not list(tmp.glob(".ft2*")) and not list((tmp / "ftck2").glob("sft-*"))  # no temporaries left
+    assert not list(tmp.glob(".ft2*")) and not list((tmp / "ft2-ck").glob("sft-*"))  # no temporaries left
+
+
+@pytest.mark.slow  # ~20 s more on the loaded 2-core box: two more 2-process launches (crash, resume)
+def test_sft_crashed_under_two_processes_resumes_to_the_same_weights(setup, sft_runs):
+    import torch
+
+    from domaintune.engine import CRASH_ENV
+
+    tmp, data, model = setup
+    params = _params(tmp / "ftc.yaml", model, 2, finetune=FT)
+    rc, err = _stage(tmp, "finetune", _ft_argv(tmp, params, data, model, "ftc"), 2, None, {CRASH_ENV: "5"})
+    assert rc == 2 and "training processes: a process failed" in err
+    assert not (tmp / "ftc").exists() and not (tmp / "ftc.json").exists()
+    state = json.loads(next((tmp / "ftc-ck").glob("sft-*/last/state.json")).read_text())
+    assert state["engine"]["step"] == 4  # the last checkpoint before the crash after step 5
+    rc, err = _stage(tmp, "finetune", _ft_argv(tmp, params, data, model, "ftc"), 2, None)
+    assert rc == 0, err
+    assert "resuming from" in err and "at step 4" in err
+    a, b = _weights(tmp / "ft2"), _weights(tmp / "ftc")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _base_perplexity(model_dir: Path, data: Path) -> float:
