@@ -62,12 +62,16 @@ class GenerationPredictor:
     confidence_explanation = FAMILIARITY
 
     def __init__(self, model_dir: str | Path, batch_size: int = 64, device: str = "cpu"):
+        from domaintune.data import read_json
         from domaintune.generation import load_causal_lm
 
         model, self.tokenizer = load_causal_lm(str(model_dir))
         self.model = model.to(device).eval()
         self.batch_size = batch_size
-        self.max_length = int(getattr(model.config, "max_position_embeddings", 512) or 512)
+        info = Path(model_dir) / "export_info.json"
+        # prompts are cut where training cut them (base.max_length, recorded by the export stage)
+        trained = read_json(info).get("max_length") if info.is_file() else None
+        self.max_length = int(trained or min(getattr(model.config, "max_position_embeddings", 512) or 512, 512))
         self.labels = []
 
     def logits(self, texts: Sequence[str], mean_pooled: bool = False):

@@ -35,7 +35,8 @@ def project(tmp_path_factory):
     m, tok = load_causal_lm(str(model))
     export = root / "models" / "export"
     genexport.save_export(m, tok, export, 16)  # the export stage's layout: model, tokenizer, generation config
-    write_json(export / "export_info.json", {"task": "generation", "method": "full", "base_model": str(model)})
+    write_json(export / "export_info.json", {"task": "generation", "method": "full", "base_model": str(model),
+                                             "max_length": 128})
     (root / "params.yaml").write_text(yaml.safe_dump({
         "base": {"task": "generation", "model": str(model), "max_length": 128, "device": "cpu"},
         "drift": {"batch_size": 32, "pca_components": 3, "calibration_resamples": 60}}))
@@ -63,7 +64,7 @@ def test_drift_stage_writes_the_classifier_baseline_files_from_the_models_hidden
     assert metrics["text_reference_rows"] == 180 and metrics["output_reference_rows"] == 60
     assert metrics["reference_accuracy"] is None and metrics["reference_expected_accuracy"] is None
     base = Baseline(project / "models" / "drift_baseline")  # every file the classifier's baseline has
-    assert base.labels == [] and base.profile["problem_type"] == "generation"
+    assert base.labels == [] and base.profile["problem_type"] == "generation" and base.profile["max_length"] == 128
     assert base.arrays["pca_components"].shape == (3, 64)  # axes in the tiny Llama's hidden size
     assert 0.0 < base.out_ref["confidence"].min() <= base.out_ref["confidence"].max() < 1.0  # familiarity
 
