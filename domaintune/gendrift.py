@@ -10,8 +10,10 @@ Signals for a batch of prompts:
   prompt, its principal components (K-S each) and the MMD test on the whole embedding;
 - prompt familiarity in the `confidence` column: the model's geometric-mean probability of the rendered
   prompt's tokens, exp(-mean NLL). It falls when prompts read less like what the model was tuned on.
-There is no label set, so no predicted-label mix and no accuracy estimate; the review queue is not filled
-(familiarity is not a calibrated probability of being right).
+Without a label set there is no predicted-label mix and no accuracy estimate, and the review queue is not
+filled (familiarity is not a calibrated probability of being right). With the label set the export recorded
+(classification as generation) the confidence column is the calibrated top label probability and the verdict
+carries the label mix and the CBPE accuracy estimate, as for a classifier.
 """
 from __future__ import annotations
 
@@ -53,13 +55,13 @@ def prompt_outputs(model, tok, prompts: Sequence[str], batch_size: int, max_leng
 
 class GenerationPredictor:
     """A causal LM export with the attributes and methods drift.Baseline / drift.build_baseline / monitoring
-    call on a classifier's Predictor. Its "logits" are log-familiarities [m, 1]; "probabilities" are
-    familiarities; there are no labels."""
+    call on a classifier's Predictor.
 
-    problem_type = "generation"
-    temperature = 1.0
-    labels: list = []
-    confidence_explanation = FAMILIARITY
+    Without a label set its "logits" are log-familiarities [m, 1], its "probabilities" familiarities, and it
+    has no labels. With the label set the export recorded (evaluate.label_set: classification as generation)
+    it is a single-label classifier: logits are each label's log-likelihood as the response (llm.label_loglik),
+    probabilities their softmax at the temperature evaluate fitted, so the verdict also tests the predicted-label
+    mix and estimates accuracy (CBPE) exactly as for a classifier."""
 
     def __init__(self, model_dir: str | Path, batch_size: int = 64, device: str = "cpu"):
         from domaintune.data import read_json
@@ -68,21 +70,36 @@ class GenerationPredictor:
         model, self.tokenizer = load_causal_lm(str(model_dir))
         self.model = model.to(device).eval()
         self.batch_size = batch_size
-        info = Path(model_dir) / "export_info.json"
+        path = Path(model_dir) / "export_info.json"
+        info = read_json(path) if path.is_file() else {}
         # prompts are cut where training cut them (base.max_length, recorded by the export stage)
-        trained = read_json(info).get("max_length") if info.is_file() else None
-        self.max_length = int(trained or min(getattr(model.config, "max_position_embeddings", 512) or 512, 512))
-        self.labels = []
+        self.max_length = int(info.get("max_length") or min(getattr(model.config, "max_position_embeddings", 512)
+                                                             or 512, 512))
+        cls = info.get("classification") or {}
+        self.labels = list(cls.get("labels") or [])
+        self.temperature = float(cls.get("temperature") or 1.0)
+        self.problem_type = "single_label" if self.labels else "generation"
+        if not self.labels:
+            self.confidence_explanation = FAMILIARITY
 
     def logits(self, texts: Sequence[str], mean_pooled: bool = False):
         nll, emb = prompt_outputs(self.model, self.tokenizer, list(texts), self.batch_size, self.max_length)
-        return (-nll)[:, None], emb
+        if not self.labels:
+            return (-nll)[:, None], emb
+        return llm.label_loglik(self.model, self.tokenizer, list(texts), self.labels, self.max_length,
+                                self.batch_size), emb
 
     def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
-        return np.exp(np.asarray(logits, dtype=np.float64))
+        if not self.labels:
+            return np.exp(np.asarray(logits, dtype=np.float64))
+        from domaintune.calibration import softmax
+
+        return softmax(logits, self.temperature)
 
     def labels_from_proba(self, probs: np.ndarray) -> list[str]:
-        return [""] * len(probs)
+        if not self.labels:
+            return [""] * len(probs)
+        return [self.labels[i] for i in np.asarray(probs).argmax(axis=1)]
 
 
 def is_generation_export(model_dir: str | Path) -> bool:

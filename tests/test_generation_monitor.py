@@ -1,7 +1,8 @@
 """`domaintune monitor` on a base.task: generation export: the drift stage builds the classifier's baseline
 format from prompt descriptors and the causal LM's own hidden states (domaintune/gendrift.py), and the
 monitor writes the same verdict.json, report.html and history: in-domain prompts give no alarm (exit 0),
-out-of-domain ones alarm (exit 1)."""
+out-of-domain ones alarm (exit 1). With a label set (classification as generation) the verdict also has
+the predicted-label mix and the estimated accuracy, as a classifier's does."""
 from __future__ import annotations
 
 import csv
@@ -94,3 +95,73 @@ def test_monitor_gives_the_same_verdict_and_exit_codes_for_a_generation_model(pr
         hist = list(csv.DictReader(fh))
     assert [(Path(r["batch"]).name, r["drift"]) for r in hist] == [("same.txt", "0"), ("other.txt", "1")]
     assert not (project / "data" / "review_queue.csv").exists()
+
+
+TOPICS = {"billing": ["invoice", "charged twice", "refund", "payment failed", "receipt"],
+          "login": ["password", "two-factor code", "locked out", "sign in", "reset link"],
+          "shipping": ["parcel", "tracking number", "delivery address", "courier", "customs"]}
+
+
+def _topic_split(name: str, n: int, seed: int) -> pd.DataFrame:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = list(TOPICS)[i % 3]
+        a, b = rng.sample(TOPICS[label], 2)
+        rows.append((f"{name}-{i}", f"Hello, a question about my {a} and the {b}, ticket {rng.randint(100, 999)}.",
+                     label, name))
+    return pd.DataFrame(rows, columns=["id", "text", "label", "split"])
+
+
+@pytest.fixture(scope="module")
+def label_project(tmp_path_factory):
+    from domaintune import genexport, tinyllm
+    from domaintune.data import write_json
+    from domaintune.generation import load_causal_lm
+
+    root = tmp_path_factory.mktemp("genmonitor_labels")
+    splits = {"train": _topic_split("train", 60, 0), "validation": _topic_split("validation", 45, 1),
+              "test": _topic_split("test", 30, 2)}
+    write_dataset(root / "audited", splits, [])
+    model = tinyllm.save(root / "tiny", [t for df in splits.values() for t in df["text"]] + list(TOPICS), seed=0)
+    m, tok = load_causal_lm(str(model))
+    export = root / "models" / "export"
+    genexport.save_export(m, tok, export, 4)
+    write_json(export / "export_info.json", {"task": "generation", "method": "full", "base_model": str(model),
+                                             "max_length": 64,
+                                             "classification": {"labels": list(TOPICS), "temperature": 0.5}})
+    (root / "params.yaml").write_text(yaml.safe_dump({
+        "base": {"task": "generation", "model": str(model), "max_length": 64, "device": "cpu"},
+        "evaluate": {"label_set": list(TOPICS)},
+        "drift": {"batch_size": 32, "pca_components": 3, "calibration_resamples": 60}}))
+    from stages.drift import main
+
+    assert main(["--params", str(root / "params.yaml"), "--in", str(root / "audited"), "--model", str(export),
+                 "--out", str(root / "models" / "drift_baseline"), "--metrics", str(root / "metrics" / "drift.json")]) == 0
+    (root / "same.txt").write_text("\n".join(splits["test"]["text"]) + "\n", encoding="utf-8")
+    (root / "other.txt").write_text("\n".join(german(30)) + "\n", encoding="utf-8")
+    return root
+
+
+def test_with_a_label_set_the_verdict_has_the_label_mix_and_the_accuracy_estimate(label_project, capsys):
+    from domaintune.drift import Baseline
+
+    root = label_project
+    metrics = json.loads((root / "metrics" / "drift.json").read_text())
+    assert 0.0 <= metrics["reference_accuracy"] <= 1.0 and 0.0 < metrics["reference_expected_accuracy"] <= 1.0
+    base = Baseline(root / "models" / "drift_baseline")
+    assert base.labels == list(TOPICS) and base.profile["problem_type"] == "single_label"
+    assert base.profile["temperature"] == 0.5 and set(base.out_ref["pred_label"]) <= set(TOPICS)
+    assert cli("monitor", "--batch", "same.txt", "--repo", str(root), "--out", "reports/same") == 0
+    assert cli("monitor", "--batch", "other.txt", "--repo", str(root), "--out", "reports/other") == 1
+    out = capsys.readouterr().out
+    assert "same.txt: no drift" in out and "other.txt: DRIFT: " in out and "estimated accuracy" in out
+    calm = json.loads((root / "reports" / "same" / "verdict.json").read_text())
+    alarm = json.loads((root / "reports" / "other" / "verdict.json").read_text())
+    for v in (calm, alarm):
+        assert {"pred_label", "embeddings_mmd", "confidence"} <= set(v["signals"]) and v["accuracy"] is not None
+        assert set(v["prediction_distribution"]) == set(TOPICS)
+    assert "familiarity" not in alarm["signals"]["confidence"]["explanation"]  # the calibrated top probability
+    assert alarm["signals"]["embeddings_mmd"]["drifted"]
