@@ -289,7 +289,8 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir
     write_json(out / "vocab.json", vocab_list)
     write_json(out / "profile.json", profile)
     return {"text_reference_rows": len(text_ref), "output_reference_rows": len(out_ref),
-            "reference_accuracy": (measured or {}).get("accuracy"), "reference_macro_f1": (measured or {}).get("macro_f1"),
+            "reference_accuracy": (measured or {}).get("accuracy"),
+            "reference_macro_f1": (measured or {}).get("macro_f1"),
             "reference_expected_accuracy": None if expected is None else expected["accuracy"],
             "mean_confidence": float(out_ref[CONF_COLUMN].mean()), "signals": len(_fits(null)) + 1,
             "pca_components": int(pca_comps.shape[0])}

@@ -300,7 +300,8 @@ def run_dapt(args, base, params) -> dict:
     corpus = []
     for c in params.corpus if params.enabled else ():
         corpus += [line for line in Path(c).read_text(encoding="utf-8").splitlines() if line.strip()]
-    ckpt = Path(args.checkpoints) / f"clm-{_dapt_key(base, params, read_hashes(args.in_dir, splits, labels)['dataset'])}"
+    data_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
+    ckpt = Path(args.checkpoints) / f"clm-{_dapt_key(base, params, data_hash)}"
     if distributed.rank() != 0:
         return dapt_generation(splits, corpus, base, params, None, ckpt)
     with atomic_output(args.out) as out, atomic_output(args.live) as live, atomic_output(args.metrics) as met:

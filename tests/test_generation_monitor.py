@@ -44,7 +44,8 @@ def project(tmp_path_factory):
     from stages.drift import main
 
     assert main(["--params", str(root / "params.yaml"), "--in", str(root / "audited"), "--model", str(export),
-                 "--out", str(root / "models" / "drift_baseline"), "--metrics", str(root / "metrics" / "drift.json")]) == 0
+                 "--out", str(root / "models" / "drift_baseline"),
+                 "--metrics", str(root / "metrics" / "drift.json")]) == 0
     (root / "same.txt").write_text("\n".join(t.replace("\n", " ") for t in splits["test"]["text"]) + "\n",
                                    encoding="utf-8")
     (root / "other.txt").write_text("\n".join(german(40)) + "\n", encoding="utf-8")
@@ -83,7 +84,8 @@ def test_monitor_gives_the_same_verdict_and_exit_codes_for_a_generation_model(pr
     assert set(alarm) == set(calm) >= {"drift", "reasons", "rows", "false_alarm_rate", "signals", "p_values",
                                        "accuracy", "most_atypical", "least_confident", "review_queued"}
     assert not calm["drift"] and alarm["drift"] and alarm["accuracy"] is None and alarm["review_queued"] == 0
-    assert "pred_label" not in alarm["signals"] and {"embeddings_mmd", "pc1", "confidence", "n_chars"} <= set(alarm["signals"])
+    assert "pred_label" not in alarm["signals"]
+    assert {"embeddings_mmd", "pc1", "confidence", "n_chars"} <= set(alarm["signals"])
     assert alarm["signals"]["embeddings_mmd"]["drifted"] and alarm["signals"]["confidence"]["drifted"]
     assert "familiarity" in alarm["signals"]["confidence"]["explanation"]
     assert alarm["tests"] == calm["tests"] == len(alarm["signals"])  # Bonferroni over the signals only
@@ -139,7 +141,8 @@ def label_project(tmp_path_factory):
     from stages.drift import main
 
     assert main(["--params", str(root / "params.yaml"), "--in", str(root / "audited"), "--model", str(export),
-                 "--out", str(root / "models" / "drift_baseline"), "--metrics", str(root / "metrics" / "drift.json")]) == 0
+                 "--out", str(root / "models" / "drift_baseline"),
+                 "--metrics", str(root / "metrics" / "drift.json")]) == 0
     (root / "same.txt").write_text("\n".join(splits["test"]["text"]) + "\n", encoding="utf-8")
     (root / "other.txt").write_text("\n".join(german(30)) + "\n", encoding="utf-8")
     return root

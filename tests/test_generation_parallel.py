@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The tiny Llama has no dropout, and every process builds the same seeded global batches, so 1 vs 2 processes
 # differ only in the order the gradient sums are reduced. Measured here (Xeon AVX512, 2 cores): SFT validation
 # perplexity equal to the last digit, DAPT held-out perplexity within 6e-7 relative, training losses within 1e-7
-# relative, weights within 1e-5 (6 resp. 5 AdamW steps at lr 5e-3 / 3e-3). Stated tolerance: 1e-4 relative on perplexity and training
-# losses, 1e-4 absolute on the weights.
+# relative, weights within 1e-5 (6 resp. 5 AdamW steps at lr 5e-3 / 3e-3). Stated tolerance: 1e-4 relative
+# on perplexity and training losses, 1e-4 absolute on the weights.
 REL_TOL = 1e-4
 WEIGHT_TOL = 1e-4
 
@@ -100,7 +100,8 @@ def test_shards_sum_to_the_global_batch_loss_and_gradient(setup):
     examples = [llm.encode(tok, PROMPTS[i % 4].format(n=i), REPLIES[i % 4].format(n=i) * (1 + i % 3), 48)
                 for i in range(5)]
     pairs = [(e.input_ids, e.labels) for e in examples]
-    for batch in (llm.pad_batch(pairs, tok.pad_token_id), llm.packed_batch(pairs, [[0, 1], [2, 3, 4]], tok.pad_token_id)):
+    packed = llm.packed_batch(pairs, [[0, 1], [2, 3, 4]], tok.pad_token_id)
+    for batch in (llm.pad_batch(pairs, tok.pad_token_id), packed):
         for world in (2, 3):  # 2 rows over 3 processes: one process has no row
             def grads(parts):
                 model.zero_grad()
