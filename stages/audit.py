@@ -29,6 +29,9 @@ Human decisions (labels/decisions.csv) override the automatic policy.
 A class whose every train row is dropped or relabelled away stops the stage
 (audit.on_empty_class: error), or with `drop` loses its validation/test rows too
 (changes.csv, reason class_emptied_from_train) and leaves labels.json.
+
+base.task generation: domaintune/generation.py reports what hurts SFT; with evaluate.label_set declared
+(classification as generation) label_set_audit runs all of the above on the response as the label.
 """
 from __future__ import annotations
 
