@@ -65,7 +65,10 @@ def finetune_key(base, ft, data: Path) -> str:
     """Cache key: every param that shapes the model, and the exact data files."""
     from domaintune.params import as_dict
 
-    blob = json.dumps({"base": as_dict(base), "finetune": as_dict(ft),
+    # finetune.optimizer only chooses for base.task generation (the classifier always trains with AdamW): left
+    # out, so adding it kept the key of the cached fine-tune
+    ft_key = {k: v for k, v in as_dict(ft).items() if k != "optimizer"}
+    blob = json.dumps({"base": as_dict(base), "finetune": ft_key,
                        "data": {n: _file_sha256(Path(data) / n) for n in ("train.csv", "test.csv")}},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

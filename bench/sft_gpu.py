@@ -5,8 +5,11 @@ TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads / 4 KV heads, MLP 5632,
 speed and memory do not depend on the weights' values. Each method goes through the finetune
 stage's own code: domaintune.sft.apply_method (full | LoRA | QLoRA = NF4 + double quant, bf16
 compute), gradient checkpointing, the causal-LM objective of domaintune.llm on the training
-engine (domaintune.engine, bf16 autocast, fused AdamW). Batches are 1 x 1024 tokens of random
-ids with completion-only labels on the second half.
+engine (domaintune.engine, bf16 autocast) with the optimizer finetune.optimizer: auto picks
+(domaintune.sft.optimizer_for: bitsandbytes' paged 8-bit AdamW for QLoRA on CUDA, fused torch AdamW
+for LoRA and full). Batches are 1 x 1024 tokens of random ids with completion-only labels on the
+second half. Peak memory is the training peak: counted from after the model is built and placed
+(QLoRA's bf16 weights before quantisation are not a training cost).
 
 Reported per method: tokens/s over the timed steps, peak GPU memory (torch.cuda.max_memory_allocated),
 and the targets of issue 14: QLoRA peak <= 40% of bf16 LoRA's; QLoRA tokens/s >= 50% of bf16 LoRA's;
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -45,25 +49,31 @@ def run_method(method: str, shape: str, seq: int, steps: int, warmup: int, devic
     from domaintune import llm
     from domaintune.engine import Engine, EngineConfig, param_groups
     from domaintune.params import FinetuneParams
-    from domaintune.sft import apply_method
+    from domaintune.sft import apply_method, optimizer_for
 
     cuda = device == "cuda"
     if cuda:
+        import gc
+
+        gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     cfg = LlamaConfig(max_position_embeddings=max(seq, 2048), tie_word_embeddings=False, **SHAPES[shape])
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = LlamaForCausalLM(cfg).to(dtype)
+    with torch.device(device):  # random init where it runs: seconds on a GPU, not a minute on the host
+        model = LlamaForCausalLM(cfg).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
     ft = FinetuneParams(method=method, lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules=tuple(TARGETS),
                         gradient_checkpointing=True, qlora_compute_dtype="bfloat16" if cuda else "float32")
-    if cuda and method == "qlora":
-        model = model.cuda()  # Linear4bit quantises when moved to CUDA; build its float input there
     model = apply_method(model, ft, device, seed=0)
     model.train()
+    optimizer = optimizer_for(ft, device)
     engine = Engine(model, param_groups(model.named_parameters(), 2e-4, 0.0),
-                    EngineConfig(lr=2e-4, total_steps=steps + warmup, bf16="on" if cuda else "off", device=device))
+                    EngineConfig(lr=2e-4, total_steps=steps + warmup, bf16="on" if cuda else "off", device=device,
+                                 optimizer=optimizer))
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # the training peak: weights (as placed) + activations + state
     ids = torch.randint(0, cfg.vocab_size, (1, seq))
     labels = ids.clone()
     labels[:, : seq // 2] = llm.IGNORE
@@ -79,7 +89,8 @@ def run_method(method: str, shape: str, seq: int, steps: int, warmup: int, devic
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"method": method, "params": n_params, "trainable": trainable, "tokens_per_s": round(steps * seq / seconds, 1),
+    return {"method": method, "optimizer": optimizer, "params": n_params, "trainable": trainable,
+            "tokens_per_s": round(steps * seq / seconds, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
             "last_loss": round(rec["loss"], 4), "finite": bool(rec["loss"] == rec["loss"])}
 
@@ -100,6 +111,18 @@ def verdict(results: dict) -> dict:
     return out
 
 
+def cpu_model() -> str:
+    """lscpu's model name (the host CPU, recorded with every bench result)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return platform.processor() or "unknown"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                platform.processor() or "unknown")
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -115,13 +138,16 @@ def main(argv=None) -> int:
         print("sft_gpu: error: no CUDA device (use --smoke to check the script on the CPU)", file=sys.stderr)
         return 2
     shape = "smoke" if args.smoke else "llama-1.1b"
+    load_start, t_start = os.getloadavg(), time.perf_counter()
     seq, steps, warmup = (128, 2, 1) if args.smoke else (args.seq, args.steps, args.warmup)
     results = {}
     for method in ("qlora", "lora", "full"):
         results[method] = run_method(method, shape, seq, steps, warmup, device)
         print(json.dumps(results[method]), flush=True)
     report = {"benchmark": "sft_gpu", "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
-              or "cpu", "smoke": args.smoke, "shape": shape, "seq_len": seq, "steps": steps, "warmup": warmup,
+              or "cpu", "cpu_model": cpu_model(), "loadavg": {"start": load_start, "end": os.getloadavg()},
+              "wall_seconds": round(time.perf_counter() - t_start, 1),
+              "smoke": args.smoke, "shape": shape, "seq_len": seq, "steps": steps, "warmup": warmup,
               "versions": {"torch": torch.__version__}, "results": results, "verdict": verdict(results)}
     print(json.dumps(report["verdict"], indent=2))
     if args.out:

@@ -103,6 +103,10 @@ def load_served_model(model_dir: str | Path, batch_size: int = 64, device: str =
     from domaintune.predict import Predictor
 
     model_dir = Path(model_dir)
+    from domaintune.gendrift import GenerationPredictor, is_generation_export
+
+    if is_generation_export(model_dir):  # base.task generation: a causal LM (domaintune/gendrift.py)
+        return GenerationPredictor(model_dir, batch_size, device)
     if not (model_dir / "model.json").exists():
         raise DataError(model_dir / "model.json", None, None, "exported model missing; run the export stage first")
     predictor = Predictor.load(model_dir, batch_size=batch_size)  # validates the temperature, naming model.json
@@ -266,13 +270,15 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir
     out_ref.insert(2, "oov_rate", text_ref.loc[text_ref["split"] != "train", "oov_rate"].to_numpy())
     rff = dt.fit_rff(emb, params.seed)
     phi = dt.rff_map(emb, rff)
-    null = calibrate(text_ref, out_ref, phi, predictor.labels, pca_comps.shape[0], params.calibration_resamples,
-                     params.seed)
+    null = calibrate(text_ref, out_ref, phi, predictor.labels or None, pca_comps.shape[0],
+                     params.calibration_resamples, params.seed)
     keep = np.random.default_rng(params.seed).permutation(len(emb))[:MAX_REFERENCE_EMBEDDINGS]
     arrays = {"pca_mean": pca_mean, "pca_components": pca_comps, **rff,
               "phi_mean": phi.mean(axis=0), "ref_embeddings": dt.normalise(emb[np.sort(keep)])}
-    measured = reference_accuracy(out_ref["label"], out_ref[PRED_COLUMN], predictor.labels)
-    expected = dt.estimated_performance(probs) if predictor.problem_type != "multi_label" else None
+    # no label set (base.task generation): no accuracy to measure or estimate
+    measured = reference_accuracy(out_ref["label"], out_ref[PRED_COLUMN], predictor.labels) if predictor.labels \
+        else None
+    expected = dt.estimated_performance(probs) if has_accuracy(predictor.problem_type) else None
     profile = _profile(predictor, train, val, text_ref, out_ref, null, measured, expected, params, dataset_hash)
     out.mkdir(parents=True, exist_ok=True)
     text_ref.to_parquet(out / "reference_text.parquet", index=False)
@@ -283,15 +289,22 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir
     write_json(out / "vocab.json", vocab_list)
     write_json(out / "profile.json", profile)
     return {"text_reference_rows": len(text_ref), "output_reference_rows": len(out_ref),
-            "reference_accuracy": measured["accuracy"], "reference_macro_f1": measured["macro_f1"],
+            "reference_accuracy": (measured or {}).get("accuracy"),
+            "reference_macro_f1": (measured or {}).get("macro_f1"),
             "reference_expected_accuracy": None if expected is None else expected["accuracy"],
             "mean_confidence": float(out_ref[CONF_COLUMN].mean()), "signals": len(_fits(null)) + 1,
             "pca_components": int(pca_comps.shape[0])}
 
 
+def has_accuracy(problem_type: str) -> bool:
+    """CBPE estimates accuracy for single-label classifiers; multi-label and generation models have none."""
+    return problem_type not in ("multi_label", "generation")
+
+
 def _profile(predictor, train, val, text_ref, out_ref, null, measured, expected, params, dataset_hash) -> dict:
     numeric = [c for c in TEXT_FEATURES] + pca_columns(params_k(out_ref)) + [CONF_COLUMN]
     return {
+        "explanations": {CONF_COLUMN: getattr(predictor, "confidence_explanation", EXPLAIN[CONF_COLUMN])},
         "dataset_hash": dataset_hash,
         "labels": list(predictor.labels),
         "problem_type": predictor.problem_type,
@@ -323,7 +336,7 @@ def batch_statistics(baseline: Baseline, batch: BatchProfile) -> dict[str, float
     """T of every signal for a batch against the full reference."""
     k = params_k(baseline.out_ref)
     stats = group_statistics(baseline.text_ref, batch.frame, _text_group(baseline.text_ref))
-    held = group_statistics(baseline.out_ref, batch.frame, _heldout_ks(k), baseline.labels)
+    held = group_statistics(baseline.out_ref, batch.frame, _heldout_ks(k), baseline.labels or None)
     held[MMD_SIGNAL] = dt.mmd_statistic(baseline.arrays["phi_mean"].astype(np.float64), len(baseline.out_ref),
                                         dt.rff_map(batch.emb, baseline.arrays))
     return {**stats, **held}
@@ -346,13 +359,14 @@ def judge(baseline: Baseline, batch: BatchProfile, params, examples: int = 10) -
         raise DataError("batch", None, "text", f"need at least 2 texts to test for drift, got {len(batch.texts)}")
     fits = _fits(baseline.profile["null"])
     stats = batch_statistics(baseline, batch)
-    estimate = None if baseline.profile.get("problem_type") == "multi_label" else dt.estimated_performance(batch.probs)
+    estimate = dt.estimated_performance(batch.probs) if has_accuracy(baseline.profile.get("problem_type")) else None
     n_tests = len(stats) + (estimate is not None)
     level = params.false_alarm_rate / n_tests
     signals = {}
     for name, t in stats.items():
         p = dt.null_pvalue(t, fits.get(name, []))
-        signals[name] = {"statistic": t, "p_value": p, "drifted": p < level, "explanation": explain(name),
+        why = baseline.profile.get("explanations", {}).get(name) or explain(name)
+        signals[name] = {"statistic": t, "p_value": p, "drifted": p < level, "explanation": why,
                          **_means(baseline, batch, name)}
     order = sorted(signals, key=lambda s: (signals[s]["p_value"], -signals[s]["statistic"]))
     accuracy = _accuracy_section(baseline, estimate, params, level)

@@ -88,6 +88,7 @@ class EngineConfig:
     compile: bool = False          # torch.compile the forward model
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
+    optimizer: str = "adamw"       # adamw (torch, fused where it can) | paged_adamw_8bit (bitsandbytes, CUDA)
 
 
 # ---------------------------------------------------------------- parameter groups and optimiser
@@ -115,10 +116,20 @@ def param_groups(named_params: Iterable, lr: float, weight_decay: float,
 
 def make_adamw(groups: list[dict], cfg: EngineConfig, device: str):
     """AdamW; fused (one kernel over all tensors) where the device and dtypes allow: ~8x faster steps than
-    the per-tensor loop on the CPU (MiniLM's 11.7M-row word embedding is updated every step)."""
+    the per-tensor loop on the CPU (MiniLM's 11.7M-row word embedding is updated every step).
+    cfg.optimizer paged_adamw_8bit: bitsandbytes' PagedAdamW8bit (moments in 8 bits, blockwise quantised;
+    state in CUDA unified memory that pages to the host under memory pressure), CUDA only."""
     import torch
 
     torch_groups = [{k: v for k, v in g.items() if k not in ("names", "key")} for g in groups]
+    if cfg.optimizer == "paged_adamw_8bit":
+        if not device.startswith("cuda"):
+            raise ValueError(f"paged_adamw_8bit needs a CUDA device, got {device}")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(torch_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.optimizer != "adamw":
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
     try:
         return torch.optim.AdamW(torch_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
     except (RuntimeError, ValueError):  # a dtype/device the fused kernel does not cover
@@ -370,12 +381,18 @@ def load_checkpoint(ckpt_dir: Path, model, opt, sched, params: list) -> tuple[di
 
 
 def _optimizer_to_tensors(opt, params: list) -> tuple[dict, dict]:
+    """Per-parameter state tensors (safetensors) and the JSON rest: group settings, and state values that
+    are plain numbers (bitsandbytes' 8-bit optimizers keep `step` as an int)."""
     index = {id(p): i for i, p in enumerate(params)}
-    tensors = {}
+    tensors, values = {}, {}
     for p, st in opt.state.items():
         for k, v in st.items():
-            tensors[f"{index[id(p)]}.{k}"] = v.detach().clone().contiguous().cpu()
-    return tensors, {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]}
+            if hasattr(v, "detach"):
+                tensors[f"{index[id(p)]}.{k}"] = v.detach().clone().contiguous().cpu()
+            else:
+                values[f"{index[id(p)]}.{k}"] = v
+    return tensors, {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                     "state_values": values}
 
 
 def _optimizer_from_tensors(opt, params: list, tensors: dict, scalars: dict) -> None:
@@ -387,6 +404,9 @@ def _optimizer_from_tensors(opt, params: list, tensors: dict, scalars: dict) -> 
         p = params[int(i)]
         # fused AdamW keeps `step` on the parameter's device, the per-tensor loop on the CPU
         opt.state[p][k] = v.to(p.device) if k != "step" or fused else v.clone()
+    for key, v in scalars.get("state_values", {}).items():
+        i, k = key.split(".", 1)
+        opt.state[params[int(i)]][k] = v
 
 
 def trainable_state(model) -> dict:

@@ -1,7 +1,7 @@
 """base.task: generation -- loading a causal LM, and the audit and drift stages for it.
 
 The stage modules keep their names, order, arguments and outs; for a generation task each calls
-a `run_<stage>` here (audit, drift), in domaintune/sft.py (dapt, finetune) or in
+a `run_<stage>` here (audit), in domaintune/sft.py (dapt, finetune) or in
 domaintune/genexport.py (evaluate, export). The dataset schema is the classification one with
 text = the prompt and label = the response (labels.json is empty: there is no label set).
 
@@ -14,6 +14,9 @@ text = the prompt and label = the response (labels.json is empty: there is no la
   quant), optional packing (finetune.packing) and gradient checkpointing, resumable checkpoints.
 - evaluate: held-out perplexity of the start model and the tuned model on the test responses, and
   sample generations.
+- drift: the classifier's baseline format and verdict with prompt descriptors, the model's own hidden
+  states and prompt familiarity (domaintune/gendrift.py, which the drift stage calls), so
+  `domaintune monitor` judges prompt batches.
 - export: the adapter merged into a float (for QLoRA: dequantised) copy of the base, checked
   against the unmerged model's logits on test examples (export.merge_tolerance, else the stage
   fails), saved as safetensors + tokenizer + generation config + model card.
@@ -142,67 +145,13 @@ def audit_summary(issues: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> dict
                            "near_duplicate_prompt_jaccard": NEAR_PROMPT_JACCARD}}
 
 
-# ---------------------------------------------------------------- drift
-
-def hidden_means(model, tok, prompts: Sequence[str], batch_size: int) -> np.ndarray:
-    """Mean of the last hidden layer over each rendered prompt's tokens: the model's own view of it."""
-    import torch
-
-    rows = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            texts = [llm.prompt_text(tok, p) for p in prompts[i: i + batch_size]]
-            enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
-            h = model(**enc, output_hidden_states=True, use_cache=False).hidden_states[-1]
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            rows.append(((h * m).sum(1) / m.sum(1)).float().cpu().numpy())
-    return np.concatenate(rows) if rows else np.zeros((0, model.config.hidden_size))
-
-
-def _features(prompts: Sequence[str], emb: np.ndarray, mean: np.ndarray, comps: np.ndarray) -> pd.DataFrame:
-    df = pd.DataFrame({"prompt_chars": [len(p) for p in prompts], "prompt_words": [len(p.split()) for p in prompts]})
-    proj = (emb - mean) @ comps.T
-    for k in range(proj.shape[1]):
-        df[f"pc{k + 1}"] = proj[:, k]
-    return df
-
-
-def drift_baseline_generation(splits: dict[str, pd.DataFrame], model_dir: str, p, out: Path,
-                              device: str = "cpu") -> dict:
-    """Reference profile of the train prompts: length descriptors and the top principal components of
-    the exported model's hidden states; validation is compared with it (K-S per column) as a sanity check."""
-    from scipy.stats import ks_2samp
-
-    model, tok = load_causal_lm(model_dir)
-    model = model.to(device)
-    train, val = splits["train"]["text"].tolist(), splits["validation"]["text"].tolist()
-    emb = hidden_means(model, tok, train, p.batch_size)
-    k = max(1, min(p.pca_components, emb.shape[0] - 1, emb.shape[1]))
-    mean = emb.mean(0)
-    _, sing, vt = np.linalg.svd(emb - mean, full_matrices=False)
-    comps = vt[:k]
-    ref = _features(train, emb, mean, comps)
-    ref.to_parquet(out / "reference.parquet", index=False)
-    explained = (sing[:k] ** 2 / max(float((sing ** 2).sum()), 1e-12)).tolist()
-    write_json(out / "profile.json", {"task": "generation", "model": str(model_dir), "columns": list(ref.columns),
-                                      "pca_mean": mean.tolist(), "pca_components": comps.tolist(),
-                                      "explained_variance_ratio": explained, "params": as_dict(p)})
-    drifted = []
-    # One K-S test per descriptor, Bonferroni at drift.false_alarm_rate: the verdict's overall error rate.
-    level = p.false_alarm_rate / max(len(ref.columns), 1)
-    if val:
-        cur = _features(val, hidden_means(model, tok, val, p.batch_size), mean, comps)
-        drifted = [c for c in ref.columns if ks_2samp(ref[c], cur[c]).pvalue < level]
-    return {"task": "generation", "reference_rows": len(ref), "columns": len(ref.columns),
-            "pca_explained_variance": explained, "validation_drifted_columns": len(drifted),
-            "validation_drifted": drifted, "per_test_level": level,
-            "validation_drift_verdict": bool(val) and bool(drifted)}
-
-
 # ---------------------------------------------------------------- stage I/O
 
-def run_audit(args, base) -> str:
+def run_audit(args, base, label_audit=None) -> str:
+    """The audit stage for generation: the SFT checks (reported, nothing removed), and with a declared label
+    set `label_audit(splits)` (the audit stage's cleanlab audit on the response as the label, passed in by
+    stages/audit.py) whose result -- reports, and train rows dropped or relabelled by audit.action -- is the
+    output."""
     in_dir = Path(args.in_dir)
     splits, labels = read_dataset(in_dir)
     from domaintune.modeling import resolve_model
@@ -211,30 +160,27 @@ def run_audit(args, base) -> str:
     issues = audit_generation(splits, tok, base.max_length, base.seed)
     summary = audit_summary(issues, splits)
     summary["dataset_hash_in"] = read_hashes(in_dir, splits, labels)["dataset"]
+    result = label_audit(splits) if label_audit is not None else None
+    if result is not None:
+        summary["label_audit"] = result.metrics
     with atomic_output(args.out) as out, atomic_output(args.report) as rep, atomic_output(args.metrics) as met:
-        summary["dataset_hash_out"] = write_dataset(out, splits, labels)["dataset"]
+        summary["dataset_hash_out"] = write_dataset(out, result.splits if result else splits, labels)["dataset"]
         if (in_dir / "manifest.json").exists():
             shutil.copyfile(in_dir / "manifest.json", out / "upstream_manifest.json")
         rep.mkdir()
         issues.to_csv(rep / "generation_issues.csv", index=False)
+        if result is not None:
+            result.write_reports(rep)
         write_json(rep / "summary.json", {"max_length": base.max_length, "metrics": summary})
         write_json(met, summary)
-    emb = Path(args.embeddings)  # a persistent DVC out of the stage: it must exist, unused here
+    emb = Path(args.embeddings)  # a persistent DVC out of the stage: it must exist
     emb.mkdir(parents=True, exist_ok=True)
-    (emb / "README.txt").write_text("Embedding cache of the classification audit; unused for base.task generation.\n")
-    return "; ".join(f"{k} {v}" for k, v in summary["issues"].items()) + " (reported, nothing removed)"
-
-
-def run_drift(args, params, device: str = "cpu") -> str:
-    splits, labels = read_dataset(args.in_dir)
-    dataset_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
-    with atomic_output(args.out) as out, atomic_output(args.metrics) as met:
-        out.mkdir()
-        metrics = drift_baseline_generation(splits, args.model, params, out, device)
-        metrics["dataset_hash"] = dataset_hash
-        write_json(met, metrics)
-    return (f"prompt profile of {metrics['reference_rows']} train rows; validation vs train: "
-            f"{metrics['validation_drifted_columns']} of {metrics['columns']} columns drifted")
-
-
-
+    if result is None:
+        (emb / "README.txt").write_text("Embedding cache of the label audit; unused for base.task generation "
+                                        "without evaluate.label_set.\n")
+    line = "; ".join(f"{k} {v}" for k, v in summary["issues"].items()) + " (reported, nothing removed)"
+    if result is not None:
+        m = result.metrics
+        line += (f"; label audit: {m['issues_found']} train rows flagged, dropped {m['rows_acted_on']['dropped']}, "
+                 f"relabelled {m['rows_acted_on']['relabelled']}")
+    return line

@@ -216,7 +216,10 @@ def run_export(args, base, params) -> str:
         metrics = {"task": "generation", "merge_check": check, "size_bytes": size,
                    "pipeline_check": {"loaded": True, "sample_chars": len(sample)},
                    "dataset_hash": read_hashes(in_dir, splits, [])["dataset"]}
-        write_json(out / "export_info.json", {**metrics, "method": run["method"], "base_model": run["base_model"]})
+        cls = eval_metrics.get("classification")  # the label set and fitted temperature: what monitor scores with
+        cls = {"labels": cls["labels"], "temperature": cls["temperature"]} if cls else None
+        write_json(out / "export_info.json", {**metrics, "method": run["method"], "base_model": run["base_model"],
+                                              "max_length": base.max_length, "classification": cls})
         write_json(met, metrics)
     return f"merged ({run['method']}), max logit gap {check['max_rel_diff']:.2g}; loads in pipeline('text-generation')"
 

@@ -175,21 +175,27 @@ def forward_logits(model, batch: dict):
     return model(**kw, use_cache=False).logits
 
 
+def target_mask(batch: dict):
+    """(targets [B, T-1], mask [B, T-1]): a target counts only if it has a label and belongs to the same
+    example as the token predicting it (position id > 0)."""
+    lab = batch["labels"][:, 1:]
+    return lab, (lab != IGNORE) & (batch["position_ids"][:, 1:] > 0)
+
+
 def causal_lm_token_nll(logits, batch: dict):
-    """(nll [B, T-1], target mask [B, T-1]) of next-token prediction. A target counts only if it has
-    a label and belongs to the same example as the token predicting it (position id > 0)."""
+    """(nll [B, T-1], target mask [B, T-1]) of next-token prediction over the targets of target_mask."""
     import torch.nn.functional as F
 
-    lab = batch["labels"][:, 1:]
-    valid = (lab != IGNORE) & (batch["position_ids"][:, 1:] > 0)
+    lab, valid = target_mask(batch)
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), lab.clamp(min=0), reduction="none")
     return nll * valid, valid
 
 
 def causal_lm_loss(model, batch: dict):
-    """Mean NLL over every target token of the batch (the training objective)."""
+    """Mean NLL over every target token of the batch (the training objective). A data-parallel shard
+    (sft.shard_batch) divides by its `norm` instead: the global batch's target count over the world."""
     nll, valid = causal_lm_token_nll(forward_logits(model, batch), batch)
-    return nll.sum() / valid.sum().clamp(min=1)
+    return nll.sum() / (batch["norm"] if "norm" in batch else valid.sum().clamp(min=1))
 
 
 def per_sample_nll(model, batch: dict, n_samples: int):

@@ -59,7 +59,7 @@ def verdict_section(v: dict) -> str:
     return f"{STYLE}<div class='dt'>{''.join(out)}<h2>Details (evidently)</h2></div>"
 
 
-def evidently_details(reference: pd.DataFrame, current: pd.DataFrame, numeric: list[str], categorical: str,
+def evidently_details(reference: pd.DataFrame, current: pd.DataFrame, numeric: list[str], categorical: str | None,
                       path: Path) -> None:
     """Evidently's DataDriftPreset per feature (its own tests, shown as details; the verdict is ours).
     Values rounded at ROUND_DECIMALS (float noise is not drift); columns constant in either frame are
@@ -74,10 +74,11 @@ def evidently_details(reference: pd.DataFrame, current: pd.DataFrame, numeric: l
     ref = reference[numeric].astype(float).round(ROUND_DECIMALS)
     cur = current[numeric].astype(float).round(ROUND_DECIMALS)
     cols = [c for c in numeric if ref[c].nunique() > 1 and cur[c].nunique() > 1]
-    ref, cur = ref[cols].assign(**{categorical: reference[categorical].astype(str).to_numpy()}), \
-        cur[cols].assign(**{categorical: current[categorical].astype(str).to_numpy()})
-    definition = DataDefinition(numerical_columns=cols, categorical_columns=[categorical])
-    report = Report([DataDriftPreset(columns=cols + [categorical])])
+    cats = [categorical] if categorical else []  # None: a model without labels (base.task generation)
+    ref, cur = ref[cols].assign(**{c: reference[c].astype(str).to_numpy() for c in cats}), \
+        cur[cols].assign(**{c: current[c].astype(str).to_numpy() for c in cats})
+    definition = DataDefinition(numerical_columns=cols, categorical_columns=cats)
+    report = Report([DataDriftPreset(columns=cols + cats)])
     with warnings.catch_warnings():  # scipy's chi-square divides by a label the reference never predicted
         warnings.simplefilter("ignore", RuntimeWarning)
         snap = report.run(Dataset.from_pandas(cur, data_definition=definition),
@@ -86,7 +87,7 @@ def evidently_details(reference: pd.DataFrame, current: pd.DataFrame, numeric: l
 
 
 def write_report(v: dict, path: Path, reference: pd.DataFrame | None = None, current: pd.DataFrame | None = None,
-                 numeric: list[str] | None = None, categorical: str = "pred_label") -> None:
+                 numeric: list[str] | None = None, categorical: str | None = "pred_label") -> None:
     """report.html: our verdict sections, then (when frames are given) evidently's details."""
     path = Path(path)
     ours = verdict_section(v)

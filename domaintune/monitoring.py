@@ -130,13 +130,16 @@ def judge_texts(texts: Sequence[str], baseline_dir: str | Path, predictor, param
     verdict = judge(baseline, prof, params)
     verdict["batch"] = str(batch_name)
     verdict["review_below"] = params.review_below
-    verdict["review_queued"] = int((prof.frame["confidence"] < params.review_below).sum())
+    # no label set (base.task generation): the confidence column is prompt familiarity, not a probability of
+    # being right, so nothing is queued for review
+    verdict["review_queued"] = int((prof.frame["confidence"] < params.review_below).sum()) if baseline.labels else 0
     numeric = [c for c in baseline.profile["numeric_features"] if c in prof.frame.columns]
     with atomic_output(out) as tmp:
         tmp.mkdir(parents=True)
         write_json(tmp / "verdict.json", verdict)
         ref = validation_frame(baseline) if details else None
-        write_report(verdict, tmp / "report.html", ref, prof.frame if details else None, numeric, PRED_COLUMN)
+        write_report(verdict, tmp / "report.html", ref, prof.frame if details else None, numeric,
+                     PRED_COLUMN if baseline.labels else None)
     return verdict, prof
 
 
@@ -232,7 +235,8 @@ def monitor_file(path: Path, texts: Sequence[str] | None, predictor, params, s: 
     sha = file_sha256(path)
     texts = read_batch(path, s["text_column"]) if texts is None else texts
     verdict, prof = judge_texts(texts, s["baseline"], predictor, params, out, str(path))
-    append_review_queue(s["review_queue"], prof, params.review_below, str(path), sha)
+    if predictor.labels:
+        append_review_queue(s["review_queue"], prof, params.review_below, str(path), sha)
     alarm = raise_alarm(out / "verdict.json", verdict, s["alarm_command"], s["alarm_webhook"]) if verdict["drift"] \
         else ""
     append_history(s["history"], verdict, str(path), sha, alarm)

@@ -281,6 +281,9 @@ class FinetuneParams:
     # torch.compile the model's forward (worth it on a GPU for long runs; compile time dominates short ones).
     compile: bool = False
     grad_accum: int = 1
+    # base.task generation: auto = bitsandbytes' paged 8-bit AdamW for qlora on CUDA, torch AdamW (fused where
+    # the device has it) otherwise; adamw or paged_adamw_8bit (CUDA only) to choose.
+    optimizer: str = "auto"
     processes: int = 1
     nnodes: int = 1
     node_rank: int = 0
@@ -322,6 +325,7 @@ class FinetuneParams:
         _check(_DEVICE_RE.match(str(self.device)) is not None, s, "device",
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(isinstance(self.compile, bool), s, "compile", "must be true or false")
+        _one_of(self.optimizer, ("auto", "adamw", "paged_adamw_8bit"), s, "optimizer")
         _check_launch(self, s)
 
 

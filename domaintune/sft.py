@@ -60,31 +60,69 @@ class Batches:
             self.epoch, self.pos = self.epoch + 1, 0
 
 
+class Shard:
+    """This process's rows of every global micro-batch (rows rank, rank+world, ...), each carrying `norm`:
+    the global micro-batch's target-token count over `world`. Every process builds the same seeded global
+    batches, so the count needs no communication, and the engine's gradient sum over processes (each
+    weighted 1/world) is exactly the one-process gradient of the mean over the global batch's targets.
+    In one process a shard is the whole batch and `norm` its own count: the objective is unchanged."""
+
+    def __init__(self, batches, world: int = 1, rank: int = 0):
+        self.batches, self.world, self.rank = batches, world, rank
+        self.tokens = 0  # input tokens of the global batches seen (every process counts the same)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.batches.load_state_dict(state)
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.tokens += int(batch["input_ids"].numel())
+            yield shard_batch(batch, self.world, self.rank)
+
+
+def shard_batch(batch: dict, world: int, rank: int) -> dict:
+    """Rows rank::world of a global batch with `norm` = its target count / world. A process left without a
+    row (a last batch smaller than the world) gets row 0 with no target: zero loss, zero gradients."""
+    import torch
+
+    _, valid = llm.target_mask(batch)
+    norm = torch.tensor(max(int(valid.sum()), 1) / world, dtype=torch.float32)
+    rows = list(range(rank, batch["input_ids"].shape[0], world))
+    part = {k: v[rows or [0]] for k, v in batch.items()}
+    if not rows:
+        part["labels"] = torch.full_like(part["labels"], llm.IGNORE)
+    part["norm"] = norm
+    return part
+
+
 def train(model, batches: Batches, steps: int, lr: float, warmup_ratio: float, weight_decay: float,
           max_grad_norm: float, scheduler: str = "linear", bf16: str = "off", device: str = "cpu",
-          checkpoint_dir=None, checkpoint_every: int = 0, grad_accum: int = 1) -> dict:
-    """Run the training engine on the causal-LM objective; returns history and throughput."""
+          checkpoint_dir=None, checkpoint_every: int = 0, grad_accum: int = 1, optimizer: str = "adamw") -> dict:
+    """Run the training engine on the causal-LM objective; returns history and throughput. Under a
+    multi-process launch (domaintune.distributed) each process trains on its Shard of every global
+    batch; rank 0 alone writes checkpoints."""
+    from domaintune import distributed
     from domaintune.engine import Engine, EngineConfig, param_groups
 
     cfg = EngineConfig(lr=lr, total_steps=steps, warmup_steps=int(warmup_ratio * steps), scheduler=scheduler,
                        max_grad_norm=max_grad_norm, bf16=bf16, device=device, checkpoint_every=checkpoint_every,
-                       grad_accum=grad_accum)
+                       grad_accum=grad_accum, optimizer=optimizer)
     engine = Engine(model, param_groups(model.named_parameters(), lr, weight_decay), cfg,
                     checkpoint_dir=checkpoint_dir)
-    tokens = 0
-
-    def loss_fn(m, batch):
-        nonlocal tokens
-        tokens += int(batch["input_ids"].numel())
-        return llm.causal_lm_loss(m, batch)
-
+    shards = Shard(batches, distributed.world_size(), distributed.rank())
     model.train()  # from_pretrained returns eval mode: no dropout, and no gradient checkpointing
     t0 = time.perf_counter()
-    history = engine.fit(loss_fn, batches)
+    history = engine.fit(llm.causal_lm_loss, shards)
     seconds = time.perf_counter() - t0
     engine.clear_checkpoint()
-    return {"history": history, "steps": engine.step_count, "seconds": round(seconds, 3),
-            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None}
+    return {"history": history, "steps": engine.step_count, "seconds": round(seconds, 3), "processes": shards.world,
+            "tokens_per_second": round(shards.tokens / seconds, 1) if seconds > 0 else None}
 
 
 def steps_for(n_batches: int, epochs: int | None, max_steps: int) -> int:
@@ -95,9 +133,11 @@ def steps_for(n_batches: int, epochs: int | None, max_steps: int) -> int:
 
 def dapt_generation(splits: dict[str, pd.DataFrame], corpus: list[str], base, p, out, checkpoint_dir=None,
                     live: Path | None = None) -> dict:
-    """Continued causal-LM pre-training; writes the model + tokenizer to `out`, returns the metrics."""
+    """Continued causal-LM pre-training; writes the model + tokenizer to `out` (None: a data-parallel
+    helper process, which trains and writes nothing), returns the metrics."""
     import torch
 
+    from domaintune import distributed
     from domaintune.device import stage_device
 
     model, tok = load_causal_lm(base.model)
@@ -108,9 +148,11 @@ def dapt_generation(splits: dict[str, pd.DataFrame], corpus: list[str], base, p,
     held, train_texts = [texts[i] for i in order[:n_held]], [texts[i] for i in order[n_held:]]
     blocks = _blocks(tok, train_texts, p.block_size)
     heldout = _blocks(tok, held, p.block_size)
-    before = llm.perplexity(model, heldout, tok.pad_token_id, p.batch_size)
+    writer = out is not None
     metrics = {"task": "generation", "enabled": p.enabled, "texts": {"train": len(train_texts), "heldout": n_held},
-               "blocks": len(blocks), "perplexity_before": before["perplexity"]}
+               "blocks": len(blocks), "processes": distributed.world_size()}
+    if writer:
+        metrics["perplexity_before"] = llm.perplexity(model, heldout, tok.pad_token_id, p.batch_size)["perplexity"]
     if p.enabled and blocks:
         batches = Batches(blocks, p.batch_size // p.grad_accum, tok.pad_token_id, base.seed, block_size=p.block_size)
         steps = steps_for(math.ceil(len(batches) / p.grad_accum), p.epochs, p.max_steps)
@@ -122,8 +164,9 @@ def dapt_generation(splits: dict[str, pd.DataFrame], corpus: list[str], base, p,
         model.to("cpu")
         metrics.update(steps=run["steps"], tokens_per_second=run["tokens_per_second"],
                        loss_first=run["history"][0]["loss"], loss_last=run["history"][-1]["loss"])
-    after = llm.perplexity(model, heldout, tok.pad_token_id, p.batch_size)
-    metrics["perplexity_after"] = after["perplexity"]
+    if not writer:
+        return metrics
+    metrics["perplexity_after"] = llm.perplexity(model, heldout, tok.pad_token_id, p.batch_size)["perplexity"]
     with torch.no_grad():
         model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -143,6 +186,21 @@ def _blocks(tok, texts: Sequence[str], block_size: int) -> list[tuple[list[int],
 
 
 # ---------------------------------------------------------------- finetune (SFT)
+
+def optimizer_for(ft, device: str) -> str:
+    """finetune.optimizer resolved for this device: auto is bitsandbytes' paged 8-bit AdamW for qlora on CUDA
+    (the optimizer state of QLoRA recipes: 8-bit moments that page to host memory under pressure) and torch
+    AdamW elsewhere; paged_adamw_8bit without CUDA is a ParamsError (one line, exit 2)."""
+    if ft.optimizer == "paged_adamw_8bit":
+        if not device.startswith("cuda"):
+            raise ParamsError(f"params.yaml: finetune.optimizer: paged_adamw_8bit needs a CUDA device (bitsandbytes "
+                              f"pages its state through CUDA memory) but this run trains on {device}; "
+                              "use auto or adamw")
+        return "paged_adamw_8bit"
+    if ft.optimizer == "auto" and ft.method == "qlora" and device.startswith("cuda"):
+        return "paged_adamw_8bit"
+    return "adamw"
+
 
 def apply_method(model, ft, device: str, seed: int):
     """full: every weight trains; lora: adapters on finetune.target_modules; qlora: the transformer
@@ -175,9 +233,11 @@ def apply_method(model, ft, device: str, seed: int):
     return get_peft_model(model, cfg)
 
 
-def finetune_generation(splits: dict[str, pd.DataFrame], encoder_dir: str, base, ft, out: Path,
-                        checkpoints: str, live: Path, data_hash: str) -> dict:
-    """SFT on train, perplexity on validation; writes the model (or adapter) + tokenizer + run.json."""
+def finetune_generation(splits: dict[str, pd.DataFrame], encoder_dir: str, base, ft, out: Path | None,
+                        checkpoints: str, live: Path | None, data_hash: str) -> dict:
+    """SFT on train, perplexity on validation; writes the model (or adapter) + tokenizer + run.json.
+    out None: a data-parallel helper process, which trains on its shard and writes nothing."""
+    from domaintune import distributed
     from domaintune.training import finetune_device, run_key
 
     device = finetune_device(base, ft)
@@ -195,18 +255,22 @@ def finetune_generation(splits: dict[str, pd.DataFrame], encoder_dir: str, base,
     key = run_key(ft, base, data_hash, encoder_dir, seed)
     run = train(model, batches, steps_for(math.ceil(len(batches) / ft.grad_accum), ft.epochs, 0), ft.lr,
                 ft.warmup_ratio, ft.weight_decay, ft.max_grad_norm, ft.scheduler, ft.bf16, device,
-                Path(checkpoints) / f"sft-{key}", ft.checkpoint_every, ft.grad_accum)
+                Path(checkpoints) / f"sft-{key}", ft.checkpoint_every, ft.grad_accum, optimizer_for(ft, device))
     model.to("cpu")
-    val = llm.perplexity(model, pairs(encode_split(tok, splits["validation"], base.max_length)),
-                         tok.pad_token_id, ft.batch_size) if len(splits["validation"]) else None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics = {"task": "generation", "method": ft.method, "packing": ft.packing, "steps": run["steps"],
+               "optimizer": optimizer_for(ft, device),
+               "processes": distributed.world_size(), "train_examples": len(kept),
+               "skipped_no_response_tokens": skipped, "loss_first": run["history"][0]["loss"],
+               "loss_last": run["history"][-1]["loss"], "tokens_per_second": run["tokens_per_second"],
+               "seconds": run["seconds"], "trainable_parameters": int(trainable), "dataset_hash": data_hash}
+    if out is None:
+        return metrics
+    metrics["validation"] = llm.perplexity(model, pairs(encode_split(tok, splits["validation"], base.max_length)),
+                                           tok.pad_token_id, ft.batch_size) if len(splits["validation"]) else None
     save_tuned(model, tok, out, ft, encoder_dir)
     write_curves(live, run["history"])
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"task": "generation", "method": ft.method, "packing": ft.packing, "steps": run["steps"],
-            "train_examples": len(kept), "skipped_no_response_tokens": skipped,
-            "loss_first": run["history"][0]["loss"], "loss_last": run["history"][-1]["loss"],
-            "tokens_per_second": run["tokens_per_second"], "seconds": run["seconds"],
-            "trainable_parameters": int(trainable), "validation": val, "dataset_hash": data_hash}
+    return metrics
 
 
 def save_tuned(model, tok, out: Path, ft, encoder_dir: str) -> None:
@@ -228,27 +292,35 @@ def write_curves(live: Path, history: list[dict]) -> None:
 
 # ---------------------------------------------------------------- stage I/O
 
-def run_dapt(args, base, params) -> str:
-    one_process(params, "dapt")
+def run_dapt(args, base, params) -> dict:
+    """The dapt stage for base.task generation (one process, or one of a torchrun launch: rank 0 writes)."""
+    from domaintune import distributed
+
     splits, labels = read_dataset(args.in_dir)
     corpus = []
     for c in params.corpus if params.enabled else ():
         corpus += [line for line in Path(c).read_text(encoding="utf-8").splitlines() if line.strip()]
-    key = _dapt_key(base, params, read_hashes(args.in_dir, splits, labels)["dataset"])
+    data_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
+    ckpt = Path(args.checkpoints) / f"clm-{_dapt_key(base, params, data_hash)}"
+    if distributed.rank() != 0:
+        return dapt_generation(splits, corpus, base, params, None, ckpt)
     with atomic_output(args.out) as out, atomic_output(args.live) as live, atomic_output(args.metrics) as met:
-        metrics = dapt_generation(splits, corpus, base, params, out, Path(args.checkpoints) / f"clm-{key}", live)
+        metrics = dapt_generation(splits, corpus, base, params, out, ckpt, live)
         metrics["params"] = as_dict(params)
         write_json(out / "dapt_info.json", {"base_model": base.model, "task": "generation", "metrics": metrics})
         write_json(met, metrics)
     _checkpoints_readme(args.checkpoints)
+    return metrics
+
+
+def dapt_summary(metrics: dict) -> str:
+    if "perplexity_after" not in metrics:  # a data-parallel helper process: it trained, rank 0 measures
+        return f"causal-LM training on this process's shard ({metrics.get('steps', 0)} steps)"
     return (f"causal-LM held-out perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}"
-            f" ({metrics.get('steps', 0)} steps)")
+            f" ({metrics.get('steps', 0)} steps, {metrics.get('processes', 1)} process(es))")
 
 
-def one_process(p, section: str) -> None:
-    if p.processes * p.nnodes > 1:
-        raise ParamsError(f"params.yaml: {section}.processes: base.task generation trains in one process for now; "
-                          f"set {section}.processes and {section}.nnodes to 1")
+LAUNCH = ("processes", "nnodes", "node_rank", "rdzv_endpoint", "checkpoint_every")  # a run may resume under another
 
 
 def _dapt_key(base, p, data_hash: str) -> str:
@@ -258,8 +330,8 @@ def _dapt_key(base, p, data_hash: str) -> str:
     from domaintune.embeddings import encoder_fingerprint
     from domaintune.modeling import resolve_model
 
-    h = hashlib.sha256(json.dumps({"dapt": as_dict(p), "base": as_dict(base), "data": data_hash},
-                                  sort_keys=True).encode())
+    dapt = {k: v for k, v in as_dict(p).items() if k not in LAUNCH}
+    h = hashlib.sha256(json.dumps({"dapt": dapt, "base": as_dict(base), "data": data_hash}, sort_keys=True).encode())
     h.update(encoder_fingerprint(resolve_model(base.model)).encode())
     return h.hexdigest()[:16]
 
@@ -271,15 +343,23 @@ def _checkpoints_readme(folder: str) -> None:
     (ckpt / "README.txt").write_text("Resumable training state, one folder per run key; a finished run removes it.\n")
 
 
-def run_finetune(args, base, ft) -> str:
-    one_process(ft, "finetune")
+def run_finetune(args, base, ft) -> dict:
+    """The finetune stage for base.task generation (one process, or one of a torchrun launch: rank 0 writes)."""
+    from domaintune import distributed
+
     splits, labels = read_dataset(args.in_dir)
     data_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
+    if distributed.rank() != 0:
+        return finetune_generation(splits, args.encoder, base, ft, None, args.checkpoints, None, data_hash)
     with atomic_output(args.out) as out, atomic_output(args.live) as live, atomic_output(args.metrics) as met:
         metrics = finetune_generation(splits, args.encoder, base, ft, out, args.checkpoints, live, data_hash)
         write_json(met, metrics)
     _checkpoints_readme(args.checkpoints)
-    val = metrics["validation"]
-    return (f"SFT {metrics['method']}: {metrics['steps']} steps, loss {metrics['loss_first']:.3f} -> "
-            f"{metrics['loss_last']:.3f}" + (f", validation perplexity {val['perplexity']:.2f}" if val else ""))
+    return metrics
 
+
+def finetune_summary(metrics: dict) -> str:
+    val = metrics.get("validation")
+    return (f"SFT {metrics['method']}: {metrics['steps']} steps in {metrics.get('processes', 1)} process(es), loss "
+            f"{metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f}"
+            + (f", validation perplexity {val['perplexity']:.2f}" if val else ""))

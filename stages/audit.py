@@ -29,6 +29,9 @@ Human decisions (labels/decisions.csv) override the automatic policy.
 A class whose every train row is dropped or relabelled away stops the stage
 (audit.on_empty_class: error), or with `drop` loses its validation/test rows too
 (changes.csv, reason class_emptied_from_train) and leaves labels.json.
+
+base.task generation: domaintune/generation.py reports what hurts SFT; with evaluate.label_set declared
+(classification as generation) label_set_audit runs all of the above on the response as the label.
 """
 from __future__ import annotations
 
@@ -323,26 +326,78 @@ class AuditResult:
     metrics: dict = field(default_factory=dict)
     labels: list = field(default_factory=list)  # labels.json of the output (less any class dropped)
 
+    def write_reports(self, folder: Path) -> None:
+        """The reviewer's CSVs (label_issues, label_scores, changes, decisions_applied, datalab_*)."""
+        self.label_issues.to_csv(folder / "label_issues.csv", index=False)
+        self.scores.to_csv(folder / "label_scores.csv", index=False)
+        self.changes.to_csv(folder / "changes.csv", index=False)
+        self.decisions_applied.to_csv(folder / "decisions_applied.csv", index=False)
+        self.outliers.to_csv(folder / "datalab_outliers.csv", index=False)
+        self.near_duplicates.to_csv(folder / "datalab_near_duplicates.csv", index=False)
+
 
 def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[str, np.ndarray],
           params: AuditParams, seed: int, decisions: pd.DataFrame | None = None) -> AuditResult:
     """The pure core: score every row, decide what happens to each train row, return new splits + reports."""
     if decisions is None:
         decisions = pd.DataFrame({"id": [], "decision": [], "corrected_label": [], "line": []})
-    label_index = {lab: i for i, lab in enumerate(labels)}
-    n_classes = len(labels)
     splits = {k: v.reset_index(drop=True).copy() for k, v in splits.items()}
     rows_in = {s: int(len(splits[s])) for s in SPLITS}
-    metrics: dict = {}
-    timings: dict = {}
-
     train = splits["train"]
-    y_train = train["label"].map(label_index).to_numpy()
-    if np.isnan(y_train.astype(float)).any():  # labels.json is the train label set, so this is corruption
-        bad = int(np.flatnonzero(pd.isna(train["label"].map(label_index)))[0])
-        raise DataError("train.parquet", bad, "label", f"label {train['label'][bad]!r} not in labels.json")
-    y_train = y_train.astype(int)
+    y_train = _train_targets(train, labels)
+    scored, probs_train, scorable, k, temperature, timings = score_splits(splits, labels, embeddings, y_train,
+                                                                          params, seed)
+    st = scored["train"]
+    new_label, drop, reason, applied = decide_train(st, decisions, params)
+    for s in scored:
+        if s != "train":
+            scored[s]["action_taken"] = f"none ({s} rows are never changed)"
 
+    relabelled = (~drop) & (new_label != train["label"].astype(str).to_numpy())
+    changes = pd.DataFrame({
+        "id": st["id"], "text": st["text"], "given_label": st["given_label"],
+        "new_label": np.where(drop, "", new_label), "change": np.where(drop, "dropped", "relabelled"),
+        "reason": reason, "score": st["score"],
+    })[drop | relabelled].reset_index(drop=True)
+    out_train = train.copy()
+    out_train["label"] = new_label
+    splits["train"] = out_train[~drop].reset_index(drop=True)
+    splits, labels_out, changes, gone = _empty_classes(splits, labels, train, changes, params, rows_in)
+    label_issues, scores = _issue_tables(scored)
+
+    t0 = time.perf_counter()
+    outliers, near = run_datalab(embeddings["train"], y_train, probs_train, st["id"].tolist())
+    # Reviewers read these files: show the text and label next to each id.
+    lookup = st.set_index("id")[["given_label", "text"]]
+    outliers = outliers.join(lookup, on="id") if len(outliers) else outliers
+    near = near.join(lookup, on="id") if len(near) else near
+    timings["datalab_seconds"] = round(time.perf_counter() - t0, 3)
+
+    decisions_applied = pd.DataFrame(applied, columns=["id", "line", "decision", "corrected_label", "given_label",
+                                                       "suggested_label", "flagged", "score", "effect",
+                                                       "final_label"])
+    metrics = _audit_metrics(scored, splits, rows_in, gone, scorable, k, temperature, params, drop, relabelled,
+                             decisions, decisions_applied, outliers, near) | timings
+    return AuditResult(splits=splits, label_issues=label_issues, scores=scores, changes=changes,
+                       decisions_applied=decisions_applied, outliers=outliers, near_duplicates=near, metrics=metrics,
+                       labels=labels_out)
+
+
+def _train_targets(train: pd.DataFrame, labels: list[str]) -> np.ndarray:
+    y_train = train["label"].map({lab: i for i, lab in enumerate(labels)}).to_numpy()
+    if np.isnan(y_train.astype(float)).any():  # labels.json is the train label set, so this is corruption
+        bad = int(np.flatnonzero(pd.isna(train["label"].map({lab: i for i, lab in enumerate(labels)})))[0])
+        raise DataError("train.parquet", bad, "label", f"label {train['label'][bad]!r} not in labels.json")
+    return y_train.astype(int)
+
+
+def score_splits(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[str, np.ndarray],
+                 y_train: np.ndarray, params: AuditParams, seed: int):
+    """Every row's calibrated out-of-sample score (steps 2-4 of the module docstring).
+    Returns (scored frames per split, calibrated train probabilities, scorable train mask, folds used,
+    temperature, timings)."""
+    label_index = {lab: i for i, lab in enumerate(labels)}
+    n_classes = len(labels)
     t0 = time.perf_counter()
     probs_train, scorable, k = out_of_sample_probs(embeddings["train"], y_train, n_classes, params.folds,
                                                    params.C, seed)
@@ -358,8 +413,7 @@ def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[s
     # Calibrate on the train rows' out-of-sample probabilities; apply the same T to every split.
     temperature, calibrated = calibrate_probs(y_train, probs_train, scorable)
     per_split_probs = {s: (ys, calibrated(pr), ok) for s, (ys, pr, ok) in per_split_probs.items()}
-    probs_train = per_split_probs["train"][1]
-    timings["cv_seconds"] = round(time.perf_counter() - t0, 3)
+    timings = {"cv_seconds": round(time.perf_counter() - t0, 3)}
 
     t0 = time.perf_counter()
     scored = {}
@@ -374,14 +428,17 @@ def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[s
         sc["p_given"] = 1.0 - sc["score"]
         scored[s] = sc
     timings["cleanlab_seconds"] = round(time.perf_counter() - t0, 3)
+    return scored, per_split_probs["train"][1], scorable, k, temperature, timings
 
-    # Decide each train row's fate: decisions first (they override), then the policy for flagged rows.
-    st = scored["train"]
+
+def decide_train(st: pd.DataFrame, decisions: pd.DataFrame, params: AuditParams):
+    """Each train row's fate: human decisions first (they override), then audit.action for flagged rows.
+    Sets st["action_taken"]; returns (new labels, drop mask, reason per row, decisions applied)."""
     dec = decisions.set_index("id") if len(decisions) else None
-    new_label = train["label"].astype(str).to_numpy().copy()
-    drop = np.zeros(len(train), dtype=bool)
-    action_taken = np.array(["none"] * len(train), dtype=object)
-    reason = np.array([""] * len(train), dtype=object)
+    new_label = st["given_label"].astype(str).to_numpy().copy()
+    drop = np.zeros(len(st), dtype=bool)
+    action_taken = np.array(["none"] * len(st), dtype=object)
+    reason = np.array([""] * len(st), dtype=object)
     applied = []
     for i, rid in enumerate(st["id"]):
         given, sugg = st.at[i, "given_label"], st.at[i, "suggested_label"]
@@ -416,21 +473,11 @@ def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[s
             else:
                 action_taken[i] = "none (action: report)"
     st["action_taken"] = action_taken
-    for s in holdout:
-        scored[s]["action_taken"] = f"none ({s} rows are never changed)"
+    return new_label, drop, reason, applied
 
-    relabelled = (~drop) & (new_label != train["label"].astype(str).to_numpy())
-    changes = pd.DataFrame({
-        "id": st["id"], "text": st["text"], "given_label": st["given_label"],
-        "new_label": np.where(drop, "", new_label), "change": np.where(drop, "dropped", "relabelled"),
-        "reason": reason, "score": st["score"],
-    })[drop | relabelled].reset_index(drop=True)
-    out_train = train.copy()
-    out_train["label"] = new_label
-    out_train = out_train[~drop].reset_index(drop=True)
-    splits["train"] = out_train
-    splits, labels_out, changes, gone = _empty_classes(splits, labels, train, changes, params, rows_in)
 
+def _issue_tables(scored: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(label_issues: the flagged rows of every split, train first, by rank; scores: every row)."""
     issue_cols = ["id", "text", "given_label", "suggested_label", "score", "rank", "split", "action_taken"]
     label_issues = pd.concat([scored[s][scored[s]["flagged"]] for s in scored], ignore_index=True)
     label_issues = label_issues.sort_values(["split", "rank"], key=lambda c: c.map(
@@ -438,25 +485,20 @@ def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[s
     scores = pd.concat([scored[s] for s in scored], ignore_index=True)[
         ["id", "split", "given_label", "suggested_label", "p_given", "score", "rank", "cleanlab_issue", "flagged",
          "scorable", "text"]]
+    return label_issues.reset_index(drop=True), scores
 
-    t0 = time.perf_counter()
-    outliers, near = run_datalab(embeddings["train"], y_train, probs_train, st["id"].tolist())
-    # Reviewers read these files: show the text and label next to each id.
-    lookup = st.set_index("id")[["given_label", "text"]]
-    outliers = outliers.join(lookup, on="id") if len(outliers) else outliers
-    near = near.join(lookup, on="id") if len(near) else near
-    timings["datalab_seconds"] = round(time.perf_counter() - t0, 3)
 
+def _audit_metrics(scored, splits, rows_in, gone, scorable, k, temperature, params, drop, relabelled, decisions,
+                   decisions_applied, outliers, near) -> dict:
+    st = scored["train"]
     flagged_train = st[st["flagged"]]
-    decisions_applied = pd.DataFrame(applied, columns=["id", "line", "decision", "corrected_label", "given_label",
-                                                       "suggested_label", "flagged", "score", "effect",
-                                                       "final_label"])
-    metrics.update({
+    n_train = rows_in["train"]
+    return {
         "classes_dropped": gone,
         "rows_in": rows_in,
         "rows_out": {s: int(len(splits[s])) for s in SPLITS},
         "issues_found": int(len(flagged_train)),
-        "issues_found_rate": round(len(flagged_train) / max(len(train), 1), 4),
+        "issues_found_rate": round(len(flagged_train) / max(n_train, 1), 4),
         "issues_per_class": {lab: int(c) for lab, c in flagged_train["given_label"].value_counts().sort_index().items()},
         "issues_found_by_split": {s: int(scored[s]["flagged"].sum()) for s in scored},
         "cleanlab_candidates": int(st["cleanlab_issue"].sum()),
@@ -474,10 +516,7 @@ def audit(splits: dict[str, pd.DataFrame], labels: list[str], embeddings: dict[s
             "changed_rows": int((decisions_applied["effect"] != "kept").sum()),
         },
         "datalab": {"outliers": int(len(outliers)), "near_duplicates": int(len(near))},
-    } | timings)
-    return AuditResult(splits=splits, label_issues=label_issues.reset_index(drop=True), scores=scores,
-                       changes=changes, decisions_applied=decisions_applied, outliers=outliers,
-                       near_duplicates=near, metrics=metrics, labels=labels_out)
+    }
 
 
 def _empty_classes(splits: dict[str, pd.DataFrame], labels: list[str], train_in: pd.DataFrame,
@@ -521,7 +560,10 @@ def run(args) -> None:
     if base.task == "generation":
         from domaintune.generation import run_audit
 
-        return run_audit(args, base)
+        label_set = list(load_params(args.params, "evaluate").label_set)
+        # classification as generation: cleanlab's audit on the response as the label, as for a classifier
+        return run_audit(args, base, (lambda splits: label_set_audit(splits, label_set, args, base, params))
+                         if label_set else None)
     decisions_path = args.decisions if args.decisions is not None else params.decisions
     in_dir = Path(args.in_dir)
     splits, labels = read_dataset(in_dir)
@@ -549,12 +591,7 @@ def run(args) -> None:
         if manifest.exists():  # downstream stages want the dedupe provenance; audited data carries it on
             shutil.copyfile(manifest, out_tmp / "upstream_manifest.json")
         rep_tmp.mkdir()
-        result.label_issues.to_csv(rep_tmp / "label_issues.csv", index=False)
-        result.scores.to_csv(rep_tmp / "label_scores.csv", index=False)
-        result.changes.to_csv(rep_tmp / "changes.csv", index=False)
-        result.decisions_applied.to_csv(rep_tmp / "decisions_applied.csv", index=False)
-        result.outliers.to_csv(rep_tmp / "datalab_outliers.csv", index=False)
-        result.near_duplicates.to_csv(rep_tmp / "datalab_near_duplicates.csv", index=False)
+        result.write_reports(rep_tmp)
         write_json(rep_tmp / "summary.json", {
             "params": as_dict(params), "seed": base.seed, "max_length": base.max_length,
             "encoder_path": encoder_path, "decisions_file": str(decisions_path or ""),
@@ -570,6 +607,29 @@ def run(args) -> None:
     log.info("flagged %d train rows; action %s: dropped %d, relabelled %d; decisions applied %d",
              m["issues_found"], params.action, m["rows_acted_on"]["dropped"], m["rows_acted_on"]["relabelled"],
              m["decisions"]["applied"])
+
+
+def label_set_audit(splits: dict[str, pd.DataFrame], label_set: list[str], args, base: BaseParams,
+                    params: AuditParams) -> AuditResult:
+    """base.task generation with evaluate.label_set: every response must be one label; the prompts are embedded
+    (audit.encoder; 'base' = the causal LM's mean last hidden state) and audited like a classifier's texts,
+    with the same decisions file, action and reports."""
+    for s in SPLITS:
+        unknown = ~splits[s]["label"].isin(label_set)
+        if unknown.any():
+            row = int(np.flatnonzero(unknown.to_numpy())[0])
+            raise DataError(f"{s}.parquet", row + 1, "label", f"response {splits[s]['label'].iloc[row]!r} is not in "
+                            f"evaluate.label_set {label_set}")
+    labels = [lab for lab in label_set if lab in set(splits["train"]["label"])]  # the classes train can score
+    decisions = read_decisions(args.decisions if args.decisions is not None else params.decisions, splits, labels)
+    from domaintune.device import stage_device
+
+    embeddings, reused, embed_s = embed_splits(splits, resolve_encoder(params, base), args.embeddings,
+                                               base.max_length, params.batch_size, stage_device(base))
+    result = audit(splits, labels, embeddings, params, base.seed, decisions)
+    result.metrics.update(embeddings_reused=reused, embed_seconds=round(embed_s, 3), label_set=label_set,
+                          encoder=params.encoder if params.encoder != "base" else f"base:{base.model}")
+    return result
 
 
 def build_parser():

@@ -105,9 +105,14 @@ def main(argv=None) -> int:
 
         base, params = load_params(args.params, "base", "dapt")
         if base.task == "generation":
-            from domaintune.sft import run_dapt
+            from domaintune.device import stage_device
+            from domaintune.sft import dapt_summary, run_dapt
 
-            return run_dapt(args, base, params)
+            stage_device(base)  # a bad device is one line before anything is launched or read
+            if not params.enabled:
+                return dapt_summary(run_dapt(args, base, params))
+            return dapt_summary(distributed.run_in_processes("dapt", argv, params, args.metrics,
+                                                             lambda: run_dapt(args, base, params)))
 
         def train() -> dict:
             if distributed.world_size() == 1 and not distributed.launched():

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         base, params = load_params(args.params, "base", "drift")
         device = stage_device(base)
         if base.task == "generation":
-            from domaintune.generation import run_drift
+            from domaintune.gendrift import run_drift
 
             return run_drift(args, params, device)
         splits, labels = read_dataset(args.in_dir)

@@ -23,13 +23,19 @@ def run(args: argparse.Namespace) -> dict:
     from domaintune.training import finetune_device, train_classifier
 
     base, ft = load_params(args.params, "base", "finetune")
-    finetune_device(base, ft)  # a bad or absent device is one line before any data is read
+    device = finetune_device(base, ft)  # a bad or absent device is one line before any data is read
     if not Path(args.encoder).is_dir():
         raise FileNotFoundError(f"--encoder {args.encoder}: no such model folder; run the dapt stage first")
     if base.task == "generation":
-        from domaintune.sft import run_finetune
+        from domaintune.sft import optimizer_for, run_finetune
 
+        optimizer_for(ft, device)  # paged 8-bit AdamW without CUDA: one line before any data is read
         return run_finetune(args, base, ft)
+    if ft.optimizer == "paged_adamw_8bit":
+        from domaintune.params import ParamsError
+
+        raise ParamsError("params.yaml: finetune.optimizer: paged_adamw_8bit is for base.task generation "
+                          "(QLoRA/LoRA SFT); the classifier trains with AdamW (use auto or adamw)")
     splits, labels = read_dataset(args.in_dir)
     data_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
     kw = dict(base_encoder=args.encoder, data_hash=data_hash, checkpoint_root=args.checkpoints,
@@ -68,8 +74,13 @@ def main(argv=None) -> int:
     def go(args: argparse.Namespace):
         from domaintune import distributed
 
-        _, ft = load_params(args.params, "base", "finetune")
-        return distributed.run_in_processes("finetune", argv, ft, args.metrics, lambda: run(args))
+        base, ft = load_params(args.params, "base", "finetune")
+        metrics = distributed.run_in_processes("finetune", argv, ft, args.metrics, lambda: run(args))
+        if base.task == "generation":
+            from domaintune.sft import finetune_summary
+
+            return finetune_summary(metrics)
+        return metrics
 
     return run_stage("finetune", go, ap, argv)
 

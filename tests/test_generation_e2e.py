@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 
 import pandas as pd
@@ -116,9 +117,31 @@ def test_export_is_merged_verified_and_loads_in_a_pipeline(project):
     gen = pipeline("text-generation", model=str(out), tokenizer=str(out), device="cpu")
     res = gen("Where is my invoice?", max_new_tokens=5, do_sample=False)
     assert isinstance(res[0]["generated_text"], str)
-    drift = _metrics(project, "drift")
-    assert drift["reference_rows"] == _metrics(project, "dedupe")["rows_out"]["train"]
-    assert (project / "models/drift_baseline/reference.parquet").is_file()
+    drift, rows = _metrics(project, "drift"), _metrics(project, "dedupe")["rows_out"]
+    assert drift["task"] == "generation" and drift["output_reference_rows"] == rows["validation"]
+    assert drift["text_reference_rows"] == rows["train"] + rows["validation"]
+    assert (project / "models/drift_baseline/reference_outputs.parquet").is_file()  # the classifier's baseline files
+
+
+def test_monitor_judges_prompt_batches_against_the_generation_baseline(project, capsys):
+    """`domaintune monitor` on the DAG's own export and drift baseline: the same verdict files and exit codes."""
+    from pipelines.cli import main as cli
+    from test_drift import german
+
+    (project / "same.txt").write_text("\n".join(pd.read_parquet(project / "data/audited/test.parquet")["text"]
+                                                .str.replace("\n", " ")) + "\n", encoding="utf-8")
+    (project / "other.txt").write_text("\n".join(german(20)) + "\n", encoding="utf-8")
+    try:
+        assert cli(["monitor", "--batch", "same.txt", "--repo", str(project), "--out", "reports/monitor"]) == 0
+        assert cli(["monitor", "--batch", "other.txt", "--repo", str(project), "--out", "reports/monitor"]) == 1
+        verdict = json.loads((project / "reports/monitor/verdict.json").read_text())
+        assert verdict["drift"] and verdict["accuracy"] is None and "embeddings_mmd" in verdict["signals"]
+        assert "other.txt: DRIFT" in capsys.readouterr().out
+    finally:  # leave the workspace as dvc repro left it for the publish test
+        for f in ("same.txt", "other.txt"):
+            (project / f).unlink()
+        shutil.rmtree(project / "reports/monitor", ignore_errors=True)
+        (project / "reports/monitor_history.csv").unlink(missing_ok=True)
 
 
 def test_publish_and_roll_back_a_generation_version(project):
