@@ -214,7 +214,7 @@ def apply_method(model, ft, device: str, seed: int):
         raise ParamsError(f"params.yaml: finetune.seeds: base.task generation trains one model; list one seed, "
                           f"got {list(ft.seeds)}")
     if ft.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if ft.method == "full":
         return model
     from peft import LoraConfig, get_peft_model
