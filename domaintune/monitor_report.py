@@ -25,6 +25,12 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else escape(str(x))
 
 
+def _verdict_word(s: dict) -> str:
+    if s["drifted"]:
+        return "drifted"
+    return "significant, effect too small" if s.get("significant") else "no drift"
+
+
 def verdict_section(v: dict) -> str:
     head = ("<h1 class='bad'>DRIFT detected</h1>" if v["drift"] else "<h1 class='ok'>No drift detected</h1>")
     reasons = "".join(f"<li>{escape(r)}</li>" for r in v["reasons"]) or "<li>no test rejected</li>"
@@ -46,7 +52,8 @@ def verdict_section(v: dict) -> str:
         f"<td>{_fmt(s.get('batch_mean'))}</td><td>{escape(s['explanation'])}</td></tr>"
         for name, s in v["signals"].items())
     out.append(f"<section id='signals'><h2>Signals, most drifted first</h2><p>Drifted: p-value below "
-               f"{v['per_test_level']:.3g}.</p><table><tr><th>signal</th><th>p-value</th><th>verdict</th>"
+               f"{v['per_test_level']:.3g} and effect at least {v.get('min_effect', 0):g} (a share of the texts, "
+               f"total-variation scale).</p><table><tr><th>signal</th><th>p-value</th><th>effect</th><th>verdict</th>"
                f"<th>reference mean</th><th>batch mean</th><th>what it measures</th></tr>{rows}</table></section>")
     for key, title in (("most_atypical", "10 most atypical texts (farthest from any reference text)"),
                        ("least_confident", "10 least confident texts")):

@@ -61,7 +61,9 @@ def test_one_shot_report_verdict_history_queue_and_alarm(project, capsys):
     html = (project / "reports" / "other" / "report.html").read_text(encoding="utf-8")
     assert read_embedded_verdict(html) == json.loads(json.dumps(verdict, sort_keys=True))
     # Verdict first: heading and reasons, estimated accuracy, signals, examples, then evidently.
-    marks = ["DRIFT detected", verdict["reasons"][0].split(":")[0], "Estimated accuracy", "Signals, most drifted",
+    from html import escape
+
+    marks = ["DRIFT detected", escape(verdict["reasons"][0]), "Estimated accuracy", "Signals, most drifted",
              "10 most atypical", "10 least confident", "Details (evidently)"]
     pos = [html.index(m) for m in marks]
     assert pos == sorted(pos)
@@ -205,7 +207,8 @@ def test_drift_params_are_checked():
     from domaintune.params import DriftParams, ParamsError
 
     for bad in ({"false_alarm_rate": 0.0}, {"false_alarm_rate": 1.5}, {"calibration_resamples": 5},
-                {"alarm_webhook": "ftp://x"}, {"review_below": 2.0}):
+                {"alarm_webhook": "ftp://x"}, {"review_below": 2.0}, {"min_effect": -0.1}, {"min_effect": 1.0},
+                {"bf16": "yes"}):
         with pytest.raises(ParamsError, match="drift\\."):
             DriftParams(**bad)
 
