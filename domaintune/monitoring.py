@@ -113,30 +113,40 @@ def file_sha256(path: Path) -> str:
 
 
 def judge_texts(texts: Sequence[str], baseline_dir: str | Path, predictor, params, out: str | Path,
-                batch_name: str, details: bool = True):
+                batch_name: str, details: bool = True, timings: dict | None = None):
     """Profile + judge one batch, write verdict.json and report.html into `out` (atomically).
-    Returns (verdict, profile)."""
+    Returns (verdict, profile). `timings`, when given, receives the seconds of each phase."""
     from domaintune.data import DataError, atomic_output, write_json
-    from domaintune.drift import PRED_COLUMN, Baseline, validation_frame
+    from domaintune.drift import PRED_COLUMN, Baseline, judge, validation_frame
     from domaintune.monitor_report import write_report
+
+    clock = [time.perf_counter()]
+    timings = {} if timings is None else timings
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = now - clock[0]
+        clock[0] = now
 
     baseline = Baseline(baseline_dir)
     if list(predictor.labels) != baseline.labels:
         raise DataError(Path(baseline_dir) / "profile.json", None, "labels",
                         "served model's labels differ from the baseline's; rebuild the baseline (drift stage)")
-    from domaintune.drift import judge
-
+    lap("load_baseline_s")
     prof = baseline.profile_batch(predictor, texts)
+    lap("profile_s")
     verdict = judge(baseline, prof, params)
     verdict["batch"] = str(batch_name)
     verdict["review_below"] = params.review_below
     verdict["review_queued"] = int((prof.frame["confidence"] < params.review_below).sum())
+    lap("judge_s")
     numeric = [c for c in baseline.profile["numeric_features"] if c in prof.frame.columns]
     with atomic_output(out) as tmp:
         tmp.mkdir(parents=True)
         write_json(tmp / "verdict.json", verdict)
         ref = validation_frame(baseline) if details else None
         write_report(verdict, tmp / "report.html", ref, prof.frame if details else None, numeric, PRED_COLUMN)
+    lap("report_s")
     return verdict, prof
 
 

@@ -134,6 +134,29 @@ def test_judge_same_vs_other_domain(drift_setup):
     assert confs == sorted(confs)
 
 
+def test_bf16_choice_is_recorded_in_the_baseline_and_followed_by_batches(drift_setup, tmp_path, monkeypatch):
+    """drift.bf16 is resolved when the baseline is built and recorded in profile.json; a batch is profiled
+    on the same numeric path. bf16 probabilities stay close to float32 ones."""
+    from domaintune import drift as d
+    from domaintune.params import DriftParams
+
+    root, splits, labels = drift_setup
+    predictor = d.load_served_model(root / "models" / "export")
+    assert d.wants_bf16(predictor, "off") is False and d.wants_bf16(predictor, "on") is True
+    for mode in ("off", "on"):
+        d.build_baseline(splits, labels, None, DriftParams(pca_components=3, calibration_resamples=20, bf16=mode),
+                         tmp_path / mode, predictor=predictor)
+    seen = []
+    real = d.model_outputs
+    monkeypatch.setattr(d, "model_outputs", lambda p, t, bf16=False: seen.append(bf16) or real(p, t, bf16))
+    texts = splits["test"]["text"].tolist()
+    off, on = (d.Baseline(tmp_path / m) for m in ("off", "on"))
+    assert (off.profile["bf16"], on.profile["bf16"]) == (False, True)
+    p_off, p_on = off.profile_batch(predictor, texts), on.profile_batch(predictor, texts)
+    assert seen == [False, True]
+    np.testing.assert_allclose(p_on.probs, p_off.probs, atol=0.03)
+
+
 def test_missing_model_fails_cleanly_without_output(tmp_path, drift_setup, capsys):
     from stages.drift import main
 
