@@ -33,7 +33,10 @@ def _verdict_word(s: dict) -> str:
 
 def verdict_section(v: dict) -> str:
     head = ("<h1 class='bad'>DRIFT detected</h1>" if v["drift"] else "<h1 class='ok'>No drift detected</h1>")
-    reasons = "".join(f"<li>{escape(r)}</li>" for r in v["reasons"]) or "<li>no test rejected</li>"
+    small = [n for n, s in v["signals"].items() if s.get("significant") and not s["drifted"]]
+    quiet = "no signal is both significant and at least drift.min_effect in effect" + (
+        f" ({', '.join(small)}: significant, effect too small)" if small else "")
+    reasons = "".join(f"<li>{escape(r)}</li>" for r in v["reasons"]) or f"<li>{escape(quiet)}</li>"
     out = [f"<section id='verdict'>{head}<p>{v['rows']} texts. {escape(v['error_rate_note'])}.</p>"
            f"<h2>Reasons</h2><ul>{reasons}</ul></section>"]
     a = v.get("accuracy")
@@ -48,7 +51,7 @@ def verdict_section(v: dict) -> str:
                    f"{v['mean_confidence_reference']:.3f} on the reference.</p></section>")
     rows = "".join(
         f"<tr class='{'bad' if s['drifted'] else ''}'><td>{escape(name)}</td><td>{_fmt(s['p_value'])}</td>"
-        f"<td>{'drifted' if s['drifted'] else 'no drift'}</td><td>{_fmt(s.get('reference_mean'))}</td>"
+        f"<td>{_fmt(s.get('effect'))}</td><td>{_verdict_word(s)}</td><td>{_fmt(s.get('reference_mean'))}</td>"
         f"<td>{_fmt(s.get('batch_mean'))}</td><td>{escape(s['explanation'])}</td></tr>"
         for name, s in v["signals"].items())
     out.append(f"<section id='signals'><h2>Signals, most drifted first</h2><p>Drifted: p-value below "

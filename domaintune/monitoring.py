@@ -316,8 +316,11 @@ def summary_line(v: dict) -> str:
     acc = v.get("accuracy")
     est = "" if not acc else (f"; estimated accuracy {acc['estimated']:.3f} ({acc['ci_low']:.3f}-{acc['ci_high']:.3f})"
                               f" vs {acc['reference_measured']:.3f} on the reference")
+    small = [name for name, s in v.get("signals", {}).items() if s.get("significant") and not s["drifted"]]
     head = ("DRIFT: " + "; ".join(v["reasons"])) if v["drift"] else \
-        f"no drift: {v['rows']} texts, no test rejected at {v['false_alarm_rate']} overall"
+        (f"no drift: {v['rows']} texts, no signal both significant at {v['false_alarm_rate']} overall and "
+         f"at least drift.min_effect {v.get('min_effect', 0):g} in effect"
+         + (f" ({', '.join(small)} significant, effect too small)" if small else ""))
     return f"{v['batch']}: {head}{est}"
 
 

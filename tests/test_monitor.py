@@ -232,3 +232,22 @@ def test_one_shot_runs_without_prefect_and_with_telemetry_off(project):
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
             {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not any(m and m.startswith("stages") for m in imported), module
+
+
+def test_quiet_verdict_names_significant_signals_whose_effect_is_too_small():
+    """A batch whose length differs significantly but by a tiny effect: no drift, and both the summary
+    line and the report say which signal was significant and why it does not alarm."""
+    from domaintune.monitor_report import verdict_section
+    from domaintune.monitoring import summary_line
+
+    sig = {"statistic": 40.0, "p_value": 1e-9, "effect": 0.04, "significant": True, "drifted": False,
+           "explanation": "length of the text in words", "reference_mean": 12.0, "batch_mean": 11.4}
+    calm = {"statistic": 0.5, "p_value": 0.6, "effect": 0.0, "significant": False, "drifted": False,
+            "explanation": "x"}
+    v = {"batch": "b.txt", "drift": False, "reasons": [], "rows": 20000, "false_alarm_rate": 0.01,
+         "min_effect": 0.1, "per_test_level": 0.01 / 16, "error_rate_note": "16 tests",
+         "signals": {"n_words": sig, "pc1": calm}, "accuracy": None, "most_atypical": [], "least_confident": []}
+    line = summary_line(v)
+    assert line.startswith("b.txt: no drift") and "n_words significant, effect too small" in line
+    html = verdict_section(v)
+    assert "n_words: significant, effect too small" in html and "significant, effect too small</td>" in html
