@@ -294,11 +294,13 @@ def classifier_comparison(baseline, params, pools_: dict) -> dict:
 def speed_child(file: str, model_root: str, baseline_dir: str, out: str) -> None:
     t0 = time.perf_counter()
     from domaintune.modeling import set_threads
+    from domaintune.monitor_report import import_in_background
     from domaintune.monitoring import judge_texts, read_batch
     from domaintune.params import load_params
     from domaintune.predict import Predictor
 
     params = load_params(REPO / "params.yaml", "drift")
+    import_in_background()  # as `domaintune monitor` does (domaintune.monitoring.run_local)
     set_threads()
     texts = read_batch(file)
     predictor = Predictor.load(Path(model_root) / "model", calibration=Path(model_root) / "calibration.json",

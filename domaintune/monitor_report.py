@@ -69,6 +69,27 @@ def verdict_section(v: dict) -> str:
     return f"{STYLE}<div class='dt'>{''.join(out)}<h2>Details (evidently)</h2></div>"
 
 
+def import_in_background():
+    """Start importing evidently (a second or more: plotly, its metric registry) on a daemon thread and
+    return the thread. The monitor calls it before loading the model, so the import overlaps the model
+    load instead of following the forward pass. A failed import is not lost: evidently_details imports
+    again in the calling thread and raises it there."""
+    import os
+    import threading
+
+    os.environ.setdefault("EVIDENTLY_DISABLE_TELEMETRY", "1")
+
+    def work() -> None:
+        try:
+            import evidently.presets  # noqa: F401
+        except Exception:  # noqa: BLE001 - re-raised by evidently_details' own import
+            return
+
+    thread = threading.Thread(target=work, name="import-evidently", daemon=True)
+    thread.start()
+    return thread
+
+
 def evidently_details(reference: pd.DataFrame, current: pd.DataFrame, numeric: list[str], categorical: str,
                       path: Path) -> None:
     """Evidently's DataDriftPreset per feature (its own tests, shown as details; the verdict is ours).

@@ -278,8 +278,11 @@ def run_local(args, texts: list[str], root: Path) -> list[dict]:
 
     from domaintune.device import stage_device
 
+    from domaintune.monitor_report import import_in_background
+
     base, params = load_params(root / "params.yaml", "base", "drift")
     s = _settings(args, root, params)
+    import_in_background()  # evidently's import overlaps the model load
     set_threads()
     predictor = load_served_model(s["model"], params.batch_size, stage_device(base))
     if args.watch:
