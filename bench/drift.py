@@ -294,21 +294,22 @@ def classifier_comparison(baseline, params, pools_: dict) -> dict:
 def speed_child(file: str, model_root: str, baseline_dir: str, out: str) -> None:
     t0 = time.perf_counter()
     from domaintune.modeling import set_threads
-    from domaintune.monitor_report import import_in_background
+    from domaintune.monitor_report import DetailsProcess
     from domaintune.monitoring import judge_texts, read_batch
     from domaintune.params import load_params
     from domaintune.predict import Predictor
 
     params = load_params(REPO / "params.yaml", "drift")
-    import_in_background()  # as `domaintune monitor` does (domaintune.monitoring.run_local)
+    details = DetailsProcess()  # as `domaintune monitor` does (domaintune.monitoring.run_local)
     set_threads()
     texts = read_batch(file)
     predictor = Predictor.load(Path(model_root) / "model", calibration=Path(model_root) / "calibration.json",
                                batch_size=params.batch_size)
     t1 = time.perf_counter()
     phases: dict = {}
-    verdict, _ = judge_texts(texts, baseline_dir, predictor, params, out, file, timings=phases)
+    verdict, _ = judge_texts(texts, baseline_dir, predictor, params, out, file, timings=phases, renderer=details)
     t2 = time.perf_counter()
+    details.close()
     print(json.dumps({"texts": len(texts), "after_model_load_s": t2 - t1, "model_load_s": t1 - t0,
                       "in_process_total_s": t2 - t0, "phases_after_load_s": phases, "drift": verdict["drift"]}))
 

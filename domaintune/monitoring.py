@@ -113,9 +113,10 @@ def file_sha256(path: Path) -> str:
 
 
 def judge_texts(texts: Sequence[str], baseline_dir: str | Path, predictor, params, out: str | Path,
-                batch_name: str, details: bool = True, timings: dict | None = None):
+                batch_name: str, details: bool = True, timings: dict | None = None, renderer=None):
     """Profile + judge one batch, write verdict.json and report.html into `out` (atomically).
-    Returns (verdict, profile). `timings`, when given, receives the seconds of each phase."""
+    Returns (verdict, profile). `timings`, when given, receives the seconds of each phase; `renderer`
+    (a monitor_report.DetailsProcess) renders evidently's details out of process."""
     from domaintune.data import DataError, atomic_output, write_json
     from domaintune.drift import PRED_COLUMN, Baseline, judge, validation_frame
     from domaintune.monitor_report import write_report
@@ -145,7 +146,8 @@ def judge_texts(texts: Sequence[str], baseline_dir: str | Path, predictor, param
         tmp.mkdir(parents=True)
         write_json(tmp / "verdict.json", verdict)
         ref = validation_frame(baseline) if details else None
-        write_report(verdict, tmp / "report.html", ref, prof.frame if details else None, numeric, PRED_COLUMN)
+        write_report(verdict, tmp / "report.html", ref, prof.frame if details else None, numeric, PRED_COLUMN,
+                     renderer)
     lap("report_s")
     return verdict, prof
 
@@ -241,7 +243,7 @@ def monitor_file(path: Path, texts: Sequence[str] | None, predictor, params, s: 
     """Judge one batch file end to end: verdict + report in `out`, history row, review queue, alarm."""
     sha = file_sha256(path)
     texts = read_batch(path, s["text_column"]) if texts is None else texts
-    verdict, prof = judge_texts(texts, s["baseline"], predictor, params, out, str(path))
+    verdict, prof = judge_texts(texts, s["baseline"], predictor, params, out, str(path), renderer=s.get("details"))
     append_review_queue(s["review_queue"], prof, params.review_below, str(path), sha)
     alarm = raise_alarm(out / "verdict.json", verdict, s["alarm_command"], s["alarm_webhook"]) if verdict["drift"] \
         else ""
@@ -278,16 +280,19 @@ def run_local(args, texts: list[str], root: Path) -> list[dict]:
 
     from domaintune.device import stage_device
 
-    from domaintune.monitor_report import import_in_background
+    from domaintune.monitor_report import DetailsProcess
 
     base, params = load_params(root / "params.yaml", "base", "drift")
     s = _settings(args, root, params)
-    import_in_background()  # evidently's import overlaps the model load
-    set_threads()
-    predictor = load_served_model(s["model"], params.batch_size, stage_device(base))
-    if args.watch:
-        return monitor_folder(root / args.watch, predictor, params, s)
-    return [monitor_file(root / args.batch, texts, predictor, params, s, s["out"])]
+    s["details"] = DetailsProcess()  # imports evidently on the other core while the model loads
+    try:
+        set_threads()
+        predictor = load_served_model(s["model"], params.batch_size, stage_device(base))
+        if args.watch:
+            return monitor_folder(root / args.watch, predictor, params, s)
+        return [monitor_file(root / args.batch, texts, predictor, params, s, s["out"])]
+    finally:
+        s["details"].close()
 
 
 def use_flow(args) -> bool:

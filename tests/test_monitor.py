@@ -251,3 +251,30 @@ def test_quiet_verdict_names_significant_signals_whose_effect_is_too_small():
     assert line.startswith("b.txt: no drift") and "n_words significant, effect too small" in line
     html = verdict_section(v)
     assert "n_words: significant, effect too small" in html and "significant, effect too small</td>" in html
+
+
+def test_details_process_renders_evidently_out_of_process_and_reports_its_errors(tmp_path):
+    """evidently's details come from a child process (it imports evidently while the monitor loads its
+    model): the page it writes is evidently's, a failure inside it is raised here with its message, and
+    closing it ends the child."""
+    import numpy as np
+    import pandas as pd
+
+    from domaintune.monitor_report import DetailsProcess, write_report
+
+    rng = np.random.default_rng(0)
+    ref = pd.DataFrame({"n_words": rng.poisson(10, 200).astype(float), "pred_label": rng.choice(["a", "b"], 200)})
+    cur = pd.DataFrame({"n_words": rng.poisson(4, 80).astype(float), "pred_label": rng.choice(["a", "b"], 80)})
+    v = {"drift": True, "reasons": ["n_words drifted"], "rows": 80, "error_rate_note": "1 test", "signals": {},
+         "per_test_level": 0.01, "min_effect": 0.1, "most_atypical": [], "least_confident": []}
+    details = DetailsProcess()
+    try:
+        write_report(v, tmp_path / "report.html", ref, cur, ["n_words"], "pred_label", details)
+        html = (tmp_path / "report.html").read_text(encoding="utf-8")
+        assert html.index("DRIFT detected") < html.index("Details (evidently)")
+        assert "root_metric_" in html[html.index("Details (evidently)"):] and len(html) > 100_000  # evidently's page
+        with pytest.raises(RuntimeError, match="evidently details: KeyError"):
+            details.render(ref, cur, ["no_such_column"], "pred_label", tmp_path / "bad.html")
+    finally:
+        details.close()
+    assert details.proc.poll() == 0
