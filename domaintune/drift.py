@@ -14,6 +14,9 @@ A baseline (build_baseline, written by stages/drift.py) holds an honest referenc
 A batch is profiled (profile_batch: one forward pass) and judged (judge): every signal gets a
 p-value from the calibrated null, Bonferroni over the signals gives one verdict whose false-alarm
 rate is drift.false_alarm_rate, and the CBPE accuracy estimate is set against the reference's.
+A significant signal counts only with an effect size of at least drift.min_effect (on the
+total-variation scale, domaintune.drifttests): at large batches every real difference is
+significant, and the floor keeps the tiny ones (a few points of text length) from alarming.
 Nothing is pickled: arrays are safetensors, the rest JSON and Parquet.
 """
 from __future__ import annotations
@@ -129,10 +132,26 @@ class BatchProfile:
                             self.probs[idx], self.emb[idx])
 
 
-def model_outputs(predictor, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated probabilities and mean-pooled embeddings, in input order (one forward pass)."""
-    logits, emb = predictor.logits(list(texts), mean_pooled=True)
+def model_outputs(predictor, texts: Sequence[str], bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities and mean-pooled embeddings, in input order (one forward pass, under
+    bf16 autocast when asked: the baseline and every batch take the same numeric path)."""
+    if not bf16 or predictor.model is None:
+        logits, emb = predictor.logits(list(texts), mean_pooled=True)
+        return predictor.proba_from_logits(logits), emb
+    import torch
+
+    with torch.autocast(next(predictor.model.parameters()).device.type, dtype=torch.bfloat16):
+        logits, emb = predictor.logits(list(texts), mean_pooled=True)
     return predictor.proba_from_logits(logits), emb
+
+
+def wants_bf16(predictor, mode: str) -> bool:
+    """drift.bf16 resolved for where the predictor's model sits (domaintune.device.use_bf16)."""
+    if predictor.model is None:
+        return False
+    from domaintune.device import use_bf16
+
+    return use_bf16(mode, str(next(predictor.model.parameters()).device))
 
 
 def output_frame(predictor, probs: np.ndarray, emb: np.ndarray, pca_mean, pca_comps) -> pd.DataFrame:
@@ -178,10 +197,10 @@ class Baseline:
         self.labels = list(self.profile["labels"])
 
     def profile_batch(self, predictor, texts: Sequence[str]) -> BatchProfile:
-        """Features and model outputs of a batch on the baseline's axes."""
+        """Features and model outputs of a batch on the baseline's axes (and its bf16 choice)."""
         texts = list(texts)
         feats = text_features(texts, predictor.tokenizer, self.vocab, predictor.max_length)
-        probs, emb = model_outputs(predictor, texts)
+        probs, emb = model_outputs(predictor, texts, bool(self.profile.get("bf16", False)))
         out = output_frame(predictor, probs, emb, self.arrays["pca_mean"], self.arrays["pca_components"])
         return BatchProfile(texts, pd.concat([feats, out], axis=1), probs, emb)
 
@@ -262,7 +281,8 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir
     text_ref.insert(1, "split", both["split"].astype(str).to_numpy() if "split" in both else
                     ["train"] * len(train) + ["validation"] * len(val))
     text_ref.loc[text_ref["split"] == "train", "oov_rate"] = np.nan
-    probs, emb = model_outputs(predictor, val["text"].tolist())
+    bf16 = wants_bf16(predictor, params.bf16)
+    probs, emb = model_outputs(predictor, val["text"].tolist(), bf16)
     pca_mean, pca_comps = fit_pca(emb, params.pca_components)
     out_ref = output_frame(predictor, probs, emb, pca_mean, pca_comps)
     out_ref.insert(0, "id", val["id"].astype(str).to_numpy())
@@ -280,6 +300,7 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir
         else None
     expected = dt.estimated_performance(probs) if has_accuracy(predictor.problem_type) else None
     profile = _profile(predictor, train, val, text_ref, out_ref, null, measured, expected, params, dataset_hash)
+    profile["bf16"] = bf16  # the batches' forward pass follows it (Baseline.profile_batch)
     out.mkdir(parents=True, exist_ok=True)
     text_ref.to_parquet(out / "reference_text.parquet", index=False)
     out_ref.to_parquet(out / "reference_outputs.parquet", index=False)
@@ -352,25 +373,41 @@ def atypicality(baseline: Baseline, emb: np.ndarray, chunk: int = 4096) -> np.nd
     return out
 
 
+def signal_effect(baseline: Baseline, batch: BatchProfile, name: str, t: float, fits: list[dict]) -> float:
+    """The effect size of one signal on the TV scale (domaintune.drifttests: K-S distance D, TV of the
+    label mix, normalised MMD), debiased for sampling noise."""
+    m = len(batch.texts)
+    if name == PRED_COLUMN:
+        return dt.tv_effect(label_counts(baseline.out_ref[PRED_COLUMN], baseline.labels),
+                            label_counts(batch.frame[PRED_COLUMN], baseline.labels))
+    ref = baseline.out_ref if name == MMD_SIGNAL or name in baseline.out_ref.columns else baseline.text_ref
+    n = len(ref) if name == MMD_SIGNAL else int(ref[name].notna().sum())
+    e = dt.excess_distance(t, dt.null_mean(fits), n, m)
+    return dt.mmd_effect(e, baseline.arrays["phi_mean"].astype(np.float64)) if name == MMD_SIGNAL else e
+
+
 def judge(baseline: Baseline, batch: BatchProfile, params, examples: int = 10) -> dict:
-    """The verdict on a profiled batch: calibrated per-signal p-values, one Bonferroni verdict at
-    params.false_alarm_rate, the estimated accuracy against the reference, example texts."""
+    """The verdict on a profiled batch: a signal drifts when its calibrated p-value is below
+    params.false_alarm_rate / tests (Bonferroni) AND its effect size is at least params.min_effect;
+    the estimated accuracy against the reference; example texts."""
     if len(batch.texts) < 2:
         raise DataError("batch", None, "text", f"need at least 2 texts to test for drift, got {len(batch.texts)}")
     fits = _fits(baseline.profile["null"])
     stats = batch_statistics(baseline, batch)
     estimate = dt.estimated_performance(batch.probs) if has_accuracy(baseline.profile.get("problem_type")) else None
     n_tests = len(stats) + (estimate is not None)
-    level = params.false_alarm_rate / n_tests
+    level, floor = params.false_alarm_rate / n_tests, params.min_effect
     signals = {}
     for name, t in stats.items():
-        p = dt.null_pvalue(t, fits.get(name, []))
+        p = dt.null_pvalue(t, fits.get(name, []), ks=name not in (PRED_COLUMN, MMD_SIGNAL))
+        effect = signal_effect(baseline, batch, name, t, fits.get(name, []))
         why = baseline.profile.get("explanations", {}).get(name) or explain(name)
-        signals[name] = {"statistic": t, "p_value": p, "drifted": p < level, "explanation": why,
+        signals[name] = {"statistic": t, "p_value": p, "effect": effect, "significant": p < level,
+                         "drifted": bool(p < level and effect >= floor), "explanation": why,
                          **_means(baseline, batch, name)}
-    order = sorted(signals, key=lambda s: (signals[s]["p_value"], -signals[s]["statistic"]))
+    order = sorted(signals, key=lambda s: (not signals[s]["drifted"], signals[s]["p_value"], -signals[s]["statistic"]))
     accuracy = _accuracy_section(baseline, estimate, params, level)
-    reasons = [_reason(name, signals[name], level) for name in order if signals[name]["drifted"]]
+    reasons = [_reason(name, signals[name], level, floor) for name in order if signals[name]["drifted"]]
     if accuracy is not None and accuracy["drop_significant"]:
         reasons.append(f"estimated accuracy {accuracy['estimated']:.3f} (95% CI {accuracy['ci_low']:.3f}-"
                        f"{accuracy['ci_high']:.3f}) is {accuracy['drop']:.3f} below the reference's measured "
@@ -383,8 +420,11 @@ def judge(baseline: Baseline, batch: BatchProfile, params, examples: int = 10) -
     return {
         "drift": bool(reasons), "reasons": reasons, "rows": len(batch.texts),
         "false_alarm_rate": params.false_alarm_rate, "tests": n_tests, "per_test_level": level,
+        "min_effect": floor,
         "error_rate_note": (f"{n_tests} tests, each at {params.false_alarm_rate}/{n_tests} (Bonferroni): a batch "
-                            f"drawn like the reference alarms with probability <= {params.false_alarm_rate}"),
+                            f"drawn like the reference alarms with probability <= {params.false_alarm_rate}. A "
+                            f"signal also needs an effect of at least drift.min_effect {floor} (a share of the "
+                            "texts, total-variation scale), so a real but tiny difference does not alarm"),
         "signals": {s: signals[s] for s in order},
         "p_values": {s: signals[s]["p_value"] for s in order},
         "drifted_columns": drifted, "drifted_share": len(drifted) / max(len(features), 1),
@@ -406,8 +446,8 @@ def _means(baseline: Baseline, batch: BatchProfile, name: str) -> dict:
     return {"reference_mean": float(ref[name].mean()), "batch_mean": float(batch.frame[name].mean())}
 
 
-def _reason(name: str, s: dict, level: float) -> str:
-    where = f"p={s['p_value']:.3g} < {level:.2g}"
+def _reason(name: str, s: dict, level: float, floor: float) -> str:
+    where = f"p={s['p_value']:.3g} < {level:.2g}, effect {s['effect']:.2f} >= {floor:g}"
     if name == MMD_SIGNAL:
         return f"embeddings drifted (MMD, {where})"
     if name == PRED_COLUMN:

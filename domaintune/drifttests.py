@@ -11,8 +11,21 @@ The null of T is measured, not assumed: at baseline time the reference is split 
 pseudo-batch of m rows and a pseudo-reference of the rest, for several m, and T is computed on
 each split (a permutation null). A scaled chi-square a*chi2(nu) is fitted to each m's resamples
 by their mean and variance; a batch's p-value is the LARGEST of those fits' tail probabilities
-(the most conservative batch size), so it holds at any size. With K signals, each is tested at
+(the most conservative batch size), so it holds at any size. For the K-S signals the p-value is
+also never below Kolmogorov's asymptotic tail P(K > sqrt(T)): exact for continuous features and
+conservative under ties, it guards the tail that a two-moment fit understates for statistics that
+are mostly zero (rates that are 0 for most texts). With K signals, each is tested at
 false_alarm_rate / K (Bonferroni): an iid batch alarms with probability <= false_alarm_rate.
+
+Effect sizes (drift.min_effect): a large enough batch makes any real difference significant, so a
+signal also needs a practically relevant size. Each effect is on one scale, a lower bound on the
+share of texts that would have to change for the batch to look like the reference (the total
+variation distance TV, "one text in ten" at 0.1):
+  ks      the K-S distance D (D <= TV)
+  chi2    TV between the predicted-label mixes
+  mmd     MMD / sqrt(1 + E_ref k(x, x')) (<= TV for a Gaussian kernel, see mmd_effect)
+Plug-in distances are inflated by sampling noise, most at small batches; each is debiased by
+subtracting its expected null value in quadrature (excess_distance, tv_effect).
 Nothing here imports torch: arrays in, numbers out.
 """
 from __future__ import annotations
@@ -92,8 +105,17 @@ def fit_scaled_chi2(values: np.ndarray) -> dict[str, float]:
     return {"a": var / (2 * mu), "nu": 2 * mu * mu / var, "mean": mu, "var": var}
 
 
-def null_pvalue(t: float, fits: Sequence[dict]) -> float:
-    """The largest tail probability of T over the per-size null fits (conservative in the size).
+def kolmogorov_pvalue(t: float) -> float:
+    """P(K > sqrt(T)) for Kolmogorov's limit K of sqrt(nm/(n+m)) * D: the asymptotic two-sample K-S
+    p-value (conservative when the feature has ties)."""
+    from scipy.stats import kstwobign
+
+    return float(kstwobign.sf(math.sqrt(t))) if t > 0 else 1.0
+
+
+def null_pvalue(t: float, fits: Sequence[dict], ks: bool = False) -> float:
+    """The largest tail probability of T over the per-size null fits (conservative in the size);
+    for a K-S statistic (ks=True) at least Kolmogorov's asymptotic p-value (module docstring).
     A degenerate fit (the statistic was 0 in every resample: e.g. a feature constant in the
     reference) falls back to the K-S/Kolmogorov bound 2*exp(-2T), which is conservative for ties."""
     from scipy.stats import chi2
@@ -104,7 +126,40 @@ def null_pvalue(t: float, fits: Sequence[dict]) -> float:
             ps.append(float(chi2.sf(t / f["a"], f["nu"])))
         else:
             ps.append(min(1.0, 2.0 * math.exp(-2.0 * t)) if t > 0 else 1.0)
+    if ks:
+        ps.append(kolmogorov_pvalue(t))
     return max(ps) if ps else 1.0
+
+
+def null_mean(fits: Sequence[dict]) -> float:
+    """E[T] under the null: the largest resampled mean over the batch sizes (0 without fits)."""
+    return max((float(f["mean"]) for f in fits), default=0.0)
+
+
+def excess_distance(t: float, mean_null: float, n: int, m: int) -> float:
+    """The distance e behind a size-normalised T = nm/(n+m) * e^2 (the K-S D, the MMD), debiased:
+    sqrt(max(0, e^2 - E_null[e^2])), E_null[e^2] = E_null[T] * (1/n + 1/m)."""
+    return math.sqrt(max(0.0, (t - mean_null) * (1.0 / n + 1.0 / m)))
+
+
+def mmd_effect(mmd: float, ref_phi_mean: np.ndarray) -> float:
+    """MMD on the TV scale: for Q = (1 - e) P + e R, MMD(P, Q) = e MMD(P, R) and MMD(P, R)^2 =
+    E_P k + E_R k - 2 E k(P, R) <= E_P k + 1 (Gaussian kernel: 0 <= k <= 1), so
+    MMD / sqrt(1 + E_P k) <= e for every such mixture, hence <= TV. E_P k ~ |mean phi(ref)|^2."""
+    return float(mmd / math.sqrt(1.0 + float(ref_phi_mean @ ref_phi_mean)))
+
+
+def tv_effect(ref_counts: np.ndarray, batch_counts: np.ndarray, draws: int = 200, seed: int = 0) -> float:
+    """Total variation distance between two count vectors' mixes, debiased in quadrature by its mean
+    square when both are drawn from the pooled mix (multinomial simulation; exact at any size)."""
+    r, c = np.asarray(ref_counts, float), np.asarray(batch_counts, float)
+    n, m = int(r.sum()), int(c.sum())
+    tv = 0.5 * float(np.abs(r / n - c / m).sum())
+    pooled = (r + c) / (n + m)
+    rng = np.random.default_rng(seed)
+    null = 0.5 * np.abs(rng.multinomial(n, pooled, size=draws) / n - rng.multinomial(m, pooled, size=draws) / m)
+    noise2 = float((null.sum(axis=1) ** 2).mean())
+    return math.sqrt(max(0.0, tv * tv - noise2))
 
 
 def resample_null(n: int, sizes: Sequence[int], resamples: int, seed: int, statistic) -> list[dict]:

@@ -113,33 +113,44 @@ def file_sha256(path: Path) -> str:
 
 
 def judge_texts(texts: Sequence[str], baseline_dir: str | Path, predictor, params, out: str | Path,
-                batch_name: str, details: bool = True):
+                batch_name: str, details: bool = True, timings: dict | None = None, renderer=None):
     """Profile + judge one batch, write verdict.json and report.html into `out` (atomically).
-    Returns (verdict, profile)."""
+    Returns (verdict, profile). `timings`, when given, receives the seconds of each phase; `renderer`
+    (a monitor_report.DetailsProcess) renders evidently's details out of process."""
     from domaintune.data import DataError, atomic_output, write_json
-    from domaintune.drift import PRED_COLUMN, Baseline, validation_frame
+    from domaintune.drift import PRED_COLUMN, Baseline, judge, validation_frame
     from domaintune.monitor_report import write_report
+
+    clock = [time.perf_counter()]
+    timings = {} if timings is None else timings
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = now - clock[0]
+        clock[0] = now
 
     baseline = Baseline(baseline_dir)
     if list(predictor.labels) != baseline.labels:
         raise DataError(Path(baseline_dir) / "profile.json", None, "labels",
                         "served model's labels differ from the baseline's; rebuild the baseline (drift stage)")
-    from domaintune.drift import judge
-
+    lap("load_baseline_s")
     prof = baseline.profile_batch(predictor, texts)
+    lap("profile_s")
     verdict = judge(baseline, prof, params)
     verdict["batch"] = str(batch_name)
     verdict["review_below"] = params.review_below
     # no label set (base.task generation): the confidence column is prompt familiarity, not a probability of
     # being right, so nothing is queued for review
     verdict["review_queued"] = int((prof.frame["confidence"] < params.review_below).sum()) if baseline.labels else 0
+    lap("judge_s")
     numeric = [c for c in baseline.profile["numeric_features"] if c in prof.frame.columns]
     with atomic_output(out) as tmp:
         tmp.mkdir(parents=True)
         write_json(tmp / "verdict.json", verdict)
         ref = validation_frame(baseline) if details else None
         write_report(verdict, tmp / "report.html", ref, prof.frame if details else None, numeric,
-                     PRED_COLUMN if baseline.labels else None)
+                     PRED_COLUMN if baseline.labels else None, renderer)
+    lap("report_s")
     return verdict, prof
 
 
@@ -234,7 +245,7 @@ def monitor_file(path: Path, texts: Sequence[str] | None, predictor, params, s: 
     """Judge one batch file end to end: verdict + report in `out`, history row, review queue, alarm."""
     sha = file_sha256(path)
     texts = read_batch(path, s["text_column"]) if texts is None else texts
-    verdict, prof = judge_texts(texts, s["baseline"], predictor, params, out, str(path))
+    verdict, prof = judge_texts(texts, s["baseline"], predictor, params, out, str(path), renderer=s.get("details"))
     if predictor.labels:
         append_review_queue(s["review_queue"], prof, params.review_below, str(path), sha)
     alarm = raise_alarm(out / "verdict.json", verdict, s["alarm_command"], s["alarm_webhook"]) if verdict["drift"] \
@@ -272,13 +283,19 @@ def run_local(args, texts: list[str], root: Path) -> list[dict]:
 
     from domaintune.device import stage_device
 
+    from domaintune.monitor_report import DetailsProcess
+
     base, params = load_params(root / "params.yaml", "base", "drift")
     s = _settings(args, root, params)
-    set_threads()
-    predictor = load_served_model(s["model"], params.batch_size, stage_device(base))
-    if args.watch:
-        return monitor_folder(root / args.watch, predictor, params, s)
-    return [monitor_file(root / args.batch, texts, predictor, params, s, s["out"])]
+    s["details"] = DetailsProcess()  # imports evidently on the other core while the model loads
+    try:
+        set_threads()
+        predictor = load_served_model(s["model"], params.batch_size, stage_device(base))
+        if args.watch:
+            return monitor_folder(root / args.watch, predictor, params, s)
+        return [monitor_file(root / args.batch, texts, predictor, params, s, s["out"])]
+    finally:
+        s["details"].close()
 
 
 def use_flow(args) -> bool:
@@ -310,8 +327,11 @@ def summary_line(v: dict) -> str:
     acc = v.get("accuracy")
     est = "" if not acc else (f"; estimated accuracy {acc['estimated']:.3f} ({acc['ci_low']:.3f}-{acc['ci_high']:.3f})"
                               f" vs {acc['reference_measured']:.3f} on the reference")
+    small = [name for name, s in v.get("signals", {}).items() if s.get("significant") and not s["drifted"]]
     head = ("DRIFT: " + "; ".join(v["reasons"])) if v["drift"] else \
-        f"no drift: {v['rows']} texts, no test rejected at {v['false_alarm_rate']} overall"
+        (f"no drift: {v['rows']} texts, no signal both significant at {v['false_alarm_rate']} overall and "
+         f"at least drift.min_effect {v.get('min_effect', 0):g} in effect"
+         + (f" ({', '.join(small)} significant, effect too small)" if small else ""))
     return f"{v['batch']}: {head}{est}"
 
 

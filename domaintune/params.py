@@ -429,6 +429,12 @@ class DriftParams:
     # size: every signal's null is calibrated on resamples of the reference and tested at
     # false_alarm_rate / (number of signals) (Bonferroni).
     false_alarm_rate: float = 0.01
+    # A significant signal alarms only if its effect size is at least this: a share of the texts
+    # (total-variation scale: the K-S distance, the label mix's TV, the normalised MMD). At large
+    # batches any real difference is significant; at 0.1 (one text in ten behaving differently;
+    # evidently's large-sample distance tests use the same 0.1) tiny real differences do not alarm.
+    # The false-alarm rate above holds with or without it. 0: p-values only.
+    min_effect: float = 0.1
     # Resamples of the reference per pseudo-batch size when the baseline calibrates the nulls.
     calibration_resamples: int = 300
     seed: int = 0
@@ -441,6 +447,10 @@ class DriftParams:
     # shell line, no shell), and/or a URL the verdict is POSTed to as JSON. Empty: none.
     alarm_command: str = ""
     alarm_webhook: str = ""
+    # bf16 autocast for the model's forward pass: auto uses it where the hardware runs it fast
+    # (domaintune.device.use_bf16: CUDA bf16, CPU AMX/AVX512-BF16). Decided when the baseline is
+    # built (profile.json "bf16"); the monitor follows the baseline, so both share one numeric path.
+    bf16: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "drift", "batch_size", "must be >= 1")
@@ -448,6 +458,8 @@ class DriftParams:
         _check(0.0 < self.false_alarm_rate < 1.0, "drift", "false_alarm_rate", "must be in (0, 1)")
         _check(self.calibration_resamples >= 20, "drift", "calibration_resamples", "must be >= 20")
         _check(0.0 <= self.max_accuracy_drop <= 1.0, "drift", "max_accuracy_drop", "must be in [0, 1]")
+        _check(0.0 <= self.min_effect < 1.0, "drift", "min_effect", "must be in [0, 1)")
+        _one_of(self.bf16, ("auto", "on", "off"), "drift", "bf16")
         _check(0.0 <= self.review_below <= 1.0, "drift", "review_below", "must be in [0, 1]")
         _check(self.alarm_webhook == "" or self.alarm_webhook.startswith(("http://", "https://")), "drift",
                "alarm_webhook", "must be empty or an http(s):// URL")

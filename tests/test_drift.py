@@ -134,6 +134,29 @@ def test_judge_same_vs_other_domain(drift_setup):
     assert confs == sorted(confs)
 
 
+def test_bf16_choice_is_recorded_in_the_baseline_and_followed_by_batches(drift_setup, tmp_path, monkeypatch):
+    """drift.bf16 is resolved when the baseline is built and recorded in profile.json; a batch is profiled
+    on the same numeric path. bf16 probabilities stay close to float32 ones."""
+    from domaintune import drift as d
+    from domaintune.params import DriftParams
+
+    root, splits, labels = drift_setup
+    predictor = d.load_served_model(root / "models" / "export")
+    assert d.wants_bf16(predictor, "off") is False and d.wants_bf16(predictor, "on") is True
+    for mode in ("off", "on"):
+        d.build_baseline(splits, labels, None, DriftParams(pca_components=3, calibration_resamples=20, bf16=mode),
+                         tmp_path / mode, predictor=predictor)
+    seen = []
+    real = d.model_outputs
+    monkeypatch.setattr(d, "model_outputs", lambda p, t, bf16=False: seen.append(bf16) or real(p, t, bf16))
+    texts = splits["test"]["text"].tolist()
+    off, on = (d.Baseline(tmp_path / m) for m in ("off", "on"))
+    assert (off.profile["bf16"], on.profile["bf16"]) == (False, True)
+    p_off, p_on = off.profile_batch(predictor, texts), on.profile_batch(predictor, texts)
+    assert seen == [False, True]
+    np.testing.assert_allclose(p_on.probs, p_off.probs, atol=0.03)
+
+
 def test_missing_model_fails_cleanly_without_output(tmp_path, drift_setup, capsys):
     from stages.drift import main
 
@@ -221,24 +244,86 @@ def synthetic_batch(b, m: int, rng, shift: float = 0.0):
 
 def test_iid_batches_alarm_at_most_at_the_stated_rate_at_any_size():
     """The old rule (per-feature p < 0.05, alarm at half the features; a fixed confidence drop) had no
-    error rate; now 14 signals with resampled nulls, Bonferroni at false_alarm_rate. At a generous
-    0.2 the rate is measurable with 40 draws per size, from 100 to 100,000 texts; a small shift is caught.
-    Each draw is a fresh reference and a fresh batch (the rate holds over both: with one fixed
-    reference, large batches all see that reference's own chance deviation)."""
+    error rate; now 14 signals with resampled nulls, Bonferroni at false_alarm_rate. The p-values alone
+    (min_effect 0) are checked: at a generous 0.2 the rate is measurable with 20-40 draws per size, from
+    100 to 100,000 texts; a small shift is caught. Each draw is a fresh reference and a fresh batch (the
+    rate holds over both: with one fixed reference, large batches all see that reference's own chance
+    deviation)."""
     from domaintune.drift import judge
     from domaintune.params import DriftParams
 
     rng = np.random.default_rng(0)
     b = synthetic_baseline(4000, 1000, rng, resamples=100)
-    params = DriftParams(false_alarm_rate=0.2, max_accuracy_drop=0.05)
-    for m, draws in ((100, 40), (3000, 40), (100_000, 6)):
+    params = DriftParams(false_alarm_rate=0.2, max_accuracy_drop=0.05, min_effect=0.0)
+    for m, draws in ((100, 40), (3000, 40), (20_000, 20), (100_000, 6)):
         alarms = sum(judge(synthetic_baseline(4000, 1000, rng, template=b), synthetic_batch(b, m, rng), params)["drift"]
                      for _ in range(draws))
         assert alarms <= 0.2 * draws + 2 * np.sqrt(draws * 0.2 * 0.8), (m, alarms)
-    strict = DriftParams()  # 0.01
-    caught = [judge(b, synthetic_batch(b, 1000, rng, shift=0.15), strict) for _ in range(5)]
+    p_only = DriftParams(min_effect=0.0)  # false_alarm_rate 0.01
+    caught = [judge(b, synthetic_batch(b, 1000, rng, shift=0.15), p_only) for _ in range(5)]
     assert all(v["drift"] for v in caught)
     assert all(v["signals"]["embeddings_mmd"]["drifted"] for v in caught)
+
+
+def test_a_tiny_real_shift_does_not_alarm_at_large_batches_and_a_big_one_does():
+    """At 20,000 texts a 5% longer text length is highly significant (p ~ 1e-9) but a tiny effect
+    (K-S distance ~0.06): with the default min_effect 0.1 it does not alarm, with p-values only it does.
+    The debiased effect estimates the population distance. A big shift alarms at 100 and 20,000 texts."""
+    from scipy.stats import poisson
+
+    from domaintune.drift import judge
+    from domaintune.params import DriftParams
+
+    rng = np.random.default_rng(5)
+    b = synthetic_baseline(4000, 1000, rng, resamples=60)
+    tiny = synthetic_batch(b, 20_000, rng, shift=0.05)
+    v, v_p = judge(b, tiny, DriftParams()), judge(b, tiny, DriftParams(min_effect=0.0))
+    words = v["signals"]["n_words"]
+    assert words["significant"] and words["p_value"] < 1e-6 and not words["drifted"]
+    assert v_p["drift"] and v_p["signals"]["n_words"]["drifted"]
+    assert not v["drift"], v["reasons"]
+    ks = np.arange(60)
+    true_d = np.abs(poisson.cdf(ks, 10) - poisson.cdf(ks, 10.5)).max()  # words = Poisson(10 (1 + shift)) + 1
+    assert words["effect"] == pytest.approx(true_d, abs=0.02)
+    for m in (100, 20_000):
+        big = judge(b, synthetic_batch(b, m, rng, shift=0.5), DriftParams())
+        assert big["drift"] and big["signals"]["n_words"]["drifted"] and big["signals"]["n_words"]["effect"] > 0.3
+        assert "effect" in big["reasons"][0]
+
+
+def test_effect_sizes_are_on_the_total_variation_scale():
+    """TV of the label mix: ~0 for two draws of one mix, the exact TV for disjoint/known mixes once
+    noise is removed. Normalised MMD of an e-contamination by a far cluster is at most e (a lower bound
+    on the share of changed texts). Kolmogorov's tail is scipy's asymptotic K-S p-value, and a K-S
+    signal's p-value is never below it."""
+    from scipy.stats import ks_2samp, kstwobign
+
+    from domaintune import drifttests as dt
+
+    rng = np.random.default_rng(2)
+    mix = np.array([0.5, 0.3, 0.2, 0.0])
+    same = dt.tv_effect(rng.multinomial(1000, mix), rng.multinomial(300, mix))
+    assert same < 0.05
+    shifted = dt.tv_effect(rng.multinomial(100_000, mix), rng.multinomial(100_000, [0.3, 0.3, 0.2, 0.2]))
+    assert shifted == pytest.approx(0.2, abs=0.01)
+    assert dt.tv_effect(np.array([50, 50, 0, 0]), np.array([0, 0, 30, 70])) == pytest.approx(1.0, abs=0.05)
+    ref = rng.normal(size=(3000, 8))
+    rff = dt.fit_rff(ref, 0, 256)
+    phi_mean = dt.rff_map(ref, rff).mean(0)
+    for share in (0.1, 0.3):
+        batch = np.vstack([rng.normal(size=(int(3000 * (1 - share)), 8)),
+                           rng.normal(size=(int(3000 * share), 8)) * 0.05 + 10])
+        t = dt.mmd_statistic(phi_mean, 3000, dt.rff_map(batch, rff))
+        e = dt.mmd_effect(dt.excess_distance(t, 0.0, 3000, len(batch)), phi_mean)
+        assert 0.3 * share < e <= share + 0.02, (share, e)
+    a, c = rng.normal(size=2000), rng.normal(0.1, size=500)
+    t = dt.ks_statistic(np.sort(a), c)
+    res = ks_2samp(a, c, method="asymp")
+    assert dt.kolmogorov_pvalue(t) == pytest.approx(kstwobign.sf(np.sqrt(2000 * 500 / 2500) * res.statistic))
+    assert dt.kolmogorov_pvalue(t) == pytest.approx(res.pvalue, rel=0.1)  # scipy adds a small-sample correction
+    optimistic = [{"a": 0.01, "nu": 1.0, "mean": 0.01, "var": 0.0002}]  # a fit that understates the tail
+    assert dt.null_pvalue(t, optimistic, ks=True) == pytest.approx(dt.kolmogorov_pvalue(t))
+    assert dt.null_pvalue(t, optimistic) < dt.kolmogorov_pvalue(t)
 
 
 def test_estimated_accuracy_tracks_true_accuracy_of_calibrated_probabilities():

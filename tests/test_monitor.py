@@ -61,7 +61,9 @@ def test_one_shot_report_verdict_history_queue_and_alarm(project, capsys):
     html = (project / "reports" / "other" / "report.html").read_text(encoding="utf-8")
     assert read_embedded_verdict(html) == json.loads(json.dumps(verdict, sort_keys=True))
     # Verdict first: heading and reasons, estimated accuracy, signals, examples, then evidently.
-    marks = ["DRIFT detected", verdict["reasons"][0].split(":")[0], "Estimated accuracy", "Signals, most drifted",
+    from html import escape
+
+    marks = ["DRIFT detected", escape(verdict["reasons"][0]), "Estimated accuracy", "Signals, most drifted",
              "10 most atypical", "10 least confident", "Details (evidently)"]
     pos = [html.index(m) for m in marks]
     assert pos == sorted(pos)
@@ -205,7 +207,8 @@ def test_drift_params_are_checked():
     from domaintune.params import DriftParams, ParamsError
 
     for bad in ({"false_alarm_rate": 0.0}, {"false_alarm_rate": 1.5}, {"calibration_resamples": 5},
-                {"alarm_webhook": "ftp://x"}, {"review_below": 2.0}):
+                {"alarm_webhook": "ftp://x"}, {"review_below": 2.0}, {"min_effect": -0.1}, {"min_effect": 1.0},
+                {"bf16": "yes"}):
         with pytest.raises(ParamsError, match="drift\\."):
             DriftParams(**bad)
 
@@ -229,3 +232,49 @@ def test_one_shot_runs_without_prefect_and_with_telemetry_off(project):
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
             {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not any(m and m.startswith("stages") for m in imported), module
+
+
+def test_quiet_verdict_names_significant_signals_whose_effect_is_too_small():
+    """A batch whose length differs significantly but by a tiny effect: no drift, and both the summary
+    line and the report say which signal was significant and why it does not alarm."""
+    from domaintune.monitor_report import verdict_section
+    from domaintune.monitoring import summary_line
+
+    sig = {"statistic": 40.0, "p_value": 1e-9, "effect": 0.04, "significant": True, "drifted": False,
+           "explanation": "length of the text in words", "reference_mean": 12.0, "batch_mean": 11.4}
+    calm = {"statistic": 0.5, "p_value": 0.6, "effect": 0.0, "significant": False, "drifted": False,
+            "explanation": "x"}
+    v = {"batch": "b.txt", "drift": False, "reasons": [], "rows": 20000, "false_alarm_rate": 0.01,
+         "min_effect": 0.1, "per_test_level": 0.01 / 16, "error_rate_note": "16 tests",
+         "signals": {"n_words": sig, "pc1": calm}, "accuracy": None, "most_atypical": [], "least_confident": []}
+    line = summary_line(v)
+    assert line.startswith("b.txt: no drift") and "n_words significant, effect too small" in line
+    html = verdict_section(v)
+    assert "n_words: significant, effect too small" in html and "significant, effect too small</td>" in html
+
+
+def test_details_process_renders_evidently_out_of_process_and_reports_its_errors(tmp_path):
+    """evidently's details come from a child process (it imports evidently while the monitor loads its
+    model): the page it writes is evidently's, a failure inside it is raised here with its message, and
+    closing it ends the child."""
+    import numpy as np
+    import pandas as pd
+
+    from domaintune.monitor_report import DetailsProcess, write_report
+
+    rng = np.random.default_rng(0)
+    ref = pd.DataFrame({"n_words": rng.poisson(10, 200).astype(float), "pred_label": rng.choice(["a", "b"], 200)})
+    cur = pd.DataFrame({"n_words": rng.poisson(4, 80).astype(float), "pred_label": rng.choice(["a", "b"], 80)})
+    v = {"drift": True, "reasons": ["n_words drifted"], "rows": 80, "error_rate_note": "1 test", "signals": {},
+         "per_test_level": 0.01, "min_effect": 0.1, "most_atypical": [], "least_confident": []}
+    details = DetailsProcess()
+    try:
+        write_report(v, tmp_path / "report.html", ref, cur, ["n_words"], "pred_label", details)
+        html = (tmp_path / "report.html").read_text(encoding="utf-8")
+        assert html.index("DRIFT detected") < html.index("Details (evidently)")
+        assert "root_metric_" in html[html.index("Details (evidently)"):] and len(html) > 100_000  # evidently's page
+        with pytest.raises(RuntimeError, match="evidently details: KeyError"):
+            details.render(ref, cur, ["no_such_column"], "pred_label", tmp_path / "bad.html")
+    finally:
+        details.close()
+    assert details.proc.poll() == 0
