@@ -41,8 +41,8 @@ from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept
                              read_json, read_split_table, split_files, write_dataset, write_json)
 from domaintune.params import DedupeParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
-from domaintune.textnorm import (band_hashes, candidate_pairs, digest_keys, jaccard, key_codes, minhash_signatures,
-                                 normalise_all, shingles)
+from domaintune.textnorm import (band_hashes, candidate_pairs, jaccard, key_codes, minhash_signatures, normalise_all,
+                                 shingles, text_keys)
 
 log = logging.getLogger("domaintune")
 
@@ -73,13 +73,9 @@ def _as_tables(splits: dict[str, pd.DataFrame]) -> dict:
 
 
 def _chunk_keys(text) -> np.ndarray:
-    """Keys of a chunk of texts; each distinct raw text is normalised and hashed once (Arrow finds
-    the exact copies, which get their first copy's key)."""
-    import pyarrow.compute as pc
-
-    enc = pc.dictionary_encode(text.combine_chunks())
-    distinct = digest_keys(normalise_all(enc.dictionary.to_pylist()))
-    return distinct[enc.indices.to_numpy(zero_copy_only=False)]
+    """Keys of a chunk of texts: normalised with Arrow kernels (textnorm.normalise_arrow, exactly
+    normalise()'s result) and hashed to 128 bits (textnorm.text_keys)."""
+    return text_keys(text)
 
 
 def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray"]:
@@ -98,6 +94,8 @@ def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray"]:
             keys.append(_chunk_keys(text.slice(start, CHUNK_ROWS)))
     rows = pd.concat(parts, ignore_index=True)
     rows["key"] = key_codes(np.concatenate(keys)) if keys else np.empty(0, dtype=np.int64)
+    # one int64 per (split, key): what "the same text in the same split" compares
+    rows["skey"] = rows["key"].to_numpy() * len(SPLITS) + np.repeat(np.arange(len(SPLITS)), [len(tables[s]) for s in SPLITS])
     texts = pa.chunked_array([c for s in SPLITS for c in tables[s].column("text").chunks], type=pa.string())
     return rows, texts
 
@@ -107,7 +105,7 @@ def _exact_within_split(rows: pd.DataFrame, policy: str, files: dict[str, str]) 
     reason = pd.Series(None, index=rows.index, dtype=object)
     kept = pd.Series("", index=rows.index, dtype=object)
     grp = ["split", "key"]
-    in_group = rows.duplicated(grp, keep=False)  # only rows that have a copy need any grouping
+    in_group = rows["skey"].duplicated(keep=False)  # only rows that have a copy need any grouping
     if not in_group.any():
         return reason, kept
     g = rows.loc[in_group, grp + ["id", "label", "row"]]
