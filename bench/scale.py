@@ -200,6 +200,14 @@ def one_size(rows: int, seed: int, near_max: int, root: Path) -> dict:
     return run
 
 
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor()
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -216,10 +224,13 @@ def main() -> None:
     out = Path(args.out)
     result = {"benchmark": "streaming ingest + dedupe at scale (synthetic support tickets, bench/dedupe.py's generator)",
               "seed": args.seed, "runs": [],
-              "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
+              "machine": {"cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
                           "platform": platform.platform()}}
     for rows in args.rows:  # written after each size, so a long 10M run leaves the 1M figures behind
-        result["runs"].append(one_size(rows, args.seed, args.near_max_rows, root))
+        load_start = os.getloadavg()
+        run = one_size(rows, args.seed, args.near_max_rows, root)
+        run["loadavg_start_end"] = [[round(x, 2) for x in load_start], [round(x, 2) for x in os.getloadavg()]]
+        result["runs"].append(run)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["runs"][-1], indent=2), flush=True)
