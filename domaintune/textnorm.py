@@ -3,8 +3,8 @@
 Two texts are "the same" when they are equal after Unicode NFKC (full-width
 letters, ligatures, non-breaking spaces fold to their plain forms), case
 folding (ß == ss, not just lower()) and collapsing every run of whitespace to
-one space with the ends stripped. The SHA-256 of that normal form is the row's
-duplicate key. The stored text is never changed: normalisation only decides
+one space with the ends stripped. A 128-bit hash of that normal form (text_keys) is
+the row's duplicate key. The stored text is never changed: normalisation only decides
 what counts as a duplicate.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Stage dedupe: data/ingested -> data/deduped + manifest.json (content hashes, every removal and why).
 
 Rows are compared on their normalised text (domaintune/textnorm.py: NFKC,
-casefold, whitespace collapsed) through its SHA-256, in this order:
+casefold, whitespace collapsed) through a 128-bit hash of it, in this order:
 1. exact duplicates inside a split: the first row (source order) is kept;
 2. same text, different labels inside a split: `dedupe.conflict_policy`
    drop (all copies) | majority (keep the majority label's first row; a tie
@@ -22,8 +22,8 @@ The manifest's per-split SHA-256 content hashes are the dataset version every
 later stage and model version refers to.
 
 Memory: the texts stay in Arrow buffers (read shard by shard, ~1 byte a character);
-normalisation and hashing run CHUNK_ROWS rows at a time and keep a 128-bit key per
-row (the first half of the SHA-256), factorised to one int64 code, so the exact
+normalisation (Arrow kernels, textnorm.normalise_arrow) and hashing run CHUNK_ROWS rows at a
+time and keep a 128-bit key per row (XXH3-128), factorised to one int64 code, so the exact
 pass holds per row only that code, the id, the label and its position. Outputs are
 written by row group (domaintune/data.py). The near-duplicate pass holds the
 shingle sets of the rows that survive the exact pass.
@@ -41,7 +41,7 @@ from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept
                              read_json, read_split_table, split_files, write_dataset, write_json)
 from domaintune.params import DedupeParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
-from domaintune.textnorm import (band_hashes, candidate_pairs, jaccard, key_codes, minhash_signatures, normalise_all,
+from domaintune.textnorm import (band_hashes, candidate_pairs, jaccard, key_codes, minhash_signatures, normalise_arrow,
                                  shingles, text_keys)
 
 log = logging.getLogger("domaintune")
@@ -80,7 +80,7 @@ def _chunk_keys(text) -> np.ndarray:
 
 def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray"]:
     """One frame over all splits (id, label, split, row, key: int64 code of the normalised text's
-    SHA-256), in split then source order, and the texts in the same order (Arrow, not Python)."""
+    XXH3-128), in split then source order, and the texts in the same order (Arrow, not Python)."""
     import pyarrow as pa
 
     parts, keys = [], []
@@ -185,7 +185,7 @@ def _shingle_sets(texts, positions, size: int) -> dict[int, set]:
     sets = {}
     for start in range(0, len(positions), CHUNK_ROWS):
         part = positions[start:start + CHUNK_ROWS]
-        norm = normalise_all(texts.take(pa.array(part, type=pa.int64())).to_pylist())
+        norm = normalise_arrow(texts.take(pa.array(part, type=pa.int64()))).to_pylist()
         sets.update((i, shingles(n, size)) for i, n in zip(part, norm))
     return sets
 
@@ -334,7 +334,7 @@ def manifest_of(result: DedupeResult, hashes: dict, input_hashes: dict, p: Dedup
         "removed_total": len(result.removed),
         "input": {"path": in_dir, "sha256": input_hashes},
         "params": {**as_dict(p), "seed": seed},
-        "normalisation": "Unicode NFKC, casefold, whitespace runs -> one space, stripped; SHA-256 of UTF-8",
+        "normalisation": "Unicode NFKC, casefold, whitespace runs -> one space, stripped; XXH3-128 of UTF-8",
     }
 
 
