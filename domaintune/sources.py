@@ -58,6 +58,25 @@ class RawTable:
     bad: dict[int, list[tuple[str | None, str, str]]] = field(default_factory=dict)
     lines: list[int] | None = None  # physical line of each row (text formats), for messages
     multiline: list[int] = field(default_factory=list)  # rows whose quoted fields span several lines
+    # A streamed table (read_parquet(stream=True)) holds no rows: `frame` has its columns only and
+    # parts(split) yields it as RawTables of at most `part_rows` rows, read one row-group batch at a time.
+    parts: object = None
+
+    def slice(self, start: int, stop: int) -> "RawTable":
+        """Rows start..stop-1 as a table of their own (frame positions renumbered from 0)."""
+        return RawTable(self.file, self.stem, self.frame.iloc[start:stop].reset_index(drop=True), self.rows[start:stop],
+                        self.split, {i - start: v for i, v in self.bad.items() if start <= i < stop},
+                        self.lines[start:stop] if self.lines else None)
+
+
+def iter_parts(table: RawTable, rows: int):
+    """A table as RawTables of at most `rows` rows, in order: a streamed one read part by part
+    (bounded memory), any other sliced."""
+    if table.parts is not None:
+        yield from table.parts(table.split, rows)
+        return
+    for start in range(0, len(table.frame), rows):
+        yield table.slice(start, start + rows)
 
 
 def _decode(path: Path) -> tuple[str, int]:
@@ -300,23 +319,53 @@ def _table_of_frame(frame: pd.DataFrame, file: str, stem: str, split: str | None
     return RawTable(file, stem, frame, list(range(1, len(frame) + 1)), split=split, bad=bad)
 
 
-def read_parquet(path: Path) -> RawTable:
+def _parquet_frame(path: Path, table) -> pd.DataFrame:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a corrupt file
-        raise DataError(path, None, None, f"cannot read Parquet: {exc}") from None
-    try:
-        frame = table.to_pandas()
+        return table.to_pandas()
     except Exception:  # a string column holding bytes that are not UTF-8: read it as bytes, decode per cell
         as_bytes = pa.schema([f.with_type(pa.large_binary()) if pa.types.is_string(f.type)
                               or pa.types.is_large_string(f.type) else f for f in table.schema])
         try:
-            frame = table.cast(as_bytes).to_pandas()
+            return table.cast(as_bytes).to_pandas()
         except Exception as exc:
             raise DataError(path, None, None, f"cannot read Parquet: {exc}") from None
+
+
+def read_parquet(path: Path, stream: bool = False) -> RawTable:
+    """The whole file, or (stream) a table read in batches of row groups by iter_parts: pyarrow's
+    ParquetFile.iter_batches, so only one batch is ever Python objects."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if stream:
+            pf = pq.ParquetFile(path)
+            empty = pf.schema_arrow.empty_table()
+        else:
+            table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise DataError(path, None, None, f"cannot read Parquet: {exc}") from None
+    if stream:
+        if pf.metadata.num_rows == 0:
+            raise DataError(path, None, None, "file has no rows")
+
+        def parts(split, rows):
+            done = 0
+            try:
+                batches = pf.iter_batches(batch_size=rows)
+                for batch in batches:
+                    t = _table_of_frame(_parquet_frame(path, pa.Table.from_batches([batch])), str(path), path.stem, split)
+                    t.rows = list(range(done + 1, done + len(t.rows) + 1))
+                    done += len(t.rows)
+                    yield t
+            except DataError:
+                raise
+            except Exception as exc:  # a corrupt row group
+                raise DataError(path, None, None, f"cannot read Parquet: {exc}") from None
+        return RawTable(str(path), path.stem, _parquet_frame(path, empty).astype(object), [], parts=parts)
+    frame = _parquet_frame(path, table)
     if frame.empty:
         raise DataError(path, None, None, "file has no rows")
     return _table_of_frame(frame, str(path), path.stem)
@@ -342,10 +391,10 @@ def read_txt(path: Path) -> RawTable:
                     lines=list(range(1, len(lines) + 1)))
 
 
-def read_file(path: Path, kinds: dict[str, str] | None = None) -> RawTable:
+def read_file(path: Path, kinds: dict[str, str] | None = None, stream: bool = False) -> RawTable:
     """One file by its extension (`kinds`, default EXTENSIONS plus .txt). Problems found in cells
     (bytes that are not UTF-8, malformed rows) are in RawTable.bad; raise_problems turns them into
-    a DataError for callers that need every row."""
+    a DataError for callers that need every row. `stream`: Parquet is read part by part (iter_parts)."""
     kind = (kinds or READABLE).get(path.suffix.lower())
     if not path.is_file():
         raise DataError(path, None, None, "file not found" if not path.exists() else "not a regular file")
@@ -356,7 +405,7 @@ def read_file(path: Path, kinds: dict[str, str] | None = None) -> RawTable:
     if kind == "jsonl":
         return read_jsonl(path)
     if kind == "parquet":
-        return read_parquet(path)
+        return read_parquet(path, stream)
     if kind == "txt":
         return read_txt(path)
     raise DataError(path, None, None, f"unsupported file type {''.join(path.suffixes) or path.name!r}; "
@@ -408,7 +457,7 @@ def _folder_entry_error(p: Path) -> str | None:
     return None
 
 
-def read_folder(folder: Path) -> list[RawTable]:
+def read_folder(folder: Path, stream: bool = False) -> list[RawTable]:
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     for p in entries:
         if problem := _folder_entry_error(p):
@@ -425,7 +474,7 @@ def read_folder(folder: Path) -> list[RawTable]:
             if not f:
                 raise DataError(p, None, None, f"file name names no split while {with_split} do; put one of "
                                 f"{sorted(SPLIT_ALIASES)} in every file name (e.g. tickets_train.csv), or in none")
-    tables = [read_file(p, EXTENSIONS) for p in entries]
+    tables = [read_file(p, EXTENSIONS, stream) for p in entries]
     for t, p in zip(tables, entries):
         t.split = named[p][0] if named[p] else None
     return tables
@@ -465,12 +514,13 @@ def tables_from_hf(loaded, spec: str) -> list[RawTable]:
     return tables
 
 
-def read_source(source: str) -> list[RawTable]:
+def read_source(source: str, stream: bool = False) -> list[RawTable]:
+    """The source's tables; `stream`: its Parquet files are read part by part (see iter_parts)."""
     if source.startswith("hf:"):
         return read_hf(source)
     path = Path(source)
     if not path.exists():
         raise DataError(path, None, None, "source not found")
     if path.is_dir():
-        return read_folder(path)
-    return [read_file(path, EXTENSIONS)]
+        return read_folder(path, stream)
+    return [read_file(path, EXTENSIONS, stream)]

@@ -62,13 +62,15 @@ def test_example_outputs_keep_their_pre_streaming_hashes_and_removals(tmp_path):
 
 
 def test_tiny_shards_row_groups_and_chunks_change_nothing(tmp_path, monkeypatch):
-    """The example again with 7-row shards, 3-row row groups, 5-row hashing and dedupe chunks:
+    """The example again with 4-row ingest parts, 7-row shards, 3-row row groups, 5-row hashing and dedupe chunks:
     many files, same hashes, same removed.csv, and every reader sees every shard."""
     monkeypatch.setattr(data, "SHARD_ROWS", 7)
     monkeypatch.setattr(data, "ROW_GROUP_ROWS", 3)
     monkeypatch.setattr(data, "HASH_CHUNK_ROWS", 5)
     monkeypatch.setattr(dedupe_stage, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(ingest_stage, "INGEST_CHUNK", 4)
     out = _run_example(tmp_path, "tiny")
+    assert read_json(out / "ingested" / "hashes.json")["dataset"] == INGESTED_DATASET
     deduped = out / "deduped"
     train = split_files(deduped, "train")
     assert len(train) > 3 and train[0].name == "train.parquet" and train[1].name == "train-00001.parquet"
