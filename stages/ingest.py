@@ -317,11 +317,11 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "clas
     Rows are checked in chunks and the kept texts held in Arrow (see _check_chunks)."""
     import pyarrow as pa
 
-    for t in tables:
+    good, texts, rejected, read = _check_chunks(tables, p)
+    for t in tables:  # known once read (a streamed CSV finds them as it goes)
         if t.multiline:  # legal (RFC 4180 quoted line breaks), but a person should know lines != rows
             log.info("%s: %d rows span several lines (quoted line breaks), the first is row %d (line %d)",
-                     t.file, len(t.multiline), t.multiline[0], t.lines[t.multiline[0] - 1])
-    good, texts, rejected, read = _check_chunks(tables, p)
+                     t.file, len(t.multiline), t.multiline[0], t.multiline_lines[0])
     rows_read = sum(read.values())
 
     # Ids identify a row for every later stage (dedupe's kept_id, audit's issues): never ambiguous.

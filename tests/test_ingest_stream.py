@@ -107,3 +107,63 @@ def test_a_corrupt_row_group_is_a_data_error_naming_the_file(tmp_path, monkeypat
     p = IngestParams(source=str(path), id_column="id", split_column="split", on_bad_row="skip")
     with pytest.raises(DataError, match=rf"^{path}: cannot read Parquet"):
         ingest_stage.ingest(read_source(str(path), stream=True), p, 7)
+
+
+# ---------------------------------------------------------------- CSV/TSV read piece by piece
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import domaintune.sources as sources  # noqa: E402
+from domaintune.sources import read_delimited  # noqa: E402
+
+
+def _whole_and_streamed(path, delim, block, monkeypatch):
+    """(whole read, streamed read in `block`-byte pieces and 2-record parts): each a description or the error."""
+    def describe(tables):
+        return [(t.frame.to_dict("records"), t.rows, t.bad, t.lines) for t in tables]
+    try:
+        whole = read_delimited(path, delim)
+        want = (describe([whole]), whole.multiline, whole.multiline_lines)
+    except DataError as exc:
+        want = str(exc)
+    monkeypatch.setattr(sources, "CSV_BLOCK_BYTES", block)
+    try:
+        table = read_delimited(path, delim, stream=True)
+        parts = list(iter_parts(table, 10**9))
+        got = (describe(parts), table.multiline, table.multiline_lines)
+        small = list(iter_parts(read_delimited(path, delim, stream=True), 2))
+        assert [r for t in small for r in t.rows] == [r for t in parts for r in t.rows]
+        assert all(len(t.rows) <= 2 for t in small)
+    except DataError as exc:
+        got = str(exc)
+    finally:
+        monkeypatch.setattr(sources, "CSV_BLOCK_BYTES", 16 << 20)
+    return want, got
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_every_hostile_csv_and_tsv_reads_the_same_piece_by_piece(monkeypatch, block):
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent / "hostile"
+    files = sorted(folder.glob("*.csv")) + sorted(folder.glob("*.tsv"))
+    assert len(files) >= 15
+    for path in files:
+        want, got = _whole_and_streamed(path, "," if path.suffix == ".csv" else "\t", block, monkeypatch)
+        assert got == want, path.name
+
+
+PIECES = st.lists(st.one_of(st.sampled_from(['"', '""', ",", "\t", "\n", "\r\n", "\r", " ", "é", "😀", "ß", "x", "\u2028",
+                                             "\ufeff", "\x00"]),
+                            st.binary(min_size=1, max_size=2).map(lambda b: b.decode("utf-8", "surrogateescape"))),
+                  max_size=40).map("".join)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=PIECES, bom=st.booleans(), block=st.integers(1, 12), delim=st.sampled_from([",", "\t"]))
+def test_any_bytes_read_the_same_piece_by_piece(tmp_path, monkeypatch, body, bom, block, delim):
+    path = tmp_path / "g.csv"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + ("text,label\n" + body).encode("utf-8", "surrogateescape"))
+    want, got = _whole_and_streamed(path, delim, block, monkeypatch)
+    assert got == want
