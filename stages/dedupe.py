@@ -78,16 +78,16 @@ def _chunk_keys(text) -> np.ndarray:
     return text_keys(text)
 
 
-def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray"]:
-    """One frame over all splits (id, label, split, row, key: int64 code of the normalised text's
-    XXH3-128), in split then source order, and the texts in the same order (Arrow, not Python)."""
+def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray", "pa.ChunkedArray"]:
+    """One frame over all splits (label, split, row, key: int64 code of the normalised text's
+    XXH3-128), in split then source order, and the texts and ids in the same order (Arrow, not Python)."""
     import pyarrow as pa
 
     parts, keys = [], []
     for s in SPLITS:
         t = tables[s]
         label = t.column("label").dictionary_encode().to_pandas().astype(object)  # one str object per label
-        parts.append(pd.DataFrame({"id": t.column("id").to_pandas(), "label": label,
+        parts.append(pd.DataFrame({"label": label,
                                    "split": s, "row": np.arange(1, len(t) + 1)}))
         text = t.column("text")
         for start in range(0, len(t), CHUNK_ROWS):
@@ -97,10 +97,18 @@ def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray"]:
     # one int64 per (split, key): what "the same text in the same split" compares
     rows["skey"] = rows["key"].to_numpy() * len(SPLITS) + np.repeat(np.arange(len(SPLITS)), [len(tables[s]) for s in SPLITS])
     texts = pa.chunked_array([c for s in SPLITS for c in tables[s].column("text").chunks], type=pa.string())
-    return rows, texts
+    ids = pa.chunked_array([c for s in SPLITS for c in tables[s].column("id").chunks], type=pa.string())
+    return rows, texts, ids
 
 
-def _exact_within_split(rows: pd.DataFrame, policy: str, files: dict[str, str]) -> tuple[pd.Series, pd.Series]:
+def _ids_at(ids, positions) -> list:
+    """The ids at some row positions, as str (ids stay in Arrow: only reported ones become Python)."""
+    import pyarrow as pa
+
+    return ids.take(pa.array(np.asarray(positions, dtype=np.int64))).to_pylist()
+
+
+def _exact_within_split(rows: pd.DataFrame, ids, policy: str, files: dict[str, str]) -> tuple[pd.Series, pd.Series]:
     """Reason and kept_id for rows removed as exact duplicates or label conflicts (None = keep)."""
     reason = pd.Series(None, index=rows.index, dtype=object)
     kept = pd.Series("", index=rows.index, dtype=object)
@@ -108,7 +116,8 @@ def _exact_within_split(rows: pd.DataFrame, policy: str, files: dict[str, str]) 
     in_group = rows["skey"].duplicated(keep=False)  # only rows that have a copy need any grouping
     if not in_group.any():
         return reason, kept
-    g = rows.loc[in_group, grp + ["id", "label", "row"]]
+    g = rows.loc[in_group, grp + ["label", "row"]]
+    g["id"] = _ids_at(ids, np.flatnonzero(in_group.to_numpy()))
     nlab = g.groupby(grp, sort=False)["label"].transform("nunique")
 
     same = g[nlab == 1]
@@ -150,20 +159,20 @@ def _exact_within_split(rows: pd.DataFrame, policy: str, files: dict[str, str]) 
     return reason, kept
 
 
-def _cross_split(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept: pd.Series) -> None:
+def _cross_split(rows: pd.DataFrame, ids, alive: np.ndarray, reason: pd.Series, kept: pd.Series) -> None:
     """Remove validation texts found in train, and test texts found in train or validation."""
-    cols = rows.loc[:, ["id", "key"]]  # only what is compared and reported: no copies of the other columns
+    cols = rows.loc[:, ["key"]]  # only what is compared: no copies of the other columns (rows: RangeIndex)
     split = rows["split"].to_numpy()
     ref = cols[alive & (split == "train")]
     for s in ("validation", "test"):
-        owner = pd.Series(ref["id"].to_numpy(), index=ref["key"].to_numpy())
+        owner = pd.Series(ref.index.to_numpy(), index=ref["key"].to_numpy())  # key -> first row holding it
         owner = owner[~owner.index.duplicated()]
         in_s = split == s
         cand = cols[alive & in_s]
         hit = cand["key"].isin(owner.index)
         idx = cand.index[hit.to_numpy()]
         reason[idx] = "cross_split_leak"
-        kept[idx] = owner.reindex(cand.loc[idx, "key"]).to_numpy()
+        kept[idx] = _ids_at(ids, owner.reindex(cand.loc[idx, "key"]).to_numpy())
         alive[idx] = False
         ref = pd.concat([ref, cols[alive & in_s]])
 
@@ -209,12 +218,12 @@ def _near_candidates(texts, order: np.ndarray, p: DedupeParams, seed: int) -> di
     return cands
 
 
-def _near(rows: pd.DataFrame, texts, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
+def _near(rows: pd.DataFrame, texts, ids, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
           p: DedupeParams, seed: int) -> None:
     """MinHash LSH candidates, verified with the exact Jaccard: near duplicates in train, near leaks out of eval.
     Only rows with a candidate get their shingle set built (for the exact Jaccard)."""
     order = np.flatnonzero(alive)  # RangeIndex: label == position
-    ids, labels, split = rows["id"].to_numpy(), rows["label"].to_numpy(), rows["split"].to_numpy()
+    labels, split = rows["label"].to_numpy(), rows["split"].to_numpy()
     cands = _near_candidates(texts, order, p, seed)
     sets = _shingle_sets(texts, sorted(cands), p.shingle_size)
     thr = p.jaccard_threshold
@@ -229,7 +238,7 @@ def _near(rows: pd.DataFrame, texts, alive: np.ndarray, reason: pd.Series, kept:
         for j in cands.get(i, ()):
             if j > i and indexed[j] and alive[j] and labels[j] == labels[i] and jaccard(sets[i], sets[j]) >= thr:
                 alive[j] = False
-                reason[j], kept[j] = "near_duplicate", ids[i]
+                reason[j], kept[j] = "near_duplicate", ids[i].as_py()
     indexed[train] = alive[train]
     # Validation is checked against train; test against train and the surviving validation.
     for s in ("validation", "test"):
@@ -244,7 +253,7 @@ def _near(rows: pd.DataFrame, texts, alive: np.ndarray, reason: pd.Series, kept:
                     best = ((score, -j), j)
             if best is not None:
                 alive[i] = False
-                reason[i], kept[i] = "near_leak", ids[best[1]]
+                reason[i], kept[i] = "near_leak", ids[best[1]].as_py()
         indexed[members] = alive[members]
 
 
@@ -261,23 +270,28 @@ def dedupe_tables(tables: dict, p: DedupeParams, seed: int, files: dict[str, str
     responses to one prompt are conflicts (removed.csv lists them, by dedupe.conflict_policy), and
     there are no classes to keep."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     files = files or {s: f"{s}.parquet" for s in SPLITS}
-    rows, texts = _stack(tables)
+    rows, texts, ids = _stack(tables)
     # kept_id in removed.csv must point at exactly one row
-    dup = rows["id"].duplicated()
+    codes = pc.dictionary_encode(pa.concat_arrays(ids.chunks) if ids.num_chunks else pa.array([], pa.string()))
+    dup = pd.Series(codes.indices.to_numpy(zero_copy_only=False)).duplicated().to_numpy()
     if dup.any():
-        r = rows[dup].iloc[0]
-        raise DataError(files[r["split"]], int(r["row"]), "id", f"id {r['id']!r} appears more than once in the dataset")
-    reason, kept = _exact_within_split(rows, p.conflict_policy, files)
+        at = int(np.flatnonzero(dup)[0])
+        r = rows.iloc[at]
+        raise DataError(files[r["split"]], int(r["row"]), "id",
+                        f"id {ids[at].as_py()!r} appears more than once in the dataset")
+    del codes, dup
+    reason, kept = _exact_within_split(rows, ids, p.conflict_policy, files)
     alive = reason.isna().to_numpy().copy()
-    _cross_split(rows, alive, reason, kept)
+    _cross_split(rows, ids, alive, reason, kept)
     if p.near_duplicates and alive.any():
-        _near(rows, texts, alive, reason, kept, p, seed)
+        _near(rows, texts, ids, alive, reason, kept, p, seed)
 
     train_labels = _empty_classes(rows, alive, reason, p, files) if task != "generation" else set()
     gone = np.flatnonzero(~alive)
-    removed = rows.loc[~alive].assign(reason=reason[~alive], kept_id=kept[~alive],
+    removed = rows.loc[~alive].assign(id=_ids_at(ids, gone), reason=reason[~alive], kept_id=kept[~alive],
                                       text=texts.take(pa.array(gone, type=pa.int64())).to_pandas().to_numpy())
     removed = removed.loc[:, REMOVED_COLUMNS]
     out, start = {}, 0

@@ -144,14 +144,14 @@ def test_dedupe_over_chunks_equals_one_chunk(monkeypatch):
     assert len(whole.removed) + sum(len(t) for t in whole.tables.values()) == len(df)
 
 
-def _near_with_datasketch(rows, texts, alive, reason, kept, p, seed):
+def _near_with_datasketch(rows, texts, ids, alive, reason, kept, p, seed):
     """The oracle: the pre-streaming near pass (a datasketch MinHash per row in a MinHashLSH index)."""
     from datasketch import MinHashLSH
 
     from domaintune.textnorm import jaccard, minhash_signatures, minhashes, shingles
 
     order = [int(i) for i in np.flatnonzero(alive)]
-    ids, labels, split = rows["id"].to_numpy(), rows["label"].to_numpy(), rows["split"].to_numpy()
+    ids, labels, split = ids.to_pylist(), rows["label"].to_numpy(), rows["split"].to_numpy()
     norm = normalise_all(texts.to_pylist())
     sets = {i: shingles(norm[i], p.shingle_size) for i in order}
     hashes = dict(zip(order, minhashes(minhash_signatures([sets[i] for i in order], p.num_perm, seed),
