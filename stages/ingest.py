@@ -226,7 +226,8 @@ def _source_name(tables: list[RawTable], p: IngestParams) -> str:
     return tables[0].file if len(tables) == 1 else str(p.source)
 
 
-def _assign_splits(good: pd.DataFrame, tables: list[RawTable], p: IngestParams, seed: int) -> tuple[str, list[str]]:
+def _assign_splits(good: pd.DataFrame, ids, tables: list[RawTable], p: IngestParams,
+                   seed: int) -> tuple[str, list[str]]:
     """Fill good["split"] in place; returns (where the splits came from, splits carved from train)."""
     if tables[0].split is not None:
         split_source = "hf" if tables[0].file.startswith("hf:") else "files"
@@ -250,7 +251,8 @@ def _assign_splits(good: pd.DataFrame, tables: list[RawTable], p: IngestParams, 
         pool = good["split"].isna() | good["split"].eq("train")
         total = p.split["train"] + sum(p.split[s] for s in missing)
         fractions = {s: p.split[s] / total for s in missing}
-        good.loc[pool, "split"] = stratified_split(good[pool], fractions, seed)
+        pooled = good[pool].assign(id=_ids_at(ids, np.flatnonzero(pool.to_numpy())))  # ids as str only here
+        good.loc[pool, "split"] = stratified_split(pooled, fractions, seed)
     if carved:
         log.warning("source has no %s split: carved from its train rows by ingest.split (ingest.missing_split: "
                     "carve)", "/".join(carved))
@@ -275,13 +277,13 @@ INGEST_CHUNK = 200_000  # rows checked at a time: bounds the Python objects aliv
 
 def _check_chunks(tables: list[RawTable], p: IngestParams):
     """Every row checked, CHUNK rows at a time (a streamed Parquet table is read that way too). Returns
-    the kept rows' file/row/id/label/split (pandas), their texts (Arrow, not Python), the rejected rows
+    the kept rows' file/row/label/split (pandas), their texts and ids (Arrow, not Python), the rejected rows
     and the data records read per file. on_bad_row error stops at the first bad row, in source order."""
     import pyarrow as pa
 
     for t in tables:  # a missing column anywhere stops the stage before any row is judged
         _needed_columns(t, p)
-    kept, texts, rejected, read = [], [], [], {}
+    kept, texts, ids, rejected, read = [], [], [], [], {}
     for t in tables:
         for part in iter_parts(t, INGEST_CHUNK):
             rows = _table_rows(part, p)
@@ -293,31 +295,40 @@ def _check_chunks(tables: list[RawTable], p: IngestParams):
             rejected.append(rows[bad])
             good = rows[~bad]
             texts.append(pa.array(good["text"].tolist(), type=pa.string()))
-            kept.append(good.loc[:, ["file", "row", "id", "label", "split"]])
+            ids.append(pa.array(good["id"].tolist(), type=pa.string()))
+            kept.append(good.loc[:, ["file", "row", "label", "split"]])
     return (pd.concat(kept, ignore_index=True), pa.chunked_array(texts, type=pa.string()),
-            pd.concat(rejected, ignore_index=True), read)
+            pa.chunked_array(ids, type=pa.string()), pd.concat(rejected, ignore_index=True), read)
 
 
-def _split_tables(good: pd.DataFrame, texts) -> dict:
+def _split_tables(good: pd.DataFrame, texts, ids) -> dict:
     import pyarrow as pa
 
     out = {}
+    label, split = good["label"].to_numpy(), good["split"].to_numpy()
     for s in SPLITS:
-        mask = good["split"].eq(s).to_numpy()
-        sel = good.loc[mask]
-        out[s] = pa.table({"id": pa.array(sel["id"].tolist(), type=pa.string()), "text": texts.filter(pa.array(mask)),
-                           "label": pa.array(sel["label"].tolist(), type=pa.string()),
-                           "split": pa.array(sel["split"].tolist(), type=pa.string())})
+        mask = split == s
+        keep = pa.array(mask)
+        out[s] = pa.table({"id": ids.filter(keep), "text": texts.filter(keep),
+                           "label": pa.array(label[mask], type=pa.string()),
+                           "split": pa.array(split[mask], type=pa.string())})
     return out
+
+
+def _ids_at(ids, positions) -> list:
+    import pyarrow as pa
+
+    return ids.take(pa.array(np.asarray(positions, dtype=np.int64))).to_pylist()
 
 
 def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "classification") -> IngestResult:
     """Raw tables -> validated, split dataset (pure: no I/O). For base.task generation, `p` names the
     prompt as text_column and the response as label_column (IngestParams.for_task).
-    Rows are checked in chunks and the kept texts held in Arrow (see _check_chunks)."""
+    Rows are checked in chunks and the kept texts and ids held in Arrow (see _check_chunks)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    good, texts, rejected, read = _check_chunks(tables, p)
+    good, texts, ids, rejected, read = _check_chunks(tables, p)
     for t in tables:  # known once read (a streamed CSV finds them as it goes)
         if t.multiline:  # legal (RFC 4180 quoted line breaks), but a person should know lines != rows
             log.info("%s: %d rows span several lines (quoted line breaks), the first is row %d (line %d)",
@@ -325,21 +336,25 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "clas
     rows_read = sum(read.values())
 
     # Ids identify a row for every later stage (dedupe's kept_id, audit's issues): never ambiguous.
-    dup = good["id"].duplicated()
+    # (by Arrow dictionary codes: the ids stay in Arrow)
+    codes = pc.dictionary_encode(pa.concat_arrays(ids.chunks) if ids.num_chunks else pa.array([], pa.string()))
+    codes = pd.Series(codes.indices.to_numpy(zero_copy_only=False))
+    dup = codes.duplicated().to_numpy()
     if dup.any():
-        r = good[dup].iloc[0]
-        first = good[good["id"] == r["id"]].iloc[0]
+        at = int(np.flatnonzero(dup)[0])
+        r, first = good.iloc[at], good.iloc[int(np.flatnonzero(codes.to_numpy() == codes.iat[at])[0])]
         hint = "" if p.id_column else (" (ids are <file stem>:<row>: give the files different names, or set "
                                        "ingest.id_column)")
         raise DataError(r["file"], int(r["row"]), p.id_column or "id",
-                        f"id {r['id']!r} already used by {first['file']} row {int(first['row'])}{hint}")
+                        f"id {ids[at].as_py()!r} already used by {first['file']} row {int(first['row'])}{hint}")
+    del codes, dup
 
     if task == "generation":  # a response is no class: split at random (seeded), keep no label set
         responses, good["label"] = good["label"], ""
-    split_source, carved = _assign_splits(good, tables, p, seed)
+    split_source, carved = _assign_splits(good, ids, tables, p, seed)
     if task == "generation":
         good["label"] = responses
-        return _generation_result(good, texts, rejected, read, rows_read, split_source, carved, tables)
+        return _generation_result(good, texts, ids, rejected, read, rows_read, split_source, carved, tables)
     train_labels = set(good.loc[good["split"].eq("train"), "label"])
     if not train_labels:
         raise DataError(str(p.source), None, p.label_column, "no usable rows in train")
@@ -354,13 +369,13 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "clas
         text = texts.filter(pa.array(unseen.to_numpy())).to_pylist()
         extra = good[unseen].assign(text=text, field=p.label_column, reason="unseen_label", detail=detail)
         rejected = pd.concat([rejected, extra], ignore_index=True)
-        texts = texts.filter(pa.array(~unseen.to_numpy()))
+        texts, ids = texts.filter(pa.array(~unseen.to_numpy())), ids.filter(pa.array(~unseen.to_numpy()))
         good = good[~unseen]
     if len(train_labels) < 2:
         raise DataError(_source_name(tables, p), None, p.label_column,
                         f"only one class ({sorted(train_labels)[0]!r}) in train; a classifier needs at least two")
 
-    splits = _split_tables(good, texts)
+    splits = _split_tables(good, texts, ids)
     counts = {s: len(df) for s, df in splits.items()}
     for s in ("validation", "test"):
         if not counts[s] and (p.split[s] > 0 or split_source != "stratified"):
@@ -376,8 +391,8 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "clas
     return IngestResult(splits, sorted(train_labels), rejected, rows_read, split_source, files, carved)
 
 
-def _generation_result(good, texts, rejected, read, rows_read, split_source, carved, tables) -> IngestResult:
-    splits = _split_tables(good, texts)
+def _generation_result(good, texts, ids, rejected, read, rows_read, split_source, carved, tables) -> IngestResult:
+    splits = _split_tables(good, texts, ids)
     if not len(splits["train"]):
         raise DataError(tables[0].file, None, None, "no usable rows in train")
     files = _file_counts(read, good, rejected)
