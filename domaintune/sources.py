@@ -58,6 +58,26 @@ class RawTable:
     bad: dict[int, list[tuple[str | None, str, str]]] = field(default_factory=dict)
     lines: list[int] | None = None  # physical line of each row (text formats), for messages
     multiline: list[int] = field(default_factory=list)  # rows whose quoted fields span several lines
+    # A streamed table (read_parquet(stream=True)) holds no rows: `frame` has its columns only and
+    # parts(split) yields it as RawTables of at most `part_rows` rows, read one row-group batch at a time.
+    parts: object = None
+    multiline_lines: list[int] = field(default_factory=list)  # physical first line of each multiline row
+
+    def slice(self, start: int, stop: int) -> "RawTable":
+        """Rows start..stop-1 as a table of their own (frame positions renumbered from 0)."""
+        return RawTable(self.file, self.stem, self.frame.iloc[start:stop].reset_index(drop=True), self.rows[start:stop],
+                        self.split, {i - start: v for i, v in self.bad.items() if start <= i < stop},
+                        self.lines[start:stop] if self.lines else None)
+
+
+def iter_parts(table: RawTable, rows: int):
+    """A table as RawTables of at most `rows` rows, in order: a streamed one read part by part
+    (bounded memory), any other sliced."""
+    if table.parts is not None:
+        yield from table.parts(table.split, rows)
+        return
+    for start in range(0, len(table.frame), rows):
+        yield table.slice(start, start + rows)
 
 
 def _decode(path: Path) -> tuple[str, int]:
@@ -102,12 +122,13 @@ def _field_end(text: str, pos: int, delim: str) -> bool:
 
 
 class _Record:
-    __slots__ = ("fields", "spans", "line", "last_line", "problem")
+    __slots__ = ("fields", "spans", "line", "last_line", "problem", "unclosed")
 
     def __init__(self, line: int):
         self.fields: list[str] = []
         self.spans: list[tuple[int, int]] = []  # raw character span of each field in the text
         self.line, self.last_line, self.problem = line, line, None
+        self.unclosed = False  # a quote with no closing quote anywhere after it in the text
 
 
 def _literal(text: str, pos: int, delim: str) -> int:
@@ -141,6 +162,7 @@ def _slow_record(text: str, pos: int, line: int, delim: str) -> tuple[_Record, i
             else:
                 rec.problem = (len(rec.fields), f"a quote opens this field at line {line} and no quote followed by "
                                                 "the delimiter or a line end closes it")
+                rec.unclosed = m is None
                 return rec, eol + 1, line + 1
         else:
             end = _literal(text, pos, delim)
@@ -156,9 +178,9 @@ def _slow_record(text: str, pos: int, line: int, delim: str) -> tuple[_Record, i
         return rec, pos + 1, line + 1  # "\n" or the end of the text
 
 
-def parse_delimited(text: str, delim: str):
-    """Yield the records of a delimited text (see the quoting rule above), blank lines skipped."""
-    pos, line, n = 0, 1, len(text)
+def _records(text: str, delim: str, pos: int = 0, line: int = 1):
+    """Yield (record, next position, next line) from pos on (see the quoting rule above), blank lines skipped."""
+    n = len(text)
     while pos < n:
         eol = text.find("\n", pos)
         eol = n if eol < 0 else eol
@@ -171,63 +193,162 @@ def parse_delimited(text: str, delim: str):
                     rec.fields.append(part)
                     rec.spans.append((start, start + len(part)))
                     start += len(part) + 1
-                yield rec
+                yield rec, eol + 1, line + 1
             pos, line = eol + 1, line + 1
             continue
         rec, pos, line = _slow_record(text, pos, line, delim)
+        yield rec, pos, line
+
+
+def parse_delimited(text: str, delim: str):
+    """Yield the records of a delimited text (see the quoting rule above), blank lines skipped."""
+    for rec, _, _ in _records(text, delim):
         yield rec
 
 
-def read_delimited(path: Path, delimiter: str) -> RawTable:
-    text, bom = _decode(path)
+# A CSV/TSV file is decoded and parsed CSV_BLOCK_BYTES at a time, cut after a line end (a line end
+# is never inside a UTF-8 sequence, so each piece decodes as it would in the whole). Every record is
+# decided by the text up to its end, except one whose quote is not closed in the text read so far:
+# it is parsed again with the next piece (a quoted field may span pieces; a quote never closed
+# keeps the rest of the file, as a whole read would).
+CSV_BLOCK_BYTES = 16 << 20
+
+
+def _pieces(path: Path, size: int):
+    """(bytes, file offset) pieces of a file, each ending after a line end (the last at the end of the file)."""
+    with open(path, "rb") as f:
+        base, pending = 0, b""
+        while chunk := f.read(size):
+            pending += chunk
+            cut = pending.rfind(b"\n") + 1
+            if cut:
+                yield pending[:cut], base
+                base, pending = base + cut, pending[cut:]
+        if pending:
+            yield pending, base
+
+
+def _stream_records(path: Path, delim: str, size: int):
+    """(record, text, byte offset of text in the file) for every record of a delimited file, in order."""
+    text, base, line, pos = "", 0, 1, 0
+    pieces = _pieces(path, size)
+    eof = False
+    while not eof:
+        nxt = next(pieces, None)
+        eof = nxt is None
+        if not eof:
+            raw, off = nxt
+            if off == 0:
+                if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                    raise DataError(path, None, None, "file is UTF-16 (it starts with a UTF-16 byte order mark); "
+                                                      "save it as UTF-8")
+                skip = len(_BOM) if raw.startswith(_BOM) else 0
+                raw, off = raw[skip:], skip
+                if b"\n" not in raw and b"\r" in raw:  # the first piece is the whole file when it has no line end
+                    raise DataError(path, None, None, "lines end with a lone carriage return (old Mac style); save "
+                                                      "the file with \\n or \\r\\n line ends")
+            piece = raw.decode("utf-8", errors="surrogateescape")
+            if not text:
+                base = off
+            unclosed_before = bool(text)
+            text += piece
+            if unclosed_before and '"' not in piece:
+                continue  # nothing in the new piece can close the open quote
+        pos = 0
+        for rec, nxt_pos, nxt_line in _records(text, delim, 0, line):
+            if rec.unclosed and not eof:
+                break
+            yield rec, text, base
+            pos, line = nxt_pos, nxt_line
+        else:  # the text after the last record holds only blank lines
+            line += text.count("\n", pos)
+            pos = len(text)
+        base += len(text[:pos].encode("utf-8", "surrogateescape"))
+        text = text[pos:]
+
+
+def _bad_finder(text: str, base: int):
     bad_at = [m.start() for m in UNDECODABLE.finditer(text)]
-    offsets = _byte_offsets(text, bom) if bad_at else []
+    offsets = _byte_offsets(text, base) if bad_at else []
 
     def first_bad(a: int, b: int) -> int | None:
         i = bisect.bisect_left(bad_at, a)
         return offsets[i] if i < len(bad_at) and bad_at[i] < b else None
+    return first_bad
 
-    if "\r" in text and "\n" not in text:
-        raise DataError(path, None, None, "lines end with a lone carriage return (old Mac style); save the file "
-                                          "with \\n or \\r\\n line ends")
-    records = parse_delimited(text, delimiter)
+
+def _delimited_parts(path: Path, header: list[str], records, multiline: list[int], first_line: list[int]):
+    """parts(split, rows) of a streamed delimited table: RawTables of at most `rows` records."""
+    width = len(header)
+
+    def parts(split, size):
+        seen_text, first_bad, n = None, None, 0
+        rows, lines, bad, cells = [], [], {}, []
+        for rec, text, base in records:
+            if text is not seen_text:
+                seen_text, first_bad = text, _bad_finder(text, base)
+            pos = len(cells)
+            problems = []
+            if rec.problem:
+                k, what = rec.problem
+                problems.append((header[k] if k < width else None, "malformed_row", what))
+            for col, (a, b) in zip(header + ["<extra field>"] * len(rec.spans), rec.spans):
+                if (off := first_bad(a, b)) is not None:
+                    problems.append((col, "undecodable_bytes",
+                                     f"bytes that are not UTF-8 at byte offset {off} (line {rec.line})"))
+            if not rec.problem and len(rec.fields) != width:
+                problems.append((None, "malformed_row",
+                                 f"has {len(rec.fields)} fields, the header has {width} (line {rec.line})"))
+            if problems:
+                bad[pos] = problems
+            cells.append((rec.fields + [None] * width)[:width])
+            n += 1
+            rows.append(n)
+            lines.append(rec.line)
+            if rec.last_line > rec.line:
+                multiline.append(n)
+                first_line.append(rec.line)
+            if len(cells) == size:
+                yield RawTable(str(path), path.stem, pd.DataFrame(cells, columns=header, dtype=object), rows, split,
+                               bad=bad, lines=lines)
+                rows, lines, bad, cells = [], [], {}, []
+        if cells:
+            yield RawTable(str(path), path.stem, pd.DataFrame(cells, columns=header, dtype=object), rows, split,
+                           bad=bad, lines=lines)
+    return parts
+
+
+def read_delimited(path: Path, delimiter: str, stream: bool = False) -> RawTable:
+    """A CSV/TSV file: whole, or (stream) a table whose rows iter_parts reads piece by piece."""
+    records = _stream_records(path, delimiter, CSV_BLOCK_BYTES)
     head = next(records, None)
     if head is None:
         raise DataError(path, None, None, "file is empty (no header row)")
-    if head.problem:
-        raise DataError(path, None, None, f"malformed header: field {head.problem[0] + 1}: {head.problem[1]}")
-    header = head.fields
-    if (off := first_bad(0, head.spans[-1][1])) is not None:
+    rec, text, base = head
+    if rec.problem:
+        raise DataError(path, None, None, f"malformed header: field {rec.problem[0] + 1}: {rec.problem[1]}")
+    header = rec.fields
+    if (off := _bad_finder(text, base)(0, rec.spans[-1][1])) is not None:
         raise DataError(path, None, None, f"header has undecodable bytes (not UTF-8) at byte {off}")
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
         raise DataError(path, None, dup[0], "column name appears more than once in the header")
-    rows, lines, bad, cells, multiline = [], [], {}, [], []
-    width = len(header)
-    for rec in records:
-        pos = len(cells)
-        problems = bad.setdefault(pos, [])
-        if rec.problem:
-            k, what = rec.problem
-            problems.append((header[k] if k < width else None, "malformed_row", what))
-        for col, (a, b) in zip(header + ["<extra field>"] * len(rec.spans), rec.spans):
-            if (off := first_bad(a, b)) is not None:
-                problems.append((col, "undecodable_bytes",
-                                 f"bytes that are not UTF-8 at byte offset {off} (line {rec.line})"))
-        if not rec.problem and len(rec.fields) != width:
-            problems.append((None, "malformed_row",
-                             f"has {len(rec.fields)} fields, the header has {width} (line {rec.line})"))
-        if not problems:
-            del bad[pos]
-        cells.append((rec.fields + [None] * width)[:width])
-        rows.append(pos + 1)
-        lines.append(rec.line)
-        if rec.last_line > rec.line:
-            multiline.append(pos + 1)
-    if not cells:
+    first = next(records, None)
+    if first is None:
         raise DataError(path, None, None, "file has a header but no data rows")
-    frame = pd.DataFrame(cells, columns=header, dtype=object)
-    return RawTable(str(path), path.stem, frame, rows, bad=bad, lines=lines, multiline=multiline)
+
+    def all_records():
+        yield first
+        yield from records
+    multiline, first_line = [], []
+    parts = _delimited_parts(path, header, all_records(), multiline, first_line)
+    table = RawTable(str(path), path.stem, pd.DataFrame(columns=header, dtype=object), [], multiline=multiline,
+                     parts=parts, multiline_lines=first_line)
+    if stream:
+        return table
+    (whole,) = parts(None, None)
+    whole.multiline, whole.multiline_lines = multiline, first_line
+    return whole
 
 
 def _json_key_before(prefix: str) -> str | None:
@@ -300,23 +421,53 @@ def _table_of_frame(frame: pd.DataFrame, file: str, stem: str, split: str | None
     return RawTable(file, stem, frame, list(range(1, len(frame) + 1)), split=split, bad=bad)
 
 
-def read_parquet(path: Path) -> RawTable:
+def _parquet_frame(path: Path, table) -> pd.DataFrame:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a corrupt file
-        raise DataError(path, None, None, f"cannot read Parquet: {exc}") from None
-    try:
-        frame = table.to_pandas()
+        return table.to_pandas()
     except Exception:  # a string column holding bytes that are not UTF-8: read it as bytes, decode per cell
         as_bytes = pa.schema([f.with_type(pa.large_binary()) if pa.types.is_string(f.type)
                               or pa.types.is_large_string(f.type) else f for f in table.schema])
         try:
-            frame = table.cast(as_bytes).to_pandas()
+            return table.cast(as_bytes).to_pandas()
         except Exception as exc:
             raise DataError(path, None, None, f"cannot read Parquet: {exc}") from None
+
+
+def read_parquet(path: Path, stream: bool = False) -> RawTable:
+    """The whole file, or (stream) a table read in batches of row groups by iter_parts: pyarrow's
+    ParquetFile.iter_batches, so only one batch is ever Python objects."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if stream:
+            pf = pq.ParquetFile(path)
+            empty = pf.schema_arrow.empty_table()
+        else:
+            table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise DataError(path, None, None, f"cannot read Parquet: {exc}") from None
+    if stream:
+        if pf.metadata.num_rows == 0:
+            raise DataError(path, None, None, "file has no rows")
+
+        def parts(split, rows):
+            done = 0
+            try:
+                batches = pf.iter_batches(batch_size=rows)
+                for batch in batches:
+                    t = _table_of_frame(_parquet_frame(path, pa.Table.from_batches([batch])), str(path), path.stem, split)
+                    t.rows = list(range(done + 1, done + len(t.rows) + 1))
+                    done += len(t.rows)
+                    yield t
+            except DataError:
+                raise
+            except Exception as exc:  # a corrupt row group
+                raise DataError(path, None, None, f"cannot read Parquet: {exc}") from None
+        return RawTable(str(path), path.stem, _parquet_frame(path, empty).astype(object), [], parts=parts)
+    frame = _parquet_frame(path, table)
     if frame.empty:
         raise DataError(path, None, None, "file has no rows")
     return _table_of_frame(frame, str(path), path.stem)
@@ -342,21 +493,21 @@ def read_txt(path: Path) -> RawTable:
                     lines=list(range(1, len(lines) + 1)))
 
 
-def read_file(path: Path, kinds: dict[str, str] | None = None) -> RawTable:
+def read_file(path: Path, kinds: dict[str, str] | None = None, stream: bool = False) -> RawTable:
     """One file by its extension (`kinds`, default EXTENSIONS plus .txt). Problems found in cells
     (bytes that are not UTF-8, malformed rows) are in RawTable.bad; raise_problems turns them into
-    a DataError for callers that need every row."""
+    a DataError for callers that need every row. `stream`: Parquet is read part by part (iter_parts)."""
     kind = (kinds or READABLE).get(path.suffix.lower())
     if not path.is_file():
         raise DataError(path, None, None, "file not found" if not path.exists() else "not a regular file")
     if kind == "csv":
-        return read_delimited(path, ",")
+        return read_delimited(path, ",", stream)
     if kind == "tsv":
-        return read_delimited(path, "\t")
+        return read_delimited(path, "\t", stream)
     if kind == "jsonl":
         return read_jsonl(path)
     if kind == "parquet":
-        return read_parquet(path)
+        return read_parquet(path, stream)
     if kind == "txt":
         return read_txt(path)
     raise DataError(path, None, None, f"unsupported file type {''.join(path.suffixes) or path.name!r}; "
@@ -408,7 +559,7 @@ def _folder_entry_error(p: Path) -> str | None:
     return None
 
 
-def read_folder(folder: Path) -> list[RawTable]:
+def read_folder(folder: Path, stream: bool = False) -> list[RawTable]:
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     for p in entries:
         if problem := _folder_entry_error(p):
@@ -425,7 +576,7 @@ def read_folder(folder: Path) -> list[RawTable]:
             if not f:
                 raise DataError(p, None, None, f"file name names no split while {with_split} do; put one of "
                                 f"{sorted(SPLIT_ALIASES)} in every file name (e.g. tickets_train.csv), or in none")
-    tables = [read_file(p, EXTENSIONS) for p in entries]
+    tables = [read_file(p, EXTENSIONS, stream) for p in entries]
     for t, p in zip(tables, entries):
         t.split = named[p][0] if named[p] else None
     return tables
@@ -465,12 +616,13 @@ def tables_from_hf(loaded, spec: str) -> list[RawTable]:
     return tables
 
 
-def read_source(source: str) -> list[RawTable]:
+def read_source(source: str, stream: bool = False) -> list[RawTable]:
+    """The source's tables; `stream`: its Parquet files are read part by part (see iter_parts)."""
     if source.startswith("hf:"):
         return read_hf(source)
     path = Path(source)
     if not path.exists():
         raise DataError(path, None, None, "source not found")
     if path.is_dir():
-        return read_folder(path)
-    return [read_file(path, EXTENSIONS)]
+        return read_folder(path, stream)
+    return [read_file(path, EXTENSIONS, stream)]

@@ -1,7 +1,7 @@
 """Stage dedupe: data/ingested -> data/deduped + manifest.json (content hashes, every removal and why).
 
 Rows are compared on their normalised text (domaintune/textnorm.py: NFKC,
-casefold, whitespace collapsed) through its SHA-256, in this order:
+casefold, whitespace collapsed) through a 128-bit hash of it, in this order:
 1. exact duplicates inside a split: the first row (source order) is kept;
 2. same text, different labels inside a split: `dedupe.conflict_policy`
    drop (all copies) | majority (keep the majority label's first row; a tie
@@ -22,8 +22,8 @@ The manifest's per-split SHA-256 content hashes are the dataset version every
 later stage and model version refers to.
 
 Memory: the texts stay in Arrow buffers (read shard by shard, ~1 byte a character);
-normalisation and hashing run CHUNK_ROWS rows at a time and keep a 128-bit key per
-row (the first half of the SHA-256), factorised to one int64 code, so the exact
+normalisation (Arrow kernels, textnorm.normalise_arrow) and hashing run CHUNK_ROWS rows at a
+time and keep a 128-bit key per row (XXH3-128), factorised to one int64 code, so the exact
 pass holds per row only that code, the id, the label and its position. Outputs are
 written by row group (domaintune/data.py). The near-duplicate pass holds the
 shingle sets of the rows that survive the exact pass.
@@ -41,8 +41,8 @@ from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept
                              read_json, read_split_table, split_files, write_dataset, write_json)
 from domaintune.params import DedupeParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
-from domaintune.textnorm import (band_hashes, candidate_pairs, digest_keys, jaccard, key_codes, minhash_signatures,
-                                 normalise_all, shingles)
+from domaintune.textnorm import (band_hashes, candidate_pairs, jaccard, key_codes, minhash_signatures, normalise_arrow,
+                                 shingles, text_keys)
 
 log = logging.getLogger("domaintune")
 
@@ -73,44 +73,51 @@ def _as_tables(splits: dict[str, pd.DataFrame]) -> dict:
 
 
 def _chunk_keys(text) -> np.ndarray:
-    """Keys of a chunk of texts; each distinct raw text is normalised and hashed once (Arrow finds
-    the exact copies, which get their first copy's key)."""
-    import pyarrow.compute as pc
-
-    enc = pc.dictionary_encode(text.combine_chunks())
-    distinct = digest_keys(normalise_all(enc.dictionary.to_pylist()))
-    return distinct[enc.indices.to_numpy(zero_copy_only=False)]
+    """Keys of a chunk of texts: normalised with Arrow kernels (textnorm.normalise_arrow, exactly
+    normalise()'s result) and hashed to 128 bits (textnorm.text_keys)."""
+    return text_keys(text)
 
 
-def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray"]:
-    """One frame over all splits (id, label, split, row, key: int64 code of the normalised text's
-    SHA-256), in split then source order, and the texts in the same order (Arrow, not Python)."""
+def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray", "pa.ChunkedArray"]:
+    """One frame over all splits (label, split, row, key: int64 code of the normalised text's
+    XXH3-128), in split then source order, and the texts and ids in the same order (Arrow, not Python)."""
     import pyarrow as pa
 
     parts, keys = [], []
     for s in SPLITS:
         t = tables[s]
         label = t.column("label").dictionary_encode().to_pandas().astype(object)  # one str object per label
-        parts.append(pd.DataFrame({"id": t.column("id").to_pandas(), "label": label,
+        parts.append(pd.DataFrame({"label": label,
                                    "split": s, "row": np.arange(1, len(t) + 1)}))
         text = t.column("text")
         for start in range(0, len(t), CHUNK_ROWS):
             keys.append(_chunk_keys(text.slice(start, CHUNK_ROWS)))
     rows = pd.concat(parts, ignore_index=True)
     rows["key"] = key_codes(np.concatenate(keys)) if keys else np.empty(0, dtype=np.int64)
+    # one int64 per (split, key): what "the same text in the same split" compares
+    rows["skey"] = rows["key"].to_numpy() * len(SPLITS) + np.repeat(np.arange(len(SPLITS)), [len(tables[s]) for s in SPLITS])
     texts = pa.chunked_array([c for s in SPLITS for c in tables[s].column("text").chunks], type=pa.string())
-    return rows, texts
+    ids = pa.chunked_array([c for s in SPLITS for c in tables[s].column("id").chunks], type=pa.string())
+    return rows, texts, ids
 
 
-def _exact_within_split(rows: pd.DataFrame, policy: str, files: dict[str, str]) -> tuple[pd.Series, pd.Series]:
+def _ids_at(ids, positions) -> list:
+    """The ids at some row positions, as str (ids stay in Arrow: only reported ones become Python)."""
+    import pyarrow as pa
+
+    return ids.take(pa.array(np.asarray(positions, dtype=np.int64))).to_pylist()
+
+
+def _exact_within_split(rows: pd.DataFrame, ids, policy: str, files: dict[str, str]) -> tuple[pd.Series, pd.Series]:
     """Reason and kept_id for rows removed as exact duplicates or label conflicts (None = keep)."""
     reason = pd.Series(None, index=rows.index, dtype=object)
     kept = pd.Series("", index=rows.index, dtype=object)
     grp = ["split", "key"]
-    in_group = rows.duplicated(grp, keep=False)  # only rows that have a copy need any grouping
+    in_group = rows["skey"].duplicated(keep=False)  # only rows that have a copy need any grouping
     if not in_group.any():
         return reason, kept
-    g = rows.loc[in_group, grp + ["id", "label", "row"]]
+    g = rows.loc[in_group, grp + ["label", "row"]]
+    g["id"] = _ids_at(ids, np.flatnonzero(in_group.to_numpy()))
     nlab = g.groupby(grp, sort=False)["label"].transform("nunique")
 
     same = g[nlab == 1]
@@ -152,20 +159,20 @@ def _exact_within_split(rows: pd.DataFrame, policy: str, files: dict[str, str]) 
     return reason, kept
 
 
-def _cross_split(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, kept: pd.Series) -> None:
+def _cross_split(rows: pd.DataFrame, ids, alive: np.ndarray, reason: pd.Series, kept: pd.Series) -> None:
     """Remove validation texts found in train, and test texts found in train or validation."""
-    cols = rows.loc[:, ["id", "key"]]  # only what is compared and reported: no copies of the other columns
+    cols = rows.loc[:, ["key"]]  # only what is compared: no copies of the other columns (rows: RangeIndex)
     split = rows["split"].to_numpy()
     ref = cols[alive & (split == "train")]
     for s in ("validation", "test"):
-        owner = pd.Series(ref["id"].to_numpy(), index=ref["key"].to_numpy())
+        owner = pd.Series(ref.index.to_numpy(), index=ref["key"].to_numpy())  # key -> first row holding it
         owner = owner[~owner.index.duplicated()]
         in_s = split == s
         cand = cols[alive & in_s]
         hit = cand["key"].isin(owner.index)
         idx = cand.index[hit.to_numpy()]
         reason[idx] = "cross_split_leak"
-        kept[idx] = owner.reindex(cand.loc[idx, "key"]).to_numpy()
+        kept[idx] = _ids_at(ids, owner.reindex(cand.loc[idx, "key"]).to_numpy())
         alive[idx] = False
         ref = pd.concat([ref, cols[alive & in_s]])
 
@@ -187,7 +194,7 @@ def _shingle_sets(texts, positions, size: int) -> dict[int, set]:
     sets = {}
     for start in range(0, len(positions), CHUNK_ROWS):
         part = positions[start:start + CHUNK_ROWS]
-        norm = normalise_all(texts.take(pa.array(part, type=pa.int64())).to_pylist())
+        norm = normalise_arrow(texts.take(pa.array(part, type=pa.int64()))).to_pylist()
         sets.update((i, shingles(n, size)) for i, n in zip(part, norm))
     return sets
 
@@ -211,12 +218,12 @@ def _near_candidates(texts, order: np.ndarray, p: DedupeParams, seed: int) -> di
     return cands
 
 
-def _near(rows: pd.DataFrame, texts, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
+def _near(rows: pd.DataFrame, texts, ids, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
           p: DedupeParams, seed: int) -> None:
     """MinHash LSH candidates, verified with the exact Jaccard: near duplicates in train, near leaks out of eval.
     Only rows with a candidate get their shingle set built (for the exact Jaccard)."""
     order = np.flatnonzero(alive)  # RangeIndex: label == position
-    ids, labels, split = rows["id"].to_numpy(), rows["label"].to_numpy(), rows["split"].to_numpy()
+    labels, split = rows["label"].to_numpy(), rows["split"].to_numpy()
     cands = _near_candidates(texts, order, p, seed)
     sets = _shingle_sets(texts, sorted(cands), p.shingle_size)
     thr = p.jaccard_threshold
@@ -231,7 +238,7 @@ def _near(rows: pd.DataFrame, texts, alive: np.ndarray, reason: pd.Series, kept:
         for j in cands.get(i, ()):
             if j > i and indexed[j] and alive[j] and labels[j] == labels[i] and jaccard(sets[i], sets[j]) >= thr:
                 alive[j] = False
-                reason[j], kept[j] = "near_duplicate", ids[i]
+                reason[j], kept[j] = "near_duplicate", ids[i].as_py()
     indexed[train] = alive[train]
     # Validation is checked against train; test against train and the surviving validation.
     for s in ("validation", "test"):
@@ -246,7 +253,7 @@ def _near(rows: pd.DataFrame, texts, alive: np.ndarray, reason: pd.Series, kept:
                     best = ((score, -j), j)
             if best is not None:
                 alive[i] = False
-                reason[i], kept[i] = "near_leak", ids[best[1]]
+                reason[i], kept[i] = "near_leak", ids[best[1]].as_py()
         indexed[members] = alive[members]
 
 
@@ -263,23 +270,28 @@ def dedupe_tables(tables: dict, p: DedupeParams, seed: int, files: dict[str, str
     responses to one prompt are conflicts (removed.csv lists them, by dedupe.conflict_policy), and
     there are no classes to keep."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     files = files or {s: f"{s}.parquet" for s in SPLITS}
-    rows, texts = _stack(tables)
+    rows, texts, ids = _stack(tables)
     # kept_id in removed.csv must point at exactly one row
-    dup = rows["id"].duplicated()
+    codes = pc.dictionary_encode(pa.concat_arrays(ids.chunks) if ids.num_chunks else pa.array([], pa.string()))
+    dup = pd.Series(codes.indices.to_numpy(zero_copy_only=False)).duplicated().to_numpy()
     if dup.any():
-        r = rows[dup].iloc[0]
-        raise DataError(files[r["split"]], int(r["row"]), "id", f"id {r['id']!r} appears more than once in the dataset")
-    reason, kept = _exact_within_split(rows, p.conflict_policy, files)
+        at = int(np.flatnonzero(dup)[0])
+        r = rows.iloc[at]
+        raise DataError(files[r["split"]], int(r["row"]), "id",
+                        f"id {ids[at].as_py()!r} appears more than once in the dataset")
+    del codes, dup
+    reason, kept = _exact_within_split(rows, ids, p.conflict_policy, files)
     alive = reason.isna().to_numpy().copy()
-    _cross_split(rows, alive, reason, kept)
+    _cross_split(rows, ids, alive, reason, kept)
     if p.near_duplicates and alive.any():
-        _near(rows, texts, alive, reason, kept, p, seed)
+        _near(rows, texts, ids, alive, reason, kept, p, seed)
 
     train_labels = _empty_classes(rows, alive, reason, p, files) if task != "generation" else set()
     gone = np.flatnonzero(~alive)
-    removed = rows.loc[~alive].assign(reason=reason[~alive], kept_id=kept[~alive],
+    removed = rows.loc[~alive].assign(id=_ids_at(ids, gone), reason=reason[~alive], kept_id=kept[~alive],
                                       text=texts.take(pa.array(gone, type=pa.int64())).to_pandas().to_numpy())
     removed = removed.loc[:, REMOVED_COLUMNS]
     out, start = {}, 0
@@ -336,7 +348,7 @@ def manifest_of(result: DedupeResult, hashes: dict, input_hashes: dict, p: Dedup
         "removed_total": len(result.removed),
         "input": {"path": in_dir, "sha256": input_hashes},
         "params": {**as_dict(p), "seed": seed},
-        "normalisation": "Unicode NFKC, casefold, whitespace runs -> one space, stripped; SHA-256 of UTF-8",
+        "normalisation": "Unicode NFKC, casefold, whitespace runs -> one space, stripped; XXH3-128 of UTF-8",
     }
 
 

@@ -32,7 +32,7 @@ import pandas as pd
 
 from domaintune.data import SPLITS, DataError, atomic_output, write_dataset, write_json
 from domaintune.params import IngestParams, load_params
-from domaintune.sources import SPLIT_ALIASES, RawTable, read_source
+from domaintune.sources import SPLIT_ALIASES, RawTable, iter_parts, read_source
 from domaintune.stage import run_stage, stage_parser
 
 log = logging.getLogger("domaintune")
@@ -42,13 +42,17 @@ REJECTED_COLUMNS = ["file", "row", "field", "reason", "detail", "text"]
 
 @dataclass
 class IngestResult:
-    splits: dict[str, pd.DataFrame]
+    tables: dict  # split -> pyarrow Table (id, text, label, split)
     labels: list[str]
     rejected: pd.DataFrame
     rows_read: int
     split_source: str
     files: dict = dataclasses.field(default_factory=dict)  # file -> records, kept, rejected
     carved: list = dataclasses.field(default_factory=list)  # splits carved from the source's train rows
+
+    @property
+    def splits(self) -> dict[str, pd.DataFrame]:
+        return {s: t.to_pandas() for s, t in self.tables.items()}
 
 
 def _blank(values: pd.Series) -> pd.Series:
@@ -100,8 +104,8 @@ def _as_label(v, missing: frozenset = frozenset()):
     return None if t in missing else t
 
 
-def _table_rows(t: RawTable, p: IngestParams) -> pd.DataFrame:
-    """One table -> rows with id/text/label/split plus the first problem found in each row."""
+def _needed_columns(t: RawTable, p: IngestParams) -> list[str]:
+    """The columns ingest uses from `t`; a DataError names the first one it lacks."""
     cols = list(t.frame.columns)
     need = [p.text_column, p.label_column]
     if p.id_column:
@@ -114,6 +118,12 @@ def _table_rows(t: RawTable, p: IngestParams) -> pd.DataFrame:
             if len(cols) == 1 and (seps := [d for d in ("\t", ";", ",", "|") if d in str(cols[0])]):
                 hint = f" (one column whose name holds {seps[0]!r}: is the file delimited by {seps[0]!r}?)"
             raise DataError(t.file, None, c, f"column missing; columns found: {cols}{hint}")
+    return need
+
+
+def _table_rows(t: RawTable, p: IngestParams) -> pd.DataFrame:
+    """One table -> rows with id/text/label/split plus the first problem found in each row."""
+    need = _needed_columns(t, p)
     n = len(t.frame)
     missing = frozenset(p.missing_labels)
     out = pd.DataFrame({
@@ -216,7 +226,8 @@ def _source_name(tables: list[RawTable], p: IngestParams) -> str:
     return tables[0].file if len(tables) == 1 else str(p.source)
 
 
-def _assign_splits(good: pd.DataFrame, tables: list[RawTable], p: IngestParams, seed: int) -> tuple[str, list[str]]:
+def _assign_splits(good: pd.DataFrame, ids, tables: list[RawTable], p: IngestParams,
+                   seed: int) -> tuple[str, list[str]]:
     """Fill good["split"] in place; returns (where the splits came from, splits carved from train)."""
     if tables[0].split is not None:
         split_source = "hf" if tables[0].file.startswith("hf:") else "files"
@@ -240,7 +251,8 @@ def _assign_splits(good: pd.DataFrame, tables: list[RawTable], p: IngestParams, 
         pool = good["split"].isna() | good["split"].eq("train")
         total = p.split["train"] + sum(p.split[s] for s in missing)
         fractions = {s: p.split[s] / total for s in missing}
-        good.loc[pool, "split"] = stratified_split(good[pool], fractions, seed)
+        pooled = good[pool].assign(id=_ids_at(ids, np.flatnonzero(pool.to_numpy())))  # ids as str only here
+        good.loc[pool, "split"] = stratified_split(pooled, fractions, seed)
     if carved:
         log.warning("source has no %s split: carved from its train rows by ingest.split (ingest.missing_split: "
                     "carve)", "/".join(carved))
@@ -248,9 +260,9 @@ def _assign_splits(good: pd.DataFrame, tables: list[RawTable], p: IngestParams, 
     return split_source, carved
 
 
-def _file_counts(rows: pd.DataFrame, good: pd.DataFrame, rejected: pd.DataFrame) -> dict[str, dict[str, int]]:
+def _file_counts(read: dict[str, int], good: pd.DataFrame, rejected: pd.DataFrame) -> dict[str, dict[str, int]]:
     """Per file: data records read = rows kept + rows rejected (checked: a mismatch is a bug)."""
-    read, kept, rej = (df.groupby("file", sort=False).size() for df in (rows, good, rejected))
+    kept, rej = (df.groupby("file", sort=False).size() for df in (good, rejected))
     out = {}
     for f, n in read.items():
         k, r = int(kept.get(f, 0)), int(rej.get(f, 0))
@@ -260,39 +272,89 @@ def _file_counts(rows: pd.DataFrame, good: pd.DataFrame, rejected: pd.DataFrame)
     return out
 
 
+INGEST_CHUNK = 200_000  # rows checked at a time: bounds the Python objects alive besides the kept ids/labels
+
+
+def _check_chunks(tables: list[RawTable], p: IngestParams):
+    """Every row checked, CHUNK rows at a time (a streamed Parquet table is read that way too). Returns
+    the kept rows' file/row/label/split (pandas), their texts and ids (Arrow, not Python), the rejected rows
+    and the data records read per file. on_bad_row error stops at the first bad row, in source order."""
+    import pyarrow as pa
+
+    for t in tables:  # a missing column anywhere stops the stage before any row is judged
+        _needed_columns(t, p)
+    kept, texts, ids, rejected, read = [], [], [], [], {}
+    for t in tables:
+        for part in iter_parts(t, INGEST_CHUNK):
+            rows = _table_rows(part, p)
+            read[t.file] = read.get(t.file, 0) + len(rows)
+            bad = rows["reason"].notna()
+            if p.on_bad_row == "error" and bad.any():
+                r = rows[bad].iloc[0]
+                raise DataError(r["file"], int(r["row"]), r["field"], r["detail"])
+            rejected.append(rows[bad])
+            good = rows[~bad]
+            texts.append(pa.array(good["text"].tolist(), type=pa.string()))
+            ids.append(pa.array(good["id"].tolist(), type=pa.string()))
+            kept.append(good.loc[:, ["file", "row", "label", "split"]])
+    return (pd.concat(kept, ignore_index=True), pa.chunked_array(texts, type=pa.string()),
+            pa.chunked_array(ids, type=pa.string()), pd.concat(rejected, ignore_index=True), read)
+
+
+def _split_tables(good: pd.DataFrame, texts, ids) -> dict:
+    import pyarrow as pa
+
+    out = {}
+    label, split = good["label"].to_numpy(), good["split"].to_numpy()
+    for s in SPLITS:
+        mask = split == s
+        keep = pa.array(mask)
+        out[s] = pa.table({"id": ids.filter(keep), "text": texts.filter(keep),
+                           "label": pa.array(label[mask], type=pa.string()),
+                           "split": pa.array(split[mask], type=pa.string())})
+    return out
+
+
+def _ids_at(ids, positions) -> list:
+    import pyarrow as pa
+
+    return ids.take(pa.array(np.asarray(positions, dtype=np.int64))).to_pylist()
+
+
 def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "classification") -> IngestResult:
     """Raw tables -> validated, split dataset (pure: no I/O). For base.task generation, `p` names the
-    prompt as text_column and the response as label_column (IngestParams.for_task)."""
-    frames = [_table_rows(t, p) for t in tables]
-    for t in tables:
+    prompt as text_column and the response as label_column (IngestParams.for_task).
+    Rows are checked in chunks and the kept texts and ids held in Arrow (see _check_chunks)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    good, texts, ids, rejected, read = _check_chunks(tables, p)
+    for t in tables:  # known once read (a streamed CSV finds them as it goes)
         if t.multiline:  # legal (RFC 4180 quoted line breaks), but a person should know lines != rows
             log.info("%s: %d rows span several lines (quoted line breaks), the first is row %d (line %d)",
-                     t.file, len(t.multiline), t.multiline[0], t.lines[t.multiline[0] - 1])
-    rows = pd.concat(frames, ignore_index=True)
-    rows_read = len(rows)
-    bad = rows["reason"].notna()
-    if p.on_bad_row == "error" and bad.any():
-        r = rows[bad].iloc[0]
-        raise DataError(r["file"], int(r["row"]), r["field"], r["detail"])
-    rejected = rows[bad]
-    good = rows[~bad].copy()
+                     t.file, len(t.multiline), t.multiline[0], t.multiline_lines[0])
+    rows_read = sum(read.values())
 
     # Ids identify a row for every later stage (dedupe's kept_id, audit's issues): never ambiguous.
-    dup = good["id"].duplicated()
+    # (by Arrow dictionary codes: the ids stay in Arrow)
+    codes = pc.dictionary_encode(pa.concat_arrays(ids.chunks) if ids.num_chunks else pa.array([], pa.string()))
+    codes = pd.Series(codes.indices.to_numpy(zero_copy_only=False))
+    dup = codes.duplicated().to_numpy()
     if dup.any():
-        r = good[dup].iloc[0]
-        first = good[good["id"] == r["id"]].iloc[0]
+        at = int(np.flatnonzero(dup)[0])
+        r, first = good.iloc[at], good.iloc[int(np.flatnonzero(codes.to_numpy() == codes.iat[at])[0])]
         hint = "" if p.id_column else (" (ids are <file stem>:<row>: give the files different names, or set "
                                        "ingest.id_column)")
         raise DataError(r["file"], int(r["row"]), p.id_column or "id",
-                        f"id {r['id']!r} already used by {first['file']} row {int(first['row'])}{hint}")
+                        f"id {ids[at].as_py()!r} already used by {first['file']} row {int(first['row'])}{hint}")
+    del codes, dup
 
     if task == "generation":  # a response is no class: split at random (seeded), keep no label set
         responses, good["label"] = good["label"], ""
-    split_source, carved = _assign_splits(good, tables, p, seed)
+    split_source, carved = _assign_splits(good, ids, tables, p, seed)
     if task == "generation":
         good["label"] = responses
-        return _generation_result(good, rejected, rows, rows_read, split_source, carved, tables)
+        return _generation_result(good, texts, ids, rejected, read, rows_read, split_source, carved, tables)
     train_labels = set(good.loc[good["split"].eq("train"), "label"])
     if not train_labels:
         raise DataError(str(p.source), None, p.label_column, "no usable rows in train")
@@ -304,15 +366,16 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "clas
         if p.on_bad_row == "error":
             r = good[unseen].iloc[0]
             raise DataError(r["file"], int(r["row"]), p.label_column, detail[0])
-        extra = good[unseen].assign(field=p.label_column, reason="unseen_label", detail=detail)
+        text = texts.filter(pa.array(unseen.to_numpy())).to_pylist()
+        extra = good[unseen].assign(text=text, field=p.label_column, reason="unseen_label", detail=detail)
         rejected = pd.concat([rejected, extra], ignore_index=True)
+        texts, ids = texts.filter(pa.array(~unseen.to_numpy())), ids.filter(pa.array(~unseen.to_numpy()))
         good = good[~unseen]
     if len(train_labels) < 2:
         raise DataError(_source_name(tables, p), None, p.label_column,
                         f"only one class ({sorted(train_labels)[0]!r}) in train; a classifier needs at least two")
 
-    splits = {s: good.loc[good["split"].eq(s), ["id", "text", "label", "split"]].reset_index(drop=True)
-              for s in SPLITS}
+    splits = _split_tables(good, texts, ids)
     counts = {s: len(df) for s, df in splits.items()}
     for s in ("validation", "test"):
         if not counts[s] and (p.split[s] > 0 or split_source != "stratified"):
@@ -321,19 +384,18 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "clas
                             f"rows per class for ingest.split ({' / '.join(f'{k} {p.split[k]}' for k in SPLITS)}; each "
                             "class keeps one row in train); add "
                             f"rows, or set ingest.split.{s}: 0 to go without")
-    files = _file_counts(rows, good, rejected)
+    files = _file_counts(read, good, rejected)
     for t in tables:
         files[t.file]["multiline_rows"] = len(t.multiline)
     rejected = rejected.loc[:, REJECTED_COLUMNS].sort_values(["file", "row"], kind="stable").reset_index(drop=True)
     return IngestResult(splits, sorted(train_labels), rejected, rows_read, split_source, files, carved)
 
 
-def _generation_result(good, rejected, rows, rows_read, split_source, carved, tables) -> IngestResult:
-    splits = {s: good.loc[good["split"].eq(s), ["id", "text", "label", "split"]].reset_index(drop=True)
-              for s in SPLITS}
-    if splits["train"].empty:
+def _generation_result(good, texts, ids, rejected, read, rows_read, split_source, carved, tables) -> IngestResult:
+    splits = _split_tables(good, texts, ids)
+    if not len(splits["train"]):
         raise DataError(tables[0].file, None, None, "no usable rows in train")
-    files = _file_counts(rows, good, rejected)
+    files = _file_counts(read, good, rejected)
     rejected = rejected.loc[:, REJECTED_COLUMNS].sort_values(["file", "row"], kind="stable").reset_index(drop=True)
     return IngestResult(splits, [], rejected, rows_read, split_source, files, carved)
 
@@ -342,7 +404,7 @@ def metrics_of(result: IngestResult) -> dict:
     by_reason = result.rejected["reason"].value_counts().sort_index()
     return {
         "rows_read": result.rows_read,
-        "rows": {s: len(result.splits[s]) for s in SPLITS},
+        "rows": {s: len(result.tables[s]) for s in SPLITS},
         "rejected": len(result.rejected),
         "rejected_by_reason": {str(k): int(v) for k, v in by_reason.items()},
         "labels": len(result.labels),
@@ -367,8 +429,9 @@ def run(args) -> None:
     p, base = load_params(args.params, "ingest", "base")
     # The command line's --source (${ingest.source} in dvc.yaml, so DVC tracks the file) wins.
     p = dataclasses.replace(p, source=args.source).for_task(base.task)
-    tables = read_source(args.source)
-    if base.task == "generation" and p.messages_column:
+    chat = base.task == "generation" and p.messages_column
+    tables = read_source(args.source, stream=not chat)  # Parquet part by part (chat columns need whole tables)
+    if chat:
         from domaintune.chat import to_columns
 
         for t in tables:
@@ -377,7 +440,7 @@ def run(args) -> None:
     metrics = metrics_of(result)
     # Nested: the dataset and its metrics land together or not at all.
     with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
-        hashes = write_dataset(tmp, result.splits, result.labels)
+        hashes = write_dataset(tmp, result.tables, result.labels)
         _rejected_csv(result.rejected).to_csv(tmp / "rejected.csv", index=False)
         write_json(tmp_metrics, metrics)
     log.info("read %d rows -> train %d / validation %d / test %d, %d rejected, %d labels; dataset %s",

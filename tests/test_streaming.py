@@ -62,13 +62,15 @@ def test_example_outputs_keep_their_pre_streaming_hashes_and_removals(tmp_path):
 
 
 def test_tiny_shards_row_groups_and_chunks_change_nothing(tmp_path, monkeypatch):
-    """The example again with 7-row shards, 3-row row groups, 5-row hashing and dedupe chunks:
+    """The example again with 4-row ingest parts, 7-row shards, 3-row row groups, 5-row hashing and dedupe chunks:
     many files, same hashes, same removed.csv, and every reader sees every shard."""
     monkeypatch.setattr(data, "SHARD_ROWS", 7)
     monkeypatch.setattr(data, "ROW_GROUP_ROWS", 3)
     monkeypatch.setattr(data, "HASH_CHUNK_ROWS", 5)
     monkeypatch.setattr(dedupe_stage, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(ingest_stage, "INGEST_CHUNK", 4)
     out = _run_example(tmp_path, "tiny")
+    assert read_json(out / "ingested" / "hashes.json")["dataset"] == INGESTED_DATASET
     deduped = out / "deduped"
     train = split_files(deduped, "train")
     assert len(train) > 3 and train[0].name == "train.parquet" and train[1].name == "train-00001.parquet"
@@ -142,14 +144,14 @@ def test_dedupe_over_chunks_equals_one_chunk(monkeypatch):
     assert len(whole.removed) + sum(len(t) for t in whole.tables.values()) == len(df)
 
 
-def _near_with_datasketch(rows, texts, alive, reason, kept, p, seed):
+def _near_with_datasketch(rows, texts, ids, alive, reason, kept, p, seed):
     """The oracle: the pre-streaming near pass (a datasketch MinHash per row in a MinHashLSH index)."""
     from datasketch import MinHashLSH
 
     from domaintune.textnorm import jaccard, minhash_signatures, minhashes, shingles
 
     order = [int(i) for i in np.flatnonzero(alive)]
-    ids, labels, split = rows["id"].to_numpy(), rows["label"].to_numpy(), rows["split"].to_numpy()
+    ids, labels, split = ids.to_pylist(), rows["label"].to_numpy(), rows["split"].to_numpy()
     norm = normalise_all(texts.to_pylist())
     sets = {i: shingles(norm[i], p.shingle_size) for i in order}
     hashes = dict(zip(order, minhashes(minhash_signatures([sets[i] for i in order], p.num_perm, seed),
