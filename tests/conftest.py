@@ -21,6 +21,16 @@ def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
+@pytest.fixture()
+def cuda_faked(monkeypatch):
+    """torch reports one bf16-capable CUDA device (no kernels: tests only check the choices made)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
 # Prefect: one temporary API server for the whole session (each start costs ~20 s),
 # with its home in a temp folder so tests never touch ~/.prefect.
 if "PREFECT_HOME" not in os.environ:

@@ -18,14 +18,11 @@ class Stop(Exception):
 
 
 @pytest.fixture()
-def fake_cuda(monkeypatch):
+def fake_cuda(monkeypatch, cuda_faked):
     import torch
 
     from domaintune import device
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     placed = []
 
     def spy(model, dev, half=True):

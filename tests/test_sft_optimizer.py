@@ -19,10 +19,8 @@ class Stop(Exception):
 
 
 @pytest.fixture()
-def fake_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+def fake_cuda(cuda_faked):
+    """One fake CUDA device (tests/conftest.py)."""
 
 
 @pytest.fixture()
