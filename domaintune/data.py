@@ -187,13 +187,34 @@ def _table_hash(table: "pa.Table") -> str:
     import pyarrow.compute as pc
 
     t = table.select(["id", "text", "label"])
-    order = pc.sort_indices(t, sort_keys=[("id", "ascending")])
+    order = pc.sort_indices(t, sort_keys=[("id", "ascending")]).to_numpy()
+    batches = t.to_batches()
+    bounds = np.cumsum([0] + [b.num_rows for b in batches])
 
     def records():
         for start in range(0, len(order), HASH_CHUNK_ROWS):
-            part = t.take(order[start:start + HASH_CHUNK_ROWS])
+            part = take_rows(batches, bounds, order[start:start + HASH_CHUNK_ROWS])
             yield from zip(*(part.column(c).to_pylist() for c in ("id", "text", "label")))
     return json_lines_sha256(records())
+
+
+def take_rows(batches: list, bounds: np.ndarray, positions: np.ndarray) -> "pa.Table":
+    """The rows at `positions` (in that order) of a table given as its record batches (bounds: each batch's
+    first row, then the total). Batch by batch: Arrow's take on a chunked table first copies every chunk
+    into one, which for a whole split's texts doubles the memory it needs."""
+    import pyarrow as pa
+
+    positions = np.asarray(positions, dtype=np.int64)
+    which = np.searchsorted(bounds, positions, side="right") - 1
+    by_batch = np.argsort(which, kind="stable")
+    cuts = np.flatnonzero(np.diff(which[by_batch])) + 1
+    parts = [batches[which[g[0]]].take(pa.array(positions[g] - bounds[which[g[0]]]))
+             for g in np.split(by_batch, cuts) if len(g)]
+    if not parts:
+        return pa.Table.from_batches([], schema=batches[0].schema) if batches else pa.table({})
+    back = np.empty(len(by_batch), dtype=np.int64)
+    back[by_batch] = np.arange(len(by_batch))
+    return pa.Table.from_batches(parts).combine_chunks().take(pa.array(back))
 
 
 def json_lines_sha256(records) -> str:
@@ -300,6 +321,32 @@ def read_dataset(folder: str | os.PathLike) -> tuple[dict[str, pd.DataFrame], li
         splits[name] = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
     labels = read_json(folder / "labels.json")
     return splits, labels
+
+
+def first_duplicate(values) -> tuple[int, int] | None:
+    """(position of the first value seen before, position of that earlier value) in an Arrow string
+    array or list of chunks, or None when all differ. The common all-distinct case costs one hash set
+    (pc.unique), not a code per row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = values if isinstance(values, pa.ChunkedArray) else pa.chunked_array(values, type=pa.string())
+    distinct = len(pc.unique(values))
+    release_memory()  # the hash set
+    if distinct == len(values):
+        return None
+    codes = pd.Series(pc.dictionary_encode(values.combine_chunks()).indices.to_numpy(zero_copy_only=False))
+    at = int(np.flatnonzero(codes.duplicated().to_numpy())[0])
+    return at, int(np.flatnonzero(codes.to_numpy() == codes.iat[at])[0])
+
+
+def release_memory() -> None:
+    """Hand memory freed since the last call back to the OS: Arrow's allocator (mimalloc) keeps freed
+    buffers for reuse, and a streaming stage frees a part's buffers and then allocates the next part's
+    in other sizes, so without this its resident size grows with the input it has already let go."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 # ---------------------------------------------------------------- emptied splits and classes

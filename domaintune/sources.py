@@ -443,7 +443,8 @@ def read_parquet(path: Path, stream: bool = False) -> RawTable:
 
     try:
         if stream:
-            pf = pq.ParquetFile(path)
+            # not pre-buffered: that keeps every row group read (~70 bytes a row) until the file is closed
+            pf = pq.ParquetFile(path, pre_buffer=False)
             empty = pf.schema_arrow.empty_table()
         else:
             table = pq.read_table(path)

@@ -31,13 +31,14 @@ shingle sets of the rows that survive the exact pass.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, emptied_classes, read_hashes,
+from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, first_duplicate, read_hashes, release_memory,
                              read_json, read_split_table, split_files, write_dataset, write_json)
 from domaintune.params import DedupeParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
@@ -50,26 +51,79 @@ REASONS = ("exact_duplicate", "label_conflict", "cross_split_leak", "near_duplic
            "label_absent_from_train")
 REMOVED_COLUMNS = ["id", "split", "reason", "kept_id", "text", "label"]
 CHUNK_ROWS = 100_000  # rows normalised and hashed at a time: bounds the Python strings alive at once
+KEEP = -1  # _Marks.why of a kept row; a removed row's is its index in REASONS
 
 
 @dataclass
 class DedupeResult:
     tables: dict  # split -> pyarrow Table (id, text, label, split) of the kept rows
     labels: list[str]
-    removed: pd.DataFrame
+    removed_table: "pa.Table"  # REMOVED_COLUMNS (strings), one row per removed row, in split then source order
     rows_in: dict[str, int]
 
     @property
     def splits(self) -> dict[str, pd.DataFrame]:
         return {s: t.to_pandas() for s, t in self.tables.items()}
 
+    @property
+    def removed(self) -> pd.DataFrame:
+        return self.removed_table.to_pandas()
 
-def _as_tables(splits: dict[str, pd.DataFrame]) -> dict:
-    import pyarrow as pa
+    def reason_counts(self, split: str | None = None) -> dict[str, int]:
+        """Removed rows per reason (of one split, or of all), largest count first."""
+        import pyarrow.compute as pc
 
-    schema = pa.schema([(c, pa.string()) for c in ("id", "text", "label")])
-    return {s: pa.Table.from_pandas(splits[s].loc[:, ["id", "text", "label"]].astype(str).reset_index(drop=True),
-                                    schema=schema, preserve_index=False) for s in SPLITS}
+        t = self.removed_table
+        col = t.column("reason")
+        col = col if split is None else col.filter(pc.equal(t.column("split"), split))
+        counts = [(c["values"], c["counts"]) for c in pc.value_counts(col).to_pylist()]
+        return dict(sorted(counts, key=lambda kv: -kv[1]))
+
+
+@dataclass
+class _Rows:
+    """Every input row, in split then source order (position = index into these arrays)."""
+    split: np.ndarray  # int8: index into SPLITS
+    label: np.ndarray  # int64: code into `names` (equal codes <=> equal label strings)
+    key: np.ndarray  # int64: code of the normalised text's XXH3-128 (equal codes <=> equal normal forms)
+    names: "pa.Array"  # label strings by code
+    starts: np.ndarray  # position of each split's first row (and the total, last)
+    ids: "pa.ChunkedArray"
+    ids_unique: bool
+    texts: "pa.ChunkedArray"
+
+    def row(self, pos: int) -> int:
+        """The 1-based row of a position in its own split's file (as error messages name it)."""
+        return int(pos - self.starts[self.split[pos]] + 1)
+
+    def label_of(self, pos: int) -> str:
+        return self.names[int(self.label[pos])].as_py()
+
+    def ids_at(self, positions) -> list:
+        """The ids at some positions, as str (ids stay in Arrow: only reported ones become Python)."""
+        import pyarrow as pa
+
+        return self.ids.take(pa.array(np.asarray(positions, dtype=np.int64))).to_pylist()
+
+
+@dataclass
+class _Marks:
+    """What happens to each row: why[pos] is KEEP or an index into REASONS, keeper[pos] the position of the
+    row it duplicates (-1: none, e.g. a label conflict dropped with every copy)."""
+    why: np.ndarray
+    keeper: np.ndarray
+
+    @classmethod
+    def of(cls, n: int) -> "_Marks":
+        return cls(np.full(n, KEEP, dtype=np.int8), np.full(n, -1, dtype=np.int64))
+
+    def mark(self, positions, reason: str, keepers=-1) -> None:
+        self.why[positions] = REASONS.index(reason)
+        self.keeper[positions] = keepers
+
+    @property
+    def alive(self) -> np.ndarray:
+        return self.why == KEEP
 
 
 def _chunk_keys(text) -> np.ndarray:
@@ -78,103 +132,103 @@ def _chunk_keys(text) -> np.ndarray:
     return text_keys(text)
 
 
-def _stack(tables: dict) -> tuple[pd.DataFrame, "pa.ChunkedArray", "pa.ChunkedArray"]:
-    """One frame over all splits (label, split, row, key: int64 code of the normalised text's
-    XXH3-128), in split then source order, and the texts and ids in the same order (Arrow, not Python)."""
-    import pyarrow as pa
+def _stack(tables: dict) -> _Rows:
+    """The rows of all splits as integer codes (split, label, key), plus the texts and ids in Arrow.
+    The keys are made CHUNK_ROWS rows a job on a thread per core (Arrow's kernels release the GIL, so
+    chunks normalise side by side), next to the id check and the label codes."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    parts, keys = [], []
-    for s in SPLITS:
-        t = tables[s]
-        label = t.column("label").dictionary_encode().to_pandas().astype(object)  # one str object per label
-        parts.append(pd.DataFrame({"label": label,
-                                   "split": s, "row": np.arange(1, len(t) + 1)}))
-        text = t.column("text")
-        for start in range(0, len(t), CHUNK_ROWS):
-            keys.append(_chunk_keys(text.slice(start, CHUNK_ROWS)))
-    rows = pd.concat(parts, ignore_index=True)
-    rows["key"] = key_codes(np.concatenate(keys)) if keys else np.empty(0, dtype=np.int64)
-    # one int64 per (split, key): what "the same text in the same split" compares
-    rows["skey"] = rows["key"].to_numpy() * len(SPLITS) + np.repeat(np.arange(len(SPLITS)), [len(tables[s]) for s in SPLITS])
-    texts = pa.chunked_array([c for s in SPLITS for c in tables[s].column("text").chunks], type=pa.string())
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    sizes = [len(tables[s]) for s in SPLITS]
     ids = pa.chunked_array([c for s in SPLITS for c in tables[s].column("id").chunks], type=pa.string())
-    return rows, texts, ids
+    labels = pa.chunked_array([c for s in SPLITS for c in tables[s].column("label").chunks], type=pa.string())
+    jobs = [tables[s].column("text").slice(start, CHUNK_ROWS)
+            for s in SPLITS for start in range(0, sizes[SPLITS.index(s)], CHUNK_ROWS)]
+    if jobs:
+        normalise_arrow(jobs[0].slice(0, 1))  # builds textnorm's character classes once, before the threads
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs) + 2, os.cpu_count() or 1))) as pool:
+        unique = pool.submit(lambda: len(pc.unique(ids)) == len(ids))
+        coded = pool.submit(pc.dictionary_encode, labels)  # one dictionary shared by every chunk
+        keys = list(pool.map(_chunk_keys, jobs))
+        coded, unique = coded.result(), unique.result()
+    names = coded.chunk(0).dictionary if coded.num_chunks else pa.array([], pa.string())
+    label = (np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in coded.chunks]).astype(np.int64)
+             if coded.num_chunks else np.empty(0, dtype=np.int64))
+    return _Rows(split=np.repeat(np.arange(len(SPLITS), dtype=np.int8), sizes), label=label,
+                 key=key_codes(np.concatenate(keys)) if keys else np.empty(0, dtype=np.int64), names=names,
+                 starts=np.cumsum([0] + sizes), ids=ids, ids_unique=unique,
+                 texts=pa.chunked_array([c for s in SPLITS for c in tables[s].column("text").chunks], type=pa.string()))
 
 
-def _ids_at(ids, positions) -> list:
-    """The ids at some row positions, as str (ids stay in Arrow: only reported ones become Python)."""
-    import pyarrow as pa
+def _check_ids_unique(rows: _Rows, files: dict[str, str]) -> None:
+    """kept_id in removed.csv must point at exactly one row."""
+    dup = None if rows.ids_unique else first_duplicate(rows.ids)
+    if dup is not None:
+        at = dup[0]
+        raise DataError(files[SPLITS[rows.split[at]]], rows.row(at), "id",
+                        f"id {rows.ids[at].as_py()!r} appears more than once in the dataset")
 
-    return ids.take(pa.array(np.asarray(positions, dtype=np.int64))).to_pylist()
 
-
-def _exact_within_split(rows: pd.DataFrame, ids, policy: str, files: dict[str, str]) -> tuple[pd.Series, pd.Series]:
-    """Reason and kept_id for rows removed as exact duplicates or label conflicts (None = keep)."""
-    reason = pd.Series(None, index=rows.index, dtype=object)
-    kept = pd.Series("", index=rows.index, dtype=object)
-    grp = ["split", "key"]
-    in_group = rows["skey"].duplicated(keep=False)  # only rows that have a copy need any grouping
-    if not in_group.any():
-        return reason, kept
-    g = rows.loc[in_group, grp + ["label", "row"]]
-    g["id"] = _ids_at(ids, np.flatnonzero(in_group.to_numpy()))
-    nlab = g.groupby(grp, sort=False)["label"].transform("nunique")
+def _exact_within_split(rows: _Rows, marks: _Marks, policy: str, files: dict[str, str]) -> None:
+    """Mark rows removed as exact duplicates or label conflicts inside their split."""
+    skey = pd.Series(rows.key * len(SPLITS) + rows.split)  # one int64 per (split, normalised text)
+    in_group = np.flatnonzero(skey.duplicated(keep=False).to_numpy())  # only rows with a copy need grouping
+    if not len(in_group):
+        return
+    g = pd.DataFrame({"g": skey.to_numpy()[in_group], "label": rows.label[in_group]}, index=in_group)
+    nlab = g.groupby("g", sort=False)["label"].transform("nunique").to_numpy()
 
     same = g[nlab == 1]
-    first = same.groupby(grp, sort=False)["id"].transform("first")
-    later = same.index[same["id"].to_numpy() != first.to_numpy()]
-    reason[later] = "exact_duplicate"
-    kept[later] = first[later]
+    first = same.index.to_series().groupby(same["g"].to_numpy(), sort=False).transform("first").to_numpy()
+    later = same.index.to_numpy() != first
+    marks.mark(same.index[later], "exact_duplicate", first[later])
 
     conf = g[nlab > 1]
     if conf.empty:
-        return reason, kept
+        return
     if policy == "error":
-        split, key = conf.iloc[0][grp]
-        grp_rows = conf[(conf["split"] == split) & (conf["key"] == key)]
-        a = grp_rows.iloc[0]
-        b = grp_rows[grp_rows["label"] != a["label"]].iloc[0]
-        raise DataError(files[split], int(b["row"]), "label",
-                        f"id {b['id']!r} has label {b['label']!r} but id {a['id']!r} (row {int(a['row'])}) has the "
-                        f"same normalised text with label {a['label']!r} (dedupe.conflict_policy: error)")
+        grp = conf[conf["g"] == conf["g"].iloc[0]]
+        a = grp.index[0]
+        b = grp.index[np.flatnonzero(grp["label"].to_numpy() != grp["label"].iloc[0])[0]]
+        ida, idb = rows.ids_at([a, b])
+        raise DataError(files[SPLITS[rows.split[b]]], rows.row(b), "label",
+                        f"id {idb!r} has label {rows.label_of(b)!r} but id {ida!r} (row {rows.row(a)}) has the "
+                        f"same normalised text with label {rows.label_of(a)!r} (dedupe.conflict_policy: error)")
     if policy == "drop":
-        reason[conf.index] = "label_conflict"
-        return reason, kept
+        marks.mark(conf.index, "label_conflict")
+        return
     # majority: count each label per group; a unique top count wins, a tie drops the group.
-    counts = conf.groupby(grp + ["label"], sort=False).size().rename("n").reset_index()
-    top = counts.groupby(grp, sort=False)["n"].transform("max")
+    counts = conf.groupby(["g", "label"], sort=False).size().rename("n").reset_index()
+    top = counts.groupby("g", sort=False)["n"].transform("max")
     winners = counts[counts["n"] == top]
-    n_winners = winners.groupby(grp, sort=False)["label"].transform("size")
-    winners = winners[n_winners == 1].loc[:, grp + ["label"]].rename(columns={"label": "winner"})
-    c = conf.rename_axis("pos").reset_index().merge(winners, on=grp, how="left").set_index("pos")
-    tie = c["winner"].isna()
-    reason[c.index[tie]] = "label_conflict"
+    winners = winners[winners.groupby("g", sort=False)["label"].transform("size") == 1]
+    winner = pd.Series(winners["label"].to_numpy(), index=winners["g"].to_numpy())
+    c = conf.assign(winner=winner.reindex(conf["g"].to_numpy()).to_numpy())
+    tie = c["winner"].isna().to_numpy()
+    marks.mark(c.index[tie], "label_conflict")
     win = c[~tie]
-    is_winner = win["label"] == win["winner"]
-    keeper_of_group = win[is_winner].groupby(grp, sort=False)["id"].first().rename("keeper")
-    k = win.join(keeper_of_group, on=grp)["keeper"]
-    drop = win.index[(win["id"] != k).to_numpy()]
-    reason[drop] = np.where(is_winner[drop].to_numpy(), "exact_duplicate", "label_conflict")
-    kept[drop] = k[drop]
-    return reason, kept
+    is_winner = (win["label"] == win["winner"]).to_numpy()
+    keeper = pd.Series(win.index[is_winner], index=win["g"].to_numpy()[is_winner])
+    keeper = keeper[~keeper.index.duplicated()].reindex(win["g"].to_numpy()).to_numpy()
+    drop = win.index.to_numpy() != keeper
+    marks.mark(win.index[drop & is_winner], "exact_duplicate", keeper[drop & is_winner])
+    marks.mark(win.index[drop & ~is_winner], "label_conflict", keeper[drop & ~is_winner])
 
 
-def _cross_split(rows: pd.DataFrame, ids, alive: np.ndarray, reason: pd.Series, kept: pd.Series) -> None:
+def _cross_split(rows: _Rows, marks: _Marks) -> None:
     """Remove validation texts found in train, and test texts found in train or validation."""
-    cols = rows.loc[:, ["key"]]  # only what is compared: no copies of the other columns (rows: RangeIndex)
-    split = rows["split"].to_numpy()
-    ref = cols[alive & (split == "train")]
-    for s in ("validation", "test"):
-        owner = pd.Series(ref.index.to_numpy(), index=ref["key"].to_numpy())  # key -> first row holding it
+    alive = marks.alive
+    ref = np.flatnonzero(alive & (rows.split == 0))
+    for k in (1, 2):  # validation, test
+        owner = pd.Series(ref, index=rows.key[ref])  # key -> first row holding it
         owner = owner[~owner.index.duplicated()]
-        in_s = split == s
-        cand = cols[alive & in_s]
-        hit = cand["key"].isin(owner.index)
-        idx = cand.index[hit.to_numpy()]
-        reason[idx] = "cross_split_leak"
-        kept[idx] = _ids_at(ids, owner.reindex(cand.loc[idx, "key"]).to_numpy())
-        alive[idx] = False
-        ref = pd.concat([ref, cols[alive & in_s]])
+        cand = np.flatnonzero(alive & (rows.split == k))
+        hit = cand[pd.Index(owner.index).get_indexer(rows.key[cand]) >= 0]
+        marks.mark(hit, "cross_split_leak", owner.reindex(rows.key[hit]).to_numpy())
+        alive[hit] = False
+        ref = np.concatenate([ref, np.flatnonzero(alive & (rows.split == k))])
 
 
 def _lsh_shape(p: DedupeParams) -> tuple[int, int]:
@@ -218,17 +272,17 @@ def _near_candidates(texts, order: np.ndarray, p: DedupeParams, seed: int) -> di
     return cands
 
 
-def _near(rows: pd.DataFrame, texts, ids, alive: np.ndarray, reason: pd.Series, kept: pd.Series,
-          p: DedupeParams, seed: int) -> None:
+def _near(rows: _Rows, marks: _Marks, p: DedupeParams, seed: int) -> None:
     """MinHash LSH candidates, verified with the exact Jaccard: near duplicates in train, near leaks out of eval.
     Only rows with a candidate get their shingle set built (for the exact Jaccard)."""
-    order = np.flatnonzero(alive)  # RangeIndex: label == position
-    labels, split = rows["label"].to_numpy(), rows["split"].to_numpy()
-    cands = _near_candidates(texts, order, p, seed)
-    sets = _shingle_sets(texts, sorted(cands), p.shingle_size)
+    alive = marks.alive
+    order = np.flatnonzero(alive)
+    labels, split = rows.label, rows.split
+    cands = _near_candidates(rows.texts, order, p, seed)
+    sets = _shingle_sets(rows.texts, sorted(cands), p.shingle_size)
     thr = p.jaccard_threshold
     indexed = np.zeros(len(alive), dtype=bool)  # what the LSH index holds at each step
-    train = [int(i) for i in order if split[i] == "train"]
+    train = [int(i) for i in order if split[i] == 0]
     indexed[train] = True
     # Greedy in source order: a row removes the later rows it nearly duplicates;
     # a removed row never removes others, so the result does not depend on candidate order.
@@ -238,11 +292,11 @@ def _near(rows: pd.DataFrame, texts, ids, alive: np.ndarray, reason: pd.Series, 
         for j in cands.get(i, ()):
             if j > i and indexed[j] and alive[j] and labels[j] == labels[i] and jaccard(sets[i], sets[j]) >= thr:
                 alive[j] = False
-                reason[j], kept[j] = "near_duplicate", ids[i].as_py()
+                marks.mark(j, "near_duplicate", i)
     indexed[train] = alive[train]
     # Validation is checked against train; test against train and the surviving validation.
-    for s in ("validation", "test"):
-        members = [int(i) for i in order if split[i] == s]
+    for k in (1, 2):
+        members = [int(i) for i in order if split[i] == k]
         for i in members:
             best = None
             for j in cands.get(i, ()):
@@ -253,84 +307,110 @@ def _near(rows: pd.DataFrame, texts, ids, alive: np.ndarray, reason: pd.Series, 
                     best = ((score, -j), j)
             if best is not None:
                 alive[i] = False
-                reason[i], kept[i] = "near_leak", ids[best[1]].as_py()
+                marks.mark(i, "near_leak", best[1])
         indexed[members] = alive[members]
 
 
 def dedupe(splits: dict[str, pd.DataFrame], p: DedupeParams, seed: int,
            files: dict[str, str] | None = None, task: str = "classification") -> DedupeResult:
     """Pure core over the three split frames; `files` only names the inputs in error messages."""
-    return dedupe_tables(_as_tables(splits), p, seed, files, task)
+    import pyarrow as pa
+
+    schema = pa.schema([(c, pa.string()) for c in ("id", "text", "label")])
+    tables = {s: pa.Table.from_pandas(splits[s].loc[:, ["id", "text", "label"]].astype(str).reset_index(drop=True),
+                                      schema=schema, preserve_index=False) for s in SPLITS}
+    return dedupe_tables(tables, p, seed, files, task)
 
 
 def dedupe_tables(tables: dict, p: DedupeParams, seed: int, files: dict[str, str] | None = None,
-                  task: str = "classification") -> DedupeResult:
+                  task: str = "classification", consume: bool = False) -> DedupeResult:
     """The core over the three splits as pyarrow Tables (id, text, label as strings).
     For base.task generation the key is the prompt (text) and the label is the response: different
     responses to one prompt are conflicts (removed.csv lists them, by dedupe.conflict_policy), and
-    there are no classes to keep."""
+    there are no classes to keep. Per row it holds integer codes only (_Rows); the kept rows come out
+    as Arrow tables filtered from the inputs, split by split. consume: `tables` is emptied as its splits
+    are filtered (the caller gives them up), so the input and the output are never both whole in memory."""
+    files = files or {s: f"{s}.parquet" for s in SPLITS}
+    rows = _stack(tables)
+    _check_ids_unique(rows, files)
+    marks = _Marks.of(len(rows.key))
+    _exact_within_split(rows, marks, p.conflict_policy, files)
+    _cross_split(rows, marks)
+    if p.near_duplicates and marks.alive.any():
+        _near(rows, marks, p, seed)
+    train_labels = _empty_classes(rows, marks, p, files) if task != "generation" else []
+    removed = _removed_table(rows, marks)
+    del rows
+    alive, out, start = marks.alive, {}, 0
+    rows_in = {s: len(tables[s]) for s in SPLITS}
+    for s in SPLITS:
+        out[s] = _kept(tables.pop(s) if consume else tables[s], alive[start:start + rows_in[s]], s)
+        start += rows_in[s]
+    result = DedupeResult(out, train_labels, removed, rows_in)
+    why = {s: ", ".join(f"{k} {v}" for k, v in result.reason_counts(s).items()) for s in SPLITS}
+    check_splits_kept("dedupe", rows_in, {s: len(t) for s, t in out.items()}, why, files)
+    return result
+
+
+def _kept(table, keep: np.ndarray, split: str):
+    """A split's kept rows (id, text, label, split), filtered record batch by record batch. When the caller
+    hands the table over (dedupe_tables(consume=True)), each input batch is freed once filtered, so the kept
+    rows never sit in memory beside the whole input."""
+    import pyarrow as pa
+
+    schema = pa.schema([(c, pa.string()) for c in ("id", "text", "label")])
+    batches = table.select(["id", "text", "label"]).cast(schema).to_batches()
+    del table
+    out, start = [], 0
+    while batches:
+        b = batches.pop(0)
+        out.append(b.filter(pa.array(keep[start:start + b.num_rows], type=pa.bool_())))
+        start += b.num_rows
+        del b
+        release_memory()
+    t = pa.Table.from_batches(out, schema=schema)
+    name = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(t), dtype=np.int8)), pa.array([split]))
+    return t.append_column("split", name.cast(pa.string()))
+
+
+def _removed_table(rows: _Rows, marks: _Marks):
+    """One row per removed row (REMOVED_COLUMNS), in split then source order; all in Arrow."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    files = files or {s: f"{s}.parquet" for s in SPLITS}
-    rows, texts, ids = _stack(tables)
-    # kept_id in removed.csv must point at exactly one row
-    codes = pc.dictionary_encode(pa.concat_arrays(ids.chunks) if ids.num_chunks else pa.array([], pa.string()))
-    dup = pd.Series(codes.indices.to_numpy(zero_copy_only=False)).duplicated().to_numpy()
-    if dup.any():
-        at = int(np.flatnonzero(dup)[0])
-        r = rows.iloc[at]
-        raise DataError(files[r["split"]], int(r["row"]), "id",
-                        f"id {ids[at].as_py()!r} appears more than once in the dataset")
-    del codes, dup
-    reason, kept = _exact_within_split(rows, ids, p.conflict_policy, files)
-    alive = reason.isna().to_numpy().copy()
-    _cross_split(rows, ids, alive, reason, kept)
-    if p.near_duplicates and alive.any():
-        _near(rows, texts, ids, alive, reason, kept, p, seed)
+    gone = ~marks.alive
+    mask = pa.array(gone)
+    keeper = marks.keeper[gone]
+    kept_id = rows.ids.take(pa.array(keeper, mask=keeper < 0)) if len(keeper) else pa.chunked_array([], pa.string())
 
-    train_labels = _empty_classes(rows, alive, reason, p, files) if task != "generation" else set()
-    gone = np.flatnonzero(~alive)
-    removed = rows.loc[~alive].assign(id=_ids_at(ids, gone), reason=reason[~alive], kept_id=kept[~alive],
-                                      text=texts.take(pa.array(gone, type=pa.int64())).to_pandas().to_numpy())
-    removed = removed.loc[:, REMOVED_COLUMNS]
-    out, start = {}, 0
-    for s in SPLITS:
-        t = tables[s].select(["id", "text", "label"])
-        keep = alive[start:start + len(t)]
-        start += len(t)
-        t = t.filter(pa.array(keep, type=pa.bool_()))
-        name = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(t), dtype=np.int8)), pa.array([s]))
-        out[s] = t.append_column("split", name.cast(pa.string()))
-    rows_in = {s: len(tables[s]) for s in SPLITS}
-    why = {s: ", ".join(f"{k} {v}" for k, v in removed.loc[removed["split"] == s, "reason"].value_counts().items())
-           for s in SPLITS}
-    check_splits_kept("dedupe", rows_in, {s: len(df) for s, df in out.items()}, why, files)
-    return DedupeResult(out, sorted(train_labels), removed.reset_index(drop=True), rows_in)
+    def names(values, codes):
+        return pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(values, pa.string())).cast(pa.string())
+    return pa.table({"id": rows.ids.filter(mask), "split": names(SPLITS, rows.split[gone]),
+                     "reason": names(REASONS, marks.why[gone]), "kept_id": pc.fill_null(kept_id, ""),
+                     "text": rows.texts.filter(mask), "label": rows.names.take(pa.array(rows.label[gone]))})
 
 
-def _empty_classes(rows: pd.DataFrame, alive: np.ndarray, reason: pd.Series, p: DedupeParams,
-                   files: dict[str, str]) -> set[str]:
+def _empty_classes(rows: _Rows, marks: _Marks, p: DedupeParams, files: dict[str, str]) -> list[str]:
     """Classes dedupe leaves with no train row (e.g. all their rows were conflicts): stop, or with
     dedupe.on_empty_class: drop, remove their evaluation rows too (label_absent_from_train): a
-    model cannot predict a class it never saw. Returns the train labels left."""
-    is_train = rows["split"].eq("train").to_numpy()
-    train_labels = set(rows.loc[alive & is_train, "label"])
-    orphan = alive & ~rows["label"].isin(train_labels).to_numpy()
-    gone = emptied_classes(rows.loc[is_train, "label"], rows.loc[alive])
+    model cannot predict a class it never saw. Returns the train labels left, sorted."""
+    alive, is_train = marks.alive, rows.split == 0
+    left = np.unique(rows.label[alive & is_train])
+    orphan = alive & ~np.isin(rows.label, left)
+    gone = sorted(rows.names.take(np.setdiff1d(np.unique(rows.label[is_train]), left)).to_pylist())
     if p.on_empty_class == "error" and (gone or orphan.any()):
-        lab = gone[0] if gone else rows.loc[orphan, "label"].iloc[0]
-        mine = rows["label"].eq(lab).to_numpy()
-        counts = {s: int((mine & rows["split"].eq(s).to_numpy()).sum()) for s in SPLITS}
-        why = reason[mine & is_train].value_counts().to_dict()
+        lab = gone[0] if gone else rows.label_of(int(np.flatnonzero(orphan)[0]))
+        mine = rows.label == rows.names.index(lab).as_py()
+        counts = {s: int((mine & (rows.split == k)).sum()) for k, s in enumerate(SPLITS)}
+        why = pd.Series(np.asarray(REASONS, dtype=object)[marks.why[mine & is_train & ~alive]]).value_counts().to_dict()
         raise DataError(files["train"], None, "label",
                         f"dedupe would leave class {lab!r} with no train rows (rows in: {counts}; train rows removed: "
                         f"{why or 'none: no train rows'}); set dedupe.on_empty_class: drop to drop it from every split")
-    reason[orphan] = "label_absent_from_train"
-    alive &= ~orphan
+    marks.mark(np.flatnonzero(orphan), "label_absent_from_train")
+    train_labels = sorted(rows.names.take(left).to_pylist())
     if len(train_labels) < 2:
         raise DataError(files["train"], None, "label", f"dedupe would leave {len(train_labels)} class(es) in train "
-                        f"({sorted(train_labels)}); a classifier needs at least two")
+                        f"({train_labels}); a classifier needs at least two")
     return train_labels
 
 
@@ -338,14 +418,14 @@ def manifest_of(result: DedupeResult, hashes: dict, input_hashes: dict, p: Dedup
                 in_dir: str) -> dict:
     per = {}
     for s in SPLITS:
-        r = result.removed.loc[result.removed["split"] == s, "reason"].value_counts()
+        r = result.reason_counts(s)
         per[s] = {"rows_in": result.rows_in[s], "rows_out": len(result.tables[s]), "sha256": hashes[s],
-                  "removed": {k: int(r.get(k, 0)) for k in REASONS if r.get(k, 0)}}
+                  "removed": {k: r[k] for k in REASONS if r.get(k, 0)}}
     return {
         "dataset_sha256": hashes["dataset"],
         "splits": per,
         "labels": result.labels,
-        "removed_total": len(result.removed),
+        "removed_total": len(result.removed_table),
         "input": {"path": in_dir, "sha256": input_hashes},
         "params": {**as_dict(p), "seed": seed},
         "normalisation": "Unicode NFKC, casefold, whitespace runs -> one space, stripped; XXH3-128 of UTF-8",
@@ -353,13 +433,21 @@ def manifest_of(result: DedupeResult, hashes: dict, input_hashes: dict, p: Dedup
 
 
 def metrics_of(result: DedupeResult) -> dict:
-    counts = result.removed["reason"].value_counts()
+    counts = result.reason_counts()
     return {
-        "removed": {k: int(counts.get(k, 0)) for k in REASONS},
-        "removed_total": len(result.removed),
+        "removed": {k: counts.get(k, 0) for k in REASONS},
+        "removed_total": len(result.removed_table),
         "rows_in": sum(result.rows_in.values()),
         "rows_out": {s: len(result.tables[s]) for s in SPLITS},
     }
+
+
+def write_removed_csv(table, path: Path, rows: int = CHUNK_ROWS) -> None:
+    """removed.csv, `rows` rows at a time: the same bytes as one pandas to_csv of the whole table, without
+    every removed text as a Python string at once."""
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        for start in range(0, max(len(table), 1), rows):
+            table.slice(start, rows).to_pandas().loc[:, REMOVED_COLUMNS].to_csv(fh, index=False, header=start == 0)
 
 
 def run(args) -> None:
@@ -368,15 +456,14 @@ def run(args) -> None:
     tables = {s: read_split_table(in_dir, s) for s in SPLITS}
     labels = read_json(in_dir / "labels.json")
     files = {s: str(split_files(in_dir, s)[0]) for s in SPLITS}
-    result = dedupe_tables(tables, p, base.seed, files, base.task)
     input_hashes = read_hashes(in_dir, tables, labels)
-    del tables
+    result = dedupe_tables(tables, p, base.seed, files, base.task, consume=True)
     metrics = metrics_of(result)
     # Nested: the dataset and its metrics land together or not at all.
     with atomic_output(args.out) as tmp, atomic_output(args.metrics) as tmp_metrics:
         hashes = write_dataset(tmp, result.tables, result.labels)
         write_json(tmp / "manifest.json", manifest_of(result, hashes, input_hashes, p, base.seed, str(in_dir)))
-        result.removed.to_csv(tmp / "removed.csv", index=False)
+        write_removed_csv(result.removed_table, tmp / "removed.csv")
         write_json(tmp_metrics, metrics)
     log.info("removed %d rows (%s); out train %d / validation %d / test %d; dataset %s",
              metrics["removed_total"], ", ".join(f"{k} {v}" for k, v in metrics["removed"].items() if v),

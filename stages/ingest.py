@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from domaintune.data import SPLITS, DataError, atomic_output, write_dataset, write_json
+from domaintune.data import (SPLITS, DataError, atomic_output, first_duplicate, release_memory, write_dataset,
+                             write_json)
 from domaintune.params import IngestParams, load_params
 from domaintune.sources import SPLIT_ALIASES, RawTable, iter_parts, read_source
 from domaintune.stage import run_stage, stage_parser
@@ -273,17 +274,20 @@ def _file_counts(read: dict[str, int], good: pd.DataFrame, rejected: pd.DataFram
 
 
 INGEST_CHUNK = 200_000  # rows checked at a time: bounds the Python objects alive besides the kept ids/labels
+CANON_LABELS = 65_536  # labels held as one string each (see _check_chunks); beyond, they are not classes
 
 
 def _check_chunks(tables: list[RawTable], p: IngestParams):
     """Every row checked, CHUNK rows at a time (a streamed Parquet table is read that way too). Returns
-    the kept rows' file/row/label/split (pandas), their texts and ids (Arrow, not Python), the rejected rows
-    and the data records read per file. on_bad_row error stops at the first bad row, in source order."""
+    the kept rows' file/row/label/split (pandas), their texts and ids (lists of Arrow chunks, one per part,
+    not Python), the rejected rows and the data records read per file. on_bad_row error stops at the first
+    bad row, in source order. Each label is kept as one Python string for the whole run (the first seen):
+    a part's own copies would each pin one of Python's memory arenas for as long as the run lasts."""
     import pyarrow as pa
 
     for t in tables:  # a missing column anywhere stops the stage before any row is judged
         _needed_columns(t, p)
-    kept, texts, ids, rejected, read = [], [], [], [], {}
+    kept, texts, ids, rejected, read, canon = [], [], [], [], {}, {}
     for t in tables:
         for part in iter_parts(t, INGEST_CHUNK):
             rows = _table_rows(part, p)
@@ -296,20 +300,53 @@ def _check_chunks(tables: list[RawTable], p: IngestParams):
             good = rows[~bad]
             texts.append(pa.array(good["text"].tolist(), type=pa.string()))
             ids.append(pa.array(good["id"].tolist(), type=pa.string()))
-            kept.append(good.loc[:, ["file", "row", "label", "split"]])
-    return (pd.concat(kept, ignore_index=True), pa.chunked_array(texts, type=pa.string()),
-            pa.chunked_array(ids, type=pa.string()), pd.concat(rejected, ignore_index=True), read)
+            label = good["label"].tolist()
+            if len(canon) < CANON_LABELS:  # classes, not free text (a generation task's responses)
+                label = [canon.setdefault(v, v) for v in label]
+            label = np.array(label, dtype=object)
+            kept.append(pd.DataFrame({"file": t.file, "row": good["row"].to_numpy(), "label": label,
+                                      "split": good["split"].to_numpy()}))
+            del rows, good, bad, part
+            release_memory()
+    return pd.concat(kept, ignore_index=True), texts, ids, pd.concat(rejected, ignore_index=True), read
 
 
-def _split_tables(good: pd.DataFrame, texts, ids) -> dict:
+def _filter_chunks(chunks: list, keep: np.ndarray) -> list:
+    """The rows of a list of Arrow chunks where `keep` is true, chunk by chunk; the input list is emptied as it
+    goes, so at most one chunk is held twice."""
     import pyarrow as pa
 
-    out = {}
+    out, start = [], 0
+    while chunks:
+        c = chunks.pop(0)
+        out.append(c.filter(pa.array(keep[start:start + len(c)], type=pa.bool_())))
+        start += len(c)
+    return out
+
+
+def _split_tables(good: pd.DataFrame, texts: list, ids: list) -> dict:
+    """The three split tables; `texts` and `ids` (lists of chunks aligned with good's rows) are emptied as
+    they are cut, chunk by chunk, so the texts are never held twice."""
+    import pyarrow as pa
+
     label, split = good["label"].to_numpy(), good["split"].to_numpy()
+    cut = {s: {"id": [], "text": []} for s in SPLITS}
+    start = 0
+    while texts:
+        t, i = texts.pop(0), ids.pop(0)
+        here = split[start:start + len(t)]
+        for s in SPLITS:
+            keep = pa.array(here == s)
+            cut[s]["text"].append(t.filter(keep))
+            cut[s]["id"].append(i.filter(keep))
+        start += len(t)
+        del t, i
+        release_memory()
+    out = {}
     for s in SPLITS:
         mask = split == s
-        keep = pa.array(mask)
-        out[s] = pa.table({"id": ids.filter(keep), "text": texts.filter(keep),
+        out[s] = pa.table({"id": pa.chunked_array(cut[s]["id"], type=pa.string()),
+                           "text": pa.chunked_array(cut[s]["text"], type=pa.string()),
                            "label": pa.array(label[mask], type=pa.string()),
                            "split": pa.array(split[mask], type=pa.string())})
     return out
@@ -318,7 +355,7 @@ def _split_tables(good: pd.DataFrame, texts, ids) -> dict:
 def _ids_at(ids, positions) -> list:
     import pyarrow as pa
 
-    return ids.take(pa.array(np.asarray(positions, dtype=np.int64))).to_pylist()
+    return pa.chunked_array(ids, type=pa.string()).take(pa.array(np.asarray(positions, dtype=np.int64))).to_pylist()
 
 
 def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "classification") -> IngestResult:
@@ -326,7 +363,6 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "clas
     prompt as text_column and the response as label_column (IngestParams.for_task).
     Rows are checked in chunks and the kept texts and ids held in Arrow (see _check_chunks)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     good, texts, ids, rejected, read = _check_chunks(tables, p)
     for t in tables:  # known once read (a streamed CSV finds them as it goes)
@@ -337,17 +373,13 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "clas
 
     # Ids identify a row for every later stage (dedupe's kept_id, audit's issues): never ambiguous.
     # (by Arrow dictionary codes: the ids stay in Arrow)
-    codes = pc.dictionary_encode(pa.concat_arrays(ids.chunks) if ids.num_chunks else pa.array([], pa.string()))
-    codes = pd.Series(codes.indices.to_numpy(zero_copy_only=False))
-    dup = codes.duplicated().to_numpy()
-    if dup.any():
-        at = int(np.flatnonzero(dup)[0])
-        r, first = good.iloc[at], good.iloc[int(np.flatnonzero(codes.to_numpy() == codes.iat[at])[0])]
+    dup = first_duplicate(ids)
+    if dup is not None:
+        r, first = good.iloc[dup[0]], good.iloc[dup[1]]
         hint = "" if p.id_column else (" (ids are <file stem>:<row>: give the files different names, or set "
                                        "ingest.id_column)")
         raise DataError(r["file"], int(r["row"]), p.id_column or "id",
-                        f"id {ids[at].as_py()!r} already used by {first['file']} row {int(first['row'])}{hint}")
-    del codes, dup
+                        f"id {_ids_at(ids, [dup[0]])[0]!r} already used by {first['file']} row {int(first['row'])}{hint}")
 
     if task == "generation":  # a response is no class: split at random (seeded), keep no label set
         responses, good["label"] = good["label"], ""
@@ -366,10 +398,10 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "clas
         if p.on_bad_row == "error":
             r = good[unseen].iloc[0]
             raise DataError(r["file"], int(r["row"]), p.label_column, detail[0])
-        text = texts.filter(pa.array(unseen.to_numpy())).to_pylist()
+        text = pa.chunked_array(texts, type=pa.string()).filter(pa.array(unseen.to_numpy())).to_pylist()
         extra = good[unseen].assign(text=text, field=p.label_column, reason="unseen_label", detail=detail)
         rejected = pd.concat([rejected, extra], ignore_index=True)
-        texts, ids = texts.filter(pa.array(~unseen.to_numpy())), ids.filter(pa.array(~unseen.to_numpy()))
+        texts, ids = _filter_chunks(texts, ~unseen.to_numpy()), _filter_chunks(ids, ~unseen.to_numpy())
         good = good[~unseen]
     if len(train_labels) < 2:
         raise DataError(_source_name(tables, p), None, p.label_column,

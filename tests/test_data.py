@@ -37,6 +37,31 @@ def test_split_hash_is_pinned():
         '["a", "refund \\"now\\"", "y"]\n["b", "Wo ist mein Paket?", "x"]\n'.encode()).hexdigest()
 
 
+def test_a_table_in_many_chunks_hashes_as_one_chunk_and_take_rows_equals_arrow_take(monkeypatch):
+    """_table_hash takes the id-sorted rows batch by batch (take_rows); any chunking and hash chunk size
+    gives the frame's hash, and take_rows gives what Arrow's take gives, in any order with repeats."""
+    import numpy as np
+    import pyarrow as pa
+
+    from domaintune import data
+
+    rng = np.random.default_rng(3)
+    n = 500
+    df = pd.DataFrame({"id": [f"r{rng.integers(10**6)}-{i}" for i in range(n)],
+                       "text": [TRICKY[i % len(TRICKY)] + str(i) for i in range(n)], "label": ["a", "b"] * (n // 2)})
+    whole = pa.Table.from_pandas(df, preserve_index=False)
+    cuts = np.sort(rng.choice(np.arange(1, n), size=17, replace=False))
+    chunked = pa.concat_tables([whole.slice(a, b - a) for a, b in zip(np.r_[0, cuts], np.r_[cuts, n])])
+    assert chunked.column("text").num_chunks == 18
+    for rows in (7, 64, 10**6):
+        monkeypatch.setattr(data, "HASH_CHUNK_ROWS", rows)
+        assert data.split_hash(chunked) == data.split_hash(whole) == reference_hash(df)
+    batches = chunked.to_batches()
+    bounds = np.cumsum([0] + [b.num_rows for b in batches])
+    for positions in (rng.integers(0, n, size=300), np.arange(n)[::-1], np.array([4, 4, 499, 0])):
+        assert data.take_rows(batches, bounds, positions).equals(whole.take(pa.array(positions)))
+
+
 def test_atomic_output_swaps_folders_and_files_whole(tmp_path):
     import pytest
 

@@ -144,15 +144,16 @@ def test_dedupe_over_chunks_equals_one_chunk(monkeypatch):
     assert len(whole.removed) + sum(len(t) for t in whole.tables.values()) == len(df)
 
 
-def _near_with_datasketch(rows, texts, ids, alive, reason, kept, p, seed):
+def _near_with_datasketch(rows, marks, p, seed):
     """The oracle: the pre-streaming near pass (a datasketch MinHash per row in a MinHashLSH index)."""
     from datasketch import MinHashLSH
 
     from domaintune.textnorm import jaccard, minhash_signatures, minhashes, shingles
 
+    alive = marks.alive
     order = [int(i) for i in np.flatnonzero(alive)]
-    ids, labels, split = ids.to_pylist(), rows["label"].to_numpy(), rows["split"].to_numpy()
-    norm = normalise_all(texts.to_pylist())
+    labels, split = rows.label, np.asarray(SPLITS, dtype=object)[rows.split]
+    norm = normalise_all(rows.texts.to_pylist())
     sets = {i: shingles(norm[i], p.shingle_size) for i in order}
     hashes = dict(zip(order, minhashes(minhash_signatures([sets[i] for i in order], p.num_perm, seed),
                                        p.num_perm, seed)))
@@ -165,7 +166,7 @@ def _near_with_datasketch(rows, texts, ids, alive, reason, kept, p, seed):
             for j in lsh.query(hashes[i]):
                 if j > i and alive[j] and labels[j] == labels[i] and jaccard(sets[i], sets[j]) >= p.jaccard_threshold:
                     alive[j] = False
-                    reason[j], kept[j] = "near_duplicate", ids[i]
+                    marks.mark(j, "near_duplicate", i)
     for i in train:
         if not alive[i]:
             lsh.remove(i)
@@ -179,7 +180,7 @@ def _near_with_datasketch(rows, texts, ids, alive, reason, kept, p, seed):
                     best = ((score, -j), j)
             if best is not None:
                 alive[i] = False
-                reason[i], kept[i] = "near_leak", ids[best[1]]
+                marks.mark(i, "near_leak", best[1])
         for i in members:
             if alive[i]:
                 lsh.insert(i, hashes[i], check_duplication=False)
