@@ -63,7 +63,8 @@ FILES = {
     # invalid JSON in the middle, lines that are not objects, an empty object
     "malformed.jsonl": b"\n".join([_rec(id="m1", text="one", label="x"), b'{"id": "m2", text: "two"}',
                                    _rec(id="m3", text="three", label="y"), b"[1, 2]", b'"just a string"', b"3",
-                                   b"{}", b"null", _rec(id="m4", text="four", label="x")]) + b"\n",
+                                   b"{}", b"null", "\ufeff".encode() + _rec(id="m5", text="bom", label="y"),
+                                   _rec(id="m4", text="four", label="x")]) + b"\n",
     # bytes that are not UTF-8 (in a text, in a key, in an invalid line), a BOM, blank lines, CRLF
     "bad_bytes.jsonl": b"\xef\xbb\xbf\n  \n" + b"\r\n".join([
         _rec(id="b1", text="caf\u00e9 fine", label="x"), b'{"id": "b2", "text": "bad \xff here", "label": "y"}',
@@ -159,6 +160,9 @@ def test_the_files_hold_what_the_tests_claim(tmp_path):
     t = read_jsonl(_write(tmp_path, "numbers.jsonl"))
     assert t.frame["label"].tolist()[:6] == ["1", "1.0", None, None, "Infinity", "-Infinity"]
     assert t.bad[2][0][1] == "malformed_row" and t.rows[-1] == 9
+    t = read_jsonl(_write(tmp_path, "malformed.jsonl"))
+    assert t.bad[8] == [(None, "malformed_row", "invalid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig): "
+                                                "line 1 column 1 (char 0)")]
 
 
 @pytest.mark.parametrize("body", [b"", b"\n \n\t\r\n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\n\n"])
@@ -197,4 +201,4 @@ def test_the_stage_streams_jsonl_and_writes_what_a_whole_read_gives(tmp_path, mo
     metrics = json.loads((tmp_path / "m.json").read_text())
     metrics.pop("stage_seconds")
     assert metrics == json.loads(json.dumps(whole[2]))
-    assert pd.read_csv(tmp_path / "out" / "rejected.csv")["row"].tolist() == [2, 4, 5, 6, 7, 8]
+    assert pd.read_csv(tmp_path / "out" / "rejected.csv")["row"].tolist() == [2, 4, 5, 6, 7, 8, 9]
