@@ -429,6 +429,8 @@ def _jsonl_table(path: Path, records: list[dict], columns: list[str] | None, row
 def _jsonl_parts(path: Path, columns: list[str] | None):
     """parts(split, rows) of a JSONL file: RawTables of at most `rows` records (row = line number) with
     `columns` (None: the keys of the records in the part, as from_records finds them)."""
+    known = None if columns is None else set(columns)
+
     def parts(split, size):
         records, rows, bad = [], [], {}
         for lineno, stripped, line, off in _jsonl_lines(path):
@@ -440,6 +442,9 @@ def _jsonl_parts(path: Path, columns: list[str] | None):
             rec, problem = _json_record(stripped)
             if problem:
                 bad.setdefault(pos, []).append((None, "malformed_row", problem))
+            if known is not None and not known.issuperset(rec):  # never a cell dropped unseen
+                raise DataError(path, lineno, next(k for k in rec if k not in known), "key not in the file when its "
+                                "columns were read: the file changed while ingest read it")
             records.append(rec)
             rows.append(lineno)
             if len(records) == size:

@@ -175,6 +175,15 @@ def test_a_file_with_no_records_is_refused_before_any_part(tmp_path, monkeypatch
             read_jsonl(path, stream=stream)
 
 
+def test_a_key_added_after_the_columns_were_read_stops_the_read(tmp_path):
+    path = _write(tmp_path, "normal.jsonl")
+    table = read_jsonl(path, stream=True)
+    path.write_bytes(NORMAL + _rec(id="x", text="new", label="l0", late="cell") + b"\n")
+    with pytest.raises(DataError, match=r"normal\.jsonl: row 41: field 'late': key not in the file when its columns "
+                                        r"were read: the file changed while ingest read it$"):
+        list(iter_parts(table, 1000))
+
+
 def test_a_utf16_file_is_refused_streamed_or_whole(tmp_path):
     path = tmp_path / "u16.jsonl"
     path.write_bytes('{"text": "a", "label": "b"}\n'.encode("utf-16"))
