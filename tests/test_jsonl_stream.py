@@ -211,3 +211,57 @@ def test_the_stage_streams_jsonl_and_writes_what_a_whole_read_gives(tmp_path, mo
     metrics.pop("stage_seconds")
     assert metrics == json.loads(json.dumps(whole[2]))
     assert pd.read_csv(tmp_path / "out" / "rejected.csv")["row"].tolist() == [2, 4, 5, 6, 7, 8, 9]
+
+
+# ---------------------------------------------------------------- any bytes
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+VALUES = st.one_of(st.text(max_size=4), st.integers(), st.floats(), st.none(), st.booleans(),
+                   st.lists(st.integers(), max_size=2))
+RECORD = st.dictionaries(st.sampled_from(["a", "b", "text", "label", "é", ""]), VALUES, max_size=4).map(
+    lambda d: json.dumps(d, ensure_ascii=False))
+JUNK = st.lists(st.one_of(st.sampled_from(['{', '}', '[', ']', ':', ',', '"a"', '"b"', '"', '\\', '1', '01', '1.0', 'NaN',
+                                           'null', 'true', ' ', '\t', '\r', 'é', '😀', '\u2028', '\ufeff', '\x1c', '\x00',
+                                           '{"a": "x"}']),
+                          st.binary(min_size=1, max_size=2).map(lambda b: b.decode("utf-8", "surrogateescape"))),
+                max_size=8).map("".join)
+# lines: records (numbers, NaN, nested values, keys in any order) and junk (bytes that are not UTF-8 too)
+JSONISH = st.lists(st.tuples(st.one_of(RECORD, JUNK, st.tuples(RECORD, JUNK).map("".join)),
+                             st.sampled_from(["\n", "\r\n", "", " \n", "\n\n"])), max_size=10).map(
+    lambda lines: "".join(a + b for a, b in lines))
+
+
+def _described(read):
+    try:
+        frame, rows, bad = read()
+        return frame.to_dict("records"), list(frame.columns), len(frame), rows, bad
+    except DataError as exc:
+        return str(exc)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=JSONISH, bom=st.booleans(), block=st.integers(1, 12), size=st.integers(1, 3))
+def test_any_bytes_read_the_same_whole_and_piece_by_piece(tmp_path, monkeypatch, body, bom, block, size):
+    path = tmp_path / "g.jsonl"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + body.encode("utf-8", "surrogateescape"))
+    want = _described(lambda: _whole_read(path))
+
+    def whole():
+        t = read_jsonl(path)
+        return t.frame, t.rows, t.bad
+    assert _described(whole) == want
+
+    def streamed():
+        table = read_jsonl(path, stream=True)
+        parts = list(iter_parts(table, size))
+        assert all(0 < len(t.rows) <= size and list(t.frame.columns) == list(table.frame.columns) for t in parts)
+        bad = {i + k * size: v for k, t in enumerate(parts) for i, v in t.bad.items()}
+        frame = pd.concat([t.frame for t in parts], ignore_index=True) if parts else table.frame
+        return frame, [r for t in parts for r in t.rows], bad
+    monkeypatch.setattr(sources, "CSV_BLOCK_BYTES", block)
+    try:
+        assert _described(streamed) == want
+    finally:
+        monkeypatch.setattr(sources, "CSV_BLOCK_BYTES", 16 << 20)
