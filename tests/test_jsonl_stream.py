@@ -73,7 +73,8 @@ FILES = {
         b""]) + b"\n\n",
     # numbers and constants as written; U+2028 / U+2029 inside strings and as a blank line; no final line end
     "numbers.jsonl": b"\n".join([_rec(id="u1", text="one", label=1), b'{"id": "u2", "text": "one point", "label": 1.0}',
-                                 b'{"id": "u3", "text": "oh one", "label": 01}', b'{"id": "u4", "text": "nan", "label": NaN}',
+                                 b'{"id": "u3", "text": "oh one", "label": 01}',
+                                 b'{"id": "u4", "text": "nan", "label": NaN}',
                                  b'{"id": "u5", "text": "inf", "label": Infinity}', b'{"id": "u6", "text": "neg", '
                                  b'"label": -Infinity, "w": 1e5, "b": true, "n": null}',
                                  _rec(id="u7", text="line\u2028separator\u2029para", label="x"), "\u2028".encode(),
@@ -222,9 +223,9 @@ VALUES = st.one_of(st.text(max_size=4), st.integers(), st.floats(), st.none(), s
                    st.lists(st.integers(), max_size=2))
 RECORD = st.dictionaries(st.sampled_from(["a", "b", "text", "label", "é", ""]), VALUES, max_size=4).map(
     lambda d: json.dumps(d, ensure_ascii=False))
-JUNK = st.lists(st.one_of(st.sampled_from(['{', '}', '[', ']', ':', ',', '"a"', '"b"', '"', '\\', '1', '01', '1.0', 'NaN',
-                                           'null', 'true', ' ', '\t', '\r', 'é', '😀', '\u2028', '\ufeff', '\x1c', '\x00',
-                                           '{"a": "x"}']),
+JUNK = st.lists(st.one_of(st.sampled_from(['{', '}', '[', ']', ':', ',', '"a"', '"b"', '"', '\\', '1', '01', '1.0',
+                                           'NaN', 'null', 'true', ' ', '\t', '\r', 'é', '😀', '\u2028', '\ufeff', '\x1c',
+                                           '\x00', '{"a": "x"}']),
                           st.binary(min_size=1, max_size=2).map(lambda b: b.decode("utf-8", "surrogateescape"))),
                 max_size=8).map("".join)
 # lines: records (numbers, NaN, nested values, keys in any order) and junk (bytes that are not UTF-8 too)
