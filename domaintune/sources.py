@@ -58,8 +58,9 @@ class RawTable:
     bad: dict[int, list[tuple[str | None, str, str]]] = field(default_factory=dict)
     lines: list[int] | None = None  # physical line of each row (text formats), for messages
     multiline: list[int] = field(default_factory=list)  # rows whose quoted fields span several lines
-    # A streamed table (read_parquet(stream=True)) holds no rows: `frame` has its columns only and
-    # parts(split) yields it as RawTables of at most `part_rows` rows, read one row-group batch at a time.
+    # A streamed table (read_file(stream=True): CSV/TSV, JSONL, Parquet) holds no rows: `frame` has its
+    # columns only and parts(split, rows) yields it as RawTables of at most `rows` rows, read a piece of
+    # the file (Parquet: a row-group batch) at a time.
     parts: object = None
     multiline_lines: list[int] = field(default_factory=list)  # physical first line of each multiline row
 
@@ -361,38 +362,112 @@ def _json_constant(name: str):
     return float("nan") if name == "NaN" else name
 
 
-def read_jsonl(path: Path) -> RawTable:
-    text, bom = _decode(path)
-    records, rows, bad = [], [], {}
-    byte_pos = bom
-    # split on "\n" only: str.splitlines would also break on U+2028 inside strings.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        line_bytes = len(line.encode("utf-8", "surrogateescape")) + 1
-        stripped = line.strip()
-        if stripped:
-            pos = len(records)
-            m = UNDECODABLE.search(line)
-            rec: dict = {}
-            if m:
-                off = byte_pos + len(line[:m.start()].encode("utf-8", "surrogateescape"))
-                bad.setdefault(pos, []).append((_json_key_before(line[:m.start()]), "undecodable_bytes",
-                                                f"bytes that are not UTF-8 at byte offset {off}"))
-            try:
-                # numbers stay as written (1.0 is "1.0", 01 is invalid JSON): see the label rule in ingest
-                rec = json.loads(stripped, parse_int=str, parse_float=str, parse_constant=_json_constant)
-                if not isinstance(rec, dict):
-                    raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-            except ValueError as exc:
-                rec = {}
-                bad.setdefault(pos, []).append((None, "malformed_row", f"invalid JSON: {exc}"))
-            records.append(rec)
-            rows.append(lineno)
-        byte_pos += line_bytes
+# A JSONL file is read CSV_BLOCK_BYTES at a time (_pieces: cut after a "\n", so every line is whole in
+# one piece and decodes as it would in the whole file). Lines end at "\n" only: str.splitlines would
+# also break on U+2028 inside strings.
+def _jsonl_lines(path: Path):
+    """(line number, stripped text, text, byte offset in the file) of every non-blank line."""
+    lineno = 0
+    for raw, off in _pieces(path, CSV_BLOCK_BYTES):
+        if off == 0:
+            if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raise DataError(path, None, None, "file is UTF-16 (it starts with a UTF-16 byte order mark); "
+                                                  "save it as UTF-8")
+            if raw.startswith(_BOM):
+                raw, off = raw[len(_BOM):], len(_BOM)
+        lines = raw.split(b"\n")
+        if raw.endswith(b"\n"):
+            lines.pop()  # the piece's last line end closes its last line
+        for b in lines:
+            lineno += 1
+            line = b.decode("utf-8", errors="surrogateescape")
+            if stripped := line.strip():
+                yield lineno, stripped, line, off
+            off += len(b) + 1
+
+
+# numbers stay as written (1.0 is "1.0", 01 is invalid JSON): see the label rule in ingest. One decoder
+# for every line: json.loads with these arguments builds a new one per call (most of its time on short lines).
+_JSON_ARGS = dict(parse_int=str, parse_float=str, parse_constant=_json_constant)
+_JSON = json.JSONDecoder(**_JSON_ARGS)
+
+
+def _json_record(stripped: str) -> tuple[dict, str | None]:
+    """A line's record ({} when it is not one) and why it is not: json.loads(stripped, **_JSON_ARGS)."""
+    try:
+        # json.loads refuses a leading U+FEFF with its own message; otherwise it is _JSON.decode
+        rec = json.loads(stripped, **_JSON_ARGS) if stripped.startswith("\ufeff") else _JSON.decode(stripped)
+        if not isinstance(rec, dict):
+            raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    except ValueError as exc:
+        return {}, f"invalid JSON: {exc}"
+    return rec, None
+
+
+def _jsonl_columns(path: Path) -> list[str]:
+    """Every record's keys in order of first appearance (pandas.DataFrame.from_records' order),
+    read line by line: only the keys are kept."""
+    columns: dict[str, None] = {}
+    records = 0
+    for _, stripped, _, _ in _jsonl_lines(path):
+        records += 1
+        rec, _ = _json_record(stripped)
+        if not columns.keys() >= rec.keys():
+            for k in rec:
+                columns.setdefault(k, None)
     if not records:
         raise DataError(path, None, None, "file has no records")
-    frame = pd.DataFrame.from_records(records)
+    return list(columns)
+
+
+def _jsonl_table(path: Path, records: list[dict], columns: list[str] | None, rows, split, bad) -> RawTable:
+    frame = pd.DataFrame.from_records(records, columns=columns)
     frame = frame.astype(object).where(frame.notna(), None)
-    return RawTable(str(path), path.stem, frame, rows, bad=bad)
+    return RawTable(str(path), path.stem, frame, rows, split, bad=bad)
+
+
+def _jsonl_parts(path: Path, columns: list[str] | None):
+    """parts(split, rows) of a JSONL file: RawTables of at most `rows` records (row = line number) with
+    `columns` (None: the keys of the records in the part, as from_records finds them)."""
+    known = None if columns is None else set(columns)
+
+    def parts(split, size):
+        records, rows, bad = [], [], {}
+        for lineno, stripped, line, off in _jsonl_lines(path):
+            pos = len(records)
+            if m := UNDECODABLE.search(line):
+                at = off + len(line[:m.start()].encode("utf-8", "surrogateescape"))
+                bad.setdefault(pos, []).append((_json_key_before(line[:m.start()]), "undecodable_bytes",
+                                                f"bytes that are not UTF-8 at byte offset {at}"))
+            rec, problem = _json_record(stripped)
+            if problem:
+                bad.setdefault(pos, []).append((None, "malformed_row", problem))
+            if known is not None and not known.issuperset(rec):  # never a cell dropped unseen
+                raise DataError(path, lineno, next(k for k in rec if k not in known), "key not in the file when its "
+                                "columns were read: the file changed while ingest read it")
+            records.append(rec)
+            rows.append(lineno)
+            if len(records) == size:
+                yield _jsonl_table(path, records, columns, rows, split, bad)
+                records, rows, bad = [], [], {}
+        if records:
+            yield _jsonl_table(path, records, columns, rows, split, bad)
+    return parts
+
+
+def read_jsonl(path: Path, stream: bool = False) -> RawTable:
+    """A JSONL file: whole, or (stream) a table whose rows iter_parts reads piece by piece; its columns
+    (every record's keys) come from a first pass over the file that keeps only the keys."""
+    if stream:
+        columns = _jsonl_columns(path)
+        return RawTable(str(path), path.stem, pd.DataFrame(columns=columns, dtype=object), [],
+                        parts=_jsonl_parts(path, columns))
+    parts = _jsonl_parts(path, None)(None, None)
+    whole = next(parts, None)
+    parts.close()
+    if whole is None:
+        raise DataError(path, None, None, "file has no records")
+    return whole
 
 
 def _decode_binary_cells(frame: pd.DataFrame) -> dict[int, list[tuple[str | None, str, str]]]:
@@ -497,7 +572,8 @@ def read_txt(path: Path) -> RawTable:
 def read_file(path: Path, kinds: dict[str, str] | None = None, stream: bool = False) -> RawTable:
     """One file by its extension (`kinds`, default EXTENSIONS plus .txt). Problems found in cells
     (bytes that are not UTF-8, malformed rows) are in RawTable.bad; raise_problems turns them into
-    a DataError for callers that need every row. `stream`: Parquet is read part by part (iter_parts)."""
+    a DataError for callers that need every row. `stream`: CSV/TSV, JSONL and Parquet are read part by
+    part (iter_parts)."""
     kind = (kinds or READABLE).get(path.suffix.lower())
     if not path.is_file():
         raise DataError(path, None, None, "file not found" if not path.exists() else "not a regular file")
@@ -506,7 +582,7 @@ def read_file(path: Path, kinds: dict[str, str] | None = None, stream: bool = Fa
     if kind == "tsv":
         return read_delimited(path, "\t", stream)
     if kind == "jsonl":
-        return read_jsonl(path)
+        return read_jsonl(path, stream)
     if kind == "parquet":
         return read_parquet(path, stream)
     if kind == "txt":
@@ -618,7 +694,7 @@ def tables_from_hf(loaded, spec: str) -> list[RawTable]:
 
 
 def read_source(source: str, stream: bool = False) -> list[RawTable]:
-    """The source's tables; `stream`: its Parquet files are read part by part (see iter_parts)."""
+    """The source's tables; `stream`: its CSV/TSV, JSONL and Parquet files are read part by part (see iter_parts)."""
     if source.startswith("hf:"):
         return read_hf(source)
     path = Path(source)
