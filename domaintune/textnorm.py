@@ -137,17 +137,6 @@ def _non_ascii_counts(arr) -> dict[str, int]:
     return {chr(v): int(n) for v, n in zip(values.tolist(), counts.tolist())}
 
 
-def _patch(arr, mask: np.ndarray, fn):
-    """arr with the rows where mask is true replaced by fn(those rows)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if not mask.any():
-        return arr
-    part = fn(arr.filter(pa.array(mask)))
-    return pc.replace_with_mask(arr, pa.array(mask), part.cast(arr.type))
-
-
 def _python_way(arr):
     import pyarrow as pa
 
@@ -156,7 +145,7 @@ def _python_way(arr):
 
 def _fold_compat(sub, cls: dict):
     """Rows holding compatibility characters (and no others): the frequent ones replaced by their
-    normal form; rows still holding one go the Python way."""
+    normal form, and which rows still hold one (those go the Python way)."""
     import pyarrow.compute as pc
 
     sample = sub.slice(0, _SAMPLE_ROWS)  # which ones are frequent: counted on the first rows only
@@ -164,35 +153,60 @@ def _fold_compat(sub, cls: dict):
     for n, c in present[:_REPLACE_PASSES]:
         if n >= _REPLACE_SHARE * len(sample):
             sub = pc.replace_substring(sub, c, cls["compat"][c])
-    left = pc.match_substring_regex(sub, cls["not_plain"]).to_numpy(zero_copy_only=False)
-    return _patch(sub, left, _python_way), left
+    return sub, pc.match_substring_regex(sub, cls["not_plain"]).to_numpy(zero_copy_only=False)
+
+
+def _normal_parts(texts):
+    """normalise() of every row of an Arrow string array, as (positions, normal forms) parts; a later part
+    overrides an earlier one at the same positions. Rows of plain characters are lowered, rows with
+    compatibility characters folded first, other rows go the Python way; rows whose whitespace is not
+    already single spaces between words get it collapsed (a part of their own, overriding)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cls = _classes()
+    hits = lambda arr, pattern: pc.match_substring_regex(arr, pattern).to_numpy(zero_copy_only=False)  # noqa: E731
+    special = hits(texts, cls["not_plain"])
+    lowered = []  # (positions, rows made of plain characters)
+    if special.all():
+        spec, sidx = texts, np.arange(len(texts))
+    else:
+        lowered.append((np.flatnonzero(~special), texts.filter(pa.array(~special)) if special.any() else texts))
+        spec, sidx = texts.filter(pa.array(special)), np.flatnonzero(special)
+    if len(sidx):
+        slow = hits(spec, cls["not_fast"])
+        if slow.any():
+            yield sidx[slow], _python_way(spec.filter(pa.array(slow)))
+        if not slow.all():
+            compat = spec.filter(pa.array(~slow)) if slow.any() else spec
+            folded, left = _fold_compat(compat, cls)
+            cidx = sidx[~slow]
+            if left.any():
+                yield cidx[left], _python_way(compat.filter(pa.array(left)))
+                folded, cidx = folded.filter(pa.array(~left)), cidx[~left]
+            lowered.append((cidx, folded))
+    for pos, part in lowered:
+        low = pc.utf8_lower(part)
+        yield pos, low
+        odd = hits(low, cls["space_odd"])
+        if odd.any():
+            yield pos[odd], pc.utf8_trim(pc.replace_substring_regex(low.filter(pa.array(odd)), cls["space_run"], " "), " ")
 
 
 def normalise_arrow(texts) -> "pa.Array":
     """normalise() of every string in an Arrow string array (no nulls), as an Arrow string array."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)
-    cls = _classes()
-    hits = lambda arr, pattern: pc.match_substring_regex(arr, pattern).to_numpy(zero_copy_only=False)  # noqa: E731
-    special = hits(texts, cls["not_plain"])
-    slow = np.zeros(len(texts), dtype=bool)
-    slow[special] = hits(texts.filter(pa.array(special)), cls["not_fast"])
-    done = np.zeros(len(texts), dtype=bool)  # rows already in their final form (the Python way)
-    out = _patch(texts, slow, _python_way)
-    compat = special & ~slow
-    if compat.any():
-        sub, left = _fold_compat(out.filter(pa.array(compat)), cls)
-        out = pc.replace_with_mask(out, pa.array(compat), sub)
-        done[np.flatnonzero(compat)[left]] = True
-    done |= slow
-    todo = ~done
-    low = pc.utf8_lower(out.filter(pa.array(todo)) if done.any() else out)
-    low = _patch(low, hits(low, cls["space_odd"]),
-                 lambda a: pc.utf8_trim(pc.replace_substring_regex(a, cls["space_run"], " "), " "))
-    return pc.replace_with_mask(out, pa.array(todo), low) if done.any() else low
+    parts, source, offset = [], np.zeros(len(texts), dtype=np.int64), 0
+    for pos, part in _normal_parts(texts):
+        source[pos] = offset + np.arange(len(pos))
+        parts.append(part.cast(pa.string()))
+        offset += len(pos)
+    if not parts:
+        return pa.array([], type=pa.string())
+    return pa.concat_arrays(parts).take(pa.array(source))
 
 
 _XXH3_SEED = int.from_bytes(os.urandom(8), "little")  # per process: inputs cannot be crafted to collide
@@ -200,16 +214,20 @@ _XXH3_SEED = int.from_bytes(os.urandom(8), "little")  # per process: inputs cann
 
 def text_keys(texts) -> np.ndarray:
     """(rows, 2) uint64 duplicate keys of an Arrow string array: the XXH3-128 of each text's normal form
-    (normalise_arrow), seeded per process. Only equality of keys is used (a collision, p ~ n^2/2^129,
-    would merge two texts): any 128-bit hash decides the same rows, and XXH3 hashes a million
-    texts ~4x faster than SHA-256 here (measured, bench/scale.py's rows)."""
+    (normalise_arrow's, hashed part by part as _normal_parts makes them), seeded per process. Only equality
+    of keys is used (a collision, p ~ n^2/2^129, would merge two texts): any 128-bit hash decides the same
+    rows, and XXH3 hashes a million texts ~4x faster than SHA-256 here (measured, bench/scale.py's rows)."""
     import pyarrow as pa
     import xxhash
 
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)
     digest, seed = xxhash.xxh3_128_digest, _XXH3_SEED
-    norm = normalise_arrow(texts).cast(pa.binary()).to_pylist()
-    raw = b"".join([digest(t, seed) for t in norm])
-    return np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+    keys = np.empty((len(texts), 2), dtype=np.uint64)
+    for pos, part in _normal_parts(texts):
+        raw = b"".join([digest(t, seed) for t in part.cast(pa.binary()).to_pylist()])
+        keys[pos] = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+    return keys
 
 
 def sha256_all(norm: Iterable[str]) -> list[bytes]:
