@@ -21,12 +21,13 @@ had rows and would lose them all always stops it. Both errors give the counts.
 The manifest's per-split SHA-256 content hashes are the dataset version every
 later stage and model version refers to.
 
-Memory: the texts stay in Arrow buffers (read shard by shard, ~1 byte a character);
-normalisation (Arrow kernels, textnorm.normalise_arrow) and hashing run CHUNK_ROWS rows at a
-time and keep a 128-bit key per row (XXH3-128), factorised to one int64 code, so the exact
-pass holds per row only that code, the id, the label and its position. Outputs are
-written by row group (domaintune/data.py). The near-duplicate pass holds the
-shingle sets of the rows that survive the exact pass.
+Memory: the texts stay in Arrow buffers (read shard by shard, ~1 byte a character), held once.
+Normalisation (Arrow kernels, textnorm._normal_parts) and hashing run CHUNK_ROWS rows a job on a
+thread per core, and keep a 128-bit key per row (XXH3-128), factorised to one int64 code; per row the
+rules then hold only integer codes (split, label, key: _Rows) and what happens to it (_Marks). The kept
+rows are filtered record batch by record batch from the input, whose batches are freed as they go, and
+written by row group (domaintune/data.py); removed.csv is written CHUNK_ROWS rows at a time. The
+near-duplicate pass holds 4 bytes a band per row and the shingle sets of the rows with a candidate.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept
                              read_json, read_split_table, split_files, write_dataset, write_json)
 from domaintune.params import DedupeParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
-from domaintune.textnorm import (band_hashes, candidate_pairs, jaccard, key_codes, minhash_signatures, normalise_arrow,
+from domaintune.textnorm import (band_hashes, candidate_pairs, key_codes, minhash_signatures, normalise_arrow,
                                  shingles, text_keys)
 
 log = logging.getLogger("domaintune")
@@ -52,6 +53,8 @@ REASONS = ("exact_duplicate", "label_conflict", "cross_split_leak", "near_duplic
 REMOVED_COLUMNS = ["id", "split", "reason", "kept_id", "text", "label"]
 CHUNK_ROWS = 100_000  # rows normalised and hashed at a time: bounds the Python strings alive at once
 KEEP = -1  # _Marks.why of a kept row; a removed row's is its index in REASONS
+THREADS = os.cpu_count() or 1  # threads normalising and hashing texts
+_SHINGLE_SEED = int.from_bytes(os.urandom(8), "little")  # per process: inputs cannot be crafted to collide
 
 
 @dataclass
@@ -148,7 +151,7 @@ def _stack(tables: dict) -> _Rows:
             for s in SPLITS for start in range(0, sizes[SPLITS.index(s)], CHUNK_ROWS)]
     if jobs:
         normalise_arrow(jobs[0].slice(0, 1))  # builds textnorm's character classes once, before the threads
-    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs) + 2, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs) + 2, THREADS))) as pool:
         unique = pool.submit(lambda: len(pc.unique(ids)) == len(ids))
         coded = pool.submit(pc.dictionary_encode, labels)  # one dictionary shared by every chunk
         keys = list(pool.map(_chunk_keys, jobs))
@@ -242,72 +245,118 @@ def _lsh_shape(p: DedupeParams) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-def _shingle_sets(texts, positions, size: int) -> dict[int, set]:
+def _shingle_hashes(texts, positions: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's word-shingle set as 64-bit hashes (XXH3-64, seeded per process), flat, with each row's
+    start (and the total) in `starts`: ~8 bytes a shingle, where a Python set of bytes takes ~100."""
     import pyarrow as pa
+    import xxhash
 
-    sets = {}
+    digest, seed = xxhash.xxh3_64_intdigest, _SHINGLE_SEED
+    flat, counts = [], np.empty(len(positions), dtype=np.int64)
     for start in range(0, len(positions), CHUNK_ROWS):
         part = positions[start:start + CHUNK_ROWS]
         norm = normalise_arrow(texts.take(pa.array(part, type=pa.int64()))).to_pylist()
-        sets.update((i, shingles(n, size)) for i, n in zip(part, norm))
-    return sets
+        for k, n in enumerate(norm, start):
+            hs = [digest(x, seed) for x in shingles(n, size)]
+            counts[k] = len(hs)
+            flat.append(np.array(hs, dtype=np.uint64))
+    hashes = np.concatenate(flat) if flat else np.empty(0, dtype=np.uint64)
+    return hashes, np.concatenate([[0], np.cumsum(counts)])
 
 
-def _near_candidates(texts, order: np.ndarray, p: DedupeParams, seed: int) -> dict[int, list[int]]:
-    """Row -> rows sharing an LSH band with it. Signatures are made CHUNK_ROWS rows at a time and
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions starts[k] .. starts[k] + lengths[k] - 1 for every k, concatenated."""
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - lengths - starts, lengths)
+
+
+def _pair_jaccard(pairs: np.ndarray, hashes: np.ndarray, starts: np.ndarray, batch: int = 1 << 18) -> np.ndarray:
+    """The exact Jaccard of the shingle sets of each pair of rows (indices into `starts`), `batch` pairs at a
+    time: both rows' shingles tagged with the pair, sorted, and a shingle seen twice in a pair is shared.
+    (Hashed shingles: two different shingles of one pair share a 64-bit hash with p ~ 1e-17.)"""
+    lengths = np.diff(starts)
+    out = np.empty(len(pairs), dtype=np.float64)
+    for lo in range(0, len(pairs), batch):
+        a, b = pairs[lo:lo + batch, 0], pairs[lo:lo + batch, 1]
+        la, lb = lengths[a], lengths[b]
+        tag = np.concatenate([np.repeat(np.arange(len(a)), la), np.repeat(np.arange(len(b)), lb)])
+        val = np.concatenate([hashes[_ranges(starts[a], la)], hashes[_ranges(starts[b], lb)]])
+        order = np.lexsort((val, tag))
+        tag, val = tag[order], val[order]
+        same = (tag[1:] == tag[:-1]) & (val[1:] == val[:-1])
+        shared = np.bincount(tag[1:][same], minlength=len(a))
+        out[lo:lo + batch] = shared / (la + lb - shared)
+    return out
+
+
+def _near_candidates(texts, order: np.ndarray, p: DedupeParams, seed: int) -> np.ndarray:
+    """(pairs, 2) positions (a < b) sharing an LSH band. Signatures are made CHUNK_ROWS rows at a time and
     only their band hashes kept (4 bytes a band), so memory is ~bands*4 bytes a row, not a sketch."""
+    import pyarrow as pa
+
     bands, per_band = _lsh_shape(p)
     keys = np.empty((len(order), bands), dtype=np.uint32)
     for start in range(0, len(order), CHUNK_ROWS):
-        part = order[start:start + CHUNK_ROWS].tolist()
-        sets = _shingle_sets(texts, part, p.shingle_size)
-        sig = minhash_signatures([sets[i] for i in part], p.num_perm, seed)
+        part = order[start:start + CHUNK_ROWS]
+        norm = normalise_arrow(texts.take(pa.array(part, type=pa.int64()))).to_pylist()
+        sets = [shingles(n, p.shingle_size) for n in norm]
+        sig = minhash_signatures(sets, p.num_perm, seed)
         keys[start:start + len(part)] = band_hashes(sig, bands, per_band)
-    pairs = order[candidate_pairs(keys)]
-    del keys
-    cands: dict[int, list[int]] = {}
-    for a, b in pairs.tolist():
-        cands.setdefault(a, []).append(b)
-        cands.setdefault(b, []).append(a)
-    return cands
+    return order[candidate_pairs(keys)]
+
+
+def _near_graph(texts, order: np.ndarray, p: DedupeParams, seed: int):
+    """Every candidate pair with its exact Jaccard, both ways, grouped by row: neighbours[at[r]:at[r + 1]]
+    and their scores for each row r (a position) that has a candidate; `rows` lists those rows."""
+    pairs = _near_candidates(texts, order, p, seed)
+    rows = np.unique(pairs)
+    hashes, starts = _shingle_hashes(texts, rows, p.shingle_size)
+    score = _pair_jaccard(np.searchsorted(rows, pairs), hashes, starts)
+    del hashes, starts
+    src = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    by_src = np.argsort(src, kind="stable")
+    dst = np.concatenate([pairs[:, 1], pairs[:, 0]])[by_src]
+    at = np.searchsorted(src[by_src], np.r_[rows, np.iinfo(np.int64).max])
+    return rows, at, dst, np.concatenate([score, score])[by_src]
 
 
 def _near(rows: _Rows, marks: _Marks, p: DedupeParams, seed: int) -> None:
     """MinHash LSH candidates, verified with the exact Jaccard: near duplicates in train, near leaks out of eval.
-    Only rows with a candidate get their shingle set built (for the exact Jaccard)."""
+    Only rows with a candidate get their shingles hashed (for the exact Jaccard), and every pair's Jaccard is
+    computed at once (_near_graph), before the greedy pass below uses them."""
     alive = marks.alive
     order = np.flatnonzero(alive)
     labels, split = rows.label, rows.split
-    cands = _near_candidates(rows.texts, order, p, seed)
-    sets = _shingle_sets(rows.texts, sorted(cands), p.shingle_size)
+    cand, at, dst, score = _near_graph(rows.texts, order, p, seed)
     thr = p.jaccard_threshold
     indexed = np.zeros(len(alive), dtype=bool)  # what the LSH index holds at each step
-    train = [int(i) for i in order if split[i] == 0]
-    indexed[train] = True
+    indexed[order[split[order] == 0]] = True
+
+    def neighbours(k: int):
+        return zip(dst[at[k]:at[k + 1]].tolist(), score[at[k]:at[k + 1]].tolist())
     # Greedy in source order: a row removes the later rows it nearly duplicates;
     # a removed row never removes others, so the result does not depend on candidate order.
-    for i in train:
+    for k in np.flatnonzero(split[cand] == 0).tolist():
+        i = int(cand[k])
         if not alive[i]:
             continue
-        for j in cands.get(i, ()):
-            if j > i and indexed[j] and alive[j] and labels[j] == labels[i] and jaccard(sets[i], sets[j]) >= thr:
+        for j, sc in neighbours(k):
+            if j > i and indexed[j] and alive[j] and labels[j] == labels[i] and sc >= thr:
                 alive[j] = False
                 marks.mark(j, "near_duplicate", i)
+    train = order[split[order] == 0]
     indexed[train] = alive[train]
     # Validation is checked against train; test against train and the surviving validation.
-    for k in (1, 2):
-        members = [int(i) for i in order if split[i] == k]
-        for i in members:
-            best = None
-            for j in cands.get(i, ()):
-                if not indexed[j]:
-                    continue
-                score = jaccard(sets[i], sets[j])
-                if score >= thr and (best is None or (score, -j) > best[0]):
-                    best = ((score, -j), j)
+    for s in (1, 2):
+        for k in np.flatnonzero(split[cand] == s).tolist():
+            i, best = int(cand[k]), None
+            for j, sc in neighbours(k):
+                if indexed[j] and sc >= thr and (best is None or (sc, -j) > best[0]):
+                    best = ((sc, -j), j)
             if best is not None:
                 alive[i] = False
                 marks.mark(i, "near_leak", best[1])
+        members = order[split[order] == s]
         indexed[members] = alive[members]
 
 
