@@ -52,6 +52,7 @@ REASONS = ("exact_duplicate", "label_conflict", "cross_split_leak", "near_duplic
            "label_absent_from_train")
 REMOVED_COLUMNS = ["id", "split", "reason", "kept_id", "text", "label"]
 CHUNK_ROWS = 100_000  # rows normalised and hashed at a time: bounds the Python strings alive at once
+NEAR_CHUNK_ROWS = 20_000  # rows MinHashed at a time (their shingle sets and signatures: ~6 KB a row)
 KEEP = -1  # _Marks.why of a kept row; a removed row's is its index in REASONS
 THREADS = os.cpu_count() or 1  # threads normalising and hashing texts
 _SHINGLE_SEED = int.from_bytes(os.urandom(8), "little")  # per process: inputs cannot be crafted to collide
@@ -290,14 +291,14 @@ def _pair_jaccard(pairs: np.ndarray, hashes: np.ndarray, starts: np.ndarray, bat
 
 
 def _near_candidates(texts, order: np.ndarray, p: DedupeParams, seed: int) -> np.ndarray:
-    """(pairs, 2) positions (a < b) sharing an LSH band. Signatures are made CHUNK_ROWS rows at a time and
+    """(pairs, 2) positions (a < b) sharing an LSH band. Signatures are made NEAR_CHUNK_ROWS rows at a time and
     only their band hashes kept (4 bytes a band), so memory is ~bands*4 bytes a row, not a sketch."""
     import pyarrow as pa
 
     bands, per_band = _lsh_shape(p)
     keys = np.empty((len(order), bands), dtype=np.uint32)
-    for start in range(0, len(order), CHUNK_ROWS):
-        part = order[start:start + CHUNK_ROWS]
+    for start in range(0, len(order), NEAR_CHUNK_ROWS):
+        part = order[start:start + NEAR_CHUNK_ROWS]
         norm = normalise_arrow(texts.take(pa.array(part, type=pa.int64()))).to_pylist()
         sets = [shingles(n, p.shingle_size) for n in norm]
         sig = minhash_signatures(sets, p.num_perm, seed)
