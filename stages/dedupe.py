@@ -136,6 +136,20 @@ def _chunk_keys(text) -> np.ndarray:
     return text_keys(text)
 
 
+def _label_codes(labels) -> tuple["pa.Array", np.ndarray]:
+    """(label strings by code, int64 code of every row): equal codes <=> equal labels."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not len(labels):
+        return pa.array([], pa.string()), np.empty(0, dtype=np.int64)
+    coded = pc.dictionary_encode(labels)
+    if len({tuple(b and b.address for b in c.dictionary.buffers()) for c in coded.chunks}) > 1:  # not one dictionary
+        coded = coded.unify_dictionaries()
+    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in coded.chunks]).astype(np.int64)
+    return coded.chunk(0).dictionary, codes
+
+
 def _stack(tables: dict) -> _Rows:
     """The rows of all splits as integer codes (split, label, key), plus the texts and ids in Arrow.
     The keys are made CHUNK_ROWS rows a job on a thread per core (Arrow's kernels release the GIL, so
@@ -149,17 +163,15 @@ def _stack(tables: dict) -> _Rows:
     ids = pa.chunked_array([c for s in SPLITS for c in tables[s].column("id").chunks], type=pa.string())
     labels = pa.chunked_array([c for s in SPLITS for c in tables[s].column("label").chunks], type=pa.string())
     jobs = [tables[s].column("text").slice(start, CHUNK_ROWS)
-            for s in SPLITS for start in range(0, sizes[SPLITS.index(s)], CHUNK_ROWS)]
+            for s in SPLITS for start in range(0, len(tables[s]), CHUNK_ROWS)]
     if jobs:
         normalise_arrow(jobs[0].slice(0, 1))  # builds textnorm's character classes once, before the threads
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs) + 2, THREADS))) as pool:
         unique = pool.submit(lambda: len(pc.unique(ids)) == len(ids))
-        coded = pool.submit(pc.dictionary_encode, labels)  # one dictionary shared by every chunk
+        coded = pool.submit(_label_codes, labels)
         keys = list(pool.map(_chunk_keys, jobs))
-        coded, unique = coded.result(), unique.result()
-    names = coded.chunk(0).dictionary if coded.num_chunks else pa.array([], pa.string())
-    label = (np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in coded.chunks]).astype(np.int64)
-             if coded.num_chunks else np.empty(0, dtype=np.int64))
+        (names, label), unique = coded.result(), unique.result()
+    release_memory()  # the id hash set and the normalisers' buffers
     return _Rows(split=np.repeat(np.arange(len(SPLITS), dtype=np.int8), sizes), label=label,
                  key=key_codes(np.concatenate(keys)) if keys else np.empty(0, dtype=np.int64), names=names,
                  starts=np.cumsum([0] + sizes), ids=ids, ids_unique=unique,
