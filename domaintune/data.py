@@ -189,7 +189,7 @@ def _table_hash(table: "pa.Table") -> str:
     t = table.select(["id", "text", "label"])
     order = pc.sort_indices(t, sort_keys=[("id", "ascending")]).to_numpy()
     batches = t.to_batches()
-    bounds = np.cumsum([0] + [b.num_rows for b in batches])
+    bounds = chunk_bounds(batches)
 
     def records():
         for start in range(0, len(order), HASH_CHUNK_ROWS):
@@ -198,23 +198,33 @@ def _table_hash(table: "pa.Table") -> str:
     return json_lines_sha256(records())
 
 
-def take_rows(batches: list, bounds: np.ndarray, positions: np.ndarray) -> "pa.Table":
-    """The rows at `positions` (in that order) of a table given as its record batches (bounds: each batch's
-    first row, then the total). Batch by batch: Arrow's take on a chunked table first copies every chunk
-    into one, which for a whole split's texts doubles the memory it needs."""
+def take_rows(chunks: list, bounds: np.ndarray, positions: np.ndarray):
+    """The rows at `positions` (in that order) of a chunked table or array given as its record batches or
+    array chunks (bounds: each chunk's first row, then the total), as one Table or Array. Chunk by chunk:
+    Arrow's take on a chunked table or array first copies every chunk into one, which for a whole split's
+    texts doubles the memory it needs (and costs a copy of them all per call)."""
     import pyarrow as pa
 
     positions = np.asarray(positions, dtype=np.int64)
     which = np.searchsorted(bounds, positions, side="right") - 1
-    by_batch = np.argsort(which, kind="stable")
-    cuts = np.flatnonzero(np.diff(which[by_batch])) + 1
-    parts = [batches[which[g[0]]].take(pa.array(positions[g] - bounds[which[g[0]]]))
-             for g in np.split(by_batch, cuts) if len(g)]
+    by_chunk = np.argsort(which, kind="stable")
+    cuts = np.flatnonzero(np.diff(which[by_chunk])) + 1
+    parts = [chunks[which[g[0]]].take(pa.array(positions[g] - bounds[which[g[0]]]))
+             for g in np.split(by_chunk, cuts) if len(g)]
+    batches = isinstance(chunks[0], pa.RecordBatch) if chunks else True
     if not parts:
-        return pa.Table.from_batches([], schema=batches[0].schema) if batches else pa.table({})
-    back = np.empty(len(by_batch), dtype=np.int64)
-    back[by_batch] = np.arange(len(by_batch))
-    return pa.Table.from_batches(parts).combine_chunks().take(pa.array(back))
+        if not batches:
+            return pa.array([], type=chunks[0].type)
+        return pa.Table.from_batches([], schema=chunks[0].schema) if chunks else pa.table({})
+    back = np.empty(len(by_chunk), dtype=np.int64)
+    back[by_chunk] = np.arange(len(by_chunk))
+    combined = pa.Table.from_batches(parts).combine_chunks() if batches else pa.concat_arrays(parts)
+    return combined.take(pa.array(back))
+
+
+def chunk_bounds(chunks: list) -> np.ndarray:
+    """Each chunk's first row, then the total (take_rows' bounds)."""
+    return np.cumsum([0] + [len(c) for c in chunks])
 
 
 def json_lines_sha256(records) -> str:

@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, first_duplicate, read_hashes, release_memory,
-                             read_json, read_split_table, split_files, write_dataset, write_json)
+from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, chunk_bounds, first_duplicate, read_hashes, release_memory,
+                             read_json, read_split_table, split_files, take_rows, write_dataset, write_json)
 from domaintune.params import DedupeParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
 from domaintune.textnorm import (band_hashes, candidate_pairs, key_codes, minhash_signatures, normalise_arrow,
@@ -105,9 +105,12 @@ class _Rows:
 
     def ids_at(self, positions) -> list:
         """The ids at some positions, as str (ids stay in Arrow: only reported ones become Python)."""
-        import pyarrow as pa
+        return self.take("ids", positions).to_pylist()
 
-        return self.ids.take(pa.array(np.asarray(positions, dtype=np.int64))).to_pylist()
+    def take(self, column: str, positions) -> "pa.Array":
+        """ids or texts at some positions, chunk by chunk (data.take_rows: no copy of the whole column)."""
+        chunks = getattr(self, column).chunks
+        return take_rows(chunks, chunk_bounds(chunks), positions)
 
 
 @dataclass
@@ -258,17 +261,16 @@ def _lsh_shape(p: DedupeParams) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-def _shingle_hashes(texts, positions: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _shingle_hashes(rows: _Rows, positions: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's word-shingle set as 64-bit hashes (XXH3-64, seeded per process), flat, with each row's
     start (and the total) in `starts`: ~8 bytes a shingle, where a Python set of bytes takes ~100."""
-    import pyarrow as pa
     import xxhash
 
     digest, seed = xxhash.xxh3_64_intdigest, _SHINGLE_SEED
     flat, counts = [], np.empty(len(positions), dtype=np.int64)
     for start in range(0, len(positions), CHUNK_ROWS):
         part = positions[start:start + CHUNK_ROWS]
-        norm = normalise_arrow(texts.take(pa.array(part, type=pa.int64()))).to_pylist()
+        norm = normalise_arrow(rows.take("texts", part)).to_pylist()
         for k, n in enumerate(norm, start):
             hs = [digest(x, seed) for x in shingles(n, size)]
             counts[k] = len(hs)
@@ -302,35 +304,33 @@ def _pair_jaccard(pairs: np.ndarray, hashes: np.ndarray, starts: np.ndarray, bat
     return out
 
 
-def _near_candidates(texts, order: np.ndarray, p: DedupeParams, seed: int) -> np.ndarray:
+def _near_candidates(rows: _Rows, order: np.ndarray, p: DedupeParams, seed: int) -> np.ndarray:
     """(pairs, 2) positions (a < b) sharing an LSH band. Signatures are made NEAR_CHUNK_ROWS rows at a time and
     only their band hashes kept (4 bytes a band), so memory is ~bands*4 bytes a row, not a sketch."""
-    import pyarrow as pa
-
     bands, per_band = _lsh_shape(p)
     keys = np.empty((len(order), bands), dtype=np.uint32)
     for start in range(0, len(order), NEAR_CHUNK_ROWS):
         part = order[start:start + NEAR_CHUNK_ROWS]
-        norm = normalise_arrow(texts.take(pa.array(part, type=pa.int64()))).to_pylist()
+        norm = normalise_arrow(rows.take("texts", part)).to_pylist()
         sets = [shingles(n, p.shingle_size) for n in norm]
         sig = minhash_signatures(sets, p.num_perm, seed)
         keys[start:start + len(part)] = band_hashes(sig, bands, per_band)
     return order[candidate_pairs(keys)]
 
 
-def _near_graph(texts, order: np.ndarray, p: DedupeParams, seed: int):
+def _near_graph(rows: _Rows, order: np.ndarray, p: DedupeParams, seed: int):
     """Every candidate pair with its exact Jaccard, both ways, grouped by row: neighbours[at[r]:at[r + 1]]
-    and their scores for each row r (a position) that has a candidate; `rows` lists those rows."""
-    pairs = _near_candidates(texts, order, p, seed)
-    rows = np.unique(pairs)
-    hashes, starts = _shingle_hashes(texts, rows, p.shingle_size)
-    score = _pair_jaccard(np.searchsorted(rows, pairs), hashes, starts)
+    and their scores for each row r (a position) that has a candidate; `cand` lists those rows."""
+    pairs = _near_candidates(rows, order, p, seed)
+    cand = np.unique(pairs)
+    hashes, starts = _shingle_hashes(rows, cand, p.shingle_size)
+    score = _pair_jaccard(np.searchsorted(cand, pairs), hashes, starts)
     del hashes, starts
     src = np.concatenate([pairs[:, 0], pairs[:, 1]])
     by_src = np.argsort(src, kind="stable")
     dst = np.concatenate([pairs[:, 1], pairs[:, 0]])[by_src]
-    at = np.searchsorted(src[by_src], np.r_[rows, np.iinfo(np.int64).max])
-    return rows, at, dst, np.concatenate([score, score])[by_src]
+    at = np.searchsorted(src[by_src], np.r_[cand, np.iinfo(np.int64).max])
+    return cand, at, dst, np.concatenate([score, score])[by_src]
 
 
 def _near(rows: _Rows, marks: _Marks, p: DedupeParams, seed: int) -> None:
@@ -340,7 +340,7 @@ def _near(rows: _Rows, marks: _Marks, p: DedupeParams, seed: int) -> None:
     alive = marks.alive
     order = np.flatnonzero(alive)
     labels, split = rows.label, rows.split
-    cand, at, dst, score = _near_graph(rows.texts, order, p, seed)
+    cand, at, dst, score = _near_graph(rows, order, p, seed)
     thr = p.jaccard_threshold
     indexed = np.zeros(len(alive), dtype=bool)  # what the LSH index holds at each step
     indexed[order[split[order] == 0]] = True
@@ -443,7 +443,10 @@ def _removed_table(rows: _Rows, marks: _Marks):
     gone = ~marks.alive
     mask = pa.array(gone)
     keeper = marks.keeper[gone]
-    kept_id = rows.ids.take(pa.array(keeper, mask=keeper < 0)) if len(keeper) else pa.chunked_array([], pa.string())
+    valid = keeper >= 0
+    slot = np.cumsum(valid) - 1  # keeper's place among the valid ones
+    kept_id = (rows.take("ids", keeper[valid]).take(pa.array(slot, mask=~valid)) if valid.any()
+               else pa.nulls(len(keeper), pa.string()))
 
     def names(values, codes):
         return pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(values, pa.string())).cast(pa.string())

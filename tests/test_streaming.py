@@ -144,6 +144,35 @@ def test_dedupe_over_chunks_equals_one_chunk(monkeypatch):
     assert len(whole.removed) + sum(len(t) for t in whole.tables.values()) == len(df)
 
 
+def test_dedupe_that_consumes_its_input_gives_what_one_that_keeps_it_gives():
+    """The stage hands its input tables over (consume=True: freed batch by batch as they are filtered);
+    the result is the same, and the caller's dict is left empty."""
+    import pyarrow as pa
+
+    rng = random.Random(11)
+    words = ["Reset", "password", "card", "ﬁle", "refund", "naïve", "order"]
+    rows = [(f"r{i}", " ".join(rng.choice(words) for _ in range(rng.randint(1, 5))), "ab"[i % 2], SPLITS[i % 3])
+            for i in range(400)]
+    df = pd.DataFrame(rows, columns=["id", "text", "label", "split"])
+    p = DedupeParams(near_duplicates=True, on_empty_class="drop", conflict_policy="drop")
+
+    def tables():  # each split in 5 record batches, as Parquet row groups arrive
+        out = {}
+        for s in SPLITS:
+            sub = df[df["split"] == s].loc[:, ["id", "text", "label"]]
+            n = len(sub)
+            out[s] = pa.concat_tables([pa.Table.from_pandas(sub.iloc[k * n // 5:(k + 1) * n // 5], preserve_index=False)
+                                       for k in range(5)])
+        return out
+    kept = dedupe_stage.dedupe_tables(tables(), p, 1)
+    given = tables()
+    consumed = dedupe_stage.dedupe_tables(given, p, 1, consume=True)
+    assert given == {} and len(kept.removed) > 50
+    pd.testing.assert_frame_equal(kept.removed, consumed.removed)
+    for s in SPLITS:
+        assert kept.tables[s].equals(consumed.tables[s])
+
+
 def test_removed_csv_written_in_parts_is_byte_identical_to_one_pandas_to_csv(tmp_path):
     """removed.csv is written a part at a time from Arrow; quotes, commas, line breaks and non-ASCII texts in
     any part size give the bytes one pandas to_csv of the whole frame gives (what earlier versions wrote)."""
