@@ -361,13 +361,6 @@ def release_memory() -> None:
 
 # ---------------------------------------------------------------- emptied splits and classes
 
-def emptied_classes(train_in: Sequence[str], kept: pd.DataFrame) -> list[str]:
-    """Classes that had train rows (train_in: the input train labels) and have none in `kept` (rows of
-    every split with columns label and split, after a stage's removals)."""
-    left = set(kept.loc[kept["split"] == "train", "label"])
-    return sorted(set(train_in) - left)
-
-
 def check_splits_kept(stage: str, rows_in: dict[str, int], rows_out: dict[str, int],
                       why: dict[str, str], files: dict[str, str]) -> None:
     """A split that had rows must keep at least one: an empty validation/test split only fails later

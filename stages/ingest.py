@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, first_duplicate, release_memory, write_dataset,
-                             write_json)
+from domaintune.data import (SPLITS, DataError, atomic_output, chunk_bounds, first_duplicate, release_memory,
+                             take_rows, write_dataset, write_json)
 from domaintune.params import IngestParams, load_params
 from domaintune.sources import SPLIT_ALIASES, RawTable, iter_parts, read_source
 from domaintune.stage import run_stage, stage_parser
@@ -352,10 +352,8 @@ def _split_tables(good: pd.DataFrame, texts: list, ids: list) -> dict:
     return out
 
 
-def _ids_at(ids, positions) -> list:
-    import pyarrow as pa
-
-    return pa.chunked_array(ids, type=pa.string()).take(pa.array(np.asarray(positions, dtype=np.int64))).to_pylist()
+def _ids_at(ids: list, positions) -> list:
+    return take_rows(ids, chunk_bounds(ids), positions).to_pylist()
 
 
 def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "classification") -> IngestResult:
