@@ -13,7 +13,7 @@ Per size, each step in its own process, one after the other:
   thread per core as the stage runs it, then on one thread) against pandas `drop_duplicates` on the
   already normalised text (+ the same cross-split leak removal with sets), side by side in one process
   on the same ingested rows; all must keep the same rows. Our normalising + hashing alone
-  (stages.dedupe._chunk_keys over the same chunks, one thread) is timed too;
+  (textnorm.text_keys over the same chunks, one thread) is timed too;
 - near: the dedupe stage again with its default near_duplicates on (MinHash LSH + exact Jaccard), in its
   own process, up to --near-max-rows rows: its peak RSS (wait4) counts in the run's peak_rss_bytes, and
   the near pass's rows/s is rows / (its wall time - the exact stage's wall time), the two stage runs
@@ -104,7 +104,8 @@ def compare(work: Path, seed: int) -> dict:
     from domaintune.params import DedupeParams
     from domaintune.textnorm import normalise_all
     from stages import dedupe as dedupe_stage
-    from stages.dedupe import CHUNK_ROWS, _chunk_keys, dedupe_tables
+    from domaintune.textnorm import text_keys
+    from stages.dedupe import CHUNK_ROWS, dedupe_tables
 
     tables = {s: read_split_table(work / "ingested", s).select(["id", "text", "label"]) for s in SPLITS}
     n = sum(len(t) for t in tables.values())
@@ -126,7 +127,7 @@ def compare(work: Path, seed: int) -> dict:
     t0 = time.perf_counter()  # the part of ours that normalises and hashes, alone (as _stack runs it)
     for t in tables.values():
         for start in range(0, len(t), CHUNK_ROWS):
-            _chunk_keys(t.column("text").slice(start, CHUNK_ROWS))
+            text_keys(t.column("text").slice(start, CHUNK_ROWS))
     keys_s = time.perf_counter() - t0
     # The baseline gets the normalised text for free (computed before its clock starts).
     df = pd.concat([t.to_pandas().assign(split=s) for s, t in tables.items()], ignore_index=True)
@@ -147,7 +148,8 @@ def compare(work: Path, seed: int) -> dict:
         raise SystemExit(f"ours kept {ours_kept} rows, pandas {pandas_kept}: the comparison is void")
     return {"rows": n, "rows_kept": ours_kept, "ours_s": round(ours_s, 3), "threads": dedupe_stage.THREADS,
             "ours_one_thread_s": round(ours_one_thread_s, 3), "pandas_s": round(pandas_s, 3),
-            "normalise_s": round(normalise_s, 3), "ours_normalise_and_hash_s": round(keys_s, 3), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "normalise_s": round(normalise_s, 3), "ours_normalise_and_hash_s": round(keys_s, 3),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def child(step: str, work: Path, seed: int) -> dict:
@@ -187,7 +189,7 @@ def one_size(rows: int, seed: int, near_max: int, root: Path) -> dict:
            "exact_dedupe_vs_pandas_one_thread": round(cmp_["pandas_s"] / cmp_["ours_one_thread_s"], 3),
            # pandas with the normal forms made by the per-row reference (normalise_all) inside its clock
            "exact_dedupe_vs_pandas_both_normalising": round((cmp_["pandas_s"] + cmp_["normalise_s"]) / cmp_["ours_s"], 3),
-           # ours on one thread less its own normalising and hashing (the same chunks through _chunk_keys,
+           # ours on one thread less its own normalising and hashing (the same chunks through text_keys,
            # timed alone, on one thread)
            "exact_dedupe_vs_pandas_after_normalising": round(
                cmp_["pandas_s"] / max(cmp_["ours_one_thread_s"] - cmp_["ours_normalise_and_hash_s"], 1e-9), 3),

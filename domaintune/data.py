@@ -359,7 +359,7 @@ def release_memory() -> None:
     pa.default_memory_pool().release_unused()
 
 
-# ---------------------------------------------------------------- emptied splits and classes
+# ---------------------------------------------------------------- emptied splits
 
 def check_splits_kept(stage: str, rows_in: dict[str, int], rows_out: dict[str, int],
                       why: dict[str, str], files: dict[str, str]) -> None:

@@ -190,15 +190,24 @@ def _normal_parts(texts):
         yield pos, low
         odd = hits(low, cls["space_odd"])
         if odd.any():
-            yield pos[odd], pc.utf8_trim(pc.replace_substring_regex(low.filter(pa.array(odd)), cls["space_run"], " "), " ")
+            collapsed = pc.replace_substring_regex(low.filter(pa.array(odd)), cls["space_run"], " ")
+            yield pos[odd], pc.utf8_trim(collapsed, " ")
+
+
+def _one_array(texts) -> "pa.Array":
+    """A (chunked) string array as one array (a chunk of its own when it has one)."""
+    import pyarrow as pa
+
+    if isinstance(texts, pa.ChunkedArray):
+        return texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)
+    return texts
 
 
 def normalise_arrow(texts) -> "pa.Array":
     """normalise() of every string in an Arrow string array (no nulls), as an Arrow string array."""
     import pyarrow as pa
 
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)
+    texts = _one_array(texts)
     parts, source, offset = [], np.zeros(len(texts), dtype=np.int64), 0
     for pos, part in _normal_parts(texts):
         source[pos] = offset + np.arange(len(pos))
@@ -220,8 +229,7 @@ def text_keys(texts) -> np.ndarray:
     import pyarrow as pa
     import xxhash
 
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)
+    texts = _one_array(texts)
     digest, seed = xxhash.xxh3_128_digest, _XXH3_SEED
     keys = np.empty((len(texts), 2), dtype=np.uint64)
     for pos, part in _normal_parts(texts):

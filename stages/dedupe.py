@@ -39,8 +39,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, chunk_bounds, first_duplicate, read_hashes, release_memory,
-                             read_json, read_split_table, split_files, take_rows, write_dataset, write_json)
+from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, chunk_bounds, first_duplicate,
+                             read_hashes, read_json, read_split_table, release_memory, split_files, take_rows,
+                             write_dataset, write_json)
 from domaintune.params import DedupeParams, as_dict, load_params
 from domaintune.stage import run_stage, stage_parser
 from domaintune.textnorm import (band_hashes, candidate_pairs, key_codes, minhash_signatures, normalise_arrow,
@@ -133,12 +134,6 @@ class _Marks:
         return self.why == KEEP
 
 
-def _chunk_keys(text) -> np.ndarray:
-    """Keys of a chunk of texts: normalised with Arrow kernels (textnorm.normalise_arrow, exactly
-    normalise()'s result) and hashed to 128 bits (textnorm.text_keys)."""
-    return text_keys(text)
-
-
 def _label_codes(labels) -> tuple["pa.Array", np.ndarray]:
     """(label strings by code, int64 code of every row): equal codes <=> equal labels."""
     import pyarrow as pa
@@ -172,7 +167,7 @@ def _stack(tables: dict) -> _Rows:
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs) + 2, THREADS))) as pool:
         unique = pool.submit(lambda: len(pc.unique(ids)) == len(ids))
         coded = pool.submit(_label_codes, labels)
-        keys = list(pool.map(_chunk_keys, jobs))
+        keys = list(pool.map(text_keys, jobs))
         (names, label), unique = coded.result(), unique.result()
     release_memory()  # the id hash set and the normalisers' buffers
     return _Rows(split=np.repeat(np.arange(len(SPLITS), dtype=np.int8), sizes), label=label,

@@ -370,14 +370,14 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, task: str = "clas
     rows_read = sum(read.values())
 
     # Ids identify a row for every later stage (dedupe's kept_id, audit's issues): never ambiguous.
-    # (by Arrow dictionary codes: the ids stay in Arrow)
+    # (a hash set over the ids in Arrow: data.first_duplicate)
     dup = first_duplicate(ids)
     if dup is not None:
         r, first = good.iloc[dup[0]], good.iloc[dup[1]]
         hint = "" if p.id_column else (" (ids are <file stem>:<row>: give the files different names, or set "
                                        "ingest.id_column)")
-        raise DataError(r["file"], int(r["row"]), p.id_column or "id",
-                        f"id {_ids_at(ids, [dup[0]])[0]!r} already used by {first['file']} row {int(first['row'])}{hint}")
+        used = f"already used by {first['file']} row {int(first['row'])}{hint}"
+        raise DataError(r["file"], int(r["row"]), p.id_column or "id", f"id {_ids_at(ids, [dup[0]])[0]!r} {used}")
 
     if task == "generation":  # a response is no class: split at random (seeded), keep no label set
         responses, good["label"] = good["label"], ""

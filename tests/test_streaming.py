@@ -177,7 +177,8 @@ def test_removed_csv_written_in_parts_is_byte_identical_to_one_pandas_to_csv(tmp
     """removed.csv is written a part at a time from Arrow; quotes, commas, line breaks and non-ASCII texts in
     any part size give the bytes one pandas to_csv of the whole frame gives (what earlier versions wrote)."""
     texts = ['say "hi", then', "line\nbreak", "naïve ﬁle", "", "  spaced  ", "a,b", "plain"]
-    rows = [(f"r{i}", texts[i % 7] + ("" if i % 4 else f" only {i}"), "ab"[i % 7 % 2], SPLITS[i % 3]) for i in range(40)]
+    rows = [(f"r{i}", texts[i % 7] + ("" if i % 4 else f" only {i}"), "ab"[i % 7 % 2], SPLITS[i % 3])
+            for i in range(40)]
     df = pd.DataFrame(rows, columns=["id", "text", "label", "split"])
     res = dedupe_stage.dedupe({s: df[df["split"] == s].reset_index(drop=True) for s in SPLITS},
                               DedupeParams(near_duplicates=False, on_empty_class="drop"), 0)
