@@ -16,7 +16,7 @@ flipped row gets a different class, all classes equally likely), seeded.
    set. Audit wall time = embedding + cross-validation + cleanlab + Datalab,
    i.e. what a cold `dvc repro` of the stage costs (reported per part).
 2. Downstream effect at 10% noise, in the same run: a classifier trained with
-   the finetune stage's core (domaintune.training.train_one, method "head":
+   the finetune stage's core (domaintune.train.classifier.train_one, method "head":
    frozen MiniLM, head initialised by the logistic-regression probe, then
    trained) on clean labels, on the noisy labels (action report), and on the
    train split the audit produced with action drop and with action relabel;
@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from domaintune.data import write_json  # noqa: E402
-from domaintune.params import FinetuneParams, as_dict, load_params  # noqa: E402
+from domaintune.core.io import write_json  # noqa: E402
+from domaintune.core.params import FinetuneParams, as_dict, load_params  # noqa: E402
 
 
 def load_banking(data: Path, val_fraction: float, seed: int, max_train: int | None, max_test: int | None = None):
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=None, help="embedding cache folder (default: a temp folder, cold)")
     args = ap.parse_args(argv)
 
-    from domaintune.modeling import load_tokenizer, predict_logits, resolve_model, set_threads
-    from domaintune.training import train_one
+    from domaintune.modeling.encoders import load_tokenizer, predict_logits, resolve_model, set_threads
+    from domaintune.train.classifier import train_one
     from stages import audit as audit_stage
 
     set_threads()
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         # are exactly the vectors the audit already cached (same encoder, max_length, mean pooling).
         # Serve those instead of re-embedding 9.5k texts per variant (~80 s each on 2 cores); any text
         # not in the cache still goes through the real embed_texts. Test predictions are not shortcut.
-        import domaintune.modeling as modeling
+        from domaintune.modeling import encoders as modeling
 
         by_text = {t: emb["train"][i] for i, t in enumerate(noisy["train"]["text"])}
         real_embed = modeling.embed_texts
@@ -220,11 +220,11 @@ def main(argv=None) -> int:
 
         modeling.embed_texts = cached_embed
         y_test = test["label"].to_numpy()
-        down = {"classifier": "domaintune.training.train_one (the finetune stage core), method head: frozen "
+        down = {"classifier": "domaintune.train.classifier.train_one (the finetune stage core), method head: frozen "
                               f"MiniLM, head initialised by the LR probe (C={ft.probe_C}), {ft.epochs} epoch(s) "
                               f"at lr {ft.lr}; validation = the (noisy) 5% validation split; the probe's train embeddings "
                               "come from the audit's cache (frozen encoder: same vectors), test logits from "
-                              "domaintune.modeling.predict_logits",
+                              "domaintune.modeling.encoders.predict_logits",
                 "finetune_params": as_dict(ft), "noise": noise, "rows_acted_on": acted, "variants": {},
                 "complete": False}
         from sklearn.linear_model import LogisticRegression

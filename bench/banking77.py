@@ -8,7 +8,7 @@ BANKING77 has no validation split, so 10% of train (stratified, base.seed) is he
 the temperature (and for finetune's model selection); test is never touched until scoring.
 
 `cached_finetune(...)` trains the default fine-tune (params.yaml's base + finetune sections,
-through domaintune.training.train_classifier, what the finetune stage runs), fits the
+through domaintune.train.classifier.train_classifier, what the finetune stage runs), fits the
 temperature on validation with the evaluate stage's own core, and keeps the result in
 $DOMAINTUNE_BENCH_CACHE (default ~/.cache/domaintune-bench) under a key made of the params
 and the data files' hashes, so later benches reuse it (a fine-tune is ~15 min on 2 cores).
@@ -63,7 +63,7 @@ def _file_sha256(path: Path) -> str:
 
 def finetune_key(base, ft, data: Path) -> str:
     """Cache key: every param that shapes the model, and the exact data files."""
-    from domaintune.params import as_dict
+    from domaintune.core.params import as_dict
 
     # finetune.optimizer only chooses for base.task generation (the classifier always trains with AdamW): left
     # out, so adding it kept the key of the cached fine-tune
@@ -81,7 +81,7 @@ def cached_finetune(params_path: Path | str = REPO / "params.yaml", data: Path |
     The folder holds model/ (a domaintune classifier folder, LoRA merged if any) and
     calibration.json (the evaluate stage's temperature fit on the validation split).
     """
-    from domaintune.params import load_params
+    from domaintune.core.params import load_params
 
     data = Path(data or DATA)
     base, ft, ev = load_params(params_path, "base", "finetune", "evaluate")
@@ -104,9 +104,9 @@ def cached_finetune(params_path: Path | str = REPO / "params.yaml", data: Path |
 
 
 def _train_and_calibrate(splits, labels, base, ft, ev, out: Path, log) -> dict:
-    from domaintune.modeling import resolve_model, set_threads
-    from domaintune.params import as_dict
-    from domaintune.training import train_classifier
+    from domaintune.core.params import as_dict
+    from domaintune.modeling.encoders import resolve_model, set_threads
+    from domaintune.train.classifier import train_classifier
     from stages.evaluate import evaluate_logits, model_logits
 
     set_threads()

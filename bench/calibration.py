@@ -9,7 +9,7 @@ until scoring. Two classifiers, both scored by the evaluate stage's own core
 (stages.evaluate.evaluate_logits):
   probe     frozen mean-pooled bundled MiniLM embeddings + logistic regression (C=10)
   finetune  the default fine-tune: params.yaml's finetune section through
-            domaintune.training.train_classifier (what the finetune stage runs)
+            domaintune.train.classifier.train_classifier (what the finetune stage runs)
 For the fine-tuned model it also compares the export's int8 variant with float32
 (accuracy, ECE after calibration, latency on the test split). Targets (issue 5):
 ECE after <= 0.02, never worse than before, accuracy unchanged.
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,7 +36,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(REPO / "bench"))
 
 from banking77 import DATA, load_banking77  # noqa: E402
-from domaintune.params import EvaluateParams, load_params  # noqa: E402
+
+from domaintune.core.params import EvaluateParams, load_params  # noqa: E402
 from stages.evaluate import evaluate_logits  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "calibration.json"
@@ -64,7 +64,7 @@ def summarize(res, seconds: float) -> dict:
 def run_probe(splits, labels, base, ev: EvaluateParams) -> dict:
     from sklearn.linear_model import LogisticRegression
 
-    from domaintune.modeling import embed_texts, load_encoder, load_tokenizer, resolve_model, set_threads
+    from domaintune.modeling.encoders import embed_texts, load_encoder, load_tokenizer, resolve_model, set_threads
 
     set_threads()
     t0 = time.perf_counter()
@@ -89,10 +89,10 @@ def run_probe(splits, labels, base, ev: EvaluateParams) -> dict:
 def run_finetune(splits, labels, base, ev: EvaluateParams, params_path: Path) -> dict:
     import torch
 
-    from domaintune.calibration import softmax
-    from domaintune.modeling import load_classifier, predict_logits, resolve_model
-    from domaintune.quantize import load_int8_encoder, save_int8_encoder
-    from domaintune.training import train_classifier
+    from domaintune.evaluate.calibration import softmax
+    from domaintune.modeling.encoders import load_classifier, predict_logits, resolve_model
+    from domaintune.modeling.quantize import load_int8_encoder, save_int8_encoder
+    from domaintune.train.classifier import train_classifier
     from stages.export import score_variant
 
     ft = load_params(params_path, "finetune")

@@ -4,7 +4,7 @@ Side by side in one run, same data and seed:
   1. speed of one MLM training step (forward + backward) with the vocabulary
      projection applied only at masked positions (what the stage does) vs the
      stock BertForMaskedLM forward with labels (logits at every position);
-  2. DAPT itself through the product's engine (domaintune.mlm.adapt -> domaintune.engine):
+  2. DAPT itself through the product's engine (domaintune.train.mlm.adapt -> domaintune.engine):
      samples/s of its training loop, and held-out MLM perplexity on held-out *train* texts (test texts are never
      used for DAPT): with the fresh head, after the head warm-up (the base
      encoder's own number) and after DAPT;
@@ -40,7 +40,7 @@ def step_speed(model, train_ids, train_attn, vocab, batch_size: int, steps: int,
     """Forward+backward samples/s: masked-only head (ours) vs logits at every position (stock), interleaved."""
     import torch
 
-    from domaintune import mlm as dapt
+    from domaintune.train import mlm as dapt
 
     rng = np.random.default_rng(seed)
     model.train()
@@ -70,8 +70,8 @@ def probe(encoder_path: str, train_texts, y_train, test_texts, y_test, n_labels:
     """Frozen mean-pooled embeddings + logistic regression: test metrics and seconds."""
     from sklearn.linear_model import LogisticRegression
 
-    from domaintune.calibration import single_label_metrics
-    from domaintune.modeling import embed_texts, load_encoder, load_tokenizer
+    from domaintune.evaluate.calibration import single_label_metrics
+    from domaintune.modeling.encoders import embed_texts, load_encoder, load_tokenizer
 
     t0 = time.perf_counter()
     enc, tok = load_encoder(encoder_path), load_tokenizer(encoder_path)
@@ -112,9 +112,9 @@ def run(args) -> None:
 
     import torch
 
-    from domaintune.modeling import load_tokenizer, resolve_model, set_threads
-    from domaintune.params import DaptParams, as_dict
-    from domaintune import mlm as dapt
+    from domaintune.core.params import DaptParams, as_dict
+    from domaintune.modeling.encoders import load_tokenizer, resolve_model, set_threads
+    from domaintune.train import mlm as dapt
 
     set_threads()
     if args.threads:
@@ -151,7 +151,7 @@ def run(args) -> None:
 
     # 2. DAPT itself (the stage's core function)
     t0 = time.perf_counter()
-    from domaintune.device import resolve_device
+    from domaintune.core.device import resolve_device
 
     device = resolve_device(args.device)
     model, tok, metrics, info, _ = dapt.adapt(corpus, base_path, params, args.seed, device, progress=False)

@@ -81,8 +81,8 @@ def maxrss_mb() -> float:
 
 
 def variant(name: str, rows: int, seed: int) -> dict:
-    from domaintune.params import DedupeParams
-    from domaintune.textnorm import normalise_all, sha256_all
+    from domaintune.core.params import DedupeParams
+    from domaintune.data.textnorm import normalise_all, sha256_all
     from stages.dedupe import dedupe
 
     t0 = time.perf_counter()

@@ -129,10 +129,10 @@ def pd_codes(values: list[str], splits) -> np.ndarray:
 def setup(params, log):
     from banking77 import cached_finetune, load_banking77
 
-    from domaintune.drift import Baseline, build_baseline
-    from domaintune.modeling import set_threads
-    from domaintune.params import load_params
-    from domaintune.predict import Predictor
+    from domaintune.core.params import load_params
+    from domaintune.modeling.encoders import set_threads
+    from domaintune.monitor.drift import Baseline, build_baseline
+    from domaintune.predict.predictor import Predictor
 
     base = load_params(REPO / "params.yaml", "base")
     root, _ = cached_finetune(REPO / "params.yaml", log=log)
@@ -181,7 +181,7 @@ def train_prior_weights(gold: list[str], train_labels: list[str]) -> np.ndarray:
 
 def false_alarms(baseline, params, pool, weights: np.ndarray | None = None) -> dict:
     """20 seeded draws per size: without replacement as is, or with replacement by `weights`."""
-    from domaintune.drift import judge
+    from domaintune.monitor.drift import judge
 
     prof, gold = pool
     res = {}
@@ -214,7 +214,7 @@ def p_value_alarm(v: dict) -> bool:
 
 
 def detection(baseline, params, pool) -> dict:
-    from domaintune.drift import MMD_SIGNAL, judge
+    from domaintune.monitor.drift import MMD_SIGNAL, judge
 
     prof, gold = pool
     per_size, smallest = {}, None
@@ -241,7 +241,7 @@ def whole(baseline, params, pool) -> dict:
     """The whole pool as one batch: estimated vs true accuracy and macro-F1, the first reasons."""
     from sklearn.metrics import f1_score
 
-    from domaintune.drift import judge
+    from domaintune.monitor.drift import judge
 
     prof, gold = pool
     v = judge(baseline, prof, params)
@@ -257,7 +257,7 @@ def whole(baseline, params, pool) -> dict:
 
 def classifier_comparison(baseline, params, pools_: dict) -> dict:
     """Domain classifier vs MMD on the same draws (5 per size): alarms at the same per-test level."""
-    from domaintune.drift import MMD_SIGNAL, judge
+    from domaintune.monitor.drift import MMD_SIGNAL, judge
 
     ref_emb = baseline.arrays["ref_embeddings"]
     level = None
@@ -293,11 +293,11 @@ def classifier_comparison(baseline, params, pools_: dict) -> dict:
 
 def speed_child(file: str, model_root: str, baseline_dir: str, out: str) -> None:
     t0 = time.perf_counter()
-    from domaintune.modeling import set_threads
-    from domaintune.monitor_report import DetailsProcess
-    from domaintune.monitoring import judge_texts, read_batch
-    from domaintune.params import load_params
-    from domaintune.predict import Predictor
+    from domaintune.core.params import load_params
+    from domaintune.modeling.encoders import set_threads
+    from domaintune.monitor.monitoring import judge_texts, read_batch
+    from domaintune.monitor.report import DetailsProcess
+    from domaintune.predict.predictor import Predictor
 
     params = load_params(REPO / "params.yaml", "drift")
     details = DetailsProcess()  # as `domaintune monitor` does (domaintune.monitoring.run_local)
@@ -377,12 +377,12 @@ def holdout_false_alarms(params, log, holdout: int = 3000, sizes=(100, 500, 1000
     """False alarms on truly iid batches: `holdout` train rows (stratified, seeded) are left out of a
     second baseline and batches are drawn from them (BANKING77's test split is not drawn like train:
     its texts are shorter within every class)."""
+    from banking77 import cached_finetune, load_banking77
     from sklearn.model_selection import train_test_split
 
-    from banking77 import cached_finetune, load_banking77
-    from domaintune.drift import Baseline, build_baseline
-    from domaintune.params import load_params
-    from domaintune.predict import Predictor
+    from domaintune.core.params import load_params
+    from domaintune.monitor.drift import Baseline, build_baseline
+    from domaintune.predict.predictor import Predictor
 
     global FALSE_ALARM_SIZES
     base = load_params(REPO / "params.yaml", "base")
@@ -427,7 +427,7 @@ def add_section(result: dict, name: str) -> None:
 
 def partial_run(args, params, log) -> int:
     """One section added to an existing results file (--speed-only, --classifier-only, --holdout-only)."""
-    from domaintune.params import load_params
+    from domaintune.core.params import load_params
 
     if args.speed_only:
         from banking77 import cached_finetune, load_banking77
@@ -444,8 +444,8 @@ def partial_run(args, params, log) -> int:
     if args.classifier_only:
         from banking77 import cached_finetune, load_banking77
 
-        from domaintune.drift import Baseline
-        from domaintune.predict import Predictor
+        from domaintune.monitor.drift import Baseline
+        from domaintune.predict.predictor import Predictor
 
         base = load_params(REPO / "params.yaml", "base")
         root, _ = cached_finetune(REPO / "params.yaml", log=log)
@@ -486,7 +486,7 @@ def main(argv=None) -> int:
     if args.speed_child:
         speed_child(*args.speed_child)
         return 0
-    from domaintune.params import load_params
+    from domaintune.core.params import load_params
 
     params = load_params(REPO / "params.yaml", "drift")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

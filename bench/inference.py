@@ -6,7 +6,7 @@
 The model is the default fine-tune (bench/banking77.py trains it once and caches it, with
 the evaluate stage's temperature). Its export is written by the product's own writers
 (domaintune.artifacts, what the export stage runs) and every variant is run through
-domaintune.predict.Predictor.predict_proba (tokenisation + model + calibrated softmax), on the
+domaintune.predict.predictor.Predictor.predict_proba (tokenisation + model + calibrated softmax), on the
 3,080 BANKING77 test texts in a fixed shuffled order (each variant runs --rounds rounds and keeps
 its fastest, as the machine is shared):
   batch 32: every test text, in requests of 32 -> p50/p95 ms per request, texts/s
@@ -49,9 +49,9 @@ def _code_hash() -> str:
 
 def cached_export(model_folder: Path, info: dict, params) -> Path:
     """The fine-tune exported in every variant by domaintune.artifacts (cached next to the fine-tune)."""
-    from domaintune import artifacts
-    from domaintune.data import read_json
-    from domaintune.modeling import load_classifier
+    from domaintune.core.io import read_json
+    from domaintune.export import artifacts
+    from domaintune.modeling.encoders import load_classifier
 
     key = f"{model_folder.name}-{_code_hash()}-{params.int8_embeddings}-{params.onnx_opset}-" \
           f"{params.onnx_int8_per_channel}"
@@ -88,8 +88,8 @@ def latency_stats(ms: np.ndarray, texts_per_call: list[int]) -> dict:
 
 
 def load_and_score(folder: Path, variant: str, test, calib: dict) -> tuple[object, dict, np.ndarray]:
-    from domaintune.artifacts import variant_bytes
-    from domaintune.predict import Predictor
+    from domaintune.export.artifacts import variant_bytes
+    from domaintune.predict.predictor import Predictor
     from stages.export import score_variant
 
     t0 = time.perf_counter()
@@ -149,9 +149,9 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
-    from domaintune.artifacts import thread_count
-    from domaintune.modeling import set_threads
-    from domaintune.params import load_params
+    from domaintune.core.params import load_params
+    from domaintune.export.artifacts import thread_count
+    from domaintune.modeling.encoders import set_threads
 
     set_threads()
     base, ex = load_params(args.params, "base", "export")
@@ -198,7 +198,7 @@ def main() -> int:
 
 
 def _cpu() -> str:
-    from domaintune.modelcard import cpu_name
+    from domaintune.export.modelcard import cpu_name
 
     return cpu_name()
 

@@ -88,7 +88,7 @@ def ingested_without_ingest(work: Path) -> None:
     is still measured when the ingest stage could not run."""
     import pyarrow.parquet as pq
 
-    from domaintune.data import SPLITS, write_dataset
+    from domaintune.data.dataset import SPLITS, write_dataset
 
     t = pq.read_table(work / "source.parquet")
     split = t.column("split").to_numpy(zero_copy_only=False)
@@ -100,11 +100,10 @@ def compare(work: Path, seed: int) -> dict:
     """Our exact dedupe core vs pandas drop_duplicates, side by side on the same ingested rows."""
     import pandas as pd
 
-    from domaintune.data import SPLITS, read_split_table
-    from domaintune.params import DedupeParams
-    from domaintune.textnorm import normalise_all
+    from domaintune.core.params import DedupeParams
+    from domaintune.data.dataset import SPLITS, read_split_table
+    from domaintune.data.textnorm import normalise_all, text_keys
     from stages import dedupe as dedupe_stage
-    from domaintune.textnorm import text_keys
     from stages.dedupe import CHUNK_ROWS, dedupe_tables
 
     tables = {s: read_split_table(work / "ingested", s).select(["id", "text", "label"]) for s in SPLITS}

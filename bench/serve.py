@@ -62,7 +62,7 @@ MALFORMED = [b'{"texts": ["unterminated', b'{"texts": []}', b'{"texts": [42]}', 
 # ---------------------------------------------------------------- the model
 def export_like(classifier: Path, temperature: float | None, dest: Path) -> Path:
     """A copy of a classifier folder with the temperature in model.json, as the export stage writes it."""
-    from domaintune.data import read_json, write_json
+    from domaintune.core.io import read_json, write_json
 
     shutil.copytree(classifier, dest)
     meta = read_json(dest / "model.json")
@@ -77,9 +77,15 @@ def probe_model(dest: Path, seed: int = 0) -> tuple[Path, str]:
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from domaintune.calibration import fit_temperature
-    from domaintune.modeling import (build_classifier, embed_texts, load_encoder, load_tokenizer, resolve_model,
-                                     save_classifier)
+    from domaintune.evaluate.calibration import fit_temperature
+    from domaintune.modeling.encoders import (
+        build_classifier,
+        embed_texts,
+        load_encoder,
+        load_tokenizer,
+        resolve_model,
+        save_classifier,
+    )
 
     train = pd.read_csv(DATA / "train.csv").sample(frac=1.0, random_state=seed)
     labels = sorted(train["category"].unique())
@@ -102,7 +108,7 @@ def probe_model(dest: Path, seed: int = 0) -> tuple[Path, str]:
 
 
 def pick_model(args, work: Path) -> tuple[Path, str]:
-    from domaintune.data import read_json
+    from domaintune.core.io import read_json
 
     if args.model:
         cal = read_json(Path(args.calibration)) if args.calibration else {}
@@ -120,8 +126,8 @@ def pick_model(args, work: Path) -> tuple[Path, str]:
 
 # ---------------------------------------------------------------- raw and served measurements
 def load_raw(folder: Path, variant: str):
-    from domaintune.modeling import set_threads
-    from domaintune.predict import Predictor
+    from domaintune.modeling.encoders import set_threads
+    from domaintune.predict.predictor import Predictor
 
     set_threads()
     return Predictor.load(folder, variant=variant)
@@ -136,7 +142,7 @@ def raw_slice(pred, texts: list[str], mode: str, max_batch: int, infer_batch: in
     batches: groups of max_batch random texts through the server's own batch function
              (length-sorted passes of infer_batch): a server's batches without HTTP, queue or JSON.
     """
-    from domaintune.serving.batcher import predict_sorted
+    from domaintune.serve.batcher import predict_sorted
 
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

@@ -31,13 +31,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def _setup(workdir: Path, n: int):
-    from domaintune import llm, tinyllm
+    from domaintune.modeling import llm, tinyllm
 
     rows = list(csv.DictReader(PAIRS.open(encoding="utf-8")))[:n]
     model_dir = workdir / "model"
     if not model_dir.exists():
         tinyllm.save(model_dir, [r["prompt"] for r in rows] + [r["response"] for r in rows], seed=0, **SHAPE)
-    from domaintune.generation import load_causal_lm
+    from domaintune.modeling.causal import load_causal_lm
 
     model, tok = load_causal_lm(str(model_dir))
     enc = [llm.encode(tok, r["prompt"], r["response"], 256) for r in rows]
@@ -45,8 +45,8 @@ def _setup(workdir: Path, n: int):
 
 
 def run_engine(workdir: Path, n: int, steps: int, batch: int) -> dict:
-    from domaintune.params import FinetuneParams
-    from domaintune.sft import Batches, apply_method, train
+    from domaintune.core.params import FinetuneParams
+    from domaintune.train.sft import Batches, apply_method, train
 
     rows, model, tok, enc = _setup(workdir, n)
     ft = FinetuneParams(method="lora", lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules=tuple(TARGETS))
@@ -62,7 +62,7 @@ def run_trl(workdir: Path, n: int, steps: int, batch: int) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from domaintune import llm
+    from domaintune.modeling import llm
 
     rows, model, tok, _ = _setup(workdir, n)
     # the same rendered text as the engine path: prompt = template up to the reply, completion = reply + end
@@ -117,8 +117,8 @@ def main(argv=None) -> int:
         child(args.child, args.workdir, args.rows, args.steps, args.batch)
         return 0
     with tempfile.TemporaryDirectory() as wd:
-        from domaintune import llm
-        from domaintune.generation import load_causal_lm
+        from domaintune.modeling import llm
+        from domaintune.modeling.causal import load_causal_lm
 
         _setup(Path(wd), args.rows)  # build the model + tokenizer once, outside the timed children
         _, tok = load_causal_lm(str(Path(wd) / "model"))

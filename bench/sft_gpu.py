@@ -3,10 +3,10 @@
 One script, at most ~5 minutes of GPU time. The model is a random LlamaForCausalLM with
 TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads / 4 KV heads, MLP 5632, vocab 32000):
 speed and memory do not depend on the weights' values. Each method goes through the finetune
-stage's own code: domaintune.sft.apply_method (full | LoRA | QLoRA = NF4 + double quant, bf16
+stage's own code: domaintune.train.sft.apply_method (full | LoRA | QLoRA = NF4 + double quant, bf16
 compute), gradient checkpointing, the causal-LM objective of domaintune.llm on the training
 engine (domaintune.engine, bf16 autocast) with the optimizer finetune.optimizer: auto picks
-(domaintune.sft.optimizer_for: bitsandbytes' paged 8-bit AdamW for QLoRA on CUDA, fused torch AdamW
+(domaintune.train.sft.optimizer_for: bitsandbytes' paged 8-bit AdamW for QLoRA on CUDA, fused torch AdamW
 for LoRA and full). Batches are 1 x 1024 tokens of random ids with completion-only labels on the
 second half. Peak memory is the training peak: counted from after the model is built and placed
 (QLoRA's bf16 weights before quantisation are not a training cost).
@@ -46,10 +46,10 @@ def run_method(method: str, shape: str, seq: int, steps: int, warmup: int, devic
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from domaintune import llm
-    from domaintune.engine import Engine, EngineConfig, param_groups
-    from domaintune.params import FinetuneParams
-    from domaintune.sft import apply_method, optimizer_for
+    from domaintune.core.params import FinetuneParams
+    from domaintune.modeling import llm
+    from domaintune.train.engine import Engine, EngineConfig, param_groups
+    from domaintune.train.sft import apply_method, optimizer_for
 
     cuda = device == "cuda"
     if cuda:

@@ -6,14 +6,14 @@ results into bench/results/train.json, or --results):
   throughput  side by side in one process, same subset, steps, batch and seed:
               (1) the seeds' recipe: HF Trainer, padding="max_length", max_length=256
               (2) a competent HF Trainer: dynamic padding, length-grouped sampler
-              (3) our finetune loop (domaintune.training.train_one, method full)
+              (3) our finetune loop (domaintune.train.classifier.train_one, method full)
               -> training samples/s and the ratios ours/(1), ours/(2)
   quality     our default recipe (params.yaml finetune section) on the full train
               set, one run per --seeds, test accuracy mean +- std; --methods adds a
               table (accuracy, trainable params, time, peak memory), one
               subprocess per run so peak memory is per run
   bf16        bf16 autocast vs float32 of our default recipe at equal data/epochs/seed: test accuracy
-              and samples/s (decides domaintune.device.CPU_BF16_AUTO on this CPU kind)
+              and samples/s (decides domaintune.core.device.CPU_BF16_AUTO on this CPU kind)
   hf-quality  the HF recipes trained to the end (same epochs/LR/seed) -> test
               accuracy, to compare with ours at equal data and epochs
 (GPU speed, benchmark 5, is bench/train_gpu.py.) With --cpu a part stays on
@@ -87,7 +87,7 @@ def merge_results(path: Path, key: str, value) -> None:
 
 
 def accuracy(model, tok, df: pd.DataFrame, labels, max_length=128) -> float:
-    from domaintune.modeling import predict_logits
+    from domaintune.modeling.encoders import predict_logits
 
     logits = predict_logits(model, tok, df["text"].tolist(), batch_size=128, max_length=max_length)
     return float((np.array(labels)[logits.argmax(1)] == df["label"].to_numpy()).mean())
@@ -115,8 +115,14 @@ def hf_train(train_df, labels, model_dir, *, padded: bool, seed: int, batch_size
     """HF Trainer fine-tune. padded=True: the seeds' recipe (pad every text to 256 tokens);
     False: dynamic padding + length-grouped sampling. Returns (model, tokenizer, seconds, samples)."""
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, default_data_collator)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     y = np.array([labels.index(v) for v in train_df["label"]])
@@ -170,7 +176,7 @@ def hf_train(train_df, labels, model_dir, *, padded: bool, seed: int, batch_size
 def hf_accuracy(model, tok, df, labels, device) -> float:
     import torch
 
-    from domaintune.modeling import length_sorted_batches
+    from domaintune.modeling.encoders import length_sorted_batches
 
     model.eval()
     texts = df["text"].tolist()
@@ -186,7 +192,7 @@ def hf_accuracy(model, tok, df, labels, device) -> float:
 # ---------------------------------------------------------------- ours
 
 def ours_params(params_file: Path, **over):
-    from domaintune.params import load_params
+    from domaintune.core.params import load_params
 
     base, ft = load_params(params_file, "base", "finetune")
     fields = {k: v for k, v in dataclasses.asdict(ft).items()}
@@ -195,7 +201,7 @@ def ours_params(params_file: Path, **over):
 
 
 def ours_train(train_df, labels, model_dir, base, ft, seed):
-    from domaintune.training import train_one
+    from domaintune.train.classifier import train_one
 
     empty = train_df.iloc[:0]
     return train_one(train_df, empty, labels, str(model_dir), base, ft, seed=seed, progress=False)
@@ -206,7 +212,7 @@ def ours_train(train_df, labels, model_dir, base, ft, seed):
 def part_throughput(a) -> dict:
     import torch
 
-    from domaintune.modeling import set_threads
+    from domaintune.modeling.encoders import set_threads
 
     set_threads()
     train, test, labels = load_banking77(a.data)
@@ -248,7 +254,7 @@ def run_one(a) -> dict:
     """One of our runs on the full train set; evaluated on test. Runs in its own process."""
     import torch
 
-    from domaintune.modeling import count_parameters, set_threads
+    from domaintune.modeling.encoders import count_parameters, set_threads
 
     set_threads()
     train, test, labels = load_banking77(a.data)
@@ -374,7 +380,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true", help="throughput: also time our engine under bf16 autocast")
     a = ap.parse_args(argv)
     if a.model is None:
-        from domaintune.modeling import resolve_model
+        from domaintune.modeling.encoders import resolve_model
 
         a.model = Path(resolve_model("minilm"))
     if a.part == "one":

@@ -1,17 +1,17 @@
 """GPU benchmark of the product's training engine, one script, under 5 minutes of GPU time.
 
 Every number comes from the code the stages run, not from a loop of its own:
-  1. finetune  the engine (domaintune.engine.Engine: fused AdamW, bf16 autocast, clipping, schedule) driving
+  1. finetune  the engine (domaintune.train.engine.Engine: fused AdamW, bf16 autocast, clipping, schedule) driving
                the classification objective of domaintune.training on EncoderClassifier models of MiniLM's
                and BERT-base's shapes (random weights from a config: speed does not depend on the values),
                full fine-tune at batch 32, 64 and 256, sequence 128; LoRA at batch 64; torch.compile
                (finetune.compile) at batch 64. samples/s, tokens/s, MFU against the GPU's dense bf16 peak
                (6 * params * tokens + attention 12 * layers * hidden * seq per token), peak memory.
-  2. dapt      domaintune.mlm.adapt (the dapt stage's core, on the engine) with the bundled MiniLM on
+  2. dapt      domaintune.train.mlm.adapt (the dapt stage's core, on the engine) with the bundled MiniLM on
                BANKING77 train texts: samples/s, and the ratio to the 2-core CPU figure in
                bench/results/dapt.json (target: >= 20x).
   3. inference half-precision (bf16 on CUDA) vs float32 predictions of the same classifier
-               (domaintune.device.place_for_inference + modeling.predict_logits): argmax agreement and the
+               (domaintune.core.device.place_for_inference + modeling.predict_logits): argmax agreement and the
                largest probability difference, the tolerance half-precision inference is held to.
 The end-to-end DAG speed-up (target >= 3x 2 CPU cores) is `time dvc repro` on the two machines (README).
 
@@ -64,10 +64,11 @@ def finetune_speed(size: str, method: str, batch: int, seq: int, steps: int, war
     import torch
     from transformers import BertConfig, BertModel
 
-    from domaintune.engine import Engine, EngineConfig
-    from domaintune.modeling import build_classifier, count_parameters
-    from domaintune.params import FinetuneParams
-    from domaintune.training import _apply_method, _loss_function, _param_groups, encoder_layers
+    from domaintune.core.params import FinetuneParams
+    from domaintune.modeling.adapters import encoder_layers
+    from domaintune.modeling.encoders import build_classifier, count_parameters
+    from domaintune.train.classifier import _apply_method, _loss_function, _param_groups
+    from domaintune.train.engine import Engine, EngineConfig
 
     torch.manual_seed(0)
     if device.startswith("cuda"):
@@ -121,9 +122,9 @@ def _texts(limit: int) -> list[str]:
 
 def dapt_speed(device: str, steps: int, limit: int, batch: int) -> dict:
     """The dapt stage's core on the engine: samples/s of its training loop (head warm-up excluded)."""
-    from domaintune.mlm import adapt, build_corpus
-    from domaintune.modeling import resolve_model
-    from domaintune.params import DaptParams
+    from domaintune.core.params import DaptParams
+    from domaintune.modeling.encoders import resolve_model
+    from domaintune.train.mlm import adapt, build_corpus
 
     corpus = build_corpus(_texts(limit), {}, train_file="banking77/train.csv")
     params = DaptParams(max_steps=steps, batch_size=batch, block_size=64, head_warmup_steps=2, checkpoint_every=0)
@@ -144,8 +145,14 @@ def inference_agreement(device: str, n: int) -> dict:
     import numpy as np
     import torch
 
-    from domaintune.device import inference_dtype, place_for_inference
-    from domaintune.modeling import build_classifier, load_encoder, load_tokenizer, predict_logits, resolve_model
+    from domaintune.core.device import inference_dtype, place_for_inference
+    from domaintune.modeling.encoders import (
+        build_classifier,
+        load_encoder,
+        load_tokenizer,
+        predict_logits,
+        resolve_model,
+    )
 
     path = resolve_model("minilm")
     torch.manual_seed(0)
@@ -173,7 +180,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from domaintune.device import resolve_device
+    from domaintune.core.device import resolve_device
 
     device = "cpu" if args.smoke else resolve_device(args.device)
     if not args.smoke and not device.startswith("cuda"):

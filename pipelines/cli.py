@@ -69,7 +69,7 @@ def _fmt(value) -> str:
 
 
 def cmd_versions(args) -> int:
-    from domaintune import registry
+    from domaintune.registry import versions as registry
 
     versions, skipped = registry.scan_versions(_root(args))
     for s in skipped:
@@ -96,7 +96,7 @@ def cmd_versions(args) -> int:
 
 
 def _diff_names(args, root: Path) -> tuple[str, str]:
-    from domaintune import registry
+    from domaintune.registry import versions as registry
 
     if args.a is None:
         return registry.default_diff_pair(root)
@@ -104,7 +104,7 @@ def _diff_names(args, root: Path) -> tuple[str, str]:
 
 
 def cmd_diff(args) -> int:
-    from domaintune import registry
+    from domaintune.registry import versions as registry
 
     root = _root(args)
     a, b = _diff_names(args, root)
@@ -130,7 +130,7 @@ def cmd_diff(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    from domaintune import registry
+    from domaintune.registry import versions as registry
 
     root = _root(args)
     # The lock first, before Prefect is imported or a server starts: contention is reported at once.
@@ -146,7 +146,7 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    from domaintune import registry
+    from domaintune.registry import versions as registry
 
     root = _root(args)
     with registry.repo_lock(root):  # before Prefect: a second retrain fails at once, touching nothing
@@ -159,7 +159,7 @@ def cmd_retrain(args) -> int:
 
 def cmd_monitor(args) -> int:
     _root(args, need_git=False)
-    from domaintune.monitoring import run_from_args  # checks before Prefect or a model loads
+    from domaintune.monitor.monitoring import run_from_args  # checks before Prefect or a model loads
 
     def as_flows(a):
         from pipelines.monitor import run_flows_from_args
@@ -197,7 +197,7 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_remote(args) -> int:
-    from domaintune import registry
+    from domaintune.registry import versions as registry
 
     name = registry.ensure_remote(_root(args), args.url)
     print(f"default DVC remote: {name}")
@@ -233,7 +233,7 @@ def _add_retrain_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_monitor_options(p: argparse.ArgumentParser) -> None:
-    from domaintune.monitoring import add_arguments
+    from domaintune.monitor.monitoring import add_arguments
 
     add_arguments(p)
 
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.deploy import add_arguments as add_deploy_arguments
 
     add_deploy_arguments(p)
-    from domaintune.summary import add_command  # `domaintune summary`: stdlib only, cheap to import
+    from domaintune.evaluate.summary import add_command  # `domaintune summary`: stdlib only, cheap to import
     add_command(add)
     p = add("remote", cmd_remote, "set up the default DVC remote (a local folder unless --url)",
             "domaintune remote", "domaintune remote --url s3://bucket/domaintune")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from domaintune.monitoring import read_batch, telemetry_off  # noqa: F401 - read_batch re-exported
+from domaintune.monitor.monitoring import read_batch, telemetry_off  # noqa: F401 - read_batch re-exported
 
 telemetry_off()
 
@@ -26,7 +26,7 @@ DEFAULTS = {"baseline": "models/drift_baseline", "model": "models/export", "out"
 
 
 def _run(batch: str | None, watch: str | None, repo: str, **kw) -> list[dict]:
-    from domaintune.monitoring import check_arguments, run_local
+    from domaintune.monitor.monitoring import check_arguments, run_local
 
     args = argparse.Namespace(batch=batch, watch=watch, repo=repo, **{**DEFAULTS, **kw})
     texts = check_arguments(batch, repo, args.baseline, args.model, args.out, args.text_column, watch)

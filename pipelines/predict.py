@@ -3,9 +3,9 @@
     domaintune predict tickets.csv --out predictions.jsonl [--variant onnx-int8] [--top-k 3]
     domaintune predict tickets.parquet --version v1.2.0 --out predictions.csv
 
-The library work (streamed reading, bad-row checks, output) is domaintune/batchpredict.py;
+The library work (streamed reading, bad-row checks, output) is domaintune/predict/batch.py;
 `--version` materialises the version's models/export from the DVC cache or remote into
-.domaintune/releases/ (domaintune/release.py), md5-verified, without touching the workspace.
+.domaintune/releases/ (domaintune/registry/release.py), md5-verified, without touching the workspace.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ EPILOG = """examples:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from domaintune.params import EXPORT_VARIANTS  # = artifacts.VARIANTS; params is light to import
+    from domaintune.core.params import EXPORT_VARIANTS  # = artifacts.VARIANTS; params is light to import
 
     p = sub.add_parser("predict", help="predict labels for a CSV/TSV/JSONL/Parquet/TXT file of texts",
                        description="Calibrated predictions (label, confidence, top-k) for every row of a file, "
@@ -52,7 +52,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def _model_folder(args) -> Path:
     if args.version is None:
         return Path(args.model)
-    from domaintune import release
+    from domaintune.registry import release
 
     rel = release.materialise(Path(args.repo), args.version)
     print(f"predict: {rel.tag} ({rel.files} files verified) at {rel.path}", file=sys.stderr)
@@ -60,10 +60,11 @@ def _model_folder(args) -> Path:
 
 
 def run(args) -> dict:
-    from domaintune import batchpredict as bp
-    from domaintune.data import DataError, atomic_output
-    from domaintune.modeling import set_threads
-    from domaintune.predict import Predictor
+    from domaintune.core.errors import DataError
+    from domaintune.core.io import atomic_output
+    from domaintune.modeling.encoders import set_threads
+    from domaintune.predict import batch as bp
+    from domaintune.predict.predictor import Predictor
 
     src, out = Path(args.input), Path(args.out) if args.out else None
     bp.input_format(src)
@@ -89,8 +90,8 @@ def run(args) -> dict:
 
 
 def cmd_predict(args) -> int:
-    from domaintune.data import DataError
-    from domaintune.registry import RegistryError
+    from domaintune.core.errors import DataError
+    from domaintune.registry.versions import RegistryError
 
     try:
         result = run(args)

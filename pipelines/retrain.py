@@ -8,7 +8,7 @@ params and lock once, as a plain `dvc repro` does); its output is cut at DVC's
 and the task of stage X streams X's segment into its log and fails when X failed.
 A retried stage, and any stage that process did not reach, runs as
 `dvc repro --single-item X`. On success with publish=True
-the run is recorded as a version (domaintune.registry.publish: dvc push, git
+the run is recorded as a version (domaintune.registry.versions.publish: dvc push, git
 commit of params.yaml/dvc.lock/metrics, GTO tag, served marker). On any failure
 params.yaml, dvc.lock and the metrics are put back as they were and the
 workspace outs re-checked-out from the cache: no tag, no push, nothing half-done.
@@ -30,7 +30,7 @@ from typing import Sequence
 
 from prefect import flow, get_run_logger, task
 
-from domaintune import registry
+from domaintune.registry import versions as registry
 
 # A stage that exits 2 reported bad data or params (domaintune.stage.run_stage): retrying cannot help.
 BAD_INPUT_EXIT = 2
@@ -208,7 +208,7 @@ def parse_overrides(overrides: Sequence[str] | dict | None) -> dict[str, object]
     """`section.key=value` strings (values parsed as YAML) or a ready dict -> {dotted key: value}."""
     import yaml
 
-    from domaintune.params import ParamsError
+    from domaintune.core.params import ParamsError
 
     if not overrides:
         return {}
@@ -228,7 +228,7 @@ def parse_overrides(overrides: Sequence[str] | dict | None) -> dict[str, object]
 
 def check_overrides(params_file: Path, overrides: Sequence[str] | dict | None) -> None:
     """Validate `section.key=value` overrides against params.yaml without changing it (ParamsError/ValueError)."""
-    from domaintune.params import load_all
+    from domaintune.core.params import load_all
 
     load_all(params_file)  # a broken params.yaml is named as such, not blamed on an override
     apply_overrides(Path(params_file), parse_overrides(overrides), dry_run=True)
@@ -239,7 +239,7 @@ def apply_overrides(params_file: Path, overrides: dict[str, object], dry_run: bo
     dry_run: validate only, params.yaml stays as it is."""
     from ruamel.yaml import YAML
 
-    from domaintune.params import ParamsError, load_all
+    from domaintune.core.params import ParamsError, load_all
 
     if not overrides:
         return
@@ -305,7 +305,7 @@ def _run_and_publish(root: Path, wanted: dict, retries: int, publish: bool, remo
         results = [stage_task(str(root), s, dag.token) for s in dag.stages]
     finally:
         dag.close()
-    from domaintune.summary import write_summary
+    from domaintune.evaluate.summary import write_summary
 
     write_summary(root)  # metrics/summary.json, as `make run` writes it: part of the version below
     version, created, t_pub = None, False, time.perf_counter()

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from prefect import flow, get_run_logger, task
 
-from domaintune import registry
+from domaintune.registry import versions as registry
 
 
 @task(name="verify-version")

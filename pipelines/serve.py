@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from domaintune.serving.settings import ServeSettings
+from domaintune.serve.settings import ServeSettings
 
 
 def register(add) -> None:
@@ -84,8 +84,8 @@ def cmd_serve(args) -> int:
         logging.getLogger("domaintune.serve").warning("binding %s: reachable from other machines", settings.host)
     import uvicorn
 
-    from domaintune.modeling import set_threads
-    from domaintune.serving.app import build
+    from domaintune.modeling.encoders import set_threads
+    from domaintune.serve.app import build
 
     set_threads()
     try:
@@ -98,8 +98,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_shadow_report(args) -> int:
-    from domaintune.data import DataError
-    from domaintune.serving.shadow import format_report, summarise
+    from domaintune.core.errors import DataError
+    from domaintune.serve.shadow import format_report, summarise
 
     try:
         summary = summarise(Path(args.log))

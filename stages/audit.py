@@ -3,7 +3,7 @@
 How a row gets flagged:
 1. Every text is embedded once with the frozen encoder (mean pooling over
    non-padding tokens, length-sorted batches); the vectors are cached (see
-   domaintune/embeddings.py) so re-running with other audit params skips it.
+   domaintune/modeling/embeddings.py) so re-running with other audit params skips it.
 2. K-fold (audit.folds) stratified cross-validation of a logistic regression
    (audit.C) on the train embeddings gives every train row an out-of-sample
    probability vector: the model that scores a row never saw its label.
@@ -30,7 +30,7 @@ A class whose every train row is dropped or relabelled away stops the stage
 (audit.on_empty_class: error), or with `drop` loses its validation/test rows too
 (changes.csv, reason class_emptied_from_train) and leaves labels.json.
 
-base.task generation: domaintune/generation.py reports what hurts SFT; with evaluate.label_set declared
+base.task generation: domaintune/evaluate/genaudit.py reports what hurts SFT; with evaluate.label_set declared
 (classification as generation) label_set_audit runs all of the above on the response as the label.
 """
 from __future__ import annotations
@@ -46,10 +46,18 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, json_lines_sha256, read_dataset,
-                             read_hashes, write_dataset, write_json)
-from domaintune.params import AuditParams, BaseParams, as_dict, load_params
-from domaintune.stage import StageError, run_stage, stage_parser
+from domaintune.core.errors import DataError
+from domaintune.core.io import atomic_output, write_json
+from domaintune.core.params import AuditParams, BaseParams, as_dict, load_params
+from domaintune.core.stage import StageError, run_stage, stage_parser
+from domaintune.data.dataset import (
+    SPLITS,
+    check_splits_kept,
+    json_lines_sha256,
+    read_dataset,
+    read_hashes,
+    write_dataset,
+)
 
 log = logging.getLogger("domaintune")
 
@@ -126,7 +134,7 @@ def read_decisions(path: str | Path | None, splits: dict[str, pd.DataFrame], lab
 # --------------------------------------------------------------------------- embeddings
 
 def resolve_encoder(params: AuditParams, base: BaseParams) -> str:
-    from domaintune.modeling import resolve_model
+    from domaintune.modeling.encoders import resolve_model
 
     if params.encoder == "base":
         return resolve_model(base.model)
@@ -142,7 +150,7 @@ def embed_splits(splits: dict[str, pd.DataFrame], encoder_path: str, cache_dir: 
 
     Returns ({split: array}, reused, seconds spent embedding (0 when reused)).
     """
-    from domaintune.embeddings import cached_embeddings, encoder_fingerprint
+    from domaintune.modeling.embeddings import cached_embeddings, encoder_fingerprint
 
     texts = [t for name in SPLITS for t in splits[name]["text"].astype(str)]
     ids = [f"{name}/{i}" for name in SPLITS for i in splits[name]["id"].astype(str)]
@@ -158,11 +166,11 @@ def embed_splits(splits: dict[str, pd.DataFrame], encoder_path: str, cache_dir: 
     seconds = {"embed": 0.0}
 
     def compute() -> np.ndarray:
-        from domaintune.modeling import embed_texts, load_encoder, load_tokenizer, set_threads
+        from domaintune.modeling.encoders import embed_texts, load_encoder, load_tokenizer, set_threads
 
         t0 = time.perf_counter()
         set_threads()
-        from domaintune.device import batch_size_for, place_for_inference
+        from domaintune.core.device import batch_size_for, place_for_inference
 
         tok, enc = load_tokenizer(encoder_path), place_for_inference(load_encoder(encoder_path), device)
         emb = embed_texts(enc, tok, texts, batch_size=batch_size_for(device, batch_size, max(256, batch_size)),
@@ -253,7 +261,7 @@ def calibrate_probs(y: np.ndarray, probs: np.ndarray, fit_rows: np.ndarray) -> t
     dataset. Fitted against the noisy labels, T also softens as the noise
     grows. T does not change the argmax, so suggestions are unaffected.
     """
-    from domaintune import calibration as cal
+    from domaintune.evaluate import calibration as cal
 
     def log_probs(p: np.ndarray) -> np.ndarray:
         return np.log(np.clip(p, 1e-12, 1.0))
@@ -558,7 +566,7 @@ def _empty_classes(splits: dict[str, pd.DataFrame], labels: list[str], train_in:
 def run(args) -> None:
     base, params = load_params(args.params, "base", "audit")
     if base.task == "generation":
-        from domaintune.generation import run_audit
+        from domaintune.evaluate.genaudit import run_audit
 
         label_set = list(load_params(args.params, "evaluate").label_set)
         # classification as generation: cleanlab's audit on the response as the label, as for a classifier
@@ -571,7 +579,7 @@ def run(args) -> None:
     decisions = read_decisions(decisions_path, splits, labels)
 
     encoder_path = resolve_encoder(params, base)
-    from domaintune.device import stage_device
+    from domaintune.core.device import stage_device
 
     embeddings, reused, embed_s = embed_splits(splits, encoder_path, args.embeddings, base.max_length,
                                                params.batch_size, stage_device(base))
@@ -622,7 +630,7 @@ def label_set_audit(splits: dict[str, pd.DataFrame], label_set: list[str], args,
                             f"evaluate.label_set {label_set}")
     labels = [lab for lab in label_set if lab in set(splits["train"]["label"])]  # the classes train can score
     decisions = read_decisions(args.decisions if args.decisions is not None else params.decisions, splits, labels)
-    from domaintune.device import stage_device
+    from domaintune.core.device import stage_device
 
     embeddings, reused, embed_s = embed_splits(splits, resolve_encoder(params, base), args.embeddings,
                                                base.max_length, params.batch_size, stage_device(base))

@@ -8,7 +8,7 @@ never trained on; its MLM loss under one fixed mask is measured before and
 after, so the two numbers are directly comparable.
 
 Writes models/dapt/: the adapted encoder body (safetensors, loads with
-domaintune.modeling.load_encoder), its tokenizer, dapt_info.json (params,
+domaintune.modeling.encoders.load_encoder), its tokenizer, dapt_info.json (params,
 corpus accounting, steps, base model) and mlm_head.safetensors (the trained MLM
 head, so a second DAPT round that starts from this folder continues with it
 instead of a fresh random head). With `dapt.enabled: false` the base encoder is
@@ -20,10 +20,19 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from domaintune.data import atomic_output, read_dataset, write_json
-from domaintune.mlm import INFO_FILE, adapt, build_corpus, pass_through, read_corpus_file, save_encoder, write_live
-from domaintune.params import BaseParams, DaptParams, as_dict, load_params
-from domaintune.stage import run_stage, stage_parser
+from domaintune.core.io import atomic_output, write_json
+from domaintune.core.params import BaseParams, DaptParams, as_dict, load_params
+from domaintune.core.stage import run_stage, stage_parser
+from domaintune.data.dataset import read_dataset
+from domaintune.train.mlm import (
+    INFO_FILE,
+    adapt,
+    build_corpus,
+    pass_through,
+    read_corpus_file,
+    save_encoder,
+    write_live,
+)
 
 log = logging.getLogger("domaintune.dapt")
 
@@ -36,9 +45,9 @@ def run(in_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, base:
         checkpoint_root: Optional[str | Path] = None, progress: bool = True) -> dict:
     """The whole stage: read inputs, adapt (or pass through), write outputs atomically. Returns metrics.
     Under a multi-process launch every process trains and rank 0 alone writes."""
-    from domaintune import distributed
-    from domaintune.device import stage_device
-    from domaintune.modeling import resolve_model
+    from domaintune.core.device import stage_device
+    from domaintune.modeling.encoders import resolve_model
+    from domaintune.train import distributed
 
     base_path = resolve_model(base.model)
     info = {"base_model": base.model, "base_path": base_path, "seed": base.seed, "params": as_dict(params)}
@@ -101,12 +110,12 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def go(args) -> str:
-        from domaintune import distributed
+        from domaintune.train import distributed
 
         base, params = load_params(args.params, "base", "dapt")
         if base.task == "generation":
-            from domaintune.device import stage_device
-            from domaintune.sft import dapt_summary, run_dapt
+            from domaintune.core.device import stage_device
+            from domaintune.train.sft import dapt_summary, run_dapt
 
             stage_device(base)  # a bad device is one line before anything is launched or read
             if not params.enabled:
@@ -116,7 +125,7 @@ def main(argv=None) -> int:
 
         def train() -> dict:
             if distributed.world_size() == 1 and not distributed.launched():
-                from domaintune.modeling import set_threads
+                from domaintune.modeling.encoders import set_threads
 
                 set_threads()
             return run(args.in_dir, args.out, args.metrics, base, params, live_dir=args.live,
@@ -124,7 +133,7 @@ def main(argv=None) -> int:
 
         if not params.enabled:
             return summary_line(train())
-        from domaintune.device import stage_device
+        from domaintune.core.device import stage_device
 
         stage_device(base)  # a bad device is one line before anything is launched or read
         return summary_line(distributed.run_in_processes("dapt", argv, params, args.metrics, train))

@@ -1,6 +1,6 @@
 """Stage dedupe: data/ingested -> data/deduped + manifest.json (content hashes, every removal and why).
 
-Rows are compared on their normalised text (domaintune/textnorm.py: NFKC,
+Rows are compared on their normalised text (domaintune/data/textnorm.py: NFKC,
 casefold, whitespace collapsed) through a 128-bit hash of it, in this order:
 1. exact duplicates inside a split: the first row (source order) is kept;
 2. same text, different labels inside a split: `dedupe.conflict_policy`
@@ -26,10 +26,15 @@ Normalisation (Arrow kernels, textnorm._normal_parts) and hashing run CHUNK_ROWS
 thread per core, and keep a 128-bit key per row (XXH3-128), factorised to one int64 code; per row the
 rules then hold only integer codes (split, label, key: _Rows) and what happens to it (_Marks). The kept
 rows are filtered record batch by record batch from the input, whose batches are freed as they go, and
-written by row group (domaintune/data.py); removed.csv is written CHUNK_ROWS rows at a time. The
+written by row group (domaintune/data/dataset.py); removed.csv is written CHUNK_ROWS rows at a time. The
 near-duplicate pass holds 4 bytes a band per row and the shingle sets of the rows with a candidate.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 import logging
 import os
@@ -39,13 +44,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, check_splits_kept, chunk_bounds, first_duplicate,
-                             read_hashes, read_json, read_split_table, release_memory, split_files, take_rows,
-                             write_dataset, write_json)
-from domaintune.params import DedupeParams, as_dict, load_params
-from domaintune.stage import run_stage, stage_parser
-from domaintune.textnorm import (band_hashes, candidate_pairs, key_codes, minhash_signatures, normalise_arrow,
-                                 shingles, text_keys)
+from domaintune.core.errors import DataError
+from domaintune.core.io import atomic_output, read_json, write_json
+from domaintune.core.params import DedupeParams, as_dict, load_params
+from domaintune.core.stage import run_stage, stage_parser
+from domaintune.data.dataset import (
+    SPLITS,
+    check_splits_kept,
+    chunk_bounds,
+    first_duplicate,
+    read_hashes,
+    read_split_table,
+    release_memory,
+    split_files,
+    take_rows,
+    write_dataset,
+)
+from domaintune.data.textnorm import (
+    band_hashes,
+    candidate_pairs,
+    key_codes,
+    minhash_signatures,
+    normalise_arrow,
+    shingles,
+    text_keys,
+)
 
 log = logging.getLogger("domaintune")
 

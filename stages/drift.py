@@ -4,12 +4,13 @@ Text features of train + validation, the served model's outputs (predicted label
 confidence, PCA of its embeddings) on the validation rows it did not train on, the measured
 reference accuracy, and the null of every drift signal calibrated on resamples of that reference
 (so an iid batch alarms with probability <= drift.false_alarm_rate at any size). The code lives
-in domaintune/drift.py; this stage only reads, builds and writes. Files: see that module.
+in domaintune/monitor/drift.py; this stage only reads, builds and writes. Files: see that module.
 """
 from __future__ import annotations
 
-from domaintune.data import atomic_output, read_dataset, read_hashes, write_json
-from domaintune.stage import run_stage, stage_parser
+from domaintune.core.io import atomic_output, write_json
+from domaintune.core.stage import run_stage, stage_parser
+from domaintune.data.dataset import read_dataset, read_hashes
 
 
 def summary_line(metrics: dict) -> str:
@@ -25,16 +26,15 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="exported model folder")
 
     def run(args) -> str:
-        from domaintune.drift import build_baseline
-        from domaintune.modeling import set_threads
-        from domaintune.params import load_params
-
-        from domaintune.device import stage_device
+        from domaintune.core.device import stage_device
+        from domaintune.core.params import load_params
+        from domaintune.modeling.encoders import set_threads
+        from domaintune.monitor.drift import build_baseline
 
         base, params = load_params(args.params, "base", "drift")
         device = stage_device(base)
         if base.task == "generation":
-            from domaintune.gendrift import run_drift
+            from domaintune.monitor.generation import run_drift
 
             return run_drift(args, params, device)
         splits, labels = read_dataset(args.in_dir)

@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domaintune.data import DataError, atomic_output, encode_labels, read_dataset, read_json, split_labels, write_json
-from domaintune.params import EvaluateParams, load_params
-from domaintune.stage import StageError, run_stage, stage_parser
+from domaintune.core.errors import DataError
+from domaintune.core.io import atomic_output, read_json, write_json
+from domaintune.core.params import EvaluateParams, load_params
+from domaintune.core.stage import StageError, run_stage, stage_parser
+from domaintune.data.dataset import encode_labels, read_dataset, split_labels
 
 log = logging.getLogger("domaintune")
 
@@ -86,7 +88,7 @@ def evaluate_logits(val: pd.DataFrame, test: pd.DataFrame, val_logits: np.ndarra
     """Pure core: calibrate on validation logits, score and analyse test logits."""
     if problem_type == "multi_label":
         return _evaluate_multi_label(val, test, val_logits, test_logits, labels, params)
-    from domaintune import calibration as cal
+    from domaintune.evaluate import calibration as cal
 
     y_val = encode_labels(val, labels, "single_label", "validation")
     y_test = encode_labels(test, labels, "single_label", "test")
@@ -122,7 +124,7 @@ def _error_analysis(test: pd.DataFrame, labels: list[str], y: np.ndarray, pred: 
                     cm: np.ndarray, params: EvaluateParams) -> dict[str, pd.DataFrame]:
     from sklearn.metrics import precision_recall_fscore_support
 
-    from domaintune.calibration import entropy
+    from domaintune.evaluate.calibration import entropy
 
     lab = np.asarray(labels, dtype=object)
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=list(range(len(labels))), zero_division=0)
@@ -199,7 +201,7 @@ def _evaluate_multi_label(val, test, val_logits, test_logits, labels, params) ->
     """Multi-label: probabilities are per-label sigmoids; calibration = per-label thresholds on validation."""
     from sklearn.metrics import precision_recall_fscore_support
 
-    from domaintune import calibration as cal
+    from domaintune.evaluate import calibration as cal
 
     Y_val = encode_labels(val, labels, "multi_label", "validation").astype(int)
     Y_test = encode_labels(test, labels, "multi_label", "test").astype(int)
@@ -264,7 +266,7 @@ def seed_summary(per_seed: dict[str, dict]) -> dict:
 
 # ---------------------------------------------------------------- writing
 def write_report(out: Path, res: EvalResult, metrics: dict, model_meta: dict, seeds: dict | None) -> None:
-    from domaintune import report as rp
+    from domaintune.evaluate import report as rp
 
     out.mkdir(parents=True, exist_ok=True)
     plots = out / "plots"
@@ -287,7 +289,7 @@ def write_report(out: Path, res: EvalResult, metrics: dict, model_meta: dict, se
 
 
 def render_markdown(res: EvalResult, metrics: dict, meta: dict, seeds: dict | None) -> str:
-    from domaintune.report import md_table, metrics_table
+    from domaintune.evaluate.report import md_table, metrics_table
 
     cal = res.calibration
     md = ["# Evaluation report\n",
@@ -330,8 +332,8 @@ def render_markdown(res: EvalResult, metrics: dict, meta: dict, seeds: dict | No
 # ---------------------------------------------------------------- model running
 def model_logits(model_dir: str | Path, splits: dict[str, pd.DataFrame], batch_size: int,
                  names=("validation", "test"), device: str = "cpu") -> tuple[dict, dict[str, np.ndarray]]:
-    from domaintune.device import batch_size_for, place_for_inference
-    from domaintune.modeling import load_classifier, predict_logits, set_threads
+    from domaintune.core.device import batch_size_for, place_for_inference
+    from domaintune.modeling.encoders import load_classifier, predict_logits, set_threads
 
     set_threads()
     model, tok, meta = load_classifier(model_dir)
@@ -389,11 +391,11 @@ def build_metrics(res: EvalResult, test_rows: int, seeds: dict | None) -> dict:
 
 
 def run(args: argparse.Namespace) -> str | None:
-    from domaintune.device import stage_device
+    from domaintune.core.device import stage_device
 
     base, params = load_params(args.params, "base", "evaluate")
     if base.task == "generation":
-        from domaintune.genexport import run_evaluate
+        from domaintune.evaluate.generation import run_evaluate
 
         return run_evaluate(args, base, params, check_gate)
     res, metrics, meta, seeds = evaluate(args.in_dir, args.model, params, stage_device(base))

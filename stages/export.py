@@ -1,14 +1,14 @@
 """export: the calibrated model in every variant (float32, int8, ONNX, ONNX int8), gated, with a model card.
 
-models/export/ is a classifier folder that domaintune.predict.Predictor loads on its own
+models/export/ is a classifier folder that domaintune.predict.predictor.Predictor loads on its own
 (encoder weights merged, adapter None, no reference to models/dapt), with the evaluate
 stage's temperature (or multi-label thresholds) in model.json, so predict/drift/serve all
-apply the same calibration. Its variants are written and loaded by domaintune/artifacts.py.
+apply the same calibration. Its variants are written and loaded by domaintune/export/artifacts.py.
 Before anything is written for good, the merged model's logits are checked against the
 unmerged model's, and every variant is re-scored on the test split (accuracy, macro-F1, ECE
 with the fitted temperature, agreement with float32, size, latency): a variant that loses more
 than export.max_accuracy_drop points of accuracy or adds more than export.max_ece_increase
-points of ECE fails the stage. The model card (README.md) is domaintune/modelcard.py's.
+points of ECE fails the stage. The model card (README.md) is domaintune/export/modelcard.py's.
 """
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from domaintune.data import DataError, atomic_output, encode_labels, read_dataset, read_json, write_json
-from domaintune.params import as_dict, load_params
-from domaintune.stage import StageError, run_stage, stage_parser
+from domaintune.core.errors import DataError
+from domaintune.core.io import atomic_output, read_json, write_json
+from domaintune.core.params import as_dict, load_params
+from domaintune.core.stage import StageError, run_stage, stage_parser
+from domaintune.data.dataset import encode_labels, read_dataset
 
 log = logging.getLogger("domaintune")
 
@@ -52,7 +54,7 @@ def logit_agreement(a: np.ndarray, b: np.ndarray) -> dict:
 
 def score_variant(logits: np.ndarray, test: pd.DataFrame, meta: dict, calib: dict, bins: int = 15) -> dict:
     """Calibrated test metrics of one variant's logits."""
-    from domaintune import calibration as cal
+    from domaintune.evaluate import calibration as cal
 
     labels = list(meta["labels"])
     if meta.get("problem_type", "single_label") == "multi_label":
@@ -134,9 +136,9 @@ def read_inputs(args: argparse.Namespace) -> dict:
 
 def merged_model(model_dir: str, texts: list[str], params, ml: int, device: str = "cpu"):
     """(merged model, tokenizer, meta, unmerged runner timing, merged logits, merge check)."""
-    from domaintune.artifacts import TorchRunner
-    from domaintune.device import place_for_inference
-    from domaintune.modeling import load_classifier
+    from domaintune.core.device import place_for_inference
+    from domaintune.export.artifacts import TorchRunner
+    from domaintune.modeling.encoders import load_classifier
 
     model, tok, meta = load_classifier(model_dir)
     place_for_inference(model, device, half=False)  # verified on base.device, in float32
@@ -161,7 +163,7 @@ def merged_model(model_dir: str, texts: list[str], params, ml: int, device: str 
 
 def write_variants(tmp: Path, merged, tok, export_meta: dict, params) -> dict:
     """Write every variant in params.variants under tmp; returns what quantisation reported."""
-    from domaintune import artifacts
+    from domaintune.export import artifacts
 
     artifacts.write_float32(merged, tok, tmp, export_meta)
     fmeta = read_json(tmp / "model.json")
@@ -182,7 +184,7 @@ def write_variants(tmp: Path, merged, tok, export_meta: dict, params) -> dict:
 def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict, calib: dict, params,
                     ml: int) -> tuple[dict, dict]:
     """Reload each written variant from disk, score and time it on the test split: (metrics, logits)."""
-    from domaintune.artifacts import load_variant, variant_bytes
+    from domaintune.export.artifacts import load_variant, variant_bytes
 
     latency = (params.latency_repeats, params.latency_single_texts)
     rows, logits = {}, {}
@@ -202,7 +204,7 @@ def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict,
 
 
 def export_metadata(meta: dict, inputs: dict, args, base, params, had_adapter: bool) -> dict:
-    from domaintune.modelcard import base_model_name
+    from domaintune.export.modelcard import base_model_name
 
     calib = inputs["calib"]
     out = {k: v for k, v in meta.items() if k not in ("adapter", "num_labels", "hidden_size")}
@@ -220,13 +222,13 @@ def export_metadata(meta: dict, inputs: dict, args, base, params, had_adapter: b
 
 
 def run(args: argparse.Namespace) -> str | None:
-    from domaintune.modelcard import model_card
-    from domaintune.device import stage_device
-    from domaintune.modeling import set_threads
+    from domaintune.core.device import stage_device
+    from domaintune.export.modelcard import model_card
+    from domaintune.modeling.encoders import set_threads
 
     base, params = load_params(args.params, "base", "export")
     if base.task == "generation":
-        from domaintune.genexport import run_export
+        from domaintune.export.generation import run_export
 
         return run_export(args, base, params)
     device = stage_device(base)  # the source model's merge check runs there; variants are CPU artefacts

@@ -1,7 +1,7 @@
 """finetune stage: train the classifier on the audited data over the (DAPT) encoder.
 
 Reads train + validation of the dataset folder, trains one model per seed in
-finetune.seeds with finetune.method (see domaintune/training.py), and writes the
+finetune.seeds with finetune.method (see domaintune/train/classifier.py), and writes the
 best on validation macro-F1 to --out (modeling.save_classifier layout; every
 seed's model under --out/seeds/<seed>/ when there are several), the metrics
 JSON, DVCLive curves under --live, and resumable checkpoints under
@@ -14,25 +14,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from domaintune.data import atomic_output, read_dataset, read_hashes, write_json
-from domaintune.params import load_params
+from domaintune.core.io import atomic_output, write_json
+from domaintune.core.params import load_params
+from domaintune.data.dataset import read_dataset, read_hashes
 
 
 def run(args: argparse.Namespace) -> dict:
-    from domaintune import distributed
-    from domaintune.training import finetune_device, train_classifier
+    from domaintune.train import distributed
+    from domaintune.train.classifier import finetune_device, train_classifier
 
     base, ft = load_params(args.params, "base", "finetune")
     device = finetune_device(base, ft)  # a bad or absent device is one line before any data is read
     if not Path(args.encoder).is_dir():
         raise FileNotFoundError(f"--encoder {args.encoder}: no such model folder; run the dapt stage first")
     if base.task == "generation":
-        from domaintune.sft import optimizer_for, run_finetune
+        from domaintune.train.sft import optimizer_for, run_finetune
 
         optimizer_for(ft, device)  # paged 8-bit AdamW without CUDA: one line before any data is read
         return run_finetune(args, base, ft)
     if ft.optimizer == "paged_adamw_8bit":
-        from domaintune.params import ParamsError
+        from domaintune.core.params import ParamsError
 
         raise ParamsError("params.yaml: finetune.optimizer: paged_adamw_8bit is for base.task generation "
                           "(QLoRA/LoRA SFT); the classifier trains with AdamW (use auto or adamw)")
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     import sys
 
-    from domaintune.stage import run_stage, stage_parser
+    from domaintune.core.stage import run_stage, stage_parser
 
     ap = stage_parser("finetune", __doc__.splitlines()[0], inp="dataset folder (train/validation parquet, labels.json)",
                       out="output model folder")
@@ -72,12 +73,12 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def go(args: argparse.Namespace):
-        from domaintune import distributed
+        from domaintune.train import distributed
 
         base, ft = load_params(args.params, "base", "finetune")
         metrics = distributed.run_in_processes("finetune", argv, ft, args.metrics, lambda: run(args))
         if base.task == "generation":
-            from domaintune.sft import finetune_summary
+            from domaintune.train.sft import finetune_summary
 
             return finetune_summary(metrics)
         return metrics

@@ -1,7 +1,7 @@
 """Stage ingest: a labelled source -> data/ingested (train/validation/test Parquet + labels + rejected rows).
 
 The source is a CSV/TSV/JSONL/Parquet file, a folder of them, or `hf:<name>`
-(see domaintune/sources.py). Splits come from the source itself (per-split
+(see domaintune/data/sources.py). Splits come from the source itself (per-split
 files or `ingest.split_column`) or from a stratified split by `ingest.split`
 and `base.seed`. Row-level problems (empty text, missing label, bytes that are
 not UTF-8, a label unseen in train, ...) stop the stage with file/row/column
@@ -30,11 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from domaintune.data import (SPLITS, DataError, atomic_output, chunk_bounds, first_duplicate, release_memory,
-                             take_rows, write_dataset, write_json)
-from domaintune.params import IngestParams, load_params
-from domaintune.sources import SPLIT_ALIASES, RawTable, iter_parts, read_source
-from domaintune.stage import run_stage, stage_parser
+from domaintune.core.errors import DataError
+from domaintune.core.io import atomic_output, write_json
+from domaintune.core.params import IngestParams, load_params
+from domaintune.core.stage import run_stage, stage_parser
+from domaintune.data.dataset import SPLITS, chunk_bounds, first_duplicate, release_memory, take_rows, write_dataset
+from domaintune.data.sources import SPLIT_ALIASES, RawTable, iter_parts, read_source
 
 log = logging.getLogger("domaintune")
 
@@ -462,7 +463,7 @@ def run(args) -> None:
     chat = base.task == "generation" and p.messages_column
     tables = read_source(args.source, stream=not chat)  # Parquet part by part (chat columns need whole tables)
     if chat:
-        from domaintune.chat import to_columns
+        from domaintune.data.chat import to_columns
 
         for t in tables:
             to_columns(t, p.messages_column, p.label_column)

@@ -135,7 +135,7 @@ def sh(root: Path, *cmd: str) -> str:
 def held_lock(root: Path, timeout: float = 30):
     """Another thread holds `registry.repo_lock(root)` for the body (at most `timeout` s), like a
     concurrent retrain; on exit it lets go and is joined, so the lock is free again afterwards."""
-    from domaintune import registry
+    from domaintune.registry import versions as registry
 
     held, release = threading.Event(), threading.Event()
 
@@ -176,7 +176,7 @@ def make_tiny_bert(out_dir: Path, seed: int = 0) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from domaintune.modeling import load_tokenizer, resolve_model
+    from domaintune.modeling.encoders import load_tokenizer, resolve_model
 
     torch.manual_seed(seed)
     tok = load_tokenizer(resolve_model("minilm"))

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from _fake_pipeline import make_tiny_bert
 
 # Tests never touch a model hub.

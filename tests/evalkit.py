@@ -1,7 +1,7 @@
 """Helpers for evaluate/export/calibration tests: tiny datasets, tiny saved classifiers, calibrated logits.
 
 Models are built from the session's tiny random BERT (conftest.tiny_bert) and
-saved with domaintune.modeling.save_classifier, i.e. exactly the layout the
+saved with domaintune.modeling.encoders.save_classifier, i.e. exactly the layout the
 finetune stage writes.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from domaintune import calibration as cal
-from domaintune.data import write_dataset
+from domaintune.data.dataset import write_dataset
+from domaintune.evaluate import calibration as cal
 
 LABELS = ["billing", "login", "shipping"]
 WORDS = {
@@ -56,7 +56,7 @@ def make_model(tiny_bert: Path, out: Path, labels=LABELS, lora: bool = False, se
     """Save a tiny classifier; with lora=True a LoRA adapter with non-zero (random) B matrices."""
     import torch
 
-    from domaintune.modeling import build_classifier, load_encoder, load_tokenizer, save_classifier
+    from domaintune.modeling.encoders import build_classifier, load_encoder, load_tokenizer, save_classifier
 
     torch.manual_seed(seed)
     enc = load_encoder(str(tiny_bert))

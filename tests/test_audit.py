@@ -9,10 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from _fake_pipeline import make_tiny_bert, make_tiny_dag, set_params, sh, tiny_rows
-from domaintune.data import SPLITS, DataError, read_dataset, read_json, write_dataset
-from domaintune.params import AuditParams
+
+from domaintune.core.errors import DataError
+from domaintune.core.io import read_json
+from domaintune.core.params import AuditParams
+from domaintune.data.dataset import SPLITS, read_dataset, write_dataset
 from stages import audit as audit_stage
 
 LABELS = ["billing", "login", "refund", "shipping"]
@@ -305,7 +307,7 @@ def test_stage_runs_and_reuses_embeddings_when_only_action_changes(tmp_path, tin
     def no_embedding(*a, **k):
         raise AssertionError("embeddings were recomputed")
 
-    monkeypatch.setattr("domaintune.modeling.embed_texts", no_embedding)
+    monkeypatch.setattr("domaintune.modeling.encoders.embed_texts", no_embedding)
     assert audit_stage.main(_argv(tmp_path, params)) == 0
     m2 = read_json(tmp_path / "metrics/audit.json")
     assert m2["embeddings_reused"] is True and m2["embed_seconds"] == 0

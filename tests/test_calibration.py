@@ -5,9 +5,9 @@ import math
 
 import numpy as np
 import pytest
-
-from domaintune import calibration as cal
 from evalkit import calibrated_logits
+
+from domaintune.evaluate import calibration as cal
 
 
 def test_ece_mce_known_answer():

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _fake_pipeline import REPO, held_lock, sh
+
 from domaintune import __version__
 from pipelines.cli import build_parser
 
@@ -159,7 +159,7 @@ def test_stage_with_yaml_syntax_error_names_line_and_column(tmp_path):
 
 
 def test_decisions_folder_is_a_clear_error(tmp_path):
-    from domaintune.data import DataError
+    from domaintune.core.errors import DataError
     from stages.audit import read_decisions
 
     with pytest.raises(DataError, match="folder, not a CSV file"):
@@ -170,7 +170,7 @@ def test_decisions_folder_is_a_clear_error(tmp_path):
 def test_lock_contention_reported_before_prefect_is_imported(git_dir, command):
     """Structure, not a timer: the losing contender exits before Prefect is imported (so before any
     server starts) and never rewrites the holder's pid in the lock file."""
-    from domaintune import registry
+    from domaintune.registry import versions as registry
 
     code = ("import sys\nfrom pipelines.cli import main\n"
             f"rc = main({[*command, '--repo', str(git_dir)]!r})\n"

@@ -33,7 +33,7 @@ def files(folder: Path) -> dict[str, bytes]:
 def test_sigkill_during_checkpoint_write_then_rerun_equals_uninterrupted(tmp_path, tiny_bert):
     import json
 
-    from domaintune.training import STALL_ENV
+    from domaintune.train.classifier import STALL_ENV
 
     data = make_dataset(tmp_path / "audited")
     # 36 train rows / batch 8 = 5 steps per epoch. Checkpoint writes: steps 2 and 4, end of epoch 0

@@ -3,7 +3,6 @@ its output cut into one segment per stage (what each Prefect stage task logs and
 from __future__ import annotations
 
 import pytest
-
 from _fake_pipeline import add_rows, make_fake_repo, set_params, sh
 
 

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from domaintune.data import DataError, write_dataset
-from domaintune.params import BaseParams, DaptParams, ParamsError
-from domaintune import mlm
+from domaintune.core.errors import DataError
+from domaintune.core.params import BaseParams, DaptParams, ParamsError
+from domaintune.data.dataset import write_dataset
+from domaintune.train import mlm
 from stages import dapt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok(tiny_bert):
-    from domaintune.modeling import load_tokenizer
+    from domaintune.modeling.encoders import load_tokenizer
 
     return load_tokenizer(str(tiny_bert))
 
@@ -201,7 +202,7 @@ def _state(path):
 def test_stage_trains_loss_goes_down_and_encoder_loads(tiny_bert, dataset, tmp_path):
     import torch
 
-    from domaintune.modeling import load_encoder, load_tokenizer
+    from domaintune.modeling.encoders import load_encoder, load_tokenizer
 
     folder, corpus = dataset
     out, metrics_path = tmp_path / "dapt", tmp_path / "metrics" / "dapt.json"
@@ -264,7 +265,7 @@ def test_epochs_replace_max_steps(tiny_bert, dataset, tmp_path):
 def test_disabled_is_a_bit_identical_pass_through(tiny_bert, dataset, tmp_path):
     import torch
 
-    from domaintune.modeling import load_encoder
+    from domaintune.modeling.encoders import load_encoder
 
     folder, corpus = dataset
     out = tmp_path / "dapt"
@@ -310,7 +311,7 @@ def test_dvc_stage_matches_cli_and_lists_corpus_deps():
 def test_resume_after_crash_equals_uninterrupted_and_live_curves(tiny_bert, dataset, tmp_path, monkeypatch):
     """The engine's exact resume under DAPT: crash after step 13 (checkpoints every 5), re-run, identical weights
     and metrics; DVCLive holds the MLM loss per step and held-out perplexity before, during and after."""
-    from domaintune.engine import CRASH_ENV, TrainingCrash
+    from domaintune.train.engine import CRASH_ENV, TrainingCrash
 
     folder, corpus = dataset
     base = BaseParams(model=str(tiny_bert), seed=3)

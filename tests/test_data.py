@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from domaintune.data import split_hash
+from domaintune.data.dataset import split_hash
 
 TRICKY = ["plain", 'quote " and \\ backslash', "tab\tnew\nline", "émoji 😀 ünïcode", "\x00ctrl\x1f", "\u2028sep", ""]
 
@@ -43,7 +43,7 @@ def test_a_table_in_many_chunks_hashes_as_one_chunk_and_take_rows_equals_arrow_t
     import numpy as np
     import pyarrow as pa
 
-    from domaintune import data
+    from domaintune.data import dataset as data
 
     rng = np.random.default_rng(3)
     n = 500
@@ -65,7 +65,7 @@ def test_a_table_in_many_chunks_hashes_as_one_chunk_and_take_rows_equals_arrow_t
 def test_atomic_output_swaps_folders_and_files_whole(tmp_path):
     import pytest
 
-    from domaintune.data import atomic_output
+    from domaintune.core.io import atomic_output
 
     out = tmp_path / "out"
     out.mkdir()

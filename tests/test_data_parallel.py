@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_finetune import make_dataset, write_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,12 +109,11 @@ def test_dapt_under_two_processes_is_one_command_with_the_same_outputs(runs, tmp
     masked tokens, so the two-process update differs from one process's by that weighting only: the held-out
     losses agree within 1-2% here (an encoder without dropout, same global batches and masks)."""
     import yaml
-
     from test_dapt import CORPUS, TRAIN, _frame
 
     tmp, _, _, encoder = runs
     folder = tmp_path / "audited"
-    from domaintune.data import write_dataset
+    from domaintune.data.dataset import write_dataset
 
     write_dataset(folder, {"train": _frame(TRAIN, "train"), "validation": _frame(["a b"], "validation"),
                            "test": _frame(["c d"], "test")}, ["x"])

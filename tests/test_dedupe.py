@@ -7,9 +7,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from domaintune.data import DataError, read_dataset, read_json, write_dataset
-from domaintune.params import DedupeParams
-from domaintune.textnorm import normalise, normalise_all, shingles
+from domaintune.core.errors import DataError
+from domaintune.core.io import read_json
+from domaintune.core.params import DedupeParams
+from domaintune.data.dataset import read_dataset, write_dataset
+from domaintune.data.textnorm import normalise, normalise_all, shingles
 from stages.dedupe import dedupe, main
 
 EXACT = DedupeParams(near_duplicates=False)
@@ -263,7 +265,7 @@ def test_a_stage_run_that_would_empty_a_split_exits_2_and_writes_nothing(tmp_pat
 def test_vectorised_minhash_equals_datasketch_update_batch():
     from datasketch import MinHash
 
-    from domaintune.textnorm import minhash_signatures
+    from domaintune.data.textnorm import minhash_signatures
 
     texts = [LONG, "short", "a b c d e f g", normalise("Ｒｅｓｅｔ my password now please")]
     sets = [shingles(t, 3) for t in texts]
@@ -318,7 +320,7 @@ def test_near_duplicates_just_above_the_threshold_are_all_found():
 
     from datasketch import MinHashLSH
 
-    from domaintune.textnorm import jaccard, minhash_signatures, minhashes
+    from domaintune.data.textnorm import jaccard, minhash_signatures, minhashes
 
     rng = random.Random(7)
     vocab = [f"w{i}" for i in range(5000)]

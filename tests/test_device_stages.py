@@ -1,16 +1,15 @@
 """base.device reaches every stage's model: with a fake CUDA (torch.cuda.is_available patched true) each stage's
 own entry point asks for cuda:0; without CUDA `auto` is the CPU and an explicit `cuda` is one line, exit 2.
 
-The fake cannot run kernels, so the placement call (domaintune.device.place_for_inference) is recorded and the
+The fake cannot run kernels, so the placement call (domaintune.core.device.place_for_inference) is recorded and the
 model stays where it is; training stages are stopped right where their model would be built on the device.
 """
 from __future__ import annotations
 
 import pytest
-
 from test_drift import save_tiny_classifier, tiny_splits
 
-from domaintune.data import write_dataset
+from domaintune.data.dataset import write_dataset
 
 
 class Stop(Exception):
@@ -21,7 +20,7 @@ class Stop(Exception):
 def fake_cuda(monkeypatch, cuda_faked):
     import torch
 
-    from domaintune import device
+    from domaintune.core import device
 
     placed = []
 
@@ -55,9 +54,9 @@ def _params(root, tiny_bert, device="auto", **sections):
 
 
 def test_inference_stages_place_their_model_on_cuda(project, tiny_bert, fake_cuda, tmp_path):
-    import torch
-
     import shutil
+
+    import torch
 
     from pipelines.cli import main as cli
     from stages import audit, drift, evaluate
@@ -103,7 +102,8 @@ def test_export_verifies_the_float_model_on_cuda_in_float32(project, tiny_bert, 
 
 
 def test_training_stages_choose_cuda(project, tiny_bert, fake_cuda, tmp_path, monkeypatch):
-    from domaintune import mlm, training
+    from domaintune.train import classifier as training
+    from domaintune.train import mlm
     from stages import dapt, finetune
 
     root, _ = project

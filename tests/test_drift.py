@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from domaintune.data import read_json, write_dataset
+from domaintune.core.io import read_json
+from domaintune.data.dataset import write_dataset
 
 TEMPLATES = {
     "billing": ["I was charged twice for invoice {n}", "refund my payment of {n} dollars please",
@@ -46,7 +47,7 @@ def german(n: int, seed: int = 1) -> list[str]:
 def save_tiny_classifier(tiny_bert: Path, out: Path, labels: list[str], temperature: float = 1.5) -> Path:
     import torch
 
-    from domaintune.modeling import build_classifier, load_encoder, load_tokenizer, save_classifier
+    from domaintune.modeling.encoders import build_classifier, load_encoder, load_tokenizer, save_classifier
 
     torch.manual_seed(0)
     model = build_classifier(load_encoder(str(tiny_bert)), len(labels), "mean", 0.0)
@@ -79,7 +80,7 @@ def drift_setup(tmp_path_factory, tiny_bert):
 def test_baseline_is_an_honest_reference_and_records_its_rows(drift_setup):
     """Model outputs come from validation (the old baseline took them from train), text features
     from train + validation, and the rows used are recorded."""
-    from domaintune.drift import Baseline, load_served_model, reference_accuracy
+    from domaintune.monitor.drift import Baseline, load_served_model, reference_accuracy
 
     root, splits, labels = drift_setup
     out = root / "models" / "drift_baseline"
@@ -113,8 +114,8 @@ def test_baseline_is_an_honest_reference_and_records_its_rows(drift_setup):
 
 
 def test_judge_same_vs_other_domain(drift_setup):
-    from domaintune.drift import Baseline, judge, load_served_model
-    from domaintune.params import DriftParams
+    from domaintune.core.params import DriftParams
+    from domaintune.monitor.drift import Baseline, judge, load_served_model
 
     root, splits, _ = drift_setup
     b = Baseline(root / "models" / "drift_baseline")
@@ -137,8 +138,8 @@ def test_judge_same_vs_other_domain(drift_setup):
 def test_bf16_choice_is_recorded_in_the_baseline_and_followed_by_batches(drift_setup, tmp_path, monkeypatch):
     """drift.bf16 is resolved when the baseline is built and recorded in profile.json; a batch is profiled
     on the same numeric path. bf16 probabilities stay close to float32 ones."""
-    from domaintune import drift as d
-    from domaintune.params import DriftParams
+    from domaintune.core.params import DriftParams
+    from domaintune.monitor import drift as d
 
     root, splits, labels = drift_setup
     predictor = d.load_served_model(root / "models" / "export")
@@ -172,7 +173,7 @@ def test_missing_model_fails_cleanly_without_output(tmp_path, drift_setup, capsy
 def test_statistics_match_scipy():
     from scipy.stats import chi2_contingency, ks_2samp
 
-    from domaintune import drifttests as dt
+    from domaintune.monitor import stats as dt
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=300), rng.normal(0.2, size=120).round(1)
@@ -186,7 +187,7 @@ def test_statistics_match_scipy():
 def synthetic(n: int, rng: np.random.Generator, shift: float = 0.0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Rows shaped like real features: skewed lengths, integer word counts, zero-inflated rates,
     a mostly-zero unk rate, confidences piled near 1, 6 labels, 16-dim embeddings."""
-    from domaintune.drift import TEXT_FEATURES
+    from domaintune.monitor.drift import TEXT_FEATURES
 
     words = rng.poisson(10 + 10 * shift, n) + 1
     f = pd.DataFrame({"n_chars": words * rng.uniform(4, 6, n), "n_words": words.astype(float),
@@ -207,8 +208,8 @@ def synthetic_baseline(n_text: int, n_val: int, rng, resamples: int = 200, templ
     """A Baseline built by the library's own calibration on synthetic reference rows. With a template
     baseline, fresh reference rows reuse its random features and calibrated nulls (the null of a
     size-normalised statistic is a property of the distribution, not of one reference sample)."""
-    from domaintune import drift as d
-    from domaintune import drifttests as dt
+    from domaintune.monitor import drift as d
+    from domaintune.monitor import stats as dt
 
     labels = [f"l{i}" for i in range(6)]
     text, _, _ = synthetic(n_text, rng)
@@ -233,7 +234,7 @@ def synthetic_baseline(n_text: int, n_val: int, rng, resamples: int = 200, templ
 
 
 def synthetic_batch(b, m: int, rng, shift: float = 0.0):
-    from domaintune.drift import BatchProfile
+    from domaintune.monitor.drift import BatchProfile
 
     f, emb, probs = synthetic(m, rng, shift)
     frame = pd.concat([f, pd.DataFrame(emb[:, :3], columns=["pc1", "pc2", "pc3"])], axis=1)
@@ -249,8 +250,8 @@ def test_iid_batches_alarm_at_most_at_the_stated_rate_at_any_size():
     100 to 100,000 texts; a small shift is caught. Each draw is a fresh reference and a fresh batch (the
     rate holds over both: with one fixed reference, large batches all see that reference's own chance
     deviation)."""
-    from domaintune.drift import judge
-    from domaintune.params import DriftParams
+    from domaintune.core.params import DriftParams
+    from domaintune.monitor.drift import judge
 
     rng = np.random.default_rng(0)
     b = synthetic_baseline(4000, 1000, rng, resamples=100)
@@ -271,8 +272,8 @@ def test_a_tiny_real_shift_does_not_alarm_at_large_batches_and_a_big_one_does():
     The debiased effect estimates the population distance. A big shift alarms at 100 and 20,000 texts."""
     from scipy.stats import poisson
 
-    from domaintune.drift import judge
-    from domaintune.params import DriftParams
+    from domaintune.core.params import DriftParams
+    from domaintune.monitor.drift import judge
 
     rng = np.random.default_rng(5)
     b = synthetic_baseline(4000, 1000, rng, resamples=60)
@@ -298,7 +299,7 @@ def test_effect_sizes_are_on_the_total_variation_scale():
     signal's p-value is never below it."""
     from scipy.stats import ks_2samp, kstwobign
 
-    from domaintune import drifttests as dt
+    from domaintune.monitor import stats as dt
 
     rng = np.random.default_rng(2)
     mix = np.array([0.5, 0.3, 0.2, 0.0])
@@ -331,7 +332,7 @@ def test_estimated_accuracy_tracks_true_accuracy_of_calibrated_probabilities():
     covers the realised accuracy about 95% of the time, and the expected macro-F1 is close."""
     from sklearn.metrics import f1_score
 
-    from domaintune.drifttests import estimated_performance
+    from domaintune.monitor.stats import estimated_performance
 
     rng = np.random.default_rng(1)
     covered, f1_err = 0, []
@@ -351,7 +352,7 @@ def test_estimated_accuracy_tracks_true_accuracy_of_calibrated_probabilities():
 def test_expected_macro_f1_ignores_the_softmax_tails_of_absent_classes():
     """A batch of 2 of 50 classes: the 48 others hold ~1e-4 probability each and must not count as
     classes with F1 = 0 (sklearn's macro average counts only labels present in y_true or y_pred)."""
-    from domaintune.drifttests import estimated_performance
+    from domaintune.monitor.stats import estimated_performance
 
     probs = np.full((200, 50), 1e-4)
     probs[:100, 0] = probs[100:, 1] = 1 - 49e-4
@@ -363,8 +364,8 @@ def test_expected_macro_f1_ignores_the_softmax_tails_of_absent_classes():
 def test_an_estimated_accuracy_drop_is_a_reason():
     """Same features, but the model is far less sure: the CBPE estimate falls well below the
     reference's measured accuracy, and that alone is a reason in the verdict."""
-    from domaintune.drift import judge
-    from domaintune.params import DriftParams
+    from domaintune.core.params import DriftParams
+    from domaintune.monitor.drift import judge
 
     rng = np.random.default_rng(3)
     b = synthetic_baseline(2000, 500, rng, resamples=40)

@@ -1,6 +1,6 @@
 """dvc.yaml must list, for each stage, every project module the stage's code imports.
 
-Otherwise a change to, say, domaintune/modeling.py leaves the stages that use it
+Otherwise a change to, say, domaintune/modeling/encoders.py leaves the stages that use it
 cached and stale after `dvc repro`.
 """
 from __future__ import annotations
@@ -16,18 +16,37 @@ PACKAGES = ("domaintune", "stages")
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
+def module_file(dotted: str) -> str | None:
+    """The file Python runs for a dotted project module: a module file or a package's __init__.py."""
+    path = dotted.replace(".", "/")
+    for candidate in (f"{path}.py", f"{path}/__init__.py"):
+        if (REPO / candidate).is_file():
+            return candidate
+    return None
+
+
 def project_imports(rel: str) -> set[str]:
-    """Project modules (paths relative to the repo) imported anywhere in a file, function bodies included."""
+    """Project modules (paths relative to the repo) imported anywhere in a file, function bodies included.
+
+    `from domaintune.train import engine` runs domaintune/__init__.py, domaintune/train/__init__.py and
+    domaintune/train/engine.py: every package on the way counts. A project module that resolves to no
+    file fails the test (it used to be dropped silently)."""
     found = set()
     for node in ast.walk(ast.parse((REPO / rel).read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
-            if node.module in PACKAGES:  # from domaintune import x
-                found |= {f"{node.module}/{a.name}.py" for a in node.names}
-            else:
-                found.add(node.module.replace(".", "/") + ".py")
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.split(".")[0] in PACKAGES:
+            assert module_file(node.module), f"{rel}: from {node.module} import ...: no such project module"
+            dotted = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
-            found |= {a.name.replace(".", "/") + ".py" for a in node.names if a.name.split(".")[0] in PACKAGES}
-    return {p for p in found if (REPO / p).is_file()}
+            dotted = [a.name for a in node.names if a.name.split(".")[0] in PACKAGES]
+            for d in dotted:
+                assert module_file(d), f"{rel}: import {d}: no such project module"
+        else:
+            continue
+        for d in dotted:
+            parts = d.split(".")
+            found |= {f for f in (module_file(".".join(parts[:i])) for i in range(1, len(parts) + 1)) if f}
+    return found
 
 
 def import_closure(rel: str) -> set[str]:
@@ -49,4 +68,4 @@ def test_stage_deps_cover_the_code_it_runs(stage):
 
 def test_the_closure_follows_function_level_imports():
     # finetune imports training inside main(); training imports modeling at module level.
-    assert {"domaintune/training.py", "domaintune/modeling.py"} <= import_closure("stages/finetune.py")
+    assert {"domaintune/train/classifier.py", "domaintune/modeling/encoders.py"} <= import_closure("stages/finetune.py")

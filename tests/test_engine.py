@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from domaintune import device as dev
-from domaintune.engine import CRASH_ENV, Engine, EngineConfig, TrainingCrash, param_groups
-from domaintune.params import ParamsError
+from domaintune.core import device as dev
+from domaintune.core.params import ParamsError
+from domaintune.train.engine import CRASH_ENV, Engine, EngineConfig, TrainingCrash, param_groups
 
 
 class Batches:
@@ -129,8 +129,8 @@ def test_each_process_gets_its_own_rng_stream_back(tmp_path, monkeypatch):
     """Under data parallelism rank 0 writes every process's RNG state; a resumed process R loads state R."""
     import torch
 
-    from domaintune import distributed
-    from domaintune.engine import load_checkpoint, save_checkpoint
+    from domaintune.train import distributed
+    from domaintune.train.engine import load_checkpoint, save_checkpoint
 
     model = _model()
     streams = {f"torch_rng.{r}": torch.Generator().manual_seed(100 + r).get_state() for r in range(2)}
@@ -143,7 +143,7 @@ def test_each_process_gets_its_own_rng_stream_back(tmp_path, monkeypatch):
 
 
 def test_launch_settings_are_checked():
-    from domaintune.params import DaptParams, FinetuneParams
+    from domaintune.core.params import DaptParams, FinetuneParams
 
     with pytest.raises(ParamsError, match=r"finetune.*batch_size: must be >= grad_accum x processes x nnodes = 8"):
         FinetuneParams(batch_size=4, grad_accum=2, processes=2, nnodes=2, node_rank=1)
@@ -152,6 +152,6 @@ def test_launch_settings_are_checked():
     with pytest.raises(ParamsError, match=r"rdzv_endpoint: must be HOST:PORT"):
         DaptParams(rdzv_endpoint="localhost")
     with pytest.raises(ParamsError, match=r"base.*device: must be auto, cpu, cuda or cuda:N, got 'gpu'"):
-        from domaintune.params import BaseParams
+        from domaintune.core.params import BaseParams
 
         BaseParams(device="gpu")

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from domaintune.params import EvaluateParams
 from evalkit import LABELS, calibrated_logits, make_dataset, make_model, make_split, write_params
+
+from domaintune.core.params import EvaluateParams
 from stages import evaluate as ev
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +187,7 @@ def test_model_labels_must_match_dataset(evaluated, tiny_bert, tmp_path, capsys)
 
 
 def test_test_split_missing_a_class(evaluated, tmp_path, capsys):
-    from domaintune.data import write_dataset
+    from domaintune.data.dataset import write_dataset
 
     splits = {"train": make_split("train", 5), "validation": make_split("validation", 10),
               "test": make_split("test", 5, labels=["billing", "login"])}
@@ -197,7 +197,7 @@ def test_test_split_missing_a_class(evaluated, tmp_path, capsys):
 
 
 def test_unknown_label_in_test_names_row(evaluated, tmp_path, capsys):
-    from domaintune.data import write_dataset
+    from domaintune.data.dataset import write_dataset
 
     test = make_split("test", 4)
     test.loc[5, "label"] = "cancellations"
@@ -241,7 +241,7 @@ def test_multi_label_thresholds_tuned_on_validation():
 
 
 def test_stage_runs_a_multi_label_model(tiny_bert, tmp_path):
-    from domaintune.data import write_dataset
+    from domaintune.data.dataset import write_dataset
 
     splits = {}
     for name, n in (("train", 5), ("validation", 10), ("test", 8)):
@@ -264,8 +264,8 @@ def test_stage_runs_a_multi_label_model(tiny_bert, tmp_path):
 
 
 def test_predictor_applies_the_stage_calibration(evaluated, tmp_path):
-    from domaintune.calibration import softmax
-    from domaintune.predict import Predictor
+    from domaintune.evaluate.calibration import softmax
+    from domaintune.predict.predictor import Predictor
 
     calib = json.loads((evaluated / "reports/eval/calibration.json").read_text())
     p = Predictor.load(evaluated / "model", calibration=evaluated / "reports/eval")
@@ -280,7 +280,7 @@ def test_predictor_applies_the_stage_calibration(evaluated, tmp_path):
 
 def test_pngs_carry_ece_bin_counts_and_f1_values(tmp_path):
     """What a reader of reports/eval/*.png sees: each curve's ECE, rows per bin, each class's F1."""
-    from domaintune import report as rp
+    from domaintune.evaluate import report as rp
 
     bins = [{"confidence": 0.55, "accuracy": 0.5, "count": 4}, {"confidence": 0.95, "accuracy": 0.9, "count": 30},
             {"confidence": 0.75, "accuracy": 0.0, "count": 0}]

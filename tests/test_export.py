@@ -9,9 +9,10 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-
-from domaintune.data import read_dataset, read_json, write_json
 from evalkit import LABELS, make_dataset, make_model, write_params
+
+from domaintune.core.io import read_json, write_json
+from domaintune.data.dataset import read_dataset
 from stages import evaluate as ev
 from stages import export as ex
 
@@ -19,7 +20,7 @@ from stages import export as ex
 def test_quantize_tensor_error_bound():
     import torch
 
-    from domaintune.quantize import dequantize_tensor, quantize_tensor
+    from domaintune.modeling.quantize import dequantize_tensor, quantize_tensor
 
     w = torch.tensor([[0.5, -1.27, 0.003], [0.0, 0.0, 0.0], [100.0, -50.0, 25.0]])
     q, s = quantize_tensor(w)
@@ -56,7 +57,7 @@ def exported(tiny_bert, tmp_path_factory):
         "metrics": {"issues_found": 7, "rows_acted_on": {"dropped": 5, "relabelled": 0}}})
     write_json(root / "models/dapt/dapt_info.json", DAPT_INFO)
     # Reference logits of the unmerged LoRA model, computed independently of the stage.
-    from domaintune.modeling import load_classifier, predict_logits
+    from domaintune.modeling.encoders import load_classifier, predict_logits
 
     splits, _ = read_dataset(root / "data")
     m, tok, meta = load_classifier(model)
@@ -71,7 +72,7 @@ def exported(tiny_bert, tmp_path_factory):
 
 
 def test_export_is_standalone_and_equals_unmerged(exported):
-    from domaintune.modeling import load_classifier, predict_logits
+    from domaintune.modeling.encoders import load_classifier, predict_logits
 
     root, ref, test = exported
     out = root / "models/export"
@@ -93,7 +94,7 @@ def test_export_is_standalone_and_equals_unmerged(exported):
 def test_int8_variant_close_to_float_and_smaller(exported):
     from safetensors import safe_open
 
-    from domaintune.predict import Predictor
+    from domaintune.predict.predictor import Predictor
 
     root, ref, test = exported
     out = root / "models/export"
@@ -123,8 +124,8 @@ def test_int8_variant_close_to_float_and_smaller(exported):
 
 
 def test_predict_returns_calibrated_probabilities(exported):
-    from domaintune.calibration import softmax
-    from domaintune.predict import Predictor
+    from domaintune.evaluate.calibration import softmax
+    from domaintune.predict.predictor import Predictor
 
     root, ref, test = exported
     T = read_json(root / "reports/eval/calibration.json")["temperature"]
@@ -179,7 +180,7 @@ def test_model_card_metadata_and_runnable_snippet(exported, monkeypatch):
 
 
 def test_card_without_dapt_summary_says_so(exported):
-    from domaintune.modelcard import dapt_section
+    from domaintune.export.modelcard import dapt_section
 
     assert "No DAPT summary" in "\n".join(dapt_section(None))
     off = "\n".join(dapt_section({"metrics": {"enabled": False, "steps": 0}, "pass_through": "copied"}))
@@ -241,8 +242,8 @@ def test_no_transformers_class_loads_a_random_head(exported):
 
 
 def test_variant_names_and_missing_variants(exported, tmp_path):
-    from domaintune.data import DataError
-    from domaintune.predict import Predictor
+    from domaintune.core.errors import DataError
+    from domaintune.predict.predictor import Predictor
 
     root, _, test = exported
     out = root / "models/export"
@@ -259,8 +260,8 @@ def test_variant_names_and_missing_variants(exported, tmp_path):
 
 def _relabelled_by_float32(root, dest):
     """The fixture's data with test labels set to the float32 export's own predictions (float32 accuracy 1.0)."""
-    from domaintune.data import write_dataset
-    from domaintune.predict import Predictor
+    from domaintune.data.dataset import write_dataset
+    from domaintune.predict.predictor import Predictor
 
     splits, labels = read_dataset(root / "data")
     splits["test"] = splits["test"].assign(label=Predictor.load(root / "models/export").predict(
@@ -272,7 +273,7 @@ def _relabelled_by_float32(root, dest):
 def test_a_variant_that_loses_accuracy_fails_the_stage(exported, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file, save_file
 
-    from domaintune import artifacts
+    from domaintune.export import artifacts
 
     root, _, _ = exported
     data = _relabelled_by_float32(root, tmp_path / "data")
@@ -318,7 +319,7 @@ def test_a_variant_that_loses_calibration_fails_the_stage(exported, tmp_path, mo
     one row moving between two bins (2 of the 24 test rows), so the stage fails and writes nothing."""
     from safetensors.torch import load_file, save_file
 
-    from domaintune import artifacts
+    from domaintune.export import artifacts
 
     root, _, _ = exported
     data = _relabelled_by_float32(root, tmp_path / "data")
@@ -342,8 +343,8 @@ def test_a_variant_that_loses_calibration_fails_the_stage(exported, tmp_path, mo
 
 
 def test_a_pickled_lora_adapter_is_refused(tiny_bert, tmp_path):
-    from domaintune.data import DataError
-    from domaintune.modeling import load_classifier
+    from domaintune.core.errors import DataError
+    from domaintune.modeling.encoders import load_classifier
 
     model = make_model(tiny_bert, tmp_path / "ft", lora=True, seed=1)
     st = model / "adapter" / "adapter_model.safetensors"
@@ -357,7 +358,7 @@ def test_the_accuracy_gate_never_fails_on_a_single_test_row():
     the allowance is at least one row, so one flip passes and two fail, naming both numbers."""
     from types import SimpleNamespace
 
-    from domaintune.stage import StageError
+    from domaintune.core.stage import StageError
 
     params = SimpleNamespace(max_accuracy_drop=0.5, max_ece_increase=1.0)
     ref = {"accuracy": 168 / 177, "ece": 0.07}

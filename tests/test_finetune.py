@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from domaintune.data import read_json, write_dataset
-from domaintune.params import BaseParams, FinetuneParams
+from domaintune.core.io import read_json
+from domaintune.core.params import BaseParams, FinetuneParams
+from domaintune.data.dataset import write_dataset
 
 WORDS = {
     "billing": ["invoice", "refund", "charge", "payment", "bill"],
@@ -68,7 +69,7 @@ def data(tmp_path_factory):
 
 def test_stage_lora_end_to_end(tmp_path, tiny_bert, data):
     """The dvc.yaml command line: trains LoRA, saves a loadable model with full meta and metrics."""
-    from domaintune.modeling import load_classifier, predict_logits
+    from domaintune.modeling.encoders import load_classifier, predict_logits
 
     params = write_params(tmp_path / "params.yaml", method="lora", lora_r=4, lora_alpha=8)
     assert run_stage_cli(tmp_path, tiny_bert, data, params) == 0
@@ -102,8 +103,8 @@ def test_stage_lora_end_to_end(tmp_path, tiny_bert, data):
 
 def _train(tiny_bert, data, **ft):
     """Train in-process via the core function; returns (model, result)."""
-    from domaintune.data import read_dataset
-    from domaintune.training import train_one
+    from domaintune.data.dataset import read_dataset
+    from domaintune.train.classifier import train_one
 
     splits, labels = read_dataset(data)
     base = BaseParams(seed=0, max_length=32)
@@ -171,7 +172,7 @@ def torch_equal(t, orig, key):
 
 def test_multi_label_end_to_end(tmp_path, tiny_bert):
     """Labels joined by "|": one sigmoid per label, BCE; meta records the separator and threshold."""
-    from domaintune.modeling import load_classifier, predict_logits
+    from domaintune.modeling.encoders import load_classifier, predict_logits
 
     data = make_dataset(tmp_path / "ml", multi=True)
     params = write_params(tmp_path / "params.yaml", method="full", problem_type="multi_label", lr=3e-3,
@@ -193,7 +194,7 @@ def test_multi_label_end_to_end(tmp_path, tiny_bert):
 def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_bert, data, monkeypatch):
     from safetensors.torch import load_file
 
-    from domaintune.training import CRASH_ENV, TrainingCrash
+    from domaintune.train.classifier import CRASH_ENV, TrainingCrash
 
     # 36 rows / batch 8 = 5 steps per epoch, 10 in all; checkpoints every 2 steps; crash at step 7.
     params = write_params(tmp_path / "params.yaml", method="full", epochs=2, checkpoint_every=2, head_dropout=0.2)
@@ -238,7 +239,7 @@ def test_gradual_unfreezing_trains_top_blocks_first(tmp_path, tiny_bert, data, m
     """Epoch 0 of 2 trains the head and the top block only: the checkpoint taken then shows it."""
     from safetensors.torch import load_file
 
-    from domaintune.training import CRASH_ENV, TrainingCrash
+    from domaintune.train.classifier import CRASH_ENV, TrainingCrash
 
     params = write_params(tmp_path / "params.yaml", method="full", epochs=2, checkpoint_every=4,
                           gradual_unfreeze=True)
@@ -256,7 +257,8 @@ def test_gradual_unfreezing_trains_top_blocks_first(tmp_path, tiny_bert, data, m
 
 def test_stabilisers_run_and_shape_the_schedule(tiny_bert, data):
     """Cosine schedule with warmup, layer-wise LR decay, label smoothing, class weights, CLS pooling."""
-    from domaintune.training import _param_groups, encoder_layers
+    from domaintune.modeling.adapters import encoder_layers
+    from domaintune.train.classifier import _param_groups
 
     model, res = _train(tiny_bert, data, method="full", scheduler="cosine", warmup_ratio=0.2, epochs=2,
                         layerwise_lr_decay=0.5, label_smoothing=0.1, class_weights=True, pooling="cls",
@@ -293,8 +295,8 @@ def test_seeds_early_stopping_and_best_restore(tmp_path, tiny_bert, data):
     assert all((live / "seeds" / s / "plots" / "metrics" / "val" / "macro_f1.tsv").exists() for s in ("0", "1"))
 
     # Early stopping: an LR too small to change predictions stops after `patience` flat epochs.
-    from domaintune.data import read_dataset
-    from domaintune.training import train_one
+    from domaintune.data.dataset import read_dataset
+    from domaintune.train.classifier import train_one
 
     splits, labels = read_dataset(data)
     _, _, _, res = train_one(splits["train"], splits["validation"], labels, str(tiny_bert), BaseParams(max_length=32),
@@ -305,12 +307,12 @@ def test_seeds_early_stopping_and_best_restore(tmp_path, tiny_bert, data):
 
 def test_qlora_runs_or_skips_with_reason(tmp_path, tiny_bert, data):
     """4-bit NF4 base + LoRA trains (loss down), and the adapter saves and loads over the base."""
-    from domaintune.training import qlora_backend_error
+    from domaintune.modeling.adapters import qlora_backend_error
 
     err = qlora_backend_error()
     if err:
         pytest.skip(f"qlora: {err}")
-    from domaintune.modeling import load_classifier, save_classifier
+    from domaintune.modeling.encoders import load_classifier, save_classifier
 
     model, res = _train(tiny_bert, data, method="qlora", lr=5e-2, lora_r=4, lora_alpha=8)
     kinds = [type(m).__name__ for m in model.encoder.modules()]
@@ -342,7 +344,7 @@ def test_bad_params_fail_before_training(tmp_path, tiny_bert, data, capsys, over
 
 
 def test_qlora_without_backend_fails_clearly(tmp_path, tiny_bert, data, capsys, monkeypatch):
-    import domaintune.training as training
+    from domaintune.train import classifier as training
 
     monkeypatch.setattr(training, "qlora_backend_error", lambda: "bitsandbytes cannot be imported: test")
     params = write_params(tmp_path / "params.yaml", method="qlora")
@@ -367,7 +369,7 @@ def test_qlora_refuses_unsupported_layer_shape_up_front(tmp_path, data, capsys):
     import torch
     from transformers import BertConfig, BertModel
 
-    from domaintune.modeling import load_tokenizer, resolve_model
+    from domaintune.modeling.encoders import load_tokenizer, resolve_model
 
     narrow = tmp_path / "narrow_bert"
     torch.manual_seed(0)

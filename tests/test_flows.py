@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _fake_pipeline import add_rows, held_lock, make_fake_repo, make_tiny_dag, sh, tiny_rows, workspace
-from domaintune import registry
+
+from domaintune.registry import versions as registry
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def _versioned_files(root: Path) -> dict[str, bytes]:
 def test_real_dag_retrain_rollback_monitor(dag):
     import numpy as np
 
-    from domaintune.predict import Predictor
+    from domaintune.predict.predictor import Predictor
     from pipelines.monitor import monitor_flow
     from pipelines.retrain import retrain_flow
     from pipelines.rollback import rollback_flow

@@ -1,5 +1,5 @@
 """End to end with base.task: generation: the real dvc.yaml run by real DVC on a copy of the repo,
-a tiny random Llama and a BPE tokenizer the project builds (domaintune/tinyllm.py), and a slice of
+a tiny random Llama and a BPE tokenizer the project builds (domaintune/modeling/tinyllm.py), and a slice of
 examples/support_replies. Checks every out and metric, then publishes two versions and rolls back."""
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import subprocess
 import pandas as pd
 import pytest
 import yaml
-
 from _fake_pipeline import BIN, REPO, env, make_tiny_dag, set_params, sh, workspace
 
 PAIRS = REPO / "examples" / "support_replies" / "pairs.csv"
@@ -32,7 +31,7 @@ def _rows() -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from domaintune import tinyllm
+    from domaintune.modeling import tinyllm
 
     texts = [c for r in _rows() for c in r[1:]]
     return tinyllm.save(tmp_path_factory.mktemp("tiny_llama") / "model", texts, seed=0)
@@ -125,8 +124,9 @@ def test_export_is_merged_verified_and_loads_in_a_pipeline(project):
 
 def test_monitor_judges_prompt_batches_against_the_generation_baseline(project, capsys):
     """`domaintune monitor` on the DAG's own export and drift baseline: the same verdict files and exit codes."""
-    from pipelines.cli import main as cli
     from test_drift import german
+
+    from pipelines.cli import main as cli
 
     (project / "same.txt").write_text("\n".join(pd.read_parquet(project / "data/audited/test.parquet")["text"]
                                                 .str.replace("\n", " ")) + "\n", encoding="utf-8")
@@ -145,7 +145,7 @@ def test_monitor_judges_prompt_batches_against_the_generation_baseline(project, 
 
 
 def test_publish_and_roll_back_a_generation_version(project):
-    from domaintune import registry
+    from domaintune.registry import versions as registry
 
     v1, created = registry.publish(project, "generation v1")
     assert created and v1.record["base_model"] and v1.record["metrics"]["evaluate"]["task"] == "generation"

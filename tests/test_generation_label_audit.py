@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from domaintune.data import write_dataset
+from domaintune.data.dataset import write_dataset
 
 TOPICS = {
     "billing": ["invoice", "charged twice", "refund", "payment failed", "receipt", "VAT number"],
@@ -34,7 +34,7 @@ def _split(name: str, n: int, seed: int) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from domaintune import tinyllm
+    from domaintune.modeling import tinyllm
 
     root = tmp_path_factory.mktemp("genaudit")
     splits = {"train": _split("train", 60, 0), "validation": _split("validation", 12, 1), "test": _split("test", 12, 2)}
@@ -63,7 +63,7 @@ def _audit(root, model, tmp, label_set, action="drop"):
 
 
 def test_cleanlab_finds_the_planted_label_errors_and_drops_them(project, tmp_path):
-    from domaintune.data import read_dataset
+    from domaintune.data.dataset import read_dataset
 
     root, model = project
     assert _audit(root, model, tmp_path, list(TOPICS)) == 0

@@ -1,5 +1,5 @@
 """`domaintune monitor` on a base.task: generation export: the drift stage builds the classifier's baseline
-format from prompt descriptors and the causal LM's own hidden states (domaintune/gendrift.py), and the
+format from prompt descriptors and the causal LM's own hidden states (domaintune/monitor/generation.py), and the
 monitor writes the same verdict.json, report.html and history: in-domain prompts give no alarm (exit 0),
 out-of-domain ones alarm (exit 1). With a label set (classification as generation) the verdict also has
 the predicted-label mix and the estimated accuracy, as a classifier's does."""
@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
-from domaintune.data import write_dataset
 from test_drift import german
+
+from domaintune.data.dataset import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = REPO / "examples" / "support_replies" / "pairs.csv"
@@ -22,9 +22,10 @@ PAIRS = REPO / "examples" / "support_replies" / "pairs.csv"
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from domaintune import genexport, tinyllm
-    from domaintune.data import write_json
-    from domaintune.generation import load_causal_lm
+    from domaintune.core.io import write_json
+    from domaintune.export.generation import save_export
+    from domaintune.modeling import tinyllm
+    from domaintune.modeling.causal import load_causal_lm
 
     root = tmp_path_factory.mktemp("genmonitor")
     df = pd.read_csv(PAIRS).rename(columns={"ticket_id": "id", "prompt": "text", "response": "label"})
@@ -35,7 +36,7 @@ def project(tmp_path_factory):
     model = tinyllm.save(root / "tiny", df["text"].tolist() + df["label"].tolist(), seed=0)
     m, tok = load_causal_lm(str(model))
     export = root / "models" / "export"
-    genexport.save_export(m, tok, export, 16)  # the export stage's layout: model, tokenizer, generation config
+    save_export(m, tok, export, 16)  # the export stage's layout: model, tokenizer, generation config
     write_json(export / "export_info.json", {"task": "generation", "method": "full", "base_model": str(model),
                                              "max_length": 128})
     (root / "params.yaml").write_text(yaml.safe_dump({
@@ -59,7 +60,7 @@ def cli(*argv) -> int:
 
 
 def test_drift_stage_writes_the_classifier_baseline_files_from_the_models_hidden_states(project):
-    from domaintune.drift import Baseline
+    from domaintune.monitor.drift import Baseline
 
     metrics = json.loads((project / "metrics" / "drift.json").read_text())
     assert metrics["task"] == "generation"
@@ -72,7 +73,7 @@ def test_drift_stage_writes_the_classifier_baseline_files_from_the_models_hidden
 
 
 def test_monitor_gives_the_same_verdict_and_exit_codes_for_a_generation_model(project, capsys):
-    from domaintune.monitor_report import read_embedded_verdict
+    from domaintune.monitor.report import read_embedded_verdict
 
     assert cli("monitor", "--batch", "same.txt", "--repo", str(project), "--out", "reports/same") == 0
     assert cli("monitor", "--batch", "other.txt", "--repo", str(project), "--out", "reports/other") == 1
@@ -119,9 +120,10 @@ def _topic_split(name: str, n: int, seed: int) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def label_project(tmp_path_factory):
-    from domaintune import genexport, tinyllm
-    from domaintune.data import write_json
-    from domaintune.generation import load_causal_lm
+    from domaintune.core.io import write_json
+    from domaintune.export.generation import save_export
+    from domaintune.modeling import tinyllm
+    from domaintune.modeling.causal import load_causal_lm
 
     root = tmp_path_factory.mktemp("genmonitor_labels")
     splits = {"train": _topic_split("train", 60, 0), "validation": _topic_split("validation", 45, 1),
@@ -130,7 +132,7 @@ def label_project(tmp_path_factory):
     model = tinyllm.save(root / "tiny", [t for df in splits.values() for t in df["text"]] + list(TOPICS), seed=0)
     m, tok = load_causal_lm(str(model))
     export = root / "models" / "export"
-    genexport.save_export(m, tok, export, 4)
+    save_export(m, tok, export, 4)
     write_json(export / "export_info.json", {"task": "generation", "method": "full", "base_model": str(model),
                                              "max_length": 64,
                                              "classification": {"labels": list(TOPICS), "temperature": 0.5}})
@@ -149,7 +151,7 @@ def label_project(tmp_path_factory):
 
 
 def test_with_a_label_set_the_verdict_has_the_label_mix_and_the_accuracy_estimate(label_project, capsys):
-    from domaintune.drift import Baseline
+    from domaintune.monitor.drift import Baseline
 
     root = label_project
     metrics = json.loads((root / "metrics" / "drift.json").read_text())

@@ -18,7 +18,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from test_data_parallel import _free_port
 
 torch = pytest.importorskip("torch")
@@ -46,8 +45,8 @@ def _split(name: str, n: int, start: int) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from domaintune import tinyllm
-    from domaintune.data import write_dataset
+    from domaintune.data.dataset import write_dataset
+    from domaintune.modeling import tinyllm
 
     tmp = tmp_path_factory.mktemp("genpar")
     splits = {"train": _split("train", 22, 0), "validation": _split("validation", 6, 100),
@@ -92,8 +91,9 @@ def _weights(folder: Path) -> dict:
 
 
 def test_shards_sum_to_the_global_batch_loss_and_gradient(setup):
-    from domaintune import llm, sft
-    from domaintune.generation import load_causal_lm
+    from domaintune.modeling import llm
+    from domaintune.modeling.causal import load_causal_lm
+    from domaintune.train import sft
 
     _, _, model_dir = setup
     model, tok = load_causal_lm(str(model_dir))
@@ -158,7 +158,7 @@ def test_sft_under_two_processes_ends_at_the_one_process_metrics(setup, sft_runs
 def test_sft_crashed_under_two_processes_resumes_to_the_same_weights(setup, sft_runs):
     import torch
 
-    from domaintune.engine import CRASH_ENV
+    from domaintune.train.engine import CRASH_ENV
 
     tmp, data, model = setup
     params = _params(tmp / "ftc.yaml", model, 2, finetune=FT)
@@ -175,9 +175,9 @@ def test_sft_crashed_under_two_processes_resumes_to_the_same_weights(setup, sft_
 
 
 def _base_perplexity(model_dir: Path, data: Path) -> float:
-    from domaintune import llm
-    from domaintune.data import read_dataset
-    from domaintune.generation import encode_split, load_causal_lm, pairs
+    from domaintune.data.dataset import read_dataset
+    from domaintune.modeling import llm
+    from domaintune.modeling.causal import encode_split, load_causal_lm, pairs
 
     model, tok = load_causal_lm(str(model_dir))
     splits, _ = read_dataset(data)

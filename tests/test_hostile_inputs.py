@@ -22,9 +22,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from domaintune.data import DataError, atomic_output, read_dataset, read_json
-from domaintune.sources import raise_problems, read_file
-from domaintune.stage import StageError, check_paths_apart
+from domaintune.core.errors import DataError
+from domaintune.core.io import atomic_output, read_json
+from domaintune.core.stage import StageError, check_paths_apart
+from domaintune.data.dataset import read_dataset
+from domaintune.data.sources import raise_problems, read_file
 from stages import dedupe as dedupe_stage
 from stages.ingest import main
 

@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from domaintune.data import DataError, read_dataset, read_json
-from domaintune.params import IngestParams
-from domaintune.sources import read_source, tables_from_hf
+from domaintune.core.errors import DataError
+from domaintune.core.io import read_json
+from domaintune.core.params import IngestParams
+from domaintune.data.dataset import read_dataset
+from domaintune.data.sources import read_source, tables_from_hf
 from stages.ingest import ingest, main
 
 LABELS = ["billing", "login", "shipping"]

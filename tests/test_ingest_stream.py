@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from domaintune.data import DataError, dataset_hashes
-from domaintune.params import IngestParams
-from domaintune.sources import iter_parts, read_source
+from domaintune.core.errors import DataError
+from domaintune.core.params import IngestParams
+from domaintune.data.dataset import dataset_hashes
+from domaintune.data.sources import iter_parts, read_source
 from stages import ingest as ingest_stage
 
 
@@ -114,8 +115,8 @@ def test_a_corrupt_row_group_is_a_data_error_naming_the_file(tmp_path, monkeypat
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import domaintune.sources as sources  # noqa: E402
-from domaintune.sources import read_delimited  # noqa: E402
+from domaintune.data import sources  # noqa: E402
+from domaintune.data.sources import read_delimited  # noqa: E402
 
 
 def _whole_and_streamed(path, delim, block, monkeypatch):

@@ -8,10 +8,11 @@ import json
 import pandas as pd
 import pytest
 
-import domaintune.sources as sources
-from domaintune.data import DataError, dataset_hashes
-from domaintune.params import IngestParams
-from domaintune.sources import iter_parts, read_jsonl, read_source
+from domaintune.core.errors import DataError
+from domaintune.core.params import IngestParams
+from domaintune.data import sources
+from domaintune.data.dataset import dataset_hashes
+from domaintune.data.sources import iter_parts, read_jsonl, read_source
 from stages import ingest as ingest_stage
 
 

@@ -1,4 +1,4 @@
-"""Causal-LM building blocks (domaintune/llm.py) on a tiny random Llama: completion-only labels
+"""Causal-LM building blocks (domaintune/modeling/llm.py) on a tiny random Llama: completion-only labels
 (also when a token straddles the prompt/response boundary), packing without cross-attention,
 and merging a QLoRA adapter into a dequantised base."""
 from __future__ import annotations
@@ -7,7 +7,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from domaintune import llm, tinyllm  # noqa: E402
+from domaintune.modeling import (
+    llm,  # noqa: E402
+    tinyllm,  # noqa: E402
+)
 
 TEXTS = ["Where is my invoice? It was due on Monday.", "Reset my password please, the link expired.",
          "Thanks for reaching out. I have resent the invoice.", "Sorry about that; here is a new link."]
@@ -105,7 +108,7 @@ def test_pack_keeps_every_example_once():
 def test_merge_into_dequantised_base_matches_unmerged_qlora(tok):
     from peft import LoraConfig, get_peft_model
 
-    from domaintune.training import quantize_encoder_4bit, qlora_backend_error
+    from domaintune.modeling.adapters import qlora_backend_error, quantize_encoder_4bit
 
     if qlora_backend_error():
         pytest.skip(qlora_backend_error())
@@ -135,7 +138,7 @@ def test_merge_into_dequantised_base_matches_unmerged_qlora(tok):
 
 
 def _quantised_twin(tok, name):
-    from domaintune.training import quantize_encoder_4bit
+    from domaintune.modeling.adapters import quantize_encoder_4bit
 
     m = tinyllm.build_model(tok, seed=2)
     quantize_encoder_4bit(m, "float32")
@@ -143,7 +146,7 @@ def _quantised_twin(tok, name):
 
 
 def test_a_conversation_prompt_puts_loss_on_the_last_reply_only(tok):
-    from domaintune import chat
+    from domaintune.data import chat
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my invoice?"},
             {"role": "assistant", "content": "Resent it."}, {"role": "user", "content": "Thanks, and the link?"}]

@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-
-from domaintune.data import write_dataset
 from test_drift import DRIFT_YAML, german, save_tiny_classifier, tiny_splits
+
+from domaintune.data.dataset import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_one_shot_report_verdict_history_queue_and_alarm(project, capsys):
     assert "other.txt: DRIFT: " in out and "estimated accuracy" in out
     verdict = json.loads((project / "reports" / "other" / "verdict.json").read_text())
     assert (project / "reports" / "ALARM").read_text() == str(project / "reports" / "other" / "verdict.json")
-    from domaintune.monitor_report import read_embedded_verdict
+    from domaintune.monitor.report import read_embedded_verdict
 
     html = (project / "reports" / "other" / "report.html").read_text(encoding="utf-8")
     assert read_embedded_verdict(html) == json.loads(json.dumps(verdict, sort_keys=True))
@@ -78,7 +78,7 @@ def test_one_shot_report_verdict_history_queue_and_alarm(project, capsys):
     assert float(hist[1]["estimated_accuracy"]) == pytest.approx(verdict["accuracy"]["estimated"])
     assert hist[1]["alarm"] == "command exit 0"
     # The review queue reads with ingest's reader; labels are left empty for a reviewer.
-    from domaintune.sources import read_file
+    from domaintune.data.sources import read_file
 
     queue = read_file(project / "data" / "review_queue.csv").frame
     assert len(queue) == verdict["review_queued"] + json.loads(
@@ -108,7 +108,7 @@ def test_watch_folder_judges_each_new_batch_once_and_records_bad_files(project, 
 
 
 def test_webhook_alarm_posts_the_verdict_to_loopback(tmp_path):
-    from domaintune.monitoring import raise_alarm
+    from domaintune.monitor.monitoring import raise_alarm
 
     got = []
 
@@ -204,7 +204,7 @@ def test_flow_flag_runs_the_same_work_as_a_prefect_flow(project, prefect_harness
 
 
 def test_drift_params_are_checked():
-    from domaintune.params import DriftParams, ParamsError
+    from domaintune.core.params import DriftParams, ParamsError
 
     for bad in ({"false_alarm_rate": 0.0}, {"false_alarm_rate": 1.5}, {"calibration_resamples": 5},
                 {"alarm_webhook": "ftp://x"}, {"review_below": 2.0}, {"min_effect": -0.1}, {"min_effect": 1.0},
@@ -227,7 +227,7 @@ def test_one_shot_runs_without_prefect_and_with_telemetry_off(project):
                           capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "prefect imported: False DO_NOT_TRACK: 1" in proc.stdout
-    for module in ("pipelines/monitor.py", "domaintune/monitoring.py", "domaintune/drift.py"):
+    for module in ("pipelines/monitor.py", "domaintune/monitor/monitoring.py", "domaintune/monitor/drift.py"):
         tree = ast.parse((REPO / module).read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
             {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -237,8 +237,8 @@ def test_one_shot_runs_without_prefect_and_with_telemetry_off(project):
 def test_quiet_verdict_names_significant_signals_whose_effect_is_too_small():
     """A batch whose length differs significantly but by a tiny effect: no drift, and both the summary
     line and the report say which signal was significant and why it does not alarm."""
-    from domaintune.monitor_report import verdict_section
-    from domaintune.monitoring import summary_line
+    from domaintune.monitor.monitoring import summary_line
+    from domaintune.monitor.report import verdict_section
 
     sig = {"statistic": 40.0, "p_value": 1e-9, "effect": 0.04, "significant": True, "drifted": False,
            "explanation": "length of the text in words", "reference_mean": 12.0, "batch_mean": 11.4}
@@ -260,7 +260,7 @@ def test_details_process_renders_evidently_out_of_process_and_reports_its_errors
     import numpy as np
     import pandas as pd
 
-    from domaintune.monitor_report import DetailsProcess, write_report
+    from domaintune.monitor.report import DetailsProcess, write_report
 
     rng = np.random.default_rng(0)
     ref = pd.DataFrame({"n_words": rng.poisson(10, 200).astype(float), "pred_label": rng.choice(["a", "b"], 200)})

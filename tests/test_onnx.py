@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from evalkit import LABELS, make_model, make_split
 
 # Runs under `python -I` (no PYTHONPATH, no cwd on sys.path) with domaintune blocked on top,
@@ -52,8 +51,8 @@ print(json.dumps({"labels": [ns["config"]["id2label"][str(i)] for i in ns["probs
 
 @pytest.fixture(scope="module")
 def onnx_export(tiny_bert, tmp_path_factory):
-    from domaintune import artifacts
-    from domaintune.modeling import load_classifier
+    from domaintune.export import artifacts
+    from domaintune.modeling.encoders import load_classifier
 
     root = tmp_path_factory.mktemp("onnx")
     ft = make_model(tiny_bert, root / "ft", seed=11)
@@ -69,7 +68,7 @@ def onnx_export(tiny_bert, tmp_path_factory):
 
 
 def run_isolated(root, folder_variant: str, texts, tmp_path, meta):
-    from domaintune.modelcard import usage_section
+    from domaintune.export.modelcard import usage_section
 
     card = "\n".join(usage_section(meta, ["float32", folder_variant]))
     snippet = card.split("```python\n")[2].split("```")[0]  # the no-domaintune one
@@ -85,8 +84,8 @@ def run_isolated(root, folder_variant: str, texts, tmp_path, meta):
 
 @pytest.mark.parametrize("variant, tol_float", [("onnx", 1e-5), ("onnx-int8", 0.1)])
 def test_onnx_runs_without_domaintune_and_matches_predictor(onnx_export, tmp_path, variant, tol_float):
-    from domaintune.calibration import softmax
-    from domaintune.predict import Predictor
+    from domaintune.evaluate.calibration import softmax
+    from domaintune.predict.predictor import Predictor
 
     root, out, meta, texts = onnx_export
     probs, labels = run_isolated(root, variant, texts, tmp_path, meta)
@@ -123,7 +122,7 @@ def test_onnx_folder_is_self_describing(onnx_export):
 
 
 def test_onnx_predictor_refuses_embeddings(onnx_export):
-    from domaintune.predict import Predictor
+    from domaintune.predict.predictor import Predictor
 
     _, out, _, texts = onnx_export
     with pytest.raises(ValueError, match="use variant float32 for text embeddings"):

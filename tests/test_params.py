@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from domaintune.params import SECTIONS, ParamsError, load_all, parse_section
+from domaintune.core.params import SECTIONS, ParamsError, load_all, parse_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_every_dvc_stage_has_its_module_and_params_section():
     for name, stage in stages.items():
         assert stage["cmd"].startswith(f"python -m stages.{name} "), name
         module = importlib.import_module(f"stages.{name}")
-        assert callable(getattr(module, "main")), name
+        assert callable(module.main), name
         assert f"stages/{name}.py" in stage["deps"], name
         sections = {p.split(".")[0] for p in stage.get("params", []) if isinstance(p, str)}
         assert name in sections, f"stage {name} does not track its own params section"
@@ -77,7 +77,7 @@ EXAMPLE_SPECIFIC = {("ingest", "source"), ("ingest", "id_column"), ("ingest", "s
 
 def test_dataclass_defaults_are_the_shipped_params_yaml():
     """A key left out of params.yaml falls back to the dataclass default: that must be the same recipe."""
-    from domaintune.params import as_dict
+    from domaintune.core.params import as_dict
 
     shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     differ = []

@@ -14,7 +14,6 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-
 from _fake_pipeline import env, make_tiny_dag, set_params, sh, tiny_rows
 
 DOWNSTREAM_OF_FINETUNE = {"finetune", "evaluate", "export", "drift"}
@@ -112,7 +111,7 @@ def test_run_summary(project):
 
 def test_versions_of_real_stages_show_headline_metrics(project):
     """A version recorded from the real stages' metrics carries accuracy, macro-F1 and ECE after calibration."""
-    from domaintune import registry
+    from domaintune.registry import versions as registry
 
     root = project[0]
     record = registry.build_record(root, registry.lock_outs(root))

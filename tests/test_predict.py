@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from _fake_pipeline import BIN, make_fake_repo, set_params, sh, workspace
-from domaintune import batchpredict as bp
 from evalkit import LABELS, make_model, make_split
-from pipelines.predict import cmd_predict
+
+from domaintune.predict import batch as bp
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = make_split("test", 3)["text"].tolist()  # 9 texts
@@ -22,8 +21,8 @@ TEXTS = make_split("test", 3)["text"].tolist()  # 9 texts
 
 @pytest.fixture(scope="module")
 def export(tiny_bert, tmp_path_factory):
-    from domaintune import artifacts
-    from domaintune.modeling import load_classifier
+    from domaintune.export import artifacts
+    from domaintune.modeling.encoders import load_classifier
 
     root = tmp_path_factory.mktemp("predict")
     ft = make_model(tiny_bert, root / "ft", seed=7)
@@ -67,7 +66,7 @@ def read_out(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet", "txt"])
 def test_every_input_format(export, tmp_path, fmt, capsys):
-    from domaintune.predict import Predictor
+    from domaintune.predict.predictor import Predictor
 
     _, _, out = export
     src = write_inputs(tmp_path)[fmt]
@@ -152,7 +151,7 @@ def test_parquet_without_the_text_column_and_unknown_formats(export, tmp_path, c
 
 def test_streams_in_chunks(export, tmp_path):
     """The file is read and predicted `chunk` rows at a time: no call ever sees more."""
-    from domaintune.predict import Predictor
+    from domaintune.predict.predictor import Predictor
 
     _, _, out = export
     p = Predictor.load(out)
@@ -168,8 +167,8 @@ def test_streams_in_chunks(export, tmp_path):
 
 
 def test_version_predicts_with_a_published_model_without_touching_the_workspace(export, tmp_path):
-    from domaintune import registry
-    from domaintune.predict import Predictor
+    from domaintune.predict.predictor import Predictor
+    from domaintune.registry import versions as registry
 
     _, ft, _ = export
     root = make_fake_repo(tmp_path / "proj", classifier=ft)

@@ -3,16 +3,15 @@ kept or rejected/removed with a reason, and every kept text comes back byte for 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domaintune.data import SPLITS, DataError
-from domaintune.params import DedupeParams, IngestParams
-from domaintune.sources import parse_delimited, read_delimited, read_jsonl, read_source
+from domaintune.core.errors import DataError
+from domaintune.core.params import DedupeParams, IngestParams
+from domaintune.data.dataset import SPLITS
+from domaintune.data.sources import parse_delimited, read_delimited, read_jsonl, read_source
 from stages.dedupe import REASONS, dedupe
 from stages.ingest import ingest
 

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _fake_pipeline import BIN, add_rows, held_lock, make_fake_repo, set_params, sh, workspace
-from domaintune import registry
+
+from domaintune.registry import versions as registry
 
 
 def repro(root: Path) -> None:

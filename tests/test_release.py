@@ -6,9 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from _fake_pipeline import BIN, add_rows, make_fake_repo, sh, workspace
-from domaintune import registry, release
+
+from domaintune.registry import release
+from domaintune.registry import versions as registry
 
 
 def _export_files(snapshot: dict[str, bytes]) -> dict[str, bytes]:

@@ -11,9 +11,9 @@ import logging
 
 import pytest
 
-from domaintune.progress import Progress
-from domaintune.stage import run_stage, stage_parser
-from domaintune.training import epoch_line
+from domaintune.core.progress import Progress
+from domaintune.core.stage import run_stage, stage_parser
+from domaintune.train.classifier import epoch_line
 
 
 def test_progress_prints_plain_lines_when_not_a_terminal(monkeypatch, caplog):
@@ -98,7 +98,7 @@ def test_quiet_libraries_reaches_libraries_already_imported(monkeypatch):
     import transformers  # noqa: F401  (imported before the runner sets the environment)
     from transformers.utils import logging as hf_logging
 
-    from domaintune.stage import QUIET_ENV, quiet_libraries
+    from domaintune.core.stage import QUIET_ENV, quiet_libraries
 
     for k in QUIET_ENV:
         monkeypatch.delenv(k, raising=False)

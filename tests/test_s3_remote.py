@@ -6,14 +6,13 @@ the credentials (from the environment only) never reach a commit, a version reco
 """
 from __future__ import annotations
 
-import shutil
 import socket
 from pathlib import Path
 
 import pytest
-
 from _fake_pipeline import BIN, add_rows, make_fake_repo, sh, workspace
-from domaintune import registry
+
+from domaintune.registry import versions as registry
 
 # Distinctive fake credentials: the test greps every commit, tag and log for them.
 KEY_ID = "AKIADOMAINTUNETESTKEY"

@@ -14,14 +14,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from _fake_pipeline import BIN, TINY_INTENTS, make_fake_repo, set_params, sh, tiny_rows
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from _fake_pipeline import BIN, TINY_INTENTS, make_fake_repo, set_params, sh, tiny_rows
-from domaintune import registry
-from domaintune.serving.app import build
-from domaintune.serving.settings import ServeSettings
+from domaintune.registry import versions as registry
+from domaintune.serve.app import build
+from domaintune.serve.settings import ServeSettings
 from pipelines.serve import ServerThread
 
 TEXTS = ["I want my money back for order 7", "reset my password please", "where is my parcel 12",
@@ -34,8 +34,14 @@ def train_tiny_classifier(tiny_bert: Path, out: Path, temperature: float, noise:
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from domaintune.data import read_json, write_json
-    from domaintune.modeling import build_classifier, embed_texts, load_encoder, load_tokenizer, save_classifier
+    from domaintune.core.io import read_json, write_json
+    from domaintune.modeling.encoders import (
+        build_classifier,
+        embed_texts,
+        load_encoder,
+        load_tokenizer,
+        save_classifier,
+    )
 
     rows = tiny_rows(8)
     labels = sorted(TINY_INTENTS)
@@ -55,7 +61,7 @@ def train_tiny_classifier(tiny_bert: Path, out: Path, temperature: float, noise:
 
 
 def reference(folder: Path, texts: list[str]) -> np.ndarray:
-    from domaintune.predict import Predictor
+    from domaintune.predict.predictor import Predictor
 
     return Predictor.load(folder).predict_proba(texts)
 

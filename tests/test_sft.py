@@ -7,10 +7,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from domaintune import genexport, llm, sft, tinyllm  # noqa: E402
-from domaintune.generation import audit_generation  # noqa: E402
-from domaintune.params import BaseParams, FinetuneParams  # noqa: E402
-from domaintune.stage import StageError  # noqa: E402
+from domaintune.core.params import BaseParams, FinetuneParams  # noqa: E402
+from domaintune.core.stage import StageError  # noqa: E402
+from domaintune.evaluate.genaudit import audit_generation  # noqa: E402
+from domaintune.evaluate.generation import evaluate_generation, run_evaluate  # noqa: E402
+from domaintune.export.generation import merged_for_export  # noqa: E402
+from domaintune.modeling import (
+    llm,  # noqa: E402
+    tinyllm,  # noqa: E402
+)
+from domaintune.modeling.causal import load_tuned  # noqa: E402
+from domaintune.train import sft  # noqa: E402
 
 PROMPTS = ["Where is my invoice {n}?", "Reset my password for user {n}.", "Cancel account {n} please.",
            "Export my data for team {n}."]
@@ -43,13 +50,13 @@ def _run(tmp, model_dir, splits, **ft):
 
 
 def test_qlora_sft_merges_into_the_dequantised_base_within_tolerance(tmp_path, model_dir, splits, monkeypatch):
-    from domaintune.training import qlora_backend_error
+    from domaintune.modeling.adapters import qlora_backend_error
 
     if qlora_backend_error():
         pytest.skip(qlora_backend_error())
     base, m = _run(tmp_path, model_dir, splits, method="qlora", gradient_checkpointing=True, packing=True)
     assert m["loss_last"] < m["loss_first"] and m["skipped_no_response_tokens"] == []
-    merged, _, run, check = genexport.merged_for_export(str(tmp_path / "out"), splits["test"], base, 1e-4)
+    merged, _, run, check = merged_for_export(str(tmp_path / "out"), splits["test"], base, 1e-4)
     assert run["method"] == "qlora" and check["merged_into"] == "dequantised NF4 base"
     assert check["examples"] == 4 and check["max_rel_diff"] <= 1e-4
     assert not any(type(mod).__name__ == "Linear4bit" for mod in merged.modules())  # a plain float model
@@ -57,13 +64,13 @@ def test_qlora_sft_merges_into_the_dequantised_base_within_tolerance(tmp_path, m
     real = llm._float_weight
     monkeypatch.setattr(llm, "_float_weight", lambda layer: real(layer) + 0.05)
     with pytest.raises(StageError, match="merged model disagrees with the unmerged one"):
-        genexport.merged_for_export(str(tmp_path / "out"), splits["test"], base, 1e-4)
+        merged_for_export(str(tmp_path / "out"), splits["test"], base, 1e-4)
 
 
 def test_crashed_sft_resumes_to_the_same_weights(tmp_path, model_dir, splits, monkeypatch):
     from safetensors.torch import load_file
 
-    from domaintune.engine import CRASH_ENV, TrainingCrash
+    from domaintune.train.engine import CRASH_ENV, TrainingCrash
 
     _run(tmp_path / "straight", model_dir, splits, method="full", checkpoint_every=1)
     monkeypatch.setenv(CRASH_ENV, "3")
@@ -79,16 +86,16 @@ def test_crashed_sft_resumes_to_the_same_weights(tmp_path, model_dir, splits, mo
 
 
 def test_generation_methods_refuse_classifier_ones(tmp_path, model_dir, splits):
-    from domaintune.params import ParamsError
+    from domaintune.core.params import ParamsError
 
     with pytest.raises(ParamsError, match="finetune.method: 'head' is for classification"):
         _run(tmp_path, model_dir, splits, method="head")
 
 
 def test_ingest_reads_prompt_and_response_columns(tmp_path):
-    from domaintune.data import DataError
-    from domaintune.params import IngestParams
-    from domaintune.sources import read_source
+    from domaintune.core.errors import DataError
+    from domaintune.core.params import IngestParams
+    from domaintune.data.sources import read_source
     from stages.ingest import ingest
 
     src = tmp_path / "pairs.csv"
@@ -105,7 +112,7 @@ def test_ingest_reads_prompt_and_response_columns(tmp_path):
 
 
 def test_audit_reports_near_duplicate_prompts_with_different_responses(model_dir):
-    from domaintune.generation import _tokenizer
+    from domaintune.modeling.causal import _tokenizer
 
     train = pd.DataFrame({"id": ["a", "b", "c"], "label": ["Yes, resent it today.", "No, we never got it.", "ok"],
                           "text": ["my invoice from last week never arrived at the client office today",
@@ -121,10 +128,10 @@ def test_audit_reports_near_duplicate_prompts_with_different_responses(model_dir
 def test_ingest_reads_a_messages_column(tmp_path):
     import json
 
-    from domaintune.chat import to_columns
-    from domaintune.data import DataError
-    from domaintune.params import IngestParams
-    from domaintune.sources import read_source
+    from domaintune.core.errors import DataError
+    from domaintune.core.params import IngestParams
+    from domaintune.data.chat import to_columns
+    from domaintune.data.sources import read_source
     from stages.ingest import ingest
 
     def conv(i, last="assistant"):
@@ -157,8 +164,8 @@ def test_classification_as_generation_scores_the_label_set_and_gates(tmp_path, m
     import argparse
     import json
 
-    from domaintune.data import write_dataset
-    from domaintune.params import EvaluateParams
+    from domaintune.core.params import EvaluateParams
+    from domaintune.data.dataset import write_dataset
     from stages.evaluate import check_gate
 
     def split(n, start):
@@ -170,13 +177,13 @@ def test_classification_as_generation_scores_the_label_set_and_gates(tmp_path, m
     write_dataset(tmp_path / "data", data, [])
     base = BaseParams(model=str(model_dir), max_length=64, task="generation")
     p = EvaluateParams(label_set=("yes", "no"), min_calibration_rows=2, samples=1, max_new_tokens=2)
-    metrics, _ = genexport.evaluate_generation(data, str(tmp_path / "out"), base, p)
+    metrics, _ = evaluate_generation(data, str(tmp_path / "out"), base, p)
     c = metrics["classification"]
     assert c["labels"] == ["yes", "no"] and c["temperature"] > 0 and c["calibration_rows"] == 6
     for phase in ("before", "after"):
         assert 0 <= c[phase]["accuracy"] <= 1 and 0 < c[phase]["ece"] <= 1 and "macro_f1" in c[phase]
     # the scores are the labels' log-likelihoods as responses (computed one by one here)
-    tuned, tok, _ = genexport.load_tuned(tmp_path / "out")
+    tuned, tok, _ = load_tuned(tmp_path / "out")
     one = llm.encode(tok, data["test"]["text"].iloc[0], "no", 64)
     s, _ = llm.per_sample_nll(tuned, llm.pad_batch([(one.input_ids, one.labels)], tok.pad_token_id), 1)
     ll = llm.label_loglik(tuned, tok, data["test"]["text"].tolist()[:1], ["yes", "no"], 64, 4)
@@ -186,22 +193,22 @@ def test_classification_as_generation_scores_the_label_set_and_gates(tmp_path, m
     strict = EvaluateParams(label_set=("yes", "no"), min_calibration_rows=2, samples=1, max_new_tokens=2,
                             gate={"max_ece": 0.0})
     with pytest.raises(StageError, match="quality gate failed: ece"):
-        genexport.run_evaluate(args, base, strict, check_gate)
+        run_evaluate(args, base, strict, check_gate)
     assert not (tmp_path / "eval").exists() and not (tmp_path / "m.json").exists()
-    genexport.run_evaluate(args, base, p, check_gate)
+    run_evaluate(args, base, p, check_gate)
     assert json.loads((tmp_path / "m.json").read_text())["classification"]["after"]["accuracy"] >= 0
     data["test"].loc[0, "label"] = "maybe"
-    from domaintune.data import DataError
+    from domaintune.core.errors import DataError
 
     with pytest.raises(DataError, match=r"test.parquet: row 1: field 'label': response 'maybe' is not in"):
-        genexport.evaluate_generation(data, str(tmp_path / "out"), base, p)
+        evaluate_generation(data, str(tmp_path / "out"), base, p)
 
 
 def test_continued_pretraining_is_packed_and_resumes_exactly(tmp_path, model_dir, splits, monkeypatch):
     from safetensors.torch import load_file
 
-    from domaintune.engine import CRASH_ENV, TrainingCrash
-    from domaintune.params import DaptParams
+    from domaintune.core.params import DaptParams
+    from domaintune.train.engine import CRASH_ENV, TrainingCrash
 
     base = BaseParams(model=str(model_dir), max_length=64, task="generation")
     p = DaptParams(block_size=32, max_steps=4, batch_size=4, lr=1e-3, checkpoint_every=1)

@@ -10,8 +10,11 @@ import yaml
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 
-from domaintune import engine, sft  # noqa: E402
-from domaintune.params import BaseParams, FinetuneParams, ParamsError  # noqa: E402
+from domaintune.core.params import BaseParams, FinetuneParams, ParamsError  # noqa: E402
+from domaintune.train import (
+    engine,  # noqa: E402
+    sft,  # noqa: E402
+)
 
 
 class Stop(Exception):
@@ -29,7 +32,7 @@ def no_cuda(monkeypatch):
 
 
 def _choice(method: str, optimizer: str = "auto") -> str:
-    from domaintune.training import finetune_device
+    from domaintune.train.classifier import finetune_device
 
     ft = FinetuneParams(method=method, optimizer=optimizer)
     return sft.optimizer_for(ft, finetune_device(BaseParams(device="auto"), ft))
@@ -101,8 +104,8 @@ def test_the_stage_refuses_paged_8bit_in_one_line_before_reading_data(tmp_path, 
 
 def test_the_stage_trains_qlora_with_paged_8bit_on_cuda(tmp_path, fake_cuda, monkeypatch):
     """The finetune stage under a fake CUDA: QLoRA SFT reaches the engine with paged_adamw_8bit."""
-    from domaintune import tinyllm
-    from domaintune.data import write_dataset
+    from domaintune.data.dataset import write_dataset
+    from domaintune.modeling import tinyllm
 
     rows = [(f"r{i}", f"question {i}", f"answer number {i}", "x") for i in range(8)]
     df = pd.DataFrame(rows, columns=["id", "text", "label", "split"])

@@ -16,11 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import domaintune.data as data
 import stages.dedupe as dedupe_stage
-from domaintune.data import SPLITS, read_dataset, read_json, split_files, split_hash, write_dataset
-from domaintune.params import DedupeParams
-from domaintune.textnorm import digest_keys, key_codes, normalise_all, sha256_all
+from domaintune.core.errors import DataError
+from domaintune.core.io import read_json
+from domaintune.core.params import DedupeParams
+from domaintune.data import dataset as data
+from domaintune.data.dataset import SPLITS, read_dataset, split_files, split_hash, write_dataset
+from domaintune.data.textnorm import digest_keys, key_codes, normalise_all, sha256_all
 from stages import ingest as ingest_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,12 +91,12 @@ def test_a_shard_missing_its_column_is_named(tmp_path, monkeypatch):
     frame = pd.DataFrame({"id": list("abcde"), "text": list("vwxyz"), "label": list("ababa"), "split": "train"})
     write_dataset(tmp_path, {"train": frame}, ["a", "b"])
     pd.DataFrame({"id": ["q"], "text": ["t"]}).to_parquet(tmp_path / "train-00002.parquet")
-    with pytest.raises(data.DataError, match=r"train-00002\.parquet: field 'label': column missing"):
+    with pytest.raises(DataError, match=r"train-00002\.parquet: field 'label': column missing"):
         read_dataset(tmp_path)
-    with pytest.raises(data.DataError, match=r"train-00002\.parquet: field 'label': column missing"):
+    with pytest.raises(DataError, match=r"train-00002\.parquet: field 'label': column missing"):
         data.read_split_table(tmp_path, "train")
     shutil.rmtree(tmp_path)
-    with pytest.raises(data.DataError, match=r"train\.parquet: split file missing"):
+    with pytest.raises(DataError, match=r"train\.parquet: split file missing"):
         read_dataset(tmp_path)
 
 
@@ -199,7 +201,7 @@ def _near_with_datasketch(rows, marks, p, seed):
     """The oracle: the pre-streaming near pass (a datasketch MinHash per row in a MinHashLSH index)."""
     from datasketch import MinHashLSH
 
-    from domaintune.textnorm import jaccard, minhash_signatures, minhashes, shingles
+    from domaintune.data.textnorm import jaccard, minhash_signatures, minhashes, shingles
 
     alive = marks.alive
     order = [int(i) for i in np.flatnonzero(alive)]

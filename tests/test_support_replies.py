@@ -45,7 +45,7 @@ def test_pairs_and_listed_defects():
 
 
 def test_generation_params_example_parses():
-    from domaintune.params import load_all
+    from domaintune.core.params import load_all
 
     p = load_all(EX / "params.generation.yaml")
     assert p["base"].task == "generation" and p["ingest"].source == "examples/support_replies/pairs.csv"

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import domaintune.textnorm as tn
-from domaintune.textnorm import normalise, normalise_arrow, text_keys
+from domaintune.data import textnorm as tn
+from domaintune.data.textnorm import normalise, normalise_arrow, text_keys
 
 REPO = Path(__file__).resolve().parents[1]
 # Characters that each exercise one rule: case folding beyond lower(), ligatures and other compatibility

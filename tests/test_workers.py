@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from _fake_pipeline import BIN, REPO, env, make_fake_repo
-from domaintune import registry
+
+from domaintune.registry import versions as registry
 
 POOL = "dt-pool"
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import confusion_matrix
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    from domaintune.modeling import embed_texts, load_encoder, load_tokenizer, resolve_model, set_threads
+    from domaintune.modeling.encoders import embed_texts, load_encoder, load_tokenizer, resolve_model, set_threads
 
     gen = _generator()
     ds = gen.generate()

@@ -1,0 +1,151 @@
+"""What every stage's command line shares: argument parsing and error reporting.
+
+A stage fails on bad input with one line that names the file, row and field
+(DataError) or the params key (ParamsError), and a non-zero exit code, instead
+of a traceback; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+from domaintune.core.errors import DataError
+from domaintune.core.params import ParamsError
+
+
+class StageError(RuntimeError):
+    """A stage refused to continue (e.g. a failed quality gate); the message says why."""
+
+
+# Command-line destinations that name what a stage writes; every other string argument
+# (--in, --source, --params, --model, --decisions, ...) is read.
+OUTPUT_ARGS = ("out", "metrics", "report", "embeddings", "checkpoints", "live")
+
+
+def _flag(dest: str) -> str:
+    return "--in" if dest == "in_dir" else "--" + dest.replace("_", "-")
+
+
+def _overlap(a: Path, b: Path) -> str | None:
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "is inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def check_paths_apart(args: argparse.Namespace) -> None:
+    """Refuse, before anything is touched, an output that is, contains or sits inside an input
+    or another output: replacing it would delete the input (e.g. --out equal to --source)."""
+    given = {k: v for k, v in vars(args).items() if isinstance(v, str) and v and not v.startswith("hf:")}
+    real = {k: Path(os.path.realpath(v)) for k, v in given.items()}
+    outs = [k for k in OUTPUT_ARGS if k in real]
+    for o in outs:
+        for other in given:
+            if other == o or (other in outs and outs.index(other) < outs.index(o)):
+                continue
+            how = _overlap(real[o], real[other])
+            if how:
+                kind = "output" if other in outs else "input"
+                raise StageError(f"{_flag(o)} {given[o]} {how} the {kind} {_flag(other)} {given[other]}; an output "
+                                 "must not be, contain or sit inside another path the stage uses (writing it would "
+                                 "replace that path)")
+
+
+def stage_parser(name: str, description: str, *, inp: str | None = None, out: str | None = None,
+                 metrics: str | None = "metrics JSON (dvc metrics)") -> argparse.ArgumentParser:
+    """--params plus the flags most stages share; each given help text adds its flag.
+
+    --in (args.in_dir) is the stage's input dataset folder, --out its main output,
+    --metrics the small JSON that `dvc metrics` reads.
+    """
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if inp:
+        ap.add_argument("--in", dest="in_dir", required=True, help=inp)
+    if out:
+        ap.add_argument("--out", required=True, help=out)
+    if metrics:
+        ap.add_argument("--metrics", required=True, help=metrics)
+    return ap
+
+
+# Set before any library is imported (stages import torch/transformers inside their functions):
+# transformers' "Loading weights" / "Writing model shards" bars and load reports (expected missing
+# heads on a fresh classifier), Hugging Face / evidently telemetry (pointless and noisy offline).
+# setdefault: a user who wants any of it back sets the variable.
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",              # evidently's (and iterative-telemetry's) off switch
+}
+
+
+def quiet_libraries() -> None:
+    """Process-wide: library chatter off (env above), only domaintune's own INFO lines shown."""
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    # The variables are read at import: if a library is already in, tell it directly.
+    if "huggingface_hub" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules and os.environ["TRANSFORMERS_VERBOSITY"] == "error":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("domaintune").setLevel(logging.INFO)
+    # matplotlib logs "generated new fontManager" (INFO) on a fresh machine; its warnings still show.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    # peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing` alias on
+    # every LoRA model it wraps: their deprecation, not something our code calls or can change.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def record_seconds(metrics_path: str | None, seconds: float) -> None:
+    """Add the stage's wall time to its metrics JSON (the run summary reads it), atomically."""
+    if not metrics_path or not os.path.isfile(metrics_path):
+        return
+    with open(metrics_path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict):
+        return
+    data["stage_seconds"] = round(seconds, 1)
+    tmp = f"{metrics_path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+    os.replace(tmp, metrics_path)
+
+
+def run_stage(name: str, fn: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
+              argv: Sequence[str] | None = None) -> int:
+    """Parse, run fn(args), print "<name>: done in X s" (plus the line fn returns, if any).
+
+    Failures the user can fix (bad data, params, a failed gate) are one line and exit code 2.
+    """
+    quiet_libraries()
+    logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(message)s", stream=sys.stderr)
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        check_paths_apart(args)
+        said = fn(args)
+    except (DataError, ParamsError, StageError, OSError) as exc:  # OSError: a missing/unreadable path, a folder
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - t0
+    record_seconds(getattr(args, "metrics", None), seconds)
+    tail = f"; {said}" if isinstance(said, str) and said else ""
+    print(f"{name}: done in {seconds:.1f} s{tail}", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,10 @@
+"""Datasets: the schema between stages, every reader of user files, text normalisation, chat rows.
+
+- dataset.py   the dataset folder (Parquet shards per split, labels.json, hashes)
+- sources.py   reading a labelled source (CSV/TSV, JSONL, Parquet, TXT, folders, hf:) in bounded parts
+- textnorm.py  normalisation and hashing for duplicate detection
+- chat.py      chat conversations as prompt/response rows
+
+Nothing is imported here: import the module you need, so a stage (and its DVC deps) loads only
+what it uses and the CLI answers --help at once.
+"""

@@ -1,0 +1,11 @@
+"""Evaluation: calibration math, metrics and reports, the label audit, the run summary.
+
+- calibration.py  scoring rules, reliability bins, temperature scaling, thresholds
+- report.py       plots and Markdown tables of the evaluate stage
+- generation.py   evaluation of a tuned causal LM (perplexity, samples, label-set accuracy)
+- genaudit.py     the audit of prompt/response data (what hurts SFT)
+- summary.py      the run summary (metrics/summary.json, ten lines)
+
+Nothing is imported here: import the module you need, so a stage (and its DVC deps) loads only
+what it uses and the CLI answers --help at once.
+"""

@@ -1,0 +1,123 @@
+"""Evaluation and export of a causal LM fine-tuned by domaintune/train/sft.py (base.task: generation):
+held-out perplexity of the start model vs the tuned one on the test responses, sample
+generations, and the adapter merged into a float (for QLoRA: dequantised NF4) copy of the base,
+checked against the unmerged logits (export.merge_tolerance) and saved for
+transformers.pipeline("text-generation") with a model card.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from domaintune.core.io import atomic_output, read_json, write_json
+from domaintune.core.params import load_params
+from domaintune.data.dataset import read_dataset, read_hashes
+from domaintune.modeling import llm
+from domaintune.modeling.causal import encode_split, load_tuned
+
+
+def merged_for_export(model_dir: str, test: pd.DataFrame, base, tolerance: float, n_check: int = 16):
+    """(merged model, tokenizer, run info, merge check). The check compares merged vs unmerged logits on
+    up to n_check test examples (prompt + response); a gap over `tolerance` raises StageError."""
+    import torch
+
+    from domaintune.core.device import stage_device
+    from domaintune.core.stage import StageError
+
+    dev = stage_device(base)
+    tuned, tok, run = load_tuned(model_dir)
+    tuned = tuned.to(dev)
+    ids = [torch.tensor([e.input_ids], device=dev) for e in encode_split(tok, test.head(n_check), base.max_length)]
+    if run["method"] == "full":
+        return tuned, tok, run, {"method": "full", "had_adapter": False, "examples": len(ids),
+                                 "max_rel_diff": 0.0, "tolerance": tolerance}
+    with torch.no_grad():
+        before = [tuned(input_ids=x).logits for x in ids]
+        merged = llm.merge_adapter(tuned).eval()
+        gap = max((llm.max_logit_gap(b, merged(input_ids=x).logits) for b, x in zip(before, ids)), default=0.0)
+    check = {"method": run["method"], "had_adapter": True, "examples": len(ids), "max_rel_diff": gap,
+             "tolerance": tolerance,
+             "merged_into": "dequantised NF4 base" if run["method"] == "qlora" else "float base"}
+    if gap > tolerance:
+        raise StageError(f"merged model disagrees with the unmerged one: max logit difference {gap:.3g} "
+                         f"(relative) > export.merge_tolerance {tolerance}")
+    return merged, tok, run, check
+
+
+
+def save_export(model, tok, out: Path, max_new_tokens: int) -> None:
+    import torch
+
+    model.generation_config.max_new_tokens = max_new_tokens
+    model.generation_config.do_sample = False
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    with torch.no_grad():
+        model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+
+def pipeline_check(out: Path, prompt: str, tok) -> str:
+    """Load the export with transformers.pipeline('text-generation') and complete one prompt."""
+    from transformers import pipeline
+
+    gen = pipeline("text-generation", model=str(out), tokenizer=str(out), device="cpu")
+    res = gen(llm.prompt_text(tok, prompt), max_new_tokens=8, do_sample=False, return_full_text=False)
+    return res[0]["generated_text"]
+
+
+
+def model_card(run: dict, check: dict, tok, eval_metrics: dict, intended_use: str, max_new_tokens: int) -> str:
+    template = getattr(tok, "chat_template", None)
+    fmt = (f"The tokenizer's chat template (one user turn, then the assistant's reply):\n\n```jinja\n{template}\n```"
+           if template else f"The default template (domaintune/modeling/llm.py):\n\n```\n{llm.DEFAULT_TEMPLATE}"
+                            "{response}<eos>\n```")
+    ppl = eval_metrics.get("perplexity", {})
+    return "\n".join([
+        "# Model card (generation)", "",
+        f"Causal LM fine-tuned by domaintune: method `{run['method']}` on `{run['base_model']}`.", "",
+        "## Prompt format", "", fmt, "",
+        "## Generation settings", "",
+        f"Greedy decoding (`do_sample: false`), at most {max_new_tokens} new tokens, stop at "
+        f"`{tok.eos_token}` (saved in generation_config.json).", "",
+        "## Merge", "",
+        f"Adapter merged: {check['had_adapter']} ({check.get('merged_into', 'no adapter')}); merged vs unmerged "
+        f"logits on {check['examples']} test examples: max relative difference {check['max_rel_diff']:.3g} "
+        f"(tolerance {check['tolerance']}).", "",
+        "## Evaluation", "",
+        f"Test-response perplexity: start {ppl.get('base', float('nan')):.3f}, "
+        f"tuned {ppl.get('tuned', float('nan')):.3f}.", "",
+        "## Intended use", "", intended_use, "",
+        "Load it with `transformers.pipeline('text-generation', model=<this folder>)`.", ""])
+
+
+
+def run_export(args, base, params) -> str:
+    from domaintune.core.errors import DataError
+
+    in_dir = Path(args.in_dir)
+    splits, _ = read_dataset(in_dir)
+    if len(splits["test"]) == 0:
+        raise DataError(in_dir / "test.parquet", None, None, "empty: nothing to verify the export on")
+    eval_metrics = read_json(Path(args.calibration) / "metrics.json")
+    ev = load_params(args.params, "evaluate")
+    model, tok, run, check = merged_for_export(args.model, splits["test"], base, params.merge_tolerance)
+    with atomic_output(args.out) as out, atomic_output(args.metrics) as met:
+        save_export(model, tok, out, ev.max_new_tokens)
+        sample = pipeline_check(out, splits["test"]["text"].iloc[0], tok)
+        (out / "README.md").write_text(model_card(run, check, tok, eval_metrics, params.intended_use,
+                                                      ev.max_new_tokens), encoding="utf-8")
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        metrics = {"task": "generation", "merge_check": check, "size_bytes": size,
+                   "pipeline_check": {"loaded": True, "sample_chars": len(sample)},
+                   "dataset_hash": read_hashes(in_dir, splits, [])["dataset"]}
+        cls = eval_metrics.get("classification")  # the label set and fitted temperature: what monitor scores with
+        cls = {"labels": cls["labels"], "temperature": cls["temperature"]} if cls else None
+        write_json(out / "export_info.json", {**metrics, "method": run["method"], "base_model": run["base_model"],
+                                              "max_length": base.max_length, "classification": cls})
+        write_json(met, metrics)
+    return f"merged ({run['method']}), max logit gap {check['max_rel_diff']:.2g}; loads in pipeline('text-generation')"
+

@@ -1,0 +1,309 @@
+"""The model card (README.md) of an export, in the shape a Hugging Face user expects.
+
+Front matter: license, language, base_model, datasets, pipeline_tag, tags and a model-index with
+standard metric names. Body: the data (with its hash), the whole training procedure (DAPT,
+fine-tuning method and the params that apply to it, calibration, environment), every per-class
+result, every exported variant with its verified numbers, and copy-paste usage for each variant,
+including plain onnxruntime + tokenizers. Numbers are rounded for people; every number comes
+from a stage's output (no claim that no test or bench checks).
+"""
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+METHOD_PARAMS = {  # the finetune params that matter for each method
+    "full": ("epochs", "lr", "batch_size", "warmup_ratio", "weight_decay", "label_smoothing", "head_init",
+             "layerwise_lr_decay", "seeds"),
+    "freeze": ("epochs", "lr", "batch_size", "freeze_layers", "label_smoothing", "head_init", "seeds"),
+    "head": ("epochs", "lr", "batch_size", "head_init", "seeds"),
+    "lora": ("epochs", "lr", "batch_size", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
+             "modules_to_save", "label_smoothing", "head_init", "seeds"),
+}
+METHOD_PARAMS["qlora"] = METHOD_PARAMS["lora"] + ("qlora_compute_dtype",)
+METHOD_TEXT = {"full": "full fine-tuning (every weight trained)",
+               "freeze": "fine-tuning with the lower encoder layers frozen",
+               "head": "a linear head on the frozen encoder",
+               "lora": "LoRA adapters on the encoder (merged into the weights for export)",
+               "qlora": "QLoRA: LoRA adapters on a 4-bit NF4 encoder (merged into float weights for export)"}
+VARIANT_TEXT = {
+    "float32": "`./` float32 PyTorch weights (safetensors), loaded by domaintune",
+    "int8": "`int8/` weight-only int8 safetensors (per-output-channel scales), dequantised to float32 on load: "
+            "smaller on disk, the same float32 computation when run",
+    "onnx": "`onnx/` the calibrated classifier as one ONNX graph (onnxruntime; no domaintune needed)",
+    "onnx-int8": "`onnx-int8/` onnxruntime dynamic int8 quantisation of `onnx/`",
+}
+
+
+def base_model_name(name: str) -> str:
+    from domaintune.modeling.encoders import BUNDLED_ALIASES
+
+    return BUNDLED_NAME if name in BUNDLED_ALIASES else name
+
+
+def fmt(x, digits: int = 3) -> str:
+    """A number for people: at most `digits` decimals, thousands separated."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, int) or float(x).is_integer() and abs(x) >= 100:
+        return f"{int(x):,}"
+    return f"{float(x):,.{digits}f}"
+
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.1f}%"
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("domaintune", "torch", "transformers", "peft", "onnx", "onnxruntime", "tokenizers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def front_matter(meta: dict, inputs: dict, split_sizes: dict, params) -> dict:
+    after = inputs["eval_metrics"].get("after", {})
+    hashes = inputs["hashes"]
+    names = {"accuracy": ("accuracy", "Accuracy (calibrated)", {}),
+             "macro_f1": ("f1", "Macro F1", {"average": "macro"}),
+             "ece": ("ece", "Expected calibration error (after temperature scaling)", {}),
+             "nll": ("loss", "Negative log-likelihood", {})}
+    metrics = [{"type": t, "value": round(float(after[k]), 4), "name": n, **({"args": a} if a else {})}
+               for k, (t, n, a) in names.items() if k in after]
+    return {
+        "license": params.license, "language": [params.language], "library_name": "onnx"
+        if "onnx" in params.variants else "domaintune",
+        "base_model": meta["base_model"], "datasets": [f"custom-dataset-sha256-{hashes['dataset'][:12]}"],
+        "pipeline_tag": "text-classification",
+        "tags": ["domaintune", "text-classification", str(meta.get("method")), "calibrated", "onnx"]
+        if "onnx" in params.variants else ["domaintune", "text-classification", str(meta.get("method")), "calibrated"],
+        "metrics": [m["type"] for m in metrics],
+        "model-index": [{"name": "domaintune-classifier", "results": [{
+            "task": {"type": "text-classification", "name": "Text classification"},
+            "dataset": {"name": f"custom dataset {hashes['dataset'][:12]}", "type": "custom", "split": "test"},
+            "metrics": metrics}]}],
+        "domaintune": {"dataset_hash": hashes["dataset"],
+                       "split_hashes": {s: hashes[s] for s in ("train", "validation", "test") if s in hashes},
+                       "split_sizes": split_sizes, "method": meta.get("method"),
+                       "problem_type": meta.get("problem_type", "single_label"), "labels": list(meta["labels"]),
+                       "max_length": meta.get("max_length"), "pooling": meta.get("pooling"),
+                       "temperature": float(inputs["calib"].get("temperature", 1.0)),
+                       "variants": list(params.variants), "seed": meta.get("seed")},
+    }
+
+
+def data_section(meta: dict, inputs: dict, split_sizes: dict) -> list[str]:
+    hashes, manifest, audit = inputs["hashes"], inputs["manifest"], inputs["audit"]
+    n = sum(split_sizes.values())
+    out = ["## Training data", "",
+           f"{fmt(n)} labelled texts in {len(meta['labels'])} classes, split into "
+           + ", ".join(f"{fmt(v)} {k}" for k, v in split_sizes.items()) + ". "
+           "The test split was used only for the numbers below; the validation split chose the best epoch "
+           "and fitted the calibration.", "",
+           f"- Dataset version (content hash of every split and the label list): `{hashes['dataset']}`",
+           "- Labels: " + ", ".join(f"`{lab}`" for lab in meta["labels"])]
+    if manifest:
+        removed = manifest.get("removed_total")
+        out.append(f"- Before the label audit: deduplicated dataset `{manifest.get('dataset_sha256')}`"
+                   + (f", {fmt(removed)} duplicate or leaking rows removed by dedupe" if removed is not None else ""))
+    if audit:
+        am = audit.get("metrics", audit)
+        acted = am.get("rows_acted_on")
+        acted_text = ", ".join(f"{v} {k}" for k, v in acted.items()) if isinstance(acted, dict) else fmt(acted)
+        out.append(f"- Label audit ({audit.get('flag_rule', 'n/a')}): Issues found: {am.get('issues_found', 'n/a')}; "
+                   f"action `{(audit.get('params') or {}).get('action', 'n/a')}` ({acted_text})")
+    else:
+        out.append("- No label-audit summary was given to export (`--audit`).")
+    return out + [""]
+
+
+def dapt_section(dapt: dict | None) -> list[str]:
+    out = ["### Domain-adaptive pre-training (DAPT)", ""]
+    if dapt is None:
+        return out + ["No DAPT summary was given to export (`--dapt`).", ""]
+    m = dapt.get("metrics") or {}
+    if not m.get("enabled", True) or dapt.get("pass_through"):
+        return out + ["DAPT was off: the encoder is the base model, unchanged.", ""]
+    corpus, p = dapt.get("corpus") or {}, dapt.get("params") or {}
+    files = ", ".join(f"`{f}`" for f in corpus.get("files", [])) or "none"
+    out += [f"Before fine-tuning, the encoder continued masked-language-model pre-training on the domain's own "
+            f"texts: the training split plus {files} ({fmt(corpus.get('used'))} texts after removing "
+            f"{fmt(corpus.get('removed', 0))} blank, duplicate or evaluation-matching lines).", "",
+            f"- Steps: {fmt(m.get('steps'))} ({fmt(m.get('epochs'), 2)} epochs of {fmt(m.get('train_blocks'))} "
+            f"{p.get('block_size', '?')}-token blocks), batch size {p.get('batch_size', '?')}, "
+            f"learning rate {p.get('lr', '?')}, masking rate {p.get('mlm_probability', '?')}",
+            f"- Held-out perplexity ({fmt(m.get('heldout_texts'))} texts never trained on): "
+            f"{fmt(m.get('perplexity_before'), 1)} before, {fmt(m.get('perplexity_after'), 1)} after",
+            f"- Time: {fmt(m.get('seconds'), 0)} s", ""]
+    return out
+
+
+def training_section(meta: dict, inputs: dict) -> list[str]:
+    ft = (meta.get("params") or {}).get("finetune") or {}
+    method = meta.get("method") or ft.get("method")
+    keys = METHOD_PARAMS.get(method, ())
+    calib = inputs["calib"]
+    out = ["## Training procedure", "", *dapt_section(inputs["dapt"]), "### Fine-tuning", "",
+           f"Method: {METHOD_TEXT.get(method, method)}, {meta.get('pooling')} pooling, inputs truncated to "
+           f"{meta.get('max_length')} tokens.", ""]
+    out += [f"- {k}: {', '.join(map(str, ft[k])) if isinstance(ft[k], (list, tuple)) else ft[k]}"
+            for k in keys if k in ft and ft[k] not in ((), [], None)]
+    if meta.get("best_epoch") is not None:
+        out.append(f"- Best epoch on validation macro-F1: {meta['best_epoch']} (seed {meta.get('seed')})")
+    out += ["", "### Calibration", ""]
+    if calib.get("method") == "temperature":
+        out.append(f"Temperature scaling fitted on the validation split: T = {fmt(calib['temperature'])}. Every "
+                   "variant returns softmax(logits / T) as its probabilities.")
+    else:
+        out.append("Per-label decision thresholds tuned on the validation split (model.json `thresholds`).")
+    commit = git_commit()
+    out += ["", "### Environment", "",
+            f"- Hardware (export): {cpu_name()}, {_cores()} cores available",
+            "- Frameworks: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+            f"- Code commit at export: `{commit}`" if commit else "- Code commit: not a git checkout",
+            "- Version tag: given at release (`domaintune versions` lists the tag of this commit)", ""]
+    return out
+
+
+def _cores() -> int:
+    from domaintune.export.artifacts import thread_count
+
+    return thread_count()
+
+
+def evaluation_section(inputs: dict) -> list[str]:
+    from domaintune.evaluate.report import md_table
+
+    em = inputs["eval_metrics"]
+    after, before = em.get("after", {}), em.get("before", {})
+    names = {"accuracy": "accuracy", "macro_f1": "macro-F1", "weighted_f1": "weighted F1", "nll": "log loss",
+             "brier": "Brier score", "ece": "ECE"}
+    rows = [{"metric": n, "before calibration": fmt(before.get(k), 4), "after calibration": fmt(after[k], 4)}
+            for k, n in names.items() if k in after]
+    out = ["## Evaluation (test split)", "", md_table(pd.DataFrame(rows))]
+    if "seeds" in em:
+        s = em["seeds"]
+        out += [f"Across {s['n']} seeds (after calibration): accuracy {fmt(s['mean']['accuracy'], 4)} ± "
+                f"{fmt(s['std']['accuracy'], 4)}, macro-F1 {fmt(s['mean']['macro_f1'], 4)} ± "
+                f"{fmt(s['std']['macro_f1'], 4)}.", ""]
+    pc = inputs["per_class"]
+    if pc is not None and len(pc):
+        table = pd.DataFrame({"class": pc["class"], "precision": pc["precision"].map(lambda v: fmt(v)),
+                              "recall": pc["recall"].map(lambda v: fmt(v)), "F1": pc["f1"].map(lambda v: fmt(v)),
+                              "test examples": pc["support"].astype(int)})
+        out += ["### Per class", "", md_table(table)]
+    return out
+
+
+def variants_section(variants: dict, merge_check: dict, params) -> list[str]:
+    from domaintune.evaluate.report import md_table
+
+    rows = [{"variant": k, "folder": VARIANT_TEXT[k].split(" ", 1)[0], "accuracy": pct(v["accuracy"]),
+             "macro-F1": fmt(v["macro_f1"]), "ECE": fmt(v["ece"]),
+             "agrees with float32": pct(v.get("agreement_with_float32")), "size (MB)": f"{v['size_bytes'] / 1e6:.1f}",
+             "ms/text, batch " + str(params.batch_size): f"{v['batched_ms_per_text']:.1f}",
+             "ms, one text (p50)": "n/a" if v.get("single_text_p50_ms") is None else f"{v['single_text_p50_ms']:.1f}"}
+            for k, v in variants.items() if k in VARIANT_TEXT]
+    out = ["## Variants", "", "Every variant was reloaded from disk and re-scored on the test split; the export "
+           f"fails if one loses more than {params.max_accuracy_drop:g} points of accuracy or adds more than "
+           f"{params.max_ece_increase:g} points of ECE against float32. Latency was measured on the export "
+           "machine (above) and is only a guide for yours.", "", md_table(pd.DataFrame(rows))]
+    out += [f"- {VARIANT_TEXT[k]}" for k in variants if k in VARIANT_TEXT]
+    if merge_check["had_adapter"]:
+        out.append(f"- The LoRA adapter was merged into the encoder; merged and unmerged logits differ by at most "
+                   f"{merge_check['max_abs_diff']:.1e} on {merge_check['texts']} test texts.")
+    return out + [""]
+
+
+def usage_section(meta: dict, variants) -> list[str]:
+    out = ["## How to use", "",
+           "The root folder is not a `transformers` model (`AutoModelForSequenceClassification` refuses it rather "
+           "than load a random head): use domaintune, or the ONNX variants with plain onnxruntime.", "",
+           "With domaintune (`pip install` this project), from the folder that holds `models/export`:", "",
+           "```python", "from domaintune.predict import Predictor", ""]
+    best = "onnx-int8" if "onnx-int8" in variants else "float32"
+    out.append(f'p = Predictor.load("models/export", variant="{best}")')
+    others = [f'variant="{v}"' + (" (the default)" if v == "float32" else "") for v in variants if v != best]
+    if others:
+        out.append("# the other exported variants: " + ", ".join(others))
+    out += ['probs = p.predict_proba(["example text"])    # calibrated, columns in p.labels order',
+            'labels = p.predict(["example text"])', "```", "",
+            "Or on the command line: `domaintune predict texts.csv --out predictions.jsonl --variant "
+            f"{'onnx-int8' if 'onnx-int8' in variants else 'float32'}`.", ""]
+    onnx = [v for v in ("onnx", "onnx-int8") if v in variants]
+    if onnx:
+        out += ["Without domaintune: onnxruntime + tokenizers + numpy only. The graph takes `input_ids` and "
+                "`attention_mask` and returns `probabilities` (already calibrated) and `logits`:", "",
+                "```python", "import json", "", "import numpy as np", "import onnxruntime as ort",
+                "from tokenizers import Tokenizer", "",
+                f'folder = "models/export/{onnx[-1]}"',
+                'config = json.load(open(f"{folder}/config.json"))',
+                'tokenizer = Tokenizer.from_file(f"{folder}/tokenizer.json")',
+                'tokenizer.enable_truncation(config["domaintune"]["max_length"])',
+                'tokenizer.enable_padding(pad_id=config.get("pad_token_id") or 0)',
+                'session = ort.InferenceSession(f"{folder}/model.onnx", providers=["CPUExecutionProvider"])',
+                'texts = ["example text"]', "batch = tokenizer.encode_batch(texts)",
+                'feed = {"input_ids": np.array([e.ids for e in batch], dtype=np.int64),',
+                '        "attention_mask": np.array([e.attention_mask for e in batch], dtype=np.int64)}',
+                'probs, logits = session.run(["probabilities", "logits"], feed)',
+                'print([config["id2label"][str(i)] for i in probs.argmax(axis=1)], probs.max(axis=1))',
+                "```", ""]
+    return out
+
+
+def model_card(meta: dict, inputs: dict, split_sizes: dict, variants: dict, merge_check: dict, params) -> str:
+    import yaml
+
+    front = front_matter(meta, inputs, split_sizes, params)
+    problem = meta.get("problem_type", "single_label").replace("_", "-")
+    out = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+           "# domaintune classifier", "",
+           f"A calibrated {problem} text classifier over {len(meta['labels'])} labels, fine-tuned from "
+           f"`{meta['base_model']}`"
+           + (" after domain-adaptive pre-training" if (inputs["dapt"] or {}).get("metrics", {}).get("enabled")
+              else "") + ". Weights are safetensors and ONNX only; no pickle, no remote code.", ""]
+    out += data_section(meta, inputs, split_sizes)
+    out += training_section(meta, inputs)
+    out += evaluation_section(inputs)
+    out += variants_section(variants, merge_check, params)
+    out += usage_section(meta, [v for v in params.variants])
+    out += ["## Intended use", "", params.intended_use, "", "## Limitations", "",
+            f"- Knows only the {len(meta['labels'])} labels above; every input is forced into one of them "
+            "(single-label), so out-of-scope texts still get a label. Route low-confidence predictions to a person.",
+            f"- Inputs longer than {meta.get('max_length')} tokens are truncated.",
+            "- The calibration was fitted on the validation split; it holds only while incoming texts look like "
+            "the training data. Watch the drift report.",
+            f"- Test metrics come from {fmt(split_sizes.get('test', 0))} rows; small classes have wide error bars."]
+    pc = inputs["per_class"]
+    if pc is not None and len(pc):
+        worst = pc.sort_values(["f1", "class"], kind="stable").head(3)
+        out.append("- Weakest classes on test (F1): " +
+                   ", ".join(f"`{r['class']}` {fmt(r['f1'])} (n={int(r['support'])})" for _, r in worst.iterrows()))
+    return "\n".join(out) + "\n"

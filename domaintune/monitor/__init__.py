@@ -1,0 +1,11 @@
+"""Monitoring: drift statistics, baselines, verdicts and reports.
+
+- drift.py       reference profiles and batch verdicts (the drift stage and `domaintune monitor`)
+- stats.py       two-sample tests with calibrated nulls; the label-free accuracy estimate
+- generation.py  the drift baseline of a causal-LM export
+- monitoring.py  `domaintune monitor`: batches, folders, history, review queue, alarms
+- report.py      the monitor's HTML report
+
+Nothing is imported here: import the module you need, so a stage (and its DVC deps) loads only
+what it uses and the CLI answers --help at once.
+"""

@@ -1,0 +1,355 @@
+"""`domaintune monitor`: judge a batch (or a folder of incoming batches) against the drift baseline.
+
+One-shot calls run in-process, with no Prefect server: arguments and the batch file are checked
+first (bad input: one line, exit 2, within a second), then the model loads once and the batch is
+profiled and judged (domaintune.drift). With PREFECT_API_URL set, or --flow, the same work runs as
+the Prefect flow in pipelines/monitor.py and shows in the UI. Prefect and evidently telemetry is
+off unless the environment turns it on.
+
+Per batch, written to --out (replaced atomically): verdict.json and report.html (verdict first,
+domaintune.monitor_report). Then, outside --out:
+  --history       one CSV row per verdict (time, batch, drift, estimated accuracy and its CI, the
+                  reference accuracy, smallest p-value): `dvc plots show` draws it (dvc.yaml)
+  --review-queue  the batch's texts under drift.review_below confidence, as CSV rows ingest reads
+                  (id, text, label left empty for a reviewer, predicted label, confidence)
+  alarm           on drift: drift.alarm_command (or --alarm-command) is run with the verdict.json
+                  path as its last argument; drift.alarm_webhook (or --alarm-webhook) gets the
+                  verdict POSTed as JSON
+--watch FOLDER judges every batch file there that the history does not list yet (by content
+hash), oldest name first: what the scheduled monitor deployment runs on its cron.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+BATCH_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
+HISTORY_COLUMNS = ("time", "index", "batch", "sha256", "rows", "drift", "estimated_accuracy", "accuracy_low",
+                   "accuracy_high", "reference_accuracy", "min_p_value", "drifted", "alarm", "error")
+REVIEW_COLUMNS = ("id", "text", "label", "predicted_label", "confidence", "batch")
+
+
+def telemetry_off() -> None:
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+
+
+def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
+    """The texts of a batch file: .txt (one per line) or anything ingest reads (csv, tsv, jsonl,
+    parquet), with ingest's row numbering and undecodable-byte reporting."""
+    from domaintune.core.errors import DataError
+    from domaintune.data.sources import read_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, None, "batch file not found" if not path.exists() else "not a file")
+    if path.suffix.lower() == ".txt":
+        texts = _read_lines(path)
+        rows = list(range(1, len(texts) + 1))
+    else:
+        table = read_file(path)
+        if text_column not in table.frame.columns:
+            raise DataError(path, None, text_column, f"column missing; columns are {list(table.frame.columns)}")
+        for i, problems in sorted(table.bad.items()):
+            for field, _, detail in problems:
+                if field in (None, text_column):
+                    raise DataError(path, table.rows[i], field or text_column, detail)
+        texts, rows = table.frame[text_column].tolist(), table.rows
+    for text, row in zip(texts, rows):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(path, row, text_column, "empty or missing text")
+    if len(texts) < 2:
+        raise DataError(path, None, text_column, f"need at least 2 texts to test for drift, got {len(texts)}")
+    return texts
+
+
+def _read_lines(path: Path) -> list[str]:
+    """One text per line of a UTF-8 file (a BOM is dropped); bad bytes are a DataError naming the line."""
+    from domaintune.core.errors import DataError
+
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(path, line, None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                                          "save the file as UTF-8") from None
+    return text.splitlines()
+
+
+def check_arguments(batch: str | None, repo: str = ".", baseline: str = "models/drift_baseline",
+                    model: str = "models/export", out: str = "reports/monitor", text_column: str = "text",
+                    watch: str | None = None) -> list[str]:
+    """Everything that can be checked before Prefect or a model loads: the folders exist, --out is not
+    a file, params.yaml's drift section is valid, and the batch reads. Returns the texts ([] for --watch)."""
+    from domaintune.core.errors import DataError
+    from domaintune.core.params import load_params
+
+    root = Path(repo)
+    for flag, value in (("--baseline", baseline), ("--model", model)):
+        if not (root / value).is_dir():
+            raise DataError(root / value, None, None, f"{flag}: no such folder; run the pipeline (dvc repro) first")
+    if (root / out).exists() and not (root / out).is_dir():
+        raise DataError(root / out, None, None, "--out: exists and is not a folder")
+    load_params(root / "params.yaml", "drift")  # a bad params.yaml fails here, naming file and key
+    if watch is not None:
+        if not (root / watch).is_dir():
+            raise DataError(root / watch, None, None, "--watch: no such folder")
+        return []
+    return read_batch(root / batch, text_column)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def judge_texts(texts: Sequence[str], baseline_dir: str | Path, predictor, params, out: str | Path,
+                batch_name: str, details: bool = True, timings: dict | None = None, renderer=None):
+    """Profile + judge one batch, write verdict.json and report.html into `out` (atomically).
+    Returns (verdict, profile). `timings`, when given, receives the seconds of each phase; `renderer`
+    (a monitor_report.DetailsProcess) renders evidently's details out of process."""
+    from domaintune.core.errors import DataError
+    from domaintune.core.io import atomic_output, write_json
+    from domaintune.monitor.drift import PRED_COLUMN, Baseline, judge, validation_frame
+    from domaintune.monitor.report import write_report
+
+    clock = [time.perf_counter()]
+    timings = {} if timings is None else timings
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = now - clock[0]
+        clock[0] = now
+
+    baseline = Baseline(baseline_dir)
+    if list(predictor.labels) != baseline.labels:
+        raise DataError(Path(baseline_dir) / "profile.json", None, "labels",
+                        "served model's labels differ from the baseline's; rebuild the baseline (drift stage)")
+    lap("load_baseline_s")
+    prof = baseline.profile_batch(predictor, texts)
+    lap("profile_s")
+    verdict = judge(baseline, prof, params)
+    verdict["batch"] = str(batch_name)
+    verdict["review_below"] = params.review_below
+    # no label set (base.task generation): the confidence column is prompt familiarity, not a probability of
+    # being right, so nothing is queued for review
+    verdict["review_queued"] = int((prof.frame["confidence"] < params.review_below).sum()) if baseline.labels else 0
+    lap("judge_s")
+    numeric = [c for c in baseline.profile["numeric_features"] if c in prof.frame.columns]
+    with atomic_output(out) as tmp:
+        tmp.mkdir(parents=True)
+        write_json(tmp / "verdict.json", verdict)
+        ref = validation_frame(baseline) if details else None
+        write_report(verdict, tmp / "report.html", ref, prof.frame if details else None, numeric,
+                     PRED_COLUMN if baseline.labels else None, renderer)
+    lap("report_s")
+    return verdict, prof
+
+
+def append_history(path: Path, verdict: dict | None, batch: str, sha: str, alarm: str = "", error: str = "") -> None:
+    """One CSV row per judged batch (header written with the first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    index = 0 if new else sum(1 for _ in path.open(encoding="utf-8")) - 1
+    acc = (verdict or {}).get("accuracy") or {}
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "index": index, "batch": batch,
+           "sha256": sha, "rows": (verdict or {}).get("rows", ""),
+           "drift": "" if verdict is None else int(verdict["drift"]),
+           "estimated_accuracy": acc.get("estimated", ""), "accuracy_low": acc.get("ci_low", ""),
+           "accuracy_high": acc.get("ci_high", ""), "reference_accuracy": acc.get("reference_measured", ""),
+           "min_p_value": min(verdict["p_values"].values()) if verdict else "",
+           "drifted": " ".join(s for s, v in (verdict or {}).get("signals", {}).items() if v["drifted"]),
+           "alarm": alarm, "error": error}
+    with path.open("a", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def seen_hashes(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    with path.open(encoding="utf-8", newline="") as fh:
+        return {row["sha256"] for row in csv.DictReader(fh)}
+
+
+def append_review_queue(path: Path, prof, below: float, batch: str, sha: str) -> int:
+    """The batch's texts under `below` confidence, in ingest's CSV format (label empty until reviewed).
+    Ids are <batch sha256 prefix>:<row>, so a re-queued batch cannot collide with another."""
+    from domaintune.monitor.drift import CONF_COLUMN, PRED_COLUMN
+
+    conf = prof.frame[CONF_COLUMN].to_numpy()
+    rows = [i for i in range(len(prof.texts)) if conf[i] < below]
+    if not rows:
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        if new:
+            w.writerow(REVIEW_COLUMNS)
+        for i in rows:
+            w.writerow([f"{sha[:12]}:{i + 1}", prof.texts[i], "", prof.frame[PRED_COLUMN].iat[i],
+                        f"{conf[i]:.4f}", batch])
+    return len(rows)
+
+
+def raise_alarm(verdict_path: Path, verdict: dict, command: str, webhook: str) -> str:
+    """Run the alarm command (verdict.json path appended) and/or POST the verdict; returns what happened.
+    A failing alarm is reported, never fatal: the verdict is already written."""
+    import shlex
+    import subprocess
+
+    done = []
+    if command:
+        try:
+            proc = subprocess.run([*shlex.split(command), str(verdict_path)], capture_output=True, text=True,
+                                  timeout=120)
+            done.append(f"command exit {proc.returncode}")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            done.append(f"command failed: {exc}")
+    if webhook:
+        import urllib.request
+
+        req = urllib.request.Request(webhook, data=json.dumps(verdict).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=15) as resp:  # noqa: S310 - URL from the user's params
+                done.append(f"webhook HTTP {resp.status}")
+        except OSError as exc:
+            done.append(f"webhook failed: {exc}")
+    for line in done:
+        if "failed" in line or ("exit" in line and not line.endswith(" 0")):
+            print(f"monitor: alarm {line}", file=sys.stderr)
+    return "; ".join(done)
+
+
+def _settings(args, root: Path, params) -> dict:
+    return {"baseline": root / args.baseline, "model": root / args.model, "out": root / args.out,
+            "history": root / args.history, "review_queue": root / args.review_queue,
+            "alarm_command": args.alarm_command if args.alarm_command is not None else params.alarm_command,
+            "alarm_webhook": args.alarm_webhook if args.alarm_webhook is not None else params.alarm_webhook,
+            "text_column": args.text_column}
+
+
+def monitor_file(path: Path, texts: Sequence[str] | None, predictor, params, s: dict, out: Path) -> dict:
+    """Judge one batch file end to end: verdict + report in `out`, history row, review queue, alarm."""
+    sha = file_sha256(path)
+    texts = read_batch(path, s["text_column"]) if texts is None else texts
+    verdict, prof = judge_texts(texts, s["baseline"], predictor, params, out, str(path), renderer=s.get("details"))
+    if predictor.labels:
+        append_review_queue(s["review_queue"], prof, params.review_below, str(path), sha)
+    alarm = raise_alarm(out / "verdict.json", verdict, s["alarm_command"], s["alarm_webhook"]) if verdict["drift"] \
+        else ""
+    append_history(s["history"], verdict, str(path), sha, alarm)
+    return verdict
+
+
+def monitor_folder(folder: Path, predictor, params, s: dict) -> list[dict]:
+    """Judge every batch file in `folder` the history does not list yet (by content hash), oldest name
+    first; each gets its own report folder <out>/<file stem>. A bad file is a history row with its
+    error (and a line on stderr), so it is neither retried forever nor silently dropped."""
+    from domaintune.core.errors import DataError
+
+    seen = seen_hashes(s["history"])
+    verdicts = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in BATCH_SUFFIXES):
+        sha = file_sha256(path)
+        if sha in seen:
+            continue
+        seen.add(sha)
+        try:
+            verdicts.append(monitor_file(path, None, predictor, params, s, s["out"] / path.stem))
+        except DataError as exc:
+            print(f"monitor: {exc}", file=sys.stderr)
+            append_history(s["history"], None, str(path), sha, error=str(exc))
+    return verdicts
+
+
+def run_local(args, texts: list[str], root: Path) -> list[dict]:
+    """The one-shot (or one watch pass) in this process: load the model once, judge."""
+    from domaintune.core.device import stage_device
+    from domaintune.core.params import load_params
+    from domaintune.modeling.encoders import set_threads
+    from domaintune.monitor.drift import load_served_model
+    from domaintune.monitor.report import DetailsProcess
+
+    base, params = load_params(root / "params.yaml", "base", "drift")
+    s = _settings(args, root, params)
+    s["details"] = DetailsProcess()  # imports evidently on the other core while the model loads
+    try:
+        set_threads()
+        predictor = load_served_model(s["model"], params.batch_size, stage_device(base))
+        if args.watch:
+            return monitor_folder(root / args.watch, predictor, params, s)
+        return [monitor_file(root / args.batch, texts, predictor, params, s, s["out"])]
+    finally:
+        s["details"].close()
+
+
+def use_flow(args) -> bool:
+    return bool(getattr(args, "flow", False) or os.environ.get("PREFECT_API_URL"))
+
+
+def run_from_args(args, flow_runner=None) -> int:
+    """`domaintune monitor`: check, then judge in-process, or with --flow / PREFECT_API_URL through
+    `flow_runner(args) -> verdicts` (pipelines/cli.py passes the Prefect flows of pipelines/monitor.py;
+    domaintune/ never imports pipelines/). Bad input raises DataError/ParamsError (one line, exit 2).
+    Returns 1 on drift."""
+    telemetry_off()
+    root = Path(args.repo)
+    texts = check_arguments(args.batch, args.repo, args.baseline, args.model, args.out, args.text_column, args.watch)
+    if use_flow(args) and flow_runner is not None:
+        verdicts = flow_runner(args)
+    else:
+        verdicts = run_local(args, texts, root)
+    for v in verdicts:
+        print(summary_line(v))
+    if not args.watch:
+        print(f"report: {root / args.out / 'report.html'}")
+    elif not verdicts:
+        print(f"no new batches in {root / args.watch}")
+    return 1 if any(v["drift"] for v in verdicts) else 0
+
+
+def summary_line(v: dict) -> str:
+    acc = v.get("accuracy")
+    est = "" if not acc else (f"; estimated accuracy {acc['estimated']:.3f} ({acc['ci_low']:.3f}-{acc['ci_high']:.3f})"
+                              f" vs {acc['reference_measured']:.3f} on the reference")
+    small = [name for name, s in v.get("signals", {}).items() if s.get("significant") and not s["drifted"]]
+    head = ("DRIFT: " + "; ".join(v["reasons"])) if v["drift"] else \
+        (f"no drift: {v['rows']} texts, no signal both significant at {v['false_alarm_rate']} overall and "
+         f"at least drift.min_effect {v.get('min_effect', 0):g} in effect"
+         + (f" ({', '.join(small)} significant, effect too small)" if small else ""))
+    return f"{v['batch']}: {head}{est}"
+
+
+def add_arguments(p) -> None:
+    """The `domaintune monitor` options (pipelines/cli.py)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--batch", help="file of new texts: csv, tsv, jsonl or parquet with a text column, or txt with "
+                     "one text per line (UTF-8)")
+    src.add_argument("--watch", help="folder of incoming batch files: judge each one the history does not list yet")
+    p.add_argument("--baseline", default="models/drift_baseline", help="drift baseline folder (the drift stage's out)")
+    p.add_argument("--model", default="models/export", help="exported model folder whose predictions are compared")
+    p.add_argument("--out", default="reports/monitor", help="folder for report.html and verdict.json (replaced); "
+                   "with --watch, one subfolder per batch file")
+    p.add_argument("--text-column", default="text", help="column holding the texts (not used for .txt)")
+    p.add_argument("--history", default="reports/monitor_history.csv",
+                   help="CSV every verdict is appended to (`dvc plots show` draws it)")
+    p.add_argument("--review-queue", default="data/review_queue.csv",
+                   help="CSV (ingest's format) the low-confidence texts are appended to")
+    p.add_argument("--alarm-command", default=None, help="run on drift with verdict.json's path appended "
+                   "(default: params.yaml drift.alarm_command)")
+    p.add_argument("--alarm-webhook", default=None, help="URL the verdict is POSTed to on drift "
+                   "(default: params.yaml drift.alarm_webhook)")
+    p.add_argument("--flow", action="store_true", help="run as a Prefect flow (also when PREFECT_API_URL is set); "
+                   "default: in-process, no Prefect server")

@@ -1,0 +1,9 @@
+"""Prediction: one loader for every export of every task, and batch prediction over files.
+
+- predictor.py   Predictor: calibrated predictions from a classifier export
+- generation.py  GenerationPredictor: a causal-LM export behind the same interface
+- batch.py       `domaintune predict` over files: readers, writers, bad-row policy
+
+Nothing is imported here: import the module you need, so a stage (and its DVC deps) loads only
+what it uses and the CLI answers --help at once.
+"""

@@ -1,0 +1,95 @@
+"""Calibrated predictions from an exported model: what flows, drift monitoring and serving call.
+
+    from domaintune.predict import Predictor
+    p = Predictor.load("models/export")            # or variant="int8", "onnx", "onnx-int8"
+    probs = p.predict_proba(["my card was charged twice"])   # calibrated, rows sum to 1
+    labels = p.predict(["my card was charged twice"])
+
+An exported folder (stages/export.py) carries its calibration in model.json:
+`temperature` (single-label: probabilities are softmax(logits / T)) or
+`thresholds` (multi-label: per-label sigmoid cut-offs). A folder without them
+(e.g. models/finetuned) can be given the evaluate stage's calibration.json.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from domaintune.core.errors import DataError
+from domaintune.core.io import read_json
+from domaintune.data.dataset import LABEL_SEPARATOR
+
+
+class Predictor:
+    def __init__(self, runner, meta: dict, temperature: float = 1.0, thresholds: dict | None = None,
+                 batch_size: int = 64, variant: str = "float32"):
+        self.runner, self.meta, self.variant = runner, meta, variant
+        self.model, self.tokenizer = runner.model, runner.tokenizer  # model is None for ONNX variants
+        self.labels: list[str] = list(meta["labels"])
+        self.problem_type: str = meta.get("problem_type", "single_label")
+        self.max_length = int(meta.get("max_length", 128))
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.temperature = float(temperature)
+        thr = thresholds or {}
+        self.thresholds = np.array([float(thr.get(lab, 0.5)) for lab in self.labels])
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, variant: str = "float32",
+             calibration: str | os.PathLike | None = None, dynamic_int8: bool = False,
+             batch_size: int = 64) -> "Predictor":
+        """variant: float32 (alias float), int8, onnx or onnx-int8 (domaintune.export.artifacts.VARIANTS)."""
+        from domaintune.export.artifacts import canonical_variant, load_variant
+
+        model_dir = Path(model_dir)
+        variant = canonical_variant(variant)
+        runner, meta = load_variant(model_dir, variant, dynamic_int8=dynamic_int8)
+        cal = meta  # an exported model.json carries temperature/thresholds itself
+        if calibration:
+            path = Path(calibration)
+            cal = read_json(path / "calibration.json" if path.is_dir() else path)
+        if calibration and cal.get("labels") and list(cal["labels"]) != list(meta["labels"]):
+            raise ValueError(f"{calibration}: calibration was fitted for labels {cal['labels']}, "
+                             f"model has {meta['labels']}")
+        t = cal.get("temperature")
+        t = 1.0 if t is None else t  # uncalibrated (e.g. finetune's own folder)
+        source = calibration or model_dir / "model.json"
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise DataError(source, None, "temperature", f"must be a positive number, got {t!r}")
+        return cls(runner, meta, float(t), cal.get("thresholds"), batch_size, variant)
+
+    def logits(self, texts: Sequence[str], mean_pooled: bool = False):
+        """Raw logits; mean_pooled=True also returns the mean-pooled text vectors of the same pass (torch only)."""
+        return self.runner.logits(list(texts), self.batch_size, self.max_length, mean_pooled)
+
+    def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
+        from domaintune.evaluate.calibration import sigmoid, softmax
+
+        if self.problem_type == "multi_label":
+            return sigmoid(logits)
+        return softmax(logits, self.temperature)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Calibrated probabilities [n, num_labels] (columns in self.labels order)."""
+        return self.proba_from_logits(self.logits(texts))
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        """Label names; multi-label predictions are the labels over their thresholds, joined by LABEL_SEPARATOR."""
+        return self.labels_from_proba(self.predict_proba(texts))
+
+    def labels_from_proba(self, probs: np.ndarray) -> list[str]:
+        if self.problem_type == "multi_label":
+            return [LABEL_SEPARATOR.join(lab for lab, on in zip(self.labels, row) if on)
+                    for row in probs >= self.thresholds]
+        return [self.labels[i] for i in probs.argmax(axis=1)]
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """The k most probable labels of each row, highest first, with their calibrated probabilities."""
+        k = max(1, min(int(k), len(self.labels)))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.labels[j], float(row[j])) for j in idx] for row, idx in zip(probs, order)]

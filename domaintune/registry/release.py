@@ -1,0 +1,188 @@
+"""Materialise a published version's model outside the workspace, every file verified.
+
+    from domaintune import release
+    rel = release.materialise(root)              # the served version (GTO stage prod)
+    rel = release.materialise(root, "v1.2.0")    # any published version
+    Predictor.load(rel.path, variant="float")
+
+A version's `models/export` is rebuilt from the DVC cache (objects fetched from
+the DVC remote when missing) into `<repo>/.domaintune/releases/<tag>/models/export`
+(git-ignored), reading the out's md5 from the version's dvc.lock at its commit.
+As rollback does, every cache object and every copied file is checked against
+the md5 DVC named it by (and, for a directory, the .dir manifest): a mismatch
+raises ReleaseError naming the file, and nothing half-written is left behind.
+The workspace (params.yaml, dvc.lock, models/, data/) is never read or written,
+so a server or `predict --version` can use any version while a rollback or a
+retrain runs. A folder materialised earlier is re-verified on every call and
+rebuilt if anything in it changed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from domaintune.registry import versions as registry
+
+EXPORT_OUT = "models/export"
+RELEASES_DIR = Path(".domaintune") / "releases"
+
+
+class ReleaseError(registry.RegistryError):
+    """A version cannot be materialised: not published, or a file fails verification."""
+
+
+@dataclass
+class Release:
+    version: registry.Version
+    path: Path          # the materialised out (a folder for models/export)
+    files: int          # files verified
+
+    @property
+    def tag(self) -> str:
+        return self.version.tag
+
+    @property
+    def dataset_hash(self) -> str | None:
+        return self.version.record.get("dataset_hash")
+
+    @property
+    def metrics(self) -> dict:
+        return self.version.record.get("metrics") or {}
+
+    def info(self) -> dict:
+        return {"tag": self.tag, "version": self.version.version, "commit": self.version.commit,
+                "dataset_hash": self.dataset_hash, "metrics": self.metrics, "path": str(self.path)}
+
+
+def releases_dir(root: Path) -> Path:
+    folder = Path(root) / RELEASES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    ignore = folder.parent / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("*\n")  # .domaintune/ never shows up in git status
+    return folder
+
+
+def resolve(root: Path, name: str | None = None) -> registry.Version:
+    """The named version (v1.2.0, v1, domaintune@v1.2.0) or, for None, the served one."""
+    if name is None:
+        served = registry.served_version(root)
+        if served is None:
+            raise ReleaseError(f"{root}: no version is served (GTO stage {registry.SERVED_STAGE!r} is empty); "
+                               "publish one with `domaintune retrain`, or serve a folder with --model models/export")
+        name = served
+    return registry.get_version(root, name)
+
+
+def materialise(root: str | os.PathLike, name: str | None = None, out: str = EXPORT_OUT,
+                dest: str | os.PathLike | None = None, fetch: bool = True) -> Release:
+    """`out` of version `name` (default: the served one) as a verified folder outside the workspace."""
+    root = Path(root).resolve()
+    version = resolve(root, name)
+    entry = _lock_entry(root, version, out)
+    cache = registry.cache_dir(root)
+    files = _verified_objects(root, version, entry, cache, fetch)
+    base = Path(dest) if dest is not None else releases_dir(root)
+    target = base / version.tag / entry.path
+    if target.exists():
+        problems = _check_folder(target, files) if entry.is_dir else _check_file(target, entry.md5)
+        if not problems:
+            return Release(version, target, len(files))
+        shutil.rmtree(target) if target.is_dir() else target.unlink()  # changed since: rebuild from the cache
+    _copy_verified(cache, entry, files, target, version)
+    (base / version.tag / "release.json").write_text(json.dumps(
+        {"tag": version.tag, "commit": version.commit, "out": entry.path, "md5": entry.md5}, indent=2) + "\n")
+    return Release(version, target, len(files))
+
+
+def _lock_entry(root: Path, version: registry.Version, out: str) -> registry.Out:
+    outs = registry.lock_outs(root, version.commit)
+    for o in outs:
+        if o.path == out:
+            if o.in_git:
+                raise ReleaseError(f"{version.tag}: {out} is kept in git, not in the DVC cache")
+            return o
+    known = ", ".join(o.path for o in outs) or "none"
+    raise ReleaseError(f"{version.tag}: dvc.lock at {version.commit[:10]} has no out {out!r} (outs: {known})")
+
+
+def _verified_objects(root: Path, version: registry.Version, entry: registry.Out, cache: Path,
+                      fetch: bool) -> dict[str, str]:
+    """relpath -> md5 of every file of `entry`, after checking (and if need be fetching) its cache objects."""
+    missing, corrupted = registry.check_cache(root, [entry], cache)
+    if missing and fetch and not corrupted:
+        note = _fetch(root, version, entry)
+        missing, corrupted = registry.check_cache(root, [entry], cache)
+        if missing and note:
+            missing.append(f"fetch from the DVC remote: {note}")
+    if missing or corrupted:
+        raise ReleaseError(f"cannot materialise {version.tag}:\n  " + "\n  ".join(corrupted + missing))
+    if not entry.is_dir:
+        return {"": entry.md5}
+    manifest = json.loads(registry.cache_path(cache, entry.md5).read_text(encoding="utf-8"))
+    return {e["relpath"]: e["md5"] for e in manifest}
+
+
+def _fetch(root: Path, version: registry.Version, entry: registry.Out) -> str | None:
+    """Fetch the objects of `entry` at the version's commit from the default remote; what went wrong, if anything."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    remote = registry.default_remote(root)
+    if remote is None:
+        return "no DVC remote configured"
+    try:
+        with Repo(str(root)) as repo:
+            repo.fetch(targets=[entry.path], revs=[version.commit], workspace=False, remote=remote)
+    except DvcException as exc:
+        return f"{remote}: {exc}"
+    return None
+
+
+def _check_folder(folder: Path, files: dict[str, str]) -> list[str]:
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    problems = [f"{folder / rel}: not part of this version" for rel in sorted(present - set(files))]
+    for rel, md5 in files.items():
+        f = folder / rel
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif registry.md5_file(f) != md5:
+            problems.append(f"{f}: md5 differs from dvc.lock ({md5})")
+    return problems
+
+
+def _check_file(path: Path, md5: str) -> list[str]:
+    if not path.is_file():
+        return [f"{path}: missing"]
+    return [] if registry.md5_file(path) == md5 else [f"{path}: md5 differs from dvc.lock ({md5})"]
+
+
+def _copy_verified(cache: Path, entry: registry.Out, files: dict[str, str], target: Path,
+                   version: registry.Version) -> None:
+    """Copy the cache objects into a temporary folder next to `target`, verify each copy, rename into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        staged = tmp / "out"
+        problems = []
+        for rel, md5 in files.items():
+            dst = staged / rel if rel else staged
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(registry.cache_path(cache, md5), dst)
+            if registry.md5_file(dst) != md5:
+                problems.append(f"{entry.path}/{rel}: copy does not match its md5 {md5}")
+        if problems:
+            raise ReleaseError(f"cannot materialise {version.tag}:\n  " + "\n  ".join(problems))
+        try:
+            os.rename(staged, target)
+        except OSError:
+            # Another process materialised the same version meanwhile: keep its copy if it verifies.
+            again = _check_folder(target, files) if entry.is_dir else _check_file(target, entry.md5)
+            if again:
+                raise ReleaseError(f"cannot materialise {version.tag}:\n  " + "\n  ".join(again)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,340 @@
+"""The HTTP API of `domaintune serve` (FastAPI).
+
+KServe Open Inference Protocol v2 (model name "domaintune"):
+    GET  /v2/health/live, /v2/health/ready (details: version, last load failure, shadow)
+    GET  /v2/models/domaintune, /v2/models/domaintune/ready
+    POST /v2/models/domaintune/infer   one BYTES input tensor of texts ->
+         outputs label (BYTES), confidence (FP32), probabilities (FP32 [n, labels]; labels in its parameters)
+Plain JSON:
+    POST /predict {"texts": [...], "top_k": 3} -> labels, calibrated confidences, top-k
+    GET  /version   tag, commit, dataset hash, variant, metrics of the served (and shadow) model
+    GET  /metrics   Prometheus
+Every response names the model version in the X-Model-Version header (for predictions:
+the version that computed them). Bad input is answered with a JSON {"error", "field"}:
+413 for a body, text count or text length over the limits, 422 for malformed JSON,
+wrong types or empty lists - never a 5xx.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import Request  # module level: FastAPI resolves the endpoints' (string) annotations here
+
+from domaintune.serve.settings import MODEL_NAME, VERSION_HEADER, ServeSettings
+
+log = logging.getLogger("domaintune.serve")
+V2 = f"/v2/models/{MODEL_NAME}"
+KNOWN_PATHS = {"/predict", "/version", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready", V2,
+               f"{V2}/ready", f"{V2}/infer"}
+OUTPUT_NAMES = ("label", "confidence", "probabilities")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+    def body(self) -> dict:
+        return {"error": self.message, **({"field": self.field} if self.field else {})}
+
+
+async def read_json(request, limit: int):
+    """The request body parsed as JSON, refusing bodies over `limit` bytes before reading them all."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body is over the limit of {limit} bytes")
+    if not body.strip():
+        raise ApiError(422, "empty request body: expected a JSON object")
+    try:
+        return json.loads(bytes(body))
+    except UnicodeDecodeError:
+        raise ApiError(422, "request body is not UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(422, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise ApiError(422, "malformed JSON: nested too deeply") from None
+
+
+def check_texts(texts, field: str, settings) -> list[str]:
+    if not isinstance(texts, list):
+        raise ApiError(422, f"expected a list of strings, got {type(texts).__name__}", field)
+    if not texts:
+        raise ApiError(422, "empty list: give at least one text", field)
+    if len(texts) > settings.max_texts:
+        raise ApiError(413, f"{len(texts)} texts, the limit is {settings.max_texts} per request", field)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ApiError(422, f"expected a string, got {type(t).__name__}", f"{field}[{i}]")
+        if len(t) > settings.max_chars:
+            raise ApiError(413, f"{len(t)} characters, the limit is {settings.max_chars} per text", f"{field}[{i}]")
+    return texts
+
+
+def parse_predict(body, settings) -> tuple[list[str], int]:
+    if not isinstance(body, dict):
+        raise ApiError(422, f'expected a JSON object {{"texts": [...]}}, got {type(body).__name__}')
+    unknown = sorted(set(body) - {"texts", "top_k"})
+    if unknown:
+        raise ApiError(422, "unknown field (known: texts, top_k)", unknown[0])
+    if "texts" not in body:
+        raise ApiError(422, "missing field", "texts")
+    top_k = body.get("top_k", settings.top_k)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ApiError(422, f"expected a positive integer, got {top_k!r}", "top_k")
+    return check_texts(body["texts"], "texts", settings), top_k
+
+
+def parse_infer(body, settings) -> tuple[list[str], list[str], object]:
+    """(texts, requested output names, request id) of a v2 inference request."""
+    if not isinstance(body, dict):
+        raise ApiError(422, f"expected a JSON object, got {type(body).__name__}")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise ApiError(422, "expected exactly one input tensor object (BYTES, the texts)", "inputs")
+    tensor = inputs[0]
+    if tensor.get("datatype") != "BYTES":
+        raise ApiError(422, f"datatype must be BYTES, got {tensor.get('datatype')!r}", "inputs[0].datatype")
+    data = tensor.get("data")
+    if isinstance(data, list) and data and all(isinstance(d, list) and len(d) == 1 for d in data):
+        data = [d[0] for d in data]  # shape [n, 1] sent nested
+    texts = check_texts(data, "inputs[0].data", settings)
+    shape = tensor.get("shape")
+    if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+            and shape and int(np.prod(shape)) == len(texts) and all(s == 1 for s in shape[1:])):
+        raise ApiError(422, f"shape must be [{len(texts)}] or [{len(texts)}, 1] for {len(texts)} texts, "
+                            f"got {shape!r}", "inputs[0].shape")
+    wanted = list(OUTPUT_NAMES)
+    if body.get("outputs") is not None:
+        outs = body["outputs"]
+        if not isinstance(outs, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUT_NAMES
+                                                 for o in outs):
+            raise ApiError(422, f"each requested output must be an object naming one of {list(OUTPUT_NAMES)}",
+                           "outputs")
+        wanted = [o["name"] for o in outs] or wanted
+    return texts, wanted, body.get("id")
+
+
+def predictions(model, probs: np.ndarray, top_k: int) -> list[dict]:
+    labels = model.labels
+    decided = model.decide(probs)
+    k = min(top_k, len(labels))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [{"label": decided[i], "confidence": float(probs[i].max()),
+             "top_k": [{"label": labels[j], "probability": float(probs[i, j])} for j in order[i]]}
+            for i in range(len(probs))]
+
+
+def infer_outputs(model, probs: np.ndarray, wanted: list[str]) -> list[dict]:
+    n, k = probs.shape
+    tensors = {
+        "label": {"name": "label", "datatype": "BYTES", "shape": [n], "data": model.decide(probs)},
+        "confidence": {"name": "confidence", "datatype": "FP32", "shape": [n],
+                       "data": probs.max(axis=1).astype(np.float32).tolist()},
+        "probabilities": {"name": "probabilities", "datatype": "FP32", "shape": [n, k],
+                          "data": probs.astype(np.float32).ravel().tolist(), "parameters": {"labels": model.labels}},
+    }
+    return [tensors[name] for name in wanted]
+
+
+def model_metadata(model) -> dict:
+    platform = "onnxruntime" if model.variant.startswith("onnx") else "pytorch"
+    return {"name": MODEL_NAME, "versions": [model.version], "platform": platform,
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
+                        {"name": "confidence", "datatype": "FP32", "shape": [-1]},
+                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(model.labels)]}],
+            "parameters": {"labels": model.labels, "variant": model.variant}}
+
+
+def create_app(holder, settings, metrics, shadow_log=None):
+    """The FastAPI app around a ModelHolder that already has a model (holder.load_initial())."""
+    from fastapi import FastAPI
+
+    from domaintune.serve.batcher import MicroBatcher
+
+    batcher = MicroBatcher(holder, settings, metrics, shadow_log)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        holder.start_watching()
+        yield
+        await asyncio.to_thread(holder.stop)
+        await batcher.stop()
+        if shadow_log is not None:
+            shadow_log.close()
+
+    app = FastAPI(title="domaintune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.holder, app.state.batcher, app.state.metrics = holder, batcher, metrics
+    _add_plumbing(app, holder, metrics)
+    _add_v2_routes(app, holder, batcher, settings)
+    _add_plain_routes(app, holder, batcher, settings, metrics)
+    return app
+
+
+def _add_plumbing(app, holder, metrics) -> None:
+    """Errors as JSON, and per request: metrics and the version header."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        metrics.rejected.labels(str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    app.add_middleware(Observe, holder=holder, metrics=metrics)
+
+
+class Observe:
+    """Pure ASGI middleware (cheaper per request than BaseHTTPMiddleware): counts and times each
+    request, adds the version header where the endpoint did not, and turns an unexpected exception
+    into a logged JSON 500 so the server lives on."""
+
+    def __init__(self, app, holder, metrics):
+        self.app, self.holder, self.metrics = app, holder, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [0]
+
+        async def send_observed(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                headers = list(message.get("headers", []))
+                cur = self.holder.current
+                if cur is not None and not any(k.lower() == b"x-model-version" for k, _ in headers):
+                    headers.append((b"x-model-version", cur.version.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        except Exception as exc:  # noqa: BLE001 - a bug answers 500 in JSON and is logged, the server lives on
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            if status[0]:
+                raise  # the response had begun: nothing sane can be sent any more
+            from fastapi.responses import JSONResponse
+
+            await JSONResponse({"error": f"internal server error: {type(exc).__name__}: {exc}"},
+                               status_code=500)(scope, receive, send_observed)
+        finally:
+            path = scope.get("path", "")
+            endpoint = path if path in KNOWN_PATHS else "other"
+            self.metrics.requests.labels(endpoint, scope.get("method", ""), str(status[0] or 500)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+def _add_v2_routes(app, holder, batcher, settings) -> None:
+    from fastapi.responses import JSONResponse
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        cur = holder.current
+        body = {"ready": cur is not None, "version": cur.version if cur else None, "variant": settings.variant,
+                "follows_registry": holder.follows_registry, "swaps": holder.swaps, "last_error": holder.last_error,
+                "shadow": holder.shadow.version if holder.shadow else None}
+        return JSONResponse(body, status_code=200 if cur is not None else 503)
+
+    @app.get("/v2")
+    async def server_metadata():
+        from domaintune import __version__
+
+        return {"name": "domaintune", "version": __version__, "extensions": []}
+
+    @app.get("/v2/models/{name}")
+    async def metadata(name: str):
+        _check_name(name)
+        return model_metadata(holder.current)
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str):
+        _check_name(name)
+        return {"name": MODEL_NAME, "ready": holder.current is not None}
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request):
+        _check_name(name)
+        texts, wanted, req_id = parse_infer(await read_json(request, settings.max_body_bytes), settings)
+        model, probs = await batcher.submit(texts)
+        body = {"model_name": MODEL_NAME, "model_version": model.version,
+                **({"id": req_id} if req_id is not None else {}), "outputs": infer_outputs(model, probs, wanted)}
+        return JSONResponse(body, headers={VERSION_HEADER: model.version})
+
+
+def _check_name(name: str) -> None:
+    if name != MODEL_NAME:
+        raise ApiError(404, f"no model {name!r}; this server serves {MODEL_NAME!r}", "model")
+
+
+def _add_plain_routes(app, holder, batcher, settings, metrics) -> None:
+    from fastapi.responses import JSONResponse, Response
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        texts, top_k = parse_predict(await read_json(request, settings.max_body_bytes), settings)
+        model, probs = await batcher.submit(texts)
+        return JSONResponse({"model_version": model.version, "predictions": predictions(model, probs, top_k)},
+                            headers={VERSION_HEADER: model.version})
+
+    @app.get("/version")
+    async def version():
+        cur = holder.current
+        return {**cur.info(), "shadow": holder.shadow.info() if holder.shadow else None,
+                "last_error": holder.last_error}
+
+    @app.get("/metrics")
+    async def prometheus():
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
+
+
+@dataclass
+class Built:
+    app: object
+    holder: object
+    metrics: object
+    shadow_log: object | None
+
+
+def default_shadow_log(settings: ServeSettings, shadow_version: str) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", shadow_version)
+    return Path(settings.repo).resolve() / "reports" / "shadow" / f"{name}.jsonl"
+
+
+def build(settings: ServeSettings) -> Built:
+    """Load the served model (and the shadow candidate) and make the app; raises if the first model fails."""
+    from domaintune.serve.holder import ModelHolder
+    from domaintune.serve.metrics import Metrics
+    from domaintune.serve.shadow import ShadowLog
+
+    metrics = Metrics()
+    holder = ModelHolder(settings, metrics)
+    holder.load_initial()
+    shadow_log = None
+    if holder.shadow is not None:
+        shadow_log = ShadowLog(settings.shadow_log or default_shadow_log(settings, holder.shadow.version))
+        log.info("shadow: %s on every request, both predictions logged to %s", holder.shadow.version,
+                 shadow_log.path)
+    return Built(create_app(holder, settings, metrics, shadow_log), holder, metrics, shadow_log)

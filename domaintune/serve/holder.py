@@ -1,0 +1,188 @@
+"""The model the server answers with, following the registry's served version.
+
+ModelHolder.current is one LoadedModel, replaced by a single reference assignment:
+a batch takes the reference when it starts and finishes on that model, so a swap
+never interrupts a request in flight. A new version is materialised (every file
+md5-verified against its dvc.lock, domaintune/registry/release.py), loaded and run once on a
+warm-up text before it replaces the old one; if any step fails the old model keeps
+serving, and the failure is logged and kept in `last_error` (shown by /v2/health/ready).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from domaintune.serve.settings import ServeSettings
+
+log = logging.getLogger("domaintune.serve")
+WARMUP_TEXTS = ["warm-up text for a freshly loaded model"]
+
+
+@dataclass
+class LoadedModel:
+    predictor: object            # domaintune.predict.Predictor
+    version: str                 # "v1.2.0", "workspace", or "dir:<name>" for a folder
+    variant: str
+    path: Path
+    tag: str | None = None
+    commit: str | None = None
+    dataset_hash: str | None = None
+    metrics: dict = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.predictor.labels)
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.predictor.predict_proba(texts), dtype=np.float64)
+
+    def decide(self, probs: np.ndarray) -> list[str]:
+        """Predicted label per row (multi-label: the labels over their thresholds, joined)."""
+        if getattr(self.predictor, "problem_type", "single_label") == "multi_label":
+            return self.predictor.labels_from_proba(probs)
+        labels = self.labels
+        return [labels[i] for i in probs.argmax(axis=1)]
+
+    def info(self) -> dict:
+        return {"version": self.version, "tag": self.tag, "commit": self.commit, "variant": self.variant,
+                "dataset_hash": self.dataset_hash, "metrics": self.metrics, "labels": self.labels,
+                "path": str(self.path), "loaded_at": self.loaded_at}
+
+
+def load_folder(path: Path, variant: str, version: str, **info) -> LoadedModel:
+    """Load a model folder and run it once, so a model that loads but cannot predict is caught here."""
+    from domaintune.predict.predictor import Predictor
+
+    predictor = Predictor.load(path, variant=variant)
+    model = LoadedModel(predictor, version, variant, Path(path), **info)
+    probs = model.predict_proba(WARMUP_TEXTS)
+    if probs.shape != (1, len(model.labels)) or not np.isfinite(probs).all():
+        raise ValueError(f"{path}: warm-up prediction has shape {probs.shape} or non-finite values "
+                         f"(expected 1 x {len(model.labels)} probabilities)")
+    return model
+
+
+def load_version(root: Path, name: str | None, variant: str) -> LoadedModel:
+    """Materialise (verify) a published version - the served one for None - and load it."""
+    from domaintune.registry import release
+
+    rel = release.materialise(root, name)
+    v = rel.version
+    return load_folder(rel.path, variant, v.version, tag=v.tag, commit=v.commit,
+                       dataset_hash=rel.dataset_hash, metrics=rel.metrics)
+
+
+def load_model_spec(spec: str, root: Path, variant: str) -> LoadedModel:
+    """A shadow candidate: an existing folder, else a version name in the registry at `root`."""
+    path = Path(spec)
+    if path.is_dir():
+        return load_folder(path, variant, f"dir:{path.resolve().name}")
+    return load_version(root, spec, variant)
+
+
+def registry_state(root: Path) -> str:
+    """Changes whenever a version is published or the prod stage moves (cheap: one git call)."""
+    from domaintune.registry import versions as registry
+
+    refs = f"refs/tags/{registry.ARTIFACT}"
+    return registry.git(root, "for-each-ref", "--format=%(refname) %(objectname)", refs + "@*", refs + "#*")
+
+
+class ModelHolder:
+    def __init__(self, settings: ServeSettings, metrics=None):
+        self.settings = settings
+        self.root = Path(settings.repo).resolve()
+        self.metrics = metrics
+        self.current: LoadedModel | None = None
+        self.shadow: LoadedModel | None = None
+        self.last_error: dict | None = None
+        self.swaps = 0
+        self._state: str | None = None
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def follows_registry(self) -> bool:
+        return self.settings.model_dir is None
+
+    def load_initial(self) -> LoadedModel:
+        """The first model (raises if it cannot be loaded: there is nothing to fall back on) and the shadow."""
+        s = self.settings
+        if self.follows_registry:
+            self._state = registry_state(self.root)
+            self.current = load_version(self.root, None, s.variant)
+        else:
+            self.current = load_folder(Path(s.model_dir), s.variant, "workspace")
+        if s.shadow:
+            self.shadow = load_model_spec(s.shadow, self.root, s.variant)
+        log.info("serving %s (%s) from %s", self.current.version, s.variant, self.current.path)
+        if self.metrics:
+            self.metrics.set_models(self.current, self.shadow)
+        return self.current
+
+    def refresh(self) -> bool:
+        """Swap to the registry's served version if it changed; True when a swap happened."""
+        if not self.follows_registry:
+            return False
+        with self._refresh_lock:
+            state = registry_state(self.root)
+            if state == self._state:
+                return False
+            self._state = state
+            return self._follow()
+
+    def _follow(self) -> bool:
+        from domaintune.registry import versions as registry
+
+        served = registry.served_version(self.root)
+        if served is None or (self.current and served == self.current.version):
+            if served is not None:
+                self.last_error = None  # e.g. rolled back to the version still serving: nothing is wrong now
+            return False
+        t0 = time.perf_counter()
+        try:
+            new = load_version(self.root, served, self.settings.variant)
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the old model keeps serving
+            self.last_error = {"version": served, "error": str(exc), "at": time.time(),
+                               "kept": self.current.version if self.current else None}
+            log.error("served version %s failed to load or verify; still serving %s: %s",
+                      served, self.last_error["kept"], exc)
+            if self.metrics:
+                self.metrics.load_failures.inc()
+            return False
+        old, self.current = self.current, new  # the swap: one reference assignment
+        self.swaps += 1
+        self.last_error = None
+        if self.metrics:
+            self.metrics.swaps.inc()
+            self.metrics.set_models(new, self.shadow)
+        log.info("swapped %s -> %s in %.1f s", old.version if old else None, new.version, time.perf_counter() - t0)
+        return True
+
+    def start_watching(self) -> None:
+        if not self.follows_registry or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._watch, name="domaintune-registry-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.settings.poll_s):
+            try:
+                self.refresh()
+            except Exception as exc:  # noqa: BLE001 - a failing poll (git busy, repo moved) must not end watching
+                self.last_error = {"version": None, "error": f"registry poll failed: {exc}", "at": time.time(),
+                                   "kept": self.current.version if self.current else None}
+                log.error("registry poll failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None

@@ -1,0 +1,697 @@
+"""Fine-tuning an encoder classifier: a plain torch loop, fast on CPU.
+
+The recipe that won on BANKING77 here: mean pooling, a head initialised from a
+logistic regression on frozen embeddings (linear probe, then fine-tune), AdamW
+with warmup and decay, dynamic padding over length-grouped shuffled batches.
+Methods (finetune.method):
+  full    every weight trains
+  freeze  embeddings and the bottom `freeze_layers` encoder layers stay fixed
+  lora    peft LoRA adapters on `target_modules`; the head trains fully
+  qlora   the encoder's Linear layers quantised to 4-bit NF4 (bitsandbytes,
+          double quant), LoRA on top
+  head    frozen encoder; the head trains on cached pooled embeddings
+
+Resume: with a checkpoint folder, the full training state (weights, AdamW
+moments, scheduler, RNG, data position) is written every `checkpoint_every`
+steps as safetensors + JSON (no pickle), under a key that hashes params, data
+and encoder, so a re-run after a crash continues where it stopped and a run
+with different params or data never picks up a stale checkpoint.
+
+Multi-label data: the label column holds the labels joined by "|"
+(LABEL_SEPARATOR); the model has one sigmoid per label and trains with BCE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from domaintune.core.errors import DataError
+from domaintune.core.params import BaseParams, FinetuneParams, ParamsError, as_dict
+from domaintune.data.dataset import LABEL_SEPARATOR, encode_labels, split_labels
+from domaintune.modeling.adapters import (
+    check_4bit_shapes,
+    check_target_modules,
+    encoder_layers,
+    param_depth,
+    qlora_backend_error,
+    quantize_encoder_4bit,
+)
+from domaintune.modeling.embeddings import encoder_fingerprint
+
+log = logging.getLogger("domaintune.training")
+
+
+
+# Test hooks and checkpoint files live in the engine; re-exported for the tests and benches that name them here.
+from domaintune.train.engine import CRASH_ENV, STALL_ENV, TrainingCrash, load_trainable_state  # noqa: E402,F401
+
+
+def label_list(train_df: pd.DataFrame, labels: Sequence[str], problem_type: str) -> list[str]:
+    """The model's label order: labels.json for single-label; for multi-label the
+    individual names found by splitting (labels.json then lists the combinations)."""
+    if problem_type == "single_label":
+        return list(labels)
+    names = set()
+    for value in list(labels) + train_df["label"].tolist():
+        names.update(split_labels(value))
+    return sorted(names)
+
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator,
+                           group: int = 50) -> list[np.ndarray]:
+    """Shuffled batches of similar length: shuffle, sort within mega-batches of
+    `group` batches, cut, shuffle the batch order. Padding waste stays small while
+    every epoch still sees a different order (HF's group_by_length does the same)."""
+    perm = rng.permutation(len(lengths))
+    lengths = np.asarray(lengths)
+    batches = []
+    mega = batch_size * group
+    for start in range(0, len(perm), mega):
+        chunk = perm[start : start + mega]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+
+def collate(ids: Sequence[Sequence[int]], pad_id: int):
+    """Pad a batch of token id lists to its own longest (dynamic padding)."""
+    import torch
+
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return input_ids, mask
+
+
+
+def probe_head(features: np.ndarray, y: np.ndarray, problem_type: str, num_labels: int, C: float,
+               seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Head weights [K, H] and bias [K] from a logistic regression on frozen features."""
+    from sklearn.linear_model import LogisticRegression
+
+    H = features.shape[1]
+    W = np.zeros((num_labels, H), dtype=np.float32)
+    b = np.zeros(num_labels, dtype=np.float32)
+    if problem_type == "multi_label":
+        for k in range(num_labels):
+            col = y[:, k]
+            if col.min() == col.max():  # a label always on or always off: constant logit
+                p = float(np.clip(col.mean(), 1e-3, 1 - 1e-3))
+                b[k] = math.log(p / (1 - p))
+                continue
+            clf = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(features, col)
+            W[k], b[k] = clf.coef_[0], clf.intercept_[0]
+        return W, b
+    present = np.unique(y)
+    if len(present) == 1:
+        b[present[0]] = 5.0
+        return W, b
+    clf = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(features, y)
+    cls = clf.classes_
+    if len(cls) == 2:  # sklearn keeps one row for two classes: split it symmetrically
+        W[cls[0]], W[cls[1]] = -clf.coef_[0] / 2, clf.coef_[0] / 2
+        b[cls[0]], b[cls[1]] = -clf.intercept_[0] / 2, clf.intercept_[0] / 2
+    else:
+        W[cls], b[cls] = clf.coef_, clf.intercept_
+    absent = np.setdiff1d(np.arange(num_labels), cls)
+    b[absent] = b[cls].min() - 5.0  # never-seen classes start unlikely
+    return W, b
+
+
+
+def classification_metrics(logits: np.ndarray, y: np.ndarray, problem_type: str) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if problem_type == "multi_label":
+        pred = (logits > 0).astype(int)
+        y = y.astype(int)
+        return {"accuracy": float(accuracy_score(y, pred)),  # exact-match (subset) accuracy
+                "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+                "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0))}
+    pred = logits.argmax(1)
+    return {"accuracy": float(accuracy_score(y, pred)),
+            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
+
+
+
+def run_key(ft: FinetuneParams, base: BaseParams, data_hash: str, encoder_dir: str, seed: int) -> str:
+    """What a checkpoint belongs to: params, data, encoder weights and seed."""
+    launch = ("processes", "nnodes", "node_rank", "rdzv_endpoint")  # a run may resume under another launch
+    h = hashlib.sha256()
+    h.update(json.dumps({"finetune": {k: v for k, v in as_dict(ft).items() if k not in launch}, "max_length": base.max_length, "data": data_hash,
+                         "seed": seed}, sort_keys=True).encode())
+    h.update(encoder_fingerprint(encoder_dir).encode())  # weights, config and tokenizer files
+    return h.hexdigest()[:16]
+
+
+
+def _snapshot(model, names: set) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+
+
+
+def finetune_device(base: BaseParams, ft: FinetuneParams) -> str:
+    """base.device, unless the deprecated finetune.device names something other than auto."""
+    from domaintune.core.device import resolve_device
+
+    if ft.device != "auto":
+        return resolve_device(ft.device, "finetune.device")
+    return resolve_device(base.device)
+
+
+
+def _param_groups(model, trainable: list[tuple[str, Any]], ft: FinetuneParams, num_layers: int) -> list[dict]:
+    """AdamW groups (engine.param_groups): no weight decay on bias/LayerNorm; layer-wise LR decay (each
+    block below the top gets `layerwise_lr_decay` times the LR of the one above); one group per depth
+    (gradual unfreezing switches whole depths)."""
+    from domaintune.train.engine import param_groups
+
+    depth = lambda n: param_depth(n, num_layers)  # noqa: E731
+    groups = param_groups(trainable, ft.lr, ft.weight_decay,
+                          lr_scale=lambda n: ft.layerwise_lr_decay ** (num_layers + 1 - depth(n)), group_key=depth,
+                          trainable_only=False)
+    for g in groups:
+        g["depth"] = g["key"]
+    return groups
+
+
+
+def _apply_method(model, ft: FinetuneParams, seed: int, device: str = "cpu") -> None:
+    """Set requires_grad (and wrap with LoRA) according to finetune.method."""
+    import torch
+
+    enc = model.encoder
+    layers = encoder_layers(enc)
+    if ft.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        check_target_modules(enc, ft.target_modules)
+        if ft.method == "qlora":
+            check_4bit_shapes(enc, device)
+            quantize_encoder_4bit(enc, ft.qlora_compute_dtype)
+        torch.manual_seed(seed)  # LoRA A matrices are random: seed them
+        cfg = LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
+                         target_modules=list(ft.target_modules),
+                         modules_to_save=list(ft.modules_to_save) or None, bias="none")
+        model.encoder = get_peft_model(enc, cfg)
+        return
+    for p in enc.parameters():
+        p.requires_grad = ft.method == "full" or ft.method == "freeze"
+    if ft.method == "freeze":
+        if ft.freeze_layers > len(layers):
+            raise ParamsError(f"params.yaml: finetune.freeze_layers: {ft.freeze_layers} > the model's "
+                              f"{len(layers)} layers")
+        emb = getattr(enc, "embeddings", None)
+        if emb is not None:
+            for p in emb.parameters():
+                p.requires_grad = False
+        for layer in list(layers)[: ft.freeze_layers]:
+            for p in layer.parameters():
+                p.requires_grad = False
+
+
+
+def validate_setup(ft: FinetuneParams, encoder_dir: str, device: str = "cpu") -> None:
+    """Everything that can be checked before any training: a bad setup fails first."""
+    if ft.method == "qlora":
+        err = qlora_backend_error()
+        if err:
+            raise ParamsError(f"params.yaml: finetune.method: qlora needs bitsandbytes 4-bit support: {err}")
+    if ft.method in ("lora", "qlora"):
+        from domaintune.modeling.encoders import load_encoder
+
+        encoder = load_encoder(encoder_dir)
+        check_target_modules(encoder, ft.target_modules)
+        if ft.method == "qlora":
+            check_4bit_shapes(encoder, device)
+
+
+
+@dataclass
+class LoopState:
+    """Where a fine-tuning run stands: what a checkpoint must hold besides the engine's own state."""
+
+    epoch: int = 0
+    pos: int = 0                        # next batch of `epoch`
+    epochs: list = field(default_factory=list)  # per-epoch records (train loss, validation metrics)
+    initial: Optional[dict] = None      # validation before training (where the probe starts)
+    best_f1: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    epoch_rng_state: Optional[dict] = None  # the shuffle generator at the start of `epoch`
+
+
+
+def _loss_function(ft: FinetuneParams, y_train: np.ndarray, num_labels: int, device: str):
+    """Cross-entropy (single label) or BCE (multi label) with label smoothing; class weights are inverse
+    frequency (n / (K * count)), capped so a one-off label does not dominate."""
+    import torch
+    import torch.nn.functional as F
+
+    if ft.problem_type == "single_label":
+        weight = None
+        if ft.class_weights:
+            counts = np.bincount(y_train, minlength=num_labels).astype(np.float64)
+            weight = torch.tensor(np.clip(len(y_train) / (num_labels * np.maximum(counts, 1)), 0, 10),
+                                  dtype=torch.float32, device=device)
+        return lambda logits, target: F.cross_entropy(logits, target, weight=weight,
+                                                      label_smoothing=ft.label_smoothing)
+    pos_weight = None
+    if ft.class_weights:
+        pos = y_train.sum(0)
+        pos_weight = torch.tensor(np.clip((len(y_train) - pos) / np.maximum(pos, 1), 0, 10), dtype=torch.float32,
+                                  device=device)
+
+    def bce(logits, target):
+        target = target * (1 - ft.label_smoothing) + ft.label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+    return bce
+
+
+
+class FinetuneRun:
+    """One seed's training on the engine: the classification objective, epochs over length-grouped
+    shuffled batches, validation and early stopping, best-weights restore and exact resume."""
+
+    def __init__(self, train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
+                 base: BaseParams, ft: FinetuneParams, seed: int, checkpoint_dir: Optional[Path] = None,
+                 device: Optional[str] = None):
+        import torch
+
+        from domaintune.core.device import batch_size_for
+        from domaintune.train import distributed
+
+        self.base, self.ft, self.seed = base, ft, seed
+        self.device = device or finetune_device(base, ft)
+        self.eval_batch = batch_size_for(self.device)
+        self.names = label_list(train_df, labels, ft.problem_type)
+        self.y_train = encode_labels(train_df, self.names, ft.problem_type, "train.parquet")
+        self.y_val = encode_labels(val_df, self.names, ft.problem_type, "validation.parquet")
+        self.texts = train_df["text"].astype(str).tolist()
+        self.val_texts = val_df["text"].astype(str).tolist()
+        if not self.texts:
+            raise DataError("train.parquet", None, None, "no training rows")
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        self._build_model(encoder_dir)
+        self._build_engine(checkpoint_dir)
+
+    def _build_model(self, encoder_dir: str) -> None:
+        """Encoder + head, the head fitted by a linear probe, the method applied (which weights train)."""
+        import torch
+
+        from domaintune.modeling.encoders import build_classifier, embed_texts, load_encoder, load_tokenizer
+
+        ft = self.ft
+        self.tokenizer = load_tokenizer(encoder_dir)
+        # fp32 master weights whatever the checkpoint's dtype (transformers v5 loads fp16 files as fp16);
+        # bf16 speed comes from autocast, not from bf16 weights.
+        encoder = load_encoder(encoder_dir).float()
+        self.model = build_classifier(encoder, len(self.names), ft.pooling, ft.head_dropout).to(self.device)
+        self.num_layers = len(encoder_layers(encoder))
+        t0 = time.perf_counter()
+        self.feats = None
+        if ft.head_init == "probe" or ft.method == "head":
+            self.feats = embed_texts(encoder, self.tokenizer, self.texts, batch_size=self.eval_batch,
+                                     max_length=self.base.max_length, pooling=ft.pooling)
+        if ft.head_init == "probe":
+            W, b = probe_head(self.feats, self.y_train, ft.problem_type, len(self.names), ft.probe_C, self.seed)
+            with torch.no_grad():
+                self.model.head.weight.copy_(torch.from_numpy(W))
+                self.model.head.bias.copy_(torch.from_numpy(b))
+        self.probe_s = time.perf_counter() - t0
+        _apply_method(self.model, ft, self.seed, self.device)
+        for p in self.model.head.parameters():
+            p.requires_grad = True
+        self.model.to(self.device)  # modules added by the method (LoRA) land on the same device
+
+    def _build_engine(self, checkpoint_dir: Optional[Path]) -> None:
+        import torch
+
+        from domaintune.train.engine import Engine, EngineConfig
+
+        ft = self.ft
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.trainable_names = {n for n, _ in trainable}
+        self.trainable_count = sum(p.numel() for _, p in trainable)
+        groups = _param_groups(self.model, trainable, ft, self.num_layers)
+        self.group_depth = [g["depth"] for g in groups]
+        if ft.method == "head":  # batches of cached features: every row costs the same
+            self.ids, self.lengths = None, np.ones(len(self.texts), dtype=int)
+        else:  # token ids pre-computed once; each batch padded to its own longest
+            self.ids = self.tokenizer(self.texts, truncation=True, max_length=self.base.max_length)["input_ids"]
+            self.lengths = np.array([len(x) for x in self.ids])
+        self.steps_per_epoch = math.ceil(len(self.texts) / ft.batch_size)
+        total = self.steps_per_epoch * ft.epochs
+        cfg = EngineConfig(lr=ft.lr, total_steps=total, warmup_steps=int(ft.warmup_ratio * total),
+                           scheduler=ft.scheduler, max_grad_norm=ft.max_grad_norm, grad_accum=ft.grad_accum,
+                           bf16=ft.bf16, checkpoint_every=ft.checkpoint_every, compile=ft.compile)
+        self.engine = Engine(self.model, groups, cfg, checkpoint_dir=checkpoint_dir, device=self.device)
+        self.loss_fn = _loss_function(ft, self.y_train, len(self.names), self.device)
+        self.y_t = torch.from_numpy(self.y_train).to(self.device)
+        self.feats_t = torch.from_numpy(self.feats).to(self.device) if ft.method == "head" else None
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def objective(self, model, idx: np.ndarray):
+        """The engine's loss function: a batch is row indices into the training data."""
+        import torch
+
+        rows = torch.from_numpy(idx).to(self.device)
+        if self.ft.method == "head":
+            logits = model.head(model.dropout(self.feats_t[rows]))
+        else:
+            input_ids, mask = collate([self.ids[i] for i in idx], self.pad_id)
+            logits = model(input_ids=input_ids.to(self.device, non_blocking=True),
+                           attention_mask=mask.to(self.device, non_blocking=True))
+        return self.loss_fn(logits.float(), self.y_t[rows])
+
+    def validate(self) -> dict:
+        import torch
+
+        from domaintune.modeling.encoders import predict_logits
+
+        vl = predict_logits(self.model, self.tokenizer, self.val_texts, batch_size=self.eval_batch,
+                            max_length=self.base.max_length)
+        out = {f"val_{k}": v for k, v in classification_metrics(vl, self.y_val, self.ft.problem_type).items()}
+        with torch.no_grad():
+            out["val_loss"] = float(self.loss_fn(torch.from_numpy(vl).to(self.device),
+                                                 torch.from_numpy(self.y_val).to(self.device)))
+        return out
+
+    def set_unfrozen(self, epoch: int) -> None:
+        """Gradual unfreezing: epoch e trains the head plus the top ceil(L*(e+1)/epochs)
+        blocks (embeddings only in the last epoch). Frozen groups get no grad, so AdamW skips them."""
+        if not self.ft.gradual_unfreeze:
+            return
+        top = math.ceil(self.num_layers * (epoch + 1) / self.ft.epochs)
+        min_depth = self.num_layers + 1 - top if epoch < self.ft.epochs - 1 else 0
+        for g, depth in zip(self.engine.opt.param_groups, self.group_depth):
+            for p in g["params"]:
+                p.requires_grad = depth >= min_depth
+
+    def checkpoint(self, loop: LoopState, rng: np.random.Generator, epoch: int, pos: int) -> None:
+        # Mid-epoch (pos > 0), resume replays this epoch's shuffle from where it started; at an epoch
+        # end (pos 0) the next epoch shuffles with the generator as it is now, as an uninterrupted run does.
+        state = dict(dataclasses.asdict(loop), epoch=epoch, pos=pos, step=self.engine.step_count, seed=self.seed,
+                     epoch_rng_state=loop.epoch_rng_state if pos else rng.bit_generator.state)
+        self.engine.save(state, self.best_state)
+
+    def train_step(self, idx: np.ndarray, epoch: int, t_train: float) -> dict:
+        """One optimizer step on global batch `idx`: this process's share, in grad_accum micro-batches,
+        each weighted by its share of the global batch."""
+        from domaintune.train.distributed import shard
+
+        mine = shard(idx, self.world, self.rank)
+        micro = [m for m in np.array_split(mine, self.ft.grad_accum) if len(m)]
+        weights = [len(m) / len(idx) for m in micro]
+        if not micro:  # a last batch smaller than the process count: take part with a zero-weight row, so
+            micro, weights = [idx[:1]], [0.0]  # every process reduces the same gradients
+        rec = self.engine.step(self.objective, micro, weights=weights, samples=len(idx))
+        rec.update(epoch=epoch, samples=len(idx), seconds=time.perf_counter() - t_train)
+        return rec
+
+    def restore(self) -> tuple[LoopState, np.random.Generator]:
+        rng = np.random.default_rng(self.seed)
+        loop = LoopState(epoch_rng_state=rng.bit_generator.state)
+        self.best_state = None
+        restored = self.engine.restore()
+        if restored is not None:
+            st, self.best_state = restored
+            loop = LoopState(**{k: st[k] for k in dataclasses.asdict(loop) if k in st})
+            log.info("resuming seed %d at epoch %d, step %d", self.seed, loop.epoch, self.engine.step_count)
+        rng.bit_generator.state = loop.epoch_rng_state
+        return loop, rng
+
+    def end_epoch(self, loop: LoopState, epoch: int, bar) -> bool:
+        """Validate, keep the best weights, log the epoch line; returns whether to stop early."""
+        ft = self.ft
+        ep = {"epoch": epoch, "step": self.engine.step_count,
+              "train_loss": float(np.mean([s["loss"] for s in self.engine.history if s.get("epoch") == epoch]
+                                          or [0.0]))}
+        if len(self.val_texts):
+            ep.update(self.validate())
+            if ep["val_macro_f1"] > loop.best_f1:
+                loop.best_f1, loop.best_epoch, loop.bad_epochs = ep["val_macro_f1"], epoch, 0
+                self.best_state = _snapshot(self.model, self.trainable_names) if ft.restore_best else None
+            else:
+                loop.bad_epochs += 1
+        loop.epochs.append(ep)
+        line = epoch_line(self.seed, epoch, ft.epochs, ep, loop.best_epoch == epoch)
+        if bar is not None:
+            bar.write(line)  # clears the bar first, so the line is never glued to it
+        else:
+            log.info("%s", line)
+        return ft.early_stopping_patience > 0 and loop.bad_epochs >= ft.early_stopping_patience
+
+    def train(self, progress: bool = True) -> dict:
+        """Run (or resume) the epochs; returns the result dict (history, validation, timing)."""
+        ft, engine = self.ft, self.engine
+        loop, rng = self.restore()
+        if len(self.val_texts) and loop.initial is None:  # where training starts from (e.g. the probe)
+            loop.initial = self.validate()
+        bar = None
+        if progress:
+            from domaintune.core.progress import Progress
+
+            bar = Progress(engine.cfg.total_steps, f"finetune seed {self.seed}", "step", initial=engine.step_count)
+        t_train, start_step, stopped_early = time.perf_counter(), engine.step_count, False
+        for epoch in range(loop.epoch, ft.epochs):
+            loop.epoch_rng_state = rng.bit_generator.state if epoch != loop.epoch or not loop.pos \
+                else loop.epoch_rng_state
+            rng.bit_generator.state = loop.epoch_rng_state
+            batches = length_grouped_batches(self.lengths, ft.batch_size, rng)
+            self.set_unfrozen(epoch)
+            self.model.train()
+            if ft.method == "head":
+                self.model.encoder.eval()  # frozen feature extractor: its dropout stays off
+            for pos in range(loop.pos if epoch == loop.epoch else 0, len(batches)):
+                rec = self.train_step(batches[pos], epoch, t_train)
+                if bar is not None:
+                    bar.update(1, loss=f"{rec['loss']:.4f}")
+                if ft.checkpoint_every and engine.step_count % ft.checkpoint_every == 0 and pos + 1 < len(batches):
+                    self.checkpoint(loop, rng, epoch, pos + 1)
+                engine.maybe_crash()
+            stop = self.end_epoch(loop, epoch, bar)
+            # Epoch-end checkpoint: resume starts the next epoch (or finishes, if this was the last).
+            self.checkpoint(loop, rng, ft.epochs if stop else epoch + 1, 0)
+            if stop:
+                stopped_early = True
+                log.info("seed %d: early stop after epoch %d (no macro-F1 gain for %d epochs)", self.seed, epoch,
+                         loop.bad_epochs)
+                break
+        if bar is not None:
+            bar.close()
+        if not stopped_early and loop.epochs and len(loop.epochs) < ft.epochs:
+            stopped_early = True  # resumed from an early-stopped checkpoint
+        return self.finish(loop, stopped_early, time.perf_counter() - t_train, engine.step_count - start_step)
+
+    def finish(self, loop: LoopState, stopped_early: bool, train_s: float, steps_run: int) -> dict:
+        from domaintune.modeling.encoders import count_parameters, predict_logits
+
+        if self.best_state is not None and self.ft.restore_best:
+            load_trainable_state(self.model, self.best_state)
+        for p in self.model.parameters():
+            p.requires_grad = False
+        final_val = {}
+        if len(self.val_texts):
+            vl = predict_logits(self.model, self.tokenizer, self.val_texts, batch_size=self.eval_batch,
+                                max_length=self.base.max_length)
+            final_val = classification_metrics(vl, self.y_val, self.ft.problem_type)
+        history = {"steps": self.engine.history, "epochs": loop.epochs}
+        if loop.initial is not None:
+            history["initial"] = loop.initial
+        samples = sum(s["samples"] for s in self.engine.history[len(self.engine.history) - steps_run:]) \
+            if steps_run else 0
+        return {
+            "seed": self.seed, "history": history, "best_epoch": loop.best_epoch, "stopped_early": stopped_early,
+            "validation": final_val, "train_seconds": train_s, "probe_seconds": self.probe_s,
+            "train_samples_per_s": samples / train_s if train_s > 0 and samples else None,
+            "steps": self.engine.step_count, "trainable_params": self.trainable_count,
+            "total_params": count_parameters(self.model), "bf16": self.engine.bf16, "device": self.device,
+            "processes": self.world,
+        }
+
+
+
+def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
+              base: BaseParams, ft: FinetuneParams, seed: int, checkpoint_dir: Optional[Path] = None,
+              progress: bool = True):
+    """Train one model with one seed. Returns (model, tokenizer, label names, result dict).
+
+    result: history (per-step loss, lr, grad norm; per-epoch validation metrics),
+    best epoch, validation metrics of the returned weights, timing."""
+    from domaintune.modeling.encoders import set_threads
+    from domaintune.train import distributed
+
+    if distributed.world_size() == 1:
+        set_threads()
+    run = FinetuneRun(train_df, val_df, labels, encoder_dir, base, ft, seed, checkpoint_dir)
+    result = run.train(progress)
+    return run.model, run.tokenizer, run.names, result
+
+
+
+def result_line(m: dict, train_rows: int) -> str:
+    """The stage's summary: method, data, steps, the kept seed's validation scores."""
+    per = m["per_seed"][str(m["best_seed"])]
+    val = ", ".join(f"{name} {m[key]:.4f}" for key, name in (("val_accuracy", "accuracy"), ("val_macro_f1", "macro-F1"))
+                    if isinstance(m.get(key), float))
+    seeds = f"best of {len(m['seeds'])} seeds: " if len(m["seeds"]) > 1 else ""
+    return (f"{m['method']} on {train_rows} train rows, {per['steps']} steps, {m['trainable_params']:,} of "
+            f"{m['total_params']:,} params trained; {seeds}seed {m['best_seed']} validation {val or '-'}")
+
+
+
+def epoch_line(seed: int, epoch: int, epochs: int, ep: dict, best: bool) -> str:
+    """One readable line per epoch, e.g. "seed 42 epoch 1/3: train loss 0.412 | validation accuracy
+    0.912, macro-F1 0.905, loss 0.301 (best so far)"."""
+    line = f"seed {seed} epoch {epoch + 1}/{epochs}: train loss {ep['train_loss']:.4f}"
+    val = [(name, ep[key]) for key, name in (("val_accuracy", "accuracy"), ("val_macro_f1", "macro-F1"),
+                                              ("val_micro_f1", "micro-F1"), ("val_loss", "loss")) if key in ep]
+    if val:
+        line += " | validation " + ", ".join(f"{name} {v:.4f}" for name, v in val) + (" (best so far)" if best else "")
+    return line
+
+
+
+def _std(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+
+def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
+                     base: BaseParams, ft: FinetuneParams, out_dir: Optional[str | os.PathLike] = None, *,
+                     base_encoder: Optional[str] = None, data_hash: str = "",
+                     checkpoint_root: Optional[str | os.PathLike] = None,
+                     live_dir: Optional[str | os.PathLike] = None, progress: bool = True) -> dict:
+    """Train one model per seed in ft.seeds; save the best on validation macro-F1 to out_dir
+    (and every seed's under out_dir/seeds/<seed>/ when there is more than one). Returns metrics.
+
+    base_encoder is what model.json records as the encoder (the path as given on the
+    command line, e.g. "models/dapt"); defaults to encoder_dir.
+    """
+    from domaintune.modeling.encoders import save_classifier
+    from domaintune.train import distributed
+
+    validate_setup(ft, encoder_dir, finetune_device(base, ft))
+    ckpt_root = Path(checkpoint_root) if checkpoint_root is not None else None
+    keys = {s: run_key(ft, base, data_hash, encoder_dir, s) for s in ft.seeds}
+    writer = distributed.rank() == 0  # under a multi-process launch, rank 0 alone writes
+    if ckpt_root is not None and writer:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for old in ckpt_root.iterdir():  # checkpoints of other params/data/encoders are stale
+            if old.is_dir() and old.name not in keys.values():
+                shutil.rmtree(old)
+    distributed.barrier()
+    runs = []
+    for seed in ft.seeds:
+        ckpt = ckpt_root / keys[seed] if ckpt_root is not None else None
+        model, tok, names, res = train_one(train_df, val_df, labels, encoder_dir, base, ft, seed, ckpt,
+                                           progress)
+        meta = {
+            "labels": names, "pooling": ft.pooling, "problem_type": ft.problem_type, "method": ft.method,
+            "max_length": base.max_length, "base_encoder": base_encoder or str(encoder_dir),
+            "dataset_hash": data_hash, "seed": seed,
+            "label_separator": LABEL_SEPARATOR if ft.problem_type == "multi_label" else None,
+            # multi_label: a label is predicted when its sigmoid > 0.5 (logit > 0)
+            "threshold": 0.5 if ft.problem_type == "multi_label" else None,
+            "quantized_base": "nf4" if ft.method == "qlora" else None,
+            "params": {"base": as_dict(base), "finetune": as_dict(ft)},
+            "validation": res["validation"], "history_epochs": res["history"]["epochs"],
+            "best_epoch": res["best_epoch"],
+        }
+        if out_dir is None:  # only metrics wanted: do not keep every seed's model in memory
+            model = None
+        runs.append((seed, model, tok, meta, res))
+    score = lambda r: r[4]["validation"].get("macro_f1", 0.0)  # noqa: E731
+    best = max(runs, key=score)
+    if out_dir is not None and writer:
+        out = Path(out_dir)
+        save_classifier(best[1], best[2], out, best[3])
+        if len(runs) > 1:
+            for seed, model, tok, meta, _ in runs:
+                save_classifier(model, tok, out / "seeds" / str(seed), meta)
+    if live_dir is not None and writer:
+        write_live(live_dir, [(r[0], r[4]) for r in runs], best[0])
+    metrics = summarize(ft, [r[4] for r in runs], best[0])
+    log.info("%s", result_line(metrics, len(train_df)))
+    distributed.barrier()
+    if ckpt_root is not None and writer:  # finished: these checkpoints are done with
+        for k in keys.values():
+            shutil.rmtree(ckpt_root / k, ignore_errors=True)
+    return metrics
+
+
+
+def summarize(ft: FinetuneParams, results: list[dict], best_seed: int) -> dict:
+    out: dict[str, Any] = {"method": ft.method, "problem_type": ft.problem_type, "seeds": list(ft.seeds),
+                           "best_seed": best_seed}
+    keys = sorted({k for r in results for k in r["validation"]})
+    for k in keys:
+        vals = [r["validation"][k] for r in results if k in r["validation"]]
+        out[f"val_{k}"] = next(r["validation"][k] for r in results if r["seed"] == best_seed)
+        out[f"val_{k}_mean"] = float(np.mean(vals))
+        out[f"val_{k}_std"] = _std(vals)
+    out["trainable_params"] = results[0]["trainable_params"]
+    out["total_params"] = results[0]["total_params"]
+    out["train_seconds"] = float(sum(r["train_seconds"] for r in results))
+    sps = [r["train_samples_per_s"] for r in results if r["train_samples_per_s"]]
+    out["train_samples_per_s"] = float(np.mean(sps)) if sps else None
+    out["per_seed"] = {str(r["seed"]): {"validation": r["validation"], "best_epoch": r["best_epoch"],
+                                        "stopped_early": r["stopped_early"], "steps": r["steps"],
+                                        "train_seconds": r["train_seconds"],
+                                        "final_train_loss": r["history"]["steps"][-1]["loss"]
+                                        if r["history"]["steps"] else None,
+                                        "first_train_loss": r["history"]["steps"][0]["loss"]
+                                        if r["history"]["steps"] else None}
+                       for r in results}
+    return out
+
+
+
+def write_live(live_dir: str | os.PathLike, runs: list[tuple[int, dict]], best_seed: int) -> None:
+    """DVCLive logs (per-step loss, lr, grad norm; per-epoch validation metrics), written
+    from the recorded history so a resumed run logs one continuous curve. The kept (best)
+    seed's logs are live_dir itself (so dvc.yaml can name live_dir/plots); with several
+    seeds, every seed's are also under live_dir/seeds/<seed>/."""
+    from dvclive import Live
+
+    from domaintune.train.engine import log_steps
+
+    live_dir = Path(live_dir)
+    if live_dir.exists():
+        shutil.rmtree(live_dir)
+    targets = [(live_dir, res) for seed, res in runs if seed == best_seed]
+    if len(runs) > 1:
+        targets += [(live_dir / "seeds" / str(seed), res) for seed, res in runs]
+    for folder, res in targets:
+        with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            log_steps(live, res["history"]["steps"], {k: f"train/{k}" for k in ("loss", "lr", "grad_norm")})
+            for e in res["history"]["epochs"]:
+                live.step = e["step"]
+                for k, v in e.items():
+                    if k.startswith("val_"):
+                        live.log_metric(f"val/{k[4:]}", v, plot=True)
+            live.step = res["steps"]
+            live.summary.update({"validation": res["validation"], "best_epoch": res["best_epoch"]})
+
