@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -110,6 +111,35 @@ def quiet_libraries() -> None:
     # peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing` alias on
     # every LoRA model it wraps: their deprecation, not something our code calls or can change.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """What a stage was given on its command line (the same strings as in dvc.yaml): the paths a task's hook
+    reads and writes. Library code takes this, never argparse's namespace; None = not given to this stage."""
+    params: str = "params.yaml"
+    in_dir: str | None = None     # --in: the dataset folder the stage reads
+    out: str | None = None        # --out: what the stage writes
+    metrics: str | None = None    # --metrics: the stage's metrics JSON
+    source: str | None = None     # ingest: file, folder or hf:<name>
+    model: str | None = None      # evaluate/export/drift: the model folder read
+    encoder: str | None = None    # finetune: the (DAPT) encoder folder
+    calibration: str | None = None  # export: evaluate's report folder
+    report: str | None = None     # audit: report folder
+    embeddings: str | None = None  # audit: embedding cache (a persistent out)
+    decisions: str | None = None  # audit: human-review decisions CSV
+    checkpoints: str | None = None  # dapt/finetune: resumable training state
+    live: str | None = None       # dapt/finetune: DVCLive folder
+    audit: str | None = None      # export: audit report folder (model card)
+    dapt: str | None = None       # export: DAPT encoder folder (model card)
+    progress: bool = True         # a console progress bar
+    argv: tuple[str, ...] = ()    # the stage's own arguments, to relaunch it under torchrun
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, argv: Sequence[str] = ()) -> "StageIO":
+        given = vars(args)
+        kw = {f.name: given[f.name] for f in fields(cls) if f.name in given and f.name not in ("progress", "argv")}
+        return cls(**kw, progress=not given.get("no_progress", False), argv=tuple(argv))
 
 
 def record_seconds(metrics_path: str | None, seconds: float) -> None:

@@ -1,0 +1,18 @@
+"""Opening a classifier export for prediction (predict, serve, drift, monitor)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from domaintune.core.device import place_for_inference
+from domaintune.predict.predictor import Predictor
+
+
+def load(folder: str | Path, variant: str = "float32", batch_size: int = 64, device: str = "cpu",
+         calibration: str | Path | None = None, dynamic_int8: bool = False) -> Predictor:
+    """The calibrated classifier of `variant`; a PyTorch variant moves to `device` (ONNX runs where
+    onnxruntime runs it)."""
+    predictor = Predictor.load(folder, variant=variant, calibration=calibration, dynamic_int8=dynamic_int8,
+                               batch_size=batch_size)
+    if predictor.model is not None:
+        place_for_inference(predictor.model, device)
+    return predictor
