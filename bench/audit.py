@@ -8,7 +8,7 @@ touched. Labels of train+validation are flipped uniformly at random (each
 flipped row gets a different class, all classes equally likely), seeded.
 
 1. Audit quality and speed, at 5% and 10% noise: the stage's own code
-   (stages.audit.embed_splits + stages.audit.audit) with the default
+   (domaintune.evaluate.audit.embed_splits + audit) with the default
    params.yaml audit section. Texts are embedded ONCE with the bundled MiniLM
    through the stage's embedding cache; the 10% run (and every later run)
    reuses the cache, because the vectors depend on the texts, not on the
@@ -123,9 +123,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=None, help="embedding cache folder (default: a temp folder, cold)")
     args = ap.parse_args(argv)
 
+    from domaintune.evaluate import audit as audit_stage_lib
     from domaintune.modeling.encoders import load_tokenizer, predict_logits, resolve_model, set_threads
     from domaintune.train.classifier import train_one
-    from stages import audit as audit_stage
 
     set_threads()
     base, audit_params = load_params(REPO / "params.yaml", "base", "audit")
@@ -150,9 +150,9 @@ def main(argv=None) -> int:
 
     def run_audit(noisy, params):
         t0 = time.perf_counter()
-        emb, reused, embed_s = audit_stage.embed_splits(noisy, encoder, cache, base.max_length, params.batch_size)
+        emb, reused, embed_s = audit_stage_lib.embed_splits(noisy, encoder, cache, base.max_length, params.batch_size)
         t1 = time.perf_counter()
-        res = audit_stage.audit(noisy, labels, emb, params, seed)
+        res = audit_stage_lib.audit(noisy, labels, emb, params, seed)
         return emb, reused, embed_s, time.perf_counter() - t1, t1 - t0, res
 
     noisy_by_level = {}
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
         variants = {"clean": splits["train"], "noisy_report": res_report.splits["train"]}
         acted = {}
         for action in ("drop", "relabel"):
-            r = audit_stage.audit(noisy, labels, emb, replace(audit_params, action=action), seed)
+            r = audit_stage_lib.audit(noisy, labels, emb, replace(audit_params, action=action), seed)
             variants[f"audited_{action}"] = r.splits["train"]
             acted[action] = r.metrics["rows_acted_on"]
         ft = FinetuneParams(method="head", epochs=args.epochs, lr=1e-3, head_init="probe", seeds=(seed,),

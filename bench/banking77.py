@@ -105,9 +105,9 @@ def cached_finetune(params_path: Path | str = REPO / "params.yaml", data: Path |
 
 def _train_and_calibrate(splits, labels, base, ft, ev, out: Path, log) -> dict:
     from domaintune.core.params import as_dict
+    from domaintune.evaluate.classifier import evaluate_logits, model_logits
     from domaintune.modeling.encoders import resolve_model, set_threads
     from domaintune.train.classifier import train_classifier
-    from stages.evaluate import evaluate_logits, model_logits
 
     set_threads()
     log(f"banking77: fine-tuning ({ft.method}, {ft.epochs} epochs) on {len(splits['train'])} rows; "

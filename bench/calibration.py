@@ -6,7 +6,7 @@ Data: ../shared/datasets/banking77 (train.csv 10,003 rows / test.csv 3,080, 77 i
 BANKING77 has no validation split, so 10% of train (stratified, base.seed) is held out
 to fit the temperature (and for finetune's model selection); test is never touched
 until scoring. Two classifiers, both scored by the evaluate stage's own core
-(stages.evaluate.evaluate_logits):
+(domaintune.evaluate.classifier.evaluate_logits):
   probe     frozen mean-pooled bundled MiniLM embeddings + logistic regression (C=10)
   finetune  the default fine-tune: params.yaml's finetune section through
             domaintune.train.classifier.train_classifier (what the finetune stage runs)
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from banking77 import DATA, load_banking77  # noqa: E402
 
 from domaintune.core.params import EvaluateParams, load_params  # noqa: E402
-from stages.evaluate import evaluate_logits  # noqa: E402
+from domaintune.evaluate.classifier import evaluate_logits  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "calibration.json"
 TARGET_ECE = 0.02
@@ -90,10 +90,10 @@ def run_finetune(splits, labels, base, ev: EvaluateParams, params_path: Path) ->
     import torch
 
     from domaintune.evaluate.calibration import softmax
+    from domaintune.export.classifier import score_variant
     from domaintune.modeling.encoders import load_classifier, predict_logits, resolve_model
     from domaintune.modeling.quantize import load_int8_encoder, save_int8_encoder
     from domaintune.train.classifier import train_classifier
-    from stages.export import score_variant
 
     ft = load_params(params_path, "finetune")
     t0 = time.perf_counter()

@@ -82,8 +82,8 @@ def maxrss_mb() -> float:
 
 def variant(name: str, rows: int, seed: int) -> dict:
     from domaintune.core.params import DedupeParams
+    from domaintune.data.dedupe import dedupe
     from domaintune.data.textnorm import normalise_all, sha256_all
-    from stages.dedupe import dedupe
 
     t0 = time.perf_counter()
     splits = synth(rows, seed)

@@ -89,8 +89,8 @@ def latency_stats(ms: np.ndarray, texts_per_call: list[int]) -> dict:
 
 def load_and_score(folder: Path, variant: str, test, calib: dict) -> tuple[object, dict, np.ndarray]:
     from domaintune.export.artifacts import variant_bytes
+    from domaintune.export.classifier import score_variant
     from domaintune.predict.predictor import Predictor
-    from stages.export import score_variant
 
     t0 = time.perf_counter()
     p = Predictor.load(folder, variant=variant, batch_size=32)

@@ -9,7 +9,7 @@ memory as Python objects while they are generated.
 Per size, each step in its own process, one after the other:
 - ingest and dedupe: the real stages (`python -m stages.ingest`, `python -m stages.dedupe`, exact
   pass: dedupe.near_duplicates false), each process's peak RSS from wait4;
-- compare: our dedupe core (stages.dedupe.dedupe_tables, normalisation and hashing included, on a
+- compare: our dedupe core (domaintune.data.dedupe.dedupe_tables, normalisation and hashing included, on a
   thread per core as the stage runs it, then on one thread) against pandas `drop_duplicates` on the
   already normalised text (+ the same cross-split leak removal with sets), side by side in one process
   on the same ingested rows; all must keep the same rows. Our normalising + hashing alone
@@ -101,10 +101,10 @@ def compare(work: Path, seed: int) -> dict:
     import pandas as pd
 
     from domaintune.core.params import DedupeParams
+    from domaintune.data import dedupe as dedupe_stage_lib
     from domaintune.data.dataset import SPLITS, read_split_table
+    from domaintune.data.dedupe import CHUNK_ROWS, dedupe_tables
     from domaintune.data.textnorm import normalise_all, text_keys
-    from stages import dedupe as dedupe_stage
-    from stages.dedupe import CHUNK_ROWS, dedupe_tables
 
     tables = {s: read_split_table(work / "ingested", s).select(["id", "text", "label"]) for s in SPLITS}
     n = sum(len(t) for t in tables.values())
@@ -115,11 +115,11 @@ def compare(work: Path, seed: int) -> dict:
     ours_s = time.perf_counter() - t0
     ours_kept = sum(len(t) for t in res.tables.values())
     del res
-    threads, dedupe_stage.THREADS = dedupe_stage.THREADS, 1  # the same, normalising on one thread only
+    threads, dedupe_stage_lib.THREADS = dedupe_stage_lib.THREADS, 1  # the same, normalising on one thread only
     t0 = time.perf_counter()
     res = dedupe_tables(tables, p, seed)
     ours_one_thread_s = time.perf_counter() - t0
-    dedupe_stage.THREADS = threads
+    dedupe_stage_lib.THREADS = threads
     if sum(len(t) for t in res.tables.values()) != ours_kept:
         raise SystemExit("one thread kept other rows than a thread per core")
     del res
@@ -145,7 +145,7 @@ def compare(work: Path, seed: int) -> dict:
     pandas_s = time.perf_counter() - t0
     if ours_kept != pandas_kept:
         raise SystemExit(f"ours kept {ours_kept} rows, pandas {pandas_kept}: the comparison is void")
-    return {"rows": n, "rows_kept": ours_kept, "ours_s": round(ours_s, 3), "threads": dedupe_stage.THREADS,
+    return {"rows": n, "rows_kept": ours_kept, "ours_s": round(ours_s, 3), "threads": dedupe_stage_lib.THREADS,
             "ours_one_thread_s": round(ours_one_thread_s, 3), "pandas_s": round(pandas_s, 3),
             "normalise_s": round(normalise_s, 3), "ours_normalise_and_hash_s": round(keys_s, 3),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -82,7 +82,7 @@ if clf.is_dir():  # make_fake_repo(classifier=...): a real tiny classifier as th
 # metrics/evaluate.json in the shape the real evaluate stage writes, built by its own build_metrics
 # from before/after dicts with the keys calibration.single_label_metrics returns.
 from types import SimpleNamespace
-from stages.evaluate import build_metrics
+from domaintune.evaluate.classifier import build_metrics
 acc = digest[0] / 255
 after = {"accuracy": acc, "macro_f1": acc / 2, "weighted_f1": acc / 2, "nll": 0.5, "brier": 0.2, "ece": 0.1,
          "mce": 0.2, "mean_confidence": 0.8}

@@ -15,6 +15,7 @@ from domaintune.core.errors import DataError
 from domaintune.core.io import read_json
 from domaintune.core.params import AuditParams
 from domaintune.data.dataset import SPLITS, read_dataset, write_dataset
+from domaintune.evaluate import audit as audit_stage_lib
 from stages import audit as audit_stage
 
 LABELS = ["billing", "login", "refund", "shipping"]
@@ -61,7 +62,7 @@ def decisions_frame(rows):
 
 def test_seeded_flips_rank_at_top_and_are_flagged():
     splits, emb, flipped, _ = synthetic()
-    res = audit_stage.audit(splits, LABELS, emb, P(action="report"), seed=42)
+    res = audit_stage_lib.audit(splits, LABELS, emb, P(action="report"), seed=42)
     train_scores = res.scores[res.scores["split"] == "train"].sort_values("rank")
     assert set(train_scores["id"].head(len(flipped))) == flipped
     issues = res.label_issues[res.label_issues["split"] == "train"]
@@ -82,7 +83,7 @@ def test_flag_count_follows_the_data():
     found = {}
     for n_flips in (2, 6):
         splits, emb, flipped, _ = synthetic(n_flips=n_flips, seed=3)
-        res = audit_stage.audit(splits, LABELS, emb, P(action="report"), seed=42)
+        res = audit_stage_lib.audit(splits, LABELS, emb, P(action="report"), seed=42)
         found[n_flips] = res.metrics["issues_found"]
         assert set(res.label_issues.query("split == 'train'")["id"]) == flipped
     assert found == {2: 2, 6: 6}
@@ -90,20 +91,20 @@ def test_flag_count_follows_the_data():
 
 def test_min_score_limits_flags():
     splits, emb, flipped, _ = synthetic()
-    res = audit_stage.audit(splits, LABELS, emb, P(action="report"), seed=42)
+    res = audit_stage_lib.audit(splits, LABELS, emb, P(action="report"), seed=42)
     scores = res.scores.query("split == 'train'").set_index("id")["score"]
     strict = float(scores[sorted(flipped)].median())  # half the flips score at least this
-    res2 = audit_stage.audit(splits, LABELS, emb, P(action="report", min_score=strict), seed=42)
+    res2 = audit_stage_lib.audit(splits, LABELS, emb, P(action="report", min_score=strict), seed=42)
     found = set(res2.label_issues.query("split == 'train'")["id"])
     assert found == {i for i in flipped if scores[i] >= strict} and 0 < len(found) < len(flipped)
     # score 1.0 would need p(given) == 0 exactly: nothing passes
-    res3 = audit_stage.audit(splits, LABELS, emb, P(action="report", min_score=1.0), seed=42)
+    res3 = audit_stage_lib.audit(splits, LABELS, emb, P(action="report", min_score=1.0), seed=42)
     assert res3.metrics["issues_found"] == 0
 
 
 def test_drop_removes_exactly_the_flagged_train_rows():
     splits, emb, flipped, truth = synthetic()
-    res = audit_stage.audit(splits, LABELS, emb, P(action="drop"), seed=42)
+    res = audit_stage_lib.audit(splits, LABELS, emb, P(action="drop"), seed=42)
     out = res.splits["train"]
     assert set(splits["train"]["id"]) - set(out["id"]) == flipped
     kept = splits["train"].set_index("id").loc[out["id"], "label"].tolist()
@@ -116,7 +117,7 @@ def test_drop_removes_exactly_the_flagged_train_rows():
 
 def test_relabel_restores_the_true_labels():
     splits, emb, flipped, truth = synthetic()
-    res = audit_stage.audit(splits, LABELS, emb, P(action="relabel"), seed=42)
+    res = audit_stage_lib.audit(splits, LABELS, emb, P(action="relabel"), seed=42)
     out = res.splits["train"].set_index("id")
     before = splits["train"].set_index("id")
     assert len(out) == len(before)
@@ -139,7 +140,7 @@ def test_decisions_override_the_policy():
         (f3, "accept"),                     # flagged, accepted: the action (drop) applies
         (clean_id, "accept", "shipping" if truth[clean_id] != "shipping" else "login"),  # unflagged row fixed
     ])
-    res = audit_stage.audit(splits, LABELS, emb, P(action="drop"), seed=42, decisions=dec)
+    res = audit_stage_lib.audit(splits, LABELS, emb, P(action="drop"), seed=42, decisions=dec)
     out = res.splits["train"].set_index("id")
     before = splits["train"].set_index("id")
     assert out.at[f1, "label"] == before.at[f1, "label"]
@@ -157,7 +158,7 @@ def test_decisions_override_the_policy():
     assert issues.loc[f1, "action_taken"] == "kept (decision: reject)"
 
     # under relabel, an accept without a corrected label takes the suggestion
-    res2 = audit_stage.audit(splits, LABELS, emb, P(action="report"), seed=42,
+    res2 = audit_stage_lib.audit(splits, LABELS, emb, P(action="report"), seed=42,
                              decisions=decisions_frame([(f3, "accept")]))
     out2 = res2.splits["train"].set_index("id")
     assert out2.at[f3, "label"] == truth[f3]
@@ -175,7 +176,7 @@ def test_singleton_and_small_classes_do_not_crash():
     keep = [i for i in keep if i not in refund[1:] and i not in shipping[3:]]
     splits["train"] = train.loc[keep].reset_index(drop=True)
     emb["train"] = emb["train"][keep]
-    res = audit_stage.audit(splits, LABELS, emb, P(action="drop", folds=5), seed=42)
+    res = audit_stage_lib.audit(splits, LABELS, emb, P(action="drop", folds=5), seed=42)
     assert res.metrics["unscorable_rows"] == 1
     assert res.metrics["issues_found"] == 0
     sc = res.scores.query("split == 'train'")
@@ -187,13 +188,13 @@ def test_decisions_that_empty_a_class_stop_the_audit_or_drop_the_class_everywher
     splits, emb, _, _ = synthetic(n_flips=0)
     refund = [i for i in splits["train"]["id"] if "-refund-" in i]
     dec = decisions_frame([(i, "accept") for i in refund])  # accept under action drop: every refund row goes
-    with pytest.raises(audit_stage.StageError) as exc:
-        audit_stage.audit(splits, LABELS, emb, P(action="drop"), seed=42, decisions=dec)
+    with pytest.raises(audit_stage_lib.StageError) as exc:
+        audit_stage_lib.audit(splits, LABELS, emb, P(action="drop"), seed=42, decisions=dec)
     assert str(exc.value) == (
         "audit would leave class 'refund' with no train rows (train rows in: 15; {'dropped (decision)': 15}; "
         "validation/test rows: {'validation': 3, 'test': 3}); review the decisions, or set "
         "audit.on_empty_class: drop to drop the class from every split")
-    res = audit_stage.audit(splits, LABELS, emb, P(action="drop", on_empty_class="drop"), seed=42, decisions=dec)
+    res = audit_stage_lib.audit(splits, LABELS, emb, P(action="drop", on_empty_class="drop"), seed=42, decisions=dec)
     assert res.labels == ["billing", "login", "shipping"] and res.metrics["classes_dropped"] == ["refund"]
     for s in SPLITS:
         assert "refund" not in set(res.splits[s]["label"])
@@ -223,23 +224,23 @@ def test_bad_decisions_name_file_row_and_field(tmp_path, body, line, field, word
     splits, _, _, _ = synthetic(n_flips=0)
     path = _write(tmp_path / "decisions.csv", body)
     with pytest.raises(DataError) as err:
-        audit_stage.read_decisions(path, splits, LABELS)
+        audit_stage_lib.read_decisions(path, splits, LABELS)
     e = err.value
     assert e.file == str(path) and e.row == line and e.field == field and words in e.problem
 
 
 def test_decisions_file_parses_and_empty_header_only_is_fine(tmp_path):
     splits, _, _, _ = synthetic(n_flips=0)
-    assert audit_stage.read_decisions(_write(tmp_path / "d.csv", "id,decision,corrected_label\n"),
+    assert audit_stage_lib.read_decisions(_write(tmp_path / "d.csv", "id,decision,corrected_label\n"),
                                       splits, LABELS).empty
-    d = audit_stage.read_decisions(_write(tmp_path / "d2.csv", "id,decision,corrected_label,note\n"
+    d = audit_stage_lib.read_decisions(_write(tmp_path / "d2.csv", "id,decision,corrected_label,note\n"
                                           " tr-login-0 , Accept ,refund,typo\ntr-login-1,reject,,\n"),
                                    splits, LABELS)
     assert d.to_dict("records") == [
         {"id": "tr-login-0", "decision": "accept", "corrected_label": "refund", "line": 2},
         {"id": "tr-login-1", "decision": "reject", "corrected_label": "", "line": 3}]
     with pytest.raises(DataError, match="not found"):
-        audit_stage.read_decisions(tmp_path / "missing.csv", splits, LABELS)
+        audit_stage_lib.read_decisions(tmp_path / "missing.csv", splits, LABELS)
 
 
 # ----------------------------------------------------------------------------- the stage end to end
@@ -414,7 +415,7 @@ def test_datalab_reports_near_duplicates_and_outliers_without_acting():
     splits, emb, _, _ = synthetic(n_flips=0)
     emb["train"][1] = emb["train"][0]           # an exact copy in embedding space
     emb["train"][5] = emb["train"][5] + 200.0   # far from every cluster
-    res = audit_stage.audit(splits, LABELS, emb, P(action="drop"), seed=42)
+    res = audit_stage_lib.audit(splits, LABELS, emb, P(action="drop"), seed=42)
     ids = splits["train"]["id"]
     near = res.near_duplicates.set_index("id")
     assert {ids[0], ids[1]} <= set(near.index)

@@ -160,7 +160,7 @@ def test_stage_with_yaml_syntax_error_names_line_and_column(tmp_path):
 
 def test_decisions_folder_is_a_clear_error(tmp_path):
     from domaintune.core.errors import DataError
-    from stages.audit import read_decisions
+    from domaintune.evaluate.audit import read_decisions
 
     with pytest.raises(DataError, match="folder, not a CSV file"):
         read_decisions(tmp_path, {}, [])

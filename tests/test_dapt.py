@@ -13,6 +13,7 @@ import yaml
 from domaintune.core.errors import DataError
 from domaintune.core.params import BaseParams, DaptParams, ParamsError
 from domaintune.data.dataset import write_dataset
+from domaintune.train import dapt as dapt_lib
 from domaintune.train import mlm
 from stages import dapt
 
@@ -206,7 +207,7 @@ def test_stage_trains_loss_goes_down_and_encoder_loads(tiny_bert, dataset, tmp_p
 
     folder, corpus = dataset
     out, metrics_path = tmp_path / "dapt", tmp_path / "metrics" / "dapt.json"
-    m = dapt.run(folder, out, metrics_path, BaseParams(model=str(tiny_bert), seed=7), _params(corpus))
+    m = dapt_lib.run(folder, out, metrics_path, BaseParams(model=str(tiny_bert), seed=7), _params(corpus))
     assert json.loads(metrics_path.read_text()) == m
     assert m["steps"] == 40 and m["tokens_seen"] > 0 and m["samples_per_s"] > 0
     assert m["loss_after"] < m["loss_before"] - 1.0, m  # it learns the domain
@@ -231,7 +232,7 @@ def test_stage_trains_loss_goes_down_and_encoder_loads(tiny_bert, dataset, tmp_p
     # A second round that starts from models/dapt continues with its trained MLM head.
     model, source = mlm.load_mlm_model(str(out), seed=0)
     assert source.endswith(mlm.HEAD_FILE)
-    second = dapt.run(folder, tmp_path / "round2", tmp_path / "round2.json", BaseParams(model=str(out), seed=7),
+    second = dapt_lib.run(folder, tmp_path / "round2", tmp_path / "round2.json", BaseParams(model=str(out), seed=7),
                       _params(corpus, max_steps=0))
     assert second["head_warmup_steps"] == 0  # a loaded head needs no warm-up
     assert second["loss_before"] == second["loss_fresh_head"] < m["loss_before"]  # it starts where round 1 ended
@@ -245,18 +246,18 @@ def test_stage_trains_loss_goes_down_and_encoder_loads(tiny_bert, dataset, tmp_p
 def test_heldout_loss_is_deterministic(tiny_bert, dataset, tmp_path):
     folder, corpus = dataset
     base = BaseParams(model=str(tiny_bert), seed=5)
-    a = dapt.run(folder, tmp_path / "a", tmp_path / "a.json", base, _params(corpus, max_steps=0))
-    b = dapt.run(folder, tmp_path / "b", tmp_path / "b.json", base, _params(corpus, max_steps=3))
+    a = dapt_lib.run(folder, tmp_path / "a", tmp_path / "a.json", base, _params(corpus, max_steps=0))
+    b = dapt_lib.run(folder, tmp_path / "b", tmp_path / "b.json", base, _params(corpus, max_steps=3))
     assert a["loss_before"] == b["loss_before"]  # same texts, same fixed mask, same head init
     assert a["loss_after"] == a["loss_before"]  # zero steps change nothing
-    other = dapt.run(folder, tmp_path / "c", tmp_path / "c.json", BaseParams(model=str(tiny_bert), seed=6),
+    other = dapt_lib.run(folder, tmp_path / "c", tmp_path / "c.json", BaseParams(model=str(tiny_bert), seed=6),
                      _params(corpus, max_steps=0))
     assert other["loss_before"] != a["loss_before"]  # the seed really drives split and mask
 
 
 def test_epochs_replace_max_steps(tiny_bert, dataset, tmp_path):
     folder, corpus = dataset
-    m = dapt.run(folder, tmp_path / "e", tmp_path / "e.json", BaseParams(model=str(tiny_bert)),
+    m = dapt_lib.run(folder, tmp_path / "e", tmp_path / "e.json", BaseParams(model=str(tiny_bert)),
                  _params(corpus, epochs=2, max_steps=1000))
     assert m["steps"] == 2 * math.ceil(m["train_blocks"] / 8)
     assert m["epochs"] == pytest.approx(m["steps"] * 8 / m["train_blocks"], abs=1e-3)
@@ -269,7 +270,7 @@ def test_disabled_is_a_bit_identical_pass_through(tiny_bert, dataset, tmp_path):
 
     folder, corpus = dataset
     out = tmp_path / "dapt"
-    m = dapt.run(folder, out, tmp_path / "m.json", BaseParams(model=str(tiny_bert)), _params(corpus, enabled=False))
+    m = dapt_lib.run(folder, out, tmp_path / "m.json", BaseParams(model=str(tiny_bert)), _params(corpus, enabled=False))
     assert m == {"enabled": False, "steps": 0}
     assert (out / "model.safetensors").read_bytes() == (tiny_bert / "model.safetensors").read_bytes()
     a, b = load_encoder(str(tiny_bert)).state_dict(), load_encoder(str(out)).state_dict()
@@ -316,17 +317,17 @@ def test_resume_after_crash_equals_uninterrupted_and_live_curves(tiny_bert, data
     folder, corpus = dataset
     base = BaseParams(model=str(tiny_bert), seed=3)
     params = _params(corpus, max_steps=16, checkpoint_every=5)
-    ref = dapt.run(folder, tmp_path / "ref", tmp_path / "ref.json", base, params, live_dir=tmp_path / "live_ref",
+    ref = dapt_lib.run(folder, tmp_path / "ref", tmp_path / "ref.json", base, params, live_dir=tmp_path / "live_ref",
                    checkpoint_root=tmp_path / "ck_ref", progress=False)
     ckpt = tmp_path / "ck"
     monkeypatch.setenv(CRASH_ENV, "13")
     with pytest.raises(TrainingCrash):
-        dapt.run(folder, tmp_path / "out", tmp_path / "m.json", base, params, checkpoint_root=ckpt, progress=False)
+        dapt_lib.run(folder, tmp_path / "out", tmp_path / "m.json", base, params, checkpoint_root=ckpt, progress=False)
     monkeypatch.delenv(CRASH_ENV)
     assert not (tmp_path / "out").exists()
     saved = [d for d in ckpt.iterdir() if d.is_dir()]
     assert len(saved) == 1 and json.loads((saved[0] / "last" / "state.json").read_text())["engine"]["step"] == 10
-    m = dapt.run(folder, tmp_path / "out", tmp_path / "m.json", base, params, live_dir=tmp_path / "live",
+    m = dapt_lib.run(folder, tmp_path / "out", tmp_path / "m.json", base, params, live_dir=tmp_path / "live",
                  checkpoint_root=ckpt, progress=False)
     assert [d.name for d in ckpt.iterdir()] == ["README.txt"]  # finished: its checkpoint is gone
     drop = ("samples_per_s", "train_seconds", "seconds", "head_warmup_seconds")

@@ -11,8 +11,9 @@ from domaintune.core.errors import DataError
 from domaintune.core.io import read_json
 from domaintune.core.params import DedupeParams
 from domaintune.data.dataset import read_dataset, write_dataset
+from domaintune.data.dedupe import dedupe
 from domaintune.data.textnorm import normalise, normalise_all, shingles
-from stages.dedupe import dedupe, main
+from stages.dedupe import main
 
 EXACT = DedupeParams(near_duplicates=False)
 

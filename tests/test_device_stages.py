@@ -103,6 +103,7 @@ def test_export_verifies_the_float_model_on_cuda_in_float32(project, tiny_bert, 
 
 def test_training_stages_choose_cuda(project, tiny_bert, fake_cuda, tmp_path, monkeypatch):
     from domaintune.train import classifier as training
+    from domaintune.train import dapt as dapt_lib
     from domaintune.train import mlm
     from stages import dapt, finetune
 
@@ -118,7 +119,7 @@ def test_training_stages_choose_cuda(project, tiny_bert, fake_cuda, tmp_path, mo
         raise Stop
 
     monkeypatch.setattr(mlm, "adapt", stop_adapt)
-    monkeypatch.setattr(dapt, "adapt", stop_adapt)
+    monkeypatch.setattr(dapt_lib, "adapt", stop_adapt)
     monkeypatch.setattr(training.FinetuneRun, "_build_model", stop_build)
     params = _params(root, tiny_bert, device="cuda:0")
     with pytest.raises(Stop):

@@ -13,6 +13,7 @@ import pytest
 from evalkit import LABELS, calibrated_logits, make_dataset, make_model, make_split, write_params
 
 from domaintune.core.params import EvaluateParams
+from domaintune.evaluate import classifier as ev_lib
 from stages import evaluate as ev
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def test_core_recovers_temperature_and_plants_rows():
     ty[0], tl[0] = 0, np.array([0.0, 0.0, 80.0])
     ty[1], tl[1] = 1, np.array([5.0, 5.0, 5.0])
     val, test = _frame(3000, vy, "validation"), _frame(2000, ty, "test")
-    res = ev.evaluate_logits(val, test, vl, tl, LABELS, EvaluateParams(top_k=5))
+    res = ev_lib.evaluate_logits(val, test, vl, tl, LABELS, EvaluateParams(top_k=5))
     assert res.calibration["temperature"] == pytest.approx(3.0, rel=0.1)
     assert res.after["ece"] < res.before["ece"] / 2 and res.after["nll"] < res.before["nll"]
     for k in ("accuracy", "macro_f1", "weighted_f1"):
@@ -64,17 +65,17 @@ def test_core_recovers_temperature_and_plants_rows():
 
 def test_gate_names_metric_value_and_threshold():
     after = {"accuracy": 0.5, "macro_f1": 0.4, "ece": 0.3}
-    ev.check_gate(after, {"min_accuracy": 0.5, "min_macro_f1": 0.4, "max_ece": 0.3})  # boundaries pass
-    with pytest.raises(ev.StageError, match=r"macro_f1 0\.4000 < evaluate\.gate\.min_macro_f1 0\.6"):
-        ev.check_gate(after, {"min_macro_f1": 0.6})
-    with pytest.raises(ev.StageError, match=r"ece .*0\.3000 > evaluate\.gate\.max_ece 0\.1"):
-        ev.check_gate(after, {"max_ece": 0.1})
+    ev_lib.check_gate(after, {"min_accuracy": 0.5, "min_macro_f1": 0.4, "max_ece": 0.3})  # boundaries pass
+    with pytest.raises(ev_lib.StageError, match=r"macro_f1 0\.4000 < evaluate\.gate\.min_macro_f1 0\.6"):
+        ev_lib.check_gate(after, {"min_macro_f1": 0.6})
+    with pytest.raises(ev_lib.StageError, match=r"ece .*0\.3000 > evaluate\.gate\.max_ece 0\.1"):
+        ev_lib.check_gate(after, {"max_ece": 0.1})
 
 
 def test_seed_summary_mean_std():
     per = {"1": {"before": {"accuracy": 0.8}, "after": {"accuracy": 0.8}},
            "2": {"before": {"accuracy": 0.6}, "after": {"accuracy": 0.6}}}
-    s = ev.seed_summary(per)
+    s = ev_lib.seed_summary(per)
     assert s["mean"]["after"]["accuracy"] == pytest.approx(0.7)
     assert s["std"]["after"]["accuracy"] == pytest.approx(0.1)
 
@@ -99,7 +100,7 @@ def test_stage_writes_metrics_report_and_plots(evaluated):
     metrics = json.loads((evaluated / "metrics/evaluate.json").read_text())
     assert metrics["test_rows"] == 24
     for phase in ("before", "after"):
-        assert set(ev.METRIC_KEYS) <= set(metrics[phase])
+        assert set(ev_lib.METRIC_KEYS) <= set(metrics[phase])
         assert 0.0 <= metrics[phase]["ece"] <= metrics[phase]["mce"] <= 1.0
     assert metrics["after"]["accuracy"] == metrics["before"]["accuracy"]
     calib = json.loads((out / "calibration.json").read_text())
@@ -228,7 +229,7 @@ def test_multi_label_thresholds_tuned_on_validation():
         return df, logits
 
     (val, vl), (test, tl) = make(200, "validation"), make(100, "test")
-    res = ev.evaluate_logits(val, test, vl, tl, LABELS, EvaluateParams(), problem_type="multi_label")
+    res = ev_lib.evaluate_logits(val, test, vl, tl, LABELS, EvaluateParams(), problem_type="multi_label")
     thr = res.calibration["thresholds"]
     assert 0.05 < thr["login"] <= 0.3 and res.calibration["method"] == "thresholds"
     assert res.before["accuracy"] < 1.0 and res.after["accuracy"] == 1.0
@@ -236,7 +237,7 @@ def test_multi_label_thresholds_tuned_on_validation():
     assert res.after["ece"] == res.before["ece"]  # thresholds do not change probabilities
     pc = res.tables["per_class"]
     assert list(pc["class"]) == LABELS and pc.loc[1, "threshold"] == thr["login"]
-    ev.check_labels(LABELS, ["billing", "billing|login", "shipping"], {"validation": val, "test": test}, "d",
+    ev_lib.check_labels(LABELS, ["billing", "billing|login", "shipping"], {"validation": val, "test": test}, "d",
                     "multi_label")
 
 
@@ -257,7 +258,7 @@ def test_stage_runs_a_multi_label_model(tiny_bert, tmp_path):
     calib = json.loads((tmp_path / "eval/calibration.json").read_text())
     assert set(calib["thresholds"]) == set(LABELS)
     m = json.loads((tmp_path / "m.json").read_text())
-    assert set(ev.METRIC_KEYS) <= set(m["after"])
+    assert set(ev_lib.METRIC_KEYS) <= set(m["after"])
     assert all(0.0 <= m[ph][k] <= 1.0 for ph in ("before", "after") for k in ("accuracy", "macro_f1", "ece"))
     assert m["after"]["ece"] == m["before"]["ece"]  # thresholds leave the probabilities alone
     assert "## Most confident errors" in (tmp_path / "eval/report.md").read_text()

@@ -13,6 +13,7 @@ from evalkit import LABELS, make_dataset, make_model, write_params
 
 from domaintune.core.io import read_json, write_json
 from domaintune.data.dataset import read_dataset
+from domaintune.export import classifier as ex_lib
 from stages import evaluate as ev
 from stages import export as ex
 
@@ -362,15 +363,15 @@ def test_the_accuracy_gate_never_fails_on_a_single_test_row():
 
     params = SimpleNamespace(max_accuracy_drop=0.5, max_ece_increase=1.0)
     ref = {"accuracy": 168 / 177, "ece": 0.07}
-    ex.check_gates({"float32": ref, "onnx-int8": {"accuracy": 167 / 177, "ece": 0.07}}, params, 177)
+    ex_lib.check_gates({"float32": ref, "onnx-int8": {"accuracy": 167 / 177, "ece": 0.07}}, params, 177)
     with pytest.raises(StageError, match=r"variant onnx-int8: accuracy 0\.9379 is 1\.13 points below .*"
                                          r"export\.max_accuracy_drop 0\.5; one of the 177 test rows is 0\.56 points"):
-        ex.check_gates({"float32": ref, "onnx-int8": {"accuracy": 166 / 177, "ece": 0.07}}, params, 177)
+        ex_lib.check_gates({"float32": ref, "onnx-int8": {"accuracy": 166 / 177, "ece": 0.07}}, params, 177)
     # ECE: one row moving between two bins (1.13 points of 177 rows) passes, more fails.
-    ex.check_gates({"float32": ref, "onnx": {"accuracy": ref["accuracy"], "ece": 0.0801}}, params, 177)
+    ex_lib.check_gates({"float32": ref, "onnx": {"accuracy": ref["accuracy"], "ece": 0.0801}}, params, 177)
     with pytest.raises(StageError, match=r"variant onnx: ECE 0\.0900 is 2\.00 points above"):
-        ex.check_gates({"float32": ref, "onnx": {"accuracy": ref["accuracy"], "ece": 0.09}}, params, 177)
+        ex_lib.check_gates({"float32": ref, "onnx": {"accuracy": ref["accuracy"], "ece": 0.09}}, params, 177)
     # On a large test split the 0.5-point allowance itself applies.
     with pytest.raises(StageError):
-        ex.check_gates({"float32": {"accuracy": 0.95, "ece": 0.07}, "onnx": {"accuracy": 0.944, "ece": 0.07}},
+        ex_lib.check_gates({"float32": {"accuracy": 0.95, "ece": 0.07}, "onnx": {"accuracy": 0.944, "ece": 0.07}},
                        params, 10_000)

@@ -1,5 +1,5 @@
 """`domaintune monitor` on a base.task: generation export: the drift stage builds the classifier's baseline
-format from prompt descriptors and the causal LM's own hidden states (domaintune/monitor/generation.py), and the
+format from prompt descriptors and the causal LM's own hidden states (domaintune/tasks/generation/drift.py), and the
 monitor writes the same verdict.json, report.html and history: in-domain prompts give no alarm (exit 0),
 out-of-domain ones alarm (exit 1). With a label set (classification as generation) the verdict also has
 the predicted-label mix and the estimated accuracy, as a classifier's does."""

@@ -13,8 +13,9 @@ from domaintune.core.errors import DataError
 from domaintune.core.io import read_json
 from domaintune.core.params import IngestParams
 from domaintune.data.dataset import read_dataset
+from domaintune.data.ingest import ingest
 from domaintune.data.sources import read_source, tables_from_hf
-from stages.ingest import ingest, main
+from stages.ingest import main
 
 LABELS = ["billing", "login", "shipping"]
 

@@ -12,6 +12,7 @@ import pytest
 
 from domaintune.core.errors import DataError
 from domaintune.core.params import IngestParams
+from domaintune.data import ingest as ingest_stage_lib
 from domaintune.data.dataset import dataset_hashes
 from domaintune.data.sources import iter_parts, read_source
 from stages import ingest as ingest_stage
@@ -36,10 +37,10 @@ def _source(tmp_path):
 
 
 def _result(path, chunk, stream, monkeypatch, **kw):
-    monkeypatch.setattr(ingest_stage, "INGEST_CHUNK", chunk)
+    monkeypatch.setattr(ingest_stage_lib, "INGEST_CHUNK", chunk)
     p = IngestParams(source=str(path), id_column="id", split_column="split", on_bad_row="skip", **kw)
-    res = ingest_stage.ingest(read_source(str(path), stream=stream), p, 7)
-    return (dataset_hashes(res.tables, res.labels), res.rejected.to_dict("records"), ingest_stage.metrics_of(res),
+    res = ingest_stage_lib.ingest(read_source(str(path), stream=stream), p, 7)
+    return (dataset_hashes(res.tables, res.labels), res.rejected.to_dict("records"), ingest_stage_lib.metrics_of(res),
             {s: res.splits[s].to_dict("records") for s in res.tables})
 
 
@@ -65,10 +66,10 @@ def test_parts_hold_at_most_the_part_size_and_number_rows_through_the_file(tmp_p
 @pytest.mark.parametrize("chunk", [2, 1000])
 def test_error_mode_names_the_same_first_bad_row_in_parts(tmp_path, monkeypatch, chunk):
     path = _source(tmp_path)
-    monkeypatch.setattr(ingest_stage, "INGEST_CHUNK", chunk)
+    monkeypatch.setattr(ingest_stage_lib, "INGEST_CHUNK", chunk)
     p = IngestParams(source=str(path), id_column="id", split_column="split", on_bad_row="error")
     with pytest.raises(DataError) as exc:
-        ingest_stage.ingest(read_source(str(path), stream=True), p, 7)
+        ingest_stage_lib.ingest(read_source(str(path), stream=True), p, 7)
     assert str(exc.value) == f"{path}: row 10: field 'text': bytes that are not UTF-8 at byte offset 4 of the cell"
 
 
@@ -77,17 +78,17 @@ def test_a_missing_column_in_a_later_file_stops_before_any_row_is_judged(tmp_pat
     folder.mkdir()
     (folder / "a_train.csv").write_text("text,label\n,x\nhello,y\n")  # row 1 is bad (empty text)
     (folder / "b_test.csv").write_text("text,lab\nhi,x\n")
-    monkeypatch.setattr(ingest_stage, "INGEST_CHUNK", 1)
+    monkeypatch.setattr(ingest_stage_lib, "INGEST_CHUNK", 1)
     p = dataclasses.replace(IngestParams(source=str(folder)), on_bad_row="error")
     with pytest.raises(DataError, match=r"b_test\.csv: field 'label': column missing"):
-        ingest_stage.ingest(read_source(str(folder), stream=True), p, 7)
+        ingest_stage_lib.ingest(read_source(str(folder), stream=True), p, 7)
 
 
 def test_the_stage_streams_parquet_and_writes_what_a_whole_read_gives(tmp_path, monkeypatch):
     path = _source(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"ingest": {"id_column": "id", "split_column": "split", "on_bad_row": "skip"}}))
-    monkeypatch.setattr(ingest_stage, "INGEST_CHUNK", 3)
+    monkeypatch.setattr(ingest_stage_lib, "INGEST_CHUNK", 3)
     assert ingest_stage.main(["--source", str(path), "--out", str(tmp_path / "out"), "--metrics",
                               str(tmp_path / "m.json"), "--params", str(params)]) == 0
     whole = _result(path, 10**6, False, monkeypatch)
@@ -104,10 +105,10 @@ def test_a_corrupt_row_group_is_a_data_error_naming_the_file(tmp_path, monkeypat
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2:len(raw) // 2 + 40] = b"\x00" * 40  # damage a page in the middle, footer intact
     path.write_bytes(bytes(raw))
-    monkeypatch.setattr(ingest_stage, "INGEST_CHUNK", 4)
+    monkeypatch.setattr(ingest_stage_lib, "INGEST_CHUNK", 4)
     p = IngestParams(source=str(path), id_column="id", split_column="split", on_bad_row="skip")
     with pytest.raises(DataError, match=rf"^{path}: cannot read Parquet"):
-        ingest_stage.ingest(read_source(str(path), stream=True), p, 7)
+        ingest_stage_lib.ingest(read_source(str(path), stream=True), p, 7)
 
 
 # ---------------------------------------------------------------- CSV/TSV read piece by piece

@@ -10,6 +10,7 @@ import pytest
 
 from domaintune.core.errors import DataError
 from domaintune.core.params import IngestParams
+from domaintune.data import ingest as ingest_stage_lib
 from domaintune.data import sources
 from domaintune.data.dataset import dataset_hashes
 from domaintune.data.sources import iter_parts, read_jsonl, read_source
@@ -121,15 +122,15 @@ def test_streamed_parts_in_any_piece_size_are_the_whole_read_sliced(tmp_path, mo
 
 
 def _result(path, chunk, stream, monkeypatch, on_bad_row="skip"):
-    monkeypatch.setattr(ingest_stage, "INGEST_CHUNK", chunk)
+    monkeypatch.setattr(ingest_stage_lib, "INGEST_CHUNK", chunk)
     # the small files keep every row in train (a stratified split of a few rows would be refused)
     split = {} if path.name == "normal.jsonl" else {"split": {"train": 1.0, "validation": 0.0, "test": 0.0}}
     p = IngestParams(source=str(path), id_column="id", on_bad_row=on_bad_row, **split)
     try:
-        res = ingest_stage.ingest(read_source(str(path), stream=stream), p, 7)
+        res = ingest_stage_lib.ingest(read_source(str(path), stream=stream), p, 7)
     except DataError as exc:
         return str(exc)
-    return (dataset_hashes(res.tables, res.labels), res.rejected.to_dict("records"), ingest_stage.metrics_of(res),
+    return (dataset_hashes(res.tables, res.labels), res.rejected.to_dict("records"), ingest_stage_lib.metrics_of(res),
             {s: res.splits[s].to_dict("records") for s in res.tables})
 
 
@@ -202,7 +203,7 @@ def test_the_stage_streams_jsonl_and_writes_what_a_whole_read_gives(tmp_path, mo
     seen = []
     real = sources.read_jsonl
     monkeypatch.setattr(sources, "read_jsonl", lambda p, stream=False: seen.append(stream) or real(p, stream))
-    monkeypatch.setattr(ingest_stage, "INGEST_CHUNK", 2)
+    monkeypatch.setattr(ingest_stage_lib, "INGEST_CHUNK", 2)
     assert ingest_stage.main(["--source", str(path), "--out", str(tmp_path / "out"), "--metrics",
                               str(tmp_path / "m.json"), "--params", str(params)]) == 0
     assert seen == [True]

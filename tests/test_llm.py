@@ -7,10 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from domaintune.modeling import (
-    llm,  # noqa: E402
-    tinyllm,  # noqa: E402
-)
+from domaintune.modeling import llm, tinyllm
 
 TEXTS = ["Where is my invoice? It was due on Monday.", "Reset my password please, the link expired.",
          "Thanks for reaching out. I have resent the invoice.", "Sorry about that; here is a new link."]

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from domaintune.core.errors import DataError
 from domaintune.core.params import DedupeParams, IngestParams
 from domaintune.data.dataset import SPLITS
+from domaintune.data.dedupe import REASONS, dedupe
+from domaintune.data.ingest import ingest
 from domaintune.data.sources import parse_delimited, read_delimited, read_jsonl, read_source
-from stages.dedupe import REASONS, dedupe
-from stages.ingest import ingest
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                             HealthCheck.too_slow])

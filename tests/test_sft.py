@@ -7,17 +7,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from domaintune.core.params import BaseParams, FinetuneParams  # noqa: E402
-from domaintune.core.stage import StageError  # noqa: E402
-from domaintune.evaluate.genaudit import audit_generation  # noqa: E402
-from domaintune.evaluate.generation import evaluate_generation, run_evaluate  # noqa: E402
-from domaintune.export.generation import merged_for_export  # noqa: E402
-from domaintune.modeling import (
-    llm,  # noqa: E402
-    tinyllm,  # noqa: E402
-)
-from domaintune.modeling.causal import load_tuned  # noqa: E402
-from domaintune.train import sft  # noqa: E402
+from domaintune.core.params import BaseParams, FinetuneParams
+from domaintune.core.stage import StageError, StageIO
+from domaintune.evaluate.genaudit import audit_generation
+from domaintune.evaluate.generation import evaluate_generation
+from domaintune.export.generation import merged_for_export
+from domaintune.modeling import llm, tinyllm
+from domaintune.modeling.causal import load_tuned
+from domaintune.tasks.generation.evaluate import evaluate_into
+from domaintune.train import sft
 
 PROMPTS = ["Where is my invoice {n}?", "Reset my password for user {n}.", "Cancel account {n} please.",
            "Export my data for team {n}."]
@@ -95,20 +93,20 @@ def test_generation_methods_refuse_classifier_ones(tmp_path, model_dir, splits):
 def test_ingest_reads_prompt_and_response_columns(tmp_path):
     from domaintune.core.errors import DataError
     from domaintune.core.params import IngestParams
+    from domaintune.data.ingest import ingest
     from domaintune.data.sources import read_source
-    from stages.ingest import ingest
 
     src = tmp_path / "pairs.csv"
     rows = [f"t{i},question {i} about invoices,answer {i} from support" for i in range(40)]
     src.write_text("ticket_id,prompt,response\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    p = IngestParams(source=str(src), id_column="ticket_id").for_task("generation")
-    res = ingest(read_source(str(src)), p, 42, "generation")
+    p = IngestParams(source=str(src), id_column="ticket_id").for_prompts()
+    res = ingest(read_source(str(src)), p, 42, classes=False)
     assert res.labels == [] and sum(len(df) for df in res.splits.values()) == 40
     assert all(len(df) for df in res.splits.values())  # a random split: no class to stratify on
     assert res.splits["train"]["label"].str.startswith("answer").all()
     src.write_text("ticket_id,prompt,response\nt1,question,\nt2,another,answer\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"pairs.csv: row 1: field 'response': label is missing"):
-        ingest(read_source(str(src)), p, 42, "generation")
+        ingest(read_source(str(src)), p, 42, classes=False)
 
 
 def test_audit_reports_near_duplicate_prompts_with_different_responses(model_dir):
@@ -131,8 +129,8 @@ def test_ingest_reads_a_messages_column(tmp_path):
     from domaintune.core.errors import DataError
     from domaintune.core.params import IngestParams
     from domaintune.data.chat import to_columns
+    from domaintune.data.ingest import ingest
     from domaintune.data.sources import read_source
-    from stages.ingest import ingest
 
     def conv(i, last="assistant"):
         return [{"role": "user", "content": f"question {i}"}, {"role": last, "content": f"answer {i}"}]
@@ -141,13 +139,13 @@ def test_ingest_reads_a_messages_column(tmp_path):
     rows = [{"id": f"c{i}", "messages": conv(i, "user" if i == 7 else "assistant")} for i in range(40)]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     p = IngestParams(source=str(src), id_column="id", messages_column="messages", on_bad_row="skip")
-    p = p.for_task("generation")
+    p = p.for_prompts()
 
     def run(params):
         tables = read_source(str(src))
         for t in tables:
             to_columns(t, params.messages_column, params.label_column)
-        return ingest(tables, params, 42, "generation")
+        return ingest(tables, params, 42, classes=False)
 
     res = run(p)
     assert sum(len(df) for df in res.splits.values()) == 39
@@ -157,16 +155,14 @@ def test_ingest_reads_a_messages_column(tmp_path):
     row = pd.concat(res.splits.values()).set_index("id").loc["c3"]
     assert json.loads(row["text"]) == conv(3)[:1] and row["label"] == "answer 3"
     with pytest.raises(DataError, match=r"chats.jsonl: row 8: field 'messages': conversation the last message"):
-        run(IngestParams(source=str(src), id_column="id", messages_column="messages").for_task("generation"))
+        run(IngestParams(source=str(src), id_column="id", messages_column="messages").for_prompts())
 
 
 def test_classification_as_generation_scores_the_label_set_and_gates(tmp_path, model_dir):
-    import argparse
     import json
 
     from domaintune.core.params import EvaluateParams
     from domaintune.data.dataset import write_dataset
-    from stages.evaluate import check_gate
 
     def split(n, start):
         rows = [(f"q{start + i}", f"is invoice {start + i} paid?", "yes" if i % 2 else "no") for i in range(n)]
@@ -188,14 +184,14 @@ def test_classification_as_generation_scores_the_label_set_and_gates(tmp_path, m
     s, _ = llm.per_sample_nll(tuned, llm.pad_batch([(one.input_ids, one.labels)], tok.pad_token_id), 1)
     ll = llm.label_loglik(tuned, tok, data["test"]["text"].tolist()[:1], ["yes", "no"], 64, 4)
     assert abs(ll[0, 1] + float(s[0])) < 1e-4
-    args = argparse.Namespace(in_dir=str(tmp_path / "data"), model=str(tmp_path / "out"),
-                              out=str(tmp_path / "eval"), metrics=str(tmp_path / "m.json"))
+    io = StageIO(in_dir=str(tmp_path / "data"), model=str(tmp_path / "out"),
+                 out=str(tmp_path / "eval"), metrics=str(tmp_path / "m.json"))
     strict = EvaluateParams(label_set=("yes", "no"), min_calibration_rows=2, samples=1, max_new_tokens=2,
                             gate={"max_ece": 0.0})
     with pytest.raises(StageError, match="quality gate failed: ece"):
-        run_evaluate(args, base, strict, check_gate)
+        evaluate_into(io, base, strict)
     assert not (tmp_path / "eval").exists() and not (tmp_path / "m.json").exists()
-    run_evaluate(args, base, p, check_gate)
+    evaluate_into(io, base, p)
     assert json.loads((tmp_path / "m.json").read_text())["classification"]["after"]["accuracy"] >= 0
     data["test"].loc[0, "label"] = "maybe"
     from domaintune.core.errors import DataError

@@ -10,11 +10,8 @@ import yaml
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 
-from domaintune.core.params import BaseParams, FinetuneParams, ParamsError  # noqa: E402
-from domaintune.train import (
-    engine,  # noqa: E402
-    sft,  # noqa: E402
-)
+from domaintune.core.params import BaseParams, FinetuneParams, ParamsError
+from domaintune.train import engine, sft
 
 
 class Stop(Exception):

@@ -21,6 +21,8 @@ from domaintune.core.errors import DataError
 from domaintune.core.io import read_json
 from domaintune.core.params import DedupeParams
 from domaintune.data import dataset as data
+from domaintune.data import dedupe as dedupe_stage_lib
+from domaintune.data import ingest as ingest_stage_lib
 from domaintune.data.dataset import SPLITS, read_dataset, split_files, split_hash, write_dataset
 from domaintune.data.textnorm import digest_keys, key_codes, normalise_all, sha256_all
 from stages import ingest as ingest_stage
@@ -69,8 +71,8 @@ def test_tiny_shards_row_groups_and_chunks_change_nothing(tmp_path, monkeypatch)
     monkeypatch.setattr(data, "SHARD_ROWS", 7)
     monkeypatch.setattr(data, "ROW_GROUP_ROWS", 3)
     monkeypatch.setattr(data, "HASH_CHUNK_ROWS", 5)
-    monkeypatch.setattr(dedupe_stage, "CHUNK_ROWS", 5)
-    monkeypatch.setattr(ingest_stage, "INGEST_CHUNK", 4)
+    monkeypatch.setattr(dedupe_stage_lib, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(ingest_stage_lib, "INGEST_CHUNK", 4)
     out = _run_example(tmp_path, "tiny")
     assert read_json(out / "ingested" / "hashes.json")["dataset"] == INGESTED_DATASET
     deduped = out / "deduped"
@@ -137,9 +139,9 @@ def test_dedupe_over_chunks_equals_one_chunk(monkeypatch):
     df = pd.DataFrame(rows, columns=["id", "text", "label", "split"])
     splits = {s: df[df["split"] == s].reset_index(drop=True) for s in SPLITS}
     p = DedupeParams(near_duplicates=True, on_empty_class="drop")
-    whole = dedupe_stage.dedupe(splits, p, 1)
-    monkeypatch.setattr(dedupe_stage, "CHUNK_ROWS", 7)
-    chunked = dedupe_stage.dedupe(splits, p, 1)
+    whole = dedupe_stage_lib.dedupe(splits, p, 1)
+    monkeypatch.setattr(dedupe_stage_lib, "CHUNK_ROWS", 7)
+    chunked = dedupe_stage_lib.dedupe(splits, p, 1)
     pd.testing.assert_frame_equal(whole.removed, chunked.removed)
     for s in SPLITS:
         pd.testing.assert_frame_equal(whole.splits[s], chunked.splits[s])
@@ -166,9 +168,9 @@ def test_dedupe_that_consumes_its_input_gives_what_one_that_keeps_it_gives():
             out[s] = pa.concat_tables([pa.Table.from_pandas(sub.iloc[k * n // 5:(k + 1) * n // 5], preserve_index=False)
                                        for k in range(5)])
         return out
-    kept = dedupe_stage.dedupe_tables(tables(), p, 1)
+    kept = dedupe_stage_lib.dedupe_tables(tables(), p, 1)
     given = tables()
-    consumed = dedupe_stage.dedupe_tables(given, p, 1, consume=True)
+    consumed = dedupe_stage_lib.dedupe_tables(given, p, 1, consume=True)
     assert given == {} and len(kept.removed) > 50
     pd.testing.assert_frame_equal(kept.removed, consumed.removed)
     for s in SPLITS:
@@ -182,17 +184,17 @@ def test_removed_csv_written_in_parts_is_byte_identical_to_one_pandas_to_csv(tmp
     rows = [(f"r{i}", texts[i % 7] + ("" if i % 4 else f" only {i}"), "ab"[i % 7 % 2], SPLITS[i % 3])
             for i in range(40)]
     df = pd.DataFrame(rows, columns=["id", "text", "label", "split"])
-    res = dedupe_stage.dedupe({s: df[df["split"] == s].reset_index(drop=True) for s in SPLITS},
+    res = dedupe_stage_lib.dedupe({s: df[df["split"] == s].reset_index(drop=True) for s in SPLITS},
                               DedupeParams(near_duplicates=False, on_empty_class="drop"), 0)
     assert len(res.removed) > 10
     want = tmp_path / "whole.csv"
     res.removed.to_csv(want, index=False)
     for part in (1, 3, 7, 10**6):
         got = tmp_path / f"part{part}.csv"
-        dedupe_stage.write_removed_csv(res.removed_table, got, rows=part)
+        dedupe_stage_lib.write_removed_csv(res.removed_table, got, rows=part)
         assert got.read_bytes() == want.read_bytes()
     empty = res.removed_table.slice(0, 0)
-    dedupe_stage.write_removed_csv(empty, tmp_path / "empty.csv")
+    dedupe_stage_lib.write_removed_csv(empty, tmp_path / "empty.csv")
     empty.to_pandas().to_csv(tmp_path / "empty_pd.csv", index=False)
     assert (tmp_path / "empty.csv").read_bytes() == (tmp_path / "empty_pd.csv").read_bytes()
 
@@ -254,9 +256,9 @@ def test_banded_near_pass_removes_exactly_what_the_datasketch_index_removed(monk
     df = pd.DataFrame(rows, columns=["id", "text", "label", "split"])
     splits = {s: df[df["split"] == s].reset_index(drop=True) for s in SPLITS}
     p = DedupeParams(near_duplicates=True, on_empty_class="drop", jaccard_threshold=0.6)
-    ours = dedupe_stage.dedupe(splits, p, seed)
-    monkeypatch.setattr(dedupe_stage, "_near", _near_with_datasketch)
-    oracle = dedupe_stage.dedupe(splits, p, seed)
+    ours = dedupe_stage_lib.dedupe(splits, p, seed)
+    monkeypatch.setattr(dedupe_stage_lib, "_near", _near_with_datasketch)
+    oracle = dedupe_stage_lib.dedupe(splits, p, seed)
     assert ours.removed["reason"].value_counts().get("near_duplicate", 0) > 20
     assert ours.removed["reason"].value_counts().get("near_leak", 0) > 5
     pd.testing.assert_frame_equal(ours.removed, oracle.removed)

@@ -95,12 +95,11 @@ class IngestParams:
     # base.task generation: a column of chat conversations instead (domaintune/data/chat.py); null = off.
     messages_column: Optional[str] = None
 
-    def for_task(self, task: str) -> "IngestParams":
-        """The view ingest reads with: for generation the prompt is the text and the response the label
-        (every response is kept as written: no missing-label words). With messages_column, the prompt is
-        that column (rewritten by chat.to_columns) and the response the column it adds."""
-        if task != "generation":
-            return self
+    def for_prompts(self) -> "IngestParams":
+        """The view ingest reads prompt -> response data with (base.task generation): the prompt is the text
+        and the response the label (every response is kept as written: no missing-label words). With
+        messages_column, the prompt is that column (rewritten by chat.to_columns) and the response the column
+        it adds."""
         if self.messages_column:
             return dataclasses.replace(self, text_column=self.messages_column, label_column=MESSAGES_RESPONSE,
                                        missing_labels=())

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import pandas as pd
 
-from domaintune.core.io import atomic_output, write_json
-from domaintune.data.dataset import read_dataset
 from domaintune.modeling import llm
 from domaintune.modeling.causal import encode_split, load_causal_lm, load_tuned, pairs
 
@@ -78,22 +76,3 @@ def eval_report(metrics: dict, samples: list[dict]) -> str:
         lines += [f"### {s['id']}", "", f"**Prompt:** {s['prompt']}", "", f"**Reference:** {s['reference']}", "",
                   f"**Generated:** {s['generated']}", ""]
     return "\n".join(lines)
-
-
-
-def run_evaluate(args, base, params, check_gate) -> str:
-    """`check_gate(after, gate)`: the evaluate stage's own quality gate, applied to the label-set metrics
-    when evaluate.label_set is declared (before anything is written)."""
-    splits, _ = read_dataset(args.in_dir)
-    metrics, samples = evaluate_generation(splits, args.model, base, params)
-    if "classification" in metrics:
-        check_gate(metrics["classification"]["after"], params.gate)
-    with atomic_output(args.out) as out, atomic_output(args.metrics) as met:
-        out.mkdir()
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "samples.json", samples)
-        (out / "report.md").write_text(eval_report(metrics, samples), encoding="utf-8")
-        write_json(met, metrics)
-    p = metrics["perplexity"]
-    return f"test-response perplexity {p['base']:.2f} (start) -> {p['tuned']:.2f} (tuned)"
-

@@ -11,9 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from domaintune.core.io import atomic_output, read_json, write_json
-from domaintune.core.params import load_params
-from domaintune.data.dataset import read_dataset, read_hashes
 from domaintune.modeling import llm
 from domaintune.modeling.causal import encode_split, load_tuned
 
@@ -92,32 +89,3 @@ def model_card(run: dict, check: dict, tok, eval_metrics: dict, intended_use: st
         f"tuned {ppl.get('tuned', float('nan')):.3f}.", "",
         "## Intended use", "", intended_use, "",
         "Load it with `transformers.pipeline('text-generation', model=<this folder>)`.", ""])
-
-
-
-def run_export(args, base, params) -> str:
-    from domaintune.core.errors import DataError
-
-    in_dir = Path(args.in_dir)
-    splits, _ = read_dataset(in_dir)
-    if len(splits["test"]) == 0:
-        raise DataError(in_dir / "test.parquet", None, None, "empty: nothing to verify the export on")
-    eval_metrics = read_json(Path(args.calibration) / "metrics.json")
-    ev = load_params(args.params, "evaluate")
-    model, tok, run, check = merged_for_export(args.model, splits["test"], base, params.merge_tolerance)
-    with atomic_output(args.out) as out, atomic_output(args.metrics) as met:
-        save_export(model, tok, out, ev.max_new_tokens)
-        sample = pipeline_check(out, splits["test"]["text"].iloc[0], tok)
-        (out / "README.md").write_text(model_card(run, check, tok, eval_metrics, params.intended_use,
-                                                      ev.max_new_tokens), encoding="utf-8")
-        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-        metrics = {"task": "generation", "merge_check": check, "size_bytes": size,
-                   "pipeline_check": {"loaded": True, "sample_chars": len(sample)},
-                   "dataset_hash": read_hashes(in_dir, splits, [])["dataset"]}
-        cls = eval_metrics.get("classification")  # the label set and fitted temperature: what monitor scores with
-        cls = {"labels": cls["labels"], "temperature": cls["temperature"]} if cls else None
-        write_json(out / "export_info.json", {**metrics, "method": run["method"], "base_model": run["base_model"],
-                                              "max_length": base.max_length, "classification": cls})
-        write_json(met, metrics)
-    return f"merged ({run['method']}), max logit gap {check['max_rel_diff']:.2g}; loads in pipeline('text-generation')"
-

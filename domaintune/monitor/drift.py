@@ -109,7 +109,7 @@ def load_served_model(model_dir: str | Path, batch_size: int = 64, device: str =
     model_dir = Path(model_dir)
     from domaintune.predict.generation import GenerationPredictor, is_generation_export
 
-    if is_generation_export(model_dir):  # base.task generation: a causal LM (domaintune/monitor/generation.py)
+    if is_generation_export(model_dir):  # base.task generation: a causal LM (domaintune/tasks/generation/drift.py)
         return GenerationPredictor(model_dir, batch_size, device)
     if not (model_dir / "model.json").exists():
         raise DataError(model_dir / "model.json", None, None, "exported model missing; run the export stage first")

@@ -21,9 +21,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from domaintune.core.io import atomic_output, write_json
+from domaintune.core.io import write_json
 from domaintune.core.params import ParamsError, as_dict
-from domaintune.data.dataset import read_dataset, read_hashes
 from domaintune.modeling import llm
 from domaintune.modeling.causal import RUN_FILE, encode_split, load_causal_lm, pairs
 
@@ -291,29 +290,6 @@ def write_curves(live: Path, history: list[dict]) -> None:
         (d / f"{key}.tsv").write_text("\n".join(lines) + "\n")
 
 
-# ---------------------------------------------------------------- stage I/O
-
-def run_dapt(args, base, params) -> dict:
-    """The dapt stage for base.task generation (one process, or one of a torchrun launch: rank 0 writes)."""
-    from domaintune.train import distributed
-
-    splits, labels = read_dataset(args.in_dir)
-    corpus = []
-    for c in params.corpus if params.enabled else ():
-        corpus += [line for line in Path(c).read_text(encoding="utf-8").splitlines() if line.strip()]
-    data_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
-    ckpt = Path(args.checkpoints) / f"clm-{_dapt_key(base, params, data_hash)}"
-    if distributed.rank() != 0:
-        return dapt_generation(splits, corpus, base, params, None, ckpt)
-    with atomic_output(args.out) as out, atomic_output(args.live) as live, atomic_output(args.metrics) as met:
-        metrics = dapt_generation(splits, corpus, base, params, out, ckpt, live)
-        metrics["params"] = as_dict(params)
-        write_json(out / "dapt_info.json", {"base_model": base.model, "task": "generation", "metrics": metrics})
-        write_json(met, metrics)
-    _checkpoints_readme(args.checkpoints)
-    return metrics
-
-
 def dapt_summary(metrics: dict) -> str:
     if "perplexity_after" not in metrics:  # a data-parallel helper process: it trained, rank 0 measures
         return f"causal-LM training on this process's shard ({metrics.get('steps', 0)} steps)"
@@ -337,26 +313,11 @@ def _dapt_key(base, p, data_hash: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _checkpoints_readme(folder: str) -> None:
+def checkpoints_readme(folder: str) -> None:
     """DVC needs the persisted checkpoints out to exist even when a finished run cleared its state."""
     ckpt = Path(folder)
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / "README.txt").write_text("Resumable training state, one folder per run key; a finished run removes it.\n")
-
-
-def run_finetune(args, base, ft) -> dict:
-    """The finetune stage for base.task generation (one process, or one of a torchrun launch: rank 0 writes)."""
-    from domaintune.train import distributed
-
-    splits, labels = read_dataset(args.in_dir)
-    data_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
-    if distributed.rank() != 0:
-        return finetune_generation(splits, args.encoder, base, ft, None, args.checkpoints, None, data_hash)
-    with atomic_output(args.out) as out, atomic_output(args.live) as live, atomic_output(args.metrics) as met:
-        metrics = finetune_generation(splits, args.encoder, base, ft, out, args.checkpoints, live, data_hash)
-        write_json(met, metrics)
-    _checkpoints_readme(args.checkpoints)
-    return metrics
 
 
 def finetune_summary(metrics: dict) -> str:

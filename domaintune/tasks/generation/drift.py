@@ -1,4 +1,4 @@
-"""Drift for base.task: generation: the exported causal LM seen through the interface that
+"""The drift hook of a causal LM: the exported causal LM seen through the interface that
 domaintune/monitor/drift.py's baseline and verdict use for a classifier (domaintune.predict.predictor.Predictor), so
 the drift stage writes the same baseline files and `domaintune monitor` the same verdict.json,
 report.html and history rows, with the same calibrated nulls and Bonferroni verdict.
@@ -15,27 +15,27 @@ filled (familiarity is not a calibrated probability of being right). With the la
 (classification as generation) the confidence column is the calibrated top label probability and the verdict
 carries the label mix and the CBPE accuracy estimate, as for a classifier.
 """
-
 from __future__ import annotations
 
+from domaintune.core.device import stage_device
+from domaintune.core.io import atomic_output, write_json
+from domaintune.core.params import load_params
+from domaintune.core.stage import StageIO
+from domaintune.data.dataset import read_dataset, read_hashes
+from domaintune.monitor.drift import build_baseline
 from domaintune.predict.generation import GenerationPredictor
 
 
-def run_drift(args, params, device: str = "cpu") -> str:
-    """The drift baseline of a generation export, in the classifier's format (domaintune/monitor/generation.py): what
-    `domaintune monitor` judges prompt batches against."""
-    from domaintune.core.io import atomic_output, write_json
-    from domaintune.data.dataset import read_dataset, read_hashes
-    from domaintune.monitor.drift import build_baseline
-
-    splits, labels = read_dataset(args.in_dir)
-    dataset_hash = read_hashes(args.in_dir, splits, labels)["dataset"]
-    predictor = GenerationPredictor(args.model, params.batch_size, device)
-    with atomic_output(args.out) as out, atomic_output(args.metrics) as met:
+def run(io: StageIO) -> str:
+    base, params = load_params(io.params, "base", "drift")
+    device = stage_device(base)
+    splits, labels = read_dataset(io.in_dir)
+    dataset_hash = read_hashes(io.in_dir, splits, labels)["dataset"]
+    predictor = GenerationPredictor(io.model, params.batch_size, device)
+    with atomic_output(io.out) as out, atomic_output(io.metrics) as met:
         metrics = build_baseline(splits, [], None, params, out, dataset_hash, predictor=predictor)
         metrics["task"] = "generation"
         write_json(met, metrics)
     return (f"prompt reference: {metrics['text_reference_rows']} prompts (train + validation) for descriptors, "
             f"{metrics['output_reference_rows']} validation prompts for hidden-state embeddings and familiarity; "
             f"{metrics['signals']} calibrated drift tests")
-

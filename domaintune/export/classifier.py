@@ -1,0 +1,267 @@
+"""Export of a classifier (the export stage's work): the calibrated model in every variant (float32, int8, ONNX, ONNX int8), gated, with a model card.
+
+models/export/ is a classifier folder that domaintune.predict.predictor.Predictor loads on its own
+(encoder weights merged, adapter None, no reference to models/dapt), with the evaluate
+stage's temperature (or multi-label thresholds) in model.json, so predict/drift/serve all
+apply the same calibration. Its variants are written and loaded by domaintune/export/artifacts.py.
+Before anything is written for good, the merged model's logits are checked against the
+unmerged model's, and every variant is re-scored on the test split (accuracy, macro-F1, ECE
+with the fitted temperature, agreement with float32, size, latency): a variant that loses more
+than export.max_accuracy_drop points of accuracy or adds more than export.max_ece_increase
+points of ECE fails the stage. The model card (README.md) is domaintune/export/modelcard.py's.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from domaintune.core.errors import DataError
+from domaintune.core.io import atomic_output, read_json, write_json
+from domaintune.core.params import as_dict, load_params
+from domaintune.core.stage import StageError, StageIO
+from domaintune.data.dataset import encode_labels, read_dataset
+
+log = logging.getLogger("domaintune")
+
+
+# ---------------------------------------------------------------- checks and scoring
+def check_calibration(calib: dict, meta: dict, calib_path: Path) -> None:
+    if calib.get("labels") is not None and list(calib["labels"]) != list(meta["labels"]):
+        raise DataError(calib_path, None, "labels",
+                        f"calibration was fitted for labels {calib['labels']} but the model has {meta['labels']} "
+                        "(re-run evaluate on this model)")
+    if calib.get("problem_type", "single_label") != meta.get("problem_type", "single_label"):
+        raise DataError(calib_path, None, "problem_type",
+                        f"{calib.get('problem_type')!r} does not match the model's {meta.get('problem_type')!r}")
+    t = calib.get("temperature")
+    if not isinstance(t, (int, float)) or not t > 0:
+        raise DataError(calib_path, None, "temperature", f"must be a positive number, got {t!r}")
+
+
+def logit_agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """How far two variants' logits are apart: max abs difference, relative to the logit scale, argmax agreement."""
+    diff = float(np.abs(a - b).max()) if a.size else 0.0
+    scale = float(max(1.0, np.abs(a).max())) if a.size else 1.0
+    return {"max_abs_diff": diff, "max_rel_diff": diff / scale,
+            "argmax_agreement": float((a.argmax(1) == b.argmax(1)).mean()) if a.size else 1.0}
+
+
+def score_variant(logits: np.ndarray, test: pd.DataFrame, meta: dict, calib: dict, bins: int = 15) -> dict:
+    """Calibrated test metrics of one variant's logits."""
+    from domaintune.evaluate import calibration as cal
+
+    labels = list(meta["labels"])
+    if meta.get("problem_type", "single_label") == "multi_label":
+        thr = np.array([float((calib.get("thresholds") or {}).get(lab, 0.5)) for lab in labels])
+        m = cal.multi_label_metrics(cal.sigmoid(logits), encode_labels(test, labels, "multi_label", "test"), thr, bins)
+    else:
+        y = encode_labels(test, labels, "single_label", "test")
+        m = cal.single_label_metrics(cal.softmax(logits, float(calib["temperature"])), y, len(labels), bins)
+    return {k: m[k] for k in ("accuracy", "macro_f1", "nll", "ece")}
+
+
+def time_runner(runner, texts: list[str], batch_size: int, max_length: int, repeats: int,
+                single: int) -> tuple[np.ndarray, dict]:
+    """The runner's logits on `texts`, with batched throughput (best of `repeats` passes, after a
+    warm-up) and single-text latency percentiles."""
+    runner.logits(texts[: min(len(texts), batch_size)], batch_size, max_length)  # warm-up
+    passes = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        logits = runner.logits(texts, batch_size, max_length)
+        passes.append(time.perf_counter() - t0)
+    one = []
+    for t in texts[:single]:
+        t0 = time.perf_counter()
+        runner.logits([t], 1, max_length)
+        one.append(1000 * (time.perf_counter() - t0))
+    return logits, {"batched_ms_per_text": 1000 * min(passes) / max(len(texts), 1),
+                    "single_text_p50_ms": statistics.median(one) if one else None,
+                    "single_text_p95_ms": float(np.percentile(one, 95)) if one else None}
+
+
+def check_gates(variants: dict, params, test_rows: int) -> None:
+    """Fail on the first variant that loses too much accuracy or calibration against float32.
+
+    The accuracy allowance is export.max_accuracy_drop, but never less than one test row: on a small
+    test split (177 rows on the example, one row = 0.56 points) a single flipped prediction is noise,
+    not a broken variant. Likewise the ECE allowance is never less than one row moving between two bins."""
+    ref = variants["float32"]
+    one_row = 100.0 / max(test_rows, 1)
+    allowed = max(params.max_accuracy_drop, one_row * (1 + 1e-9))
+    for name, v in variants.items():
+        if name in ("float32", "unmerged"):
+            continue
+        drop = 100 * (ref["accuracy"] - v["accuracy"])
+        if drop > allowed:
+            raise StageError(f"variant {name}: accuracy {v['accuracy']:.4f} is {drop:.2f} points below float32's "
+                             f"{ref['accuracy']:.4f} (export.max_accuracy_drop {params.max_accuracy_drop:g}; "
+                             f"one of the {test_rows} test rows is {one_row:.2f} points)")
+        # One row whose confidence moves to another bin changes ECE by up to one row in each of the two bins.
+        rise = 100 * (v["ece"] - ref["ece"])
+        if rise > max(params.max_ece_increase, 2 * one_row * (1 + 1e-9)):
+            raise StageError(f"variant {name}: ECE {v['ece']:.4f} is {rise:.2f} points above float32's "
+                             f"{ref['ece']:.4f} (export.max_ece_increase {params.max_ece_increase:g}; "
+                             f"one row moving between two bins of the {test_rows} test rows is {2 * one_row:.2f})")
+
+
+# ---------------------------------------------------------------- stage
+def read_inputs(io: StageIO) -> dict:
+    """Everything the stage reads besides the model, checked before any model is loaded."""
+    in_dir, cal_dir = Path(io.in_dir), Path(io.calibration)
+    splits, _ = read_dataset(in_dir)
+    if len(splits["test"]) == 0:
+        raise DataError(in_dir / "test.parquet", None, None, "empty: nothing to verify the export on")
+    inputs = {"splits": splits, "hashes": read_json(in_dir / "hashes.json"),
+              "calib": read_json(cal_dir / "calibration.json"), "eval_metrics": read_json(cal_dir / "metrics.json"),
+              "per_class": pd.read_csv(cal_dir / "per_class.csv") if (cal_dir / "per_class.csv").exists() else None,
+              "audit": None, "dapt": None}
+    for key, folder, name, stage in (("audit", io.audit, "summary.json", "audit"),
+                                     ("dapt", io.dapt, "dapt_info.json", "dapt")):
+        if folder:
+            path = Path(folder) / name
+            if not path.exists():
+                raise DataError(path, None, None, f"{stage} summary missing; run the {stage} stage first")
+            inputs[key] = read_json(path)
+    manifest_path = in_dir / "upstream_manifest.json"
+    inputs["manifest"] = read_json(manifest_path) if manifest_path.exists() else None
+    return inputs
+
+
+def merged_model(model_dir: str, texts: list[str], params, ml: int, device: str = "cpu"):
+    """(merged model, tokenizer, meta, unmerged runner timing, merged logits, merge check)."""
+    from domaintune.core.device import place_for_inference
+    from domaintune.export.artifacts import TorchRunner
+    from domaintune.modeling.encoders import load_classifier
+
+    model, tok, meta = load_classifier(model_dir)
+    place_for_inference(model, device, half=False)  # verified on base.device, in float32
+    bs, latency = params.batch_size, (params.latency_repeats, params.latency_single_texts)
+    had_adapter = bool(meta.get("adapter"))
+    unmerged_logits, unmerged_timing = time_runner(TorchRunner(model, tok), texts, bs, ml, *latency)
+    if had_adapter:
+        del model
+        merged, tok, _ = load_classifier(model_dir, merge=True)
+        place_for_inference(merged, device, half=False)
+        merged_logits = TorchRunner(merged, tok).logits(texts, bs, ml)
+    else:  # nothing to merge: the loaded model is the merged one
+        merged, merged_logits = model, unmerged_logits
+    agree = logit_agreement(unmerged_logits, merged_logits)
+    check = {"had_adapter": had_adapter, "texts": len(texts), "tolerance": params.merge_tolerance, **agree}
+    if agree["max_rel_diff"] > params.merge_tolerance:
+        raise StageError(f"merged model disagrees with the unmerged one: max logit difference "
+                         f"{agree['max_abs_diff']:.3g} (relative {agree['max_rel_diff']:.3g}) > "
+                         f"export.merge_tolerance {params.merge_tolerance}")
+    return merged, tok, meta, (unmerged_logits, unmerged_timing), merged_logits, check
+
+
+def write_variants(tmp: Path, merged, tok, export_meta: dict, params) -> dict:
+    """Write every variant in params.variants under tmp; returns what quantisation reported."""
+    from domaintune.export import artifacts
+
+    artifacts.write_float32(merged, tok, tmp, export_meta)
+    fmeta = read_json(tmp / "model.json")
+    info = {}
+    if "int8" in params.variants:
+        info["int8"] = artifacts.write_int8(tmp, merged, fmeta, params.int8_embeddings)
+    if "onnx" in params.variants or "onnx-int8" in params.variants:
+        artifacts.write_onnx(tmp, merged, tok, fmeta, params.onnx_opset)
+        if "onnx-int8" in params.variants:
+            artifacts.write_onnx_int8(tmp, params.onnx_int8_per_channel)
+        if "onnx" not in params.variants:
+            import shutil
+
+            shutil.rmtree(tmp / artifacts.SUBDIRS["onnx"])
+    return info
+
+
+def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict, calib: dict, params,
+                    ml: int) -> tuple[dict, dict]:
+    """Reload each written variant from disk, score and time it on the test split: (metrics, logits)."""
+    from domaintune.export.artifacts import load_variant, variant_bytes
+
+    latency = (params.latency_repeats, params.latency_single_texts)
+    rows, logits = {}, {}
+    for name in params.variants:
+        runner, _ = load_variant(tmp, name)
+        logits[name], timing = time_runner(runner, texts, params.batch_size, ml, *latency)
+        del runner
+        rows[name] = {**score_variant(logits[name], test, meta, calib, params.bins), **timing,
+                      "size_bytes": variant_bytes(tmp, name)}
+        log.debug("verified %s: accuracy %.4f, ECE %.4f, %.1f ms/text batched", name, rows[name]["accuracy"],
+                  rows[name]["ece"], rows[name]["batched_ms_per_text"])
+    for name in params.variants:
+        agree = logit_agreement(logits["float32"], logits[name])
+        rows[name]["agreement_with_float32"] = agree["argmax_agreement"]
+        rows[name]["max_abs_logit_diff_vs_float32"] = agree["max_abs_diff"]
+    return rows, logits
+
+
+def export_metadata(meta: dict, inputs: dict, model_dir: str, base, params, had_adapter: bool) -> dict:
+    from domaintune.export.modelcard import base_model_name
+
+    calib = inputs["calib"]
+    out = {k: v for k, v in meta.items() if k not in ("adapter", "num_labels", "hidden_size")}
+    out.update({
+        "source_model": str(model_dir), "source_encoder": meta.get("base_encoder"),
+        "base_encoder": None,  # self-contained: the merged encoder is in encoder/
+        # The base the model was actually trained from (finetune records it) wins over today's params.
+        "base_model": base_model_name(((meta.get("params") or {}).get("base") or {}).get("model") or base.model),
+        "merged_adapter": had_adapter, "temperature": float(calib["temperature"]),
+        "thresholds": calib.get("thresholds"), "calibration": calib,
+        "dataset_hash": inputs["hashes"]["dataset"], "export_params": as_dict(params),
+        "variants": list(params.variants),
+    })
+    return out
+
+
+def export_stage(io: StageIO) -> None:
+    """The export stage of a classifier: merge, write every variant, verify each against the gates, card."""
+    from domaintune.core.device import stage_device
+    from domaintune.export.modelcard import model_card
+    from domaintune.modeling.encoders import set_threads
+
+    base, params = load_params(io.params, "base", "export")
+    device = stage_device(base)  # the source model's merge check runs there; variants are CPU artefacts
+    set_threads()
+    t0 = time.perf_counter()
+    inputs = read_inputs(io)
+    test, calib = inputs["splits"]["test"], inputs["calib"]
+    texts = test["text"].tolist()
+    source_meta = read_json(Path(io.model) / "model.json")
+    check_calibration(calib, source_meta, Path(io.calibration) / "calibration.json")
+    ml = int(source_meta.get("max_length", base.max_length))
+    merged, tok, meta, (unmerged_logits, unmerged_timing), merged_logits, merge_check = merged_model(
+        io.model, texts, params, ml, device)
+    export_meta = export_metadata(meta, inputs, io.model, base, params, merge_check["had_adapter"])
+    with atomic_output(io.out) as tmp, atomic_output(io.metrics) as tmp_metrics:
+        quant = write_variants(tmp, merged.to("cpu"), tok, export_meta, params)
+        del merged
+        variants, logits = verify_variants(tmp, texts, test, meta, calib, params, ml)
+        roundtrip = logit_agreement(merged_logits, logits["float32"])
+        if roundtrip["max_rel_diff"] > params.merge_tolerance:
+            raise StageError(f"saved export does not reproduce the merged model's logits ({roundtrip})")
+        check_gates(variants, params, len(texts))
+        variants["unmerged"] = {**score_variant(unmerged_logits, test, meta, calib, params.bins), **unmerged_timing}
+        metrics = {"test_rows": len(texts), "merge_check": merge_check, "variants": variants,
+                   "gates": {"max_accuracy_drop": params.max_accuracy_drop,
+                             "max_ece_increase": params.max_ece_increase},
+                   "seconds": round(time.perf_counter() - t0, 1)}
+        if "int8" in variants:
+            metrics["int8_vs_float32"] = logit_agreement(logits["float32"], logits["int8"])
+            metrics["int8_size_ratio"] = variants["int8"]["size_bytes"] / variants["float32"]["size_bytes"]
+            metrics["int8_quantization"] = quant["int8"]
+        split_sizes = {s: int(len(df)) for s, df in inputs["splits"].items()}
+        card = model_card(read_json(tmp / "model.json"), inputs, split_sizes, variants, merge_check, params)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        write_json(tmp / "export_report.json", metrics)
+        write_json(tmp_metrics, metrics)
+    log.info("export: %s written in %.0f s, every variant within the gates (%s)", ", ".join(params.variants),
+             metrics["seconds"], "; ".join(f"{k} acc {v['accuracy']:.4f} ECE {v['ece']:.4f} "
+                                            f"{v['size_bytes'] / 1e6:.1f} MB" for k, v in variants.items()
+                                            if k in params.variants))

@@ -1,0 +1,36 @@
+"""The drift hook of a classifier: the reference profile that `domaintune monitor` compares new batches with.
+
+Text features of train + validation, the served model's outputs (predicted label, calibrated confidence, PCA
+of its embeddings) on the validation rows it did not train on, the measured reference accuracy, and the null
+of every drift signal calibrated on resamples of that reference (so an iid batch alarms with probability
+<= drift.false_alarm_rate at any size). The statistics live in domaintune/monitor/drift.py.
+"""
+from __future__ import annotations
+
+from domaintune.core.device import stage_device
+from domaintune.core.io import atomic_output, write_json
+from domaintune.core.params import load_params
+from domaintune.core.stage import StageIO
+from domaintune.data.dataset import read_dataset, read_hashes
+from domaintune.modeling.encoders import set_threads
+from domaintune.monitor.drift import build_baseline
+
+
+def summary_line(metrics: dict) -> str:
+    exp = metrics.get("reference_expected_accuracy")
+    return (f"reference: {metrics['text_reference_rows']} texts (train + validation) for text features, "
+            f"{metrics['output_reference_rows']} validation rows for model outputs; measured accuracy "
+            f"{metrics['reference_accuracy']:.3f}" + ("" if exp is None else f", expected (calibrated) {exp:.3f}")
+            + f"; {metrics['signals']} calibrated drift tests")
+
+
+def run(io: StageIO) -> str:
+    base, params = load_params(io.params, "base", "drift")
+    device = stage_device(base)
+    splits, labels = read_dataset(io.in_dir)
+    dataset_hash = read_hashes(io.in_dir, splits, labels)["dataset"]
+    set_threads()
+    with atomic_output(io.out) as tmp, atomic_output(io.metrics) as tmp_metrics:
+        metrics = build_baseline(splits, labels, io.model, params, tmp, dataset_hash, device=device)
+        write_json(tmp_metrics, metrics)
+    return summary_line(metrics)
