@@ -10,6 +10,7 @@ monitor_folder_flow so a worker judges each new batch file dropped in DIR on tha
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -68,11 +69,11 @@ def run_flows_from_args(args) -> list[dict]:
     return monitor_folder_flow(args.watch, **kw) if args.watch else [monitor_flow(args.batch, **kw)]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pipelines.monitor ARGS` is `domaintune monitor ARGS` (same checks, messages, exit codes)."""
-    from pipelines.cli import main as cli_main
-
-    return cli_main(["monitor", *(sys.argv[1:] if argv is None else argv)])
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m pipelines.monitor ARGS` is `domaintune monitor ARGS` (same checks, messages, exit codes): this
+    process becomes the CLI's, so this module never imports the CLI that imports it."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.execv(sys.executable, [sys.executable, "-m", "pipelines.cli", "monitor", *args])
 
 
 if __name__ == "__main__":

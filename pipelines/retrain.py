@@ -359,11 +359,11 @@ def run_from_args(args) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pipelines.retrain ARGS` is `domaintune retrain ARGS` (same checks, messages, exit codes)."""
-    from pipelines.cli import main as cli_main
-
-    return cli_main(["retrain", *(sys.argv[1:] if argv is None else argv)])
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m pipelines.retrain ARGS` is `domaintune retrain ARGS` (same checks, messages, exit codes): this
+    process becomes the CLI's, so this module never imports the CLI that imports it."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.execv(sys.executable, [sys.executable, "-m", "pipelines.cli", "retrain", *args])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ interleave and what was verified is what gets restored.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -43,11 +44,11 @@ def rollback_flow(version: str, repo: str = ".") -> dict:
         return restore(root, checked_version, outs)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pipelines.rollback ARGS` is `domaintune rollback ARGS` (same checks, messages, exit codes)."""
-    from pipelines.cli import main as cli_main
-
-    return cli_main(["rollback", *(sys.argv[1:] if argv is None else argv)])
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m pipelines.rollback ARGS` is `domaintune rollback ARGS` (same checks, messages, exit codes): this
+    process becomes the CLI's, so this module never imports the CLI that imports it."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.execv(sys.executable, [sys.executable, "-m", "pipelines.cli", "rollback", *args])
 
 
 if __name__ == "__main__":

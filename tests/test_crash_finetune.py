@@ -1,7 +1,7 @@
 """SIGKILL during a finetune checkpoint write, then a re-run: the same outputs as an uninterrupted run.
 
 The real stage (`python -m stages.finetune`, the dvc.yaml command) runs in a subprocess on the tiny
-BERT; a test hook (training.STALL_ENV) holds it inside its 4th checkpoint write, after the first file
+BERT; a test hook (engine.STALL_ENV) holds it inside its 4th checkpoint write, after the first file
 of that checkpoint is on disk, and the test kills it there with SIGKILL: no Python cleanup runs.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def files(folder: Path) -> dict[str, bytes]:
 def test_sigkill_during_checkpoint_write_then_rerun_equals_uninterrupted(tmp_path, tiny_bert):
     import json
 
-    from domaintune.train.classifier import STALL_ENV
+    from domaintune.train.engine import STALL_ENV
 
     data = make_dataset(tmp_path / "audited")
     # 36 train rows / batch 8 = 5 steps per epoch. Checkpoint writes: steps 2 and 4, end of epoch 0

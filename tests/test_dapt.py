@@ -155,7 +155,7 @@ def test_corpus_file_errors_name_the_file(tmp_path):
         mlm.read_corpus_file(empty)
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\nbro\xffken\n")
-    with pytest.raises(DataError, match=r"bad.txt: row 2: line is not valid UTF-8"):
+    with pytest.raises(DataError, match=r"bad.txt: row 2: bytes that are not UTF-8 at byte offset"):
         mlm.read_corpus_file(bad)
     ok = tmp_path / "ok.txt"
     ok.write_bytes(b"one\r\ntwo\n")

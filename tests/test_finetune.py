@@ -194,7 +194,7 @@ def test_multi_label_end_to_end(tmp_path, tiny_bert):
 def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_bert, data, monkeypatch):
     from safetensors.torch import load_file
 
-    from domaintune.train.classifier import CRASH_ENV, TrainingCrash
+    from domaintune.train.engine import CRASH_ENV, TrainingCrash
 
     # 36 rows / batch 8 = 5 steps per epoch, 10 in all; checkpoints every 2 steps; crash at step 7.
     params = write_params(tmp_path / "params.yaml", method="full", epochs=2, checkpoint_every=2, head_dropout=0.2)
@@ -239,7 +239,7 @@ def test_gradual_unfreezing_trains_top_blocks_first(tmp_path, tiny_bert, data, m
     """Epoch 0 of 2 trains the head and the top block only: the checkpoint taken then shows it."""
     from safetensors.torch import load_file
 
-    from domaintune.train.classifier import CRASH_ENV, TrainingCrash
+    from domaintune.train.engine import CRASH_ENV, TrainingCrash
 
     params = write_params(tmp_path / "params.yaml", method="full", epochs=2, checkpoint_every=4,
                           gradual_unfreeze=True)

@@ -249,7 +249,9 @@ class FinetuneParams:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
-    target_modules: tuple = ("query", "value")
+    # auto: the task picks (an encoder's attention projections as peft maps its architecture, e.g. BERT
+    # query/value; a causal LM's every attention and MLP Linear), so switching base.task and base.model runs
+    target_modules: Any = "auto"
     freeze_layers: int = 0
     seeds: tuple = (42,)
     # Encoder modules (besides the head) trained fully next to LoRA adapters, e.g. [LayerNorm].
@@ -289,7 +291,12 @@ class FinetuneParams:
     rdzv_endpoint: str = "127.0.0.1:29500"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.target_modules != "auto":
+            if not isinstance(self.target_modules, (list, tuple)) or \
+                    not all(isinstance(t, str) for t in self.target_modules):
+                raise ParamsError(f"params.yaml: finetune.target_modules: expected auto or a list of module names, "
+                                  f"got {self.target_modules!r}")
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
         object.__setattr__(self, "seeds", tuple(self.seeds))
         s = "finetune"
         _one_of(self.method, FINETUNE_METHODS, s, "method")

@@ -549,21 +549,46 @@ def read_parquet(path: Path, stream: bool = False) -> RawTable:
     return _table_of_frame(frame, str(path), path.stem)
 
 
-def read_txt(path: Path) -> RawTable:
-    """One text per line (column "text"; a line ends at "\n" or "\r\n"); row = line number."""
+def text_lines(path: Path) -> tuple[list[str], dict[int, str]]:
+    """The one reader of one-text-per-line files (ingest's .txt, monitor batches, predict inputs, DAPT corpora):
+    UTF-8 (a BOM is dropped; UTF-16 is refused), a line ends at "\n" or "\r\n" (a lone "\r" is text), the
+    final line end opens no extra line. Returns (lines, problems): problems[i] says where line i holds bytes
+    that are not UTF-8 (kept as surrogates in the line, so a caller may skip the row or stop)."""
+    if not path.is_file():
+        raise DataError(path, None, None, "file not found" if not path.exists() else "not a regular file")
     text, bom = _decode(path)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final line end closes the last line; it does not open a new one
     lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
-    if not lines:
-        raise DataError(path, None, None, "file is empty")
     bad, byte_pos = {}, bom
     for i, ln in enumerate(lines):
         if m := UNDECODABLE.search(ln):
             off = byte_pos + len(ln[:m.start()].encode("utf-8", "surrogateescape"))
-            bad[i] = [("text", "undecodable_bytes", f"bytes that are not UTF-8 at byte offset {off}")]
+            bad[i] = f"bytes that are not UTF-8 at byte offset {off}"
         byte_pos += len(ln.encode("utf-8", "surrogateescape")) + 1
+    return lines, bad
+
+
+def read_lines(path: str | Path, what: str = "file") -> list[str]:
+    """text_lines for a caller that needs every line: the first line with bytes that are not UTF-8 is a
+    DataError naming the file and row (= line number); an empty file is one too (`what` names it)."""
+    path = Path(path)
+    lines, bad = text_lines(path)
+    if bad:
+        i = min(bad)
+        raise DataError(path, i + 1, None, bad[i])
+    if not lines:
+        raise DataError(path, None, None, f"{what} is empty")
+    return lines
+
+
+def read_txt(path: Path) -> RawTable:
+    """One text per line (column "text"; text_lines); row = line number."""
+    lines, problems = text_lines(path)
+    if not lines:
+        raise DataError(path, None, None, "file is empty")
+    bad = {i: [("text", "undecodable_bytes", detail)] for i, detail in problems.items()}
     frame = pd.DataFrame({"text": lines}, dtype=object)
     return RawTable(str(path), path.stem, frame, list(range(1, len(lines) + 1)), bad=bad,
                     lines=list(range(1, len(lines) + 1)))

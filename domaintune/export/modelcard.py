@@ -247,7 +247,7 @@ def usage_section(meta: dict, variants) -> list[str]:
            "The root folder is not a `transformers` model (`AutoModelForSequenceClassification` refuses it rather "
            "than load a random head): use domaintune, or the ONNX variants with plain onnxruntime.", "",
            "With domaintune (`pip install` this project), from the folder that holds `models/export`:", "",
-           "```python", "from domaintune.predict import Predictor", ""]
+           "```python", "from domaintune.predict.predictor import Predictor", ""]
     best = "onnx-int8" if "onnx-int8" in variants else "float32"
     out.append(f'p = Predictor.load("models/export", variant="{best}")')
     others = [f'variant="{v}"' + (" (the default)" if v == "float32" else "") for v in variants if v != best]

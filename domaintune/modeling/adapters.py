@@ -52,7 +52,27 @@ def linear_module_names(encoder) -> list[str]:
 
 
 
-def check_target_modules(encoder, targets: Sequence[str]) -> None:
+def target_modules(model, spec, causal: bool) -> list[str] | str:
+    """finetune.target_modules resolved for `model`: a list stays as given; auto is the task's default -- for a
+    causal LM every attention and MLP Linear (peft's "all-linear", the output layer excluded: QLoRA's recipe),
+    for an encoder the attention projections peft maps its architecture to (BERT: query, value), else every
+    Linear inside an attention block."""
+    if spec != "auto":
+        return list(spec)
+    if causal:
+        return "all-linear"
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    known = PEFT_TARGETS.get(getattr(model.config, "model_type", None))
+    if known:
+        return list(known)
+    return sorted({n.split(".")[-1] for n, m in model.named_modules()
+                   if type(m).__name__ == "Linear" and "attention" in n.lower() and "output" not in n.lower()})
+
+
+def check_target_modules(encoder, targets: Sequence[str] | str) -> None:
+    if targets == "all-linear":
+        return
     available = linear_module_names(encoder)
     full_names = [n for n, _ in encoder.named_modules()]
     for t in targets:

@@ -1,6 +1,6 @@
 """Calibrated predictions from an exported model: what flows, drift monitoring and serving call.
 
-    from domaintune.predict import Predictor
+    from domaintune.predict.predictor import Predictor
     p = Predictor.load("models/export")            # or variant="int8", "onnx", "onnx-int8"
     probs = p.predict_proba(["my card was charged twice"])   # calibrated, rows sum to 1
     labels = p.predict(["my card was charged twice"])

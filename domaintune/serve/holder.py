@@ -25,7 +25,7 @@ WARMUP_TEXTS = ["warm-up text for a freshly loaded model"]
 
 @dataclass
 class LoadedModel:
-    predictor: object            # domaintune.predict.Predictor
+    predictor: object            # domaintune.predict.predictor.Predictor
     version: str                 # "v1.2.0", "workspace", or "dir:<name>" for a folder
     variant: str
     path: Path

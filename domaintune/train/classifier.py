@@ -24,8 +24,6 @@ Multi-label data: the label column holds the labels joined by "|"
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
@@ -48,15 +46,13 @@ from domaintune.modeling.adapters import (
     param_depth,
     qlora_backend_error,
     quantize_encoder_4bit,
+    target_modules,
 )
-from domaintune.modeling.embeddings import encoder_fingerprint
+from domaintune.train.curves import write_curves
+from domaintune.train.engine import load_trainable_state
+from domaintune.train.runkey import run_key
 
 log = logging.getLogger("domaintune.training")
-
-
-
-# Test hooks and checkpoint files live in the engine; re-exported for the tests and benches that name them here.
-from domaintune.train.engine import CRASH_ENV, STALL_ENV, TrainingCrash, load_trainable_state  # noqa: E402,F401
 
 
 def label_list(train_df: pd.DataFrame, labels: Sequence[str], problem_type: str) -> list[str]:
@@ -153,17 +149,6 @@ def classification_metrics(logits: np.ndarray, y: np.ndarray, problem_type: str)
 
 
 
-def run_key(ft: FinetuneParams, base: BaseParams, data_hash: str, encoder_dir: str, seed: int) -> str:
-    """What a checkpoint belongs to: params, data, encoder weights and seed."""
-    launch = ("processes", "nnodes", "node_rank", "rdzv_endpoint")  # a run may resume under another launch
-    h = hashlib.sha256()
-    h.update(json.dumps({"finetune": {k: v for k, v in as_dict(ft).items() if k not in launch}, "max_length": base.max_length, "data": data_hash,
-                         "seed": seed}, sort_keys=True).encode())
-    h.update(encoder_fingerprint(encoder_dir).encode())  # weights, config and tokenizer files
-    return h.hexdigest()[:16]
-
-
-
 def _snapshot(model, names: set) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
 
@@ -204,13 +189,14 @@ def _apply_method(model, ft: FinetuneParams, seed: int, device: str = "cpu") -> 
     if ft.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
-        check_target_modules(enc, ft.target_modules)
+        targets = target_modules(enc, ft.target_modules, causal=False)
+        check_target_modules(enc, targets)
         if ft.method == "qlora":
             check_4bit_shapes(enc, device)
             quantize_encoder_4bit(enc, ft.qlora_compute_dtype)
         torch.manual_seed(seed)  # LoRA A matrices are random: seed them
         cfg = LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
-                         target_modules=list(ft.target_modules),
+                         target_modules=targets,
                          modules_to_save=list(ft.modules_to_save) or None, bias="none")
         model.encoder = get_peft_model(enc, cfg)
         return
@@ -240,7 +226,7 @@ def validate_setup(ft: FinetuneParams, encoder_dir: str, device: str = "cpu") ->
         from domaintune.modeling.encoders import load_encoder
 
         encoder = load_encoder(encoder_dir)
-        check_target_modules(encoder, ft.target_modules)
+        check_target_modules(encoder, target_modules(encoder, ft.target_modules, causal=False))
         if ft.method == "qlora":
             check_4bit_shapes(encoder, device)
 
@@ -595,7 +581,8 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
 
     validate_setup(ft, encoder_dir, finetune_device(base, ft))
     ckpt_root = Path(checkpoint_root) if checkpoint_root is not None else None
-    keys = {s: run_key(ft, base, data_hash, encoder_dir, s) for s in ft.seeds}
+    keys = {s: run_key("finetune", ft, encoder_dir, max_length=base.max_length, data=data_hash, seed=s)
+            for s in ft.seeds}
     writer = distributed.rank() == 0  # under a multi-process launch, rank 0 alone writes
     if ckpt_root is not None and writer:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -674,10 +661,6 @@ def write_live(live_dir: str | os.PathLike, runs: list[tuple[int, dict]], best_s
     from the recorded history so a resumed run logs one continuous curve. The kept (best)
     seed's logs are live_dir itself (so dvc.yaml can name live_dir/plots); with several
     seeds, every seed's are also under live_dir/seeds/<seed>/."""
-    from dvclive import Live
-
-    from domaintune.train.engine import log_steps
-
     live_dir = Path(live_dir)
     if live_dir.exists():
         shutil.rmtree(live_dir)
@@ -685,13 +668,9 @@ def write_live(live_dir: str | os.PathLike, runs: list[tuple[int, dict]], best_s
     if len(runs) > 1:
         targets += [(live_dir / "seeds" / str(seed), res) for seed, res in runs]
     for folder, res in targets:
-        with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-            log_steps(live, res["history"]["steps"], {k: f"train/{k}" for k in ("loss", "lr", "grad_norm")})
-            for e in res["history"]["epochs"]:
-                live.step = e["step"]
-                for k, v in e.items():
-                    if k.startswith("val_"):
-                        live.log_metric(f"val/{k[4:]}", v, plot=True)
-            live.step = res["steps"]
-            live.summary.update({"validation": res["validation"], "best_epoch": res["best_epoch"]})
+        epochs = res["history"]["epochs"]
+        val = {f"val/{k[4:]}": [(e["step"], e[k]) for e in epochs if k in e]
+               for k in dict.fromkeys(k for e in epochs for k in e if k.startswith("val_"))}
+        write_curves(folder, res["history"]["steps"], points=val, end_step=res["steps"],
+                     summary={"validation": res["validation"], "best_epoch": res["best_epoch"]})
 

@@ -9,8 +9,6 @@ a per-step history (MLM loss, LR, grad norm, held-out perplexity) that DVCLive d
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import time
@@ -21,8 +19,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from domaintune.core.errors import DataError
-from domaintune.core.params import DaptParams, ParamsError, as_dict
+from domaintune.core.params import DaptParams, ParamsError
+from domaintune.data.sources import read_lines
 from domaintune.data.textnorm import normalise
+from domaintune.train.curves import CURVES, write_curves
+from domaintune.train.runkey import run_key
 
 log = logging.getLogger("domaintune.mlm")
 
@@ -45,21 +46,11 @@ class Corpus:
 
 
 def read_corpus_file(path: str | Path) -> list[tuple[int, str]]:
-    """(line number, text) of each line of a UTF-8 text file, one text per line."""
+    """(line number, text) of each line of a UTF-8 text file, one text per line (data.sources.read_lines)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(p, None, None, "corpus file not found (listed in params.yaml dapt.corpus)")
-    raw = p.read_bytes()
-    lines = raw.split(b"\n")
-    out = []
-    for i, line in enumerate(lines, start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(p, i, None, f"line is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        out.append((i, text.rstrip("\r")))
-    if out and out[-1][1] == "" and raw.endswith(b"\n"):
-        out.pop()  # the newline that ends the last line is not an extra blank line
+    out = list(enumerate(read_lines(p, "corpus file"), start=1))
     if not any(t.strip() for _, t in out):
         raise DataError(p, None, None, "corpus file is empty (no non-blank lines)")
     return out
@@ -429,21 +420,6 @@ def check_block_size(base_path: str, block_size: int) -> None:
                           f"max_position_embeddings {limit} ({base_path}); use at most {limit}")
 
 
-def run_key(corpus: Corpus, base_path: str, params: DaptParams, seed: int) -> str:
-    """What a DAPT checkpoint belongs to: the corpus, the training params (not the launch), the base
-    weights and the seed. A run with anything else different never picks up a stale checkpoint."""
-    from domaintune.modeling.embeddings import encoder_fingerprint
-
-    launch = ("processes", "nnodes", "node_rank", "rdzv_endpoint", "checkpoint_every")
-    h = hashlib.sha256()
-    h.update(json.dumps({"params": {k: v for k, v in as_dict(params).items() if k not in launch}, "seed": seed},
-                        sort_keys=True).encode())
-    for t in corpus.texts:
-        h.update(t.encode() + b"\0")
-    h.update(encoder_fingerprint(base_path).encode())
-    return h.hexdigest()[:16]
-
-
 @dataclass
 class Prepared:
     """The packed and masked data of one DAPT run."""
@@ -517,7 +493,7 @@ def adapt(corpus: Corpus, base_path: str, params: DaptParams, seed: int, device:
     warmup = math.ceil(params.warmup_ratio * total_steps)
     cfg = EngineConfig(lr=params.lr, total_steps=total_steps, warmup_steps=warmup, max_grad_norm=params.max_grad_norm,
                        grad_accum=params.grad_accum, bf16=params.bf16, checkpoint_every=params.checkpoint_every)
-    ckpt = Path(checkpoint_root) / run_key(corpus, base_path, params, seed) if checkpoint_root is not None else None
+    ckpt = Path(checkpoint_root) / run_key("dapt", params, base_path, texts=corpus.texts, seed=seed) if checkpoint_root is not None else None
     if ckpt is not None and rank == 0:
         _clear_stale(Path(checkpoint_root), ckpt.name)
     engine = Engine(model, param_groups(model.named_parameters(), params.lr, params.weight_decay), cfg,
@@ -584,19 +560,11 @@ def _metrics(d: Prepared, corpus: Corpus, engine, blocks: MaskedBlocks, losses: 
 def write_live(live_dir: str | Path, history: list[dict], metrics: dict) -> None:
     """DVCLive curves of a DAPT run: train/mlm_loss, train/lr, train/grad_norm per step, and
     heldout/loss and heldout/perplexity at step 0 (before), every checkpoint_every steps and the end."""
-    from dvclive import Live
-
-    from domaintune.train.engine import log_steps
-
     points = [(0, metrics["loss_before"])] + [(h["step"], h["heldout_loss"]) for h in history if "heldout_loss" in h]
     points.append((metrics["steps"], metrics["loss_after"]))
-    with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        log_steps(live, history, {"loss": "train/mlm_loss", "lr": "train/lr", "grad_norm": "train/grad_norm"})
-        for step, loss in points:
-            live.step = step
-            live.log_metric("heldout/loss", loss, plot=True)
-            live.log_metric("heldout/perplexity", math.exp(loss), plot=True)
-        live.summary.update({k: metrics[k] for k in ("perplexity_before", "perplexity_after", "steps")})
+    write_curves(live_dir, history, {**CURVES, "loss": "train/mlm_loss"},
+                 points={"heldout/loss": points, "heldout/perplexity": [(st, math.exp(v)) for st, v in points]},
+                 summary={k: metrics[k] for k in ("perplexity_before", "perplexity_after", "steps")})
 
 
 def save_encoder(model, tokenizer, base_path: str, out_dir: Path, seed: int) -> None:

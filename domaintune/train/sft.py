@@ -25,6 +25,9 @@ from domaintune.core.io import write_json
 from domaintune.core.params import ParamsError, as_dict
 from domaintune.modeling import llm
 from domaintune.modeling.causal import RUN_FILE, encode_split, load_causal_lm, pairs
+from domaintune.modeling.encoders import resolve_model
+from domaintune.train.curves import write_curves
+from domaintune.train.runkey import run_key
 
 # ---------------------------------------------------------------- batches for the engine
 
@@ -219,9 +222,15 @@ def apply_method(model, ft, device: str, seed: int):
         return model
     from peft import LoraConfig, get_peft_model
 
-    from domaintune.modeling.adapters import check_4bit_shapes, check_target_modules, quantize_encoder_4bit
+    from domaintune.modeling.adapters import (
+        check_4bit_shapes,
+        check_target_modules,
+        quantize_encoder_4bit,
+        target_modules,
+    )
 
-    check_target_modules(model, ft.target_modules)
+    targets = target_modules(model, ft.target_modules, causal=True)
+    check_target_modules(model, targets)
     if ft.method == "qlora":
         check_4bit_shapes(model, device)
         quantize_encoder_4bit(model, ft.qlora_compute_dtype)
@@ -229,7 +238,7 @@ def apply_method(model, ft, device: str, seed: int):
         model.enable_input_require_grads()
     torch.manual_seed(seed)
     cfg = LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout, bias="none",
-                     target_modules=list(ft.target_modules), task_type="CAUSAL_LM")
+                     target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
 
 
@@ -238,7 +247,7 @@ def finetune_generation(splits: dict[str, pd.DataFrame], encoder_dir: str, base,
     """SFT on train, perplexity on validation; writes the model (or adapter) + tokenizer + run.json.
     out None: a data-parallel helper process, which trains on its shard and writes nothing."""
     from domaintune.train import distributed
-    from domaintune.train.classifier import finetune_device, run_key
+    from domaintune.train.classifier import finetune_device
 
     device = finetune_device(base, ft)
     seed = ft.seeds[0]
@@ -252,7 +261,7 @@ def finetune_generation(splits: dict[str, pd.DataFrame], encoder_dir: str, base,
     model = apply_method(model, ft, device, seed)
     batches = Batches(pairs(kept), ft.batch_size // ft.grad_accum, tok.pad_token_id, seed,
                       block_size=base.max_length if ft.packing else None)
-    key = run_key(ft, base, data_hash, encoder_dir, seed)
+    key = run_key("finetune", ft, encoder_dir, max_length=base.max_length, data=data_hash, seed=seed)
     run = train(model, batches, steps_for(math.ceil(len(batches) / ft.grad_accum), ft.epochs, 0), ft.lr,
                 ft.warmup_ratio, ft.weight_decay, ft.max_grad_norm, ft.scheduler, ft.bf16, device,
                 Path(checkpoints) / f"sft-{key}", ft.checkpoint_every, ft.grad_accum, optimizer_for(ft, device))
@@ -281,15 +290,6 @@ def save_tuned(model, tok, out: Path, ft, encoder_dir: str) -> None:
                                 "qlora_compute_dtype": ft.qlora_compute_dtype, "finetune": as_dict(ft)})
 
 
-def write_curves(live: Path, history: list[dict]) -> None:
-    """The loss and LR per step where dvc.yaml's plots read them (DVCLive's TSV layout)."""
-    d = live / "plots" / "metrics" / "train"
-    d.mkdir(parents=True, exist_ok=True)
-    for key in ("loss", "lr"):
-        lines = [f"step\t{key}"] + [f"{h['step']}\t{h[key]}" for h in history]
-        (d / f"{key}.tsv").write_text("\n".join(lines) + "\n")
-
-
 def dapt_summary(metrics: dict) -> str:
     if "perplexity_after" not in metrics:  # a data-parallel helper process: it trained, rank 0 measures
         return f"causal-LM training on this process's shard ({metrics.get('steps', 0)} steps)"
@@ -297,20 +297,9 @@ def dapt_summary(metrics: dict) -> str:
             f" ({metrics.get('steps', 0)} steps, {metrics.get('processes', 1)} process(es))")
 
 
-LAUNCH = ("processes", "nnodes", "node_rank", "rdzv_endpoint", "checkpoint_every")  # a run may resume under another
-
-
-def _dapt_key(base, p, data_hash: str) -> str:
-    import hashlib
-    import json
-
-    from domaintune.modeling.embeddings import encoder_fingerprint
-    from domaintune.modeling.encoders import resolve_model
-
-    dapt = {k: v for k, v in as_dict(p).items() if k not in LAUNCH}
-    h = hashlib.sha256(json.dumps({"dapt": dapt, "base": as_dict(base), "data": data_hash}, sort_keys=True).encode())
-    h.update(encoder_fingerprint(resolve_model(base.model)).encode())
-    return h.hexdigest()[:16]
+def dapt_key(base, p, data_hash: str) -> str:
+    """The run key of a causal-LM DAPT run (domaintune/train/runkey.py)."""
+    return run_key("dapt", p, resolve_model(base.model), base=as_dict(base), data=data_hash)
 
 
 def checkpoints_readme(folder: str) -> None:

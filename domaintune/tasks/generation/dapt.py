@@ -11,16 +11,16 @@ from domaintune.core.params import as_dict, load_params
 from domaintune.core.stage import StageIO
 from domaintune.data.dataset import read_dataset, read_hashes
 from domaintune.train import distributed
-from domaintune.train.sft import _dapt_key, checkpoints_readme, dapt_generation, dapt_summary
+from domaintune.train.mlm import read_corpus_file
+from domaintune.train.sft import checkpoints_readme, dapt_generation, dapt_key, dapt_summary
 
 
 def adapt(io: StageIO, base, params) -> dict:
     splits, labels = read_dataset(io.in_dir)
-    corpus = []
-    for c in params.corpus if params.enabled else ():
-        corpus += [line for line in Path(c).read_text(encoding="utf-8").splitlines() if line.strip()]
+    corpus = [text for c in (params.corpus if params.enabled else ()) for _, text in read_corpus_file(c)
+              if text.strip()]
     data_hash = read_hashes(io.in_dir, splits, labels)["dataset"]
-    ckpt = Path(io.checkpoints) / f"clm-{_dapt_key(base, params, data_hash)}"
+    ckpt = Path(io.checkpoints) / f"clm-{dapt_key(base, params, data_hash)}"
     if distributed.rank() != 0:
         return dapt_generation(splits, corpus, base, params, None, ckpt)
     with atomic_output(io.out) as out, atomic_output(io.live) as live, atomic_output(io.metrics) as met:
