@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run test test-slow bench clean remote
+.PHONY: setup run test lint test-slow bench clean remote
 
 setup: $(VENV)/.installed
 
@@ -28,9 +28,14 @@ run: setup
 	@echo "plots:   dvc plots show  (writes dvc_plots/index.html, opens without network)"
 	@echo "next:    domaintune retrain (record a version)  |  domaintune versions  |  domaintune monitor --batch FILE"
 
-# What CI runs (.ci/run): everything except tests marked slow.
-test: setup
+# What CI runs (.ci/run): the linters (ruff; import-linter's layer contracts), then every test
+# except those marked slow.
+test: setup lint
 	$(BIN)/python -m pytest -m "not slow" -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q

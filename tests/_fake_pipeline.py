@@ -162,7 +162,7 @@ TINY_DAG_PARAMS = {
     "dapt.corpus": ["tiny_corpus.txt"], "dapt.max_steps": 4, "dapt.block_size": 32, "dapt.batch_size": 4,
     "finetune.epochs": 1, "finetune.batch_size": 8, "evaluate.min_calibration_rows": 5, "drift.pca_components": 3,
     # A random tiny BERT scored on ~20 test rows: one flipped row is 5 points, so export's quality gates
-    # (tested on their own in tests/test_export.py) would fail the DAG at random; timing passes kept short.
+    # (tested on their own in tests/export/test_export.py) would fail the DAG at random; timing passes kept short.
     "export.max_accuracy_drop": 100.0, "export.max_ece_increase": 100.0, "export.latency_repeats": 1,
     "export.latency_single_texts": 4,
 }

@@ -7,7 +7,7 @@ a device (the local rank's GPU under a multi-process launch), else the CPU. An e
 Precision rules, also written once here:
 - training autocast in bf16 where the hardware runs it fast (`use_bf16`);
 - inference on CUDA in float16/bfloat16 weights (`inference_dtype`): the metrics stay equal within
-  the tolerance that tests/test_engine.py states; on the CPU inference stays float32;
+  the tolerance that tests/train/test_engine.py states; on the CPU inference stays float32;
 - attention is SDPA (modeling.load_encoder asks for it).
 """
 from __future__ import annotations

@@ -229,7 +229,7 @@ FINETUNE_METHODS = ("full", "freeze", "lora", "qlora", "head")
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    # Defaults = the recipe params.yaml ships (tests/test_params.py keeps them equal).
+    # Defaults = the recipe params.yaml ships (tests/core/test_params.py keeps them equal).
     method: str = "full"
     epochs: int = 2
     batch_size: int = 32
@@ -373,7 +373,8 @@ class EvaluateParams:
         _check(self.length_buckets >= 1, "evaluate", "length_buckets", "must be >= 1")
 
 
-# Kept equal to domaintune.artifacts.VARIANTS (not imported: params stays light).
+# The one list of export variants: export.variants is checked against it, domaintune/export/artifacts.py
+# writes and loads each, predict/serve offer them.
 EXPORT_VARIANTS = ("float32", "int8", "onnx", "onnx-int8")
 
 

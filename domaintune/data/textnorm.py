@@ -65,7 +65,7 @@ def normalise_all(texts: Iterable[str]) -> list[str]:
 # - whitespace maps to plain whitespace and nothing else does (str.split's set), so the runs
 #   collapse alike.
 # BMP only: a row with any other character (emoji, combining marks, astral scripts) goes the Python way.
-# tests/test_textnorm_fast.py compares both paths on generated Unicode text and the example data.
+# tests/data/test_textnorm_fast.py compares both paths on generated Unicode text and the example data.
 _JAMO = ((0x1100, 0x11FF), (0x3130, 0x318F), (0xA960, 0xA97F), (0xD7B0, 0xD7FF))
 _CLASSES: dict = {}  # RE2 patterns and the compatibility map, built by _classes()
 _REPLACE_PASSES = 4  # at most this many compatibility characters are replaced per chunk ...

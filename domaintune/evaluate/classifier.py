@@ -336,7 +336,7 @@ def model_logits(model_dir: str | Path, splits: dict[str, pd.DataFrame], batch_s
 
     set_threads()
     model, tok, meta = load_classifier(model_dir)
-    place_for_inference(model, device)  # half precision on CUDA (tolerance: tests/test_engine.py)
+    place_for_inference(model, device)  # half precision on CUDA (tolerance: tests/train/test_engine.py)
     batch_size = batch_size_for(device, batch_size, max(256, batch_size))
     logits = {n: predict_logits(model, tok, splits[n]["text"].tolist(), batch_size, int(meta.get("max_length", 128)))
               for n in names}

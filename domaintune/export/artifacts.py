@@ -27,8 +27,9 @@ import numpy as np
 
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
+from domaintune.core.params import EXPORT_VARIANTS
 
-VARIANTS = ("float32", "int8", "onnx", "onnx-int8")
+VARIANTS = EXPORT_VARIANTS  # the one list lives with the params that name variants
 ALIASES = {"float": "float32"}
 SUBDIRS = {"float32": None, "int8": "int8", "onnx": "onnx", "onnx-int8": "onnx-int8"}
 ONNX_FILE = "model.onnx"

@@ -1,6 +1,6 @@
 """Writes the hostile input corpus next to this file (run it to regenerate; the files are committed).
 
-Each file is small and hand-made to break one promise of the ingest stage; tests/test_hostile_inputs.py
+Each file is small and hand-made to break one promise of the ingest stage; tests/data/test_hostile_inputs.py
 holds the expected outcome of each. Binary and environment-dependent cases (Parquet, symlinks, huge
 fields) are generated inside the test instead.
 """

@@ -17,7 +17,7 @@ from domaintune.train import dapt as dapt_lib
 from domaintune.train import mlm
 from stages import dapt
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

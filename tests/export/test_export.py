@@ -1,5 +1,5 @@
 """export stage: merged == unmerged, a standalone folder, every variant verified and gated, calibrated predict,
-the model card; ONNX served without domaintune (tests/test_onnx.py), nothing loads a random head."""
+the model card; ONNX served without domaintune (tests/export/test_onnx.py), nothing loads a random head."""
 from __future__ import annotations
 
 import json

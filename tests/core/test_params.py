@@ -10,7 +10,7 @@ import yaml
 
 from domaintune.core.params import SECTIONS, ParamsError, load_all, parse_section
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_params_section_loads_into_its_dataclass():
@@ -79,7 +79,7 @@ def test_dataclass_defaults_are_the_shipped_params_yaml():
     """A key left out of params.yaml falls back to the dataclass default: that must be the same recipe."""
     from domaintune.core.params import as_dict
 
-    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
     differ = []
     for section, cls in SECTIONS.items():
         defaults = as_dict(cls())

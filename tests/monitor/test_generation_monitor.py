@@ -16,7 +16,7 @@ from test_drift import german
 
 from domaintune.data.dataset import write_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAIRS = REPO / "examples" / "support_replies" / "pairs.csv"
 
 

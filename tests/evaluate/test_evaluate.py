@@ -16,7 +16,7 @@ from domaintune.core.params import EvaluateParams
 from domaintune.evaluate import classifier as ev_lib
 from stages import evaluate as ev
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- core on constructed logits

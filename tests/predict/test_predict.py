@@ -15,7 +15,7 @@ from evalkit import LABELS, make_model, make_split
 
 from domaintune.predict import batch as bp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEXTS = make_split("test", 3)["text"].tolist()  # 9 texts
 
 

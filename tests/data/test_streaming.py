@@ -27,7 +27,7 @@ from domaintune.data.dataset import SPLITS, read_dataset, split_files, split_has
 from domaintune.data.textnorm import digest_keys, key_codes, normalise_all, sha256_all
 from stages import ingest as ingest_stage
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # params.yaml's base/ingest/dedupe sections as they were when the hashes below were pinned
 PARAMS = {
     "base": {"seed": 42},

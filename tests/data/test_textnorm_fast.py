@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from domaintune.data import textnorm as tn
 from domaintune.data.textnorm import normalise, normalise_arrow, text_keys
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Characters that each exercise one rule: case folding beyond lower(), ligatures and other compatibility
 # forms, fullwidth letters, combining marks (composing and not), Hangul jamo that compose, odd whitespace,
 # final sigma, Cherokee (casefold goes to upper case), dotted I, astral characters.

@@ -30,8 +30,8 @@ from domaintune.data.sources import raise_problems, read_file
 from stages import dedupe as dedupe_stage
 from stages.ingest import main
 
-HOSTILE = Path(__file__).resolve().parent / "hostile"
-REPO = Path(__file__).resolve().parents[1]
+HOSTILE = Path(__file__).resolve().parents[1] / "hostile"
+REPO = Path(__file__).resolve().parents[2]
 SPLIT = {"train": 0.5, "validation": 0.25, "test": 0.25}
 
 

@@ -1,6 +1,6 @@
 """finetune.optimizer for base.task generation: auto = bitsandbytes' paged 8-bit AdamW for QLoRA on CUDA, torch
 AdamW elsewhere; paged_adamw_8bit without CUDA is one line, exit 2. CUDA is faked as in
-tests/test_device_stages.py (torch.cuda.is_available patched): the choice is recorded, no kernel runs."""
+tests/tasks/test_device_stages.py (torch.cuda.is_available patched): the choice is recorded, no kernel runs."""
 from __future__ import annotations
 
 import pandas as pd

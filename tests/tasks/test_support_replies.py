@@ -5,7 +5,7 @@ import csv
 import importlib.util
 from pathlib import Path
 
-EX = Path(__file__).resolve().parents[1] / "examples" / "support_replies"
+EX = Path(__file__).resolve().parents[2] / "examples" / "support_replies"
 
 
 def _gen():

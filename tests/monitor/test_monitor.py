@@ -16,7 +16,7 @@ from test_drift import DRIFT_YAML, german, save_tiny_classifier, tiny_splits
 
 from domaintune.data.dataset import write_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Data-parallel training for base.task: generation through torchrun with 2 CPU processes (gloo), mirroring
-tests/test_data_parallel.py for the classifier: the stage stays one command, rank 0 writes the same files.
+tests/train/test_data_parallel.py for the classifier: the stage stays one command, rank 0 writes the same files.
 
 - a shard's loss (sft.shard_batch) times 1/world, summed over the processes, is the one-process loss of the
   global batch, gradients included, also when a process is left without a row;
@@ -22,7 +22,7 @@ from test_data_parallel import _free_port
 
 torch = pytest.importorskip("torch")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The tiny Llama has no dropout, and every process builds the same seeded global batches, so 1 vs 2 processes
 # differ only in the order the gradient sums are reduced. Measured here (Xeon AVX512, 2 cores): SFT validation
 # perplexity equal to the last digit, DAPT held-out perplexity within 6e-7 relative, training losses within 1e-7
@@ -68,7 +68,7 @@ def _params(path: Path, model: Path, n: int, **section) -> Path:
 
 def _stage(tmp: Path, stage: str, argv: list[str], n: int, capfd=None, env_extra=None) -> tuple[int, str]:
     """The stage as DVC runs it: one command; a subprocess for 2 processes (it launches torchrun), in this
-    process for one (what tests/test_data_parallel.py does too; it saves an interpreter start)."""
+    process for one (what tests/train/test_data_parallel.py does too; it saves an interpreter start)."""
     argv = [*argv, "--no-progress"]
     if n == 1:
         import importlib

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_finetune import make_dataset, write_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # 1 vs 2 processes on an encoder without dropout: only the order of the gradient sums differs. Measured
 # here: weights within 7e-6, validation loss within 1e-6, equal accuracy and macro-F1. (With dropout the
 # processes draw other masks than one process does, and on this tiny data the curves then part visibly.)
