@@ -1,4 +1,4 @@
-"""The dataset schema every stage reads and writes, plus safe-output helpers.
+"""The dataset schema every stage reads and writes: split shards, labels, content hashes.
 
 Between stages a dataset is a folder with the Parquet shards of each split
 (train.parquet, then train-00001.parquet, ... when a split has more than

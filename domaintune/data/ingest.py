@@ -1,4 +1,4 @@
-"""Stage ingest: a labelled source -> data/ingested (train/validation/test Parquet + labels + rejected rows).
+"""Ingest, the ingest stage's work: a labelled source -> data/ingested (train/validation/test Parquet + labels + rejected rows).
 
 The source is a CSV/TSV/JSONL/Parquet file, a folder of them, or `hf:<name>`
 (see domaintune/data/sources.py). Splits come from the source itself (per-split

@@ -1,4 +1,4 @@
-"""Audit: find likely label errors with cleanlab and act on them (report, drop or relabel).
+"""The label audit, the audit stage's work for labels that are classes: find likely label errors with cleanlab and act on them (report, drop or relabel).
 
 How a row gets flagged:
 1. Every text is embedded once with the frozen encoder (mean pooling over

@@ -1,4 +1,4 @@
-"""evaluate: calibrate the fine-tuned classifier on validation, score it on test, gate it.
+"""Evaluation of a classifier, the evaluate stage's work: calibrate the fine-tuned classifier on validation, score it on test, gate it.
 
 Temperature scaling (one scalar T minimising validation NLL; per-label decision
 thresholds for multi-label models) is fitted on the validation split only and

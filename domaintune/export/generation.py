@@ -1,6 +1,4 @@
-"""Evaluation and export of a causal LM fine-tuned by domaintune/train/sft.py (base.task: generation):
-held-out perplexity of the start model vs the tuned one on the test responses, sample
-generations, and the adapter merged into a float (for QLoRA: dequantised NF4) copy of the base,
+"""The export of a causal LM fine-tuned by domaintune/train/sft.py: the adapter merged into a float (for QLoRA: dequantised NF4) copy of the base,
 checked against the unmerged logits (export.merge_tolerance) and saved for
 transformers.pipeline("text-generation") with a model card.
 """

@@ -1,4 +1,4 @@
-"""Model helpers shared by the stages: resolve, load, pool, embed, classify, save.
+"""Encoders and encoder classifiers: resolve, load, pool, embed, classify, save.
 
 A classifier saved by domaintune is a folder:
   encoder/            the transformer (safetensors; an export names its weights

@@ -1,4 +1,4 @@
-"""A generation export seen through the Predictor interface (prompt familiarity, hidden-state embeddings, generated responses)."""
+"""A causal-LM export behind the Predictor interface: prompt familiarity, hidden-state embeddings, generation."""
 from __future__ import annotations
 
 from pathlib import Path

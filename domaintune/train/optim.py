@@ -1,5 +1,5 @@
-"""Optimiser settings that domain-adaptive pre-training (stages/dapt.py) and fine-tuning
-(domaintune/train/classifier.py) share, so both follow one rule."""
+"""Optimiser settings (weight-decay groups, LR schedules) that DAPT, fine-tuning and SFT share, so all follow
+one rule."""
 from __future__ import annotations
 
 import math
