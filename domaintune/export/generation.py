@@ -1,6 +1,6 @@
-"""The export of a causal LM fine-tuned by domaintune/train/sft.py: the adapter merged into a float (for QLoRA: dequantised NF4) copy of the base,
-checked against the unmerged logits (export.merge_tolerance) and saved for
-transformers.pipeline("text-generation") with a model card.
+"""The export of a causal LM fine-tuned by domaintune/train/sft.py: the adapter merged into a float (for
+QLoRA: dequantised NF4) copy of the base, checked against the unmerged logits (export.merge_tolerance) and
+saved for transformers.pipeline("text-generation") with a model card.
 """
 
 from __future__ import annotations
