@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from banking77 import cache_root, cached_finetune, load_banking77  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "inference.json"
-VARIANTS = ("float32", "int8", "onnx", "onnx-int8")
+from domaintune.export.variants import VARIANTS  # noqa: E402
+
 NAMES = {"float32": "PyTorch float32", "int8": "PyTorch int8 (weight-only, dequantised on load)",
          "onnx": "ONNX float32 (onnxruntime)", "onnx-int8": "ONNX int8 (onnxruntime dynamic quantisation)"}
 

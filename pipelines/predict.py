@@ -21,7 +21,7 @@ EPILOG = """examples:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from domaintune.core.params import EXPORT_VARIANTS  # the one list (artifacts.VARIANTS is it); params is light
+    from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS  # the one list
 
     p = sub.add_parser("predict", help="predict labels for a CSV/TSV/JSONL/Parquet/TXT file of texts",
                        description="Calibrated predictions (label, confidence, top-k) for every row of a file, "

@@ -27,21 +27,12 @@ import numpy as np
 
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
-from domaintune.core.params import EXPORT_VARIANTS
+from domaintune.export.variants import canonical_variant
 
-VARIANTS = EXPORT_VARIANTS  # the one list lives with the params that name variants
-ALIASES = {"float": "float32"}
 SUBDIRS = {"float32": None, "int8": "int8", "onnx": "onnx", "onnx-int8": "onnx-int8"}
 ONNX_FILE = "model.onnx"
 ONNX_INPUTS = ("input_ids", "attention_mask")
 ONNX_OUTPUTS = ("probabilities", "logits")
-
-
-def canonical_variant(name: str) -> str:
-    name = ALIASES.get(name, name)
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)} ('float' = float32)")
-    return name
 
 
 def variant_dir(folder: str | os.PathLike, variant: str) -> Path:

@@ -43,8 +43,9 @@ class Predictor:
     def load(cls, model_dir: str | os.PathLike, variant: str = "float32",
              calibration: str | os.PathLike | None = None, dynamic_int8: bool = False,
              batch_size: int = 64) -> "Predictor":
-        """variant: float32 (alias float), int8, onnx or onnx-int8 (domaintune.export.artifacts.VARIANTS)."""
-        from domaintune.export.artifacts import canonical_variant, load_variant
+        """variant: float32 (alias float), int8, onnx or onnx-int8 (domaintune.export.variants.VARIANTS)."""
+        from domaintune.export.artifacts import load_variant
+        from domaintune.export.variants import canonical_variant
 
         model_dir = Path(model_dir)
         variant = canonical_variant(variant)

@@ -20,6 +20,7 @@ from domaintune.core.errors import DataError
 from domaintune.core.io import read_json
 from domaintune.core.params import ParamsError, load_params
 from domaintune.core.stage import StageIO
+from domaintune.export.variants import check_variants
 
 TASKS = ("classification", "generation")  # the registration: one line per task folder
 HOOKS = ("ingest", "dedupe", "audit", "dapt", "finetune", "evaluate", "export", "drift", "predictor")
@@ -39,8 +40,10 @@ def hook(task: str, name: str) -> ModuleType:
 
 
 def run_hook(stage: str, io: StageIO):
-    """What every stage's main() calls: the hook of params.yaml's base.task."""
-    base = load_params(io.params, "base")
+    """What every stage's main() calls: the hook of params.yaml's base.task. Names checked by the library
+    above core (export variants) are checked here, so a typo stops the first stage, not the export."""
+    base, export = load_params(io.params, "base", "export")
+    check_variants(export.variants)
     return hook(base.task, stage).run(io)
 
 
