@@ -16,6 +16,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from domaintune.evaluate.summary import (
+    SUMMARY_FILE,
+    SummaryError,
+    build_summary,
+    format_table,
+    load_metrics,
+    write_summary,
+)
 from domaintune.registry import diff, plumbing, rollback, versions
 
 ERROR_EXIT = 2
@@ -188,6 +196,22 @@ def cmd_deploy(args) -> int:
     return run_from_args(args)
 
 
+def cmd_summary(args) -> int:
+    root = Path(args.repo).resolve()
+    try:
+        metrics = load_metrics(root)
+    except SummaryError as exc:
+        print(f"domaintune summary: {exc}", file=sys.stderr)
+        return 2
+    if not metrics:
+        print(f"domaintune summary: no metrics/<stage>.json under {root}: run `dvc repro` (or `make run`) first",
+              file=sys.stderr)
+        return 1
+    s = write_summary(root) if args.write else build_summary(metrics)
+    print(json.dumps(s, indent=2) if args.json else format_table(s))
+    return 0
+
+
 def cmd_remote(args) -> int:
     name = plumbing.ensure_remote(_root(args), args.url)
     print(f"default DVC remote: {name}")
@@ -283,8 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.deploy import add_arguments as add_deploy_arguments
 
     add_deploy_arguments(p)
-    from domaintune.evaluate.summary import add_command  # `domaintune summary`: stdlib only, cheap to import
-    add_command(add)
+    p = add("summary", cmd_summary, "the run in ten lines: rows, cleaning, DAPT, accuracy, calibration, export, time")
+    p.add_argument("--write", action="store_true", help=f"also save it as {SUMMARY_FILE} (default: print only)")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of the table (default: table)")
+    p.epilog = "example: domaintune summary --write   (what `make run` does after `dvc repro`)"
     p = add("remote", cmd_remote, "set up the default DVC remote (a local folder unless --url)",
             "domaintune remote", "domaintune remote --url s3://bucket/domaintune")
     p.add_argument("--url", default=None, help="any DVC remote URL (none: the folder ../<repo>-dvc-remote)")
