@@ -16,6 +16,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from domaintune.evaluate.summary import (
+    SUMMARY_FILE,
+    SummaryError,
+    build_summary,
+    format_table,
+    load_metrics,
+    write_summary,
+)
+from domaintune.registry import diff, plumbing, rollback, versions
+
 ERROR_EXIT = 2
 TRACEBACK_ENV = "DOMAINTUNE_TRACEBACK"
 
@@ -39,7 +49,7 @@ def _expected_errors() -> tuple[type, ...]:
     imports pandas or Prefect."""
     found = [CliError]
     for module, name in (("domaintune.core.errors", "DataError"), ("domaintune.core.params", "ParamsError"),
-                         ("domaintune.registry.versions", "RegistryError"), ("pipelines.retrain", "StageFailed")):
+                         ("domaintune.registry.plumbing", "RegistryError"), ("pipelines.retrain", "StageFailed")):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
     return tuple(found)
@@ -69,21 +79,19 @@ def _fmt(value) -> str:
 
 
 def cmd_versions(args) -> int:
-    from domaintune.registry import versions as registry
-
-    versions, skipped = registry.scan_versions(_root(args))
+    found, skipped = versions.scan_versions(_root(args))
     for s in skipped:
         print(f"note: {s.tag}: {s.reason}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"tag": v.tag, "date": v.date, "commit": v.commit, "served": v.served,
                            "dataset_hash": v.record.get("dataset_hash"), "base_model": v.record.get("base_model"),
-                           "method": v.record.get("method"), "metrics": v.key_metrics()} for v in versions], indent=2))
+                           "method": v.record.get("method"), "metrics": v.key_metrics()} for v in found], indent=2))
         return 0
-    if not versions:
+    if not found:
         print("no versions yet: run `domaintune retrain`")
         return 0
     rows = [("", "version", "date", "commit", "dataset", "base model", "method", "metrics")]
-    for v in versions:
+    for v in found:
         metrics = " ".join(f"{k.split('.', 1)[-1]}={val:.3f}" for k, val in v.key_metrics().items())
         rows.append(("*" if v.served else "", v.version, v.date[:19].replace("T", " "), v.commit[:8],
                      (v.record.get("dataset_hash") or "-")[:12], str(v.record.get("base_model") or "-"),
@@ -96,19 +104,15 @@ def cmd_versions(args) -> int:
 
 
 def _diff_names(args, root: Path) -> tuple[str, str]:
-    from domaintune.registry import versions as registry
-
     if args.a is None:
-        return registry.default_diff_pair(root)
-    return args.a, args.b or registry.WORKSPACE
+        return diff.default_diff_pair(root)
+    return args.a, args.b or diff.WORKSPACE
 
 
 def cmd_diff(args) -> int:
-    from domaintune.registry import versions as registry
-
     root = _root(args)
     a, b = _diff_names(args, root)
-    d = registry.diff_versions(root, a, b)
+    d = diff.diff_versions(root, a, b)
     if args.json:
         print(json.dumps(d, indent=2, default=str))
         return 0
@@ -130,13 +134,11 @@ def cmd_diff(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    from domaintune.registry import versions as registry
-
     root = _root(args)
     # The lock first, before Prefect is imported or a server starts: contention is reported at once.
-    with registry.repo_lock(root):
-        version = registry.get_version(root, args.version)
-        registry.check_no_local_edits(root, version)
+    with plumbing.repo_lock(root):
+        version = versions.get_version(root, args.version)
+        rollback.check_no_local_edits(root, version)
         from pipelines.rollback import rollback_flow
 
         _quiet_prefect()
@@ -146,10 +148,8 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    from domaintune.registry import versions as registry
-
     root = _root(args)
-    with registry.repo_lock(root):  # before Prefect: a second retrain fails at once, touching nothing
+    with plumbing.repo_lock(root):  # before Prefect: a second retrain fails at once, touching nothing
         from pipelines.retrain import run_from_args
 
         _quiet_prefect()
@@ -196,10 +196,24 @@ def cmd_deploy(args) -> int:
     return run_from_args(args)
 
 
-def cmd_remote(args) -> int:
-    from domaintune.registry import versions as registry
+def cmd_summary(args) -> int:
+    root = Path(args.repo).resolve()
+    try:
+        metrics = load_metrics(root)
+    except SummaryError as exc:
+        print(f"domaintune summary: {exc}", file=sys.stderr)
+        return 2
+    if not metrics:
+        print(f"domaintune summary: no metrics/<stage>.json under {root}: run `dvc repro` (or `make run`) first",
+              file=sys.stderr)
+        return 1
+    s = write_summary(root) if args.write else build_summary(metrics)
+    print(json.dumps(s, indent=2) if args.json else format_table(s))
+    return 0
 
-    name = registry.ensure_remote(_root(args), args.url)
+
+def cmd_remote(args) -> int:
+    name = plumbing.ensure_remote(_root(args), args.url)
     print(f"default DVC remote: {name}")
     return 0
 
@@ -293,8 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.deploy import add_arguments as add_deploy_arguments
 
     add_deploy_arguments(p)
-    from domaintune.evaluate.summary import add_command  # `domaintune summary`: stdlib only, cheap to import
-    add_command(add)
+    p = add("summary", cmd_summary, "the run in ten lines: rows, cleaning, DAPT, accuracy, calibration, export, time")
+    p.add_argument("--write", action="store_true", help=f"also save it as {SUMMARY_FILE} (default: print only)")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of the table (default: table)")
+    p.epilog = "example: domaintune summary --write   (what `make run` does after `dvc repro`)"
     p = add("remote", cmd_remote, "set up the default DVC remote (a local folder unless --url)",
             "domaintune remote", "domaintune remote --url s3://bucket/domaintune")
     p.add_argument("--url", default=None, help="any DVC remote URL (none: the folder ../<repo>-dvc-remote)")

@@ -13,6 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from domaintune.registry import release
+from domaintune.registry.plumbing import RegistryError
+
 EPILOG = """examples:
   domaintune predict new_tickets.csv --out predictions.jsonl
   domaintune predict texts.txt --variant onnx-int8 --top-k 5 > predictions.jsonl
@@ -52,8 +55,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def _model_folder(args) -> Path:
     if args.version is None:
         return Path(args.model)
-    from domaintune.registry import release
-
     rel = release.materialise(Path(args.repo), args.version)
     print(f"predict: {rel.tag} ({rel.files} files verified) at {rel.path}", file=sys.stderr)
     return rel.path
@@ -91,7 +92,6 @@ def run(args) -> dict:
 
 def cmd_predict(args) -> int:
     from domaintune.core.errors import DataError
-    from domaintune.registry.versions import RegistryError
 
     try:
         result = run(args)

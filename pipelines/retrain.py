@@ -30,7 +30,8 @@ from typing import Sequence
 
 from prefect import flow, get_run_logger, task
 
-from domaintune.registry import versions as registry
+from domaintune.evaluate.summary import write_summary
+from domaintune.registry import plumbing, rollback, versions
 
 # A stage that exits 2 reported bad data or params (domaintune.stage.run_stage): retrying cannot help.
 BAD_INPUT_EXIT = 2
@@ -105,7 +106,7 @@ class DagRun:
         self.rc: int | None = None
         self.cond = threading.Condition()
         # Its own process group, so close() stops the stage command DVC is running too.
-        self.proc = subprocess.Popen([registry.dvc_exe(), "repro", *stages], cwd=root, env=_child_env(),
+        self.proc = subprocess.Popen([plumbing.dvc_exe(), "repro", *stages], cwd=root, env=_child_env(),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      start_new_session=True)
         self.reader = threading.Thread(target=self._read, name="dvc-repro-output", daemon=True)
@@ -176,7 +177,7 @@ class DagRun:
 
 def _single_item(root: str, stage: str, emit) -> tuple[list[str], float, int]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen([registry.dvc_exe(), "repro", "--single-item", stage], cwd=root, env=_child_env(),
+    proc = subprocess.Popen([plumbing.dvc_exe(), "repro", "--single-item", stage], cwd=root, env=_child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines = []
     assert proc.stdout is not None
@@ -279,9 +280,9 @@ def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: b
     root = Path(repo).resolve()
     wanted = parse_overrides(overrides)
     t0 = time.perf_counter()
-    with registry.repo_lock(root):
+    with plumbing.repo_lock(root):
         try:
-            with registry.restored_on_failure(root, registry.version_files(root)):
+            with rollback.restored_on_failure(root, versions.version_files(root)):
                 results, version, created, publish_seconds = _run_and_publish(root, wanted, retries, publish,
                                                                                remote, logger, dag)
         except BaseException:
@@ -305,13 +306,11 @@ def _run_and_publish(root: Path, wanted: dict, retries: int, publish: bool, remo
         results = [stage_task(str(root), s, dag.token) for s in dag.stages]
     finally:
         dag.close()
-    from domaintune.evaluate.summary import write_summary
-
     write_summary(root)  # metrics/summary.json, as `make run` writes it: part of the version below
     version, created, t_pub = None, False, time.perf_counter()
     if publish:
         summary = "retrain" + ("".join(f" {k}={v}" for k, v in wanted.items()) if wanted else "")
-        v, created = registry.publish(root, summary, remote)
+        v, created = versions.publish(root, summary, remote)
         version = v.tag
         logger.info("%s %s", "published" if created else "unchanged, still", version)
     return results, version, created, time.perf_counter() - t_pub
@@ -337,11 +336,11 @@ def run_from_args(args) -> int:
     """`domaintune retrain`: the overrides are checked before the flow starts; errors raise (the CLI
     prints one line, exit 2): BusyError, StageFailed, RegistryError, ParamsError."""
     root = Path(args.repo).resolve()
-    with registry.repo_lock(root):
+    with plumbing.repo_lock(root):
         check_overrides(root / "params.yaml", args.overrides)
         try:
             # DVC starts before the flow, so the stages run while Prefect starts its temporary server.
-            with registry.restored_on_failure(root, registry.version_files(root)):
+            with rollback.restored_on_failure(root, versions.version_files(root)):
                 apply_overrides(root / "params.yaml", parse_overrides(args.overrides))
                 dag = DagRun(root, stage_order(root))
                 try:

@@ -18,20 +18,20 @@ from typing import Sequence
 
 from prefect import flow, get_run_logger, task
 
-from domaintune.registry import versions as registry
+from domaintune.registry import plumbing, rollback, versions
 
 
 @task(name="verify-version")
-def verify(root: Path, name: str) -> tuple[registry.Version, list[registry.Out]]:
-    version = registry.get_version(root, name)
-    outs = registry.verify_version(root, version)
+def verify(root: Path, name: str) -> tuple[versions.Version, list[plumbing.Out]]:
+    version = versions.get_version(root, name)
+    outs = rollback.verify_version(root, version)
     get_run_logger().info("%s: %d outs present and intact", version.tag, len(outs))
     return version, outs
 
 
 @task(name="restore-version")
-def restore(root: Path, version: registry.Version, outs: list[registry.Out]) -> dict:
-    version, checked = registry.restore_version(root, version, outs)
+def restore(root: Path, version: versions.Version, outs: list[plumbing.Out]) -> dict:
+    version, checked = rollback.restore_version(root, version, outs)
     get_run_logger().info("%s restored, %d files verified against dvc.lock, now served", version.tag, checked)
     return {"version": version.tag, "commit": version.commit, "files_verified": checked}
 
@@ -39,7 +39,7 @@ def restore(root: Path, version: registry.Version, outs: list[registry.Out]) -> 
 @flow(name="domaintune-rollback")
 def rollback_flow(version: str, repo: str = ".") -> dict:
     root = Path(repo).resolve()
-    with registry.repo_lock(root):
+    with plumbing.repo_lock(root):
         checked_version, outs = verify(root, version)
         return restore(root, checked_version, outs)
 

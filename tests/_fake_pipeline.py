@@ -133,14 +133,14 @@ def sh(root: Path, *cmd: str) -> str:
 
 @contextmanager
 def held_lock(root: Path, timeout: float = 30):
-    """Another thread holds `registry.repo_lock(root)` for the body (at most `timeout` s), like a
+    """Another thread holds `plumbing.repo_lock(root)` for the body (at most `timeout` s), like a
     concurrent retrain; on exit it lets go and is joined, so the lock is free again afterwards."""
-    from domaintune.registry import versions as registry
+    from domaintune.registry import plumbing
 
     held, release = threading.Event(), threading.Event()
 
     def holder():
-        with registry.repo_lock(root):
+        with plumbing.repo_lock(root):
             held.set()
             release.wait(timeout)
 

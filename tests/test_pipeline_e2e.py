@@ -111,12 +111,12 @@ def test_run_summary(project):
 
 def test_versions_of_real_stages_show_headline_metrics(project):
     """A version recorded from the real stages' metrics carries accuracy, macro-F1 and ECE after calibration."""
-    from domaintune.registry import versions as registry
+    from domaintune.registry import plumbing, versions
 
     root = project[0]
-    record = registry.build_record(root, registry.lock_outs(root))
+    record = versions.build_record(root, plumbing.lock_outs(root))
     after = json.loads((root / "metrics/evaluate.json").read_text())["after"]
-    v = registry.Version("domaintune@v1.0.0", "v1.0.0", "0" * 40, "2026-01-01", record)
+    v = versions.Version("domaintune@v1.0.0", "v1.0.0", "0" * 40, "2026-01-01", record)
     assert v.key_metrics() == {f"evaluate.{k}": after[k] for k in ("accuracy", "macro_f1", "ece")}
 
 

@@ -1,6 +1,6 @@
 """The run summary: a dozen headline numbers from the stages' metrics files, as JSON and as ten lines.
 
-`domaintune summary` prints it; `--write` also saves metrics/summary.json, the one file
+`domaintune summary` (pipelines/cli.py) prints it; `--write` also saves metrics/summary.json, the one file
 dvc.yaml lists under `metrics:`, so `dvc metrics show` / `diff` stay one readable row while
 the stages' detailed metrics (metrics/<stage>.json) stay in git next to it. Nothing here
 computes a metric: every number is read from what a stage wrote.
@@ -9,7 +9,6 @@ Only the standard library is imported, so the CLI stays fast.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 STAGES = ("ingest", "dedupe", "audit", "dapt", "finetune", "evaluate", "export", "drift")
@@ -138,27 +137,3 @@ def write_summary(root: str | Path) -> dict:
     tmp.write_text(json.dumps(s, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
     return s
-
-
-def cmd_summary(args) -> int:
-    root = Path(args.repo).resolve()
-    try:
-        metrics = load_metrics(root)
-    except SummaryError as exc:
-        print(f"domaintune summary: {exc}", file=sys.stderr)
-        return 2
-    if not metrics:
-        print(f"domaintune summary: no metrics/<stage>.json under {root}: run `dvc repro` (or `make run`) first",
-              file=sys.stderr)
-        return 1
-    s = write_summary(root) if args.write else build_summary(metrics)
-    print(json.dumps(s, indent=2) if args.json else format_table(s))
-    return 0
-
-
-def add_command(add) -> None:
-    """Register `domaintune summary` with the CLI's `add(name, fn, help)` helper."""
-    p = add("summary", cmd_summary, "the run in ten lines: rows, cleaning, DAPT, accuracy, calibration, export, time")
-    p.add_argument("--write", action="store_true", help=f"also save it as {SUMMARY_FILE} (default: print only)")
-    p.add_argument("--json", action="store_true", help="print the JSON instead of the table (default: table)")
-    p.epilog = "example: domaintune summary --write   (what `make run` does after `dvc repro`)"

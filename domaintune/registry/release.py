@@ -1,6 +1,6 @@
 """Materialise a published version's model outside the workspace, every file verified.
 
-    from domaintune import release
+    from domaintune.registry import release
     rel = release.materialise(root)              # the served version (GTO stage prod)
     rel = release.materialise(root, "v1.2.0")    # any published version
     Predictor.load(rel.path, variant="float")
@@ -8,9 +8,10 @@
 A version's `models/export` is rebuilt from the DVC cache (objects fetched from
 the DVC remote when missing) into `<repo>/.domaintune/releases/<tag>/models/export`
 (git-ignored), reading the out's md5 from the version's dvc.lock at its commit.
-As rollback does, every cache object and every copied file is checked against
-the md5 DVC named it by (and, for a directory, the .dir manifest): a mismatch
-raises ReleaseError naming the file, and nothing half-written is left behind.
+As for rollback (the same path: cache.verify_objects), every cache object and
+every copied file is checked against the md5 DVC named it by (and, for a
+directory, the .dir manifest): a mismatch raises ReleaseError naming the file,
+and nothing half-written is left behind.
 The workspace (params.yaml, dvc.lock, models/, data/) is never read or written,
 so a server or `predict --version` can use any version while a rollback or a
 retrain runs. A folder materialised earlier is re-verified on every call and
@@ -25,19 +26,21 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from domaintune.registry import versions as registry
+from domaintune.registry.cache import cache_dir, cache_path, md5_file, verify_objects
+from domaintune.registry.plumbing import SERVED_STAGE, Out, RegistryError, lock_outs
+from domaintune.registry.versions import Version, get_version, served_version
 
 EXPORT_OUT = "models/export"
 RELEASES_DIR = Path(".domaintune") / "releases"
 
 
-class ReleaseError(registry.RegistryError):
+class ReleaseError(RegistryError):
     """A version cannot be materialised: not published, or a file fails verification."""
 
 
 @dataclass
 class Release:
-    version: registry.Version
+    version: Version
     path: Path          # the materialised out (a folder for models/export)
     files: int          # files verified
 
@@ -67,15 +70,15 @@ def releases_dir(root: Path) -> Path:
     return folder
 
 
-def resolve(root: Path, name: str | None = None) -> registry.Version:
+def resolve(root: Path, name: str | None = None) -> Version:
     """The named version (v1.2.0, v1, domaintune@v1.2.0) or, for None, the served one."""
     if name is None:
-        served = registry.served_version(root)
+        served = served_version(root)
         if served is None:
-            raise ReleaseError(f"{root}: no version is served (GTO stage {registry.SERVED_STAGE!r} is empty); "
+            raise ReleaseError(f"{root}: no version is served (GTO stage {SERVED_STAGE!r} is empty); "
                                "publish one with `domaintune retrain`, or serve a folder with --model models/export")
         name = served
-    return registry.get_version(root, name)
+    return get_version(root, name)
 
 
 def materialise(root: str | os.PathLike, name: str | None = None, out: str = EXPORT_OUT,
@@ -84,7 +87,7 @@ def materialise(root: str | os.PathLike, name: str | None = None, out: str = EXP
     root = Path(root).resolve()
     version = resolve(root, name)
     entry = _lock_entry(root, version, out)
-    cache = registry.cache_dir(root)
+    cache = cache_dir(root)
     files = _verified_objects(root, version, entry, cache, fetch)
     base = Path(dest) if dest is not None else releases_dir(root)
     target = base / version.tag / entry.path
@@ -99,8 +102,8 @@ def materialise(root: str | os.PathLike, name: str | None = None, out: str = EXP
     return Release(version, target, len(files))
 
 
-def _lock_entry(root: Path, version: registry.Version, out: str) -> registry.Out:
-    outs = registry.lock_outs(root, version.commit)
+def _lock_entry(root: Path, version: Version, out: str) -> Out:
+    outs = lock_outs(root, version.commit)
     for o in outs:
         if o.path == out:
             if o.in_git:
@@ -110,37 +113,15 @@ def _lock_entry(root: Path, version: registry.Version, out: str) -> registry.Out
     raise ReleaseError(f"{version.tag}: dvc.lock at {version.commit[:10]} has no out {out!r} (outs: {known})")
 
 
-def _verified_objects(root: Path, version: registry.Version, entry: registry.Out, cache: Path,
-                      fetch: bool) -> dict[str, str]:
+def _verified_objects(root: Path, version: Version, entry: Out, cache: Path, fetch: bool) -> dict[str, str]:
     """relpath -> md5 of every file of `entry`, after checking (and if need be fetching) its cache objects."""
-    missing, corrupted = registry.check_cache(root, [entry], cache)
-    if missing and fetch and not corrupted:
-        note = _fetch(root, version, entry)
-        missing, corrupted = registry.check_cache(root, [entry], cache)
-        if missing and note:
-            missing.append(f"fetch from the DVC remote: {note}")
-    if missing or corrupted:
-        raise ReleaseError(f"cannot materialise {version.tag}:\n  " + "\n  ".join(corrupted + missing))
+    problems = verify_objects(root, [entry], version.commit, fetch, targets=[entry.path])
+    if problems:
+        raise ReleaseError(f"cannot materialise {version.tag}:\n  " + "\n  ".join(problems))
     if not entry.is_dir:
         return {"": entry.md5}
-    manifest = json.loads(registry.cache_path(cache, entry.md5).read_text(encoding="utf-8"))
+    manifest = json.loads(cache_path(cache, entry.md5).read_text(encoding="utf-8"))
     return {e["relpath"]: e["md5"] for e in manifest}
-
-
-def _fetch(root: Path, version: registry.Version, entry: registry.Out) -> str | None:
-    """Fetch the objects of `entry` at the version's commit from the default remote; what went wrong, if anything."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    remote = registry.default_remote(root)
-    if remote is None:
-        return "no DVC remote configured"
-    try:
-        with Repo(str(root)) as repo:
-            repo.fetch(targets=[entry.path], revs=[version.commit], workspace=False, remote=remote)
-    except DvcException as exc:
-        return f"{remote}: {exc}"
-    return None
 
 
 def _check_folder(folder: Path, files: dict[str, str]) -> list[str]:
@@ -150,7 +131,7 @@ def _check_folder(folder: Path, files: dict[str, str]) -> list[str]:
         f = folder / rel
         if not f.is_file():
             problems.append(f"{f}: missing")
-        elif registry.md5_file(f) != md5:
+        elif md5_file(f) != md5:
             problems.append(f"{f}: md5 differs from dvc.lock ({md5})")
     return problems
 
@@ -158,11 +139,11 @@ def _check_folder(folder: Path, files: dict[str, str]) -> list[str]:
 def _check_file(path: Path, md5: str) -> list[str]:
     if not path.is_file():
         return [f"{path}: missing"]
-    return [] if registry.md5_file(path) == md5 else [f"{path}: md5 differs from dvc.lock ({md5})"]
+    return [] if md5_file(path) == md5 else [f"{path}: md5 differs from dvc.lock ({md5})"]
 
 
-def _copy_verified(cache: Path, entry: registry.Out, files: dict[str, str], target: Path,
-                   version: registry.Version) -> None:
+def _copy_verified(cache: Path, entry: Out, files: dict[str, str], target: Path,
+                   version: Version) -> None:
     """Copy the cache objects into a temporary folder next to `target`, verify each copy, rename into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -172,8 +153,8 @@ def _copy_verified(cache: Path, entry: registry.Out, files: dict[str, str], targ
         for rel, md5 in files.items():
             dst = staged / rel if rel else staged
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(registry.cache_path(cache, md5), dst)
-            if registry.md5_file(dst) != md5:
+            shutil.copyfile(cache_path(cache, md5), dst)
+            if md5_file(dst) != md5:
                 problems.append(f"{entry.path}/{rel}: copy does not match its md5 {md5}")
         if problems:
             raise ReleaseError(f"cannot materialise {version.tag}:\n  " + "\n  ".join(problems))

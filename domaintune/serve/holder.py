@@ -88,10 +88,10 @@ def load_model_spec(spec: str, root: Path, variant: str) -> LoadedModel:
 
 def registry_state(root: Path) -> str:
     """Changes whenever a version is published or the prod stage moves (cheap: one git call)."""
-    from domaintune.registry import versions as registry
+    from domaintune.registry import plumbing
 
-    refs = f"refs/tags/{registry.ARTIFACT}"
-    return registry.git(root, "for-each-ref", "--format=%(refname) %(objectname)", refs + "@*", refs + "#*")
+    refs = f"refs/tags/{plumbing.ARTIFACT}"
+    return plumbing.git(root, "for-each-ref", "--format=%(refname) %(objectname)", refs + "@*", refs + "#*")
 
 
 class ModelHolder:
@@ -139,9 +139,9 @@ class ModelHolder:
             return self._follow()
 
     def _follow(self) -> bool:
-        from domaintune.registry import versions as registry
+        from domaintune.registry import versions
 
-        served = registry.served_version(self.root)
+        served = versions.served_version(self.root)
         if served is None or (self.current and served == self.current.version):
             if served is not None:
                 self.last_error = None  # e.g. rolled back to the version still serving: nothing is wrong now

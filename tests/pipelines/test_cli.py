@@ -170,13 +170,13 @@ def test_decisions_folder_is_a_clear_error(tmp_path):
 def test_lock_contention_reported_before_prefect_is_imported(git_dir, command):
     """Structure, not a timer: the losing contender exits before Prefect is imported (so before any
     server starts) and never rewrites the holder's pid in the lock file."""
-    from domaintune.registry import versions as registry
+    from domaintune.registry import plumbing
 
     code = ("import sys\nfrom pipelines.cli import main\n"
             f"rc = main({[*command, '--repo', str(git_dir)]!r})\n"
             "print(rc, sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'torch', 'dvc'}))\n")
     with held_lock(git_dir):
-        lock = git_dir / registry.LOCK_PATH
+        lock = git_dir / plumbing.LOCK_PATH
         before = lock.read_text()
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
         assert lock.read_text() == before  # still the holder's pid

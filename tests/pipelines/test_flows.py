@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from _fake_pipeline import add_rows, held_lock, make_fake_repo, make_tiny_dag, sh, tiny_rows, workspace
 
-from domaintune.registry import versions as registry
+from domaintune.registry import plumbing, versions
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,8 @@ def test_retrain_publishes_versions_and_caches(proj):
     assert "Running stage 'audit'" in logs and "python fake/train.py" in logs
     assert sh(proj, "git", "status", "--porcelain").strip() == ""
     # The run summary is written by the flow and is part of the version.
-    v = registry.get_version(proj, "v1.0.0")
-    summary = json.loads(registry.git_bytes(proj, v.commit, "metrics/summary.json"))
+    v = versions.get_version(proj, "v1.0.0")
+    summary = json.loads(plumbing.git_bytes(proj, v.commit, "metrics/summary.json"))
     assert summary == json.loads((proj / "metrics" / "summary.json").read_text())
     assert summary["test_accuracy"] == round(json.loads((proj / "metrics/evaluate.json").read_text())["after"]["accuracy"], 4)
 
@@ -82,7 +82,7 @@ def test_retrain_publishes_versions_and_caches(proj):
     add_rows(proj, 4)
     res = retrain_flow(repo=str(proj))
     assert res["ran"] == ["audit", "train"] and res["version"] == "domaintune@v2.0.0"
-    v1, v2 = registry.list_versions(proj)
+    v1, v2 = versions.list_versions(proj)
     assert v1.record["dataset_hash"] != v2.record["dataset_hash"] and v2.served
 
     # A params override (like `dvc exp run -S`) re-runs only the stage that reads it -> new minor.
@@ -129,7 +129,7 @@ def test_second_retrain_fails_fast(proj):
     with held_lock(proj, timeout=30):
         before = workspace(proj)
         t0 = time.perf_counter()
-        with pytest.raises(registry.BusyError, match="already running"):
+        with pytest.raises(plumbing.BusyError, match="already running"):
             retrain_flow(repo=str(proj), overrides=["finetune.epochs=7"])
         assert time.perf_counter() - t0 < 15
         assert workspace(proj) == before
@@ -138,15 +138,15 @@ def test_second_retrain_fails_fast(proj):
 def test_rollback_flow(proj):
     from pipelines.rollback import rollback_flow
 
-    v1_export = registry.git_bytes(proj, registry.get_version(proj, "v1").commit, "dvc.lock")
+    v1_export = plumbing.git_bytes(proj, versions.get_version(proj, "v1").commit, "dvc.lock")
     res = rollback_flow("v1", repo=str(proj))
     assert res["version"] == "domaintune@v1.0.0" and res["files_verified"] >= 4
     assert (proj / "dvc.lock").read_bytes() == v1_export
-    assert registry.served_version(proj) == "v1.0.0"
+    assert versions.served_version(proj) == "v1.0.0"
     from pipelines.cli import main
 
     assert main(["rollback", "v3", "--repo", str(proj)]) == 0
-    assert registry.served_version(proj) == "v3.0.0"
+    assert versions.served_version(proj) == "v3.0.0"
 
 
 def test_cli_versions_and_diff(proj, capsys):
@@ -215,7 +215,7 @@ FIXED_BATCH = ["refund the charge of 7 dollars", "my parcel 12 is late", "passwo
 
 def _versioned_files(root: Path) -> dict[str, bytes]:
     """params.yaml, dvc.lock and every file under an out that dvc.lock records."""
-    outs = [o.path for o in registry.lock_outs(root)]
+    outs = [o.path for o in plumbing.lock_outs(root)]
     return {k: v for k, v in workspace(root).items()
             if k in ("params.yaml", "dvc.lock") or any(k == o or k.startswith(o + "/") for o in outs)}
 
@@ -246,7 +246,7 @@ def test_real_dag_retrain_rollback_monitor(dag):
     sh(dag, "git", "commit", "-qam", "more tickets")
     res = retrain_flow(repo=str(dag))
     assert res["version"] == "domaintune@v2.0.0"
-    v1, v2 = registry.list_versions(dag)
+    v1, v2 = versions.list_versions(dag)
     assert v1.record["dataset_hash"] != v2.record["dataset_hash"]
     assert v2.record["dataset_hash"] == json.loads((dag / "data/audited/hashes.json").read_text())["dataset"]
     assert not np.array_equal(Predictor.load(dag / "models/export").predict_proba(FIXED_BATCH), v1_probs)

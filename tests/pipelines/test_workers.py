@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from _fake_pipeline import BIN, REPO, env, make_fake_repo
 
-from domaintune.registry import versions as registry
+from domaintune.registry import versions
 
 POOL = "dt-pool"
 
@@ -128,6 +128,6 @@ def test_triggered_run_is_picked_up_by_a_process_worker_and_publishes(prefect_se
     tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}},
                        timeout=10).json()
     assert sorted(t["name"] for t in tasks) == ["audit", "train"]  # one task per DVC stage
-    versions = registry.list_versions(proj)
-    assert [v.version for v in versions] == ["v1.0.0"] and versions[0].served
+    found = versions.list_versions(proj)
+    assert [v.version for v in found] == ["v1.0.0"] and found[0].served
     assert (proj / "models" / "export" / "weights.bin").exists()

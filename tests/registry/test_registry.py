@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from _fake_pipeline import BIN, add_rows, held_lock, make_fake_repo, set_params, sh, workspace
 
-from domaintune.registry import versions as registry
+from domaintune.registry import cache, diff, plumbing, rollback, versions
 
 
 def repro(root: Path) -> None:
@@ -21,36 +21,36 @@ def history(tmp_path_factory):
     root = make_fake_repo(tmp_path_factory.mktemp("reg") / "proj")
     snaps = {}
     repro(root)
-    v1, created = registry.publish(root, "first")
+    v1, created = versions.publish(root, "first")
     assert created
     snaps[v1.version] = workspace(root)
     add_rows(root, 5)
     repro(root)
-    v2, _ = registry.publish(root, "more data")
+    v2, _ = versions.publish(root, "more data")
     snaps[v2.version] = workspace(root)
     set_params(root, {"finetune.epochs": 5})
     repro(root)
-    v21, _ = registry.publish(root, "epochs 5")
+    v21, _ = versions.publish(root, "epochs 5")
     snaps[v21.version] = workspace(root)
     return root, snaps
 
 
 def test_versions_semver_and_records(history):
     root, snaps = history
-    versions = registry.list_versions(root)
-    assert [v.version for v in versions] == ["v1.0.0", "v2.0.0", "v2.1.0"]
-    v1, v2, v21 = versions
+    found = versions.list_versions(root)
+    assert [v.version for v in found] == ["v1.0.0", "v2.0.0", "v2.1.0"]
+    v1, v2, v21 = found
     # New data -> new major; same data, new params -> new minor.
     assert v1.record["dataset_hash"] != v2.record["dataset_hash"] == v21.record["dataset_hash"]
-    for v in versions:
+    for v in found:
         files = snaps[v.version]
         assert v.record["dataset_hash"] == json.loads(files["data/audited/hashes.json"])["dataset"]
         assert v.record["metrics"]["evaluate"] == json.loads(files["metrics/evaluate.json"])
         assert v.record["base_model"] == "minilm" and v.record["method"] == "lora"
         # The tagged commit holds exactly that version's params, dvc.lock and metrics.
         for f in ("params.yaml", "dvc.lock", "metrics/evaluate.json", "metrics/audit.json"):
-            assert registry.git_bytes(root, v.commit, f) == files[f]
-    assert [v.served for v in versions] == [False, False, True]  # publishing serves the new version
+            assert plumbing.git_bytes(root, v.commit, f) == files[f]
+    assert [v.served for v in found] == [False, False, True]  # publishing serves the new version
     assert v21.key_metrics() == {f"evaluate.{k}": v21.record["metrics"]["evaluate"]["after"][k]
                                  for k in ("accuracy", "macro_f1", "ece")}
     assert sh(root, "git", "status", "--porcelain").strip() == ""
@@ -63,7 +63,7 @@ def test_versions_command_shows_headline_metrics(history, capsys):
     root, _ = history
     assert main(["versions", "--repo", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    for v in registry.list_versions(root):
+    for v in versions.list_versions(root):
         after = v.record["metrics"]["evaluate"]["after"]
         row = next(line for line in lines if f" {v.version} " in f" {line} ")
         for k in ("accuracy", "macro_f1", "ece"):
@@ -75,23 +75,23 @@ def test_republish_unchanged_creates_nothing(history):
     root, _ = history
     tags = sh(root, "git", "tag")
     repro(root)
-    v, created = registry.publish(root, "again")
+    v, created = versions.publish(root, "again")
     assert not created and v.version == "v2.1.0"
     assert sh(root, "git", "tag") == tags
 
 
 def test_diff(history):
     root, _ = history
-    d = registry.diff_versions(root, "v2.0.0", "v2.1.0")
+    d = diff.diff_versions(root, "v2.0.0", "v2.1.0")
     assert d["params"] == {"finetune.epochs": (3, 5)}
     assert "dataset_hash" not in d
     assert set(d["metrics"]) <= {f"evaluate.{p}.{k}" for p in ("before", "after") for k in ("accuracy", "macro_f1", "weighted_f1")}
-    d = registry.diff_versions(root, "v1.0.0", "v2.0.0")
+    d = diff.diff_versions(root, "v1.0.0", "v2.0.0")
     assert d["params"] == {}
     assert d["metrics"]["audit.rows"] == (11, 16)  # lines incl. header
     assert d["dataset_hash"][0] != d["dataset_hash"][1]
-    with pytest.raises(registry.RegistryError, match="no version 'v9.0.0'"):
-        registry.diff_versions(root, "v1.0.0", "v9")
+    with pytest.raises(plumbing.RegistryError, match="no version 'v9.0.0'"):
+        diff.diff_versions(root, "v1.0.0", "v9")
 
 
 def test_cli_diff_default_pair_and_order(history, capsys):
@@ -127,7 +127,7 @@ def test_cli_diff_default_pair_and_order(history, capsys):
     assert main(["diff", "v1.0.0", "v2.0.0", "--repo", str(root), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert list(d)[:4] == ["a", "b", "headline", "dataset_hash"] and d["metrics"]["audit.rows"] == [11, 16]
-    headline = {k for _, keys in registry.HEADLINE_METRICS for k in keys}
+    headline = {k for _, keys in diff.HEADLINE_METRICS for k in keys}
     assert d["headline"] and not headline & set(d["metrics"])  # the headline is not repeated below
 
 
@@ -138,54 +138,54 @@ def test_rollback_refuses_any_uncommitted_file_it_would_change(history):
     ev.write_text('{"accuracy": 1.0, "note": "hand edit"}\n')
     head, tags = sh(root, "git", "rev-parse", "HEAD"), sh(root, "git", "tag")
     try:
-        with pytest.raises(registry.RegistryError, match=r"overwrite uncommitted changes to metrics/evaluate.json;"):
-            registry.rollback(root, "v1.0.0")
+        with pytest.raises(plumbing.RegistryError, match=r"overwrite uncommitted changes to metrics/evaluate.json;"):
+            rollback.rollback(root, "v1.0.0")
         assert ev.read_text() == '{"accuracy": 1.0, "note": "hand edit"}\n'
         assert sh(root, "git", "rev-parse", "HEAD") == head and sh(root, "git", "tag") == tags
     finally:
         ev.write_bytes(saved)
 
 
-def _cache_obj(root: Path, version: registry.Version, relpath: str) -> Path:
+def _cache_obj(root: Path, version: versions.Version, relpath: str) -> Path:
     """The DVC cache file holding `relpath` (inside models/export) of `version`."""
-    cache = registry.cache_dir(root)
-    out = next(o for o in registry.lock_outs(root, version.commit) if o.path == "models/export")
-    entries = json.loads(registry.cache_path(cache, out.md5).read_text())
+    folder = cache.cache_dir(root)
+    out = next(o for o in plumbing.lock_outs(root, version.commit) if o.path == "models/export")
+    entries = json.loads(cache.cache_path(folder, out.md5).read_text())
     md5 = next(e["md5"] for e in entries if e["relpath"] == relpath)
-    return registry.cache_path(cache, md5)
+    return cache.cache_path(folder, md5)
 
 
 def test_tampered_cache_fails_and_changes_nothing(history):
     root, _ = history
     params = (root / "params.yaml").read_text()
     (root / "params.yaml").write_text(params + "# local edit\n")
-    with pytest.raises(registry.RegistryError, match="uncommitted changes"):
-        registry.rollback(root, "v1.0.0")
+    with pytest.raises(plumbing.RegistryError, match="uncommitted changes"):
+        rollback.rollback(root, "v1.0.0")
     assert (root / "params.yaml").read_text() == params + "# local edit\n"
     (root / "params.yaml").write_text(params)
     before = workspace(root)
     head = sh(root, "git", "rev-parse", "HEAD")
-    target = registry.get_version(root, "v1.0.0")
+    target = versions.get_version(root, "v1.0.0")
     obj = _cache_obj(root, target, "weights.bin")
     good = obj.read_bytes()
     obj.chmod(0o644)
     obj.write_bytes(b"x" + good[1:])
     try:
-        with pytest.raises(registry.RegistryError, match=r"models/export/weights.bin.*does not match"):
-            registry.rollback(root, "v1.0.0")
+        with pytest.raises(plumbing.RegistryError, match=r"models/export/weights.bin.*does not match"):
+            rollback.rollback(root, "v1.0.0")
     finally:
         obj.write_bytes(good)
     assert workspace(root) == before
     assert sh(root, "git", "rev-parse", "HEAD") == head
-    assert registry.served_version(root) == "v2.1.0"
+    assert versions.served_version(root) == "v2.1.0"
 
 
 def test_rollback_restores_v1_exactly_then_forward(history):
     root, snaps = history
     # Lose one of v1's objects locally: rollback must fetch it from the DVC remote.
-    v1 = registry.get_version(root, "v1.0.0")
+    v1 = versions.get_version(root, "v1.0.0")
     _cache_obj(root, v1, "weights.bin").unlink()
-    version, checked = registry.rollback(root, "v1")
+    version, checked = rollback.rollback(root, "v1")
     assert version.version == "v1.0.0" and version.served
     assert checked >= 4
     now = workspace(root)
@@ -197,36 +197,36 @@ def test_rollback_restores_v1_exactly_then_forward(history):
             assert now[rel] == data, rel
     assert not [r for r in now if r.startswith(("data/", "models/")) and not r.startswith(scratch)
                 and r not in snaps["v1.0.0"]]
-    assert registry.served_version(root) == "v1.0.0"
-    assert registry.default_diff_pair(root) == ("v1.0.0", "v2.1.0")  # `domaintune diff`: served vs latest
+    assert versions.served_version(root) == "v1.0.0"
+    assert diff.default_diff_pair(root) == ("v1.0.0", "v2.1.0")  # `domaintune diff`: served vs latest
     assert "rollback to domaintune@v1.0.0" in sh(root, "git", "log", "-1", "--format=%s")
     assert sh(root, "git", "status", "--porcelain").strip() == ""
     # DVC agrees every out is what dvc.lock says; only the source (newer than v1) differs.
     status = sh(root, str(BIN / "dvc"), "status")
     assert "changed outs" not in status and "src/data.csv" in status
     # And forward again.
-    registry.rollback(root, "v2.1.0")
+    rollback.rollback(root, "v2.1.0")
     now = workspace(root)
     assert now["models/export/weights.bin"] == snaps["v2.1.0"]["models/export/weights.bin"]
-    assert registry.served_version(root) == "v2.1.0"
+    assert versions.served_version(root) == "v2.1.0"
 
 
 def test_corrupt_object_fetched_from_remote_is_not_kept(history):
     root, _ = history
-    v1 = registry.get_version(root, "v1.0.0")
+    v1 = versions.get_version(root, "v1.0.0")
     obj = _cache_obj(root, v1, "sub/model.json")
     md5 = obj.parent.name + obj.name
-    in_remote = registry.cache_path(root.parent / f"{root.name}-dvc-remote" / "files" / "md5", md5)
+    in_remote = cache.cache_path(root.parent / f"{root.name}-dvc-remote" / "files" / "md5", md5)
     saved_local, saved_remote = obj.read_bytes(), in_remote.read_bytes()
     obj.unlink()
     in_remote.chmod(0o644)
     in_remote.write_bytes(b'{"epochs": 666}')  # the remote's copy went bad
-    before, served = workspace(root), registry.served_version(root)
+    before, served = workspace(root), versions.served_version(root)
     try:
-        with pytest.raises(registry.RegistryError, match=r"sub/model.json: the DVC remote's copy .* does not match"):
-            registry.rollback(root, "v1.0.0")
+        with pytest.raises(plumbing.RegistryError, match=r"sub/model.json: the DVC remote's copy .* does not match"):
+            rollback.rollback(root, "v1.0.0")
         assert not obj.exists()  # not left in the local cache
-        assert workspace(root) == before and registry.served_version(root) == served
+        assert workspace(root) == before and versions.served_version(root) == served
     finally:
         in_remote.write_bytes(saved_remote)
         obj.parent.mkdir(exist_ok=True)
@@ -235,36 +235,36 @@ def test_corrupt_object_fetched_from_remote_is_not_kept(history):
 
 def test_object_missing_from_cache_and_remote_fails_and_changes_nothing(history):
     root, _ = history
-    v1 = registry.get_version(root, "v1.0.0")
+    v1 = versions.get_version(root, "v1.0.0")
     obj = _cache_obj(root, v1, "weights.bin")
     md5 = obj.parent.name + obj.name
     remote = root.parent / f"{root.name}-dvc-remote"  # ensure_remote's default folder
-    in_remote = registry.cache_path(remote / "files" / "md5", md5)
+    in_remote = cache.cache_path(remote / "files" / "md5", md5)
     assert in_remote.exists()
     saved = obj.read_bytes()
     obj.unlink()
     in_remote.unlink()  # the remote lost it too
-    before, served = workspace(root), registry.served_version(root)
+    before, served = workspace(root), versions.served_version(root)
     try:
-        with pytest.raises(registry.RegistryError, match=r"weights.bin: .* not in cache"):
-            registry.rollback(root, "v1.0.0")
+        with pytest.raises(plumbing.RegistryError, match=r"weights.bin: .* not in cache"):
+            rollback.rollback(root, "v1.0.0")
         assert workspace(root) == before
-        assert registry.served_version(root) == served
+        assert versions.served_version(root) == served
     finally:
         obj.write_bytes(saved)
 
 
 def test_lock_is_exclusive_and_fails_fast(tmp_path):
     with held_lock(tmp_path, timeout=10):
-        holder = (tmp_path / registry.LOCK_PATH).read_text()
+        holder = (tmp_path / plumbing.LOCK_PATH).read_text()
         assert holder.startswith("pid ")
         t0 = time.perf_counter()
-        with pytest.raises(registry.BusyError, match="already running"):
-            with registry.repo_lock(tmp_path):
+        with pytest.raises(plumbing.BusyError, match="already running"):
+            with plumbing.repo_lock(tmp_path):
                 pass
         assert time.perf_counter() - t0 < 1.0
-        assert (tmp_path / registry.LOCK_PATH).read_text() == holder  # the loser never rewrites the holder's pid
-    with registry.repo_lock(tmp_path):  # free again once the holder is done
+        assert (tmp_path / plumbing.LOCK_PATH).read_text() == holder  # the loser never rewrites the holder's pid
+    with plumbing.repo_lock(tmp_path):  # free again once the holder is done
         pass
 
 
@@ -292,13 +292,13 @@ def test_tags_gto_or_people_write_are_never_fatal(tmp_path, capsys):
 
     root = make_fake_repo(tmp_path / "proj")
     repro(root)
-    v1, _ = registry.publish(root, "first")
+    v1, _ = versions.publish(root, "first")
     sh(root, "git", "commit", "-q", "--allow-empty", "-m", "candidate")
     sh(root, str(BIN / "gto"), "register", "domaintune", "HEAD", "--version", "v2.0.0-rc1")
     sh(root, "git", "tag", "-a", "domaintune@v1.1.0", "-m", "hand-made\n\ndomaintune-record: {\"metrics\": {oops")
     sh(root, "git", "tag", "domaintune@vnext", "HEAD")
-    versions, skipped = registry.scan_versions(root)
-    assert [v.version for v in versions] == ["v1.0.0", "v1.1.0"] and versions[1].record == {}
+    found, skipped = versions.scan_versions(root)
+    assert [v.version for v in found] == ["v1.0.0", "v1.1.0"] and found[1].record == {}
     assert {s.tag: s.reason.split(":")[0].split(",")[0] for s in skipped} == {
         "domaintune@v2.0.0-rc1": "pre-release or build version", "domaintune@v1.1.0": "listed without a record",
         "domaintune@vnext": "not a version vMAJOR.MINOR.PATCH"}
@@ -308,13 +308,13 @@ def test_tags_gto_or_people_write_are_never_fatal(tmp_path, capsys):
     assert main(["diff", "v1.0.0", "v1.1.0", "--repo", str(root)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "domaintune@v1.0.0 -> domaintune@v1.1.0" and out[2].endswith(" -> -")  # no record: no metrics
-    with pytest.raises(registry.RegistryError, match=r"domaintune@v2.0.0-rc1 exists but is skipped: pre-release"):
-        registry.get_version(root, "v2.0.0-rc1")
+    with pytest.raises(plumbing.RegistryError, match=r"domaintune@v2.0.0-rc1 exists but is skipped: pre-release"):
+        versions.get_version(root, "v2.0.0-rc1")
     add_rows(root, 3)
     repro(root)
-    v2, created = registry.publish(root, "more data")  # new data: next major after v1.1.0, past the rc
-    assert created and v2.version == "v2.0.0" and registry.served_version(root) == "v2.0.0"
-    version, _ = registry.rollback(root, "v1.0.0")
-    assert version.served and registry.served_version(root) == "v1.0.0"
-    registry.rollback(root, "v2")
-    assert registry.served_version(root) == "v2.0.0"
+    v2, created = versions.publish(root, "more data")  # new data: next major after v1.1.0, past the rc
+    assert created and v2.version == "v2.0.0" and versions.served_version(root) == "v2.0.0"
+    version, _ = rollback.rollback(root, "v1.0.0")
+    assert version.served and versions.served_version(root) == "v1.0.0"
+    rollback.rollback(root, "v2")
+    assert versions.served_version(root) == "v2.0.0"

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from _fake_pipeline import BIN, add_rows, make_fake_repo, sh, workspace
 
-from domaintune.registry import release
-from domaintune.registry import versions as registry
+from domaintune.registry import cache, plumbing, release, versions
 
 
 def _export_files(snapshot: dict[str, bytes]) -> dict[str, bytes]:
@@ -26,22 +25,22 @@ def history(tmp_path_factory):
     root = make_fake_repo(tmp_path_factory.mktemp("rel") / "proj")
     snaps = {}
     sh(root, str(BIN / "dvc"), "repro", "-q")
-    v1, _ = registry.publish(root, "first")
+    v1, _ = versions.publish(root, "first")
     snaps[v1.version] = _export_files(workspace(root))
     add_rows(root, 5)
     sh(root, str(BIN / "dvc"), "repro", "-q")
-    v2, _ = registry.publish(root, "more data")
+    v2, _ = versions.publish(root, "more data")
     snaps[v2.version] = _export_files(workspace(root))
     assert snaps["v1.0.0"] != snaps["v2.0.0"]
     return root, snaps
 
 
 def _cache_obj(root: Path, version: str, relpath: str) -> Path:
-    v = registry.get_version(root, version)
-    cache = registry.cache_dir(root)
-    out = next(o for o in registry.lock_outs(root, v.commit) if o.path == "models/export")
-    entries = json.loads(registry.cache_path(cache, out.md5).read_text())
-    return registry.cache_path(cache, next(e["md5"] for e in entries if e["relpath"] == relpath))
+    v = versions.get_version(root, version)
+    folder = cache.cache_dir(root)
+    out = next(o for o in plumbing.lock_outs(root, v.commit) if o.path == "models/export")
+    entries = json.loads(cache.cache_path(folder, out.md5).read_text())
+    return cache.cache_path(folder, next(e["md5"] for e in entries if e["relpath"] == relpath))
 
 
 def test_served_and_named_versions_outside_the_workspace(history):
@@ -53,7 +52,7 @@ def test_served_and_named_versions_outside_the_workspace(history):
     assert _folder(served.path) == snaps["v2.0.0"] and served.files == len(snaps["v2.0.0"])
     old = release.materialise(root, "v1")
     assert _folder(old.path) == snaps["v1.0.0"]
-    assert old.dataset_hash == registry.get_version(root, "v1.0.0").record["dataset_hash"]
+    assert old.dataset_hash == versions.get_version(root, "v1.0.0").record["dataset_hash"]
     assert old.metrics["evaluate"]["after"]["ece"] == 0.1
     info = json.loads((old.path.parents[1] / "release.json").read_text())
     assert info["commit"] == old.version.commit and info["out"] == "models/export"
@@ -103,6 +102,6 @@ def test_no_served_version_and_unknown_version(tmp_path):
     root = make_fake_repo(tmp_path / "proj")
     with pytest.raises(release.ReleaseError, match="no version is served"):
         release.materialise(root)
-    with pytest.raises(registry.RegistryError, match="no version 'v3.0.0'"):
+    with pytest.raises(plumbing.RegistryError, match="no version 'v3.0.0'"):
         release.materialise(root, "v3")
     shutil.rmtree(root)

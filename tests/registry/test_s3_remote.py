@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from _fake_pipeline import BIN, add_rows, make_fake_repo, sh, workspace
 
-from domaintune.registry import versions as registry
+from domaintune.registry import cache, plumbing, rollback, versions
 
 # Distinctive fake credentials: the test greps every commit, tag and log for them.
 KEY_ID = "AKIADOMAINTUNETESTKEY"
@@ -50,7 +50,7 @@ def s3(tmp_path_factory):
 
 
 def _use_s3(root: Path, endpoint: str) -> str:
-    name = registry.ensure_remote(root, f"s3://{BUCKET}/store")
+    name = plumbing.ensure_remote(root, f"s3://{BUCKET}/store")
     # The endpoint is machine-specific (like a credential profile): repo-local config, never committed.
     sh(root, str(BIN / "dvc"), "remote", "modify", "--local", name, "endpointurl", endpoint)
     return name
@@ -63,11 +63,11 @@ def published(s3, tmp_path_factory):
     _use_s3(root, endpoint)
     snaps = {}
     sh(root, str(BIN / "dvc"), "repro", "-q")
-    v1, _ = registry.publish(root, "first")
+    v1, _ = versions.publish(root, "first")
     snaps[v1.version] = workspace(root)
     add_rows(root, 4)
     sh(root, str(BIN / "dvc"), "repro", "-q")
-    v2, _ = registry.publish(root, "more data")
+    v2, _ = versions.publish(root, "more data")
     snaps[v2.version] = workspace(root)
     return root, snaps
 
@@ -80,9 +80,9 @@ def _object_key(root: Path, version, rel: str) -> str:
     """The bucket key of the object DVC stores `rel` (a file inside a tracked out) under."""
     import json
 
-    for out in registry.lock_outs(root, version.commit):
+    for out in plumbing.lock_outs(root, version.commit):
         if out.is_dir and rel.startswith(out.path + "/"):
-            manifest = json.loads(registry.cache_path(registry.cache_dir(root), out.md5).read_text())
+            manifest = json.loads(cache.cache_path(cache.cache_dir(root), out.md5).read_text())
             inner = rel[len(out.path) + 1:]
             md5 = next(e["md5"] for e in manifest if e["relpath"] == inner)
             return f"store/files/md5/{md5[:2]}/{md5[2:]}"
@@ -93,8 +93,8 @@ def test_publish_pushes_every_object_to_the_bucket(published, s3):
     root, _ = published
     _, client = s3
     keys = _bucket_keys(client)
-    for v in registry.list_versions(root):
-        for out in registry.lock_outs(root, v.commit):
+    for v in versions.list_versions(root):
+        for out in plumbing.lock_outs(root, v.commit):
             if out.in_git:
                 continue
             md5 = out.md5
@@ -121,7 +121,7 @@ def test_fresh_clone_pulls_and_rolls_back_from_s3_byte_identical(published, s3, 
     for rel in ("models/export/weights.bin", "models/export/sub/model.json", "data/audited/train.csv"):
         assert now[rel] == snaps["v2.0.0"][rel], rel
     # Rollback in the clone restores v1 from the bucket (its objects are not in the clone's cache).
-    version, checked = registry.rollback(clone, "v1.0.0")
+    version, checked = rollback.rollback(clone, "v1.0.0")
     assert version.version == "v1.0.0" and checked >= 3
     now = workspace(clone)
     for rel, data in snaps["v1.0.0"].items():
@@ -133,18 +133,18 @@ def test_corrupted_object_in_the_bucket_is_detected_and_changes_nothing(publishe
     root, snaps = published
     endpoint, client = s3
     clone = _pulled_clone(root, endpoint, tmp_path)
-    v1 = registry.get_version(clone, "v1.0.0")
-    key = _object_key(root, registry.get_version(root, "v1.0.0"), "models/export/weights.bin")
+    v1 = versions.get_version(clone, "v1.0.0")
+    key = _object_key(root, versions.get_version(root, "v1.0.0"), "models/export/weights.bin")
     original = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
     client.put_object(Bucket=BUCKET, Key=key, Body=b"corrupted by the test" + original[21:])
     try:
         before = workspace(clone)
         head = sh(clone, "git", "rev-parse", "HEAD")
-        with pytest.raises(registry.RegistryError) as err:
-            registry.rollback(clone, "v1.0.0")
+        with pytest.raises(plumbing.RegistryError) as err:
+            rollback.rollback(clone, "v1.0.0")
         assert "nothing was changed" in str(err.value)
         assert workspace(clone) == before and sh(clone, "git", "rev-parse", "HEAD") == head
-        assert registry.served_version(clone) == "v2.0.0"
+        assert versions.served_version(clone) == "v2.0.0"
         # The bad object is not left in the local cache for a later run to trust.
         cached = [p for p in (clone / ".dvc" / "cache").rglob("*") if p.is_file()
                   and p.read_bytes().startswith(b"corrupted by the test")]
@@ -161,7 +161,7 @@ def test_credentials_never_reach_git_records_or_logs(published, capfd):
     blob_text = "".join(sh(root, "git", "cat-file", "-p", line.split()[0]) for line in objects.splitlines())
     tags = sh(root, "git", "for-each-ref", "--format=%(contents)", "refs/tags")
     config = (root / ".dvc" / "config").read_text()
-    records = "".join(str(v.record) for v in registry.list_versions(root))
+    records = "".join(str(v.record) for v in versions.list_versions(root))
     logs = "".join(p.read_text(errors="replace") for p in (root / ".dvc" / "tmp").rglob("*.log")) \
         if (root / ".dvc" / "tmp").exists() else ""
     out, err = capfd.readouterr()

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from domaintune.registry import versions as registry
+from domaintune.registry import cache, plumbing, rollback, versions
 from domaintune.serve.app import build
 from domaintune.serve.settings import ServeSettings
 from pipelines.serve import ServerThread
@@ -364,18 +364,18 @@ def registry_repo(models, tmp_path_factory):
     for epochs in (3, 5, 7):
         set_params(root, {"finetune.epochs": epochs})
         sh(root, str(BIN / "dvc"), "repro", "-q")
-        registry.publish(root, f"epochs {epochs}")
-    registry.rollback(root, "v1.1.0")
-    assert registry.served_version(root) == "v1.1.0"
+        versions.publish(root, f"epochs {epochs}")
+    rollback.rollback(root, "v1.1.0")
+    assert versions.served_version(root) == "v1.1.0"
     return root
 
 
 def _cache_object(root: Path, version: str, relpath: str) -> Path:
-    v = registry.get_version(root, version)
-    cache = registry.cache_dir(root)
-    out = next(o for o in registry.lock_outs(root, v.commit) if o.path == "models/export")
-    entries = json.loads(registry.cache_path(cache, out.md5).read_text())
-    return registry.cache_path(cache, next(e["md5"] for e in entries if e["relpath"] == relpath))
+    v = versions.get_version(root, version)
+    folder = cache.cache_dir(root)
+    out = next(o for o in plumbing.lock_outs(root, v.commit) if o.path == "models/export")
+    entries = json.loads(cache.cache_path(folder, out.md5).read_text())
+    return cache.cache_path(folder, next(e["md5"] for e in entries if e["relpath"] == relpath))
 
 
 class Load:
@@ -428,9 +428,9 @@ def test_follows_rollback_under_load_and_keeps_serving_on_a_corrupt_version(regi
     with ServerThread(built.app, s) as url, httpx.Client(base_url=url, timeout=30) as c, Load(url) as load:
         wait_for(lambda: sum(map(len, load.seen)) >= 10, what="first responses")
         v = c.get("/version").json()
-        assert v["tag"] == "domaintune@v1.1.0" and v["dataset_hash"] == registry.get_version(root, "v1.1.0").record[
+        assert v["tag"] == "domaintune@v1.1.0" and v["dataset_hash"] == versions.get_version(root, "v1.1.0").record[
             "dataset_hash"] and v["metrics"]["evaluate"]["after"]["ece"] == 0.1
-        registry.rollback(root, "v1.0.0")  # what `domaintune rollback v1.0.0` does
+        rollback.rollback(root, "v1.0.0")  # what `domaintune rollback v1.0.0` does
         wait_for(lambda: c.get("/version").json()["version"] == "v1.0.0", what="the swap to v1.0.0")
         n = sum(map(len, load.seen))
         wait_for(lambda: sum(map(len, load.seen)) >= n + 10, what="responses after the swap")
@@ -442,7 +442,7 @@ def test_follows_rollback_under_load_and_keeps_serving_on_a_corrupt_version(regi
         try:
             from gto.api import assign
 
-            assign(str(root), registry.ARTIFACT, registry.SERVED_STAGE, version="v1.2.0", message="promote v1.2.0",
+            assign(str(root), plumbing.ARTIFACT, plumbing.SERVED_STAGE, version="v1.2.0", message="promote v1.2.0",
                    force=True)  # it was in prod before the rollback
             wait_for(lambda: c.get("/v2/health/ready").json()["last_error"] is not None, what="the refusal")
             n = sum(map(len, load.seen))
@@ -465,8 +465,8 @@ def test_follows_rollback_under_load_and_keeps_serving_on_a_corrupt_version(regi
     ref = {ver: dict(zip(TEXTS, reference(root / f".domaintune/releases/domaintune@{ver}/models/export",
                                           TEXTS).max(1))) for ver in ("v1.0.0", "v1.1.0")}
     for seen in load.seen:
-        versions = [ver for ver, _, _ in seen]
-        assert versions == sorted(versions, reverse=True) and set(versions) == {"v1.1.0", "v1.0.0"}
+        order = [ver for ver, _, _ in seen]
+        assert order == sorted(order, reverse=True) and set(order) == {"v1.1.0", "v1.0.0"}
         for ver, text, conf in seen:
             assert abs(conf - ref[ver][text]) < 1e-5
     assert ref["v1.0.0"][TEXTS[0]] != pytest.approx(ref["v1.1.0"][TEXTS[0]], abs=1e-3)  # T differs
@@ -476,7 +476,7 @@ def test_shadow_a_published_version(registry_repo):
     """`serve --shadow v1.0.0`: the candidate is materialised from the registry; the log (default path
     reports/shadow/v1.0.0.jsonl) holds both versions' predictions, the answers are the served version's."""
     root = registry_repo
-    served = registry.served_version(root)
+    served = versions.served_version(root)
     assert served != "v1.0.0"
     s = settings(repo=root, shadow="v1.0.0")
     log_path = root / "reports/shadow/v1.0.0.jsonl"
