@@ -54,7 +54,7 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
-CLI = "import sys; from domaintune.cli import main; sys.exit(main(sys.argv[1:]))"
+CLI = "import sys; from pipelines.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def main() -> None:
