@@ -57,7 +57,9 @@ def synth(n: int, seed: int) -> dict[str, pd.DataFrame]:
     src = rng.integers(0, 1 << 62, size=n)
     for k, r in zip(kinds, src):
         if k == 0 or oi == 0:
-            texts.append(originals[oi]); labels.append(orig_label[oi]); oi += 1
+            texts.append(originals[oi])
+            labels.append(orig_label[oi])
+            oi += 1
             continue
         j = int(r % oi)
         t = originals[j]
@@ -69,7 +71,8 @@ def synth(n: int, seed: int) -> dict[str, pd.DataFrame]:
             ws = t.split(" ")
             ws[int(r % len(ws))] = vocab[int(r % 997) + 6]
             t = " ".join(ws)
-        texts.append(t); labels.append(orig_label[j])
+        texts.append(t)
+        labels.append(orig_label[j])
     split = rng.choice(np.array(["train", "validation", "test"]), size=n, p=[0.8, 0.1, 0.1])
     df = pd.DataFrame({"id": [f"r{i}" for i in range(n)], "text": texts,
                        "label": [f"intent_{x:02d}" for x in labels], "split": split})

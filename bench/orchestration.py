@@ -79,8 +79,8 @@ def main() -> None:
         for i in range(args.pairs):
             plain = make_project(work / f"plain{i}" / "domaintune", tiny)
             flowed = make_project(work / f"cli{i}" / "domaintune", tiny)
-            run_dvc = lambda: dvc_runs.append(timed(lambda: sh(plain, dvc, "repro"))[0])  # noqa: E731
-            run_cli = lambda: cli_runs.append(timed(  # noqa: E731
+            run_dvc = lambda plain=plain: dvc_runs.append(timed(lambda: sh(plain, dvc, "repro"))[0])  # noqa: E731
+            run_cli = lambda flowed=flowed: cli_runs.append(timed(  # noqa: E731
                 lambda: sh(flowed, sys.executable, "-c", CLI, "retrain", "--repo", str(flowed), "--no-publish"))[0])
             for fn in ((run_dvc, run_cli) if i % 2 == 0 else (run_cli, run_dvc)):
                 fn()

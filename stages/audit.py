@@ -13,7 +13,8 @@ from domaintune.core.stage import StageIO, run_stage, stage_parser
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = stage_parser("audit", "Find likely label errors with cleanlab; report, drop or relabel them.", inp="deduped dataset folder", out="audited dataset folder")
+    ap = stage_parser("audit", "Find likely label errors with cleanlab; report, drop or relabel them.",
+                      inp="deduped dataset folder", out="audited dataset folder")
     ap.add_argument("--report", required=True, help="report folder (label_issues.csv, summary.json, ...)")
     ap.add_argument("--embeddings", default="data/embeddings",
                     help="embedding cache folder (a persistent DVC out; reused when its key matches)")

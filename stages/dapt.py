@@ -13,7 +13,8 @@ from domaintune.core.stage import StageIO, run_stage, stage_parser
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = stage_parser("dapt", "Domain-adaptive MLM pre-training of the base encoder (or a pass-through when disabled).", inp="audited dataset folder (only its train split is read)", out="output encoder folder")
+    ap = stage_parser("dapt", "Domain-adaptive MLM pre-training of the base encoder (or a pass-through when disabled).",
+                      inp="audited dataset folder (only its train split is read)", out="output encoder folder")
     ap.add_argument("--checkpoints", default="models/dapt_checkpoints",
                     help="resumable training state (a persisted DVC out); default: models/dapt_checkpoints")
     ap.add_argument("--live", default="reports/dapt/live",

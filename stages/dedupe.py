@@ -13,7 +13,8 @@ from domaintune.core.stage import StageIO, run_stage, stage_parser
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = stage_parser("dedupe", __doc__.splitlines()[0], inp="input dataset folder (ingest output)", out="output dataset folder")
+    ap = stage_parser("dedupe", __doc__.splitlines()[0],
+                      inp="input dataset folder (ingest output)", out="output dataset folder")
     return run_stage("dedupe", lambda args: tasks.run_hook("dedupe", StageIO.of(args, argv)), ap, argv)
 
 

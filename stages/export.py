@@ -13,7 +13,8 @@ from domaintune.core.stage import StageIO, run_stage, stage_parser
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = stage_parser("export", __doc__.splitlines()[0], inp="audited dataset folder (test split, hashes)", out="export folder")
+    ap = stage_parser("export", __doc__.splitlines()[0],
+                      inp="audited dataset folder (test split, hashes)", out="export folder")
     ap.add_argument("--model", required=True, help="fine-tuned classifier folder")
     ap.add_argument("--calibration", required=True, help="evaluate's report folder (calibration.json, metrics.json)")
     ap.add_argument("--audit", default=None, help="audit report folder (summary.json) for the model card")

@@ -205,7 +205,8 @@ def _read_shards(folder: str | os.PathLike, name: str, read, column_names) -> li
     """Every shard of a split, read by `read`, each checked for the stage-output columns."""
     files = split_files(folder, name)
     if not files:
-        raise DataError(Path(folder) / f"{name}.parquet", None, None, "split file missing; run the upstream stage first")
+        raise DataError(Path(folder) / f"{name}.parquet", None, None,
+                        "split file missing; run the upstream stage first")
     parts = []
     for p in files:
         part = read(p)

@@ -1,4 +1,5 @@
-"""Deduplication, the dedupe stage's work: data/ingested -> data/deduped + manifest.json (content hashes, every removal and why).
+"""Deduplication, the dedupe stage's work: data/ingested -> data/deduped + manifest.json (content hashes,
+every removal and why).
 
 Rows are compared on their normalised text (domaintune/data/textnorm.py: NFKC,
 casefold, whitespace collapsed) through a 128-bit hash of it, in this order:

@@ -1,4 +1,5 @@
-"""Ingest, the ingest stage's work: a labelled source -> data/ingested (train/validation/test Parquet + labels + rejected rows).
+"""Ingest, the ingest stage's work: a labelled source -> data/ingested (train/validation/test Parquet, labels,
+rejected rows).
 
 The source is a CSV/TSV/JSONL/Parquet file, a folder of them, or `hf:<name>`
 (see domaintune/data/sources.py). Splits come from the source itself (per-split
@@ -175,7 +176,8 @@ def _table_rows(t: RawTable, p: IngestParams) -> pd.DataFrame:
          lambda i: f"text is {_kind(raw_text.iat[i])}, not a string" + line(i))
     mark(_blank(out["text"]), p.text_column, "empty_text", lambda i: "text is empty or whitespace only" + line(i))
     is_container = raw_label.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray))).astype(bool)
-    mark(is_container, p.label_column, "bad_label", lambda i: f"label is {_kind(raw_label.iat[i])}, not a string" + line(i))
+    mark(is_container, p.label_column, "bad_label",
+         lambda i: f"label is {_kind(raw_label.iat[i])}, not a string" + line(i))
     mark(_blank(out["label"]), p.label_column, "missing_label",
          lambda i: f"label is missing ({raw_label.iat[i]!r}; blank, null and ingest.missing_labels mean no label)"
          + line(i))

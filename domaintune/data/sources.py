@@ -534,7 +534,8 @@ def read_parquet(path: Path, stream: bool = False) -> RawTable:
             try:
                 batches = pf.iter_batches(batch_size=rows)
                 for batch in batches:
-                    t = _table_of_frame(_parquet_frame(path, pa.Table.from_batches([batch])), str(path), path.stem, split)
+                    frame = _parquet_frame(path, pa.Table.from_batches([batch]))
+                    t = _table_of_frame(frame, str(path), path.stem, split)
                     t.rows = list(range(done + 1, done + len(t.rows) + 1))
                     done += len(t.rows)
                     yield t

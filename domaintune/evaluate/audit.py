@@ -1,4 +1,5 @@
-"""The label audit, the audit stage's work for labels that are classes: find likely label errors with cleanlab and act on them (report, drop or relabel).
+"""The label audit, the audit stage's work for labels that are classes: find likely label errors with cleanlab
+and act on them (report, drop or relabel).
 
 How a row gets flagged:
 1. Every text is embedded once with the frozen encoder (mean pooling over
@@ -89,7 +90,8 @@ def read_decisions(path: str | Path | None, splits: dict[str, pd.DataFrame], lab
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:
-        raise DataError(path, 1, None, "file is empty; it needs at least the header 'id,decision,corrected_label'")
+        raise DataError(path, 1, None,
+                        "file is empty; it needs at least the header 'id,decision,corrected_label'") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(path, None, None, f"not a readable CSV file: {exc}") from exc
     df.columns = [str(c).strip() for c in df.columns]
@@ -98,7 +100,8 @@ def read_decisions(path: str | Path | None, splits: dict[str, pd.DataFrame], lab
             raise DataError(path, 1, col, f"required column missing; header must include {list(DECISION_COLUMNS)}")
     unknown = [c for c in df.columns if c not in DECISION_COLUMNS + DECISION_NOTE_COLUMNS]
     if unknown:
-        raise DataError(path, 1, unknown[0], f"unknown column; allowed {list(DECISION_COLUMNS + DECISION_NOTE_COLUMNS)}")
+        raise DataError(path, 1, unknown[0],
+                        f"unknown column; allowed {list(DECISION_COLUMNS + DECISION_NOTE_COLUMNS)}")
     if "corrected_label" not in df.columns:
         df["corrected_label"] = ""
     split_of = {str(i): name for name in SPLITS for i in splits[name]["id"].astype(str)}
@@ -123,7 +126,8 @@ def read_decisions(path: str | Path | None, splits: dict[str, pd.DataFrame], lab
         if decision not in DECISION_VALUES:
             raise DataError(path, line, "decision", f"must be one of {list(DECISION_VALUES)}, got {rec.decision!r}")
         if corrected and corrected not in known_labels:
-            raise DataError(path, line, "corrected_label", f"unknown label {corrected!r}; known labels: {sorted(known_labels)}")
+            raise DataError(path, line, "corrected_label",
+                            f"unknown label {corrected!r}; known labels: {sorted(known_labels)}")
         if corrected and decision == "reject":
             raise DataError(path, line, "corrected_label", "a rejected flag keeps the given label; "
                                                            "use decision 'accept' to correct it")
@@ -507,7 +511,8 @@ def _audit_metrics(scored, splits, rows_in, gone, scorable, k, temperature, para
         "rows_out": {s: int(len(splits[s])) for s in SPLITS},
         "issues_found": int(len(flagged_train)),
         "issues_found_rate": round(len(flagged_train) / max(n_train, 1), 4),
-        "issues_per_class": {lab: int(c) for lab, c in flagged_train["given_label"].value_counts().sort_index().items()},
+        "issues_per_class": {lab: int(c)
+                             for lab, c in flagged_train["given_label"].value_counts().sort_index().items()},
         "issues_found_by_split": {s: int(scored[s]["flagged"].sum()) for s in scored},
         "cleanlab_candidates": int(st["cleanlab_issue"].sum()),
         "unscorable_rows": int((~scorable).sum()),

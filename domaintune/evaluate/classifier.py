@@ -1,4 +1,5 @@
-"""Evaluation of a classifier, the evaluate stage's work: calibrate the fine-tuned classifier on validation, score it on test, gate it.
+"""Evaluation of a classifier, the evaluate stage's work: calibrate the fine-tuned classifier on validation,
+score it on test, gate it.
 
 Temperature scaling (one scalar T minimising validation NLL; per-label decision
 thresholds for multi-label models) is fitted on the validation split only and
@@ -136,7 +137,8 @@ def _error_analysis(test: pd.DataFrame, labels: list[str], y: np.ndarray, pred: 
                          "p_true": probs[np.arange(len(y)), y]})
     wrong = rows[pred != y]
     # Stable sorts with id as tie-break: the same inputs always give the same report.
-    confident_errors = wrong.sort_values(["confidence", "id"], ascending=[False, True], kind="stable").head(params.top_k)
+    confident_errors = wrong.sort_values(["confidence", "id"], ascending=[False, True],
+                                         kind="stable").head(params.top_k)
     uncertain = rows.sort_values(["entropy", "id"], ascending=[False, True], kind="stable").head(params.top_k)
     pairs = [(labels[i], labels[j], int(cm[i, j]), float(cm[i, j] / max(cm[i].sum(), 1)))
              for i in range(len(labels)) for j in range(len(labels)) if i != j and cm[i, j] > 0]

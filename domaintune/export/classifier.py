@@ -1,4 +1,5 @@
-"""Export of a classifier (the export stage's work): the calibrated model in every variant (float32, int8, ONNX, ONNX int8), gated, with a model card.
+"""Export of a classifier, the export stage's work: the calibrated model in every variant (float32, int8, ONNX,
+ONNX int8), gated, with a model card.
 
 models/export/ is a classifier folder that domaintune.predict.predictor.Predictor loads on its own
 (encoder weights merged, adapter None, no reference to models/dapt), with the evaluate

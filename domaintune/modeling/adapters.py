@@ -155,7 +155,7 @@ def quantize_encoder_4bit(encoder, compute_dtype: str) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[compute_dtype]
     count = 0
     for layer in encoder_layers(encoder):
-        for name, mod in list(layer.named_modules()):
+        for _name, mod in list(layer.named_modules()):
             for child_name, child in list(mod.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(mod, child_name, _to_4bit(bnb, child, dtype))

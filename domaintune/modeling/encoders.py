@@ -214,7 +214,8 @@ def save_classifier(model, tokenizer, out_dir: str | os.PathLike, meta: dict, ex
         enc.save_pretrained(out / "encoder")
         meta["adapter"] = None
     tokenizer.save_pretrained(out / "tokenizer")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(out / "head.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()},
+              str(out / "head.safetensors"))
     meta["num_labels"] = int(model.head.out_features)
     meta["hidden_size"] = int(model.head.in_features)
     meta["head_dropout"] = float(model.dropout.p)

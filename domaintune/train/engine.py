@@ -96,7 +96,8 @@ class EngineConfig:
 def param_groups(named_params: Iterable, lr: float, weight_decay: float,
                  lr_scale: Optional[Callable[[str], float]] = None,
                  group_key: Optional[Callable[[str], Any]] = None, trainable_only: bool = True) -> list[dict]:
-    """AdamW groups over the parameters that require grad (all given ones with trainable_only=False): no weight decay on biases and
+    """AdamW groups over the parameters that require grad (all given ones with trainable_only=False): no weight
+    decay on biases and
     LayerNorm gains (optim.no_weight_decay); `lr_scale(name)` multiplies the LR (layer-wise decay);
     `group_key(name)` keeps parameters apart (e.g. by depth, for gradual unfreezing). Each group
     carries "names" and "key" next to the torch keys; Engine strips them for the optimiser."""

@@ -290,7 +290,8 @@ def load_mlm_model(base_path: str, seed: int):
     head_missing = [k for k in loading["missing_keys"] if not k.startswith(prefix)]
     body_missing = [k for k in loading["missing_keys"] if k.startswith(prefix) and ".pooler." not in k]
     if body_missing:
-        raise DataError(base_path, None, None, f"not a usable encoder checkpoint: weights {sorted(body_missing)[:5]} missing")
+        raise DataError(base_path, None, None,
+                        f"not a usable encoder checkpoint: weights {sorted(body_missing)[:5]} missing")
     head_source = "initialised (the base checkpoint has no MLM head)" if head_missing else "base checkpoint"
     head_file = Path(base_path) / HEAD_FILE
     if head_file.is_file():
@@ -493,7 +494,8 @@ def adapt(corpus: Corpus, base_path: str, params: DaptParams, seed: int, device:
     warmup = math.ceil(params.warmup_ratio * total_steps)
     cfg = EngineConfig(lr=params.lr, total_steps=total_steps, warmup_steps=warmup, max_grad_norm=params.max_grad_norm,
                        grad_accum=params.grad_accum, bf16=params.bf16, checkpoint_every=params.checkpoint_every)
-    ckpt = Path(checkpoint_root) / run_key("dapt", params, base_path, texts=corpus.texts, seed=seed) if checkpoint_root is not None else None
+    ckpt = (Path(checkpoint_root) / run_key("dapt", params, base_path, texts=corpus.texts, seed=seed)
+            if checkpoint_root is not None else None)
     if ckpt is not None and rank == 0:
         _clear_stale(Path(checkpoint_root), ckpt.name)
     engine = Engine(model, param_groups(model.named_parameters(), params.lr, params.weight_decay), cfg,

@@ -934,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=SEED)
     args = p.parse_args(argv)
     paths = write(args.out, args.seed)
-    for name, path in paths.items():
+    for _name, path in paths.items():
         print(f"wrote {path}")
     return 0
 

@@ -392,7 +392,7 @@ def test_an_output_equal_to_inside_or_containing_an_input_is_refused_before_anyt
 def test_every_stage_command_in_dvc_yaml_passes_the_overlap_check():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for name, stage in stages.items():
+    for _name, stage in stages.items():
         cmd = stage["cmd"].replace("${ingest.source}", params["ingest"]["source"]).replace(
             "${audit.decisions}", params["audit"]["decisions"])
         words = shlex.split(cmd)[3:]  # after "python -m stages.x"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_drift import german
+from driftkit import german
 
 from domaintune.data.dataset import write_dataset
 

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from test_drift import DRIFT_YAML, german, save_tiny_classifier, tiny_splits
+from driftkit import DRIFT_YAML, german, save_tiny_classifier, tiny_splits
 
 from domaintune.data.dataset import write_dataset
 

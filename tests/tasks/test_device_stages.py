@@ -7,7 +7,7 @@ model stays where it is; training stages are stopped right where their model wou
 from __future__ import annotations
 
 import pytest
-from test_drift import save_tiny_classifier, tiny_splits
+from driftkit import save_tiny_classifier, tiny_splits
 
 from domaintune.data.dataset import write_dataset
 

@@ -124,7 +124,7 @@ def test_export_is_merged_verified_and_loads_in_a_pipeline(project):
 
 def test_monitor_judges_prompt_batches_against_the_generation_baseline(project, capsys):
     """`domaintune monitor` on the DAG's own export and drift baseline: the same verdict files and exit codes."""
-    from test_drift import german
+    from driftkit import german
 
     from pipelines.cli import main as cli
 

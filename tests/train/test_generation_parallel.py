@@ -103,7 +103,7 @@ def test_shards_sum_to_the_global_batch_loss_and_gradient(setup):
     packed = llm.packed_batch(pairs, [[0, 1], [2, 3, 4]], tok.pad_token_id)
     for batch in (llm.pad_batch(pairs, tok.pad_token_id), packed):
         for world in (2, 3):  # 2 rows over 3 processes: one process has no row
-            def grads(parts):
+            def grads(parts, world=world):
                 model.zero_grad()
                 total = sum(llm.causal_lm_loss(model, p) * (1.0 / world if "norm" in p else 1.0) for p in parts)
                 total.backward()

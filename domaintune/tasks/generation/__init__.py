@@ -1,5 +1,6 @@
 """base.task generation: a causal LM fine-tuned on prompt -> response (SFT, LoRA/QLoRA), one module per
-stage hook (see domaintune/tasks/__init__.py); the stages keep their names, order, arguments and outs. The dataset schema is the classification one with
+stage hook (see domaintune/tasks/__init__.py); the stages keep their names, order, arguments and outs.
+The dataset schema is the classification one with
 text = the prompt and label = the response (labels.json is empty: there is no label set).
 
 - audit: reports what hurts SFT (responses cut by base.max_length, counted in tokens; near-empty
