@@ -38,8 +38,8 @@ def _expected_errors() -> tuple[type, ...]:
     modules already imported (an exception cannot come from one that is not): reporting an error never
     imports pandas or Prefect."""
     found = [CliError]
-    for module, name in (("domaintune.data", "DataError"), ("domaintune.params", "ParamsError"),
-                         ("domaintune.registry", "RegistryError"), ("pipelines.retrain", "StageFailed")):
+    for module, name in (("domaintune.core.errors", "DataError"), ("domaintune.core.params", "ParamsError"),
+                         ("domaintune.registry.versions", "RegistryError"), ("pipelines.retrain", "StageFailed")):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
     return tuple(found)
