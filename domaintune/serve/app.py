@@ -17,7 +17,6 @@ wrong types or empty lists - never a 5xx.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the endpoints' (string) annotations here
 
+from domaintune.serve.body import ApiError, check_texts, read_json
 from domaintune.serve.settings import MODEL_NAME, VERSION_HEADER, ServeSettings
 
 log = logging.getLogger("domaintune.serve")
@@ -35,52 +35,6 @@ V2 = f"/v2/models/{MODEL_NAME}"
 KNOWN_PATHS = {"/predict", "/version", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready", V2,
                f"{V2}/ready", f"{V2}/infer"}
 OUTPUT_NAMES = ("label", "confidence", "probabilities")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
-
-    def body(self) -> dict:
-        return {"error": self.message, **({"field": self.field} if self.field else {})}
-
-
-async def read_json(request, limit: int):
-    """The request body parsed as JSON, refusing bodies over `limit` bytes before reading them all."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body is over the limit of {limit} bytes")
-    if not body.strip():
-        raise ApiError(422, "empty request body: expected a JSON object")
-    try:
-        return json.loads(bytes(body))
-    except UnicodeDecodeError:
-        raise ApiError(422, "request body is not UTF-8 JSON") from None
-    except json.JSONDecodeError as exc:
-        raise ApiError(422, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise ApiError(422, "malformed JSON: nested too deeply") from None
-
-
-def check_texts(texts, field: str, settings) -> list[str]:
-    if not isinstance(texts, list):
-        raise ApiError(422, f"expected a list of strings, got {type(texts).__name__}", field)
-    if not texts:
-        raise ApiError(422, "empty list: give at least one text", field)
-    if len(texts) > settings.max_texts:
-        raise ApiError(413, f"{len(texts)} texts, the limit is {settings.max_texts} per request", field)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise ApiError(422, f"expected a string, got {type(t).__name__}", f"{field}[{i}]")
-        if len(t) > settings.max_chars:
-            raise ApiError(413, f"{len(t)} characters, the limit is {settings.max_chars} per text", f"{field}[{i}]")
-    return texts
 
 
 def parse_predict(body, settings) -> tuple[list[str], int]:
