@@ -1,5 +1,6 @@
 """The HTTP API of `domaintune serve` (FastAPI).
 
+On a classifier export:
 KServe Open Inference Protocol v2 (model name "domaintune"):
     GET  /v2/health/live, /v2/health/ready (details: version, last load failure, shadow)
     GET  /v2/models/domaintune, /v2/models/domaintune/ready
@@ -9,6 +10,9 @@ Plain JSON:
     POST /predict {"texts": [...], "top_k": 3} -> labels, calibrated confidences, top-k
     GET  /version   tag, commit, dataset hash, variant, metrics of the served (and shadow) model
     GET  /metrics   Prometheus
+On a generation export: the OpenAI-compatible /v1/completions, /v1/chat/completions and /v1/models
+(domaintune/serve/openai.py); /predict and /v2/models/domaintune/infer answer 404 there, and the /v1
+routes answer 404 on a classifier. Health, /version and /metrics answer for both.
 Every response names the model version in the X-Model-Version header (for predictions:
 the version that computed them). Bad input is answered with a JSON {"error", "field"}:
 413 for a body, text count or text length over the limits, 422 for malformed JSON,
@@ -27,13 +31,18 @@ from pathlib import Path
 import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the endpoints' (string) annotations here
 
+from domaintune.serve import openai
+from domaintune.serve.batcher import MicroBatcher, wrong_task
 from domaintune.serve.body import ApiError, check_texts, read_json
+from domaintune.serve.holder import ModelHolder
+from domaintune.serve.metrics import Metrics
 from domaintune.serve.settings import MODEL_NAME, VERSION_HEADER, ServeSettings
+from domaintune.serve.shadow import ShadowLog
 
 log = logging.getLogger("domaintune.serve")
 V2 = f"/v2/models/{MODEL_NAME}"
 KNOWN_PATHS = {"/predict", "/version", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready", V2,
-               f"{V2}/ready", f"{V2}/infer"}
+               f"{V2}/ready", f"{V2}/infer", *openai.PATHS}
 OUTPUT_NAMES = ("label", "confidence", "probabilities")
 
 
@@ -105,19 +114,20 @@ def infer_outputs(model, probs: np.ndarray, wanted: list[str]) -> list[dict]:
 
 def model_metadata(model) -> dict:
     platform = "onnxruntime" if model.variant.startswith("onnx") else "pytorch"
+    if model.task != "classification":  # no v2 tensors: its API is /v1 (domaintune/serve/openai.py)
+        return {"name": MODEL_NAME, "versions": [model.version], "platform": platform, "inputs": [], "outputs": [],
+                "parameters": {"task": model.task, "variant": model.variant, "endpoints": list(openai.PATHS)}}
     return {"name": MODEL_NAME, "versions": [model.version], "platform": platform,
             "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
             "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                         {"name": "confidence", "datatype": "FP32", "shape": [-1]},
                         {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(model.labels)]}],
-            "parameters": {"labels": model.labels, "variant": model.variant}}
+            "parameters": {"task": model.task, "labels": model.labels, "variant": model.variant}}
 
 
 def create_app(holder, settings, metrics, shadow_log=None):
     """The FastAPI app around a ModelHolder that already has a model (holder.load_initial())."""
     from fastapi import FastAPI
-
-    from domaintune.serve.batcher import MicroBatcher
 
     batcher = MicroBatcher(holder, settings, metrics, shadow_log)
 
@@ -136,6 +146,7 @@ def create_app(holder, settings, metrics, shadow_log=None):
     _add_plumbing(app, holder, metrics)
     _add_v2_routes(app, holder, batcher, settings)
     _add_plain_routes(app, holder, batcher, settings, metrics)
+    openai.add_routes(app, holder, batcher, settings)
     return app
 
 
@@ -147,7 +158,8 @@ def _add_plumbing(app, holder, metrics) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
         metrics.rejected.labels(str(exc.status)).inc()
-        return JSONResponse(exc.body(), status_code=exc.status)
+        body = exc.openai_body() if request.url.path.startswith("/v1/") else exc.body()
+        return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
@@ -230,6 +242,7 @@ def _add_v2_routes(app, holder, batcher, settings) -> None:
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: Request):
         _check_name(name)
+        _need_classifier(holder)
         texts, wanted, req_id = parse_infer(await read_json(request, settings.max_body_bytes), settings)
         model, probs = await batcher.submit(texts)
         body = {"model_name": MODEL_NAME, "model_version": model.version,
@@ -242,11 +255,17 @@ def _check_name(name: str) -> None:
         raise ApiError(404, f"no model {name!r}; this server serves {MODEL_NAME!r}", "model")
 
 
+def _need_classifier(holder) -> None:
+    if holder.current.task != "classification":
+        raise wrong_task(holder.current, "classification")
+
+
 def _add_plain_routes(app, holder, batcher, settings, metrics) -> None:
     from fastapi.responses import JSONResponse, Response
 
     @app.post("/predict")
     async def predict(request: Request):
+        _need_classifier(holder)
         texts, top_k = parse_predict(await read_json(request, settings.max_body_bytes), settings)
         model, probs = await batcher.submit(texts)
         return JSONResponse({"model_version": model.version, "predictions": predictions(model, probs, top_k)},
@@ -279,10 +298,6 @@ def default_shadow_log(settings: ServeSettings, shadow_version: str) -> Path:
 
 def build(settings: ServeSettings) -> Built:
     """Load the served model (and the shadow candidate) and make the app; raises if the first model fails."""
-    from domaintune.serve.holder import ModelHolder
-    from domaintune.serve.metrics import Metrics
-    from domaintune.serve.shadow import ShadowLog
-
     metrics = Metrics()
     holder = ModelHolder(settings, metrics)
     holder.load_initial()
