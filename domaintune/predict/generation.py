@@ -62,15 +62,16 @@ class RowTracker:
         if self.finish[row] is not None:
             return True
         self.tokens[row].append(int(token))
-        text = self.decode(self.tokens[row])
+        watched = self.on_text is not None or bool(self.stops[row])  # else the text is decoded once, at the end
+        text = self.decode(self.tokens[row]) if watched else ""
         cut = min((i for i in (text.find(s) for s in self.stops[row]) if i >= 0), default=-1)
         if cut >= 0:
             self._close(row, text[:cut], FINISH_STOP)
         elif int(token) in self.eos_ids:
-            self._close(row, text, FINISH_STOP)
+            self._close(row, text if watched else self.decode(self.tokens[row]), FINISH_STOP)
         elif len(self.tokens[row]) >= self.limits[row]:
-            self._close(row, text, FINISH_LENGTH)
-        else:
+            self._close(row, text if watched else self.decode(self.tokens[row]), FINISH_LENGTH)
+        elif watched:
             self.text[row] = text
             if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
                 self._send(row, text[: len(text) - self._held(row, text)])

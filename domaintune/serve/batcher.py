@@ -224,7 +224,7 @@ class MicroBatcher:
                 done = pred.generate([jobs[k].prompts[i] for k, i in rows],
                                      max_new_tokens=[jobs[k].max_new_tokens for k, _ in rows],
                                      temperature=t, top_p=p, stop=[jobs[k].stop for k, _ in rows], seed=seed,
-                                     on_text=emit)
+                                     on_text=emit if any(jobs[k].on_text for k in ks) else None)
             except Exception as exc:  # noqa: BLE001 - the jobs of this call fail with a 500, the others go on
                 for k in ks:
                     out[k] = exc
