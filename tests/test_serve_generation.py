@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -76,6 +77,36 @@ def first_stop(text: str) -> str:
         if "\ufffd" not in text[k:k + 2] and text[k:k + 2].strip():
             return text[k:k + 2]
     pytest.skip(f"generated text {text!r} has no usable stop piece")
+
+
+def test_row_tracker_streams_only_text_that_cannot_become_a_stop_string():
+    """Per token: a stop string split across tokens is never streamed in part, an incomplete UTF-8 character
+    waits for its other bytes, the deltas add up to the response, and a row stops at its budget or eos."""
+    from domaintune.predict.generation import RowTracker
+
+    pieces = {1: "Hello", 2: " wo", 3: "rld", 4: " ##", 5: "#", 6: "\ufffd", 7: "é", 9: "<eos>"}
+
+    def decode(tokens):  # token 6 then 7: the two bytes of "é" (decoded alone, the first is U+FFFD)
+        text = "".join(pieces[t] for t in tokens if t != 9)
+        return text.replace("\ufffdé", "é")
+
+    sent: dict[int, list[str]] = {}
+    t = RowTracker(decode, [10, 10, 2, 10], [["###"], [], [], []], {9}, lambda r, d: sent.setdefault(r, []).append(d))
+    for token in (1, 2, 4, 5):  # "Hello wo ###": "##" waits, "#" completes the stop
+        t.add(0, token)
+    assert t.finish[0] == "stop" and t.text[0] == "Hello wo " and sent[0] == ["Hello", " wo", " "]
+    assert t.add(0, 3) is True and len(t.tokens[0]) == 4  # a finished row takes no more
+    t.add(1, 1)
+    t.add(1, 6)
+    assert "".join(sent[1]) == "Hello"  # the lone first byte is held
+    t.add(1, 7)
+    assert "".join(sent[1]) == "Helloé"
+    assert t.add(1, 9) and t.finish[1] == "stop" and t.text[1] == "Helloé" and len(t.tokens[1]) == 4
+    t.add(2, 1)
+    assert t.add(2, 2) and t.finish[2] == "length" and t.text[2] == "Hello wo" and "".join(sent[2]) == "Hello wo"
+    t.add(3, 4)
+    t.close_all()
+    assert t.finish[3] == "length" and "".join(sent[3]) == t.text[3] == " ##"
 
 
 def test_chat_completion_is_the_exports_greedy_reply_to_the_chat_template(server, local):
@@ -276,6 +307,47 @@ def test_concurrent_requests_share_batches_and_metrics_count_tokens(server, loca
     assert metric(after, "domaintune_tokens_total", '{kind="completion"}') - tokens0 == used
     assert metric(after, "domaintune_requests_total",
                   '{endpoint="/v1/completions",method="POST",status="200"}') >= 8
+
+
+def test_hot_swap_from_a_classifier_to_a_generation_export_moves_the_routes(export, tiny_bert, tmp_path,
+                                                                             monkeypatch):
+    """The registry's served version moves from a classifier to a generation export (the registry is faked:
+    its state, served version and materialised folders; tests/test_serve.py runs the real one): the server
+    swaps without a restart, the /v1 routes start answering with the new version, /predict refuses it."""
+    from types import SimpleNamespace
+
+    from domaintune.registry import release
+    from domaintune.registry import versions as registry
+    from domaintune.serve import holder as holder_module
+
+    folders = {"v1.0.0": train_tiny_classifier(tiny_bert, tmp_path / "clf", temperature=1.0), "v2.0.0": export}
+    served = {"now": "v1.0.0"}
+    monkeypatch.setattr(holder_module, "registry_state", lambda root: served["now"])
+    monkeypatch.setattr(registry, "served_version", lambda root: served["now"])
+
+    def materialise(root, name):
+        name = name or served["now"]
+        v = SimpleNamespace(version=name, tag=f"domaintune@{name}", commit="0" * 40)
+        return SimpleNamespace(version=v, path=folders[name], dataset_hash=None, metrics={})
+
+    monkeypatch.setattr(release, "materialise", materialise)
+    s = settings(repo=tmp_path, poll_s=0.1)
+    with ServerThread(build(s).app, s) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/predict", json={"texts": ["reset my password"]})
+        assert r.status_code == 200 and r.headers["X-Model-Version"] == "v1.0.0"
+        assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 404
+        served["now"] = "v2.0.0"
+        deadline = time.monotonic() + 60
+        while c.get("/version").json()["version"] != "v2.0.0":
+            assert time.monotonic() < deadline, "no swap"
+            time.sleep(0.1)
+        r = c.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4})
+        assert r.status_code == 200 and r.headers["X-Model-Version"] == "v2.0.0"
+        assert r.json()["system_fingerprint"] == "v2.0.0"
+        assert c.post("/predict", json={"texts": ["reset my password"]}).status_code == 404
+        text = c.get("/metrics").text
+    assert metric(text, "domaintune_model_swaps_total") == 1
+    assert metric(text, "domaintune_model_info", '{role="served",variant="float",version="v2.0.0"}') == 1
 
 
 # ----------------------------------------------------------------------------- predict, and the one loader
