@@ -92,9 +92,9 @@ def _read_lines(path: Path) -> list[str]:
 def check_arguments(batch: str | None, repo: str = ".", baseline: str = "models/drift_baseline",
                     model: str = "models/export", out: str = "reports/monitor", text_column: str = "text",
                     watch: str | None = None, check_model: Callable[[Path], object] | None = None) -> list[str]:
-    """Everything that can be checked before Prefect or a model loads: the folders exist (and the model
-    folder passes `check_model`), --out is not a file, params.yaml's drift section is valid, and the batch
-    reads. Returns the texts ([] for --watch)."""
+    """Everything that can be checked before Prefect or a model loads: the folders exist, --out is not a
+    file, params.yaml's drift section is valid, the batch reads, and the model folder passes `check_model`.
+    Returns the texts ([] for --watch)."""
     from domaintune.core.errors import DataError
     from domaintune.core.params import load_params
 
@@ -102,16 +102,18 @@ def check_arguments(batch: str | None, repo: str = ".", baseline: str = "models/
     for flag, value in (("--baseline", baseline), ("--model", model)):
         if not (root / value).is_dir():
             raise DataError(root / value, None, None, f"{flag}: no such folder; run the pipeline (dvc repro) first")
-    if check_model is not None:
-        check_model(root / model)
     if (root / out).exists() and not (root / out).is_dir():
         raise DataError(root / out, None, None, "--out: exists and is not a folder")
     load_params(root / "params.yaml", "drift")  # a bad params.yaml fails here, naming file and key
     if watch is not None:
         if not (root / watch).is_dir():
             raise DataError(root / watch, None, None, "--watch: no such folder")
-        return []
-    return read_batch(root / batch, text_column)
+        texts = []
+    else:
+        texts = read_batch(root / batch, text_column)
+    if check_model is not None:  # last: the batch is judged bad before the model folder is looked into
+        check_model(root / model)
+    return texts
 
 
 def file_sha256(path: Path) -> str:
