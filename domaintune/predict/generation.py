@@ -1,5 +1,7 @@
-"""A generation export seen through the Predictor interface (prompt familiarity, hidden-state embeddings),
-and its generated responses (`generate`: what `domaintune predict` and the /v1 endpoints of `domaintune serve` run).
+"""A generation export for prediction: the Predictor interface (drift, monitor) and generated responses.
+
+GenerationPredictor shows a causal LM as a classifier's Predictor (prompt familiarity, hidden-state embeddings),
+and `generate` writes its responses: what `domaintune predict` and the /v1 endpoints of `domaintune serve` run.
 
 Generation renders each prompt as training did (domaintune.modeling.llm.prompt_text: the tokenizer's chat template,
 a prompt being one user message or a dumped conversation, domaintune.data.chat), decodes greedily when the

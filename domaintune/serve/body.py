@@ -1,5 +1,8 @@
-"""Request bodies and refusals, shared by every route: ApiError (the one way a route refuses a request),
-reading a JSON body under the size limit, and the list-of-texts check with its limits."""
+"""Request bodies and refusals, shared by every route of `domaintune serve`.
+
+ApiError is the one way a route refuses a request (rendered flat, or in OpenAI's shape on /v1);
+read_json reads a JSON body under the size limit; check_texts checks a list of texts against the limits.
+"""
 from __future__ import annotations
 
 import json
