@@ -160,6 +160,7 @@ def cmd_retrain(args) -> int:
 def cmd_monitor(args) -> int:
     _root(args, need_git=False)
     from domaintune.monitor.monitoring import run_from_args  # checks before Prefect or a model loads
+    from domaintune.tasks import export_task, load_predictor  # the one loader of predict, serve and monitor
 
     def as_flows(a):
         from pipelines.monitor import run_flows_from_args
@@ -167,7 +168,7 @@ def cmd_monitor(args) -> int:
         _quiet_prefect()
         return run_flows_from_args(a)
 
-    return run_from_args(args, flow_runner=as_flows)
+    return run_from_args(args, load_predictor, flow_runner=as_flows, check_model=export_task)
 
 
 def cmd_schedule(args) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from domaintune.monitor.monitoring import read_batch, telemetry_off  # noqa: F401 - read_batch re-exported
+from domaintune.tasks import export_task, load_predictor  # the one loader of predict, serve and monitor
 
 telemetry_off()
 
@@ -30,8 +31,8 @@ def _run(batch: str | None, watch: str | None, repo: str, **kw) -> list[dict]:
     from domaintune.monitor.monitoring import check_arguments, run_local
 
     args = argparse.Namespace(batch=batch, watch=watch, repo=repo, **{**DEFAULTS, **kw})
-    texts = check_arguments(batch, repo, args.baseline, args.model, args.out, args.text_column, watch)
-    verdicts = run_local(args, texts, Path(repo))
+    texts = check_arguments(batch, repo, args.baseline, args.model, args.out, args.text_column, watch, export_task)
+    verdicts = run_local(args, texts, Path(repo), load_predictor)
     log = get_run_logger()
     for v in verdicts:
         (log.warning if v["drift"] else log.info)("%s: %s", v["batch"], "DRIFT: " + "; ".join(v["reasons"])

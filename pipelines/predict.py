@@ -1,7 +1,11 @@
-"""`domaintune predict`: calibrated predictions for a file of texts, from the workspace's export or a version's.
+"""`domaintune predict`: calibrated predictions for a file of texts, from the workspace's export or a version's;
+on a generation export, a generated response per row.
 
     domaintune predict tickets.csv --out predictions.jsonl [--variant onnx-int8] [--top-k 3]
     domaintune predict tickets.parquet --version v1.2.0 --out predictions.csv
+    domaintune predict prompts.jsonl --model models/export --max-new-tokens 64 --out responses.jsonl
+
+The export is opened by domaintune.tasks.load_predictor, the one loader `serve` and `monitor` use too.
 
 The library work (streamed reading, bad-row checks, output) is domaintune/predict/batch.py;
 `--version` materialises the version's models/export from the DVC cache or remote into
@@ -20,15 +24,23 @@ EPILOG = """examples:
   domaintune predict new_tickets.csv --out predictions.jsonl
   domaintune predict texts.txt --variant onnx-int8 --top-k 5 > predictions.jsonl
   domaintune predict batch.parquet --version v1.2.0 --out predictions.csv --on-bad-row skip
+  domaintune predict prompts.csv --out responses.jsonl          # a generation export: id, text, response
+  domaintune predict prompts.txt --temperature 0.7 --seed 1 --stop "###"
 """
+GENERATION_FLAGS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
+RULES = {"max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
+         "temperature": (lambda v: v >= 0, "must be >= 0 (0: greedy)"),
+         "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+         "stop": (all, "must be a non-empty text")}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS  # the one list
 
-    p = sub.add_parser("predict", help="predict labels for a CSV/TSV/JSONL/Parquet/TXT file of texts",
+    p = sub.add_parser("predict", help="predict labels (or generate responses) for a CSV/TSV/JSONL/Parquet/TXT file",
                        description="Calibrated predictions (label, confidence, top-k) for every row of a file, "
-                                   "streamed in chunks.", epilog=EPILOG,
+                                   "streamed in chunks; on a generation export, a generated response per row.",
+                       epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="file of texts: .csv, .tsv, .jsonl, .parquet, or .txt (one text per line)")
     p.add_argument("--out", default=None, help="output file, .jsonl or .csv (default: JSONL on stdout)")
@@ -48,6 +60,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1024, help="rows read and predicted at a time (default: 1024)")
     p.add_argument("--batch-size", type=int, default=64, help="texts per model call (default: 64)")
     p.add_argument("--repo", default=".", help="project root, for --version (default: .)")
+    g = p.add_argument_group("generation exports (defaults: the export's generation_config.json)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per row at most")
+    g.add_argument("--temperature", type=float, default=None, help="0: greedy; above 0: sampled")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop a response at this text, which is cut off (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling (default: none)")
     p.set_defaults(fn=cmd_predict)
     return p
 
@@ -60,12 +79,28 @@ def _model_folder(args) -> Path:
     return rel.path
 
 
+def generation_options(args, task: str, folder: Path) -> dict | None:
+    """The generate() options of the command line (None for a classifier export, which takes none)."""
+    from domaintune.core.errors import DataError
+
+    given = {k: getattr(args, k) for k in GENERATION_FLAGS if getattr(args, k) is not None}
+    if task != "generation":
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise DataError(folder, None, None, f"{flag} is for a generation export; this is a {task} export")
+        return None
+    for key, value in given.items():
+        if key in RULES and not RULES[key][0](value):
+            raise DataError("command line", None, None, f"--{key.replace('_', '-')} {value!r}: {RULES[key][1]}")
+    return given
+
+
 def run(args) -> dict:
     from domaintune.core.errors import DataError
     from domaintune.core.io import atomic_output
     from domaintune.modeling.encoders import set_threads
     from domaintune.predict import batch as bp
-    from domaintune.predict.predictor import Predictor
+    from domaintune.tasks import export_task, load_predictor
 
     src, out = Path(args.input), Path(args.out) if args.out else None
     bp.input_format(src)
@@ -75,13 +110,14 @@ def run(args) -> dict:
     if out is not None and out.resolve() == src.resolve():
         raise DataError(out, None, None, "--out is the input file; refusing to overwrite it")
     folder = _model_folder(args)
-    if not (folder / "model.json").is_file():
+    if not folder.is_dir():
         raise DataError(folder / "model.json", None, None, "no exported model here; run the export stage "
                         "(`dvc repro export`) or give --model / --version")
+    generation = generation_options(args, export_task(folder), folder)  # a folder that is no export stops here
     set_threads()
-    predictor = Predictor.load(folder, variant=args.variant, batch_size=args.batch_size)
+    predictor = load_predictor(folder, variant=args.variant, batch_size=args.batch_size)
     kw = dict(text_column=args.text_column, id_column=args.id_column, top_k=args.top_k, chunk=args.chunk_size,
-              on_bad_row=args.on_bad_row)
+              on_bad_row=args.on_bad_row, generation=generation)
     if out is None:
         return bp.predict_file(predictor, src, sys.stdout, fmt, **kw)
     with atomic_output(out) as tmp:

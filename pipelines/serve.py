@@ -1,12 +1,13 @@
 """`domaintune serve` and `domaintune shadow-report`, and uvicorn around the serving app.
 
-The library (domaintune/serving/) loads models and makes the FastAPI app; this module,
+The library (domaintune/serve/) loads models (through domaintune.tasks.load_predictor, the one loader
+of predict, serve and monitor) and makes the FastAPI app; this module,
 on the top floor, starts servers: in the foreground for the CLI (uvicorn finishes
 in-flight requests on Ctrl-C/SIGTERM), or on a background thread with `ServerThread`
 (tests, benchmarks), on a socket bound before the server starts.
 
     domaintune serve                       # the registry's prod version, following rollbacks
-    domaintune serve --model models/export # a folder (version "workspace")
+    domaintune serve --model models/export # a folder (version "workspace"): a classifier or a generation export
     domaintune serve --shadow v1.3.0       # + a candidate on the same requests, both logged
     domaintune shadow-report reports/shadow/v1.3.0.jsonl
 """
@@ -27,14 +28,18 @@ def register(add) -> None:
     """Add both subcommands through the CLI's `add(name, fn, help)` (which also gives them --repo)."""
     S = ServeSettings  # noqa: N806 - the defaults
 
-    p = add("serve", cmd_serve, "serve the released model over HTTP (KServe v2 + /predict), following rollbacks",
+    p = add("serve", cmd_serve, "serve the released model over HTTP (classifier: KServe v2 + /predict; generation: "
+                                "OpenAI /v1), following rollbacks",
             "domaintune serve                          # the GTO prod version on 127.0.0.1:8080",
             "domaintune serve --model models/export --variant onnx-int8 --port 9000",
             "domaintune serve --shadow v1.3.0          # also run v1.3.0 on every request, log both",
-            "curl -s localhost:8080/predict -d '{\"texts\": [\"my card was charged twice\"]}'")
+            "curl -s localhost:8080/predict -d '{\"texts\": [\"my card was charged twice\"]}'",
+            "curl -s localhost:8080/v1/chat/completions -d '{\"messages\": [{\"role\": \"user\", "
+            "\"content\": \"where is my parcel?\"}], \"max_tokens\": 64}'   # a generation export")
     p.add_argument("--host", default=S.host, help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=S.port, help="port to listen on")
     p.add_argument("--variant", default=S.variant, help="model variant to load (default: float)")
+    p.add_argument("--device", default=S.device, help="where a PyTorch model runs, e.g. cuda (default: cpu)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="serve this export folder (version 'workspace') instead of the registry's prod version")
     p.add_argument("--shadow", default=None, metavar="VERSION",
@@ -51,6 +56,8 @@ def register(add) -> None:
     p.add_argument("--max-chars", type=int, default=S.max_chars, help="characters per text (more: 413)")
     p.add_argument("--max-body-bytes", type=int, default=S.max_body_bytes, help="request body size (more: 413)")
     p.add_argument("--top-k", type=int, default=S.top_k, help="default top-k of /predict")
+    p.add_argument("--max-new-tokens", type=int, default=S.max_new_tokens,
+                   help="generation: the most tokens a /v1 request may ask for (more: 413)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p = add("shadow-report", cmd_shadow_report, "summarise a shadow log: agreement, per-class disagreement, "
                                                 "confidence on disagreements",
@@ -60,11 +67,12 @@ def register(add) -> None:
 
 
 def settings_from_args(args) -> ServeSettings:
-    return ServeSettings(host=args.host, port=args.port, variant=args.variant, repo=Path(args.repo),
+    return ServeSettings(host=args.host, port=args.port, variant=args.variant, device=args.device,
+                         repo=Path(args.repo),
                          model_dir=Path(args.model) if args.model else None, poll_s=args.poll,
                          max_batch=args.max_batch, infer_batch=args.infer_batch, max_wait_ms=args.max_wait_ms,
                          max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
-                         top_k=args.top_k,
+                         top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                          shadow=args.shadow, shadow_log=Path(args.shadow_log) if args.shadow_log else None,
                          access_log=args.access_log)
 

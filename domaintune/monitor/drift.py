@@ -101,8 +101,10 @@ def pca_columns(k: int) -> list[str]:
 
 
 def load_served_model(model_dir: str | Path, batch_size: int = 64, device: str = "cpu"):
-    """The exported classifier with its calibration (domaintune.predict.predictor.Predictor reads model.json), on `device`
-    (base.device resolved; a PyTorch variant moves there, ONNX variants run where onnxruntime runs them)."""
+    """The drift stage's loader (stages/drift.py gives build_baseline a folder, not a predictor): the exported
+    model with its calibration, on `device`. Everything above tasks/ (`predict`, `serve`, `monitor`) opens
+    exports with domaintune.tasks.load_predictor instead; once the drift stage passes `predictor=` from it,
+    this function can go."""
     from domaintune.core.device import place_for_inference
     from domaintune.predict.predictor import Predictor
 
@@ -272,7 +274,8 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir
     train, val = splits["train"], splits.get("validation")
     if val is None or len(val) < 4:
         raise DataError("validation.parquet", None, "text", "the drift reference needs at least 4 validation rows "
-                        f"(model outputs are taken on rows the model did not train on), got {0 if val is None else len(val)}")
+                        "(model outputs are taken on rows the model did not train on), got "
+                        f"{0 if val is None else len(val)}")
     predictor = predictor or load_served_model(model_dir, params.batch_size, device)
     vocab_list = build_vocab(train["text"].tolist())
     vocab = set(vocab_list)

@@ -17,6 +17,11 @@ domaintune.monitor_report). Then, outside --out:
                   verdict POSTed as JSON
 --watch FOLDER judges every batch file there that the history does not list yet (by content
 hash), oldest name first: what the scheduled monitor deployment runs on its cron.
+
+The model is opened by the caller's `load(folder, batch_size=, device=)` (pipelines/ passes
+domaintune.tasks.load_predictor, the one loader `predict` and `serve` use too; this library sits below
+tasks/ and never imports it), and the folder is checked early by the caller's `check_model(folder)`
+(domaintune.tasks.export_task), so a folder that is no export is one line before any model loads.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 BATCH_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
@@ -86,9 +91,10 @@ def _read_lines(path: Path) -> list[str]:
 
 def check_arguments(batch: str | None, repo: str = ".", baseline: str = "models/drift_baseline",
                     model: str = "models/export", out: str = "reports/monitor", text_column: str = "text",
-                    watch: str | None = None) -> list[str]:
-    """Everything that can be checked before Prefect or a model loads: the folders exist, --out is not
-    a file, params.yaml's drift section is valid, and the batch reads. Returns the texts ([] for --watch)."""
+                    watch: str | None = None, check_model: Callable[[Path], object] | None = None) -> list[str]:
+    """Everything that can be checked before Prefect or a model loads: the folders exist, --out is not a
+    file, params.yaml's drift section is valid, the batch reads, and the model folder passes `check_model`.
+    Returns the texts ([] for --watch)."""
     from domaintune.core.errors import DataError
     from domaintune.core.params import load_params
 
@@ -102,8 +108,12 @@ def check_arguments(batch: str | None, repo: str = ".", baseline: str = "models/
     if watch is not None:
         if not (root / watch).is_dir():
             raise DataError(root / watch, None, None, "--watch: no such folder")
-        return []
-    return read_batch(root / batch, text_column)
+        texts = []
+    else:
+        texts = read_batch(root / batch, text_column)
+    if check_model is not None:  # last: the batch is judged bad before the model folder is looked into
+        check_model(root / model)
+    return texts
 
 
 def file_sha256(path: Path) -> str:
@@ -274,12 +284,12 @@ def monitor_folder(folder: Path, predictor, params, s: dict) -> list[dict]:
     return verdicts
 
 
-def run_local(args, texts: list[str], root: Path) -> list[dict]:
-    """The one-shot (or one watch pass) in this process: load the model once, judge."""
+def run_local(args, texts: list[str], root: Path, load: Callable) -> list[dict]:
+    """The one-shot (or one watch pass) in this process: load the model once (`load(folder, batch_size=,
+    device=)`, the caller's loader), judge."""
     from domaintune.core.device import stage_device
     from domaintune.core.params import load_params
     from domaintune.modeling.encoders import set_threads
-    from domaintune.monitor.drift import load_served_model
     from domaintune.monitor.report import DetailsProcess
 
     base, params = load_params(root / "params.yaml", "base", "drift")
@@ -287,7 +297,7 @@ def run_local(args, texts: list[str], root: Path) -> list[dict]:
     s["details"] = DetailsProcess()  # imports evidently on the other core while the model loads
     try:
         set_threads()
-        predictor = load_served_model(s["model"], params.batch_size, stage_device(base))
+        predictor = load(s["model"], batch_size=params.batch_size, device=stage_device(base))
         if args.watch:
             return monitor_folder(root / args.watch, predictor, params, s)
         return [monitor_file(root / args.batch, texts, predictor, params, s, s["out"])]
@@ -299,18 +309,19 @@ def use_flow(args) -> bool:
     return bool(getattr(args, "flow", False) or os.environ.get("PREFECT_API_URL"))
 
 
-def run_from_args(args, flow_runner=None) -> int:
+def run_from_args(args, load: Callable, flow_runner=None, check_model: Callable[[Path], object] | None = None) -> int:
     """`domaintune monitor`: check, then judge in-process, or with --flow / PREFECT_API_URL through
     `flow_runner(args) -> verdicts` (pipelines/cli.py passes the Prefect flows of pipelines/monitor.py;
-    domaintune/ never imports pipelines/). Bad input raises DataError/ParamsError (one line, exit 2).
-    Returns 1 on drift."""
+    domaintune/ never imports pipelines/). `load` opens the model, `check_model` vets its folder first
+    (module docstring). Bad input raises DataError/ParamsError (one line, exit 2). Returns 1 on drift."""
     telemetry_off()
     root = Path(args.repo)
-    texts = check_arguments(args.batch, args.repo, args.baseline, args.model, args.out, args.text_column, args.watch)
+    texts = check_arguments(args.batch, args.repo, args.baseline, args.model, args.out, args.text_column, args.watch,
+                            check_model)
     if use_flow(args) and flow_runner is not None:
         verdicts = flow_runner(args)
     else:
-        verdicts = run_local(args, texts, root)
+        verdicts = run_local(args, texts, root, load)
     for v in verdicts:
         print(summary_line(v))
     if not args.watch:

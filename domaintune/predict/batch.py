@@ -7,7 +7,10 @@ are not records), JSONL and TXT the line, Parquet the 1-based row position. Bad 
 empty or non-text text, undecodable bytes, a wrong field count, a line that is not JSON) are
 found in a first pass, before anything is written: `on_bad_row="error"` stops at the first
 with one line naming file, row and field; `"skip"` lists every one of them and predicts the rest.
-Output: JSONL or CSV, one record per good row: id, text, label, calibrated confidence, top_k.
+Output: JSONL or CSV, one record per good row: id, text, label, calibrated confidence, top_k; for a
+generation export (`generation=` given) id, text, the generated response, its finish_reason ("stop" or
+"length") and token counts. A prompt too long for the model's context with its token budget is a bad row
+too, found when its chunk is generated.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from domaintune.data.sources import UNDECODABLE
 
 INPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
+CLASSIFIER_COLUMNS = ("id", "text", "label", "confidence", "top_k")
+GENERATION_COLUMNS = ("id", "text", "response", "finish_reason", "prompt_tokens", "completion_tokens")
 
 
 @dataclass
@@ -233,21 +238,46 @@ def output_rows(predictor, batch: list[Record], top_k: int) -> list[dict]:
             for r, lab, top in zip(batch, labels, tops)]
 
 
-class Writer:
-    """JSONL or CSV records to an open text stream."""
+def generated_rows(predictor, batch: list[Record], generation: dict) -> list[dict]:
+    """One generated response per record (predictor: a GenerationPredictor; generation: its generate() options)."""
+    done = predictor.generate([r.text for r in batch], **generation)
+    return [{"id": r.id, "text": r.text, "response": g.text, "finish_reason": g.finish_reason,
+             "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens} for r, g in zip(batch, done)]
 
-    def __init__(self, stream, fmt: str):
-        self.stream, self.fmt = stream, fmt
+
+def fitting(predictor, batch: list[Record], generation: dict, path: Path, field: str, on_bad_row: str,
+            bad: list) -> list[Record]:
+    """The records whose rendered prompt and token budget fit the model's context; the others stop the run
+    (on_bad_row="error") or are added to `bad` as (row, field, problem)."""
+    limit = generation.get("max_new_tokens") or predictor.defaults["max_new_tokens"]
+    keep = []
+    for rec, ids in zip(batch, predictor.encode([r.text for r in batch])):
+        if predictor.context is None or len(ids) + limit <= predictor.context:
+            keep.append(rec)
+            continue
+        problem = (f"the prompt has {len(ids)} tokens; with max_new_tokens {limit} that is over the model's "
+                   f"context of {predictor.context} tokens")
+        if on_bad_row == "error":
+            raise DataError(path, rec.row, field, problem)
+        bad.append((rec.row, field, problem))
+    return keep
+
+
+class Writer:
+    """JSONL or CSV records to an open text stream (CSV: lists and dicts as JSON in their cell)."""
+
+    def __init__(self, stream, fmt: str, columns: tuple[str, ...] = CLASSIFIER_COLUMNS):
+        self.stream, self.fmt, self.columns = stream, fmt, columns
         self.csv = None
         if fmt == "csv":
             self.csv = csv.writer(stream)
-            self.csv.writerow(["id", "text", "label", "confidence", "top_k"])
+            self.csv.writerow(columns)
 
     def write(self, rows: list[dict]) -> None:
         for r in rows:
             if self.csv is not None:
-                self.csv.writerow([r["id"], r["text"], r["label"], r["confidence"],
-                                   json.dumps(r["top_k"], ensure_ascii=False)])
+                self.csv.writerow([json.dumps(r[c], ensure_ascii=False) if isinstance(r[c], (list, dict)) else r[c]
+                                   for c in self.columns])
             else:
                 self.stream.write(json.dumps(r, ensure_ascii=False) + "\n")
         self.stream.flush()
@@ -263,17 +293,26 @@ def output_format(out: Optional[Path]) -> str:
 
 
 def predict_file(predictor, path: Path, stream, fmt: str, *, text_column: str = "text", id_column: str = "id",
-                 top_k: int = 3, chunk: int = 1024, on_bad_row: str = "error", progress_stream=None) -> dict:
-    """Scan, then predict `path` chunk by chunk into `stream`. Returns counts and the bad rows."""
+                 top_k: int = 3, chunk: int = 1024, on_bad_row: str = "error", progress_stream=None,
+                 generation: dict | None = None) -> dict:
+    """Scan, then predict `path` chunk by chunk into `stream`. Returns counts and the bad rows.
+    `generation` (a dict of GenerationPredictor.generate options, {} for the export's defaults) writes
+    generated responses instead of labels."""
     scan = scan_file(path, text_column, id_column, on_bad_row)
     good = scan.rows - len(scan.bad)
-    writer = Writer(stream, fmt)
+    writer = Writer(stream, fmt, CLASSIFIER_COLUMNS if generation is None else GENERATION_COLUMNS)
     bar = Progress(good, progress_stream)
+    field = "line" if input_format(path) == "txt" else text_column
+    late: list = []  # bad rows found only by the model (a prompt too long for its context)
     t0 = time.perf_counter()
     for batch in chunks(path, text_column, id_column, chunk):
-        writer.write(output_rows(predictor, batch, top_k))
+        if generation is None:
+            writer.write(output_rows(predictor, batch, top_k))
+        else:
+            writer.write(generated_rows(predictor, fitting(predictor, batch, generation, path, field, on_bad_row,
+                                                           late), generation))
         bar.update(len(batch))
     bar.close()
-    return {"rows": scan.rows, "predicted": good, "bad_rows": scan.bad, "blank_lines": scan.blank_lines,
+    bad = sorted(scan.bad + late, key=lambda b: b[0])
+    return {"rows": scan.rows, "predicted": good - len(late), "bad_rows": bad, "blank_lines": scan.blank_lines,
             "seconds": round(time.perf_counter() - t0, 2)}
-

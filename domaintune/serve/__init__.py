@@ -1,13 +1,17 @@
 """The serving library behind `domaintune serve` (the command and uvicorn live in pipelines/serve.py).
 
-- settings.py  ServeSettings: host, port, variant, limits, batching, polling, shadow
-- holder.py    ModelHolder: loads the served version (release.materialise + Predictor.load),
-               watches the registry and swaps atomically; the shadow candidate
-- batcher.py   MicroBatcher: dynamic batching across concurrent requests, inference in a worker thread
+- settings.py  ServeSettings: host, port, variant, device, limits, batching, polling, shadow
+- holder.py    ModelHolder: loads the served version (release.materialise + domaintune.tasks.load_predictor,
+               so a classifier or a generation export), watches the registry and swaps atomically;
+               the shadow candidate
+- batcher.py   MicroBatcher: dynamic batching across concurrent requests (texts to classify, generation
+               jobs), inference in a worker thread
+- body.py      request bodies and refusals: ApiError, JSON under the size limit, the texts check
 - shadow.py    the shadow log (JSONL) and the summary behind `domaintune shadow-report`
 - metrics.py   Prometheus metrics (one registry per app)
 - app.py       the FastAPI app (KServe Open Inference Protocol v2, /predict, /version, /metrics)
                and `build(settings)`, which loads the models and makes it
+- openai.py    the OpenAI-compatible /v1/completions and /v1/chat/completions of a generation export
 
 Nothing heavy is imported here: the CLI imports settings.py to answer --help.
 """

@@ -1,5 +1,6 @@
 """The HTTP API of `domaintune serve` (FastAPI).
 
+On a classifier export:
 KServe Open Inference Protocol v2 (model name "domaintune"):
     GET  /v2/health/live, /v2/health/ready (details: version, last load failure, shadow)
     GET  /v2/models/domaintune, /v2/models/domaintune/ready
@@ -9,6 +10,9 @@ Plain JSON:
     POST /predict {"texts": [...], "top_k": 3} -> labels, calibrated confidences, top-k
     GET  /version   tag, commit, dataset hash, variant, metrics of the served (and shadow) model
     GET  /metrics   Prometheus
+On a generation export: the OpenAI-compatible /v1/completions, /v1/chat/completions and /v1/models
+(domaintune/serve/openai.py); /predict and /v2/models/domaintune/infer answer 404 there, and the /v1
+routes answer 404 on a classifier. Health, /version and /metrics answer for both.
 Every response names the model version in the X-Model-Version header (for predictions:
 the version that computed them). Bad input is answered with a JSON {"error", "field"}:
 413 for a body, text count or text length over the limits, 422 for malformed JSON,
@@ -17,7 +21,6 @@ wrong types or empty lists - never a 5xx.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -28,59 +31,19 @@ from pathlib import Path
 import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the endpoints' (string) annotations here
 
+from domaintune.serve import openai
+from domaintune.serve.batcher import MicroBatcher, wrong_task
+from domaintune.serve.body import ApiError, check_texts, read_json
+from domaintune.serve.holder import ModelHolder
+from domaintune.serve.metrics import Metrics
 from domaintune.serve.settings import MODEL_NAME, VERSION_HEADER, ServeSettings
+from domaintune.serve.shadow import ShadowLog
 
 log = logging.getLogger("domaintune.serve")
 V2 = f"/v2/models/{MODEL_NAME}"
 KNOWN_PATHS = {"/predict", "/version", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready", V2,
-               f"{V2}/ready", f"{V2}/infer"}
+               f"{V2}/ready", f"{V2}/infer", *openai.PATHS}
 OUTPUT_NAMES = ("label", "confidence", "probabilities")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
-
-    def body(self) -> dict:
-        return {"error": self.message, **({"field": self.field} if self.field else {})}
-
-
-async def read_json(request, limit: int):
-    """The request body parsed as JSON, refusing bodies over `limit` bytes before reading them all."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body is over the limit of {limit} bytes")
-    if not body.strip():
-        raise ApiError(422, "empty request body: expected a JSON object")
-    try:
-        return json.loads(bytes(body))
-    except UnicodeDecodeError:
-        raise ApiError(422, "request body is not UTF-8 JSON") from None
-    except json.JSONDecodeError as exc:
-        raise ApiError(422, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise ApiError(422, "malformed JSON: nested too deeply") from None
-
-
-def check_texts(texts, field: str, settings) -> list[str]:
-    if not isinstance(texts, list):
-        raise ApiError(422, f"expected a list of strings, got {type(texts).__name__}", field)
-    if not texts:
-        raise ApiError(422, "empty list: give at least one text", field)
-    if len(texts) > settings.max_texts:
-        raise ApiError(413, f"{len(texts)} texts, the limit is {settings.max_texts} per request", field)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise ApiError(422, f"expected a string, got {type(t).__name__}", f"{field}[{i}]")
-        if len(t) > settings.max_chars:
-            raise ApiError(413, f"{len(t)} characters, the limit is {settings.max_chars} per text", f"{field}[{i}]")
-    return texts
 
 
 def parse_predict(body, settings) -> tuple[list[str], int]:
@@ -151,19 +114,20 @@ def infer_outputs(model, probs: np.ndarray, wanted: list[str]) -> list[dict]:
 
 def model_metadata(model) -> dict:
     platform = "onnxruntime" if model.variant.startswith("onnx") else "pytorch"
+    if model.task != "classification":  # no v2 tensors: its API is /v1 (domaintune/serve/openai.py)
+        return {"name": MODEL_NAME, "versions": [model.version], "platform": platform, "inputs": [], "outputs": [],
+                "parameters": {"task": model.task, "variant": model.variant, "endpoints": list(openai.PATHS)}}
     return {"name": MODEL_NAME, "versions": [model.version], "platform": platform,
             "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
             "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                         {"name": "confidence", "datatype": "FP32", "shape": [-1]},
                         {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(model.labels)]}],
-            "parameters": {"labels": model.labels, "variant": model.variant}}
+            "parameters": {"task": model.task, "labels": model.labels, "variant": model.variant}}
 
 
 def create_app(holder, settings, metrics, shadow_log=None):
     """The FastAPI app around a ModelHolder that already has a model (holder.load_initial())."""
     from fastapi import FastAPI
-
-    from domaintune.serve.batcher import MicroBatcher
 
     batcher = MicroBatcher(holder, settings, metrics, shadow_log)
 
@@ -182,6 +146,7 @@ def create_app(holder, settings, metrics, shadow_log=None):
     _add_plumbing(app, holder, metrics)
     _add_v2_routes(app, holder, batcher, settings)
     _add_plain_routes(app, holder, batcher, settings, metrics)
+    openai.add_routes(app, holder, batcher, settings)
     return app
 
 
@@ -193,7 +158,8 @@ def _add_plumbing(app, holder, metrics) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
         metrics.rejected.labels(str(exc.status)).inc()
-        return JSONResponse(exc.body(), status_code=exc.status)
+        body = exc.openai_body() if request.url.path.startswith("/v1/") else exc.body()
+        return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
@@ -276,6 +242,7 @@ def _add_v2_routes(app, holder, batcher, settings) -> None:
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: Request):
         _check_name(name)
+        _need_classifier(holder)
         texts, wanted, req_id = parse_infer(await read_json(request, settings.max_body_bytes), settings)
         model, probs = await batcher.submit(texts)
         body = {"model_name": MODEL_NAME, "model_version": model.version,
@@ -288,11 +255,17 @@ def _check_name(name: str) -> None:
         raise ApiError(404, f"no model {name!r}; this server serves {MODEL_NAME!r}", "model")
 
 
+def _need_classifier(holder) -> None:
+    if holder.current.task != "classification":
+        raise wrong_task(holder.current, "classification")
+
+
 def _add_plain_routes(app, holder, batcher, settings, metrics) -> None:
     from fastapi.responses import JSONResponse, Response
 
     @app.post("/predict")
     async def predict(request: Request):
+        _need_classifier(holder)
         texts, top_k = parse_predict(await read_json(request, settings.max_body_bytes), settings)
         model, probs = await batcher.submit(texts)
         return JSONResponse({"model_version": model.version, "predictions": predictions(model, probs, top_k)},
@@ -325,10 +298,6 @@ def default_shadow_log(settings: ServeSettings, shadow_version: str) -> Path:
 
 def build(settings: ServeSettings) -> Built:
     """Load the served model (and the shadow candidate) and make the app; raises if the first model fails."""
-    from domaintune.serve.holder import ModelHolder
-    from domaintune.serve.metrics import Metrics
-    from domaintune.serve.shadow import ShadowLog
-
     metrics = Metrics()
     holder = ModelHolder(settings, metrics)
     holder.load_initial()

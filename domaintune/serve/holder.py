@@ -6,6 +6,9 @@ never interrupts a request in flight. A new version is materialised (every file
 md5-verified against its dvc.lock, domaintune/registry/release.py), loaded and run once on a
 warm-up text before it replaces the old one; if any step fails the old model keeps
 serving, and the failure is logged and kept in `last_error` (shown by /v2/health/ready).
+Every export is opened by domaintune.tasks.load_predictor (the one loader `predict` and `monitor`
+use too), so the server takes a classifier or a generation export alike; LoadedModel.task says
+which routes answer with it.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from domaintune.registry import plumbing, release, versions
 from domaintune.serve.settings import ServeSettings
+from domaintune.tasks import export_task, load_predictor
 
 log = logging.getLogger("domaintune.serve")
 WARMUP_TEXTS = ["warm-up text for a freshly loaded model"]
@@ -25,10 +30,11 @@ WARMUP_TEXTS = ["warm-up text for a freshly loaded model"]
 
 @dataclass
 class LoadedModel:
-    predictor: object            # domaintune.predict.predictor.Predictor
+    predictor: object            # domaintune.predict.predictor.Predictor or .generation.GenerationPredictor
     version: str                 # "v1.2.0", "workspace", or "dir:<name>" for a folder
     variant: str
     path: Path
+    task: str = "classification"  # domaintune.tasks.TASKS: which routes this model answers
     tag: str | None = None
     commit: str | None = None
     dataset_hash: str | None = None
@@ -50,17 +56,23 @@ class LoadedModel:
         return [labels[i] for i in probs.argmax(axis=1)]
 
     def info(self) -> dict:
-        return {"version": self.version, "tag": self.tag, "commit": self.commit, "variant": self.variant,
+        return {"version": self.version, "task": self.task, "tag": self.tag, "commit": self.commit,
+                "variant": self.variant,
                 "dataset_hash": self.dataset_hash, "metrics": self.metrics, "labels": self.labels,
                 "path": str(self.path), "loaded_at": self.loaded_at}
 
 
-def load_folder(path: Path, variant: str, version: str, **info) -> LoadedModel:
-    """Load a model folder and run it once, so a model that loads but cannot predict is caught here."""
-    from domaintune.predict.predictor import Predictor
-
-    predictor = Predictor.load(path, variant=variant)
-    model = LoadedModel(predictor, version, variant, Path(path), **info)
+def load_folder(path: Path, variant: str, version: str, batch_size: int = 64, device: str = "cpu",
+                **info) -> LoadedModel:
+    """Load an export folder and run it once, so a model that loads but cannot predict is caught here."""
+    task = export_task(path)
+    predictor = load_predictor(path, variant=variant, batch_size=batch_size, device=device)
+    model = LoadedModel(predictor, version, variant, Path(path), task, **info)
+    if task == "generation":
+        out = predictor.generate(WARMUP_TEXTS, max_new_tokens=1)
+        if len(out) != 1 or not isinstance(out[0].text, str):
+            raise ValueError(f"{path}: warm-up generation returned {out!r}")
+        return model
     probs = model.predict_proba(WARMUP_TEXTS)
     if probs.shape != (1, len(model.labels)) or not np.isfinite(probs).all():
         raise ValueError(f"{path}: warm-up prediction has shape {probs.shape} or non-finite values "
@@ -68,28 +80,25 @@ def load_folder(path: Path, variant: str, version: str, **info) -> LoadedModel:
     return model
 
 
-def load_version(root: Path, name: str | None, variant: str) -> LoadedModel:
+def load_version(root: Path, name: str | None, settings: ServeSettings) -> LoadedModel:
     """Materialise (verify) a published version - the served one for None - and load it."""
-    from domaintune.registry import release
-
     rel = release.materialise(root, name)
     v = rel.version
-    return load_folder(rel.path, variant, v.version, tag=v.tag, commit=v.commit,
-                       dataset_hash=rel.dataset_hash, metrics=rel.metrics)
+    return load_folder(rel.path, settings.variant, v.version, settings.infer_batch, settings.device, tag=v.tag,
+                       commit=v.commit, dataset_hash=rel.dataset_hash, metrics=rel.metrics)
 
 
-def load_model_spec(spec: str, root: Path, variant: str) -> LoadedModel:
+def load_model_spec(spec: str, root: Path, settings: ServeSettings) -> LoadedModel:
     """A shadow candidate: an existing folder, else a version name in the registry at `root`."""
     path = Path(spec)
     if path.is_dir():
-        return load_folder(path, variant, f"dir:{path.resolve().name}")
-    return load_version(root, spec, variant)
+        return load_folder(path, settings.variant, f"dir:{path.resolve().name}", settings.infer_batch,
+                           settings.device)
+    return load_version(root, spec, settings)
 
 
 def registry_state(root: Path) -> str:
     """Changes whenever a version is published or the prod stage moves (cheap: one git call)."""
-    from domaintune.registry import plumbing
-
     refs = f"refs/tags/{plumbing.ARTIFACT}"
     return plumbing.git(root, "for-each-ref", "--format=%(refname) %(objectname)", refs + "@*", refs + "#*")
 
@@ -117,11 +126,14 @@ class ModelHolder:
         s = self.settings
         if self.follows_registry:
             self._state = registry_state(self.root)
-            self.current = load_version(self.root, None, s.variant)
+            self.current = load_version(self.root, None, s)
         else:
-            self.current = load_folder(Path(s.model_dir), s.variant, "workspace")
+            self.current = load_folder(Path(s.model_dir), s.variant, "workspace", s.infer_batch, s.device)
         if s.shadow:
-            self.shadow = load_model_spec(s.shadow, self.root, s.variant)
+            self.shadow = load_model_spec(s.shadow, self.root, s)
+            if "generation" in (self.current.task, self.shadow.task):
+                raise ValueError(f"--shadow compares the labels of two classifiers; the served model is a "
+                                 f"{self.current.task} export and the candidate a {self.shadow.task} export")
         log.info("serving %s (%s) from %s", self.current.version, s.variant, self.current.path)
         if self.metrics:
             self.metrics.set_models(self.current, self.shadow)
@@ -139,8 +151,6 @@ class ModelHolder:
             return self._follow()
 
     def _follow(self) -> bool:
-        from domaintune.registry import versions
-
         served = versions.served_version(self.root)
         if served is None or (self.current and served == self.current.version):
             if served is not None:
@@ -148,7 +158,7 @@ class ModelHolder:
             return False
         t0 = time.perf_counter()
         try:
-            new = load_version(self.root, served, self.settings.variant)
+            new = load_version(self.root, served, self.settings)
         except Exception as exc:  # noqa: BLE001 - whatever broke, the old model keeps serving
             self.last_error = {"version": served, "error": str(exc), "at": time.time(),
                                "kept": self.current.version if self.current else None}

@@ -13,11 +13,13 @@ class Metrics:
                                 ["endpoint", "method", "status"], registry=r)
         self.latency = Histogram("domaintune_request_latency_seconds", "HTTP request latency", ["endpoint"],
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_texts = Histogram("domaintune_batch_texts", "texts per inference batch",
+        self.batch_texts = Histogram("domaintune_batch_texts", "texts (or prompts) per inference batch",
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
         self.batch_requests = Histogram("domaintune_batch_requests", "requests per inference batch",
                                         buckets=(1, 2, 3, 4, 8, 16, 32, 64), registry=r)
-        self.texts = Counter("domaintune_texts", "texts classified", ["role"], registry=r)
+        self.texts = Counter("domaintune_texts", "texts classified or prompts completed", ["role"], registry=r)
+        self.tokens = Counter("domaintune_tokens", "generation: prompt and generated (completion) tokens", ["kind"],
+                              registry=r)
         self.rejected = Counter("domaintune_rejected_requests", "requests refused, by reason", ["reason"],
                                 registry=r)
         self.model_info = Gauge("domaintune_model_info", "the loaded models (value 1)",

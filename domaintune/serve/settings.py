@@ -12,7 +12,8 @@ VERSION_HEADER = "X-Model-Version"
 class ServeSettings:
     host: str = "127.0.0.1"       # loopback unless told otherwise
     port: int = 8080
-    variant: str = "float"        # Predictor.load variant
+    variant: str = "float"        # the export's variant (domaintune.tasks.load_predictor)
+    device: str = "cpu"           # where a PyTorch model runs (ONNX variants run where onnxruntime runs them)
     repo: Path = Path(".")        # registry: serve its GTO prod version
     model_dir: Path | None = None  # a plain folder instead of the registry (version "workspace")
     poll_s: float = 5.0           # how often the registry is checked for a new served version
@@ -24,6 +25,7 @@ class ServeSettings:
     max_chars: int = 20_000       # characters per text
     max_body_bytes: int = 4 << 20  # request body
     top_k: int = 3                # default top-k in /predict answers
+    max_new_tokens: int = 1024    # generation: the most tokens one /v1 request may ask for (max_tokens)
     shadow: str | None = None     # candidate version (or folder) run on the same requests
     shadow_log: Path | None = None  # JSONL of both predictions; default reports/shadow/<candidate>.jsonl
     shadow_queue: int = 8         # shadow batches waiting at most; more are skipped and counted
@@ -34,7 +36,8 @@ class ServeSettings:
                   "infer_batch": self.infer_batch >= 1,
                   "max_wait_ms": self.max_wait_ms >= 0, "max_texts": self.max_texts >= 1,
                   "max_chars": self.max_chars >= 1, "max_body_bytes": self.max_body_bytes >= 64,
-                  "top_k": self.top_k >= 1, "shadow_queue": self.shadow_queue >= 1}
+                  "top_k": self.top_k >= 1, "shadow_queue": self.shadow_queue >= 1,
+                  "max_new_tokens": self.max_new_tokens >= 1}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"serve settings: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
