@@ -21,7 +21,7 @@ from domaintune.data import chat
 from domaintune.serve.app import build
 from pipelines.serve import ServerThread
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAIRS = REPO / "examples" / "support_replies" / "pairs.csv"
 MESSAGES = [{"role": "system", "content": "You answer support tickets."},
             {"role": "user", "content": "My parcel has not arrived, where is it?"}]
