@@ -141,7 +141,7 @@ def setup(params, log):
     predictor = Predictor.load(root / "model", calibration=root / "calibration.json", batch_size=params.batch_size)
     folder = Path(tempfile.mkdtemp(prefix="drift-bench-"))
     t = time.perf_counter()
-    metrics = build_baseline(splits, labels, None, params, folder / "baseline", predictor=predictor)
+    metrics = build_baseline(splits, labels, predictor, params, folder / "baseline")
     metrics["build_seconds"] = round(time.perf_counter() - t, 1)
     log(f"baseline: {metrics}")
     return root, splits, predictor, Baseline(folder / "baseline"), metrics, folder
@@ -392,8 +392,7 @@ def holdout_false_alarms(params, log, holdout: int = 3000, sizes=(100, 500, 1000
                                   random_state=7)
     predictor = Predictor.load(root / "model", calibration=root / "calibration.json", batch_size=params.batch_size)
     folder = Path(tempfile.mkdtemp(prefix="drift-bench-holdout-"))
-    build_baseline({**splits, "train": keep.reset_index(drop=True)}, labels, None, params, folder / "b",
-                   predictor=predictor)
+    build_baseline({**splits, "train": keep.reset_index(drop=True)}, labels, predictor, params, folder / "b")
     baseline = Baseline(folder / "b")
     prof = baseline.profile_batch(predictor, held["text"].tolist())
     FALSE_ALARM_SIZES = sizes

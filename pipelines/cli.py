@@ -159,16 +159,17 @@ def cmd_retrain(args) -> int:
 
 def cmd_monitor(args) -> int:
     _root(args, need_git=False)
-    from domaintune.monitor.monitoring import run_from_args  # checks before Prefect or a model loads
+    from domaintune.monitor.monitoring import MonitorSettings, run_monitor  # checks before Prefect or a model
     from domaintune.tasks import export_task, load_predictor  # the one loader of predict, serve and monitor
 
-    def as_flows(a):
-        from pipelines.monitor import run_flows_from_args
+    def as_flows(ms):
+        from pipelines.monitor import run_flows
 
         _quiet_prefect()
-        return run_flows_from_args(a)
+        return run_flows(ms)
 
-    return run_from_args(args, load_predictor, flow_runner=as_flows, check_model=export_task)
+    return run_monitor(MonitorSettings.of(vars(args)), load_predictor, flow=args.flow, flow_runner=as_flows,
+                       check_model=export_task)
 
 
 def cmd_schedule(args) -> int:
@@ -248,9 +249,29 @@ def _add_retrain_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_monitor_options(p: argparse.ArgumentParser) -> None:
-    from domaintune.monitor.monitoring import add_arguments
+    """The `domaintune monitor` options; defaults from MonitorSettings (the flows' parameters use the same)."""
+    from domaintune.monitor.monitoring import DEFAULTS
 
-    add_arguments(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--batch", help="file of new texts: csv, tsv, jsonl or parquet with a text column, or txt with "
+                     "one text per line (UTF-8)")
+    src.add_argument("--watch", help="folder of incoming batch files: judge each one the history does not list yet")
+    p.add_argument("--baseline", default=DEFAULTS["baseline"], help="drift baseline folder (the drift stage's out)")
+    p.add_argument("--model", default=DEFAULTS["model"], help="exported model folder whose predictions are compared")
+    p.add_argument("--out", default=DEFAULTS["out"], help="folder for report.html and verdict.json (replaced); "
+                   "with --watch, one subfolder per batch file")
+    p.add_argument("--text-column", default=DEFAULTS["text_column"],
+                   help="column holding the texts (not used for .txt)")
+    p.add_argument("--history", default=DEFAULTS["history"],
+                   help="CSV every verdict is appended to (`dvc plots show` draws it)")
+    p.add_argument("--review-queue", default=DEFAULTS["review_queue"],
+                   help="CSV (ingest's format) the low-confidence texts are appended to")
+    p.add_argument("--alarm-command", default=None, help="run on drift with verdict.json's path appended "
+                   "(default: params.yaml drift.alarm_command)")
+    p.add_argument("--alarm-webhook", default=None, help="URL the verdict is POSTed to on drift "
+                   "(default: params.yaml drift.alarm_webhook)")
+    p.add_argument("--flow", action="store_true", help="run as a Prefect flow (also when PREFECT_API_URL is set); "
+                   "default: in-process, no Prefect server")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,30 +9,22 @@ monitor_folder_flow so a worker judges each new batch file dropped in DIR on tha
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from domaintune.monitor.monitoring import read_batch, telemetry_off  # noqa: F401 - read_batch re-exported
+from domaintune.monitor.monitoring import DEFAULTS, MonitorSettings, check_arguments, run_local, telemetry_off
 from domaintune.tasks import export_task, load_predictor  # the one loader of predict, serve and monitor
 
 telemetry_off()
 
 from prefect import flow, get_run_logger  # noqa: E402 - telemetry switches first
 
-DEFAULTS = {"baseline": "models/drift_baseline", "model": "models/export", "out": "reports/monitor",
-            "text_column": "text", "history": "reports/monitor_history.csv",
-            "review_queue": "data/review_queue.csv", "alarm_command": None, "alarm_webhook": None}
-
 
 def _run(batch: str | None, watch: str | None, repo: str, **kw) -> list[dict]:
-    from domaintune.monitor.monitoring import check_arguments, run_local
-
-    args = argparse.Namespace(batch=batch, watch=watch, repo=repo, **{**DEFAULTS, **kw})
-    texts = check_arguments(batch, repo, args.baseline, args.model, args.out, args.text_column, watch, export_task)
-    verdicts = run_local(args, texts, Path(repo), load_predictor)
+    ms = MonitorSettings(batch=batch, watch=watch, repo=repo, **kw)
+    texts = check_arguments(ms, export_task)
+    verdicts = run_local(ms, texts, load_predictor)
     log = get_run_logger()
     for v in verdicts:
         (log.warning if v["drift"] else log.info)("%s: %s", v["batch"], "DRIFT: " + "; ".join(v["reasons"])
@@ -42,7 +34,8 @@ def _run(batch: str | None, watch: str | None, repo: str, **kw) -> list[dict]:
 
 @flow(name="domaintune-monitor")
 def monitor_flow(batch: str, repo: str = ".", baseline: str = DEFAULTS["baseline"], model: str = DEFAULTS["model"],
-                 out: str = DEFAULTS["out"], text_column: str = "text", history: str = DEFAULTS["history"],
+                 out: str = DEFAULTS["out"], text_column: str = DEFAULTS["text_column"],
+                 history: str = DEFAULTS["history"],
                  review_queue: str = DEFAULTS["review_queue"], alarm_command: str | None = None,
                  alarm_webhook: str | None = None) -> dict:
     """Judge one batch file against the drift baseline."""
@@ -62,12 +55,10 @@ def monitor_folder_flow(folder: str, repo: str = ".", baseline: str = DEFAULTS["
                 alarm_webhook=alarm_webhook)
 
 
-def run_flows_from_args(args) -> list[dict]:
+def run_flows(ms: MonitorSettings) -> list[dict]:
     """`domaintune monitor --flow` (or with PREFECT_API_URL set): the same work as Prefect flow runs."""
-    kw = {"repo": args.repo, "baseline": args.baseline, "model": args.model, "out": args.out,
-          "text_column": args.text_column, "history": args.history, "review_queue": args.review_queue,
-          "alarm_command": args.alarm_command, "alarm_webhook": args.alarm_webhook}
-    return monitor_folder_flow(args.watch, **kw) if args.watch else [monitor_flow(args.batch, **kw)]
+    kw = {k: v for k, v in vars(ms).items() if k not in ("batch", "watch")}
+    return monitor_folder_flow(ms.watch, **kw) if ms.watch else [monitor_flow(ms.batch, **kw)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

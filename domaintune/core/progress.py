@@ -1,11 +1,12 @@
-"""Progress for long work (embedding, DAPT, fine-tuning, export checks, prediction), quiet for short work.
+"""The one progress reporter: long work (embedding, DAPT, fine-tuning, export checks, prediction) reports,
+short work stays quiet.
 
 On a terminal: a tqdm bar that appears only once the work has run `delay` seconds (so
 quick passes draw nothing) and disappears when done. Elsewhere (a log file, CI, DVC's
 captured output): one plain line every DOMAINTUNE_PROGRESS_SECONDS seconds (default 30)
 such as "finetune seed 42: 120/400 steps (30%), 2.1 steps/s, about 2 min 13 s left, loss
-0.4136", never a carriage-return bar. Lines go through the "domaintune" logger, so a
-stage prints them with its [stage] prefix.
+0.4136", never a carriage-return bar. Lines go through the "domaintune" logger (a stage prints them with
+its [stage] prefix), or to a command's own stream (`domaintune predict`: stderr, with a final line).
 """
 from __future__ import annotations
 
@@ -33,18 +34,23 @@ class Progress:
     """progress = Progress(total, "finetune seed 42"); progress.update(1, loss="0.41"); progress.close()."""
 
     def __init__(self, total: int, desc: str, unit: str = "step", initial: int = 0, delay: float = 2.0,
-                 tty: bool | None = None):
+                 tty: bool | None = None, stream=None, interval: float | None = None, final: bool = False):
+        """stream: plain lines go to this text stream (e.g. a command's stderr) instead of the logger;
+        interval: seconds between lines (default DOMAINTUNE_PROGRESS_SECONDS); final: a line at close too
+        (a command's own summary, where no stage line follows)."""
         self.total, self.desc, self.unit, self.n = int(total), desc, unit, int(initial)
         self.t0 = self.last = time.monotonic()
         self.start_n = self.n
         self.postfix: dict[str, str] = {}
-        self.interval = _interval()
+        self.interval = _interval() if interval is None else interval
+        self.stream, self.final = stream, final
         self.bar = None
-        if sys.stderr.isatty() if tty is None else tty:
-            from tqdm import tqdm
+        out = stream or sys.stderr
+        if getattr(out, "isatty", lambda: False)() if tty is None else tty:
+            from tqdm import tqdm  # lazy: only on a terminal
 
             self.bar = tqdm(total=self.total, initial=self.n, desc=desc, unit=unit, leave=False, delay=delay,
-                            dynamic_ncols=True, file=sys.stderr)
+                            dynamic_ncols=True, file=out)
 
     def update(self, n: int = 1, **postfix) -> None:
         self.n += n
@@ -58,7 +64,13 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= self.interval and self.n < self.total:
             self.last = now
-            log.info("%s", self.line(now))
+            self._emit(self.line(now))
+
+    def _emit(self, message: str) -> None:
+        if self.stream is not None:
+            print(message, file=self.stream, flush=True)
+        else:
+            log.info("%s", message)
 
     def line(self, now: float | None = None) -> str:
         elapsed = (now or time.monotonic()) - self.t0
@@ -86,6 +98,9 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        elif self.final:
+            self.final = False
+            self._emit(self.line())
 
     def __enter__(self) -> "Progress":
         return self

@@ -27,6 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -550,24 +551,38 @@ def read_parquet(path: Path, stream: bool = False) -> RawTable:
     return _table_of_frame(frame, str(path), path.stem)
 
 
-def text_lines(path: Path) -> tuple[list[str], dict[int, str]]:
-    """The one reader of one-text-per-line files (ingest's .txt, monitor batches, predict inputs, DAPT corpora):
-    UTF-8 (a BOM is dropped; UTF-16 is refused), a line ends at "\n" or "\r\n" (a lone "\r" is text), the
-    final line end opens no extra line. Returns (lines, problems): problems[i] says where line i holds bytes
-    that are not UTF-8 (kept as surrogates in the line, so a caller may skip the row or stop)."""
+def iter_text_lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
+    """The one reader of one-text-per-line files (ingest's .txt, monitor batches, predict inputs, DAPT corpora),
+    streamed: (line number, text, problem). UTF-8 (a BOM is dropped; UTF-16 is refused), a line ends at "\n" or
+    "\r\n" (a lone "\r" is text), the final line end opens no extra line. `problem` says where a line holds
+    bytes that are not UTF-8 (kept as surrogates in the text, so a caller may skip the row or stop)."""
     if not path.is_file():
         raise DataError(path, None, None, "file not found" if not path.exists() else "not a regular file")
-    text, bom = _decode(path)
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final line end closes the last line; it does not open a new one
-    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
-    bad, byte_pos = {}, bom
-    for i, ln in enumerate(lines):
-        if m := UNDECODABLE.search(ln):
-            off = byte_pos + len(ln[:m.start()].encode("utf-8", "surrogateescape"))
-            bad[i] = f"bytes that are not UTF-8 at byte offset {off}"
-        byte_pos += len(ln.encode("utf-8", "surrogateescape")) + 1
+    with open(path, "rb") as fh:
+        head = fh.read(len(_BOM))
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise DataError(path, None, None, "file is UTF-16 (it starts with a UTF-16 byte order mark); save it as "
+                                              "UTF-8")
+        byte_pos = len(_BOM) if head == _BOM else 0
+        fh.seek(byte_pos)
+        for n, raw in enumerate(fh, start=1):
+            body = raw[:-1] if raw.endswith(b"\n") else raw
+            text = (body[:-1] if body.endswith(b"\r") else body).decode("utf-8", errors="surrogateescape")
+            problem = None
+            if m := UNDECODABLE.search(text):
+                problem = (f"bytes that are not UTF-8 at byte offset "
+                           f"{byte_pos + len(text[:m.start()].encode('utf-8', 'surrogateescape'))}")
+            byte_pos += len(raw)
+            yield n, text, problem
+
+
+def text_lines(path: Path) -> tuple[list[str], dict[int, str]]:
+    """iter_text_lines, whole: (lines, problems by line index)."""
+    lines, bad = [], {}
+    for n, text, problem in iter_text_lines(path):
+        lines.append(text)
+        if problem:
+            bad[n - 1] = problem
     return lines, bad
 
 

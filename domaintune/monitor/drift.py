@@ -100,27 +100,6 @@ def pca_columns(k: int) -> list[str]:
     return [f"pc{i + 1}" for i in range(k)]
 
 
-def load_served_model(model_dir: str | Path, batch_size: int = 64, device: str = "cpu"):
-    """The drift stage's loader (stages/drift.py gives build_baseline a folder, not a predictor): the exported
-    model with its calibration, on `device`. Everything above tasks/ (`predict`, `serve`, `monitor`) opens
-    exports with domaintune.tasks.load_predictor instead; once the drift stage passes `predictor=` from it,
-    this function can go."""
-    from domaintune.core.device import place_for_inference
-    from domaintune.predict.predictor import Predictor
-
-    model_dir = Path(model_dir)
-    from domaintune.predict.generation import GenerationPredictor, is_generation_export
-
-    if is_generation_export(model_dir):  # base.task generation: a causal LM (domaintune/tasks/generation/drift.py)
-        return GenerationPredictor(model_dir, batch_size, device)
-    if not (model_dir / "model.json").exists():
-        raise DataError(model_dir / "model.json", None, None, "exported model missing; run the export stage first")
-    predictor = Predictor.load(model_dir, batch_size=batch_size)  # validates the temperature, naming model.json
-    if predictor.model is not None:
-        place_for_inference(predictor.model, device)
-    return predictor
-
-
 @dataclass
 class BatchProfile:
     """What one forward pass tells about a batch: features + model outputs, row-aligned with texts."""
@@ -267,16 +246,15 @@ def reference_accuracy(labels_true: Sequence[str], labels_pred: Sequence[str], l
             "macro_f1": float(f1_score(y, p, labels=present, average="macro", zero_division=0))}
 
 
-def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], model_dir: str | Path | None, params,
-                   out: Path, dataset_hash: str | None = None, predictor=None, device: str = "cpu") -> dict:
-    """Write the reference profile into `out` (a fresh folder); return the metrics.
-    `predictor` (a loaded domaintune.predict.predictor.Predictor) replaces loading model_dir."""
+def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], predictor, params, out: Path,
+                   dataset_hash: str | None = None) -> dict:
+    """Write the reference profile of `predictor` (opened by domaintune.tasks.load_predictor: a Predictor or a
+    GenerationPredictor) into `out` (a fresh folder); return the metrics."""
     train, val = splits["train"], splits.get("validation")
     if val is None or len(val) < 4:
         raise DataError("validation.parquet", None, "text", "the drift reference needs at least 4 validation rows "
                         "(model outputs are taken on rows the model did not train on), got "
                         f"{0 if val is None else len(val)}")
-    predictor = predictor or load_served_model(model_dir, params.batch_size, device)
     vocab_list = build_vocab(train["text"].tolist())
     vocab = set(vocab_list)
     both = pd.concat([train, val], ignore_index=True)

@@ -31,14 +31,43 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
+
+from domaintune.core.errors import DataError
+from domaintune.data.sources import read_file, read_lines
 
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 BATCH_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 HISTORY_COLUMNS = ("time", "index", "batch", "sha256", "rows", "drift", "estimated_accuracy", "accuracy_low",
                    "accuracy_high", "reference_accuracy", "min_p_value", "drifted", "alarm", "error")
 REVIEW_COLUMNS = ("id", "text", "label", "predicted_label", "confidence", "batch")
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """What `domaintune monitor` judges and where it writes (paths relative to `repo`): the one source of its
+    defaults, for the CLI's options and the Prefect flows' parameters alike."""
+    repo: str = "."
+    batch: str | None = None     # one batch file, or
+    watch: str | None = None     # a folder of incoming batch files
+    baseline: str = "models/drift_baseline"
+    model: str = "models/export"
+    out: str = "reports/monitor"
+    text_column: str = "text"
+    history: str = "reports/monitor_history.csv"
+    review_queue: str = "data/review_queue.csv"
+    alarm_command: str | None = None  # None: params.yaml's drift.alarm_command
+    alarm_webhook: str | None = None  # None: params.yaml's drift.alarm_webhook
+
+    @classmethod
+    def of(cls, values: dict) -> "MonitorSettings":
+        """From a mapping with these keys among others (e.g. the CLI's parsed options)."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+DEFAULTS = {f.name: f.default for f in fields(MonitorSettings)}
 
 
 def telemetry_off() -> None:
@@ -49,14 +78,11 @@ def telemetry_off() -> None:
 def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
     """The texts of a batch file: .txt (one per line) or anything ingest reads (csv, tsv, jsonl,
     parquet), with ingest's row numbering and undecodable-byte reporting."""
-    from domaintune.core.errors import DataError
-    from domaintune.data.sources import read_file
-
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, "batch file not found" if not path.exists() else "not a file")
     if path.suffix.lower() == ".txt":
-        texts = _read_lines(path)
+        texts = read_lines(path, "batch file")  # the one line reader: ingest's rules and messages
         rows = list(range(1, len(texts) + 1))
     else:
         table = read_file(path)
@@ -75,31 +101,15 @@ def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
     return texts
 
 
-def _read_lines(path: Path) -> list[str]:
-    """One text per line of a UTF-8 file (a BOM is dropped); bad bytes are a DataError naming the line."""
-    from domaintune.core.errors import DataError
-
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise DataError(path, line, None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                                          "save the file as UTF-8") from None
-    return text.splitlines()
-
-
-def check_arguments(batch: str | None, repo: str = ".", baseline: str = "models/drift_baseline",
-                    model: str = "models/export", out: str = "reports/monitor", text_column: str = "text",
-                    watch: str | None = None, check_model: Callable[[Path], object] | None = None) -> list[str]:
+def check_arguments(ms: MonitorSettings, check_model: Callable[[Path], object] | None = None) -> list[str]:
     """Everything that can be checked before Prefect or a model loads: the folders exist, --out is not a
     file, params.yaml's drift section is valid, the batch reads, and the model folder passes `check_model`.
     Returns the texts ([] for --watch)."""
     from domaintune.core.errors import DataError
     from domaintune.core.params import load_params
 
-    root = Path(repo)
-    for flag, value in (("--baseline", baseline), ("--model", model)):
+    root, batch, watch, out, model = Path(ms.repo), ms.batch, ms.watch, ms.out, ms.model
+    for flag, value in (("--baseline", ms.baseline), ("--model", model)):
         if not (root / value).is_dir():
             raise DataError(root / value, None, None, f"{flag}: no such folder; run the pipeline (dvc repro) first")
     if (root / out).exists() and not (root / out).is_dir():
@@ -110,7 +120,7 @@ def check_arguments(batch: str | None, repo: str = ".", baseline: str = "models/
             raise DataError(root / watch, None, None, "--watch: no such folder")
         texts = []
     else:
-        texts = read_batch(root / batch, text_column)
+        texts = read_batch(root / batch, ms.text_column)
     if check_model is not None:  # last: the batch is judged bad before the model folder is looked into
         check_model(root / model)
     return texts
@@ -242,12 +252,12 @@ def raise_alarm(verdict_path: Path, verdict: dict, command: str, webhook: str) -
     return "; ".join(done)
 
 
-def _settings(args, root: Path, params) -> dict:
-    return {"baseline": root / args.baseline, "model": root / args.model, "out": root / args.out,
-            "history": root / args.history, "review_queue": root / args.review_queue,
-            "alarm_command": args.alarm_command if args.alarm_command is not None else params.alarm_command,
-            "alarm_webhook": args.alarm_webhook if args.alarm_webhook is not None else params.alarm_webhook,
-            "text_column": args.text_column}
+def _settings(ms: MonitorSettings, root: Path, params) -> dict:
+    return {"baseline": root / ms.baseline, "model": root / ms.model, "out": root / ms.out,
+            "history": root / ms.history, "review_queue": root / ms.review_queue,
+            "alarm_command": ms.alarm_command if ms.alarm_command is not None else params.alarm_command,
+            "alarm_webhook": ms.alarm_webhook if ms.alarm_webhook is not None else params.alarm_webhook,
+            "text_column": ms.text_column}
 
 
 def monitor_file(path: Path, texts: Sequence[str] | None, predictor, params, s: dict, out: Path) -> dict:
@@ -284,7 +294,7 @@ def monitor_folder(folder: Path, predictor, params, s: dict) -> list[dict]:
     return verdicts
 
 
-def run_local(args, texts: list[str], root: Path, load: Callable) -> list[dict]:
+def run_local(ms: MonitorSettings, texts: list[str], load: Callable) -> list[dict]:
     """The one-shot (or one watch pass) in this process: load the model once (`load(folder, batch_size=,
     device=)`, the caller's loader), judge."""
     from domaintune.core.device import stage_device
@@ -292,42 +302,40 @@ def run_local(args, texts: list[str], root: Path, load: Callable) -> list[dict]:
     from domaintune.modeling.encoders import set_threads
     from domaintune.monitor.report import DetailsProcess
 
+    root = Path(ms.repo)
     base, params = load_params(root / "params.yaml", "base", "drift")
-    s = _settings(args, root, params)
+    s = _settings(ms, root, params)
     s["details"] = DetailsProcess()  # imports evidently on the other core while the model loads
     try:
         set_threads()
         predictor = load(s["model"], batch_size=params.batch_size, device=stage_device(base))
-        if args.watch:
-            return monitor_folder(root / args.watch, predictor, params, s)
-        return [monitor_file(root / args.batch, texts, predictor, params, s, s["out"])]
+        if ms.watch:
+            return monitor_folder(root / ms.watch, predictor, params, s)
+        return [monitor_file(root / ms.batch, texts, predictor, params, s, s["out"])]
     finally:
         s["details"].close()
 
 
-def use_flow(args) -> bool:
-    return bool(getattr(args, "flow", False) or os.environ.get("PREFECT_API_URL"))
-
-
-def run_from_args(args, load: Callable, flow_runner=None, check_model: Callable[[Path], object] | None = None) -> int:
-    """`domaintune monitor`: check, then judge in-process, or with --flow / PREFECT_API_URL through
-    `flow_runner(args) -> verdicts` (pipelines/cli.py passes the Prefect flows of pipelines/monitor.py;
+def run_monitor(ms: MonitorSettings, load: Callable, flow: bool = False,
+                flow_runner: Callable[[MonitorSettings], list[dict]] | None = None,
+                check_model: Callable[[Path], object] | None = None) -> int:
+    """`domaintune monitor`: check, then judge in-process, or (flow, or PREFECT_API_URL set) through
+    `flow_runner(ms) -> verdicts` (pipelines/cli.py passes the Prefect flows of pipelines/monitor.py;
     domaintune/ never imports pipelines/). `load` opens the model, `check_model` vets its folder first
     (module docstring). Bad input raises DataError/ParamsError (one line, exit 2). Returns 1 on drift."""
     telemetry_off()
-    root = Path(args.repo)
-    texts = check_arguments(args.batch, args.repo, args.baseline, args.model, args.out, args.text_column, args.watch,
-                            check_model)
-    if use_flow(args) and flow_runner is not None:
-        verdicts = flow_runner(args)
+    root = Path(ms.repo)
+    texts = check_arguments(ms, check_model)
+    if (flow or os.environ.get("PREFECT_API_URL")) and flow_runner is not None:
+        verdicts = flow_runner(ms)
     else:
-        verdicts = run_local(args, texts, root, load)
+        verdicts = run_local(ms, texts, load)
     for v in verdicts:
         print(summary_line(v))
-    if not args.watch:
-        print(f"report: {root / args.out / 'report.html'}")
+    if not ms.watch:
+        print(f"report: {root / ms.out / 'report.html'}")
     elif not verdicts:
-        print(f"no new batches in {root / args.watch}")
+        print(f"no new batches in {root / ms.watch}")
     return 1 if any(v["drift"] for v in verdicts) else 0
 
 
@@ -341,26 +349,3 @@ def summary_line(v: dict) -> str:
          f"at least drift.min_effect {v.get('min_effect', 0):g} in effect"
          + (f" ({', '.join(small)} significant, effect too small)" if small else ""))
     return f"{v['batch']}: {head}{est}"
-
-
-def add_arguments(p) -> None:
-    """The `domaintune monitor` options (pipelines/cli.py)."""
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--batch", help="file of new texts: csv, tsv, jsonl or parquet with a text column, or txt with "
-                     "one text per line (UTF-8)")
-    src.add_argument("--watch", help="folder of incoming batch files: judge each one the history does not list yet")
-    p.add_argument("--baseline", default="models/drift_baseline", help="drift baseline folder (the drift stage's out)")
-    p.add_argument("--model", default="models/export", help="exported model folder whose predictions are compared")
-    p.add_argument("--out", default="reports/monitor", help="folder for report.html and verdict.json (replaced); "
-                   "with --watch, one subfolder per batch file")
-    p.add_argument("--text-column", default="text", help="column holding the texts (not used for .txt)")
-    p.add_argument("--history", default="reports/monitor_history.csv",
-                   help="CSV every verdict is appended to (`dvc plots show` draws it)")
-    p.add_argument("--review-queue", default="data/review_queue.csv",
-                   help="CSV (ingest's format) the low-confidence texts are appended to")
-    p.add_argument("--alarm-command", default=None, help="run on drift with verdict.json's path appended "
-                   "(default: params.yaml drift.alarm_command)")
-    p.add_argument("--alarm-webhook", default=None, help="URL the verdict is POSTed to on drift "
-                   "(default: params.yaml drift.alarm_webhook)")
-    p.add_argument("--flow", action="store_true", help="run as a Prefect flow (also when PREFECT_API_URL is set); "
-                   "default: in-process, no Prefect server")

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from domaintune.core.errors import DataError
-from domaintune.data.sources import UNDECODABLE
+from domaintune.core.progress import Progress
+from domaintune.data.sources import UNDECODABLE, iter_text_lines
 
 INPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
@@ -120,13 +121,11 @@ def _jsonl(path: Path, text_column: str, id_column: str, scan: Scan) -> Iterator
 
 
 def _txt(path: Path, scan: Scan) -> Iterator[Record]:
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="\n") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                scan.blank_lines += 1
-                continue
-            yield Record(lineno, str(lineno), line)
+    for lineno, line, _ in iter_text_lines(path):  # the one line reader (undecodable bytes: _check_text's)
+        if not line.strip():
+            scan.blank_lines += 1
+            continue
+        yield Record(lineno, str(lineno), line)
 
 
 def _parquet(path: Path, text_column: str, id_column: str, chunk: int) -> Iterator[Record]:
@@ -190,42 +189,6 @@ def chunks(path: Path, text_column: str, id_column: str, size: int) -> Iterator[
                 buf = []
     if buf:
         yield buf
-
-
-class Progress:
-    """A tqdm bar on a terminal; otherwise a plain line every `every` seconds and at the end."""
-
-    def __init__(self, total: int, stream=None, every: float = 10.0):
-        self.total, self.done, self.every = total, 0, every
-        self.stream = stream or sys.stderr
-        self.t0 = self.last = time.perf_counter()
-        self.bar = None
-        if getattr(self.stream, "isatty", lambda: False)():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="row", desc="predict", file=self.stream)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.perf_counter()
-        if now - self.last >= self.every:
-            self.last = now
-            self._line(now)
-
-    def _line(self, now: float) -> None:
-        rate = self.done / max(now - self.t0, 1e-9)
-        pct = 100 * self.done / self.total if self.total else 100.0
-        print(f"predict: {self.done:,}/{self.total:,} rows ({pct:.0f}%), {rate:,.0f} rows/s", file=self.stream,
-              flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        else:
-            self._line(time.perf_counter())
 
 
 def output_rows(predictor, batch: list[Record], top_k: int) -> list[dict]:
@@ -301,7 +264,7 @@ def predict_file(predictor, path: Path, stream, fmt: str, *, text_column: str = 
     scan = scan_file(path, text_column, id_column, on_bad_row)
     good = scan.rows - len(scan.bad)
     writer = Writer(stream, fmt, CLASSIFIER_COLUMNS if generation is None else GENERATION_COLUMNS)
-    bar = Progress(good, progress_stream)
+    bar = Progress(good, "predict", "row", stream=progress_stream or sys.stderr, interval=10.0, final=True)
     field = "line" if input_format(path) == "txt" else text_column
     late: list = []  # bad rows found only by the model (a prompt too long for its context)
     t0 = time.perf_counter()

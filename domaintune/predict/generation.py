@@ -262,12 +262,3 @@ class GenerationPredictor:
         if not self.labels:
             return [""] * len(probs)
         return [self.labels[i] for i in np.asarray(probs).argmax(axis=1)]
-
-
-
-def is_generation_export(model_dir: str | Path) -> bool:
-    """An export folder of base.task generation (genexport.run_export writes export_info.json with the task)."""
-    info = Path(model_dir) / "export_info.json"
-    return not (Path(model_dir) / "model.json").exists() and info.is_file() and \
-        read_json(info).get("task") == "generation"
-

@@ -60,7 +60,8 @@ def export_task(folder: str | Path) -> str:
     if (folder / "model.json").is_file():
         return "classification"
     if not folder.is_dir():
-        raise DataError(folder, None, None, "no such model folder")
+        raise DataError(folder, None, None, "no such model folder (an export holds model.json, or export_info.json "
+                        "for a causal LM); run the export stage first")
     raise DataError(folder, None, None, "not an export (no model.json or export_info.json); run the export stage "
                     "first, or name the export folder (e.g. models/export)")
 

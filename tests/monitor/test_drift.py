@@ -10,6 +10,7 @@ from driftkit import DRIFT_YAML, TEMPLATES, german, save_tiny_classifier, tiny_s
 
 from domaintune.core.io import read_json
 from domaintune.data.dataset import write_dataset
+from domaintune.tasks import load_predictor
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def drift_setup(tmp_path_factory, tiny_bert):
 def test_baseline_is_an_honest_reference_and_records_its_rows(drift_setup):
     """Model outputs come from validation (the old baseline took them from train), text features
     from train + validation, and the rows used are recorded."""
-    from domaintune.monitor.drift import Baseline, load_served_model, reference_accuracy
+    from domaintune.monitor.drift import Baseline, reference_accuracy
+
 
     root, splits, labels = drift_setup
     out = root / "models" / "drift_baseline"
@@ -47,7 +49,7 @@ def test_baseline_is_an_honest_reference_and_records_its_rows(drift_setup):
     # oov_rate against train's own vocabulary is 0 on train by construction: only validation counts.
     assert b.text_ref.loc[b.text_ref["split"] == "train", "oov_rate"].isna().all()
     assert b.out_ref["oov_rate"].notna().all()
-    pred = load_served_model(root / "models" / "export").predict(val["text"].tolist())
+    pred = load_predictor(root / "models" / "export").predict(val["text"].tolist())
     assert b.out_ref["pred_label"].tolist() == pred
     prof = b.profile
     assert prof["reference_rows"]["model_outputs"] == {"validation": len(val)}
@@ -67,11 +69,12 @@ def test_baseline_is_an_honest_reference_and_records_its_rows(drift_setup):
 
 def test_judge_same_vs_other_domain(drift_setup):
     from domaintune.core.params import DriftParams
-    from domaintune.monitor.drift import Baseline, judge, load_served_model
+    from domaintune.monitor.drift import Baseline, judge
+
 
     root, splits, _ = drift_setup
     b = Baseline(root / "models" / "drift_baseline")
-    predictor = load_served_model(root / "models" / "export")
+    predictor = load_predictor(root / "models" / "export")
     params = DriftParams(pca_components=3)
     same = judge(b, b.profile_batch(predictor, splits["test"]["text"].tolist()), params)
     assert same["drift"] is False and same["reasons"] == []
@@ -94,11 +97,11 @@ def test_bf16_choice_is_recorded_in_the_baseline_and_followed_by_batches(drift_s
     from domaintune.monitor import drift as d
 
     root, splits, labels = drift_setup
-    predictor = d.load_served_model(root / "models" / "export")
+    predictor = load_predictor(root / "models" / "export")
     assert d.wants_bf16(predictor, "off") is False and d.wants_bf16(predictor, "on") is True
     for mode in ("off", "on"):
-        d.build_baseline(splits, labels, None, DriftParams(pca_components=3, calibration_resamples=20, bf16=mode),
-                         tmp_path / mode, predictor=predictor)
+        d.build_baseline(splits, labels, predictor, DriftParams(pca_components=3, calibration_resamples=20, bf16=mode),
+                         tmp_path / mode)
     seen = []
     real = d.model_outputs
     monkeypatch.setattr(d, "model_outputs", lambda p, t, bf16=False: seen.append(bf16) or real(p, t, bf16))

@@ -96,7 +96,7 @@ def test_watch_folder_judges_each_new_batch_once_and_records_bad_files(project, 
             "--history", "reports/watch_history.csv")
     assert cli(*args) == 1
     err = capsys.readouterr().err
-    assert "c.txt: row 2: not valid UTF-8" in err
+    assert "c.txt: row 2: bytes that are not UTF-8 at byte offset 5" in err
     assert (project / "reports" / "watch" / "a" / "report.html").exists()
     assert (project / "reports" / "watch" / "b" / "verdict.json").exists()
     assert cli(*args) == 0                                   # nothing new: nothing judged again

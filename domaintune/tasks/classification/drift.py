@@ -14,6 +14,7 @@ from domaintune.core.stage import StageIO
 from domaintune.data.dataset import read_dataset, read_hashes
 from domaintune.modeling.encoders import set_threads
 from domaintune.monitor.drift import build_baseline
+from domaintune.tasks import load_predictor
 
 
 def summary_line(metrics: dict) -> str:
@@ -30,7 +31,8 @@ def run(io: StageIO) -> str:
     splits, labels = read_dataset(io.in_dir)
     dataset_hash = read_hashes(io.in_dir, splits, labels)["dataset"]
     set_threads()
+    predictor = load_predictor(io.model, batch_size=params.batch_size, device=device)
     with atomic_output(io.out) as tmp, atomic_output(io.metrics) as tmp_metrics:
-        metrics = build_baseline(splits, labels, io.model, params, tmp, dataset_hash, device=device)
+        metrics = build_baseline(splits, labels, predictor, params, tmp, dataset_hash)
         write_json(tmp_metrics, metrics)
     return summary_line(metrics)

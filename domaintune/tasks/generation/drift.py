@@ -23,7 +23,7 @@ from domaintune.core.params import load_params
 from domaintune.core.stage import StageIO
 from domaintune.data.dataset import read_dataset, read_hashes
 from domaintune.monitor.drift import build_baseline
-from domaintune.predict.generation import GenerationPredictor
+from domaintune.tasks import load_predictor
 
 
 def run(io: StageIO) -> str:
@@ -31,9 +31,9 @@ def run(io: StageIO) -> str:
     device = stage_device(base)
     splits, labels = read_dataset(io.in_dir)
     dataset_hash = read_hashes(io.in_dir, splits, labels)["dataset"]
-    predictor = GenerationPredictor(io.model, params.batch_size, device)
+    predictor = load_predictor(io.model, batch_size=params.batch_size, device=device)
     with atomic_output(io.out) as out, atomic_output(io.metrics) as met:
-        metrics = build_baseline(splits, [], None, params, out, dataset_hash, predictor=predictor)
+        metrics = build_baseline(splits, [], predictor, params, out, dataset_hash)
         metrics["task"] = "generation"
         write_json(met, metrics)
     return (f"prompt reference: {metrics['text_reference_rows']} prompts (train + validation) for descriptors, "
