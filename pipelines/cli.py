@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from domaintune import __version__
 from domaintune.evaluate.summary import (
     SUMMARY_FILE,
     SummaryError,
@@ -25,6 +26,11 @@ from domaintune.evaluate.summary import (
     write_summary,
 )
 from domaintune.registry import diff, plumbing, rollback, versions
+from domaintune.tasks import export_task, load_predictor  # the one loader of predict, serve and monitor
+from pipelines import predict as predict_command  # its own module; the import is light
+from pipelines.deploy import add_arguments as add_deploy_arguments
+from pipelines.deploy import run_from_args
+from pipelines.serve import register as register_serving
 
 ERROR_EXIT = 2
 TRACEBACK_ENV = "DOMAINTUNE_TRACEBACK"
@@ -139,6 +145,7 @@ def cmd_rollback(args) -> int:
     with plumbing.repo_lock(root):
         version = versions.get_version(root, args.version)
         rollback.check_no_local_edits(root, version)
+        # lazy: loads prefect
         from pipelines.rollback import rollback_flow
 
         _quiet_prefect()
@@ -150,6 +157,7 @@ def cmd_rollback(args) -> int:
 def cmd_retrain(args) -> int:
     root = _root(args)
     with plumbing.repo_lock(root):  # before Prefect: a second retrain fails at once, touching nothing
+        # lazy: loads prefect
         from pipelines.retrain import run_from_args
 
         _quiet_prefect()
@@ -159,10 +167,11 @@ def cmd_retrain(args) -> int:
 
 def cmd_monitor(args) -> int:
     _root(args, need_git=False)
+    # lazy: loads numpy, pandas
     from domaintune.monitor.monitoring import MonitorSettings, run_monitor  # checks before Prefect or a model
-    from domaintune.tasks import export_task, load_predictor  # the one loader of predict, serve and monitor
 
     def as_flows(ms):
+        # lazy: loads numpy, pandas
         from pipelines.monitor import run_flows
 
         _quiet_prefect()
@@ -183,6 +192,7 @@ def cmd_schedule(args) -> int:
                        'month day-of-week, e.g. "0 3 * * 1" (Mondays 03:00)') from None
     from prefect import serve
 
+    # lazy: loads prefect
     from pipelines.retrain import check_overrides, make_deployment
 
     check_overrides(root / "params.yaml", args.overrides)
@@ -193,8 +203,6 @@ def cmd_schedule(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    from pipelines.deploy import run_from_args
-
     return run_from_args(args)
 
 
@@ -250,6 +258,7 @@ def _add_retrain_options(p: argparse.ArgumentParser) -> None:
 
 def add_monitor_options(p: argparse.ArgumentParser) -> None:
     """The `domaintune monitor` options; defaults from MonitorSettings (the flows' parameters use the same)."""
+    # lazy: loads numpy, pandas
     from domaintune.monitor.monitoring import DEFAULTS
 
     src = p.add_mutually_exclusive_group(required=True)
@@ -275,8 +284,6 @@ def add_monitor_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from domaintune import __version__
-
     ap = argparse.ArgumentParser(prog="domaintune", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=_Formatter)
     ap.add_argument("--version", action="version", version=f"domaintune {__version__}",
@@ -326,7 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("deploy", cmd_deploy, "register the retrain (and monitor) flow as deployments on a Prefect work pool",
             "domaintune deploy --pool nightly --cron \"0 3 * * 1\"",
             "domaintune deploy --pool gpu --image registry.example.com/domaintune:1 --monitor-batch new.csv")
-    from pipelines.deploy import add_arguments as add_deploy_arguments
 
     add_deploy_arguments(p)
     p = add("summary", cmd_summary, "the run in ten lines: rows, cleaning, DAPT, accuracy, calibration, export, time")
@@ -336,10 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("remote", cmd_remote, "set up the default DVC remote (a local folder unless --url)",
             "domaintune remote", "domaintune remote --url s3://bucket/domaintune")
     p.add_argument("--url", default=None, help="any DVC remote URL (none: the folder ../<repo>-dvc-remote)")
-    from pipelines import predict as predict_command  # its own module; the import is light
 
     predict_command.add_parser(sub)
-    from pipelines.serve import register as register_serving
 
     register_serving(add)  # serve, shadow-report
     return ap

@@ -17,8 +17,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from domaintune.core.errors import DataError
+from domaintune.core.io import atomic_output
+from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS  # the one list
 from domaintune.registry import release
 from domaintune.registry.plumbing import RegistryError
+from domaintune.tasks import export_task, load_predictor
 
 EPILOG = """examples:
   domaintune predict new_tickets.csv --out predictions.jsonl
@@ -35,8 +39,6 @@ RULES = {"max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS  # the one list
-
     p = sub.add_parser("predict", help="predict labels (or generate responses) for a CSV/TSV/JSONL/Parquet/TXT file",
                        description="Calibrated predictions (label, confidence, top-k) for every row of a file, "
                                    "streamed in chunks; on a generation export, a generated response per row.",
@@ -81,8 +83,6 @@ def _model_folder(args) -> Path:
 
 def generation_options(args, task: str, folder: Path) -> dict | None:
     """The generate() options of the command line (None for a classifier export, which takes none)."""
-    from domaintune.core.errors import DataError
-
     given = {k: getattr(args, k) for k in GENERATION_FLAGS if getattr(args, k) is not None}
     if task != "generation":
         if given:
@@ -96,11 +96,11 @@ def generation_options(args, task: str, folder: Path) -> dict | None:
 
 
 def run(args) -> dict:
-    from domaintune.core.errors import DataError
-    from domaintune.core.io import atomic_output
+    # lazy: loads numpy
     from domaintune.modeling.encoders import set_threads
+
+    # lazy: loads numpy, pandas
     from domaintune.predict import batch as bp
-    from domaintune.tasks import export_task, load_predictor
 
     src, out = Path(args.input), Path(args.out) if args.out else None
     bp.input_format(src)
@@ -127,8 +127,6 @@ def run(args) -> dict:
 
 
 def cmd_predict(args) -> int:
-    from domaintune.core.errors import DataError
-
     try:
         result = run(args)
     except (DataError, RegistryError, ValueError) as exc:

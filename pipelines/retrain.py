@@ -30,6 +30,7 @@ from typing import Sequence
 
 from prefect import flow, get_run_logger, task
 
+from domaintune.core.params import ParamsError, load_all
 from domaintune.evaluate.summary import write_summary
 from domaintune.registry import plumbing, rollback, versions
 
@@ -209,7 +210,6 @@ def parse_overrides(overrides: Sequence[str] | dict | None) -> dict[str, object]
     """`section.key=value` strings (values parsed as YAML) or a ready dict -> {dotted key: value}."""
     import yaml
 
-    from domaintune.core.params import ParamsError
 
     if not overrides:
         return {}
@@ -229,8 +229,6 @@ def parse_overrides(overrides: Sequence[str] | dict | None) -> dict[str, object]
 
 def check_overrides(params_file: Path, overrides: Sequence[str] | dict | None) -> None:
     """Validate `section.key=value` overrides against params.yaml without changing it (ParamsError/ValueError)."""
-    from domaintune.core.params import load_all
-
     load_all(params_file)  # a broken params.yaml is named as such, not blamed on an override
     apply_overrides(Path(params_file), parse_overrides(overrides), dry_run=True)
 
@@ -240,7 +238,6 @@ def apply_overrides(params_file: Path, overrides: dict[str, object], dry_run: bo
     dry_run: validate only, params.yaml stays as it is."""
     from ruamel.yaml import YAML
 
-    from domaintune.core.params import ParamsError, load_all
 
     if not overrides:
         return

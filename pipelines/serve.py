@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from domaintune.core.errors import DataError
 from domaintune.serve.settings import ServeSettings
 
 
@@ -92,7 +93,10 @@ def cmd_serve(args) -> int:
         logging.getLogger("domaintune.serve").warning("binding %s: reachable from other machines", settings.host)
     import uvicorn
 
+    # lazy: loads numpy
     from domaintune.modeling.encoders import set_threads
+
+    # lazy: loads fastapi, numpy
     from domaintune.serve.app import build
 
     set_threads()
@@ -106,7 +110,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_shadow_report(args) -> int:
-    from domaintune.core.errors import DataError
+    # lazy: loads numpy
     from domaintune.serve.shadow import format_report, summarise
 
     try:

@@ -47,6 +47,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from domaintune.core.device import stage_device
 from domaintune.core.errors import DataError
 from domaintune.core.io import atomic_output, write_json
 from domaintune.core.params import AuditParams, BaseParams, as_dict, load_params
@@ -59,6 +60,9 @@ from domaintune.data.dataset import (
     read_hashes,
     write_dataset,
 )
+from domaintune.evaluate import calibration as cal
+from domaintune.modeling.embeddings import cached_embeddings, encoder_fingerprint
+from domaintune.modeling.encoders import resolve_model
 
 log = logging.getLogger("domaintune")
 
@@ -138,8 +142,6 @@ def read_decisions(path: str | Path | None, splits: dict[str, pd.DataFrame], lab
 # --------------------------------------------------------------------------- embeddings
 
 def resolve_encoder(params: AuditParams, base: BaseParams) -> str:
-    from domaintune.modeling.encoders import resolve_model
-
     if params.encoder == "base":
         return resolve_model(base.model)
     if not Path(params.encoder).is_dir():
@@ -154,8 +156,6 @@ def embed_splits(splits: dict[str, pd.DataFrame], encoder_path: str, cache_dir: 
 
     Returns ({split: array}, reused, seconds spent embedding (0 when reused)).
     """
-    from domaintune.modeling.embeddings import cached_embeddings, encoder_fingerprint
-
     texts = [t for name in SPLITS for t in splits[name]["text"].astype(str)]
     ids = [f"{name}/{i}" for name in SPLITS for i in splits[name]["id"].astype(str)]
     # Keyed on the texts (and ids), not the dataset hash: vectors do not depend on labels, so a
@@ -170,10 +170,12 @@ def embed_splits(splits: dict[str, pd.DataFrame], encoder_path: str, cache_dir: 
     seconds = {"embed": 0.0}
 
     def compute() -> np.ndarray:
+        # per call: tests patch this name in its module
         from domaintune.modeling.encoders import embed_texts, load_encoder, load_tokenizer, set_threads
 
         t0 = time.perf_counter()
         set_threads()
+        # per call: tests patch this name in its module
         from domaintune.core.device import batch_size_for, place_for_inference
 
         tok, enc = load_tokenizer(encoder_path), place_for_inference(load_encoder(encoder_path), device)
@@ -265,8 +267,6 @@ def calibrate_probs(y: np.ndarray, probs: np.ndarray, fit_rows: np.ndarray) -> t
     dataset. Fitted against the noisy labels, T also softens as the noise
     grows. T does not change the argmax, so suggestions are unaffected.
     """
-    from domaintune.evaluate import calibration as cal
-
     def log_probs(p: np.ndarray) -> np.ndarray:
         return np.log(np.clip(p, 1e-12, 1.0))
 
@@ -578,7 +578,6 @@ def audit_stage(io: StageIO) -> None:
     decisions = read_decisions(decisions_path, splits, labels)
 
     encoder_path = resolve_encoder(params, base)
-    from domaintune.core.device import stage_device
 
     embeddings, reused, embed_s = embed_splits(splits, encoder_path, io.embeddings, base.max_length,
                                                params.batch_size, stage_device(base))
@@ -629,7 +628,6 @@ def label_set_audit(splits: dict[str, pd.DataFrame], label_set: list[str], decis
                             f"evaluate.label_set {label_set}")
     labels = [lab for lab in label_set if lab in set(splits["train"]["label"])]  # the classes train can score
     decisions = read_decisions(decisions_path, splits, labels)
-    from domaintune.core.device import stage_device
 
     embeddings, reused, embed_s = embed_splits(splits, resolve_encoder(params, base), embeddings_dir,
                                                base.max_length, params.batch_size, stage_device(base))

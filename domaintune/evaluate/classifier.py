@@ -18,11 +18,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from domaintune.core.device import stage_device
 from domaintune.core.errors import DataError
 from domaintune.core.io import atomic_output, read_json, write_json
 from domaintune.core.params import EvaluateParams, load_params
 from domaintune.core.stage import StageError, StageIO
 from domaintune.data.dataset import encode_labels, read_dataset, split_labels
+from domaintune.evaluate import calibration as cal
+from domaintune.evaluate import report as rp
+from domaintune.evaluate.calibration import entropy
+from domaintune.evaluate.report import md_table, metrics_table
+from domaintune.modeling.encoders import load_classifier, predict_logits, set_threads
 
 log = logging.getLogger("domaintune")
 
@@ -88,7 +94,6 @@ def evaluate_logits(val: pd.DataFrame, test: pd.DataFrame, val_logits: np.ndarra
     """Pure core: calibrate on validation logits, score and analyse test logits."""
     if problem_type == "multi_label":
         return _evaluate_multi_label(val, test, val_logits, test_logits, labels, params)
-    from domaintune.evaluate import calibration as cal
 
     y_val = encode_labels(val, labels, "single_label", "validation")
     y_test = encode_labels(test, labels, "single_label", "test")
@@ -124,7 +129,6 @@ def _error_analysis(test: pd.DataFrame, labels: list[str], y: np.ndarray, pred: 
                     cm: np.ndarray, params: EvaluateParams) -> dict[str, pd.DataFrame]:
     from sklearn.metrics import precision_recall_fscore_support
 
-    from domaintune.evaluate.calibration import entropy
 
     lab = np.asarray(labels, dtype=object)
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=list(range(len(labels))), zero_division=0)
@@ -202,7 +206,6 @@ def _evaluate_multi_label(val, test, val_logits, test_logits, labels, params) ->
     """Multi-label: probabilities are per-label sigmoids; calibration = per-label thresholds on validation."""
     from sklearn.metrics import precision_recall_fscore_support
 
-    from domaintune.evaluate import calibration as cal
 
     Y_val = encode_labels(val, labels, "multi_label", "validation").astype(int)
     Y_test = encode_labels(test, labels, "multi_label", "test").astype(int)
@@ -267,8 +270,6 @@ def seed_summary(per_seed: dict[str, dict]) -> dict:
 
 # ---------------------------------------------------------------- writing
 def write_report(out: Path, res: EvalResult, metrics: dict, model_meta: dict, seeds: dict | None) -> None:
-    from domaintune.evaluate import report as rp
-
     out.mkdir(parents=True, exist_ok=True)
     plots = out / "plots"
     plots.mkdir()
@@ -290,8 +291,6 @@ def write_report(out: Path, res: EvalResult, metrics: dict, model_meta: dict, se
 
 
 def render_markdown(res: EvalResult, metrics: dict, meta: dict, seeds: dict | None) -> str:
-    from domaintune.evaluate.report import md_table, metrics_table
-
     cal = res.calibration
     md = ["# Evaluation report\n",
           f"Model: method `{meta.get('method')}`, base `{meta.get('base_encoder', '?')}`, "
@@ -333,8 +332,8 @@ def render_markdown(res: EvalResult, metrics: dict, meta: dict, seeds: dict | No
 # ---------------------------------------------------------------- model running
 def model_logits(model_dir: str | Path, splits: dict[str, pd.DataFrame], batch_size: int,
                  names=("validation", "test"), device: str = "cpu") -> tuple[dict, dict[str, np.ndarray]]:
+    # per call: tests patch this name in its module
     from domaintune.core.device import batch_size_for, place_for_inference
-    from domaintune.modeling.encoders import load_classifier, predict_logits, set_threads
 
     set_threads()
     model, tok, meta = load_classifier(model_dir)
@@ -393,8 +392,6 @@ def build_metrics(res: EvalResult, test_rows: int, seeds: dict | None) -> dict:
 
 def evaluate_stage(io: StageIO) -> None:
     """The evaluate stage of a classifier: calibrate on validation, score test, gate, write the report."""
-    from domaintune.core.device import stage_device
-
     base, params = load_params(io.params, "base", "evaluate")
     res, metrics, meta, seeds = evaluate(io.in_dir, io.model, params, stage_device(base))
     check_gate(res.after, params.gate)  # before any write: a failed gate leaves no outputs

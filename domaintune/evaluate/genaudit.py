@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from domaintune.data.dataset import SPLITS
+from domaintune.data.textnorm import jaccard, minhash_signatures, minhashes, normalise_all, shingles
 from domaintune.modeling.causal import encode_split
 
 NEAR_EMPTY_WORDS = 3       # a response of fewer words than this teaches the model to say nothing
@@ -51,7 +52,6 @@ def _near_prompts(train: pd.DataFrame, seed: int) -> list[tuple]:
     """Train prompts that are near duplicates (word-3-gram Jaccard >= 0.8) with different responses."""
     from datasketch import MinHashLSH
 
-    from domaintune.data.textnorm import jaccard, minhash_signatures, minhashes, normalise_all, shingles
 
     norm = normalise_all(train["text"].astype(str).tolist())
     sets = [shingles(t, 3) for t in norm]

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import pandas as pd
 
+from domaintune.core.device import stage_device
+from domaintune.core.errors import DataError
+from domaintune.evaluate.calibration import fit_temperature, single_label_metrics, softmax
 from domaintune.modeling import llm
 from domaintune.modeling.causal import encode_split, load_causal_lm, load_tuned, pairs
 
 
 def evaluate_generation(splits: dict[str, pd.DataFrame], model_dir: str, base, p) -> tuple[dict, list[dict]]:
     """Held-out perplexity on the test responses, start model vs tuned; greedy sample generations."""
-    from domaintune.core.device import stage_device
-
     dev = stage_device(base)
     tuned, tok, run = load_tuned(model_dir)
     start, _ = load_causal_lm(run["base_model"])
@@ -38,8 +39,6 @@ def label_set_metrics(model, tok, splits: dict[str, pd.DataFrame], base, p) -> d
     accuracy, macro-F1, ECE on test before and after (the `before` / `after` the gate reads)."""
     import numpy as np
 
-    from domaintune.core.errors import DataError
-    from domaintune.evaluate.calibration import fit_temperature, single_label_metrics, softmax
 
     labels = list(p.label_set)
     scored = {}

@@ -28,6 +28,8 @@ import numpy as np
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
 from domaintune.export.variants import canonical_variant
+from domaintune.modeling.encoders import length_sorted_batches, load_tokenizer, predict_logits, save_classifier
+from domaintune.modeling.quantize import QUANT_SCHEME, save_int8_encoder
 
 SUBDIRS = {"float32": None, "int8": "int8", "onnx": "onnx", "onnx-int8": "onnx-int8"}
 ONNX_FILE = "model.onnx"
@@ -59,15 +61,11 @@ def thread_count() -> int:
 
 # ---------------------------------------------------------------- writers
 def write_float32(model, tokenizer, out: Path, meta: dict) -> None:
-    from domaintune.modeling.encoders import save_classifier
-
     save_classifier(model, tokenizer, out, meta, exported=True)
 
 
 def write_int8(out: Path, model, meta: dict, embeddings: bool) -> dict:
     """int8/ next to a written float32 export: int8 encoder, the same head, tokenizer and meta."""
-    from domaintune.modeling.quantize import QUANT_SCHEME, save_int8_encoder
-
     qdir = out / SUBDIRS["int8"]
     qinfo = save_int8_encoder(model.encoder, qdir / "encoder", embeddings)
     shutil.copy2(out / "head.safetensors", qdir / "head.safetensors")
@@ -195,8 +193,6 @@ class TorchRunner:
         self.model, self.tokenizer = model, tokenizer
 
     def logits(self, texts: Sequence[str], batch_size: int, max_length: int, mean_pooled: bool = False):
-        from domaintune.modeling.encoders import predict_logits
-
         return predict_logits(self.model, self.tokenizer, list(texts), batch_size, max_length, mean_pooled)
 
 
@@ -209,8 +205,6 @@ class OnnxRunner:
         self.session, self.tokenizer, self.num_labels = session, tokenizer, num_labels
 
     def logits(self, texts: Sequence[str], batch_size: int, max_length: int, mean_pooled: bool = False):
-        from domaintune.modeling.encoders import length_sorted_batches
-
         if mean_pooled:
             raise ValueError("the ONNX variants output probabilities and logits only; "
                              "use variant float32 for text embeddings")
@@ -257,7 +251,6 @@ def load_variant(folder: str | os.PathLike, variant: str = "float32", dynamic_in
         enc = load_int8_encoder(d / "encoder", dynamic=dynamic_int8)
         model, tok = assemble_classifier(enc, meta, d)
         return TorchRunner(model, tok), meta
-    from domaintune.modeling.encoders import load_tokenizer
 
     meta = read_json(folder / "model.json")
     return OnnxRunner(onnx_session(d / ONNX_FILE), load_tokenizer(str(d)), len(meta["labels"])), meta

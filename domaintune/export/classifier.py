@@ -21,11 +21,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from domaintune.core.device import stage_device
 from domaintune.core.errors import DataError
 from domaintune.core.io import atomic_output, read_json, write_json
 from domaintune.core.params import as_dict, load_params
 from domaintune.core.stage import StageError, StageIO
 from domaintune.data.dataset import encode_labels, read_dataset
+from domaintune.evaluate import calibration as cal
+from domaintune.export import artifacts
+from domaintune.export.artifacts import TorchRunner, load_variant, variant_bytes
+from domaintune.export.modelcard import base_model_name, model_card
+from domaintune.modeling.encoders import load_classifier, set_threads
 
 log = logging.getLogger("domaintune")
 
@@ -54,8 +60,6 @@ def logit_agreement(a: np.ndarray, b: np.ndarray) -> dict:
 
 def score_variant(logits: np.ndarray, test: pd.DataFrame, meta: dict, calib: dict, bins: int = 15) -> dict:
     """Calibrated test metrics of one variant's logits."""
-    from domaintune.evaluate import calibration as cal
-
     labels = list(meta["labels"])
     if meta.get("problem_type", "single_label") == "multi_label":
         thr = np.array([float((calib.get("thresholds") or {}).get(lab, 0.5)) for lab in labels])
@@ -136,9 +140,8 @@ def read_inputs(io: StageIO) -> dict:
 
 def merged_model(model_dir: str, texts: list[str], params, ml: int, device: str = "cpu"):
     """(merged model, tokenizer, meta, unmerged runner timing, merged logits, merge check)."""
+    # per call: tests patch this name in its module
     from domaintune.core.device import place_for_inference
-    from domaintune.export.artifacts import TorchRunner
-    from domaintune.modeling.encoders import load_classifier
 
     model, tok, meta = load_classifier(model_dir)
     place_for_inference(model, device, half=False)  # verified on base.device, in float32
@@ -163,8 +166,6 @@ def merged_model(model_dir: str, texts: list[str], params, ml: int, device: str 
 
 def write_variants(tmp: Path, merged, tok, export_meta: dict, params) -> dict:
     """Write every variant in params.variants under tmp; returns what quantisation reported."""
-    from domaintune.export import artifacts
-
     artifacts.write_float32(merged, tok, tmp, export_meta)
     fmeta = read_json(tmp / "model.json")
     info = {}
@@ -184,8 +185,6 @@ def write_variants(tmp: Path, merged, tok, export_meta: dict, params) -> dict:
 def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict, calib: dict, params,
                     ml: int) -> tuple[dict, dict]:
     """Reload each written variant from disk, score and time it on the test split: (metrics, logits)."""
-    from domaintune.export.artifacts import load_variant, variant_bytes
-
     latency = (params.latency_repeats, params.latency_single_texts)
     rows, logits = {}, {}
     for name in params.variants:
@@ -204,8 +203,6 @@ def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict,
 
 
 def export_metadata(meta: dict, inputs: dict, model_dir: str, base, params, had_adapter: bool) -> dict:
-    from domaintune.export.modelcard import base_model_name
-
     calib = inputs["calib"]
     out = {k: v for k, v in meta.items() if k not in ("adapter", "num_labels", "hidden_size")}
     out.update({
@@ -223,10 +220,6 @@ def export_metadata(meta: dict, inputs: dict, model_dir: str, base, params, had_
 
 def export_stage(io: StageIO) -> None:
     """The export stage of a classifier: merge, write every variant, verify each against the gates, card."""
-    from domaintune.core.device import stage_device
-    from domaintune.export.modelcard import model_card
-    from domaintune.modeling.encoders import set_threads
-
     base, params = load_params(io.params, "base", "export")
     device = stage_device(base)  # the source model's merge check runs there; variants are CPU artefacts
     set_threads()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from domaintune.core.device import stage_device
+from domaintune.core.stage import StageError
 from domaintune.modeling import llm
 from domaintune.modeling.causal import encode_split, load_tuned
 
@@ -18,8 +20,6 @@ def merged_for_export(model_dir: str, test: pd.DataFrame, base, tolerance: float
     up to n_check test examples (prompt + response); a gap over `tolerance` raises StageError."""
     import torch
 
-    from domaintune.core.device import stage_device
-    from domaintune.core.stage import StageError
 
     dev = stage_device(base)
     tuned, tok, run = load_tuned(model_dir)

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from domaintune.evaluate.report import md_table
+from domaintune.export.artifacts import thread_count
+from domaintune.modeling.encoders import BUNDLED_ALIASES
+
 BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 METHOD_PARAMS = {  # the finetune params that matter for each method
     "full": ("epochs", "lr", "batch_size", "warmup_ratio", "weight_decay", "label_smoothing", "head_init",
@@ -40,8 +44,6 @@ VARIANT_TEXT = {
 
 
 def base_model_name(name: str) -> str:
-    from domaintune.modeling.encoders import BUNDLED_ALIASES
-
     return BUNDLED_NAME if name in BUNDLED_ALIASES else name
 
 
@@ -193,14 +195,10 @@ def training_section(meta: dict, inputs: dict) -> list[str]:
 
 
 def _cores() -> int:
-    from domaintune.export.artifacts import thread_count
-
     return thread_count()
 
 
 def evaluation_section(inputs: dict) -> list[str]:
-    from domaintune.evaluate.report import md_table
-
     em = inputs["eval_metrics"]
     after, before = em.get("after", {}), em.get("before", {})
     names = {"accuracy": "accuracy", "macro_f1": "macro-F1", "weighted_f1": "weighted F1", "nll": "log loss",
@@ -223,7 +221,7 @@ def evaluation_section(inputs: dict) -> list[str]:
 
 
 def variants_section(variants: dict, merge_check: dict, params) -> list[str]:
-    from domaintune.evaluate.report import md_table
+    # lazy: loads numpy
 
     rows = [{"variant": k, "folder": VARIANT_TEXT[k].split(" ", 1)[0], "accuracy": pct(v["accuracy"]),
              "macro-F1": fmt(v["macro_f1"]), "ECE": fmt(v["ece"]),

@@ -9,6 +9,8 @@ import pandas as pd
 
 from domaintune.core.params import ParamsError
 from domaintune.modeling import llm
+from domaintune.modeling.adapters import quantize_encoder_4bit
+from domaintune.modeling.encoders import resolve_model
 
 RUN_FILE = "run.json"
 
@@ -20,7 +22,6 @@ def load_causal_lm(path: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from domaintune.modeling.encoders import resolve_model
 
     where = resolve_model(path)
     tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
@@ -67,7 +68,6 @@ def load_tuned(model_dir: str | Path):
         return model.eval(), tok, run
     from peft import PeftModel
 
-    from domaintune.modeling.adapters import quantize_encoder_4bit
 
     model, _ = load_causal_lm(run["base_model"])
     if run["method"] == "qlora":

@@ -19,7 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
+from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
+from domaintune.core.progress import Progress
 
 BUNDLED_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -107,7 +109,6 @@ def _progress(texts: Sequence[str], batch_size: int, verb: str):
     n = -(-len(texts) // max(batch_size, 1))
     if n <= 1:
         return None
-    from domaintune.core.progress import Progress
 
     return Progress(n, f"{verb} {len(texts)} texts", "batch")
 
@@ -242,8 +243,6 @@ def load_classifier(model_dir: str | os.PathLike, merge: bool = False):
 
 def check_adapter_is_safetensors(adapter_dir: Path) -> None:
     """peft falls back to adapter_model.bin (a pickle, read with a restricted unpickler): refuse it."""
-    from domaintune.core.errors import DataError
-
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         found = sorted(p.name for p in adapter_dir.glob("adapter_model.*")) if adapter_dir.is_dir() else []
         raise DataError(adapter_dir / "adapter_model.safetensors", None, None,

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from domaintune.core.device import use_bf16
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
 from domaintune.monitor import stats as dt
@@ -131,7 +132,6 @@ def wants_bf16(predictor, mode: str) -> bool:
     """drift.bf16 resolved for where the predictor's model sits (domaintune.core.device.use_bf16)."""
     if predictor.model is None:
         return False
-    from domaintune.core.device import use_bf16
 
     return use_bf16(mode, str(next(predictor.model.parameters()).device))
 

@@ -35,8 +35,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
+from domaintune.core.device import stage_device
 from domaintune.core.errors import DataError
+from domaintune.core.io import atomic_output, write_json
+from domaintune.core.params import load_params
 from domaintune.data.sources import read_file, read_lines
+from domaintune.modeling.encoders import set_threads
+from domaintune.monitor.drift import PRED_COLUMN, Baseline, judge, validation_frame
+from domaintune.monitor.report import DetailsProcess, write_report
 
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 BATCH_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
@@ -105,9 +111,6 @@ def check_arguments(ms: MonitorSettings, check_model: Callable[[Path], object] |
     """Everything that can be checked before Prefect or a model loads: the folders exist, --out is not a
     file, params.yaml's drift section is valid, the batch reads, and the model folder passes `check_model`.
     Returns the texts ([] for --watch)."""
-    from domaintune.core.errors import DataError
-    from domaintune.core.params import load_params
-
     root, batch, watch, out, model = Path(ms.repo), ms.batch, ms.watch, ms.out, ms.model
     for flag, value in (("--baseline", ms.baseline), ("--model", model)):
         if not (root / value).is_dir():
@@ -135,11 +138,6 @@ def judge_texts(texts: Sequence[str], baseline_dir: str | Path, predictor, param
     """Profile + judge one batch, write verdict.json and report.html into `out` (atomically).
     Returns (verdict, profile). `timings`, when given, receives the seconds of each phase; `renderer`
     (a monitor_report.DetailsProcess) renders evidently's details out of process."""
-    from domaintune.core.errors import DataError
-    from domaintune.core.io import atomic_output, write_json
-    from domaintune.monitor.drift import PRED_COLUMN, Baseline, judge, validation_frame
-    from domaintune.monitor.report import write_report
-
     clock = [time.perf_counter()]
     timings = {} if timings is None else timings
 
@@ -204,6 +202,7 @@ def seen_hashes(path: Path) -> set[str]:
 def append_review_queue(path: Path, prof, below: float, batch: str, sha: str) -> int:
     """The batch's texts under `below` confidence, in ingest's CSV format (label empty until reviewed).
     Ids are <batch sha256 prefix>:<row>, so a re-queued batch cannot collide with another."""
+    # lazy: the name is also defined here
     from domaintune.monitor.drift import CONF_COLUMN, PRED_COLUMN
 
     conf = prof.frame[CONF_COLUMN].to_numpy()
@@ -277,8 +276,6 @@ def monitor_folder(folder: Path, predictor, params, s: dict) -> list[dict]:
     """Judge every batch file in `folder` the history does not list yet (by content hash), oldest name
     first; each gets its own report folder <out>/<file stem>. A bad file is a history row with its
     error (and a line on stderr), so it is neither retried forever nor silently dropped."""
-    from domaintune.core.errors import DataError
-
     seen = seen_hashes(s["history"])
     verdicts = []
     for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in BATCH_SUFFIXES):
@@ -297,10 +294,7 @@ def monitor_folder(folder: Path, predictor, params, s: dict) -> list[dict]:
 def run_local(ms: MonitorSettings, texts: list[str], load: Callable) -> list[dict]:
     """The one-shot (or one watch pass) in this process: load the model once (`load(folder, batch_size=,
     device=)`, the caller's loader), judge."""
-    from domaintune.core.device import stage_device
-    from domaintune.core.params import load_params
-    from domaintune.modeling.encoders import set_threads
-    from domaintune.monitor.report import DetailsProcess
+    # lazy: loads yaml
 
     root = Path(ms.repo)
     base, params = load_params(root / "params.yaml", "base", "drift")

@@ -22,6 +22,9 @@ import numpy as np
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json
 from domaintune.data.dataset import LABEL_SEPARATOR
+from domaintune.evaluate.calibration import sigmoid, softmax
+from domaintune.export.artifacts import load_variant
+from domaintune.export.variants import canonical_variant
 
 
 class Predictor:
@@ -44,8 +47,6 @@ class Predictor:
              calibration: str | os.PathLike | None = None, dynamic_int8: bool = False,
              batch_size: int = 64) -> "Predictor":
         """variant: float32 (alias float), int8, onnx or onnx-int8 (domaintune.export.variants.VARIANTS)."""
-        from domaintune.export.artifacts import load_variant
-        from domaintune.export.variants import canonical_variant
 
         model_dir = Path(model_dir)
         variant = canonical_variant(variant)
@@ -69,8 +70,6 @@ class Predictor:
         return self.runner.logits(list(texts), self.batch_size, self.max_length, mean_pooled)
 
     def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
-        from domaintune.evaluate.calibration import sigmoid, softmax
-
         if self.problem_type == "multi_label":
             return sigmoid(logits)
         return softmax(logits, self.temperature)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the endpoints' (string) annotations here
 
+from domaintune import __version__
 from domaintune.serve import openai
 from domaintune.serve.batcher import MicroBatcher, wrong_task
 from domaintune.serve.body import ApiError, check_texts, read_json
@@ -225,8 +226,6 @@ def _add_v2_routes(app, holder, batcher, settings) -> None:
 
     @app.get("/v2")
     async def server_metadata():
-        from domaintune import __version__
-
         return {"name": "domaintune", "version": __version__, "extensions": []}
 
     @app.get("/v2/models/{name}")

@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from domaintune.core.device import batch_size_for, resolve_device
 from domaintune.core.errors import DataError
 from domaintune.core.params import BaseParams, FinetuneParams, ParamsError, as_dict
 from domaintune.data.dataset import LABEL_SEPARATOR, encode_labels, split_labels
@@ -48,8 +49,11 @@ from domaintune.modeling.adapters import (
     quantize_encoder_4bit,
     target_modules,
 )
+from domaintune.modeling.encoders import predict_logits, save_classifier, set_threads
+from domaintune.train import distributed
 from domaintune.train.curves import write_curves
-from domaintune.train.engine import load_trainable_state
+from domaintune.train.distributed import shard
+from domaintune.train.engine import Engine, EngineConfig, load_trainable_state, param_groups
 from domaintune.train.runkey import run_key
 
 log = logging.getLogger("domaintune.training")
@@ -156,8 +160,6 @@ def _snapshot(model, names: set) -> dict:
 
 def finetune_device(base: BaseParams, ft: FinetuneParams) -> str:
     """base.device, unless the deprecated finetune.device names something other than auto."""
-    from domaintune.core.device import resolve_device
-
     if ft.device != "auto":
         return resolve_device(ft.device, "finetune.device")
     return resolve_device(base.device)
@@ -168,8 +170,6 @@ def _param_groups(model, trainable: list[tuple[str, Any]], ft: FinetuneParams, n
     """AdamW groups (engine.param_groups): no weight decay on bias/LayerNorm; layer-wise LR decay (each
     block below the top gets `layerwise_lr_decay` times the LR of the one above); one group per depth
     (gradual unfreezing switches whole depths)."""
-    from domaintune.train.engine import param_groups
-
     depth = lambda n: param_depth(n, num_layers)  # noqa: E731
     groups = param_groups(trainable, ft.lr, ft.weight_decay,
                           lr_scale=lambda n: ft.layerwise_lr_decay ** (num_layers + 1 - depth(n)), group_key=depth,
@@ -283,8 +283,6 @@ class FinetuneRun:
                  device: Optional[str] = None):
         import torch
 
-        from domaintune.core.device import batch_size_for
-        from domaintune.train import distributed
 
         self.base, self.ft, self.seed = base, ft, seed
         self.device = device or finetune_device(base, ft)
@@ -306,6 +304,7 @@ class FinetuneRun:
         """Encoder + head, the head fitted by a linear probe, the method applied (which weights train)."""
         import torch
 
+        # per call: tests patch this name in its module
         from domaintune.modeling.encoders import build_classifier, embed_texts, load_encoder, load_tokenizer
 
         ft = self.ft
@@ -334,7 +333,6 @@ class FinetuneRun:
     def _build_engine(self, checkpoint_dir: Optional[Path]) -> None:
         import torch
 
-        from domaintune.train.engine import Engine, EngineConfig
 
         ft = self.ft
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -374,7 +372,6 @@ class FinetuneRun:
     def validate(self) -> dict:
         import torch
 
-        from domaintune.modeling.encoders import predict_logits
 
         vl = predict_logits(self.model, self.tokenizer, self.val_texts, batch_size=self.eval_batch,
                             max_length=self.base.max_length)
@@ -405,8 +402,6 @@ class FinetuneRun:
     def train_step(self, idx: np.ndarray, epoch: int, t_train: float) -> dict:
         """One optimizer step on global batch `idx`: this process's share, in grad_accum micro-batches,
         each weighted by its share of the global batch."""
-        from domaintune.train.distributed import shard
-
         mine = shard(idx, self.world, self.rank)
         micro = [m for m in np.array_split(mine, self.ft.grad_accum) if len(m)]
         weights = [len(m) / len(idx) for m in micro]
@@ -492,6 +487,7 @@ class FinetuneRun:
         return self.finish(loop, stopped_early, time.perf_counter() - t_train, engine.step_count - start_step)
 
     def finish(self, loop: LoopState, stopped_early: bool, train_s: float, steps_run: int) -> dict:
+        # lazy: the name is also defined here
         from domaintune.modeling.encoders import count_parameters, predict_logits
 
         if self.best_state is not None and self.ft.restore_best:
@@ -526,9 +522,6 @@ def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str
 
     result: history (per-step loss, lr, grad norm; per-epoch validation metrics),
     best epoch, validation metrics of the returned weights, timing."""
-    from domaintune.modeling.encoders import set_threads
-    from domaintune.train import distributed
-
     if distributed.world_size() == 1:
         set_threads()
     run = FinetuneRun(train_df, val_df, labels, encoder_dir, base, ft, seed, checkpoint_dir)
@@ -576,9 +569,6 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
     base_encoder is what model.json records as the encoder (the path as given on the
     command line, e.g. "models/dapt"); defaults to encoder_dir.
     """
-    from domaintune.modeling.encoders import save_classifier
-    from domaintune.train import distributed
-
     validate_setup(ft, encoder_dir, finetune_device(base, ft))
     ckpt_root = Path(checkpoint_root) if checkpoint_root is not None else None
     keys = {s: run_key("finetune", ft, encoder_dir, max_length=base.max_length, data=data_hash, seed=s)

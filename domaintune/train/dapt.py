@@ -20,9 +20,12 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from domaintune.core.device import stage_device
 from domaintune.core.io import atomic_output, write_json
 from domaintune.core.params import BaseParams, DaptParams, as_dict
 from domaintune.data.dataset import read_dataset
+from domaintune.modeling.encoders import resolve_model
+from domaintune.train import distributed
 from domaintune.train.mlm import (
     INFO_FILE,
     adapt,
@@ -44,10 +47,6 @@ def run(in_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, base:
         checkpoint_root: Optional[str | Path] = None, progress: bool = True) -> dict:
     """The whole stage: read inputs, adapt (or pass through), write outputs atomically. Returns metrics.
     Under a multi-process launch every process trains and rank 0 alone writes."""
-    from domaintune.core.device import stage_device
-    from domaintune.modeling.encoders import resolve_model
-    from domaintune.train import distributed
-
     base_path = resolve_model(base.model)
     info = {"base_model": base.model, "base_path": base_path, "seed": base.seed, "params": as_dict(params)}
     history = []

@@ -14,6 +14,9 @@ import subprocess
 import sys
 from typing import Callable, Optional, Sequence
 
+from domaintune.core.io import read_json
+from domaintune.core.stage import StageError
+
 LAUNCHED_ENV = "DOMAINTUNE_LAUNCHED"
 
 
@@ -114,15 +117,11 @@ def run_in_processes(stage: str, argv: Sequence[str], p, metrics_path: str, trai
     """A stage's training entry: under `processes`/`nnodes` > 1, launch the stage's command in that many
     processes and wait (returns the metrics rank 0 wrote); otherwise (one process, or one of the launched)
     join the process group if there is one and run `train()`."""
-    from domaintune.core.stage import StageError
-
     rc = launch_if_wanted(stage, argv, p)
     if rc is not None:
         if rc:
             raise StageError(f"{p.processes * p.nnodes} training processes: a process failed (exit {rc}); "
                              "its error is above")
-        from domaintune.core.io import read_json
-
         return read_json(metrics_path)
     init_from_env()
     try:

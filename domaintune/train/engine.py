@@ -43,7 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from domaintune.core.device import resolve_device, use_bf16
 from domaintune.core.io import atomic_output, read_json, write_json
+from domaintune.core.progress import Progress
+from domaintune.train import distributed
 from domaintune.train.optim import lr_schedule, no_weight_decay
 
 log = logging.getLogger("domaintune.engine")
@@ -146,8 +149,6 @@ class Engine:
                  checkpoint_dir: Optional[str | os.PathLike] = None, device: Optional[str] = None):
         import torch
 
-        from domaintune.core.device import resolve_device, use_bf16
-        from domaintune.train import distributed
 
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
@@ -184,7 +185,6 @@ class Engine:
         (default: equal shares of this process's batch). Returns the step record added to history."""
         import torch
 
-        from domaintune.train import distributed
 
         n = len(micro_batches)
         weights = list(weights) if weights is not None else [1.0 / (n * self.world)] * n
@@ -218,8 +218,6 @@ class Engine:
     def save(self, loop_state: dict, extra_tensors: Optional[dict] = None) -> None:
         """Checkpoint everything (weights, AdamW moments, schedule, RNG, history) plus the caller's
         JSON-able loop state and optional named tensors. Rank 0 writes; the others wait for it."""
-        from domaintune.train import distributed
-
         if self.ckpt is None:
             return
         rng = distributed.gather_rng_states(self.device)  # every process's dropout stream (a collective)
@@ -292,7 +290,6 @@ def log_steps(live, history: list[dict], keys: dict) -> None:
 def _bar(label: Optional[str], total: int, initial: int):
     if not label:
         return None
-    from domaintune.core.progress import Progress
 
     return Progress(total, label, "step", initial=initial)
 
@@ -370,6 +367,7 @@ def load_checkpoint(ckpt_dir: Path, model, opt, sched, params: list) -> tuple[di
         _optimizer_from_tensors(opt, params, load_file(str(f)) if f.exists() else {}, state.pop("optimizer"))
     if sched is not None and "scheduler" in state:
         sched.load_state_dict(dict(state.pop("scheduler"), lr_lambdas=[None] * len(sched.lr_lambdas)))
+    # per call: tests patch this name in its module
     from domaintune.train.distributed import rank
 
     rng = load_file(str(ckpt_dir / "rng.safetensors"))

@@ -22,7 +22,10 @@ from domaintune.core.errors import DataError
 from domaintune.core.params import DaptParams, ParamsError
 from domaintune.data.sources import read_lines
 from domaintune.data.textnorm import normalise
+from domaintune.modeling.encoders import load_encoder, load_tokenizer
+from domaintune.train import distributed
 from domaintune.train.curves import CURVES, write_curves
+from domaintune.train.engine import Engine, EngineConfig, param_groups
 from domaintune.train.runkey import run_key
 
 log = logging.getLogger("domaintune.mlm")
@@ -377,7 +380,6 @@ def warm_up_head(model, blocks: MaskedBlocks, params: DaptParams, steps: int, se
     """
     import torch
 
-    from domaintune.train.engine import Engine, EngineConfig, param_groups
 
     if steps <= 0:
         return 0.0
@@ -438,8 +440,6 @@ class Prepared:
 
 def prepare(corpus: Corpus, base_path: str, params: DaptParams, seed: int) -> Prepared:
     """Tokenise, split off the held-out texts, pack both sides, and mask the held-out blocks once."""
-    from domaintune.modeling.encoders import load_tokenizer
-
     check_block_size(base_path, params.block_size)
     tok = load_tokenizer(base_path)
     vocab = Vocab.from_tokenizer(tok)
@@ -471,8 +471,6 @@ def adapt(corpus: Corpus, base_path: str, params: DaptParams, seed: int, device:
     """
     import torch
 
-    from domaintune.train import distributed
-    from domaintune.train.engine import Engine, EngineConfig, param_groups
 
     t_start = time.perf_counter()
     d = prepare(corpus, base_path, params, seed)
@@ -579,7 +577,6 @@ def save_encoder(model, tokenizer, base_path: str, out_dir: Path, seed: int) -> 
     import torch
     from safetensors.torch import save_file
 
-    from domaintune.modeling.encoders import load_encoder
 
     torch.manual_seed(seed)  # a checkpoint without pooler weights gets a repeatable one
     with _quiet_transformers():  # a missing pooler is expected and harmless (nothing downstream uses it)
@@ -603,7 +600,6 @@ def pass_through(base_path: str, out_dir: Path) -> str:
     """
     import shutil
 
-    from domaintune.modeling.encoders import load_encoder, load_tokenizer
 
     src = Path(base_path)
     shards = sorted(src.glob("model-*-of-*.safetensors")) if src.is_dir() else []

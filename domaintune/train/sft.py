@@ -21,12 +21,22 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from domaintune.core.device import stage_device
 from domaintune.core.io import write_json
 from domaintune.core.params import ParamsError, as_dict
 from domaintune.modeling import llm
+from domaintune.modeling.adapters import (
+    check_4bit_shapes,
+    check_target_modules,
+    quantize_encoder_4bit,
+    target_modules,
+)
 from domaintune.modeling.causal import RUN_FILE, encode_split, load_causal_lm, pairs
 from domaintune.modeling.encoders import resolve_model
+from domaintune.train import distributed
+from domaintune.train.classifier import finetune_device
 from domaintune.train.curves import write_curves
+from domaintune.train.engine import Engine, EngineConfig, param_groups
 from domaintune.train.runkey import run_key
 
 # ---------------------------------------------------------------- batches for the engine
@@ -110,9 +120,6 @@ def train(model, batches: Batches, steps: int, lr: float, warmup_ratio: float, w
     """Run the training engine on the causal-LM objective; returns history and throughput. Under a
     multi-process launch (domaintune.distributed) each process trains on its Shard of every global
     batch; rank 0 alone writes checkpoints."""
-    from domaintune.train import distributed
-    from domaintune.train.engine import Engine, EngineConfig, param_groups
-
     cfg = EngineConfig(lr=lr, total_steps=steps, warmup_steps=int(warmup_ratio * steps), scheduler=scheduler,
                        max_grad_norm=max_grad_norm, bf16=bf16, device=device, checkpoint_every=checkpoint_every,
                        grad_accum=grad_accum, optimizer=optimizer)
@@ -140,8 +147,6 @@ def dapt_generation(splits: dict[str, pd.DataFrame], corpus: list[str], base, p,
     helper process, which trains and writes nothing), returns the metrics."""
     import torch
 
-    from domaintune.core.device import stage_device
-    from domaintune.train import distributed
 
     model, tok = load_causal_lm(base.model)
     texts = list(corpus) + splits["train"]["text"].tolist() + splits["train"]["label"].tolist()
@@ -222,12 +227,6 @@ def apply_method(model, ft, device: str, seed: int):
         return model
     from peft import LoraConfig, get_peft_model
 
-    from domaintune.modeling.adapters import (
-        check_4bit_shapes,
-        check_target_modules,
-        quantize_encoder_4bit,
-        target_modules,
-    )
 
     targets = target_modules(model, ft.target_modules, causal=True)
     check_target_modules(model, targets)
@@ -246,9 +245,6 @@ def finetune_generation(splits: dict[str, pd.DataFrame], encoder_dir: str, base,
                         checkpoints: str, live: Path | None, data_hash: str) -> dict:
     """SFT on train, perplexity on validation; writes the model (or adapter) + tokenizer + run.json.
     out None: a data-parallel helper process, which trains on its shard and writes nothing."""
-    from domaintune.train import distributed
-    from domaintune.train.classifier import finetune_device
-
     device = finetune_device(base, ft)
     seed = ft.seeds[0]
     model, tok = load_causal_lm(encoder_dir)
