@@ -25,6 +25,7 @@ from domaintune.evaluate.summary import (
     load_metrics,
     write_summary,
 )
+from domaintune.monitor.settings import DEFAULTS, MonitorSettings
 from domaintune.registry import diff, plumbing, rollback, versions
 from domaintune.tasks import export_task, load_predictor  # the one loader of predict, serve and monitor
 from pipelines import predict as predict_command  # its own module; the import is light
@@ -168,10 +169,10 @@ def cmd_retrain(args) -> int:
 def cmd_monitor(args) -> int:
     _root(args, need_git=False)
     # lazy: loads numpy, pandas
-    from domaintune.monitor.monitoring import MonitorSettings, run_monitor  # checks before Prefect or a model
+    from domaintune.monitor.monitoring import run_monitor  # checks before Prefect or a model loads
 
     def as_flows(ms):
-        # lazy: loads numpy, pandas
+        # lazy: loads prefect
         from pipelines.monitor import run_flows
 
         _quiet_prefect()
@@ -259,8 +260,6 @@ def _add_retrain_options(p: argparse.ArgumentParser) -> None:
 def add_monitor_options(p: argparse.ArgumentParser) -> None:
     """The `domaintune monitor` options; defaults from MonitorSettings (the flows' parameters use the same)."""
     # lazy: loads numpy, pandas
-    from domaintune.monitor.monitoring import DEFAULTS
-
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--batch", help="file of new texts: csv, tsv, jsonl or parquet with a text column, or txt with "
                      "one text per line (UTF-8)")

@@ -13,7 +13,8 @@ import os
 import sys
 from typing import Sequence
 
-from domaintune.monitor.monitoring import DEFAULTS, MonitorSettings, check_arguments, run_local, telemetry_off
+from domaintune.monitor.monitoring import check_arguments, run_local, telemetry_off
+from domaintune.monitor.settings import DEFAULTS, MonitorSettings
 from domaintune.tasks import export_task, load_predictor  # the one loader of predict, serve and monitor
 
 telemetry_off()

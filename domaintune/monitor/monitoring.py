@@ -31,7 +31,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,37 +42,13 @@ from domaintune.data.sources import read_file, read_lines
 from domaintune.modeling.encoders import set_threads
 from domaintune.monitor.drift import PRED_COLUMN, Baseline, judge, validation_frame
 from domaintune.monitor.report import DetailsProcess, write_report
+from domaintune.monitor.settings import MonitorSettings
 
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 BATCH_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 HISTORY_COLUMNS = ("time", "index", "batch", "sha256", "rows", "drift", "estimated_accuracy", "accuracy_low",
                    "accuracy_high", "reference_accuracy", "min_p_value", "drifted", "alarm", "error")
 REVIEW_COLUMNS = ("id", "text", "label", "predicted_label", "confidence", "batch")
-
-
-@dataclass(frozen=True)
-class MonitorSettings:
-    """What `domaintune monitor` judges and where it writes (paths relative to `repo`): the one source of its
-    defaults, for the CLI's options and the Prefect flows' parameters alike."""
-    repo: str = "."
-    batch: str | None = None     # one batch file, or
-    watch: str | None = None     # a folder of incoming batch files
-    baseline: str = "models/drift_baseline"
-    model: str = "models/export"
-    out: str = "reports/monitor"
-    text_column: str = "text"
-    history: str = "reports/monitor_history.csv"
-    review_queue: str = "data/review_queue.csv"
-    alarm_command: str | None = None  # None: params.yaml's drift.alarm_command
-    alarm_webhook: str | None = None  # None: params.yaml's drift.alarm_webhook
-
-    @classmethod
-    def of(cls, values: dict) -> "MonitorSettings":
-        """From a mapping with these keys among others (e.g. the CLI's parsed options)."""
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
-
-
-DEFAULTS = {f.name: f.default for f in fields(MonitorSettings)}
 
 
 def telemetry_off() -> None:
