@@ -23,8 +23,7 @@ loss function over a batch::
 
     batches = MyBatches(...)             # iterable; state_dict()/load_state_dict() for exact resume
     history = engine.fit(loss_fn, batches, progress="sft")   # resumes if a checkpoint exists
-    with dvclive.Live(dir="reports/sft/live", save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        log_steps(live, history, {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm"})
+    write_curves("reports/sft/live", history)   # domaintune/train/curves.py: the one DVCLive writer
 
 `fit` pulls `grad_accum` batches per optimizer step, moves tensors (dicts / tuples of
 tensors) to the device, and stops at `total_steps`. An objective that needs its own loop
@@ -274,17 +273,6 @@ class Engine:
 
         if self.ckpt is not None and self.rank == 0:
             shutil.rmtree(self.ckpt.parent, ignore_errors=True)
-
-
-def log_steps(live, history: list[dict], keys: dict) -> None:
-    """DVCLive curves from an engine history: record[key] logged as metric keys[key] at record["step"]
-    (records without the key are skipped). Drawn from the history a checkpoint carries, a resumed run
-    logs one continuous curve."""
-    for rec in history:
-        live.step = rec["step"]
-        for key, name in keys.items():
-            if key in rec:
-                live.log_metric(name, rec[key], plot=True)
 
 
 def _bar(label: Optional[str], total: int, initial: int):
