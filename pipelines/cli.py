@@ -55,7 +55,7 @@ def _expected_errors() -> tuple[type, ...]:
     modules already imported (an exception cannot come from one that is not): reporting an error never
     imports pandas or Prefect."""
     found = [CliError]
-    for module, name in (("domaintune.core.errors", "DataError"), ("domaintune.core.params", "ParamsError"),
+    for module, name in (("domaintune.core.errors", "DataError"), ("domaintune.core.errors", "ParamsError"),
                          ("domaintune.registry.plumbing", "RegistryError"), ("pipelines.retrain", "StageFailed")):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))

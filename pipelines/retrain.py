@@ -30,7 +30,8 @@ from typing import Sequence
 
 from prefect import flow, get_run_logger, task
 
-from domaintune.core.params import ParamsError, load_all
+from domaintune.core.errors import ParamsError
+from domaintune.core.params import load_all
 from domaintune.evaluate.summary import write_summary
 from domaintune.registry import plumbing, rollback, versions
 

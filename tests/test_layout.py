@@ -48,3 +48,14 @@ def test_project_imports_inside_functions_say_why():
                 reasons = ("# lazy:", "# per call:", "try:", "if ")
                 assert above.startswith(reasons) or lines[node.lineno - 3].strip().startswith(reasons), \
                     f"{rel}:{node.lineno}: from {node.module} import ... inside a function without a reason"
+
+
+@pytest.mark.parametrize("package", sorted(p.parent.relative_to(REPO).as_posix()
+                                           for p in (REPO / "domaintune").glob("*/__init__.py")
+                                           if p.parent.name != "tasks"))
+def test_each_package_docstring_lists_exactly_its_modules(package):
+    doc = ast.get_docstring(ast.parse((REPO / package / "__init__.py").read_text()))
+    listed = set(re.findall(r"^-?\s*(\w+\.py)\b", doc, flags=re.M))
+    present = {p.name for p in (REPO / package).glob("*.py") if p.name != "__init__.py"}
+    assert listed == present, f"{package}/__init__.py lists {sorted(listed - present)} that do not exist and " \
+                              f"misses {sorted(present - listed)}"

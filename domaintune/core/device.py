@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from domaintune.core.params import ParamsError
+from domaintune.core.errors import ParamsError
 
 log = logging.getLogger("domaintune.device")
 

@@ -1,4 +1,5 @@
-"""The project's error types: each becomes one line naming file, row and field (exit 2)."""
+"""The project's error types: each is one line for the user (file, row and field; the params key; why a stage
+refused) and exit code 2, never a traceback."""
 from __future__ import annotations
 
 import os
@@ -16,3 +17,11 @@ class DataError(ValueError):
             where.append(f"field {field!r}")
         super().__init__(f"{': '.join(where)}: {problem}")
 
+
+
+class ParamsError(ValueError):
+    """A params.yaml section has an unknown key or a bad value."""
+
+
+class StageError(RuntimeError):
+    """A stage refused to continue (e.g. a failed quality gate); the message says why."""

@@ -15,9 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ParamsError(ValueError):
-    """A params.yaml section has an unknown key or a bad value."""
+from domaintune.core.errors import ParamsError
 
 
 def _check(cond: bool, section: str, key: str, msg: str) -> None:

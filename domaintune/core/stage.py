@@ -17,13 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
-from domaintune.core.errors import DataError
-from domaintune.core.params import ParamsError
-
-
-class StageError(RuntimeError):
-    """A stage refused to continue (e.g. a failed quality gate); the message says why."""
-
+from domaintune.core.errors import DataError, ParamsError, StageError
 
 # Command-line destinations that name what a stage writes; every other string argument
 # (--in, --source, --params, --model, --decisions, ...) is read.

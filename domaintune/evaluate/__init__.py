@@ -2,6 +2,8 @@
 
 - calibration.py  scoring rules, reliability bins, temperature scaling, thresholds
 - report.py       plots and Markdown tables of the evaluate stage
+- classifier.py   the evaluate stage's work for a classifier: calibrate, score, gate, report
+- audit.py        the cleanlab label audit (labels that are classes; also a declared label set)
 - generation.py   evaluation of a tuned causal LM (perplexity, samples, label-set accuracy)
 - genaudit.py     the audit of prompt/response data (what hurts SFT)
 - summary.py      the run summary (metrics/summary.json, ten lines)

@@ -48,10 +48,10 @@ import numpy as np
 import pandas as pd
 
 from domaintune.core.device import stage_device
-from domaintune.core.errors import DataError
+from domaintune.core.errors import DataError, StageError
 from domaintune.core.io import atomic_output, write_json
 from domaintune.core.params import AuditParams, BaseParams, as_dict, load_params
-from domaintune.core.stage import StageError, StageIO
+from domaintune.core.stage import StageIO
 from domaintune.data.dataset import (
     SPLITS,
     check_splits_kept,

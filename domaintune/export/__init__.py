@@ -1,6 +1,8 @@
 """Exports: every variant's writer, the quantised and ONNX variants, the model card.
 
-- artifacts.py   the export variants (float32, int8, ONNX, ONNX int8): writers and loaders
+- variants.py    the one list of export variants (light: the CLI reads it)
+- artifacts.py   each variant's writer and loader (float32, int8, ONNX, ONNX int8)
+- classifier.py  the export stage's work for a classifier: merge, write, verify every variant, card
 - modelcard.py   the model card (README.md of the export)
 - generation.py  the merged causal-LM export
 

@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 
 from domaintune.core.device import stage_device
-from domaintune.core.errors import DataError
+from domaintune.core.errors import DataError, StageError
 from domaintune.core.io import atomic_output, read_json, write_json
 from domaintune.core.params import as_dict, load_params
-from domaintune.core.stage import StageError, StageIO
+from domaintune.core.stage import StageIO
 from domaintune.data.dataset import encode_labels, read_dataset
 from domaintune.evaluate import calibration as cal
 from domaintune.export import artifacts

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from domaintune.core.device import stage_device
-from domaintune.core.stage import StageError
+from domaintune.core.errors import StageError
 from domaintune.modeling import llm
 from domaintune.modeling.causal import encode_split, load_tuned
 

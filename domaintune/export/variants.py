@@ -6,7 +6,7 @@ writer, loader and verification in domaintune/export/.
 """
 from __future__ import annotations
 
-from domaintune.core.params import ParamsError
+from domaintune.core.errors import ParamsError
 
 VARIANTS = ("float32", "int8", "onnx", "onnx-int8")
 ALIASES = {"float": "float32"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence
 
-from domaintune.core.params import ParamsError
+from domaintune.core.errors import ParamsError
 
 
 def encoder_layers(encoder):

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from domaintune.core.params import ParamsError
+from domaintune.core.errors import ParamsError
 from domaintune.modeling import llm
 from domaintune.modeling.adapters import quantize_encoder_4bit
 from domaintune.modeling.encoders import resolve_model

@@ -2,7 +2,6 @@
 
 - drift.py       reference profiles and batch verdicts (the drift stage and `domaintune monitor`)
 - stats.py       two-sample tests with calibrated nulls; the label-free accuracy estimate
-- generation.py  the drift baseline of a causal-LM export
 - settings.py    MonitorSettings: the monitor's paths and their defaults (light: the CLI's --help reads it)
 - monitoring.py  `domaintune monitor`: batches, folders, history, review queue, alarms
 - report.py      the monitor's HTML report

@@ -1,4 +1,5 @@
-"""Prediction: one loader for every export of every task, and batch prediction over files.
+"""Prediction: the predictors behind every export (opened by domaintune.tasks.load_predictor, the one loader),
+and batch prediction over files.
 
 - predictor.py   Predictor: calibrated predictions from a classifier export
 - generation.py  GenerationPredictor: a causal-LM export behind the same interface

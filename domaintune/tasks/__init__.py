@@ -16,9 +16,9 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-from domaintune.core.errors import DataError
+from domaintune.core.errors import DataError, ParamsError
 from domaintune.core.io import read_json
-from domaintune.core.params import ParamsError, load_params
+from domaintune.core.params import load_params
 from domaintune.core.stage import StageIO
 from domaintune.export.variants import check_variants
 

@@ -1,11 +1,14 @@
 """Training: one engine, data parallelism, and the objectives it drives.
 
-- engine.py       the training loop (steps, accumulation, checkpoints, exact resume, DVCLive)
+- engine.py       the training loop (steps, accumulation, checkpoints, exact resume)
 - distributed.py  data-parallel processes (torchrun; gloo on CPU)
 - optim.py        weight-decay groups and LR schedules
 - classifier.py   fine-tuning an encoder classifier (full / freeze / LoRA / QLoRA / head, multi-seed)
 - mlm.py          masked-LM domain-adaptive pre-training
 - sft.py          causal-LM continued pre-training and supervised fine-tuning
+- dapt.py         the MLM DAPT of an encoder (read, adapt or pass through, write)
+- runkey.py       the one run key: which checkpoint a run may resume from
+- curves.py       the one DVCLive writer and the curve names
 
 Nothing is imported here: import the module you need, so a stage (and its DVC deps) loads only
 what it uses and the CLI answers --help at once.

@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 
 from domaintune.core.device import batch_size_for, resolve_device
-from domaintune.core.errors import DataError
-from domaintune.core.params import BaseParams, FinetuneParams, ParamsError, as_dict
+from domaintune.core.errors import DataError, ParamsError
+from domaintune.core.params import BaseParams, FinetuneParams, as_dict
 from domaintune.data.dataset import LABEL_SEPARATOR, encode_labels, split_labels
 from domaintune.modeling.adapters import (
     check_4bit_shapes,

@@ -14,8 +14,8 @@ import subprocess
 import sys
 from typing import Callable, Optional, Sequence
 
+from domaintune.core.errors import StageError
 from domaintune.core.io import read_json
-from domaintune.core.stage import StageError
 
 LAUNCHED_ENV = "DOMAINTUNE_LAUNCHED"
 

@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from domaintune.core.errors import DataError
-from domaintune.core.params import DaptParams, ParamsError
+from domaintune.core.errors import DataError, ParamsError
+from domaintune.core.params import DaptParams
 from domaintune.data.sources import read_lines
 from domaintune.data.textnorm import normalise
 from domaintune.modeling.encoders import load_encoder, load_tokenizer

@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 
 from domaintune.core.device import stage_device
+from domaintune.core.errors import ParamsError
 from domaintune.core.io import write_json
-from domaintune.core.params import ParamsError, as_dict
+from domaintune.core.params import as_dict
 from domaintune.modeling import llm
 from domaintune.modeling.adapters import (
     check_4bit_shapes,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from domaintune.core.params import SECTIONS, ParamsError, load_all, parse_section
+from domaintune.core.errors import ParamsError
+from domaintune.core.params import SECTIONS, load_all, parse_section
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,9 +22,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from domaintune.core.errors import DataError
+from domaintune.core.errors import DataError, StageError
 from domaintune.core.io import atomic_output, read_json
-from domaintune.core.stage import StageError, check_paths_apart
+from domaintune.core.stage import check_paths_apart
 from domaintune.data.dataset import read_dataset
 from domaintune.data.sources import raise_problems, read_file
 from stages import dedupe as dedupe_stage

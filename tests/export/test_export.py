@@ -359,7 +359,7 @@ def test_the_accuracy_gate_never_fails_on_a_single_test_row():
     the allowance is at least one row, so one flip passes and two fail, naming both numbers."""
     from types import SimpleNamespace
 
-    from domaintune.core.stage import StageError
+    from domaintune.core.errors import StageError
 
     params = SimpleNamespace(max_accuracy_drop=0.5, max_ece_increase=1.0)
     ref = {"accuracy": 168 / 177, "ece": 0.07}

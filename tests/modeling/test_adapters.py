@@ -5,7 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from domaintune.core.params import FinetuneParams, ParamsError
+from domaintune.core.errors import ParamsError
+from domaintune.core.params import FinetuneParams
 from domaintune.modeling import tinyllm
 from domaintune.modeling.adapters import check_target_modules, target_modules
 from domaintune.modeling.encoders import load_encoder

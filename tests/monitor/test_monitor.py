@@ -204,7 +204,8 @@ def test_flow_flag_runs_the_same_work_as_a_prefect_flow(project, prefect_harness
 
 
 def test_drift_params_are_checked():
-    from domaintune.core.params import DriftParams, ParamsError
+    from domaintune.core.errors import ParamsError
+    from domaintune.core.params import DriftParams
 
     for bad in ({"false_alarm_rate": 0.0}, {"false_alarm_rate": 1.5}, {"calibration_resamples": 5},
                 {"alarm_webhook": "ftp://x"}, {"review_below": 2.0}, {"min_effect": -0.1}, {"min_effect": 1.0},

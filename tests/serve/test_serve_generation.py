@@ -143,10 +143,12 @@ def test_completions_answer_each_prompt_with_the_exports_defaults(server, local)
 
 
 @pytest.mark.parametrize("max_tokens", [1, 3, 7])
-def test_max_tokens_bounds_the_tokens_generated(server, max_tokens):
+def test_max_tokens_bounds_the_tokens_generated(server, local, max_tokens):
     r = server.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": max_tokens}).json()
     [choice], used = r["choices"], r["usage"]["completion_tokens"]
     assert 1 <= used <= max_tokens
+    want = local.generate([PROMPTS[0]], max_new_tokens=max_tokens)[0]  # the same greedy run, in-process
+    assert (used, choice["text"]) == (want.completion_tokens, want.text)
     assert (used == max_tokens) == (choice["finish_reason"] == "length")
     s = server.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": max_tokens, "stream": True})
     deltas = [e["choices"][0]["text"] for e in sse(s)[:-1] if e["choices"][0]["finish_reason"] is None]

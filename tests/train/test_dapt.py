@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from domaintune.core.errors import DataError
-from domaintune.core.params import BaseParams, DaptParams, ParamsError
+from domaintune.core.errors import DataError, ParamsError
+from domaintune.core.params import BaseParams, DaptParams
 from domaintune.data.dataset import write_dataset
 from domaintune.train import dapt as dapt_lib
 from domaintune.train import mlm

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from domaintune.core import device as dev
-from domaintune.core.params import ParamsError
+from domaintune.core.errors import ParamsError
 from domaintune.train.engine import CRASH_ENV, Engine, EngineConfig, TrainingCrash, param_groups
 
 

@@ -7,8 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from domaintune.core.errors import StageError
 from domaintune.core.params import BaseParams, FinetuneParams
-from domaintune.core.stage import StageError, StageIO
+from domaintune.core.stage import StageIO
 from domaintune.evaluate.genaudit import audit_generation
 from domaintune.evaluate.generation import evaluate_generation
 from domaintune.export.generation import merged_for_export
@@ -84,7 +85,7 @@ def test_crashed_sft_resumes_to_the_same_weights(tmp_path, model_dir, splits, mo
 
 
 def test_generation_methods_refuse_classifier_ones(tmp_path, model_dir, splits):
-    from domaintune.core.params import ParamsError
+    from domaintune.core.errors import ParamsError
 
     with pytest.raises(ParamsError, match="finetune.method: 'head' is for classification"):
         _run(tmp_path, model_dir, splits, method="head")

@@ -10,7 +10,8 @@ import yaml
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 
-from domaintune.core.params import BaseParams, FinetuneParams, ParamsError
+from domaintune.core.errors import ParamsError
+from domaintune.core.params import BaseParams, FinetuneParams
 from domaintune.train import engine, sft
 
 

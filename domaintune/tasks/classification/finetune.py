@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from domaintune.core.errors import ParamsError
 from domaintune.core.io import atomic_output, write_json
-from domaintune.core.params import ParamsError, load_params
+from domaintune.core.params import load_params
 from domaintune.core.stage import StageIO
 from domaintune.data.dataset import read_dataset, read_hashes
 from domaintune.train import distributed
