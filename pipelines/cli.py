@@ -259,7 +259,6 @@ def _add_retrain_options(p: argparse.ArgumentParser) -> None:
 
 def add_monitor_options(p: argparse.ArgumentParser) -> None:
     """The `domaintune monitor` options; defaults from MonitorSettings (the flows' parameters use the same)."""
-    # lazy: loads numpy, pandas
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--batch", help="file of new texts: csv, tsv, jsonl or parquet with a text column, or txt with "
                      "one text per line (UTF-8)")

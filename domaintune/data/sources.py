@@ -82,11 +82,16 @@ def iter_parts(table: RawTable, rows: int):
         yield table.slice(start, start + rows)
 
 
+def _bom_length(path: Path, head: bytes) -> int:
+    """How many bytes a file's start `head` spends on a UTF-8 BOM (0 or 3); a UTF-16 file is refused."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(path, None, None, "file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8")
+    return len(_BOM) if head.startswith(_BOM) else 0
+
+
 def _decode(path: Path) -> tuple[str, int]:
     raw = path.read_bytes()
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError(path, None, None, "file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8")
-    skip = len(_BOM) if raw.startswith(_BOM) else 0
+    skip = _bom_length(path, raw)
     return raw[skip:].decode("utf-8", errors="surrogateescape"), skip
 
 
@@ -241,10 +246,7 @@ def _stream_records(path: Path, delim: str, size: int):
         if not eof:
             raw, off = nxt
             if off == 0:
-                if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-                    raise DataError(path, None, None, "file is UTF-16 (it starts with a UTF-16 byte order mark); "
-                                                      "save it as UTF-8")
-                skip = len(_BOM) if raw.startswith(_BOM) else 0
+                skip = _bom_length(path, raw)
                 raw, off = raw[skip:], skip
                 if b"\n" not in raw and b"\r" in raw:  # the first piece is the whole file when it has no line end
                     raise DataError(path, None, None, "lines end with a lone carriage return (old Mac style); save "
@@ -371,11 +373,8 @@ def _jsonl_lines(path: Path):
     lineno = 0
     for raw, off in _pieces(path, CSV_BLOCK_BYTES):
         if off == 0:
-            if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-                raise DataError(path, None, None, "file is UTF-16 (it starts with a UTF-16 byte order mark); "
-                                                  "save it as UTF-8")
-            if raw.startswith(_BOM):
-                raw, off = raw[len(_BOM):], len(_BOM)
+            skip = _bom_length(path, raw)
+            raw, off = raw[skip:], skip
         lines = raw.split(b"\n")
         if raw.endswith(b"\n"):
             lines.pop()  # the piece's last line end closes its last line
@@ -559,11 +558,7 @@ def iter_text_lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
     if not path.is_file():
         raise DataError(path, None, None, "file not found" if not path.exists() else "not a regular file")
     with open(path, "rb") as fh:
-        head = fh.read(len(_BOM))
-        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-            raise DataError(path, None, None, "file is UTF-16 (it starts with a UTF-16 byte order mark); save it as "
-                                              "UTF-8")
-        byte_pos = len(_BOM) if head == _BOM else 0
+        byte_pos = _bom_length(path, fh.read(len(_BOM)))
         fh.seek(byte_pos)
         for n, raw in enumerate(fh, start=1):
             body = raw[:-1] if raw.endswith(b"\n") else raw

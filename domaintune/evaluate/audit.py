@@ -47,6 +47,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from domaintune.core import device as devices
 from domaintune.core.device import stage_device
 from domaintune.core.errors import DataError, StageError
 from domaintune.core.io import atomic_output, write_json
@@ -61,6 +62,7 @@ from domaintune.data.dataset import (
     write_dataset,
 )
 from domaintune.evaluate import calibration as cal
+from domaintune.modeling import encoders
 from domaintune.modeling.embeddings import cached_embeddings, encoder_fingerprint
 from domaintune.modeling.encoders import resolve_model
 
@@ -170,17 +172,13 @@ def embed_splits(splits: dict[str, pd.DataFrame], encoder_path: str, cache_dir: 
     seconds = {"embed": 0.0}
 
     def compute() -> np.ndarray:
-        # per call: tests patch this name in its module
-        from domaintune.modeling.encoders import embed_texts, load_encoder, load_tokenizer, set_threads
-
         t0 = time.perf_counter()
-        set_threads()
-        # per call: tests patch this name in its module
-        from domaintune.core.device import batch_size_for, place_for_inference
-
-        tok, enc = load_tokenizer(encoder_path), place_for_inference(load_encoder(encoder_path), device)
-        emb = embed_texts(enc, tok, texts, batch_size=batch_size_for(device, batch_size, max(256, batch_size)),
-                          max_length=max_length, pooling="mean")
+        encoders.set_threads()
+        # module attributes, looked up per call: tests replace them there
+        tok = encoders.load_tokenizer(encoder_path)
+        enc = devices.place_for_inference(encoders.load_encoder(encoder_path), device)
+        emb = encoders.embed_texts(enc, tok, texts, max_length=max_length, pooling="mean",
+                                   batch_size=devices.batch_size_for(device, batch_size, max(256, batch_size)))
         seconds["embed"] = time.perf_counter() - t0
         log.info("embedded %d texts in %.1fs", len(texts), seconds["embed"])
         return emb

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from domaintune.core import device as devices
 from domaintune.core.device import stage_device
 from domaintune.core.errors import DataError, StageError
 from domaintune.core.io import atomic_output, read_json, write_json
@@ -332,13 +333,10 @@ def render_markdown(res: EvalResult, metrics: dict, meta: dict, seeds: dict | No
 # ---------------------------------------------------------------- model running
 def model_logits(model_dir: str | Path, splits: dict[str, pd.DataFrame], batch_size: int,
                  names=("validation", "test"), device: str = "cpu") -> tuple[dict, dict[str, np.ndarray]]:
-    # per call: tests patch this name in its module
-    from domaintune.core.device import batch_size_for, place_for_inference
-
     set_threads()
     model, tok, meta = load_classifier(model_dir)
-    place_for_inference(model, device)  # half precision on CUDA (tolerance: tests/train/test_engine.py)
-    batch_size = batch_size_for(device, batch_size, max(256, batch_size))
+    devices.place_for_inference(model, device)  # half precision on CUDA (tolerance: tests/train/test_engine.py)
+    batch_size = devices.batch_size_for(device, batch_size, max(256, batch_size))
     logits = {n: predict_logits(model, tok, splits[n]["text"].tolist(), batch_size, int(meta.get("max_length", 128)))
               for n in names}
     return meta, logits

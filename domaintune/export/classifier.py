@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from domaintune.core import device as devices
 from domaintune.core.device import stage_device
 from domaintune.core.errors import DataError, StageError
 from domaintune.core.io import atomic_output, read_json, write_json
@@ -140,18 +141,15 @@ def read_inputs(io: StageIO) -> dict:
 
 def merged_model(model_dir: str, texts: list[str], params, ml: int, device: str = "cpu"):
     """(merged model, tokenizer, meta, unmerged runner timing, merged logits, merge check)."""
-    # per call: tests patch this name in its module
-    from domaintune.core.device import place_for_inference
-
     model, tok, meta = load_classifier(model_dir)
-    place_for_inference(model, device, half=False)  # verified on base.device, in float32
+    devices.place_for_inference(model, device, half=False)  # verified on base.device, in float32
     bs, latency = params.batch_size, (params.latency_repeats, params.latency_single_texts)
     had_adapter = bool(meta.get("adapter"))
     unmerged_logits, unmerged_timing = time_runner(TorchRunner(model, tok), texts, bs, ml, *latency)
     if had_adapter:
         del model
         merged, tok, _ = load_classifier(model_dir, merge=True)
-        place_for_inference(merged, device, half=False)
+        devices.place_for_inference(merged, device, half=False)
         merged_logits = TorchRunner(merged, tok).logits(texts, bs, ml)
     else:  # nothing to merge: the loaded model is the merged one
         merged, merged_logits = model, unmerged_logits

@@ -221,8 +221,6 @@ def evaluation_section(inputs: dict) -> list[str]:
 
 
 def variants_section(variants: dict, merge_check: dict, params) -> list[str]:
-    # lazy: loads numpy
-
     rows = [{"variant": k, "folder": VARIANT_TEXT[k].split(" ", 1)[0], "accuracy": pct(v["accuracy"]),
              "macro-F1": fmt(v["macro_f1"]), "ECE": fmt(v["ece"]),
              "agrees with float32": pct(v.get("agreement_with_float32")), "size (MB)": f"{v['size_bytes'] / 1e6:.1f}",

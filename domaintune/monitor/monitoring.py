@@ -40,7 +40,7 @@ from domaintune.core.io import atomic_output, write_json
 from domaintune.core.params import load_params
 from domaintune.data.sources import read_file, read_lines
 from domaintune.modeling.encoders import set_threads
-from domaintune.monitor.drift import PRED_COLUMN, Baseline, judge, validation_frame
+from domaintune.monitor.drift import CONF_COLUMN, PRED_COLUMN, Baseline, judge, validation_frame
 from domaintune.monitor.report import DetailsProcess, write_report
 from domaintune.monitor.settings import MonitorSettings
 
@@ -177,9 +177,6 @@ def seen_hashes(path: Path) -> set[str]:
 def append_review_queue(path: Path, prof, below: float, batch: str, sha: str) -> int:
     """The batch's texts under `below` confidence, in ingest's CSV format (label empty until reviewed).
     Ids are <batch sha256 prefix>:<row>, so a re-queued batch cannot collide with another."""
-    # lazy: the name is also defined here
-    from domaintune.monitor.drift import CONF_COLUMN, PRED_COLUMN
-
     conf = prof.frame[CONF_COLUMN].to_numpy()
     rows = [i for i in range(len(prof.texts)) if conf[i] < below]
     if not rows:
@@ -269,8 +266,6 @@ def monitor_folder(folder: Path, predictor, params, s: dict) -> list[dict]:
 def run_local(ms: MonitorSettings, texts: list[str], load: Callable) -> list[dict]:
     """The one-shot (or one watch pass) in this process: load the model once (`load(folder, batch_size=,
     device=)`, the caller's loader), judge."""
-    # lazy: loads yaml
-
     root = Path(ms.repo)
     base, params = load_params(root / "params.yaml", "base", "drift")
     s = _settings(ms, root, params)

@@ -112,13 +112,18 @@ def _common(body: dict, fields: set[str], settings) -> dict:
             "stream": bool(stream), "include_usage": bool((options or {}).get("include_usage"))}
 
 
-def parse_completion(body, settings) -> GenerationRequest:
+def _opened(body, field: str, shape: str, allowed, settings) -> tuple[dict, object]:
+    """(the common options, body[field]) of a /v1 request body, or a 422 naming what is wrong."""
     if not isinstance(body, dict):
-        raise ApiError(422, f'expected a JSON object {{"prompt": ...}}, got {type(body).__name__}')
-    opts = _common(body, COMPLETION_FIELDS, settings)
-    if "prompt" not in body:
-        raise ApiError(422, "missing field", "prompt")
-    prompt = body["prompt"]
+        raise ApiError(422, f'expected a JSON object {{"{field}": {shape}}}, got {type(body).__name__}')
+    opts = _common(body, allowed, settings)
+    if field not in body:
+        raise ApiError(422, "missing field", field)
+    return opts, body[field]
+
+
+def parse_completion(body, settings) -> GenerationRequest:
+    opts, prompt = _opened(body, "prompt", "...", COMPLETION_FIELDS, settings)
     if isinstance(prompt, list) and prompt and all(isinstance(t, (int, list)) for t in prompt):
         raise ApiError(422, "token-id prompts are not supported: send text", "prompt")
     if not isinstance(prompt, str):
@@ -142,12 +147,7 @@ def _content(m: dict, where: str):
 
 
 def parse_chat(body, settings) -> GenerationRequest:
-    if not isinstance(body, dict):
-        raise ApiError(422, f'expected a JSON object {{"messages": [...]}}, got {type(body).__name__}')
-    opts = _common(body, CHAT_FIELDS, settings)
-    if "messages" not in body:
-        raise ApiError(422, "missing field", "messages")
-    msgs = body["messages"]
+    opts, msgs = _opened(body, "messages", "[...]", CHAT_FIELDS, settings)
     if not isinstance(msgs, list) or not msgs:
         raise ApiError(422, "expected a non-empty list of messages", "messages")
     if len(msgs) > settings.max_texts:

@@ -40,6 +40,7 @@ from domaintune.core.device import batch_size_for, resolve_device
 from domaintune.core.errors import DataError, ParamsError
 from domaintune.core.params import BaseParams, FinetuneParams, as_dict
 from domaintune.data.dataset import LABEL_SEPARATOR, encode_labels, split_labels
+from domaintune.modeling import encoders
 from domaintune.modeling.adapters import (
     check_4bit_shapes,
     check_target_modules,
@@ -49,7 +50,7 @@ from domaintune.modeling.adapters import (
     quantize_encoder_4bit,
     target_modules,
 )
-from domaintune.modeling.encoders import predict_logits, save_classifier, set_threads
+from domaintune.modeling.encoders import count_parameters, predict_logits, save_classifier, set_threads
 from domaintune.train import distributed
 from domaintune.train.curves import write_curves
 from domaintune.train.distributed import shard
@@ -304,20 +305,18 @@ class FinetuneRun:
         """Encoder + head, the head fitted by a linear probe, the method applied (which weights train)."""
         import torch
 
-        # per call: tests patch this name in its module
-        from domaintune.modeling.encoders import build_classifier, embed_texts, load_encoder, load_tokenizer
-
+        # encoders.* are looked up per call: tests replace them in their module
         ft = self.ft
-        self.tokenizer = load_tokenizer(encoder_dir)
+        self.tokenizer = encoders.load_tokenizer(encoder_dir)
         # fp32 master weights whatever the checkpoint's dtype (transformers v5 loads fp16 files as fp16);
         # bf16 speed comes from autocast, not from bf16 weights.
-        encoder = load_encoder(encoder_dir).float()
-        self.model = build_classifier(encoder, len(self.names), ft.pooling, ft.head_dropout).to(self.device)
+        encoder = encoders.load_encoder(encoder_dir).float()
+        self.model = encoders.build_classifier(encoder, len(self.names), ft.pooling, ft.head_dropout).to(self.device)
         self.num_layers = len(encoder_layers(encoder))
         t0 = time.perf_counter()
         self.feats = None
         if ft.head_init == "probe" or ft.method == "head":
-            self.feats = embed_texts(encoder, self.tokenizer, self.texts, batch_size=self.eval_batch,
+            self.feats = encoders.embed_texts(encoder, self.tokenizer, self.texts, batch_size=self.eval_batch,
                                      max_length=self.base.max_length, pooling=ft.pooling)
         if ft.head_init == "probe":
             W, b = probe_head(self.feats, self.y_train, ft.problem_type, len(self.names), ft.probe_C, self.seed)
@@ -487,9 +486,6 @@ class FinetuneRun:
         return self.finish(loop, stopped_early, time.perf_counter() - t_train, engine.step_count - start_step)
 
     def finish(self, loop: LoopState, stopped_early: bool, train_s: float, steps_run: int) -> dict:
-        # lazy: the name is also defined here
-        from domaintune.modeling.encoders import count_parameters, predict_logits
-
         if self.best_state is not None and self.ft.restore_best:
             load_trainable_state(self.model, self.best_state)
         for p in self.model.parameters():

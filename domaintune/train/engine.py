@@ -355,11 +355,8 @@ def load_checkpoint(ckpt_dir: Path, model, opt, sched, params: list) -> tuple[di
         _optimizer_from_tensors(opt, params, load_file(str(f)) if f.exists() else {}, state.pop("optimizer"))
     if sched is not None and "scheduler" in state:
         sched.load_state_dict(dict(state.pop("scheduler"), lr_lambdas=[None] * len(sched.lr_lambdas)))
-    # per call: tests patch this name in its module
-    from domaintune.train.distributed import rank
-
     rng = load_file(str(ckpt_dir / "rng.safetensors"))
-    r = rank()  # under data parallelism each process gets back its own stream
+    r = distributed.rank()  # under data parallelism each process gets back its own stream
     torch.set_rng_state(rng.get(f"torch_rng.{r}", rng["torch_rng"]))
     cuda = rng.get(f"cuda_rng.{r}", rng.get("cuda_rng"))
     if cuda is not None and torch.cuda.is_available():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from domaintune.core import device as devices
 from domaintune.predict.predictor import Predictor
 
 
@@ -13,8 +14,5 @@ def load(folder: str | Path, variant: str = "float32", batch_size: int = 64, dev
     predictor = Predictor.load(folder, variant=variant, calibration=calibration, dynamic_int8=dynamic_int8,
                                batch_size=batch_size)
     if predictor.model is not None:
-        # per call: tests patch this name in its module
-        from domaintune.core.device import place_for_inference
-
-        place_for_inference(predictor.model, device)
+        devices.place_for_inference(predictor.model, device)
     return predictor
