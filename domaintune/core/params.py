@@ -7,13 +7,15 @@ fails before any data is read instead of silently falling back to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from domaintune.core.errors import ParamsError
 
@@ -519,26 +521,101 @@ def parse_section(section: str, raw: dict | None) -> Any:
     return cls(**values)
 
 
+def _safe_yaml() -> YAML:
+    """YAML 1.2, as DVC reads params.yaml: `2e-5` is a float (PyYAML's YAML 1.1 made it a string), and
+    `yes`/`no`/`on`/`off` are strings, never booleans."""
+    return YAML(typ="safe", pure=True)
+
+
+def _roundtrip_yaml() -> YAML:
+    """The editor for params.yaml: keeps comments, order, quotes and number spelling; writes None as `null`."""
+    yml = YAML()
+    yml.preserve_quotes = True
+    yml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return yml
+
+
+def _yaml_error(path, exc: YAMLError) -> ParamsError:
+    """One line naming file, line and column, never a YAML traceback."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    ctx, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if ctx and cmark is not None and cmark is not mark:
+        what += f" ({' '.join(str(ctx).split())} at line {cmark.line + 1}, column {cmark.column + 1})"
+    return ParamsError(f"{path}: {where}YAML syntax error: {what}")
+
+
 def read_params_file(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: {'not a file' if path.exists() else 'no such params file'}")
     try:
         with path.open(encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            data = _safe_yaml().load(fh) or {}
     except UnicodeDecodeError as exc:
         raise ParamsError(f"{path}: not valid UTF-8 (byte offset {exc.start})") from None
-    except yaml.YAMLError as exc:  # one line naming file, line and column, never a YAML traceback
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
-        ctx, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-        if ctx and cmark is not None and cmark is not mark:
-            what += f" ({ctx} at line {cmark.line + 1}, column {cmark.column + 1})"
-        raise ParamsError(f"{path}: {where}YAML syntax error: {what}") from None
+    except YAMLError as exc:
+        raise _yaml_error(path, exc) from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections")
     return data
+
+
+def parse_overrides(overrides: typing.Sequence[str] | dict | None) -> dict[str, object]:
+    """`section.key=value` strings -> {dotted key: value}, each value read as YAML 1.2 the way DVC's
+    `dvc exp run -S` reads it (`2e-5`, `0.00002`, `true`, `null`, `[a, b]`); a ready dict passes through."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    out = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ParamsError(f"--set {item!r}: expected section.key=value, e.g. finetune.epochs=2")
+        key, value = item.split("=", 1)
+        try:  # round-trip scalars keep the spelling the user typed (2e-5 is written as 2e-5)
+            out[key.strip()] = _roundtrip_yaml().load(value) if value.strip() else None
+        except YAMLError as exc:
+            raise ParamsError(f"--set {item!r}: the value is not valid YAML "
+                              f"({' '.join(str(getattr(exc, 'problem', None) or exc).split())})") from None
+    return out
+
+
+def apply_overrides(params_file: str | Path, overrides: dict[str, object], dry_run: bool = False) -> None:
+    """Set dotted keys in params.yaml, changing only their lines (comments, layout, `null` and number
+    spelling elsewhere stay byte for byte, like `dvc exp run -S`), then validate every section.
+    dry_run: validate only, params.yaml stays as it is. A bad override fails before params.yaml changes."""
+    params_file = Path(params_file)
+    if not overrides:
+        return
+    yml = _roundtrip_yaml()
+    try:
+        with open(params_file, encoding="utf-8") as fh:
+            data = yml.load(fh)
+    except YAMLError as exc:
+        raise _yaml_error(params_file, exc) from None
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            if not isinstance(node, dict) or p not in node:
+                raise ParamsError(f"{params_file}: override {dotted!r}: no section {p!r}")
+            node = node[p]
+        node[leaf] = value
+    tmp = params_file.with_name(params_file.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yml.dump(data, fh)
+    try:
+        load_all(tmp)  # a bad override fails here, before params.yaml changes
+    except Exception:
+        tmp.unlink()
+        raise
+    if dry_run:
+        tmp.unlink()
+        return
+    os.replace(tmp, params_file)
 
 
 def load_params(path: str | Path = "params.yaml", *sections: str) -> Any:

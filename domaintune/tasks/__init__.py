@@ -18,7 +18,7 @@ from types import ModuleType
 
 from domaintune.core.errors import DataError, ParamsError
 from domaintune.core.io import read_json
-from domaintune.core.params import load_params
+from domaintune.core.params import load_all
 from domaintune.core.stage import StageIO
 from domaintune.export.variants import check_variants
 
@@ -40,11 +40,12 @@ def hook(task: str, name: str) -> ModuleType:
 
 
 def run_hook(stage: str, io: StageIO):
-    """What every stage's main() calls: the hook of params.yaml's base.task. Names checked by the library
-    above core (export variants) are checked here, so a typo stops the first stage, not the export."""
-    base, export = load_params(io.params, "base", "export")
-    check_variants(export.variants)
-    return hook(base.task, stage).run(io)
+    """What every stage's main() calls: the hook of params.yaml's base.task. Every section of params.yaml
+    is validated here (unknown keys, types, and the names checked above core, such as export variants),
+    so a typo anywhere stops the first stage that runs, in milliseconds, not the stage that reads it."""
+    params = load_all(io.params)
+    check_variants(params["export"].variants)
+    return hook(params["base"].task, stage).run(io)
 
 
 def export_task(folder: str | Path) -> str:

@@ -88,3 +88,94 @@ def test_dataclass_defaults_are_the_shipped_params_yaml():
             if (section, key) not in EXAMPLE_SPECIFIC and as_dict(parse_section(section, {key: value}))[key] != defaults[key]:
                 differ.append(f"{section}.{key}: params.yaml {value!r}, default {defaults[key]!r}")
     assert not differ, differ
+
+
+# ---- overrides as users type them (`-S section.key=value`) and minimal writes ---------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from domaintune.core.params import apply_overrides, parse_overrides, read_params_file  # noqa: E402
+
+SHIPPED = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+@pytest.mark.parametrize("typed", ["2e-5", "2.0e-5", "0.00002", "2E-05", "1e-4", "3.0e-4"])
+def test_small_learning_rates_set_by_override_load_as_floats(tmp_path, typed):
+    params = tmp_path / "params.yaml"
+    params.write_bytes(SHIPPED.read_bytes())
+    apply_overrides(params, parse_overrides([f"finetune.lr={typed}"]))
+    assert load_all(params)["finetune"].lr == pytest.approx(float(typed))
+    assert f"lr: {typed}" in params.read_text()  # written as typed
+
+
+def test_params_yaml_floats_in_exponent_form_load_as_floats(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(SHIPPED.read_text().replace("lr: 1.0e-4 ", "lr: 2e-5   "))
+    assert load_all(params)["finetune"].lr == pytest.approx(2e-5)
+
+
+def test_an_override_changes_only_its_own_line(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_bytes(SHIPPED.read_bytes())
+    before = SHIPPED.read_text().splitlines()
+    apply_overrides(params, parse_overrides(["finetune.lr=2e-5", "dapt.epochs=2"]))
+    after = params.read_text().splitlines()
+    assert len(before) == len(after)
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert [b.split("#")[0].strip() for _, b in changed] == ["epochs: 2", "lr: 2e-5"]
+    assert "null" in SHIPPED.read_text() and after.count("") == before.count("")
+
+
+def _override_text(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_override_text(v) for v in value) + "]"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+FIELDS = {  # one field of each declared type, with values of that type
+    "finetune.lr": st.floats(min_value=1e-12, max_value=10, allow_nan=False).map(float),
+    "finetune.epochs": st.integers(min_value=1, max_value=10**6),
+    "dapt.epochs": st.one_of(st.none(), st.integers(min_value=1, max_value=1000)),
+    "finetune.target_modules": st.lists(st.sampled_from(["query", "key", "value", "dense"]), min_size=1,
+                                        max_size=4, unique=True),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_override_round_trip_is_exact_for_every_type(tmp_path_factory, data):
+    """override text -> params.yaml -> typed params gives back the value typed, for floats (any exponent),
+    ints, nulls and lists; booleans through a bool field."""
+    key = data.draw(st.sampled_from(sorted(FIELDS)))
+    value = data.draw(FIELDS[key])
+    section, name = key.split(".")
+    params = tmp_path_factory.mktemp("p") / "params.yaml"
+    params.write_bytes(SHIPPED.read_bytes())
+    apply_overrides(params, parse_overrides([f"{key}={_override_text(value)}"]))
+    got = getattr(load_all(params)[section], name)
+    assert (list(got) if isinstance(got, tuple) else got) == value
+    assert read_params_file(params)[section][name] == value
+
+
+def test_bool_overrides_round_trip(tmp_path):
+    params = tmp_path / "params.yaml"
+    bools = [(s, f.name) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f.type in (bool, "bool")]
+    assert bools
+    section, name = bools[0]
+    for text, want in (("true", True), ("false", False)):
+        params.write_bytes(SHIPPED.read_bytes())
+        apply_overrides(params, parse_overrides([f"{section}.{name}={text}"]))
+        assert getattr(load_all(params)[section], name) is want
+
+
+def test_a_bad_override_leaves_params_yaml_unchanged(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_bytes(SHIPPED.read_bytes())
+    with pytest.raises(ParamsError, match="finetune.lr"):
+        apply_overrides(params, parse_overrides(["finetune.lr=fast"]))
+    assert params.read_bytes() == SHIPPED.read_bytes()

@@ -373,3 +373,18 @@ def test_parquet_bytes_that_are_not_utf8_in_any_used_column_are_reported(tmp_pat
     assert rejected.loc[2, "field"] == "ticket" and rejected.loc[3, "field"] == "label"
     assert set(rejected["reason"]) == {"undecodable_bytes"}
     assert sorted(res.splits["train"]["id"]) == ["t1", "t4", "t5"]
+
+
+@pytest.mark.parametrize("section,bad", [("evaluate", {"gate_typo": 1}), ("export", {"variants": ["float", "int9"]}),
+                                         ("finetune", {"lr": "fast"})])
+def test_a_typo_in_a_later_section_stops_the_first_stage(tmp_path, capsys, section, bad):
+    """A bad key under evaluate/export/finetune costs seconds: ingest (the first stage) refuses it before reading
+    the source, with the params' own one-line error, and writes nothing."""
+    src = write_csv(tmp_path / "d.csv", rows(20))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"base": {"seed": 3}, "ingest": {}, section: bad}))
+    out, metrics = tmp_path / "ingested", tmp_path / "ingest.json"
+    assert main(["--source", str(src), "--out", str(out), "--metrics", str(metrics), "--params", str(params)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and section in err[0], err
+    assert not out.exists() and not metrics.exists()
