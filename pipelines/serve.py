@@ -53,9 +53,19 @@ def register(add) -> None:
     p.add_argument("--infer-batch", type=int, default=S.infer_batch,
                    help="texts per forward pass (a batch runs length-sorted in passes of this size)")
     p.add_argument("--max-wait-ms", type=float, default=S.max_wait_ms, help="wait for more requests to batch")
+    p.add_argument("--max-batch-chars", type=int, default=S.max_batch_chars,
+                   help="characters per batch: a larger request is answered over several batches, taking turns "
+                        "with the others")
     p.add_argument("--max-texts", type=int, default=S.max_texts, help="texts per request (more: 413)")
     p.add_argument("--max-chars", type=int, default=S.max_chars, help="characters per text (more: 413)")
     p.add_argument("--max-body-bytes", type=int, default=S.max_body_bytes, help="request body size (more: 413)")
+    p.add_argument("--body-timeout", type=float, default=S.body_timeout_s, metavar="SECONDS",
+                   help="a request body not received within this is answered 408 and its connection closed")
+    p.add_argument("--retry-max", type=float, default=S.retry_max_s, metavar="SECONDS",
+                   help=f"a served version that failed to load is tried again after {S.retry_s:g} s, then twice as "
+                        "long each time, up to this")
+    p.add_argument("--keep-releases", type=int, default=S.keep_releases, metavar="N",
+                   help="materialised releases kept after a swap besides the served and the shadow one")
     p.add_argument("--top-k", type=int, default=S.top_k, help="default top-k of /predict")
     p.add_argument("--max-new-tokens", type=int, default=S.max_new_tokens,
                    help="generation: the most tokens a /v1 request may ask for (more: 413)")
@@ -72,6 +82,8 @@ def settings_from_args(args) -> ServeSettings:
                          repo=Path(args.repo),
                          model_dir=Path(args.model) if args.model else None, poll_s=args.poll,
                          max_batch=args.max_batch, infer_batch=args.infer_batch, max_wait_ms=args.max_wait_ms,
+                         max_batch_chars=args.max_batch_chars, body_timeout_s=args.body_timeout,
+                         retry_max_s=args.retry_max, keep_releases=args.keep_releases,
                          max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
                          top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                          shadow=args.shadow, shadow_log=Path(args.shadow_log) if args.shadow_log else None,
@@ -91,21 +103,26 @@ def cmd_serve(args) -> int:
         return 2
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("domaintune.serve").warning("binding %s: reachable from other machines", settings.host)
-    import uvicorn
-
     # lazy: loads numpy
     from domaintune.modeling.encoders import set_threads
 
     # lazy: loads fastapi, numpy
     from domaintune.serve.app import build
 
-    set_threads()
-    try:
-        built = build(settings)  # a RegistryError (nothing served, a version failing verification): exit 1
-    except (OSError, ValueError, KeyError) as exc:  # a folder that is not a loadable model
-        print(f"domaintune serve: cannot load the model: {exc}", file=sys.stderr)
+    try:  # the port first: a busy one is refused at once, not after the model has loaded
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        print(f"domaintune serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+              file=sys.stderr)
         return 2
-    uvicorn.Server(uvicorn_config(built.app, settings)).run()
+    with sock:
+        set_threads()
+        try:
+            built = build(settings)  # a RegistryError (nothing served, a version failing verification): exit 1
+        except (OSError, ValueError, KeyError) as exc:  # a folder that is not a loadable model
+            print(f"domaintune serve: cannot load the model: {exc}", file=sys.stderr)
+            return 2
+        uvicorn_server(built.app, settings).run(sockets=[sock])
     return 0
 
 
@@ -130,11 +147,32 @@ def uvicorn_config(app, settings: ServeSettings):
                           log_level="info", lifespan="on", timeout_graceful_shutdown=30)
 
 
+def uvicorn_server(app, settings: ServeSettings):
+    """A uvicorn.Server that says where it listens also when it is given its socket (uvicorn says so only
+    when it binds one itself)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if sockets and self.started:
+                host, port = sockets[0].getsockname()[:2]
+                logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                                                        host, port)
+
+    return Server(uvicorn_config(app, settings))
+
+
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A listening socket (port 0: a free one, known before the server starts)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    """A bound socket for uvicorn to listen on (port 0: a free one, known before the server starts)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -142,11 +180,9 @@ class ServerThread:
     """uvicorn on a background thread: `with ServerThread(app, settings) as url: ...` stops it on exit."""
 
     def __init__(self, app, settings: ServeSettings):
-        import uvicorn
-
         self.sock = bind(settings.host, settings.port)
         self.url = f"http://{settings.host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn_config(app, settings))
+        self.server = uvicorn_server(app, settings)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="domaintune-uvicorn", daemon=True)
 

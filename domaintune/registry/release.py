@@ -167,3 +167,35 @@ def _copy_verified(cache: Path, entry: Out, files: dict[str, str], target: Path,
                 raise ReleaseError(f"cannot materialise {version.tag}:\n  " + "\n  ".join(again)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prune(root: str | os.PathLike, keep: list[str] | set[str], previous: int) -> list[Path]:
+    """Remove the materialised releases (<repo>/.domaintune/releases/<tag>/) no longer needed; the removed folders.
+
+    Kept: the tags in `keep` (the served and the shadow version; marked as used now) and the `previous`
+    most recently used others (materialised, or kept, last). A folder without release.json (being
+    materialised, or not one of ours) is left alone. Each folder is renamed aside before it is deleted,
+    so a reader finds a release whole or absent (and `materialise` rebuilds an absent one)."""
+    folder = Path(root) / RELEASES_DIR
+    if not folder.is_dir():
+        return []
+    for leftover in folder.glob(".*.pruned-*"):  # a prune interrupted while deleting
+        shutil.rmtree(leftover, ignore_errors=True)
+    keep = set(keep)
+    others = []
+    for d in folder.iterdir():
+        marker = d / "release.json"
+        if d.name.startswith(".") or d.is_symlink() or not d.is_dir() or not marker.is_file():
+            continue
+        if d.name in keep:
+            os.utime(marker)
+        else:
+            others.append((marker.stat().st_mtime, d.name, d))
+    others.sort(reverse=True)
+    removed = []
+    for _, _, d in others[previous:]:
+        aside = d.with_name(f".{d.name}.pruned-{os.getpid()}")
+        os.rename(d, aside)
+        shutil.rmtree(aside)
+        removed.append(d)
+    return removed

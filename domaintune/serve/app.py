@@ -16,12 +16,16 @@ routes answer 404 on a classifier. Health, /version and /metrics answer for both
 Every response names the model version in the X-Model-Version header (for predictions:
 the version that computed them). Bad input is answered with a JSON {"error", "field"}:
 413 for a body, text count or text length over the limits, 422 for malformed JSON,
-wrong types or empty lists - never a 5xx.
+wrong types, empty lists, a lone surrogate, NaN/Infinity or an integer beyond 64 bits
+(domaintune/serve/body.py; checked before the request joins a batch), 408 for a body not
+received within --body-timeout - never a 5xx. A batch that still fails is retried request by
+request, so only the request that fails alone gets its 500 (domaintune/serve/batcher.py).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from contextlib import asynccontextmanager
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the endpoints' (string) annotations here
+from starlette.requests import ClientDisconnect
 
 from domaintune import __version__
 from domaintune.serve import openai
@@ -45,6 +50,7 @@ V2 = f"/v2/models/{MODEL_NAME}"
 KNOWN_PATHS = {"/predict", "/version", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready", V2,
                f"{V2}/ready", f"{V2}/infer", *openai.PATHS}
 OUTPUT_NAMES = ("label", "confidence", "probabilities")
+CLIENT_GONE = 499  # the status /metrics counts a client that disconnected before it was answered under (nginx's)
 
 
 def parse_predict(body, settings) -> tuple[list[str], int]:
@@ -77,7 +83,7 @@ def parse_infer(body, settings) -> tuple[list[str], list[str], object]:
     texts = check_texts(data, "inputs[0].data", settings)
     shape = tensor.get("shape")
     if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
-            and shape and int(np.prod(shape)) == len(texts) and all(s == 1 for s in shape[1:])):
+            and shape and math.prod(shape) == len(texts) and all(s == 1 for s in shape[1:])):
         raise ApiError(422, f"shape must be [{len(texts)}] or [{len(texts)}, 1] for {len(texts)} texts, "
                             f"got {shape!r}", "inputs[0].shape")
     wanted = list(OUTPUT_NAMES)
@@ -160,7 +166,7 @@ def _add_plumbing(app, holder, metrics) -> None:
     async def api_error(request, exc: ApiError):
         metrics.rejected.labels(str(exc.status)).inc()
         body = exc.openai_body() if request.url.path.startswith("/v1/") else exc.body()
-        return JSONResponse(body, status_code=exc.status)
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
@@ -172,7 +178,8 @@ def _add_plumbing(app, holder, metrics) -> None:
 class Observe:
     """Pure ASGI middleware (cheaper per request than BaseHTTPMiddleware): counts and times each
     request, adds the version header where the endpoint did not, and turns an unexpected exception
-    into a logged JSON 500 so the server lives on."""
+    into a logged JSON 500 so the server lives on. A client that went away before its body was read
+    is counted with status 499 (no answer is sent), not as a 500."""
 
     def __init__(self, app, holder, metrics):
         self.app, self.holder, self.metrics = app, holder, metrics
@@ -194,14 +201,19 @@ class Observe:
 
         try:
             await self.app(scope, receive, send_observed)
+        except ClientDisconnect:
+            log.debug("%s %s: the client disconnected before its body was read", scope.get("method"),
+                      scope.get("path"))
+            status[0] = status[0] or CLIENT_GONE
         except Exception as exc:  # noqa: BLE001 - a bug answers 500 in JSON and is logged, the server lives on
             log.exception("%s %s failed", scope.get("method"), scope.get("path"))
             if status[0]:
                 raise  # the response had begun: nothing sane can be sent any more
             from fastapi.responses import JSONResponse
 
-            await JSONResponse({"error": f"internal server error: {type(exc).__name__}: {exc}"},
-                               status_code=500)(scope, receive, send_observed)
+            err = ApiError(500, f"internal server error: {type(exc).__name__}: {exc}")
+            body = err.openai_body() if scope.get("path", "").startswith("/v1/") else err.body()
+            await JSONResponse(body, status_code=500)(scope, receive, send_observed)
         finally:
             path = scope.get("path", "")
             endpoint = path if path in KNOWN_PATHS else "other"
@@ -242,7 +254,7 @@ def _add_v2_routes(app, holder, batcher, settings) -> None:
     async def infer(name: str, request: Request):
         _check_name(name)
         _need_classifier(holder)
-        texts, wanted, req_id = parse_infer(await read_json(request, settings.max_body_bytes), settings)
+        texts, wanted, req_id = parse_infer(await read_json(request, settings), settings)
         model, probs = await batcher.submit(texts)
         body = {"model_name": MODEL_NAME, "model_version": model.version,
                 **({"id": req_id} if req_id is not None else {}), "outputs": infer_outputs(model, probs, wanted)}
@@ -265,7 +277,7 @@ def _add_plain_routes(app, holder, batcher, settings, metrics) -> None:
     @app.post("/predict")
     async def predict(request: Request):
         _need_classifier(holder)
-        texts, top_k = parse_predict(await read_json(request, settings.max_body_bytes), settings)
+        texts, top_k = parse_predict(await read_json(request, settings), settings)
         model, probs = await batcher.submit(texts)
         return JSONResponse({"model_version": model.version, "predictions": predictions(model, probs, top_k)},
                             headers={VERSION_HEADER: model.version})

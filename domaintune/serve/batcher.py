@@ -1,23 +1,32 @@
 """Dynamic micro-batching: concurrent requests share one model pass.
 
 Each request puts its texts on a queue and awaits a future. One collector task
-takes the first waiting request, then more until the batch holds `max_batch`
-texts or the first request has waited `max_wait_ms`, and runs the batch in a
+takes the waiting requests, waits for more until the oldest has waited `max_wait_ms`
+(or enough texts wait), and builds a batch by taking texts from the waiting requests in
+turn, one text each per round, until the batch holds `max_batch` texts or `max_batch_chars`
+characters (at least one text). A request larger than that is answered over several batches,
+taking turns with the requests that arrive meanwhile, so five maximum-size requests do
+not hold a one-text request behind them: it joins the next batch. The batch runs in a
 single worker thread, length-sorted in forward passes of `infer_batch` texts (padding
-to the longest text of each pass, not of the whole batch), (the event loop stays free to accept and parse requests;
-while a batch runs, the next one gathers). A request larger than `max_batch`
-runs as a batch of its own. The batch uses the model the holder has when it
-starts, and every request in it learns which version answered.
+to the longest text of each pass, not of the whole batch); the event loop stays free to accept
+and parse requests, and the next batch gathers while one runs. A batch uses the model the holder
+has when it starts; every text of a request is answered by one model (a request split over a
+swap starts again on the new one), and it learns which version answered.
+
+Requests are checked before they join a batch (domaintune/serve/body.py), so a batch should not
+fail; if one does, each of its requests is retried alone, so only a request that fails on its own
+gets the error.
 
 With a shadow candidate, the same texts then go to the candidate on a second
 worker thread, off the response path; when more than `shadow_queue` shadow
 batches are waiting, further ones are skipped and counted, never queued without bound.
 
 Generation jobs (the /v1 routes on a generation export) have their own queue, gathered
-the same way (`max_batch` prompts, `max_wait_ms`) and run on the same worker thread.
+the same way (`max_batch` prompts, `max_wait_ms`; a job is not split) and run on the same worker thread.
 Within a batch, jobs that can share a `model.generate` call do: every greedy job, and
 unseeded sampled jobs with the same temperature and top-p; a seeded sampled job runs
-alone, so its seed alone decides its draws. Each job keeps its own token budget and stop
+alone, so its seed alone decides its draws. A shared call that fails is retried job by job (those
+that have not streamed text yet). Each job keeps its own token budget and stop
 strings, learns when it has started (its prompts fit the context; before that a refusal
 is still an HTTP error, not a broken stream), and gets its text as it is generated
 through `on_text`, called on the event loop.
@@ -28,6 +37,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,11 +50,27 @@ from domaintune.serve.body import ApiError
 log = logging.getLogger("domaintune.serve")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Item:
+    """One classification request: its texts, answered over one or more batches."""
     texts: list[str]
     future: asyncio.Future
     enqueued: float
+    next: int = 0                        # texts [0, next) are answered
+    model: object = None                 # the LoadedModel answering it (one for all its texts)
+    probs: np.ndarray | None = None      # their probabilities, filled batch by batch
+
+
+@dataclass
+class _Piece:
+    """The texts [start, stop) of one request in a batch."""
+    item: _Item
+    start: int
+    stop: int
+
+    @property
+    def texts(self) -> list[str]:
+        return self.item.texts[self.start:self.stop]
 
 
 @dataclass
@@ -83,8 +109,7 @@ class MicroBatcher:
 
     async def start(self) -> None:
         self._queue, self._gen_queue = asyncio.Queue(), asyncio.Queue()
-        self._tasks = [asyncio.create_task(self._collect(self._queue, self._run, lambda it: len(it.texts)),
-                                           name="domaintune-batcher"),
+        self._tasks = [asyncio.create_task(self._collect_texts(), name="domaintune-batcher"),
                        asyncio.create_task(self._collect(self._gen_queue, self._run_generation,
                                                          lambda job: len(job.prompts)),
                                            name="domaintune-generation-batcher")]
@@ -137,28 +162,94 @@ class MicroBatcher:
                 n += size(item)
             await run(batch)
 
-    async def _run(self, batch: list[_Item]) -> None:
-        live = [it for it in batch if not it.future.done()]  # a client that went away is not waited for
-        if not live:
-            return
-        model = self.holder.current
-        texts = [t for it in live for t in it.texts]
+    async def _collect_texts(self) -> None:
+        """The classifier's collector (module doc): requests wait in `pending` until all their texts are answered."""
+        queue, pending = self._queue, deque()
+        while True:
+            if not pending:
+                pending.append(await queue.get())
+            deadline = min(it.enqueued for it in pending) + self.settings.max_wait_ms / 1000
+            while True:
+                while not queue.empty():  # everything already waiting takes its turn (none waits behind a big one)
+                    pending.append(queue.get_nowait())
+                if self._waiting(pending) or (wait := deadline - time.perf_counter()) <= 0:
+                    break
+                try:
+                    pending.append(await asyncio.wait_for(queue.get(), wait))
+                except TimeoutError:
+                    break
+            model = self.holder.current
+            batch = self._take(pending, model)
+            if batch:
+                await self._run(model, batch)
+            for it in [it for it in pending if it.future.done()]:
+                pending.remove(it)  # answered, failed, or its client went away
+
+    def _waiting(self, pending) -> bool:
+        """Whether the waiting texts fill a batch already."""
+        n = chars = 0
+        for it in pending:
+            for t in it.texts[it.next:]:
+                n, chars = n + 1, chars + len(t)
+                if n >= self.settings.max_batch or chars >= self.settings.max_batch_chars:
+                    return True
+        return False
+
+    def _take(self, pending: deque, model) -> list[_Piece]:
+        """The next batch, for `model`: one text from each waiting request in turn, until `max_batch` texts or
+        `max_batch_chars` characters; the request after the last one served goes first next time."""
+        live = [it for it in pending if not it.future.done()]
+        for it in live:
+            if it.model is not None and it.model is not model:  # swapped since its first texts: start again
+                it.next, it.model, it.probs = 0, None, None
+        taken = [0] * len(live)
+        n = chars = 0
+        last, full = -1, False
+        while not full:
+            progress = False
+            for i, it in enumerate(live):
+                k = it.next + taken[i]
+                if k >= len(it.texts):
+                    continue
+                if n and (n >= self.settings.max_batch or chars + len(it.texts[k]) > self.settings.max_batch_chars):
+                    full = True
+                    break
+                taken[i], n, chars, last, progress = taken[i] + 1, n + 1, chars + len(it.texts[k]), i, True
+            full = full or not progress
+        if last >= 0:
+            pending.rotate(-(pending.index(live[last]) + 1))
+        return [_Piece(it, it.next, it.next + k) for it, k in zip(live, taken) if k]
+
+    async def _run(self, model, batch: list[_Piece]) -> None:
+        texts = [t for piece in batch for t in piece.texts]
         self.metrics.batch_texts.observe(len(texts))
-        self.metrics.batch_requests.observe(len(live))
+        self.metrics.batch_requests.observe(len(batch))
+        loop = asyncio.get_running_loop()
         try:
-            probs = await asyncio.get_running_loop().run_in_executor(self._infer, self._predict, model, texts)
-        except Exception as exc:  # noqa: BLE001 - a model failure answers these requests with a 500, not the loop
-            log.exception("inference failed on a batch of %d texts", len(texts))
-            for it in live:
-                if not it.future.done():
-                    it.future.set_exception(exc)
+            probs = await loop.run_in_executor(self._infer, self._predict, model, texts)
+        except Exception as exc:  # noqa: BLE001 - a failed batch is retried request by request, not the loop
+            if len(batch) == 1 or isinstance(exc, ApiError):
+                if not isinstance(exc, ApiError):
+                    log.error("inference failed on a request of %d texts: %s", len(texts), exc, exc_info=exc)
+                for piece in batch:
+                    _fail(piece.item, exc)
+                return
+            log.warning("inference failed on a batch of %d requests (%s); retrying each alone", len(batch), exc)
+            for piece in batch:
+                await self._run(model, [piece])
             return
         self.metrics.texts.labels("served").inc(len(texts))
         start = 0
-        for it in live:
+        for piece in batch:
+            it, n = piece.item, piece.stop - piece.start
             if not it.future.done():
-                it.future.set_result((model, probs[start:start + len(it.texts)]))
-            start += len(it.texts)
+                if it.model is None:
+                    it.model, it.probs = model, np.empty((len(it.texts), probs.shape[1]), dtype=probs.dtype)
+                it.probs[piece.start:piece.stop] = probs[start:start + n]
+                it.next = piece.stop
+                if it.next == len(it.texts):
+                    it.future.set_result((model, it.probs))
+            start += n
         if self.holder.shadow is not None:
             self._run_shadow(model, texts, probs)
 
@@ -207,33 +298,51 @@ class MicroBatcher:
             except PromptTooLong as exc:
                 out[k] = ApiError(422, f"{exc}; shorten the prompt or lower max_tokens", "max_tokens")
                 continue
+            except Exception as exc:  # noqa: BLE001 - this job alone fails (a 500), the others go on
+                out[k] = exc
+                continue
             loop.call_soon_threadsafe(_resolve, job.started, model)
             t = pred.defaults["temperature"] if job.temperature is None else job.temperature
             p = pred.defaults["top_p"] if job.top_p is None else job.top_p
             key = (0.0, 1.0, None) if t == 0 else (t, p, None) if job.seed is None else (t, p, job.seed, k)
             groups.setdefault(key, []).append(k)
+        streamed: set[int] = set()  # jobs that have sent text: a failure of their call cannot be retried
         for (t, p, seed, *_), ks in groups.items():
-            rows = [(k, i) for k in ks for i in range(len(jobs[k].prompts))]
-
-            def emit(r, delta, rows=rows):
-                k, i = rows[r]
-                if jobs[k].on_text is not None:
-                    loop.call_soon_threadsafe(jobs[k].on_text, i, delta)
-
             try:
-                done = pred.generate([jobs[k].prompts[i] for k, i in rows],
-                                     max_new_tokens=[jobs[k].max_new_tokens for k, _ in rows],
-                                     temperature=t, top_p=p, stop=[jobs[k].stop for k, _ in rows], seed=seed,
-                                     on_text=emit if any(jobs[k].on_text for k in ks) else None)
-            except Exception as exc:  # noqa: BLE001 - the jobs of this call fail with a 500, the others go on
+                self._generate_group(pred, jobs, ks, out, streamed, loop, t, p, seed)
+            except Exception as exc:  # noqa: BLE001 - retried job by job: only a job that fails alone fails
+                retry = [k for k in ks if k not in streamed] if len(ks) > 1 else []
                 for k in ks:
                     out[k] = exc
-                continue
-            for k in ks:
-                out[k] = []
-            for (k, _), g in zip(rows, done):
-                out[k].append(g)
+                if retry:
+                    log.warning("generation failed on %d jobs together (%s); retrying %d alone", len(ks), exc,
+                                len(retry))
+                for k in retry:
+                    try:
+                        self._generate_group(pred, jobs, [k], out, streamed, loop, t, p, seed)
+                    except Exception as exc1:  # noqa: BLE001 - this job fails with a 500, the others go on
+                        out[k] = exc1
         return out
+
+    @staticmethod
+    def _generate_group(pred, jobs, ks, out, streamed, loop, t, p, seed) -> None:
+        """One model.generate call for the jobs `ks`: out[k] becomes each job's [Generated]."""
+        rows = [(k, i) for k in ks for i in range(len(jobs[k].prompts))]
+
+        def emit(r, delta):
+            k, i = rows[r]
+            if jobs[k].on_text is not None:
+                streamed.add(k)
+                loop.call_soon_threadsafe(jobs[k].on_text, i, delta)
+
+        done = pred.generate([jobs[k].prompts[i] for k, i in rows],
+                             max_new_tokens=[jobs[k].max_new_tokens for k, _ in rows],
+                             temperature=t, top_p=p, stop=[jobs[k].stop for k, _ in rows], seed=seed,
+                             on_text=emit if any(jobs[k].on_text for k in ks) else None)
+        for k in ks:
+            out[k] = []
+        for (k, _), g in zip(rows, done):
+            out[k].append(g)
 
     def _run_shadow(self, model, texts: list[str], probs: np.ndarray) -> None:
         with self._shadow_lock:
@@ -258,6 +367,11 @@ class MicroBatcher:
             self._shadow_pending -= 1
         if fut.exception() is not None:
             log.error("shadow batch failed: %s", fut.exception())
+
+
+def _fail(item: _Item, exc: Exception) -> None:
+    if not item.future.done():
+        item.future.set_exception(exc)
 
 
 def _resolve(future: asyncio.Future, value) -> None:

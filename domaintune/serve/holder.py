@@ -6,6 +6,10 @@ never interrupts a request in flight. A new version is materialised (every file
 md5-verified against its dvc.lock, domaintune/registry/release.py), loaded and run once on a
 warm-up text before it replaces the old one; if any step fails the old model keeps
 serving, and the failure is logged and kept in `last_error` (shown by /v2/health/ready).
+A version that failed is tried again after `retry_s`, then after twice as long each time up to
+`retry_max_s` (a repaired cache object, a remote back online): when it loads, it is swapped in and
+`last_error` is cleared. After each swap the materialised releases no longer needed are removed
+(release.prune: all but the served, the shadow and `keep_releases` previous ones).
 Every export is opened by domaintune.tasks.load_predictor (the one loader `predict` and `monitor`
 use too), so the server takes a classifier or a generation export alike; LoadedModel.task says
 which routes answer with it.
@@ -113,6 +117,8 @@ class ModelHolder:
         self.last_error: dict | None = None
         self.swaps = 0
         self._state: str | None = None
+        self._failures = 0                # consecutive failed loads of the served version
+        self._retry_at: float | None = None  # time.monotonic() of the next try, after a failure
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -145,7 +151,9 @@ class ModelHolder:
             return False
         with self._refresh_lock:
             state = registry_state(self.root)
-            if state == self._state:
+            if self.last_error is not None and self.last_error["version"] is None:
+                self.last_error = None  # the registry answers again (a failed poll, below in _watch)
+            if state == self._state and (self._retry_at is None or time.monotonic() < self._retry_at):
                 return False
             self._state = state
             return self._follow()
@@ -155,26 +163,45 @@ class ModelHolder:
         if served is None or (self.current and served == self.current.version):
             if served is not None:
                 self.last_error = None  # e.g. rolled back to the version still serving: nothing is wrong now
+            self._failures, self._retry_at = 0, None
             return False
+        if self.last_error is None or self.last_error.get("version") != served:
+            self._failures = 0  # another version: its own back-off
         t0 = time.perf_counter()
         try:
             new = load_version(self.root, served, self.settings)
         except Exception as exc:  # noqa: BLE001 - whatever broke, the old model keeps serving
+            self._failures += 1
+            delay = min(self.settings.retry_s * 2 ** (self._failures - 1), self.settings.retry_max_s)
+            self._retry_at = time.monotonic() + delay
             self.last_error = {"version": served, "error": str(exc), "at": time.time(),
-                               "kept": self.current.version if self.current else None}
-            log.error("served version %s failed to load or verify; still serving %s: %s",
-                      served, self.last_error["kept"], exc)
+                               "kept": self.current.version if self.current else None,
+                               "failures": self._failures, "retry_in_s": delay}
+            log.error("served version %s failed to load or verify (%d in a row); still serving %s, trying again "
+                      "in %g s: %s", served, self._failures, self.last_error["kept"], delay, exc)
             if self.metrics:
                 self.metrics.load_failures.inc()
             return False
         old, self.current = self.current, new  # the swap: one reference assignment
         self.swaps += 1
-        self.last_error = None
+        self.last_error, self._failures, self._retry_at = None, 0, None
         if self.metrics:
             self.metrics.swaps.inc()
             self.metrics.set_models(new, self.shadow)
         log.info("swapped %s -> %s in %.1f s", old.version if old else None, new.version, time.perf_counter() - t0)
+        self._prune()
         return True
+
+    def _prune(self) -> None:
+        """Remove the materialised releases no longer needed; a failure is logged, serving goes on."""
+        keep = [m.tag for m in (self.current, self.shadow) if m is not None and m.tag]
+        try:
+            removed = release.prune(self.root, keep, self.settings.keep_releases)
+        except OSError as exc:
+            log.warning("could not prune old releases in %s: %s", self.root / release.RELEASES_DIR, exc)
+            return
+        if removed:
+            log.info("pruned %d old release(s): %s", len(removed), ", ".join(p.name for p in removed))
 
     def start_watching(self) -> None:
         if not self.follows_registry or self._thread is not None:

@@ -277,9 +277,9 @@ def add_routes(app, holder, batcher, settings) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request):
         generation_model()
-        return await answer(parse_completion(await read_json(request, settings.max_body_bytes), settings), False)
+        return await answer(parse_completion(await read_json(request, settings), settings), False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         generation_model()
-        return await answer(parse_chat(await read_json(request, settings.max_body_bytes), settings), True)
+        return await answer(parse_chat(await read_json(request, settings), settings), True)

@@ -17,13 +17,19 @@ class ServeSettings:
     repo: Path = Path(".")        # registry: serve its GTO prod version
     model_dir: Path | None = None  # a plain folder instead of the registry (version "workspace")
     poll_s: float = 5.0           # how often the registry is checked for a new served version
+    retry_s: float = 5.0          # a served version that failed to load is retried after this, then after
+    retry_max_s: float = 300.0    # twice as long each time, up to this
+    keep_releases: int = 3        # materialised releases kept besides the served and the shadow (after a swap)
     max_batch: int = 64           # texts gathered from concurrent requests into one batch
     infer_batch: int = 16         # texts per forward pass: a batch runs length-sorted in passes of this size,
                                   # so short texts are not padded to the longest of 64 (less wasted compute)
     max_wait_ms: float = 5.0      # how long the first request of a batch waits for company
+    max_batch_chars: int = 200_000  # characters per batch: a larger request is split over several batches,
+                                  # taken in turn with the other waiting requests (a small one is not held)
     max_texts: int = 256          # texts per request
     max_chars: int = 20_000       # characters per text
     max_body_bytes: int = 4 << 20  # request body
+    body_timeout_s: float = 30.0  # a request body not received within this is answered 408 and closed
     top_k: int = 3                # default top-k in /predict answers
     max_new_tokens: int = 1024    # generation: the most tokens one /v1 request may ask for (max_tokens)
     shadow: str | None = None     # candidate version (or folder) run on the same requests
@@ -37,7 +43,9 @@ class ServeSettings:
                   "max_wait_ms": self.max_wait_ms >= 0, "max_texts": self.max_texts >= 1,
                   "max_chars": self.max_chars >= 1, "max_body_bytes": self.max_body_bytes >= 64,
                   "top_k": self.top_k >= 1, "shadow_queue": self.shadow_queue >= 1,
-                  "max_new_tokens": self.max_new_tokens >= 1}
+                  "max_new_tokens": self.max_new_tokens >= 1, "max_batch_chars": self.max_batch_chars >= 1,
+                  "body_timeout_s": self.body_timeout_s > 0, "retry_s": self.retry_s > 0,
+                  "retry_max_s": self.retry_max_s >= self.retry_s, "keep_releases": self.keep_releases >= 0}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"serve settings: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from domaintune.registry import cache, plumbing, rollback, versions
+from domaintune.registry import cache, plumbing, release, rollback, versions
 from domaintune.serve.app import build
 from domaintune.serve.settings import ServeSettings
 from pipelines.serve import ServerThread
@@ -64,14 +65,6 @@ def reference(folder: Path, texts: list[str]) -> np.ndarray:
     from domaintune.predict.predictor import Predictor
 
     return Predictor.load(folder).predict_proba(texts)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_bert, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve_models")
-    a = train_tiny_classifier(tiny_bert, root / "a", temperature=1.5)
-    b = train_tiny_classifier(tiny_bert, root / "b", temperature=1.0, noise=40.0, seed=1)  # a different candidate
-    return a, b
 
 
 def settings(**kw) -> ServeSettings:
@@ -422,7 +415,7 @@ def wait_for(cond, timeout: float = 60, what: str = "condition"):
 
 def test_follows_rollback_under_load_and_keeps_serving_on_a_corrupt_version(registry_repo, caplog):
     root = registry_repo
-    s = settings(repo=root, poll_s=0.2)
+    s = settings(repo=root, poll_s=0.2, retry_s=60, retry_max_s=60)  # no retry within the test (see the next one)
     built = build(s)
     assert built.holder.current.version == "v1.1.0"
     with ServerThread(built.app, s) as url, httpx.Client(base_url=url, timeout=30) as c, Load(url) as load:
@@ -458,7 +451,7 @@ def test_follows_rollback_under_load_and_keeps_serving_on_a_corrupt_version(regi
     assert "models/export/head.safetensors" in err["error"] and "does not match" in err["error"]
     assert metric(metrics, "domaintune_model_load_failures_total") == 1
     logged = [r.getMessage() for r in caplog.records if r.name == "domaintune.serve" and r.levelname == "ERROR"]
-    assert any("v1.2.0 failed to load or verify; still serving v1.0.0" in m and "head.safetensors" in m
+    assert any("v1.2.0 failed to load or verify (1 in a row); still serving v1.0.0" in m and "head.safetensors" in m
                for m in logged), logged
     assert metric(metrics, "domaintune_model_info", '{role="served",variant="float",version="v1.0.0"}') == 1
     # Each client saw v1.1.0 then v1.0.0, never back; each answer is the one of the version it names.
@@ -517,3 +510,54 @@ def test_a_failing_model_pass_is_a_json_500_and_the_server_lives_on(models):
         assert c.post("/predict", json={"texts": ["reset my password"]}).status_code == 200
         assert metric(c.get("/metrics").text, "domaintune_requests_total",
                       '{endpoint="/predict",method="POST",status="500"}') == 1
+
+
+def test_the_server_heals_after_a_failed_swap_and_prunes_old_releases(registry_repo):
+    """A promoted version whose cache object is corrupt is refused (the old one keeps serving) and tried again
+    with back-off; once the object is repaired it is swapped in and last_error cleared. After the swap the
+    materialised releases are pruned: the served one and the `keep_releases` (1) most recently used others stay;
+    a folder that is no release is left alone."""
+    from gto.api import assign
+
+    root = registry_repo
+    assert versions.served_version(root) == "v1.2.0"
+    releases = root / ".domaintune/releases"
+    for i, v in enumerate(("v1.0.0", "v1.1.0", "v1.2.0")):  # used in this order
+        release.materialise(root, v)
+        os.utime(releases / f"domaintune@{v}/release.json", (1e9 + i, 1e9 + i))
+    (releases / "notes").mkdir(exist_ok=True)
+    (releases / ".domaintune@v0.9.0.pruned-1").mkdir(exist_ok=True)  # a prune interrupted while deleting
+    s = settings(repo=root, poll_s=0.1, retry_s=0.2, retry_max_s=0.4, keep_releases=1)
+    obj = _cache_object(root, "v1.1.0", "head.safetensors")
+    good = obj.read_bytes()
+    try:
+        with ServerThread(build(s).app, s) as url, httpx.Client(base_url=url, timeout=30) as c, Load(url) as load:
+            obj.chmod(0o644)
+            obj.write_bytes(good[:-4] + b"\0\0\0\0")
+            try:
+                assign(str(root), plumbing.ARTIFACT, plumbing.SERVED_STAGE, version="v1.1.0",
+                       message="promote v1.1.0", force=True)
+                wait_for(lambda: (c.get("/v2/health/ready").json()["last_error"] or {}).get("failures", 0) >= 3,
+                         what="three tries of v1.1.0")
+                failing = c.get("/v2/health/ready").json()
+                assert c.get("/version").json()["version"] == "v1.2.0"
+            finally:
+                obj.parent.mkdir(parents=True, exist_ok=True)
+                if obj.exists():
+                    obj.chmod(0o644)
+                obj.write_bytes(good)  # the object repaired: no restart, no new registry event
+            wait_for(lambda: c.get("/version").json()["version"] == "v1.1.0", what="the retry after the repair")
+            healed = c.get("/v2/health/ready").json()
+            metrics = c.get("/metrics").text
+        assert load.failures == []
+        err = failing["last_error"]
+        assert err["version"] == "v1.1.0" and err["kept"] == "v1.2.0" and "head.safetensors" in err["error"]
+        assert err["retry_in_s"] == 0.4  # 0.2 s after the first failure, then twice that, capped at 0.4 s
+        assert healed["ready"] and healed["version"] == "v1.1.0" and healed["last_error"] is None
+        assert healed["swaps"] == 1 and metric(metrics, "domaintune_model_load_failures_total") >= 3
+        assert sorted(p.name for p in releases.iterdir()) == ["domaintune@v1.1.0", "domaintune@v1.2.0", "notes"]
+        assert {v for v, _, _ in load.seen[0]} <= {"v1.2.0", "v1.1.0"}
+    finally:
+        assign(str(root), plumbing.ARTIFACT, plumbing.SERVED_STAGE, version="v1.2.0", message="back to v1.2.0",
+               force=True)
+        shutil.rmtree(releases / "notes", ignore_errors=True)

@@ -430,3 +430,58 @@ def test_predict_serve_and_monitor_accept_the_same_folders_and_refuse_a_non_expo
     assert serve_err == [f"domaintune serve: cannot load the model: {refusal.value}"]
     assert monitor_err == [f"domaintune monitor: error: {refusal.value}"]
     assert "not an export (no model.json or export_info.json)" in str(refusal.value)
+
+
+HOSTILE = [  # (path, raw body, the field named): each was a 500 before bodies were checked
+    ("/v1/completions", b'{"prompt": "\\ud800 where is my parcel"}', "prompt"),
+    ("/v1/completions", b'{"prompt": ["ok", "raw \xed\xa0\x80 bytes"]}', "prompt[1]"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\udc00"}]}', "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
+     "seed"),
+    ("/v1/completions", b'{"prompt": "hi", "seed": 18446744073709551616}', "seed"),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', "temperature"),
+]
+
+
+@pytest.mark.parametrize("path,body,field", HOSTILE, ids=[f"{i}-{h[2]}" for i, h in enumerate(HOSTILE)])
+def test_values_no_route_can_answer_are_refused_before_generation(server, path, body, field):
+    r = server.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and err["type"] == "invalid_request_error", err
+
+
+def test_a_generation_batch_that_fails_is_retried_job_by_job(export, local):
+    """Two jobs share a model.generate call that fails (a failure no check foresees): retried alone, the good
+    one is answered, and only the one that fails alone gets the 500 (in OpenAI's error shape)."""
+    s = settings(model_dir=export, max_wait_ms=300.0)
+    built = build(s)
+    predictor = built.holder.current.predictor
+    real = predictor.generate
+
+    def flaky(prompts, **kw):
+        if any("boom" in p for p in prompts):
+            raise RuntimeError("simulated kernel failure")
+        return real(prompts, **kw)
+
+    predictor.generate = flaky
+    results, start = {}, threading.Barrier(2)
+    with ServerThread(built.app, s) as url:
+        def client(prompt):
+            with httpx.Client(base_url=url, timeout=60) as c:
+                start.wait()
+                results[prompt] = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6})
+
+        threads = [threading.Thread(target=client, args=(p,)) for p in (PROMPTS[0], "boom")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        metrics = httpx.get(f"{url}/metrics").text
+    assert metric(metrics, "domaintune_batch_requests_count") == 1  # they did share a batch
+    good, bad = results[PROMPTS[0]], results["boom"]
+    assert good.status_code == 200, good.text
+    assert good.json()["choices"][0]["text"] == local.generate([PROMPTS[0]], max_new_tokens=6)[0].text
+    assert bad.status_code == 500
+    assert bad.json()["error"]["message"] == "internal server error: RuntimeError: simulated kernel failure"
+    assert bad.json()["error"]["type"] == "server_error"
