@@ -56,6 +56,7 @@ def _expected_errors() -> tuple[type, ...]:
     imports pandas or Prefect."""
     found = [CliError]
     for module, name in (("domaintune.core.errors", "DataError"), ("domaintune.core.errors", "ParamsError"),
+                         ("domaintune.core.errors", "StageError"),
                          ("domaintune.registry.plumbing", "RegistryError"), ("pipelines.retrain", "StageFailed")):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))

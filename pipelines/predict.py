@@ -17,8 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from domaintune.core.errors import DataError
+from domaintune.core.errors import DataError, StageError
 from domaintune.core.io import atomic_output
+from domaintune.core.stage import check_apart
 from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS  # the one list
 from domaintune.registry import release
 from domaintune.registry.plumbing import RegistryError
@@ -95,6 +96,17 @@ def generation_options(args, task: str, folder: Path) -> dict | None:
     return given
 
 
+def check_output(args) -> None:
+    """--out, before anything is read or a model loads (core.stage.check_apart, the stages' check): not the
+    input file, not inside it, not a folder holding it, not in the --model folder, and not an existing folder
+    domaintune did not write (atomic_output would replace it)."""
+    if not args.out:
+        return
+    paths = {"file": args.input, **({"--model": args.model} if args.version is None else {}), "--out": args.out}
+    check_apart(paths, ["--out"], ["--out"], how="--out must not be, contain or sit inside a path predict reads "
+                "(writing it would replace or alter that path)")
+
+
 def run(args) -> dict:
     # lazy: loads numpy
     from domaintune.modeling.encoders import set_threads
@@ -103,12 +115,11 @@ def run(args) -> dict:
     from domaintune.predict import batch as bp
 
     src, out = Path(args.input), Path(args.out) if args.out else None
+    check_output(args)
     bp.input_format(src)
     fmt = bp.output_format(out)
     if args.top_k < 1 or args.chunk_size < 1 or args.batch_size < 1:
         raise DataError("command line", None, None, "--top-k, --chunk-size and --batch-size must be >= 1")
-    if out is not None and out.resolve() == src.resolve():
-        raise DataError(out, None, None, "--out is the input file; refusing to overwrite it")
     folder = _model_folder(args)
     if not folder.is_dir():
         raise DataError(folder / "model.json", None, None, "no exported model here; run the export stage "
@@ -129,7 +140,7 @@ def run(args) -> dict:
 def cmd_predict(args) -> int:
     try:
         result = run(args)
-    except (DataError, RegistryError, ValueError) as exc:
+    except (DataError, StageError, RegistryError, ValueError) as exc:
         print(f"domaintune predict: error: {exc}", file=sys.stderr)
         return 2
     for row, fld, problem in result["bad_rows"]:

@@ -1,4 +1,13 @@
-"""Atomic outputs and JSON files: a crash leaves the old output or none, never half of one."""
+"""Atomic outputs and JSON files: a crash leaves the old output or none, never half of one; an output never
+replaces a folder domaintune did not write.
+
+Ownership: every folder atomic_output writes holds OUTPUT_MARKER (".domaintune-output", fixed content), and
+atomic_output replaces an existing folder only when it holds that marker or is a claimed output
+(claimed_outputs: a path the caller knows is domaintune's although it has no marker, e.g. a stage's
+DVC-declared out written by an older version). Any other folder (the user's part files, a folder of inputs)
+is refused with one DataError line, so `--out` never deletes what domaintune did not write. A file at the
+output path is replaced (what an output path means), a symbolic link is replaced, never followed.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,9 +16,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from domaintune.core.errors import DataError
 
 TMP_MARK = ".tmp-"  # atomic_output's temporaries: ".<name>.tmp-<pid>-<random>" next to the output
+OUTPUT_MARKER = ".domaintune-output"  # in every folder atomic_output writes: "domaintune may replace this folder"
+MARKER_TEXT = ("This folder was written by domaintune, which replaces it as a whole when it writes this output "
+               "again.\nA folder without this file is never replaced or deleted by domaintune.\n")
+_CLAIMED: list[Path] = []  # claimed_outputs' paths (real paths), innermost claim last
 
 
 
@@ -88,6 +103,50 @@ def apply_umask_modes(root: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
+def claimed_outputs(paths: Iterable[str | os.PathLike]) -> Iterator[None]:
+    """Within the block, an unmarked folder that is or sits inside one of `paths` counts as domaintune's own
+    (is_owned). For paths the caller knows domaintune owns without a marker: run_stage claims the outs that
+    dvc.yaml declares (DVC owns those: `dvc repro` deletes them itself before it runs the stage)."""
+    added = [Path(os.path.realpath(p)) for p in paths]
+    _CLAIMED.extend(added)
+    try:
+        yield
+    finally:
+        del _CLAIMED[len(_CLAIMED) - len(added):]
+
+
+def is_owned(path: str | os.PathLike) -> bool:
+    """True when the folder `path` holds domaintune's OUTPUT_MARKER or is (inside) a claimed output."""
+    path = Path(path)
+    if (path / OUTPUT_MARKER).is_file():
+        return True
+    real = Path(os.path.realpath(path))
+    return any(real == c or c in real.parents for c in _CLAIMED)
+
+
+def check_replaceable(path: str | os.PathLike, what: str | None = None) -> None:
+    """DataError unless writing an output at `path` may replace what is there: nothing, a file, a link, or a
+    folder domaintune owns (is_owned). `what` names the path for the user (e.g. "--out")."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink() and not is_owned(path):
+        raise DataError(path, None, None, f"{what + ': ' if what else ''}an existing folder that domaintune did not "
+                        f"write (it has no {OUTPUT_MARKER} file); refusing to replace it: move it away or choose "
+                        "another output path")
+
+
+def mark_output_folder(path: str | os.PathLike) -> Path:
+    """Create the folder `path` (if missing) as domaintune's own, holding OUTPUT_MARKER: for a folder of
+    outputs (e.g. `monitor --watch`'s one report folder per batch). An existing folder must be owned already
+    (check_replaceable)."""
+    path = Path(path)
+    check_replaceable(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / OUTPUT_MARKER).is_file():
+        (path / OUTPUT_MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+    return path
+
+
+@contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
 
@@ -96,10 +155,13 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     next to the new one, then the new one moved in), and the old one is deleted
     only after that. Works for files and
     directories (the block decides which it creates at the yielded path).
+    A folder output gets OUTPUT_MARKER; an existing folder at `path` is replaced only if domaintune owns it
+    (check_replaceable, before the block runs and again before the swap), else a DataError.
     Temporaries a killed run left next to `path` are deleted first (remove_stale_temporaries),
     and the output gets the umask's modes (apply_umask_modes), whatever wrote it.
     """
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-", dir=path.parent))
@@ -108,7 +170,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"stage produced no output at {path}")
+        if tmp.is_dir() and not tmp.is_symlink():
+            (tmp / OUTPUT_MARKER).write_text(MARKER_TEXT, encoding="utf-8")
         apply_umask_modes(tmp)
+        check_replaceable(path)  # again: the block may have run for hours
         if path.is_dir() and not path.is_symlink():
             os.replace(path, tmp_root / ".replaced")  # same folder, so a rename; deleted below
         elif tmp.is_dir() and (path.exists() or path.is_symlink()):

@@ -17,11 +17,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
+import yaml
+
 from domaintune.core.errors import DataError, ParamsError, StageError
+from domaintune.core.io import check_replaceable, claimed_outputs
 
 # Command-line destinations that name what a stage writes; every other string argument
 # (--in, --source, --params, --model, --decisions, ...) is read.
 OUTPUT_ARGS = ("out", "metrics", "report", "embeddings", "checkpoints", "live")
+# Those written whole by atomic_output (an existing folder there is replaced); --checkpoints is a folder of
+# checkpoint folders, each written whole.
+REPLACED_ARGS = ("out", "metrics", "report", "embeddings", "live")
+HOW = "an output must not be, contain or sit inside another path the stage uses (writing it would replace that path)"
 
 
 def _flag(dest: str) -> str:
@@ -38,22 +45,75 @@ def _overlap(a: Path, b: Path) -> str | None:
     return None
 
 
+def check_apart(paths: dict[str, str], outputs: Sequence[str], replaced: Sequence[str] = (),
+                how: str = HOW) -> None:
+    """The one check of output paths, for the stages and the CLI commands alike, before anything is read or
+    written. `paths`: every path the command uses, by the name the user knows it by (e.g. "--out"), in the
+    order to check them; `outputs`: which of them are written, in priority order (the others are read);
+    `replaced`: the outputs written whole (atomic_output). Refuses (StageError, one line) an output that is,
+    contains or sits inside another path used (an input, or an output after it in `outputs`): writing it would
+    replace or alter that path; and (DataError) a `replaced` output that is an existing folder domaintune does
+    not own (core.io.check_replaceable). Paths compare after symbolic links are resolved."""
+    real = {k: Path(os.path.realpath(v)) for k, v in paths.items()}
+    outs = [k for k in outputs if k in real]
+    for o in outs:
+        for other in paths:
+            if other == o or (other in outs and outs.index(other) < outs.index(o)):
+                continue
+            found = _overlap(real[o], real[other])
+            if found:
+                kind = "output" if other in outs else "input"
+                raise StageError(f"{o} {paths[o]} {found} the {kind} {other} {paths[other]}; {how}")
+    for o in replaced:
+        if o in paths:
+            check_replaceable(paths[o], o)
+
+
+def _given(args: argparse.Namespace) -> dict[str, str]:
+    return {_flag(k): v for k, v in vars(args).items() if isinstance(v, str) and v and not v.startswith("hf:")}
+
+
 def check_paths_apart(args: argparse.Namespace) -> None:
     """Refuse, before anything is touched, an output that is, contains or sits inside an input
     or another output: replacing it would delete the input (e.g. --out equal to --source)."""
-    given = {k: v for k, v in vars(args).items() if isinstance(v, str) and v and not v.startswith("hf:")}
-    real = {k: Path(os.path.realpath(v)) for k, v in given.items()}
-    outs = [k for k in OUTPUT_ARGS if k in real]
-    for o in outs:
-        for other in given:
-            if other == o or (other in outs and outs.index(other) < outs.index(o)):
-                continue
-            how = _overlap(real[o], real[other])
-            if how:
-                kind = "output" if other in outs else "input"
-                raise StageError(f"{_flag(o)} {given[o]} {how} the {kind} {_flag(other)} {given[other]}; an output "
-                                 "must not be, contain or sit inside another path the stage uses (writing it would "
-                                 "replace that path)")
+    check_apart(_given(args), [_flag(d) for d in OUTPUT_ARGS])
+
+
+def declared_outs(root: str | os.PathLike = ".") -> list[Path]:
+    """Every out, metric and plot file the stages of root/dvc.yaml declare (real paths; none when there is no
+    readable dvc.yaml; a path with ${...} in it is left out: it is not known without the params)."""
+    try:
+        stages = (yaml.safe_load((Path(root) / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages") or {}
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return []
+    found = []
+    for stage in stages.values() if isinstance(stages, dict) else ():
+        if not isinstance(stage, dict):
+            continue
+        base = Path(root) / str(stage.get("wdir", "."))
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key) or ():
+                name = next(iter(entry), None) if isinstance(entry, dict) else entry
+                if isinstance(name, str) and "${" not in name:
+                    found.append(Path(os.path.realpath(base / name)))
+    return found
+
+
+def stage_outputs_owned(args: argparse.Namespace, root: str | os.PathLike = ".") -> list[str]:
+    """The stage's output paths that are (inside) an out dvc.yaml declares: DVC owns those (`dvc repro` deletes
+    a declared out itself before it runs the stage, except a persisted one, which the stage manages), so they
+    are domaintune's to replace even when an older version wrote them without core.io's marker. Any other
+    existing folder at an output path must hold the marker (core.io.check_replaceable): the stage then never
+    deletes a folder of the user's that a hand-typed --out happens to name."""
+    declared = declared_outs(root)
+    owned = []
+    for dest in OUTPUT_ARGS:
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and value:
+            real = Path(os.path.realpath(Path(root) / value))
+            if any(real == d or d in real.parents for d in declared):
+                owned.append(value)
+    return owned
 
 
 def stage_parser(name: str, description: str, *, inp: str | None = None, out: str | None = None,
@@ -164,7 +224,10 @@ def run_stage(name: str, fn: Callable[[argparse.Namespace], object], parser: arg
     t0 = time.perf_counter()
     try:
         check_paths_apart(args)
-        said = fn(args)
+        with claimed_outputs(stage_outputs_owned(args)):
+            given = _given(args)
+            check_apart(given, [], [_flag(d) for d in REPLACED_ARGS if _flag(d) in given])
+            said = fn(args)
     except (DataError, ParamsError, StageError, OSError) as exc:  # OSError: a missing/unreadable path, a folder
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2

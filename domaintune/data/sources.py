@@ -10,7 +10,11 @@ them plus, per row, the row number a person would use to find it:
 Bytes that are not UTF-8 are kept as lone surrogates (surrogateescape) and
 reported per cell with their byte offset in the file, so one bad byte costs
 one row (in skip mode), not the whole file; raise_problems turns the first into a
-DataError for callers that cannot skip rows.
+DataError for callers that cannot skip rows. A JSON string holding half of a UTF-16
+pair ("\\ud800", not a character: it cannot be written as UTF-8) is a problem of its
+cell too (reason lone_surrogate), and so is a JSONL line nested deeper than Python's
+recursion limit (malformed_row). Lines end at "\\n" or "\\r\\n" in every text format; a
+file whose only line ends are lone "\\r" (old Mac) is refused as a whole.
 
 CSV/TSV are read by this module's own reader (parse_delimited), not Python's csv or
 pandas: its quoting rule (below) never lets one stray quote swallow the rows after
@@ -25,6 +29,7 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -44,6 +49,11 @@ SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validat
                  "test": "test"}
 # bytes that were not UTF-8, as surrogateescape keeps them
 UNDECODABLE = re.compile("[\udc80-\udcff]")
+# any lone surrogate: what UNDECODABLE finds, or half of a UTF-16 pair from a JSON "\ud800" escape
+SURROGATE = re.compile("[\ud800-\udfff]")
+_UNWRITABLE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # a surrogate that is not surrogateescape's byte
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON line that may decode to one (checked after parsing)
+_OLD_MAC = "lines end with a lone carriage return (old Mac style); save the file with \\n or \\r\\n line ends"
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -249,8 +259,7 @@ def _stream_records(path: Path, delim: str, size: int):
                 skip = _bom_length(path, raw)
                 raw, off = raw[skip:], skip
                 if b"\n" not in raw and b"\r" in raw:  # the first piece is the whole file when it has no line end
-                    raise DataError(path, None, None, "lines end with a lone carriage return (old Mac style); save "
-                                                      "the file with \\n or \\r\\n line ends")
+                    raise DataError(path, None, None, _OLD_MAC)
             piece = raw.decode("utf-8", errors="surrogateescape")
             if not text:
                 base = off
@@ -401,7 +410,60 @@ def _json_record(stripped: str) -> tuple[dict, str | None]:
             raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
     except ValueError as exc:
         return {}, f"invalid JSON: {exc}"
+    except RecursionError:
+        return {}, f"invalid JSON: nested deeper than {sys.getrecursionlimit()} levels"
     return rec, None
+
+
+def lone_surrogate(value) -> str | None:
+    """Where a parsed JSON value (strings, lists, dicts, at any depth) holds a lone surrogate, as a message;
+    None when it holds none. Walked without recursion (the value may be nested as deep as the parser allows)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if m := SURROGATE.search(v):
+                return (f"holds a lone surrogate \\u{ord(m.group()):04x} at character {m.start()} (a JSON \\u "
+                        "escape of half a UTF-16 pair: not a character, it cannot be written as UTF-8)")
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return None
+
+
+def _escaped(text: str) -> str:
+    """`text` with each surrogate UTF-8 cannot write (even as surrogateescape's bytes) spelled as its JSON escape."""
+    return _UNWRITABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _record_surrogates(rec: dict) -> tuple[dict, list[tuple[str | None, str, str]]]:
+    """lone_surrogate per cell of a JSONL record: (key, "lone_surrogate", message); a key holding one is a
+    problem of the whole row (field None: the key cannot be named as it is). The record comes back with every
+    such surrogate spelled as its escape ("\\ud800", what the file holds), at any depth, so no string this
+    module returns is one UTF-8 cannot write: the row is reported, and writing it (rejected.csv) cannot fail."""
+    found = []
+    for k, v in rec.items():
+        if SURROGATE.search(k):
+            found.append((None, "lone_surrogate", f"a key {lone_surrogate(k)}"))
+        elif problem := lone_surrogate(v):
+            found.append((k, "lone_surrogate", problem))
+    if not found:
+        return rec, found
+    rec = {_escaped(k): v for k, v in rec.items()}
+    stack = [rec]
+    while stack:  # in place, without recursion (the value may be nested as deep as the parser allows)
+        c = stack.pop()
+        if isinstance(c, dict):
+            for k in [k for k in c if isinstance(k, str) and _UNWRITABLE.search(k)]:
+                c[_escaped(k)] = c.pop(k)
+        for k, v in (c.items() if isinstance(c, dict) else enumerate(c)):
+            if isinstance(v, str):
+                c[k] = _escaped(v)
+            elif isinstance(v, (dict, list)):
+                stack.append(v)
+    return rec, found
 
 
 def _jsonl_columns(path: Path) -> list[str]:
@@ -442,6 +504,10 @@ def _jsonl_parts(path: Path, columns: list[str] | None):
             rec, problem = _json_record(stripped)
             if problem:
                 bad.setdefault(pos, []).append((None, "malformed_row", problem))
+            elif _SURROGATE_ESCAPE.search(stripped):
+                rec, found = _record_surrogates(rec)
+                if found:
+                    bad.setdefault(pos, []).extend(found)
             if known is not None and not known.issuperset(rec):  # never a cell dropped unseen
                 raise DataError(path, lineno, next(k for k in rec if k not in known), "key not in the file when its "
                                 "columns were read: the file changed while ingest read it")
@@ -553,14 +619,17 @@ def read_parquet(path: Path, stream: bool = False) -> RawTable:
 def iter_text_lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
     """The one reader of one-text-per-line files (ingest's .txt, monitor batches, predict inputs, DAPT corpora),
     streamed: (line number, text, problem). UTF-8 (a BOM is dropped; UTF-16 is refused), a line ends at "\n" or
-    "\r\n" (a lone "\r" is text), the final line end opens no extra line. `problem` says where a line holds
-    bytes that are not UTF-8 (kept as surrogates in the text, so a caller may skip the row or stop)."""
+    "\r\n" (a lone "\r" is text), the final line end opens no extra line; a file with no "\n" but a "\r" has
+    old Mac line ends and is refused, as in CSV. `problem` says where a line holds bytes that are not UTF-8
+    (kept as surrogates in the text, so a caller may skip the row or stop)."""
     if not path.is_file():
         raise DataError(path, None, None, "file not found" if not path.exists() else "not a regular file")
     with open(path, "rb") as fh:
         byte_pos = _bom_length(path, fh.read(len(_BOM)))
         fh.seek(byte_pos)
         for n, raw in enumerate(fh, start=1):
+            if n == 1 and not raw.endswith(b"\n") and b"\r" in raw:  # the whole file, and no "\n" in it
+                raise DataError(path, None, None, _OLD_MAC)
             body = raw[:-1] if raw.endswith(b"\n") else raw
             text = (body[:-1] if body.endswith(b"\r") else body).decode("utf-8", errors="surrogateescape")
             problem = None
@@ -625,6 +694,41 @@ def read_file(path: Path, kinds: dict[str, str] | None = None, stream: bool = Fa
         return read_txt(path)
     raise DataError(path, None, None, f"unsupported file type {''.join(path.suffixes) or path.name!r}; "
                                       f"use one of {sorted(kinds or READABLE)}")
+
+
+def _txt_parts(path: Path, rows: int) -> Iterator[RawTable]:
+    lines, numbers, bad = [], [], {}
+    for n, text, problem in iter_text_lines(path):
+        if problem:
+            bad[len(lines)] = [("text", "undecodable_bytes", problem)]
+        lines.append(text)
+        numbers.append(n)
+        if len(lines) == rows:
+            yield RawTable(str(path), path.stem, pd.DataFrame({"text": lines}, dtype=object), numbers, bad=bad,
+                           lines=numbers)
+            lines, numbers, bad = [], [], {}
+    if lines:
+        yield RawTable(str(path), path.stem, pd.DataFrame({"text": lines}, dtype=object), numbers, bad=bad,
+                       lines=numbers)
+
+
+def iter_tables(path: Path, rows: int) -> Iterator[RawTable]:
+    """Any READABLE file (CSV, TSV, JSONL, Parquet, TXT) as RawTables of at most `rows` rows, in file order,
+    read part by part whatever the file's size: read_file's rows, row numbers and problems (TXT as read_txt:
+    column "text"; a JSONL part has the keys its own records have, one pass over the file). A file with no
+    rows is a DataError, as in read_file."""
+    kind = READABLE.get(path.suffix.lower())
+    if kind in ("txt", "jsonl"):
+        if not path.is_file():
+            raise DataError(path, None, None, "file not found" if not path.exists() else "not a regular file")
+        parts = _txt_parts(path, rows) if kind == "txt" else _jsonl_parts(path, None)(None, rows)
+        first = next(parts, None)
+        if first is None:
+            raise DataError(path, None, None, "file is empty" if kind == "txt" else "file has no records")
+        yield first
+        yield from parts
+        return
+    yield from iter_parts(read_file(path, READABLE, stream=True), rows)
 
 
 def raise_problems(table: RawTable, columns: list[str]) -> None:

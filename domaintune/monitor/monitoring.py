@@ -16,7 +16,10 @@ domaintune.monitor_report). Then, outside --out:
                   path as its last argument; drift.alarm_webhook (or --alarm-webhook) gets the
                   verdict POSTed as JSON
 --watch FOLDER judges every batch file there that the history does not list yet (by content
-hash), oldest name first: what the scheduled monitor deployment runs on its cron.
+hash), oldest name first: what the scheduled monitor deployment runs on its cron. A batch that cannot be
+judged is one line on stderr; the others are still judged and reported, then the run exits 2.
+--out (and --history, --review-queue) are checked first, with the stages' check (core.stage.check_apart):
+never an input, inside one or holding one, and an existing --out folder only if domaintune wrote it.
 
 The model is opened by the caller's `load(folder, batch_size=, device=)` (pipelines/ passes
 domaintune.tasks.load_predictor, the one loader `predict` and `serve` use too; this library sits below
@@ -36,8 +39,9 @@ from typing import Callable, Sequence
 
 from domaintune.core.device import stage_device
 from domaintune.core.errors import DataError
-from domaintune.core.io import atomic_output, write_json
+from domaintune.core.io import atomic_output, mark_output_folder, write_json
 from domaintune.core.params import load_params
+from domaintune.core.stage import check_apart
 from domaintune.data.sources import read_file, read_lines
 from domaintune.modeling.encoders import set_threads
 from domaintune.monitor.drift import CONF_COLUMN, PRED_COLUMN, Baseline, judge, validation_frame
@@ -56,12 +60,17 @@ def telemetry_off() -> None:
         os.environ.setdefault(key, value)
 
 
-def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
-    """The texts of a batch file: .txt (one per line) or anything ingest reads (csv, tsv, jsonl,
-    parquet), with ingest's row numbering and undecodable-byte reporting."""
+def _batch_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, "batch file not found" if not path.exists() else "not a file")
+    return path
+
+
+def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
+    """The texts of a batch file: .txt (one per line) or anything ingest reads (csv, tsv, jsonl,
+    parquet), with ingest's row numbering and undecodable-byte reporting."""
+    path = _batch_file(path)
     if path.suffix.lower() == ".txt":
         texts = read_lines(path, "batch file")  # the one line reader: ingest's rules and messages
         rows = list(range(1, len(texts) + 1))
@@ -82,11 +91,34 @@ def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
     return texts
 
 
+class UnjudgedBatches(DataError):
+    """`--watch`: some new batch files could not be judged (each was named on stderr and recorded in the
+    history); `verdicts` holds those of the files that were."""
+
+    def __init__(self, folder: Path, failed: int, total: int, verdicts: list[dict]):
+        super().__init__(folder, None, None, f"{failed} of {total} new batch files could not be judged (each named "
+                         "above)")
+        self.verdicts = verdicts
+        self._args = (folder, failed, total, verdicts)
+
+    def __reduce__(self):  # Prefect may copy a flow's exception: rebuild it from its own arguments
+        return type(self), self._args
+
+
 def check_arguments(ms: MonitorSettings, check_model: Callable[[Path], object] | None = None) -> list[str]:
-    """Everything that can be checked before Prefect or a model loads: the folders exist, --out is not a
-    file, params.yaml's drift section is valid, the batch reads, and the model folder passes `check_model`.
-    Returns the texts ([] for --watch)."""
+    """Everything that can be checked before Prefect or a model loads: the output paths (core.stage.check_apart,
+    first: --out, --history and --review-queue are not, do not contain and do not sit inside an input or each
+    other, and an existing --out folder is domaintune's own), the folders exist, --out is not a file, params.yaml's
+    drift section is valid, the batch reads, and the model folder passes `check_model`. Returns the texts ([] for
+    --watch)."""
     root, batch, watch, out, model = Path(ms.repo), ms.batch, ms.watch, ms.out, ms.model
+    if batch is not None:
+        _batch_file(root / batch)  # a batch that is no file is named as such, before the paths are compared
+    named = {"--batch": batch, "--watch": watch, "--baseline": ms.baseline, "--model": model, "--out": out,
+             "--history": ms.history, "--review-queue": ms.review_queue}
+    check_apart({k: str(root / v) for k, v in named.items() if v}, ["--out", "--history", "--review-queue"],
+                ["--out"], how="an output must not be, contain or sit inside another path monitor uses (writing it "
+                "would replace or alter that path)")
     for flag, value in (("--baseline", ms.baseline), ("--model", model)):
         if not (root / value).is_dir():
             raise DataError(root / value, None, None, f"{flag}: no such folder; run the pipeline (dvc repro) first")
@@ -247,19 +279,31 @@ def monitor_file(path: Path, texts: Sequence[str] | None, predictor, params, s: 
 def monitor_folder(folder: Path, predictor, params, s: dict) -> list[dict]:
     """Judge every batch file in `folder` the history does not list yet (by content hash), oldest name
     first; each gets its own report folder <out>/<file stem>. A bad file is a history row with its
-    error (and a line on stderr), so it is neither retried forever nor silently dropped."""
+    error (and a line on stderr), so it is neither retried forever nor silently dropped; a file that cannot
+    be read at all (permissions) is a line on stderr only, so it is judged once it can be. After every file
+    was tried, any that failed raise UnjudgedBatches (exit 2), which carries the other verdicts."""
     seen = seen_hashes(s["history"])
-    verdicts = []
+    mark_output_folder(s["out"])  # the folder of report folders is domaintune's, so later runs may write in it
+    verdicts, failed, total = [], 0, 0
     for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in BATCH_SUFFIXES):
-        sha = file_sha256(path)
+        try:
+            sha = file_sha256(path)
+        except OSError as exc:  # unreadable (permissions): not recorded, so it is judged once it can be read
+            print(f"monitor: {path}: {exc.strerror or exc}", file=sys.stderr)
+            failed, total = failed + 1, total + 1
+            continue
         if sha in seen:
             continue
         seen.add(sha)
+        total += 1
         try:
             verdicts.append(monitor_file(path, None, predictor, params, s, s["out"] / path.stem))
         except DataError as exc:
             print(f"monitor: {exc}", file=sys.stderr)
             append_history(s["history"], None, str(path), sha, error=str(exc))
+            failed += 1
+    if failed:
+        raise UnjudgedBatches(Path(folder), failed, total, verdicts)
     return verdicts
 
 
@@ -290,12 +334,18 @@ def run_monitor(ms: MonitorSettings, load: Callable, flow: bool = False,
     telemetry_off()
     root = Path(ms.repo)
     texts = check_arguments(ms, check_model)
-    if (flow or os.environ.get("PREFECT_API_URL")) and flow_runner is not None:
-        verdicts = flow_runner(ms)
-    else:
-        verdicts = run_local(ms, texts, load)
+    unjudged = None
+    try:
+        if (flow or os.environ.get("PREFECT_API_URL")) and flow_runner is not None:
+            verdicts = flow_runner(ms)
+        else:
+            verdicts = run_local(ms, texts, load)
+    except UnjudgedBatches as exc:  # the judged ones are still reported; then exit 2 with the count
+        verdicts, unjudged = exc.verdicts, exc
     for v in verdicts:
         print(summary_line(v))
+    if unjudged is not None:
+        raise unjudged
     if not ms.watch:
         print(f"report: {root / ms.out / 'report.html'}")
     elif not verdicts:

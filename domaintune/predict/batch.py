@@ -1,16 +1,23 @@
 """Batch prediction over a file of texts, streamed in chunks: what `domaintune predict` runs.
 
-Input: CSV, TSV, JSONL, Parquet or TXT (one text per line), read in chunks (csv/line iterators,
-pyarrow record batches), so memory stays bounded whatever the file size. Row numbers follow
-domaintune.sources (what ingest reports): CSV/TSV the data record after the header (blank lines
-are not records), JSONL and TXT the line, Parquet the 1-based row position. Bad rows (missing,
-empty or non-text text, undecodable bytes, a wrong field count, a line that is not JSON) are
-found in a first pass, before anything is written: `on_bad_row="error"` stops at the first
-with one line naming file, row and field; `"skip"` lists every one of them and predicts the rest.
+Input: CSV, TSV, JSONL, Parquet or TXT (one text per line), read by the project's one reader per kind
+(domaintune.data.sources.iter_tables: the rules, row numbers and messages of ingest and monitor) in chunks,
+so memory stays bounded whatever the file size. Row numbers: CSV/TSV the data record after the header
+(blank lines are not records), JSONL and TXT the line, Parquet the 1-based row position. Blank lines of a
+TXT file are ignored (and counted). Bad rows (missing, empty or non-text text, bytes that are not UTF-8, a
+lone surrogate such as a JSON "\\ud800" escape, a wrong field count, a line that is not JSON, an id that is
+not a string or number) are found in a first pass, before anything is written: `on_bad_row="error"` stops at
+the first with one line naming file, row and field; `"skip"` lists every one of them and predicts the rest.
+A bad file (not found, UTF-16, empty, old Mac line ends, no such column) stops before anything is written.
+Ids: the id column's value as text (JSON numbers as written); a missing, null or empty id is the row number,
+as for a file without the id column. A CSV field has no size limit here (ingest.max_chars bounds training
+data, not what is predicted).
 Output: JSONL or CSV, one record per good row: id, text, label, calibrated confidence, top_k; for a
 generation export (`generation=` given) id, text, the generated response, its finish_reason ("stop" or
 "length") and token counts. A prompt too long for the model's context with its token budget is a bad row
-too, found when its chunk is generated.
+too, found when its chunk is generated: with on_bad_row="error" the run stops there, after the rows before it
+were written to the stream (the CLI writes --out through atomic_output, so a file output is then not written
+at all; on stdout the rows before it have been printed).
 """
 from __future__ import annotations
 
@@ -24,12 +31,13 @@ from typing import Iterator, Optional
 
 from domaintune.core.errors import DataError
 from domaintune.core.progress import Progress
-from domaintune.data.sources import UNDECODABLE, iter_text_lines
+from domaintune.data.sources import READABLE, SURROGATE, RawTable, iter_tables
 
-INPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "txt"}
+INPUT_FORMATS = READABLE  # .csv .tsv .jsonl .parquet .txt: what the sources readers read
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
 CLASSIFIER_COLUMNS = ("id", "text", "label", "confidence", "top_k")
 GENERATION_COLUMNS = ("id", "text", "response", "finish_reason", "prompt_tokens", "completion_tokens")
+SCAN_ROWS = 16_384  # rows per part in the first pass (it keeps no rows)
 
 
 @dataclass
@@ -54,7 +62,7 @@ def input_format(path: Path) -> str:
         raise DataError(path, None, None, f"unknown input format {path.suffix!r}; use one of "
                         + ", ".join(INPUT_FORMATS))
     if not path.is_file():
-        raise DataError(path, None, None, "no such file")
+        raise DataError(path, None, None, "no such file" if not path.exists() else "not a regular file")
     return fmt
 
 
@@ -66,110 +74,69 @@ def _check_text(rec: Record, text_column: str) -> Record:
             rec.field, rec.problem = text_column, f"not text: {type(rec.text).__name__} {rec.text!r}"
         elif not rec.text.strip():
             rec.field, rec.problem = text_column, "empty text"
-        elif UNDECODABLE.search(rec.text):
-            rec.field, rec.problem = text_column, "bytes that are not UTF-8"
+        elif m := SURROGATE.search(rec.text):  # the readers name these first; a last guard before the model
+            rec.field, rec.problem = text_column, (f"bytes that are not UTF-8 or a lone surrogate at character "
+                                                   f"{m.start()}")
     return rec
 
 
-def _delimited(path: Path, delimiter: str, text_column: str, id_column: str, scan: Scan) -> Iterator[Record]:
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataError(path, None, None, "file is empty (no header row)") from None
-        except csv.Error as exc:
-            raise DataError(path, None, None, f"malformed header: {exc}") from None
-        if text_column not in header:
-            raise DataError(path, None, text_column, f"no such column; the header has {header}")
-        ti, ii = header.index(text_column), header.index(id_column) if id_column in header else None
-        n = 0
-        while True:
-            try:
-                rec = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                raise DataError(path, n + 1, None, f"malformed row at line {reader.line_num}: {exc}") from None
-            if not rec:
-                scan.blank_lines += 1
-                continue
-            n += 1
-            if len(rec) != len(header):
-                yield Record(n, None, None, None, f"has {len(rec)} fields, the header has {len(header)} "
-                                                  f"(line {reader.line_num})")
-                continue
-            yield Record(n, rec[ii] if ii is not None else str(n), rec[ti])
+def _row_id(value, row: int) -> tuple[Optional[str], Optional[str]]:
+    """(id, problem) of an id cell: text as it is, a number as written, missing/null/empty -> the row number."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return str(row), None
+    if isinstance(value, str):
+        if m := SURROGATE.search(value):
+            return None, f"bytes that are not UTF-8 or a lone surrogate at character {m.start()}"
+        return value, None
+    if isinstance(value, (bool, list, tuple, dict)) or not hasattr(value, "__int__"):
+        return None, f"not a string or number: {type(value).__name__} {value!r}"
+    f = float(value)
+    if f != f:  # NaN
+        return str(row), None
+    return (str(int(f)) if f.is_integer() and abs(f) < 2**63 else repr(f)), None
 
 
-def _jsonl(path: Path, text_column: str, id_column: str, scan: Scan) -> Iterator[Record]:
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="\n") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                scan.blank_lines += 1
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield Record(lineno, None, None, None, f"not valid JSON: {exc.msg} at column {exc.colno}")
-                continue
-            if not isinstance(obj, dict):
-                yield Record(lineno, None, None, None, f"not a JSON object but {type(obj).__name__}")
-                continue
-            rid = obj.get(id_column, lineno)
-            yield Record(lineno, str(rid), obj.get(text_column))
-
-
-def _txt(path: Path, scan: Scan) -> Iterator[Record]:
-    for lineno, line, _ in iter_text_lines(path):  # the one line reader (undecodable bytes: _check_text's)
-        if not line.strip():
-            scan.blank_lines += 1
+def _part_records(t: RawTable, text_column: str, id_column: str, txt: bool) -> Iterator[Record]:
+    cols = set(t.frame.columns)
+    texts = t.frame["text" if txt else text_column].tolist() if (txt or text_column in cols) else [None] * len(t.rows)
+    ids = t.frame[id_column].tolist() if not txt and id_column in cols else [None] * len(t.rows)
+    used = {text_column, id_column}
+    for i, row in enumerate(t.rows):
+        hits = [pr for pr in t.bad.get(i, ()) if pr[0] is None or pr[0] in used or pr[1] == "malformed_row"]
+        if hits:
+            fld, _, detail = hits[0]
+            yield Record(row, None, None, "line" if txt and fld == "text" else fld, detail)
             continue
-        yield Record(lineno, str(lineno), line)
-
-
-def _parquet(path: Path, text_column: str, id_column: str, chunk: int) -> Iterator[Record]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(path, None, None, f"not a readable Parquet file: {exc}") from None
-    names = pf.schema_arrow.names
-    if text_column not in names:
-        raise DataError(path, None, text_column, f"no such column; the file has {names}")
-    cols = [text_column] + ([id_column] if id_column in names and id_column != text_column else [])
-    n = 0
-    for batch in pf.iter_batches(batch_size=chunk, columns=cols):
-        texts = batch.column(text_column).to_pylist()
-        ids = batch.column(id_column).to_pylist() if len(cols) > 1 else None
-        for i, t in enumerate(texts):
-            n += 1
-            yield Record(n, str(ids[i]) if ids is not None else str(n), t)
+        rid, problem = _row_id(ids[i], row)
+        if problem:
+            yield Record(row, None, None, id_column, problem)
+            continue
+        yield Record(row, rid, texts[i])
 
 
 def records(path: Path, text_column: str = "text", id_column: str = "id", chunk: int = 1024,
             scan: Scan | None = None) -> Iterator[Record]:
-    """Every record of the file, checked, in file order (bad ones carry `problem`)."""
+    """Every record of the file, checked, in file order (bad ones carry `problem`); a TXT file's blank lines
+    are counted in `scan`, not yielded."""
     scan = scan if scan is not None else Scan()
-    fmt = input_format(path)
-    if fmt in ("csv", "tsv"):
-        it = _delimited(path, "," if fmt == "csv" else "\t", text_column, id_column, scan)
-    elif fmt == "jsonl":
-        it = _jsonl(path, text_column, id_column, scan)
-    elif fmt == "txt":
-        it = _txt(path, scan)
-    else:
-        it = _parquet(path, text_column, id_column, chunk)
-    for rec in it:
-        yield _check_text(rec, text_column if fmt != "txt" else "line")
+    txt = input_format(path) == "txt"
+    first = True
+    for part in iter_tables(path, chunk):
+        # a header (CSV/TSV) or schema (Parquet) without the column; a JSONL record without it is a bad row
+        if first and not txt and path.suffix.lower() != ".jsonl" and text_column not in part.frame.columns:
+            raise DataError(path, None, text_column, f"no such column; the file has {list(part.frame.columns)}")
+        first = False
+        for rec in _part_records(part, text_column, id_column, txt):
+            if txt and rec.problem is None and not rec.text.strip():
+                scan.blank_lines += 1
+                continue
+            yield _check_text(rec, "line" if txt else text_column)
 
 
 def scan_file(path: Path, text_column: str, id_column: str, on_bad_row: str) -> Scan:
     """First pass: count rows and find bad ones (stops at the first with on_bad_row='error')."""
     scan = Scan()
-    for rec in records(path, text_column, id_column, scan=scan):
+    for rec in records(path, text_column, id_column, chunk=SCAN_ROWS, scan=scan):
         scan.rows += 1
         if rec.problem is not None:
             if on_bad_row == "error":

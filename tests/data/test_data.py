@@ -65,21 +65,20 @@ def test_a_table_in_many_chunks_hashes_as_one_chunk_and_take_rows_equals_arrow_t
 def test_atomic_output_swaps_folders_and_files_whole(tmp_path):
     import pytest
 
-    from domaintune.core.io import atomic_output
+    from domaintune.core.io import OUTPUT_MARKER, atomic_output, mark_output_folder
 
-    out = tmp_path / "out"
-    out.mkdir()
+    out = mark_output_folder(tmp_path / "out")  # a previous output of domaintune's (it holds the marker)
     (out / "old.txt").write_text("old")
     with pytest.raises(RuntimeError):
         with atomic_output(out) as tmp:
             tmp.mkdir()
             (tmp / "new.txt").write_text("half")
             raise RuntimeError("crash mid-write")
-    assert [p.name for p in out.iterdir()] == ["old.txt"]  # the previous output is untouched
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "old.txt"]  # the previous output is untouched
     with atomic_output(out) as tmp:
         tmp.mkdir()
         (tmp / "new.txt").write_text("new")
-    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "new.txt"]
     metrics = tmp_path / "m.json"
     metrics.write_text("{}")
     with atomic_output(metrics) as tmp:

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from domaintune.core.errors import DataError, StageError
-from domaintune.core.io import atomic_output, read_json
-from domaintune.core.stage import check_paths_apart
+from domaintune.core.io import OUTPUT_MARKER, atomic_output, read_json
+from domaintune.core.stage import OUTPUT_ARGS, REPLACED_ARGS, check_paths_apart, stage_outputs_owned
 from domaintune.data.dataset import read_dataset
 from domaintune.data.sources import raise_problems, read_file
 from stages import dedupe as dedupe_stage
@@ -105,6 +105,8 @@ ERRORS = [  # corpus file, ingest params, the one error line (after "ingest: err
                                   "\\n or \\r\\n line ends"),
     ("batch_bad_utf8.txt", {}, "{src}: unsupported file type '.txt'; use one of ['.csv', '.jsonl', '.parquet', "
                                "'.tsv']"),
+    ("lone_surrogate.jsonl", {}, "{src}: row 10: field 'text': holds a lone surrogate \\ud800 at character 12 (a JSON "
+                                 "\\u escape of half a UTF-16 pair: not a character, it cannot be written as UTF-8)"),
 ]
 
 
@@ -142,6 +144,7 @@ SKIPPED = [  # corpus file, ingest params, rejected (row, field, reason), record
     ("label_only_in_test.csv", {"split_column": "part"}, [(11, "label", "unseen_label")], 12),
     ("missing_labels.csv", {}, [(r, "label", "missing_label") for r in (2, 4, 6, 8, 10)], 12),
     ("missing_labels.jsonl", {}, [(r, "label", "missing_label") for r in (2, 4, 6, 8, 10)], 12),
+    ("lone_surrogate.jsonl", {"id_column": "id"}, [(10, "text", "lone_surrogate")], 12),
 ]
 
 
@@ -288,6 +291,45 @@ def test_txt_batches_report_undecodable_bytes_as_a_data_error(tmp_path):
             raise_problems(read_file(corpus(tmp_path, name)), ["text"])
 
 
+# ---------------------------------------------------------------- generation conversations (ingest.messages_column)
+
+GEN_REJECTED = {  # rows 10-12 of messages_hostile.<ext> plus a conversation nested 50,000 deep as row 12
+    "csv": [(10, "messages", "bad_messages"), (11, "messages", "bad_messages"), (12, "messages", "bad_messages")],
+    "jsonl": [(10, "messages", "lone_surrogate"), (11, "messages", "lone_surrogate"), (12, "", "malformed_row")],
+}
+
+
+@pytest.mark.parametrize("ext", ["csv", "jsonl"])
+def test_conversations_nested_50000_deep_with_huge_numbers_or_lone_surrogates_are_rejected_rows(tmp_path, capsys, ext):
+    """Each unusable conversation is a rejected row naming file, row and field (skip) or the one error line (error),
+    never a RecursionError, AttributeError or UnicodeEncodeError; a 5,000-digit number in a message is kept as
+    written (row 9 is a good conversation)."""
+    src = corpus(tmp_path, f"messages_hostile.{ext}")
+    deep = "[" * 50_000 + "]" * 50_000
+    with src.open("a", encoding="utf-8") as fh:
+        fh.write(f"c12,{deep}\n" if ext == "csv" else f'{{"id": "c12", "messages": {deep}}}\n')
+    params = {"base": {"seed": 3, "task": "generation"},
+              "ingest": {"split": SPLIT, "messages_column": "messages", "id_column": "id", "on_bad_row": "skip"}}
+    rc, err, out, metrics = run(tmp_path, src, capsys, params=params)
+    assert rc == 0, err
+    rej = pd.read_csv(out / "rejected.csv", keep_default_na=False)
+    assert [tuple(r) for r in rej[["row", "field", "reason"]].itertuples(index=False)] == GEN_REJECTED[ext]
+    assert "lone surrogate \\ud800" in rej["detail"][0] and "lone surrogate \\udfff" in rej["detail"][1]
+    assert "nested deeper than" in rej["detail"][2]
+    assert read_json(metrics)["files"][str(src)] == {"records": 12, "kept": 9, "rejected": 3}
+    splits, _ = read_dataset(out)
+    assert sorted(pd.concat(splits.values())["id"]) == sorted(f"c{k}" for k in range(1, 10))
+    shutil.rmtree(out)
+    metrics.unlink()
+    params["ingest"]["on_bad_row"] = "error"
+    rc, err, out, metrics = run(tmp_path, src, capsys, params=params)
+    assert_failed_cleanly(rc, err, f"{src}: row 10: field 'messages': " + (
+        "conversation message 1 'content' holds a lone surrogate \\ud800 at character 2 (not a character: a "
+        "\\ud800-style JSON escape or a byte that is not UTF-8)" if ext == "csv" else
+        "holds a lone surrogate \\ud800 at character 2 (a JSON \\u escape of half a UTF-16 pair: not a character, it "
+        "cannot be written as UTF-8)"), out, metrics, tmp_path)
+
+
 # ---------------------------------------------------------------- folders: every file used, or an error naming it
 
 def folder_of(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -400,8 +442,40 @@ def test_every_stage_command_in_dvc_yaml_passes_the_overlap_check():
         for flag, value in zip(words[::2], words[1::2]):
             setattr(ns, "in_dir" if flag == "--in" else flag[2:].replace("-", "_"), value)
         check_paths_apart(ns)  # raises StageError on an overlap
+        # every output is a declared DVC out: replaceable even if an older version wrote it without the marker
+        outputs = [getattr(ns, d) for d in OUTPUT_ARGS if hasattr(ns, d)]
+        assert outputs and stage_outputs_owned(ns, REPO) == outputs, _name
     with pytest.raises(StageError):
         check_paths_apart(Namespace(in_dir="data/ingested", out="data/ingested/x"))
+
+
+def test_a_stage_replaces_its_dvc_declared_out_without_a_marker_and_refuses_any_other_folder(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """An out written by an older version (no marker) is still replaced where dvc.yaml declares it (DVC owns it);
+    a folder of the user's that --out happens to name is refused before the stage reads anything."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": {
+        "cmd": "python -m stages.ingest", "outs": ["data/ingested", {"metrics/ingest.json": {"cache": False}}]}}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"base": {"seed": 3}, "ingest": {"split": SPLIT}}))
+    src = corpus(tmp_path, "bom_crlf.csv")
+    legacy = tmp_path / "data" / "ingested"
+    legacy.mkdir(parents=True)
+    (legacy / "train.parquet").write_text("written by an older domaintune")
+    argv = ["--source", str(src), "--metrics", "metrics/ingest.json", "--params", "params.yaml"]
+    assert main([*argv, "--out", "data/ingested"]) == 0
+    assert (legacy / OUTPUT_MARKER).is_file() and sum(len(df) for df in read_dataset(legacy)[0].values()) == 12
+    assert main([*argv, "--out", "data/ingested"]) == 0  # and again, now through its marker
+    capsys.readouterr()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not domaintune's")
+    assert main(["--source", str(src), "--metrics", "m2.json", "--params", "params.yaml", "--out", "mine"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ingest: error: mine: --out: an existing folder that domaintune did not write (it has no {OUTPUT_MARKER} "
+        "file); refusing to replace it: move it away or choose another output path"]
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (tmp_path / "m2.json").exists()
+    assert temporaries(tmp_path) == []
+    assert set(REPLACED_ARGS) < set(OUTPUT_ARGS)  # --checkpoints is a folder of checkpoint folders, never replaced
 
 
 # ---------------------------------------------------------------- temporaries and file modes

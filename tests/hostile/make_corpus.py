@@ -1,8 +1,10 @@
 """Writes the hostile input corpus next to this file (run it to regenerate; the files are committed).
 
-Each file is small and hand-made to break one promise of the ingest stage; tests/data/test_hostile_inputs.py
-holds the expected outcome of each. Binary and environment-dependent cases (Parquet, symlinks, huge
-fields) are generated inside the test instead.
+Each file is small and hand-made to break one promise of the ingest stage (or of `predict` / `monitor`, which
+read inputs with the same readers); tests/data/test_hostile_inputs.py holds the expected outcome of each ingest
+case, tests/predict/test_predict.py and tests/pipelines/test_cli.py those of predict and monitor. Binary and
+environment-dependent cases (Parquet, symlinks, huge fields, JSON nested 50,000 deep) are generated inside the
+test instead.
 """
 from __future__ import annotations
 
@@ -93,6 +95,31 @@ def main() -> None:
     files["utf16.csv"] = clean.encode("utf-16")
     files["old_mac_line_ends.csv"] = clean.replace("\n", "\r").encode()
     files["batch_bad_utf8.txt"] = b"first text\nsecond \xfe text\r\nthird text\n"
+    # predict / monitor / ingest: every line end a lone CR (30 texts): refused as a whole, like old_mac_line_ends.csv
+    files["old_mac_line_ends.txt"] = "".join(f"{t}\r" for t, _ in rows(30)).encode()
+    # a JSON "\ud800" escape (half a UTF-16 pair, not a character) in the text of row 10 of 12
+    jl = [json.dumps({"id": f"s{i}", "text": t, "label": lab}) for i, (t, lab) in enumerate(rows(12), start=1)]
+    jl[9] = '{"id": "s10", "text": "half a pair \\ud800 here", "label": "login"}'
+    files["lone_surrogate.jsonl"] = ("\n".join(jl) + "\n").encode()
+    # ids: a string, null, missing, empty, a number, a 5,000-digit number (kept as written), true (not an id)
+    ids = ['"a"', "null", None, '""', "7", "1" + "0" * 4999, "true"]
+    jl = [(f'{{"id": {i}, ' if i is not None else "{") + f'"text": "ticket number {k} about billing"}}'
+          for k, i in enumerate(ids, start=1)]
+    files["ids.jsonl"] = ("\n".join(jl) + "\n").encode()
+    # generation conversations (ingest.messages_column: messages) in CSV and JSONL: rows 1-8 good; then a number
+    # of 5,000 digits in a message, a lone surrogate in a content, a lone surrogate in a role
+    def conv(k: int) -> list[dict]:
+        return [{"role": "user", "content": f"question {k} about my parcel"},
+                {"role": "assistant", "content": f"answer {k}: it ships today"}]
+    good = [json.dumps(conv(k)) for k in range(1, 9)]
+    hostile = ['[{"role": "user", "content": "q", "n": 1' + "0" * 4999 + '}, {"role": "assistant", "content": "a"}]',
+               '[{"role": "user", "content": "q \\ud800"}, {"role": "assistant", "content": "a"}]',
+               '[{"role": "\\udfff", "content": "q"}, {"role": "assistant", "content": "a"}]']
+    cells = good + hostile
+    files["messages_hostile.csv"] = csv_bytes(["id,messages"] + [f'c{k},"{c.replace(chr(34), chr(34) * 2)}"'
+                                                                 for k, c in enumerate(cells, start=1)])
+    files["messages_hostile.jsonl"] = ("".join(f'{{"id": "c{k}", "messages": {c}}}\n'
+                                               for k, c in enumerate(cells, start=1))).encode()
     for name, data in files.items():
         (HERE / name).write_bytes(data)
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from driftkit import DRIFT_YAML, TEMPLATES, german, save_tiny_classifier, tiny_splits  # noqa: F401
 
-from domaintune.core.io import read_json
+from domaintune.core.io import OUTPUT_MARKER, read_json
 from domaintune.data.dataset import write_dataset
 from domaintune.tasks import load_predictor
 
@@ -38,7 +38,7 @@ def test_baseline_is_an_honest_reference_and_records_its_rows(drift_setup):
 
     root, splits, labels = drift_setup
     out = root / "models" / "drift_baseline"
-    assert sorted(p.name for p in out.iterdir()) == sorted(Baseline.FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*Baseline.FILES, OUTPUT_MARKER])
     b = Baseline(out)
     train, val = splits["train"], splits["validation"]
     assert b.out_ref["id"].tolist() == val["id"].tolist()

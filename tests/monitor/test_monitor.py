@@ -94,9 +94,12 @@ def test_watch_folder_judges_each_new_batch_once_and_records_bad_files(project, 
     (inbox / "c.txt").write_bytes(b"fine\n\xff bad\n")
     args = ("monitor", "--watch", "inbox", "--repo", str(project), "--out", "reports/watch",
             "--history", "reports/watch_history.csv")
-    assert cli(*args) == 1
-    err = capsys.readouterr().err
+    assert cli(*args) == 2  # an unreadable batch is an error (exit 2), after the others were judged and reported
+    out, err = capsys.readouterr()
     assert "c.txt: row 2: bytes that are not UTF-8 at byte offset 5" in err
+    assert "b.txt: DRIFT: " in out  # the drifted batch is still reported
+    assert err.splitlines()[-1] == (f"domaintune monitor: error: {project / 'inbox'}: 1 of 3 new batch files could not "
+                                    "be judged (each named above)")
     assert (project / "reports" / "watch" / "a" / "report.html").exists()
     assert (project / "reports" / "watch" / "b" / "verdict.json").exists()
     assert cli(*args) == 0                                   # nothing new: nothing judged again

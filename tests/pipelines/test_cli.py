@@ -139,6 +139,55 @@ def test_monitor_bad_batch_is_one_line_exit_2_and_no_flow(monitor_repo, capsys):
     assert_one_line_error(monitor("batch.csv", monitor_repo / "nope"), "no such folder")
 
 
+def test_monitor_out_never_deletes_what_domaintune_did_not_write(monitor_repo, capsys):
+    """`monitor --batch mon_out/batch.txt --out mon_out` deleted the batch and a notes file; each output that would
+    replace or alter an input, another output or a foreign folder is refused (exit 2, one line) before the batch is
+    read (its bytes are not UTF-8 here) or any model is looked at."""
+    mon = monitor_repo / "mon_out"
+    mon.mkdir()
+    (mon / "batch.txt").write_bytes(b"first\n\xff second\n")
+    (mon / "notes.txt").write_text("mine")
+    theirs = monitor_repo / "theirs"
+    theirs.mkdir()
+    (theirs / "report.html").write_text("someone else's")
+    inbox = monitor_repo / "inbox"
+    inbox.mkdir()
+    before = {p: p.read_bytes() for p in monitor_repo.rglob("*") if p.is_file()}
+    how = "; an output must not be, contain or sit inside another path monitor uses (writing it would replace or alter "
+    cases = [
+        (["--batch", "mon_out/batch.txt", "--out", "mon_out"],
+         f"--out {mon} contains the input --batch {mon / 'batch.txt'}{how}"),
+        (["--batch", "mon_out/batch.txt", "--out", "theirs"],
+         f"{theirs}: --out: an existing folder that domaintune did not write (it has no .domaintune-output file)"),
+        (["--watch", "inbox", "--history", "inbox/history.csv"],
+         f"--history {inbox / 'history.csv'} is inside the input --watch {inbox}{how}"),
+        (["--batch", "mon_out/batch.txt", "--out", "reports", "--history", "reports/h.csv"],
+         f"--out {monitor_repo / 'reports'} contains the output --history {monitor_repo / 'reports' / 'h.csv'}{how}"),
+        (["--batch", "mon_out/batch.txt", "--review-queue", "mon_out/batch.txt"],
+         f"--review-queue {mon / 'batch.txt'} is the input --batch {mon / 'batch.txt'}{how}"),
+    ]
+    for args, expected in cases:
+        line = assert_one_line_error(cli_in_process(capsys, "monitor", *args, "--repo", str(monitor_repo)))
+        assert line.startswith(f"domaintune monitor: error: {expected}"), line
+    assert {p: p.read_bytes() for p in monitor_repo.rglob("*") if p.is_file()} == before
+
+
+def test_monitor_reads_batches_with_the_one_reader_per_kind(monitor_repo, capsys):
+    """A CR-only TXT (one text in one reader, 30 in another before) and a JSON lone surrogate: one line naming
+    file (and row, field) before any model is looked at."""
+    hostile = REPO / "tests" / "hostile"
+    for name in ("old_mac_line_ends.txt", "lone_surrogate.jsonl"):
+        shutil.copy(hostile / name, monitor_repo / name)
+    line = assert_one_line_error(cli_in_process(capsys, "monitor", "--batch", "old_mac_line_ends.txt", "--repo",
+                                                str(monitor_repo)))
+    assert line == (f"domaintune monitor: error: {monitor_repo / 'old_mac_line_ends.txt'}: lines end with a lone "
+                    "carriage return (old Mac style); save the file with \\n or \\r\\n line ends")
+    line = assert_one_line_error(cli_in_process(capsys, "monitor", "--batch", "lone_surrogate.jsonl", "--repo",
+                                                str(monitor_repo)))
+    assert line.startswith(f"domaintune monitor: error: {monitor_repo / 'lone_surrogate.jsonl'}: row 10: field 'text': "
+                           "holds a lone surrogate \\ud800")
+
+
 def test_python_m_pipelines_share_the_cli_errors(monitor_repo):
     (monitor_repo / "b.txt").write_bytes(b"ok\n\xff\xfe\n")
     proc = subprocess.run([sys.executable, "-m", "pipelines.monitor", "--batch", "b.txt", "--repo",

@@ -101,9 +101,9 @@ def test_stdout_jsonl_and_onnx_variant_in_a_real_process(export, tmp_path):
 BAD = [  # (format, file content, expected row, field, problem)
     ("csv", "id,text\na,fine text\nb,\nc,more\n", 2, "text", "empty text"),
     ("csv", "id,text\na,fine text\nb,x,extra\n", 2, None, "has 3 fields, the header has 2"),
-    ("jsonl", '{"id": 1, "text": "ok"}\n{"id": 2, "text": 5}\n', 2, "text", "not text: int 5"),
+    ("jsonl", '{"id": 1, "text": "ok"}\n{"id": 2, "text": [5]}\n', 2, "text", "not text: list"),
     ("jsonl", '{"id": 1, "text": "ok"}\n\n{"id": 2, "txt": "x"}\n', 3, "text", "missing"),
-    ("jsonl", '{"id": 1, "text": "ok"}\n{"id": 2,\n', 2, None, "not valid JSON"),
+    ("jsonl", '{"id": 1, "text": "ok"}\n{"id": 2,\n', 2, None, "invalid JSON"),
 ]
 
 
@@ -131,7 +131,7 @@ def test_bad_rows_skipped_are_each_listed_and_counted(export, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"skipped {src}: row 2: field 'text': empty text" in err
     assert f"skipped {src}: row 3: field 'text': bytes that are not UTF-8" in err
-    assert "2 of 4 rows predicted, 2 bad rows skipped, 1 blank lines ignored" in err
+    assert "2 of 4 rows predicted, 2 bad rows skipped in" in err  # a blank line is no CSV record (as in ingest)
 
 
 def test_parquet_without_the_text_column_and_unknown_formats(export, tmp_path, capsys):
@@ -188,3 +188,91 @@ def test_version_predicts_with_a_published_model_without_touching_the_workspace(
     assert [r["confidence"] for r in v1_rows] != [r["confidence"] for r in ws_rows]
     assert workspace(root) == before
     assert cli(src, "--version", "v9.9.9", "--repo", root) == 2
+
+
+# ---------------------------------------------------------------- --out never deletes what it did not write
+
+HOSTILE = REPO / "tests" / "hostile"
+
+
+def test_out_that_is_a_foreign_folder_or_overlaps_the_input_is_refused_before_anything_is_read(tmp_path, capsys):
+    """Exit 2, one line, nothing touched, and before the input is read or a model is looked for (--model names
+    no folder, and the input would itself be an error: UTF-16)."""
+    src = tmp_path / "two.txt"
+    src.write_bytes("first\nsecond\n".encode("utf-16"))
+    spark = tmp_path / "spark_out.csv"  # an existing folder of part files
+    spark.mkdir()
+    (spark / "part-00000.csv").write_text("id,text\n1,a\n")
+    batch = tmp_path / "batch.jsonl"  # a folder whose input file sits inside --out
+    batch.mkdir()
+    (batch / "input.txt").write_text("first\nsecond\n")
+    model = tmp_path / "models" / "export"
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [
+        (src, spark, f"{spark}: --out: an existing folder that domaintune did not write (it has no .domaintune-output "
+                     "file); refusing to replace it: move it away or choose another output path"),
+        (batch / "input.txt", batch, f"--out {batch} contains the input file {batch / 'input.txt'}; --out must not be, "
+                                     "contain or sit inside a path predict reads (writing it would replace or alter "
+                                     "that path)"),
+        (src, src.with_suffix(".txt"), f"--out {src} is the input file {src}; --out must not be"),
+        (src, model / "predictions.jsonl", f"--out {model / 'predictions.jsonl'} is inside the input --model {model}"),
+    ]
+    for inp, out, expected in cases:
+        assert cli(inp, "--model", model, "--out", out) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"domaintune predict: error: {expected}"), err
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+# ---------------------------------------------------------------- hostile inputs: the readers of ingest and monitor
+
+def test_a_lone_surrogate_is_a_bad_row_found_before_anything_is_written(export, tmp_path, capsys):
+    """Row 10 of 12 holds a JSON "\\ud800" escape: with chunks of 4, today's reader wrote 8 rows to stdout, then
+    raised TypeError in the tokenizer, and --on-bad-row skip did not skip it."""
+    _, _, out = export
+    src = HOSTILE / "lone_surrogate.jsonl"
+    assert cli(src, "--model", out, "--chunk-size", 4) == 2
+    got = capsys.readouterr()
+    assert got.out == ""  # found by the first pass: nothing was written, even to stdout
+    assert got.err.splitlines() == [f"domaintune predict: error: {src}: row 10: field 'text': holds a lone surrogate "
+                                    "\\ud800 at character 12 (a JSON \\u escape of half a UTF-16 pair: not a character, "
+                                    "it cannot be written as UTF-8)"]
+    assert cli(src, "--model", out, "--chunk-size", 4, "--on-bad-row", "skip") == 0
+    got = capsys.readouterr()
+    assert [json.loads(line)["id"] for line in got.out.splitlines()] == [f"s{i}" for i in range(1, 13) if i != 10]
+    assert f"skipped {src}: row 10: field 'text': holds a lone surrogate" in got.err
+    assert "11 of 12 rows predicted, 1 bad rows skipped" in got.err
+
+
+def test_ids_null_missing_or_empty_are_the_row_number_and_numbers_stay_as_written(export, tmp_path, capsys):
+    _, _, out = export
+    src = HOSTILE / "ids.jsonl"
+    dest = tmp_path / "ids.jsonl"
+    assert cli(src, "--model", out, "--out", dest) == 2  # row 7's id is true: not an id
+    assert capsys.readouterr().err.splitlines() == [f"domaintune predict: error: {src}: row 7: field 'id': not a "
+                                                    "string or number: bool True"]
+    assert not dest.exists()
+    assert cli(src, "--model", out, "--out", dest, "--on-bad-row", "skip") == 0
+    assert [r["id"] for r in read_out(dest)] == ["a", "2", "3", "4", "7", "1" + "0" * 4999]
+
+
+def test_a_cell_over_csv_s_field_limit_a_cr_only_file_and_deep_json(export, tmp_path, capsys):
+    _, _, out = export
+    big = tmp_path / "big.csv"  # Python's csv module refuses fields over 131,072 characters; ingest takes 1,000,000
+    big.write_text("id,text\na," + "refund " * 30_000 + "\nb,password reset\n")
+    assert cli(big, "--model", out, "--out", tmp_path / "big.jsonl") == 0
+    assert [r["id"] for r in read_out(tmp_path / "big.jsonl")] == ["a", "b"]
+    capsys.readouterr()
+    mac = HOSTILE / "old_mac_line_ends.txt"  # 30 texts, lone CR line ends: refused as in CSV (and monitor, ingest)
+    assert cli(mac, "--model", out) == 2
+    got = capsys.readouterr()
+    assert got.out == "" and got.err.splitlines() == [
+        f"domaintune predict: error: {mac}: lines end with a lone carriage return (old Mac style); save the file with "
+        "\\n or \\r\\n line ends"]
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": "fine"}\n{"text": ' + "[" * 50_000 + "]" * 50_000 + "}\n")
+    assert cli(deep, "--model", out, "--on-bad-row", "skip") == 0
+    got = capsys.readouterr()
+    assert len(got.out.splitlines()) == 1
+    assert f"skipped {deep}: row 2: invalid JSON: nested deeper than" in got.err
