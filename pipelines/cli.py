@@ -270,6 +270,8 @@ def add_monitor_options(p: argparse.ArgumentParser) -> None:
                    "with --watch, one subfolder per batch file")
     p.add_argument("--text-column", default=DEFAULTS["text_column"],
                    help="column holding the texts (not used for .txt)")
+    p.add_argument("--id-column", default=None, help="column holding the row ids, carried into the review queue "
+                   "(default: params.yaml's ingest.id_column, else id; without it, <batch hash>:<row>)")
     p.add_argument("--history", default=DEFAULTS["history"],
                    help="CSV every verdict is appended to (`dvc plots show` draws it)")
     p.add_argument("--review-queue", default=DEFAULTS["review_queue"],

@@ -17,8 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from domaintune.core.errors import DataError, StageError
+from domaintune.core.errors import DataError, ParamsError, StageError
 from domaintune.core.io import atomic_output
+from domaintune.core.params import load_params
 from domaintune.core.stage import check_apart
 from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS  # the one list
 from domaintune.registry import release
@@ -55,8 +56,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", default="models/export", help="export folder (default: models/export)")
     p.add_argument("--top-k", type=int, default=3, help="labels with confidences per row (default: 3)")
     p.add_argument("--text-column", default="text", help="column/field holding the text (default: text)")
-    p.add_argument("--id-column", default="id",
-                   help="column/field holding the row id, if present (default: id; else the row number)")
+    p.add_argument("--id-column", default=None,
+                   help="column/field holding the row id (default: params.yaml's ingest.id_column, else id); "
+                        "a file without it gets row numbers as ids, said in one line on stderr")
     p.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
                    help="error: stop at the first bad row, writing nothing; skip: list bad rows on stderr and "
                         "predict the rest (default: error)")
@@ -107,6 +109,16 @@ def check_output(args) -> None:
                 "(writing it would replace or alter that path)")
 
 
+def id_column(args) -> str:
+    """--id-column, else the project's own ingest.id_column (params.yaml in --repo), else "id"."""
+    if args.id_column:
+        return args.id_column
+    try:
+        return load_params(Path(args.repo) / "params.yaml", "ingest").id_column or "id"
+    except ParamsError:  # no (or a broken) params.yaml: predicting a file does not need one
+        return "id"
+
+
 def run(args) -> dict:
     # lazy: loads numpy
     from domaintune.modeling.encoders import set_threads
@@ -127,6 +139,7 @@ def run(args) -> dict:
     generation = generation_options(args, export_task(folder), folder)  # a folder that is no export stops here
     set_threads()
     predictor = load_predictor(folder, variant=args.variant, batch_size=args.batch_size)
+    args.id_column = id_column(args)
     kw = dict(text_column=args.text_column, id_column=args.id_column, top_k=args.top_k, chunk=args.chunk_size,
               on_bad_row=args.on_bad_row, generation=generation)
     if out is None:
@@ -143,6 +156,9 @@ def cmd_predict(args) -> int:
     except (DataError, StageError, RegistryError, ValueError) as exc:
         print(f"domaintune predict: error: {exc}", file=sys.stderr)
         return 2
+    if result["ids"] == "row numbers" and Path(args.input).suffix.lower() != ".txt":
+        print(f"domaintune predict: {args.input} has no id column {args.id_column!r}; ids are row numbers "
+              "(--id-column names another)", file=sys.stderr)
     for row, fld, problem in result["bad_rows"]:
         where = f"row {row}" + (f": field {fld!r}" if fld else "")
         print(f"domaintune predict: skipped {args.input}: {where}: {problem}", file=sys.stderr)

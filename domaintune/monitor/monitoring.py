@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from domaintune.core.device import stage_device
-from domaintune.core.errors import DataError
+from domaintune.core.errors import DataError, ParamsError
 from domaintune.core.io import atomic_output, mark_output_folder, write_json
 from domaintune.core.params import load_params
 from domaintune.core.stage import check_apart
@@ -52,7 +52,7 @@ TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false
 BATCH_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 HISTORY_COLUMNS = ("time", "index", "batch", "sha256", "rows", "drift", "estimated_accuracy", "accuracy_low",
                    "accuracy_high", "reference_accuracy", "min_p_value", "drifted", "alarm", "error")
-REVIEW_COLUMNS = ("id", "text", "label", "predicted_label", "confidence", "batch")
+REVIEW_COLUMNS = ("id", "text", "label", "predicted_label", "confidence", "batch", "batch_sha256")
 
 
 def telemetry_off() -> None:
@@ -89,6 +89,19 @@ def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
     if len(texts) < 2:
         raise DataError(path, None, text_column, f"need at least 2 texts to test for drift, got {len(texts)}")
     return texts
+
+
+def batch_ids(path: str | Path, id_column: str) -> list[str] | None:
+    """The batch's own ids (its `id_column`, read by the same reader as its texts), or None when it has none
+    (a .txt file, or no such column). A missing id cell is None in the list."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        return None
+    frame = read_file(path).frame
+    if id_column not in frame.columns:
+        return None
+    return [None if v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip())
+            else (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)) for v in frame[id_column]]
 
 
 class UnjudgedBatches(DataError):
@@ -206,22 +219,28 @@ def seen_hashes(path: Path) -> set[str]:
         return {row["sha256"] for row in csv.DictReader(fh)}
 
 
-def append_review_queue(path: Path, prof, below: float, batch: str, sha: str) -> int:
-    """The batch's texts under `below` confidence, in ingest's CSV format (label empty until reviewed).
-    Ids are <batch sha256 prefix>:<row>, so a re-queued batch cannot collide with another."""
+def append_review_queue(path: Path, prof, below: float, batch: str, sha: str, ids: list | None = None) -> int:
+    """The batch's texts under `below` confidence, in ingest's CSV format (label empty until reviewed),
+    with the batch file and its sha256 in their own columns. Ids are the batch's own (`ids`); a row without
+    one (or a batch without an id column) gets <batch sha256 prefix>:<row>, which no other batch can reuse."""
     conf = prof.frame[CONF_COLUMN].to_numpy()
     rows = [i for i in range(len(prof.texts)) if conf[i] < below]
     if not rows:
         return 0
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    width = len(REVIEW_COLUMNS)
+    if not new:  # a queue an older domaintune started has no batch_sha256 column: its rows keep its width
+        with path.open(encoding="utf-8", newline="") as fh:
+            width = len(next(csv.reader(fh), REVIEW_COLUMNS))
     with path.open("a", encoding="utf-8", newline="") as fh:
         w = csv.writer(fh)
         if new:
             w.writerow(REVIEW_COLUMNS)
         for i in rows:
-            w.writerow([f"{sha[:12]}:{i + 1}", prof.texts[i], "", prof.frame[PRED_COLUMN].iat[i],
-                        f"{conf[i]:.4f}", batch])
+            rid = ids[i] if ids is not None and ids[i] is not None else f"{sha[:12]}:{i + 1}"
+            w.writerow([rid, prof.texts[i], "", prof.frame[PRED_COLUMN].iat[i], f"{conf[i]:.4f}", batch,
+                        sha][:width])
     return len(rows)
 
 
@@ -260,7 +279,14 @@ def _settings(ms: MonitorSettings, root: Path, params) -> dict:
             "history": root / ms.history, "review_queue": root / ms.review_queue,
             "alarm_command": ms.alarm_command if ms.alarm_command is not None else params.alarm_command,
             "alarm_webhook": ms.alarm_webhook if ms.alarm_webhook is not None else params.alarm_webhook,
-            "text_column": ms.text_column}
+            "text_column": ms.text_column, "id_column": ms.id_column or _project_id_column(root)}
+
+
+def _project_id_column(root: Path) -> str:
+    try:
+        return load_params(root / "params.yaml", "ingest").id_column or "id"
+    except ParamsError:
+        return "id"
 
 
 def monitor_file(path: Path, texts: Sequence[str] | None, predictor, params, s: dict, out: Path) -> dict:
@@ -269,7 +295,11 @@ def monitor_file(path: Path, texts: Sequence[str] | None, predictor, params, s: 
     texts = read_batch(path, s["text_column"]) if texts is None else texts
     verdict, prof = judge_texts(texts, s["baseline"], predictor, params, out, str(path), renderer=s.get("details"))
     if predictor.labels:
-        append_review_queue(s["review_queue"], prof, params.review_below, str(path), sha)
+        ids = batch_ids(path, s["id_column"])
+        if ids is None and path.suffix.lower() != ".txt":
+            print(f"monitor: {path} has no id column {s['id_column']!r}; review queue ids are <batch hash>:<row>",
+                  file=sys.stderr)
+        append_review_queue(s["review_queue"], prof, params.review_below, str(path), sha, ids)
     alarm = raise_alarm(out / "verdict.json", verdict, s["alarm_command"], s["alarm_webhook"]) if verdict["drift"] \
         else ""
     append_history(s["history"], verdict, str(path), sha, alarm)

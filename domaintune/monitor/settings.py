@@ -18,6 +18,7 @@ class MonitorSettings:
     model: str = "models/export"
     out: str = "reports/monitor"
     text_column: str = "text"
+    id_column: str | None = None  # None: params.yaml's ingest.id_column, else "id"; carried into the review queue
     history: str = "reports/monitor_history.csv"
     review_queue: str = "data/review_queue.csv"
     alarm_command: str | None = None  # None: params.yaml's drift.alarm_command

@@ -54,6 +54,7 @@ class Scan:
     rows: int = 0
     bad: list = field(default_factory=list)   # (row, field, problem)
     blank_lines: int = 0
+    id_column_found: bool = False  # some part of the file has the id column (else every id is the row number)
 
 
 def input_format(path: Path) -> str:
@@ -126,6 +127,7 @@ def records(path: Path, text_column: str = "text", id_column: str = "id", chunk:
         if first and not txt and path.suffix.lower() != ".jsonl" and text_column not in part.frame.columns:
             raise DataError(path, None, text_column, f"no such column; the file has {list(part.frame.columns)}")
         first = False
+        scan.id_column_found = scan.id_column_found or (not txt and id_column in part.frame.columns)
         for rec in _part_records(part, text_column, id_column, txt):
             if txt and rec.problem is None and not rec.text.strip():
                 scan.blank_lines += 1
@@ -245,4 +247,4 @@ def predict_file(predictor, path: Path, stream, fmt: str, *, text_column: str = 
     bar.close()
     bad = sorted(scan.bad + late, key=lambda b: b[0])
     return {"rows": scan.rows, "predicted": good - len(late), "bad_rows": bad, "blank_lines": scan.blank_lines,
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "ids": "column" if scan.id_column_found else "row numbers", "seconds": round(time.perf_counter() - t0, 2)}

@@ -282,3 +282,32 @@ def test_details_process_renders_evidently_out_of_process_and_reports_its_errors
     finally:
         details.close()
     assert details.proc.poll() == 0
+
+
+def test_review_queue_carries_the_batchs_own_ids_and_hash(project, capsys):
+    """The batch's ids (the project's ingest.id_column, else --id-column) go into the review queue as they are,
+    with the batch's sha256 in its own column; a batch without ids gets <hash>:<row>, said on stderr."""
+    import hashlib
+
+    import pandas as pd
+
+    texts = german(30)
+    batch = project / "ids_batch.csv"
+    pd.DataFrame({"ticket_id": [f"TK-{i}" for i in range(30)], "text": texts}).to_csv(batch, index=False)
+    queue = project / "reports" / "ids_queue.csv"
+    assert cli("monitor", "--batch", "ids_batch.csv", "--repo", str(project), "--out", "reports/ids",
+               "--review-queue", "reports/ids_queue.csv", "--id-column", "ticket_id") in (0, 1)
+    with queue.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["id"].startswith("TK-") for r in rows)
+    assert {r["batch_sha256"] for r in rows} == {hashlib.sha256(batch.read_bytes()).hexdigest()}
+    capsys.readouterr()
+    plain = project / "plain_batch.csv"
+    pd.DataFrame({"text": texts[::-1]}).to_csv(plain, index=False)
+    assert cli("monitor", "--batch", "plain_batch.csv", "--repo", str(project), "--out", "reports/plain",
+               "--review-queue", "reports/ids_queue.csv", "--id-column", "ticket_id") in (0, 1)
+    assert "has no id column 'ticket_id'" in capsys.readouterr().err
+    with queue.open(newline="") as fh:
+        later = list(csv.DictReader(fh))[len(rows):]
+    sha = hashlib.sha256(plain.read_bytes()).hexdigest()
+    assert later and all(r["id"].startswith(sha[:12] + ":") and r["batch_sha256"] == sha for r in later)

@@ -38,7 +38,10 @@ def export(tiny_bert, tmp_path_factory):
 def cli(*argv) -> int:
     from pipelines.cli import build_parser
 
-    args = build_parser().parse_args(["predict", *map(str, argv)])
+    argv = [str(a) for a in argv]
+    if "--id-column" not in argv and "--repo" not in argv:  # these files' ids are in "id"; the repo's is ticket_id
+        argv += ["--id-column", "id"]
+    args = build_parser().parse_args(["predict", *argv])
     return args.fn(args)
 
 
@@ -276,3 +279,24 @@ def test_a_cell_over_csv_s_field_limit_a_cr_only_file_and_deep_json(export, tmp_
     got = capsys.readouterr()
     assert len(got.out.splitlines()) == 1
     assert f"skipped {deep}: row 2: invalid JSON: nested deeper than" in got.err
+
+
+def test_ids_default_to_the_projects_id_column_and_row_numbers_are_announced(export, tmp_path, capsys):
+    """The project's ingest.id_column (ticket_id) is predict's default id column; a file without it gets row
+    numbers, said in one line on stderr."""
+    model = export[2]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text("ingest:\n  id_column: ticket_id\n")
+    src = tmp_path / "t.csv"
+    pd.DataFrame({"ticket_id": ["A-7", "B-9"], "text": TEXTS[:2]}).to_csv(src, index=False)
+    out = tmp_path / "p.jsonl"
+    assert cli(src, "--model", model, "--out", out, "--repo", repo) == 0
+    assert [r["id"] for r in read_out(out)] == ["A-7", "B-9"]
+    assert "row numbers" not in capsys.readouterr().err
+    plain = tmp_path / "plain.csv"
+    pd.DataFrame({"text": TEXTS[:2]}).to_csv(plain, index=False)
+    assert cli(plain, "--model", model, "--out", tmp_path / "q.jsonl", "--repo", repo) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "row numbers" in ln]
+    assert len(lines) == 1 and "'ticket_id'" in lines[0] and str(plain) in lines[0]
+    assert [r["id"] for r in read_out(tmp_path / "q.jsonl")] == ["1", "2"]
