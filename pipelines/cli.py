@@ -1,4 +1,4 @@
-"""`domaintune`: versions, diff, rollback, retrain, schedule, deploy, monitor, summary, predict, serve, remote.
+"""`domaintune`: the commands below (the list in --help is made from the commands themselves).
 
 Every heavy import (DVC, GTO, Prefect, torch) happens inside the subcommand
 that needs it, so `domaintune --help` answers at once. Exit codes: 0 success;
@@ -347,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_command.add_parser(sub)
 
     register_serving(add)  # serve, shadow-report
+    ap.description = f"`domaintune`: {', '.join(sub.choices)}."  # every command, from the parser itself
     return ap
 
 

@@ -22,6 +22,7 @@ from domaintune.core.io import atomic_output
 from domaintune.core.params import load_params
 from domaintune.core.stage import check_apart
 from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS  # the one list
+from domaintune.export.variants import variant_arg
 from domaintune.registry import release
 from domaintune.registry.plumbing import RegistryError
 from domaintune.tasks import export_task, load_predictor
@@ -48,8 +49,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="file of texts: .csv, .tsv, .jsonl, .parquet, or .txt (one text per line)")
     p.add_argument("--out", default=None, help="output file, .jsonl or .csv (default: JSONL on stdout)")
-    p.add_argument("--variant", default="float32", choices=list(EXPORT_VARIANTS) + ["float"],
-                   help="exported variant to run (default: float32)")
+    p.add_argument("--variant", default="float32", type=variant_arg, choices=list(EXPORT_VARIANTS),
+                   help="exported variant to run (default: float32; 'float' is accepted for float32)")
     p.add_argument("--version", default=None,
                    help="a published version (e.g. v1.2.0) instead of --model, fetched from the DVC cache/remote "
                         "(default: none, use --model)")

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from domaintune.core.errors import DataError
+from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS
+from domaintune.export.variants import variant_arg
 from domaintune.serve.settings import ServeSettings
 
 
@@ -39,7 +41,9 @@ def register(add) -> None:
             "\"content\": \"where is my parcel?\"}], \"max_tokens\": 64}'   # a generation export")
     p.add_argument("--host", default=S.host, help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=S.port, help="port to listen on")
-    p.add_argument("--variant", default=S.variant, help="model variant to load (default: float)")
+    p.add_argument("--variant", default=S.variant, type=variant_arg, choices=EXPORT_VARIANTS,
+                   help=f"model variant to load: {', '.join(EXPORT_VARIANTS)} (default: {S.variant}; 'float' is "
+                        "accepted for float32)")
     p.add_argument("--device", default=S.device, help="where a PyTorch model runs, e.g. cuda (default: cpu)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="serve this export folder (version 'workspace') instead of the registry's prod version")

@@ -18,6 +18,10 @@ class DataError(ValueError):
         super().__init__(f"{': '.join(where)}: {problem}")
 
 
+def missing_column(file: str | os.PathLike, column: str, found, hint: str = "") -> DataError:
+    """The one wording of a missing column, for every reader (ingest, predict, monitor, ...)."""
+    return DataError(file, None, column, f"column missing; columns found: {list(found)}{hint}")
+
 
 class ParamsError(ValueError):
     """A params.yaml section has an unknown key or a bad value."""

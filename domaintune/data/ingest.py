@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from domaintune.core.errors import DataError
+from domaintune.core.errors import DataError, missing_column
 from domaintune.core.io import atomic_output, write_json
 from domaintune.core.params import IngestParams
 from domaintune.core.stage import StageIO
@@ -121,7 +121,7 @@ def _needed_columns(t: RawTable, p: IngestParams) -> list[str]:
             hint = ""
             if len(cols) == 1 and (seps := [d for d in ("\t", ";", ",", "|") if d in str(cols[0])]):
                 hint = f" (one column whose name holds {seps[0]!r}: is the file delimited by {seps[0]!r}?)"
-            raise DataError(t.file, None, c, f"column missing; columns found: {cols}{hint}")
+            raise missing_column(t.file, c, cols, hint)
     return need
 
 

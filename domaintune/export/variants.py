@@ -6,6 +6,8 @@ writer, loader and verification in domaintune/export/.
 """
 from __future__ import annotations
 
+import argparse
+
 from domaintune.core.errors import ParamsError
 
 VARIANTS = ("float32", "int8", "onnx", "onnx-int8")
@@ -17,6 +19,14 @@ def canonical_variant(name: str) -> str:
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)} ('float' = float32)")
     return name
+
+
+def variant_arg(name: str) -> str:
+    """argparse type of every --variant option: a variant's one name, the older spelling 'float' accepted."""
+    try:
+        return canonical_variant(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def check_variants(names) -> None:

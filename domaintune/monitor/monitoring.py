@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from domaintune.core.device import stage_device
-from domaintune.core.errors import DataError, ParamsError
+from domaintune.core.errors import DataError, ParamsError, missing_column
 from domaintune.core.io import atomic_output, mark_output_folder, write_json
 from domaintune.core.params import load_params
 from domaintune.core.stage import check_apart
@@ -77,7 +77,7 @@ def read_batch(path: str | Path, text_column: str = "text") -> list[str]:
     else:
         table = read_file(path)
         if text_column not in table.frame.columns:
-            raise DataError(path, None, text_column, f"column missing; columns are {list(table.frame.columns)}")
+            raise missing_column(path, text_column, table.frame.columns)
         for i, problems in sorted(table.bad.items()):
             for field, _, detail in problems:
                 if field in (None, text_column):

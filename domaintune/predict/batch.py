@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from domaintune.core.errors import DataError
+from domaintune.core.errors import DataError, missing_column
 from domaintune.core.progress import Progress
 from domaintune.data.sources import READABLE, SURROGATE, RawTable, iter_tables
 
@@ -125,7 +125,7 @@ def records(path: Path, text_column: str = "text", id_column: str = "id", chunk:
     for part in iter_tables(path, chunk):
         # a header (CSV/TSV) or schema (Parquet) without the column; a JSONL record without it is a bad row
         if first and not txt and path.suffix.lower() != ".jsonl" and text_column not in part.frame.columns:
-            raise DataError(path, None, text_column, f"no such column; the file has {list(part.frame.columns)}")
+            raise missing_column(path, text_column, part.frame.columns)
         first = False
         scan.id_column_found = scan.id_column_found or (not txt and id_column in part.frame.columns)
         for rec in _part_records(part, text_column, id_column, txt):

@@ -3,7 +3,7 @@
     from domaintune.registry import release
     rel = release.materialise(root)              # the served version (GTO stage prod)
     rel = release.materialise(root, "v1.2.0")    # any published version
-    Predictor.load(rel.path, variant="float")
+    Predictor.load(rel.path, variant="float32")
 
 A version's `models/export` is rebuilt from the DVC cache (objects fetched from
 the DVC remote when missing) into `<repo>/.domaintune/releases/<tag>/models/export`

@@ -103,7 +103,7 @@ def predictions(model, probs: np.ndarray, top_k: int) -> list[dict]:
     k = min(top_k, len(labels))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return [{"label": decided[i], "confidence": float(probs[i].max()),
-             "top_k": [{"label": labels[j], "probability": float(probs[i, j])} for j in order[i]]}
+             "top_k": [{"label": labels[j], "confidence": float(probs[i, j])} for j in order[i]]}
             for i in range(len(probs))]
 
 
@@ -283,9 +283,10 @@ def _add_plain_routes(app, holder, batcher, settings, metrics) -> None:
                             headers={VERSION_HEADER: model.version})
 
     @app.get("/version")
-    async def version():
+    async def version(full: int = 0):
+        """The served (and shadow) model: headline metrics; ?full=1 for every metric of the version."""
         cur = holder.current
-        return {**cur.info(), "shadow": holder.shadow.info() if holder.shadow else None,
+        return {**cur.info(bool(full)), "shadow": holder.shadow.info(bool(full)) if holder.shadow else None,
                 "last_error": holder.last_error}
 
     @app.get("/metrics")

@@ -16,6 +16,7 @@ which routes answer with it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -59,11 +60,53 @@ class LoadedModel:
         labels = self.labels
         return [labels[i] for i in probs.argmax(axis=1)]
 
-    def info(self) -> dict:
+    def info(self, full: bool = False) -> dict:
+        """What /version says of this model: the headline metrics (all of them with `full`)."""
         return {"version": self.version, "task": self.task, "tag": self.tag, "commit": self.commit,
-                "variant": self.variant,
-                "dataset_hash": self.dataset_hash, "metrics": self.metrics, "labels": self.labels,
-                "path": str(self.path), "loaded_at": self.loaded_at}
+                "versioned": self.tag is not None, "variant": self.variant,
+                "dataset_hash": self.dataset_hash, "metrics": self.metrics if full else headline(self.metrics),
+                "labels": self.labels, "path": str(self.path), "loaded_at": self.loaded_at}
+
+
+HEADLINE = (("accuracy", ("after", "accuracy"), ("accuracy",)), ("macro_f1", ("after", "macro_f1"), ("macro_f1",)),
+            ("ece", ("after", "ece"), ("ece",)))  # evaluate.json's keys (calibrated "after"; flat in older ones)
+
+
+def headline(metrics: dict) -> dict:
+    """Test accuracy, macro-F1 and ECE after calibration from a version's metrics ({stage: {...}})."""
+    ev = (metrics or {}).get("evaluate") or {}
+    out = {}
+    for name, *paths in HEADLINE:
+        for path in paths:
+            node = ev
+            for key in path:
+                node = node.get(key) if isinstance(node, dict) else None
+            if isinstance(node, (int, float)):
+                out[name] = node
+                break
+    return out
+
+
+WORKSPACE_EXPORT = Path("models/export")
+
+
+def workspace_info(root: Path, folder: Path) -> dict:
+    """What an unversioned export folder says of itself: the dataset hash in its model.json (export_info.json
+    for a causal LM), and, for the project's own models/export, the evaluate stage's metrics next to it."""
+    info: dict = {}
+    for name in ("model.json", "export_info.json"):
+        try:
+            meta = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        info["dataset_hash"] = meta.get("dataset_hash")
+        break
+    if folder.resolve() == (root / WORKSPACE_EXPORT).resolve():
+        try:
+            info["metrics"] = {"evaluate": json.loads((root / "metrics" / "evaluate.json").read_text(encoding="utf-8"))}
+        except (OSError, ValueError):
+            pass
+    return info
 
 
 def load_folder(path: Path, variant: str, version: str, batch_size: int = 64, device: str = "cpu",
@@ -132,9 +175,18 @@ class ModelHolder:
         s = self.settings
         if self.follows_registry:
             self._state = registry_state(self.root)
-            self.current = load_version(self.root, None, s)
+            if versions.served_version(self.root) is None and (self.root / WORKSPACE_EXPORT).is_dir():
+                folder = self.root / WORKSPACE_EXPORT  # nothing promoted yet (right after `make run`)
+                log.warning("no version is served yet (domaintune retrain publishes one): serving the workspace "
+                            "export %s, unversioned; a version is picked up when one is served", folder)
+                self.current = load_folder(folder, s.variant, "workspace", s.infer_batch, s.device,
+                                           **workspace_info(self.root, folder))
+            else:
+                self.current = load_version(self.root, None, s)
         else:
-            self.current = load_folder(Path(s.model_dir), s.variant, "workspace", s.infer_batch, s.device)
+            folder = Path(s.model_dir)
+            self.current = load_folder(folder, s.variant, "workspace", s.infer_batch, s.device,
+                                       **workspace_info(self.root, folder))
         if s.shadow:
             self.shadow = load_model_spec(s.shadow, self.root, s)
             if "generation" in (self.current.task, self.shadow.task):

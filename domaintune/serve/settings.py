@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from domaintune.export.variants import canonical_variant
+
 MODEL_NAME = "domaintune"  # the model name in the KServe v2 paths
 VERSION_HEADER = "X-Model-Version"
 
@@ -12,7 +14,7 @@ VERSION_HEADER = "X-Model-Version"
 class ServeSettings:
     host: str = "127.0.0.1"       # loopback unless told otherwise
     port: int = 8080
-    variant: str = "float"        # the export's variant (domaintune.tasks.load_predictor)
+    variant: str = "float32"      # the export's variant (domaintune.tasks.load_predictor)
     device: str = "cpu"           # where a PyTorch model runs (ONNX variants run where onnxruntime runs them)
     repo: Path = Path(".")        # registry: serve its GTO prod version
     model_dir: Path | None = None  # a plain folder instead of the registry (version "workspace")
@@ -46,6 +48,10 @@ class ServeSettings:
                   "max_new_tokens": self.max_new_tokens >= 1, "max_batch_chars": self.max_batch_chars >= 1,
                   "body_timeout_s": self.body_timeout_s > 0, "retry_s": self.retry_s > 0,
                   "retry_max_s": self.retry_max_s >= self.retry_s, "keep_releases": self.keep_releases >= 0}
+        try:  # one name per variant everywhere (/version, /metrics, logs); 'float' is accepted as float32
+            object.__setattr__(self, "variant", canonical_variant(self.variant))
+        except ValueError:
+            checks["variant"] = False
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"serve settings: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")

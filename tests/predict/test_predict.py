@@ -141,7 +141,7 @@ def test_parquet_without_the_text_column_and_unknown_formats(export, tmp_path, c
     _, _, out = export
     pd.DataFrame({"body": ["x"]}).to_parquet(tmp_path / "a.parquet")
     assert cli(tmp_path / "a.parquet", "--model", out) == 2
-    assert "field 'text': no such column" in capsys.readouterr().err
+    assert "field 'text': column missing; columns found" in capsys.readouterr().err
     (tmp_path / "a.xlsx").write_text("x")
     assert cli(tmp_path / "a.xlsx", "--model", out) == 2
     assert "unknown input format '.xlsx'" in capsys.readouterr().err
@@ -300,3 +300,23 @@ def test_ids_default_to_the_projects_id_column_and_row_numbers_are_announced(exp
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "row numbers" in ln]
     assert len(lines) == 1 and "'ticket_id'" in lines[0] and str(plain) in lines[0]
     assert [r["id"] for r in read_out(tmp_path / "q.jsonl")] == ["1", "2"]
+
+
+def test_a_missing_column_reads_the_same_in_ingest_predict_and_monitor(tmp_path):
+    """One wording for one error, whichever command reads the file."""
+    from domaintune.core.errors import DataError
+    from domaintune.core.params import IngestParams
+    from domaintune.data.ingest import ingest
+    from domaintune.data.sources import read_source
+    from domaintune.monitor.monitoring import read_batch
+    from domaintune.predict.batch import scan_file
+
+    src = tmp_path / "b.csv"
+    pd.DataFrame({"body": ["a b", "c d"], "label": ["x", "y"]}).to_csv(src, index=False)
+    messages = []
+    for read in (lambda: ingest(read_source(str(src)), IngestParams(source=str(src)), 0),
+                 lambda: scan_file(src, "text", "id", "error"), lambda: read_batch(src, "text")):
+        with pytest.raises(DataError) as exc:
+            read()
+        messages.append(str(exc.value))
+    assert messages == [f"{src}: field 'text': column missing; columns found: ['body', 'label']"] * 3

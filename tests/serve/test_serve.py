@@ -100,8 +100,9 @@ def test_health_metadata_version(server, models):
     r = server.get("/v2/models/other")
     assert r.status_code == 404 and "no model 'other'" in r.json()["error"]
     v = server.get("/version").json()
-    assert v["version"] == "workspace" and v["variant"] == "float" and v["path"] == str(models[0])
-    assert v["dataset_hash"] is None and v["shadow"] is None
+    assert v["version"] == "workspace" and v["variant"] == "float32" and v["path"] == str(models[0])
+    # --model: what the export says of itself (its model.json), marked unversioned
+    assert v["dataset_hash"] == "tiny" and v["versioned"] is False and v["tag"] is None and v["shadow"] is None
     assert server.get("/nowhere").status_code == 404
 
 
@@ -131,6 +132,12 @@ def test_infer_and_predict_equal_the_predictor(server, models):
     for p, row in zip(preds, ref):
         assert p["label"] == labels[row.argmax()] and abs(p["confidence"] - row.max()) < 1e-5
         assert [t["label"] for t in p["top_k"]] == [labels[j] for j in np.argsort(-row)[:2]]
+        # one vocabulary: the calibrated score is `confidence` over HTTP as in `domaintune predict`'s rows
+        from domaintune.predict.batch import CLASSIFIER_COLUMNS
+
+        assert set(p) == set(CLASSIFIER_COLUMNS) - {"id", "text"}
+        assert all(set(t) == {"label", "confidence"} and abs(t["confidence"] - row[labels.index(t["label"])]) < 1e-5
+                   for t in p["top_k"])
     assert len(server.post("/predict", json={"texts": ["x"]}).json()["predictions"][0]["top_k"]) == 3
 
 
@@ -422,7 +429,9 @@ def test_follows_rollback_under_load_and_keeps_serving_on_a_corrupt_version(regi
         wait_for(lambda: sum(map(len, load.seen)) >= 10, what="first responses")
         v = c.get("/version").json()
         assert v["tag"] == "domaintune@v1.1.0" and v["dataset_hash"] == versions.get_version(root, "v1.1.0").record[
-            "dataset_hash"] and v["metrics"]["evaluate"]["after"]["ece"] == 0.1
+            "dataset_hash"] and v["metrics"]["ece"] == 0.1 and v["versioned"] is True
+        assert set(v["metrics"]) <= {"accuracy", "macro_f1", "ece"}  # the headline; ?full=1 has every metric
+        assert c.get("/version", params={"full": 1}).json()["metrics"]["evaluate"]["after"]["ece"] == 0.1
         rollback.rollback(root, "v1.0.0")  # what `domaintune rollback v1.0.0` does
         wait_for(lambda: c.get("/version").json()["version"] == "v1.0.0", what="the swap to v1.0.0")
         n = sum(map(len, load.seen))
@@ -453,7 +462,7 @@ def test_follows_rollback_under_load_and_keeps_serving_on_a_corrupt_version(regi
     logged = [r.getMessage() for r in caplog.records if r.name == "domaintune.serve" and r.levelname == "ERROR"]
     assert any("v1.2.0 failed to load or verify (1 in a row); still serving v1.0.0" in m and "head.safetensors" in m
                for m in logged), logged
-    assert metric(metrics, "domaintune_model_info", '{role="served",variant="float",version="v1.0.0"}') == 1
+    assert metric(metrics, "domaintune_model_info", '{role="served",variant="float32",version="v1.0.0"}') == 1
     # Each client saw v1.1.0 then v1.0.0, never back; each answer is the one of the version it names.
     ref = {ver: dict(zip(TEXTS, reference(root / f".domaintune/releases/domaintune@{ver}/models/export",
                                           TEXTS).max(1))) for ver in ("v1.0.0", "v1.1.0")}
@@ -561,3 +570,23 @@ def test_the_server_heals_after_a_failed_swap_and_prunes_old_releases(registry_r
         assign(str(root), plumbing.ARTIFACT, plumbing.SERVED_STAGE, version="v1.2.0", message="back to v1.2.0",
                force=True)
         shutil.rmtree(releases / "notes", ignore_errors=True)
+
+
+def test_serve_right_after_make_run_serves_the_workspace_export_unversioned(models, tmp_path, caplog):
+    """No version promoted yet: serve the project's models/export, say so in one log line and in /version
+    (with the dataset hash and headline metrics the workspace holds), instead of stopping."""
+    root = tmp_path / "repo"
+    sh(tmp_path, "git", "init", "-q", str(root))
+    shutil.copytree(models[0], root / "models" / "export")
+    (root / "metrics").mkdir()
+    (root / "metrics" / "evaluate.json").write_text(json.dumps({"after": {"accuracy": 0.9, "macro_f1": 0.8,
+                                                                          "ece": 0.05}}))
+    s = settings(repo=root)
+    with caplog.at_level("WARNING", logger="domaintune.serve"):
+        built = build(s)
+    assert [r.getMessage() for r in caplog.records if "unversioned" in r.getMessage()]
+    with ServerThread(built.app, s) as url, httpx.Client(base_url=url, timeout=30) as c:
+        v = c.get("/version").json()
+        assert v["version"] == "workspace" and v["versioned"] is False and v["dataset_hash"] == "tiny"
+        assert v["metrics"] == {"accuracy": 0.9, "macro_f1": 0.8, "ece": 0.05}
+        assert c.post("/predict", json={"texts": ["where is my parcel"]}).status_code == 200

@@ -349,7 +349,7 @@ def test_hot_swap_from_a_classifier_to_a_generation_export_moves_the_routes(expo
         assert c.post("/predict", json={"texts": ["reset my password"]}).status_code == 404
         text = c.get("/metrics").text
     assert metric(text, "domaintune_model_swaps_total") == 1
-    assert metric(text, "domaintune_model_info", '{role="served",variant="float",version="v2.0.0"}') == 1
+    assert metric(text, "domaintune_model_info", '{role="served",variant="float32",version="v2.0.0"}') == 1
 
 
 # ----------------------------------------------------------------------------- predict, and the one loader
