@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -148,3 +149,41 @@ def test_finetune_param_change_reruns_only_downstream(project):
     set_params(root, {"finetune.lr": lr * 2})
     out = sh(root, "dvc", "repro")
     assert stages_run(out) == DOWNSTREAM_OF_FINETUNE, out
+
+
+# Paths the README names that `make run` does not write, each with the command that writes it.
+WRITTEN_LATER = {
+    "reports/monitor_history.csv": "monitor", "data/review_queue.csv": "monitor",
+    "reports/monitor/": "monitor", "reports/audit/generation_issues.csv": "generation audit",
+    "models/tiny-llama": "python -m domaintune.modeling.tinyllm", "models/checkpoints": "finetune (while it runs)",
+    "models/dapt_checkpoints": "dapt (while it runs)", "dvc_plots/index.html": "dvc plots show",
+    "reports/shadow/v1.3.0.jsonl": "serve --shadow v1.3.0",
+}
+
+
+def _named_paths(text: str) -> set[str]:
+    return {m.rstrip(".,;:)") for m in re.findall(r"(?<![\w/.-])((?:models|reports|metrics|data|labels|dvc_plots)/"
+                                                  r"[\w./*<>-]*)", text)}
+
+
+def test_every_path_and_command_the_readme_and_make_run_name_exists_or_runs(project):
+    """Pointers that lead somewhere: each output path the README and `make run`'s epilogue name exists after
+    the run (or is listed with the command that writes it), and each `domaintune CMD` they name is a command."""
+    from pipelines.cli import build_parser
+
+    root = project[0]
+    repo = Path(__file__).resolve().parents[1]
+    readme, makefile = (repo / "README.md").read_text(), (repo / "Makefile").read_text()
+    epilogue = "\n".join(ln for ln in makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0].splitlines() if "echo" in ln)
+    missing = []
+    for path in sorted(_named_paths(readme) | _named_paths(epilogue)):
+        if "*" in path or "<" in path or path in WRITTEN_LATER or path.rstrip("/") + "/" in WRITTEN_LATER:
+            continue
+        if not (root / path).exists():
+            missing.append(path)
+    assert not [p for p in _named_paths(epilogue) if p in missing], missing  # make run's own pointers: all there
+    assert missing == [], f"named in the README but not written by the run: {missing}"
+    assert all(p in readme for p in WRITTEN_LATER), [p for p in WRITTEN_LATER if p not in readme]
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    named = set(re.findall(r"(?:^|`|\$ )domaintune ([a-z][a-z-]+)", readme + "\n" + epilogue, re.M))
+    assert named and named - commands == set(), named - commands
