@@ -235,8 +235,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     explained in the help text itself)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default == [] or "default:" in (action.help or ""):
-            return action.help  # none/empty: the text explains it; some texts state their default
+        if action.default is None or action.default == [] or "default:" in (action.help or "") or action.nargs == 0:
+            return action.help  # none/empty: the text explains it; some texts state it; a flag's is its absence
         return super()._get_help_string(action)
 
 

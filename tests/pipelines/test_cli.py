@@ -48,11 +48,15 @@ def test_every_option_of_every_subcommand_has_help_and_default():
                 continue
             label = a.option_strings[0] if a.option_strings else a.dest
             assert a.help and a.help.strip(), f"domaintune {name} {label}: no help text"
-            if a.default not in (None, argparse.SUPPRESS, []) and a.option_strings:
+            if a.nargs == 0:  # a flag: "(default: True)" after --no-publish reads backwards
+                assert f"(default: {a.default})" not in " ".join(text.split()), f"{name} {label}: flag default"
+            elif a.default not in (None, argparse.SUPPRESS, []) and a.option_strings:
                 shown = f"(default: {a.default})" in " ".join(text.split()) or "default:" in a.help
                 assert shown, f"{name} {label}: default not shown"
     top = [a for a in ap._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
     assert top and all(a.help for a in top)
+    # the top-level help names every command (shadow-report was missing)
+    assert all(name in ap.description for name in subs), ap.description
 
 
 def test_version_flag():
