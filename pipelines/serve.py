@@ -51,6 +51,8 @@ def register(add) -> None:
                    help="also run this candidate version (or folder) on every request, log both predictions")
     p.add_argument("--shadow-log", default=None, metavar="FILE",
                    help="JSONL of both predictions (default: reports/shadow/<candidate>.jsonl)")
+    p.add_argument("--log-text", default=S.log_text, choices=("hash", "plain", "none"),
+                   help="how logs of requests (the shadow log) store each text: its SHA-256, the text, or neither")
     p.add_argument("--poll", type=float, default=S.poll_s, metavar="SECONDS",
                    help="how often to check the registry for a new served version")
     p.add_argument("--max-batch", type=int, default=S.max_batch, help="texts gathered into one batch")
@@ -91,7 +93,7 @@ def settings_from_args(args) -> ServeSettings:
                          max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
                          top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                          shadow=args.shadow, shadow_log=Path(args.shadow_log) if args.shadow_log else None,
-                         access_log=args.access_log)
+                         log_text=args.log_text, access_log=args.access_log)
 
 
 def cmd_serve(args) -> int:

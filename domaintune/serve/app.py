@@ -315,7 +315,8 @@ def build(settings: ServeSettings) -> Built:
     holder.load_initial()
     shadow_log = None
     if holder.shadow is not None:
-        shadow_log = ShadowLog(settings.shadow_log or default_shadow_log(settings, holder.shadow.version))
+        shadow_log = ShadowLog(settings.shadow_log or default_shadow_log(settings, holder.shadow.version),
+                               text=settings.log_text)
         log.info("shadow: %s on every request, both predictions logged to %s", holder.shadow.version,
                  shadow_log.path)
     return Built(create_app(holder, settings, metrics, shadow_log), holder, metrics, shadow_log)

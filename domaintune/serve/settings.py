@@ -36,6 +36,7 @@ class ServeSettings:
     max_new_tokens: int = 1024    # generation: the most tokens one /v1 request may ask for (max_tokens)
     shadow: str | None = None     # candidate version (or folder) run on the same requests
     shadow_log: Path | None = None  # JSONL of both predictions; default reports/shadow/<candidate>.jsonl
+    log_text: str = "hash"        # request text in the logs the server writes (shadow log): hash | plain | none
     shadow_queue: int = 8         # shadow batches waiting at most; more are skipped and counted
     access_log: bool = False
 
@@ -47,7 +48,8 @@ class ServeSettings:
                   "top_k": self.top_k >= 1, "shadow_queue": self.shadow_queue >= 1,
                   "max_new_tokens": self.max_new_tokens >= 1, "max_batch_chars": self.max_batch_chars >= 1,
                   "body_timeout_s": self.body_timeout_s > 0, "retry_s": self.retry_s > 0,
-                  "retry_max_s": self.retry_max_s >= self.retry_s, "keep_releases": self.keep_releases >= 0}
+                  "retry_max_s": self.retry_max_s >= self.retry_s, "keep_releases": self.keep_releases >= 0,
+                  "log_text": self.log_text in ("hash", "plain", "none")}
         try:  # one name per variant everywhere (/version, /metrics, logs); 'float' is accepted as float32
             object.__setattr__(self, "variant", canonical_variant(self.variant))
         except ValueError:

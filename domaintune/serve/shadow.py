@@ -1,15 +1,19 @@
 """Shadow deployment: the candidate's predictions logged next to the served ones, and their summary.
 
 The log is JSONL, one line per text:
-    {"time": "...", "text": "...", "agree": true,
+    {"time": "...", "text_sha256": "...", "agree": true,
      "served": {"version": "v1.0.0", "label": "refund", "confidence": 0.91},
      "shadow": {"version": "v1.1.0", "label": "refund", "confidence": 0.88}}
+The request text is stored as the server's `log_text` setting says (ServeSettings, `--log-text`, the one
+setting for every log of request text the server writes): `hash` (default) its SHA-256 as "text_sha256",
+`plain` the text itself as "text", `none` neither.
 confidence is the model's calibrated probability of its own label (multi-label: its highest
 label probability). `domaintune shadow-report LOG` reads it back: agreement, per-class
 disagreement, and each model's confidence on the rows where they disagree.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import threading
@@ -21,9 +25,23 @@ import numpy as np
 
 from domaintune.core.errors import DataError
 
+LOG_TEXT = ("hash", "plain", "none")  # how a log stores request text (ServeSettings.log_text)
+
+
+def text_fields(text: str, how: str) -> dict:
+    """The log fields of one request text under the `log_text` setting."""
+    if how == "plain":
+        return {"text": text}
+    if how == "hash":
+        return {"text_sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()}
+    return {}
+
 
 class ShadowLog:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, text: str = "hash"):
+        if text not in LOG_TEXT:
+            raise ValueError(f"log_text must be one of {', '.join(LOG_TEXT)}, got {text!r}")
+        self.text = text
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = self.path.open("a", encoding="utf-8")
@@ -37,7 +55,7 @@ class ShadowLog:
         for i, text in enumerate(texts):
             a = {"version": served.version, "label": a_labels[i], "confidence": round(float(served_probs[i].max()), 6)}
             b = {"version": shadow.version, "label": b_labels[i], "confidence": round(float(shadow_probs[i].max()), 6)}
-            lines.append(json.dumps({"time": now, "text": text, "agree": a["label"] == b["label"],
+            lines.append(json.dumps({"time": now, **text_fields(text, self.text), "agree": a["label"] == b["label"],
                                      "served": a, "shadow": b}, ensure_ascii=False) + "\n")
         with self._lock:
             self._fh.writelines(lines)

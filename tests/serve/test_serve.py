@@ -243,7 +243,7 @@ def test_concurrent_requests_are_batched(server, models):
 def test_shadow_answers_with_served_and_logs_both(models, tmp_path):
     a, b = models
     log_path = tmp_path / "shadow.jsonl"
-    s = settings(model_dir=a, shadow=str(b), shadow_log=log_path)
+    s = settings(model_dir=a, shadow=str(b), shadow_log=log_path, log_text="plain")
     texts = [t.format(n=n) for n in range(3) for ts in TINY_INTENTS.values() for t in ts]
     ref_a, ref_b = reference(a, texts), reference(b, texts)
     labels = sorted(TINY_INTENTS)
@@ -480,7 +480,7 @@ def test_shadow_a_published_version(registry_repo):
     root = registry_repo
     served = versions.served_version(root)
     assert served != "v1.0.0"
-    s = settings(repo=root, shadow="v1.0.0")
+    s = settings(repo=root, shadow="v1.0.0", log_text="plain")
     log_path = root / "reports/shadow/v1.0.0.jsonl"
     log_path.unlink(missing_ok=True)
     with ServerThread(build(s).app, s) as url, httpx.Client(base_url=url, timeout=30) as c:
@@ -590,3 +590,25 @@ def test_serve_right_after_make_run_serves_the_workspace_export_unversioned(mode
         assert v["version"] == "workspace" and v["versioned"] is False and v["dataset_hash"] == "tiny"
         assert v["metrics"] == {"accuracy": 0.9, "macro_f1": 0.8, "ece": 0.05}
         assert c.post("/predict", json={"texts": ["where is my parcel"]}).status_code == 200
+
+
+@pytest.mark.parametrize("how", ["hash", "none"])
+def test_shadow_log_stores_text_as_the_log_text_setting_says(models, tmp_path, how):
+    """The shadow log follows the server's one text-storage setting: hashed by default, or no text at all;
+    shadow-report reads it either way."""
+    import hashlib
+
+    from domaintune.serve.shadow import summarise
+
+    a, b = models
+    log_path = tmp_path / "shadow.jsonl"
+    s = settings(model_dir=a, shadow=str(b), shadow_log=log_path, **({} if how == "hash" else {"log_text": how}))
+    texts = ["where is my parcel", "reset my password please", "refund my order"]
+    with ServerThread(build(s).app, s) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/predict", json={"texts": texts}).status_code == 200
+    raw = log_path.read_text()
+    rows = [json.loads(line) for line in raw.splitlines()]
+    assert len(rows) == 3 and not any(t in raw for t in texts) and all("text" not in r for r in rows)
+    want = {hashlib.sha256(t.encode()).hexdigest() for t in texts} if how == "hash" else {None}
+    assert {r.get("text_sha256") for r in rows} == want
+    assert summarise(log_path)["rows"] == 3
