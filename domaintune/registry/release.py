@@ -94,11 +94,13 @@ def materialise(root: str | os.PathLike, name: str | None = None, out: str = EXP
     files = _verified_objects(root, version, entry, cache, fetch)
     base = Path(dest) if dest is not None else releases_dir(root)
     target = _inside(base / version.tag, entry.path, version)
-    if target.exists():
-        problems = _check_folder(target, files, version) if entry.is_dir else _check_file(target, entry.md5)
+    if target.exists() or target.is_symlink():
+        problems = ["a symlink"] if target.is_symlink() else \
+            _check_folder(target, files) if entry.is_dir else _check_file(target, entry.md5)
         if not problems:
             return Release(version, target, len(files))
-        shutil.rmtree(target) if target.is_dir() else target.unlink()  # changed since: rebuild from the cache
+        # changed since: rebuild from the cache (a symlink is removed, never followed)
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
     _copy_verified(cache, entry, files, target, version)
     (base / version.tag / "release.json").write_text(json.dumps(
         {"tag": version.tag, "commit": version.commit, "out": entry.path, "md5": entry.md5}, indent=2) + "\n")
@@ -138,11 +140,15 @@ def _verified_objects(root: Path, version: Version, entry: Out, cache: Path, fet
     return files
 
 
-def _check_folder(folder: Path, files: dict[str, str], version: Version) -> list[str]:
+def _check_folder(folder: Path, files: dict[str, str]) -> list[str]:
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     problems = [f"{folder / rel}: not part of this version" for rel in sorted(present - set(files))]
     for rel, md5 in files.items():
-        f = _inside(folder, rel, version)
+        try:
+            f = inside(folder, rel, str(folder))
+        except RegistryError as exc:  # e.g. a folder in it replaced by a symlink: rebuilt, never followed
+            problems.append(str(exc))
+            continue
         if not f.is_file():
             problems.append(f"{f}: missing")
         elif md5_file(f) != md5:
@@ -176,7 +182,7 @@ def _copy_verified(cache: Path, entry: Out, files: dict[str, str], target: Path,
             os.rename(staged, target)
         except OSError:
             # Another process materialised the same version meanwhile: keep its copy if it verifies.
-            again = _check_folder(target, files, version) if entry.is_dir else _check_file(target, entry.md5)
+            again = _check_folder(target, files) if entry.is_dir else _check_file(target, entry.md5)
             if again:
                 raise ReleaseError(f"cannot materialise {version.tag}:\n  " + "\n  ".join(again)) from None
     finally:
