@@ -10,18 +10,21 @@ An export folder (models/export/, written by stages/export.py) holds:
                        config.json (id2label, label2id, model_type) and the tokenizer files,
                        so onnxruntime + tokenizers run it without domaintune.
   onnx-int8/           onnxruntime dynamic int8 quantisation of onnx/
+  checksums.json       the md5 of every other file, written last by the export stage (either task);
+                       `verify_checksums` checks them when domaintune.tasks.load_predictor opens the export
 `load_variant(folder, variant)` returns a runner with `.logits(texts, batch_size, max_length)`
 for any of them; domaintune.predict.predictor.Predictor adds the calibration on top.
 Imports point one way: predict -> artifacts -> modeling, quantize.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -35,6 +38,10 @@ SUBDIRS = {"float32": None, "int8": "int8", "onnx": "onnx", "onnx-int8": "onnx-i
 ONNX_FILE = "model.onnx"
 ONNX_INPUTS = ("input_ids", "attention_mask")
 ONNX_OUTPUTS = ("probabilities", "logits")
+CHECKSUMS = "checksums.json"
+WRITTEN_BY = "the export stage writes it (`dvc repro export`)"
+STAGE_RECORDS = ("export_report.json", "export_info.json")  # what the export stage of each task writes
+log = logging.getLogger("domaintune")
 
 
 def variant_dir(folder: str | os.PathLike, variant: str) -> Path:
@@ -185,6 +192,82 @@ def write_onnx_int8(out: Path, per_channel: bool = True) -> Path:
     return d
 
 
+# ---------------------------------------------------------------- checksums
+def _md5(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "md5").hexdigest()
+
+
+def write_checksums(folder: str | os.PathLike) -> int:
+    """checksums.json: {"algorithm": "md5", "files": {relpath: md5}} for every file of the export folder
+    (the export stage's last write, for either task). Returns the number of files listed."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): _md5(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p != folder / CHECKSUMS}
+    write_json(folder / CHECKSUMS, {"algorithm": "md5", "files": files})
+    return len(files)
+
+
+def verify_checksums(folder: str | os.PathLike, wanted: Callable[[str], bool] = lambda rel: True) -> int | None:
+    """Check the files of an export that checksums.json lists (those `wanted(relpath)` accepts) against their
+    md5: a missing or changed file is a DataError naming it (one line). Returns the files checked, or None
+    when the folder has no checksums.json (an export written before domaintune recorded them; logged)."""
+    folder = Path(folder)
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        if any((folder / f).is_file() for f in STAGE_RECORDS):  # the export stage wrote it, before checksums
+            log.warning("%s: no %s (exported before domaintune recorded checksums), so its files are not "
+                        "verified; re-run the export stage to add one", folder, CHECKSUMS)
+        return None
+    try:
+        files = read_json(path).get("files")
+    except (ValueError, AttributeError):
+        files = None
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise DataError(path, None, "files", 'not a checksums file ({"files": {relpath: md5}}); '
+                        "re-run the export stage")
+    checked = 0
+    for rel, md5 in files.items():
+        if not wanted(rel):
+            continue
+        f = folder / rel
+        if not f.is_file():
+            raise DataError(f, None, None, f"missing (listed in {CHECKSUMS}); {WRITTEN_BY}")
+        if _md5(f) != md5:
+            raise DataError(f, None, None, f"md5 differs from {CHECKSUMS} (the file changed after the export "
+                            "stage wrote it); re-run the export stage or restore the file")
+        checked += 1
+    return checked
+
+
+def variant_reads(variant: str) -> Callable[[str], bool]:
+    """Which files of an export (relpaths) loading `variant` reads: float32 everything outside the other
+    variants' folders; the others their own folder and the top-level files (model.json)."""
+    variant = canonical_variant(variant)
+    own = SUBDIRS[variant]
+    others = {sub for sub in SUBDIRS.values() if sub and sub != own}
+    if own is None:
+        return lambda rel: rel.split("/", 1)[0] not in others
+    return lambda rel: "/" not in rel or rel.split("/", 1)[0] == own
+
+
+def check_variant_parts(folder: str | os.PathLike, variant: str) -> None:
+    """The folders and files loading `variant` needs are there, else a DataError naming the first missing one
+    and the stage that writes it (instead of the model hub's "Repo id must be ..." for a missing tokenizer/)."""
+    variant = canonical_variant(variant)
+    folder = Path(folder)
+    d = variant_dir(folder, variant)
+    if variant in ("float32", "int8"):
+        meta = read_json(d / "model.json")
+        weights = d / (meta["adapter"] if meta.get("adapter") else "encoder")
+        parts = [d / "tokenizer", d / "head.safetensors", weights]
+    else:
+        parts = [folder / "model.json", d / "config.json", d / "tokenizer_config.json"]
+    for part in parts:
+        if not part.exists():
+            raise DataError(part, None, None, f"missing; {WRITTEN_BY}, or give the export folder")
+
+
 # ---------------------------------------------------------------- loaders
 class TorchRunner:
     """A PyTorch classifier (float32, or int8 dequantised on load)."""
@@ -238,6 +321,7 @@ def load_variant(folder: str | os.PathLike, variant: str = "float32", dynamic_in
         missing = d / ("model.json" if variant in ("float32", "int8") else ONNX_FILE)
         raise DataError(missing, None, None, f"variant {variant!r} not found in {folder} "
                         "(export.variants decides which are written)")
+    check_variant_parts(folder, variant)
     if variant == "float32":
         from domaintune.modeling.encoders import load_classifier
 

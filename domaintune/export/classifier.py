@@ -252,6 +252,7 @@ def export_stage(io: StageIO) -> None:
         card = model_card(read_json(tmp / "model.json"), inputs, split_sizes, variants, merge_check, params)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_json(tmp / "export_report.json", metrics)
+        artifacts.write_checksums(tmp)  # last: the md5 of every file above, checked when the export is loaded
         write_json(tmp_metrics, metrics)
     log.info("export: %s written in %.0f s, every variant within the gates (%s)", ", ".join(params.variants),
              metrics["seconds"], "; ".join(f"{k} acc {v['accuracy']:.4f} ECE {v['ece']:.4f} "

@@ -1,16 +1,21 @@
-"""Loading causal LMs (base, tuned adapter) and encoding prompt/response pairs."""
+"""Loading causal LMs (base, tuned adapter) and encoding prompt/response pairs.
+
+Safetensors only: every local weights folder passes encoders.check_safetensors (the classifier's check too)
+before transformers or peft sees it, so neither falls back to a pickle (pytorch_model.bin, adapter_model.bin).
+"""
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
-from domaintune.core.errors import ParamsError
+from domaintune.core.errors import DataError, ParamsError
+from domaintune.core.io import read_json
 from domaintune.modeling import llm
 from domaintune.modeling.adapters import quantize_encoder_4bit
-from domaintune.modeling.encoders import resolve_model
+from domaintune.modeling.encoders import MODEL_WEIGHTS, check_safetensors, resolve_model
 
 RUN_FILE = "run.json"
 
@@ -24,6 +29,8 @@ def load_causal_lm(path: str, dtype: str = "float32"):
 
 
     where = resolve_model(path)
+    if os.path.isdir(where):
+        check_safetensors(Path(where), MODEL_WEIGHTS)
     tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
     if not tok.is_fast:
         raise ParamsError(f"params.yaml: base.model: {path}: the tokenizer is not a fast tokenizer; "
@@ -61,14 +68,18 @@ def _tokenizer(path):
 
 
 def load_tuned(model_dir: str | Path):
-    """(tuned model, tokenizer, run info): a full model as saved, or base (+ NF4 for qlora) + adapter."""
-    run = json.loads((Path(model_dir) / RUN_FILE).read_text())
+    """(tuned model, tokenizer, run info): a full model as saved, or base (+ NF4 for qlora) + adapter.
+    Pickle weights are refused (check_safetensors), for the full model and the adapter alike."""
+    run_file = Path(model_dir) / RUN_FILE
+    if not run_file.is_file():
+        raise DataError(run_file, None, None, "missing; the finetune stage writes it (`dvc repro finetune`)")
+    run = read_json(run_file)
     if run["method"] == "full":
         model, tok = load_causal_lm(str(model_dir))
         return model.eval(), tok, run
     from peft import PeftModel
 
-
+    check_safetensors(Path(model_dir), writer="the finetune stage writes it")  # peft would read adapter_model.bin
     model, _ = load_causal_lm(run["base_model"])
     if run["method"] == "qlora":
         quantize_encoder_4bit(model, run["qlora_compute_dtype"])

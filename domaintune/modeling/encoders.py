@@ -231,7 +231,7 @@ def load_classifier(model_dir: str | os.PathLike, merge: bool = False):
         from peft import PeftModel
 
         adapter_dir = model_dir / meta["adapter"]
-        check_adapter_is_safetensors(adapter_dir)
+        check_safetensors(adapter_dir)
         base = load_encoder(str(_resolve_relative(meta["base_encoder"], model_dir)))
         enc = PeftModel.from_pretrained(base, str(adapter_dir))
         if merge:
@@ -241,13 +241,24 @@ def load_classifier(model_dir: str | os.PathLike, merge: bool = False):
     return (*assemble_classifier(enc, meta, model_dir), meta)
 
 
-def check_adapter_is_safetensors(adapter_dir: Path) -> None:
-    """peft falls back to adapter_model.bin (a pickle, read with a restricted unpickler): refuse it."""
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        found = sorted(p.name for p in adapter_dir.glob("adapter_model.*")) if adapter_dir.is_dir() else []
-        raise DataError(adapter_dir / "adapter_model.safetensors", None, None,
-                        "missing" + (f" (found {', '.join(found)}: pickle files are never loaded; re-save the "
-                                     "adapter with safetensors)" if found else ""))
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors",)
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def check_safetensors(folder: Path, weights: tuple[str, ...] = ADAPTER_WEIGHTS, writer: str = "") -> None:
+    """The one no-pickle check of every weights folder domaintune loads (a peft adapter, a causal LM): one of
+    `weights` must be there, else DataError, one line. peft and transformers would otherwise fall back to
+    adapter_model.bin / pytorch_model.bin (pickles, read with torch's restricted unpickler); the pickles
+    found (.bin, .pt, .pkl, ...) are named and never loaded. `writer`: what writes the folder, said when
+    nothing is there."""
+    folder = Path(folder)
+    if any((folder / w).is_file() for w in weights):
+        return
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    raise DataError(folder / weights[0], None, None,
+                    f"missing (found {', '.join(found)}: pickle files are never loaded; re-save the weights with "
+                    "safetensors)" if found else "missing" + (f"; {writer}" if writer else ""))
 
 
 # An exported encoder stores its weights under this name, not model.safetensors, so that

@@ -11,7 +11,10 @@ the DVC remote when missing) into `<repo>/.domaintune/releases/<tag>/models/expo
 As for rollback (the same path: cache.verify_objects), every cache object and
 every copied file is checked against the md5 DVC named it by (and, for a
 directory, the .dir manifest): a mismatch raises ReleaseError naming the file,
-and nothing half-written is left behind.
+and nothing half-written is left behind. Every path a manifest lists is joined
+through cache.inside: a version whose manifest names a path outside its folder
+(absolute, `..`, through a symlink) is refused with one line, before anything
+is written.
 The workspace (params.yaml, dvc.lock, models/, data/) is never read or written,
 so a server or `predict --version` can use any version while a rollback or a
 retrain runs. A folder materialised earlier is re-verified on every call and
@@ -26,7 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from domaintune.registry.cache import cache_dir, cache_path, md5_file, verify_objects
+from domaintune.registry.cache import cache_dir, cache_path, inside, manifest_files, md5_file, verify_objects
 from domaintune.registry.plumbing import SERVED_STAGE, Out, RegistryError, lock_outs
 from domaintune.registry.versions import Version, get_version, served_version
 
@@ -90,12 +93,14 @@ def materialise(root: str | os.PathLike, name: str | None = None, out: str = EXP
     cache = cache_dir(root)
     files = _verified_objects(root, version, entry, cache, fetch)
     base = Path(dest) if dest is not None else releases_dir(root)
-    target = base / version.tag / entry.path
-    if target.exists():
-        problems = _check_folder(target, files) if entry.is_dir else _check_file(target, entry.md5)
+    target = _inside(base / version.tag, entry.path, version)
+    if target.exists() or target.is_symlink():
+        problems = ["a symlink"] if target.is_symlink() else \
+            _check_folder(target, files) if entry.is_dir else _check_file(target, entry.md5)
         if not problems:
             return Release(version, target, len(files))
-        shutil.rmtree(target) if target.is_dir() else target.unlink()  # changed since: rebuild from the cache
+        # changed since: rebuild from the cache (a symlink is removed, never followed)
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
     _copy_verified(cache, entry, files, target, version)
     (base / version.tag / "release.json").write_text(json.dumps(
         {"tag": version.tag, "commit": version.commit, "out": entry.path, "md5": entry.md5}, indent=2) + "\n")
@@ -113,22 +118,37 @@ def _lock_entry(root: Path, version: Version, out: str) -> Out:
     raise ReleaseError(f"{version.tag}: dvc.lock at {version.commit[:10]} has no out {out!r} (outs: {known})")
 
 
+def _inside(base: Path, relpath: str, version: Version) -> Path:
+    """cache.inside, its refusal named by the version (one line, a ReleaseError)."""
+    try:
+        return inside(base, relpath, f"{version.tag}")
+    except RegistryError as exc:
+        raise ReleaseError(f"cannot materialise {exc}") from None
+
+
 def _verified_objects(root: Path, version: Version, entry: Out, cache: Path, fetch: bool) -> dict[str, str]:
     """relpath -> md5 of every file of `entry`, after checking (and if need be fetching) its cache objects."""
-    problems = verify_objects(root, [entry], version.commit, fetch, targets=[entry.path])
+    try:
+        problems = verify_objects(root, [entry], version.commit, fetch)
+        files = manifest_files(cache, entry) if entry.is_dir and not problems else None
+    except RegistryError as exc:  # the version's records name a path outside its folder: one line
+        raise ReleaseError(f"cannot materialise {version.tag}: {exc}") from None
     if problems:
         raise ReleaseError(f"cannot materialise {version.tag}:\n  " + "\n  ".join(problems))
     if not entry.is_dir:
         return {"": entry.md5}
-    manifest = json.loads(cache_path(cache, entry.md5).read_text(encoding="utf-8"))
-    return {e["relpath"]: e["md5"] for e in manifest}
+    return files
 
 
 def _check_folder(folder: Path, files: dict[str, str]) -> list[str]:
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     problems = [f"{folder / rel}: not part of this version" for rel in sorted(present - set(files))]
     for rel, md5 in files.items():
-        f = folder / rel
+        try:
+            f = inside(folder, rel, str(folder))
+        except RegistryError as exc:  # e.g. a folder in it replaced by a symlink: rebuilt, never followed
+            problems.append(str(exc))
+            continue
         if not f.is_file():
             problems.append(f"{f}: missing")
         elif md5_file(f) != md5:
@@ -151,7 +171,7 @@ def _copy_verified(cache: Path, entry: Out, files: dict[str, str], target: Path,
         staged = tmp / "out"
         problems = []
         for rel, md5 in files.items():
-            dst = staged / rel if rel else staged
+            dst = _inside(staged, rel, version) if rel else staged
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cache_path(cache, md5), dst)
             if md5_file(dst) != md5:

@@ -68,5 +68,10 @@ def export_task(folder: str | Path) -> str:
 
 
 def load_predictor(folder: str | Path, **kw):
-    """The one loader: every export of every task, for predict, serve, drift and monitor alike."""
+    """The one loader: every export of every task, for predict, serve, drift and monitor alike.
+
+    The files it reads are first checked against the export's checksums.json (written by the export stage;
+    a changed or missing file is a DataError naming it); verify=False skips that (it costs one md5 pass over
+    the variant's files). An export without checksums.json loads unverified, with a warning when the export
+    stage wrote it (before checksums were recorded)."""
     return hook(export_task(folder), "predictor").load(folder, **kw)

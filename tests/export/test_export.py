@@ -375,3 +375,61 @@ def test_the_accuracy_gate_never_fails_on_a_single_test_row():
     with pytest.raises(StageError):
         ex_lib.check_gates({"float32": {"accuracy": 0.95, "ece": 0.07}, "onnx": {"accuracy": 0.944, "ece": 0.07}},
                        params, 10_000)
+
+
+def _predict_cli(capsys, *argv) -> tuple[int, list[str]]:
+    from pipelines.cli import build_parser
+
+    capsys.readouterr()
+    args = build_parser().parse_args(["predict", *map(str, argv)])
+    rc = args.fn(args)
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_the_export_records_checksums_and_a_changed_file_is_refused(exported, tmp_path, capsys):
+    """Before: a bit-flipped model.onnx loaded and predicted garbage with exit 0."""
+    import hashlib
+
+    from domaintune.core.errors import DataError
+    from domaintune.tasks import load_predictor
+
+    root, _, test = exported
+    out = root / "models/export"
+    listed = read_json(out / "checksums.json")
+    files = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file() and p.name != "checksums.json"}
+    assert listed["algorithm"] == "md5" and sorted(listed["files"]) == sorted(files)
+    assert all(listed["files"][rel] == hashlib.md5(p.read_bytes()).hexdigest() for rel, p in files.items())
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    onnx = copy / "onnx" / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit
+    onnx.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=re.escape(f"{onnx}: md5 differs from checksums.json")):
+        load_predictor(copy, variant="onnx")
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(test["text"].tolist()[:3]) + "\n")
+    rc, err = _predict_cli(capsys, src, "--model", copy, "--variant", "onnx", "--out", tmp_path / "o.jsonl")
+    assert rc == 2 and len(err) == 1 and "model.onnx: md5 differs from checksums.json" in err[0], err
+    assert not (tmp_path / "o.jsonl").exists()
+    # Only the files a variant reads are checked; verify=False skips the check (and then loads the changed file).
+    texts = test["text"].tolist()[:3]
+    assert load_predictor(copy, variant="float32").predict_proba(texts).shape == (3, len(LABELS))
+    assert load_predictor(copy, variant="onnx", verify=False).variant == "onnx"
+    (copy / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match=re.escape(f"{copy / 'tokenizer/tokenizer.json'}: missing (listed in checksums.json); "
+                                                  "the export stage writes it")):
+        load_predictor(copy)
+
+
+def test_a_missing_tokenizer_folder_says_which_stage_writes_it(exported, tmp_path, capsys):
+    """Before: the model hub's "Repo id must be in the form ..." for <export>/tokenizer."""
+    root, _, _ = exported
+    copy = tmp_path / "export"
+    shutil.copytree(root / "models/export", copy, ignore=shutil.ignore_patterns("checksums.json"))
+    shutil.rmtree(copy / "tokenizer")
+    src = tmp_path / "in.txt"
+    src.write_text("hello\n")
+    rc, err = _predict_cli(capsys, src, "--model", copy)
+    assert rc == 2 and err == [f"domaintune predict: error: {copy / 'tokenizer'}: missing; the export stage writes it "
+                               "(`dvc repro export`), or give the export folder"]

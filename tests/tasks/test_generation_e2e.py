@@ -13,6 +13,8 @@ import pytest
 import yaml
 from _fake_pipeline import BIN, REPO, env, make_tiny_dag, set_params, sh, workspace
 
+from domaintune.export.artifacts import verify_checksums
+
 PAIRS = REPO / "examples" / "support_replies" / "pairs.csv"
 GEN_PARAMS = {
     "base.task": "generation", "base.max_length": 192, "ingest.source": "tiny_pairs.csv",
@@ -111,6 +113,7 @@ def test_export_is_merged_verified_and_loads_in_a_pipeline(project):
     out = project / "models/export"
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     assert not list(out.glob("adapter_*"))  # merged: a plain model
+    assert verify_checksums(out) == len([p for p in out.rglob("*") if p.is_file()]) - 1
     card = (out / "README.md").read_text()
     assert "chat template" in card and "Greedy decoding" in card
     gen = pipeline("text-generation", model=str(out), tokenizer=str(out), device="cpu")

@@ -4,13 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from domaintune.core import device as devices
+from domaintune.export.artifacts import variant_reads, verify_checksums
 from domaintune.predict.predictor import Predictor
 
 
 def load(folder: str | Path, variant: str = "float32", batch_size: int = 64, device: str = "cpu",
-         calibration: str | Path | None = None, dynamic_int8: bool = False) -> Predictor:
+         calibration: str | Path | None = None, dynamic_int8: bool = False, verify: bool = True) -> Predictor:
     """The calibrated classifier of `variant`; a PyTorch variant moves to `device` (ONNX runs where
-    onnxruntime runs it)."""
+    onnxruntime runs it). verify: first check the files that variant reads against the export's
+    checksums.json (a changed or missing file is a DataError naming it)."""
+    if verify:
+        verify_checksums(folder, variant_reads(variant))
     predictor = Predictor.load(folder, variant=variant, calibration=calibration, dynamic_int8=dynamic_int8,
                                batch_size=batch_size)
     if predictor.model is not None:

@@ -1,7 +1,7 @@
 """The export hook of a causal LM: the adapter merged into a float (for QLoRA: dequantised) copy of the base,
 checked against the unmerged model's logits on test examples (export.merge_tolerance, else the stage fails),
-saved as safetensors + tokenizer + generation config + model card, loaded once by
-transformers.pipeline("text-generation") before the stage succeeds."""
+saved as safetensors + tokenizer + generation config + model card + checksums.json (the md5 of every file),
+loaded once by transformers.pipeline("text-generation") before the stage succeeds."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +11,7 @@ from domaintune.core.io import atomic_output, read_json, write_json
 from domaintune.core.params import load_params
 from domaintune.core.stage import StageIO
 from domaintune.data.dataset import read_dataset, read_hashes
+from domaintune.export.artifacts import write_checksums
 from domaintune.export.generation import merged_for_export, model_card, pipeline_check, save_export
 
 
@@ -36,6 +37,7 @@ def run(io: StageIO) -> str:
         cls = {"labels": cls["labels"], "temperature": cls["temperature"]} if cls else None
         write_json(out / "export_info.json", {**metrics, "method": run["method"], "base_model": run["base_model"],
                                               "max_length": base.max_length, "classification": cls})
+        write_checksums(out)  # last: the md5 of every file above, checked when the export is loaded
         write_json(met, metrics)
     return f"merged ({run['method']}), max logit gap {check['max_rel_diff']:.2g}; loads in pipeline('text-generation')"
 
