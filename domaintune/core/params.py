@@ -527,12 +527,26 @@ def _safe_yaml() -> YAML:
     return YAML(typ="safe", pure=True)
 
 
+class _TypedFloat(float):
+    """A float override with the text the user typed, written back as typed (it reads back exactly)."""
+
+    def __new__(cls, value: float, text: str):
+        obj = super().__new__(cls, value)
+        obj.text = text
+        return obj
+
+
+def _typed_float(rep, data: _TypedFloat):
+    return rep.represent_scalar("tag:yaml.org,2002:float", data.text)
+
+
 def _roundtrip_yaml() -> YAML:
     """The editor for params.yaml: keeps comments, order, quotes and number spelling; writes None as `null`."""
     yml = YAML()
     yml.preserve_quotes = True
     yml.representer.add_representer(
         type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    yml.representer.add_representer(_TypedFloat, _typed_float)
     return yml
 
 
@@ -575,8 +589,11 @@ def parse_overrides(overrides: typing.Sequence[str] | dict | None) -> dict[str, 
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ParamsError(f"--set {item!r}: expected section.key=value, e.g. finetune.epochs=2")
         key, value = item.split("=", 1)
-        try:  # round-trip scalars keep the spelling the user typed (2e-5 is written as 2e-5)
-            out[key.strip()] = _roundtrip_yaml().load(value) if value.strip() else None
+        try:  # round-trip nodes keep the spelling the user typed (2e-5 is written as 2e-5)
+            parsed = _roundtrip_yaml().load(value) if value.strip() else None
+            if isinstance(parsed, float):  # ruamel's own float writer can drop the last digit: keep the exact value
+                parsed = _TypedFloat(_safe_yaml().load(value), value.strip())
+            out[key.strip()] = parsed
         except YAMLError as exc:
             raise ParamsError(f"--set {item!r}: the value is not valid YAML "
                               f"({' '.join(str(getattr(exc, 'problem', None) or exc).split())})") from None
