@@ -87,7 +87,11 @@ def _fmt(value) -> str:
 
 
 def cmd_versions(args) -> int:
-    found, skipped = versions.scan_versions(_root(args))
+    root = _root(args)
+    note = rollback.recover_if_idle(root)  # a killed retrain or rollback: completed or put back first
+    if note:
+        print(f"domaintune versions: {note}", file=sys.stderr)
+    found, skipped = versions.scan_versions(root)
     for s in skipped:
         print(f"note: {s.tag}: {s.reason}", file=sys.stderr)
     if args.json:
@@ -145,6 +149,9 @@ def cmd_rollback(args) -> int:
     root = _root(args)
     # The lock first, before Prefect is imported or a server starts: contention is reported at once.
     with plumbing.repo_lock(root):
+        note = rollback.recover(root)  # a killed retrain or rollback: completed or put back first
+        if note:
+            print(f"domaintune rollback: {note}", file=sys.stderr)
         version = versions.get_version(root, args.version)
         rollback.check_no_local_edits(root, version)
         # lazy: loads prefect

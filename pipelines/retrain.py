@@ -13,10 +13,19 @@ commit of params.yaml/dvc.lock/metrics, GTO tag, served marker). On any failure
 params.yaml, dvc.lock and the metrics are put back as they were and the
 workspace outs re-checked-out from the cache: no tag, no push, nothing half-done.
 
+A kill (SIGKILL included) is survived too: the files are journaled before any
+changes (rollback.restored_on_failure), so the next retrain, rollback or
+`versions` puts them back, or completes a stage assignment whose tag was
+registered (rollback.recover), and says so in one line; the watchdog the
+repository lock starts (plumbing.start_watchdog) ends `dvc repro`, the stage it
+runs and Prefect's temporary server with this process. A publish refuses a
+params.yaml that is not what this run applied (versions.publish expect_params).
+
     python -m pipelines.retrain [--set finetune.epochs=2 ...] [--no-publish]
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -100,17 +109,21 @@ class DagRun:
 
     _live: dict[str, "DagRun"] = {}  # token -> run: tasks get the token (a string), not the object
 
-    def __init__(self, root: Path, stages: Sequence[str]):
+    def __init__(self, root: Path, stages: Sequence[str], expected_params: bytes | None = None):
         self.token, self.stages = uuid.uuid4().hex, list(stages)
+        self.expected_params = expected_params  # params.yaml as this run set it: what publish may commit
         self.segments: dict[str, _Segment] = {}
         self.current: _Segment | None = None
         self.preamble: list[str] = []
         self.rc: int | None = None
         self.cond = threading.Condition()
-        # Its own process group, so close() stops the stage command DVC is running too.
+        # Its own process group, so close() stops the stage command DVC is running too (and so does the
+        # watchdog when this process is killed).
+        plumbing.start_watchdog()
         self.proc = subprocess.Popen([plumbing.dvc_exe(), "repro", *stages], cwd=root, env=_child_env(),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      start_new_session=True)
+        plumbing.poke_watchdog()
         self.reader = threading.Thread(target=self._read, name="dvc-repro-output", daemon=True)
         self.reader.start()
         DagRun._live[self.token] = self
@@ -179,14 +192,22 @@ class DagRun:
 
 def _single_item(root: str, stage: str, emit) -> tuple[list[str], float, int]:
     t0 = time.perf_counter()
+    plumbing.start_watchdog()
     proc = subprocess.Popen([plumbing.dvc_exe(), "repro", "--single-item", stage], cwd=root, env=_child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)  # a group of its own: the watchdog ends the stage with it
+    plumbing.poke_watchdog()
     lines = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        lines.append(line)
-        emit(line)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            emit(line)
+    finally:
+        if proc.poll() is None:  # the task was cancelled or failed while the stage ran
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
     return lines, time.perf_counter() - t0, proc.wait()
 
 
@@ -234,14 +255,15 @@ def check_overrides(params_file: Path, overrides: Sequence[str] | dict | None) -
     apply_overrides(Path(params_file), parse_overrides(overrides), dry_run=True)
 
 
-def apply_overrides(params_file: Path, overrides: dict[str, object], dry_run: bool = False) -> None:
+def apply_overrides(params_file: Path, overrides: dict[str, object], dry_run: bool = False) -> bytes:
     """Set dotted keys in params.yaml keeping its comments and layout (like `dvc exp run -S`), then validate.
-    dry_run: validate only, params.yaml stays as it is."""
+    dry_run: validate only, params.yaml stays as it is. Returns params.yaml's bytes as they are (or would
+    be) afterwards: what a publish of this run may commit."""
     from ruamel.yaml import YAML
 
 
     if not overrides:
-        return
+        return Path(params_file).read_bytes()
     yml = YAML()
     yml.preserve_quotes = True
     with open(params_file, encoding="utf-8") as fh:
@@ -262,10 +284,12 @@ def apply_overrides(params_file: Path, overrides: dict[str, object], dry_run: bo
     except Exception:
         tmp.unlink()
         raise
+    new = tmp.read_bytes()
     if dry_run:
         tmp.unlink()
-        return
+        return new
     os.replace(tmp, params_file)
+    return new
 
 
 @flow(name="domaintune-retrain")
@@ -279,15 +303,20 @@ def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: b
     wanted = parse_overrides(overrides)
     t0 = time.perf_counter()
     with plumbing.repo_lock(root):
+        note = rollback.recover(root)  # None inside `domaintune retrain`, which recovered before the flow
+        if note:
+            logger.warning(note)
         try:
-            with rollback.restored_on_failure(root, versions.version_files(root)):
+            with rollback.restored_on_failure(root, versions.version_files(root), "retrain"):
                 results, version, created, publish_seconds = _run_and_publish(root, wanted, retries, publish,
                                                                                remote, logger, dag)
         except BaseException:
             logger.error("retrain failed: params.yaml, dvc.lock and outs were put back as they were")
             raise
+        served = versions.served_version(root)
     ran = [r["stage"] for r in results if r["ran"]]
     return {"stages": results, "ran": ran, "version": version, "created": created,
+            "served": bool(version) and version.split("@", 1)[-1] == served, "served_version": served,
             "publish_seconds": publish_seconds, "seconds": time.perf_counter() - t0}
 
 
@@ -296,8 +325,7 @@ def _run_and_publish(root: Path, wanted: dict, retries: int, publish: bool, remo
     """Apply the overrides, run every stage as a task, publish: (stage results, version, created, seconds)."""
     dag = DagRun._live.get(token) if token else None
     if dag is None:
-        apply_overrides(root / "params.yaml", wanted)
-        dag = DagRun(root, stage_order(root))
+        dag = DagRun(root, stage_order(root), apply_overrides(root / "params.yaml", wanted))
     logger.info("stages in DAG order: %s", " -> ".join(dag.stages))
     stage_task = run_dvc_stage.with_options(retries=retries)
     try:
@@ -308,7 +336,7 @@ def _run_and_publish(root: Path, wanted: dict, retries: int, publish: bool, remo
     version, created, t_pub = None, False, time.perf_counter()
     if publish:
         summary = "retrain" + ("".join(f" {k}={v}" for k, v in wanted.items()) if wanted else "")
-        v, created = versions.publish(root, summary, remote)
+        v, created = versions.publish(root, summary, remote, expect_params=dag.expected_params)
         version = v.tag
         logger.info("%s %s", "published" if created else "unchanged, still", version)
     return results, version, created, time.perf_counter() - t_pub
@@ -335,12 +363,16 @@ def run_from_args(args) -> int:
     prints one line, exit 2): BusyError, StageFailed, RegistryError, ParamsError."""
     root = Path(args.repo).resolve()
     with plumbing.repo_lock(root):
+        note = rollback.recover(root)  # what a killed retrain or rollback left: put back or completed
+        if note:
+            print(f"domaintune retrain: {note}", file=sys.stderr)
         check_overrides(root / "params.yaml", args.overrides)
         try:
             # DVC starts before the flow, so the stages run while Prefect starts its temporary server.
-            with rollback.restored_on_failure(root, versions.version_files(root)):
-                apply_overrides(root / "params.yaml", parse_overrides(args.overrides))
-                dag = DagRun(root, stage_order(root))
+            # The journal is written before params.yaml changes.
+            with rollback.restored_on_failure(root, versions.version_files(root), "retrain"):
+                expected = apply_overrides(root / "params.yaml", parse_overrides(args.overrides))
+                dag = DagRun(root, stage_order(root), expected)
                 try:
                     result = retrain_flow(repo=str(root), overrides=args.overrides, publish=args.publish,
                                           retries=args.retries, remote=args.remote, dag=dag.token)
@@ -351,8 +383,12 @@ def run_from_args(args) -> int:
                               "were (the stage's log is above)") from None
     ran = ", ".join(result["ran"]) or "none (all cached)"
     print(f"stages run: {ran}")
-    if result["version"]:
+    if result["version"] and (result["created"] or result["served"]):
         print(f"{'new version' if result['created'] else 'unchanged, current version'}: {result['version']}")
+    elif result["version"]:  # the workspace is a published version that is not the served one
+        served = result["served_version"] or "none"
+        print(f"unchanged: the workspace is {result['version']}, which is not served (served: {served}); "
+              f"`domaintune rollback {result['version'].split('@', 1)[-1]}` serves it")
     return 0
 
 

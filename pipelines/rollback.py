@@ -5,7 +5,9 @@ object the version needs (fetching missing ones from the DVC remote) without
 touching the workspace; `restore` writes the files, runs `dvc checkout`, checks
 every restored file against dvc.lock, commits and moves GTO's `prod` stage. The
 flow holds the repository lock that retrain takes across both, so they never
-interleave and what was verified is what gets restored.
+interleave and what was verified is what gets restored. A rollback that is killed
+is put back, or completed once its commit is made, by the next retrain, rollback
+or `versions` (domaintune.registry.rollback.recover).
 
     python -m pipelines.rollback v1.0.0
 """
@@ -40,6 +42,9 @@ def restore(root: Path, version: versions.Version, outs: list[plumbing.Out]) -> 
 def rollback_flow(version: str, repo: str = ".") -> dict:
     root = Path(repo).resolve()
     with plumbing.repo_lock(root):
+        note = rollback.recover(root)  # `domaintune rollback` recovered already; a flow run on its own does here
+        if note:
+            get_run_logger().warning(note)
         checked_version, outs = verify(root, version)
         return restore(root, checked_version, outs)
 

@@ -1,4 +1,5 @@
-"""Registry plumbing: git and DVC subprocesses, the repository lock, the DVC remote, and dvc.lock's outs.
+"""Registry plumbing: git and DVC subprocesses, the repository lock and its journal, the watchdog that ends
+a retrain's children with it, the DVC remote, and dvc.lock's outs.
 
 Everything else in domaintune.registry is built on these. GTO names the model `ARTIFACT`; the served
 version is the one in stage `SERVED_STAGE` (tags `domaintune#prod#N`, the latest assignment wins).
@@ -8,19 +9,29 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import fcntl
+import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import yaml
 
 ARTIFACT = "domaintune"
 SERVED_STAGE = "prod"
 LOCK_PATH = Path(".domaintune") / "retrain.lock"
+# Beside the lock: what the running retrain or rollback must undo if it dies ("undo": the files as they were
+# before it changed any), and the stage assignment a registered tag still waits for ("promote").
+JOURNAL_PATH = Path(".domaintune") / "journal.json"
+# Tests only (see fault_point): the phase at which the process SIGKILLs itself.
+KILL_AT_ENV = "DOMAINTUNE_TEST_KILL_AT"
 
 
 class RegistryError(RuntimeError):
@@ -85,10 +96,7 @@ def repo_lock(root: Path) -> Iterator[None]:
     if str(path) in _HELD_LOCKS.get():
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ignore = path.parent / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text("*\n")  # the lock folder never shows up in git status
+    _state_dir(root)
     fh = open(path, "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -98,6 +106,7 @@ def repo_lock(root: Path) -> Iterator[None]:
         fh.close()
         raise BusyError(f"{path}: a retrain or rollback is already running ({holder}); "
                         "wait for it to finish, nothing was changed") from None
+    start_watchdog()  # whatever this process starts from here on ends with it, even on SIGKILL
     token = _HELD_LOCKS.set(_HELD_LOCKS.get() | {str(path)})
     try:
         fh.seek(0)
@@ -111,6 +120,226 @@ def repo_lock(root: Path) -> Iterator[None]:
             fh.seek(0)
             fh.truncate()
         fh.close()  # closing releases the flock
+
+
+def _state_dir(root: Path) -> Path:
+    folder = Path(root).resolve() / LOCK_PATH.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    ignore = folder / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("*\n")  # the lock folder never shows up in git status
+    return folder
+
+
+# ----------------------------------------------------------------------------- journal
+
+def read_journal(root: Path) -> dict | None:
+    """The journal an unfinished retrain or rollback left (None: there is none)."""
+    path = Path(root).resolve() / JOURNAL_PATH
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # it is only ever replaced whole, so this is a person's edit
+        raise RegistryError(f"{path}: unreadable ({exc}); delete it to go on without recovering "
+                            "what an interrupted retrain or rollback left") from None
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path}: not a JSON object; delete it to go on without recovering "
+                            "what an interrupted retrain or rollback left")
+    return data
+
+
+def write_journal(root: Path, data: dict | None) -> None:
+    """Replace the journal in one rename (flushed to disk first), or delete it (data None)."""
+    folder = _state_dir(root)
+    path = folder / JOURNAL_PATH.name
+    if data is None:
+        path.unlink(missing_ok=True)
+    else:
+        tmp = folder / f"{JOURNAL_PATH.name}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename (or the unlink) itself survives a crash
+    finally:
+        os.close(fd)
+
+
+def update_journal(root: Path, **entries) -> None:
+    """Set (value) or drop (None) top-level entries of the journal; the last one dropped deletes it."""
+    data = {**(read_journal(root) or {}), **entries}
+    data = {k: v for k, v in data.items() if v is not None}
+    write_journal(root, data or None)
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here when DOMAINTUNE_TEST_KILL_AT names this phase: how tests kill a real
+    retrain or rollback at an exact point. Honoured only under pytest (PYTEST_CURRENT_TEST is set)."""
+    if os.environ.get(KILL_AT_ENV) == name and "PYTEST_CURRENT_TEST" in os.environ:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- watchdog
+
+# A process that takes the repository lock starts one watchdog (start_watchdog): a small child in its own
+# session that reads a pipe only this process writes to, and every WATCH_SECONDS lists this process's
+# descendants (dvc repro and the stage it runs, Prefect's temporary server, git, GTO). When the pipe
+# closes (this process exited, however: SIGKILL included), it sends SIGTERM to each descendant still
+# alive and to the process group each one leads (`dvc repro` leads its own, so a stage command started
+# since the last look is in it), and to a child started since the last look (see _orphans), then SIGKILL
+# after GRACE_SECONDS. A process is identified by pid and start time, so a reused pid is never hit.
+# Linux (/proc); elsewhere the watchdog does nothing.
+WATCH_SECONDS = 0.25
+GRACE_SECONDS = 5.0
+_watchdog: subprocess.Popen | None = None
+_watchdog_owner = 0
+_watchdog_lock = threading.Lock()
+
+
+def start_watchdog() -> None:
+    """Start this process's watchdog if it has none (once per process; it lives as long as the process)."""
+    global _watchdog, _watchdog_owner
+    if not Path("/proc/self/stat").exists():
+        return
+    with _watchdog_lock:
+        if _watchdog is not None and _watchdog_owner == os.getpid() and _watchdog.poll() is None:
+            return
+        package_root = str(Path(__file__).resolve().parents[2])
+        code = (f"import sys; sys.path.insert(0, {package_root!r}); "
+                "from domaintune.registry.plumbing import watch_parent; watch_parent(int(sys.argv[1]))")
+        _watchdog = subprocess.Popen([sys.executable, "-c", code, str(os.getpid())], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        _watchdog_owner = os.getpid()
+
+
+def poke_watchdog() -> None:
+    """Make the watchdog look at this process's children now (call right after starting one)."""
+    with _watchdog_lock:
+        if _watchdog is not None and _watchdog_owner == os.getpid() and _watchdog.stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                _watchdog.stdin.write(b"\n")
+                _watchdog.stdin.flush()
+
+
+class _Proc(NamedTuple):
+    ppid: int
+    pgid: int
+    sid: int
+    start: int  # clock ticks after boot: with the pid, names one process for good
+
+
+def _stat(pid: int) -> _Proc | None:
+    """A live process's parent, group, session and start time; None if it is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return _Proc(int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]))
+
+
+def _descendants(pid: int) -> dict[int, tuple[int, int]]:
+    """Every live descendant of `pid`: pid -> (start time, pgid)."""
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                kids = Path(f"/proc/{parent}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            for kid in map(int, kids):
+                st = _stat(kid)
+                if st is not None and kid not in found:
+                    found[kid] = (st.start, st.pgid)
+                    todo.append(kid)
+    return found
+
+
+def _orphans(parent: int, was: _Proc) -> dict[int, tuple[int, int]]:
+    """Children the parent started too recently for the last look, found after it died: handed to the
+    watchdog's own new parent (the reaper), in the dead parent's session and process group (Prefect's
+    server, say), started after it. pid -> (start time, pgid)."""
+    deadline = time.monotonic() + 2
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.01)  # the kernel closes a dying process's files (our EOF) before it re-parents
+    reaper, found = os.getppid(), {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            st = _stat(int(name))
+            if st is not None and st.ppid == reaper and st.sid == was.sid and st.pgid == was.pgid \
+                    and st.start >= was.start:
+                found[int(name)] = (st.start, st.pgid)
+    return found
+
+
+def _same(pid: int, start: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st.start == start
+
+
+def _signal_all(known: dict[int, tuple[int, int]], sig: int) -> None:
+    for pid, (start, pgid) in known.items():
+        if pgid == pid:
+            st = _stat(pid)
+            # The group is this one while its leader lives (same start time) or, leader gone, while any
+            # member does: Linux reuses no pid that is still some group's id.
+            if st is None or st.start == start:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, sig)
+        if _same(pid, start):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+
+def _any_left(known: dict[int, tuple[int, int]]) -> bool:
+    for pid, (start, pgid) in known.items():
+        if _same(pid, start):
+            return True
+        if pgid == pid and _stat(pid) is None:
+            try:
+                os.killpg(pid, 0)
+                return True
+            except (ProcessLookupError, PermissionError):
+                pass
+    return False
+
+
+def watch_parent(parent: int) -> None:
+    """The watchdog's body (see start_watchdog): returns once the parent's descendants are ended."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # a Ctrl-C or hang-up meant for the parent must not stop this
+    was = _stat(parent)
+    if was is None:
+        return
+    me, known = os.getpid(), {}
+    while True:
+        ready, _, _ = select.select([0], [], [], WATCH_SECONDS)
+        if ready and not os.read(0, 4096):
+            break  # the parent closed the pipe: it has exited
+        st = _stat(parent)
+        if st is None or st.start != was.start:
+            break
+        # Keep the ones seen before that still live: a child orphaned a moment ago is no descendant now.
+        known = {p: v for p, v in known.items() if _same(p, v[0])} | _descendants(parent)
+        known.pop(me, None)
+    known |= _orphans(parent, was)
+    _signal_all(known, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_SECONDS
+    while _any_left(known) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_all(known, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- remote

@@ -24,10 +24,13 @@ from domaintune.registry.plumbing import (
     RegistryError,
     dvc,
     ensure_remote,
+    fault_point,
     git,
     git_bytes,
     git_identity,
     lock_outs,
+    update_journal,
+    write_journal,
 )
 
 # Files that, with the DVC cache, fully describe a version.
@@ -132,7 +135,12 @@ def list_versions(root: Path) -> list[Version]:
 
 
 def served_version(root: Path) -> str | None:
-    """The version GTO last put in stage prod.
+    """The version GTO last put in stage prod (see stage_version)."""
+    return stage_version(root, SERVED_STAGE)
+
+
+def stage_version(root: Path, stage: str) -> str | None:
+    """The version GTO last put in `stage`.
 
     GTO numbers a stage's events (`domaintune#prod#N` assigns, `domaintune#prod!#N`
     unassigns); the highest N is the latest event. (GTO's own `which` ranks by
@@ -140,10 +148,10 @@ def served_version(root: Path) -> str | None:
     """
     fmt = "%(refname:strip=2)%00%(*objectname)%00%(objectname)"
     events = []
-    for line in git(root, "for-each-ref", f"--format={fmt}", f"refs/tags/{ARTIFACT}#{SERVED_STAGE}*").splitlines():
+    for line in git(root, "for-each-ref", f"--format={fmt}", f"refs/tags/{ARTIFACT}#{stage}*").splitlines():
         tag, peeled, obj = line.split("\x00")
         parts = tag.split("#")  # the glob also matches other stages such as `production`
-        if len(parts) == 3 and parts[1] in (SERVED_STAGE, SERVED_STAGE + "!") and parts[2].isdigit():
+        if len(parts) == 3 and parts[1] in (stage, stage + "!") and parts[2].isdigit():
             events.append((int(parts[2]), not parts[1].endswith("!"), peeled or obj))
     if not events:
         return None
@@ -213,11 +221,23 @@ def _tracked_outputs(root: Path, outs: list[Out]) -> list[str]:
     return paths + [o.path for o in outs if o.in_git and (root / o.path).exists()]
 
 
-def publish(root: Path, summary: str = "retrain", remote: str | None = None) -> tuple[Version, bool]:
+def _check_params(root: Path, found: bytes | None, expected: bytes | None) -> None:
+    if expected is not None and found != expected:
+        raise RegistryError(f"{root / 'params.yaml'}: changed while this retrain ran, not by it; refusing to "
+                            "publish params it did not apply (nothing published)")
+
+
+def publish(root: Path, summary: str = "retrain", remote: str | None = None,
+            expect_params: bytes | None = None) -> tuple[Version, bool]:
     """Push outs, commit the version files, tag with GTO, mark served. Returns (version, created).
 
     A run that reproduces an existing version exactly (same dvc.lock and params)
-    creates nothing and returns that version.
+    creates nothing and returns that version. expect_params: the params.yaml bytes the caller applied;
+    anything else in params.yaml, or in what is committed, is refused (RegistryError).
+
+    Between the GTO tag and the prod assignment the journal holds a "promote" entry, so a run killed
+    there is completed by the next one (domaintune.registry.rollback.recover); a successful publish
+    deletes the journal, undo entry included: from then on the run's changes are the version.
     """
     from gto.api import assign, register  # heavy: GTO loads only when publishing
 
@@ -226,6 +246,7 @@ def publish(root: Path, summary: str = "retrain", remote: str | None = None) -> 
     versions = list_versions(root)
     lock_now = (root / "dvc.lock").read_bytes()
     params_now = (root / "params.yaml").read_bytes()
+    _check_params(root, params_now, expect_params)
     for v in reversed(versions):
         if git_bytes(root, v.commit, "dvc.lock") == lock_now and git_bytes(root, v.commit, "params.yaml") == params_now:
             return v, False
@@ -240,12 +261,17 @@ def publish(root: Path, summary: str = "retrain", remote: str | None = None) -> 
 
     files = _tracked_outputs(root, outs)
     git(root, "add", "--", *files)
+    _check_params(root, git_bytes(root, "", "params.yaml"), expect_params)  # what the commit will hold
     msg = f"{ARTIFACT} {version}: {summary}\n\ndataset {record['dataset_hash']}\n"
     git(root, *git_identity(root), "commit", "-q", "--allow-empty", "-m", msg, "--", *files)
     commit = git(root, "rev-parse", "HEAD").strip()
     tag_msg = f"{ARTIFACT} {version}: {summary}\n\n{RECORD_MARK} {json.dumps(record, sort_keys=True)}"
+    tag = f"{ARTIFACT}@{version}"
+    update_journal(root, promote={"op": "publish", "tag": tag, "commit": commit, "stage": SERVED_STAGE})
     register(str(root), ARTIFACT, commit, version=version, message=tag_msg)
+    fault_point("registered")
     assign(str(root), ARTIFACT, SERVED_STAGE, version=version, message=f"serve {version}")
+    write_journal(root, None)
     return get_version(root, version), True
 
 
