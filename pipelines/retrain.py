@@ -26,6 +26,7 @@ params.yaml that is not what this run applied (versions.publish expect_params).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -39,8 +40,7 @@ from typing import Sequence
 
 from prefect import flow, get_run_logger, task
 
-from domaintune.core.errors import ParamsError
-from domaintune.core.params import load_all
+from domaintune.core.params import apply_overrides, load_all, parse_overrides
 from domaintune.evaluate.summary import write_summary
 from domaintune.registry import plumbing, rollback, versions
 
@@ -164,7 +164,8 @@ class DagRun:
                 if seg is not None:
                     seg.taken = True
                     for line in seg.lines[seen:]:
-                        emit(line)
+                        if line.strip() not in NOT_FOR_RETRAIN:
+                            emit(line)
                     seen = len(seg.lines)
                     if seg.t1 is not None and (self.rc is not None or self.current is not seg):
                         failed = self.rc not in (None, 0) and self.current is seg
@@ -190,6 +191,17 @@ class DagRun:
             pass
 
 
+# DVC's hints that do not apply to a retrain (it pushes what it publishes itself): kept in the stage's lines,
+# not shown in the log.
+NOT_FOR_RETRAIN = frozenset({"Use `dvc push` to send your updates to remote storage."})
+
+
+def quiet_prefect_shutdown() -> None:
+    """Prefect's "EventsWorker - Still processing items" warning while its temporary server shuts down says
+    nothing a user can act on: shown only at ERROR."""
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
+
+
 def _single_item(root: str, stage: str, emit) -> tuple[list[str], float, int]:
     t0 = time.perf_counter()
     plumbing.start_watchdog()
@@ -203,7 +215,8 @@ def _single_item(root: str, stage: str, emit) -> tuple[list[str], float, int]:
         for line in proc.stdout:
             line = line.rstrip("\n")
             lines.append(line)
-            emit(line)
+            if line.strip() not in NOT_FOR_RETRAIN:
+                emit(line)
     finally:
         if proc.poll() is None:  # the task was cancelled or failed while the stage ran
             with contextlib.suppress(ProcessLookupError):
@@ -228,68 +241,10 @@ def run_dvc_stage(root: str, stage: str, dag: str | None = None) -> dict:
     return {"stage": stage, "seconds": seconds, "ran": not skipped}
 
 
-def parse_overrides(overrides: Sequence[str] | dict | None) -> dict[str, object]:
-    """`section.key=value` strings (values parsed as YAML) or a ready dict -> {dotted key: value}."""
-    import yaml
-
-
-    if not overrides:
-        return {}
-    if isinstance(overrides, dict):
-        return dict(overrides)
-    out = {}
-    for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ParamsError(f"--set {item!r}: expected section.key=value, e.g. finetune.epochs=2")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    return out
-
-
 def check_overrides(params_file: Path, overrides: Sequence[str] | dict | None) -> None:
     """Validate `section.key=value` overrides against params.yaml without changing it (ParamsError/ValueError)."""
     load_all(params_file)  # a broken params.yaml is named as such, not blamed on an override
     apply_overrides(Path(params_file), parse_overrides(overrides), dry_run=True)
-
-
-def apply_overrides(params_file: Path, overrides: dict[str, object], dry_run: bool = False) -> bytes:
-    """Set dotted keys in params.yaml keeping its comments and layout (like `dvc exp run -S`), then validate.
-    dry_run: validate only, params.yaml stays as it is. Returns params.yaml's bytes as they are (or would
-    be) afterwards: what a publish of this run may commit."""
-    from ruamel.yaml import YAML
-
-
-    if not overrides:
-        return Path(params_file).read_bytes()
-    yml = YAML()
-    yml.preserve_quotes = True
-    with open(params_file, encoding="utf-8") as fh:
-        data = yml.load(fh)
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = data
-        for p in parents:
-            if not isinstance(node, dict) or p not in node:
-                raise ParamsError(f"{params_file}: override {dotted!r}: no section {p!r}")
-            node = node[p]
-        node[leaf] = value
-    tmp = params_file.with_name(params_file.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        yml.dump(data, fh)
-    try:
-        load_all(tmp)  # a bad override fails here, before params.yaml changes
-    except Exception:
-        tmp.unlink()
-        raise
-    new = tmp.read_bytes()
-    if dry_run:
-        tmp.unlink()
-        return new
-    os.replace(tmp, params_file)
-    return new
 
 
 @flow(name="domaintune-retrain")
@@ -362,6 +317,7 @@ def run_from_args(args) -> int:
     """`domaintune retrain`: the overrides are checked before the flow starts; errors raise (the CLI
     prints one line, exit 2): BusyError, StageFailed, RegistryError, ParamsError."""
     root = Path(args.repo).resolve()
+    quiet_prefect_shutdown()
     with plumbing.repo_lock(root):
         note = rollback.recover(root)  # what a killed retrain or rollback left: put back or completed
         if note:

@@ -600,13 +600,14 @@ def parse_overrides(overrides: typing.Sequence[str] | dict | None) -> dict[str, 
     return out
 
 
-def apply_overrides(params_file: str | Path, overrides: dict[str, object], dry_run: bool = False) -> None:
+def apply_overrides(params_file: str | Path, overrides: dict[str, object], dry_run: bool = False) -> bytes:
     """Set dotted keys in params.yaml, changing only their lines (comments, layout, `null` and number
     spelling elsewhere stay byte for byte, like `dvc exp run -S`), then validate every section.
-    dry_run: validate only, params.yaml stays as it is. A bad override fails before params.yaml changes."""
+    dry_run: validate only, params.yaml stays as it is. A bad override fails before params.yaml changes.
+    Returns params.yaml's bytes as they are (or would be) afterwards: what a publish of this run may commit."""
     params_file = Path(params_file)
     if not overrides:
-        return
+        return params_file.read_bytes()
     yml = _roundtrip_yaml()
     try:
         with open(params_file, encoding="utf-8") as fh:
@@ -629,10 +630,12 @@ def apply_overrides(params_file: str | Path, overrides: dict[str, object], dry_r
     except Exception:
         tmp.unlink()
         raise
+    new = tmp.read_bytes()
     if dry_run:
         tmp.unlink()
-        return
+        return new
     os.replace(tmp, params_file)
+    return new
 
 
 def load_params(path: str | Path = "params.yaml", *sections: str) -> Any:

@@ -14,8 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from domaintune.core.params import read_params_file
 from domaintune.registry.cache import cache_dir, check_workspace
 from domaintune.registry.plumbing import (
     ARTIFACT,
@@ -197,7 +196,7 @@ def next_version(versions: list[Version], dataset_hash: str | None) -> str:
 
 def build_record(root: Path, outs: list[Out]) -> dict:
     """What a version answers: data hash, base model, method, params, metrics."""
-    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
+    params = read_params_file(root / "params.yaml")  # YAML 1.2, as the stages read it (2e-5 is a float)
     hashes_file = root / "data" / "audited" / "hashes.json"
     dataset_hash = json.loads(hashes_file.read_text())["dataset"] if hashes_file.exists() else None
     metrics = {}

@@ -11,10 +11,10 @@ def proj(tmp_path):
     return make_fake_repo(tmp_path / "proj")
 
 
-def _follow_all(run):
+def _follow_all(run, shown=None):
     out = {}
     for stage in run.stages:
-        got = run.follow(stage, lambda line: None)
+        got = run.follow(stage, (shown.append if shown is not None else lambda line: None))
         out[stage] = got
     return out
 
@@ -25,11 +25,16 @@ def test_one_process_runs_every_stage_and_each_gets_its_own_lines(proj):
     order = stage_order(proj)
     assert order == ["audit", "train"]
     run = DagRun(proj, order)
+    shown = []
     try:
-        got = _follow_all(run)
+        got = _follow_all(run, shown)
     finally:
         run.close()
     assert run.rc == 0 and set(run.segments) == {"audit", "train"}
+    # DVC's "Use `dvc push`" hint is in the stage's lines but not in the retrain's log (it pushes itself)
+    hint = "Use `dvc push` to send your updates to remote storage."
+    assert hint in [ln.strip() for lines, _, _ in got.values() for ln in lines] and shown
+    assert hint not in [ln.strip() for ln in shown]
     audit, train = got["audit"], got["train"]
     assert audit[2] == 0 and train[2] == 0 and audit[1] > 0 and train[1] > 0
     assert any("Running stage 'audit'" in ln for ln in audit[0]) and not any("'train'" in ln for ln in audit[0])

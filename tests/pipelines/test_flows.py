@@ -167,6 +167,9 @@ def test_cli_versions_and_diff(proj, capsys):
     assert main(["retrain", "--repo", str(proj)]) == 0
     out = capsys.readouterr().out
     assert "stages run: none (all cached)" in out and "unchanged, current version: domaintune@v3.0.0" in out
+    import logging
+
+    assert not logging.getLogger("EventsWorker").isEnabledFor(logging.WARNING)  # Prefect's shutdown noise
     assert main(["retrain", "--repo", str(proj), "--set", "finetune.epochs=13"]) == 2
     err = capsys.readouterr().err
     assert "nothing published" in err and "Traceback" not in err
