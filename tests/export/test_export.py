@@ -11,7 +11,7 @@ import pytest
 import yaml
 from evalkit import LABELS, make_dataset, make_model, write_params
 
-from domaintune.core.io import read_json, write_json
+from domaintune.core.io import OUTPUT_MARKER, read_json, write_json
 from domaintune.data.dataset import read_dataset
 from domaintune.export import classifier as ex_lib
 from stages import evaluate as ev
@@ -396,7 +396,8 @@ def test_the_export_records_checksums_and_a_changed_file_is_refused(exported, tm
     root, _, test = exported
     out = root / "models/export"
     listed = read_json(out / "checksums.json")
-    files = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file() and p.name != "checksums.json"}
+    files = {p.relative_to(out).as_posix(): p for p in out.rglob("*")
+             if p.is_file() and p.name not in ("checksums.json", OUTPUT_MARKER)}  # the marker is written after it
     assert listed["algorithm"] == "md5" and sorted(listed["files"]) == sorted(files)
     assert all(listed["files"][rel] == hashlib.md5(p.read_bytes()).hexdigest() for rel, p in files.items())
     copy = tmp_path / "export"

@@ -363,7 +363,8 @@ def cli(*argv) -> int:
 def test_predict_writes_a_response_per_row(export, local, tmp_path, capsys):
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"id": f"p{i}", "text": t}) + "\n" for i, t in enumerate(PROMPTS)))
-    assert cli("predict", src, "--model", export, "--out", tmp_path / "out.jsonl", "--max-new-tokens", 5) == 0
+    assert cli("predict", src, "--model", export, "--out", tmp_path / "out.jsonl", "--max-new-tokens", 5,
+               "--id-column", "id") == 0
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     want = local.generate(PROMPTS, max_new_tokens=5)
     assert [r["id"] for r in rows] == ["p0", "p1"] and [r["text"] for r in rows] == PROMPTS

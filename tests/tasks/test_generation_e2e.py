@@ -113,7 +113,7 @@ def test_export_is_merged_verified_and_loads_in_a_pipeline(project):
     out = project / "models/export"
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     assert not list(out.glob("adapter_*"))  # merged: a plain model
-    assert verify_checksums(out) == len([p for p in out.rglob("*") if p.is_file()]) - 1
+    assert verify_checksums(out) == len([p for p in out.rglob("*") if p.is_file()]) - 2  # checksums.json, marker
     card = (out / "README.md").read_text()
     assert "chat template" in card and "Greedy decoding" in card
     gen = pipeline("text-generation", model=str(out), tokenizer=str(out), device="cpu")
