@@ -126,7 +126,7 @@ def test_metrics_and_plots_render_offline(project):
     page = (root / "plots_html" / "index.html").read_text()
     # The repo's page (.dvc/config plots.html_template) with vega, vega-lite and vega-embed inline.
     assert [m for m in re.findall(r'<script data-vendored="([^"@]+)@', page)] == ["vega", "vega-lite", "vega-embed"]
-    assert "vegaEmbed('#Reliability_diagram" in page
+    assert "vegaEmbed('#eval_reliability'" in page
     # Nothing is fetched: no src/href/import/url() pointing anywhere, and outside the vendored
     # libraries (whose code holds XML namespace and doc strings) no http(s) URL but the specs' $schema.
     assert not re.search(r"""(src|href)\s*=\s*["']?https?:|@import|url\(\s*["']?https?:""", page, re.I)
