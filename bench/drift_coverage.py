@@ -3,29 +3,36 @@
     nice -n 19 flock /tmp/heavy.lock .venv/bin/python bench/drift_coverage.py
     # -> the "accuracy_coverage" section of bench/results/drift.json (bench/drift.py runs it too)
 
-The estimator is domaintune.monitor.stats.estimated_accuracy, what `domaintune monitor` reports: the
-calibrated top probability of each text mapped to P(correct) by a map fitted on the validation rows
-the temperature was fitted on, with an interval for both the batch's sampling and that calibration
-(the map refitted on bootstrap resamples of the validation rows). Coverage is a property of the
-estimator given the model's confidences and its calibration rows, so each model predicts once and
-batches are drawn from the cached predictions.
+The estimator is domaintune.monitor.stats.estimated_accuracy, what `domaintune monitor` reports: each text's
+calibrated top probability mapped to P(correct) by a logistic map fitted on the validation rows the
+temperature was fitted on, with an interval for both the batch's sampling and that calibration (the map
+refitted on bootstrap resamples of the validation rows). Coverage is a property of the estimator given the
+model's confidences and its calibration rows, so each model predicts once and batches are drawn from the
+cached predictions.
 
-Models (the cheapest honest route, the same for both datasets): a head-only fine-tune of the bundled
-MiniLM, i.e. a multinomial logistic-regression head (C=10, audit's probe) on the frozen encoder's
-mean-pooled embeddings of the train split, its temperature fitted on the validation split by the
-evaluate stage's own fit (domaintune.evaluate.calibration.fit_temperature).
+Models (the cheapest honest route, the same for both datasets): a head-only fine-tune of the bundled MiniLM,
+i.e. a multinomial logistic-regression head (C=10, the audit's probe) on the frozen encoder's mean-pooled
+embeddings of the train split, its temperature fitted on the validation split by the evaluate stage's own
+fit (domaintune.evaluate.calibration.fit_temperature).
   example    examples/support_tickets/labelled.csv split by ingest as params.yaml says (before dedupe)
-  banking77  ../shared/datasets/banking77 (bench/banking77.py: 10% of train held out as validation)
-Batches: BATCHES iid draws (with replacement) of the test split at 100, 500 and 3,000 texts; a batch's
-measured accuracy is that of its drawn rows. Every batch is judged by three intervals:
-  recalibrated       domaintune's (above)
-  temperature_refit  mean calibrated confidence, temperature refitted per bootstrap resample of the
-                     validation rows, plus the Poisson-binomial sampling variance
-  mean_confidence    the previous estimator: mean calibrated confidence, Poisson-binomial interval only
-Calibration-set size (banking77): validation subsets of CALIBRATION_SIZES rows, each with its own refitted
-temperature; coverage over SUBSETS subsets x SUBSET_BATCHES batches per size. This is what decides the
-smallest validation set the monitor calls reliable (domaintune.monitor.drift.MIN_CALIBRATION_ROWS).
-Embeddings and logits are cached in $DOMAINTUNE_BENCH_CACHE (default ~/.cache/domaintune-bench).
+  banking77  ../shared/datasets/banking77 (bench/banking77.py: 10% of train held out as validation;
+             DOMAINTUNE_BANKING77 names another folder)
+Batches: iid draws of the test split at 100, 500 and 3,000 texts, distinct rows where the split has that
+many (else with replacement: the example's 177 test rows); a batch's measured accuracy is that of its rows.
+  project_split  the split of params.yaml's base.seed, BATCHES batches per size, three intervals:
+                   recalibrated       domaintune's (above)
+                   temperature_refit  mean calibrated confidence, temperature refitted per bootstrap resample
+                                      of the validation rows, plus the Poisson-binomial sampling variance
+                   mean_confidence    the previous estimator: mean calibrated confidence, Poisson-binomial only
+                 With one validation set the coverage is conditional on it (at 3,000 of BANKING77's 3,080 test
+                 rows every batch is nearly the whole split, so it is nearly all or nothing).
+  over_splits    SPLIT_SEEDS other split seeds (head and temperature redone), SEED_BATCHES batches per size
+                 each: the coverage the interval promises, its calibration rows being a random draw too.
+  calibration_rows_study  BANKING77's held-out rows (validation + test) pooled; SUBSETS draws of n rows
+                 calibrate (temperature and map), SUBSET_BATCHES batches per size come from the rest. The
+                 smallest n from which every size reaches TARGET is what the monitor calls reliable
+                 (domaintune.monitor.drift.MIN_CALIBRATION_ROWS).
+Embeddings are cached in $DOMAINTUNE_BENCH_CACHE (default ~/.cache/domaintune-bench).
 """
 from __future__ import annotations
 
@@ -318,7 +325,8 @@ def main() -> int:
     result = json.loads(OUT.read_text()) if OUT.exists() else {}
     result.pop("complete", None)
     result["accuracy_coverage"] = coverage_section()
-    add_section(result, "accuracy_coverage")
+    if "accuracy_coverage" not in result.get("sections_added_later", []):
+        add_section(result, "accuracy_coverage")
     OUT.write_text(json.dumps({"complete": False, **result}, indent=2, default=float) + "\n")
     print(f"wrote {OUT}")
     return 0

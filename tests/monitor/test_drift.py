@@ -406,7 +406,7 @@ def test_the_verdict_says_why_a_drop_is_or_is_not_significant_and_when_the_estim
     fewer than MIN_CALIBRATION_ROWS validation rows says its estimate is unreliable, in the verdict, the report
     and the summary line."""
     from domaintune.core.params import DriftParams
-    from domaintune.monitor.drift import MIN_CALIBRATION_ROWS, judge
+    from domaintune.monitor.drift import MIN_CALIBRATION_ERRORS, MIN_CALIBRATION_ROWS, judge
     from domaintune.monitor.monitoring import summary_line
     from domaintune.monitor.report import verdict_section
 
@@ -436,8 +436,17 @@ def test_the_verdict_says_why_a_drop_is_or_is_not_significant_and_when_the_estim
     assert f"vs {acc['reference_estimated']:.3f} estimated the same way on the reference" in line
 
     small = synthetic_baseline(2000, MIN_CALIBRATION_ROWS - 1, rng, template=b)
-    acc = judge(small, batch, params)["accuracy"]
+    v = judge(small, batch, params)
+    acc = v["accuracy"]
     note = f"estimate unreliable: calibrated on {MIN_CALIBRATION_ROWS - 1} rows"
     assert not acc["reliable"] and acc["reliability"].startswith(note)
-    v = judge(small, batch, params)
     assert note in verdict_section(v) and note in summary_line({**v, "batch": "b.csv"})
+    # enough rows, but too few wrong predictions to fit P(correct | confidence) on
+    few_wrong = synthetic_baseline(2000, 400, rng, template=b)
+    out = few_wrong.out_ref
+    out["label"] = out["pred_label"]
+    out.loc[: MIN_CALIBRATION_ERRORS - 2, "label"] = "l0-other"
+    acc = judge(few_wrong, batch, params)["accuracy"]
+    assert not acc["reliable"]
+    assert acc["reliability"].startswith(f"estimate unreliable: calibrated on 400 rows, {MIN_CALIBRATION_ERRORS - 1} "
+                                         "of them wrong")
