@@ -94,3 +94,26 @@ def test_the_history_plot_page_parses_with_hostile_titles_and_batch_names(tmp_pa
     # the hostile names reached the page as data, inside their scripts
     assert "it's the reference's batch.csv" in page and "alert(1)" in page
     assert "</script><script>alert" not in page
+
+
+def test_the_monitor_report_keeps_hostile_texts_inside_its_verdict_script():
+    """report.html: the verdict is embedded as JSON in a <script>; batch texts with quotes, apostrophes and
+    </script> stay inside it (and round-trip), every element id is a plain name, and the texts show escaped."""
+    import json as _json
+
+    from domaintune.monitor.report import read_embedded_verdict, verdict_section
+
+    ex = [{"row": i + 1, "text": t, "predicted": "it's", "confidence": 0.5, "atypicality": 0.1}
+          for i, t in enumerate(HOSTILE)]
+    v = {"drift": True, "rows": 3, "reasons": ["n_chars drifted: it's \"long\" </script>"], "error_rate_note": "x",
+         "signals": {"n_chars": {"p_value": 1e-9, "effect": 0.5, "drifted": True, "significant": True,
+                                 "explanation": "</script> it's", "reference_mean": 1.0, "batch_mean": 2.0}},
+         "per_test_level": 0.001, "min_effect": 0.1, "accuracy": None, "most_atypical": ex, "least_confident": ex,
+         "batch": HOSTILE[2]}
+    html = verdict_section(v)
+    scripts = re.findall(r"<script([^>]*)>(.*?)</script>", html, re.S)
+    assert len(scripts) == 1 and "application/json" in scripts[0][0]
+    assert _json.loads(scripts[0][1].replace("<\\/", "</")) == _json.loads(_json.dumps(v))
+    assert read_embedded_verdict(f"<html>{html}</html>") == _json.loads(_json.dumps(v))
+    assert all(SAFE_ID.fullmatch(i) for i in re.findall(r"\sid='([^']*)'", html))
+    assert "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in html and "it&#x27;s" in html
