@@ -16,6 +16,8 @@ Each text pool below is profiled once (one forward pass); batches are seeded dra
   the labelled shifts; target: within 2 points on iid batches.
 - speed: a child process that imports, loads the model and judges a 1k and a 10k text file
   (report.html with evidently's details included), wall time in all and after model load.
+- accuracy_coverage: how often the estimated accuracy's 95% interval holds the measured accuracy
+  (bench/drift_coverage.py, which also runs on its own and adds just that section).
 Everything in bench/results/drift.json comes from one run ("complete": true); a --*-only run that
 adds a section to it marks the file "complete": false and names the section.
 The same draws are also judged by a domain classifier (logistic regression on the embeddings,
@@ -526,6 +528,9 @@ def main(argv=None) -> int:
     log(f"speed: {result['speed']}")
     if not args.skip_classifier:
         result["mmd_vs_domain_classifier"] = classifier_comparison(baseline, params, p)
+    from drift_coverage import coverage_section  # bench/drift_coverage.py: the accuracy interval's coverage
+
+    result["accuracy_coverage"] = coverage_section()
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["run_seconds"] = round(time.perf_counter() - started, 1)
     OUT.write_text(json.dumps({"complete": True, **result}, indent=2, default=float) + "\n")

@@ -138,6 +138,7 @@ def cmd_diff(args) -> int:
         print(f"dataset: changed {(x or '-')[:12]} -> {(y or '-')[:12]}")
     else:
         print("dataset: same")
+    print("\n".join(diff.output_lines(d)))
     for key, title in (("params", "params"), ("metrics", "other metrics"), ("timings_hashes", "timings and hashes")):
         print(f"{title}:" + ("" if d[key] else " no change"))
         for k, (x, y) in d[key].items():
@@ -309,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
             "domaintune versions", "domaintune versions --json | jq '.[-1].metrics'")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = add("diff", cmd_diff, "what changed between two versions: headline metrics and data first, "
-            "then params, other metrics, timings and hashes",
+            "then the changed outputs (path, md5, size), params, other metrics, timings and hashes",
             "domaintune diff                    # served version vs the latest (or vs the workspace)",
             "domaintune diff v1.0.0 v2.0.0", "domaintune diff v1.0.0            # v1.0.0 vs the workspace")
     p.add_argument("a", nargs="?", default=None,

@@ -85,7 +85,8 @@ def test_run_summary(project):
     assert len(lines) == 10 and not [v for v in values[:-1] if re.search(r"(^|\s)-([\s,;]|$)", v)], table
     assert lines[-1].split() == ["not", "run", "yet", "-"]  # every stage ran
     summary = json.loads((root / "metrics/summary.json").read_text())
-    m = {p.stem: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json") if p.stem != "summary"}
+    m = {p.stem: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json")
+         if p.stem not in ("summary", "timings")}
     assert summary["rows_in"] == m["ingest"]["rows_read"] == 109
     assert summary["rows_out"] == sum(m["audit"]["rows_out"].values())
     assert summary["rows_removed"] == m["ingest"]["rejected"] + m["dedupe"]["removed_total"] \
@@ -103,7 +104,9 @@ def test_run_summary(project):
     assert set(summary["export"]) == {"float32", "onnx", "onnx-int8"}  # export.variants' default
     assert summary["export"]["onnx-int8"]["size_mb"] == round(
         m["export"]["variants"]["onnx-int8"]["size_bytes"] / 1e6, 1)
-    assert set(summary["seconds"]) == set(m) | {"total"} and summary["seconds"]["total"] > 0
+    assert "seconds" not in summary  # the headline file is quality, not time
+    timings = json.loads((root / "metrics/timings.json").read_text())
+    assert set(timings["seconds"]) == set(m) | {"total"} and timings["seconds"]["total"] > 0
     # `dvc metrics show` is the headline file alone: one row, not one per stage
     shown = json.loads(sh(root, "dvc", "metrics", "show", "--json"))
     files = {f for rev in shown.values() for f in rev.get("data", {})}
@@ -127,7 +130,7 @@ def test_metrics_and_plots_render_offline(project):
     page = (root / "plots_html" / "index.html").read_text()
     # The repo's page (.dvc/config plots.html_template) with vega, vega-lite and vega-embed inline.
     assert [m for m in re.findall(r'<script data-vendored="([^"@]+)@', page)] == ["vega", "vega-lite", "vega-embed"]
-    assert "vegaEmbed('#Reliability_diagram" in page
+    assert "vegaEmbed('#eval_reliability'" in page
     # Nothing is fetched: no src/href/import/url() pointing anywhere, and outside the vendored
     # libraries (whose code holds XML namespace and doc strings) no http(s) URL but the specs' $schema.
     assert not re.search(r"""(src|href)\s*=\s*["']?https?:|@import|url\(\s*["']?https?:""", page, re.I)

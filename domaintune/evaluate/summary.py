@@ -2,8 +2,11 @@
 
 `domaintune summary` (pipelines/cli.py) prints it; `--write` also saves metrics/summary.json, the one file
 dvc.yaml lists under `metrics:`, so `dvc metrics show` / `diff` stay one readable row while
-the stages' detailed metrics (metrics/<stage>.json) stay in git next to it. Nothing here
-computes a metric: every number is read from what a stage wrote.
+the stages' detailed metrics (metrics/<stage>.json) stay in git next to it. The headline file holds quality
+and data numbers only: the stage times go to metrics/timings.json (git-ignored: this machine's last run; each
+stage's own metrics file keeps its stage_seconds), so `dvc metrics diff` between two versions shows what
+changed in the model, not how busy the machine was. Nothing here computes a metric: every number is read
+from what a stage wrote.
 Only the standard library is imported, so the CLI stays fast.
 """
 from __future__ import annotations
@@ -13,6 +16,8 @@ from pathlib import Path
 
 STAGES = ("ingest", "dedupe", "audit", "dapt", "finetune", "evaluate", "export", "drift")
 SUMMARY_FILE = Path("metrics") / "summary.json"
+TIMINGS_FILE = Path("metrics") / "timings.json"
+TIMING_KEYS = ("seconds",)  # what build_summary holds that is time, not quality: kept out of SUMMARY_FILE
 MODEL_DIR = "models/export"
 
 
@@ -129,11 +134,21 @@ def format_table(s: dict) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def write_summary(root: str | Path) -> dict:
-    s = build_summary(load_metrics(root))
-    path = Path(root) / SUMMARY_FILE
+def _write(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(s, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def write_summary(root: str | Path) -> dict:
+    """metrics/summary.json (the headline, no timings) and metrics/timings.json (the stage times); returns the
+    whole summary, times included, for the table."""
+    s = build_summary(load_metrics(root))
+    _write(Path(root) / SUMMARY_FILE, {k: v for k, v in s.items() if k not in TIMING_KEYS})
+    timings = {k: s[k] for k in TIMING_KEYS if k in s}
+    if timings:
+        _write(Path(root) / TIMINGS_FILE, timings)
+    else:
+        (Path(root) / TIMINGS_FILE).unlink(missing_ok=True)  # no stale times beside a new summary
     return s

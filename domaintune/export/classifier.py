@@ -8,12 +8,15 @@ apply the same calibration. Its variants are written and loaded by domaintune/ex
 Before anything is written for good, the merged model's logits are checked against the
 unmerged model's, and every variant is re-scored on the test split (accuracy, macro-F1, ECE
 with the fitted temperature, agreement with float32, size, latency): a variant that loses more
-than export.max_accuracy_drop points of accuracy or adds more than export.max_ece_increase
-points of ECE fails the stage. The model card (README.md) is domaintune/export/modelcard.py's.
+than export.max_accuracy_drop points of accuracy (at least one test row) or adds more than
+export.max_ece_increase points of ECE (at least one row moving between two bins) fails the stage
+(gate_allowances). The model card (README.md) is domaintune/export/modelcard.py's, written from the
+same metrics dict as metrics/export.json.
 """
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,8 +33,8 @@ from domaintune.core.stage import StageIO
 from domaintune.data.dataset import encode_labels, read_dataset
 from domaintune.evaluate import calibration as cal
 from domaintune.export import artifacts
-from domaintune.export.artifacts import TorchRunner, load_variant, variant_bytes
-from domaintune.export.modelcard import base_model_name, model_card
+from domaintune.export.artifacts import TorchRunner, load_variant, thread_count, variant_bytes
+from domaintune.export.modelcard import base_model_name, cpu_name, model_card
 from domaintune.modeling.encoders import load_classifier, set_threads
 
 log = logging.getLogger("domaintune")
@@ -91,29 +94,49 @@ def time_runner(runner, texts: list[str], batch_size: int, max_length: int, repe
                     "single_text_p95_ms": float(np.percentile(one, 95)) if one else None}
 
 
-def check_gates(variants: dict, params, test_rows: int) -> None:
-    """Fail on the first variant that loses too much accuracy or calibration against float32.
+def gate_allowances(params, test_rows: int) -> dict:
+    """The allowances the export gates apply, in points against float32 (what check_gates enforces and the
+    model card states).
 
-    The accuracy allowance is export.max_accuracy_drop, but never less than one test row: on a small
-    test split (177 rows on the example, one row = 0.56 points) a single flipped prediction is noise,
-    not a broken variant. Likewise the ECE allowance is never less than one row moving between two bins."""
-    ref = variants["float32"]
+    Accuracy: export.max_accuracy_drop, but never less than one test row: on a small test split (177 rows on
+    the example, one row = 0.56 points) a single flipped prediction is noise, not a broken variant. ECE:
+    export.max_ece_increase, but never less than one row moving between two bins (2 rows' worth)."""
     one_row = 100.0 / max(test_rows, 1)
-    allowed = max(params.max_accuracy_drop, one_row * (1 + 1e-9))
+    return {"test_rows": int(test_rows), "one_row_points": one_row,
+            "max_accuracy_drop": params.max_accuracy_drop, "max_ece_increase": params.max_ece_increase,
+            "accuracy_points": max(params.max_accuracy_drop, one_row),
+            "ece_points": max(params.max_ece_increase, 2 * one_row)}
+
+
+def check_gates(variants: dict, params, test_rows: int) -> dict:
+    """Fail on the first variant that loses too much accuracy or calibration against float32 (the allowances
+    of gate_allowances, returned)."""
+    ref = variants["float32"]
+    g = gate_allowances(params, test_rows)
+    one_row = g["one_row_points"]
     for name, v in variants.items():
         if name in ("float32", "unmerged"):
             continue
         drop = 100 * (ref["accuracy"] - v["accuracy"])
-        if drop > allowed:
+        if drop > g["accuracy_points"] * (1 + 1e-9):
             raise StageError(f"variant {name}: accuracy {v['accuracy']:.4f} is {drop:.2f} points below float32's "
                              f"{ref['accuracy']:.4f} (export.max_accuracy_drop {params.max_accuracy_drop:g}; "
                              f"one of the {test_rows} test rows is {one_row:.2f} points)")
         # One row whose confidence moves to another bin changes ECE by up to one row in each of the two bins.
         rise = 100 * (v["ece"] - ref["ece"])
-        if rise > max(params.max_ece_increase, 2 * one_row * (1 + 1e-9)):
+        if rise > g["ece_points"] * (1 + 1e-9):
             raise StageError(f"variant {name}: ECE {v['ece']:.4f} is {rise:.2f} points above float32's "
                              f"{ref['ece']:.4f} (export.max_ece_increase {params.max_ece_increase:g}; "
                              f"one row moving between two bins of the {test_rows} test rows is {2 * one_row:.2f})")
+    return g
+
+
+def latency_conditions(params, test_rows: int) -> dict:
+    """The load every variant's latency was measured under (the card prints it beside the numbers)."""
+    return {"batch_size": params.batch_size, "texts": int(test_rows), "batched_passes": params.latency_repeats,
+            "single_texts": min(params.latency_single_texts, test_rows), "threads": thread_count(),
+            "cpu": cpu_name(), "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg")
+            else None}
 
 
 # ---------------------------------------------------------------- stage
@@ -238,18 +261,18 @@ def export_stage(io: StageIO) -> None:
         roundtrip = logit_agreement(merged_logits, logits["float32"])
         if roundtrip["max_rel_diff"] > params.merge_tolerance:
             raise StageError(f"saved export does not reproduce the merged model's logits ({roundtrip})")
-        check_gates(variants, params, len(texts))
+        latency = latency_conditions(params, len(texts))  # right after the timed passes
+        gates = check_gates(variants, params, len(texts))
         variants["unmerged"] = {**score_variant(unmerged_logits, test, meta, calib, params.bins), **unmerged_timing}
-        metrics = {"test_rows": len(texts), "merge_check": merge_check, "variants": variants,
-                   "gates": {"max_accuracy_drop": params.max_accuracy_drop,
-                             "max_ece_increase": params.max_ece_increase},
-                   "seconds": round(time.perf_counter() - t0, 1)}
+        metrics = {"test_rows": len(texts), "merge_check": merge_check, "variants": variants, "gates": gates,
+                   "latency": latency, "seconds": round(time.perf_counter() - t0, 1)}
         if "int8" in variants:
             metrics["int8_vs_float32"] = logit_agreement(logits["float32"], logits["int8"])
             metrics["int8_size_ratio"] = variants["int8"]["size_bytes"] / variants["float32"]["size_bytes"]
             metrics["int8_quantization"] = quant["int8"]
         split_sizes = {s: int(len(df)) for s, df in inputs["splits"].items()}
-        card = model_card(read_json(tmp / "model.json"), inputs, split_sizes, variants, merge_check, params)
+        # the card's numbers are this metrics dict's (metrics/export.json), the same the log line below prints
+        card = model_card(read_json(tmp / "model.json"), inputs, split_sizes, metrics, params)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_json(tmp / "export_report.json", metrics)
         artifacts.write_checksums(tmp)  # last: the md5 of every file above, checked when the export is loaded

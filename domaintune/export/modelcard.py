@@ -177,8 +177,9 @@ def training_section(meta: dict, inputs: dict) -> list[str]:
            f"{meta.get('max_length')} tokens.", ""]
     out += [f"- {k}: {', '.join(map(str, ft[k])) if isinstance(ft[k], (list, tuple)) else ft[k]}"
             for k in keys if k in ft and ft[k] not in ((), [], None)]
-    if meta.get("best_epoch") is not None:
-        out.append(f"- Best epoch on validation macro-F1: {meta['best_epoch']} (seed {meta.get('seed')})")
+    best = best_epoch_text(meta)
+    if best:
+        out.append(f"- Best epoch on validation macro-F1: {best} (seed {meta.get('seed')})")
     out += ["", "### Calibration", ""]
     if calib.get("method") == "temperature":
         out.append(f"Temperature scaling fitted on the validation split: T = {fmt(calib['temperature'])}. Every "
@@ -192,6 +193,16 @@ def training_section(meta: dict, inputs: dict) -> list[str]:
             f"- Code commit at export: `{commit}`" if commit else "- Code commit: not a git checkout",
             "- Version tag: given at release (`domaintune versions` lists the tag of this commit)", ""]
     return out
+
+
+def best_epoch_text(meta: dict) -> str | None:
+    """"2 of 2": counted from 1, as the training log's epoch lines count ("epoch 2/2 ... (best so far)");
+    model.json keeps the 0-based index the trainer resumes from."""
+    best = meta.get("best_epoch")
+    if best is None or best < 0:
+        return None
+    trained = len(meta.get("history_epochs") or []) or ((meta.get("params") or {}).get("finetune") or {}).get("epochs")
+    return f"{best + 1} of {trained}" if trained else str(best + 1)
 
 
 def _cores() -> int:
@@ -220,17 +231,36 @@ def evaluation_section(inputs: dict) -> list[str]:
     return out
 
 
-def variants_section(variants: dict, merge_check: dict, params) -> list[str]:
+def gates_text(g: dict) -> str:
+    """The gates as check_gates applies them (domaintune.export.classifier.gate_allowances), floors included."""
+    rows = f"one of the {g['test_rows']} test rows is {g['one_row_points']:.2f} points"
+    acc = (f"{g['accuracy_points']:.2f} points of accuracy (export.max_accuracy_drop {g['max_accuracy_drop']:g}, "
+           f"but at least one test row)")
+    ece = (f"{g['ece_points']:.2f} points of ECE (export.max_ece_increase {g['max_ece_increase']:g}, but at least "
+           "one row moving between two confidence bins: two rows' worth)")
+    return f"the export fails if one loses more than {acc} or adds more than {ece} against float32 ({rows})"
+
+
+def latency_text(c: dict) -> str:
+    load = "" if c.get("load_average_1min") is None else f", 1-minute load average {c['load_average_1min']:g}"
+    return (f"Latency: the best of {c['batched_passes']} passes over the {fmt(c['texts'])} test texts in batches of "
+            f"{c['batch_size']}, and the median of {c['single_texts']} texts sent one at a time; {c['threads']} "
+            f"threads on {c['cpu']}{load} when measured. Other work on the machine slows it: a guide for yours, "
+            "not a promise")
+
+
+def variants_section(report: dict) -> list[str]:
+    variants, merge_check, lat = report["variants"], report["merge_check"], report["latency"]
+    ref_ece = variants["float32"]["ece"]
     rows = [{"variant": k, "folder": VARIANT_TEXT[k].split(" ", 1)[0], "accuracy": pct(v["accuracy"]),
-             "macro-F1": fmt(v["macro_f1"]), "ECE": fmt(v["ece"]),
+             "macro-F1": fmt(v["macro_f1"]), "ECE": fmt(v["ece"], 4),
+             "ECE change (points)": "-" if k == "float32" else f"{100 * (v['ece'] - ref_ece):+.2f}",
              "agrees with float32": pct(v.get("agreement_with_float32")), "size (MB)": f"{v['size_bytes'] / 1e6:.1f}",
-             "ms/text, batch " + str(params.batch_size): f"{v['batched_ms_per_text']:.1f}",
+             f"ms/text, batch {lat['batch_size']}": f"{v['batched_ms_per_text']:.1f}",
              "ms, one text (p50)": "n/a" if v.get("single_text_p50_ms") is None else f"{v['single_text_p50_ms']:.1f}"}
             for k, v in variants.items() if k in VARIANT_TEXT]
-    out = ["## Variants", "", "Every variant was reloaded from disk and re-scored on the test split; the export "
-           f"fails if one loses more than {params.max_accuracy_drop:g} points of accuracy or adds more than "
-           f"{params.max_ece_increase:g} points of ECE against float32. Latency was measured on the export "
-           "machine (above) and is only a guide for yours.", "", md_table(pd.DataFrame(rows))]
+    out = ["## Variants", "", "Every variant was reloaded from disk and re-scored on the test split; "
+           f"{gates_text(report['gates'])}. {latency_text(lat)}.", "", md_table(pd.DataFrame(rows))]
     out += [f"- {VARIANT_TEXT[k]}" for k in variants if k in VARIANT_TEXT]
     if merge_check["had_adapter"]:
         out.append(f"- The LoRA adapter was merged into the encoder; merged and unmerged logits differ by at most "
@@ -274,7 +304,10 @@ def usage_section(meta: dict, variants) -> list[str]:
     return out
 
 
-def model_card(meta: dict, inputs: dict, split_sizes: dict, variants: dict, merge_check: dict, params) -> str:
+def model_card(meta: dict, inputs: dict, split_sizes: dict, report: dict, params) -> str:
+    """The card of an export. `report` is the export stage's metrics dict (metrics/export.json: variants,
+    merge_check, gates, latency), `inputs` the evaluate stage's files (reports/eval/metrics.json is a copy of
+    metrics/evaluate.json): every number here is one the logs and metrics files show."""
     import yaml
 
     front = front_matter(meta, inputs, split_sizes, params)
@@ -288,7 +321,7 @@ def model_card(meta: dict, inputs: dict, split_sizes: dict, variants: dict, merg
     out += data_section(meta, inputs, split_sizes)
     out += training_section(meta, inputs)
     out += evaluation_section(inputs)
-    out += variants_section(variants, merge_check, params)
+    out += variants_section(report)
     out += usage_section(meta, [v for v in params.variants])
     out += ["## Intended use", "", params.intended_use, "", "## Limitations", "",
             f"- Knows only the {len(meta['labels'])} labels above; every input is forced into one of them "

@@ -9,7 +9,7 @@ off unless the environment turns it on.
 Per batch, written to --out (replaced atomically): verdict.json and report.html (verdict first,
 domaintune.monitor_report). Then, outside --out:
   --history       one CSV row per verdict (time, batch, drift, estimated accuracy and its CI, the
-                  reference accuracy, smallest p-value): `dvc plots show` draws it (dvc.yaml)
+                  reference's estimate, smallest p-value): `dvc plots show` draws it (dvc.yaml)
   --review-queue  the batch's texts under drift.review_below confidence, as CSV rows ingest reads
                   (id, text, label left empty for a reviewer, predicted label, confidence)
   alarm           on drift: drift.alarm_command (or --alarm-command) is run with the verdict.json
@@ -201,10 +201,13 @@ def append_history(path: Path, verdict: dict | None, batch: str, sha: str, alarm
            "sha256": sha, "rows": (verdict or {}).get("rows", ""),
            "drift": "" if verdict is None else int(verdict["drift"]),
            "estimated_accuracy": acc.get("estimated", ""), "accuracy_low": acc.get("ci_low", ""),
-           "accuracy_high": acc.get("ci_high", ""), "reference_accuracy": acc.get("reference_measured", ""),
+           # like with like: the reference's estimate by the same estimator (not its measured accuracy)
+           "accuracy_high": acc.get("ci_high", ""), "reference_accuracy": acc.get("reference_estimated", ""),
            "min_p_value": min(verdict["p_values"].values()) if verdict else "",
            "drifted": " ".join(s for s, v in (verdict or {}).get("signals", {}).items() if v["drifted"]),
            "alarm": alarm, "error": error}
+    # `dvc plots show` copies every cell into a <script> unescaped: "</" would end it and blank the page
+    row = {k: v.replace("</", "<\\/") if isinstance(v, str) else v for k, v in row.items()}
     with path.open("a", encoding="utf-8", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
         if new:
@@ -386,7 +389,9 @@ def run_monitor(ms: MonitorSettings, load: Callable, flow: bool = False,
 def summary_line(v: dict) -> str:
     acc = v.get("accuracy")
     est = "" if not acc else (f"; estimated accuracy {acc['estimated']:.3f} ({acc['ci_low']:.3f}-{acc['ci_high']:.3f})"
-                              f" vs {acc['reference_measured']:.3f} on the reference")
+                              f" vs {acc['reference_estimated']:.3f} estimated the same way on the reference "
+                              f"(measured there: {acc['reference_measured']:.3f})"
+                              + ("" if acc.get("reliable", True) else f"; {acc['reliability']}"))
     small = [name for name, s in v.get("signals", {}).items() if s.get("significant") and not s["drifted"]]
     head = ("DRIFT: " + "; ".join(v["reasons"])) if v["drift"] else \
         (f"no drift: {v['rows']} texts, no signal both significant at {v['false_alarm_rate']} overall and "

@@ -41,14 +41,7 @@ def verdict_section(v: dict) -> str:
            f"<h2>Reasons</h2><ul>{reasons}</ul></section>"]
     a = v.get("accuracy")
     if a:
-        out.append("<section id='accuracy'><h2>Estimated accuracy (no labels)</h2><table><tr><th></th><th>batch "
-                   "(estimated)</th><th>95% CI</th><th>reference (measured on validation)</th></tr>"
-                   f"<tr><td>accuracy</td><td>{_fmt(a['estimated'])}</td><td>{_fmt(a['ci_low'])} - "
-                   f"{_fmt(a['ci_high'])}</td><td>{_fmt(a['reference_measured'])}</td></tr>"
-                   f"<tr><td>macro-F1</td><td>{_fmt(a['estimated_macro_f1'])}</td><td>{_fmt(a['macro_f1_ci_low'])} - "
-                   f"{_fmt(a['macro_f1_ci_high'])}</td><td>{_fmt(a['reference_measured_macro_f1'])}</td></tr>"
-                   f"</table><p>{escape(a['method'])}. Mean confidence {v['mean_confidence_current']:.3f} vs "
-                   f"{v['mean_confidence_reference']:.3f} on the reference.</p></section>")
+        out.append(accuracy_section(a, v))
     rows = "".join(
         f"<tr class='{'bad' if s['drifted'] else ''}'><td>{escape(name)}</td><td>{_fmt(s['p_value'])}</td>"
         f"<td>{_fmt(s.get('effect'))}</td><td>{_verdict_word(s)}</td><td>{_fmt(s.get('reference_mean'))}</td>"
@@ -67,6 +60,29 @@ def verdict_section(v: dict) -> str:
     blob = json.dumps(v, sort_keys=True).replace("</", "<\\/")
     out.append(f"<script type='application/json' id='domaintune-verdict'>{blob}</script>")
     return f"{STYLE}<div class='dt'>{''.join(out)}<h2>Details (evidently)</h2></div>"
+
+
+def accuracy_section(a: dict, v: dict) -> str:
+    """The estimate beside the reference's estimate (the same estimator on the validation rows: like with
+    like) and the reference's measured value (measured with measured), then why a drop is or is not
+    significant, in one sentence, and whether the estimate can be relied on."""
+    unreliable = "" if a.get("reliable", True) else f"<p class='bad'>{escape(a['reliability'])}.</p>"
+    return ("<section id='accuracy'><h2>Estimated accuracy (no labels)</h2>" + unreliable +
+            "<table><tr><th></th><th>batch (estimated)</th><th>95% CI</th><th>reference (estimated the same way)</th>"
+            "<th>reference (measured on validation)</th></tr>"
+            f"<tr><td>accuracy</td><td>{_fmt(a['estimated'])}</td><td>{_fmt(a['ci_low'])} - {_fmt(a['ci_high'])}"
+            f"</td><td>{_fmt(a.get('reference_estimated'))}</td><td>{_fmt(a['reference_measured'])}</td></tr>"
+            f"<tr><td>macro-F1</td><td>{_fmt(a['estimated_macro_f1'])}</td><td>{_fmt(a['macro_f1_ci_low'])} - "
+            f"{_fmt(a['macro_f1_ci_high'])}</td><td>{_fmt(a.get('reference_estimated_macro_f1'))}</td>"
+            f"<td>{_fmt(a['reference_measured_macro_f1'])}</td></tr></table>"
+            f"<p>{escape(_sentence(a.get('significance', '')))}</p>"
+            f"<p>{escape(a['method'])}; {escape(a.get('reliability', ''))}. Mean confidence "
+            f"{v['mean_confidence_current']:.3f} vs {v['mean_confidence_reference']:.3f} on the reference.</p>"
+            "</section>")
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + ("." if text and not text.endswith(".") else "")
 
 
 class DetailsProcess:

@@ -218,3 +218,92 @@ def one_sided_z(level: float) -> float:
     from scipy.stats import norm
 
     return float(norm.isf(level))
+
+
+# ---------------------------------------------------------------- accuracy with calibration uncertainty
+# The ridge that pulls the confidence -> P(correct) map towards the identity (trust the model's own
+# calibrated confidence): as strong as about one validation row, so it only matters on tiny sets.
+RECALIBRATION_PRIOR = 1.0
+ACCURACY_BOOTSTRAP = 200
+_CLIP = 1e-6
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), _CLIP, 1.0 - _CLIP)
+    return np.log(p) - np.log1p(-p)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free logistic
+
+
+def fit_recalibration(confidence: np.ndarray, correct: np.ndarray, weights: np.ndarray | None = None,
+                      prior: float = RECALIBRATION_PRIOR, iterations: int = 50) -> np.ndarray:
+    """P(correct | confidence c) = sigmoid(a + b * logit(c)), fitted by penalised maximum likelihood
+    (Newton; penalty prior/2 * (a^2 + (b - 1)^2), i.e. towards P = c) on validation rows.
+    `weights` [B, n] fits B weighted copies at once (bootstrap counts); returns [B, 2] (a, b),
+    or [2] without weights. With the intercept, sum_i w_i P(c_i) = sum_i w_i correct_i at the optimum
+    (up to the prior): the map reproduces the validation accuracy it was fitted on."""
+    x = _logit(confidence)
+    y = np.asarray(correct, dtype=np.float64)
+    single = weights is None
+    w = np.ones((1, len(x))) if single else np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    theta = np.tile([0.0, 1.0], (len(w), 1))
+    for _ in range(iterations):
+        p = _sigmoid(theta[:, :1] + theta[:, 1:] * x)
+        r, h = w * (y - p), w * p * (1.0 - p)
+        g0 = r.sum(1) - prior * theta[:, 0]
+        g1 = (r * x).sum(1) - prior * (theta[:, 1] - 1.0)
+        h00, h01, h11 = h.sum(1) + prior, (h * x).sum(1), (h * x * x).sum(1) + prior
+        det = h00 * h11 - h01 * h01
+        step = np.stack([(h11 * g0 - h01 * g1) / det, (h00 * g1 - h01 * g0) / det], axis=1)
+        theta = theta + step
+        if np.abs(step).max() < 1e-9:
+            break
+    return theta[0] if single else theta
+
+
+def recalibrated(confidence: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """P(correct) of each confidence under one map [2] -> [m], or under B maps [B, 2] -> [B, m]."""
+    x = _logit(confidence)
+    theta = np.asarray(theta, dtype=np.float64)
+    if theta.ndim == 1:
+        return _sigmoid(theta[0] + theta[1] * x)
+    return _sigmoid(theta[:, :1] + theta[:, 1:] * x[None, :])
+
+
+def estimated_accuracy(confidence: np.ndarray, ref_confidence: np.ndarray, ref_correct: np.ndarray,
+                       z: float = 1.96, boot: int = ACCURACY_BOOTSTRAP, seed: int = 0,
+                       prior: float = RECALIBRATION_PRIOR) -> dict:
+    """The label-free accuracy of a batch from its calibrated top probabilities `confidence` [m], with an
+    interval that holds both sources of error:
+      calibration  the confidence -> P(correct) map (fit_recalibration) is fitted on the n validation rows
+                   the temperature was fitted on (`ref_confidence`, `ref_correct`); it is refitted on `boot`
+                   bootstrap resamples of those rows, and the spread of the batch's estimate over the refits
+                   is its calibration variance;
+      sampling     given the map, the batch's correctness indicators are independent Bernoulli(P_i)
+                   (Poisson-binomial variance sum P_i (1 - P_i) / m^2).
+    Interval: estimate +- z * sqrt(both). The reference's estimate is the same estimator on the validation
+    rows (like with like), and the drop (reference estimate - batch estimate) gets its own standard error
+    from the same refits (the calibration error the two share cancels) plus the batch's sampling variance."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    ref_conf = np.asarray(ref_confidence, dtype=np.float64)
+    ref_ok = np.asarray(ref_correct, dtype=np.float64)
+    m, n = len(conf), len(ref_conf)
+    theta = fit_recalibration(ref_conf, ref_ok, prior=prior)
+    p = recalibrated(conf, theta)
+    acc = float(p.mean())
+    ref_acc = float(recalibrated(ref_conf, theta).mean())
+    sampling_var = float((p * (1.0 - p)).sum()) / (m * m)
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=boot).astype(np.float64)
+    thetas = fit_recalibration(ref_conf, ref_ok, counts, prior=prior)
+    acc_b = recalibrated(conf, thetas).mean(axis=1)
+    ref_b = (recalibrated(ref_conf, thetas) * counts).sum(axis=1) / n
+    calibration_var = float(np.var(acc_b, ddof=1))
+    sd = math.sqrt(sampling_var + calibration_var)
+    drop_sd = math.sqrt(sampling_var + float(np.var(ref_b - acc_b, ddof=1)))
+    return {"accuracy": acc, "accuracy_sd": sd, "accuracy_low": max(0.0, acc - z * sd),
+            "accuracy_high": min(1.0, acc + z * sd), "sampling_sd": math.sqrt(sampling_var),
+            "calibration_sd": math.sqrt(calibration_var), "reference_accuracy": ref_acc,
+            "drop": ref_acc - acc, "drop_sd": drop_sd, "calibration_rows": n,
+            "calibration_errors": int(n - ref_ok.sum()), "recalibration": [float(theta[0]), float(theta[1])]}

@@ -144,18 +144,18 @@ def test_dvc_plots_render(evaluated, tmp_path):
     assert not ours, ours
     import yaml
 
-    titles = {next(iter(p)) for p in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
-              if "reports/eval" in json.dumps(p)}
-    assert len(titles) == 4
-    plots = {t: shown["data"][t][0]["content"]["data"]["values"] for t in titles}
-    assert len(plots["Confusion matrix (test)"]) == 24
-    assert {row["class"] for row in plots["Per-class F1 (test)"]} == set(LABELS)
+    ids = {next(iter(p)) for p in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+           if "reports/eval" in json.dumps(p)}
+    assert ids == {"eval_confusion", "eval_reliability", "eval_confidence_histogram", "eval_per_class_f1"}
+    plots = {t: shown["data"][t][0]["content"]["data"]["values"] for t in ids}
+    assert len(plots["eval_confusion"]) == 24
+    assert {row["class"] for row in plots["eval_per_class_f1"]} == set(LABELS)
     # Series are told apart by readable names (with each one's ECE), not by CSV file names.
     ece = json.loads((evaluated / "metrics/evaluate.json").read_text())
-    reliability = next(v for t, v in plots.items() if t.startswith("Reliability"))
+    reliability = plots["eval_reliability"]
     names = {row["series"] for row in reliability}
     assert names == {"perfectly calibrated", *(f"{p} calibration (ECE {ece[p]['ece']:.3f})" for p in ("before", "after"))}
-    hist = next(v for t, v in plots.items() if t.startswith("Confidence histogram"))
+    hist = plots["eval_confidence_histogram"]
     assert {row["series"] for row in hist} == {"before calibration", "after calibration"}
     assert sum(int(row["rows"]) for row in hist) == 2 * 24  # before + after, every test row once each
 

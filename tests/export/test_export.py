@@ -434,3 +434,71 @@ def test_a_missing_tokenizer_folder_says_which_stage_writes_it(exported, tmp_pat
     rc, err = _predict_cli(capsys, src, "--model", copy)
     assert rc == 2 and err == [f"domaintune predict: error: {copy / 'tokenizer'}: missing; the export stage writes it "
                                "(`dvc repro export`), or give the export folder"]
+
+
+def test_card_counts_the_best_epoch_from_one_as_the_training_log_does():
+    """model.json keeps the trainer's 0-based index; the card says "2 of 2" where the log's line for that
+    epoch reads "epoch 2/2 ... (best so far)"."""
+    from domaintune.export.modelcard import training_section
+    from domaintune.train.classifier import epoch_line
+
+    meta = {"method": "full", "pooling": "mean", "max_length": 128, "best_epoch": 1, "seed": 42,
+            "history_epochs": [{"epoch": 0}, {"epoch": 1}], "params": {"finetune": {"epochs": 2}}}
+    card = "\n".join(training_section(meta, {"calib": {"method": "temperature", "temperature": 1.2}, "dapt": None}))
+    assert "- Best epoch on validation macro-F1: 2 of 2 (seed 42)" in card
+    log_line = epoch_line(42, meta["best_epoch"], 2, {"train_loss": 0.1, "val_macro_f1": 0.9}, best=True)
+    assert "epoch 2/2" in log_line and log_line.endswith("(best so far)")
+
+
+def _report(test_rows: int, ece: dict, params) -> dict:
+    variants = {k: {"accuracy": 0.93, "macro_f1": 0.92, "ece": e, "size_bytes": 90_000_000, "batched_ms_per_text": 2.5,
+                    "single_text_p50_ms": 9.0, "agreement_with_float32": 1.0} for k, e in ece.items()}
+    return {"variants": variants, "merge_check": {"had_adapter": False},
+            "gates": ex_lib.check_gates(variants, params, test_rows),
+            "latency": {"batch_size": 64, "texts": test_rows, "batched_passes": 3, "single_texts": 50, "threads": 2,
+                        "cpu": "AMD EPYC", "load_average_1min": 1.5}}
+
+
+def test_card_states_the_gates_the_export_applies_floors_included():
+    """The issue's export: 158 test rows, onnx-int8 ECE 0.0724 -> 0.0833 (+1.09 points) passed although the
+    card said a variant fails above 1 point: the floor (one row moving between two bins, 1.27 points) was
+    unstated. The card now states the allowance check_gates applies, and a variant just past it fails."""
+    from types import SimpleNamespace
+
+    from domaintune.core.errors import StageError
+    from domaintune.export.modelcard import variants_section
+
+    params = SimpleNamespace(max_accuracy_drop=0.5, max_ece_increase=1.0)
+    report = _report(158, {"float32": 0.0724, "onnx-int8": 0.0833}, params)
+    text = "\n".join(variants_section(report))
+    assert "adds more than 1.27 points of ECE (export.max_ece_increase 1, but at least one row moving" in text
+    assert "loses more than 0.63 points of accuracy (export.max_accuracy_drop 0.5, but at least one test row)" in text
+    assert "| onnx-int8 |" in text and "| 0.0833 | +1.09 |" in text
+    assert report["gates"]["ece_points"] == pytest.approx(2 * 100 / 158)
+    with pytest.raises(StageError, match="variant onnx-int8: ECE"):
+        ex_lib.check_gates({"float32": {"accuracy": 0.93, "ece": 0.0724},
+                            "onnx-int8": {"accuracy": 0.93, "ece": 0.0724 + 0.0128}}, params, 158)
+    # on a large test split the floor is below the param, and the card says the param's number
+    big = "\n".join(variants_section(_report(10_000, {"float32": 0.07, "onnx": 0.075}, params)))
+    assert "adds more than 1.00 points of ECE" in big and "loses more than 0.50 points of accuracy" in big
+
+
+def test_card_numbers_and_latency_load_come_from_the_export_metrics(exported):
+    """Every variant number in the card is metrics/export.json's (what the stage's log line prints), and the
+    latency is given with the load it was measured under: batch size, threads, CPU, load average."""
+    from domaintune.export.modelcard import latency_text, pct
+
+    root, _, _ = exported
+    card = (root / "models/export/README.md").read_text()
+    m = read_json(root / "metrics/export.json")
+    lat = m["latency"]
+    assert lat["batch_size"] == read_json(root / "models/export/model.json")["export_params"]["batch_size"]
+    assert lat["threads"] >= 1 and lat["cpu"] and "load_average_1min" in lat
+    assert latency_text(lat) in card
+    assert f"in batches of {lat['batch_size']}" in card and f"{lat['threads']} threads on {lat['cpu']}" in card
+    for name in ("float32", "int8", "onnx", "onnx-int8"):
+        v = m["variants"][name]
+        row = next(line for line in card.splitlines() if line.startswith(f"| {name} "))
+        assert f"| {pct(v['accuracy'])} |" in row and f"| {v['ece']:.4f} |" in row
+        assert f"| {v['batched_ms_per_text']:.1f} |" in row
+    assert m["gates"]["test_rows"] == m["test_rows"] and m["gates"]["ece_points"] >= m["gates"]["max_ece_increase"]

@@ -95,6 +95,44 @@ def test_diff(history):
         diff.diff_versions(root, "v1.0.0", "v9")
 
 
+def test_diff_lists_the_changed_outputs_with_md5_and_size(history, capsys):
+    """After the headline metrics: every output whose content changed, with its old and new md5 and size as
+    each version's dvc.lock records them; unchanged outputs are not listed."""
+    import yaml
+
+    from pipelines.cli import main
+
+    root, _ = history
+    found = {v.version: v for v in versions.list_versions(root)}
+
+    def lock(v):
+        data = yaml.safe_load(plumbing.git_bytes(root, found[v].commit, "dvc.lock"))
+        return {o["path"]: o for body in data["stages"].values() for o in body.get("outs", [])}
+
+    d = diff.diff_versions(root, "v1.0.0", "v2.0.0")  # more data: the data, the model and the metrics change
+    a, b = lock("v1.0.0"), lock("v2.0.0")
+    rows = {r["path"]: r for r in d["outputs"]}
+    assert {"data/audited", "models/export", "metrics/audit.json"} <= set(rows)
+    for path, r in rows.items():
+        assert (r["old_md5"], r["new_md5"]) == (a[path]["md5"], b[path]["md5"]) and r["old_md5"] != r["new_md5"]
+        assert (r["old_size"], r["new_size"]) == (a[path]["size"], b[path]["size"])
+    assert rows["data/audited"]["new_size"] > rows["data/audited"]["old_size"]  # 5 rows more
+    assert rows["models/export"]["new_nfiles"] == b["models/export"]["nfiles"]
+    d = diff.diff_versions(root, "v2.0.0", "v2.1.0")  # epochs only: the data is the same
+    assert "data/audited" not in {r["path"] for r in d["outputs"]} and "models/export" in {r["path"] for r in d["outputs"]}
+    assert main(["diff", "v1.0.0", "v2.0.0", "--repo", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("outputs:"))
+    assert lines[at - 1].startswith("dataset: changed") and lines[at + 1 + len(rows)] == "params: no change"
+    total = {o.path for v in ("v1.0.0", "v2.0.0") for o in plumbing.lock_outs(root, found[v].commit)}
+    assert "models/checkpoints" not in total  # scratch resume state is no part of a version
+    assert lines[at] == f"outputs: {len(rows)} of {len(total)} changed"
+    row = a["data/audited"], b["data/audited"]
+    assert (f"  data/audited: md5 {row[0]['md5']} -> {row[1]['md5']}, size {diff.human_size(row[0]['size'], 2)} -> "
+            f"{diff.human_size(row[1]['size'], 2)}") in lines
+    assert diff.human_size(90_123_456, 12) == "90.1 MB, 12 files" and diff.human_size(512) == "512 B"
+
+
 def test_cli_diff_default_pair_and_order(history, capsys):
     """No arguments: the served version (the latest here) against the workspace; headline metrics and
     the dataset first, timings and hashes last."""
@@ -120,7 +158,8 @@ def test_cli_diff_default_pair_and_order(history, capsys):
     assert lines[5] == "dataset: same"
     order = [i for i, ln in enumerate(lines) if not ln.startswith(" ")]
     assert [lines[i].split(":")[0] for i in order] == ["domaintune@v2.1.0 -> workspace", "headline (test split)",
-                                                      "dataset", "params", "other metrics", "timings and hashes"]
+                                                      "dataset", "outputs", "params", "other metrics",
+                                                      "timings and hashes"]
     assert "  evaluate.eval_seconds: - -> 3.5000" in lines[lines.index("timings and hashes:"):]
     assert main(["diff", "v1", "--repo", str(root)]) == 0  # one version: against the workspace
     out = capsys.readouterr().out
