@@ -10,6 +10,7 @@ from _fake_pipeline import make_tiny_bert
 # Tests never touch a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # no network: every dvc a test runs sends no analytics
 # Progress lines come every 30 s when output is not a terminal: on a loaded CI box a slow step would add
 # one to stderr that tests compare line by line. Tests of the progress lines set their own interval.
 os.environ.setdefault("DOMAINTUNE_PROGRESS_SECONDS", "3600")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _fake_pipeline import env
+
 from domaintune.evaluate.summary import SUMMARY_FILE, TIMINGS_FILE, write_summary
 
 DVC = str(Path(sys.executable).with_name("dvc"))
@@ -23,7 +25,7 @@ def stage_metrics(root: Path, seconds: float, accuracy: float) -> None:
 
 
 def run(root: Path, *args: str) -> str:
-    r = subprocess.run(list(args), cwd=root, capture_output=True, text=True)
+    r = subprocess.run(list(args), cwd=root, capture_output=True, text=True, env=env())  # no DVC analytics
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
