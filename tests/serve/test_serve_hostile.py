@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from test_serve import TEXTS, reference, settings
+from test_serve import TEXTS, build_flaky, reference, settings
 
 import domaintune.serve.app as serve_app
 from domaintune.serve.app import build
@@ -52,16 +52,7 @@ def batching(models):
     """Requests wait 300 ms for company, so concurrent ones share a batch; a text with "boom" in it fails the
     model pass it is in (a failure no check can foresee)."""
     s = settings(model_dir=models[0], max_wait_ms=300.0)
-    built = build(s)
-    predictor = built.holder.current.predictor
-    real = predictor.predict_proba
-
-    def flaky(texts):
-        if any("boom" in t for t in texts):
-            raise RuntimeError("simulated kernel failure")
-        return real(texts)
-
-    predictor.predict_proba = flaky
+    built = build_flaky(s)
     with ServerThread(built.app, s) as url:
         yield url
 
