@@ -17,9 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from domaintune.core.errors import DataError, ParamsError, StageError
+from domaintune.core.errors import DataError, StageError
 from domaintune.core.io import atomic_output
-from domaintune.core.params import load_params
+from domaintune.core.params import project_id_column
 from domaintune.core.stage import check_apart
 from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS  # the one list
 from domaintune.export.variants import variant_arg
@@ -112,12 +112,7 @@ def check_output(args) -> None:
 
 def id_column(args) -> str:
     """--id-column, else the project's own ingest.id_column (params.yaml in --repo), else "id"."""
-    if args.id_column:
-        return args.id_column
-    try:
-        return load_params(Path(args.repo) / "params.yaml", "ingest").id_column or "id"
-    except ParamsError:  # no (or a broken) params.yaml: predicting a file does not need one
-        return "id"
+    return args.id_column or project_id_column(Path(args.repo) / "params.yaml")
 
 
 def run(args) -> dict:

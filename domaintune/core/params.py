@@ -645,6 +645,15 @@ def load_params(path: str | Path = "params.yaml", *sections: str) -> Any:
     return parsed[0] if len(parsed) == 1 else parsed
 
 
+def project_id_column(params_file: str | Path) -> str:
+    """The id column of the project's rows (ingest.id_column), the default of predict's and monitor's
+    --id-column; "id" when it is unset or there is no readable params.yaml (predicting needs none)."""
+    try:
+        return load_params(params_file, "ingest").id_column or "id"
+    except ParamsError:
+        return "id"
+
+
 def load_all(path: str | Path = "params.yaml") -> dict[str, Any]:
     data = read_params_file(path)
     unknown = sorted(set(data) - set(SECTIONS))

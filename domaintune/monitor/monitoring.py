@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from domaintune.core.device import stage_device
-from domaintune.core.errors import DataError, ParamsError, missing_column
+from domaintune.core.errors import DataError, missing_column
 from domaintune.core.io import atomic_output, mark_output_folder, write_json
-from domaintune.core.params import load_params
+from domaintune.core.params import load_params, project_id_column
 from domaintune.core.stage import check_apart
 from domaintune.data.sources import read_file, read_lines
 from domaintune.modeling.encoders import set_threads
@@ -282,14 +282,7 @@ def _settings(ms: MonitorSettings, root: Path, params) -> dict:
             "history": root / ms.history, "review_queue": root / ms.review_queue,
             "alarm_command": ms.alarm_command if ms.alarm_command is not None else params.alarm_command,
             "alarm_webhook": ms.alarm_webhook if ms.alarm_webhook is not None else params.alarm_webhook,
-            "text_column": ms.text_column, "id_column": ms.id_column or _project_id_column(root)}
-
-
-def _project_id_column(root: Path) -> str:
-    try:
-        return load_params(root / "params.yaml", "ingest").id_column or "id"
-    except ParamsError:
-        return "id"
+            "text_column": ms.text_column, "id_column": ms.id_column or project_id_column(root / "params.yaml")}
 
 
 def monitor_file(path: Path, texts: Sequence[str] | None, predictor, params, s: dict, out: Path) -> dict:

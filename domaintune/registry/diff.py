@@ -85,6 +85,18 @@ def changed_outputs(a: dict[str, dict], b: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def headline(metrics: dict) -> dict[str, float]:
+    """A version's headline metrics ({stage: {...}} as records hold them), keyed by their last key part
+    (accuracy, macro_f1, ece): what `domaintune diff` leads with and what serve's /version shows."""
+    flat = _flatten_all(metrics or {})
+    out = {}
+    for _, keys in HEADLINE_METRICS:
+        value = next((flat[k] for k in keys if k in flat), None)
+        if value is not None:
+            out[keys[0].rsplit(".", 1)[-1]] = value
+    return out
+
+
 def diff_versions(root: Path, a: str, b: str) -> dict:
     """What differs between two versions (either may be "workspace"), most important first:
     {'a', 'b', 'headline': {name: (x, y)}, 'dataset_hash'?: (x, y), 'outputs': [{path, old_md5, new_md5,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from domaintune.registry import plumbing, release, versions
+from domaintune.registry import diff, plumbing, release, versions
 from domaintune.serve.settings import ServeSettings
 from domaintune.tasks import export_task, load_predictor
 
@@ -64,27 +64,8 @@ class LoadedModel:
         """What /version says of this model: the headline metrics (all of them with `full`)."""
         return {"version": self.version, "task": self.task, "tag": self.tag, "commit": self.commit,
                 "versioned": self.tag is not None, "variant": self.variant,
-                "dataset_hash": self.dataset_hash, "metrics": self.metrics if full else headline(self.metrics),
+                "dataset_hash": self.dataset_hash, "metrics": self.metrics if full else diff.headline(self.metrics),
                 "labels": self.labels, "path": str(self.path), "loaded_at": self.loaded_at}
-
-
-HEADLINE = (("accuracy", ("after", "accuracy"), ("accuracy",)), ("macro_f1", ("after", "macro_f1"), ("macro_f1",)),
-            ("ece", ("after", "ece"), ("ece",)))  # evaluate.json's keys (calibrated "after"; flat in older ones)
-
-
-def headline(metrics: dict) -> dict:
-    """Test accuracy, macro-F1 and ECE after calibration from a version's metrics ({stage: {...}})."""
-    ev = (metrics or {}).get("evaluate") or {}
-    out = {}
-    for name, *paths in HEADLINE:
-        for path in paths:
-            node = ev
-            for key in path:
-                node = node.get(key) if isinstance(node, dict) else None
-            if isinstance(node, (int, float)):
-                out[name] = node
-                break
-    return out
 
 
 WORKSPACE_EXPORT = Path("models/export")
@@ -110,10 +91,10 @@ def workspace_info(root: Path, folder: Path) -> dict:
 
 
 def load_folder(path: Path, variant: str, version: str, batch_size: int = 64, device: str = "cpu",
-                **info) -> LoadedModel:
+                verify: bool = True, **info) -> LoadedModel:
     """Load an export folder and run it once, so a model that loads but cannot predict is caught here."""
     task = export_task(path)
-    predictor = load_predictor(path, variant=variant, batch_size=batch_size, device=device)
+    predictor = load_predictor(path, variant=variant, batch_size=batch_size, device=device, verify=verify)
     model = LoadedModel(predictor, version, variant, Path(path), task, **info)
     if task == "generation":
         out = predictor.generate(WARMUP_TEXTS, max_new_tokens=1)
@@ -131,7 +112,9 @@ def load_version(root: Path, name: str | None, settings: ServeSettings) -> Loade
     """Materialise (verify) a published version - the served one for None - and load it."""
     rel = release.materialise(root, name)
     v = rel.version
-    return load_folder(rel.path, settings.variant, v.version, settings.infer_batch, settings.device, tag=v.tag,
+    # materialise just checked every file against the version's DVC md5s: checksums.json would read them again
+    return load_folder(rel.path, settings.variant, v.version, settings.infer_batch, settings.device, verify=False,
+                       tag=v.tag,
                        commit=v.commit, dataset_hash=rel.dataset_hash, metrics=rel.metrics)
 
 
