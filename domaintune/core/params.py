@@ -470,6 +470,56 @@ class DriftParams:
                "alarm_webhook", "must be empty or an http(s):// URL")
 
 
+PROMOTE_POLICIES = ("gate", "shadow", "manual")
+
+
+@dataclass(frozen=True)
+class ReleaseParams:
+    """What a retrain's new version must show before it is served (pipelines/promote.py). Read by the retrain
+    flow, `promote` and the guard, never by a DVC stage: changing it re-runs nothing."""
+    # gate: promote when the fair comparison with the champion passes; shadow: leave it a challenger served in
+    # shadow until `promote --from-shadow` judges the logged requests; manual: a person runs promote/reject.
+    promote: str = "gate"
+    # The challenger may be worse than the champion by at most this (accuracy and macro-F1, lower bound of the
+    # paired-bootstrap 95% interval): 0.005 is half a point, under the noise of most test sets.
+    max_regression: float = 0.005
+    # Calibrated ECE may rise by at most this (a better but over-confident model still misroutes reviews).
+    max_ece_increase: float = 0.02
+    # Paired bootstrap resamples (seeded by base.seed); 1,000 keeps the 95% bounds within ~0.002 of their limit.
+    bootstrap_resamples: int = 1000
+    # promote: shadow decides only after this many logged requests on live traffic.
+    shadow_min_requests: int = 500
+    # After a promotion the previous champion runs as a shadow for this many requests (the guard's evidence).
+    guard_requests: int = 1000
+
+    def __post_init__(self) -> None:
+        _one_of(self.promote, PROMOTE_POLICIES, "release", "promote")
+        _check(0.0 <= self.max_regression < 1.0, "release", "max_regression", "must be in [0, 1)")
+        _check(0.0 <= self.max_ece_increase < 1.0, "release", "max_ece_increase", "must be in [0, 1)")
+        _check(self.bootstrap_resamples >= 1000, "release", "bootstrap_resamples", "must be >= 1000")
+        _check(self.shadow_min_requests >= 1, "release", "shadow_min_requests", "must be >= 1")
+        _check(self.guard_requests >= 0, "release", "guard_requests", "must be >= 0")
+
+
+ON_DRIFT = ("report", "review", "retrain")
+
+
+@dataclass(frozen=True)
+class MonitorParams:
+    """What `domaintune monitor` does about a verdict (its response policy); never read by a DVC stage."""
+    # report: write the verdict only; review: also queue low-confidence texts for labelling; retrain: also start
+    # the retrain flow, on correlated evidence only (a drift alarm AND an estimated-accuracy drop).
+    on_drift: str = "review"
+    # retrain needs the estimated accuracy (CBPE) under this as well as a drift alarm; null: a significant
+    # drop of more than drift.max_accuracy_drop below the reference's estimate.
+    retrain_below: float | None = None
+
+    def __post_init__(self) -> None:
+        _one_of(self.on_drift, ON_DRIFT, "monitor", "on_drift")
+        _check(self.retrain_below is None or 0.0 <= self.retrain_below <= 1.0, "monitor", "retrain_below",
+               "must be null or in [0, 1]")
+
+
 SECTIONS: dict[str, type] = {
     "base": BaseParams,
     "ingest": IngestParams,
@@ -480,6 +530,8 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateParams,
     "export": ExportParams,
     "drift": DriftParams,
+    "release": ReleaseParams,
+    "monitor": MonitorParams,
 }
 
 
