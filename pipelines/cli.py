@@ -26,9 +26,10 @@ from domaintune.evaluate.summary import (
     write_summary,
 )
 from domaintune.monitor.settings import DEFAULTS, MonitorSettings
-from domaintune.registry import diff, plumbing, rollback, versions
+from domaintune.registry import diff, plumbing, promotion, rollback, versions
 from domaintune.tasks import export_task, load_predictor  # the one loader of predict, serve and monitor
 from pipelines import predict as predict_command  # its own module; the import is light
+from pipelines import promote as promote_command
 from pipelines.deploy import add_arguments as add_deploy_arguments
 from pipelines.deploy import run_from_args
 from pipelines.serve import register as register_serving
@@ -94,24 +95,31 @@ def cmd_versions(args) -> int:
     found, skipped = versions.scan_versions(root)
     for s in skipped:
         print(f"note: {s.tag}: {s.reason}", file=sys.stderr)
+    stages = promotion.status(root) if found else {}
     if args.json:
         print(json.dumps([{"tag": v.tag, "date": v.date, "commit": v.commit, "served": v.served,
+                           "stage": stages[v.version]["stage"], "reason": stages[v.version]["reason"],
                            "dataset_hash": v.record.get("dataset_hash"), "base_model": v.record.get("base_model"),
                            "method": v.record.get("method"), "metrics": v.key_metrics()} for v in found], indent=2))
         return 0
     if not found:
         print("no versions yet: run `domaintune retrain`")
         return 0
-    rows = [("", "version", "date", "commit", "dataset", "base model", "method", "metrics")]
+    rows = [("", "version", "stage", "date", "commit", "dataset", "base model", "method", "metrics")]
     for v in found:
         metrics = " ".join(f"{k.split('.', 1)[-1]}={val:.3f}" for k, val in v.key_metrics().items())
-        rows.append(("*" if v.served else "", v.version, v.date[:19].replace("T", " "), v.commit[:8],
-                     (v.record.get("dataset_hash") or "-")[:12], str(v.record.get("base_model") or "-"),
+        rows.append(("*" if v.served else "", v.version, stages[v.version]["stage"], v.date[:19].replace("T", " "),
+                     v.commit[:8], (v.record.get("dataset_hash") or "-")[:12], str(v.record.get("base_model") or "-"),
                      str(v.record.get("method") or "-"), metrics or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("* = served (GTO stage prod)")
+    print("* = served (GTO stage prod); stages: prod, challenger (waiting for a decision), rejected, retired")
+    decided = [(v.version, stages[v.version]) for v in found if stages[v.version]["reason"]]
+    if decided:
+        print("decisions (latest per version):")
+        for name, st in decided:
+            print(f"  {name} {st['stage']}: {st['reason']}")
     return 0
 
 
@@ -322,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rollback", cmd_rollback, "restore a version (params, dvc.lock, data, models), verify it, serve it",
             "domaintune rollback v1.0.0", "domaintune rollback v1   # the same: short forms v1, v1.2")
     p.add_argument("version", help="version to restore: v1.0.0, v1, v1.2 or domaintune@v1.0.0")
+    promote_command.add_parsers(add, _root)
     p = add("retrain", cmd_retrain, "run the DVC stages as a Prefect flow and publish a version",
             "domaintune retrain", "domaintune retrain -S finetune.epochs=4 -S finetune.lr=5e-5 --no-publish")
     _add_retrain_options(p)

@@ -43,6 +43,7 @@ from prefect import flow, get_run_logger, task
 from domaintune.core.params import apply_overrides, load_all, parse_overrides
 from domaintune.evaluate.summary import write_summary
 from domaintune.registry import plumbing, rollback, versions
+from pipelines import promote
 
 # A stage that exits 2 reported bad data or params (domaintune.stage.run_stage): retrying cannot help.
 BAD_INPUT_EXIT = 2
@@ -263,8 +264,8 @@ def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: b
             logger.warning(note)
         try:
             with rollback.restored_on_failure(root, versions.version_files(root), "retrain"):
-                results, version, created, publish_seconds = _run_and_publish(root, wanted, retries, publish,
-                                                                               remote, logger, dag)
+                results, version, created, publish_seconds, decision = _run_and_publish(
+                    root, wanted, retries, publish, remote, logger, dag)
         except BaseException:
             logger.error("retrain failed: params.yaml, dvc.lock and outs were put back as they were")
             raise
@@ -272,12 +273,13 @@ def retrain_flow(repo: str = ".", overrides: list[str] | None = None, publish: b
     ran = [r["stage"] for r in results if r["ran"]]
     return {"stages": results, "ran": ran, "version": version, "created": created,
             "served": bool(version) and version.split("@", 1)[-1] == served, "served_version": served,
-            "publish_seconds": publish_seconds, "seconds": time.perf_counter() - t0}
+            "decision": decision, "publish_seconds": publish_seconds, "seconds": time.perf_counter() - t0}
 
 
 def _run_and_publish(root: Path, wanted: dict, retries: int, publish: bool, remote: str | None, logger,
                      token: str | None = None):
-    """Apply the overrides, run every stage as a task, publish: (stage results, version, created, seconds)."""
+    """Apply the overrides, run every stage as a task, compare with the champion, publish as a challenger and
+    decide: (stage results, version, created, seconds, decision or None)."""
     dag = DagRun._live.get(token) if token else None
     if dag is None:
         dag = DagRun(root, stage_order(root), apply_overrides(root / "params.yaml", wanted))
@@ -288,13 +290,38 @@ def _run_and_publish(root: Path, wanted: dict, retries: int, publish: bool, remo
     finally:
         dag.close()
     write_summary(root)  # metrics/summary.json, as `make run` writes it: part of the version below
-    version, created, t_pub = None, False, time.perf_counter()
+    version, created, t_pub, decision = None, False, time.perf_counter(), None
     if publish:
         summary = "retrain" + ("".join(f" {k}={v}" for k, v in wanted.items()) if wanted else "")
+        if versions.find_published(root) is None:  # an unchanged rerun has nothing to compare or decide
+            decision = compare_with_champion(str(root))  # metrics/promotion.json: committed with the version
         v, created = versions.publish(root, summary, remote, expect_params=dag.expected_params)
         version = v.tag
-        logger.info("%s %s", "published" if created else "unchanged, still", version)
-    return results, version, created, time.perf_counter() - t_pub
+        logger.info("%s %s", "published as a challenger" if created else "unchanged, still", version)
+        if created and decision is not None:
+            decision = decide_promotion(str(root), v.version, decision)
+    return results, version, created, time.perf_counter() - t_pub, decision
+
+
+@task(name="compare-with-champion")
+def compare_with_champion(root: str) -> dict:
+    """The workspace's model against the served one on the same rows (pipelines.promote.evaluate_challenger)."""
+    result = promote.evaluate_challenger(Path(root))
+    get_run_logger().info("comparison: %s (%s)", result["decision"], result["reason"])
+    return result
+
+
+@task(name="promotion-decision")
+def decide_promotion(root: str, version: str, result: dict) -> dict:
+    """Promote, reject or keep waiting, by release.promote; the evidence as the task's log and a markdown artifact
+    (the Prefect UI shows "v7 rejected: macro_f1 -0.031 [-0.045, -0.018] vs v6 on 1,204 new rows")."""
+    from prefect.artifacts import create_markdown_artifact  # lazy: only a deciding retrain makes artifacts
+
+    line = promote.apply_decision(Path(root), version, result)
+    get_run_logger().info("%s", line)
+    create_markdown_artifact(key="promotion-decision", markdown=f"# {version}\n\n" + promote.evidence_table(result),
+                             description=line[:250])
+    return {**result, "line": line, "version": version}
 
 
 DEPLOYMENT_NAME = "scheduled-retrain"
@@ -339,7 +366,10 @@ def run_from_args(args) -> int:
                               "were (the stage's log is above)") from None
     ran = ", ".join(result["ran"]) or "none (all cached)"
     print(f"stages run: {ran}")
-    if result["version"] and (result["created"] or result["served"]):
+    if result["created"] and result.get("decision"):
+        print(f"new version: {result['version']}")
+        print(result["decision"]["line"])
+    elif result["version"] and (result["created"] or result["served"]):
         print(f"{'new version' if result['created'] else 'unchanged, current version'}: {result['version']}")
     elif result["version"]:  # the workspace is a published version that is not the served one
         served = result["served_version"] or "none"

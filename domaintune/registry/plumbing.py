@@ -26,6 +26,8 @@ import yaml
 
 ARTIFACT = "domaintune"
 SERVED_STAGE = "prod"
+CHALLENGER_STAGE = "challenger"  # published, not yet decided (domaintune.registry.promotion)
+REJECTED_STAGE = "rejected"
 LOCK_PATH = Path(".domaintune") / "retrain.lock"
 # Beside the lock: what the running retrain or rollback must undo if it dies ("undo": the files as they were
 # before it changed any), and the stage assignment a registered tag still waits for ("promote").

@@ -188,7 +188,8 @@ def _complete(root: Path, version: Version, promote: dict, run: str) -> str:
             done.append(f"committed the rollback to {version.version}")
     if stage_version(root, stage) != version.version:
         assign(str(root), ARTIFACT, stage, version=version.version, force=True,
-               message=f"{promote.get('op', 'promote')} {version.version} (completed after an interruption)")
+               message=promote.get("message") or
+               f"{promote.get('op', 'promote')} {version.version} (completed after an interruption)")
         done.append(f"assigned {version.version} to stage {stage}" + (", now served" if stage == SERVED_STAGE else ""))
     if not done:
         return f"found {run}: {version.tag} was registered and in stage {stage} already; nothing left to do"

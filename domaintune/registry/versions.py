@@ -18,6 +18,7 @@ from domaintune.core.params import read_params_file
 from domaintune.registry.cache import cache_dir, check_workspace
 from domaintune.registry.plumbing import (
     ARTIFACT,
+    CHALLENGER_STAGE,
     SERVED_STAGE,
     Out,
     RegistryError,
@@ -33,7 +34,7 @@ from domaintune.registry.plumbing import (
 )
 
 # Files that, with the DVC cache, fully describe a version.
-VERSION_FILES = ("params.yaml", "dvc.yaml", "dvc.lock", "metrics/summary.json")
+VERSION_FILES = ("params.yaml", "dvc.yaml", "dvc.lock", "metrics/summary.json", "metrics/promotion.json")
 RECORD_MARK = "domaintune-record:"
 # Metrics shown in the versions table when present: name -> (file stem, key path). The evaluate
 # stage writes {"before": {...}, "after": {...}}; the headline is after temperature calibration.
@@ -204,6 +205,9 @@ def build_record(root: Path, outs: list[Out]) -> dict:
         p = root / o.path
         if o.in_git and p.suffix == ".json" and p.is_file():
             metrics[p.stem] = json.loads(p.read_text(encoding="utf-8"))
+    promotion = root / "metrics" / "promotion.json"  # the retrain's comparison with the champion (not a DVC out)
+    if promotion.is_file():
+        metrics["promotion"] = json.loads(promotion.read_text(encoding="utf-8"))
     return {
         "dataset_hash": dataset_hash,
         "base_model": (params.get("base") or {}).get("model"),
@@ -220,6 +224,15 @@ def _tracked_outputs(root: Path, outs: list[Out]) -> list[str]:
     return paths + [o.path for o in outs if o.in_git and (root / o.path).exists()]
 
 
+def find_published(root: Path, known: list[Version] | None = None) -> Version | None:
+    """The published version the workspace reproduces exactly (same dvc.lock and params.yaml), if any."""
+    lock_now, params_now = (root / "dvc.lock").read_bytes(), (root / "params.yaml").read_bytes()
+    for v in reversed(list_versions(root) if known is None else known):
+        if git_bytes(root, v.commit, "dvc.lock") == lock_now and git_bytes(root, v.commit, "params.yaml") == params_now:
+            return v
+    return None
+
+
 def _check_params(root: Path, found: bytes | None, expected: bytes | None) -> None:
     if expected is not None and found != expected:
         raise RegistryError(f"{root / 'params.yaml'}: changed while this retrain ran, not by it; refusing to "
@@ -227,8 +240,12 @@ def _check_params(root: Path, found: bytes | None, expected: bytes | None) -> No
 
 
 def publish(root: Path, summary: str = "retrain", remote: str | None = None,
-            expect_params: bytes | None = None) -> tuple[Version, bool]:
-    """Push outs, commit the version files, tag with GTO, mark served. Returns (version, created).
+            expect_params: bytes | None = None, stage: str = CHALLENGER_STAGE) -> tuple[Version, bool]:
+    """Push outs, commit the version files, tag with GTO, put it in `stage`. Returns (version, created).
+
+    Publishing is not promoting: the version becomes a challenger (GTO stage challenger) and
+    domaintune.registry.promotion decides whether it is served (stage prod). stage=SERVED_STAGE
+    publishes and serves at once (what a test or a hand-made history may want).
 
     A run that reproduces an existing version exactly (same dvc.lock and params)
     creates nothing and returns that version. expect_params: the params.yaml bytes the caller applied;
@@ -243,12 +260,10 @@ def publish(root: Path, summary: str = "retrain", remote: str | None = None,
     root = Path(root)
     outs = lock_outs(root)
     versions = list_versions(root)
-    lock_now = (root / "dvc.lock").read_bytes()
-    params_now = (root / "params.yaml").read_bytes()
-    _check_params(root, params_now, expect_params)
-    for v in reversed(versions):
-        if git_bytes(root, v.commit, "dvc.lock") == lock_now and git_bytes(root, v.commit, "params.yaml") == params_now:
-            return v, False
+    _check_params(root, (root / "params.yaml").read_bytes(), expect_params)
+    same = find_published(root, versions)
+    if same is not None:
+        return same, False
     problems, _ = check_workspace(root, [o for o in outs if not o.in_git], cache_dir(root))
     if problems:
         raise RegistryError("workspace does not match dvc.lock, refusing to publish:\n  " + "\n  ".join(problems))
@@ -266,10 +281,11 @@ def publish(root: Path, summary: str = "retrain", remote: str | None = None,
     commit = git(root, "rev-parse", "HEAD").strip()
     tag_msg = f"{ARTIFACT} {version}: {summary}\n\n{RECORD_MARK} {json.dumps(record, sort_keys=True)}"
     tag = f"{ARTIFACT}@{version}"
-    update_journal(root, promote={"op": "publish", "tag": tag, "commit": commit, "stage": SERVED_STAGE})
+    message = f"{stage} {version}: published by {summary}"
+    update_journal(root, promote={"op": "publish", "tag": tag, "commit": commit, "stage": stage, "message": message})
     register(str(root), ARTIFACT, commit, version=version, message=tag_msg)
     fault_point("registered")
-    assign(str(root), ARTIFACT, SERVED_STAGE, version=version, message=f"serve {version}")
+    assign(str(root), ARTIFACT, stage, version=version, message=message)
     write_journal(root, None)
     return get_version(root, version), True
 

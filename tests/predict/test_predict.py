@@ -176,7 +176,7 @@ def test_version_predicts_with_a_published_model_without_touching_the_workspace(
     _, ft, _ = export
     root = make_fake_repo(tmp_path / "proj", classifier=ft)
     sh(root, str(BIN / "dvc"), "repro", "-q")
-    v1, _ = versions.publish(root, "first")  # T = epochs / 3 = 1.0
+    v1, _ = versions.publish(root, "first", stage="prod")  # T = epochs / 3 = 1.0
     set_params(root, {"finetune.epochs": 6})  # the workspace's export now has T = 2.0
     sh(root, "git", "commit", "-qam", "epochs 6")
     sh(root, str(BIN / "dvc"), "repro", "-q")

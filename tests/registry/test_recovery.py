@@ -21,10 +21,10 @@ def killed_publish(tmp_path):
     DVC, which publish imports, sets its logging up before capsys swaps stderr for a stream it closes.)"""
     root = make_fake_repo(tmp_path / "proj")
     sh(root, str(BIN / "dvc"), "repro", "-q")
-    versions.publish(root, "first")
+    versions.publish(root, "first", stage="prod")
     set_params(root, {"finetune.epochs": 5})
     sh(root, str(BIN / "dvc"), "repro", "-q")
-    code = "import sys; from domaintune.registry import versions; versions.publish(sys.argv[1], 'epochs 5')"
+    code = "import sys; from domaintune.registry import versions; versions.publish(sys.argv[1], 'epochs 5', stage='prod')"
     proc = subprocess.run([sys.executable, "-c", code, str(root)], cwd=REPO, capture_output=True, text=True,
                           env={**env(), plumbing.KILL_AT_ENV: "registered"}, timeout=120)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)

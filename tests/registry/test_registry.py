@@ -22,16 +22,16 @@ def history(tmp_path_factory):
     root = make_fake_repo(tmp_path_factory.mktemp("reg") / "proj")
     snaps = {}
     repro(root)
-    v1, created = versions.publish(root, "first")
+    v1, created = versions.publish(root, "first", stage="prod")
     assert created
     snaps[v1.version] = workspace(root)
     add_rows(root, 5)
     repro(root)
-    v2, _ = versions.publish(root, "more data")
+    v2, _ = versions.publish(root, "more data", stage="prod")
     snaps[v2.version] = workspace(root)
     set_params(root, {"finetune.epochs": 5})
     repro(root)
-    v21, _ = versions.publish(root, "epochs 5")
+    v21, _ = versions.publish(root, "epochs 5", stage="prod")
     snaps[v21.version] = workspace(root)
     return root, snaps
 
@@ -76,7 +76,7 @@ def test_republish_unchanged_creates_nothing(history):
     root, _ = history
     tags = sh(root, "git", "tag")
     repro(root)
-    v, created = versions.publish(root, "again")
+    v, created = versions.publish(root, "again", stage="prod")
     assert not created and v.version == "v2.1.0"
     assert sh(root, "git", "tag") == tags
 
@@ -333,7 +333,7 @@ def test_tags_gto_or_people_write_are_never_fatal(tmp_path, capsys):
 
     root = make_fake_repo(tmp_path / "proj")
     repro(root)
-    v1, _ = versions.publish(root, "first")
+    v1, _ = versions.publish(root, "first", stage="prod")
     sh(root, "git", "commit", "-q", "--allow-empty", "-m", "candidate")
     sh(root, str(BIN / "gto"), "register", "domaintune", "HEAD", "--version", "v2.0.0-rc1")
     sh(root, "git", "tag", "-a", "domaintune@v1.1.0", "-m", "hand-made\n\ndomaintune-record: {\"metrics\": {oops")
@@ -353,7 +353,7 @@ def test_tags_gto_or_people_write_are_never_fatal(tmp_path, capsys):
         versions.get_version(root, "v2.0.0-rc1")
     add_rows(root, 3)
     repro(root)
-    v2, created = versions.publish(root, "more data")  # new data: next major after v1.1.0, past the rc
+    v2, created = versions.publish(root, "more data", stage="prod")  # new data: next major after v1.1.0, past the rc
     assert created and v2.version == "v2.0.0" and versions.served_version(root) == "v2.0.0"
     version, _ = rollback.rollback(root, "v1.0.0")
     assert version.served and versions.served_version(root) == "v1.0.0"

@@ -27,11 +27,11 @@ def history(tmp_path_factory):
     root = make_fake_repo(tmp_path_factory.mktemp("rel") / "proj")
     snaps = {}
     sh(root, str(BIN / "dvc"), "repro", "-q")
-    v1, _ = versions.publish(root, "first")
+    v1, _ = versions.publish(root, "first", stage="prod")
     snaps[v1.version] = _export_files(workspace(root))
     add_rows(root, 5)
     sh(root, str(BIN / "dvc"), "repro", "-q")
-    v2, _ = versions.publish(root, "more data")
+    v2, _ = versions.publish(root, "more data", stage="prod")
     snaps[v2.version] = _export_files(workspace(root))
     assert snaps["v1.0.0"] != snaps["v2.0.0"]
     return root, snaps

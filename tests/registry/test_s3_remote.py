@@ -63,11 +63,11 @@ def published(s3, tmp_path_factory):
     _use_s3(root, endpoint)
     snaps = {}
     sh(root, str(BIN / "dvc"), "repro", "-q")
-    v1, _ = versions.publish(root, "first")
+    v1, _ = versions.publish(root, "first", stage="prod")
     snaps[v1.version] = workspace(root)
     add_rows(root, 4)
     sh(root, str(BIN / "dvc"), "repro", "-q")
-    v2, _ = versions.publish(root, "more data")
+    v2, _ = versions.publish(root, "more data", stage="prod")
     snaps[v2.version] = workspace(root)
     return root, snaps
 

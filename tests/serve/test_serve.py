@@ -364,7 +364,7 @@ def registry_repo(models, tmp_path_factory):
     for epochs in (3, 5, 7):
         set_params(root, {"finetune.epochs": epochs})
         sh(root, str(BIN / "dvc"), "repro", "-q")
-        versions.publish(root, f"epochs {epochs}")
+        versions.publish(root, f"epochs {epochs}", stage="prod")
     rollback.rollback(root, "v1.1.0")
     assert versions.served_version(root) == "v1.1.0"
     return root

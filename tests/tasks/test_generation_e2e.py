@@ -150,12 +150,12 @@ def test_monitor_judges_prompt_batches_against_the_generation_baseline(project, 
 def test_publish_and_roll_back_a_generation_version(project):
     from domaintune.registry import rollback, versions
 
-    v1, created = versions.publish(project, "generation v1")
+    v1, created = versions.publish(project, "generation v1", stage="prod")
     assert created and v1.record["base_model"] and v1.record["metrics"]["evaluate"]["task"] == "generation"
     snap = workspace(project)
     set_params(project, {"finetune.epochs": 1})
     sh(project, str(BIN / "dvc"), "repro", "-q")
-    v2, created = versions.publish(project, "one epoch")
+    v2, created = versions.publish(project, "one epoch", stage="prod")
     assert created and v2.version != v1.version
     assert workspace(project)["models/export/model.safetensors"] != snap["models/export/model.safetensors"]
     version, checked = rollback.rollback(project, v1.version)

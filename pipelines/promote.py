@@ -1,0 +1,270 @@
+"""Champion vs challenger: the fair comparison, the decision by `release.promote`, and `promote` / `reject`.
+
+A retrain's model (the workspace's models/export, the challenger) is compared with the served version
+(the champion, materialised and md5-verified from the registry) by the same code on the same rows:
+  new_rows        the challenger's test split less every row the champion trained or validated on
+                  (matched by id or by the normalised text's hash; the count left out is recorded);
+  champion_test   the champion's own test split less the rows the challenger trained or validated on:
+                  what the old model was good at, where forgetting shows.
+On each, a paired bootstrap (base.seed, release.bootstrap_resamples) of the challenger-minus-champion
+difference in accuracy and macro-F1, and the calibrated ECE of each. `gate` promotes when, on every
+set with rows, both lower 95% bounds are above -release.max_regression and ECE rises by at most
+release.max_ece_increase; otherwise the challenger is rejected. The evidence goes to
+metrics/promotion.json (committed with the version), the version record and the decision's tag.
+
+A version with no champion to compare with (the first one) is promoted: it passed evaluate.gate to get
+here. A task with no fair comparison yet (generation) is promoted on evaluate.gate alone, and says so.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from domaintune.core.errors import DataError
+from domaintune.core.io import write_json
+from domaintune.core.params import load_params
+from domaintune.registry import plumbing, promotion, release, rollback, versions
+
+PROMOTION_FILE = Path("metrics") / "promotion.json"
+EXPORT = "models/export"
+DATA = "data/audited"
+COMPARE_DIR = Path(".domaintune") / "compare"
+
+
+class NotComparable(Exception):
+    """There is no fair comparison for this pair (the reason is the message)."""
+
+
+def _splits(folder: Path) -> dict:
+    from domaintune.data.dataset import read_dataset  # lazy: pandas and pyarrow
+
+    splits, _ = read_dataset(folder)
+    return splits
+
+
+def _seen(splits: dict) -> tuple[set[str], set[str]]:
+    """Ids and row keys of the rows a model trained or validated on."""
+    from domaintune.evaluate.compare import row_key  # lazy: numpy-heavy evaluate package
+
+    ids, keys = set(), set()
+    for name in ("train", "validation"):
+        df = splits.get(name)
+        if df is not None and len(df):
+            ids.update(df["id"].astype(str))
+            keys.update(row_key(t) for t in df["text"])
+    return ids, keys
+
+
+def _scores(predictor, texts: list[str]):
+    import numpy as np  # lazy: the CLI imports this module for --help
+
+    probs = predictor.predict_proba(texts) if texts else np.zeros((0, len(predictor.labels)))
+    return predictor.labels_from_proba(probs), probs.max(axis=1) if len(texts) else np.zeros(0)
+
+
+def _compare_rows(name: str, df, excluded: int, champ, chall, params, seed: int) -> dict:
+    import numpy as np  # lazy: the CLI imports this module for --help
+
+    from domaintune.evaluate.calibration import ece_mce  # lazy: numpy/sklearn
+    from domaintune.evaluate.compare import paired_bootstrap
+
+    texts, truth = df["text"].tolist(), df["label"].astype(str).tolist()
+    out = {"rows": len(texts), "excluded": excluded}
+    if not texts:
+        return out
+    a_lab, a_conf = _scores(champ, texts)
+    b_lab, b_conf = _scores(chall, texts)
+    names = sorted(set(truth) | set(a_lab) | set(b_lab))
+    index = {n: i for i, n in enumerate(names)}
+    y = np.array([index[t] for t in truth])
+    a = np.array([index[p] for p in a_lab])
+    b = np.array([index[p] for p in b_lab])
+    boot = paired_bootstrap(y, a, b, len(names), resamples=params.bootstrap_resamples, seed=seed)
+    ece_a, _ = ece_mce(a_conf, a == y)
+    ece_b, _ = ece_mce(b_conf, b == y)
+    out.update({"accuracy": boot["accuracy"], "macro_f1": boot["macro_f1"],
+                "ece": {"a": float(ece_a), "b": float(ece_b), "diff": float(ece_b - ece_a)},
+                "agreement": float((a == b).mean())})
+    return out
+
+
+def compare(root: Path, champion: str, challenger_export: Path, challenger_data: Path) -> dict:
+    """The evidence for one champion/challenger pair (see the module doc). Raises NotComparable."""
+    from domaintune.evaluate.compare import fair_rows  # lazy: numpy-heavy evaluate package
+    from domaintune.tasks import export_task, load_predictor  # lazy: torch when a model loads
+
+    params = load_params(root / "params.yaml", "release")
+    seed = load_params(root / "params.yaml", "base").seed
+    try:
+        champ_export = release.materialise(root, champion, out=EXPORT, dest=root / COMPARE_DIR).path
+        champ_data = release.materialise(root, champion, out=DATA, dest=root / COMPARE_DIR).path
+    except release.ReleaseError as exc:
+        if "has no out" in str(exc):
+            raise NotComparable(f"{champion} has no {DATA} and {EXPORT} to compare with") from None
+        raise
+    for folder in (challenger_export, champ_export):
+        try:
+            task = export_task(folder)
+        except DataError as exc:
+            raise NotComparable(f"{folder} is not a model export ({exc})") from None
+        if task != "classification":
+            raise NotComparable(f"no fair comparison for task {task} yet")
+    try:
+        new, old = _splits(challenger_data), _splits(champ_data)
+    except (DataError, OSError) as exc:
+        raise NotComparable(f"no dataset with splits to compare on ({exc})") from None
+    if "test" not in new or "test" not in old:
+        raise NotComparable("a dataset without a test split")
+    champ = load_predictor(champ_export, variant="float32")
+    chall = load_predictor(challenger_export, variant="float32")
+    ids, keys = _seen(old)
+    mask, out_new = fair_rows(new["test"], ids, keys)
+    ids, keys = _seen(new)
+    mask_old, out_old = fair_rows(old["test"], ids, keys)
+    sets = {"new_rows": _compare_rows("new_rows", new["test"][mask], out_new, champ, chall, params, seed),
+            "champion_test": _compare_rows("champion_test", old["test"][mask_old], out_old, champ, chall,
+                                           params, seed)}
+    return {"champion": champion, "sets": sets, "max_regression": params.max_regression,
+            "max_ece_increase": params.max_ece_increase, "resamples": params.bootstrap_resamples, "seed": seed,
+            "level": 0.95}
+
+
+def judge(evidence: dict) -> tuple[bool, str]:
+    """(promote?, one-line reason) from compare()'s evidence."""
+    margin, ece_max = evidence["max_regression"], evidence["max_ece_increase"]
+    fails, said = [], []
+    used = {k: s for k, s in evidence["sets"].items() if s.get("rows")}
+    if not used:
+        return False, "no rows that neither model trained on: nothing to compare on"
+    for name, s in used.items():
+        for metric in ("macro_f1", "accuracy"):
+            m = s[metric]
+            said.append(f"{metric} {m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] on {s['rows']:,} "
+                        f"{name.replace('_', ' ')}")
+            if m["low"] <= -margin:
+                fails.append(f"{metric} {m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] vs "
+                             f"{evidence['champion']} on {s['rows']:,} {name.replace('_', ' ')} "
+                             f"(lower bound under -{margin})")
+        if s["ece"]["diff"] > ece_max:
+            fails.append(f"ECE {s['ece']['a']:.3f} -> {s['ece']['b']:.3f} on {name.replace('_', ' ')} "
+                         f"(rise over {ece_max})")
+    if fails:
+        return False, "; ".join(fails)
+    return True, f"vs {evidence['champion']}: " + "; ".join(said[:2])
+
+
+def evaluate_challenger(root: Path, policy: str | None = None) -> dict:
+    """Before publishing: the workspace's model against the served one -> metrics/promotion.json.
+
+    The result holds "policy", "decision" (promote | reject | wait) and "reason", and "evidence" when a
+    comparison ran. Never raises for a pair it cannot compare: the reason says why."""
+    root = Path(root)
+    policy = policy or load_params(root / "params.yaml", "release").promote
+    champion = versions.served_version(root)
+    result: dict = {"policy": policy, "champion": champion}
+    if champion is None:
+        result.update(decision="promote", reason="first version: no champion to compare with; it passed "
+                      "evaluate.gate")
+    else:
+        try:
+            evidence = compare(root, champion, root / EXPORT, root / DATA)
+        except NotComparable as exc:
+            evidence = None
+            ok, reason = policy == "gate", f"no fair comparison ({exc}); passed evaluate.gate"
+        else:
+            ok, reason = judge(evidence)
+        result["evidence"] = evidence
+        if policy == "gate":
+            result.update(decision="promote" if ok else "reject", reason=reason)
+        else:
+            result.update(decision="wait", reason=f"release.promote is {policy}: a challenger until "
+                          + ("`domaintune promote --from-shadow`" if policy == "shadow" else "a person decides")
+                          + f" (comparison: {reason})", verdict="pass" if ok else "fail")
+    write_json(root / PROMOTION_FILE, result)
+    return result
+
+
+def apply_decision(root: Path, version: str, result: dict) -> str:
+    """Carry out evaluate_challenger's decision for the published `version`; one line saying what happened.
+    The caller holds repo_lock."""
+    evidence = {k: v for k, v in result.items() if k != "reason"}
+    if result["decision"] == "promote":
+        promotion.promote(root, version, result["reason"], evidence)
+        return f"promoted {version}: {result['reason']}"
+    if result["decision"] == "reject":
+        promotion.reject(root, version, result["reason"], evidence)
+        served = versions.served_version(root)
+        return f"rejected {version}: {result['reason']}; still serving {served}"
+    return f"{version} is the challenger: {result['reason']}"
+
+
+# ----------------------------------------------------------------------------- CLI: promote, reject
+
+
+def cmd_promote(args, root: Path) -> int:
+    with plumbing.repo_lock(root):
+        note = rollback.recover(root)
+        if note:
+            print(f"domaintune promote: {note}", file=sys.stderr)
+        name = args.version or promotion.challenger(root)
+        if name is None:
+            raise plumbing.RegistryError("no challenger waiting; name a version: domaintune promote vX.Y.Z")
+        version = versions.get_version(root, name)
+        reason = args.reason or "promoted by hand"
+        promotion.promote(root, version.version, reason, {"by": "hand"})
+    print(f"promoted {version.version}: now served (GTO stage prod); {reason}")
+    return 0
+
+
+def cmd_reject(args, root: Path) -> int:
+    with plumbing.repo_lock(root):
+        note = rollback.recover(root)
+        if note:
+            print(f"domaintune reject: {note}", file=sys.stderr)
+        name = args.version or promotion.challenger(root)
+        if name is None:
+            raise plumbing.RegistryError("no challenger waiting; name a version: domaintune reject vX.Y.Z")
+        version = versions.get_version(root, name)
+        reason = args.reason or "rejected by hand"
+        promotion.reject(root, version.version, reason, {"by": "hand"})
+    print(f"rejected {version.version}: {reason}; served: {versions.served_version(root) or 'none'}")
+    return 0
+
+
+def add_parsers(add, root_of) -> None:
+    """`promote` and `reject`; root_of(args) is the CLI's checked --repo."""
+    p = add("promote", lambda args: cmd_promote(args, root_of(args)),
+            "serve a challenger (or any published version): GTO stage prod",
+            "domaintune promote                 # the waiting challenger",
+            "domaintune promote v1.3.0 --reason 'reviewed the error table'")
+    p.add_argument("version", nargs="?", default=None, help="version to promote (none: the waiting challenger)")
+    p.add_argument("--reason", default=None, help="why, recorded with the decision")
+    p = add("reject", lambda args: cmd_reject(args, root_of(args)),
+            "turn a challenger down (GTO stage rejected), with the reason recorded",
+            "domaintune reject                  # the waiting challenger",
+            "domaintune reject v1.3.0 --reason 'labels of week 3 were shuffled'")
+    p.add_argument("version", nargs="?", default=None, help="version to reject (none: the waiting challenger)")
+    p.add_argument("--reason", default=None, help="why, recorded with the decision")
+
+
+def evidence_table(result: dict) -> str:
+    """A markdown table of the comparison (the Prefect artifact and the log)."""
+    lines = [f"**{result.get('decision', '?')}**: {result.get('reason', '')}", ""]
+    ev = result.get("evidence") or {}
+    if ev.get("sets"):
+        lines += ["| rows | set | metric | champion | challenger | diff [95% CI] |", "|---|---|---|---|---|---|"]
+        for name, s in ev["sets"].items():
+            for metric in ("accuracy", "macro_f1"):
+                if metric in s:
+                    m = s[metric]
+                    lines.append(f"| {s['rows']:,} (left out {s['excluded']:,}) | {name} | {metric} | {m['a']:.4f} | "
+                                 f"{m['b']:.4f} | {m['diff']:+.4f} [{m['low']:+.4f}, {m['high']:+.4f}] |")
+            if "ece" in s:
+                e = s["ece"]
+                lines.append(f"| {s['rows']:,} | {name} | ece | {e['a']:.4f} | {e['b']:.4f} | {e['diff']:+.4f} |")
+    return "\n".join(lines)
+
+
+def dumps(result: dict) -> str:
+    return json.dumps(result, indent=2, sort_keys=True)
