@@ -2,6 +2,7 @@
 
 - drift.py       reference profiles and batch verdicts (the drift stage and `domaintune monitor`)
 - stats.py       two-sample tests with calibrated nulls; the label-free accuracy estimate
+- guard.py       two models on the same live requests: is the new one worse (shadow promotion, the guard)
 - settings.py    MonitorSettings: the monitor's paths and their defaults (light: the CLI's --help reads it)
 - monitoring.py  `domaintune monitor`: batches, folders, history, review queue, alarms
 - report.py      the monitor's HTML report

@@ -47,13 +47,14 @@ class Event:
     seq: int             # nanoseconds when domaintune wrote it (0 for tags others wrote): orders same-second events
     reason: str = ""
     evidence: dict = field(default_factory=dict)
+    op: str = ""         # promote | reject | decide | publish for domaintune's decisions; "" for others (rollback)
 
     def sort_key(self) -> tuple:
         return (self.date[:19], self.seq, self.number)
 
 
-def _parse_message(contents: str) -> tuple[str, dict, int]:
-    """(reason, evidence, seq) from a stage tag's message; a message without a record gives its first line."""
+def _parse_message(contents: str) -> tuple[str, dict, int, str]:
+    """(reason, evidence, seq, op) from a stage tag's message; a message without a record gives its first line."""
     if DECISION_MARK in contents:
         head, _, tail = contents.partition(DECISION_MARK)
         try:
@@ -61,8 +62,9 @@ def _parse_message(contents: str) -> tuple[str, dict, int]:
         except json.JSONDecodeError:
             record = None
         if isinstance(record, dict):
-            return str(record.get("reason") or ""), dict(record.get("evidence") or {}), int(record.get("seq") or 0)
-    return contents.strip().splitlines()[0] if contents.strip() else "", {}, 0
+            return (str(record.get("reason") or ""), dict(record.get("evidence") or {}), int(record.get("seq") or 0),
+                    str(record.get("op") or ""))
+    return contents.strip().splitlines()[0] if contents.strip() else "", {}, 0, ""
 
 
 def events(root: Path) -> list[Event]:
@@ -83,8 +85,8 @@ def events(root: Path) -> list[Event]:
         version = by_commit.get(peeled or obj)
         if version is None:
             continue
-        reason, evidence, seq = _parse_message(contents)
-        out.append(Event(parts[1], version, int(parts[2]), date, seq, reason, evidence))
+        reason, evidence, seq, op = _parse_message(contents)
+        out.append(Event(parts[1], version, int(parts[2]), date, seq, reason, evidence, op))
     return sorted(out, key=Event.sort_key)
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from domaintune.registry import diff, plumbing, release, versions
+from domaintune.monitor import guard
+from domaintune.registry import diff, plumbing, promotion, release, rollback, versions
 from domaintune.serve.settings import ServeSettings
 from domaintune.tasks import export_task, load_predictor
 
@@ -127,6 +128,9 @@ def load_model_spec(spec: str, root: Path, settings: ServeSettings) -> LoadedMod
     return load_version(root, spec, settings)
 
 
+CHALLENGER = "challenger"  # --shadow challenger: the shadow is the registry's waiting challenger, followed live
+
+
 def registry_state(root: Path) -> str:
     """Changes whenever a version is published or the prod stage moves (cheap: one git call)."""
     refs = f"refs/tags/{plumbing.ARTIFACT}"
@@ -148,10 +152,17 @@ class ModelHolder:
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.shadowed = 0                 # texts the shadow answered (the batcher counts them)
+        self.guard: dict | None = None    # after a promotion: the previous champion shadows the new one
+        self.guard_result: dict | None = None  # the last guard's verdict (shown by /version)
 
     @property
     def follows_registry(self) -> bool:
         return self.settings.model_dir is None
+
+    @property
+    def shadow_follows_challenger(self) -> bool:
+        return self.follows_registry and self.settings.shadow == CHALLENGER
 
     def load_initial(self) -> LoadedModel:
         """The first model (raises if it cannot be loaded: there is nothing to fall back on) and the shadow."""
@@ -170,8 +181,11 @@ class ModelHolder:
             folder = Path(s.model_dir)
             self.current = load_folder(folder, s.variant, "workspace", s.infer_batch, s.device,
                                        **workspace_info(self.root, folder))
-        if s.shadow:
+        if self.shadow_follows_challenger:
+            self._follow_challenger()
+        elif s.shadow:
             self.shadow = load_model_spec(s.shadow, self.root, s)
+        if self.shadow is not None:
             if "generation" in (self.current.task, self.shadow.task):
                 raise ValueError(f"--shadow compares the labels of two classifiers; the served model is a "
                                  f"{self.current.task} export and the candidate a {self.shadow.task} export")
@@ -191,7 +205,83 @@ class ModelHolder:
             if state == self._state and (self._retry_at is None or time.monotonic() < self._retry_at):
                 return False
             self._state = state
-            return self._follow()
+            swapped = self._follow()
+            if self.shadow_follows_challenger and self.guard is None:
+                self._follow_challenger()
+            return swapped
+
+    def _follow_challenger(self) -> None:
+        """Shadow the registry's waiting challenger (none waiting: no shadow); a failure keeps the old shadow."""
+        name = promotion.challenger(self.root)
+        if name == (self.shadow.version if self.shadow else None):
+            return
+        if name is None:
+            self._set_shadow(None)
+            return
+        try:
+            self._set_shadow(load_version(self.root, name, self.settings))
+        except Exception as exc:  # noqa: BLE001 - a challenger that cannot load is not shadowed; serving goes on
+            log.error("challenger %s failed to load or verify; not shadowed: %s", name, exc)
+
+    def _set_shadow(self, model: "LoadedModel | None") -> None:
+        old, self.shadow = self.shadow, model
+        if (old.version if old else None) != (model.version if model else None):
+            log.info("shadow: %s -> %s", old.version if old else None, model.version if model else None)
+        if self.metrics:
+            self.metrics.set_models(self.current, self.shadow)
+
+    def _start_guard(self, new: "LoadedModel", old: "LoadedModel") -> None:
+        """After a promotion the replaced champion shadows the new one for release.guard_requests texts."""
+        n = self.settings.guard_requests
+        if n <= 0 or old is None or old.tag is None or "generation" in (new.task, old.task):
+            return
+        last = [e for e in promotion.events(self.root) if e.version == new.version]
+        if not last or last[-1].stage != plumbing.SERVED_STAGE or last[-1].op != "promote":
+            return  # a rollback (by hand or by the guard) is not watched against what it replaced
+        self.guard = {"champion": new.version, "previous": old.version, "requests": n, "start": self.shadowed}
+        self._set_shadow(old)
+        log.info("guard: %s now shadows the new champion %s for %d requests", old.version, new.version, n)
+
+    def guard_due(self) -> bool:
+        return self.guard is not None and self.shadowed - self.guard["start"] >= self.guard["requests"]
+
+    def check_guard(self, rows_of, labels_of=lambda: {}) -> dict | None:
+        """Once the guard's requests are shadowed: judge the new champion against the previous one on them
+        (domaintune.monitor.guard); worse at 95% -> the verified rollback to the previous champion, and the new
+        one marked rejected with the evidence. rows_of(): the shadow log's rows; labels_of(): feedback labels.
+        Returns the verdict, or None while the guard is not due."""
+        if not self.guard_due():
+            return None
+        g, self.guard = self.guard, None
+        rows = guard.pair_rows(rows_of(), g["champion"], g["previous"])
+        if not rows:
+            log.warning("guard: no logged requests for %s vs %s; nothing judged", g["champion"], g["previous"])
+            return None
+        p = self.settings
+        verdict = guard.judge(rows, "served", p.max_regression, labels_of(), p.resamples, p.seed)
+        verdict.update(champion=g["champion"], previous=g["previous"])
+        line = (f"{g['champion']} vs {g['previous']}: accuracy {verdict['diff']:+.3f} "
+                f"[{verdict['low']:+.3f}, {verdict['high']:+.3f}] on {verdict['rows']:,} live requests "
+                f"({verdict['basis']}), agreement {verdict['agreement']:.3f}")
+        if verdict["worse"]:
+            reason = f"guard: worse than {g['previous']} on live traffic: {line}"
+            with plumbing.repo_lock(self.root):
+                note = rollback.recover(self.root)
+                if note:
+                    log.warning("guard: %s", note)
+                rollback.rollback(self.root, g["previous"])
+                promotion.reject(self.root, g["champion"], reason, {"guard": verdict})
+            verdict["action"] = f"rolled back to {g['previous']}; {g['champion']} rejected"
+            log.error("guard: %s: %s", verdict["action"], line)
+            self.refresh()  # swap back now, not at the next poll
+        else:
+            verdict["action"] = "kept"
+            log.info("guard: kept %s: %s", g["champion"], line)
+        self.guard_result = verdict
+        self._set_shadow(None)
+        if self.shadow_follows_challenger:
+            self._follow_challenger()
+        return verdict
 
     def _follow(self) -> bool:
         served = versions.served_version(self.root)
@@ -219,6 +309,7 @@ class ModelHolder:
             return False
         old, self.current = self.current, new  # the swap: one reference assignment
         self.swaps += 1
+        self._start_guard(new, old)
         self.last_error, self._failures, self._retry_at = None, 0, None
         if self.metrics:
             self.metrics.swaps.inc()

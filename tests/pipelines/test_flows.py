@@ -57,16 +57,20 @@ def test_retrain_publishes_versions_and_caches(proj):
     res = state.result()
     assert res["ran"] == ["audit", "train"] and res["version"] == "domaintune@v1.0.0" and res["created"]
     # One task per DVC stage, in DAG order, each completed, with the stage's output in its log.
+    # Then the comparison with the champion and the promotion decision, each a task of its own.
     runs = sorted(_task_runs(state.state_details.flow_run_id), key=lambda r: r.start_time)
-    assert [r.name for r in runs] == ["audit", "train"]
+    names = [r.name for r in runs]
+    assert names[:2] == ["audit", "train"] and len(names) == 4, names
+    assert names[2].startswith("compare-with-champion") and names[3].startswith("promotion-decision"), names
     assert all(r.state.is_completed() for r in runs)
     # Run logs reach the API in batches: give the last batch a moment.
     for _ in range(20):
         logs = "\n".join(_logs(state.state_details.flow_run_id))
-        if "python fake/train.py" in logs:
+        if "python fake/train.py" in logs and "promoted v1.0.0" in logs:
             break
         time.sleep(0.5)
     assert "Running stage 'audit'" in logs and "python fake/train.py" in logs
+    assert "promoted v1.0.0: first version: no champion to compare with" in logs
     assert sh(proj, "git", "status", "--porcelain").strip() == ""
     # The run summary is written by the flow and is part of the version.
     v = versions.get_version(proj, "v1.0.0")
