@@ -37,7 +37,8 @@ class NotComparable(Exception):
 
 
 def _splits(folder: Path) -> dict:
-    from domaintune.data.dataset import read_dataset  # lazy: pandas and pyarrow
+    # lazy: pandas and pyarrow
+    from domaintune.data.dataset import read_dataset
 
     splits, _ = read_dataset(folder)
     return splits
@@ -45,14 +46,15 @@ def _splits(folder: Path) -> dict:
 
 def _seen(splits: dict) -> tuple[set[str], set[str]]:
     """Ids and row keys of the rows a model trained or validated on."""
-    from domaintune.evaluate.compare import row_key  # lazy: numpy-heavy evaluate package
+    # lazy: pandas and pyarrow
+    from domaintune.data.dataset import row_keys
 
     ids, keys = set(), set()
     for name in ("train", "validation"):
         df = splits.get(name)
         if df is not None and len(df):
             ids.update(df["id"].astype(str))
-            keys.update(row_key(t) for t in df["text"])
+            keys.update(row_keys(df["text"].astype(str).tolist()))
     return ids, keys
 
 
@@ -63,36 +65,46 @@ def _scores(predictor, texts: list[str]):
     return predictor.labels_from_proba(probs), probs.max(axis=1) if len(texts) else np.zeros(0)
 
 
-def _compare_rows(name: str, df, excluded: int, champ, chall, params, seed: int) -> dict:
+def score_pair(truth: list[str], a_labels: list[str], a_conf, b_labels: list[str], b_conf, resamples: int,
+               seed: int) -> dict:
+    """One set's evidence from both models' predicted labels and calibrated confidences on the same rows:
+    the paired bootstrap of accuracy and macro-F1 (b - a; a = champion), each one's ECE, agreement."""
     import numpy as np  # lazy: the CLI imports this module for --help
 
-    from domaintune.evaluate.calibration import ece_mce  # lazy: numpy/sklearn
+    # lazy: numpy/sklearn
+    from domaintune.evaluate.calibration import ece_mce
     from domaintune.evaluate.compare import paired_bootstrap
 
-    texts, truth = df["text"].tolist(), df["label"].astype(str).tolist()
-    out = {"rows": len(texts), "excluded": excluded}
-    if not texts:
-        return out
-    a_lab, a_conf = _scores(champ, texts)
-    b_lab, b_conf = _scores(chall, texts)
-    names = sorted(set(truth) | set(a_lab) | set(b_lab))
+    names = sorted(set(truth) | set(a_labels) | set(b_labels))
     index = {n: i for i, n in enumerate(names)}
     y = np.array([index[t] for t in truth])
-    a = np.array([index[p] for p in a_lab])
-    b = np.array([index[p] for p in b_lab])
-    boot = paired_bootstrap(y, a, b, len(names), resamples=params.bootstrap_resamples, seed=seed)
-    ece_a, _ = ece_mce(a_conf, a == y)
-    ece_b, _ = ece_mce(b_conf, b == y)
-    out.update({"accuracy": boot["accuracy"], "macro_f1": boot["macro_f1"],
-                "ece": {"a": float(ece_a), "b": float(ece_b), "diff": float(ece_b - ece_a)},
-                "agreement": float((a == b).mean())})
+    a = np.array([index[p] for p in a_labels])
+    b = np.array([index[p] for p in b_labels])
+    boot = paired_bootstrap(y, a, b, len(names), resamples=resamples, seed=seed)
+    ece_a, _ = ece_mce(np.asarray(a_conf, dtype=np.float64), a == y)
+    ece_b, _ = ece_mce(np.asarray(b_conf, dtype=np.float64), b == y)
+    return {"accuracy": boot["accuracy"], "macro_f1": boot["macro_f1"],
+            "ece": {"a": float(ece_a), "b": float(ece_b), "diff": float(ece_b - ece_a)},
+            "agreement": float((a == b).mean())}
+
+
+def _compare_rows(df, excluded: int, champ, chall, params, seed: int) -> dict:
+    texts, truth = df["text"].tolist(), df["label"].astype(str).tolist()
+    out = {"rows": len(texts), "excluded": excluded}
+    if texts:
+        a_lab, a_conf = _scores(champ, texts)
+        b_lab, b_conf = _scores(chall, texts)
+        out.update(score_pair(truth, a_lab, a_conf, b_lab, b_conf, params.bootstrap_resamples, seed))
     return out
 
 
 def compare(root: Path, champion: str, challenger_export: Path, challenger_data: Path) -> dict:
     """The evidence for one champion/challenger pair (see the module doc). Raises NotComparable."""
-    from domaintune.evaluate.compare import fair_rows  # lazy: numpy-heavy evaluate package
-    from domaintune.tasks import export_task, load_predictor  # lazy: torch when a model loads
+    # lazy: numpy-heavy evaluate package
+    from domaintune.evaluate.compare import fair_rows
+
+    # lazy: torch when a model loads
+    from domaintune.tasks import export_task, load_predictor
 
     params = load_params(root / "params.yaml", "release")
     seed = load_params(root / "params.yaml", "base").seed
@@ -122,9 +134,8 @@ def compare(root: Path, champion: str, challenger_export: Path, challenger_data:
     mask, out_new = fair_rows(new["test"], ids, keys)
     ids, keys = _seen(new)
     mask_old, out_old = fair_rows(old["test"], ids, keys)
-    sets = {"new_rows": _compare_rows("new_rows", new["test"][mask], out_new, champ, chall, params, seed),
-            "champion_test": _compare_rows("champion_test", old["test"][mask_old], out_old, champ, chall,
-                                           params, seed)}
+    sets = {"new_rows": _compare_rows(new["test"][mask], out_new, champ, chall, params, seed),
+            "champion_test": _compare_rows(old["test"][mask_old], out_old, champ, chall, params, seed)}
     return {"champion": champion, "sets": sets, "max_regression": params.max_regression,
             "max_ece_increase": params.max_ece_increase, "resamples": params.bootstrap_resamples, "seed": seed,
             "level": 0.95}
@@ -202,7 +213,57 @@ def apply_decision(root: Path, version: str, result: dict) -> str:
 # ----------------------------------------------------------------------------- CLI: promote, reject
 
 
+SHADOW_LOG = Path("reports") / "shadow" / "live.jsonl"  # `serve --shadow challenger` (and the guard) log here
+
+
+def feedback_labels(root: Path) -> dict[str, str]:
+    """id -> label of the feedback rows `domaintune feedback` recorded (empty when there are none)."""
+    import csv
+
+    path = root / (load_params(root / "params.yaml", "ingest").feedback or "data/feedback.csv")
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as fh:
+        return {str(r["id"]): str(r["label"]) for r in csv.DictReader(fh) if r.get("id") and r.get("label")}
+
+
+def from_shadow(root: Path, log: Path | None = None) -> tuple[bool, str, dict]:
+    """Judge the waiting challenger on the requests `serve --shadow challenger` logged beside the champion:
+    (promote?, reason, evidence). Raises RegistryError when there is nothing to judge or too few requests."""
+    # lazy: numpy
+    from domaintune.monitor import guard
+
+    # lazy: numpy
+    from domaintune.serve.shadow import read_log
+
+    params = load_params(root / "params.yaml", "release")
+    champion, challenger = versions.served_version(root), promotion.challenger(root)
+    if challenger is None:
+        raise plumbing.RegistryError("no challenger waiting: nothing to judge from the shadow log")
+    log = Path(log) if log else root / SHADOW_LOG
+    rows = guard.pair_rows(read_log(log), champion, challenger)
+    if len(rows) < params.shadow_min_requests:
+        raise plumbing.RegistryError(f"{log}: {len(rows):,} requests logged with {challenger} shadowing {champion}; "
+                                     f"release.shadow_min_requests is {params.shadow_min_requests:,}")
+    seed = load_params(root / "params.yaml", "base").seed
+    verdict = guard.judge(rows, "shadow", params.max_regression, feedback_labels(root), params.bootstrap_resamples,
+                          seed)
+    line = (f"accuracy {verdict['diff']:+.3f} [{verdict['low']:+.3f}, {verdict['high']:+.3f}] vs {champion} on "
+            f"{verdict['rows']:,} live requests ({verdict['basis']}; agreement {verdict['agreement']:.3f})")
+    evidence = {"policy": "shadow", "champion": champion, "log": str(log), "shadow": verdict}
+    if verdict["not_worse"]:
+        return True, f"shadow: {line}", evidence
+    return False, f"shadow: {line} (lower bound under -{params.max_regression})", evidence
+
+
 def cmd_promote(args, root: Path) -> int:
+    if args.from_shadow:
+        with plumbing.repo_lock(root):
+            name = promotion.challenger(root)
+            ok, reason, evidence = from_shadow(root, args.log)
+            (promotion.promote if ok else promotion.reject)(root, name, reason, evidence)
+        print(f"{'promoted' if ok else 'rejected'} {name}: {reason}; served: {versions.served_version(root)}")
+        return 0
     with plumbing.repo_lock(root):
         note = rollback.recover(root)
         if note:
@@ -237,9 +298,13 @@ def add_parsers(add, root_of) -> None:
     p = add("promote", lambda args: cmd_promote(args, root_of(args)),
             "serve a challenger (or any published version): GTO stage prod",
             "domaintune promote                 # the waiting challenger",
-            "domaintune promote v1.3.0 --reason 'reviewed the error table'")
+            "domaintune promote v1.3.0 --reason 'reviewed the error table'",
+            "domaintune promote --from-shadow      # judge the challenger on the requests it shadowed")
     p.add_argument("version", nargs="?", default=None, help="version to promote (none: the waiting challenger)")
     p.add_argument("--reason", default=None, help="why, recorded with the decision")
+    p.add_argument("--from-shadow", action="store_true", help="judge the waiting challenger on the live requests "
+                   "`serve --shadow challenger` logged (feedback labels where they exist): promote or reject it")
+    p.add_argument("--log", default=None, help=f"the shadow log (default: {SHADOW_LOG})")
     p = add("reject", lambda args: cmd_reject(args, root_of(args)),
             "turn a challenger down (GTO stage rejected), with the reason recorded",
             "domaintune reject                  # the waiting challenger",

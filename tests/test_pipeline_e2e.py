@@ -190,3 +190,44 @@ def test_every_path_and_command_the_readme_and_make_run_name_exists_or_runs(proj
     commands = set(build_parser()._subparsers._group_actions[0].choices)
     named = set(re.findall(r"(?:^|`|\$ )domaintune ([a-z][a-z-]+)", readme + "\n" + epilogue, re.M))
     assert named and named - commands == set(), named - commands
+
+
+def test_a_sabotaged_retrain_passes_the_gate_but_is_rejected_and_an_equal_one_is_promoted(project, capsys):
+    """Publishing is not promoting, on the real stages: a random head with lr 0 passes the (open) absolute gate
+    but loses the fair comparison with the served version and is rejected; prod stays. An equally good retrain
+    (the served params again, exported as float32 only: the same predictions, an interval of [0, 0]) is promoted.
+    Each decision's numbers are in metrics/promotion.json,
+    the version record and `domaintune versions`. (Runs last: it changes the workspace.)"""
+    from domaintune.registry import promotion, versions
+    from pipelines import promote
+    from pipelines.cli import main
+
+    root = project[0]
+    v1, _ = versions.publish(root, "make run", stage="prod")
+    good = yaml.safe_load((root / "params.yaml").read_text())["finetune"]
+
+    def retrain(values: dict) -> tuple[str, dict]:
+        set_params(root, {"export.variants": ["float32"], **values})
+        sh(root, "dvc", "repro", "-q")
+        result = promote.evaluate_challenger(root)
+        v, created = versions.publish(root, f"retrain {values}")
+        assert created
+        promote.apply_decision(root, v.version, result)
+        return v.version, result
+
+    bad, result = retrain({"finetune.head_init": "random", "finetune.lr": 0.0})
+    assert result["decision"] == "reject" and result["champion"] == v1.version
+    new_rows = result["evidence"]["sets"]["new_rows"]
+    assert new_rows["rows"] > 0 and new_rows["excluded"] == 0  # same data: no test row was ever trained on
+    assert new_rows["accuracy"]["high"] < 0 and "lower bound under -0.005" in result["reason"]
+    assert versions.served_version(root) == v1.version
+    recorded = json.loads(sh(root, "git", "show", f"{versions.get_version(root, bad).commit}:metrics/promotion.json"))
+    assert recorded == result and versions.get_version(root, bad).record["metrics"]["promotion"] == result
+    assert promotion.status(root)[bad]["stage"] == "rejected"
+
+    same, result = retrain({"finetune.head_init": good["head_init"], "finetune.lr": good["lr"]})
+    assert result["decision"] == "promote", result["reason"]
+    assert versions.served_version(root) == same
+    assert main(["versions", "--repo", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"  {bad} rejected: macro_f1" in out and f"  {same} prod: vs {v1.version}: macro_f1" in out

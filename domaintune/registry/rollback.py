@@ -19,14 +19,17 @@ import base64
 import contextlib
 import contextvars
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
 from typing import Iterator
 
+from domaintune.registry import promotion
 from domaintune.registry.cache import cache_dir, check_workspace, verify_objects
 from domaintune.registry.plumbing import (
     ARTIFACT,
+    CHALLENGER_STAGE,
     SERVED_STAGE,
     BusyError,
     Out,
@@ -191,9 +194,30 @@ def _complete(root: Path, version: Version, promote: dict, run: str) -> str:
                message=promote.get("message") or
                f"{promote.get('op', 'promote')} {version.version} (completed after an interruption)")
         done.append(f"assigned {version.version} to stage {stage}" + (", now served" if stage == SERVED_STAGE else ""))
+    if stage == CHALLENGER_STAGE:
+        said = _decide_pending(root, version)
+        if said:
+            done.append(said)
     if not done:
         return f"found {run}: {version.tag} was registered and in stage {stage} already; nothing left to do"
     return f"completed {run} of {version.tag}: it was registered, not in stage {stage}; {' and '.join(done)}"
+
+
+def _decide_pending(root: Path, version: Version) -> str | None:
+    """Carry out the promotion decision a killed retrain recorded with its version (metrics/promotion.json at
+    its commit) when the version is still the undecided challenger."""
+    raw = git_bytes(root, version.commit, "metrics/promotion.json")
+    try:
+        decision = json.loads(raw) if raw else {}
+    except ValueError:
+        return None
+    if decision.get("decision") not in ("promote", "reject") or promotion.challenger(root) != version.version:
+        return None
+    if decision["decision"] == "promote" and stage_version(root, SERVED_STAGE) != version.version:
+        promotion.promote(root, version.version, decision.get("reason", ""), decision)
+        return f"promoted {version.version} as its retrain decided, now served"
+    promotion.reject(root, version.version, decision.get("reason", ""), decision)
+    return f"rejected {version.version} as its retrain decided"
 
 
 def recover_if_idle(root: Path) -> str | None:

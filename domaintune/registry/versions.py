@@ -286,7 +286,13 @@ def publish(root: Path, summary: str = "retrain", remote: str | None = None,
     register(str(root), ARTIFACT, commit, version=version, message=tag_msg)
     fault_point("registered")
     assign(str(root), ARTIFACT, stage, version=version, message=message)
-    write_journal(root, None)
+    if stage == CHALLENGER_STAGE:
+        # The run's changes are the version now (no undo), but its promotion decision is still due: a kill
+        # before it is made is completed by the next command (rollback.recover, from metrics/promotion.json).
+        write_journal(root, {"promote": {"op": "decide", "tag": tag, "commit": commit, "stage": stage,
+                                         "message": message}})
+    else:
+        write_journal(root, None)
     return get_version(root, version), True
 
 

@@ -194,7 +194,8 @@ def test_sigkill_after_the_tag_the_next_retrain_serves_that_version(proj, capsys
     assert "unchanged, current version: domaintune@v1.2.0" in out
     assert len(said) == 1 and re.fullmatch(
         r"domaintune retrain: completed an interrupted retrain \(pid \d+, started [\d: -]+\) of domaintune@v1\.2\.0: "
-        r"it was registered, not in stage prod; assigned v1\.2\.0 to stage prod, now served", said[0]), said
+        r"it was registered, not in stage challenger; assigned v1\.2\.0 to stage challenger and promoted v1\.2\.0 "
+        r"as its retrain decided, now served", said[0]), said
     assert epochs_published(proj) == {"v1.0.0": 3, "v1.1.0": 4, "v1.2.0": 6}  # 6 was applied by the run that published it
     assert sh(proj, "git", "status", "--porcelain").strip() == ""
     assert not (proj / plumbing.JOURNAL_PATH).exists()
