@@ -358,6 +358,9 @@ def main() -> int:
     result = json.loads(OUT.read_text()) if OUT.exists() else {}
     result.pop("complete", None)
     result["accuracy_coverage"] = coverage_section()
+    # the other sections are kept as bench/drift.py last wrote them: say which one this run refreshed
+    result["refreshed_by_last_run"] = {"sections": ["accuracy_coverage"], "by": "bench/drift_coverage.py",
+                                       "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if "accuracy_coverage" not in result.get("sections_added_later", []):
         add_section(result, "accuracy_coverage")
     OUT.write_text(json.dumps({"complete": False, **result}, indent=2, default=float) + "\n")
