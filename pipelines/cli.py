@@ -195,8 +195,14 @@ def cmd_monitor(args) -> int:
         _quiet_prefect()
         return run_flows(ms)
 
+    def retrain_deployment(root):
+        # lazy: loads prefect (only called when PREFECT_API_URL is set: no temporary server is started)
+        from pipelines.monitor import run_retrain_deployment
+
+        return run_retrain_deployment(root)
+
     return run_monitor(MonitorSettings.of(vars(args)), load_predictor, flow=args.flow, flow_runner=as_flows,
-                       check_model=export_task)
+                       check_model=export_task, deployment_runner=retrain_deployment)
 
 
 def cmd_schedule(args) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from domaintune.monitor.monitoring import check_arguments, run_local, telemetry_off
@@ -21,11 +22,37 @@ telemetry_off()
 
 from prefect import flow, get_run_logger  # noqa: E402 - telemetry switches first
 
+from pipelines.retrain import DEPLOYMENT_NAME, retrain_flow  # noqa: E402 - telemetry switches first
+
+RETRAIN_FLOW = retrain_flow.name
+
+
+def run_retrain_deployment(root: Path) -> dict | None:
+    """monitor.on_drift retrain: run a Prefect deployment of the retrain flow for this project, if the API
+    (PREFECT_API_URL) knows one: `domaintune schedule`'s (DEPLOYMENT_NAME) first, else any whose repo parameter
+    is this project (`domaintune deploy`'s). Returns {"kind": "deployment", "deployment", "flow_run_id"}, or None
+    when there is none (the caller then starts a local retrain). Never starts a server: callers look only when
+    PREFECT_API_URL is set."""
+    # lazy: the client and run_deployment load only when a retrain is due and PREFECT_API_URL is set
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.deployments import run_deployment
+
+    root = Path(root).resolve()
+    with get_client(sync_client=True) as client:
+        found = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[RETRAIN_FLOW])))
+    mine = [d for d in found if Path(str((d.parameters or {}).get("repo") or ".")).resolve() == root]
+    if not mine:
+        return None
+    dep = min(mine, key=lambda d: d.name != DEPLOYMENT_NAME)
+    run = run_deployment(name=f"{RETRAIN_FLOW}/{dep.name}", timeout=0)
+    return {"kind": "deployment", "deployment": f"{RETRAIN_FLOW}/{dep.name}", "flow_run_id": str(run.id)}
+
 
 def _run(batch: str | None, watch: str | None, repo: str, **kw) -> list[dict]:
     ms = MonitorSettings(batch=batch, watch=watch, repo=repo, **kw)
     texts = check_arguments(ms, export_task)
-    verdicts = run_local(ms, texts, load_predictor)
+    verdicts = run_local(ms, texts, load_predictor, run_retrain_deployment)
     log = get_run_logger()
     for v in verdicts:
         (log.warning if v["drift"] else log.info)("%s: %s", v["batch"], "DRIFT: " + "; ".join(v["reasons"])

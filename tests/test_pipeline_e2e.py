@@ -161,6 +161,7 @@ WRITTEN_LATER = {
     "models/tiny-llama": "python -m domaintune.modeling.tinyllm", "models/checkpoints": "finetune (while it runs)",
     "models/dapt_checkpoints": "dapt (while it runs)", "dvc_plots/index.html": "dvc plots show",
     "reports/shadow/v1.3.0.jsonl": "serve --shadow v1.3.0",
+    "reports/retrain.json": "monitor with monitor.on_drift: retrain, when it starts a local retrain",
 }
 
 

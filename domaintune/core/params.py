@@ -513,6 +513,9 @@ class MonitorParams:
     # retrain needs the estimated accuracy (CBPE) under this as well as a drift alarm; null: a significant
     # drop of more than drift.max_accuracy_drop below the reference's estimate.
     retrain_below: float | None = None
+    # on_drift retrain runs this command with --repo ROOT appended, detached, when no Prefect deployment of the
+    # retrain flow is found; null: the retrain CLI (python -m pipelines.cli retrain)
+    retrain_command: str | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.on_drift, ON_DRIFT, "monitor", "on_drift")

@@ -6,6 +6,7 @@
 - settings.py    MonitorSettings: the monitor's paths and their defaults (light: the CLI's --help reads it)
 - monitoring.py  `domaintune monitor`: batches, folders, history, review queue, alarms
 - report.py      the monitor's HTML report
+- policy.py      monitor.on_drift: report, review queue or retrain, on correlated evidence only
 
 Nothing is imported here: import the module you need, so a stage (and its DVC deps) loads only
 what it uses and the CLI answers --help at once.

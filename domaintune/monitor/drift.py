@@ -456,7 +456,7 @@ def _accuracy_section(baseline: Baseline, batch: BatchProfile, params, level: fl
     rows: like with like; the measured reference accuracy is shown beside it, measured with measured), and
     the one-sided test of a drop larger than drift.max_accuracy_drop at the Bonferroni-corrected level."""
     ref_conf, ref_ok = reference_correct(baseline)
-    est = dt.estimated_accuracy(batch.probs.max(axis=1), ref_conf, ref_ok)
+    est = dt.estimated_accuracy(batch.probs.max(axis=1), ref_conf, ref_ok, groups=batch.texts)
     f1 = dt.estimated_performance(batch.probs)
     measured = baseline.profile["reference_measured"]
     expected = baseline.profile.get("reference_expected") or {}
@@ -488,7 +488,8 @@ def _accuracy_section(baseline: Baseline, batch: BatchProfile, params, level: fl
             "reliable": reliable, "reliability": reliability,
             "method": "CBPE with calibration uncertainty: each text's calibrated top probability is mapped to "
                       "P(correct) by a logistic fit on the validation rows (those the temperature was fitted on); "
-                      "95% CI from the batch's Poisson-binomial variance plus the spread of the estimate over "
+                      "95% CI from the batch's Poisson-binomial variance (identical texts share one outcome) plus "
+                      "the spread of the estimate over "
                       f"{dt.ACCURACY_BOOTSTRAP} refits on bootstrap resamples of those rows. Macro-F1 from the "
                       "expected confusion matrix, Poisson-bootstrap CI (sampling only)"}
 

@@ -45,13 +45,14 @@ from domaintune.core.stage import check_apart
 from domaintune.data.sources import read_file, read_lines
 from domaintune.modeling.encoders import set_threads
 from domaintune.monitor.drift import CONF_COLUMN, PRED_COLUMN, Baseline, judge, validation_frame
+from domaintune.monitor.policy import action_text, decide, running_retrain, start_local_retrain
 from domaintune.monitor.report import DetailsProcess, write_report
 from domaintune.monitor.settings import MonitorSettings
 
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 BATCH_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 HISTORY_COLUMNS = ("time", "index", "batch", "sha256", "rows", "drift", "estimated_accuracy", "accuracy_low",
-                   "accuracy_high", "reference_accuracy", "min_p_value", "drifted", "alarm", "error")
+                   "accuracy_high", "reference_accuracy", "min_p_value", "drifted", "alarm", "action", "error")
 REVIEW_COLUMNS = ("id", "text", "label", "predicted_label", "confidence", "batch", "batch_sha256")
 
 
@@ -137,7 +138,7 @@ def check_arguments(ms: MonitorSettings, check_model: Callable[[Path], object] |
             raise DataError(root / value, None, None, f"{flag}: no such folder; run the pipeline (dvc repro) first")
     if (root / out).exists() and not (root / out).is_dir():
         raise DataError(root / out, None, None, "--out: exists and is not a folder")
-    load_params(root / "params.yaml", "drift")  # a bad params.yaml fails here, naming file and key
+    load_params(root / "params.yaml", "drift", "monitor")  # a bad params.yaml fails here, naming file and key
     if watch is not None:
         if not (root / watch).is_dir():
             raise DataError(root / watch, None, None, "--watch: no such folder")
@@ -154,10 +155,13 @@ def file_sha256(path: Path) -> str:
 
 
 def judge_texts(texts: Sequence[str], baseline_dir: str | Path, predictor, params, out: str | Path,
-                batch_name: str, details: bool = True, timings: dict | None = None, renderer=None):
+                batch_name: str, details: bool = True, timings: dict | None = None, renderer=None,
+                act: Callable[[dict, object], dict] | None = None):
     """Profile + judge one batch, write verdict.json and report.html into `out` (atomically).
     Returns (verdict, profile). `timings`, when given, receives the seconds of each phase; `renderer`
-    (a monitor_report.DetailsProcess) renders evidently's details out of process."""
+    (a monitor_report.DetailsProcess) renders evidently's details out of process; `act(verdict, profile)`,
+    when given, acts on the verdict before it is written (monitor.on_drift) and returns what it did, which the
+    verdict keeps under "action"."""
     clock = [time.perf_counter()]
     timings = {} if timings is None else timings
 
@@ -179,6 +183,8 @@ def judge_texts(texts: Sequence[str], baseline_dir: str | Path, predictor, param
     # no label set (base.task generation): the confidence column is prompt familiarity, not a probability of
     # being right, so nothing is queued for review
     verdict["review_queued"] = int((prof.frame["confidence"] < params.review_below).sum()) if baseline.labels else 0
+    if act is not None:
+        verdict["action"] = act(verdict, prof)
     lap("judge_s")
     numeric = [c for c in baseline.profile["numeric_features"] if c in prof.frame.columns]
     with atomic_output(out) as tmp:
@@ -191,10 +197,30 @@ def judge_texts(texts: Sequence[str], baseline_dir: str | Path, predictor, param
     return verdict, prof
 
 
-def append_history(path: Path, verdict: dict | None, batch: str, sha: str, alarm: str = "", error: str = "") -> None:
-    """One CSV row per judged batch (header written with the first)."""
+def upgrade_history(path: Path) -> None:
+    """A history an older domaintune wrote (fewer columns, e.g. no `action`) is rewritten with today's header,
+    its rows kept and the new cells empty, so every row of the file has the same columns."""
+    with path.open(encoding="utf-8", newline="") as fh:
+        header = next(csv.reader(fh), None)
+    if header is None or tuple(header) == HISTORY_COLUMNS:
+        return
+    with path.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with atomic_output(path) as tmp:
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=[*HISTORY_COLUMNS, *(c for c in header if c not in HISTORY_COLUMNS)],
+                               restval="")
+            w.writeheader()
+            w.writerows(rows)
+
+
+def append_history(path: Path, verdict: dict | None, batch: str, sha: str, alarm: str = "", error: str = "",
+                   action: str = "") -> None:
+    """One CSV row per judged batch (header written with the first; an older header is upgraded first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        upgrade_history(path)
     index = 0 if new else sum(1 for _ in path.open(encoding="utf-8")) - 1
     acc = (verdict or {}).get("accuracy") or {}
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "index": index, "batch": batch,
@@ -205,11 +231,15 @@ def append_history(path: Path, verdict: dict | None, batch: str, sha: str, alarm
            "accuracy_high": acc.get("ci_high", ""), "reference_accuracy": acc.get("reference_estimated", ""),
            "min_p_value": min(verdict["p_values"].values()) if verdict else "",
            "drifted": " ".join(s for s, v in (verdict or {}).get("signals", {}).items() if v["drifted"]),
-           "alarm": alarm, "error": error}
+           "alarm": alarm, "action": action, "error": error}
     # `dvc plots show` copies every cell into a <script> unescaped: "</" would end it and blank the page
     row = {k: v.replace("</", "<\\/") if isinstance(v, str) else v for k, v in row.items()}
+    if not new:
+        with path.open(encoding="utf-8", newline="") as fh:
+            header = next(csv.reader(fh))
+    fields = HISTORY_COLUMNS if new else header
     with path.open("a", encoding="utf-8", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=fields, restval="")
         if new:
             w.writeheader()
         w.writerow(row)
@@ -278,27 +308,67 @@ def raise_alarm(verdict_path: Path, verdict: dict, command: str, webhook: str) -
 
 
 def _settings(ms: MonitorSettings, root: Path, params) -> dict:
-    return {"baseline": root / ms.baseline, "model": root / ms.model, "out": root / ms.out,
+    return {"root": root, "policy": load_params(root / "params.yaml", "monitor"), "baseline": root / ms.baseline,
+            "model": root / ms.model, "out": root / ms.out,
             "history": root / ms.history, "review_queue": root / ms.review_queue,
             "alarm_command": ms.alarm_command if ms.alarm_command is not None else params.alarm_command,
             "alarm_webhook": ms.alarm_webhook if ms.alarm_webhook is not None else params.alarm_webhook,
             "text_column": ms.text_column, "id_column": ms.id_column or project_id_column(root / "params.yaml")}
 
 
-def monitor_file(path: Path, texts: Sequence[str] | None, predictor, params, s: dict, out: Path) -> dict:
-    """Judge one batch file end to end: verdict + report in `out`, history row, review queue, alarm."""
-    sha = file_sha256(path)
-    texts = read_batch(path, s["text_column"]) if texts is None else texts
-    verdict, prof = judge_texts(texts, s["baseline"], predictor, params, out, str(path), renderer=s.get("details"))
-    if predictor.labels:
+def trigger_retrain(s: dict) -> dict:
+    """Start the retrain flow: the Prefect deployment of the retrain flow when PREFECT_API_URL is set and one
+    exists (s["deployment_runner"](root) runs it and returns {"kind": "deployment", ...}, or None when there is
+    none; pipelines/ passes it, this library never imports Prefect), else a detached local retrain
+    (policy.start_local_retrain). A local retrain a monitor run started that is still running is not started
+    twice; neither is one per batch of a --watch pass."""
+    log_dir = s["history"].parent
+    running = s.get("retrain_started") or running_retrain(log_dir)
+    if running:
+        return {**running, "kind": "running"} if running["kind"] == "local" else running
+    found = None
+    runner = s.get("deployment_runner")
+    if runner is not None and os.environ.get("PREFECT_API_URL"):
+        try:
+            found = runner(s["root"])
+        except Exception as exc:  # noqa: BLE001 - API down, auth, ...: the local retrain still runs, and says why
+            print(f"monitor: could not run the retrain deployment ({type(exc).__name__}: {exc}); starting a local "
+                  "retrain", file=sys.stderr)
+    started = found or start_local_retrain(s["root"], s["policy"].retrain_command, log_dir)
+    s["retrain_started"] = started
+    return started
+
+
+def act_on(verdict: dict, prof, path: Path, sha: str, predictor, params, s: dict) -> dict:
+    """monitor.on_drift on one verdict: the review queue (review, retrain), the retrain flow (retrain, on a drift
+    alarm AND an estimated-accuracy drop: policy.decide). Returns the decision with what was done."""
+    policy = s["policy"]
+    decision = decide(verdict, policy.on_drift, policy.retrain_below)
+    queued = None
+    if decision["review"] and predictor.labels:
         ids = batch_ids(path, s["id_column"])
         if ids is None and path.suffix.lower() != ".txt":
             print(f"monitor: {path} has no id column {s['id_column']!r}; review queue ids are <batch hash>:<row>",
                   file=sys.stderr)
-        append_review_queue(s["review_queue"], prof, params.review_below, str(path), sha, ids)
+        queued = append_review_queue(s["review_queue"], prof, params.review_below, str(path), sha, ids)
+    retrain = trigger_retrain(s) if decision["retrain"] else None
+    return {**decision, "review_queued": queued, "retrain_run": retrain, "taken": action_text(queued, retrain)}
+
+
+def monitor_file(path: Path, texts: Sequence[str] | None, predictor, params, s: dict, out: Path) -> dict:
+    """Judge one batch file end to end: verdict + report in `out`, the action monitor.on_drift asks for (review
+    queue, retrain), history row, alarm."""
+    sha = file_sha256(path)
+    texts = read_batch(path, s["text_column"]) if texts is None else texts
+
+    def act(verdict: dict, prof) -> dict:
+        return act_on(verdict, prof, path, sha, predictor, params, s)
+
+    verdict, prof = judge_texts(texts, s["baseline"], predictor, params, out, str(path), renderer=s.get("details"),
+                                act=act)
     alarm = raise_alarm(out / "verdict.json", verdict, s["alarm_command"], s["alarm_webhook"]) if verdict["drift"] \
         else ""
-    append_history(s["history"], verdict, str(path), sha, alarm)
+    append_history(s["history"], verdict, str(path), sha, alarm, action=verdict["action"]["taken"])
     return verdict
 
 
@@ -333,12 +403,15 @@ def monitor_folder(folder: Path, predictor, params, s: dict) -> list[dict]:
     return verdicts
 
 
-def run_local(ms: MonitorSettings, texts: list[str], load: Callable) -> list[dict]:
+def run_local(ms: MonitorSettings, texts: list[str], load: Callable,
+              deployment_runner: Callable[[Path], dict | None] | None = None) -> list[dict]:
     """The one-shot (or one watch pass) in this process: load the model once (`load(folder, batch_size=,
-    device=)`, the caller's loader), judge."""
+    device=)`, the caller's loader), judge. `deployment_runner(root)` runs the retrain flow's Prefect deployment
+    when one exists (trigger_retrain)."""
     root = Path(ms.repo)
     base, params = load_params(root / "params.yaml", "base", "drift")
     s = _settings(ms, root, params)
+    s["deployment_runner"] = deployment_runner
     s["details"] = DetailsProcess()  # imports evidently on the other core while the model loads
     try:
         set_threads()
@@ -352,7 +425,8 @@ def run_local(ms: MonitorSettings, texts: list[str], load: Callable) -> list[dic
 
 def run_monitor(ms: MonitorSettings, load: Callable, flow: bool = False,
                 flow_runner: Callable[[MonitorSettings], list[dict]] | None = None,
-                check_model: Callable[[Path], object] | None = None) -> int:
+                check_model: Callable[[Path], object] | None = None,
+                deployment_runner: Callable[[Path], dict | None] | None = None) -> int:
     """`domaintune monitor`: check, then judge in-process, or (flow, or PREFECT_API_URL set) through
     `flow_runner(ms) -> verdicts` (pipelines/cli.py passes the Prefect flows of pipelines/monitor.py;
     domaintune/ never imports pipelines/). `load` opens the model, `check_model` vets its folder first
@@ -365,7 +439,7 @@ def run_monitor(ms: MonitorSettings, load: Callable, flow: bool = False,
         if (flow or os.environ.get("PREFECT_API_URL")) and flow_runner is not None:
             verdicts = flow_runner(ms)
         else:
-            verdicts = run_local(ms, texts, load)
+            verdicts = run_local(ms, texts, load, deployment_runner)
     except UnjudgedBatches as exc:  # the judged ones are still reported; then exit 2 with the count
         verdicts, unjudged = exc.verdicts, exc
     for v in verdicts:
@@ -385,6 +459,9 @@ def summary_line(v: dict) -> str:
                               f" vs {acc['reference_estimated']:.3f} estimated the same way on the reference "
                               f"(measured there: {acc['reference_measured']:.3f})"
                               + ("" if acc.get("reliable", True) else f"; {acc['reliability']}"))
+    act = v.get("action") or {}
+    if act.get("on_drift") == "retrain":  # the retrain policy says what it did and why, on every batch
+        est += f"; action: {act['taken']} ({act['reason']})"
     small = [name for name, s in v.get("signals", {}).items() if s.get("significant") and not s["drifted"]]
     head = ("DRIFT: " + "; ".join(v["reasons"])) if v["drift"] else \
         (f"no drift: {v['rows']} texts, no signal both significant at {v['false_alarm_rate']} overall and "

@@ -272,9 +272,25 @@ def recalibrated(confidence: np.ndarray, theta: np.ndarray) -> np.ndarray:
     return _sigmoid(theta[:, :1] + theta[:, 1:] * x[None, :])
 
 
+def batch_sampling_var(p: np.ndarray, groups: Sequence | np.ndarray | None = None) -> float:
+    """Variance of a batch's measured accuracy given each text's P(correct) `p` [m]: the texts' outcomes are
+    independent Bernoulli(p_i) (Poisson-binomial, sum p_i (1 - p_i) / m^2), except that texts of one group
+    (`groups`: the same value for identical texts) share one outcome, since the same text gets the same
+    prediction: a group of c copies adds c^2 p (1 - p). A batch that repeats its texts carries the information
+    of its distinct texts only."""
+    p = np.asarray(p, dtype=np.float64)
+    m = len(p)
+    if groups is None:
+        return float((p * (1.0 - p)).sum()) / (m * m)
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    count = np.bincount(inverse)
+    share = np.bincount(inverse, weights=p) / count      # one P per group (identical texts: identical P)
+    return float((count * count * share * (1.0 - share)).sum()) / (m * m)
+
+
 def estimated_accuracy(confidence: np.ndarray, ref_confidence: np.ndarray, ref_correct: np.ndarray,
                        z: float = 1.96, boot: int = ACCURACY_BOOTSTRAP, seed: int = 0,
-                       prior: float = RECALIBRATION_PRIOR) -> dict:
+                       prior: float = RECALIBRATION_PRIOR, groups: Sequence | np.ndarray | None = None) -> dict:
     """The label-free accuracy of a batch from its calibrated top probabilities `confidence` [m], with an
     interval that holds both sources of error:
       calibration  the confidence -> P(correct) map (fit_recalibration) is fitted on the n validation rows
@@ -282,19 +298,20 @@ def estimated_accuracy(confidence: np.ndarray, ref_confidence: np.ndarray, ref_c
                    bootstrap resamples of those rows, and the spread of the batch's estimate over the refits
                    is its calibration variance;
       sampling     given the map, the batch's correctness indicators are independent Bernoulli(P_i)
-                   (Poisson-binomial variance sum P_i (1 - P_i) / m^2).
+                   (Poisson-binomial variance sum P_i (1 - P_i) / m^2), identical texts (`groups`, e.g. the
+                   texts themselves) sharing one outcome (batch_sampling_var).
     Interval: estimate +- z * sqrt(both). The reference's estimate is the same estimator on the validation
     rows (like with like), and the drop (reference estimate - batch estimate) gets its own standard error
     from the same refits (the calibration error the two share cancels) plus the batch's sampling variance."""
     conf = np.asarray(confidence, dtype=np.float64)
     ref_conf = np.asarray(ref_confidence, dtype=np.float64)
     ref_ok = np.asarray(ref_correct, dtype=np.float64)
-    m, n = len(conf), len(ref_conf)
+    n = len(ref_conf)
     theta = fit_recalibration(ref_conf, ref_ok, prior=prior)
     p = recalibrated(conf, theta)
     acc = float(p.mean())
     ref_acc = float(recalibrated(ref_conf, theta).mean())
-    sampling_var = float((p * (1.0 - p)).sum()) / (m * m)
+    sampling_var = batch_sampling_var(p, groups)
     counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=boot).astype(np.float64)
     thetas = fit_recalibration(ref_conf, ref_ok, counts, prior=prior)
     acc_b = recalibrated(conf, thetas).mean(axis=1)

@@ -311,3 +311,67 @@ def test_review_queue_carries_the_batchs_own_ids_and_hash(project, capsys):
         later = list(csv.DictReader(fh))[len(rows):]
     sha = hashlib.sha256(plain.read_bytes()).hexdigest()
     assert later and all(r["id"].startswith(sha[:12] + ":") and r["batch_sha256"] == sha for r in later)
+
+
+def _wait_for_lines(path: Path, n: int, seconds: float = 30.0) -> list[str]:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= n:
+            return lines
+        time.sleep(0.1)
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_on_drift_retrain_starts_the_retrain_once_on_drift_and_a_drop_and_never_on_drift_alone(
+        project, tmp_path, capsys, monkeypatch):
+    """monitor.on_drift: retrain with monitor.retrain_command pointed at a real script that records its argv: a
+    drifted batch whose estimate is under retrain_below starts it exactly once, with --repo ROOT, detached, its
+    pid and log in verdict.json, the history's action column and reports/retrain.json; the same drift with an
+    estimate over retrain_below (drift alone) starts nothing; on_drift: report queues no texts for review."""
+    import shutil
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # no Prefect API: the local retrain, no server started
+    root = tmp_path / "p"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns("reports", "*.csv"))
+    record = tmp_path / "retrain_argv.jsonl"
+    (tmp_path / "fake_retrain.py").write_text(
+        "import json, sys\nwith open(sys.argv[1], 'a') as fh:\n    fh.write(json.dumps(sys.argv[2:]) + '\\n')\n")
+
+    def policy(on_drift: str, below: float) -> None:
+        (root / "params.yaml").write_text(
+            DRIFT_YAML + f"monitor:\n  on_drift: {on_drift}\n  retrain_below: {below}\n"
+            f"  retrain_command: \"{sys.executable} {tmp_path / 'fake_retrain.py'} {record}\"\n")
+
+    policy("retrain", 1.0)  # every estimate is under 1.0: the drop is there whenever drift is
+    assert cli("monitor", "--batch", "other.txt", "--repo", str(root), "--out", "reports/other") == 1
+    lines = _wait_for_lines(record, 1)
+    assert [json.loads(x) for x in lines] == [["--repo", str(root.resolve())]]
+    verdict = json.loads((root / "reports" / "other" / "verdict.json").read_text())
+    act = verdict["action"]
+    assert act["retrain"] and act["evidence"]["drifted_signals"] and act["evidence"]["accuracy_drop"]
+    assert act["reason"].startswith("retrain: drift in ")
+    run = act["retrain_run"]
+    assert run["kind"] == "local" and Path(run["log"]).parent == root / "reports"
+    assert json.loads((root / "reports" / "retrain.json").read_text())["pid"] == run["pid"]
+    with (root / "reports" / "monitor_history.csv").open(newline="") as fh:
+        hist = list(csv.DictReader(fh))
+    assert hist[0]["action"] == f"review queued {act['review_queued']}; retrain started pid {run['pid']} (log " \
+                                f"{run['log']})"
+    assert "action: review queued" in capsys.readouterr().out
+
+    policy("retrain", 0.0)  # the same drift, no estimate is under 0: drift alone
+    assert cli("monitor", "--batch", "other.txt", "--repo", str(root), "--out", "reports/alone") == 1
+    alone = json.loads((root / "reports" / "alone" / "verdict.json").read_text())["action"]
+    assert alone["evidence"]["drifted_signals"] and not alone["retrain"] and alone["retrain_run"] is None
+    assert "an estimated-accuracy drop missing" in alone["reason"]
+
+    policy("report", 1.0)  # drift and drop, but report: no review queue, no retrain
+    assert cli("monitor", "--batch", "other.txt", "--repo", str(root), "--out", "reports/report",
+               "--review-queue", "reports/report_queue.csv") == 1
+    assert not (root / "reports" / "report_queue.csv").exists()
+    with (root / "reports" / "monitor_history.csv").open(newline="") as fh:
+        assert [r["action"] for r in csv.DictReader(fh)][-1] == "none"
+    assert len(_wait_for_lines(record, 2, seconds=2.0)) == 1  # still the one retrain
