@@ -160,7 +160,7 @@ WRITTEN_LATER = {
     "reports/monitor/": "monitor", "reports/audit/generation_issues.csv": "generation audit",
     "models/tiny-llama": "python -m domaintune.modeling.tinyllm", "models/checkpoints": "finetune (while it runs)",
     "models/dapt_checkpoints": "dapt (while it runs)", "dvc_plots/index.html": "dvc plots show",
-    "reports/shadow/v1.3.0.jsonl": "serve --shadow v1.3.0",
+    "reports/shadow/v1.3.0.jsonl": "serve --shadow v1.3.0", "metrics/promotion.json": "retrain",
     "reports/retrain.json": "monitor with monitor.on_drift: retrain, when it starts a local retrain",
 }
 
@@ -194,7 +194,7 @@ def test_every_path_and_command_the_readme_and_make_run_name_exists_or_runs(proj
 
 
 def test_a_sabotaged_retrain_passes_the_gate_but_is_rejected_and_an_equal_one_is_promoted(project, capsys):
-    """Publishing is not promoting, on the real stages: a random head with lr 0 passes the (open) absolute gate
+    """Publishing is not promoting, on the real stages: a random head with lr 1e-12 passes the (open) absolute gate
     but loses the fair comparison with the served version and is rejected; prod stays. An equally good retrain
     (the served params again, exported as float32 only: the same predictions, an interval of [0, 0]) is promoted.
     Each decision's numbers are in metrics/promotion.json,
@@ -216,7 +216,7 @@ def test_a_sabotaged_retrain_passes_the_gate_but_is_rejected_and_an_equal_one_is
         promote.apply_decision(root, v.version, result)
         return v.version, result
 
-    bad, result = retrain({"finetune.head_init": "random", "finetune.lr": 0.0})
+    bad, result = retrain({"finetune.head_init": "random", "finetune.lr": 1.0e-12})  # lr 0 is refused
     assert result["decision"] == "reject" and result["champion"] == v1.version
     new_rows = result["evidence"]["sets"]["new_rows"]
     assert new_rows["rows"] > 0 and new_rows["excluded"] == 0  # same data: no test row was ever trained on
