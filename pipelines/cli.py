@@ -32,6 +32,7 @@ from pipelines import predict as predict_command  # its own module; the import i
 from pipelines import promote as promote_command
 from pipelines.deploy import add_arguments as add_deploy_arguments
 from pipelines.deploy import run_from_args
+from pipelines.feedback import register as register_feedback
 from pipelines.serve import register as register_serving
 
 ERROR_EXIT = 2
@@ -370,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_command.add_parser(sub)
 
     register_serving(add)  # serve, shadow-report
+    register_feedback(add)
     ap.description = f"`domaintune`: {', '.join(sub.choices)}."  # every command, from the parser itself
     return ap
 

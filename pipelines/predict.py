@@ -10,6 +10,11 @@ The export is opened by domaintune.tasks.load_predictor, the one loader `serve` 
 The library work (streamed reading, bad-row checks, output) is domaintune/predict/batch.py;
 `--version` materialises the version's models/export from the DVC cache or remote into
 .domaintune/releases/ (domaintune/registry/release.py), md5-verified, without touching the workspace.
+
+A classifier's predictions are also logged (domaintune/predict/log.py; --prediction-log, default
+reports/predictions/predict.jsonl under --repo, next to serve's log, where `domaintune feedback` looks;
+'none' turns it off) under the version that made them: --version's name, "workspace" for the project's
+models/export, "dir:<folder>" for another --model folder.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from domaintune.core.params import project_id_column
 from domaintune.core.stage import check_apart
 from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS  # the one list
 from domaintune.export.variants import variant_arg
+from domaintune.predict.log import BACKUPS, LOG_TEXT, MAX_BYTES, PredictionLog, file_sha256
 from domaintune.registry import release
 from domaintune.registry.plumbing import RegistryError
 from domaintune.tasks import export_task, load_predictor
@@ -33,7 +39,9 @@ EPILOG = """examples:
   domaintune predict batch.parquet --version v1.2.0 --out predictions.csv --on-bad-row skip
   domaintune predict prompts.csv --out responses.jsonl          # a generation export: id, text, response
   domaintune predict prompts.txt --temperature 0.7 --seed 1 --stop "###"
+  domaintune predict tickets.csv --out p.jsonl --prediction-log none   # do not log the predictions
 """
+PREDICTION_LOG = "reports/predictions/predict.jsonl"  # --prediction-log's default, under --repo
 GENERATION_FLAGS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
 RULES = {"max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
          "temperature": (lambda v: v >= 0, "must be >= 0 (0: greedy)"),
@@ -65,7 +73,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "predict the rest (default: error)")
     p.add_argument("--chunk-size", type=int, default=1024, help="rows read and predicted at a time (default: 1024)")
     p.add_argument("--batch-size", type=int, default=64, help="texts per model call (default: 64)")
-    p.add_argument("--repo", default=".", help="project root, for --version (default: .)")
+    p.add_argument("--repo", default=".", help="project root, for --version and the prediction log (default: .)")
+    p.add_argument("--prediction-log", default=PREDICTION_LOG, metavar="FILE",
+                   help="JSONL every classifier prediction is logged to (id, version, calibrated probabilities), "
+                        f"for `domaintune feedback`; relative to --repo; 'none': off (default: {PREDICTION_LOG})")
+    p.add_argument("--log-text", default="hash", choices=LOG_TEXT,
+                   help="how the prediction log stores each text: its SHA-256, the text, or neither (default: hash)")
+    p.add_argument("--prediction-log-mb", type=float, default=MAX_BYTES / (1 << 20), metavar="MB",
+                   help=f"the prediction log is rotated before it passes this size (default: {MAX_BYTES >> 20})")
+    p.add_argument("--prediction-log-files", type=int, default=BACKUPS, metavar="N",
+                   help=f"rotated prediction log files kept (default: {BACKUPS})")
     g = p.add_argument_group("generation exports (defaults: the export's generation_config.json)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per row at most")
     g.add_argument("--temperature", type=float, default=None, help="0: greedy; above 0: sampled")
@@ -103,11 +120,28 @@ def check_output(args) -> None:
     """--out, before anything is read or a model loads (core.stage.check_apart, the stages' check): not the
     input file, not inside it, not a folder holding it, not in the --model folder, and not an existing folder
     domaintune did not write (atomic_output would replace it)."""
-    if not args.out:
+    log = prediction_log_path(args)
+    if not args.out and log is None:
         return
-    paths = {"file": args.input, **({"--model": args.model} if args.version is None else {}), "--out": args.out}
-    check_apart(paths, ["--out"], ["--out"], how="--out must not be, contain or sit inside a path predict reads "
-                "(writing it would replace or alter that path)")
+    paths = {"file": args.input, **({"--model": args.model} if args.version is None else {}),
+             **({"--out": args.out} if args.out else {}), **({"--prediction-log": str(log)} if log else {})}
+    check_apart(paths, ["--out", "--prediction-log"], ["--out"], how="an output must not be, contain or sit inside "
+                "a path predict reads or writes (writing it would replace or alter that path)")
+
+
+def prediction_log_path(args) -> Path | None:
+    """--prediction-log: 'none' (off), else the file, relative to --repo."""
+    value = getattr(args, "prediction_log", "none")
+    return None if value.strip().lower() == "none" else Path(args.repo) / value
+
+
+def model_version(args, folder: Path) -> str:
+    """The name the prediction log gives the model (module doc)."""
+    if args.version is not None:
+        return args.version
+    if folder.resolve() == (Path(args.repo) / "models" / "export").resolve():
+        return "workspace"
+    return f"dir:{folder.resolve()}"
 
 
 def id_column(args) -> str:
@@ -137,13 +171,31 @@ def run(args) -> dict:
     predictor = load_predictor(folder, variant=args.variant, batch_size=args.batch_size)
     args.id_column = id_column(args)
     kw = dict(text_column=args.text_column, id_column=args.id_column, top_k=args.top_k, chunk=args.chunk_size,
-              on_bad_row=args.on_bad_row, generation=generation)
-    if out is None:
-        return bp.predict_file(predictor, src, sys.stdout, fmt, **kw)
-    with atomic_output(out) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            result = bp.predict_file(predictor, src, f, fmt, **kw)
-    return result
+              on_bad_row=args.on_bad_row, generation=generation, log=prediction_logger(args, folder, generation))
+    try:
+        if out is None:
+            return bp.predict_file(predictor, src, sys.stdout, fmt, **kw)
+        with atomic_output(out) as tmp:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                result = bp.predict_file(predictor, src, f, fmt, **kw)
+        return result
+    finally:
+        if kw["log"] is not None:
+            kw["log"].log.close()
+
+
+def prediction_logger(args, folder: Path, generation):
+    """The classifier's prediction logger (None: off, or a generation export, which has no probabilities)."""
+    # lazy: loads numpy, pandas
+    from domaintune.predict import batch as bp
+
+    path = prediction_log_path(args)
+    if path is None or generation is not None:
+        return None
+    if args.prediction_log_mb <= 0 or args.prediction_log_files < 0:
+        raise DataError("command line", None, None, "--prediction-log-mb must be > 0 and --prediction-log-files >= 0")
+    log = PredictionLog(path, args.log_text, max(1, int(args.prediction_log_mb * (1 << 20))), args.prediction_log_files)
+    return bp.PredictionLogger(log, model_version(args, folder), file_sha256(args.input))
 
 
 def cmd_predict(args) -> int:
@@ -154,7 +206,8 @@ def cmd_predict(args) -> int:
         return 2
     if result["ids"] == "row numbers" and Path(args.input).suffix.lower() != ".txt":
         print(f"domaintune predict: {args.input} has no id column {args.id_column!r}; ids are row numbers "
-              "(--id-column names another)", file=sys.stderr)
+              "(--id-column names another)" + ("; the prediction log keys them <input sha256[:12]>:<row>"
+                                               if prediction_log_path(args) else ""), file=sys.stderr)
     for row, fld, problem in result["bad_rows"]:
         where = f"row {row}" + (f": field {fld!r}" if fld else "")
         print(f"domaintune predict: skipped {args.input}: {where}: {problem}", file=sys.stderr)

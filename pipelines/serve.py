@@ -9,6 +9,7 @@ in-flight requests on Ctrl-C/SIGTERM), or on a background thread with `ServerThr
     domaintune serve                       # the registry's prod version, following rollbacks
     domaintune serve --model models/export # a folder (version "workspace"): a classifier or a generation export
     domaintune serve --shadow v1.3.0       # + a candidate on the same requests, both logged
+    domaintune serve --prediction-log none # every prediction is logged (reports/predictions/serve.jsonl) unless
     domaintune shadow-report reports/shadow/v1.3.0.jsonl
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ from domaintune.core.errors import DataError
 from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS
 from domaintune.export.variants import variant_arg
 from domaintune.serve.settings import ServeSettings
+
+PREDICTION_LOG = "reports/predictions/serve.jsonl"  # --prediction-log's default, under --repo
 
 
 def register(add) -> None:
@@ -52,7 +55,16 @@ def register(add) -> None:
     p.add_argument("--shadow-log", default=None, metavar="FILE",
                    help="JSONL of both predictions (default: reports/shadow/<candidate>.jsonl)")
     p.add_argument("--log-text", default=S.log_text, choices=("hash", "plain", "none"),
-                   help="how logs of requests (the shadow log) store each text: its SHA-256, the text, or neither")
+                   help="how logs of requests (prediction and shadow logs) store each text: its SHA-256, the text, "
+                        "or neither")
+    p.add_argument("--prediction-log", default=PREDICTION_LOG, metavar="FILE",
+                   help="JSONL of every prediction (id, version, calibrated probabilities), the log `domaintune "
+                        f"feedback` scores labels against; relative to --repo; 'none': off (default: {PREDICTION_LOG})")
+    p.add_argument("--prediction-log-mb", type=float, default=S.prediction_log_bytes / (1 << 20), metavar="MB",
+                   help="the prediction log is rotated (FILE.1 ... FILE.N) before it passes this size "
+                        f"(default: {S.prediction_log_bytes >> 20})")
+    p.add_argument("--prediction-log-files", type=int, default=S.prediction_log_files, metavar="N",
+                   help=f"rotated prediction log files kept (default: {S.prediction_log_files})")
     p.add_argument("--poll", type=float, default=S.poll_s, metavar="SECONDS",
                    help="how often to check the registry for a new served version")
     p.add_argument("--max-batch", type=int, default=S.max_batch, help="texts gathered into one batch")
@@ -93,7 +105,15 @@ def settings_from_args(args) -> ServeSettings:
                          max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
                          top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                          shadow=args.shadow, shadow_log=Path(args.shadow_log) if args.shadow_log else None,
-                         log_text=args.log_text, access_log=args.access_log)
+                         log_text=args.log_text, access_log=args.access_log,
+                         prediction_log=prediction_log_path(args.prediction_log, Path(args.repo)),
+                         prediction_log_bytes=max(1, int(args.prediction_log_mb * (1 << 20))),
+                         prediction_log_files=args.prediction_log_files)
+
+
+def prediction_log_path(value: str, repo: Path) -> Path | None:
+    """--prediction-log: 'none' (off), else the file, relative to --repo."""
+    return None if value.strip().lower() == "none" else repo / value
 
 
 def cmd_serve(args) -> int:

@@ -94,6 +94,7 @@ class IngestParams:
     response_column: str = "response"
     # base.task generation: a column of chat conversations instead (domaintune/data/chat.py); null = off.
     messages_column: Optional[str] = None
+    feedback: str | None = None
 
     def for_prompts(self) -> "IngestParams":
         """The view ingest reads prompt -> response data with (base.task generation): the prompt is the text

@@ -7,6 +7,7 @@
 - monitoring.py  `domaintune monitor`: batches, folders, history, review queue, alarms
 - report.py      the monitor's HTML report
 - policy.py      monitor.on_drift: report, review queue or retrain, on correlated evidence only
+- feedback.py    delayed labels: scoring each version on logged predictions (`domaintune feedback`)
 
 Nothing is imported here: import the module you need, so a stage (and its DVC deps) loads only
 what it uses and the CLI answers --help at once.

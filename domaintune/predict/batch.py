@@ -18,6 +18,9 @@ generation export (`generation=` given) id, text, the generated response, its fi
 too, found when its chunk is generated: with on_bad_row="error" the run stops there, after the rows before it
 were written to the stream (the CLI writes --out through atomic_output, so a file output is then not written
 at all; on stdout the rows before it have been printed).
+Prediction log: given a `PredictionLog` (domaintune/predict/log.py), every classifier prediction is logged as it
+is made, a chunk per write, under the row's id, or `<input sha256[:12]>:<row>` for a row whose id is its row
+number (the monitor review queue's ids for such rows), so row numbers of different files never collide there.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from typing import Iterator, Optional
 from domaintune.core.errors import DataError, missing_column
 from domaintune.core.progress import Progress
 from domaintune.data.sources import READABLE, SURROGATE, RawTable, iter_tables
+from domaintune.predict import log as predlog
 
 INPUT_FORMATS = READABLE  # .csv .tsv .jsonl .parquet .txt: what the sources readers read
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
@@ -47,6 +51,7 @@ class Record:
     text: Optional[str]
     field: Optional[str] = None  # set on a bad row: which field is wrong (None = the whole row)
     problem: Optional[str] = None
+    numbered: bool = False      # the id is the row number (no id column, or an empty id cell)
 
 
 @dataclass
@@ -97,6 +102,13 @@ def _row_id(value, row: int) -> tuple[Optional[str], Optional[str]]:
     return (str(int(f)) if f.is_integer() and abs(f) < 2**63 else repr(f)), None
 
 
+def _missing(value) -> bool:
+    """Whether an id cell is missing (None, blank or NaN): its id is the row number."""
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (isinstance(value, float) and value != value)
+
+
 def _part_records(t: RawTable, text_column: str, id_column: str, txt: bool) -> Iterator[Record]:
     cols = set(t.frame.columns)
     texts = t.frame["text" if txt else text_column].tolist() if (txt or text_column in cols) else [None] * len(t.rows)
@@ -112,7 +124,7 @@ def _part_records(t: RawTable, text_column: str, id_column: str, txt: bool) -> I
         if problem:
             yield Record(row, None, None, id_column, problem)
             continue
-        yield Record(row, rid, texts[i])
+        yield Record(row, rid, texts[i], numbered=_missing(ids[i]))
 
 
 def records(path: Path, text_column: str = "text", id_column: str = "id", chunk: int = 1024,
@@ -160,14 +172,32 @@ def chunks(path: Path, text_column: str, id_column: str, size: int) -> Iterator[
         yield buf
 
 
-def output_rows(predictor, batch: list[Record], top_k: int) -> list[dict]:
+def output_rows(predictor, batch: list[Record], top_k: int, log: PredictionLogger | None = None) -> list[dict]:
     texts = [r.text for r in batch]
     probs = predictor.predict_proba(texts)
     labels = predictor.labels_from_proba(probs)
     tops = predictor.top_k(probs, top_k)
+    if log is not None:
+        log(predictor, batch, probs, labels)
     return [{"id": r.id, "text": r.text, "label": lab, "confidence": round(top[0][1], 6),
              "top_k": [{"label": name, "confidence": round(p, 6)} for name, p in top]}
             for r, lab, top in zip(batch, labels, tops)]
+
+
+@dataclass
+class PredictionLogger:
+    """Logs `predict`'s predictions of one input file by one model version (module doc)."""
+    log: predlog.PredictionLog
+    version: str
+    input_sha256: str
+
+    def __call__(self, predictor, batch: list[Record], probs, labels: list[str]) -> None:
+        ids = [f"{self.input_sha256[:12]}:{r.row}" if r.numbered else r.id for r in batch]
+        extra = {"problem_type": "multi_label"} \
+            if getattr(predictor, "problem_type", "single_label") == "multi_label" else {}
+        self.log.write(predlog.records(ids, [r.text for r in batch], self.version, list(predictor.labels), probs,
+                                       labels, role="predict", source="predict", text=self.log.text,
+                                       input_sha256=self.input_sha256, **extra))
 
 
 def generated_rows(predictor, batch: list[Record], generation: dict) -> list[dict]:
@@ -226,10 +256,10 @@ def output_format(out: Optional[Path]) -> str:
 
 def predict_file(predictor, path: Path, stream, fmt: str, *, text_column: str = "text", id_column: str = "id",
                  top_k: int = 3, chunk: int = 1024, on_bad_row: str = "error", progress_stream=None,
-                 generation: dict | None = None) -> dict:
+                 generation: dict | None = None, log: PredictionLogger | None = None) -> dict:
     """Scan, then predict `path` chunk by chunk into `stream`. Returns counts and the bad rows.
     `generation` (a dict of GenerationPredictor.generate options, {} for the export's defaults) writes
-    generated responses instead of labels."""
+    generated responses instead of labels; `log` logs each classifier prediction (module doc)."""
     scan = scan_file(path, text_column, id_column, on_bad_row)
     good = scan.rows - len(scan.bad)
     writer = Writer(stream, fmt, CLASSIFIER_COLUMNS if generation is None else GENERATION_COLUMNS)
@@ -239,7 +269,7 @@ def predict_file(predictor, path: Path, stream, fmt: str, *, text_column: str = 
     t0 = time.perf_counter()
     for batch in chunks(path, text_column, id_column, chunk):
         if generation is None:
-            writer.write(output_rows(predictor, batch, top_k))
+            writer.write(output_rows(predictor, batch, top_k, log))
         else:
             writer.write(generated_rows(predictor, fitting(predictor, batch, generation, path, field, on_bad_row,
                                                            late), generation))

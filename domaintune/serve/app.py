@@ -4,10 +4,14 @@ On a classifier export:
 KServe Open Inference Protocol v2 (model name "domaintune"):
     GET  /v2/health/live, /v2/health/ready (details: version, last load failure, shadow)
     GET  /v2/models/domaintune, /v2/models/domaintune/ready
-    POST /v2/models/domaintune/infer   one BYTES input tensor of texts ->
-         outputs label (BYTES), confidence (FP32), probabilities (FP32 [n, labels]; labels in its parameters)
+    POST /v2/models/domaintune/infer   one BYTES input tensor of texts (ids: optional "parameters": {"ids": [...]})
+         -> outputs label (BYTES), confidence (FP32), probabilities (FP32 [n, labels]; labels in its parameters),
+         and "parameters": {"ids": [...]}
 Plain JSON:
-    POST /predict {"texts": [...], "top_k": 3} -> labels, calibrated confidences, top-k
+    POST /predict {"texts": [...], "top_k": 3, "ids": [...]} -> per text: id, label, calibrated confidence, top-k
+Ids: a client may name each text (`ids`, strings or integers, unique in the request); a text without one gets a
+uuid4. The response returns them: they are the keys of the prediction log (--prediction-log, every answer and
+every shadow answer, domaintune/predict/log.py) that `domaintune feedback` scores delayed labels against.
     GET  /version   tag, commit, dataset hash, variant, metrics of the served (and shadow) model
     GET  /metrics   Prometheus
 On a generation export: the OpenAI-compatible /v1/completions, /v1/chat/completions and /v1/models
@@ -28,6 +32,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +42,10 @@ from fastapi import Request  # module level: FastAPI resolves the endpoints' (st
 from starlette.requests import ClientDisconnect
 
 from domaintune import __version__
+from domaintune.predict.log import PredictionLog
 from domaintune.serve import openai
 from domaintune.serve.batcher import MicroBatcher, wrong_task
-from domaintune.serve.body import ApiError, check_texts, read_json
+from domaintune.serve.body import ApiError, check_ids, check_texts, read_json
 from domaintune.serve.holder import ModelHolder
 from domaintune.serve.metrics import Metrics
 from domaintune.serve.settings import MODEL_NAME, VERSION_HEADER, ServeSettings
@@ -53,22 +59,29 @@ OUTPUT_NAMES = ("label", "confidence", "probabilities")
 CLIENT_GONE = 499  # the status /metrics counts a client that disconnected before it was answered under (nginx's)
 
 
-def parse_predict(body, settings) -> tuple[list[str], int]:
+def parse_predict(body, settings) -> tuple[list[str], int, list[str] | None]:
+    """(texts, top_k, the client's ids or None) of a /predict request."""
     if not isinstance(body, dict):
         raise ApiError(422, f'expected a JSON object {{"texts": [...]}}, got {type(body).__name__}')
-    unknown = sorted(set(body) - {"texts", "top_k"})
+    unknown = sorted(set(body) - {"texts", "top_k", "ids"})
     if unknown:
-        raise ApiError(422, "unknown field (known: texts, top_k)", unknown[0])
+        raise ApiError(422, "unknown field (known: texts, top_k, ids)", unknown[0])
     if "texts" not in body:
         raise ApiError(422, "missing field", "texts")
     top_k = body.get("top_k", settings.top_k)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ApiError(422, f"expected a positive integer, got {top_k!r}", "top_k")
-    return check_texts(body["texts"], "texts", settings), top_k
+    texts = check_texts(body["texts"], "texts", settings)
+    return texts, top_k, check_ids(body.get("ids"), len(texts), "ids")
 
 
-def parse_infer(body, settings) -> tuple[list[str], list[str], object]:
-    """(texts, requested output names, request id) of a v2 inference request."""
+def new_ids(ids: list[str] | None, n: int) -> list[str]:
+    """The client's ids, else a uuid4 per text."""
+    return ids if ids is not None else [uuid.uuid4().hex for _ in range(n)]
+
+
+def parse_infer(body, settings) -> tuple[list[str], list[str], object, list[str] | None]:
+    """(texts, requested output names, request id, the client's ids or None) of a v2 inference request."""
     if not isinstance(body, dict):
         raise ApiError(422, f"expected a JSON object, got {type(body).__name__}")
     inputs = body.get("inputs")
@@ -94,15 +107,18 @@ def parse_infer(body, settings) -> tuple[list[str], list[str], object]:
             raise ApiError(422, f"each requested output must be an object naming one of {list(OUTPUT_NAMES)}",
                            "outputs")
         wanted = [o["name"] for o in outs] or wanted
-    return texts, wanted, body.get("id")
+    params = body.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ApiError(422, f"expected an object, got {type(params).__name__}", "parameters")
+    return texts, wanted, body.get("id"), check_ids((params or {}).get("ids"), len(texts), "parameters.ids")
 
 
-def predictions(model, probs: np.ndarray, top_k: int) -> list[dict]:
+def predictions(model, probs: np.ndarray, top_k: int, ids: list[str]) -> list[dict]:
     labels = model.labels
     decided = model.decide(probs)
     k = min(top_k, len(labels))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [{"label": decided[i], "confidence": float(probs[i].max()),
+    return [{"id": ids[i], "label": decided[i], "confidence": float(probs[i].max()),
              "top_k": [{"label": labels[j], "confidence": float(probs[i, j])} for j in order[i]]}
             for i in range(len(probs))]
 
@@ -132,11 +148,11 @@ def model_metadata(model) -> dict:
             "parameters": {"task": model.task, "labels": model.labels, "variant": model.variant}}
 
 
-def create_app(holder, settings, metrics, shadow_log=None):
+def create_app(holder, settings, metrics, shadow_log=None, prediction_log=None):
     """The FastAPI app around a ModelHolder that already has a model (holder.load_initial())."""
     from fastapi import FastAPI
 
-    batcher = MicroBatcher(holder, settings, metrics, shadow_log)
+    batcher = MicroBatcher(holder, settings, metrics, shadow_log, prediction_log)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -147,6 +163,8 @@ def create_app(holder, settings, metrics, shadow_log=None):
         await batcher.stop()
         if shadow_log is not None:
             shadow_log.close()
+        if prediction_log is not None:
+            prediction_log.close()
 
     app = FastAPI(title="domaintune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.holder, app.state.batcher, app.state.metrics = holder, batcher, metrics
@@ -254,10 +272,12 @@ def _add_v2_routes(app, holder, batcher, settings) -> None:
     async def infer(name: str, request: Request):
         _check_name(name)
         _need_classifier(holder)
-        texts, wanted, req_id = parse_infer(await read_json(request, settings), settings)
-        model, probs = await batcher.submit(texts)
+        texts, wanted, req_id, ids = parse_infer(await read_json(request, settings), settings)
+        ids = new_ids(ids, len(texts))
+        model, probs = await batcher.submit(texts, ids)
         body = {"model_name": MODEL_NAME, "model_version": model.version,
-                **({"id": req_id} if req_id is not None else {}), "outputs": infer_outputs(model, probs, wanted)}
+                **({"id": req_id} if req_id is not None else {}), "parameters": {"ids": ids},
+                "outputs": infer_outputs(model, probs, wanted)}
         return JSONResponse(body, headers={VERSION_HEADER: model.version})
 
 
@@ -277,9 +297,10 @@ def _add_plain_routes(app, holder, batcher, settings, metrics) -> None:
     @app.post("/predict")
     async def predict(request: Request):
         _need_classifier(holder)
-        texts, top_k = parse_predict(await read_json(request, settings), settings)
-        model, probs = await batcher.submit(texts)
-        return JSONResponse({"model_version": model.version, "predictions": predictions(model, probs, top_k)},
+        texts, top_k, ids = parse_predict(await read_json(request, settings), settings)
+        ids = new_ids(ids, len(texts))
+        model, probs = await batcher.submit(texts, ids)
+        return JSONResponse({"model_version": model.version, "predictions": predictions(model, probs, top_k, ids)},
                             headers={VERSION_HEADER: model.version})
 
     @app.get("/version")
@@ -301,6 +322,7 @@ class Built:
     holder: object
     metrics: object
     shadow_log: object | None
+    prediction_log: object | None = None
 
 
 def default_shadow_log(settings: ServeSettings, shadow_version: str) -> Path:
@@ -319,4 +341,11 @@ def build(settings: ServeSettings) -> Built:
                                text=settings.log_text)
         log.info("shadow: %s on every request, both predictions logged to %s", holder.shadow.version,
                  shadow_log.path)
-    return Built(create_app(holder, settings, metrics, shadow_log), holder, metrics, shadow_log)
+    prediction_log = None
+    if settings.prediction_log is not None and holder.current.task == "classification":
+        prediction_log = PredictionLog(settings.prediction_log, settings.log_text, settings.prediction_log_bytes,
+                                       settings.prediction_log_files)
+        log.info("every prediction is logged to %s (rotated at %d bytes, %d files kept)", prediction_log.path,
+                 settings.prediction_log_bytes, settings.prediction_log_files)
+    return Built(create_app(holder, settings, metrics, shadow_log, prediction_log), holder, metrics, shadow_log,
+                 prediction_log)

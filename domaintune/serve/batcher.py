@@ -21,6 +21,10 @@ With a shadow candidate, the same texts then go to the candidate on a second
 worker thread, off the response path; when more than `shadow_queue` shadow
 batches are waiting, further ones are skipped and counted, never queued without bound.
 
+With a prediction log (domaintune/predict/log.py), each request's answer is logged under its texts' ids once
+all its texts are answered (the version that answered all of them), and each shadow batch's answers under the
+same ids; the served lines are written on a third thread, off the response path, a batch at a time.
+
 Generation jobs (the /v1 routes on a generation export) have their own queue, gathered
 the same way (`max_batch` prompts, `max_wait_ms`; a job is not split) and run on the same worker thread.
 Within a batch, jobs that can share a `model.generate` call do: every greedy job, and
@@ -44,6 +48,7 @@ from typing import Callable
 
 import numpy as np
 
+from domaintune.predict import log as predlog
 from domaintune.predict.generation import PromptTooLong
 from domaintune.serve.body import ApiError
 
@@ -56,6 +61,7 @@ class _Item:
     texts: list[str]
     future: asyncio.Future
     enqueued: float
+    ids: list[str] | None = None          # the texts' ids in the prediction log
     next: int = 0                        # texts [0, next) are answered
     model: object = None                 # the LoadedModel answering it (one for all its texts)
     probs: np.ndarray | None = None      # their probabilities, filled batch by batch
@@ -71,6 +77,11 @@ class _Piece:
     @property
     def texts(self) -> list[str]:
         return self.item.texts[self.start:self.stop]
+
+    @property
+    def ids(self) -> list[str]:
+        ids = self.item.ids
+        return ids[self.start:self.stop] if ids is not None else [None] * (self.stop - self.start)
 
 
 @dataclass
@@ -97,8 +108,10 @@ def wrong_task(model, needs: str) -> ApiError:
 
 
 class MicroBatcher:
-    def __init__(self, holder, settings, metrics, shadow_log=None):
+    def __init__(self, holder, settings, metrics, shadow_log=None, prediction_log=None):
         self.holder, self.settings, self.metrics, self.shadow_log = holder, settings, metrics, shadow_log
+        self.prediction_log = prediction_log
+        self._log = ThreadPoolExecutor(1, thread_name_prefix="domaintune-prediction-log")
         self._queue: asyncio.Queue | None = None
         self._gen_queue: asyncio.Queue | None = None
         self._tasks: list[asyncio.Task] = []
@@ -123,11 +136,13 @@ class MicroBatcher:
                 pass
         self._infer.shutdown(wait=True)
         self._shadow.shutdown(wait=True)  # the shadow log gets every batch already taken
+        self._log.shutdown(wait=True)     # and the prediction log every answer already sent
 
-    async def submit(self, texts: list[str]):
-        """(the LoadedModel that answered, calibrated probabilities [len(texts), labels])."""
+    async def submit(self, texts: list[str], ids: list[str] | None = None):
+        """(the LoadedModel that answered, calibrated probabilities [len(texts), labels]); `ids` name the texts
+        in the prediction log."""
         fut = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(texts, fut, time.perf_counter()))
+        await self._queue.put(_Item(texts, fut, time.perf_counter(), ids))
         return await fut
 
     async def submit_generation(self, job: GenerationJob) -> GenerationJob:
@@ -239,7 +254,7 @@ class MicroBatcher:
                 await self._run(model, [piece])
             return
         self.metrics.texts.labels("served").inc(len(texts))
-        start = 0
+        start, answered = 0, []
         for piece in batch:
             it, n = piece.item, piece.stop - piece.start
             if not it.future.done():
@@ -249,9 +264,12 @@ class MicroBatcher:
                 it.next = piece.stop
                 if it.next == len(it.texts):
                     it.future.set_result((model, it.probs))
+                    answered.append(it)
             start += n
+        if self.prediction_log is not None and answered:
+            self._log.submit(self._log_answered, model, answered).add_done_callback(_log_failure)
         if self.holder.shadow is not None:
-            self._run_shadow(model, texts, probs)
+            self._run_shadow(model, texts, probs, [i for piece in batch for i in piece.ids])
 
     def _predict(self, model, texts: list[str]) -> np.ndarray:
         if model.task != "classification":  # swapped to another task since the route checked
@@ -344,7 +362,15 @@ class MicroBatcher:
         for (k, _), g in zip(rows, done):
             out[k].append(g)
 
-    def _run_shadow(self, model, texts: list[str], probs: np.ndarray) -> None:
+    def _log_answered(self, model, items: list[_Item]) -> None:
+        """On the log thread: the answers of these requests (all by `model`), one write."""
+        recs = []
+        for it in items:
+            if it.ids is not None:
+                recs += log_records(model, it.ids, it.texts, it.probs, "served", self.prediction_log.text)
+        self.prediction_log.write(recs)
+
+    def _run_shadow(self, model, texts: list[str], probs: np.ndarray, ids: list) -> None:
         with self._shadow_lock:
             full = self._shadow_pending >= self.settings.shadow_queue
             if not full:
@@ -353,20 +379,35 @@ class MicroBatcher:
             self.metrics.shadow_skipped.inc(len(texts))
             log.warning("shadow queue full: %d texts not shadowed", len(texts))
             return
-        fut = self._shadow.submit(self._shadow_batch, self.holder.shadow, model, texts, probs)
+        fut = self._shadow.submit(self._shadow_batch, self.holder.shadow, model, texts, probs, ids)
         fut.add_done_callback(self._shadow_done)
 
-    def _shadow_batch(self, shadow, model, texts, probs) -> None:
+    def _shadow_batch(self, shadow, model, texts, probs, ids) -> None:
         cand = self._predict(shadow, texts)
         self.metrics.texts.labels("shadow").inc(len(texts))
         if self.shadow_log is not None:
-            self.shadow_log.write(texts, model, probs, shadow, cand)
+            self.shadow_log.write(texts, model, probs, shadow, cand, ids if None not in ids else None)
+        if self.prediction_log is not None and None not in ids:
+            self.prediction_log.write(log_records(shadow, ids, texts, cand, "shadow", self.prediction_log.text))
 
     def _shadow_done(self, fut) -> None:
         with self._shadow_lock:
             self._shadow_pending -= 1
         if fut.exception() is not None:
             log.error("shadow batch failed: %s", fut.exception())
+
+
+def log_records(model, ids: list[str], texts: list[str], probs: np.ndarray, role: str, text: str) -> list[dict]:
+    """The prediction log's lines of one model's answers (domaintune/predict/log.py)."""
+    extra = {"problem_type": "multi_label"} \
+        if getattr(model.predictor, "problem_type", "single_label") == "multi_label" else {}
+    return predlog.records(ids, texts, model.version, model.labels, probs, model.decide(probs), role=role,
+                           source="serve", text=text, **extra)
+
+
+def _log_failure(fut) -> None:
+    if fut.exception() is not None:
+        log.error("could not write the prediction log: %s", fut.exception())
 
 
 def _fail(item: _Item, exc: Exception) -> None:

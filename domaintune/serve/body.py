@@ -194,3 +194,29 @@ def check_texts(texts, field: str, settings) -> list[str]:
         if len(t) > settings.max_chars:
             raise ApiError(413, f"{len(t)} characters, the limit is {settings.max_chars} per text", f"{field}[{i}]")
     return texts
+
+
+MAX_ID_CHARS = 256  # characters per client id
+
+
+def check_ids(ids, n: int, field: str) -> list[str] | None:
+    """The client's ids of its n texts (strings or integers, one per text, unique in the request), as text;
+    None when it sent none (the server makes them)."""
+    if ids is None:
+        return None
+    if not isinstance(ids, list):
+        raise ApiError(422, f"expected a list of ids, one per text, got {type(ids).__name__}", field)
+    if len(ids) != n:
+        raise ApiError(422, f"{len(ids)} ids for {n} texts: give one id per text", field)
+    out = []
+    for i, v in enumerate(ids):
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ApiError(422, f"expected a string or an integer, got {type(v).__name__}", f"{field}[{i}]")
+        v = str(v)
+        if not v.strip() or len(v) > MAX_ID_CHARS:
+            raise ApiError(422, f"an id must be 1 to {MAX_ID_CHARS} characters, not blank", f"{field}[{i}]")
+        out.append(v)
+    if len(set(out)) != n:
+        dup = next(i for i, v in enumerate(out) if v in out[:i])
+        raise ApiError(422, f"id {out[dup]!r} given twice in this request", f"{field}[{dup}]")
+    return out

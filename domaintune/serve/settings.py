@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domaintune.export.variants import canonical_variant
+from domaintune.predict.log import BACKUPS, LOG_TEXT, MAX_BYTES
 
 MODEL_NAME = "domaintune"  # the model name in the KServe v2 paths
 VERSION_HEADER = "X-Model-Version"
@@ -36,7 +37,11 @@ class ServeSettings:
     max_new_tokens: int = 1024    # generation: the most tokens one /v1 request may ask for (max_tokens)
     shadow: str | None = None     # candidate version (or folder) run on the same requests
     shadow_log: Path | None = None  # JSONL of both predictions; default reports/shadow/<candidate>.jsonl
-    log_text: str = "hash"        # request text in the logs the server writes (shadow log): hash | plain | none
+    log_text: str = "hash"        # request text in the logs the server writes (prediction, shadow): hash|plain|none
+    prediction_log: Path | None = None  # every prediction, one JSONL line per text and version (None: off;
+                                  # the CLI's default is reports/predictions/serve.jsonl under --repo)
+    prediction_log_bytes: int = MAX_BYTES  # the prediction log is rotated before it passes this size
+    prediction_log_files: int = BACKUPS    # rotated prediction log files kept
     shadow_queue: int = 8         # shadow batches waiting at most; more are skipped and counted
     access_log: bool = False
 
@@ -49,7 +54,8 @@ class ServeSettings:
                   "max_new_tokens": self.max_new_tokens >= 1, "max_batch_chars": self.max_batch_chars >= 1,
                   "body_timeout_s": self.body_timeout_s > 0, "retry_s": self.retry_s > 0,
                   "retry_max_s": self.retry_max_s >= self.retry_s, "keep_releases": self.keep_releases >= 0,
-                  "log_text": self.log_text in ("hash", "plain", "none")}
+                  "log_text": self.log_text in LOG_TEXT, "prediction_log_bytes": self.prediction_log_bytes >= 1,
+                  "prediction_log_files": self.prediction_log_files >= 0}
         try:  # one name per variant everywhere (/version, /metrics, logs); 'float' is accepted as float32
             object.__setattr__(self, "variant", canonical_variant(self.variant))
         except ValueError:

@@ -1,11 +1,13 @@
 """Shadow deployment: the candidate's predictions logged next to the served ones, and their summary.
 
 The log is JSONL, one line per text:
-    {"time": "...", "text_sha256": "...", "agree": true,
+    {"id": "...", "time": "...", "text_sha256": "...", "agree": true,
      "served": {"version": "v1.0.0", "label": "refund", "confidence": 0.91},
      "shadow": {"version": "v1.1.0", "label": "refund", "confidence": 0.88}}
-The request text is stored as the server's `log_text` setting says (ServeSettings, `--log-text`, the one
-setting for every log of request text the server writes): `hash` (default) its SHA-256 as "text_sha256",
+The id is the text's id in the server's prediction log (domaintune/predict/log.py), where both answers are
+logged in full too. The request text is stored as the server's `log_text` setting says (ServeSettings,
+`--log-text`, the one setting for every log of request text the server writes): `hash` (default) its SHA-256
+as "text_sha256",
 `plain` the text itself as "text", `none` neither.
 confidence is the model's calibrated probability of its own label (multi-label: its highest
 label probability). `domaintune shadow-report LOG` reads it back: agreement, per-class
@@ -13,7 +15,6 @@ disagreement, and each model's confidence on the rows where they disagree.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 import threading
@@ -24,17 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from domaintune.core.errors import DataError
-
-LOG_TEXT = ("hash", "plain", "none")  # how a log stores request text (ServeSettings.log_text)
-
-
-def text_fields(text: str, how: str) -> dict:
-    """The log fields of one request text under the `log_text` setting."""
-    if how == "plain":
-        return {"text": text}
-    if how == "hash":
-        return {"text_sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()}
-    return {}
+from domaintune.predict.log import LOG_TEXT, text_fields
 
 
 class ShadowLog:
@@ -48,15 +39,18 @@ class ShadowLog:
         self._lock = threading.Lock()
         self.rows = 0
 
-    def write(self, texts: list[str], served, served_probs: np.ndarray, shadow, shadow_probs: np.ndarray) -> None:
+    def write(self, texts: list[str], served, served_probs: np.ndarray, shadow, shadow_probs: np.ndarray,
+              ids: list[str] | None = None) -> None:
         now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         a_labels, b_labels = served.decide(served_probs), shadow.decide(shadow_probs)
         lines = []
         for i, text in enumerate(texts):
             a = {"version": served.version, "label": a_labels[i], "confidence": round(float(served_probs[i].max()), 6)}
             b = {"version": shadow.version, "label": b_labels[i], "confidence": round(float(shadow_probs[i].max()), 6)}
-            lines.append(json.dumps({"time": now, **text_fields(text, self.text), "agree": a["label"] == b["label"],
-                                     "served": a, "shadow": b}, ensure_ascii=False) + "\n")
+            rid = {"id": ids[i]} if ids is not None else {}
+            lines.append(json.dumps({**rid, "time": now, **text_fields(text, self.text),
+                                     "agree": a["label"] == b["label"], "served": a, "shadow": b},
+                                    ensure_ascii=False) + "\n")
         with self._lock:
             self._fh.writelines(lines)
             self._fh.flush()
