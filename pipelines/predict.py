@@ -119,14 +119,16 @@ def generation_options(args, task: str, folder: Path) -> dict | None:
 def check_output(args) -> None:
     """--out, before anything is read or a model loads (core.stage.check_apart, the stages' check): not the
     input file, not inside it, not a folder holding it, not in the --model folder, and not an existing folder
-    domaintune did not write (atomic_output would replace it)."""
+    domaintune did not write (atomic_output would replace it); the prediction log likewise, and not --out."""
+    paths = {"file": args.input, **({"--model": args.model} if args.version is None else {})}
+    if args.out:
+        check_apart({**paths, "--out": args.out}, ["--out"], ["--out"], how="--out must not be, contain or sit "
+                    "inside a path predict reads (writing it would replace or alter that path)")
     log = prediction_log_path(args)
-    if not args.out and log is None:
-        return
-    paths = {"file": args.input, **({"--model": args.model} if args.version is None else {}),
-             **({"--out": args.out} if args.out else {}), **({"--prediction-log": str(log)} if log else {})}
-    check_apart(paths, ["--out", "--prediction-log"], ["--out"], how="an output must not be, contain or sit inside "
-                "a path predict reads or writes (writing it would replace or alter that path)")
+    if log is not None:
+        check_apart({**paths, **({"--out": args.out} if args.out else {}), "--prediction-log": str(log)},
+                    ["--prediction-log"], how="the prediction log must not be, contain or sit inside a path predict "
+                    "reads or writes (writing it would alter that path)")
 
 
 def prediction_log_path(args) -> Path | None:

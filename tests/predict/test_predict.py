@@ -189,7 +189,15 @@ def test_version_predicts_with_a_published_model_without_touching_the_workspace(
     assert released.temperature == 1.0 and Predictor.load(root / "models/export").temperature == 2.0
     np.testing.assert_allclose([r["confidence"] for r in v1_rows], released.predict_proba(TEXTS).max(1), atol=1e-6)
     assert [r["confidence"] for r in v1_rows] != [r["confidence"] for r in ws_rows]
-    assert workspace(root) == before
+    log = "reports/predictions/predict.jsonl"  # the one file predict adds: its prediction log, under --repo
+    after = workspace(root)
+    logged = [json.loads(x) for x in after.pop(log).decode().splitlines()]
+    after.pop(log + ".lock")  # its writers' lock
+    assert after == before
+    assert [r["version"] for r in logged] == [v1.version] * len(TEXTS)
+    import hashlib  # the project's id column is ticket_id: these rows are numbered, keyed by the file's hash
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    assert [r["id"] for r in logged] == [f"{sha}:{i + 1}" for i in range(len(TEXTS))]
     assert cli(src, "--version", "v9.9.9", "--repo", root) == 2
 
 
@@ -300,6 +308,35 @@ def test_ids_default_to_the_projects_id_column_and_row_numbers_are_announced(exp
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "row numbers" in ln]
     assert len(lines) == 1 and "'ticket_id'" in lines[0] and str(plain) in lines[0]
     assert [r["id"] for r in read_out(tmp_path / "q.jsonl")] == ["1", "2"]
+
+
+def test_predictions_are_logged_under_row_ids_with_the_version_and_the_input_hash(export, tmp_path):
+    """predict logs every classifier prediction (default reports/predictions/predict.jsonl under --repo): the row's
+    id, or <input sha256[:12]>:<row> for a row numbered for want of one, the model version, the calibrated
+    probabilities; --prediction-log none logs nothing."""
+    import hashlib
+
+    from domaintune.predict.predictor import Predictor
+
+    model = export[2]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    paths = write_inputs(tmp_path / "in")
+    assert cli(paths["csv"], "--model", model, "--out", tmp_path / "o.jsonl", "--repo", repo) == 0
+    assert cli(paths["txt"], "--model", model, "--out", tmp_path / "o2.jsonl", "--repo", repo) == 0
+    log = repo / "reports" / "predictions" / "predict.jsonl"
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    probs = Predictor.load(model).predict_proba(TEXTS)
+    sha = {k: hashlib.sha256(paths[k].read_bytes()).hexdigest() for k in ("csv", "txt")}
+    assert [r["id"] for r in rows] == [f"t{i}" for i in range(9)] + [f"{sha['txt'][:12]}:{i + 1}" for i in range(9)]
+    assert [r["input_sha256"] for r in rows] == [sha["csv"]] * 9 + [sha["txt"]] * 9
+    assert {r["version"] for r in rows} == {f"dir:{model.resolve()}"} and {r["role"] for r in rows} == {"predict"}
+    for r, p in zip(rows, np.vstack([probs, probs])):
+        assert np.allclose(list(r["probabilities"].values()), p, atol=1e-5) and "text" not in r
+    assert [r["label"] for r in rows[:9]] == [x["label"] for x in read_out(tmp_path / "o.jsonl")]
+    assert cli(paths["csv"], "--model", model, "--out", tmp_path / "o3.jsonl", "--repo", repo,
+               "--prediction-log", "none") == 0
+    assert len(log.read_text().splitlines()) == 18
 
 
 def test_a_missing_column_reads_the_same_in_ingest_predict_and_monitor(tmp_path):

@@ -135,7 +135,7 @@ def test_infer_and_predict_equal_the_predictor(server, models):
         # one vocabulary: the calibrated score is `confidence` over HTTP as in `domaintune predict`'s rows
         from domaintune.predict.batch import CLASSIFIER_COLUMNS
 
-        assert set(p) == set(CLASSIFIER_COLUMNS) - {"id", "text"}
+        assert set(p) == set(CLASSIFIER_COLUMNS) - {"text"}  # and the id, as in predict's rows
         assert all(set(t) == {"label", "confidence"} and abs(t["confidence"] - row[labels.index(t["label"])]) < 1e-5
                    for t in p["top_k"])
     assert len(server.post("/predict", json={"texts": ["x"]}).json()["predictions"][0]["top_k"]) == 3
@@ -333,8 +333,8 @@ def test_cli_serve_binds_loopback_and_stops(models, tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == f"domaintune serve: --model {tmp_path / 'nope'}: no such folder"
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--model", str(models[0]),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=os.environ)
+                             "--port", str(port), "--repo", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -349,6 +349,9 @@ def test_cli_serve_binds_loopback_and_stops(models, tmp_path):
     finally:
         proc.terminate()
         out = proc.communicate(timeout=60)[0]
+    # every prediction is logged by default, under --repo, with the id the client got
+    logged = (tmp_path / "reports" / "predictions" / "serve.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in logged] == [r.json()["predictions"][0]["id"]]
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says how it ended
     assert proc.returncode in (0, -15), out
     assert f"Uvicorn running on http://127.0.0.1:{port}" in out and "Application shutdown complete" in out
