@@ -10,6 +10,8 @@ nothing is written. Then (domaintune/monitor/feedback.py):
 - metrics/feedback.json (replaced atomically): per version that answered those ids, rows, accuracy, macro-F1
   and ECE on the labelled live traffic;
 - reports/feedback_history.csv: one line per version appended (time, file, sha256, version, rows, metrics);
+- reports/feedback_labels.csv: every accepted id and label appended (with or without a text): the labels the
+  guard and `domaintune promote --from-shadow` judge live requests by;
 - the feedback source (params.yaml ingest.feedback, else data/feedback.csv; `id,text,label`, rewritten
   atomically) gets each labelled row with its text - FILE's text column, else the text a log stored
   (`--log-text plain`); a row without either is scored but not added, and the command says how many. An id
@@ -88,6 +90,7 @@ def run(args) -> dict:
                                      for v, s in scores.items()])
     if added:
         _add_to_source(source, added)
+    _append_ledger(root / fbk.LABELS_LEDGER, [[lab.id, lab.label, now] for lab in fb.labels])
     return {**report, "source": str(source), "added": len(added), "already": known, "textless": textless}
 
 
@@ -130,6 +133,19 @@ def _add_to_source(source: Path, rows: list[list[str]]) -> None:
     source.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(source) as tmp:
         Path(tmp).write_text(old + buf.getvalue(), encoding="utf-8")
+
+
+def _append_ledger(path: Path, rows: list[list[str]]) -> None:
+    """Every accepted label, with or without a text (the guard's labels: monitor.feedback.feedback_labels)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if new:
+        w.writerow(["id", "label", "time"])
+    w.writerows(rows)
+    with path.open("a", encoding="utf-8", newline="") as fh:
+        fh.write(buf.getvalue())
 
 
 def _append_history(path: Path, rows: list[list]) -> None:

@@ -216,22 +216,12 @@ def apply_decision(root: Path, version: str, result: dict) -> str:
 SHADOW_LOG = Path("reports") / "shadow" / "live.jsonl"  # `serve --shadow challenger` (and the guard) log here
 
 
-def feedback_labels(root: Path) -> dict[str, str]:
-    """id -> label of the feedback rows `domaintune feedback` recorded (empty when there are none)."""
-    import csv
-
-    path = root / (load_params(root / "params.yaml", "ingest").feedback or "data/feedback.csv")
-    if not path.is_file():
-        return {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        return {str(r["id"]): str(r["label"]) for r in csv.DictReader(fh) if r.get("id") and r.get("label")}
-
-
 def from_shadow(root: Path, log: Path | None = None) -> tuple[bool, str, dict]:
     """Judge the waiting challenger on the requests `serve --shadow challenger` logged beside the champion:
     (promote?, reason, evidence). Raises RegistryError when there is nothing to judge or too few requests."""
     # lazy: numpy
     from domaintune.monitor import guard
+    from domaintune.monitor.feedback import feedback_labels
 
     # lazy: numpy
     from domaintune.serve.shadow import read_log
@@ -247,7 +237,7 @@ def from_shadow(root: Path, log: Path | None = None) -> tuple[bool, str, dict]:
                                      f"release.shadow_min_requests is {params.shadow_min_requests:,}")
     seed = load_params(root / "params.yaml", "base").seed
     verdict = guard.judge(rows, "shadow", params.max_regression, feedback_labels(root), params.bootstrap_resamples,
-                          seed)
+                          seed)  # feedback labels where `domaintune feedback` recorded them
     line = (f"accuracy {verdict['diff']:+.3f} [{verdict['low']:+.3f}, {verdict['high']:+.3f}] vs {champion} on "
             f"{verdict['rows']:,} live requests ({verdict['basis']}; agreement {verdict['agreement']:.3f})")
     evidence = {"policy": "shadow", "champion": champion, "log": str(log), "shadow": verdict}

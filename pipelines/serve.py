@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from domaintune.core.errors import DataError
+from domaintune.core.params import BaseParams, ReleaseParams, load_params
 from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS
 from domaintune.export.variants import variant_arg
 from domaintune.serve.settings import ServeSettings
@@ -51,7 +52,12 @@ def register(add) -> None:
     p.add_argument("--model", default=None, metavar="DIR",
                    help="serve this export folder (version 'workspace') instead of the registry's prod version")
     p.add_argument("--shadow", default=None, metavar="VERSION",
-                   help="also run this candidate version (or folder) on every request, log both predictions")
+                   help="also run this candidate version (or folder) on every request, log both predictions; "
+                        "'challenger': the registry's waiting challenger, followed without a restart "
+                        "(`domaintune promote --from-shadow` judges it)")
+    p.add_argument("--guard-requests", type=int, default=None, metavar="N",
+                   help="after a promotion the replaced champion shadows the new one for N texts, then a worse "
+                        "champion is rolled back (default: params.yaml release.guard_requests; 0: off)")
     p.add_argument("--shadow-log", default=None, metavar="FILE",
                    help="JSONL of both predictions (default: reports/shadow/<candidate>.jsonl)")
     p.add_argument("--log-text", default=S.log_text, choices=("hash", "plain", "none"),
@@ -95,8 +101,22 @@ def register(add) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def release_settings(repo: Path, following_registry: bool, guard_requests: int | None) -> dict:
+    """The guard's settings from params.yaml's release section (none for a plain --model folder)."""
+    if not following_registry:
+        return {"guard_requests": 0}
+    params = repo / "params.yaml"
+    rel, base = load_params(params, "release", "base") if params.is_file() else (ReleaseParams(), BaseParams())
+    out = {"guard_requests": rel.guard_requests, "max_regression": rel.max_regression,
+           "resamples": rel.bootstrap_resamples, "seed": base.seed}
+    if guard_requests is not None:
+        out["guard_requests"] = guard_requests
+    return out
+
+
 def settings_from_args(args) -> ServeSettings:
-    return ServeSettings(host=args.host, port=args.port, variant=args.variant, device=args.device,
+    return ServeSettings(**release_settings(Path(args.repo), args.model is None, args.guard_requests),
+                         host=args.host, port=args.port, variant=args.variant, device=args.device,
                          repo=Path(args.repo),
                          model_dir=Path(args.model) if args.model else None, poll_s=args.poll,
                          max_batch=args.max_batch, infer_batch=args.infer_batch, max_wait_ms=args.max_wait_ms,

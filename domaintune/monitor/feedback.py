@@ -29,6 +29,20 @@ from domaintune.predict.log import log_files, read_records
 
 SOURCE_COLUMNS = ("id", "text", "label")  # the feedback source ingest reads (ingest.feedback)
 HISTORY_COLUMNS = ("time", "file", "sha256", "version", "rows", "accuracy", "macro_f1", "ece")
+# Every accepted label by id (text or not), appended by `domaintune feedback`: what the guard and
+# `promote --from-shadow` judge live requests with (the feedback source keeps only rows with a text).
+LABELS_LEDGER = Path("reports") / "feedback_labels.csv"
+
+
+def feedback_labels(root: Path) -> dict[str, str]:
+    """id -> label of every feedback label recorded under `root` (the latest wins); empty when there are none."""
+    import csv
+
+    path = Path(root) / LABELS_LEDGER
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8", newline="") as fh:
+        return {str(r["id"]): str(r["label"]) for r in csv.DictReader(fh) if r.get("id") and r.get("label")}
 
 
 @dataclass

@@ -325,6 +325,9 @@ class Built:
     prediction_log: object | None = None
 
 
+LIVE_SHADOW = "live"  # reports/shadow/live.jsonl: every pair of a shadow that follows the registry
+
+
 def default_shadow_log(settings: ServeSettings, shadow_version: str) -> Path:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", shadow_version)
     return Path(settings.repo).resolve() / "reports" / "shadow" / f"{name}.jsonl"
@@ -336,11 +339,15 @@ def build(settings: ServeSettings) -> Built:
     holder = ModelHolder(settings, metrics)
     holder.load_initial()
     shadow_log = None
-    if holder.shadow is not None:
-        shadow_log = ShadowLog(settings.shadow_log or default_shadow_log(settings, holder.shadow.version),
-                               text=settings.log_text)
-        log.info("shadow: %s on every request, both predictions logged to %s", holder.shadow.version,
-                 shadow_log.path)
+    # A shadow that changes while serving (the waiting challenger, the guard's replaced champion) logs to one
+    # file whose lines name both versions; a fixed --shadow VERSION to reports/shadow/<VERSION>.jsonl.
+    live = holder.shadow_follows_challenger or (holder.follows_registry and settings.guard_requests > 0)
+    if holder.shadow is not None or live:
+        name = LIVE_SHADOW if live or holder.shadow is None else holder.shadow.version
+        shadow_log = ShadowLog(settings.shadow_log or default_shadow_log(settings, name), text=settings.log_text)
+        holder.shadow_log_path = shadow_log.path
+        log.info("shadow: %s on every request, both predictions logged to %s",
+                 holder.shadow.version if holder.shadow else "none yet", shadow_log.path)
     prediction_log = None
     if settings.prediction_log is not None and holder.current.task == "classification":
         prediction_log = PredictionLog(settings.prediction_log, settings.log_text, settings.prediction_log_bytes,

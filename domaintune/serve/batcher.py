@@ -387,6 +387,7 @@ class MicroBatcher:
         self.metrics.texts.labels("shadow").inc(len(texts))
         if self.shadow_log is not None:
             self.shadow_log.write(texts, model, probs, shadow, cand, ids if None not in ids else None)
+        self.holder.shadowed += len(texts)  # after the log line: the guard judges what is logged
         if self.prediction_log is not None and None not in ids:
             self.prediction_log.write(log_records(shadow, ids, texts, cand, "shadow", self.prediction_log.text))
 

@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from domaintune.monitor import guard
+from domaintune.monitor.feedback import feedback_labels
 from domaintune.registry import diff, plumbing, promotion, release, rollback, versions
 from domaintune.serve.settings import ServeSettings
+from domaintune.serve.shadow import read_log
 from domaintune.tasks import export_task, load_predictor
 
 log = logging.getLogger("domaintune.serve")
@@ -155,6 +157,7 @@ class ModelHolder:
         self.shadowed = 0                 # texts the shadow answered (the batcher counts them)
         self.guard: dict | None = None    # after a promotion: the previous champion shadows the new one
         self.guard_result: dict | None = None  # the last guard's verdict (shown by /version)
+        self.shadow_log_path: Path | None = None  # where the shadow answers are logged (app.build sets it)
 
     @property
     def follows_registry(self) -> bool:
@@ -339,6 +342,9 @@ class ModelHolder:
         while not self._stop.wait(self.settings.poll_s):
             try:
                 self.refresh()
+                if self.guard_due() and self.shadow_log_path is not None:
+                    self.check_guard(lambda: read_log(self.shadow_log_path),
+                                     lambda: feedback_labels(self.root))
             except Exception as exc:  # noqa: BLE001 - a failing poll (git busy, repo moved) must not end watching
                 self.last_error = {"version": None, "error": f"registry poll failed: {exc}", "at": time.time(),
                                    "kept": self.current.version if self.current else None}

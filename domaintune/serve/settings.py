@@ -43,6 +43,13 @@ class ServeSettings:
     prediction_log_bytes: int = MAX_BYTES  # the prediction log is rotated before it passes this size
     prediction_log_files: int = BACKUPS    # rotated prediction log files kept
     shadow_queue: int = 8         # shadow batches waiting at most; more are skipped and counted
+    # The guard (following the registry): after a promotion the replaced champion shadows the new one for this
+    # many texts, then the pair is judged (domaintune.monitor.guard) and a worse champion rolled back. 0: off.
+    # `domaintune serve` takes these from params.yaml's release section.
+    guard_requests: int = 0
+    max_regression: float = 0.005
+    resamples: int = 1000
+    seed: int = 0
     access_log: bool = False
 
     def __post_init__(self):
@@ -51,6 +58,8 @@ class ServeSettings:
                   "max_wait_ms": self.max_wait_ms >= 0, "max_texts": self.max_texts >= 1,
                   "max_chars": self.max_chars >= 1, "max_body_bytes": self.max_body_bytes >= 64,
                   "top_k": self.top_k >= 1, "shadow_queue": self.shadow_queue >= 1,
+                  "guard_requests": self.guard_requests >= 0, "max_regression": 0 <= self.max_regression < 1,
+                  "resamples": self.resamples >= 100,
                   "max_new_tokens": self.max_new_tokens >= 1, "max_batch_chars": self.max_batch_chars >= 1,
                   "body_timeout_s": self.body_timeout_s > 0, "retry_s": self.retry_s > 0,
                   "retry_max_s": self.retry_max_s >= self.retry_s, "keep_releases": self.keep_releases >= 0,
