@@ -36,6 +36,21 @@ def _task_runs(flow_run_id):
     return asyncio.run(go())
 
 
+def _artifacts(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, TaskRunFilter
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])),
+                flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(), sort=ArtifactSort.CREATED_DESC,
+                limit=10, offset=0)
+
+    return asyncio.run(go())
+
+
 def _logs(flow_run_id) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -71,6 +86,9 @@ def test_retrain_publishes_versions_and_caches(proj):
         time.sleep(0.5)
     assert "Running stage 'audit'" in logs and "python fake/train.py" in logs
     assert "promoted v1.0.0: first version: no champion to compare with" in logs
+    # The decision and its evidence are the run's markdown artifact as well (the Prefect UI's Artifacts tab).
+    art = [a for a in _artifacts(state.state_details.flow_run_id) if a.key == "promotion-decision"]
+    assert len(art) == 1 and art[0].type == "markdown" and "**promote**: first version" in art[0].data
     assert sh(proj, "git", "status", "--porcelain").strip() == ""
     # The run summary is written by the flow and is part of the version.
     v = versions.get_version(proj, "v1.0.0")
