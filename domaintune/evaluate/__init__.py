@@ -7,6 +7,7 @@
 - generation.py   evaluation of a tuned causal LM (perplexity, samples, label-set accuracy)
 - genaudit.py     the audit of prompt/response data (what hurts SFT)
 - summary.py      the run summary (metrics/summary.json, ten lines)
+- compare.py      champion vs challenger: paired bootstrap of the difference, the rows fair to compare on
 
 Nothing is imported here: import the module you need, so a stage (and its DVC deps) loads only
 what it uses and the CLI answers --help at once.
