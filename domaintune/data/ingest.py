@@ -3,8 +3,9 @@ rejected rows).
 
 The source is a CSV/TSV/JSONL/Parquet file, a folder of them, or `hf:<name>`
 (see domaintune/data/sources.py). Splits come from the source itself (per-split
-files or `ingest.split_column`) or from a stratified split by `ingest.split`
-and `base.seed`. Row-level problems (empty text, missing label, bytes that are
+files or `ingest.split_column`) or from a hash split by `ingest.split` and
+`base.seed` (hash_split: a row's split depends on its id alone, so appending rows
+moves none). Row-level problems (empty text, missing label, bytes that are
 not UTF-8, a label unseen in train, ...) stop the stage with file/row/column
 (`on_bad_row: error`) or go to rejected.csv and the metrics (`skip`);
 dataset-level problems (a missing column, one class only, a validation/test split
@@ -189,41 +190,61 @@ def _table_rows(t: RawTable, p: IngestParams) -> pd.DataFrame:
     return out
 
 
-def _rank_key(seed: int, ids: pd.Series) -> list[str]:
-    # Order rows inside a class by a hash of (seed, id), not by position: appending
-    # rows to the source then moves only a few existing rows between splits.
-    return [hashlib.sha256(f"{seed}\0{i}".encode()).hexdigest() for i in ids]
+SPLIT_METHOD = "hash"  # metrics/ingest.json's split_method: how ingest gives a row its split (below)
 
 
-def stratified_split(df: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Series:
-    """Assign each row of `df` to 'train' or one of `fractions` (name -> share of df), per class.
+def _hash_unit(seed: int, ids) -> np.ndarray:
+    """Each id's point in [0, 1): the first 64 bits of sha256(seed, id), scaled. A function of the row alone."""
+    sha = hashlib.sha256
+    raw = b"".join([sha(f"{seed}\0{i}".encode("utf-8", "surrogatepass")).digest()[:8] for i in ids])
+    return np.frombuffer(raw, dtype=">u8").astype(np.float64) / 2.0**64
 
-    Each class gives round(n * fraction) rows to each carved split, but always
-    keeps at least one row in train (the largest carved count shrinks first).
-    So a class too small to stratify (1-2 rows at 15%) lands entirely in train:
-    it can still be learned, and validation/test never hold a class train lacks.
+
+def hash_split(df: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Series:
+    """Assign each row of `df` (columns id, label) to 'train' or one of `fractions` (name -> share of df).
+
+    Sticky: a row's split is a function of its own id and the seed. u = sha256(seed, id) as a number in
+    [0, 1); u < test share -> test, then the next validation share -> validation, else train. Appending
+    rows to the source (or removing others) moves no existing row between splits, so a row a model was
+    tested on stays a test row for the next version; the realised shares are the params' up to binomial
+    noise (each row is one draw), per class too.
+
+    Two rescues for data too small for the rule, and they are the only way a row can move:
+    - a class none of whose rows falls in train (at 70/15/15: a one-row class 30% of the time, a
+      two-row class 9%, five rows 0.2%) gets its row with the largest u (the nearest to train) put in
+      train, so validation/test never hold a class train lacks;
+    - then a split with a positive share that got no row at all (a few dozen rows or fewer) takes the
+      train row with the smallest u among the classes that keep another train row (none such: it stays
+      empty, and ingest refuses the source).
+    A row's split differs from its hash's only while it is rescued, so between two versions of a source
+    a row moves only if one of them rescued it (e.g. a rescued row goes back once its class gains a train
+    row of its own). Without one- or two-row classes and with more than a few dozen rows, nothing is
+    rescued and nothing moves.
     """
     names = [s for s in ("test", "validation") if fractions.get(s, 0) > 0]
     assign = pd.Series("train", index=df.index, dtype=object)
     if not names or df.empty:
         return assign
-    work = pd.DataFrame({"label": df["label"].to_numpy(), "key": _rank_key(seed, df["id"])}, index=df.index)
-    work = work.sort_values(["label", "key"], kind="stable")
-    rank = work.groupby("label", sort=False).cumcount().to_numpy()
-    quota = {}
-    for label, n in work.groupby("label", sort=False).size().items():
-        k = {s: int(np.floor(n * fractions[s] + 0.5)) for s in names}
-        while sum(k.values()) > n - 1:
-            big = max(names, key=lambda s: (k[s], s == "test"))
-            k[big] -= 1
-        quota[label] = k
-    start = np.zeros(len(work), dtype=np.int64)
-    split = np.full(len(work), "train", dtype=object)
+    u = _hash_unit(seed, df["id"])
+    split = np.full(len(df), "train", dtype=object)
+    edge = 0.0
+    for s in names:  # test first, then validation
+        split[(u >= edge) & (u < edge + fractions[s])] = s
+        edge += fractions[s]
+    labels = df["label"].to_numpy()
+    work = pd.DataFrame({"label": labels, "u": u, "train": split == "train"})
+    has_train = work.groupby("label", sort=False)["train"].transform("any").to_numpy()
+    if not has_train.all():
+        rescue = work[~has_train].groupby("label", sort=False)["u"].idxmax().to_numpy()
+        split[rescue] = "train"
     for s in names:
-        k = work["label"].map({lab: q[s] for lab, q in quota.items()}).to_numpy(dtype=np.int64)
-        split[(rank >= start) & (rank < start + k)] = s
-        start = start + k
-    assign.loc[work.index] = split
+        if (split == s).any():
+            continue
+        train = split == "train"
+        spare = train & (pd.Series(train).groupby(labels).transform("sum").to_numpy() >= 2)
+        if spare.any():
+            split[np.flatnonzero(spare)[np.argmin(u[spare])]] = s
+    assign[:] = split
     return assign
 
 
@@ -239,15 +260,15 @@ def _assign_splits(good: pd.DataFrame, ids, tables: list[RawTable], p: IngestPar
     elif p.split_column:
         split_source = "column"
     else:
-        split_source = "stratified"
-    present = set(good["split"].dropna()) if split_source != "stratified" else set()
-    if split_source != "stratified" and "train" not in present:
+        split_source = "hash"
+    present = set(good["split"].dropna()) if split_source != "hash" else set()
+    if split_source != "hash" and "train" not in present:
         raise DataError(_source_name(tables, p), None, p.split_column,
                         f"the source names splits {sorted(present)} but no train split")
     # Splits the source lacks are carved out of its train rows, in the ingest.split proportions
     # (e.g. a train/test source gets validation = val/(train+val) of its train rows).
     missing = [s for s in ("validation", "test") if s not in present and p.split[s] > 0]
-    carved = missing if split_source != "stratified" else []
+    carved = missing if split_source != "hash" else []
     if carved and p.missing_split == "error":
         raise DataError(_source_name(tables, p), None, p.split_column,
                         f"the source has its own splits {sorted(present)} but no {'/'.join(carved)} split; "
@@ -257,7 +278,7 @@ def _assign_splits(good: pd.DataFrame, ids, tables: list[RawTable], p: IngestPar
         total = p.split["train"] + sum(p.split[s] for s in missing)
         fractions = {s: p.split[s] / total for s in missing}
         pooled = good[pool].assign(id=_ids_at(ids, np.flatnonzero(pool.to_numpy())))  # ids as str only here
-        good.loc[pool, "split"] = stratified_split(pooled, fractions, seed)
+        good.loc[pool, "split"] = hash_split(pooled, fractions, seed)
     if carved:
         log.warning("source has no %s split: carved from its train rows by ingest.split (ingest.missing_split: "
                     "carve)", "/".join(carved))
@@ -413,7 +434,7 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, classes: bool = T
     splits = _split_tables(good, texts, ids)
     counts = {s: len(df) for s, df in splits.items()}
     for s in ("validation", "test"):
-        if not counts[s] and (p.split[s] > 0 or split_source != "stratified"):
+        if not counts[s] and (p.split[s] > 0 or split_source != "hash"):
             raise DataError(_source_name(tables, p), None, None,
                             f"the {s} split would be empty (rows: {counts}, rejected: {len(rejected)}): too few "
                             f"rows per class for ingest.split ({' / '.join(f'{k} {p.split[k]}' for k in SPLITS)}; each "
@@ -444,6 +465,7 @@ def metrics_of(result: IngestResult) -> dict:
         "rejected_by_reason": {str(k): int(v) for k, v in by_reason.items()},
         "labels": len(result.labels),
         "split_source": result.split_source,
+        "split_method": SPLIT_METHOD,  # rows ingest splits (all, or those carved from train): hash_split
         "carved_splits": result.carved,
         # per file: data records read = rows kept + rows rejected
         "files": result.files,
