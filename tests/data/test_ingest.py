@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from domaintune.core.errors import DataError
+from domaintune.core.errors import DataError, ParamsError
 from domaintune.core.io import read_json
 from domaintune.core.params import IngestParams
 from domaintune.data.dataset import read_dataset
@@ -482,3 +482,110 @@ def test_a_typo_in_a_later_section_stops_the_first_stage(tmp_path, capsys, secti
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and section in err[0], err
     assert not out.exists() and not metrics.exists()
+
+
+# ---------------------------------------------------------------- ingest.feedback: labels fed back from live traffic
+
+FB = "labels/feedback/feedback.csv"
+
+
+def feedback_project(tmp_path, monkeypatch, fb_rows: list[dict] | None, source_rows=None, **ingest_kw):
+    """A project folder (the stage's cwd, as under DVC) with tickets.csv, params.yaml and, unless None,
+    labels/feedback/feedback.csv holding `fb_rows` (id,text,label)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    write_csv(tmp_path / "tickets.csv", source_rows or rows(60))
+    if fb_rows is not None:
+        (tmp_path / "labels/feedback").mkdir(parents=True)
+        (tmp_path / FB).write_text("id,text,label\n" + "".join(f"{r['id']},{r['text']},{r['label']}\n"
+                                                              for r in fb_rows))
+    write_params(tmp_path / "params.yaml", id_column="ticket_id", feedback=FB, **ingest_kw)
+    return ["--source", "tickets.csv", "--out", "ingested", "--metrics", "ingest.json", "--params", "params.yaml"]
+
+
+def fb_rows(n: int, start: int = 1) -> list[dict]:
+    return [{"id": f"req-{i}", "text": f"live request {i} about {LABELS[i % 3]}", "label": LABELS[i % 3]}
+            for i in range(start, start + n)]
+
+
+def split_of(folder) -> dict[str, str]:
+    splits, _ = read_dataset(folder)
+    return {i: s for s, df in splits.items() for i in df["id"]}
+
+
+def test_feedback_rows_join_by_the_sticky_rule_and_dedupe_removes_copies_of_training_rows(tmp_path, monkeypatch):
+    from stages import dedupe
+
+    no_fb = feedback_project(tmp_path / "a", monkeypatch, None)
+    (tmp_path / "a/params.yaml").write_text(yaml.safe_dump({"base": {"seed": 3}, "ingest": {"id_column": "ticket_id"}}))
+    assert main(no_fb) == 0
+    before = split_of(tmp_path / "a/ingested")
+
+    fb = fb_rows(40)
+    train_row = next(r for r in rows(60) if before[r["ticket_id"]] == "train")
+    fb.append({"id": "req-copy", "text": train_row["text"].upper(), "label": train_row["label"]})  # a copy
+    argv = feedback_project(tmp_path / "b", monkeypatch, fb)
+    assert main(argv) == 0
+    after = split_of(tmp_path / "b/ingested")
+    assert {i: after[i] for i in before} == before  # the source's rows keep their splits
+    share = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    assert {r["id"]: after[r["id"]] for r in fb} == {r["id"]: rule(hash_u(3, r["id"]), share) for r in fb}
+    m = read_json(tmp_path / "b/ingest.json")
+    assert m["feedback_rows"] == 41 and m["split_method"] == "hash" and sum(m["rows"].values()) == 101
+    assert m["files"][FB] == {"records": 41, "kept": 41, "rejected": 0, "multiline_rows": 0}
+    # the copy of a training row is dedupe's to remove, as any duplicate
+    assert dedupe.main(["--in", "ingested", "--out", "deduped", "--metrics", "dedupe.json",
+                        "--params", "params.yaml"]) == 0
+    removed = pd.read_csv(tmp_path / "b/deduped/removed.csv")
+    assert set(removed["id"]) & {"req-copy", train_row["ticket_id"]} and len(removed) == 1
+
+
+def test_feedback_of_a_source_with_its_own_splits_is_split_by_the_rule(tmp_path, monkeypatch):
+    src = rows(60)
+    for i, r in enumerate(src):
+        r["part"] = ("test", "validation", "train", "train", "train")[i % 5]
+    fb = fb_rows(50)
+    assert main(feedback_project(tmp_path, monkeypatch, fb, src, split_column="part")) == 0
+    got = split_of(tmp_path / "ingested")
+    assert {r["ticket_id"]: got[r["ticket_id"]] for r in src} == {r["ticket_id"]: r["part"] for r in src}
+    share = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    assert {r["id"]: got[r["id"]] for r in fb} == {r["id"]: rule(hash_u(3, r["id"]), share) for r in fb}
+    assert read_json(tmp_path / "ingest.json")["feedback_rows"] == 50
+
+
+def test_a_header_only_feedback_file_adds_nothing(tmp_path, monkeypatch):
+    assert main(feedback_project(tmp_path, monkeypatch, [])) == 0
+    m = read_json(tmp_path / "ingest.json")
+    assert m["feedback_rows"] == 0 and sum(m["rows"].values()) == 60
+    assert m["files"][FB] == {"records": 0, "kept": 0, "rejected": 0, "multiline_rows": 0}
+
+
+FEEDBACK_ERRORS = [  # (feedback file body or None for no file, the error line after "ingest: error: ")
+    (None, f"{FB}: file not found; ingest.feedback names it (create it with the header 'id,text,label', or set "
+           "ingest.feedback: null)"),
+    ("id,text\nr1,hello\n", f"{FB}: field 'label': column missing; columns found: ['id', 'text']"),
+    ("id,text,label\nr1,fine,billing\nr2, ,login\n", f"{FB}: row 2: field 'text': text is empty or whitespace only"),
+    ("id,text,label\nr1,fine,billing\nr2,no label,\n", f"{FB}: row 2: field 'label': label is missing"),
+    ("id,text,label\nT0003,reused id,billing\n", f"{FB}: row 1: field 'id': id 'T0003' already used by tickets.csv row 3"),
+]
+
+
+@pytest.mark.parametrize("body, expected", FEEDBACK_ERRORS)
+def test_a_bad_feedback_file_is_one_line_naming_file_row_and_field_exit_2_nothing_written(
+        tmp_path, monkeypatch, capsys, body, expected):
+    argv = feedback_project(tmp_path, monkeypatch, None)
+    if body is not None:
+        (tmp_path / "labels/feedback").mkdir(parents=True)
+        (tmp_path / FB).write_text(body)
+    assert main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ingest: error: ")]
+    assert len(err) == 1 and err[0].startswith("ingest: error: " + expected), err
+    assert not (tmp_path / "ingested").exists() and not (tmp_path / "ingest.json").exists()
+
+
+@pytest.mark.parametrize("path", ["feedback.csv", "data/feedback/x.csv", "labels/feedback/../x.csv",
+                                  "/abs/labels/feedback/x.csv", "labels/feedback/x.tsv"])
+def test_feedback_outside_the_tracked_folder_is_refused(path):
+    with pytest.raises(ParamsError, match=r"ingest\.feedback: must be a \.csv file in labels/feedback/"):
+        IngestParams(feedback=path)
+    assert IngestParams(feedback="labels/feedback/x.csv").feedback == "labels/feedback/x.csv"
