@@ -12,7 +12,7 @@ nothing is written. Then (domaintune/monitor/feedback.py):
 - reports/feedback_history.csv: one line per version appended (time, file, sha256, version, rows, metrics);
 - reports/feedback_labels.csv: every accepted id and label appended (with or without a text): the labels the
   guard and `domaintune promote --from-shadow` judge live requests by;
-- the feedback source (params.yaml ingest.feedback, else data/feedback.csv; `id,text,label`, rewritten
+- the feedback source (params.yaml ingest.feedback, else labels/feedback/feedback.csv; `id,text,label`, rewritten
   atomically) gets each labelled row with its text - FILE's text column, else the text a log stored
   (`--log-text plain`); a row without either is scored but not added, and the command says how many. An id
   the source holds already is not added again. Ingest reads the source on the next retrain; dedupe removes
@@ -33,7 +33,7 @@ from domaintune.core.params import load_params
 LOGS = "reports/predictions"          # where serve and predict log by default (under --repo)
 METRICS = "metrics/feedback.json"
 HISTORY = "reports/feedback_history.csv"
-SOURCE = "data/feedback.csv"          # the feedback source when params.yaml sets no ingest.feedback
+SOURCE = "labels/feedback/feedback.csv"  # the feedback source when params.yaml sets no ingest.feedback
 
 
 def register(add) -> None:
@@ -50,7 +50,7 @@ def register(add) -> None:
 
 
 def source_path(root: Path) -> Path:
-    """params.yaml's ingest.feedback (relative to the project), else data/feedback.csv."""
+    """params.yaml's ingest.feedback (relative to the project), else labels/feedback/feedback.csv."""
     try:
         configured = getattr(load_params(root / "params.yaml", "ingest"), "feedback", None)
     except ParamsError:

@@ -47,7 +47,7 @@ def _splits(folder: Path) -> dict:
 def _seen(splits: dict) -> tuple[set[str], set[str]]:
     """Ids and row keys of the rows a model trained or validated on."""
     # lazy: pandas and pyarrow
-    from domaintune.data.dataset import row_keys
+    from domaintune.data.textnorm import row_keys
 
     ids, keys = set(), set()
     for name in ("train", "validation"):

@@ -69,6 +69,9 @@ class BaseParams:
 MESSAGES_RESPONSE = "response (last assistant message)"  # the column chat.to_columns adds
 
 
+FEEDBACK_DIR = "labels/feedback"  # ingest.feedback lives here: an ingest dep in dvc.yaml, always present (.gitkeep)
+
+
 @dataclass(frozen=True)
 class IngestParams:
     # A file (csv, tsv, jsonl, parquet), a folder of such files, or "hf:<dataset name>".
@@ -94,7 +97,10 @@ class IngestParams:
     response_column: str = "response"
     # base.task generation: a column of chat conversations instead (domaintune/data/chat.py); null = off.
     messages_column: Optional[str] = None
-    feedback: str | None = None
+    # Feedback labels (`domaintune feedback` appends to it): a CSV with the header id,text,label, read next to
+    # the source and split by the same sticky rule; null = none. It must lie in FEEDBACK_DIR, the folder
+    # dvc.yaml tracks as a dependency of ingest (a null param cannot be a DVC dep), so a new label re-runs ingest.
+    feedback: Optional[str] = None
 
     def for_prompts(self) -> "IngestParams":
         """The view ingest reads prompt -> response data with (base.task generation): the prompt is the text
@@ -121,6 +127,12 @@ class IngestParams:
         _check(abs(sum(self.split.values()) - 1.0) < 1e-6, "ingest", "split",
                f"ratios must sum to 1, got {sum(self.split.values())}")
         _check(self.split["train"] > 0, "ingest", "split", "train ratio must be > 0")
+        if self.feedback is not None:
+            path = str(self.feedback)
+            inside = path.endswith(".csv") and not os.path.isabs(path) and \
+                os.path.normpath(path).startswith(FEEDBACK_DIR + "/") and ".." not in Path(path).parts
+            _check(inside, "ingest", "feedback", f"must be a .csv file in {FEEDBACK_DIR}/ (the folder dvc.yaml "
+                   f"tracks as a dependency of ingest), e.g. {FEEDBACK_DIR}/feedback.csv; got {self.feedback!r}")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ import pandas as pd
 
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
-from domaintune.data.textnorm import normalise, normalise_all, sha256_all
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -132,20 +131,6 @@ def json_lines_sha256(records) -> str:
     for rec in records:
         h.update(("[" + ", ".join(map(_json_string, rec)) + "]\n").encode("utf-8"))
     return h.hexdigest()
-
-
-
-def row_key(text: str) -> str:
-    """A row's identity across dataset versions: the SHA-256 (hex) of its text in dedupe's normal form
-    (textnorm.normalise: NFKC, casefold, whitespace runs -> one space). Two texts dedupe calls exact
-    duplicates get the same key; unlike dedupe's per-process XXH3 keys it is the same in every process,
-    so a version record can pin its rows by it."""
-    return hashlib.sha256(normalise(text).encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def row_keys(texts) -> list[str]:
-    """row_key of every text (one pass over normalise_all)."""
-    return [d.hex() for d in sha256_all(normalise_all(texts))]
 
 
 

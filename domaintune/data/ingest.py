@@ -3,8 +3,9 @@ rejected rows).
 
 The source is a CSV/TSV/JSONL/Parquet file, a folder of them, or `hf:<name>`
 (see domaintune/data/sources.py). Splits come from the source itself (per-split
-files or `ingest.split_column`) or from a stratified split by `ingest.split`
-and `base.seed`. Row-level problems (empty text, missing label, bytes that are
+files or `ingest.split_column`) or from a hash split by `ingest.split` and
+`base.seed` (hash_split: a row's split depends on its id alone, so appending rows
+moves none). Row-level problems (empty text, missing label, bytes that are
 not UTF-8, a label unseen in train, ...) stop the stage with file/row/column
 (`on_bad_row: error`) or go to rejected.csv and the metrics (`skip`);
 dataset-level problems (a missing column, one class only, a validation/test split
@@ -27,17 +28,18 @@ import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from domaintune.core.errors import DataError, missing_column
+from domaintune.core.errors import DataError, ParamsError, missing_column
 from domaintune.core.io import atomic_output, write_json
 from domaintune.core.params import IngestParams
 from domaintune.core.stage import StageIO
 from domaintune.data.dataset import SPLITS, chunk_bounds, first_duplicate, release_memory, take_rows, write_dataset
-from domaintune.data.sources import SPLIT_ALIASES, RawTable, iter_parts, read_source
+from domaintune.data.sources import SPLIT_ALIASES, RawTable, iter_parts, read_delimited, read_source
 
 log = logging.getLogger("domaintune")
 
@@ -53,6 +55,7 @@ class IngestResult:
     split_source: str
     files: dict = dataclasses.field(default_factory=dict)  # file -> records, kept, rejected
     carved: list = dataclasses.field(default_factory=list)  # splits carved from the source's train rows
+    feedback_rows: int = 0  # rows kept from ingest.feedback
 
     @property
     def splits(self) -> dict[str, pd.DataFrame]:
@@ -189,41 +192,65 @@ def _table_rows(t: RawTable, p: IngestParams) -> pd.DataFrame:
     return out
 
 
-def _rank_key(seed: int, ids: pd.Series) -> list[str]:
-    # Order rows inside a class by a hash of (seed, id), not by position: appending
-    # rows to the source then moves only a few existing rows between splits.
-    return [hashlib.sha256(f"{seed}\0{i}".encode()).hexdigest() for i in ids]
+SPLIT_METHOD = "hash"  # metrics/ingest.json's split_method: how ingest gives a row its split (below)
 
 
-def stratified_split(df: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Series:
-    """Assign each row of `df` to 'train' or one of `fractions` (name -> share of df), per class.
+def _hash_unit(seed: int, ids) -> np.ndarray:
+    """Each id's point in [0, 1): the first 64 bits of sha256(seed, id), scaled. A function of the row alone."""
+    sha = hashlib.sha256
+    raw = b"".join([sha(f"{seed}\0{i}".encode("utf-8", "surrogatepass")).digest()[:8] for i in ids])
+    return np.frombuffer(raw, dtype=">u8").astype(np.float64) / 2.0**64
 
-    Each class gives round(n * fraction) rows to each carved split, but always
-    keeps at least one row in train (the largest carved count shrinks first).
-    So a class too small to stratify (1-2 rows at 15%) lands entirely in train:
-    it can still be learned, and validation/test never hold a class train lacks.
+
+def hash_split(df: pd.DataFrame, fractions: dict[str, float], seed: int, rescue: bool = True) -> pd.Series:
+    """Assign each row of `df` (columns id, label) to 'train' or one of `fractions` (name -> share of df).
+
+    Sticky: a row's split is a function of its own id and the seed. u = sha256(seed, id) as a number in
+    [0, 1); u < test share -> test, then the next validation share -> validation, else train. Appending
+    rows to the source (or removing others) moves no existing row between splits, so a row a model was
+    tested on stays a test row for the next version; the realised shares are the params' up to binomial
+    noise (each row is one draw), per class too.
+
+    Two rescues for data too small for the rule, and they are the only way a row can move:
+    - a class none of whose rows falls in train (at 70/15/15: a one-row class 30% of the time, a
+      two-row class 9%, five rows 0.2%) gets its row with the largest u (the nearest to train) put in
+      train, so validation/test never hold a class train lacks;
+    - then a split with a positive share that got no row at all (a few dozen rows or fewer) takes the
+      train row with the smallest u among the classes that keep another train row (none such: it stays
+      empty, and ingest refuses the source).
+    A row's split differs from its hash's only while it is rescued, so between two versions of a source
+    a row moves only if one of them rescued it (e.g. a rescued row goes back once its class gains a train
+    row of its own). Without one- or two-row classes and with more than a few dozen rows, nothing is
+    rescued and nothing moves.
+    rescue=False skips both (rows split next to others that hold their classes and splits).
     """
     names = [s for s in ("test", "validation") if fractions.get(s, 0) > 0]
     assign = pd.Series("train", index=df.index, dtype=object)
     if not names or df.empty:
         return assign
-    work = pd.DataFrame({"label": df["label"].to_numpy(), "key": _rank_key(seed, df["id"])}, index=df.index)
-    work = work.sort_values(["label", "key"], kind="stable")
-    rank = work.groupby("label", sort=False).cumcount().to_numpy()
-    quota = {}
-    for label, n in work.groupby("label", sort=False).size().items():
-        k = {s: int(np.floor(n * fractions[s] + 0.5)) for s in names}
-        while sum(k.values()) > n - 1:
-            big = max(names, key=lambda s: (k[s], s == "test"))
-            k[big] -= 1
-        quota[label] = k
-    start = np.zeros(len(work), dtype=np.int64)
-    split = np.full(len(work), "train", dtype=object)
+    u = _hash_unit(seed, df["id"])
+    split = np.full(len(df), "train", dtype=object)
+    edge = 0.0
+    for s in names:  # test first, then validation
+        split[(u >= edge) & (u < edge + fractions[s])] = s
+        edge += fractions[s]
+    if not rescue:  # rows split next to others that hold their classes (feedback rows of a source with splits)
+        assign[:] = split
+        return assign
+    labels = df["label"].to_numpy()
+    work = pd.DataFrame({"label": labels, "u": u, "train": split == "train"})
+    has_train = work.groupby("label", sort=False)["train"].transform("any").to_numpy()
+    if not has_train.all():
+        rescue = work[~has_train].groupby("label", sort=False)["u"].idxmax().to_numpy()
+        split[rescue] = "train"
     for s in names:
-        k = work["label"].map({lab: q[s] for lab, q in quota.items()}).to_numpy(dtype=np.int64)
-        split[(rank >= start) & (rank < start + k)] = s
-        start = start + k
-    assign.loc[work.index] = split
+        if (split == s).any():
+            continue
+        train = split == "train"
+        spare = train & (pd.Series(train).groupby(labels).transform("sum").to_numpy() >= 2)
+        if spare.any():
+            split[np.flatnonzero(spare)[np.argmin(u[spare])]] = s
+    assign[:] = split
     return assign
 
 
@@ -232,32 +259,38 @@ def _source_name(tables: list[RawTable], p: IngestParams) -> str:
 
 
 def _assign_splits(good: pd.DataFrame, ids, tables: list[RawTable], p: IngestParams,
-                   seed: int) -> tuple[str, list[str]]:
-    """Fill good["split"] in place; returns (where the splits came from, splits carved from train)."""
+                   seed: int, fb: np.ndarray) -> tuple[str, list[str]]:
+    """Fill good["split"] in place; returns (where the splits came from, splits carved from train). `fb`: the
+    feedback rows, split by the sticky rule whatever the source does (with the source's rows when ingest
+    splits those too)."""
     if tables[0].split is not None:
         split_source = "hf" if tables[0].file.startswith("hf:") else "files"
     elif p.split_column:
         split_source = "column"
     else:
-        split_source = "stratified"
-    present = set(good["split"].dropna()) if split_source != "stratified" else set()
-    if split_source != "stratified" and "train" not in present:
+        split_source = "hash"
+    present = set(good.loc[~fb, "split"].dropna()) if split_source != "hash" else set()
+    if split_source != "hash" and "train" not in present:
         raise DataError(_source_name(tables, p), None, p.split_column,
                         f"the source names splits {sorted(present)} but no train split")
     # Splits the source lacks are carved out of its train rows, in the ingest.split proportions
     # (e.g. a train/test source gets validation = val/(train+val) of its train rows).
     missing = [s for s in ("validation", "test") if s not in present and p.split[s] > 0]
-    carved = missing if split_source != "stratified" else []
+    carved = missing if split_source != "hash" else []
     if carved and p.missing_split == "error":
         raise DataError(_source_name(tables, p), None, p.split_column,
                         f"the source has its own splits {sorted(present)} but no {'/'.join(carved)} split; "
                         "add it, or set ingest.missing_split: carve to take it from train by ingest.split")
+    if split_source != "hash" and fb.any():  # the source's own splits hold its classes: no rescue here
+        shares = {s: p.split[s] for s in ("validation", "test")}
+        rows = good[fb].assign(id=_ids_at(ids, np.flatnonzero(fb)))
+        good.loc[fb, "split"] = hash_split(rows, shares, seed, rescue=False).to_numpy()
     if missing:
-        pool = good["split"].isna() | good["split"].eq("train")
+        pool = good["split"].isna() | (good["split"].eq("train") & ~fb)
         total = p.split["train"] + sum(p.split[s] for s in missing)
         fractions = {s: p.split[s] / total for s in missing}
         pooled = good[pool].assign(id=_ids_at(ids, np.flatnonzero(pool.to_numpy())))  # ids as str only here
-        good.loc[pool, "split"] = stratified_split(pooled, fractions, seed)
+        good.loc[pool, "split"] = hash_split(pooled, fractions, seed)
     if carved:
         log.warning("source has no %s split: carved from its train rows by ingest.split (ingest.missing_split: "
                     "carve)", "/".join(carved))
@@ -281,18 +314,21 @@ INGEST_CHUNK = 200_000  # rows checked at a time: bounds the Python objects aliv
 CANON_LABELS = 65_536  # labels held as one string each (see _check_chunks); beyond, they are not classes
 
 
-def _check_chunks(tables: list[RawTable], p: IngestParams):
+def _check_chunks(tables: list[RawTable], p: IngestParams, feedback: list[RawTable] = ()):
     """Every row checked, CHUNK rows at a time (a streamed Parquet table is read that way too). Returns
     the kept rows' file/row/label/split (pandas), their texts and ids (lists of Arrow chunks, one per part,
     not Python), the rejected rows and the data records read per file. on_bad_row error stops at the first
     bad row, in source order. Each label is kept as one Python string for the whole run (the first seen):
-    a part's own copies would each pin one of Python's memory arenas for as long as the run lasts."""
+    a part's own copies would each pin one of Python's memory arenas for as long as the run lasts.
+    `feedback` tables are read with their own columns (feedback_view)."""
     import pyarrow as pa
 
-    for t in tables:  # a missing column anywhere stops the stage before any row is judged
+    views = [(t, p) for t in tables] + [(t, feedback_view(p)) for t in feedback]
+    for t, p in views:  # a missing column anywhere stops the stage before any row is judged
         _needed_columns(t, p)
     kept, texts, ids, rejected, read, canon = [], [], [], [], {}, {}
-    for t in tables:
+    for t, p in views:
+        read.setdefault(t.file, 0)  # a feedback file may have no rows yet
         for part in iter_parts(t, INGEST_CHUNK):
             rows = _table_rows(part, p)
             read[t.file] = read.get(t.file, 0) + len(rows)
@@ -313,6 +349,27 @@ def _check_chunks(tables: list[RawTable], p: IngestParams):
             del rows, good, bad, part
             release_memory()
     return pd.concat(kept, ignore_index=True), texts, ids, pd.concat(rejected, ignore_index=True), read
+
+
+FEEDBACK_COLUMNS = ("id", "text", "label")  # the header of ingest.feedback (what `domaintune feedback` writes)
+
+
+def feedback_view(p: IngestParams) -> IngestParams:
+    """The params a feedback file is checked with: its own columns id,text,label (the source's may differ),
+    no split column (its rows get splits by the sticky rule), the source's other rules."""
+    return dataclasses.replace(p, id_column="id", text_column="text", label_column="label", split_column=None)
+
+
+def read_feedback(path: str) -> list[RawTable]:
+    """ingest.feedback: the CSV `domaintune feedback` appends to (header id,text,label; header-only = no rows
+    yet), read by the project's CSV reader. A missing file is an error naming the param."""
+    where = Path(path)
+    if not where.exists():
+        raise DataError(where, None, None, "file not found; ingest.feedback names it (create it with the header "
+                                           "'id,text,label', or set ingest.feedback: null)")
+    if not where.is_file():
+        raise DataError(where, None, None, "ingest.feedback names a folder, not a CSV file")
+    return [read_delimited(where, ",", stream=True, empty_ok=True)]
 
 
 def _filter_chunks(chunks: list, keep: np.ndarray) -> list:
@@ -360,14 +417,17 @@ def _ids_at(ids: list, positions) -> list:
     return take_rows(ids, chunk_bounds(ids), positions).to_pylist()
 
 
-def ingest(tables: list[RawTable], p: IngestParams, seed: int, classes: bool = True) -> IngestResult:
+def ingest(tables: list[RawTable], p: IngestParams, seed: int, classes: bool = True,
+           feedback: list[RawTable] = ()) -> IngestResult:
     """Raw tables -> validated, split dataset (pure: no I/O). classes=False (prompt -> response data): `p`
     names the prompt as text_column and the response as label_column (IngestParams.for_prompts), a response
-    is no class (no label set, split at random).
+    is no class (no label set, split at random). `feedback`: the ingest.feedback tables (read_feedback), checked
+    like the source and split by the sticky rule; duplicates of other rows are dedupe's business.
     Rows are checked in chunks and the kept texts and ids held in Arrow (see _check_chunks)."""
     import pyarrow as pa
 
-    good, texts, ids, rejected, read = _check_chunks(tables, p)
+    good, texts, ids, rejected, read = _check_chunks(tables, p, feedback)
+    feedback_files = {t.file for t in feedback}
     for t in tables:  # known once read (a streamed CSV finds them as it goes)
         if t.multiline:  # legal (RFC 4180 quoted line breaks), but a person should know lines != rows
             log.info("%s: %d rows span several lines (quoted line breaks), the first is row %d (line %d)",
@@ -379,14 +439,16 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, classes: bool = T
     dup = first_duplicate(ids)
     if dup is not None:
         r, first = good.iloc[dup[0]], good.iloc[dup[1]]
-        hint = "" if p.id_column else (" (ids are <file stem>:<row>: give the files different names, or set "
-                                       "ingest.id_column)")
+        hint = "" if p.id_column or r["file"] in feedback_files else (
+            " (ids are <file stem>:<row>: give the files different names, or set ingest.id_column)")
         used = f"already used by {first['file']} row {int(first['row'])}{hint}"
-        raise DataError(r["file"], int(r["row"]), p.id_column or "id", f"id {_ids_at(ids, [dup[0]])[0]!r} {used}")
+        field = "id" if r["file"] in feedback_files else p.id_column or "id"
+        raise DataError(r["file"], int(r["row"]), field, f"id {_ids_at(ids, [dup[0]])[0]!r} {used}")
 
     if not classes:  # a response is no class: split at random (seeded), keep no label set
         responses, good["label"] = good["label"], ""
-    split_source, carved = _assign_splits(good, ids, tables, p, seed)
+    fb = good["file"].isin(feedback_files).to_numpy()
+    split_source, carved = _assign_splits(good, ids, tables, p, seed, fb)
     if not classes:
         good["label"] = responses
         return _generation_result(good, texts, ids, rejected, read, rows_read, split_source, carved, tables)
@@ -413,17 +475,18 @@ def ingest(tables: list[RawTable], p: IngestParams, seed: int, classes: bool = T
     splits = _split_tables(good, texts, ids)
     counts = {s: len(df) for s, df in splits.items()}
     for s in ("validation", "test"):
-        if not counts[s] and (p.split[s] > 0 or split_source != "stratified"):
+        if not counts[s] and (p.split[s] > 0 or split_source != "hash"):
             raise DataError(_source_name(tables, p), None, None,
                             f"the {s} split would be empty (rows: {counts}, rejected: {len(rejected)}): too few "
                             f"rows per class for ingest.split ({' / '.join(f'{k} {p.split[k]}' for k in SPLITS)}; each "
                             "class keeps one row in train); add "
                             f"rows, or set ingest.split.{s}: 0 to go without")
     files = _file_counts(read, good, rejected)
-    for t in tables:
+    for t in [*tables, *feedback]:
         files[t.file]["multiline_rows"] = len(t.multiline)
     rejected = rejected.loc[:, REJECTED_COLUMNS].sort_values(["file", "row"], kind="stable").reset_index(drop=True)
-    return IngestResult(splits, sorted(train_labels), rejected, rows_read, split_source, files, carved)
+    return IngestResult(splits, sorted(train_labels), rejected, rows_read, split_source, files, carved,
+                        int(good["file"].isin(feedback_files).sum()))
 
 
 def _generation_result(good, texts, ids, rejected, read, rows_read, split_source, carved, tables) -> IngestResult:
@@ -444,7 +507,9 @@ def metrics_of(result: IngestResult) -> dict:
         "rejected_by_reason": {str(k): int(v) for k, v in by_reason.items()},
         "labels": len(result.labels),
         "split_source": result.split_source,
+        "split_method": SPLIT_METHOD,  # rows ingest splits (all, or those carved from train): hash_split
         "carved_splits": result.carved,
+        "feedback_rows": result.feedback_rows,  # rows kept from ingest.feedback (counted in rows and files too)
         # per file: data records read = rows kept + rows rejected
         "files": result.files,
     }
@@ -467,7 +532,11 @@ def ingest_stage(io: StageIO, p: IngestParams, seed: int, classes: bool = True,
     tables = read_source(io.source, stream=prepare is None)
     for t in tables if prepare else ():
         prepare(t)
-    result = ingest(tables, p, seed, classes)
+    feedback = read_feedback(p.feedback) if p.feedback else []
+    if feedback and not classes:
+        raise ParamsError("params.yaml: ingest.feedback: feedback labels (id,text,label) are for base.task "
+                          "classification; set it to null for prompt -> response data")
+    result = ingest(tables, p, seed, classes, feedback)
     metrics = metrics_of(result)
     # Nested: the dataset and its metrics land together or not at all.
     with atomic_output(io.out) as tmp, atomic_output(io.metrics) as tmp_metrics:

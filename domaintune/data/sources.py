@@ -331,8 +331,9 @@ def _delimited_parts(path: Path, header: list[str], records, multiline: list[int
     return parts
 
 
-def read_delimited(path: Path, delimiter: str, stream: bool = False) -> RawTable:
-    """A CSV/TSV file: whole, or (stream) a table whose rows iter_parts reads piece by piece."""
+def read_delimited(path: Path, delimiter: str, stream: bool = False, empty_ok: bool = False) -> RawTable:
+    """A CSV/TSV file: whole, or (stream) a table whose rows iter_parts reads piece by piece. A header without
+    data rows is an error, or (empty_ok: a file rows are appended to, e.g. ingest.feedback) a table of no rows."""
     records = _stream_records(path, delimiter, CSV_BLOCK_BYTES)
     head = next(records, None)
     if head is None:
@@ -348,6 +349,8 @@ def read_delimited(path: Path, delimiter: str, stream: bool = False) -> RawTable
         raise DataError(path, None, dup[0], "column name appears more than once in the header")
     first = next(records, None)
     if first is None:
+        if empty_ok:
+            return RawTable(str(path), path.stem, pd.DataFrame(columns=header, dtype=object), [])
         raise DataError(path, None, None, "file has a header but no data rows")
 
     def all_records():

@@ -4,7 +4,8 @@ Two texts are "the same" when they are equal after Unicode NFKC (full-width
 letters, ligatures, non-breaking spaces fold to their plain forms), case
 folding (ß == ss, not just lower()) and collapsing every run of whitespace to
 one space with the ends stripped. A 128-bit hash of that normal form (text_keys) is
-the row's duplicate key. The stored text is never changed: normalisation only decides
+the row's duplicate key; row_key (SHA-256 of the normal form, hex) is a row's identity across versions
+(the champion/challenger comparison). The stored text is never changed: normalisation only decides
 what counts as a duplicate.
 """
 from __future__ import annotations
@@ -247,6 +248,18 @@ def sha256_all(norm: Iterable[str]) -> list[bytes]:
     """Raw 32-byte SHA-256 digests: the duplicate keys (hex would double their size)."""
     sha = hashlib.sha256
     return [sha(t.encode("utf-8", "surrogatepass")).digest() for t in norm]
+
+
+def row_key(text: str) -> str:
+    """A row's identity across dataset versions: the SHA-256 (hex) of its normal form (normalise). Texts
+    dedupe calls exact duplicates get the same key; unlike dedupe's per-process XXH3 keys (text_keys) it
+    is the same in every process, so a version record can pin its rows by it."""
+    return hashlib.sha256(normalise(text).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def row_keys(texts: Iterable[str]) -> list[str]:
+    """row_key of every text."""
+    return [d.hex() for d in sha256_all(normalise_all(texts))]
 
 
 def shingles(norm: str, size: int) -> set[bytes]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from domaintune.data.dataset import row_keys
+from domaintune.data.textnorm import row_keys
 
 _CHUNK_CELLS = 2_000_000  # resampled rows (resamples x rows) held at once: ~16 MB of indices
 

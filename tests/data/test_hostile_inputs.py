@@ -96,10 +96,10 @@ ERRORS = [  # corpus file, ingest params, the one error line (after "ingest: err
     ("label_only_in_test.csv", {"split_column": "part", "on_bad_row": "skip", "missing_split": "error"},
      "{src}: field 'part': the source has its own splits ['test', 'train'] but no validation split; add it, or set "
      "ingest.missing_split: carve to take it from train by ingest.split"),
-    ("two_rows_per_class.csv", {}, "{src}: the test split would be empty (rows: {{'train': 2, 'validation': 2, "
-                                   "'test': 0}}, rejected: 0): too few rows per class for ingest.split (train 0.5 / "
-                                   "validation 0.25 / test 0.25; each class keeps one row in train); add rows, "
-                                   "or set ingest.split.test: 0 to go without"),
+    ("one_row_per_class.csv", {}, "{src}: the validation split would be empty (rows: {{'train': 2, 'validation': 0, "
+                                  "'test': 0}}, rejected: 0): too few rows per class for ingest.split (train 0.5 / "
+                                  "validation 0.25 / test 0.25; each class keeps one row in train); add rows, "
+                                  "or set ingest.split.validation: 0 to go without"),
     ("utf16.csv", {}, "{src}: file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8"),
     ("old_mac_line_ends.csv", {}, "{src}: lines end with a lone carriage return (old Mac style); save the file with "
                                   "\\n or \\r\\n line ends"),

@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from domaintune.core.errors import DataError
+from domaintune.core.errors import DataError, ParamsError
 from domaintune.core.io import read_json
 from domaintune.core.params import IngestParams
 from domaintune.data.dataset import read_dataset
-from domaintune.data.ingest import ingest
+from domaintune.data.ingest import hash_split, ingest
 from domaintune.data.sources import read_source, tables_from_hf
 from stages.ingest import main
 
@@ -51,7 +53,16 @@ def assert_names(err: DataError, file, row, field):
 
 # ---------------------------------------------------------------- splits
 
-def test_stratified_split_is_reproducible_and_every_class_is_in_train(tmp_path):
+def hash_u(seed: int, row_id: str) -> float:
+    """The split rule's point of a row, computed independently of the code under test."""
+    return int(hashlib.sha256(f"{seed}\0{row_id}".encode()).hexdigest()[:16], 16) / 2**64
+
+
+def rule(u: float, split: dict) -> str:
+    return "test" if u < split["test"] else "validation" if u < split["test"] + split["validation"] else "train"
+
+
+def test_hash_split_is_reproducible_and_every_class_is_in_train(tmp_path):
     recs = rows(60) + [{"ticket_id": "RARE1", "text": "a rare refund case", "label": "refund"}]
     src = write_csv(tmp_path / "tickets.csv", recs)
     a = run_ingest(src, id_column="ticket_id", seed=7)
@@ -60,15 +71,14 @@ def test_stratified_split_is_reproducible_and_every_class_is_in_train(tmp_path):
     ids = lambda r: {s: sorted(df["id"]) for s, df in r.splits.items()}  # noqa: E731
     assert ids(a) == ids(b)
     assert ids(a) != ids(c)  # the seed matters
-    sizes = {s: len(df) for s, df in a.splits.items()}
-    # 20 rows per main class at 0.8/0.1/0.1 -> 16/2/2 each; the 1-row class stays in train.
-    assert sizes == {"train": 49, "validation": 6, "test": 6}
+    # every row of the 3 big classes where sha256(seed, id) puts it (0.8/0.1/0.1 of [0, 1)): 51 / 5 / 5 here
+    share = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    assert all(rule(hash_u(7, i), share) == s for s, df in a.splits.items() for i in df["id"] if i != "RARE1")
+    assert {s: len(df) for s, df in a.splits.items()} == {"train": 51, "validation": 5, "test": 5}
     assert a.labels == sorted(LABELS + ["refund"])
     assert set(a.splits["train"]["label"]) == set(a.labels)
-    assert "RARE1" in set(a.splits["train"]["id"])
-    for s in ("validation", "test"):
-        assert a.splits[s]["label"].value_counts().to_dict() == {lab: 2 for lab in LABELS}
-    assert a.split_source == "stratified" and a.rejected.empty
+    assert "RARE1" in set(a.splits["train"]["id"])  # a one-row class is always in train (rescued if need be)
+    assert a.split_source == "hash" and a.rejected.empty
     assert list(a.splits["train"].columns) == ["id", "text", "label", "split"]
 
 
@@ -86,9 +96,93 @@ def test_default_ids_are_file_stem_and_row_and_stay_when_rows_are_appended(tmp_p
     after = run_ingest(src)
     split_before = {i: s for s, df in before.splits.items() for i in df["id"]}
     split_after = {i: s for s, df in after.splits.items() for i in df["id"]}
-    assert {i: split_after[i] for i in split_before} != {} and set(split_before) <= set(split_after)
-    moved = sum(split_before[i] != split_after[i] for i in split_before)
-    assert moved <= 6  # hash-ranked split: appending 30 rows moves only a few of the 90 old rows
+    assert {i: split_after[i] for i in split_before} == split_before  # sticky: no old row moves
+
+
+def old_rank_split(df: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Series:
+    """The split ingest made before splits were sticky (rank of sha256(seed, id) in each class, quota
+    round(n * share)), kept here to show what appending rows did to it."""
+    names = [s for s in ("test", "validation") if fractions.get(s, 0) > 0]
+    assign = pd.Series("train", index=df.index, dtype=object)
+    key = [hashlib.sha256(f"{seed}\0{i}".encode()).hexdigest() for i in df["id"]]
+    work = pd.DataFrame({"label": df["label"].to_numpy(), "key": key}, index=df.index)
+    work = work.sort_values(["label", "key"], kind="stable")
+    rank = work.groupby("label", sort=False).cumcount().to_numpy()
+    quota = {}
+    for label, n in work.groupby("label", sort=False).size().items():
+        k = {s: int(np.floor(n * fractions[s] + 0.5)) for s in names}
+        while sum(k.values()) > n - 1:
+            big = max(names, key=lambda s: (k[s], s == "test"))
+            k[big] -= 1
+        quota[label] = k
+    start = np.zeros(len(work), dtype=np.int64)
+    split = np.full(len(work), "train", dtype=object)
+    for s in names:
+        k = work["label"].map({lab: q[s] for lab, q in quota.items()}).to_numpy(dtype=np.int64)
+        split[(rank >= start) & (rank < start + k)] = s
+        start = start + k
+    assign.loc[work.index] = split
+    return assign
+
+
+SHARE = {"train": 0.7, "validation": 0.15, "test": 0.15}
+
+
+def test_appending_ten_percent_rows_moves_no_existing_row_and_shares_stay_near_the_params(tmp_path):
+    labels = [f"class_{c}" for c in range(8)]
+    old, new = rows(3000, labels), rows(300, labels, start=5000)
+    src = write_csv(tmp_path / "tickets.csv", old)
+    p = dict(id_column="ticket_id", split=SHARE)
+    before = {i: s for s, df in run_ingest(src, **p).splits.items() for i in df["id"]}
+    write_csv(src, old + new)
+    after_res = run_ingest(src, **p)
+    after = {i: s for s, df in after_res.splits.items() for i in df["id"]}
+    assert sum(before[i] != after[i] for i in before) == 0
+    # the rank split of the same rows moves 38 of the 3,000 (seed 42)
+    frame = lambda recs: pd.DataFrame(recs).rename(columns={"ticket_id": "id"})  # noqa: E731
+    fractions = {"validation": 0.15, "test": 0.15}
+    old_before = old_rank_split(frame(old), fractions, 42).to_numpy()
+    old_after = old_rank_split(frame(old + new), fractions, 42).to_numpy()[:len(old)]
+    assert (old_before != old_after).sum() == 38
+    # realised shares: binomial around the params, overall and per class (4 standard deviations)
+    n = len(old) + len(new)
+    for s, df in after_res.splits.items():
+        assert abs(len(df) - n * SHARE[s]) < 4 * np.sqrt(n * SHARE[s] * (1 - SHARE[s])), (s, len(df))
+        for lab, k in df["label"].value_counts().items():
+            m = n / len(labels)
+            assert abs(k - m * SHARE[s]) < 4 * np.sqrt(m * SHARE[s] * (1 - SHARE[s])), (s, lab, k)
+
+
+def test_a_class_without_a_train_row_lends_its_nearest_row_to_train_until_it_has_one():
+    share = {"validation": 0.15, "test": 0.15}
+    big = pd.DataFrame({"id": [f"b{i}" for i in range(40)], "label": ["big"] * 40})
+    # two rows of a small class that both hash out of train (u < 0.3), then a third that hashes into it
+    out_of_train = [i for i in (f"s{k}" for k in range(200)) if hash_u(42, i) < 0.3][:2]
+    into_train = next(i for i in (f"s{k}" for k in range(200, 400)) if hash_u(42, i) >= 0.3)
+    small = pd.DataFrame({"id": out_of_train, "label": ["small"] * 2})
+    got = hash_split(pd.concat([big, small], ignore_index=True), share, 42)
+    nearest = max(out_of_train, key=lambda i: hash_u(42, i))
+    split_of = dict(zip(pd.concat([big, small])["id"], got))
+    assert split_of[nearest] == "train"
+    other = next(i for i in out_of_train if i != nearest)
+    assert split_of[other] == rule(hash_u(42, other), {"test": 0.15, "validation": 0.15})
+    grown = pd.concat([big, small, pd.DataFrame({"id": [into_train], "label": ["small"]})], ignore_index=True)
+    regrown = dict(zip(grown["id"], hash_split(grown, share, 42)))
+    assert regrown[nearest] == rule(hash_u(42, nearest), {"test": 0.15, "validation": 0.15})  # back: the one move
+    assert [i for i in split_of if split_of[i] != regrown[i]] == [nearest]
+
+
+def test_a_split_the_rule_leaves_empty_takes_the_train_row_nearest_to_it():
+    share = {"validation": 0.25, "test": 0.25}
+    ids = [i for i in (f"r{k}" for k in range(500)) if hash_u(1, i) >= 0.5][:6]  # all six hash into train
+    df = pd.DataFrame({"id": ids, "label": ["a", "b"] * 3})
+    split_of = dict(zip(ids, hash_split(df, share, 1)))
+    by_u = sorted(ids, key=lambda i: hash_u(1, i))
+    assert split_of[by_u[0]] == "test" and split_of[by_u[1]] == "validation"
+    assert sorted(split_of.values()).count("train") == 4
+    # one row per class: nothing can leave train, the split stays empty (ingest then refuses the source)
+    one_each = pd.DataFrame({"id": ids[:2], "label": ["a", "b"]})
+    assert list(hash_split(one_each, share, 1)) == ["train", "train"]
 
 
 def test_split_column_is_used_and_missing_validation_is_carved_from_train(tmp_path):
@@ -137,7 +231,7 @@ def test_folder_of_unsplit_files_is_pooled_and_split(tmp_path):
     write_csv(folder / "part_b.tsv", rows(20, start=50), sep="\t")
     res = run_ingest(folder, id_column="ticket_id")
     assert res.rows_read == 40 and sum(len(df) for df in res.splits.values()) == 40
-    assert res.split_source == "stratified"
+    assert res.split_source == "hash"
 
 
 def test_folder_mixing_split_named_and_other_files_is_refused(tmp_path):
@@ -388,3 +482,110 @@ def test_a_typo_in_a_later_section_stops_the_first_stage(tmp_path, capsys, secti
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and section in err[0], err
     assert not out.exists() and not metrics.exists()
+
+
+# ---------------------------------------------------------------- ingest.feedback: labels fed back from live traffic
+
+FB = "labels/feedback/feedback.csv"
+
+
+def feedback_project(tmp_path, monkeypatch, fb_rows: list[dict] | None, source_rows=None, **ingest_kw):
+    """A project folder (the stage's cwd, as under DVC) with tickets.csv, params.yaml and, unless None,
+    labels/feedback/feedback.csv holding `fb_rows` (id,text,label)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    write_csv(tmp_path / "tickets.csv", source_rows or rows(60))
+    if fb_rows is not None:
+        (tmp_path / "labels/feedback").mkdir(parents=True)
+        (tmp_path / FB).write_text("id,text,label\n" + "".join(f"{r['id']},{r['text']},{r['label']}\n"
+                                                              for r in fb_rows))
+    write_params(tmp_path / "params.yaml", id_column="ticket_id", feedback=FB, **ingest_kw)
+    return ["--source", "tickets.csv", "--out", "ingested", "--metrics", "ingest.json", "--params", "params.yaml"]
+
+
+def fb_rows(n: int, start: int = 1) -> list[dict]:
+    return [{"id": f"req-{i}", "text": f"live request {i} about {LABELS[i % 3]}", "label": LABELS[i % 3]}
+            for i in range(start, start + n)]
+
+
+def split_of(folder) -> dict[str, str]:
+    splits, _ = read_dataset(folder)
+    return {i: s for s, df in splits.items() for i in df["id"]}
+
+
+def test_feedback_rows_join_by_the_sticky_rule_and_dedupe_removes_copies_of_training_rows(tmp_path, monkeypatch):
+    from stages import dedupe
+
+    no_fb = feedback_project(tmp_path / "a", monkeypatch, None)
+    (tmp_path / "a/params.yaml").write_text(yaml.safe_dump({"base": {"seed": 3}, "ingest": {"id_column": "ticket_id"}}))
+    assert main(no_fb) == 0
+    before = split_of(tmp_path / "a/ingested")
+
+    fb = fb_rows(40)
+    train_row = next(r for r in rows(60) if before[r["ticket_id"]] == "train")
+    fb.append({"id": "req-copy", "text": train_row["text"].upper(), "label": train_row["label"]})  # a copy
+    argv = feedback_project(tmp_path / "b", monkeypatch, fb)
+    assert main(argv) == 0
+    after = split_of(tmp_path / "b/ingested")
+    assert {i: after[i] for i in before} == before  # the source's rows keep their splits
+    share = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    assert {r["id"]: after[r["id"]] for r in fb} == {r["id"]: rule(hash_u(3, r["id"]), share) for r in fb}
+    m = read_json(tmp_path / "b/ingest.json")
+    assert m["feedback_rows"] == 41 and m["split_method"] == "hash" and sum(m["rows"].values()) == 101
+    assert m["files"][FB] == {"records": 41, "kept": 41, "rejected": 0, "multiline_rows": 0}
+    # the copy of a training row is dedupe's to remove, as any duplicate
+    assert dedupe.main(["--in", "ingested", "--out", "deduped", "--metrics", "dedupe.json",
+                        "--params", "params.yaml"]) == 0
+    removed = pd.read_csv(tmp_path / "b/deduped/removed.csv")
+    assert set(removed["id"]) & {"req-copy", train_row["ticket_id"]} and len(removed) == 1
+
+
+def test_feedback_of_a_source_with_its_own_splits_is_split_by_the_rule(tmp_path, monkeypatch):
+    src = rows(60)
+    for i, r in enumerate(src):
+        r["part"] = ("test", "validation", "train", "train", "train")[i % 5]
+    fb = fb_rows(50)
+    assert main(feedback_project(tmp_path, monkeypatch, fb, src, split_column="part")) == 0
+    got = split_of(tmp_path / "ingested")
+    assert {r["ticket_id"]: got[r["ticket_id"]] for r in src} == {r["ticket_id"]: r["part"] for r in src}
+    share = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    assert {r["id"]: got[r["id"]] for r in fb} == {r["id"]: rule(hash_u(3, r["id"]), share) for r in fb}
+    assert read_json(tmp_path / "ingest.json")["feedback_rows"] == 50
+
+
+def test_a_header_only_feedback_file_adds_nothing(tmp_path, monkeypatch):
+    assert main(feedback_project(tmp_path, monkeypatch, [])) == 0
+    m = read_json(tmp_path / "ingest.json")
+    assert m["feedback_rows"] == 0 and sum(m["rows"].values()) == 60
+    assert m["files"][FB] == {"records": 0, "kept": 0, "rejected": 0, "multiline_rows": 0}
+
+
+FEEDBACK_ERRORS = [  # (feedback file body or None for no file, the error line after "ingest: error: ")
+    (None, f"{FB}: file not found; ingest.feedback names it (create it with the header 'id,text,label', or set "
+           "ingest.feedback: null)"),
+    ("id,text\nr1,hello\n", f"{FB}: field 'label': column missing; columns found: ['id', 'text']"),
+    ("id,text,label\nr1,fine,billing\nr2, ,login\n", f"{FB}: row 2: field 'text': text is empty or whitespace only"),
+    ("id,text,label\nr1,fine,billing\nr2,no label,\n", f"{FB}: row 2: field 'label': label is missing"),
+    ("id,text,label\nT0003,reused id,billing\n", f"{FB}: row 1: field 'id': id 'T0003' already used by tickets.csv row 3"),
+]
+
+
+@pytest.mark.parametrize("body, expected", FEEDBACK_ERRORS)
+def test_a_bad_feedback_file_is_one_line_naming_file_row_and_field_exit_2_nothing_written(
+        tmp_path, monkeypatch, capsys, body, expected):
+    argv = feedback_project(tmp_path, monkeypatch, None)
+    if body is not None:
+        (tmp_path / "labels/feedback").mkdir(parents=True)
+        (tmp_path / FB).write_text(body)
+    assert main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ingest: error: ")]
+    assert len(err) == 1 and err[0].startswith("ingest: error: " + expected), err
+    assert not (tmp_path / "ingested").exists() and not (tmp_path / "ingest.json").exists()
+
+
+@pytest.mark.parametrize("path", ["feedback.csv", "data/feedback/x.csv", "labels/feedback/../x.csv",
+                                  "/abs/labels/feedback/x.csv", "labels/feedback/x.tsv"])
+def test_feedback_outside_the_tracked_folder_is_refused(path):
+    with pytest.raises(ParamsError, match=r"ingest\.feedback: must be a \.csv file in labels/feedback/"):
+        IngestParams(feedback=path)
+    assert IngestParams(feedback="labels/feedback/x.csv").feedback == "labels/feedback/x.csv"

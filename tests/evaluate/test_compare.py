@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import f1_score
 
-from domaintune.data.dataset import row_key
+from domaintune.data.textnorm import row_key
 from domaintune.evaluate.compare import fair_rows, paired_bootstrap
 
 

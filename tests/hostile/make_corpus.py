@@ -90,7 +90,7 @@ def main() -> None:
     files["numeric_labels.csv"] = csv_bytes(lines)
     jl = [f'{{"text": "numeric label text {i}", "label": {lab}}}' for i, lab in enumerate(["1", "1.0", "2"] * 4)]
     files["numeric_labels.jsonl"] = ("\n".join(jl) + "\n").encode()
-    files["two_rows_per_class.csv"] = csv_bytes(["text,label"] + [f"{t},{lab}" for t, lab in rows(4)])
+    files["one_row_per_class.csv"] = csv_bytes(["text,label"] + [f"{t},{lab}" for t, lab in rows(2)])
     clean = "\n".join(["text,label"] + [f"{t},{lab}" for t, lab in rows(6)]) + "\n"
     files["utf16.csv"] = clean.encode("utf-16")
     files["old_mac_line_ends.csv"] = clean.replace("\n", "\r").encode()
