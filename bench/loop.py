@@ -40,6 +40,10 @@ Two policies on the SAME weekly models:
                       monitor.guard.judge(rows, new="served") rolls back when the new champion is `worse`.
                       The guard of week w's promotion runs in week w+1, before that week's retrain.
 A week's served_accuracy is that of the model served at the end of the week (after its guard and gate).
+Diagnostics, acted on by neither policy: challenger_minus_champion_future (the week's model minus the champion
+it was compared with, on the future test set: was a rejection right?) and baseline_guard_would_say (the guard
+on publish = promote's swaps, the model published last week against the one before it, on this week's live
+rows: would it have caught the bad weeks?).
 The target: the gate's served accuracy never drops by more than 0.005 from one week to the next.
 """
 from __future__ import annotations
@@ -272,7 +276,7 @@ def run() -> dict:
                        f"mean-pooled {base.model} embeddings, temperature fitted on validation (a substitution "
                        "for six full fine-tunes, hours on 2 CPU cores; the decisions are the product's code)",
               "feedback_share": FEEDBACK_SHARE, "future_test_rows": len(future), "weeks": []}
-    champion, replaced, previous_split = None, None, None
+    champion, replaced, previous_split, published = None, None, None, []
     for week in range(1, WEEKS + 1):
         src = sources[week - 1]
         splits = split(src, ingest_p.split, seed)
@@ -288,11 +292,17 @@ def run() -> dict:
             if guard_ev["action"] == "rollback":
                 champion = replaced
             replaced = None
+        would = None
+        if len(published) >= 2:  # diagnostic: the guard on publish = promote's last swap (not acted on)
+            live = pool.iloc[rows_in(week - 1):rows_in(week)]
+            would = guard_check(published[-1], published[-2], live, release, seed)
         model = Model(week, src, splits, emb, names, ft, seed)
+        published.append(model)
         if champion is None:
-            ok, reason, evidence = True, "first version: no champion to compare with", None
+            ok, reason, evidence, versus = True, "first version: no champion to compare with", None, None
         else:
             ok, reason, evidence = gate(champion, model, release, seed)
+            versus = round(model.accuracy(future) - champion.accuracy(future), 4)
         if ok:
             champion, replaced = model, champion
         served_acc, own_acc = champion.accuracy(future), model.accuracy(future)
@@ -301,7 +311,8 @@ def run() -> dict:
                "served_version": champion.version, "served_accuracy": round(served_acc, 4),
                "baseline_served_version": model.version, "baseline_served_accuracy": round(own_acc, 4),
                "guard": guard_ev["action"] if guard_ev else None, "guard_evidence": guard_ev,
-               "gate_evidence": compact(evidence) if evidence else None}
+               "gate_evidence": compact(evidence) if evidence else None,
+               "challenger_minus_champion_future": versus, "baseline_guard_would_say": would}
         result["weeks"].append(row)
         log(f"week {week}: {'promoted' if ok else 'rejected'} {model.version} ({reason}); serving "
             f"{champion.version} at {served_acc:.4f}; publish=promote {own_acc:.4f}"
