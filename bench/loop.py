@@ -14,7 +14,7 @@ The future test set is BANKING77's test.csv (3,080 rows), never trained or valid
 true labels: every week's served model is measured on it.
 
 Splits: each week's source goes through the product's split function (domaintune.data.ingest.
-stratified_split with ingest.split's shares and base.seed, what ingest does to a source with no split
+hash_split (sticky) with ingest.split's shares and base.seed, what ingest does to a source with no split
 column), and the rows that existed the week before and changed split are counted.
 
 Models, a substitution: six full fine-tunes of MiniLM take hours on 2 CPU cores, so each week's model is
@@ -135,11 +135,11 @@ def rows_in(week: int) -> int:
 
 def split(src: pd.DataFrame, shares: dict, seed: int) -> pd.Series:
     """The product's split of a source with no split column (as ingest makes it)."""
-    from domaintune.data.ingest import stratified_split
+    from domaintune.data.ingest import hash_split
 
     total = sum(shares.values())
     fractions = {s: shares[s] / total for s in ("validation", "test") if shares.get(s, 0) > 0}
-    return stratified_split(src[["id", "label"]], fractions, seed)
+    return hash_split(src[["id", "label"]], fractions, seed)
 
 
 def all_embeddings(texts: list[str], truncated: list[str], base, ft) -> dict[str, np.ndarray]:

@@ -162,6 +162,10 @@ WRITTEN_LATER = {
     "models/dapt_checkpoints": "dapt (while it runs)", "dvc_plots/index.html": "dvc plots show",
     "reports/shadow/v1.3.0.jsonl": "serve --shadow v1.3.0", "metrics/promotion.json": "retrain",
     "reports/retrain.json": "monitor with monitor.on_drift: retrain, when it starts a local retrain",
+    "reports/shadow/live.jsonl": "serve --shadow challenger, or the guard after a promotion",
+    "reports/predictions/": "serve, predict", "reports/predictions/serve.jsonl": "serve",
+    "reports/predictions/predict.jsonl": "predict", "metrics/feedback.json": "feedback",
+    "reports/feedback_history.csv": "feedback",
 }
 
 

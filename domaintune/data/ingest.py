@@ -360,6 +360,13 @@ def feedback_view(p: IngestParams) -> IngestParams:
     return dataclasses.replace(p, id_column="id", text_column="text", label_column="label", split_column=None)
 
 
+def _has_rows(path: Path) -> bool:
+    """Whether a feedback CSV holds anything past its header line."""
+    with path.open("rb") as fh:
+        fh.readline()
+        return any(line.strip() for line in fh)
+
+
 def read_feedback(path: str) -> list[RawTable]:
     """ingest.feedback: the CSV `domaintune feedback` appends to (header id,text,label; header-only = no rows
     yet), read by the project's CSV reader. A missing file is an error naming the param."""
@@ -533,9 +540,11 @@ def ingest_stage(io: StageIO, p: IngestParams, seed: int, classes: bool = True,
     for t in tables if prepare else ():
         prepare(t)
     feedback = read_feedback(p.feedback) if p.feedback else []
-    if feedback and not classes:
-        raise ParamsError("params.yaml: ingest.feedback: feedback labels (id,text,label) are for base.task "
-                          "classification; set it to null for prompt -> response data")
+    if feedback and not classes:  # the shipped default names a header-only file: nothing to refuse
+        if _has_rows(Path(p.feedback)):
+            raise ParamsError("params.yaml: ingest.feedback: feedback labels (id,text,label) are for base.task "
+                              "classification; set it to null for prompt -> response data")
+        feedback = []
     result = ingest(tables, p, seed, classes, feedback)
     metrics = metrics_of(result)
     # Nested: the dataset and its metrics land together or not at all.

@@ -323,6 +323,11 @@ def model_card(meta: dict, inputs: dict, split_sizes: dict, report: dict, params
     out += evaluation_section(inputs)
     out += variants_section(report)
     out += usage_section(meta, [v for v in params.variants])
+    out += ["## Promotion", "",
+            "Whether this model is served is decided after it is exported: a retrain compares it with the served "
+            "version on rows neither trained on (paired bootstrap, 95% intervals; params.yaml `release`). The "
+            "decision, its reason and every number are in `metrics/promotion.json` at this version's commit and "
+            "in its registry tag; `domaintune versions` lists each version's stage and why.", ""]
     out += ["## Intended use", "", params.intended_use, "", "## Limitations", "",
             f"- Knows only the {len(meta['labels'])} labels above; every input is forced into one of them "
             "(single-label), so out-of-scope texts still get a label. Route low-confidence predictions to a person.",

@@ -161,7 +161,7 @@ def test_model_card_metadata_and_runnable_snippet(exported, monkeypatch):
     assert mets["f1"] == round(ev_after["macro_f1"], 4) and set(front["metrics"]) >= {"accuracy", "f1"}
     for section in ("## Training data", "## Training procedure", "### Domain-adaptive pre-training (DAPT)",
                     "### Fine-tuning", "### Environment", "## Evaluation (test split)", "### Per class",
-                    "## Variants", "## How to use", "## Intended use", "## Limitations"):
+                    "## Variants", "## How to use", "## Promotion", "## Intended use", "## Limitations"):
         assert section in card
     # The DAPT section is read from models/dapt/dapt_info.json, rounded for people.
     assert "874.3 before, 354.3 after" in card and "`examples/support_tickets/unlabelled.txt`" in card

@@ -64,13 +64,13 @@ def test_feedback_scores_each_version_and_keeps_rows_with_text(repo, tmp_path, c
     with (repo / "reports" / "feedback_history.csv").open(newline="") as fh:
         hist = list(csv.DictReader(fh))
     assert [(h["version"], h["rows"]) for h in hist] == [("v1.0.0", "5"), ("v1.1.0", "4")]
-    with (repo / "data" / "feedback.csv").open(newline="") as fh:
+    with (repo / "labels" / "feedback" / "feedback.csv").open(newline="") as fh:
         assert [tuple(r.values()) for r in csv.DictReader(fh)] == list(zip(IDS, TEXTS, TRUTH))
     assert "v1.1.0: 4 labelled predictions, accuracy 0.5000" in out
     assert "4 rows added to" in out and "1 rows without text" in out
     # again: scored again, nothing added twice
     assert main(["feedback", str(fb), "--repo", str(repo)]) == 0
-    assert "0 rows added" in capsys.readouterr().out and len((repo / "data" / "feedback.csv").read_text().splitlines()) == 5
+    assert "0 rows added" in capsys.readouterr().out and len((repo / "labels" / "feedback" / "feedback.csv").read_text().splitlines()) == 5
 
 
 def test_the_review_queue_is_accepted_as_it_is_and_ingest_feedback_is_where_rows_go(repo, tmp_path, capsys):
@@ -78,7 +78,7 @@ def test_the_review_queue_is_accepted_as_it_is_and_ingest_feedback_is_where_rows
     text column carries the text; params.yaml's ingest.feedback names the source."""
     from domaintune.monitor.monitoring import REVIEW_COLUMNS
 
-    (repo / "params.yaml").write_text("ingest:\n  feedback: data/labels/fb.csv\n")
+    (repo / "params.yaml").write_text("ingest:\n  feedback: labels/feedback/fb.csv\n")
     q = write_csv(tmp_path / "review_queue.csv", [REVIEW_COLUMNS, ("b1", "charged twice on my card", "refund",
                                                                    "refund", "0.41", "b.csv", "ab12"),
                                                   ("a2", TEXTS[1], "", "password", "0.38", "b.csv", "ab12")])
@@ -86,8 +86,8 @@ def test_the_review_queue_is_accepted_as_it_is_and_ingest_feedback_is_where_rows
     out = capsys.readouterr().out
     assert "1 rows with an empty label skipped" in out
     assert json.loads((repo / "metrics" / "feedback.json").read_text())["versions"]["v1.0.0"]["rows"] == 1
-    assert (repo / "data" / "labels" / "fb.csv").read_text() == "id,text,label\nb1,charged twice on my card,refund\n"
-    assert not (repo / "data" / "feedback.csv").exists()
+    assert (repo / "labels" / "feedback" / "fb.csv").read_text() == "id,text,label\nb1,charged twice on my card,refund\n"
+    assert not (repo / "labels" / "feedback" / "feedback.csv").exists()
 
 
 @pytest.mark.parametrize("rows, lines", [

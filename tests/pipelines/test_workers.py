@@ -127,7 +127,9 @@ def test_triggered_run_is_picked_up_by_a_process_worker_and_publishes(prefect_se
     assert flow_run["work_pool_name"] == POOL
     tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}},
                        timeout=10).json()
-    assert sorted(t["name"] for t in tasks) == ["audit", "train"]  # one task per DVC stage
+    names = sorted(t["name"] for t in tasks)  # one task per DVC stage, then the comparison and the decision
+    assert names[:2] == ["audit", "compare-with-champion-" + names[1].rsplit("-", 1)[-1]], names
+    assert len(names) == 4 and names[2].startswith("promotion-decision") and names[3] == "train", names
     found = versions.list_versions(proj)
     assert [v.version for v in found] == ["v1.0.0"] and found[0].served
     assert (proj / "models" / "export" / "weights.bin").exists()

@@ -92,5 +92,5 @@ def test_a_shadow_is_logged_under_the_same_ids_and_feedback_scores_both_versions
             assert abs(got[version][k] - want[k]) < 1e-4, (version, k)
     assert got["workspace"]["accuracy"] != got["dir:b"]["accuracy"]
     # the log stored the texts (log_text plain): every labelled row joins the feedback source
-    with (repo / "data" / "feedback.csv").open(newline="") as fh:
+    with (repo / "labels" / "feedback" / "feedback.csv").open(newline="") as fh:
         assert [tuple(r.values()) for r in csv.DictReader(fh)] == list(zip(ids, texts, truth))
