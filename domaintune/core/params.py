@@ -70,6 +70,7 @@ MESSAGES_RESPONSE = "response (last assistant message)"  # the column chat.to_co
 
 
 FEEDBACK_DIR = "labels/feedback"  # ingest.feedback lives here: an ingest dep in dvc.yaml, always present (.gitkeep)
+FEEDBACK_DEFAULT = FEEDBACK_DIR + "/feedback.csv"  # where `domaintune feedback` appends; absent = no labels yet
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class IngestParams:
     # Feedback labels (`domaintune feedback` appends to it): a CSV with the header id,text,label, read next to
     # the source and split by the same sticky rule; null = none. It must lie in FEEDBACK_DIR, the folder
     # dvc.yaml tracks as a dependency of ingest (a null param cannot be a DVC dep), so a new label re-runs ingest.
-    feedback: Optional[str] = FEEDBACK_DIR + "/feedback.csv"  # shipped empty (header only)
+    feedback: Optional[str] = FEEDBACK_DEFAULT  # shipped empty (header only)
 
     def for_prompts(self) -> "IngestParams":
         """The view ingest reads prompt -> response data with (base.task generation): the prompt is the text

@@ -36,7 +36,7 @@ import pandas as pd
 
 from domaintune.core.errors import DataError, ParamsError, missing_column
 from domaintune.core.io import atomic_output, write_json
-from domaintune.core.params import IngestParams
+from domaintune.core.params import FEEDBACK_DEFAULT, IngestParams
 from domaintune.core.stage import StageIO
 from domaintune.data.dataset import SPLITS, chunk_bounds, first_duplicate, release_memory, take_rows, write_dataset
 from domaintune.data.sources import SPLIT_ALIASES, RawTable, iter_parts, read_delimited, read_source
@@ -539,7 +539,11 @@ def ingest_stage(io: StageIO, p: IngestParams, seed: int, classes: bool = True,
     tables = read_source(io.source, stream=prepare is None)
     for t in tables if prepare else ():
         prepare(t)
-    feedback = read_feedback(p.feedback) if p.feedback else []
+    # The default file holds no labels until `domaintune feedback` writes it: absent or header-only there means
+    # none yet (not read, not listed); a path the user named must exist.
+    default = p.feedback == FEEDBACK_DEFAULT
+    named = p.feedback and not (default and not (Path(p.feedback).is_file() and _has_rows(Path(p.feedback))))
+    feedback = read_feedback(p.feedback) if named else []
     if feedback and not classes:  # the shipped default names a header-only file: nothing to refuse
         if _has_rows(Path(p.feedback)):
             raise ParamsError("params.yaml: ingest.feedback: feedback labels (id,text,label) are for base.task "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -487,6 +488,7 @@ def test_a_typo_in_a_later_section_stops_the_first_stage(tmp_path, capsys, secti
 # ---------------------------------------------------------------- ingest.feedback: labels fed back from live traffic
 
 FB = "labels/feedback/feedback.csv"
+NAMED = "labels/feedback/named.csv"  # a file the user names must exist (the default one may be absent: no labels yet)
 
 
 def feedback_project(tmp_path, monkeypatch, fb_rows: list[dict] | None, source_rows=None, **ingest_kw):
@@ -499,7 +501,7 @@ def feedback_project(tmp_path, monkeypatch, fb_rows: list[dict] | None, source_r
         (tmp_path / "labels/feedback").mkdir(parents=True)
         (tmp_path / FB).write_text("id,text,label\n" + "".join(f"{r['id']},{r['text']},{r['label']}\n"
                                                               for r in fb_rows))
-    write_params(tmp_path / "params.yaml", id_column="ticket_id", feedback=FB, **ingest_kw)
+    write_params(tmp_path / "params.yaml", **{"id_column": "ticket_id", "feedback": FB, **ingest_kw})
     return ["--source", "tickets.csv", "--out", "ingested", "--metrics", "ingest.json", "--params", "params.yaml"]
 
 
@@ -553,16 +555,27 @@ def test_feedback_of_a_source_with_its_own_splits_is_split_by_the_rule(tmp_path,
     assert read_json(tmp_path / "ingest.json")["feedback_rows"] == 50
 
 
+def test_the_default_feedback_file_absent_means_no_labels_yet(tmp_path, monkeypatch):
+    assert main(feedback_project(tmp_path, monkeypatch, None)) == 0
+    assert read_json(tmp_path / "ingest.json")["feedback_rows"] == 0
+
+
 def test_a_header_only_feedback_file_adds_nothing(tmp_path, monkeypatch):
-    assert main(feedback_project(tmp_path, monkeypatch, [])) == 0
+    assert main(feedback_project(tmp_path, monkeypatch, [])) == 0  # the default file, shipped header-only
     m = read_json(tmp_path / "ingest.json")
-    assert m["feedback_rows"] == 0 and sum(m["rows"].values()) == 60
-    assert m["files"][FB] == {"records": 0, "kept": 0, "rejected": 0, "multiline_rows": 0}
+    assert m["feedback_rows"] == 0 and sum(m["rows"].values()) == 60 and FB not in m["files"]
+    (tmp_path / NAMED).write_text("id,text,label\n")  # a file the user named is read, and listed, even empty
+    write_params(tmp_path / "params.yaml", id_column="ticket_id", feedback=NAMED)
+    shutil.rmtree(tmp_path / "ingested")
+    assert main(["--source", "tickets.csv", "--out", "ingested", "--metrics", "ingest.json", "--params",
+                 "params.yaml"]) == 0
+    m = read_json(tmp_path / "ingest.json")
+    assert m["files"][NAMED] == {"records": 0, "kept": 0, "rejected": 0, "multiline_rows": 0}
 
 
 FEEDBACK_ERRORS = [  # (feedback file body or None for no file, the error line after "ingest: error: ")
-    (None, f"{FB}: file not found; ingest.feedback names it (create it with the header 'id,text,label', or set "
-           "ingest.feedback: null)"),
+    (None, f"{NAMED}: file not found; ingest.feedback names it (create it with the header 'id,text,label', or "
+           "set ingest.feedback: null)"),
     ("id,text\nr1,hello\n", f"{FB}: field 'label': column missing; columns found: ['id', 'text']"),
     ("id,text,label\nr1,fine,billing\nr2, ,login\n", f"{FB}: row 2: field 'text': text is empty or whitespace only"),
     ("id,text,label\nr1,fine,billing\nr2,no label,\n", f"{FB}: row 2: field 'label': label is missing"),
@@ -573,7 +586,7 @@ FEEDBACK_ERRORS = [  # (feedback file body or None for no file, the error line a
 @pytest.mark.parametrize("body, expected", FEEDBACK_ERRORS)
 def test_a_bad_feedback_file_is_one_line_naming_file_row_and_field_exit_2_nothing_written(
         tmp_path, monkeypatch, capsys, body, expected):
-    argv = feedback_project(tmp_path, monkeypatch, None)
+    argv = feedback_project(tmp_path, monkeypatch, None, **({"feedback": NAMED} if body is None else {}))
     if body is not None:
         (tmp_path / "labels/feedback").mkdir(parents=True)
         (tmp_path / FB).write_text(body)
