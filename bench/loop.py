@@ -160,7 +160,7 @@ class Model:
     """One week's model: probe head + temperature, and the rows it trained, validated and was tested on."""
 
     def __init__(self, week: int, src: pd.DataFrame, splits: pd.Series, emb: dict, names: list[str], ft, seed: int):
-        from domaintune.data.dataset import row_keys
+        from domaintune.data.textnorm import row_keys
         from domaintune.evaluate.calibration import fit_temperature
         from domaintune.train.classifier import probe_head
 
