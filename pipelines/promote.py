@@ -249,38 +249,38 @@ def from_shadow(root: Path, log: Path | None = None) -> tuple[bool, str, dict]:
 def cmd_promote(args, root: Path) -> int:
     if args.from_shadow:
         with plumbing.repo_lock(root):
+            note = rollback.recover(root)
+            if note:
+                print(f"domaintune promote: {note}", file=sys.stderr)
             name = promotion.challenger(root)
             ok, reason, evidence = from_shadow(root, args.log)
             (promotion.promote if ok else promotion.reject)(root, name, reason, evidence)
         print(f"{'promoted' if ok else 'rejected'} {name}: {reason}; served: {versions.served_version(root)}")
         return 0
-    with plumbing.repo_lock(root):
-        note = rollback.recover(root)
-        if note:
-            print(f"domaintune promote: {note}", file=sys.stderr)
-        name = args.version or promotion.challenger(root)
-        if name is None:
-            raise plumbing.RegistryError("no challenger waiting; name a version: domaintune promote vX.Y.Z")
-        version = versions.get_version(root, name)
-        reason = args.reason or "promoted by hand"
-        promotion.promote(root, version.version, reason, {"by": "hand"})
-    print(f"promoted {version.version}: now served (GTO stage prod); {reason}")
+    version, reason = _by_hand(args, root, "promote", "promoted", promotion.promote)
+    print(f"promoted {version}: now served (GTO stage prod); {reason}")
     return 0
 
 
 def cmd_reject(args, root: Path) -> int:
+    version, reason = _by_hand(args, root, "reject", "rejected", promotion.reject)
+    print(f"rejected {version}: {reason}; served: {versions.served_version(root) or 'none'}")
+    return 0
+
+
+def _by_hand(args, root: Path, verb: str, done: str, act) -> tuple[str, str]:
+    """A person's decision on the named version (else the waiting challenger): (version, reason)."""
     with plumbing.repo_lock(root):
         note = rollback.recover(root)
         if note:
-            print(f"domaintune reject: {note}", file=sys.stderr)
+            print(f"domaintune {verb}: {note}", file=sys.stderr)
         name = args.version or promotion.challenger(root)
         if name is None:
-            raise plumbing.RegistryError("no challenger waiting; name a version: domaintune reject vX.Y.Z")
-        version = versions.get_version(root, name)
-        reason = args.reason or "rejected by hand"
-        promotion.reject(root, version.version, reason, {"by": "hand"})
-    print(f"rejected {version.version}: {reason}; served: {versions.served_version(root) or 'none'}")
-    return 0
+            raise plumbing.RegistryError(f"no challenger waiting; name a version: domaintune {verb} vX.Y.Z")
+        version = versions.get_version(root, name).version
+        reason = args.reason or f"{done} by hand"
+        act(root, version, reason, {"by": "hand"})
+    return version, reason
 
 
 def add_parsers(add, root_of) -> None:

@@ -196,3 +196,18 @@ def read_json(path: str | os.PathLike):
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
+
+def json_lines(path: str | os.PathLike, errors: str = "strict") -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL log; a line that is not a JSON object raises
+    DataError naming the file and line (the one reader of the logs domaintune writes)."""
+    with open(path, encoding="utf-8", errors=errors) as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, n, None, f"not JSON: {exc.msg}") from None
+            if not isinstance(rec, dict):
+                raise DataError(path, n, None, "not a JSON object")
+            yield n, rec

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 from domaintune.core.errors import DataError
+from domaintune.core.io import json_lines
 
 LOG_TEXT = ("hash", "plain", "none")  # how a log stores request text (serve's --log-text)
 MAX_BYTES = 50 << 20                  # a log file is rotated before it passes this
@@ -131,20 +132,11 @@ def log_files(where: str | os.PathLike) -> list[Path]:
 def read_records(files: list[Path]) -> Iterator[tuple[Path, int, dict]]:
     """(file, line, record) of every line, in order; a line that is not a complete record raises DataError."""
     for path in files:
-        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-            for n, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(path, n, None, f"not JSON: {exc.msg}") from None
-                if not isinstance(rec, dict):
-                    raise DataError(path, n, None, "not a JSON object")
-                for key, kind in (("id", str), ("version", str), ("label", str), ("probabilities", dict)):
-                    if not isinstance(rec.get(key), kind):
-                        raise DataError(path, n, key, f"missing or not a {kind.__name__}")
-                yield path, n, rec
+        for n, rec in json_lines(path, errors="surrogateescape"):
+            for key, kind in (("id", str), ("version", str), ("label", str), ("probabilities", dict)):
+                if not isinstance(rec.get(key), kind):
+                    raise DataError(path, n, key, f"missing or not a {kind.__name__}")
+            yield path, n, rec
 
 
 def file_sha256(path: str | os.PathLike) -> str:

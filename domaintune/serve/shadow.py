@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from domaintune.core.errors import DataError
+from domaintune.core.io import json_lines
 from domaintune.predict.log import LOG_TEXT, text_fields
 
 
@@ -67,24 +68,17 @@ def read_log(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(path, None, None, "shadow log not found")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, n, None, f"not JSON: {exc.msg}") from None
-            for side in ("served", "shadow"):
-                part = row.get(side) if isinstance(row, dict) else None
-                if not isinstance(part, dict):
-                    raise DataError(path, n, side, "missing or not an object")
-                if not isinstance(part.get("label"), str):
-                    raise DataError(path, n, f"{side}.label", "missing or not a string")
-                conf = part.get("confidence")
-                if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0 <= conf <= 1:
-                    raise DataError(path, n, f"{side}.confidence", f"must be a number in [0, 1], got {conf!r}")
-            rows.append(row)
+    for n, row in json_lines(path):
+        for side in ("served", "shadow"):
+            part = row.get(side)
+            if not isinstance(part, dict):
+                raise DataError(path, n, side, "missing or not an object")
+            if not isinstance(part.get("label"), str):
+                raise DataError(path, n, f"{side}.label", "missing or not a string")
+            conf = part.get("confidence")
+            if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0 <= conf <= 1:
+                raise DataError(path, n, f"{side}.confidence", f"must be a number in [0, 1], got {conf!r}")
+        rows.append(row)
     if not rows:
         raise DataError(path, None, None, "the shadow log holds no predictions")
     return rows
