@@ -37,10 +37,10 @@ def _ask(c: httpx.Client, pairs) -> dict[str, str]:
 def test_challenger_shadowed_live_judged_on_feedback_then_a_forced_promotion_is_rolled_back_by_the_guard(
         models, tmp_path, capsys):
     root = make_fake_repo(tmp_path / "proj", classifier=models[0])
-    set_params(root, {"finetune.epochs": 3, "release.shadow_min_requests": 30, "release.guard_requests": 60})
+    set_params(root, {"finetune.epochs": 3, "release.shadow_min_requests": 30, "release.guard_requests": 1000})
     sh(root, str(BIN / "dvc"), "repro", "-q")
     versions.publish(root, "first", stage="prod")
-    s = settings(repo=root, shadow="challenger", guard_requests=60, poll_s=0.2,
+    s = settings(repo=root, shadow="challenger", guard_requests=1000, poll_s=0.2,
                  prediction_log=root / "reports" / "predictions" / "serve.jsonl")  # the CLI's default
     built = build(s)
     assert built.holder.current.version == "v1.0.0" and built.holder.shadow is None  # no challenger yet
@@ -73,10 +73,17 @@ def test_challenger_shadowed_live_judged_on_feedback_then_a_forced_promotion_is_
         assert versions.served_version(root) == "v1.0.0" and promotion.status(root)["v1.1.0"]["stage"] == "rejected"
         wait_for(lambda: c.get("/version").json()["shadow"] is None, what="the rejected challenger to leave")
 
-        # A person overrules it; the server swaps, and the replaced champion guards the new one.
-        assert main(["promote", "v1.1.0", "--repo", str(root), "--reason", "looks fine to me"]) == 0
-        wait_for(lambda: c.get("/version").json()["version"] == "v1.1.0", what="the promotion")
+        # A person overrules it under load; the server swaps with no failed request, and the replaced champion
+        # guards the new one (its window, 1,000 texts, outlasts this first burst).
+        with Load(url) as first:
+            wait_for(lambda: sum(map(len, first.seen)) >= 10, what="responses before the promotion")
+            assert main(["promote", "v1.1.0", "--repo", str(root), "--reason", "looks fine to me"]) == 0
+            wait_for(lambda: c.get("/version").json()["version"] == "v1.1.0", what="the promotion")
+            n = sum(map(len, first.seen))
+            wait_for(lambda: sum(map(len, first.seen)) >= n + 10, what="responses after the promotion")
+        assert first.failures == [] and {v for seen in first.seen for v, _, _ in seen} == {"v1.0.0", "v1.1.0"}
         assert built.holder.guard is not None and built.holder.guard["previous"] == "v1.0.0"
+        assert not built.holder.guard_due()
         _ask(c, LABELLED)  # the labelled requests again, now answered by v1.1.0 with v1.0.0 beside it
         with Load(url) as load:
             wait_for(lambda: built.holder.guard_result is not None, timeout=120, what="the guard's verdict")
