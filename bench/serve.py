@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import platform
@@ -139,11 +140,11 @@ def raw_slice(pred, texts: list[str], mode: str, max_batch: int, infer_batch: in
 
     sorted:  Predictor.predict_proba on 256 texts at once (its own length-sorted batches of 64, as
              the export stage times a variant): the model's best batched throughput;
-    batches: groups of max_batch random texts through the server's own batch function
-             (length-sorted passes of infer_batch): a server's batches without HTTP, queue or JSON.
+    batches: groups of max_batch random texts as the server's worker runs them (the predictor's token-budget
+             passes of at most infer_batch texts): a server's batches without HTTP, queue or JSON.
     """
-    from domaintune.serve.batcher import predict_sorted
-
+    server = copy.copy(pred)
+    server.batch_size = infer_batch  # what `serve --infer-batch` gives the predictor
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         if mode == "sorted":
@@ -151,7 +152,7 @@ def raw_slice(pred, texts: list[str], mode: str, max_batch: int, infer_batch: in
             pred.predict_proba(chunk)
         else:
             chunk = rng.sample(texts, max_batch)
-            predict_sorted(pred.predict_proba, chunk, infer_batch)
+            server.predict_proba(chunk)
         done += len(chunk)
     return done, time.perf_counter() - t0
 

@@ -176,15 +176,14 @@ def hf_train(train_df, labels, model_dir, *, padded: bool, seed: int, batch_size
 def hf_accuracy(model, tok, df, labels, device) -> float:
     import torch
 
-    from domaintune.modeling.encoders import length_sorted_batches
+    from domaintune.modeling.encoders import TokenBatches
 
     model.eval()
     texts = df["text"].tolist()
     pred = np.zeros(len(texts), dtype=int)
     with torch.inference_mode():
-        for idx in length_sorted_batches(texts, 128):
-            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            enc = {k: v.to(device) for k, v in enc.items()}
+        for idx, enc in TokenBatches(tok, texts, 128, 128):
+            enc = {k: torch.from_numpy(v).to(device) for k, v in enc.items()}
             pred[idx] = model(**enc).logits.argmax(-1).cpu().numpy()
     return float((np.array(labels)[pred] == df["label"].to_numpy()).mean())
 

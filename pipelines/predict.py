@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from domaintune.core.device import MAX_BATCH_TOKENS
 from domaintune.core.errors import DataError, StageError
 from domaintune.core.io import atomic_output
 from domaintune.core.params import project_id_column
@@ -72,7 +73,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="error: stop at the first bad row, writing nothing; skip: list bad rows on stderr and "
                         "predict the rest (default: error)")
     p.add_argument("--chunk-size", type=int, default=1024, help="rows read and predicted at a time (default: 1024)")
-    p.add_argument("--batch-size", type=int, default=64, help="texts per model call (default: 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="the most texts per model call (default: 64)")
+    p.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS, metavar="TOKENS",
+                   help="token budget of one model call: texts run sorted by token length, (longest text) x (texts) "
+                        f"<= it, a longer text alone; answers stay in file order (default: {MAX_BATCH_TOKENS})")
     p.add_argument("--repo", default=".", help="project root, for --version and the prediction log (default: .)")
     p.add_argument("--prediction-log", default=PREDICTION_LOG, metavar="FILE",
                    help="JSONL every classifier prediction is logged to (id, version, calibrated probabilities), "
@@ -162,15 +166,17 @@ def run(args) -> dict:
     check_output(args)
     bp.input_format(src)
     fmt = bp.output_format(out)
-    if args.top_k < 1 or args.chunk_size < 1 or args.batch_size < 1:
-        raise DataError("command line", None, None, "--top-k, --chunk-size and --batch-size must be >= 1")
+    if args.top_k < 1 or args.chunk_size < 1 or args.batch_size < 1 or args.max_batch_tokens < 1:
+        raise DataError("command line", None, None,
+                        "--top-k, --chunk-size, --batch-size and --max-batch-tokens must be >= 1")
     folder = _model_folder(args)
     if not folder.is_dir():
         raise DataError(folder / "model.json", None, None, "no exported model here; run the export stage "
                         "(`dvc repro export`) or give --model / --version")
     generation = generation_options(args, export_task(folder), folder)  # a folder that is no export stops here
     set_threads()
-    predictor = load_predictor(folder, variant=args.variant, batch_size=args.batch_size)
+    budget = {"max_batch_tokens": args.max_batch_tokens} if generation is None else {}  # a causal LM: by count
+    predictor = load_predictor(folder, variant=args.variant, batch_size=args.batch_size, **budget)
     args.id_column = id_column(args)
     kw = dict(text_column=args.text_column, id_column=args.id_column, top_k=args.top_k, chunk=args.chunk_size,
               on_bad_row=args.on_bad_row, generation=generation, log=prediction_logger(args, folder, generation))

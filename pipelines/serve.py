@@ -75,7 +75,11 @@ def register(add) -> None:
                    help="how often to check the registry for a new served version")
     p.add_argument("--max-batch", type=int, default=S.max_batch, help="texts gathered into one batch")
     p.add_argument("--infer-batch", type=int, default=S.infer_batch,
-                   help="texts per forward pass (a batch runs length-sorted in passes of this size)")
+                   help="the most texts per forward pass (a batch runs sorted by token length in passes of at most "
+                        "this many texts, within --max-batch-tokens)")
+    p.add_argument("--max-batch-tokens", type=int, default=S.max_batch_tokens, metavar="TOKENS",
+                   help="token budget of one forward pass: (longest text in tokens) x (texts) <= it; a longer text "
+                        f"runs alone (default: {S.max_batch_tokens})")
     p.add_argument("--max-wait-ms", type=float, default=S.max_wait_ms, help="wait for more requests to batch")
     p.add_argument("--max-batch-chars", type=int, default=S.max_batch_chars,
                    help="characters per batch: a larger request is answered over several batches, taking turns "
@@ -120,6 +124,7 @@ def settings_from_args(args) -> ServeSettings:
                          repo=Path(args.repo),
                          model_dir=Path(args.model) if args.model else None, poll_s=args.poll,
                          max_batch=args.max_batch, infer_batch=args.infer_batch, max_wait_ms=args.max_wait_ms,
+                         max_batch_tokens=args.max_batch_tokens,
                          max_batch_chars=args.max_batch_chars, body_timeout_s=args.body_timeout,
                          retry_max_s=args.retry_max, keep_releases=args.keep_releases,
                          max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,

@@ -9,6 +9,9 @@ Precision rules, also written once here:
 - inference on CUDA in float16/bfloat16 weights (`inference_dtype`): the metrics stay equal within
   the tolerance that tests/train/test_engine.py states; on the CPU inference stays float32;
 - attention is SDPA (modeling.load_encoder asks for it).
+
+Threads: one inference pool sized by `inference_threads` (affinity capped by the cgroup CPU quota), used by torch
+and onnxruntime alike; batches: cut by a token budget (`MAX_BATCH_TOKENS`, modeling.encoders.TokenBatches).
 """
 from __future__ import annotations
 
@@ -114,3 +117,66 @@ def batch_size_for(device: str, cpu: int = 64, gpu: int = 256) -> int:
     """Eval / embedding batch size for the device: large on a GPU (keeps it busy), modest on the CPU
     (length-sorted batches already keep padding low there)."""
     return gpu if device.startswith("cuda") else cpu
+
+
+# Token budget of one inference batch (predict --max-batch-tokens, serve --max-batch-tokens, Predictor): texts are
+# sorted by token length and cut into batches whose (longest text) x (texts) stays within it, up to the batch size.
+# 8192 = 64 texts of 128 tokens, the default batch size at the default max_length: at the defaults no batch is cut
+# smaller than before, while texts of 512 tokens go 16 at a time (a padded [64, 512] batch would be 4x the
+# activations with no more throughput on a CPU).
+MAX_BATCH_TOKENS = 8192
+
+
+# ---------------------------------------------------------------- threads
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def _affinity_cores() -> int:
+    """The cores the scheduler lets this process run on (taskset, cpusets), not every core of the host."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cpu_quota() -> str | None:
+    """This process's cgroup CPU quota as cgroup v2's cpu.max reads ("QUOTA PERIOD" or "max PERIOD"), from its own
+    cgroup (/proc/self/cgroup) or the root of the mounted hierarchy; cgroup v1's cfs_quota_us/cfs_period_us in the
+    same form; None where there is none."""
+    try:
+        own = [line.split(":", 2)[2].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()
+               if line.startswith("0::")]
+    except (OSError, IndexError):
+        own = []
+    for path in [CGROUP / p.lstrip("/") / "cpu.max" for p in own] + [CGROUP / "cpu.max"]:
+        try:
+            return path.read_text()
+        except OSError:
+            continue
+    try:
+        quota = (CGROUP / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+        period = (CGROUP / "cpu" / "cpu.cfs_period_us").read_text().strip()
+    except OSError:
+        return None
+    return f"{'max' if quota.startswith('-') else quota} {period}"
+
+
+def quota_cores(cpu_max: str | None) -> int | None:
+    """Whole cores a cpu.max quota allows (None: no quota, or one that cannot be read). Rounded down, at least 1:
+    threads beyond the quota are throttled mid-operation, and an intra-op pool waits for its slowest thread."""
+    parts = (cpu_max or "").split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = float(parts[0]), float(parts[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, int(quota // period))
+
+
+def inference_threads() -> int:
+    """The size of the one inference thread pool: the cores this process may use, i.e. its CPU affinity capped by
+    its cgroup CPU quota. torch's intra-op threads (modeling.encoders.set_threads) and onnxruntime's intra_op threads
+    (export.artifacts.onnx_session) are set to it, inter-op parallelism to 1."""
+    cores = _affinity_cores()
+    quota = quota_cores(_cpu_quota())
+    return max(1, min(cores, quota) if quota is not None else cores)

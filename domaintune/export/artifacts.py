@@ -12,8 +12,9 @@ An export folder (models/export/, written by stages/export.py) holds:
   onnx-int8/           onnxruntime dynamic int8 quantisation of onnx/
   checksums.json       the md5 of every other file, written last by the export stage (either task);
                        `verify_checksums` checks them when domaintune.tasks.load_predictor opens the export
-`load_variant(folder, variant)` returns a runner with `.logits(texts, batch_size, max_length)`
-for any of them; domaintune.predict.predictor.Predictor adds the calibration on top.
+`load_variant(folder, variant)` returns a runner with `.logits(texts, batch_size, max_length, mean_pooled,
+max_batch_tokens)` for any of them, batched by modeling.encoders.TokenBatches (the same batches for every
+runner); domaintune.predict.predictor.Predictor adds the calibration on top.
 Imports point one way: predict -> artifacts -> modeling, quantize.
 """
 from __future__ import annotations
@@ -28,10 +29,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from domaintune.core import device as devices
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
 from domaintune.export.variants import canonical_variant
-from domaintune.modeling.encoders import length_sorted_batches, load_tokenizer, predict_logits, save_classifier
+from domaintune.modeling.encoders import TokenBatches, load_tokenizer, predict_logits, save_classifier
 from domaintune.modeling.quantize import QUANT_SCHEME, save_int8_encoder
 
 SUBDIRS = {"float32": None, "int8": "int8", "onnx": "onnx", "onnx-int8": "onnx-int8"}
@@ -63,7 +65,8 @@ def variant_bytes(folder: str | os.PathLike, variant: str) -> int:
 
 
 def thread_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The inference pool's size, the one rule for torch and onnxruntime (core.device.inference_threads)."""
+    return devices.inference_threads()
 
 
 # ---------------------------------------------------------------- writers
@@ -275,8 +278,10 @@ class TorchRunner:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
-    def logits(self, texts: Sequence[str], batch_size: int, max_length: int, mean_pooled: bool = False):
-        return predict_logits(self.model, self.tokenizer, list(texts), batch_size, max_length, mean_pooled)
+    def logits(self, texts: Sequence[str], batch_size: int, max_length: int, mean_pooled: bool = False,
+               max_batch_tokens: int | None = None):
+        return predict_logits(self.model, self.tokenizer, list(texts), batch_size, max_length, mean_pooled,
+                              max_batch_tokens)
 
 
 class OnnxRunner:
@@ -287,17 +292,15 @@ class OnnxRunner:
     def __init__(self, session, tokenizer, num_labels: int):
         self.session, self.tokenizer, self.num_labels = session, tokenizer, num_labels
 
-    def logits(self, texts: Sequence[str], batch_size: int, max_length: int, mean_pooled: bool = False):
+    def logits(self, texts: Sequence[str], batch_size: int, max_length: int, mean_pooled: bool = False,
+               max_batch_tokens: int | None = None):
         if mean_pooled:
             raise ValueError("the ONNX variants output probabilities and logits only; "
                              "use variant float32 for text embeddings")
         texts = list(texts)
         out = np.zeros((len(texts), self.num_labels), dtype=np.float32)
-        for idx in length_sorted_batches(texts, batch_size):
-            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                                 return_tensors="np")
-            feed = {k: enc[k].astype(np.int64) for k in ONNX_INPUTS}
-            out[idx] = self.session.run(["logits"], feed)[0]
+        for idx, enc in TokenBatches(self.tokenizer, texts, max_length, batch_size, max_batch_tokens):
+            out[idx] = self.session.run(["logits"], {k: enc[k] for k in ONNX_INPUTS})[0]
         return out
 
 

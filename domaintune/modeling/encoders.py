@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from domaintune.core import device as devices
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
 from domaintune.core.progress import Progress
@@ -50,12 +51,11 @@ def _looks_like_hub_name(name: str) -> bool:
 
 
 def set_threads() -> None:
-    """Use every core for intra-op work; inter-op parallelism only adds contention on CPU."""
+    """torch's intra-op pool = the cores this process may use (core.device.inference_threads: affinity and cgroup
+    quota aware), the same number onnxruntime sessions get; inter-op parallelism only adds contention on CPU."""
     import torch
 
-    # the cores this process may run on (taskset/cgroups), not every core of the host
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(n)
+    torch.set_num_threads(devices.inference_threads())
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set in this process
@@ -89,40 +89,92 @@ def pool(hidden, mask, pooling: str):
     raise ValueError(f"unknown pooling {pooling!r}")
 
 
-def length_sorted_batches(texts: Sequence[str], batch_size: int) -> list[np.ndarray]:
-    """Index batches of similar-length texts, so dynamic padding wastes little compute."""
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def token_budget_batches(lengths: Sequence[int], max_batch_size: int,
+                         max_batch_tokens: int | None = None) -> list[np.ndarray]:
+    """Row-index batches of length-sorted rows, so dynamic padding wastes little compute: each batch holds at most
+    `max_batch_size` rows and, with a budget, (its longest length) x (its rows) <= `max_batch_tokens`; a row longer
+    than the budget forms a batch of its own. Every index is in exactly one batch (callers scatter results back to
+    request order by these indices)."""
+    if max_batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
+        raise ValueError(f"batch size and token budget must be >= 1, got {max_batch_size}, {max_batch_tokens}")
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    batches, start = [], 0
+    for i in range(1, len(order) + 1):
+        n = i - start
+        if i == len(order) or n == max_batch_size or (
+                max_batch_tokens is not None and int(lengths[order[i]]) * (n + 1) > max_batch_tokens):
+            batches.append(order[start:i])
+            start = i
+    return batches
 
 
-def _token_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, device):
-    """(row indices, tokenized batch on `device`) for length-sorted batches of `texts`."""
-    for idx in length_sorted_batches(texts, batch_size):
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        yield idx, {k: v.to(device) for k, v in enc.items()}  # the model may sit on a GPU
+class TokenBatches:
+    """`texts` tokenized once (truncated to max_length, unpadded) and cut by token_budget_batches on their token
+    lengths. Iterating yields (row indices, {input name: int64 array [rows, longest in batch]}), each batch padded
+    here to its own longest text, as the tokenizer would pad it. The one batching of every runner (PyTorch float32 and
+    int8, the ONNX variants), so their speeds compare on the same batches."""
+
+    def __init__(self, tokenizer, texts: Sequence[str], max_length: int, max_batch_size: int,
+                 max_batch_tokens: int | None = None):
+        texts = list(texts)
+        self.encoded = dict(tokenizer(texts, truncation=True, max_length=max_length)) if texts else {"input_ids": []}
+        self.lengths = [len(ids) for ids in self.encoded["input_ids"]]
+        self.batches = token_budget_batches(self.lengths, max_batch_size, max_batch_tokens)
+        self.pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0,
+                           "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0,
+                           "special_tokens_mask": 1}
+        self.left = getattr(tokenizer, "padding_side", "right") == "left"
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for idx in self.batches:
+            yield idx, self.padded(idx)
+
+    def padded(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        width = max(self.lengths[i] for i in idx)
+        out = {}
+        for key, rows in self.encoded.items():
+            arr = np.full((len(idx), width), self.pad_values.get(key, 0), dtype=np.int64)
+            for r, i in enumerate(idx):
+                row = rows[i]
+                if self.left:
+                    arr[r, width - len(row):] = row
+                else:
+                    arr[r, :len(row)] = row
+            out[key] = arr
+        return out
 
 
-def _progress(texts: Sequence[str], batch_size: int, verb: str):
+def _torch_batches(batches: TokenBatches, device):
+    """(row indices, the batch as torch tensors on `device`) for each batch of `batches`."""
+    import torch
+
+    for idx, enc in batches:
+        yield idx, {k: torch.from_numpy(v).to(device) for k, v in enc.items()}  # the model may sit on a GPU
+
+
+def _progress(batches: TokenBatches, verb: str):
     """A Progress over the batches (shown only if the pass runs long); none for a single batch,
     so a timed one-text call (export's latency) pays nothing for it."""
-    n = -(-len(texts) // max(batch_size, 1))
-    if n <= 1:
+    if len(batches) <= 1:
         return None
-
-    return Progress(n, f"{verb} {len(texts)} texts", "batch")
+    return Progress(len(batches), f"{verb} {len(batches.lengths)} texts", "batch")
 
 
 def embed_texts(encoder, tokenizer, texts: Sequence[str], batch_size: int = 64, max_length: int = 128,
-                pooling: str = "mean") -> np.ndarray:
-    """Pooled encoder outputs for `texts`, in input order, as float32 [n, hidden]."""
+                pooling: str = "mean", max_batch_tokens: int | None = None) -> np.ndarray:
+    """Pooled encoder outputs for `texts`, in input order, as float32 [n, hidden] (TokenBatches: at most
+    `batch_size` texts per pass, within `max_batch_tokens` if given)."""
     import torch
 
     encoder.eval()
     out = np.zeros((len(texts), encoder.config.hidden_size), dtype=np.float32)
-    bar = _progress(texts, batch_size, "embedding")
+    batches = TokenBatches(tokenizer, texts, max_length, batch_size, max_batch_tokens)
+    bar = _progress(batches, "embedding")
     with torch.inference_mode():
-        for idx, enc in _token_batches(tokenizer, texts, batch_size, max_length, encoder.device):
+        for idx, enc in _torch_batches(batches, encoder.device):
             hidden = encoder(**enc).last_hidden_state
             out[idx] = pool(hidden, enc["attention_mask"], pooling).float().cpu().numpy()
             if bar is not None:
@@ -162,8 +214,9 @@ def build_classifier(encoder, num_labels: int, pooling: str = "mean", dropout: f
 
 
 def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64, max_length: int = 128,
-                   mean_pooled: bool = False):
-    """Raw logits [n, num_labels] in input order (length-sorted batches internally).
+                   mean_pooled: bool = False, max_batch_tokens: int | None = None):
+    """Raw logits [n, num_labels] in input order (TokenBatches internally: length-sorted, at most `batch_size`
+    texts per pass, within `max_batch_tokens` if given).
 
     mean_pooled=True returns (logits, mean-pooled encoder output [n, hidden]) from the same pass.
     """
@@ -173,9 +226,10 @@ def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64,
     device = next(model.parameters()).device
     out = np.zeros((len(texts), model.head.out_features), dtype=np.float32)
     pooled = np.zeros((len(texts), model.head.in_features), dtype=np.float32) if mean_pooled else None
-    bar = _progress(texts, batch_size, "predicting")
+    batches = TokenBatches(tokenizer, texts, max_length, batch_size, max_batch_tokens)
+    bar = _progress(batches, "predicting")
     with torch.inference_mode():
-        for idx, enc in _token_batches(tokenizer, texts, batch_size, max_length, device):
+        for idx, enc in _torch_batches(batches, device):
             if mean_pooled:
                 logits, vec = model(**enc, return_mean_pooled=True)
                 pooled[idx] = vec.float().cpu().numpy()

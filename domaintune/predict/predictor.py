@@ -2,7 +2,8 @@
 
     from domaintune.predict.predictor import Predictor
     p = Predictor.load("models/export")            # or variant="int8", "onnx", "onnx-int8"
-    probs = p.predict_proba(["my card was charged twice"])   # calibrated, rows sum to 1
+    probs = p.predict_proba(["my card was charged twice"])   # calibrated, rows sum to 1, in request order
+    # batches: sorted by token length, <= batch_size texts, (longest x texts) <= max_batch_tokens (Predictor.load)
     labels = p.predict(["my card was charged twice"])
 
 An exported folder (stages/export.py) carries its calibration in model.json:
@@ -19,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from domaintune.core.device import MAX_BATCH_TOKENS
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json
 from domaintune.data.dataset import LABEL_SEPARATOR
@@ -29,7 +31,7 @@ from domaintune.export.variants import canonical_variant
 
 class Predictor:
     def __init__(self, runner, meta: dict, temperature: float = 1.0, thresholds: dict | None = None,
-                 batch_size: int = 64, variant: str = "float32"):
+                 batch_size: int = 64, variant: str = "float32", max_batch_tokens: int | None = MAX_BATCH_TOKENS):
         self.runner, self.meta, self.variant = runner, meta, variant
         self.model, self.tokenizer = runner.model, runner.tokenizer  # model is None for ONNX variants
         self.labels: list[str] = list(meta["labels"])
@@ -40,13 +42,19 @@ class Predictor:
         self.temperature = float(temperature)
         thr = thresholds or {}
         self.thresholds = np.array([float(thr.get(lab, 0.5)) for lab in self.labels])
-        self.batch_size = batch_size
+        # Texts run sorted by token length in batches of at most `batch_size` texts whose (longest text) x (texts)
+        # stays within `max_batch_tokens` (modeling.encoders.TokenBatches; None: by count alone); answers come
+        # back in request order.
+        if batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
+            raise ValueError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size}, {max_batch_tokens}")
+        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, variant: str = "float32",
              calibration: str | os.PathLike | None = None, dynamic_int8: bool = False,
-             batch_size: int = 64) -> "Predictor":
-        """variant: float32 (alias float), int8, onnx or onnx-int8 (domaintune.export.variants.VARIANTS)."""
+             batch_size: int = 64, max_batch_tokens: int | None = MAX_BATCH_TOKENS) -> "Predictor":
+        """variant: float32 (alias float), int8, onnx or onnx-int8 (domaintune.export.variants.VARIANTS).
+        batch_size: the most texts per model call; max_batch_tokens: the token budget of one call (see __init__)."""
 
         model_dir = Path(model_dir)
         variant = canonical_variant(variant)
@@ -63,11 +71,12 @@ class Predictor:
         source = calibration or model_dir / "model.json"
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
             raise DataError(source, None, "temperature", f"must be a positive number, got {t!r}")
-        return cls(runner, meta, float(t), cal.get("thresholds"), batch_size, variant)
+        return cls(runner, meta, float(t), cal.get("thresholds"), batch_size, variant, max_batch_tokens)
 
     def logits(self, texts: Sequence[str], mean_pooled: bool = False):
         """Raw logits; mean_pooled=True also returns the mean-pooled text vectors of the same pass (torch only)."""
-        return self.runner.logits(list(texts), self.batch_size, self.max_length, mean_pooled)
+        return self.runner.logits(list(texts), self.batch_size, self.max_length, mean_pooled,
+                                  max_batch_tokens=self.max_batch_tokens)
 
     def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
         if self.problem_type == "multi_label":

@@ -7,11 +7,14 @@ turn, one text each per round, until the batch holds `max_batch` texts or `max_b
 characters (at least one text). A request larger than that is answered over several batches,
 taking turns with the requests that arrive meanwhile, so five maximum-size requests do
 not hold a one-text request behind them: it joins the next batch. The batch runs in a
-single worker thread, length-sorted in forward passes of `infer_batch` texts (padding
-to the longest text of each pass, not of the whole batch); the event loop stays free to accept
-and parse requests, and the next batch gathers while one runs. A batch uses the model the holder
-has when it starts; every text of a request is answered by one model (a request split over a
-swap starts again on the new one), and it learns which version answered.
+single worker thread, tokenised there once and sorted by token length into forward passes of at most `infer_batch`
+texts within `max_batch_tokens` ((longest text) x (texts); a longer text alone), padded to the longest text of each
+pass, not of the whole batch (modeling.encoders.TokenBatches, the predictor's batching); the event loop stays free to
+accept and parse requests, and the next batch gathers while one runs. Tokeniser and runtime run one after the
+other on that thread, whose runtime pool has as many threads as the process may use
+(core.device.inference_threads). A batch uses the model the holder has when it starts; every text of a request is
+answered by one model (a request split over a swap starts again on the new one), and it learns which version
+answered.
 
 Requests are checked before they join a batch (domaintune/serve/body.py), so a batch should not
 fail; if one does, each of its requests is retried alone, so only a request that fails on its own
@@ -274,7 +277,9 @@ class MicroBatcher:
     def _predict(self, model, texts: list[str]) -> np.ndarray:
         if model.task != "classification":  # swapped to another task since the route checked
             raise wrong_task(model, "classification")
-        return predict_sorted(model.predict_proba, texts, self.settings.infer_batch)
+        # the predictor sorts the texts by token length and runs them in passes of at most infer_batch texts within
+        # max_batch_tokens (ServeSettings -> Predictor), tokenising them here on this worker thread
+        return model.predict_proba(texts)
 
     async def _run_generation(self, batch: list[GenerationJob]) -> None:
         live = [job for job in batch if not job.future.done()]
@@ -419,18 +424,3 @@ def _fail(item: _Item, exc: Exception) -> None:
 def _resolve(future: asyncio.Future, value) -> None:
     if not future.done():
         future.set_result(value)
-
-
-def predict_sorted(predict_proba, texts: list[str], step: int) -> np.ndarray:
-    """predict_proba(texts) in input order, computed in length-sorted passes of `step` texts."""
-    if len(texts) <= step:
-        return predict_proba(texts)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    out = None
-    for i in range(0, len(order), step):
-        idx = order[i:i + step]
-        part = predict_proba([texts[j] for j in idx])
-        if out is None:
-            out = np.empty((len(texts), part.shape[1]), dtype=part.dtype)
-        out[idx] = part
-    return out

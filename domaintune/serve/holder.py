@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from domaintune.core.device import MAX_BATCH_TOKENS
 from domaintune.monitor import guard
 from domaintune.monitor.feedback import feedback_labels
 from domaintune.registry import diff, plumbing, promotion, release, rollback, versions
@@ -94,10 +95,12 @@ def workspace_info(root: Path, folder: Path) -> dict:
 
 
 def load_folder(path: Path, variant: str, version: str, batch_size: int = 64, device: str = "cpu",
-                verify: bool = True, **info) -> LoadedModel:
-    """Load an export folder and run it once, so a model that loads but cannot predict is caught here."""
+                verify: bool = True, max_batch_tokens: int = MAX_BATCH_TOKENS, **info) -> LoadedModel:
+    """Load an export folder and run it once, so a model that loads but cannot predict is caught here.
+    A classifier runs in passes of at most `batch_size` texts within `max_batch_tokens` (Predictor)."""
     task = export_task(path)
-    predictor = load_predictor(path, variant=variant, batch_size=batch_size, device=device, verify=verify)
+    budget = {"max_batch_tokens": max_batch_tokens} if task == "classification" else {}  # generation: by count
+    predictor = load_predictor(path, variant=variant, batch_size=batch_size, device=device, verify=verify, **budget)
     model = LoadedModel(predictor, version, variant, Path(path), task, **info)
     if task == "generation":
         out = predictor.generate(WARMUP_TEXTS, max_new_tokens=1)
@@ -117,7 +120,7 @@ def load_version(root: Path, name: str | None, settings: ServeSettings) -> Loade
     v = rel.version
     # materialise just checked every file against the version's DVC md5s: checksums.json would read them again
     return load_folder(rel.path, settings.variant, v.version, settings.infer_batch, settings.device, verify=False,
-                       tag=v.tag,
+                       max_batch_tokens=settings.max_batch_tokens, tag=v.tag,
                        commit=v.commit, dataset_hash=rel.dataset_hash, metrics=rel.metrics)
 
 
@@ -126,7 +129,7 @@ def load_model_spec(spec: str, root: Path, settings: ServeSettings) -> LoadedMod
     path = Path(spec)
     if path.is_dir():
         return load_folder(path, settings.variant, f"dir:{path.resolve().name}", settings.infer_batch,
-                           settings.device)
+                           settings.device, max_batch_tokens=settings.max_batch_tokens)
     return load_version(root, spec, settings)
 
 
@@ -177,12 +180,14 @@ class ModelHolder:
                 log.warning("no version is served yet (domaintune retrain publishes one): serving the workspace "
                             "export %s, unversioned; a version is picked up when one is served", folder)
                 self.current = load_folder(folder, s.variant, "workspace", s.infer_batch, s.device,
+                                           max_batch_tokens=s.max_batch_tokens,
                                            **workspace_info(self.root, folder))
             else:
                 self.current = load_version(self.root, None, s)
         else:
             folder = Path(s.model_dir)
             self.current = load_folder(folder, s.variant, "workspace", s.infer_batch, s.device,
+                                           max_batch_tokens=s.max_batch_tokens,
                                        **workspace_info(self.root, folder))
         if self.shadow_follows_challenger:
             self._follow_challenger()

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from domaintune.core.device import MAX_BATCH_TOKENS
 from domaintune.export.variants import canonical_variant
 from domaintune.predict.log import BACKUPS, LOG_TEXT, MAX_BYTES
 
@@ -24,8 +25,11 @@ class ServeSettings:
     retry_max_s: float = 300.0    # twice as long each time, up to this
     keep_releases: int = 3        # materialised releases kept besides the served and the shadow (after a swap)
     max_batch: int = 64           # texts gathered from concurrent requests into one batch
-    infer_batch: int = 16         # texts per forward pass: a batch runs length-sorted in passes of this size,
-                                  # so short texts are not padded to the longest of 64 (less wasted compute)
+    infer_batch: int = 16         # the most texts per forward pass: a batch runs sorted by token length in passes
+                                  # of at most this many texts within max_batch_tokens, so short texts are not
+                                  # padded to the longest of 64 (less wasted compute)
+    max_batch_tokens: int = MAX_BATCH_TOKENS  # token budget of one forward pass: (longest text) x (texts) <= it
+                                  # (a longer text alone); core.device.MAX_BATCH_TOKENS says why 8192
     max_wait_ms: float = 5.0      # how long the first request of a batch waits for company
     max_batch_chars: int = 200_000  # characters per batch: a larger request is split over several batches,
                                   # taken in turn with the other waiting requests (a small one is not held)
@@ -54,7 +58,7 @@ class ServeSettings:
 
     def __post_init__(self):
         checks = {"port": 0 <= self.port <= 65535, "poll_s": self.poll_s > 0, "max_batch": self.max_batch >= 1,
-                  "infer_batch": self.infer_batch >= 1,
+                  "infer_batch": self.infer_batch >= 1, "max_batch_tokens": self.max_batch_tokens >= 1,
                   "max_wait_ms": self.max_wait_ms >= 0, "max_texts": self.max_texts >= 1,
                   "max_chars": self.max_chars >= 1, "max_body_bytes": self.max_body_bytes >= 64,
                   "top_k": self.top_k >= 1, "shadow_queue": self.shadow_queue >= 1,

@@ -127,3 +127,16 @@ def test_onnx_predictor_refuses_embeddings(onnx_export):
     _, out, _, texts = onnx_export
     with pytest.raises(ValueError, match="use variant float32 for text embeddings"):
         Predictor.load(out, variant="onnx").logits(texts, mean_pooled=True)
+
+
+def test_onnx_sessions_use_the_inference_thread_count(onnx_export, monkeypatch):
+    """onnxruntime's intra-op pool is core.device.inference_threads (the cgroup quota caps the affinity), inter-op 1."""
+    from domaintune.core import device
+    from domaintune.export.artifacts import load_variant
+
+    _, out, _, _ = onnx_export
+    monkeypatch.setattr(device, "_affinity_cores", lambda: 8)
+    monkeypatch.setattr(device, "_cpu_quota", lambda: "100000 100000")  # one CPU of quota
+    runner, _ = load_variant(out, "onnx-int8")
+    opts = runner.session.get_session_options()
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 1)

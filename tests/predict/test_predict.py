@@ -357,3 +357,48 @@ def test_a_missing_column_reads_the_same_in_ingest_predict_and_monitor(tmp_path)
             read()
         messages.append(str(exc.value))
     assert messages == [f"{src}: field 'text': column missing; columns found: ['body', 'label']"] * 3
+
+
+MIXED = ["", "x " * 300, "Émoji 🙂 and ÜNICODE", *TEXTS, "ok", " ".join(TEXTS)]  # short, over-long, in between
+
+
+@pytest.mark.parametrize("variant", ["float32", "onnx"])
+def test_token_budget_batches_give_the_fixed_count_answers_in_request_order(export, variant, monkeypatch):
+    """Predictor with a token budget: the same calibrated probabilities (1e-5) in request order as by count, every
+    model call within the budget but a lone over-long text (max_length 32 > budget 40 / 2), at most batch_size texts."""
+    from domaintune.predict.predictor import Predictor
+
+    _, _, out = export
+    texts = [MIXED[i] for i in np.random.default_rng(0).permutation(len(MIXED))]
+    by_count = Predictor.load(out, variant=variant, batch_size=64, max_batch_tokens=None).predict_proba(texts)
+    one_by_one = np.vstack([Predictor.load(out, variant=variant).predict_proba([t]) for t in texts[:4]])
+    budget = Predictor.load(out, variant=variant, batch_size=4, max_batch_tokens=40)
+    shapes = []
+    if variant == "float32":
+        budget.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                               with_kwargs=True)
+    else:
+        run = budget.runner.session.run
+        monkeypatch.setattr(budget.runner, "session", type("S", (), {
+            "run": staticmethod(lambda names, feed: shapes.append(feed["input_ids"].shape) or run(names, feed))}))
+    probs = budget.predict_proba(texts)
+    np.testing.assert_allclose(probs, by_count, atol=1e-5)
+    np.testing.assert_allclose(probs[:4], one_by_one, atol=1e-5)
+    assert sum(n for n, _ in shapes) == len(texts) and len(shapes) > len(texts) // 4
+    assert all(n <= 4 and (n * width <= 40 or n == 1) for n, width in shapes), shapes
+    assert (1, 32) in shapes  # the over-long texts ran alone
+
+
+def test_max_batch_tokens_on_the_command_line(export, tmp_path, capsys):
+    _, _, out = export
+    paths = write_inputs(tmp_path / "in")
+    assert cli(paths["csv"], "--model", out, "--out", tmp_path / "a.jsonl", "--prediction-log", "none") == 0
+    assert cli(paths["csv"], "--model", out, "--out", tmp_path / "b.jsonl", "--prediction-log", "none",
+               "--batch-size", "3", "--max-batch-tokens", "20") == 0
+    a, b = read_out(tmp_path / "a.jsonl"), read_out(tmp_path / "b.jsonl")
+    assert [r["id"] for r in a] == [r["id"] for r in b] == [f"t{i}" for i in range(len(TEXTS))]
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    np.testing.assert_allclose([r["confidence"] for r in a], [r["confidence"] for r in b], atol=1e-5)
+    capsys.readouterr()
+    assert cli(paths["csv"], "--model", out, "--max-batch-tokens", "0") == 2
+    assert "--max-batch-tokens must be >= 1" in capsys.readouterr().err

@@ -240,6 +240,37 @@ def test_concurrent_requests_are_batched(server, models):
     assert metric(after, "domaintune_batch_requests_sum") - metric(before, "domaintune_batch_requests_sum") == 16
 
 
+def test_serve_batches_by_a_token_budget_and_answers_in_request_order(models):
+    """--infer-batch 4 --max-batch-tokens 24: the served predictor cuts each batch by the budget (texts of up to
+    32 tokens run alone), and the answers come back in request order, equal to a plain Predictor's."""
+    from pipelines.cli import build_parser
+    from pipelines.serve import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--model", str(models[0]), "--infer-batch", "4",
+                                      "--max-batch-tokens", "24"])
+    s = settings_from_args(args)
+    assert (s.infer_batch, s.max_batch_tokens) == (4, 24)
+    with pytest.raises(ValueError, match="max_batch_tokens=0"):
+        ServeSettings(max_batch_tokens=0)
+    built = build(settings(model_dir=models[0], infer_batch=4, max_batch_tokens=24, max_wait_ms=20.0))
+    pred = built.holder.current.predictor
+    assert (pred.batch_size, pred.max_batch_tokens) == (4, 24)
+    shapes = []
+    pred.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                         with_kwargs=True)
+    texts = [TEXTS[4], "x " * 200, TEXTS[1], "ok", " ".join(TEXTS), TEXTS[0], "", TEXTS[2]]
+    with ServerThread(built.app, settings(model_dir=models[0])) as url:
+        r = httpx.post(url + "/predict", json={"texts": texts, "top_k": 3}, timeout=30)
+    assert r.status_code == 200, r.text
+    ref = reference(models[0], texts)
+    got = [{p["label"]: p["confidence"] for p in row["top_k"]} for row in r.json()["predictions"]]
+    labels = sorted(TINY_INTENTS)
+    for row, want in zip(got, ref):
+        assert all(abs(row[labels[j]] - want[j]) < 1e-5 for j in range(len(labels)))
+    assert all(n <= 4 and (n * width <= 24 or n == 1) for n, width in shapes), shapes
+    assert (1, 32) in shapes and sum(n for n, _ in shapes) == len(texts)
+
+
 def test_shadow_answers_with_served_and_logs_both(models, tmp_path):
     a, b = models
     log_path = tmp_path / "shadow.jsonl"

@@ -9,14 +9,16 @@ from domaintune.predict.predictor import Predictor
 
 
 def load(folder: str | Path, variant: str = "float32", batch_size: int = 64, device: str = "cpu",
-         calibration: str | Path | None = None, dynamic_int8: bool = False, verify: bool = True) -> Predictor:
+         calibration: str | Path | None = None, dynamic_int8: bool = False, verify: bool = True,
+         max_batch_tokens: int | None = devices.MAX_BATCH_TOKENS) -> Predictor:
     """The calibrated classifier of `variant`; a PyTorch variant moves to `device` (ONNX runs where
     onnxruntime runs it). verify: first check the files that variant reads against the export's
-    checksums.json (a changed or missing file is a DataError naming it)."""
+    checksums.json (a changed or missing file is a DataError naming it). batch_size, max_batch_tokens: the most texts
+    and the token budget of one model call (Predictor)."""
     if verify:
         verify_checksums(folder, variant_reads(variant))
     predictor = Predictor.load(folder, variant=variant, calibration=calibration, dynamic_int8=dynamic_int8,
-                               batch_size=batch_size)
+                               batch_size=batch_size, max_batch_tokens=max_batch_tokens)
     if predictor.model is not None:
         devices.place_for_inference(predictor.model, device)
     return predictor
