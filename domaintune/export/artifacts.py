@@ -20,7 +20,9 @@ Imports point one way: predict -> artifacts -> modeling, quantize.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -252,11 +254,12 @@ def write_openvino_int8(out: Path, tokenizer, texts: Sequence[str], max_length: 
     # Core.read_model is ov.convert_model's ONNX frontend without the converter's usage telemetry.
     model = ov.Core().read_model(str(src / ONNX_FILE))
     level = logging.getLogger("nncf").level
-    nncf.set_log_level(logging.ERROR)  # no progress bars or advice on the stage's stderr
-    try:
-        quantized = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=len(items), advanced_parameters=AdvancedQuantizationParameters(
-                                      smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
+    nncf.set_log_level(logging.ERROR)  # no advice lines in the stage's log ...
+    try:  # ... and no progress bars (rich, on stdout) in its output
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantized = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
+                                      subset_size=len(items), advanced_parameters=AdvancedQuantizationParameters(
+                                          smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
     finally:
         nncf.set_log_level(level)
     ov.save_model(quantized, str(d / OPENVINO_FILE), compress_to_fp16=False)
