@@ -186,7 +186,7 @@ def merged_model(model_dir: str, texts: list[str], params, ml: int, device: str 
 
 
 def write_variants(tmp: Path, merged, tok, export_meta: dict, params, calibration: list[str] = (),
-                   seed: int = 0) -> dict:
+                   seed: int = 0, max_length: int = 512) -> dict:
     """Write every variant in params.variants under tmp; returns what quantisation reported. `calibration`:
     the train texts the static int8 variant (openvino-int8) measures activation ranges on (seeded by `seed`)."""
     artifacts.write_float32(merged, tok, tmp, export_meta)
@@ -199,7 +199,7 @@ def write_variants(tmp: Path, merged, tok, export_meta: dict, params, calibratio
         if "onnx-int8" in params.variants:
             artifacts.write_onnx_int8(tmp, params.onnx_int8_per_channel)
         if "openvino-int8" in params.variants:
-            artifacts.write_openvino_int8(tmp, tok, calibration, int(fmeta["max_length"]), seed)
+            artifacts.write_openvino_int8(tmp, tok, calibration, max_length, seed)
         if "onnx" not in params.variants:
             import shutil
 
@@ -264,7 +264,7 @@ def export_stage(io: StageIO) -> None:
         if "openvino-int8" in params.variants and not calibration:
             raise DataError(Path(io.in_dir) / "train.parquet", None, None,
                             "empty: openvino-int8 is calibrated on train texts (export.calibration_rows)")
-        quant = write_variants(tmp, merged.to("cpu"), tok, export_meta, params, calibration, base.seed)
+        quant = write_variants(tmp, merged.to("cpu"), tok, export_meta, params, calibration, base.seed, ml)
         del merged
         variants, logits = verify_variants(tmp, texts, test, meta, calib, params, ml)
         roundtrip = logit_agreement(merged_logits, logits["float32"])
