@@ -252,6 +252,11 @@ def export_stage(io: StageIO) -> None:
     inputs = read_inputs(io)
     test, calib = inputs["splits"]["test"], inputs["calib"]
     texts = test["text"].tolist()
+    calibration = artifacts.calibration_texts(inputs["splits"]["train"]["text"].tolist(), params.calibration_rows,
+                                              base.seed)
+    if "openvino-int8" in params.variants and not calibration:  # checked before any model is loaded
+        raise DataError(Path(io.in_dir) / "train.parquet", None, None,
+                        "empty: openvino-int8 is calibrated on train texts (export.calibration_rows)")
     source_meta = read_json(Path(io.model) / "model.json")
     check_calibration(calib, source_meta, Path(io.calibration) / "calibration.json")
     ml = int(source_meta.get("max_length", base.max_length))
@@ -259,11 +264,6 @@ def export_stage(io: StageIO) -> None:
         io.model, texts, params, ml, device)
     export_meta = export_metadata(meta, inputs, io.model, base, params, merge_check["had_adapter"])
     with atomic_output(io.out) as tmp, atomic_output(io.metrics) as tmp_metrics:
-        calibration = artifacts.calibration_texts(inputs["splits"]["train"]["text"].tolist(),
-                                                  params.calibration_rows, base.seed)
-        if "openvino-int8" in params.variants and not calibration:
-            raise DataError(Path(io.in_dir) / "train.parquet", None, None,
-                            "empty: openvino-int8 is calibrated on train texts (export.calibration_rows)")
         quant = write_variants(tmp, merged.to("cpu"), tok, export_meta, params, calibration, base.seed, ml)
         del merged
         variants, logits = verify_variants(tmp, texts, test, meta, calib, params, ml)

@@ -348,6 +348,24 @@ def test_openvino_int8_is_written_calibrated_and_passes_the_default_gates(export
     assert Predictor.load(out, variant="openvino-int8").predict(texts) == Predictor.load(out).predict(texts)
 
 
+def test_openvino_int8_without_train_texts_is_one_clear_error(exported, tmp_path, capsys):
+    from domaintune.data.dataset import write_dataset
+
+    root, _, _ = exported
+    splits, labels = read_dataset(root / "data")
+    splits["train"] = splits["train"].iloc[:0]
+    write_dataset(tmp_path / "data", splits, labels)
+    params = write_params(tmp_path / "params.yaml", export={"latency_repeats": 1, "latency_single_texts": 0,
+                                                            "variants": ["float32", "openvino-int8"]})
+    argv = ["--model", str(root / "models/export"), "--calibration", str(root / "reports/eval"), "--in",
+            str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
+            "--params", str(params)]
+    assert ex.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.parquet" in err[0] and "openvino-int8 is calibrated on train texts" in err[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+
+
 def test_a_variant_that_loses_calibration_fails_the_stage(exported, tmp_path, monkeypatch, capsys):
     """An int8 writer whose head is scaled by 0.1 keeps every argmax (same accuracy) but is far less
     confident than it is right: its ECE rise is far above both export.max_ece_increase and the floor of
