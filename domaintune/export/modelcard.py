@@ -107,8 +107,9 @@ def front_matter(meta: dict, inputs: dict, split_sizes: dict, params) -> dict:
         if "onnx" in params.variants else "domaintune",
         "base_model": meta["base_model"], "datasets": [f"custom-dataset-sha256-{hashes['dataset'][:12]}"],
         "pipeline_tag": "text-classification",
-        "tags": ["domaintune", "text-classification", str(meta.get("method")), "calibrated", "onnx"]
-        if "onnx" in params.variants else ["domaintune", "text-classification", str(meta.get("method")), "calibrated"],
+        "tags": ["domaintune", "text-classification", str(meta.get("method")), "calibrated"]
+        + (["onnx"] if "onnx" in params.variants else [])
+        + (["openvino"] if "openvino-int8" in params.variants else []),
         "metrics": [m["type"] for m in metrics],
         "model-index": [{"name": "domaintune-classifier", "results": [{
             "task": {"type": "text-classification", "name": "Text classification"},

@@ -344,6 +344,8 @@ def test_openvino_int8_is_written_calibrated_and_passes_the_default_gates(export
     assert len(calibration_texts(splits["train"]["text"].tolist(), 7, 13)) == 7
     card = (out / "README.md").read_text()
     assert "import openvino as ov" in card and "`openvino-int8/` OpenVINO IR" in card
+    front = yaml.safe_load(card.split("---")[1])
+    assert "openvino" in front["tags"] and "openvino-int8" in front["domaintune"]["variants"]
     texts = splits["test"]["text"].tolist()
     assert Predictor.load(out, variant="openvino-int8").predict(texts) == Predictor.load(out).predict(texts)
 
