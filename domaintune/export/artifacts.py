@@ -225,7 +225,10 @@ def _telemetry_off() -> None:
         from openvino_telemetry import Telemetry
     except ImportError:  # not installed: nothing to send with
         return
-    Telemetry().consent = False
+    try:
+        Telemetry().consent = False
+    except RuntimeError:  # no instance yet (it raises rather than create one without an app name): none to stop
+        pass
 
 
 def write_openvino_int8(out: Path, tokenizer, texts: Sequence[str], max_length: int, seed: int) -> Path:

@@ -160,3 +160,27 @@ def test_onnx_predictor_refuses_embeddings(onnx_export):
     _, out, _, texts = onnx_export
     with pytest.raises(ValueError, match="use variant float32 for text embeddings"):
         Predictor.load(out, variant="onnx").logits(texts, mean_pooled=True)
+
+
+def test_writing_openvino_int8_turns_openvino_telemetry_off(onnx_export, tmp_path, monkeypatch):
+    """openvino_telemetry consents by default when no consent file exists, and NNCF sends usage events through
+    its one Telemetry object: writing the variant leaves that object without consent (outside pytest NNCF uses
+    it; inside, NNCF swaps in a stub, so the object itself is checked)."""
+    import shutil
+
+    import openvino  # noqa: F401  (creates the Telemetry singleton)
+    from openvino_telemetry import Telemetry
+
+    from domaintune.export import artifacts
+
+    _, out, _, _ = onnx_export
+    shutil.copytree(out / "onnx", tmp_path / "onnx")
+    monkeypatch.setattr(Telemetry(), "consent", True)
+    artifacts.write_openvino_int8(tmp_path, _tokenizer(out), ["a text", "another text"], 32, seed=0)
+    assert Telemetry().consent is False
+
+
+def _tokenizer(out):
+    from domaintune.modeling.encoders import load_tokenizer
+
+    return load_tokenizer(str(out / "onnx"))
