@@ -48,14 +48,14 @@ def _code_hash() -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
-def cached_export(model_folder: Path, info: dict, params) -> Path:
+def cached_export(model_folder: Path, info: dict, params, train_texts: list[str], seed: int) -> Path:
     """The fine-tune exported in every variant by domaintune.artifacts (cached next to the fine-tune)."""
     from domaintune.core.io import read_json
     from domaintune.export import artifacts
     from domaintune.modeling.encoders import load_classifier
 
     key = f"{model_folder.name}-{_code_hash()}-{params.int8_embeddings}-{params.onnx_opset}-" \
-          f"{params.onnx_int8_per_channel}"
+          f"{params.onnx_int8_per_channel}-{params.calibration_rows}-{seed}"
     out = cache_root() / f"banking77-export-{key}"
     if (out / "done").exists():
         return out
@@ -68,6 +68,8 @@ def cached_export(model_folder: Path, info: dict, params) -> Path:
     artifacts.write_int8(out, model, read_json(out / "model.json"), params.int8_embeddings)
     artifacts.write_onnx(out, model, tok, read_json(out / "model.json"), params.onnx_opset)
     artifacts.write_onnx_int8(out, params.onnx_int8_per_channel)
+    artifacts.write_openvino_int8(out, tok, artifacts.calibration_texts(train_texts, params.calibration_rows, seed),
+                                  int(meta.get("max_length") or 128), seed)  # as export does
     (out / "done").write_text("ok\n")
     return out
 
@@ -157,8 +159,8 @@ def main() -> int:
     set_threads()
     base, ex = load_params(args.params, "base", "export")
     model_folder, info = cached_finetune(args.params)
-    folder = cached_export(model_folder, info, ex)
     splits, _ = load_banking77(base.seed)
+    folder = cached_export(model_folder, info, ex, splits["train"]["text"].tolist(), base.seed)
     test = splits["test"]
     order = np.random.default_rng(0).permutation(len(test))
     rows, logits, predictors = {}, {}, {}

@@ -412,6 +412,8 @@ class ExportParams:
     onnx_opset: int = 17
     # onnx-int8: one weight scale per output channel (per tensor loses accuracy on BERT-style models).
     onnx_int8_per_channel: bool = True
+    # openvino-int8 (static int8, NNCF): activation ranges measured on this many train texts, drawn with base.seed.
+    calibration_rows: int = 300
     # Model card metadata (Hugging Face): the base model's licence, and the language of the data.
     license: str = "apache-2.0"
     language: str = "en"
@@ -434,6 +436,9 @@ class ExportParams:
         _check(self.max_accuracy_drop >= 0, "export", "max_accuracy_drop", "must be >= 0 (points)")
         _check(self.max_ece_increase >= 0, "export", "max_ece_increase", "must be >= 0 (points)")
         _check(7 <= self.onnx_opset <= 21, "export", "onnx_opset", "must be in [7, 21]")
+        _check(isinstance(self.calibration_rows, int) and not isinstance(self.calibration_rows, bool)
+               and self.calibration_rows >= 1, "export", "calibration_rows",
+               f"must be a whole number >= 1 (train texts), got {self.calibration_rows!r}")
         _check(bool(self.license.strip()), "export", "license", "must not be empty")
         _check(bool(self.language.strip()), "export", "language", "must not be empty")
 

@@ -1,5 +1,5 @@
 """Export of a classifier, the export stage's work: the calibrated model in every variant (float32, int8, ONNX,
-ONNX int8), gated, with a model card.
+ONNX int8, OpenVINO static int8), gated, with a model card.
 
 models/export/ is a classifier folder that domaintune.predict.predictor.Predictor loads on its own
 (encoder weights merged, adapter None, no reference to models/dapt), with the evaluate
@@ -185,17 +185,21 @@ def merged_model(model_dir: str, texts: list[str], params, ml: int, device: str 
     return merged, tok, meta, (unmerged_logits, unmerged_timing), merged_logits, check
 
 
-def write_variants(tmp: Path, merged, tok, export_meta: dict, params) -> dict:
-    """Write every variant in params.variants under tmp; returns what quantisation reported."""
+def write_variants(tmp: Path, merged, tok, export_meta: dict, params, calibration: list[str] = (),
+                   seed: int = 0, max_length: int = 512) -> dict:
+    """Write every variant in params.variants under tmp; returns what quantisation reported. `calibration`:
+    the train texts the static int8 variant (openvino-int8) measures activation ranges on (seeded by `seed`)."""
     artifacts.write_float32(merged, tok, tmp, export_meta)
     fmeta = read_json(tmp / "model.json")
     info = {}
     if "int8" in params.variants:
         info["int8"] = artifacts.write_int8(tmp, merged, fmeta, params.int8_embeddings)
-    if "onnx" in params.variants or "onnx-int8" in params.variants:
+    if {"onnx", "onnx-int8", "openvino-int8"} & set(params.variants):  # all three start from the float graph
         artifacts.write_onnx(tmp, merged, tok, fmeta, params.onnx_opset)
         if "onnx-int8" in params.variants:
             artifacts.write_onnx_int8(tmp, params.onnx_int8_per_channel)
+        if "openvino-int8" in params.variants:
+            artifacts.write_openvino_int8(tmp, tok, calibration, max_length, seed)
         if "onnx" not in params.variants:
             import shutil
 
@@ -248,6 +252,11 @@ def export_stage(io: StageIO) -> None:
     inputs = read_inputs(io)
     test, calib = inputs["splits"]["test"], inputs["calib"]
     texts = test["text"].tolist()
+    calibration = artifacts.calibration_texts(inputs["splits"]["train"]["text"].tolist(), params.calibration_rows,
+                                              base.seed)
+    if "openvino-int8" in params.variants and not calibration:  # checked before any model is loaded
+        raise DataError(Path(io.in_dir) / "train.parquet", None, None,
+                        "empty: openvino-int8 is calibrated on train texts (export.calibration_rows)")
     source_meta = read_json(Path(io.model) / "model.json")
     check_calibration(calib, source_meta, Path(io.calibration) / "calibration.json")
     ml = int(source_meta.get("max_length", base.max_length))
@@ -255,7 +264,7 @@ def export_stage(io: StageIO) -> None:
         io.model, texts, params, ml, device)
     export_meta = export_metadata(meta, inputs, io.model, base, params, merge_check["had_adapter"])
     with atomic_output(io.out) as tmp, atomic_output(io.metrics) as tmp_metrics:
-        quant = write_variants(tmp, merged.to("cpu"), tok, export_meta, params)
+        quant = write_variants(tmp, merged.to("cpu"), tok, export_meta, params, calibration, base.seed, ml)
         del merged
         variants, logits = verify_variants(tmp, texts, test, meta, calib, params, ml)
         roundtrip = logit_agreement(merged_logits, logits["float32"])

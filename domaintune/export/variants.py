@@ -10,7 +10,7 @@ import argparse
 
 from domaintune.core.errors import ParamsError
 
-VARIANTS = ("float32", "int8", "onnx", "onnx-int8")
+VARIANTS = ("float32", "int8", "onnx", "onnx-int8", "openvino-int8")
 ALIASES = {"float": "float32"}
 
 

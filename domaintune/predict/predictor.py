@@ -1,7 +1,7 @@
 """Calibrated predictions from an exported model: what flows, drift monitoring and serving call.
 
     from domaintune.predict.predictor import Predictor
-    p = Predictor.load("models/export")            # or variant="int8", "onnx", "onnx-int8"
+    p = Predictor.load("models/export")            # or variant="int8", "onnx", "onnx-int8", "openvino-int8"
     probs = p.predict_proba(["my card was charged twice"])   # calibrated, rows sum to 1, in request order
     # batches: sorted by token length, <= batch_size texts, (longest x texts) <= max_batch_tokens (Predictor.load)
     labels = p.predict(["my card was charged twice"])
@@ -53,7 +53,7 @@ class Predictor:
     def load(cls, model_dir: str | os.PathLike, variant: str = "float32",
              calibration: str | os.PathLike | None = None, dynamic_int8: bool = False,
              batch_size: int = 64, max_batch_tokens: int | None = MAX_BATCH_TOKENS) -> "Predictor":
-        """variant: float32 (alias float), int8, onnx or onnx-int8 (domaintune.export.variants.VARIANTS).
+        """variant: float32 (alias float), int8, onnx, onnx-int8 or openvino-int8 (export.variants.VARIANTS).
         batch_size: the most texts per model call; max_batch_tokens: the token budget of one call (see __init__)."""
 
         model_dir = Path(model_dir)

@@ -136,7 +136,8 @@ def infer_outputs(model, probs: np.ndarray, wanted: list[str]) -> list[dict]:
 
 
 def model_metadata(model) -> dict:
-    platform = "onnxruntime" if model.variant.startswith("onnx") else "pytorch"
+    platform = ("onnxruntime" if model.variant.startswith("onnx")
+                else "openvino" if model.variant.startswith("openvino") else "pytorch")
     if model.task != "classification":  # no v2 tensors: its API is /v1 (domaintune/serve/openai.py)
         return {"name": MODEL_NAME, "versions": [model.version], "platform": platform, "inputs": [], "outputs": [],
                 "parameters": {"task": model.task, "variant": model.variant, "endpoints": list(openai.PATHS)}}

@@ -46,6 +46,8 @@ def test_unknown_key_is_rejected_with_its_name():
         ("audit", {"action": "delete"}, "audit.action"),
         ("audit", {"filter_by": "magic"}, "audit.filter_by"),
         ("base", {"max_length": 2}, "base.max_length"),
+        ("export", {"calibration_rows": 0}, "export.calibration_rows: must be a whole number >= 1"),
+        ("export", {"calibration_rows": "all"}, "export.calibration_rows"),
     ],
 )
 def test_bad_values_name_the_key(section, raw, fragment):

@@ -314,6 +314,60 @@ def test_ece_gate_and_variant_subset(exported, tmp_path, capsys):
     assert read_json(tmp_path / "a/model.json")["variants"] == ["float32", "onnx-int8"]
 
 
+def test_openvino_int8_is_written_calibrated_and_passes_the_default_gates(exported, tmp_path, capsys):
+    """export.variants [float32, openvino-int8] with the shipped gates (0.5 points of accuracy, 1 of ECE, floored
+    at one test row): the stage writes openvino-int8/ calibrated on export.calibration_rows train texts drawn with
+    base.seed, reloads and re-scores it like every variant, and the card offers its no-domaintune snippet."""
+    from domaintune.export.artifacts import calibration_texts
+    from domaintune.predict.predictor import Predictor
+
+    root, _, _ = exported
+    data = _relabelled_by_float32(root, tmp_path / "data")
+    params = write_params(tmp_path / "params.yaml", base={"seed": 13},
+                          export={"latency_repeats": 1, "latency_single_texts": 0, "calibration_rows": 7,
+                                  "variants": ["float32", "openvino-int8"]})
+    argv = ["--model", str(root / "models/export"), "--calibration", str(root / "reports/eval"), "--in", str(data),
+            "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"), "--params", str(params)]
+    assert ex.main(argv) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.out + captured.err
+    assert "Statistics collection" not in err and "━" not in err  # NNCF's progress bars stay off the stage's output
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["encoder", "openvino-int8", "tokenizer"]
+    m = json.loads((tmp_path / "m.json").read_text())
+    v = m["variants"]["openvino-int8"]
+    assert v["size_bytes"] > 0 and v["batched_ms_per_text"] > 0 and "agreement_with_float32" in v
+    assert 100 * (m["variants"]["float32"]["accuracy"] - v["accuracy"]) <= m["gates"]["accuracy_points"]
+    q = json.loads((out / "openvino-int8/config.json").read_text())["domaintune"]["quantization"]
+    splits, _ = read_dataset(data)
+    assert q["calibration"] == {"split": "train", "rows": 7, "seed": 13}
+    assert len(calibration_texts(splits["train"]["text"].tolist(), 7, 13)) == 7
+    card = (out / "README.md").read_text()
+    assert "import openvino as ov" in card and "`openvino-int8/` OpenVINO IR" in card
+    front = yaml.safe_load(card.split("---")[1])
+    assert "openvino" in front["tags"] and "openvino-int8" in front["domaintune"]["variants"]
+    texts = splits["test"]["text"].tolist()
+    assert Predictor.load(out, variant="openvino-int8").predict(texts) == Predictor.load(out).predict(texts)
+
+
+def test_openvino_int8_without_train_texts_is_one_clear_error(exported, tmp_path, capsys):
+    from domaintune.data.dataset import write_dataset
+
+    root, _, _ = exported
+    splits, labels = read_dataset(root / "data")
+    splits["train"] = splits["train"].iloc[:0]
+    write_dataset(tmp_path / "data", splits, labels)
+    params = write_params(tmp_path / "params.yaml", export={"latency_repeats": 1, "latency_single_texts": 0,
+                                                            "variants": ["float32", "openvino-int8"]})
+    argv = ["--model", str(root / "models/export"), "--calibration", str(root / "reports/eval"), "--in",
+            str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
+            "--params", str(params)]
+    assert ex.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.parquet" in err[0] and "openvino-int8 is calibrated on train texts" in err[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+
+
 def test_a_variant_that_loses_calibration_fails_the_stage(exported, tmp_path, monkeypatch, capsys):
     """An int8 writer whose head is scaled by 0.1 keeps every argmax (same accuracy) but is far less
     confident than it is right: its ECE rise is far above both export.max_ece_increase and the floor of

@@ -656,3 +656,14 @@ def test_shadow_log_stores_text_as_the_log_text_setting_says(models, tmp_path, h
     want = {hashlib.sha256(t.encode()).hexdigest() for t in texts} if how == "hash" else {None}
     assert {r.get("text_sha256") for r in rows} == want
     assert summarise(log_path)["rows"] == 3
+
+
+@pytest.mark.parametrize("variant, platform", [("float32", "pytorch"), ("int8", "pytorch"), ("onnx", "onnxruntime"),
+                                               ("onnx-int8", "onnxruntime"), ("openvino-int8", "openvino")])
+def test_model_metadata_names_the_runtime_of_each_variant(variant, platform):
+    from types import SimpleNamespace
+
+    from domaintune.serve.app import model_metadata
+
+    meta = model_metadata(SimpleNamespace(variant=variant, task="generation", version="v1"))
+    assert meta["platform"] == platform and meta["parameters"]["variant"] == variant
