@@ -40,11 +40,12 @@ OUT = REPO / "bench" / "results" / "inference.json"
 from domaintune.export.variants import VARIANTS  # noqa: E402
 
 NAMES = {"float32": "PyTorch float32", "int8": "PyTorch int8 (weight-only, dequantised on load)",
-         "onnx": "ONNX float32 (onnxruntime)", "onnx-int8": "ONNX int8 (onnxruntime dynamic quantisation)"}
+         "onnx": "ONNX float32 (onnxruntime)", "onnx-int8": "ONNX int8 (onnxruntime dynamic quantisation)",
+         "openvino-int8": "OpenVINO int8 (NNCF static quantisation, calibrated on train texts)"}
 
 
 def _code_hash() -> str:
-    files = [REPO / "domaintune" / n for n in ("artifacts.py", "quantize.py", "modeling.py")]
+    files = [REPO / "domaintune" / n for n in ("export/artifacts.py", "modeling/quantize.py", "modeling/encoders.py")]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
