@@ -166,6 +166,7 @@ WRITTEN_LATER = {
     "reports/predictions/": "serve, predict", "reports/predictions/serve.jsonl": "serve",
     "reports/predictions/predict.jsonl": "predict", "metrics/feedback.json": "feedback",
     "reports/feedback_history.csv": "feedback",
+    "models/export/openvino-int8/": "export with openvino-int8 in export.variants (not a default variant)",
 }
 
 
