@@ -146,6 +146,7 @@ def test_second_repro_runs_nothing(project):
     assert "didn't change, skipping" in out, out  # stage log lines are on stdout: the check above is not vacuous
 
 
+@pytest.mark.slow  # 31 s of DVC's own caching (a params change re-runs what reads it: tests/pipelines/test_flows.py)
 def test_finetune_param_change_reruns_only_downstream(project):
     root = project[0]
     lr = yaml.safe_load((root / "params.yaml").read_text())["finetune"]["lr"]
@@ -198,30 +199,32 @@ def test_every_path_and_command_the_readme_and_make_run_name_exists_or_runs(proj
     assert named and named - commands == set(), named - commands
 
 
-def test_a_sabotaged_retrain_passes_the_gate_but_is_rejected_and_an_equal_one_is_promoted(project, capsys):
-    """Publishing is not promoting, on the real stages: a random head with lr 1e-12 passes the (open) absolute gate
-    but loses the fair comparison with the served version and is rejected; prod stays. An equally good retrain
-    (the served params again, exported as float32 only: the same predictions, an interval of [0, 0]) is promoted.
-    Each decision's numbers are in metrics/promotion.json,
-    the version record and `domaintune versions`. (Runs last: it changes the workspace.)"""
-    from domaintune.registry import promotion, versions
+def _retrain(root, values: dict, summary: str) -> tuple[str, dict]:
+    """What `domaintune retrain` does after the stages, without Prefect: compare with the champion, publish as a
+    challenger, decide (pipelines.retrain's compare-with-champion and promotion-decision tasks)."""
+    from domaintune.registry import versions
     from pipelines import promote
+
+    set_params(root, {"export.variants": ["float32"], "drift.calibration_resamples": 20, **values})  # cheap stages
+    sh(root, "dvc", "repro", "-q")
+    result = promote.evaluate_challenger(root)
+    v, created = versions.publish(root, summary)
+    assert created
+    promote.apply_decision(root, v.version, result)
+    return v.version, result
+
+
+def test_a_sabotaged_retrain_passes_the_gate_but_is_rejected(project, capsys):
+    """Publishing is not promoting, on the real stages: a random head with lr 1e-12 passes the (open) absolute gate
+    but loses the fair comparison with the served version and is rejected; prod stays. The numbers are in
+    metrics/promotion.json, the version record and `domaintune versions`. (After the README test: it changes the
+    workspace.)"""
+    from domaintune.registry import promotion, versions
     from pipelines.cli import main
 
     root = project[0]
     v1, _ = versions.publish(root, "make run", stage="prod")
-    good = yaml.safe_load((root / "params.yaml").read_text())["finetune"]
-
-    def retrain(values: dict) -> tuple[str, dict]:
-        set_params(root, {"export.variants": ["float32"], **values})
-        sh(root, "dvc", "repro", "-q")
-        result = promote.evaluate_challenger(root)
-        v, created = versions.publish(root, f"retrain {values}")
-        assert created
-        promote.apply_decision(root, v.version, result)
-        return v.version, result
-
-    bad, result = retrain({"finetune.head_init": "random", "finetune.lr": 1.0e-12})  # lr 0 is refused
+    bad, result = _retrain(root, {"finetune.head_init": "random", "finetune.lr": 1.0e-12}, "sabotaged")  # lr 0: refused
     assert result["decision"] == "reject" and result["champion"] == v1.version
     new_rows = result["evidence"]["sets"]["new_rows"]
     assert new_rows["rows"] > 0 and new_rows["excluded"] == 0  # same data: no test row was ever trained on
@@ -230,10 +233,22 @@ def test_a_sabotaged_retrain_passes_the_gate_but_is_rejected_and_an_equal_one_is
     recorded = json.loads(sh(root, "git", "show", f"{versions.get_version(root, bad).commit}:metrics/promotion.json"))
     assert recorded == result and versions.get_version(root, bad).record["metrics"]["promotion"] == result
     assert promotion.status(root)[bad]["stage"] == "rejected"
+    assert main(["versions", "--repo", str(root)]) == 0
+    assert f"  {bad} rejected: macro_f1" in capsys.readouterr().out
 
-    same, result = retrain({"finetune.head_init": good["head_init"], "finetune.lr": good["lr"]})
+
+@pytest.mark.slow  # another 30 s of stages; the decision rule itself is tested in tests/evaluate/test_compare.py
+def test_an_equal_retrain_is_promoted(project, capsys):
+    """The served params again (exported as float32 only: the same predictions, an interval of [0, 0]) pass the
+    comparison and are promoted."""
+    from domaintune.registry import versions
+    from pipelines.cli import main
+
+    root = project[0]
+    v1 = versions.served_version(root)
+    good = yaml.safe_load(sh(root, "git", "show", f"{versions.get_version(root, v1).commit}:params.yaml"))["finetune"]
+    same, result = _retrain(root, {"finetune.head_init": good["head_init"], "finetune.lr": good["lr"]}, "again")
     assert result["decision"] == "promote", result["reason"]
     assert versions.served_version(root) == same
     assert main(["versions", "--repo", str(root)]) == 0
-    out = capsys.readouterr().out
-    assert f"  {bad} rejected: macro_f1" in out and f"  {same} prod: vs {v1.version}: macro_f1" in out
+    assert f"  {same} prod: vs {v1}: macro_f1" in capsys.readouterr().out

@@ -150,6 +150,7 @@ def test_bad_input_is_one_line_before_prefect_or_torch_is_imported(project):
     assert "heavy: []" in proc.stdout
 
 
+@pytest.mark.slow  # 25 s: a Prefect deployment and a flow run (the CLI's folder watch is tested without Prefect)
 def test_monitor_folder_deployment_on_a_cron_and_its_flow(project, prefect_harness):
     """`deploy --monitor-folder DIR --monitor-cron` registers the folder-watching flow on the pool with
     that schedule; the flow itself (as the worker would run it) judges the new files in DIR."""
@@ -325,6 +326,7 @@ def _wait_for_lines(path: Path, n: int, seconds: float = 30.0) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.slow  # 18 s: three monitor runs; the decision itself is tests/monitor/test_policy.py (2 s, in make test)
 def test_on_drift_retrain_starts_the_retrain_once_on_drift_and_a_drop_and_never_on_drift_alone(
         project, tmp_path, capsys, monkeypatch):
     """monitor.on_drift: retrain with monitor.retrain_command pointed at a real script that records its argv: a
