@@ -11,8 +11,9 @@
    naming file, row and field; with any, nothing is written.
 4. score: per version, accuracy, macro-F1 and ECE of its logged calibrated probabilities against the labels
    (domaintune.evaluate.calibration.single_label_metrics, the evaluate stage's own numbers).
-compare_on_feedback is the guard's evidence: the paired difference in accuracy between two versions on the ids
-both answered, with a seeded 95% bootstrap interval.
+compare_on_feedback: the paired difference in accuracy between two versions on the ids both answered, with a
+seeded 95% bootstrap interval (the server's guard judges shadowed requests with monitor/guard.py instead, which
+uses these labels through feedback_labels).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 from domaintune.core.errors import DataError, missing_column
 from domaintune.data.sources import read_file
 from domaintune.evaluate.calibration import single_label_metrics
+from domaintune.monitor.guard import bootstrap_mean
 from domaintune.predict.log import log_files, read_records
 
 SOURCE_COLUMNS = ("id", "text", "label")  # the feedback source ingest reads (ingest.feedback)
@@ -174,12 +176,10 @@ def score_versions(rows: list[dict]) -> dict[str, dict]:
 def compare_on_feedback(rows: list[dict], version_a: str, version_b: str, resamples: int = 1000, seed: int = 0,
                         level: float = 0.95) -> dict:
     """The paired difference in feedback accuracy, b - a (a: the champion), on the ids both versions answered,
-    with a seeded percentile bootstrap interval over those ids. `rows`: joined_rows' rows (id, version, label,
-    predicted). The bootstrap resamples ids with replacement; as each id's paired difference is -1, 0 or +1, a
-    resample is drawn exactly as multinomial counts of the three kinds (same distribution, O(resamples)).
+    with a seeded percentile bootstrap interval over those ids (monitor.guard.bootstrap_mean, the guard's own).
+    `rows`: joined_rows' rows (id, version, label, predicted).
     Returns {"rows", "a", "b", "diff", "low", "high", "level", "resamples", "seed"}; with no shared id, rows 0
     and None for the numbers."""
-    # TODO(lead): unify with domaintune/evaluate/compare.py paired_bootstrap once it is on main.
     if resamples < 1 or not 0 < level < 1:
         raise ValueError(f"resamples must be >= 1 and level in (0, 1), got {resamples}, {level}")
     correct: dict[str, dict[str, bool]] = {version_a: {}, version_b: {}}
@@ -193,12 +193,6 @@ def compare_on_feedback(rows: list[dict], version_a: str, version_b: str, resamp
         return out
     a = np.array([correct[version_a][i] for i in shared], dtype=float)
     b = np.array([correct[version_b][i] for i in shared], dtype=float)
-    d = b - a
-    n = len(d)
-    kinds = np.array([(d > 0).sum(), (d < 0).sum(), (d == 0).sum()]) / n
-    counts = np.random.default_rng(seed).multinomial(n, kinds, size=resamples)
-    boot = (counts[:, 0] - counts[:, 1]) / n
-    tail = (1 - level) / 2
-    low, high = np.quantile(boot, [tail, 1 - tail])
-    return {**out, "a": float(a.mean()), "b": float(b.mean()), "diff": float(d.mean()), "low": float(low),
-            "high": float(high)}
+    boot = bootstrap_mean(b - a, resamples, seed, level)  # the guard's one bootstrap of a paired difference
+    return {**out, "a": float(a.mean()), "b": float(b.mean()), "diff": boot["diff"], "low": boot["low"],
+            "high": boot["high"]}
