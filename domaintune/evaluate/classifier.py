@@ -392,6 +392,9 @@ def evaluate(in_dir: str | Path, model_dir: str | Path, params: EvaluateParams,
     check_labels(meta["labels"], labels, splits, in_dir, problem_type)
     check_calibration_rows(splits["validation"], params, in_dir)
     abstain = params.abstain if problem_type == "single_label" else None
+    if problem_type != "single_label" and params.abstain.method != "none":
+        raise StageError(f"evaluate.abstain.method {params.abstain.method}: abstention applies to single-label "
+                         "classifiers (this model is multi-label); set it to none")
     if abstain is not None and abstain.method != "none":
         oos = {key: ab.read_texts(path, f"evaluate.abstain.{key}") for key in ("oos_texts", "oos_test")
                if (path := getattr(abstain, key))}  # read (and checked) before any model runs

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
-from evalkit import LABELS, OOS_TEXTS, make_dataset, make_model, write_params
+from evalkit import OOS_TEXTS, make_dataset, make_model, write_params
 
 from domaintune.core.errors import DataError, ParamsError
 from domaintune.core.params import EvaluateParams, parse_section
@@ -156,7 +157,10 @@ def test_stage_fits_on_validation_and_reports_on_test(data_and_model, tmp_path, 
     out = tmp_path / "reports/eval"
     calib = json.loads((out / "calibration.json").read_text())
     assert calib["abstain"]["method"] == a["method"] and calib["abstain"]["threshold"] == a["threshold"]
-    assert (out / "risk_coverage.png").read_bytes()[:4] == b"\x89PNG" and (out / "plots/risk_coverage.csv").is_file()
+    assert (out / "risk_coverage.png").read_bytes()[:4] == b"\x89PNG"
+    curve = pd.read_csv(out / "plots/risk_coverage.csv")  # dvc.yaml's eval_risk_coverage: x coverage, y risk
+    assert {"coverage", "risk"} <= set(curve.columns) and curve["coverage"].iloc[-1] == 1.0
+    assert curve["risk"].iloc[-1] == pytest.approx(1 - metrics["after"]["accuracy"])
     assert "## Abstention (out of scope)" in (out / "report.md").read_text()
     # Predictor applies it (from the stage's calibration folder): the validation rows keep >= the stated share
     splits, _ = read_dataset(root / "data")
