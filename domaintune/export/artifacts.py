@@ -12,6 +12,9 @@ An export folder (models/export/, written by stages/export.py) holds:
   onnx-int8/           onnxruntime dynamic int8 quantisation of onnx/
   openvino-int8/       OpenVINO IR (model.xml + model.bin) of onnx/'s graph, static int8 by NNCF post-training
                        quantisation calibrated on a seeded sample of train texts; config.json and tokenizer as onnx/
+  abstain.safetensors  evaluate.abstain by Mahalanobis distance: class means and precision (also in int8/, onnx/,
+                       onnx-int8/, openvino-int8/); the ONNX/OpenVINO graphs then add a third output, `pooled`
+                       (the mean-pooled text vector the distance is measured on), and config.json says `abstain`
   checksums.json       the md5 of every other file, written last by the export stage (either task);
                        `verify_checksums` checks them when domaintune.tasks.load_predictor opens the export
 `load_variant(folder, variant)` returns a runner with `.logits(texts, batch_size, max_length, mean_pooled,
