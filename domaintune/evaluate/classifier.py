@@ -29,6 +29,7 @@ from domaintune.evaluate import calibration as cal
 from domaintune.evaluate import report as rp
 from domaintune.evaluate.calibration import entropy
 from domaintune.evaluate.report import md_table, metrics_table
+from domaintune.modeling.chunks import LongText
 from domaintune.modeling.encoders import load_classifier, predict_logits, set_threads
 
 log = logging.getLogger("domaintune")
@@ -337,8 +338,11 @@ def model_logits(model_dir: str | Path, splits: dict[str, pd.DataFrame], batch_s
     model, tok, meta = load_classifier(model_dir)
     devices.place_for_inference(model, device)  # half precision on CUDA (tolerance: tests/train/test_engine.py)
     batch_size = devices.batch_size_for(device, batch_size, max(256, batch_size))
-    logits = {n: predict_logits(model, tok, splits[n]["text"].tolist(), batch_size, int(meta.get("max_length", 128)))
-              for n in names}
+    # one row per document: a model trained with base.long_text chunks pools its windows (model.json long_text),
+    # so the temperature is fitted on document logits
+    long_text = LongText.from_meta(meta)
+    logits = {n: predict_logits(model, tok, splits[n]["text"].tolist(), batch_size, int(meta.get("max_length", 128)),
+                                long_text=long_text) for n in names}
     return meta, logits
 
 

@@ -37,6 +37,7 @@ from domaintune.core import device as devices
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
 from domaintune.export.variants import canonical_variant
+from domaintune.modeling.chunks import LongText, special_tokens
 from domaintune.modeling.encoders import TokenBatches, load_tokenizer, predict_logits, save_classifier
 from domaintune.modeling.quantize import QUANT_SCHEME, save_int8_encoder
 
@@ -136,9 +137,19 @@ def onnx_config(encoder_config, meta: dict) -> dict:
             else "softmax(logits / temperature)",
             "temperature": meta.get("temperature"), "thresholds": meta.get("thresholds"),
             "pooling": meta.get("pooling"), "max_length": meta.get("max_length"),
+            # documents longer than max_length (modeling/chunks.py; the model card's snippet): the graph runs
+            # per input, and under mode chunks a document's logits are its chunks' logits pooled by `pooling`
+            "long_text": LongText.from_meta(meta).as_meta(),
         },
     })
     return cfg
+
+
+def long_text_config(tokenizer, meta: dict) -> dict:
+    """onnx_config's long_text with the special-token ids one input starts and ends with (so the snippet cuts
+    documents into inputs with tokenizers alone)."""
+    prefix, suffix = special_tokens(tokenizer)
+    return {**LongText.from_meta(meta).as_meta(), "prefix_ids": prefix, "suffix_ids": suffix}
 
 
 def write_onnx(out: Path, model, tokenizer, meta: dict, opset: int = 17) -> Path:
@@ -169,7 +180,9 @@ def write_onnx(out: Path, model, tokenizer, meta: dict, opset: int = 17) -> Path
     finally:
         if swap:
             enc.set_attn_implementation(attn)
-    write_json(d / "config.json", onnx_config(model.encoder.config, meta))
+    cfg = onnx_config(model.encoder.config, meta)
+    cfg["domaintune"]["long_text"] = long_text_config(tokenizer, meta)
+    write_json(d / "config.json", cfg)
     tokenizer.save_pretrained(d)
     return d
 
@@ -367,9 +380,9 @@ class TorchRunner:
         self.model, self.tokenizer = model, tokenizer
 
     def logits(self, texts: Sequence[str], batch_size: int, max_length: int, mean_pooled: bool = False,
-               max_batch_tokens: int | None = None):
+               max_batch_tokens: int | None = None, long_text: LongText | None = None):
         return predict_logits(self.model, self.tokenizer, list(texts), batch_size, max_length, mean_pooled,
-                              max_batch_tokens)
+                              max_batch_tokens, long_text)
 
 
 class OnnxRunner:
@@ -381,16 +394,18 @@ class OnnxRunner:
         self.session, self.tokenizer, self.num_labels = session, tokenizer, num_labels
 
     def logits(self, texts: Sequence[str], batch_size: int, max_length: int, mean_pooled: bool = False,
-               max_batch_tokens: int | None = None):
+               max_batch_tokens: int | None = None, long_text: LongText | None = None):
+        """Logits per document: the graph runs per model input (a chunk, with `long_text` chunks) and the
+        inputs' logits are pooled here (modeling.chunks.pool_logits), as the model card's snippet does."""
         if mean_pooled:
             raise ValueError(f"the {self.kind} variants output probabilities and logits only; "
                              "use variant float32 for text embeddings")
-        texts = list(texts)
-        out = np.zeros((len(texts), self.num_labels), dtype=np.float32)
+        batches = TokenBatches(self.tokenizer, list(texts), max_length, batch_size, max_batch_tokens, long_text)
+        out = np.zeros((len(batches.lengths), self.num_labels), dtype=np.float32)
         infer = self._infer()
-        for idx, enc in TokenBatches(self.tokenizer, texts, max_length, batch_size, max_batch_tokens):
+        for idx, enc in batches:
             out[idx] = infer({k: enc[k] for k in ONNX_INPUTS})
-        return out
+        return batches.documents(out)
 
     kind = "ONNX"
 

@@ -52,7 +52,8 @@ from domaintune.monitor.settings import MonitorSettings
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 BATCH_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 HISTORY_COLUMNS = ("time", "index", "batch", "sha256", "rows", "drift", "estimated_accuracy", "accuracy_low",
-                   "accuracy_high", "reference_accuracy", "min_p_value", "drifted", "alarm", "action", "error")
+                   "accuracy_high", "reference_accuracy", "min_p_value", "drifted", "alarm", "action", "error",
+                   "tokens_p50", "truncated_share")
 REVIEW_COLUMNS = ("id", "text", "label", "predicted_label", "confidence", "batch", "batch_sha256")
 
 
@@ -231,7 +232,10 @@ def append_history(path: Path, verdict: dict | None, batch: str, sha: str, alarm
            "accuracy_high": acc.get("ci_high", ""), "reference_accuracy": acc.get("reference_estimated", ""),
            "min_p_value": min(verdict["p_values"].values()) if verdict else "",
            "drifted": " ".join(s for s, v in (verdict or {}).get("signals", {}).items() if v["drifted"]),
-           "alarm": alarm, "action": action, "error": error}
+           "alarm": alarm, "action": action, "error": error,
+           # document length in tokens and the share not read whole (monitor.drift._lengths): longer inputs show
+           "tokens_p50": ((verdict or {}).get("length_tokens") or {}).get("p50", ""),
+           "truncated_share": ((verdict or {}).get("length_tokens") or {}).get("truncated_share", "")}
     # `dvc plots show` copies every cell into a <script> unescaped: "</" would end it and blank the page
     row = {k: v.replace("</", "<\\/") if isinstance(v, str) else v for k, v in row.items()}
     if not new:
