@@ -29,8 +29,8 @@ from domaintune.evaluate import calibration as cal
 from domaintune.evaluate import report as rp
 from domaintune.evaluate.calibration import entropy
 from domaintune.evaluate.report import md_table, metrics_table
-from domaintune.modeling.chunks import LongText
-from domaintune.modeling.encoders import load_classifier, predict_logits, set_threads
+from domaintune.modeling.chunks import LongText, document_report
+from domaintune.modeling.encoders import load_classifier, load_tokenizer, predict_logits, set_threads
 
 log = logging.getLogger("domaintune")
 
@@ -380,6 +380,10 @@ def evaluate(in_dir: str | Path, model_dir: str | Path, params: EvaluateParams,
                               "temperature": sres.calibration["temperature"]}
         seeds = seed_summary(per_seed)
     metrics = build_metrics(res, len(splits["test"]), seeds)
+    # how the model read the test documents (base.long_text): lengths in tokens, the share not read whole
+    metrics["long_text"] = document_report(load_tokenizer(str(Path(model_dir) / "tokenizer")),
+                                           splits["test"]["text"].tolist(), int(meta.get("max_length", 128)),
+                                           LongText.from_meta(meta))
     return res, metrics, meta, seeds
 
 

@@ -222,3 +222,19 @@ def length_stats(tokenizer, texts: Iterable[Sequence[str]], max_length: int) -> 
     return {"texts": int(len(lengths)), "p50": float(np.percentile(lengths, 50)),
             "p95": float(np.percentile(lengths, 95)), "max": int(lengths.max()),
             "share_over_max_length": float((lengths > width).mean()), "max_length": int(max_length)}
+
+
+def document_report(tokenizer, texts: Sequence[str], max_length: int, long_text: LongText) -> dict:
+    """How a model reads `texts`: their length in content tokens, the share it does not read whole (tokens past
+    max_length, head_tail's middle, or past max_chunks windows: counted, not silently lost) and its model inputs
+    per document (what evaluate records for the test split)."""
+    lengths = np.array([len(x) for x in content_ids(tokenizer, list(texts))], dtype=np.int64)
+    read = tokens_read(tokenizer, max_length, long_text)
+    inputs = len(encode(tokenizer, texts, max_length, long_text).doc) if long_text.mode == "chunks" else len(texts)
+    out = {**long_text.as_meta(), "max_length": int(max_length), "documents": int(len(lengths))}
+    if len(lengths):
+        out.update({"tokens_p50": float(np.percentile(lengths, 50)), "tokens_p95": float(np.percentile(lengths, 95)),
+                    "tokens_max": int(lengths.max()), "not_read_whole_share": float((lengths > read).mean()),
+                    "tokens_not_read": int(np.maximum(lengths - read, 0).sum()),
+                    "inputs_per_document": inputs / len(lengths)})
+    return out
