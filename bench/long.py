@@ -90,9 +90,9 @@ def stratified(df: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFra
     return pd.concat(parts).sort_index().reset_index(drop=True)
 
 
-def bbc_news(cfg: dict) -> tuple[dict, dict]:
+def bbc_news(cfg: dict, data: Path) -> tuple[dict, dict]:
     rng = np.random.default_rng(SEED)
-    folder = DATA / "bbc_news"
+    folder = data / "bbc_news"
     splits = {}
     for s in ("train", "validation", "test"):
         df = pd.read_csv(folder / f"{s}.csv")
@@ -102,12 +102,12 @@ def bbc_news(cfg: dict) -> tuple[dict, dict]:
                     "rows_in_release": {"train": 1474, "validation": 165, "test": 409}}
 
 
-def evidence_late(cfg: dict, tokenizer) -> tuple[dict, dict]:
+def evidence_late(cfg: dict, tokenizer, data: Path) -> tuple[dict, dict]:
     """Documents of filler queries with one labelled query at a random position (see the module docstring).
     Filler intents: the `filler_intents` intents with the longest queries in train.csv (mean word-pieces), so
     documents run past 128 tokens as often as 6-12 BANKING77 queries allow; labelled intents: `labelled_intents`
     of the others, drawn by the seed."""
-    folder = DATA / "banking77"
+    folder = data / "banking77"
     tr, te = pd.read_csv(folder / "train.csv"), pd.read_csv(folder / "test.csv")
     rng = np.random.default_rng(SEED)
     tr = tr.iloc[rng.permutation(len(tr))].reset_index(drop=True)
@@ -206,6 +206,8 @@ def main() -> None:
     ap.add_argument("--set", choices=sorted(SETS), required=True)
     ap.add_argument("--modes", nargs="*", default=list(MODES))
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--data", type=Path, default=DATA, help="the folder holding bbc_news/ and banking77/ "
+                    "(default ../shared/datasets next to the project)")
     args = ap.parse_args()
 
     import torch
@@ -217,7 +219,7 @@ def main() -> None:
     tok = load_tokenizer(encoder)
     cfg = SETS[args.set]
     t_all = time.perf_counter()
-    splits, about = bbc_news(cfg) if args.set == "bbc_news" else evidence_late(cfg, tok)
+    splits, about = bbc_news(cfg, args.data) if args.set == "bbc_news" else evidence_late(cfg, tok, args.data)
     labels = sorted(set(splits["train"]["label"]))
     about["length_tokens"] = length_summary(tok, splits)
     results = {}

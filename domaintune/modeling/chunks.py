@@ -80,8 +80,9 @@ class LongText:
 def windows(n: int, width: int, overlap: int, max_chunks: int) -> tuple[list[tuple[int, int]], int]:
     """Content-token spans [start, end) of a document of n tokens, and how many tokens after the last span are
     not read (max_chunks reached). See the module docstring."""
-    if width < 1 or not 0 <= overlap < width:
-        raise ValueError(f"a window of {width} content tokens needs 0 <= overlap < {width}, got {overlap}")
+    if width < 1 or not 0 <= 2 * overlap <= width:
+        raise ValueError(f"a window of {width} content tokens takes an overlap of 0 to {width // 2} tokens (no "
+                         f"token read by three windows), got {overlap}")
     step, spans, start = width - overlap, [], 0
     while True:
         end = min(start + width, n)
