@@ -68,10 +68,13 @@ class BaseParams:
         _one_of(self.task, ("classification", "generation"), "base", "task")
         _check(self.max_length >= 8, "base", "max_length", f"must be >= 8, got {self.max_length}")
         _one_of(self.long_text, ("truncate", "head_tail", "chunks"), "base", "long_text")
-        # at most half a window (max_length less up to 4 special tokens): no token is read by three windows
+        # at most half a window (max_length less up to 4 special tokens): no token is read by three windows;
+        # checked where it is used (long_text chunks), so a small max_length keeps working with the default
         most = (self.max_length - 4) // 2
-        _check(isinstance(self.chunk_overlap, int) and 0 <= self.chunk_overlap <= most, "base", "chunk_overlap",
-               f"must be an integer in [0, (max_length - 4) / 2 = {most}], got {self.chunk_overlap!r}")
+        _check(isinstance(self.chunk_overlap, int) and self.chunk_overlap >= 0, "base", "chunk_overlap",
+               f"must be an integer >= 0, got {self.chunk_overlap!r}")
+        _check(self.long_text != "chunks" or self.chunk_overlap <= most, "base", "chunk_overlap",
+               f"must be at most (max_length - 4) / 2 = {most} with long_text chunks, got {self.chunk_overlap!r}")
         _check(isinstance(self.max_chunks, int) and self.max_chunks >= 1, "base", "max_chunks",
                f"must be an integer >= 1, got {self.max_chunks!r}")
         _check(_DEVICE_RE.match(str(self.device)) is not None, "base", "device",

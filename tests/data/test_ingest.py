@@ -611,10 +611,10 @@ def test_ingest_reports_text_lengths_in_the_models_tokens(tmp_path):
 
     recs = rows(40)
     for i in range(0, 40, 4):  # every 4th text is long: 60 words
-        recs[i]["text"] = " ".join(["refund"] * 60)
+        recs[i]["text"] = " ".join(["card"] * 60)
     src = write_csv(tmp_path / "d.csv", recs)
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"base": {"seed": 3, "max_length": 32}, "ingest": {"id_column": "ticket_id"}}))
+    params.write_text(yaml.safe_dump({"base": {"seed": 3, "max_length": 32, "chunk_overlap": 8}, "ingest": {"id_column": "ticket_id"}}))
     metrics = tmp_path / "ingest.json"
     assert main(["--source", str(src), "--out", str(tmp_path / "out"), "--metrics", str(metrics),
                  "--params", str(params)]) == 0

@@ -67,7 +67,7 @@ def test_a_short_document_gets_the_input_truncate_gives_it(tok):
     texts = ["my card was charged twice", "", "reset my password"]
     trunc = C.encode(tok, texts, 32)
     for mode in ("chunks", "head_tail"):
-        enc = C.encode(tok, texts, 32, C.LongText(mode))
+        enc = C.encode(tok, texts, 32, C.LongText(mode, overlap=8))
         assert list(enc.doc) == [0, 1, 2]
         for key in trunc.inputs:
             assert enc.inputs[key] == trunc.inputs[key], (mode, key)
@@ -90,7 +90,7 @@ def test_head_tail_keeps_the_first_and_the_last_tokens(tok):
 
 
 def test_max_chunks_counts_what_is_not_read(tok):
-    text = " ".join(["refund"] * 300)  # 300 tokens
+    text = " ".join(["card"] * 300)  # 300 tokens
     enc = C.encode(tok, [text], 22, C.LongText("chunks", overlap=4, max_chunks=3))  # 20 content tokens, step 16
     assert len(enc.doc) == 3 and enc.dropped[0] == 300 - (20 + 2 * 16)
     assert C.tokens_read(tok, 22, C.LongText("chunks", overlap=4, max_chunks=3)) == 52
@@ -124,17 +124,19 @@ def test_choose_pooling_breaks_ties_to_the_mean():
 
 
 def test_length_stats(tok):
-    texts = ["one two", " ".join(["refund"] * 100), " ".join(["card"] * 40)]
+    texts = ["one two", " ".join(["card"] * 100), " ".join(["card"] * 40)]
     s = C.length_stats(tok, [texts[:1], texts[1:]], 32)
     assert s["texts"] == 3 and s["max"] == 100 and s["p50"] == 40.0
     assert s["share_over_max_length"] == pytest.approx(2 / 3)  # 100 and 40 > 30 content tokens
 
 
-@pytest.mark.parametrize("key, value, words", [("long_text", "split", "base.long_text"),
-                                               ("chunk_overlap", 63, "base.chunk_overlap"),
-                                               ("chunk_overlap", -1, "base.chunk_overlap"),
-                                               ("max_chunks", 0, "base.max_chunks")])
-def test_long_text_params_are_validated(key, value, words):
+@pytest.mark.parametrize("kw, words", [({"long_text": "split"}, "base.long_text"),
+                                       ({"long_text": "chunks", "chunk_overlap": 63}, "base.chunk_overlap"),
+                                       ({"chunk_overlap": -1}, "base.chunk_overlap"),
+                                       ({"max_chunks": 0}, "base.max_chunks")])
+def test_long_text_params_are_validated(kw, words):
     with pytest.raises(ParamsError, match=words):
-        BaseParams(**{key: value})
+        BaseParams(**kw)
     assert BaseParams().long_text == "truncate"  # the default reads texts as before
+    assert BaseParams(long_text="chunks", chunk_overlap=62).chunk_overlap == 62
+    assert BaseParams(max_length=32).chunk_overlap == 32  # unused unless chunks: a small max_length still loads

@@ -104,7 +104,8 @@ def test_a_shift_to_longer_documents_shows_in_tokens_and_truncated_share(drift_s
     b = Baseline(root / "models" / "drift_baseline")
     predictor = load_predictor(root / "models" / "export")
     texts = splits["test"]["text"].tolist()
-    long = [" ".join([t] * 8) for t in texts]  # same words, 8x as long: past max_length 32
+    # same words, 8x as long: past max_length 32; a batch of 120 (a share of 0/1 values needs some rows to test)
+    long = [" ".join([t] * 8) for t in pd.concat(splits.values())["text"]]
     moved = judge(b, b.profile_batch(predictor, long), DriftParams(pca_components=3))
     assert {"n_tokens", "truncated"} <= set(moved["drifted_columns"])
     assert moved["signals"]["truncated"]["batch_mean"] == 1.0 and moved["signals"]["truncated"]["reference_mean"] == 0
@@ -173,6 +174,7 @@ def synthetic(n: int, rng: np.random.Generator, shift: float = 0.0) -> tuple[pd.
 
     words = rng.poisson(10 + 10 * shift, n) + 1
     f = pd.DataFrame({"n_chars": words * rng.uniform(4, 6, n), "n_words": words.astype(float),
+                      "n_tokens": (words * rng.uniform(1.1, 1.5, n)).round(), "truncated": 0.0,
                       "unk_rate": np.where(rng.random(n) < 0.01, 0.1, 0.0),
                       "oov_rate": np.where(rng.random(n) < 0.3, rng.uniform(0, 0.3, n), 0.0),
                       "non_ascii_rate": 0.0, "digit_rate": np.where(rng.random(n) < 0.2, 0.05, 0.0),
@@ -231,7 +233,7 @@ def synthetic_batch(b, m: int, rng, shift: float = 0.0):
 
 def test_iid_batches_alarm_at_most_at_the_stated_rate_at_any_size():
     """The old rule (per-feature p < 0.05, alarm at half the features; a fixed confidence drop) had no
-    error rate; now 14 signals with resampled nulls, Bonferroni at false_alarm_rate. The p-values alone
+    error rate; now 16 signals with resampled nulls, Bonferroni at false_alarm_rate. The p-values alone
     (min_effect 0) are checked: at a generous 0.2 the rate is measurable with 20-40 draws per size, from
     100 to 100,000 texts; a small shift is caught. Each draw is a fresh reference and a fresh batch (the
     rate holds over both: with one fixed reference, large batches all see that reference's own chance
