@@ -104,12 +104,12 @@ def test_a_shift_to_longer_documents_shows_in_tokens_and_truncated_share(drift_s
     b = Baseline(root / "models" / "drift_baseline")
     predictor = load_predictor(root / "models" / "export")
     texts = splits["test"]["text"].tolist()
-    # same words, 15x as long: past max_length 32; a batch of 120 (a share of 0/1 values needs some rows to test)
-    long = [" ".join([t] * 15) for t in pd.concat(splits.values())["text"]]
+    # same words, 30x as long: past the model's max_length 64; a batch of 120 (a share of 0/1 values needs some rows to test)
+    long = [" ".join([t] * 30) for t in pd.concat(splits.values())["text"]]
     moved = judge(b, b.profile_batch(predictor, long), DriftParams(pca_components=3))
     assert {"n_tokens", "truncated"} <= set(moved["drifted_columns"])
     assert moved["signals"]["truncated"]["batch_mean"] == 1.0 and moved["signals"]["truncated"]["reference_mean"] == 0
-    assert moved["length_tokens"]["truncated_share"] == 1.0 and moved["length_tokens"]["p50"] > 32
+    assert moved["length_tokens"]["truncated_share"] == 1.0 and moved["length_tokens"]["p50"] > 64
     assert moved["length_tokens"]["reference"]["truncated_share"] == 0.0
     same = judge(b, b.profile_batch(predictor, texts), DriftParams(pca_components=3))
     assert same["signals"]["truncated"]["batch_mean"] == 0.0 and not same["signals"]["n_tokens"]["drifted"]
