@@ -57,10 +57,26 @@ class BaseParams:
     task: str = "classification"
     # Where every stage runs its models: auto (CUDA when torch sees one, else CPU), cpu, cuda, cuda:N.
     device: str = "auto"
+    # Documents longer than max_length tokens (modeling/chunks.py): truncate (the first max_length tokens),
+    # head_tail (the first quarter and the last tokens), chunks (windows of max_length tokens sharing
+    # chunk_overlap tokens, at most max_chunks per document, pooled into one prediction per document).
+    long_text: str = "truncate"
+    chunk_overlap: int = 32
+    max_chunks: int = 16
 
     def __post_init__(self) -> None:
         _one_of(self.task, ("classification", "generation"), "base", "task")
         _check(self.max_length >= 8, "base", "max_length", f"must be >= 8, got {self.max_length}")
+        _one_of(self.long_text, ("truncate", "head_tail", "chunks"), "base", "long_text")
+        # at most half a window (max_length less up to 4 special tokens): no token is read by three windows;
+        # checked where it is used (long_text chunks), so a small max_length keeps working with the default
+        most = (self.max_length - 4) // 2
+        _check(isinstance(self.chunk_overlap, int) and self.chunk_overlap >= 0, "base", "chunk_overlap",
+               f"must be an integer >= 0, got {self.chunk_overlap!r}")
+        _check(self.long_text != "chunks" or self.chunk_overlap <= most, "base", "chunk_overlap",
+               f"must be at most (max_length - 4) / 2 = {most} with long_text chunks, got {self.chunk_overlap!r}")
+        _check(isinstance(self.max_chunks, int) and self.max_chunks >= 1, "base", "max_chunks",
+               f"must be an integer >= 1, got {self.max_chunks!r}")
         _check(_DEVICE_RE.match(str(self.device)) is not None, "base", "device",
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(bool(self.model), "base", "model", "must not be empty")

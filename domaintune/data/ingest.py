@@ -533,9 +533,11 @@ def _rejected_csv(rejected: pd.DataFrame) -> pd.DataFrame:
 
 
 def ingest_stage(io: StageIO, p: IngestParams, seed: int, classes: bool = True,
-                 prepare: Callable[[RawTable], None] | None = None) -> None:
+                 prepare: Callable[[RawTable], None] | None = None,
+                 report: Callable[[dict], dict] | None = None) -> None:
     """The ingest stage for a task: read io.source (Parquet part by part; whole tables when `prepare`
-    rewrites them, e.g. chat columns), check and split, write the dataset and its metrics together."""
+    rewrites them, e.g. chat columns), check and split, write the dataset and its metrics together.
+    `report(split tables)` adds the task's own metrics (a classifier's text lengths in tokens)."""
     tables = read_source(io.source, stream=prepare is None)
     for t in tables if prepare else ():
         prepare(t)
@@ -551,6 +553,8 @@ def ingest_stage(io: StageIO, p: IngestParams, seed: int, classes: bool = True,
         feedback = []
     result = ingest(tables, p, seed, classes, feedback)
     metrics = metrics_of(result)
+    if report is not None:
+        metrics.update(report(result.tables))
     # Nested: the dataset and its metrics land together or not at all.
     with atomic_output(io.out) as tmp, atomic_output(io.metrics) as tmp_metrics:
         hashes = write_dataset(tmp, result.tables, result.labels)

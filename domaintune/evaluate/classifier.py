@@ -30,7 +30,8 @@ from domaintune.evaluate import calibration as cal
 from domaintune.evaluate import report as rp
 from domaintune.evaluate.calibration import entropy
 from domaintune.evaluate.report import md_table, metrics_table
-from domaintune.modeling.encoders import load_classifier, predict_logits, set_threads
+from domaintune.modeling.chunks import LongText, document_report
+from domaintune.modeling.encoders import load_classifier, load_tokenizer, predict_logits, set_threads
 
 log = logging.getLogger("domaintune")
 
@@ -369,10 +370,14 @@ def model_logits(model_dir: str | Path, splits: dict[str, pd.DataFrame], batch_s
     devices.place_for_inference(model, device)  # half precision on CUDA (tolerance: tests/train/test_engine.py)
     batch_size = devices.batch_size_for(device, batch_size, max(256, batch_size))
     ml = int(meta.get("max_length", 128))
+    # one row per document: a model trained with base.long_text chunks pools its windows (model.json long_text),
+    # so the temperature is fitted on document logits
+    long_text = LongText.from_meta(meta)
     todo = {n: splits[n]["text"].tolist() for n in names} | (texts or {})
     if not mean_pooled:
-        return meta, {n: predict_logits(model, tok, t, batch_size, ml) for n, t in todo.items()}
-    out = {n: predict_logits(model, tok, t, batch_size, ml, mean_pooled=True) for n, t in todo.items()}
+        return meta, {n: predict_logits(model, tok, t, batch_size, ml, long_text=long_text) for n, t in todo.items()}
+    out = {n: predict_logits(model, tok, t, batch_size, ml, mean_pooled=True, long_text=long_text)
+           for n, t in todo.items()}
     return meta, {n: v[0] for n, v in out.items()}, {n: v[1] for n, v in out.items()}
 
 
@@ -424,6 +429,10 @@ def evaluate(in_dir: str | Path, model_dir: str | Path, params: EvaluateParams,
                               "temperature": sres.calibration["temperature"]}
         seeds = seed_summary(per_seed)
     metrics = build_metrics(res, len(splits["test"]), seeds)
+    # how the model read the test documents (base.long_text): lengths in tokens, the share not read whole
+    metrics["long_text"] = document_report(load_tokenizer(str(Path(model_dir) / "tokenizer")),
+                                           splits["test"]["text"].tolist(), int(meta.get("max_length", 128)),
+                                           LongText.from_meta(meta))
     return res, metrics, meta, seeds
 
 

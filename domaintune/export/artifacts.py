@@ -41,6 +41,7 @@ from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
 from domaintune.evaluate.abstain import ARRAYS_FILE as ABSTAIN_ARRAYS
 from domaintune.export.variants import canonical_variant
+from domaintune.modeling.chunks import LongText, special_tokens
 from domaintune.modeling.encoders import TokenBatches, load_tokenizer, predict_logits, save_classifier
 from domaintune.modeling.quantize import QUANT_SCHEME, save_int8_encoder
 
@@ -154,6 +155,9 @@ def onnx_config(encoder_config, meta: dict) -> dict:
             else "softmax(logits / temperature)",
             "temperature": meta.get("temperature"), "thresholds": meta.get("thresholds"),
             "pooling": meta.get("pooling"), "max_length": meta.get("max_length"),
+            # documents longer than max_length (modeling/chunks.py; the model card's snippet): the graph runs
+            # per input, and under mode chunks a document's logits are its chunks' logits pooled by `pooling`
+            "long_text": LongText.from_meta(meta).as_meta(),
         },
     })
     if meta.get("abstain"):  # evaluate.abstain: the score, its threshold and the label to answer below it
@@ -165,6 +169,13 @@ def copy_abstain_arrays(src: Path, dest: Path) -> None:
     """abstain.safetensors (Mahalanobis class means and precision) into a variant's folder, when there is one."""
     if (src / ABSTAIN_ARRAYS).is_file() and src.resolve() != dest.resolve():
         shutil.copy2(src / ABSTAIN_ARRAYS, dest / ABSTAIN_ARRAYS)
+
+
+def long_text_config(tokenizer, meta: dict) -> dict:
+    """onnx_config's long_text with the special-token ids one input starts and ends with (so the snippet cuts
+    documents into inputs with tokenizers alone)."""
+    prefix, suffix = special_tokens(tokenizer)
+    return {**LongText.from_meta(meta).as_meta(), "prefix_ids": prefix, "suffix_ids": suffix}
 
 
 def write_onnx(out: Path, model, tokenizer, meta: dict, opset: int = 17) -> Path:
@@ -196,7 +207,9 @@ def write_onnx(out: Path, model, tokenizer, meta: dict, opset: int = 17) -> Path
     finally:
         if swap:
             enc.set_attn_implementation(attn)
-    write_json(d / "config.json", onnx_config(model.encoder.config, meta))
+    cfg = onnx_config(model.encoder.config, meta)
+    cfg["domaintune"]["long_text"] = long_text_config(tokenizer, meta)
+    write_json(d / "config.json", cfg)
     tokenizer.save_pretrained(d)
     copy_abstain_arrays(out, d)
     return d
@@ -395,9 +408,9 @@ class TorchRunner:
         self.model, self.tokenizer = model, tokenizer
 
     def logits(self, texts: Sequence[str], batch_size: int, max_length: int, mean_pooled: bool = False,
-               max_batch_tokens: int | None = None):
+               max_batch_tokens: int | None = None, long_text: LongText | None = None):
         return predict_logits(self.model, self.tokenizer, list(texts), batch_size, max_length, mean_pooled,
-                              max_batch_tokens)
+                              max_batch_tokens, long_text)
 
 
 class OnnxRunner:
@@ -409,26 +422,30 @@ class OnnxRunner:
         self.session, self.tokenizer, self.num_labels = session, tokenizer, num_labels
 
     def logits(self, texts: Sequence[str], batch_size: int, max_length: int, mean_pooled: bool = False,
-               max_batch_tokens: int | None = None):
-        """Logits [n, labels]; mean_pooled=True: (logits, the graph's `pooled` vectors), for a graph that has
-        that output (an export that abstains by Mahalanobis distance)."""
+               max_batch_tokens: int | None = None, long_text: LongText | None = None):
+        """Logits per document: the graph runs per model input (a chunk, with `long_text` chunks) and the
+        inputs' logits are pooled here (modeling.chunks.pool_logits), as the model card's snippet does.
+        mean_pooled=True: (logits, the graph's `pooled` vectors, a document's being the mean over its inputs),
+        for a graph that has that output (an export that abstains by Mahalanobis distance)."""
         if mean_pooled and POOLED_OUTPUT not in self.outputs():
             raise ValueError(f"this {self.kind} graph outputs probabilities and logits only (it has a `pooled` "
                              "output only for Mahalanobis abstention); use variant float32 for text embeddings")
-        texts = list(texts)
-        out = np.zeros((len(texts), self.num_labels), dtype=np.float32)
+        batches = TokenBatches(self.tokenizer, list(texts), max_length, batch_size, max_batch_tokens, long_text)
+        out = np.zeros((len(batches.lengths), self.num_labels), dtype=np.float32)
         vectors = None
         infer = self._infer(mean_pooled)
-        for idx, enc in TokenBatches(self.tokenizer, texts, max_length, batch_size, max_batch_tokens):
+        for idx, enc in batches:
             got = infer({k: enc[k] for k in ONNX_INPUTS})
             out[idx] = got[0]
             if mean_pooled:
                 if vectors is None:
-                    vectors = np.zeros((len(texts), got[1].shape[1]), dtype=np.float32)
+                    vectors = np.zeros((len(batches.lengths), got[1].shape[1]), dtype=np.float32)
                 vectors[idx] = got[1]
         if mean_pooled:
-            return out, vectors if vectors is not None else np.zeros((0, 0), dtype=np.float32)
-        return out
+            if vectors is None:
+                return batches.documents(out), np.zeros((0, 0), dtype=np.float32)
+            return batches.documents(out), batches.documents(vectors, "mean")
+        return batches.documents(out)
 
     kind = "ONNX"
 

@@ -36,6 +36,7 @@ from domaintune.evaluate.abstain import Abstainer
 from domaintune.export import artifacts
 from domaintune.export.artifacts import TorchRunner, load_variant, thread_count, variant_bytes
 from domaintune.export.modelcard import base_model_name, cpu_name, model_card
+from domaintune.modeling.chunks import LongText
 from domaintune.modeling.encoders import load_classifier, set_threads
 
 log = logging.getLogger("domaintune")
@@ -76,19 +77,19 @@ def score_variant(logits: np.ndarray, test: pd.DataFrame, meta: dict, calib: dic
 
 
 def time_runner(runner, texts: list[str], batch_size: int, max_length: int, repeats: int,
-                single: int) -> tuple[np.ndarray, dict]:
-    """The runner's logits on `texts`, with batched throughput (best of `repeats` passes, after a
-    warm-up) and single-text latency percentiles."""
-    runner.logits(texts[: min(len(texts), batch_size)], batch_size, max_length)  # warm-up
+                single: int, long_text: LongText | None = None) -> tuple[np.ndarray, dict]:
+    """The runner's logits on `texts` (one row per document under `long_text`), with batched throughput (best
+    of `repeats` passes, after a warm-up) and single-text latency percentiles."""
+    runner.logits(texts[: min(len(texts), batch_size)], batch_size, max_length, long_text=long_text)  # warm-up
     passes = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        logits = runner.logits(texts, batch_size, max_length)
+        logits = runner.logits(texts, batch_size, max_length, long_text=long_text)
         passes.append(time.perf_counter() - t0)
     one = []
     for t in texts[:single]:
         t0 = time.perf_counter()
-        runner.logits([t], 1, max_length)
+        runner.logits([t], 1, max_length, long_text=long_text)
         one.append(1000 * (time.perf_counter() - t0))
     return logits, {"batched_ms_per_text": 1000 * min(passes) / max(len(texts), 1),
                     "single_text_p50_ms": statistics.median(one) if one else None,
@@ -170,12 +171,13 @@ def merged_model(model_dir: str, texts: list[str], params, ml: int, device: str 
     devices.place_for_inference(model, device, half=False)  # verified on base.device, in float32
     bs, latency = params.batch_size, (params.latency_repeats, params.latency_single_texts)
     had_adapter = bool(meta.get("adapter"))
-    unmerged_logits, unmerged_timing = time_runner(TorchRunner(model, tok), texts, bs, ml, *latency)
+    long_text = LongText.from_meta(meta)
+    unmerged_logits, unmerged_timing = time_runner(TorchRunner(model, tok), texts, bs, ml, *latency, long_text)
     if had_adapter:
         del model
         merged, tok, _ = load_classifier(model_dir, merge=True)
         devices.place_for_inference(merged, device, half=False)
-        merged_logits = TorchRunner(merged, tok).logits(texts, bs, ml)
+        merged_logits = TorchRunner(merged, tok).logits(texts, bs, ml, long_text=long_text)
     else:  # nothing to merge: the loaded model is the merged one
         merged, merged_logits = model, unmerged_logits
     agree = logit_agreement(unmerged_logits, merged_logits)
@@ -221,9 +223,10 @@ def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict,
     abstainer = Abstainer.from_json(calib.get("abstain"), tmp, tmp / "model.json")
     for name in params.variants:
         runner, _ = load_variant(tmp, name)
-        logits[name], timing = time_runner(runner, texts, params.batch_size, ml, *latency)
+        long_text = LongText.from_meta(meta)
+        logits[name], timing = time_runner(runner, texts, params.batch_size, ml, *latency, long_text)
         if abstainer is not None:  # the abstention each variant applies (the Mahalanobis one from its own vectors)
-            vectors = runner.logits(texts, params.batch_size, ml, mean_pooled=True)[1] \
+            vectors = runner.logits(texts, params.batch_size, ml, mean_pooled=True, long_text=long_text)[1] \
                 if abstainer.needs_features else None
             abstained[name] = abstainer.abstained(logits[name], vectors)
         del runner

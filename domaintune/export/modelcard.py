@@ -17,6 +17,7 @@ import pandas as pd
 
 from domaintune.evaluate.report import md_table
 from domaintune.export.artifacts import thread_count
+from domaintune.modeling.chunks import LongText
 from domaintune.modeling.encoders import BUNDLED_ALIASES
 
 BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -120,6 +121,7 @@ def front_matter(meta: dict, inputs: dict, split_sizes: dict, params) -> dict:
                        "split_sizes": split_sizes, "method": meta.get("method"),
                        "problem_type": meta.get("problem_type", "single_label"), "labels": list(meta["labels"]),
                        "max_length": meta.get("max_length"), "pooling": meta.get("pooling"),
+                       "long_text": LongText.from_meta(meta).as_meta(),
                        "temperature": float(inputs["calib"].get("temperature", 1.0)),
                        "variants": list(params.variants), "seed": meta.get("seed")},
     }
@@ -177,8 +179,8 @@ def training_section(meta: dict, inputs: dict) -> list[str]:
     keys = METHOD_PARAMS.get(method, ())
     calib = inputs["calib"]
     out = ["## Training procedure", "", *dapt_section(inputs["dapt"]), "### Fine-tuning", "",
-           f"Method: {METHOD_TEXT.get(method, method)}, {meta.get('pooling')} pooling, inputs truncated to "
-           f"{meta.get('max_length')} tokens.", ""]
+           f"Method: {METHOD_TEXT.get(method, method)}, {meta.get('pooling')} pooling, {long_text_line(meta)}.",
+           ""]
     out += [f"- {k}: {', '.join(map(str, ft[k])) if isinstance(ft[k], (list, tuple)) else ft[k]}"
             for k in keys if k in ft and ft[k] not in ((), [], None)]
     best = best_epoch_text(meta)
@@ -301,7 +303,9 @@ def usage_section(meta: dict, variants) -> list[str]:
             "Or on the command line: `domaintune predict texts.csv --out predictions.jsonl --variant "
             f"{'onnx-int8' if 'onnx-int8' in variants else 'float32'}`.", ""]
     onnx = [v for v in ("onnx", "onnx-int8") if v in variants]
-    if onnx:
+    if onnx and LongText.from_meta(meta).mode != "truncate":
+        out += long_text_snippet(meta, onnx[-1])
+    elif onnx:
         out += ["Without domaintune: onnxruntime + tokenizers + numpy only. The graph takes `input_ids` and "
                 "`attention_mask` and returns `probabilities` (already calibrated) and `logits`:", "",
                 "```python", "import json", "", "import numpy as np", "import onnxruntime as ort",
@@ -382,6 +386,78 @@ def abstain_lines(meta: dict, outputs: str) -> list[str]:
     return out
 
 
+def long_text_snippet(meta: dict, variant: str) -> list[str]:
+    """The no-domaintune ONNX usage of a model that reads long documents (base.long_text head_tail or chunks):
+    the graph runs per model input; cutting a document into inputs and pooling its chunks' logits into the
+    document's logits (then softmax(logits / T)) are the steps below, as modeling/chunks.py does them."""
+    lt = LongText.from_meta(meta)
+    how = ("the first and the last tokens of a long document form its one input (head_tail)" if lt.mode == "head_tail"
+           else f"a long document runs as windows of max_length tokens sharing {lt.overlap} tokens, at most "
+                f"{lt.max_chunks} per document, and its logits are the {lt.pooling} of its windows' logits")
+    return [f"Without domaintune: onnxruntime + tokenizers + numpy only. The graph takes `input_ids` and "
+            f"`attention_mask` of one model input and returns `logits` (and per-input `probabilities`). This model "
+            f"reads documents longer than {meta.get('max_length')} tokens whole: {how}; the probabilities are "
+            "softmax(document logits / T) (`config.json` `domaintune.long_text` and `temperature`):", "",
+            "```python", "import json", "", "import numpy as np", "import onnxruntime as ort",
+            "from tokenizers import Tokenizer", "",
+            f'folder = "models/export/{variant}"',
+            'config = json.load(open(f"{folder}/config.json"))',
+            'lt = config["domaintune"]["long_text"]  # mode, chunk_overlap, max_chunks, pooling, special-token ids',
+            'tokenizer = Tokenizer.from_file(f"{folder}/tokenizer.json")',
+            "tokenizer.no_truncation()  # every token: the windows below decide what the model reads",
+            'session = ort.InferenceSession(f"{folder}/model.onnx", providers=["CPUExecutionProvider"])',
+            'width = config["domaintune"]["max_length"] - len(lt["prefix_ids"]) - len(lt["suffix_ids"])',
+            "", "",
+            "def model_inputs(ids):  # a document's tokens -> the token ids of its model inputs",
+            '    if lt["mode"] == "head_tail":  # the first quarter of the window and the last tokens',
+            '        head = len(ids) if len(ids) <= width else round(width * lt["head_share"])',
+            "        parts = [ids[:head] + (ids[len(ids) - (width - head):] if len(ids) > width else [])]",
+            "    else:  # chunks: windows of `width` tokens, each sharing chunk_overlap tokens with the one before",
+            '        step, parts = width - lt["chunk_overlap"], []',
+            "        for start in range(0, max(len(ids), 1), step):",
+            "            parts.append(ids[start:start + width])",
+            '            if start + width >= len(ids) or len(parts) == lt["max_chunks"]:',
+            "                break",
+            '    return [lt["prefix_ids"] + p + lt["suffix_ids"] for p in parts]', "", "",
+            "def pool(z):  # the logits of a document's inputs [inputs, labels] -> the document's logits [labels]",
+            '    if lt["pooling"] == "max":', "        return z.max(axis=0)",
+            '    if lt["pooling"] == "logsumexp":', "        top = z.max(axis=0)",
+            "        return top + np.log(np.exp(z - top).mean(axis=0))",
+            "    return z.mean(axis=0)", "", "",
+            'texts = ["example text"]', "pad = config.get(\"pad_token_id\") or 0", "documents = []",
+            "for text in texts:",
+            "    rows = model_inputs(tokenizer.encode(text, add_special_tokens=False).ids)",
+            "    longest = max(len(r) for r in rows)",
+            '    feed = {"input_ids": np.array([r + [pad] * (longest - len(r)) for r in rows], dtype=np.int64),',
+            '            "attention_mask": np.array([[1] * len(r) + [0] * (longest - len(r)) for r in rows],',
+            "                                       dtype=np.int64)}",
+            '    documents.append(pool(session.run(["logits"], feed)[0].astype(np.float64)))',
+            "logits = np.stack(documents)",
+            'if config["problem_type"] == "multi_label_classification":',
+            "    probs = 1 / (1 + np.exp(-logits))",
+            "else:",
+            '    z = logits / (config["domaintune"]["temperature"] or 1.0)',
+            "    probs = np.exp(z - z.max(axis=1, keepdims=True))",
+            "    probs /= probs.sum(axis=1, keepdims=True)",
+            'print([config["id2label"][str(i)] for i in probs.argmax(axis=1)], probs.max(axis=1))',
+            # abstention on document logits (max_prob, energy); Mahalanobis needs the per-window pooled vectors
+            *(abstain_lines(meta, "") if (meta.get("abstain") or {}).get("method") in ("max_prob", "energy") else []),
+            "```", ""]
+
+
+def long_text_line(meta: dict) -> str:
+    """How inputs longer than max_length are read (the card's training section and limitations)."""
+    lt, ml = LongText.from_meta(meta), meta.get("max_length")
+    if lt.mode == "head_tail":
+        return (f"inputs longer than {ml} tokens are read as their first and last tokens (head+tail: a quarter "
+                "head, the rest tail); the middle is not read")
+    if lt.mode == "chunks":
+        return (f"documents longer than {ml} tokens are read whole as windows of {ml} tokens sharing {lt.overlap} "
+                f"tokens, at most {lt.max_chunks} per document (tokens past the last window are not read); a "
+                f"document's logits are the {lt.pooling} of its windows' logits (pooling chosen on validation)")
+    return f"inputs truncated to {ml} tokens"
+
+
 def model_card(meta: dict, inputs: dict, split_sizes: dict, report: dict, params) -> str:
     """The card of an export. `report` is the export stage's metrics dict (metrics/export.json: variants,
     merge_check, gates, latency), `inputs` the evaluate stage's files (reports/eval/metrics.json is a copy of
@@ -410,7 +486,7 @@ def model_card(meta: dict, inputs: dict, split_sizes: dict, report: dict, params
             "in its registry tag; `domaintune versions` lists each version's stage and why.", ""]
     out += ["## Intended use", "", params.intended_use, "", "## Limitations", "",
             abstain_limitation(meta),
-            f"- Inputs longer than {meta.get('max_length')} tokens are truncated.",
+            f"- Long inputs: {long_text_line(meta)}.",
             "- The calibration was fitted on the validation split; it holds only while incoming texts look like "
             "the training data. Watch the drift report.",
             f"- Test metrics come from {fmt(split_sizes.get('test', 0))} rows; small classes have wide error bars."]

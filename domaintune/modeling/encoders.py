@@ -23,6 +23,7 @@ from domaintune.core import device as devices
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
 from domaintune.core.progress import Progress
+from domaintune.modeling import chunks as chunking
 
 BUNDLED_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -109,15 +110,19 @@ def token_budget_batches(lengths: Sequence[int], max_batch_size: int,
 
 
 class TokenBatches:
-    """`texts` tokenized once (truncated to max_length, unpadded) and cut by token_budget_batches on their token
-    lengths. Iterating yields (row indices, {input name: int64 array [rows, longest in batch]}), each batch padded
-    here to its own longest text, as the tokenizer would pad it. The one batching of every runner (PyTorch float32 and
-    int8, the ONNX variants), so their speeds compare on the same batches."""
+    """`texts` tokenized once (truncated to max_length, unpadded; or, with a `long_text` of mode head_tail or
+    chunks, cut into model inputs by modeling.chunks.encode: `self.chunks` says which document each input is of)
+    and cut by token_budget_batches on their token lengths. Iterating yields (input indices, {input name: int64
+    array [rows, longest in batch]}), each batch padded here to its own longest input, as the tokenizer would
+    pad it. The one batching of every runner (PyTorch float32 and int8, the ONNX variants), so their speeds
+    compare on the same batches; `documents(values)` pools per-input rows into per-document rows."""
 
     def __init__(self, tokenizer, texts: Sequence[str], max_length: int, max_batch_size: int,
-                 max_batch_tokens: int | None = None):
+                 max_batch_tokens: int | None = None, long_text: chunking.LongText | None = None):
         texts = list(texts)
-        self.encoded = dict(tokenizer(texts, truncation=True, max_length=max_length)) if texts else {"input_ids": []}
+        self.chunks = chunking.encode(tokenizer, texts, max_length, long_text)
+        self.pooling = long_text.pooling if long_text is not None else "mean"
+        self.encoded = self.chunks.inputs
         self.lengths = [len(ids) for ids in self.encoded["input_ids"]]
         self.batches = token_budget_batches(self.lengths, max_batch_size, max_batch_tokens)
         self.pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0,
@@ -127,6 +132,10 @@ class TokenBatches:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def documents(self, values: np.ndarray, pooling: str | None = None) -> np.ndarray:
+        """Per-input rows -> per-document rows (modeling.chunks.pool_logits; identity when nothing was cut)."""
+        return chunking.pool_logits(values, self.chunks.doc, self.chunks.n_docs, pooling or self.pooling)
 
     def __iter__(self):
         for idx in self.batches:
@@ -164,14 +173,16 @@ def _progress(batches: TokenBatches, verb: str):
 
 
 def embed_texts(encoder, tokenizer, texts: Sequence[str], batch_size: int = 64, max_length: int = 128,
-                pooling: str = "mean", max_batch_tokens: int | None = None) -> np.ndarray:
+                pooling: str = "mean", max_batch_tokens: int | None = None,
+                long_text: chunking.LongText | None = None) -> np.ndarray:
     """Pooled encoder outputs for `texts`, in input order, as float32 [n, hidden] (TokenBatches: at most
-    `batch_size` texts per pass, within `max_batch_tokens` if given)."""
+    `batch_size` texts per pass, within `max_batch_tokens` if given). With `long_text` chunks, a document's
+    vector is the mean of its chunks' vectors."""
     import torch
 
     encoder.eval()
-    out = np.zeros((len(texts), encoder.config.hidden_size), dtype=np.float32)
-    batches = TokenBatches(tokenizer, texts, max_length, batch_size, max_batch_tokens)
+    batches = TokenBatches(tokenizer, texts, max_length, batch_size, max_batch_tokens, long_text)
+    out = np.zeros((len(batches.lengths), encoder.config.hidden_size), dtype=np.float32)
     bar = _progress(batches, "embedding")
     with torch.inference_mode():
         for idx, enc in _torch_batches(batches, encoder.device):
@@ -181,7 +192,7 @@ def embed_texts(encoder, tokenizer, texts: Sequence[str], batch_size: int = 64, 
                 bar.update(1)
     if bar is not None:
         bar.close()
-    return out
+    return batches.documents(out, "mean")
 
 
 def _classifier_class():
@@ -214,19 +225,24 @@ def build_classifier(encoder, num_labels: int, pooling: str = "mean", dropout: f
 
 
 def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64, max_length: int = 128,
-                   mean_pooled: bool = False, max_batch_tokens: int | None = None):
+                   mean_pooled: bool = False, max_batch_tokens: int | None = None,
+                   long_text: chunking.LongText | None = None, per_input: bool = False):
     """Raw logits [n, num_labels] in input order (TokenBatches internally: length-sorted, at most `batch_size`
-    texts per pass, within `max_batch_tokens` if given).
+    texts per pass, within `max_batch_tokens` if given). With `long_text` (modeling.chunks), one row per
+    document: its inputs' logits pooled by long_text.pooling (per_input=True: the TokenBatches and the
+    per-input logits instead, for choosing a pooling).
 
-    mean_pooled=True returns (logits, mean-pooled encoder output [n, hidden]) from the same pass.
+    mean_pooled=True returns (logits, mean-pooled encoder output [n, hidden]) from the same pass (a document's
+    vector: the mean over its chunks).
     """
     import torch
 
     model.eval()
     device = next(model.parameters()).device
-    out = np.zeros((len(texts), model.head.out_features), dtype=np.float32)
-    pooled = np.zeros((len(texts), model.head.in_features), dtype=np.float32) if mean_pooled else None
-    batches = TokenBatches(tokenizer, texts, max_length, batch_size, max_batch_tokens)
+    batches = TokenBatches(tokenizer, texts, max_length, batch_size, max_batch_tokens, long_text)
+    rows = len(batches.lengths)
+    out = np.zeros((rows, model.head.out_features), dtype=np.float32)
+    pooled = np.zeros((rows, model.head.in_features), dtype=np.float32) if mean_pooled else None
     bar = _progress(batches, "predicting")
     with torch.inference_mode():
         for idx, enc in _torch_batches(batches, device):
@@ -240,7 +256,10 @@ def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 64,
                 bar.update(1)
     if bar is not None:
         bar.close()
-    return (out, pooled) if mean_pooled else out
+    if per_input:
+        return batches, out
+    out = batches.documents(out)
+    return (out, batches.documents(pooled, "mean")) if mean_pooled else out
 
 
 def save_classifier(model, tokenizer, out_dir: str | os.PathLike, meta: dict, exported: bool = False) -> None:

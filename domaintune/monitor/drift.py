@@ -33,9 +33,11 @@ import pandas as pd
 from domaintune.core.device import use_bf16
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
+from domaintune.modeling.chunks import LongText, content_ids, tokens_read
 from domaintune.monitor import stats as dt
 
-TEXT_FEATURES = ("n_chars", "n_words", "unk_rate", "oov_rate", "non_ascii_rate", "digit_rate", "upper_rate")
+TEXT_FEATURES = ("n_chars", "n_words", "n_tokens", "truncated", "unk_rate", "oov_rate", "non_ascii_rate",
+                 "digit_rate", "upper_rate")
 HELDOUT_TEXT_FEATURES = ("oov_rate",)  # compared with validation rows only (see the module docstring)
 PRED_COLUMN = "pred_label"
 CONF_COLUMN = "confidence"
@@ -51,6 +53,9 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 EXPLAIN = {
     "n_chars": "length of the text in characters",
     "n_words": "length of the text in words (short chat messages move this)",
+    "n_tokens": "length of the text in model tokens (special tokens not counted)",
+    "truncated": "share of texts the model does not read whole: longer than max_length tokens (truncate, "
+                 "head_tail) or than max_chunks windows (chunks); longer documents move this",
     "unk_rate": "share of tokenizer pieces that are [UNK]: characters the model cannot represent",
     "oov_rate": "share of words never seen in the training texts: new names, jargon, typos, another language",
     "non_ascii_rate": "share of non-ASCII characters: accents, other scripts, emoji",
@@ -77,15 +82,20 @@ def build_vocab(texts: Sequence[str]) -> list[str]:
     return sorted({w for t in texts for w in words(t)})
 
 
-def text_features(texts: Sequence[str], tokenizer, vocab: set[str], max_length: int) -> pd.DataFrame:
-    """Cheap per-text statistics that move when the input domain moves."""
-    enc = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_length)
+def text_features(texts: Sequence[str], tokenizer, vocab: set[str], max_length: int,
+                  long_text: LongText | None = None) -> pd.DataFrame:
+    """Cheap per-text statistics that move when the input domain moves; n_tokens and truncated (1.0: the model
+    does not read the whole text under `long_text`, modeling.chunks.tokens_read) show a shift to longer texts."""
+    all_ids = content_ids(tokenizer, list(texts))
+    read = tokens_read(tokenizer, max_length, long_text)
     unk = tokenizer.unk_token_id
     rows = []
-    for text, ids in zip(texts, enc["input_ids"]):
+    for text, full in zip(texts, all_ids):
+        ids = full[:max_length]  # unk_rate: over the first max_length tokens, as before
         ws = words(text)
         n = max(len(text), 1)
-        rows.append((float(len(text)), float(len(ws)), float(sum(i == unk for i in ids) / max(len(ids), 1)),
+        rows.append((float(len(text)), float(len(ws)), float(len(full)), float(len(full) > read),
+                     float(sum(i == unk for i in ids) / max(len(ids), 1)),
                      float(sum(w not in vocab for w in ws) / max(len(ws), 1)),
                      float(sum(ord(c) > 127 for c in text) / n), float(sum(c.isdigit() for c in text) / n),
                      float(sum(c.isupper() for c in text) / n)))
@@ -190,7 +200,8 @@ class Baseline:
     def profile_batch(self, predictor, texts: Sequence[str]) -> BatchProfile:
         """Features and model outputs of a batch on the baseline's axes (and its bf16 choice)."""
         texts = list(texts)
-        feats = text_features(texts, predictor.tokenizer, self.vocab, predictor.max_length)
+        feats = text_features(texts, predictor.tokenizer, self.vocab, predictor.max_length,
+                              getattr(predictor, "long_text", None))
         probs, emb, abstained = model_outputs(predictor, texts, bool(self.profile.get("bf16", False)))
         out = output_frame(predictor, probs, emb, self.arrays["pca_mean"], self.arrays["pca_components"])
         return BatchProfile(texts, pd.concat([feats, out], axis=1), probs, emb, abstained)
@@ -267,7 +278,8 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], predictor
     vocab_list = build_vocab(train["text"].tolist())
     vocab = set(vocab_list)
     both = pd.concat([train, val], ignore_index=True)
-    text_ref = text_features(both["text"].tolist(), predictor.tokenizer, vocab, predictor.max_length)
+    text_ref = text_features(both["text"].tolist(), predictor.tokenizer, vocab, predictor.max_length,
+                             getattr(predictor, "long_text", None))
     text_ref.insert(0, "id", both["id"].astype(str).to_numpy())
     text_ref.insert(1, "split", both["split"].astype(str).to_numpy() if "split" in both else
                     ["train"] * len(train) + ["validation"] * len(val))
@@ -322,6 +334,11 @@ def _profile(predictor, train, val, text_ref, out_ref, null, measured, expected,
         "problem_type": predictor.problem_type,
         "temperature": predictor.temperature,
         "max_length": predictor.max_length,
+        # documents: their length in tokens and the share the model does not read whole (monitor compares both)
+        "long_text": getattr(predictor, "long_text", LongText()).as_meta(),
+        "length_tokens": {"p50": float(text_ref["n_tokens"].median()),
+                          "p95": float(text_ref["n_tokens"].quantile(0.95)), "max": float(text_ref["n_tokens"].max()),
+                          "truncated_share": float(text_ref["truncated"].mean())},
         "reference_rows": {"text_features": {"train": int(len(train)), "validation": int(len(val))},
                            "model_outputs": {"validation": int(len(val))},
                            "note": "ids in reference_text.parquet / reference_outputs.parquet; oov_rate and all "
@@ -425,9 +442,21 @@ def judge(baseline: Baseline, batch: BatchProfile, params, examples: int = 10) -
         "confidence_drop": float(baseline.profile["mean_confidence"] - conf.mean()),
         "prediction_distribution": distribution(batch.frame[PRED_COLUMN].tolist(), baseline.labels),
         "prediction_distribution_reference": baseline.profile["prediction_distribution"],
+        "length_tokens": _lengths(baseline, batch),
         "most_atypical": _examples(batch, np.argsort(-atyp, kind="stable")[:examples], atyp),
         "least_confident": _examples(batch, np.argsort(conf, kind="stable")[:examples], atyp),
     }
+
+
+def _lengths(baseline: Baseline, batch: BatchProfile) -> dict | None:
+    """The batch's document lengths in tokens and the share the model does not read whole, beside the
+    reference's (a baseline built before these features were recorded has none)."""
+    f = batch.frame
+    if "n_tokens" not in f.columns:
+        return None
+    return {"p50": float(f["n_tokens"].median()), "p95": float(f["n_tokens"].quantile(0.95)),
+            "max": float(f["n_tokens"].max()), "truncated_share": float(f["truncated"].mean()),
+            "reference": baseline.profile.get("length_tokens"), "long_text": baseline.profile.get("long_text")}
 
 
 def _means(baseline: Baseline, batch: BatchProfile, name: str) -> dict:

@@ -54,7 +54,7 @@ TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false
 BATCH_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 HISTORY_COLUMNS = ("time", "index", "batch", "sha256", "rows", "drift", "estimated_accuracy", "accuracy_low",
                    "accuracy_high", "reference_accuracy", "min_p_value", "drifted", "alarm", "action", "error",
-                   "abstain_rate")
+                   "abstain_rate", "tokens_p50", "truncated_share")
 REVIEW_COLUMNS = ("id", "text", "label", "predicted_label", "confidence", "batch", "batch_sha256")
 
 
@@ -237,7 +237,10 @@ def append_history(path: Path, verdict: dict | None, batch: str, sha: str, alarm
            "min_p_value": min(verdict["p_values"].values()) if verdict else "",
            "drifted": " ".join(s for s, v in (verdict or {}).get("signals", {}).items() if v["drifted"]),
            "alarm": alarm, "action": action, "error": error,
-           "abstain_rate": ((verdict or {}).get("abstention") or {}).get("rate", "")}
+           "abstain_rate": ((verdict or {}).get("abstention") or {}).get("rate", ""),
+           # document length in tokens and the share not read whole (monitor.drift._lengths): longer inputs show
+           "tokens_p50": ((verdict or {}).get("length_tokens") or {}).get("p50", ""),
+           "truncated_share": ((verdict or {}).get("length_tokens") or {}).get("truncated_share", "")}
     # `dvc plots show` copies every cell into a <script> unescaped: "</" would end it and blank the page
     row = {k: v.replace("</", "<\\/") if isinstance(v, str) else v for k, v in row.items()}
     if not new:

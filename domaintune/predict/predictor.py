@@ -5,6 +5,8 @@
     probs = p.predict_proba(["my card was charged twice"])   # calibrated, rows sum to 1, in request order
     # batches: sorted by token length, <= batch_size texts, (longest x texts) <= max_batch_tokens (Predictor.load)
     labels = p.predict(["my card was charged twice"])
+    # one row per text, whatever its length: a model trained with base.long_text chunks reads a long document
+    # as windows of max_length tokens and pools them (model.json long_text; modeling/chunks.py)
 
 An exported folder (stages/export.py) carries its calibration in model.json:
 `temperature` (single-label: probabilities are softmax(logits / T)) or
@@ -33,6 +35,7 @@ from domaintune.evaluate.abstain import Abstainer
 from domaintune.evaluate.calibration import sigmoid, softmax
 from domaintune.export.artifacts import load_variant
 from domaintune.export.variants import canonical_variant
+from domaintune.modeling.chunks import LongText
 
 
 class Predictor:
@@ -43,6 +46,9 @@ class Predictor:
         self.labels: list[str] = list(meta["labels"])
         self.problem_type: str = meta.get("problem_type", "single_label")
         self.max_length = int(meta.get("max_length", 128))
+        # Documents longer than max_length: the model's own long_text (model.json; modeling/chunks.py). Under
+        # chunks each document runs as its windows and comes back as one row (pooled logits).
+        self.long_text = LongText.from_meta(meta)
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.temperature = float(temperature)
@@ -88,7 +94,7 @@ class Predictor:
     def logits(self, texts: Sequence[str], mean_pooled: bool = False):
         """Raw logits; mean_pooled=True also returns the mean-pooled text vectors of the same pass (torch only)."""
         return self.runner.logits(list(texts), self.batch_size, self.max_length, mean_pooled,
-                                  max_batch_tokens=self.max_batch_tokens)
+                                  max_batch_tokens=self.max_batch_tokens, long_text=self.long_text)
 
     def proba_from_logits(self, logits: np.ndarray) -> np.ndarray:
         if self.problem_type == "multi_label":

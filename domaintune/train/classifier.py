@@ -40,6 +40,7 @@ from domaintune.core.device import batch_size_for, resolve_device
 from domaintune.core.errors import DataError, ParamsError
 from domaintune.core.params import BaseParams, FinetuneParams, as_dict
 from domaintune.data.dataset import LABEL_SEPARATOR, encode_labels, split_labels
+from domaintune.modeling import chunks as chunking
 from domaintune.modeling import encoders
 from domaintune.modeling.adapters import (
     check_4bit_shapes,
@@ -286,6 +287,10 @@ class FinetuneRun:
 
 
         self.base, self.ft, self.seed = base, ft, seed
+        # base.long_text: under chunks every window of a training document is a training row carrying the
+        # document's label; validation pools each document's windows (the pooling chosen on validation).
+        self.long_text = chunking.LongText.from_params(base)
+        self.pooling_scores: dict[str, float] = {}
         self.device = device or finetune_device(base, ft)
         self.eval_batch = batch_size_for(self.device)
         self.names = label_list(train_df, labels, ft.problem_type)
@@ -317,7 +322,8 @@ class FinetuneRun:
         self.feats = None
         if ft.head_init == "probe" or ft.method == "head":
             self.feats = encoders.embed_texts(encoder, self.tokenizer, self.texts, batch_size=self.eval_batch,
-                                     max_length=self.base.max_length, pooling=ft.pooling)
+                                     max_length=self.base.max_length, pooling=ft.pooling,
+                                     long_text=self.long_text)  # a document: the mean of its windows
         if ft.head_init == "probe":
             W, b = probe_head(self.feats, self.y_train, ft.problem_type, len(self.names), ft.probe_C, self.seed)
             with torch.no_grad():
@@ -339,24 +345,27 @@ class FinetuneRun:
         self.trainable_count = sum(p.numel() for _, p in trainable)
         groups = _param_groups(self.model, trainable, ft, self.num_layers)
         self.group_depth = [g["depth"] for g in groups]
-        if ft.method == "head":  # batches of cached features: every row costs the same
+        if ft.method == "head":  # batches of cached features (one per document): every row costs the same
             self.ids, self.lengths = None, np.ones(len(self.texts), dtype=int)
-        else:  # token ids pre-computed once; each batch padded to its own longest
-            self.ids = self.tokenizer(self.texts, truncation=True, max_length=self.base.max_length)["input_ids"]
+            self.row_doc = np.arange(len(self.texts))
+        else:  # token ids pre-computed once (a row per window under chunks); each batch padded to its own longest
+            enc = chunking.encode(self.tokenizer, self.texts, self.base.max_length, self.long_text)
+            self.ids, self.row_doc = enc.inputs["input_ids"], enc.doc
             self.lengths = np.array([len(x) for x in self.ids])
-        self.steps_per_epoch = math.ceil(len(self.texts) / ft.batch_size)
+        self.steps_per_epoch = math.ceil(len(self.lengths) / ft.batch_size)
         total = self.steps_per_epoch * ft.epochs
         cfg = EngineConfig(lr=ft.lr, total_steps=total, warmup_steps=int(ft.warmup_ratio * total),
                            scheduler=ft.scheduler, max_grad_norm=ft.max_grad_norm, grad_accum=ft.grad_accum,
                            bf16=ft.bf16, checkpoint_every=ft.checkpoint_every, compile=ft.compile)
         self.engine = Engine(self.model, groups, cfg, checkpoint_dir=checkpoint_dir, device=self.device)
         self.loss_fn = _loss_function(ft, self.y_train, len(self.names), self.device)
-        self.y_t = torch.from_numpy(self.y_train).to(self.device)
+        self.y_t = torch.from_numpy(self.y_train[self.row_doc]).to(self.device)  # each row's document label
         self.feats_t = torch.from_numpy(self.feats).to(self.device) if ft.method == "head" else None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def objective(self, model, idx: np.ndarray):
-        """The engine's loss function: a batch is row indices into the training data."""
+        """The engine's loss function: a batch is row indices into the training rows (documents, or their
+        windows under base.long_text chunks)."""
         import torch
 
         rows = torch.from_numpy(idx).to(self.device)
@@ -368,12 +377,26 @@ class FinetuneRun:
                            attention_mask=mask.to(self.device, non_blocking=True))
         return self.loss_fn(logits.float(), self.y_t[rows])
 
+    def val_logits(self) -> np.ndarray:
+        """Validation logits, one row per document. Under chunks the windows run once and the pooling with the
+        best validation macro-F1 pools them (modeling.chunks.choose_pooling; kept in self.long_text)."""
+        if self.long_text.mode != "chunks":
+            return predict_logits(self.model, self.tokenizer, self.val_texts, batch_size=self.eval_batch,
+                                  max_length=self.base.max_length, long_text=self.long_text)
+        batches, per_input = predict_logits(self.model, self.tokenizer, self.val_texts, batch_size=self.eval_batch,
+                                            max_length=self.base.max_length, long_text=self.long_text,
+                                            per_input=True)
+        pooled = {p: batches.documents(per_input, p) for p in chunking.POOLINGS}
+        best, self.pooling_scores = chunking.choose_pooling(
+            lambda p: classification_metrics(pooled[p], self.y_val, self.ft.problem_type)["macro_f1"])
+        self.long_text = dataclasses.replace(self.long_text, pooling=best)
+        return pooled[best]
+
     def validate(self) -> dict:
         import torch
 
 
-        vl = predict_logits(self.model, self.tokenizer, self.val_texts, batch_size=self.eval_batch,
-                            max_length=self.base.max_length)
+        vl = self.val_logits()
         out = {f"val_{k}": v for k, v in classification_metrics(vl, self.y_val, self.ft.problem_type).items()}
         with torch.no_grad():
             out["val_loss"] = float(self.loss_fn(torch.from_numpy(vl).to(self.device),
@@ -492,8 +515,7 @@ class FinetuneRun:
             p.requires_grad = False
         final_val = {}
         if len(self.val_texts):
-            vl = predict_logits(self.model, self.tokenizer, self.val_texts, batch_size=self.eval_batch,
-                                max_length=self.base.max_length)
+            vl = self.val_logits()
             final_val = classification_metrics(vl, self.y_val, self.ft.problem_type)
         history = {"steps": self.engine.history, "epochs": loop.epochs}
         if loop.initial is not None:
@@ -506,7 +528,8 @@ class FinetuneRun:
             "train_samples_per_s": samples / train_s if train_s > 0 and samples else None,
             "steps": self.engine.step_count, "trainable_params": self.trainable_count,
             "total_params": count_parameters(self.model), "bf16": self.engine.bf16, "device": self.device,
-            "processes": self.world,
+            "processes": self.world, "long_text": self.long_text.as_meta(),
+            "pooling_validation_macro_f1": self.pooling_scores or None,
         }
 
 
@@ -567,7 +590,9 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
     """
     validate_setup(ft, encoder_dir, finetune_device(base, ft))
     ckpt_root = Path(checkpoint_root) if checkpoint_root is not None else None
-    keys = {s: run_key("finetune", ft, encoder_dir, max_length=base.max_length, data=data_hash, seed=s)
+    long_text = chunking.LongText.from_params(base)
+    reads = {"long_text": long_text.as_meta()} if long_text.mode != "truncate" else {}  # truncate: keys as before
+    keys = {s: run_key("finetune", ft, encoder_dir, max_length=base.max_length, data=data_hash, seed=s, **reads)
             for s in ft.seeds}
     writer = distributed.rank() == 0  # under a multi-process launch, rank 0 alone writes
     if ckpt_root is not None and writer:
@@ -592,6 +617,8 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
             "params": {"base": as_dict(base), "finetune": as_dict(ft)},
             "validation": res["validation"], "history_epochs": res["history"]["epochs"],
             "best_epoch": res["best_epoch"],
+            # how documents longer than max_length are read (modeling/chunks.py), pooling chosen on validation
+            "long_text": {**res["long_text"], "pooling_validation_macro_f1": res["pooling_validation_macro_f1"]},
         }
         if out_dir is None:  # only metrics wanted: do not keep every seed's model in memory
             model = None

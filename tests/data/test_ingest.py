@@ -602,3 +602,26 @@ def test_feedback_outside_the_tracked_folder_is_refused(path):
     with pytest.raises(ParamsError, match=r"ingest\.feedback: must be a \.csv file in labels/feedback/"):
         IngestParams(feedback=path)
     assert IngestParams(feedback="labels/feedback/x.csv").feedback == "labels/feedback/x.csv"
+
+
+def test_ingest_reports_text_lengths_in_the_models_tokens(tmp_path):
+    """metrics/ingest.json: p50/p95/max length in base.model's tokens and the share over base.max_length, over
+    all rows and per split (the base.long_text decision)."""
+    from domaintune.modeling.encoders import load_tokenizer, resolve_model
+
+    recs = rows(40)
+    for i in range(0, 40, 4):  # every 4th text is long: 60 words
+        recs[i]["text"] = " ".join(["card"] * 60)
+    src = write_csv(tmp_path / "d.csv", recs)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"base": {"seed": 3, "max_length": 32, "chunk_overlap": 8}, "ingest": {"id_column": "ticket_id"}}))
+    metrics = tmp_path / "ingest.json"
+    assert main(["--source", str(src), "--out", str(tmp_path / "out"), "--metrics", str(metrics),
+                 "--params", str(params)]) == 0
+    lt = read_json(metrics)["length_tokens"]
+    tok = load_tokenizer(resolve_model("minilm"))
+    lengths = [len(tok(r["text"], add_special_tokens=False)["input_ids"]) for r in recs]
+    assert lt["all"]["texts"] == 40 and lt["all"]["max"] == 60 == max(lengths)
+    assert lt["all"]["p50"] == float(np.percentile(lengths, 50)) and lt["all"]["max_length"] == 32
+    assert lt["all"]["share_over_max_length"] == 0.25  # the 10 texts of 60 tokens are over 32 - [CLS], [SEP]
+    assert sum(lt[s]["texts"] for s in ("train", "validation", "test")) == 40

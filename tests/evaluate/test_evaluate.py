@@ -103,6 +103,10 @@ def test_stage_writes_metrics_report_and_plots(evaluated):
         assert set(ev_lib.METRIC_KEYS) <= set(metrics[phase])
         assert 0.0 <= metrics[phase]["ece"] <= metrics[phase]["mce"] <= 1.0
     assert metrics["after"]["accuracy"] == metrics["before"]["accuracy"]
+    # how the test documents were read: a model saved without long_text truncates; short texts all fit
+    lt = metrics["long_text"]
+    assert lt["mode"] == "truncate" and lt["documents"] == 24 and lt["not_read_whole_share"] == 0.0
+    assert lt["inputs_per_document"] == 1.0 and 0 < lt["tokens_p50"] <= lt["tokens_max"] < 30
     calib = json.loads((out / "calibration.json").read_text())
     assert calib["temperature"] == metrics["temperature"] and calib["temperature"] > 0
     assert calib["validation_rows"] == 30

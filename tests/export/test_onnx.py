@@ -249,3 +249,46 @@ def test_onnx_abstains_exactly_where_predictor_does(abstaining_export, tmp_path,
     cfg = json.loads((out / variant / "config.json").read_text())
     assert cfg["domaintune"]["outputs"] == ["probabilities", "logits", "pooled"]
     assert cfg["domaintune"]["abstain"] == meta["abstain"] and (out / variant / "abstain.safetensors").is_file()
+
+
+@pytest.fixture(scope="module", params=[("chunks", "logsumexp"), ("head_tail", "mean")], ids=lambda p: p[0])
+def long_export(request, onnx_export, tmp_path_factory):
+    """The tiny classifier exported as a model that reads long documents (model.json long_text)."""
+    from domaintune.export import artifacts
+    from domaintune.modeling.encoders import load_classifier
+
+    root0, _, meta0, _ = onnx_export
+    mode, pooling = request.param
+    model, tok, _ = load_classifier(root0 / "ft")
+    meta = {**meta0, "long_text": {"mode": mode, "chunk_overlap": 8, "max_chunks": 4, "pooling": pooling}}
+    root = tmp_path_factory.mktemp(f"onnx_{mode}")
+    out = root / "models/export"
+    artifacts.write_float32(model, tok, out, meta)
+    artifacts.write_onnx(out, model, tok, meta)
+    texts = make_split("test", 2)["text"].tolist() + ["", "refund " * 50 + "password", "x " * 300,
+                                                      " ".join(make_split("train", 4)["text"])]
+    return root, out, meta, texts
+
+
+def test_onnx_snippet_reads_long_documents_as_predictor_does_without_domaintune(long_export, tmp_path):
+    """The card's snippet cuts each document into the inputs the model was trained on (chunks: windows, at most
+    max_chunks; head_tail: first and last tokens), runs the graph per input and pools: the same calibrated
+    probabilities as Predictor (ONNX and float32), in a process that cannot import domaintune."""
+    from domaintune.modeling import chunks as C
+    from domaintune.predict.predictor import Predictor
+
+    root, out, meta, texts = long_export
+    p = Predictor.load(out, variant="onnx")
+    assert C.encode(p.tokenizer, texts, 32, p.long_text).dropped.max() > 0  # a document longer than it reads
+    probs, labels = run_isolated(root, "onnx", texts, tmp_path, meta)
+    own = p.predict_proba(texts)
+    assert own.shape == (len(texts), len(LABELS))
+    np.testing.assert_allclose(probs, own, atol=1e-5)
+    np.testing.assert_allclose(probs, Predictor.load(out).predict_proba(texts), atol=1e-5)
+    assert labels == [LABELS[i] for i in own.argmax(1)]
+    # reading the document whole (or head and tail) is not what truncation gives
+    truncated = Predictor.load(out, variant="onnx")
+    truncated.long_text = C.LongText()
+    assert np.abs(truncated.predict_proba(texts) - own).max() > 1e-4
+    cfg = json.loads((out / "onnx/config.json").read_text())["domaintune"]["long_text"]
+    assert cfg["mode"] == meta["long_text"]["mode"] and cfg["prefix_ids"] == [101] and cfg["suffix_ids"] == [102]

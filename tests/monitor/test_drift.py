@@ -61,10 +61,13 @@ def test_baseline_is_an_honest_reference_and_records_its_rows(drift_setup):
     sizes = {g: [e["size"] for e in entries] for g, entries in prof["null"].items()}
     assert sizes == {"text": [(len(train) + len(val)) // 2], "heldout": [len(val) // 2]}
     signals = set(prof["null"]["text"][0]["fits"]) | set(prof["null"]["heldout"][0]["fits"])
-    assert signals == {"n_chars", "n_words", "unk_rate", "non_ascii_rate", "digit_rate", "upper_rate", "oov_rate",
+    assert signals == {"n_chars", "n_words", "n_tokens", "truncated", "unk_rate", "non_ascii_rate", "digit_rate", "upper_rate", "oov_rate",
                        "pc1", "pc2", "pc3", "confidence", "pred_label", "embeddings_mmd"}
     metrics = json.loads((root / "metrics" / "drift.json").read_text())
-    assert metrics["output_reference_rows"] == len(val) and metrics["signals"] == 14
+    assert metrics["output_reference_rows"] == len(val) and metrics["signals"] == 16
+    # document length in tokens and the share the model does not read whole (short templates: none)
+    assert prof["length_tokens"]["truncated_share"] == 0.0 and prof["length_tokens"]["max"] < 32
+    assert prof["long_text"]["mode"] == "truncate"
 
 
 def test_judge_same_vs_other_domain(drift_setup):
@@ -78,7 +81,7 @@ def test_judge_same_vs_other_domain(drift_setup):
     params = DriftParams(pca_components=3)
     same = judge(b, b.profile_batch(predictor, splits["test"]["text"].tolist()), params)
     assert same["drift"] is False and same["reasons"] == []
-    assert same["tests"] == 14 and same["per_test_level"] == pytest.approx(0.01 / 14)
+    assert same["tests"] == 16 and same["per_test_level"] == pytest.approx(0.01 / 16)
     moved = judge(b, b.profile_batch(predictor, german(30)), params)
     assert moved["drift"] is True
     assert {"n_chars", "n_words", "oov_rate", "digit_rate", "non_ascii_rate"} <= set(moved["drifted_columns"])
@@ -88,6 +91,31 @@ def test_judge_same_vs_other_domain(drift_setup):
     assert len(moved["most_atypical"]) == 10 and len(moved["least_confident"]) == 10
     confs = [e["confidence"] for e in moved["least_confident"]]
     assert confs == sorted(confs)
+
+
+def test_a_shift_to_longer_documents_shows_in_tokens_and_truncated_share(drift_setup):
+    """Documents longer than the model reads move n_tokens and `truncated` (the share not read whole); the
+    verdict names both with their batch and reference means, and the monitor history carries them."""
+    from domaintune.core.params import DriftParams
+    from domaintune.monitor.drift import Baseline, judge
+    from domaintune.monitor.monitoring import append_history
+
+    root, splits, _ = drift_setup
+    b = Baseline(root / "models" / "drift_baseline")
+    predictor = load_predictor(root / "models" / "export")
+    texts = splits["test"]["text"].tolist()
+    # same words, 30x as long: past the model's max_length 64; a batch of 120 (a share of 0/1 values needs some rows to test)
+    long = [" ".join([t] * 30) for t in pd.concat(splits.values())["text"]]
+    moved = judge(b, b.profile_batch(predictor, long), DriftParams(pca_components=3))
+    assert {"n_tokens", "truncated"} <= set(moved["drifted_columns"])
+    assert moved["signals"]["truncated"]["batch_mean"] == 1.0 and moved["signals"]["truncated"]["reference_mean"] == 0
+    assert moved["length_tokens"]["truncated_share"] == 1.0 and moved["length_tokens"]["p50"] > 64
+    assert moved["length_tokens"]["reference"]["truncated_share"] == 0.0
+    same = judge(b, b.profile_batch(predictor, texts), DriftParams(pca_components=3))
+    assert same["signals"]["truncated"]["batch_mean"] == 0.0 and not same["signals"]["n_tokens"]["drifted"]
+    append_history(root / "history.csv", moved, "long.txt", "abc")
+    row = pd.read_csv(root / "history.csv").iloc[0]
+    assert row["truncated_share"] == 1.0 and row["tokens_p50"] == moved["length_tokens"]["p50"]
 
 
 def test_bf16_choice_is_recorded_in_the_baseline_and_followed_by_batches(drift_setup, tmp_path, monkeypatch):
@@ -146,6 +174,7 @@ def synthetic(n: int, rng: np.random.Generator, shift: float = 0.0) -> tuple[pd.
 
     words = rng.poisson(10 + 10 * shift, n) + 1
     f = pd.DataFrame({"n_chars": words * rng.uniform(4, 6, n), "n_words": words.astype(float),
+                      "n_tokens": (words * 1.3).round(), "truncated": 0.0,  # no draws: the rng stream is as before
                       "unk_rate": np.where(rng.random(n) < 0.01, 0.1, 0.0),
                       "oov_rate": np.where(rng.random(n) < 0.3, rng.uniform(0, 0.3, n), 0.0),
                       "non_ascii_rate": 0.0, "digit_rate": np.where(rng.random(n) < 0.2, 0.05, 0.0),
@@ -204,7 +233,7 @@ def synthetic_batch(b, m: int, rng, shift: float = 0.0):
 
 def test_iid_batches_alarm_at_most_at_the_stated_rate_at_any_size():
     """The old rule (per-feature p < 0.05, alarm at half the features; a fixed confidence drop) had no
-    error rate; now 14 signals with resampled nulls, Bonferroni at false_alarm_rate. The p-values alone
+    error rate; now 16 signals with resampled nulls, Bonferroni at false_alarm_rate. The p-values alone
     (min_effect 0) are checked: at a generous 0.2 the rate is measurable with 20-40 draws per size, from
     100 to 100,000 texts; a small shift is caught. Each draw is a fresh reference and a fresh batch (the
     rate holds over both: with one fixed reference, large batches all see that reference's own chance
