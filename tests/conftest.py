@@ -71,7 +71,7 @@ def _prefect_console_to_process_stderr() -> None:
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, PrefectConsoleHandler) and handler.stream is not sys.__stderr__:
-                handler.setStream(sys.__stderr__)
+                handler.stream = sys.__stderr__  # not setStream: it would flush the old, maybe closed, stream
                 handler.console.file = sys.__stderr__
 
 

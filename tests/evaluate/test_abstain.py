@@ -188,7 +188,7 @@ def test_method_none_changes_nothing(data_and_model, tmp_path, monkeypatch):
     params = write_params(tmp_path / "params.yaml")  # the shipped params: method none
     assert run_stage(root, model, tmp_path, params, tmp_path, monkeypatch) == 0
     metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
-    assert set(metrics) == {"test_rows", "temperature", "before", "after", "stage_seconds"}
+    assert set(metrics) == {"test_rows", "temperature", "before", "after", "stage_seconds", "long_text"}
     out = tmp_path / "reports/eval"
     calib = json.loads((out / "calibration.json").read_text())
     assert "abstain" not in calib
