@@ -254,7 +254,12 @@ class DaptParams:
         _check_launch(self, "dapt")
 
 
-FINETUNE_METHODS = ("full", "freeze", "lora", "qlora", "head")
+FINETUNE_METHODS = ("full", "freeze", "lora", "qlora", "head", "setfit")
+REGULARIZERS = ("none", "l2sp", "ewc")
+# finetune.augment: EDA (Wei & Zou 2019) rates are the share of a text's words each operation changes.
+AUGMENT_DEFAULTS = {"copies": 0, "swap": 0.1, "insert": 0.0, "delete": 0.1, "synonym": 0.0, "synonyms": "",
+                    "back_translation": []}
+_VERSION_RE = re.compile(r"^v(0|[1-9]\d*)(\.(0|[1-9]\d*)){0,2}$")
 
 
 @dataclass(frozen=True)
@@ -319,6 +324,27 @@ class FinetuneParams:
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str = "127.0.0.1:29500"
+    # method setfit: contrastive pairs per training row per iteration (one positive, one negative each), a cap on
+    # the pair count (0 = none), passes over the pairs, and the encoder's LR and batch size in that phase.
+    setfit_iterations: int = 20
+    setfit_max_pairs: int = 0
+    setfit_epochs: int = 1
+    setfit_lr: float = 2.0e-5
+    setfit_batch_size: int = 16
+    # Train-only augmentation (domaintune/train/augment.py): copies per train row (0 = off), EDA rates, the
+    # synonym source (a local word list, or "wordnet" when nltk's WordNet data is installed), and two local
+    # translation model folders [forward, backward] for back-translation ([] = none).
+    augment: dict = field(default_factory=lambda: dict(AUGMENT_DEFAULTS))
+    # Start weights: base (the --encoder folder), served (the served version's export) or a version (v1.2.0).
+    init: str = "base"
+    # Keep a warm start near its start weights: none, l2sp (L2 towards them) or ewc (weighted by the diagonal
+    # Fisher on the previous version's training data); regularize_strength multiplies the penalty.
+    regularize: str = "none"
+    regularize_strength: float = 0.01
+    # Rows of the previous version's train split the Fisher is computed on (seeded sample; 0 = all).
+    ewc_rows: int = 2000
+    # Warm start: this share of the previous version's train rows is mixed into train (seeded, recorded).
+    replay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.target_modules != "auto":
@@ -354,6 +380,28 @@ class FinetuneParams:
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
         _one_of(self.qlora_compute_dtype, ("float32", "bfloat16", "float16"), s, "qlora_compute_dtype")
         _check(self.probe_C > 0, s, "probe_C", "must be > 0")
+        _check(self.setfit_iterations >= 1, s, "setfit_iterations", "must be >= 1")
+        _check(self.setfit_max_pairs >= 0, s, "setfit_max_pairs", "must be >= 0")
+        _check(self.setfit_epochs >= 1, s, "setfit_epochs", "must be >= 1")
+        _check(self.setfit_lr > 0, s, "setfit_lr", "must be > 0")
+        _check(self.setfit_batch_size >= 2, s, "setfit_batch_size", "must be >= 2")
+        self._check_augment()
+        init = str(self.init)
+        _check(init in ("base", "served") or _VERSION_RE.match(init) is not None, s, "init",
+               f"must be base, served or a version like v1.2.0, got {self.init!r}")
+        _one_of(self.regularize, REGULARIZERS, s, "regularize")
+        _check(self.regularize_strength >= 0, s, "regularize_strength", "must be >= 0")
+        _check(self.ewc_rows >= 0, s, "ewc_rows", "must be >= 0")
+        _check(0.0 <= self.replay <= 1.0, s, "replay", f"must be in [0, 1], got {self.replay}")
+        warm = init != "base"
+        _check(self.regularize != "ewc" or warm, s, "regularize",
+               "ewc needs a previous version (finetune.init: served or vX.Y.Z): its Fisher comes from that "
+               "version's training data")
+        _check(self.regularize == "none" or self.method in ("full", "freeze"), s, "regularize",
+               f"{self.regularize} applies to methods full and freeze (it pulls the encoder's own weights), "
+               f"not {self.method}")
+        _check(self.replay == 0.0 or warm, s, "replay",
+               "replay mixes in the previous version's train rows: set finetune.init to served or vX.Y.Z")
         _check(0.0 < self.layerwise_lr_decay <= 1.0, s, "layerwise_lr_decay", "must be in (0, 1]")
         _check(self.early_stopping_patience >= 0, s, "early_stopping_patience", "must be >= 0")
         _one_of(self.bf16, ("auto", "on", "off"), s, "bf16")
@@ -363,6 +411,14 @@ class FinetuneParams:
         _check(isinstance(self.compile, bool), s, "compile", "must be true or false")
         _one_of(self.optimizer, ("auto", "adamw", "paged_adamw_8bit"), s, "optimizer")
         _check_launch(self, s)
+
+    def _check_augment(self) -> None:
+        """finetune.augment: a mapping over AUGMENT_DEFAULTS (keys left out keep their default)."""
+        _check(isinstance(self.augment, dict), "finetune", "augment", f"must be a mapping, got {self.augment!r}")
+        aug = {**AUGMENT_DEFAULTS, **self.augment}
+        _augment_check(aug)
+        aug["back_translation"] = list(aug["back_translation"])
+        object.__setattr__(self, "augment", aug)
 
 
 OOS_DIR = "labels/oos"  # evaluate.abstain's out-of-scope text files live here: an evaluate dep in dvc.yaml
@@ -621,6 +677,29 @@ SECTIONS: dict[str, type] = {
     "release": ReleaseParams,
     "monitor": MonitorParams,
 }
+
+
+def _augment_check(aug: dict) -> None:
+    s = "finetune"
+    unknown = sorted(set(aug) - set(AUGMENT_DEFAULTS))
+    _check(not unknown, s, "augment", f"unknown key(s) {unknown}; known: {sorted(AUGMENT_DEFAULTS)}")
+    copies = aug["copies"]
+    _check(isinstance(copies, int) and not isinstance(copies, bool) and copies >= 0, s, "augment.copies",
+           f"must be an integer >= 0, got {copies!r}")
+    for op in ("swap", "insert", "delete", "synonym"):
+        v = aug[op]
+        _check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0, s, f"augment.{op}",
+               f"must be a rate in [0, 1], got {v!r}")
+    _check(isinstance(aug["synonyms"], str), s, "augment.synonyms",
+           "must be a word-list file, wordnet, or empty")
+    bt = aug["back_translation"]
+    _check(isinstance(bt, (list, tuple)) and len(bt) in (0, 2) and all(isinstance(m, str) and m for m in bt), s,
+           "augment.back_translation", f"must be [] or [forward model folder, backward model folder], got {bt!r}")
+    if copies and (aug["insert"] or aug["synonym"]):
+        _check(bool(aug["synonyms"]), s, "augment.synonyms", "insert and synonym need a synonym source "
+               "(a word-list file or wordnet); set their rates to 0 otherwise")
+    _check(not copies or bool(bt) or any(aug[op] for op in ("swap", "insert", "delete", "synonym")), s,
+           "augment", "copies > 0 but every operation's rate is 0 and no back_translation models are named")
 
 
 def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:

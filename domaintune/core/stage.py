@@ -24,10 +24,10 @@ from domaintune.core.io import check_replaceable, claimed_outputs
 
 # Command-line destinations that name what a stage writes; every other string argument
 # (--in, --source, --params, --model, --decisions, ...) is read.
-OUTPUT_ARGS = ("out", "metrics", "report", "embeddings", "checkpoints", "live")
+OUTPUT_ARGS = ("out", "metrics", "report", "embeddings", "checkpoints", "live", "extra_rows")
 # Those written whole by atomic_output (an existing folder there is replaced); --checkpoints is a folder of
 # checkpoint folders, each written whole.
-REPLACED_ARGS = ("out", "metrics", "report", "embeddings", "live")
+REPLACED_ARGS = ("out", "metrics", "report", "embeddings", "live", "extra_rows")
 HOW = "an output must not be, contain or sit inside another path the stage uses (writing it would replace that path)"
 
 
@@ -186,6 +186,10 @@ class StageIO:
     live: str | None = None       # dapt/finetune: DVCLive folder
     audit: str | None = None      # export: audit report folder (model card)
     dapt: str | None = None       # export: DAPT encoder folder (model card)
+    extra_rows: str | None = None  # finetune: the augmented and replayed train rows it adds (a DVC out)
+    init_model: str | None = None  # finetune: the warm start's classifier folder (a materialised version)
+    init_data: str | None = None   # finetune: that version's dataset folder (its train rows: replay, EWC)
+    init_version: str | None = None  # finetune: the version's tag, as the records name it
     progress: bool = True         # a console progress bar
     argv: tuple[str, ...] = ()    # the stage's own arguments, to relaunch it under torchrun
 

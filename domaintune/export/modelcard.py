@@ -30,11 +30,14 @@ METHOD_PARAMS = {  # the finetune params that matter for each method
              "modules_to_save", "label_smoothing", "head_init", "seeds"),
 }
 METHOD_PARAMS["qlora"] = METHOD_PARAMS["lora"] + ("qlora_compute_dtype",)
+METHOD_PARAMS["setfit"] = ("setfit_iterations", "setfit_max_pairs", "setfit_epochs", "setfit_lr", "setfit_batch_size",
+                           "epochs", "lr", "head_init", "seeds")
 METHOD_TEXT = {"full": "full fine-tuning (every weight trained)",
                "freeze": "fine-tuning with the lower encoder layers frozen",
                "head": "a linear head on the frozen encoder",
                "lora": "LoRA adapters on the encoder (merged into the weights for export)",
-               "qlora": "QLoRA: LoRA adapters on a 4-bit NF4 encoder (merged into float weights for export)"}
+               "qlora": "QLoRA: LoRA adapters on a 4-bit NF4 encoder (merged into float weights for export)",
+               "setfit": "SetFit: the encoder tuned contrastively on pairs of labelled texts, then a linear head"}
 VARIANT_TEXT = {
     "float32": "`./` float32 PyTorch weights (safetensors), loaded by domaintune",
     "int8": "`int8/` weight-only int8 safetensors (per-output-channel scales), dequantised to float32 on load: "
@@ -173,6 +176,19 @@ def dapt_section(dapt: dict | None) -> list[str]:
     return out
 
 
+def continual_lines(meta: dict) -> list[str]:
+    """Where training started (a warm start), its regulariser, and the rows added to train."""
+    ws, reg, extra = meta.get("warm_start"), meta.get("regularize"), meta.get("extra_rows") or {}
+    reg_text = f", regulariser {reg['kind']} (strength {reg['strength']})" if reg else ", no regulariser"
+    start = f"version {ws['version']} (its dataset `{str(ws.get('dataset_hash'))[:12]}`)" if ws else "the base encoder"
+    out = [f"- Started from {start}{reg_text}"]
+    if extra.get("rows"):
+        replay = (extra.get("replay") or {}).get("rows", 0)
+        out.append(f"- Train had {fmt(extra['rows'])} extra rows ({fmt(extra.get('augmented', 0))} augmented, "
+                   f"{fmt(replay)} replayed), hash `{extra.get('sha256', '')[:12]}`")
+    return out
+
+
 def training_section(meta: dict, inputs: dict) -> list[str]:
     ft = (meta.get("params") or {}).get("finetune") or {}
     method = meta.get("method") or ft.get("method")
@@ -183,6 +199,7 @@ def training_section(meta: dict, inputs: dict) -> list[str]:
            ""]
     out += [f"- {k}: {', '.join(map(str, ft[k])) if isinstance(ft[k], (list, tuple)) else ft[k]}"
             for k in keys if k in ft and ft[k] not in ((), [], None)]
+    out += continual_lines(meta)
     best = best_epoch_text(meta)
     if best:
         out.append(f"- Best epoch on validation macro-F1: {best} (seed {meta.get('seed')})")

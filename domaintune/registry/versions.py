@@ -215,6 +215,9 @@ def build_record(root: Path, outs: list[Out]) -> dict:
         "params": params,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, dict)},
         "outs": {o.path: o.md5 for o in outs},
+        # what finetune started from and added to train (a warm start's version, its regulariser, the hash of the
+        # augmented and replayed rows in data/extra_train.parquet, whose md5 is under outs)
+        **{k: (metrics.get("finetune") or {}).get(k) for k in ("warm_start", "regularize", "extra_rows")},
     }
 
 

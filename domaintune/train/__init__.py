@@ -3,7 +3,11 @@
 - engine.py       the training loop (steps, accumulation, checkpoints, exact resume)
 - distributed.py  data-parallel processes (torchrun; gloo on CPU)
 - optim.py        weight-decay groups and LR schedules
-- classifier.py   fine-tuning an encoder classifier (full / freeze / LoRA / QLoRA / head, multi-seed)
+- classifier.py   fine-tuning an encoder classifier (full / freeze / LoRA / QLoRA / head / SetFit, multi-seed)
+- setfit.py       SetFit's contrastive phase (pairs, cosine-similarity loss) on the engine
+- augment.py      train-only augmentation: EDA operations and back-translation, each row traced to its source
+- warmstart.py    warm starts from a previous version: shape check, head rows, replay rows, Fisher data
+- regularize.py   L2-SP and EWC penalties towards the start weights
 - mlm.py          masked-LM domain-adaptive pre-training
 - sft.py          causal-LM continued pre-training and supervised fine-tuning
 - dapt.py         the MLM DAPT of an encoder (read, adapt or pass through, write)

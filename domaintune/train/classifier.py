@@ -10,6 +10,11 @@ Methods (finetune.method):
   qlora   the encoder's Linear layers quantised to 4-bit NF4 (bitsandbytes,
           double quant), LoRA on top
   head    frozen encoder; the head trains on cached pooled embeddings
+  setfit  SetFit: contrastive pairs tune the encoder (train/setfit.py), then the head as `head`
+
+Warm start (finetune.init, train/warmstart.py): the run starts from a previous version's encoder and head
+rows; finetune.regularize (l2sp | ewc, train/regularize.py) adds a penalty pulling the encoder back towards
+its start weights.
 
 Resume: with a checkpoint folder, the full training state (weights, AdamW
 moments, scheduler, RNG, data position) is written every `checkpoint_every`
@@ -52,7 +57,7 @@ from domaintune.modeling.adapters import (
     target_modules,
 )
 from domaintune.modeling.encoders import count_parameters, predict_logits, save_classifier, set_threads
-from domaintune.train import distributed
+from domaintune.train import distributed, regularize, setfit, warmstart
 from domaintune.train.curves import write_curves
 from domaintune.train.distributed import shard
 from domaintune.train.engine import Engine, EngineConfig, load_trainable_state, param_groups
@@ -282,7 +287,7 @@ class FinetuneRun:
 
     def __init__(self, train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
                  base: BaseParams, ft: FinetuneParams, seed: int, checkpoint_dir: Optional[Path] = None,
-                 device: Optional[str] = None):
+                 device: Optional[str] = None, start: Any = None):
         import torch
 
 
@@ -291,6 +296,7 @@ class FinetuneRun:
         # document's label; validation pools each document's windows (the pooling chosen on validation).
         self.long_text = chunking.LongText.from_params(base)
         self.pooling_scores: dict[str, float] = {}
+        self.start = start  # warmstart.Start / setfit.Tuned: the weights to start from (None: encoder_dir)
         self.device = device or finetune_device(base, ft)
         self.eval_batch = batch_size_for(self.device)
         self.names = label_list(train_df, labels, ft.problem_type)
@@ -312,10 +318,14 @@ class FinetuneRun:
 
         # encoders.* are looked up per call: tests replace them in their module
         ft = self.ft
-        self.tokenizer = encoders.load_tokenizer(encoder_dir)
-        # fp32 master weights whatever the checkpoint's dtype (transformers v5 loads fp16 files as fp16);
-        # bf16 speed comes from autocast, not from bf16 weights.
-        encoder = encoders.load_encoder(encoder_dir).float()
+        old_head = None
+        if self.start is not None:
+            encoder, self.tokenizer, old_head = self.start.weights()
+        else:
+            self.tokenizer = encoders.load_tokenizer(encoder_dir)
+            # fp32 master weights whatever the checkpoint's dtype (transformers v5 loads fp16 files as fp16);
+            # bf16 speed comes from autocast, not from bf16 weights.
+            encoder = encoders.load_encoder(encoder_dir).float()
         self.model = encoders.build_classifier(encoder, len(self.names), ft.pooling, ft.head_dropout).to(self.device)
         self.num_layers = len(encoder_layers(encoder))
         t0 = time.perf_counter()
@@ -330,10 +340,28 @@ class FinetuneRun:
                 self.model.head.weight.copy_(torch.from_numpy(W))
                 self.model.head.bias.copy_(torch.from_numpy(b))
         self.probe_s = time.perf_counter() - t0
+        self.label_changes = warmstart.map_head(self.model, self.names, list(self.start.labels), old_head) \
+            if old_head is not None else None
+        fisher = self._fisher(old_head) if ft.regularize == "ewc" else None
         _apply_method(self.model, ft, self.seed, self.device)
         for p in self.model.head.parameters():
             p.requires_grad = True
         self.model.to(self.device)  # modules added by the method (LoRA) land on the same device
+        self.penalty = regularize.Penalty(ft.regularize, ft.regularize_strength,
+                                          regularize.encoder_params(self.model), fisher) \
+            if ft.regularize != "none" else None
+
+    def _fisher(self, old_head: dict) -> dict:
+        """EWC's diagonal Fisher: the start version's own classifier (its head, its labels) on its train rows."""
+        import torch
+
+        old = encoders.build_classifier(self.model.encoder, len(self.start.labels), self.ft.pooling).to(self.device)
+        with torch.no_grad():
+            old.head.weight.copy_(old_head["weight"])
+            old.head.bias.copy_(old_head["bias"])
+        texts, y = warmstart.fisher_rows(self.start, self.ft.ewc_rows, self.seed)
+        return regularize.diagonal_fisher(old, self.tokenizer, texts, y, list(regularize.encoder_params(self.model)),
+                                          self.ft.batch_size, self.base.max_length, self.device)
 
     def _build_engine(self, checkpoint_dir: Optional[Path]) -> None:
         import torch
@@ -375,7 +403,8 @@ class FinetuneRun:
             input_ids, mask = collate([self.ids[i] for i in idx], self.pad_id)
             logits = model(input_ids=input_ids.to(self.device, non_blocking=True),
                            attention_mask=mask.to(self.device, non_blocking=True))
-        return self.loss_fn(logits.float(), self.y_t[rows])
+        loss = self.loss_fn(logits.float(), self.y_t[rows])
+        return loss + self.penalty() if self.penalty is not None else loss
 
     def val_logits(self) -> np.ndarray:
         """Validation logits, one row per document. Under chunks the windows run once and the pooling with the
@@ -536,16 +565,44 @@ class FinetuneRun:
 
 def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
               base: BaseParams, ft: FinetuneParams, seed: int, checkpoint_dir: Optional[Path] = None,
-              progress: bool = True):
+              progress: bool = True, start: Optional[warmstart.Start] = None):
     """Train one model with one seed. Returns (model, tokenizer, label names, result dict).
 
     result: history (per-step loss, lr, grad norm; per-epoch validation metrics),
-    best epoch, validation metrics of the returned weights, timing."""
+    best epoch, validation metrics of the returned weights, timing. `start`: a warm start's weights."""
     if distributed.world_size() == 1:
         set_threads()
-    run = FinetuneRun(train_df, val_df, labels, encoder_dir, base, ft, seed, checkpoint_dir)
+    run_ft, contrastive = ft, None
+    if ft.method == "setfit":  # phase 1 tunes the encoder on pairs; phase 2 is a `head` run over it
+        start, contrastive = _setfit_phase(train_df, labels, encoder_dir, base, ft, seed, checkpoint_dir, progress,
+                                           start)
+        run_ft = dataclasses.replace(ft, method="head")
+    run = FinetuneRun(train_df, val_df, labels, encoder_dir, base, run_ft, seed, checkpoint_dir, start=start)
     result = run.train(progress)
+    result["setfit"] = contrastive
+    result["label_changes"] = run.label_changes
+    result["regularize"] = run.penalty.info() if run.penalty is not None else None
     return run.model, run.tokenizer, run.names, result
+
+
+def _setfit_phase(train_df, labels, encoder_dir, base, ft, seed, checkpoint_dir, progress, start):
+    """SetFit's contrastive phase from the start weights (base encoder or a warm start)."""
+    if ft.problem_type != "single_label":
+        raise ParamsError("params.yaml: finetune.method: setfit pairs texts by their one label: use it with "
+                          "problem_type single_label")
+    names = label_list(train_df, labels, ft.problem_type)
+    y = encode_labels(train_df, names, ft.problem_type, "train.parquet")
+    if start is not None:
+        encoder, tok, head = start.weights()
+    else:
+        encoder, tok, head = encoders.load_encoder(encoder_dir).float(), encoders.load_tokenizer(encoder_dir), None
+    device = finetune_device(base, ft)
+    info = setfit.contrastive_tune(encoder.to(device), tok, train_df["text"].astype(str).tolist(), y, ft,
+                                   base.max_length, seed, device,
+                                   checkpoint_dir / "contrastive" if checkpoint_dir is not None else None, progress)
+    log.info("seed %d: setfit contrastive phase, %d pairs, %d steps, loss %.4f -> %.4f, %.1f s", seed,
+             info["pairs"], info["steps"], info["first_loss"] or 0.0, info["final_loss"] or 0.0, info["seconds"])
+    return setfit.Tuned(encoder, tok, head, list(start.labels) if start is not None else []), info
 
 
 
@@ -581,18 +638,22 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
                      base: BaseParams, ft: FinetuneParams, out_dir: Optional[str | os.PathLike] = None, *,
                      base_encoder: Optional[str] = None, data_hash: str = "",
                      checkpoint_root: Optional[str | os.PathLike] = None,
-                     live_dir: Optional[str | os.PathLike] = None, progress: bool = True) -> dict:
+                     live_dir: Optional[str | os.PathLike] = None, progress: bool = True,
+                     start: Optional[warmstart.Start] = None, extra_rows: Optional[dict] = None) -> dict:
     """Train one model per seed in ft.seeds; save the best on validation macro-F1 to out_dir
     (and every seed's under out_dir/seeds/<seed>/ when there is more than one). Returns metrics.
 
     base_encoder is what model.json records as the encoder (the path as given on the
-    command line, e.g. "models/dapt"); defaults to encoder_dir.
+    command line, e.g. "models/dapt"); defaults to encoder_dir. start: the warm start (finetune.init);
+    extra_rows: what the extra-rows file added to train (augmented and replayed rows, its hash), for model.json.
     """
     validate_setup(ft, encoder_dir, finetune_device(base, ft))
     ckpt_root = Path(checkpoint_root) if checkpoint_root is not None else None
     long_text = chunking.LongText.from_params(base)
     reads = {"long_text": long_text.as_meta()} if long_text.mode != "truncate" else {}  # truncate: keys as before
-    keys = {s: run_key("finetune", ft, encoder_dir, max_length=base.max_length, data=data_hash, seed=s, **reads)
+    keys = {s: run_key("finetune", ft, encoder_dir, max_length=base.max_length, data=data_hash, seed=s,
+                       extra=(extra_rows or {}).get("sha256"), init=start.info() if start is not None else None,
+                       **reads)
             for s in ft.seeds}
     writer = distributed.rank() == 0  # under a multi-process launch, rank 0 alone writes
     if ckpt_root is not None and writer:
@@ -605,7 +666,7 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
     for seed in ft.seeds:
         ckpt = ckpt_root / keys[seed] if ckpt_root is not None else None
         model, tok, names, res = train_one(train_df, val_df, labels, encoder_dir, base, ft, seed, ckpt,
-                                           progress)
+                                           progress, start)
         meta = {
             "labels": names, "pooling": ft.pooling, "problem_type": ft.problem_type, "method": ft.method,
             "max_length": base.max_length, "base_encoder": base_encoder or str(encoder_dir),
@@ -619,6 +680,10 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
             "best_epoch": res["best_epoch"],
             # how documents longer than max_length are read (modeling/chunks.py), pooling chosen on validation
             "long_text": {**res["long_text"], "pooling_validation_macro_f1": res["pooling_validation_macro_f1"]},
+            # what else was trained on and where training started (warm start, regulariser)
+            "extra_rows": extra_rows, "warm_start": start.info() if start is not None else None,
+            "regularize": {"kind": ft.regularize, "strength": ft.regularize_strength}
+            if ft.regularize != "none" else None,
         }
         if out_dir is None:  # only metrics wanted: do not keep every seed's model in memory
             model = None
@@ -634,6 +699,10 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
     if live_dir is not None and writer:
         write_live(live_dir, [(r[0], r[4]) for r in runs], best[0])
     metrics = summarize(ft, [r[4] for r in runs], best[0])
+    kept = best[4]
+    metrics["warm_start"] = dict(start.info(), **(kept["label_changes"] or {})) if start is not None else None
+    metrics["regularize"] = kept["regularize"]
+    metrics["setfit"] = kept["setfit"]
     log.info("%s", result_line(metrics, len(train_df)))
     distributed.barrier()
     if ckpt_root is not None and writer:  # finished: these checkpoints are done with

@@ -556,3 +556,15 @@ def test_card_numbers_and_latency_load_come_from_the_export_metrics(exported):
         assert f"| {pct(v['accuracy'])} |" in row and f"| {v['ece']:.4f} |" in row
         assert f"| {v['batched_ms_per_text']:.1f} |" in row
     assert m["gates"]["test_rows"] == m["test_rows"] and m["gates"]["ece_points"] >= m["gates"]["max_ece_increase"]
+
+
+def test_model_card_names_the_warm_start_regulariser_and_extra_rows():
+    from domaintune.export.modelcard import continual_lines
+
+    meta = {"warm_start": {"version": "v1.2.0", "dataset_hash": "f" * 64},
+            "regularize": {"kind": "ewc", "strength": 0.5},
+            "extra_rows": {"rows": 30, "augmented": 24, "replay": {"rows": 6}, "sha256": "a" * 64}}
+    lines = continual_lines(meta)
+    assert lines[0] == "- Started from version v1.2.0 (its dataset `ffffffffffff`), regulariser ewc (strength 0.5)"
+    assert lines[1] == "- Train had 30 extra rows (24 augmented, 6 replayed), hash `aaaaaaaaaaaa`"
+    assert continual_lines({}) == ["- Started from the base encoder, no regulariser"]

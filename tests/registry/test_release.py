@@ -269,3 +269,19 @@ def test_an_unreachable_remote_is_named_as_such(history, tmp_path):
     finally:
         shutil.move(str(moved), str(_remote(root)))
         obj.write_bytes(saved)
+
+
+def test_version_record_names_the_warm_start_regulariser_and_extra_rows(tmp_path):
+    """build_record lifts finetune's warm start, regulariser and extra-rows hash to the record's top level."""
+    from domaintune.registry.plumbing import Out
+    from domaintune.registry.versions import build_record
+
+    (tmp_path / "params.yaml").write_text("finetune: {method: full, init: v1.0.0}\n")
+    (tmp_path / "metrics").mkdir()
+    ft = {"warm_start": {"version": "v1.0.0", "labels_new": ["delivery"]}, "regularize": {"kind": "l2sp"},
+          "extra_rows": {"rows": 3, "sha256": "ab" * 32}}
+    (tmp_path / "metrics" / "finetune.json").write_text(json.dumps(ft))
+    rec = build_record(tmp_path, [Out("finetune", "metrics/finetune.json", "0" * 32, True),
+                                  Out("finetune", "data/extra_train.parquet", "1" * 32, False)])
+    assert rec["warm_start"]["version"] == "v1.0.0" and rec["regularize"] == {"kind": "l2sp"}
+    assert rec["extra_rows"]["sha256"] == "ab" * 32 and rec["outs"]["data/extra_train.parquet"] == "1" * 32
