@@ -6,6 +6,7 @@
 - chat.py      chat conversations as prompt/response rows
 - ingest.py    the ingest stage's work: check, split, account for every row
 - dedupe.py    the dedupe stage's work: exact and near duplicates, cross-split leaks, manifest
+- tokens.py    tagged sentences (token_classification): word/CoNLL/span readers, BIO checks, sub-word alignment
 
 Nothing is imported here: import the module you need, so a stage (and its DVC deps) loads only
 what it uses and the CLI answers --help at once.

@@ -4,6 +4,7 @@
 - distributed.py  data-parallel processes (torchrun; gloo on CPU)
 - optim.py        weight-decay groups and LR schedules
 - classifier.py   fine-tuning an encoder classifier (full / freeze / LoRA / QLoRA / head, multi-seed)
+- tokens.py       fine-tuning a token tagger (first sub-word labelled, early stopping on entity F1)
 - mlm.py          masked-LM domain-adaptive pre-training
 - sft.py          causal-LM continued pre-training and supervised fine-tuning
 - dapt.py         the MLM DAPT of an encoder (read, adapt or pass through, write)
