@@ -63,7 +63,8 @@ def check_entity_gate(after: dict, gate: dict) -> None:
         fails.append(f"entity F1 {after['f1']:.4f} < evaluate.gate.min_macro_f1 {gate['min_macro_f1']} "
                      "(token_classification: the gate's F1 is entity-level F1)")
     if "min_accuracy" in gate and after["token_accuracy"] < gate["min_accuracy"]:
-        fails.append(f"token accuracy {after['token_accuracy']:.4f} < evaluate.gate.min_accuracy {gate['min_accuracy']}")
+        fails.append(f"token accuracy {after['token_accuracy']:.4f} < evaluate.gate.min_accuracy "
+                     f"{gate['min_accuracy']}")
     if "max_ece" in gate and after["ece"] > gate["max_ece"]:
         fails.append(f"word ECE (after calibration) {after['ece']:.4f} > evaluate.gate.max_ece {gate['max_ece']}")
     if fails:

@@ -50,7 +50,8 @@ def word_embeddings(words: list[list[str]], encoder_path: str, max_length: int, 
 
     def run(input_ids, mask):
         with torch.inference_mode():
-            out = enc(input_ids=torch.from_numpy(input_ids).to(device), attention_mask=torch.from_numpy(mask).to(device))
+            out = enc(input_ids=torch.from_numpy(input_ids).to(device),
+                      attention_mask=torch.from_numpy(mask).to(device))
         return out.last_hidden_state.float().cpu().numpy()
     wl = word_logits(run, tok, words, hidden, max_length, batch_size)
     return wl.logits, wl.kept
@@ -118,7 +119,8 @@ def token_audit(train: pd.DataFrame, tags: list[str], encoder_path: str, params,
                  pd.DataFrame(columns=["id", "sentence_quality", "words", "suggestions", "given", "text"]))
     if len(sentences):
         sentences["suspicious"] = [", ".join(f"{w!r}: {g} -> {s}" for w, g, s in zip(ws, gs, ss))
-                                   for ws, gs, ss in zip(sentences["words"], sentences["given"], sentences["suggestions"])]
+                                   for ws, gs, ss in zip(sentences["words"], sentences["given"],
+                                                         sentences["suggestions"])]
         sentences = sentences.drop(columns=["words", "given", "suggestions"]).sort_values("sentence_quality")
     metrics = {"task": "token_classification", "words_scored": int(len(y)), "folds_used": folds,
                "temperature": float(temperature), "cleanlab_candidates": len(found), "issues_found": int(len(issues)),
@@ -140,7 +142,8 @@ def read_token_decisions(path: str | Path | None, train_ids: set) -> dict[str, s
     out = {}
     for row, r in enumerate(df.itertuples(index=False), 1):
         if r.decision not in ("accept", "reject"):
-            raise DataError(path, row, "decision", f"{r.decision!r}: use accept (drop the sentence) or reject (keep it)")
+            raise DataError(path, row, "decision",
+                            f"{r.decision!r}: use accept (drop the sentence) or reject (keep it)")
         if getattr(r, "corrected_label", ""):
             raise DataError(path, row, "corrected_label", "a tagged sentence is not relabelled by a decision; "
                             "accept drops it, reject keeps it (fix its tags in the source)")

@@ -182,7 +182,8 @@ def torch_runner(model, device: str = "cpu"):
 
     def run(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = model(input_ids=torch.from_numpy(input_ids).to(device), attention_mask=torch.from_numpy(mask).to(device))
+            out = model(input_ids=torch.from_numpy(input_ids).to(device),
+                        attention_mask=torch.from_numpy(mask).to(device))
         logits = out.logits if hasattr(out, "logits") else out
         return logits.float().cpu().numpy()
     return run

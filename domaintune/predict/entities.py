@@ -59,7 +59,8 @@ class EntityPredictor:
         elif self.variant in ("onnx", "onnx-int8"):
             path = folder / self.variant / ONNX_FILE
             if not path.is_file():
-                raise DataError(path, None, None, f"missing: the export has no {self.variant} variant (export.variants)")
+                raise DataError(path, None, None,
+                                f"missing: the export has no {self.variant} variant (export.variants)")
             self.model = None
             self.run = onnx_runner(path)
         else:
@@ -103,7 +104,7 @@ class EntityPredictor:
         labels = self.labels
         out = np.zeros((len(texts), len(labels)), dtype=np.float64)
         o = self.tags.index("O")
-        for i, (text, (off, probs, kept)) in enumerate(zip(texts, self.word_probs(texts))):
+        for i, (_, probs, kept) in enumerate(self.word_probs(texts)):
             if not len(probs):
                 out[i] = 1.0 / len(labels)
                 continue
@@ -136,7 +137,8 @@ class EntityPredictor:
                 input_ids[j, :len(x)] = torch.tensor(x)
                 mask[j, :len(x)] = 1
             with torch.inference_mode():
-                h = self.model.base_model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+                h = self.model.base_model(input_ids=input_ids.to(device),
+                                          attention_mask=mask.to(device)).last_hidden_state
             m = mask.to(device).unsqueeze(-1).to(h.dtype)
             emb[start:start + len(ids)] = ((h * m).sum(1) / m.sum(1).clamp(min=1e-9)).float().cpu().numpy()
         return emb
