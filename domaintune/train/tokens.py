@@ -24,7 +24,7 @@ import pandas as pd
 
 from domaintune.core.errors import DataError, ParamsError
 from domaintune.core.params import BaseParams, FinetuneParams, as_dict
-from domaintune.data.tokens import IGNORE, align_labels, decode_rows, entity_scores
+from domaintune.data.tokens import IGNORE, align_labels, continuation_ids, decode_rows, entity_scores, piece_starts
 from domaintune.modeling.adapters import encoder_layers
 from domaintune.modeling.encoders import count_parameters, set_threads
 from domaintune.modeling.tagger import build_tagger, save_tagger, to_token_classification, torch_runner, word_logits
@@ -58,10 +58,18 @@ def check_method(ft: FinetuneParams) -> None:
                           "(single_label)")
 
 
-def encode_words(tokenizer, words: Sequence[Sequence[str]], tag_ids: Sequence[Sequence[int]], max_length: int):
-    """(input ids, aligned labels) per sentence: the first sub-word of each word carries its tag, the rest -100."""
-    enc = tokenizer([list(w) for w in words], is_split_into_words=True, truncation=True, max_length=max_length)
-    labels = [align_labels(enc.word_ids(i), tag_ids[i]) for i in range(len(words))]
+def encode_words(tokenizer, words: Sequence[Sequence[str]], tag_ids: Sequence[Sequence[int]], max_length: int,
+                 continuation: Sequence[int] | None = None):
+    """(input ids, aligned labels) per sentence: the first sub-word of each word carries its tag, the rest -100;
+    with `continuation`, the first sub-word of each later pre-tokenizer piece of a word its inside tag
+    (data/tokens.align_labels)."""
+    enc = tokenizer([list(w) for w in words], is_split_into_words=True, truncation=True, max_length=max_length,
+                    return_offsets_mapping=continuation is not None)
+    labels = []
+    for i in range(len(words)):
+        wid = enc.word_ids(i)
+        starts = piece_starts(tokenizer, words[i], wid, enc["offset_mapping"][i]) if continuation is not None else None
+        labels.append(align_labels(wid, tag_ids[i], starts, continuation))
     return enc["input_ids"], labels
 
 
@@ -119,7 +127,8 @@ class TokenRun(FinetuneRun):
         self.trainable_count = sum(p.numel() for _, p in trainable)
         groups = _param_groups(self.model, trainable, ft, self.num_layers)
         self.group_depth = [g["depth"] for g in groups]
-        self.ids, self.token_labels = encode_words(self.tokenizer, self.words, self.y_words, self.base.max_length)
+        self.ids, self.token_labels = encode_words(self.tokenizer, self.words, self.y_words, self.base.max_length,
+                                                   continuation_ids(self.names))
         self.lengths = np.array([len(x) for x in self.ids])
         self.steps_per_epoch = math.ceil(len(self.ids) / ft.batch_size)
         total = self.steps_per_epoch * ft.epochs

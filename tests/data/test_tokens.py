@@ -17,12 +17,14 @@ from domaintune.data.tagged import ingest_tokens, read_conll
 from domaintune.data.tokens import (
     IGNORE,
     align_labels,
+    continuation_ids,
     decode_label,
     entities,
     entity_scores,
     first_subwords,
     lenient_entities,
 )
+from domaintune.train.tokens import encode_words
 from stages.ingest import main as ingest_main
 
 SENTS = [(["Order", "INV-1", "from", "Acme", "Corp", "arrived"], ["O", "B-order", "O", "B-org", "I-org", "O"]),
@@ -158,8 +160,11 @@ def tokenizer():
 WORD = st.text(alphabet=st.sampled_from(list("abcxyzQRS019-'.,éñßÆ日本")), min_size=1, max_size=12)
 
 
+NAMES = ["B-a", "B-b", "I-a", "I-b", "O"]
+
+
 @settings(max_examples=60, deadline=None)
-@given(sentence=st.lists(st.tuples(WORD, st.integers(0, 6)), min_size=1, max_size=20))
+@given(sentence=st.lists(st.tuples(WORD, st.integers(0, len(NAMES) - 1)), min_size=1, max_size=20))
 def test_first_subword_labelling_round_trips_word_tags(tokenizer, sentence):
     words, tags = [w for w, _ in sentence], [t for _, t in sentence]
     enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=512)
@@ -170,6 +175,21 @@ def test_first_subword_labelling_round_trips_word_tags(tokenizer, sentence):
     assert (first >= 0).all()
     assert [labels[i] for i in first] == tags  # read back at each word's first sub-word: the word tags
     assert all(lab == IGNORE for i, lab in enumerate(labels) if i not in set(first.tolist()))
+    # The training encoding: later pre-tokenizer pieces of a word ("INV-1" -> INV, -, 1) carry its inside tag.
+    ids, train_labels = encode_words(tokenizer, [words], [tags], 512, continuation_ids(NAMES))
+    assert ids[0] == enc["input_ids"]
+    assert [train_labels[0][i] for i in first] == tags
+    inside = {0: 2, 1: 3, 2: 2, 3: 3, 4: 4}
+    for i, lab in enumerate(train_labels[0]):
+        if i not in set(first.tolist()) and lab != IGNORE:
+            assert lab == inside[tags[word_ids[i]]]
+
+
+def test_later_pieces_of_a_word_get_its_inside_tag(tokenizer):
+    names = ["B-order", "I-order", "O"]
+    _, labels = encode_words(tokenizer, [["Order", "INV-12345"]], [[2, 0]], 64, continuation_ids(names))
+    # [CLS] order in ##v - 123 ##45 [SEP]: the word opens with B-, its pieces "-" and "123" continue it
+    assert labels[0] == [IGNORE, 2, 0, IGNORE, 1, 1, IGNORE, IGNORE]
 
 
 def test_a_missing_source_is_one_data_error(tmp_path):
