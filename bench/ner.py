@@ -68,8 +68,22 @@ def run_domaintune(splits, tags, base, ft) -> dict:
     m = train_tagger(splits["train"], splits["validation"], tags, resolve_model(base.model), base, ft, out,
                      progress=False)
     wall = time.perf_counter() - t0
+    from domaintune.export.artifacts import ONNX_FILE
+    from domaintune.export.tokens import onnx_runner, write_onnx, write_onnx_int8
+
     model = AutoModelForTokenClassification.from_pretrained(out)
-    res = score(model, load_tokenizer(str(out)), splits["test"], tags, base.max_length)
+    tok = load_tokenizer(str(out))
+    res = score(model, tok, splits["test"], tags, base.max_length)
+    # the export variants' entity F1 on the same test split (what the export gates compare)
+    write_onnx(out, model, tok)
+    write_onnx_int8(out)
+    words, _, gold = decode_rows(splits["test"])
+    o = tags.index("O")
+    for variant in ("onnx", "onnx-int8"):
+        wl = word_logits(onnx_runner(out / variant / ONNX_FILE), tok, words, len(tags), base.max_length, 64)
+        pred = [[tags[k] if keep else tags[o] for k, keep in zip(lg.argmax(1), kept)]
+                for lg, kept in zip(wl.logits, wl.kept)]
+        res[f"{variant}_entity_f1"] = entity_scores(gold, pred)["f1"]
     return {**res, "train_seconds": m["train_seconds"], "wall_seconds_incl_load": wall,
             "samples_per_s": m["train_samples_per_s"], "best_epoch": m["per_seed"][str(m["best_seed"])]["best_epoch"],
             "val_entity_f1": m.get("val_entity_f1")}

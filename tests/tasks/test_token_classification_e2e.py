@@ -38,6 +38,9 @@ def project(tiny_bert, tmp_path_factory):
                           head_warmup_steps=0)
     params["finetune"].update(epochs=2, batch_size=16, lr=1.0e-3, early_stopping_patience=1)
     params["drift"]["calibration_resamples"] = 20
+    # a random tiny BERT on 14 test sentences: one word is 1-2 ECE points, so the variant gates (whose failure is
+    # tested below on the stage itself) would fail at random
+    params["export"].update(max_accuracy_drop=100.0, max_ece_increase=100.0)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "decisions.csv").write_text("id,decision,corrected_label\n")
     p = ["--params", str(root / "params.yaml")]
@@ -110,6 +113,24 @@ def test_the_gate_applies_to_entity_f1_and_writes_nothing(project, capsys):
     assert rc == 2 and "entity F1" in capsys.readouterr().err and not (project / "gated").exists()
 
 
+def test_export_gates_hold_variants_to_float32_entity_f1_and_ece():
+    from types import SimpleNamespace
+
+    from domaintune.core.errors import StageError
+    from domaintune.export.tokens import check_gates
+
+    p = SimpleNamespace(max_accuracy_drop=0.5, max_ece_increase=1.0)
+    ref = {"entity_f1": 0.60, "ece": 0.020, "support": 1000, "words": 20000}
+    ok = {"float32": ref, "onnx-int8": {**ref, "entity_f1": 0.596, "ece": 0.029}}
+    assert check_gates(ok, p) == {"max_entity_f1_drop_points": 0.5, "max_ece_increase_points": 1.0}
+    with pytest.raises(StageError, match="variant onnx-int8: entity F1 0.5900 is 1.00 points below"):
+        check_gates({"float32": ref, "onnx-int8": {**ref, "entity_f1": 0.59}}, p)
+    with pytest.raises(StageError, match="word ECE 0.0350 is 1.50 points above"):
+        check_gates({"float32": ref, "onnx-int8": {**ref, "ece": 0.035}}, p)
+    small = {**ref, "support": 50}  # one of 50 test entities is 2 points: the allowance never goes below it
+    assert check_gates({"float32": small, "onnx": {**small, "entity_f1": 0.581}}, p)["max_entity_f1_drop_points"] == 2
+
+
 def test_predict_cli_writes_entities_per_row(project, capsys):
     from pipelines.cli import main as cli
 
@@ -175,3 +196,18 @@ def test_serve_answers_predict_and_v2_with_entity_lists(project):
             meta = c.get("/v2/models/domaintune").json()
             assert meta["parameters"]["task"] == "token_classification"
             assert c.post("/predict", json={"texts": TEXTS * 2}).status_code == 413  # the same limits
+
+
+def test_monitor_judges_a_batch_against_the_tagger_baseline(project, capsys):
+    """`domaintune monitor`: entity-type mix and confidence as drift signals, no accuracy line for a tagger."""
+    from pipelines.cli import main as cli
+
+    batch = project / "same.txt"
+    batch.write_text("\n".join(pd.read_parquet(project / "data/audited/test.parquet")["text"]) + "\n")
+    rc = cli(["monitor", "--batch", str(batch), "--baseline", str(project / "models/drift"),
+              "--model", str(project / "models/export"), "--out", str(project / "reports/monitor"),
+              "--history", str(project / "reports/history.csv"), "--review-queue", str(project / "reports/q.csv"),
+              "--repo", str(project)])
+    assert rc in (0, 1), capsys.readouterr()
+    verdict = json.loads((project / "reports/monitor/verdict.json").read_text())
+    assert verdict["accuracy"] is None and "pred_label" in verdict["signals"] and "confidence" in verdict["signals"]
