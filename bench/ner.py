@@ -111,7 +111,8 @@ def run_hf(splits, tags, base, ft) -> dict:
                                                             id2label=dict(enumerate(tags)), label2id=index)
     args = TrainingArguments(output_dir="/tmp/bench_ner_hf", per_device_train_batch_size=ft.batch_size,
                              learning_rate=ft.lr, num_train_epochs=ft.epochs, weight_decay=ft.weight_decay,
-                             warmup_ratio=ft.warmup_ratio, lr_scheduler_type="linear", seed=ft.seeds[0],
+                             warmup_steps=int(ft.warmup_ratio * -(-len(feats) // ft.batch_size) * ft.epochs),
+                             lr_scheduler_type="linear", seed=ft.seeds[0],
                              eval_strategy="no", save_strategy="no", logging_strategy="no", report_to=[],
                              use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=feats, data_collator=DataCollatorForTokenClassification(tok))

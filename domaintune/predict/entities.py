@@ -59,8 +59,9 @@ class EntityPredictor:
         elif self.variant in ("onnx", "onnx-int8"):
             path = folder / self.variant / ONNX_FILE
             if not path.is_file():
-                raise DataError(path, None, None,
-                                f"missing: the export has no {self.variant} variant (export.variants)")
+                why = info.get("variants_refused", {}).get(self.variant)
+                raise DataError(path, None, None, f"missing: the export has no {self.variant} variant ("
+                                + (f"refused by the export gates: {why}" if why else "export.variants") + ")")
             self.model = None
             self.run = onnx_runner(path)
         else:

@@ -117,7 +117,7 @@ def test_export_gates_hold_variants_to_float32_entity_f1_and_ece():
     from types import SimpleNamespace
 
     from domaintune.core.errors import StageError
-    from domaintune.export.tokens import check_gates
+    from domaintune.export.tokens import check_gates, gate_failures
 
     p = SimpleNamespace(max_accuracy_drop=0.5, max_ece_increase=1.0)
     ref = {"entity_f1": 0.60, "ece": 0.020, "support": 1000, "words": 20000}
@@ -127,6 +127,8 @@ def test_export_gates_hold_variants_to_float32_entity_f1_and_ece():
         check_gates({"float32": ref, "onnx-int8": {**ref, "entity_f1": 0.59}}, p)
     with pytest.raises(StageError, match="word ECE 0.0350 is 1.50 points above"):
         check_gates({"float32": ref, "onnx-int8": {**ref, "ece": 0.035}}, p)
+    g, refused = gate_failures({"float32": ref, "onnx": ok["onnx-int8"], "onnx-int8": {**ref, "entity_f1": 0.58}}, p)
+    assert list(refused) == ["onnx-int8"] and "2.00 points below" in refused["onnx-int8"]
     small = {**ref, "support": 50}  # one of 50 test entities is 2 points: the allowance never goes below it
     assert check_gates({"float32": small, "onnx": {**small, "entity_f1": 0.581}}, p)["max_entity_f1_drop_points"] == 2
 
@@ -136,7 +138,7 @@ def test_predict_cli_writes_entities_per_row(project, capsys):
 
     src = project / "texts.csv"
     pd.DataFrame({"id": ["a", "b", "c"], "text": TEXTS}).to_csv(src, index=False)
-    assert cli(["predict", str(src), "--model", str(project / "models/export"),
+    assert cli(["predict", str(src), "--model", str(project / "models/export"), "--id-column", "id",
                 "--out", str(project / "entities.jsonl")]) == 0
     rows = [json.loads(line) for line in (project / "entities.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b", "c"]
@@ -211,3 +213,31 @@ def test_monitor_judges_a_batch_against_the_tagger_baseline(project, capsys):
     assert rc in (0, 1), capsys.readouterr()
     verdict = json.loads((project / "reports/monitor/verdict.json").read_text())
     assert verdict["accuracy"] is None and "pred_label" in verdict["signals"] and "confidence" in verdict["signals"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_saved_token_classification_model_computes_the_trained_taggers_logits(tiny_bert, method):
+    """to_token_classification copies the tagger (a LoRA encoder merged in) into AutoModelForTokenClassification."""
+    import dataclasses
+
+    import torch
+
+    from domaintune.core.params import FinetuneParams
+    from domaintune.modeling.tagger import build_tagger, to_token_classification
+    from domaintune.train.classifier import _apply_method
+
+    tags = ["B-x", "I-x", "O"]
+    tagger, tok = build_tagger(str(tiny_bert), len(tags))
+    _apply_method(tagger, dataclasses.replace(FinetuneParams(), method=method, lora_dropout=0.0), 0)
+    with torch.no_grad():
+        for name, p in tagger.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter is not the identity
+    tagger.eval()
+    enc = tok(["Order INV-1 for Ledgerly Pro", "hi"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = tagger(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        model = to_token_classification(tagger, tags)
+        got = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    assert model.config.id2label == {0: "B-x", 1: "I-x", 2: "O"}
+    assert torch.allclose(got, want, atol=1e-5)
