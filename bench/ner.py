@@ -136,12 +136,6 @@ def main() -> None:
     splits, tags = r.tables, r.tags
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
     results.setdefault("results", {})
-    for cfg in args.configs:
-        t0 = time.perf_counter()
-        res = run_domaintune(splits, tags, base, ft) if cfg == "domaintune" else run_hf(splits, tags, base, ft)
-        res["config_seconds"] = time.perf_counter() - t0
-        results["results"][cfg] = res
-        print(cfg, json.dumps({k: v for k, v in res.items() if k != "per_type"}), flush=True)
     results["setup"] = {
         "dataset": "WNUT-17 (emerging entities), train 3,394 / validation 1,009 / test 1,287 sentences, 6 types",
         "base_model": base.model, "dapt": "off (the base model as is)", "epochs": args.epochs,
@@ -156,7 +150,13 @@ def main() -> None:
                       "BERT-base-size fine-tunes, reported range": "about 0.47-0.56"},
         "cpu": cpu(),
     }
-    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    for cfg in args.configs:
+        t0 = time.perf_counter()
+        res = run_domaintune(splits, tags, base, ft) if cfg == "domaintune" else run_hf(splits, tags, base, ft)
+        res["config_seconds"] = time.perf_counter() - t0
+        results["results"][cfg] = res
+        print(cfg, json.dumps({k: v for k, v in res.items() if k != "per_type"}), flush=True)
+        args.results.write_text(json.dumps(results, indent=2) + "\n")  # after each config: a crash keeps the rest
 
 
 if __name__ == "__main__":

@@ -153,13 +153,26 @@ def test_predict_cli_writes_entities_per_row(project, capsys):
 
 PIPELINE = """
 import json, sys
+
+class NoDomaintune:  # python -I drops PYTHONPATH and the cwd; the venv's editable install is blocked here
+    def find_spec(self, name, path=None, target=None):
+        if name == "domaintune" or name.startswith("domaintune."):
+            raise ImportError("domaintune is not importable in this process")
+        return None
+
+sys.meta_path.insert(0, NoDomaintune())
 from transformers import pipeline
 folder, texts = sys.argv[1], json.loads(sys.argv[2])
 first = pipeline("token-classification", model=folder, aggregation_strategy="first", device="cpu")
 simple = pipeline("token-classification", model=folder, aggregation_strategy="simple", device="cpu")
+try:
+    import domaintune  # noqa: F401
+    raise SystemExit("domaintune was importable")
+except ImportError:
+    pass
 print(json.dumps({"first": [[[int(e["start"]), int(e["end"]), e["entity_group"]] for e in first(t)] for t in texts],
                   "labels": simple.model.config.id2label, "simple": [len(simple(t)) >= 0 for t in texts],
-                  "domaintune": __import__("importlib").util.find_spec("domaintune") is not None}))
+                  "domaintune": "domaintune" in sys.modules}))
 """
 
 
