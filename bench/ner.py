@@ -152,7 +152,10 @@ def main() -> None:
     }
     for cfg in args.configs:
         t0 = time.perf_counter()
-        res = run_domaintune(splits, tags, base, ft) if cfg == "domaintune" else run_hf(splits, tags, base, ft)
+        if cfg == "domaintune_no_smoothing":  # the same recipe with finetune.label_smoothing 0 (as the HF recipe)
+            res = run_domaintune(splits, tags, base, dataclasses.replace(ft, label_smoothing=0.0))
+        else:
+            res = run_domaintune(splits, tags, base, ft) if cfg == "domaintune" else run_hf(splits, tags, base, ft)
         res["config_seconds"] = time.perf_counter() - t0
         results["results"][cfg] = res
         print(cfg, json.dumps({k: v for k, v in res.items() if k != "per_type"}), flush=True)
