@@ -152,7 +152,9 @@ def main() -> None:
     }
     for cfg in args.configs:
         t0 = time.perf_counter()
-        if cfg == "domaintune_no_smoothing":  # the same recipe with finetune.label_smoothing 0 (as the HF recipe)
+        if cfg == "domaintune_fp32":  # the same recipe without bf16 autocast (the Trainer runs float32)
+            res = run_domaintune(splits, tags, base, dataclasses.replace(ft, bf16="off"))
+        elif cfg == "domaintune_no_smoothing":  # the same recipe with finetune.label_smoothing 0 (as the HF recipe)
             res = run_domaintune(splits, tags, base, dataclasses.replace(ft, label_smoothing=0.0))
         else:
             res = run_domaintune(splits, tags, base, ft) if cfg == "domaintune" else run_hf(splits, tags, base, ft)
