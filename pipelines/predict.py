@@ -198,7 +198,7 @@ def prediction_logger(args, folder: Path, generation):
     from domaintune.predict import batch as bp
 
     path = prediction_log_path(args)
-    if path is None or generation is not None:
+    if path is None or generation is not None or export_task(folder) == "token_classification":  # no class probs
         return None
     if args.prediction_log_mb <= 0 or args.prediction_log_files < 0:
         raise DataError("command line", None, None, "--prediction-log-mb must be > 0 and --prediction-log-files >= 0")

@@ -53,7 +53,8 @@ class BaseParams:
     # (no network); anything else is a local directory or a hub model name.
     model: str = "minilm"
     max_length: int = 128
-    # classification: an encoder + a label head; generation: a causal LM (SFT on prompt -> response).
+    # classification: an encoder + a label head; generation: a causal LM (SFT on prompt -> response);
+    # token_classification: an encoder tagging each word (named entities, BIO/IOB2 tags).
     task: str = "classification"
     # Where every stage runs its models: auto (CUDA when torch sees one, else CPU), cpu, cuda, cuda:N.
     device: str = "auto"
@@ -65,7 +66,7 @@ class BaseParams:
     max_chunks: int = 16
 
     def __post_init__(self) -> None:
-        _one_of(self.task, ("classification", "generation"), "base", "task")
+        _one_of(self.task, ("classification", "generation", "token_classification"), "base", "task")
         _check(self.max_length >= 8, "base", "max_length", f"must be >= 8, got {self.max_length}")
         _one_of(self.long_text, ("truncate", "head_tail", "chunks"), "base", "long_text")
         # at most half a window (max_length less up to 4 special tokens): no token is read by three windows;
@@ -118,6 +119,12 @@ class IngestParams:
     # the source and split by the same sticky rule; null = none. It must lie in FEEDBACK_DIR, the folder
     # dvc.yaml tracks as a dependency of ingest (a null param cannot be a DVC dep), so a new label re-runs ingest.
     feedback: Optional[str] = FEEDBACK_DEFAULT  # shipped empty (header only)
+    # base.task token_classification: word-level rows (a list of words, a list of BIO/IOB2 tags; JSONL/Parquet),
+    # or with spans_column, text_column plus a list of {start, end, label} character spans; CoNLL text files
+    # (.conll/.iob/.bio/.txt: token per line, tag last) need neither (domaintune/data/tokens.py).
+    tokens_column: str = "tokens"
+    tags_column: str = "tags"
+    spans_column: Optional[str] = None
 
     def for_prompts(self) -> "IngestParams":
         """The view ingest reads prompt -> response data with (base.task generation): the prompt is the text

@@ -6,6 +6,8 @@
 - chat.py      chat conversations as prompt/response rows
 - ingest.py    the ingest stage's work: check, split, account for every row
 - dedupe.py    the dedupe stage's work: exact and near duplicates, cross-split leaks, manifest
+- tokens.py    tagged sentences (token_classification): row format, BIO checks, sub-word alignment, entity F1
+- tagged.py    reading tagged sentences (word-level, CoNLL, spans) and the token_classification ingest
 
 Nothing is imported here: import the module you need, so a stage (and its DVC deps) loads only
 what it uses and the CLI answers --help at once.

@@ -534,8 +534,9 @@ def write_removed_csv(table, path: Path, rows: int = CHUNK_ROWS) -> None:
             table.slice(start, rows).to_pandas().loc[:, REMOVED_COLUMNS].to_csv(fh, index=False, header=start == 0)
 
 
-def dedupe_stage(io: StageIO, classes: bool = True) -> None:
-    """The dedupe stage for a task (classes=False: prompt -> response rows, no label set to keep whole)."""
+def dedupe_stage(io: StageIO, classes: bool = True, keep_labels: bool = False) -> None:
+    """The dedupe stage for a task (classes=False: prompt -> response rows, no label set to keep whole;
+    keep_labels: labels.json passes through as it is, e.g. token_classification's tag set)."""
     p, base = load_params(io.params, "dedupe", "base")
     in_dir = Path(io.in_dir)
     tables = {s: read_split_table(in_dir, s) for s in SPLITS}
@@ -546,7 +547,7 @@ def dedupe_stage(io: StageIO, classes: bool = True) -> None:
     metrics = metrics_of(result)
     # Nested: the dataset and its metrics land together or not at all.
     with atomic_output(io.out) as tmp, atomic_output(io.metrics) as tmp_metrics:
-        hashes = write_dataset(tmp, result.tables, result.labels)
+        hashes = write_dataset(tmp, result.tables, labels if keep_labels else result.labels)
         write_json(tmp / "manifest.json", manifest_of(result, hashes, input_hashes, p, base.seed, str(in_dir)))
         write_removed_csv(result.removed_table, tmp / "removed.csv")
         write_json(tmp_metrics, metrics)

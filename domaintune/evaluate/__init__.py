@@ -7,6 +7,8 @@
 - audit.py        the cleanlab label audit (labels that are classes; also a declared label set)
 - generation.py   evaluation of a tuned causal LM (perplexity, samples, label-set accuracy)
 - genaudit.py     the audit of prompt/response data (what hurts SFT)
+- entities.py     the evaluate stage's work for a token tagger: seqeval entity P/R/F1, calibration, errors, gate
+- tokaudit.py     the cleanlab token-classification audit of tagged sentences
 - summary.py      the run summary (metrics/summary.json, ten lines)
 - compare.py      champion vs challenger: paired bootstrap of the difference, the rows fair to compare on
 

@@ -71,12 +71,18 @@ def build_summary(metrics: dict[str, dict]) -> dict:
         "test_ece_before": _num(_get(ev, "before", "ece")),
         "test_ece_after": _num(_get(ev, "after", "ece")),
         "temperature": _num(ev.get("temperature"), 3),
+        # base.task token_classification (absent, so dropped, for the other tasks)
+        "val_entity_f1": _num(ft.get("val_entity_f1")),
+        "test_entity_f1": _num(_get(ev, "entity", "f1")),
+        "test_token_accuracy": _num(ev.get("token_accuracy")),
+        "test_word_ece_after": _num(_get(ev, "calibration", "ece_after")),
     }
     parts = [s["rows_rejected"], s["rows_deduplicated"], s["rows_dropped_by_audit"]]
     if all(isinstance(p, int) for p in parts):
         s["rows_removed"] = sum(parts)
     variants = _get(metrics.get("export", {}), "variants") or {}
-    export = {name: {"size_mb": round(v["size_bytes"] / 1e6, 1), "accuracy": _num(v.get("accuracy"))}
+    export = {name: {"size_mb": round(v["size_bytes"] / 1e6, 1), "accuracy": _num(v.get("accuracy")),
+                     **({"entity_f1": _num(v["entity_f1"])} if "entity_f1" in v else {})}
               for name, v in variants.items() if isinstance(v, dict) and v.get("size_bytes")}
     if export:
         s["export"] = export

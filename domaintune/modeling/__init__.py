@@ -2,6 +2,7 @@
 
 - encoders.py    resolve, load, pool, embed, classify, save (the encoder classifier layout)
 - chunks.py      long documents: truncate, head_tail or overlapping chunks, and pooling chunk logits per document
+- tagger.py      the token tagger (token_classification): training module, transformers folder, per-word logits
 - adapters.py    target modules, layer depth, 4-bit quantisation of Linear layers
 - llm.py         causal-LM prompt formatting, completion-only labels, packing, scoring, merging
 - causal.py      loading causal LMs (base and tuned) and encoding prompt/response pairs

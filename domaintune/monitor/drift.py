@@ -299,8 +299,8 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], predictor
     arrays = {"pca_mean": pca_mean, "pca_components": pca_comps, **rff,
               "phi_mean": phi.mean(axis=0), "ref_embeddings": dt.normalise(emb[np.sort(keep)])}
     # no label set (base.task generation): no accuracy to measure or estimate
-    measured = reference_accuracy(out_ref["label"], out_ref[PRED_COLUMN], predictor.labels) if predictor.labels \
-        else None
+    measured = reference_accuracy(out_ref["label"], out_ref[PRED_COLUMN], predictor.labels) \
+        if predictor.labels and predictor.problem_type != "token_classification" else None  # a tagger: no row label
     expected = dt.estimated_performance(probs) if has_accuracy(predictor.problem_type) else None
     profile = _profile(predictor, train, val, text_ref, out_ref, null, measured, expected, params, dataset_hash)
     profile["bf16"] = bf16  # the batches' forward pass follows it (Baseline.profile_batch)
@@ -321,8 +321,9 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], predictor
 
 
 def has_accuracy(problem_type: str) -> bool:
-    """CBPE estimates accuracy for single-label classifiers; multi-label and generation models have none."""
-    return problem_type not in ("multi_label", "generation")
+    """CBPE estimates accuracy for single-label classifiers; multi-label, generation and token-tagging models
+    have none (a tagger's per-text entity-type mix is drift's label mix, not a calibrated class)."""
+    return problem_type not in ("multi_label", "generation", "token_classification")
 
 
 def _profile(predictor, train, val, text_ref, out_ref, null, measured, expected, params, dataset_hash) -> dict:

@@ -15,7 +15,8 @@ data, not what is predicted).
 Output: JSONL or CSV, one record per good row: id, text, label, calibrated confidence, top_k (and `abstained`,
 true where the label is evaluate.abstain.label, for an export that abstains); for a
 generation export (`generation=` given) id, text, the generated response, its finish_reason ("stop" or
-"length") and token counts. A prompt too long for the model's context with its token budget is a bad row
+"length") and token counts; for a token_classification export id, text and its entities (start, end, text,
+label, calibrated score). A prompt too long for the model's context with its token budget is a bad row
 too, found when its chunk is generated: with on_bad_row="error" the run stops there, after the rows before it
 were written to the stream (the CLI writes --out through atomic_output, so a file output is then not written
 at all; on stdout the rows before it have been printed).
@@ -42,6 +43,7 @@ INPUT_FORMATS = READABLE  # .csv .tsv .jsonl .parquet .txt: what the sources rea
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
 CLASSIFIER_COLUMNS = ("id", "text", "label", "confidence", "top_k")
 GENERATION_COLUMNS = ("id", "text", "response", "finish_reason", "prompt_tokens", "completion_tokens")
+ENTITY_COLUMNS = ("id", "text", "entities")  # a token_classification export: [{start, end, text, label, score}]
 SCAN_ROWS = 16_384  # rows per part in the first pass (it keeps no rows)
 
 
@@ -217,6 +219,12 @@ class PredictionLogger:
                                        input_sha256=self.input_sha256, **extra))
 
 
+def entity_rows(predictor, batch: list[Record]) -> list[dict]:
+    """One row per record with its entities (predictor: an EntityPredictor)."""
+    return [{"id": r.id, "text": r.text, "entities": ents}
+            for r, ents in zip(batch, predictor.entities([r.text for r in batch]))]
+
+
 def generated_rows(predictor, batch: list[Record], generation: dict) -> list[dict]:
     """One generated response per record (predictor: a GenerationPredictor; generation: its generate() options)."""
     done = predictor.generate([r.text for r in batch], **generation)
@@ -279,7 +287,8 @@ def predict_file(predictor, path: Path, stream, fmt: str, *, text_column: str = 
     generated responses instead of labels; `log` logs each classifier prediction (module doc)."""
     scan = scan_file(path, text_column, id_column, on_bad_row)
     good = scan.rows - len(scan.bad)
-    columns = GENERATION_COLUMNS if generation is not None else \
+    tagger = getattr(predictor, "task", None) == "token_classification"
+    columns = ENTITY_COLUMNS if tagger else GENERATION_COLUMNS if generation is not None else \
         CLASSIFIER_COLUMNS + (("abstained",) if abstains(predictor) else ())
     writer = Writer(stream, fmt, columns)
     bar = Progress(good, "predict", "row", stream=progress_stream or sys.stderr, interval=10.0, final=True)
@@ -287,7 +296,9 @@ def predict_file(predictor, path: Path, stream, fmt: str, *, text_column: str = 
     late: list = []  # bad rows found only by the model (a prompt too long for its context)
     t0 = time.perf_counter()
     for batch in chunks(path, text_column, id_column, chunk):
-        if generation is None:
+        if tagger:
+            writer.write(entity_rows(predictor, batch))
+        elif generation is None:
             writer.write(output_rows(predictor, batch, top_k, log))
         else:
             writer.write(generated_rows(predictor, fitting(predictor, batch, generation, path, field, on_bad_row,

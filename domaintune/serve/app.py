@@ -16,6 +16,9 @@ uuid4. The response returns them: they are the keys of the prediction log (--pre
 every shadow answer, domaintune/predict/log.py) that `domaintune feedback` scores delayed labels against.
     GET  /version   tag, commit, dataset hash, variant, metrics of the served (and shadow) model
     GET  /metrics   Prometheus
+On a token_classification export the same routes, the same limits and batching: /predict answers per text
+id and entities (start, end, text, label, calibrated score); /v2/.../infer one BYTES output "entities" holding
+each text's entity list as JSON.
 On a generation export: the OpenAI-compatible /v1/completions, /v1/chat/completions and /v1/models
 (domaintune/serve/openai.py); /predict and /v2/models/domaintune/infer answer 404 there, and the /v1
 routes answer 404 on a classifier. Health, /version and /metrics answer for both.
@@ -30,6 +33,7 @@ request, so only the request that fails alone gets its 500 (domaintune/serve/bat
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
@@ -82,7 +86,7 @@ def new_ids(ids: list[str] | None, n: int) -> list[str]:
     return ids if ids is not None else [uuid.uuid4().hex for _ in range(n)]
 
 
-def parse_infer(body, settings) -> tuple[list[str], list[str], object, list[str] | None]:
+def parse_infer(body, settings, names=OUTPUT_NAMES) -> tuple[list[str], list[str], object, list[str] | None]:
     """(texts, requested output names, request id, the client's ids or None) of a v2 inference request."""
     if not isinstance(body, dict):
         raise ApiError(422, f"expected a JSON object, got {type(body).__name__}")
@@ -101,13 +105,11 @@ def parse_infer(body, settings) -> tuple[list[str], list[str], object, list[str]
             and shape and math.prod(shape) == len(texts) and all(s == 1 for s in shape[1:])):
         raise ApiError(422, f"shape must be [{len(texts)}] or [{len(texts)}, 1] for {len(texts)} texts, "
                             f"got {shape!r}", "inputs[0].shape")
-    wanted = list(OUTPUT_NAMES[:3])  # + abstained, added by infer_outputs for an export that abstains
+    wanted = [n for n in names if n != "abstained"]  # abstained: added by infer_outputs for an export that abstains
     if body.get("outputs") is not None:
         outs = body["outputs"]
-        if not isinstance(outs, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUT_NAMES
-                                                 for o in outs):
-            raise ApiError(422, f"each requested output must be an object naming one of {list(OUTPUT_NAMES)}",
-                           "outputs")
+        if not isinstance(outs, list) or not all(isinstance(o, dict) and o.get("name") in names for o in outs):
+            raise ApiError(422, f"each requested output must be an object naming one of {list(names)}", "outputs")
         wanted = [o["name"] for o in outs] or wanted
     params = body.get("parameters")
     if params is not None and not isinstance(params, dict):
@@ -155,9 +157,22 @@ def infer_outputs(model, probs: np.ndarray, wanted: list[str], abstained: np.nda
     return [tensors[name] for name in wanted if name in tensors]
 
 
+def entity_outputs(model, cells: np.ndarray) -> list[dict]:
+    """A tagger's v2 output: one BYTES tensor "entities", per text the JSON list of its entities."""
+    return [{"name": "entities", "datatype": "BYTES", "shape": [len(cells)],
+             "data": [json.dumps(c, ensure_ascii=False) for c in cells[:, 0]],
+             "parameters": {"content": "JSON list of {start, end, text, label, score} per text",
+                            "labels": model.predictor.entity_types}}]
+
+
 def model_metadata(model) -> dict:
     platform = ("onnxruntime" if model.variant.startswith("onnx")
                 else "openvino" if model.variant.startswith("openvino") else "pytorch")
+    if model.task == "token_classification":
+        return {"name": MODEL_NAME, "versions": [model.version], "platform": platform,
+                "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+                "outputs": [{"name": "entities", "datatype": "BYTES", "shape": [-1]}],
+                "parameters": {"task": model.task, "labels": model.predictor.entity_types, "variant": model.variant}}
     if model.task != "classification":  # no v2 tensors: its API is /v1 (domaintune/serve/openai.py)
         return {"name": MODEL_NAME, "versions": [model.version], "platform": platform, "inputs": [], "outputs": [],
                 "parameters": {"task": model.task, "variant": model.variant, "endpoints": list(openai.PATHS)}}
@@ -295,12 +310,16 @@ def _add_v2_routes(app, holder, batcher, settings) -> None:
     async def infer(name: str, request: Request):
         _check_name(name)
         _need_classifier(holder)
-        texts, wanted, req_id, ids = parse_infer(await read_json(request, settings), settings)
+        tagger = holder.current.task == "token_classification"
+        texts, wanted, req_id, ids = parse_infer(await read_json(request, settings), settings,
+                                                 ("entities",) if tagger else OUTPUT_NAMES)
         ids = new_ids(ids, len(texts))
         model, probs, abstained = await batcher.submit(texts, ids)
+        if (model.task == "token_classification") != tagger:  # hot-swapped to another task meanwhile
+            raise wrong_task(model, holder.current.task)
         body = {"model_name": MODEL_NAME, "model_version": model.version,
                 **({"id": req_id} if req_id is not None else {}), "parameters": {"ids": ids},
-                "outputs": infer_outputs(model, probs, wanted, abstained)}
+                "outputs": entity_outputs(model, probs) if tagger else infer_outputs(model, probs, wanted, abstained)}
         return JSONResponse(body, headers={VERSION_HEADER: model.version})
 
 
@@ -310,7 +329,7 @@ def _check_name(name: str) -> None:
 
 
 def _need_classifier(holder) -> None:
-    if holder.current.task != "classification":
+    if holder.current.task not in ("classification", "token_classification"):
         raise wrong_task(holder.current, "classification")
 
 
@@ -323,6 +342,10 @@ def _add_plain_routes(app, holder, batcher, settings, metrics) -> None:
         texts, top_k, ids = parse_predict(await read_json(request, settings), settings)
         ids = new_ids(ids, len(texts))
         model, probs, abstained = await batcher.submit(texts, ids)
+        if model.task == "token_classification":  # entities per text (top_k does not apply)
+            rows = [{"id": i, "entities": cell} for i, cell in zip(ids, probs[:, 0])]
+            return JSONResponse({"model_version": model.version, "predictions": rows},
+                                headers={VERSION_HEADER: model.version})
         return JSONResponse({"model_version": model.version,
                              "predictions": predictions(model, probs, top_k, ids, abstained)},
                             headers={VERSION_HEADER: model.version})

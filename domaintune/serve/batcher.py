@@ -106,6 +106,7 @@ class GenerationJob:
 def wrong_task(model, needs: str) -> ApiError:
     """The refusal of a route the served model's task does not answer."""
     routes = {"classification": "POST /predict or /v2/models/domaintune/infer",
+              "token_classification": "POST /predict or /v2/models/domaintune/infer",
               "generation": "POST /v1/completions or /v1/chat/completions"}
     return ApiError(404, f"the served model ({model.version}) is a {model.task} export, this route needs a {needs} "
                          f"export; use {routes.get(model.task, 'another route')}")
@@ -279,6 +280,10 @@ class MicroBatcher:
             self._run_shadow(model, texts, probs, [i for piece in batch for i in piece.ids])
 
     def _predict(self, model, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        if model.task == "token_classification":  # entity lists ride the same batches, one object cell per text
+            out = np.empty((len(texts), 1), dtype=object)
+            out[:, 0] = model.predictor.entities(texts)
+            return out, None
         if model.task != "classification":  # swapped to another task since the route checked
             raise wrong_task(model, "classification")
         # the predictor sorts the texts by token length and runs them in passes of at most infer_batch texts within

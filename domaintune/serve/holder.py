@@ -207,7 +207,7 @@ class ModelHolder:
         elif s.shadow:
             self.shadow = load_model_spec(s.shadow, self.root, s)
         if self.shadow is not None:
-            if "generation" in (self.current.task, self.shadow.task):
+            if {self.current.task, self.shadow.task} - {"classification"}:
                 raise ValueError(f"--shadow compares the labels of two classifiers; the served model is a "
                                  f"{self.current.task} export and the candidate a {self.shadow.task} export")
         log.info("serving %s (%s) from %s", self.current.version, s.variant, self.current.path)
@@ -254,7 +254,7 @@ class ModelHolder:
     def _start_guard(self, new: "LoadedModel", old: "LoadedModel") -> None:
         """After a promotion the replaced champion shadows the new one for release.guard_requests texts."""
         n = self.settings.guard_requests
-        if n <= 0 or old is None or old.tag is None or "generation" in (new.task, old.task):
+        if n <= 0 or old is None or old.tag is None or {new.task, old.task} - {"classification"}:
             return
         last = [e for e in promotion.events(self.root) if e.version == new.version]
         if not last or last[-1].stage != plumbing.SERVED_STAGE or last[-1].op != "promote":

@@ -22,7 +22,7 @@ from domaintune.core.params import load_all
 from domaintune.core.stage import StageIO
 from domaintune.export.variants import check_variants
 
-TASKS = ("classification", "generation")  # the registration: one line per task folder
+TASKS = ("classification", "generation", "token_classification")  # the registration: one line per task folder
 HOOKS = ("ingest", "dedupe", "audit", "dapt", "finetune", "evaluate", "export", "drift", "predictor")
 
 

@@ -8,6 +8,7 @@
 - augment.py      train-only augmentation: EDA operations and back-translation, each row traced to its source
 - warmstart.py    warm starts from a previous version: shape check, head rows, replay rows, Fisher data
 - regularize.py   L2-SP and EWC penalties towards the start weights
+- tokens.py       fine-tuning a token tagger (first sub-word labelled, early stopping on entity F1)
 - mlm.py          masked-LM domain-adaptive pre-training
 - sft.py          causal-LM continued pre-training and supervised fine-tuning
 - dapt.py         the MLM DAPT of an encoder (read, adapt or pass through, write)

@@ -1,0 +1,224 @@
+"""Tagged sentences (base.task token_classification): the row format, the BIO checks, sub-word alignment and
+entity scores. The three readers and the ingest stage's work are in domaintune/data/tagged.py.
+
+A sentence is stored in the dataset schema (domaintune/data/dataset.py) as
+- text: the sentence (word-level and CoNLL sources: the words joined by single spaces; span sources: the
+  text as written), so dedupe, DAPT and drift read it like any text;
+- label: its words as JSON `[[start, end, tag], ...]`, character offsets into text and one IOB2 tag each.
+labels.json holds the tag set (O plus B-/I- of every entity type).
+
+Readers, chosen per file:
+- JSONL / Parquet with `ingest.tokens_column` (a list of words) and `ingest.tags_column` (their tags);
+- JSONL / Parquet with `ingest.text_column` and `ingest.spans_column` (a list of {start, end, label} character
+  spans; the text is cut into words by WORD_RE and at every span edge, so a span always covers whole words);
+- CoNLL text (.conll, .iob, .bio, .txt): one token per line, the tag in the last whitespace-separated column,
+  a blank line between sentences, -DOCSTART- lines skipped.
+Tags: O, B-TYPE, I-TYPE. A source written in IOB1 (an entity opens with I-; B- only where an entity follows
+another of its type) is converted to IOB2 as a whole, with a warning and `tag_scheme` in the metrics. Otherwise
+an I- tag that opens an entity is a bad row, as is a list-length mismatch, a tag outside the scheme, an empty
+word, and a span off the text, empty, or overlapping another: one line naming file, row and field
+(`on_bad_row: error`) or a row of rejected.csv (`skip`). Nothing is silently fixed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("domaintune")
+
+TAG_RE = re.compile(r"^(O|[BI]-\S.*)$")
+WORD_RE = re.compile(r"\w+|[^\w\s]")  # words of a span source's text (then cut at every span edge)
+IGNORE = -100  # the label of every sub-word but a word's first (torch's cross-entropy skips it)
+
+
+# ---------------------------------------------------------------- the row format
+
+def encode_row(words: Sequence[str], tags: Sequence[str]) -> tuple[str, str]:
+    """Words and tags -> (text, label): the words joined by one space, each word's offsets and tag."""
+    spans, pos = [], 0
+    for w, t in zip(words, tags):
+        spans.append([pos, pos + len(w), t])
+        pos += len(w) + 1
+    return " ".join(words), json.dumps(spans, ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_label(label: str) -> tuple[list[tuple[int, int]], list[str]]:
+    """A stored label -> (word offsets, tags)."""
+    rows = json.loads(label)
+    return [(int(s), int(e)) for s, e, _ in rows], [str(t) for _, _, t in rows]
+
+
+def decode_rows(df: pd.DataFrame) -> tuple[list[list[str]], list[list[tuple[int, int]]], list[list[str]]]:
+    """A split's (words, offsets, tags) per row."""
+    words, offsets, tags = [], [], []
+    for text, label in zip(df["text"].astype(str), df["label"].astype(str)):
+        off, tg = decode_label(label)
+        words.append([text[s:e] for s, e in off])
+        offsets.append(off)
+        tags.append(tg)
+    return words, offsets, tags
+
+
+def entity_type(tag: str) -> str | None:
+    return None if tag == "O" else tag[2:]
+
+
+def entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(type, first word, last word + 1) of every entity in strict IOB2: B-X opens one, I-X continues an open X;
+    an I- that opens nothing starts no entity (strict: seqeval mode="strict")."""
+    out, cur = [], None
+    for i, t in enumerate(list(tags) + ["O"]):
+        if cur is not None and not (t.startswith("I-") and t[2:] == cur[0]):
+            out.append((cur[0], cur[1], i))
+            cur = None
+        if t.startswith("B-"):
+            cur = (t[2:], i)
+    return out
+
+
+def lenient_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Entities as transformers' token-classification pipeline groups them (what `domaintune predict` reports):
+    B-X opens one, I-X continues an X or opens one after anything else."""
+    out, cur = [], None
+    for i, t in enumerate(list(tags) + ["O"]):
+        typ = entity_type(t)
+        if cur is not None and (typ != cur[0] or t.startswith("B-")):
+            out.append((cur[0], cur[1], i))
+            cur = None
+        if typ is not None and cur is None:
+            cur = (typ, i)
+    return out
+
+
+def bio_problem(tags: Sequence[str], words: Sequence[str]) -> str | None:
+    """Why a tag sequence is not IOB2 (the first problem), or None."""
+    prev = "O"
+    for i, t in enumerate(tags):
+        if not isinstance(t, str) or not TAG_RE.match(t):
+            return f"word {i + 1} ({words[i]!r}) has tag {t!r}; tags are O, B-TYPE or I-TYPE (BIO/IOB2)"
+        if t.startswith("I-") and entity_type(prev) != t[2:]:
+            return (f"word {i + 1} ({words[i]!r}) has tag {t} with no opening B-{t[2:]} (previous tag {prev}); "
+                    "IOB2 opens every entity with B-")
+        prev = t
+    return None
+
+
+def is_iob1(sequences: Sequence[Sequence[str]]) -> bool:
+    """Whether tag sequences read as IOB1: some entity opens with I-, and no B-X follows anything but an X."""
+    opens_with_i = False
+    for tags in sequences:
+        prev = "O"
+        for t in tags:
+            if not isinstance(t, str) or not TAG_RE.match(t):
+                return False
+            if t.startswith("B-") and entity_type(prev) != t[2:]:
+                return False
+            if t.startswith("I-") and entity_type(prev) != t[2:]:
+                opens_with_i = True
+            prev = t
+    return opens_with_i
+
+
+def iob1_to_iob2(tags: Sequence[str]) -> list[str]:
+    out, prev = [], "O"
+    for t in tags:
+        out.append("B-" + t[2:] if t.startswith("I-") and entity_type(prev) != t[2:] else t)
+        prev = t
+    return out
+
+
+def split_words(text: str, cuts: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """The word offsets of `text` by WORD_RE, each word also cut at the positions in `cuts`."""
+    cuts = sorted(set(cuts))
+    out = []
+    for m in WORD_RE.finditer(text):
+        s, e = m.span()
+        inner = [c for c in cuts if s < c < e]
+        for a, b in zip([s, *inner], [*inner, e]):
+            out.append((a, b))
+    return out
+
+
+def entity_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
+    """seqeval strict IOB2 entity P/R/F1 (micro and per type) and token accuracy."""
+    from seqeval.metrics import classification_report
+    from seqeval.scheme import IOB2
+
+    gold, pred = [list(g) for g in gold], [list(p) for p in pred]
+    words = sum(len(g) for g in gold)
+    same = sum(a == b for g, p in zip(gold, pred) for a, b in zip(g, p))
+    report = classification_report(gold, pred, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
+    micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 0})
+    per_type = {k: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]),
+                    "support": int(v["support"])}
+                for k, v in report.items() if not k.endswith(" avg")}
+    return {"precision": float(micro["precision"]), "recall": float(micro["recall"]), "f1": float(micro["f1-score"]),
+            "support": int(micro["support"]), "per_type": per_type,
+            "macro_f1": float(np.mean([v["f1"] for v in per_type.values()])) if per_type else 0.0,
+            "token_accuracy": same / words if words else 0.0}
+
+
+
+# ---------------------------------------------------------------- first sub-word alignment
+
+def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int],
+                 piece_start: Sequence[bool] | None = None, continuation: Sequence[int] | None = None) -> list[int]:
+    """Per token: the label of its word on the word's first sub-word, IGNORE on the other sub-words and special
+    tokens. With `piece_start` (per token: it opens a piece of the tokenizer's pre-tokenizer, e.g. "-" and
+    "12345" in the word "INV-12345" for BERT) and `continuation` (label id -> the id of its inside tag: B-X and
+    I-X -> I-X, O -> O), the first sub-word of every later piece of a word is labelled continuation[word label]:
+    at prediction time the tokenizer cuts raw text into those pieces (as transformers' pipeline does), so each
+    gets a trained tag and a word split there still comes out as one entity."""
+    out, prev = [], None
+    for i, w in enumerate(word_ids):
+        if w is None:
+            out.append(IGNORE)
+        elif w != prev:
+            out.append(int(word_labels[w]))
+        elif piece_start is not None and continuation is not None and piece_start[i]:
+            out.append(int(continuation[int(word_labels[w])]))
+        else:
+            out.append(IGNORE)
+        prev = w
+    return out
+
+
+def continuation_ids(names: Sequence[str]) -> list[int]:
+    """Per tag id, the id of the tag a later piece of the same word gets (B-X, I-X -> I-X when the tag set has
+    I-X, else the tag itself; O -> O)."""
+    index = {t: i for i, t in enumerate(names)}
+    return [index.get("I-" + t[2:], i) if t != "O" else i for i, t in enumerate(names)]
+
+
+def piece_starts(tokenizer, words: Sequence[str], word_ids: Sequence[int | None], offsets) -> list[bool]:
+    """Per token of a sentence encoded with is_split_into_words (offsets relative to each word): whether it is the
+    first sub-word of a piece of the tokenizer's pre-tokenizer."""
+    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    if pre is None:
+        return [False] * len(word_ids)
+    starts: dict[int, set] = {}
+    out, seen = [], set()
+    for w, (a, _) in zip(word_ids, offsets):
+        if w is None:
+            out.append(False)
+            continue
+        if w not in starts:
+            starts[w] = {s for _, (s, _) in pre.pre_tokenize_str(words[w])}
+        first = a in starts[w] and (w, a) not in seen
+        seen.add((w, a))
+        out.append(first)
+    return out
+
+
+def first_subwords(word_ids: Sequence[int | None], n_words: int) -> np.ndarray:
+    """Per word: the position of its first sub-word, or -1 when it was cut off (truncation) or has none."""
+    pos = np.full(n_words, -1, dtype=np.int64)
+    for i, w in enumerate(word_ids):
+        if w is not None and w < n_words and pos[w] < 0:
+            pos[w] = i
+    return pos
