@@ -29,9 +29,10 @@ run: setup
 	@echo "next:    domaintune retrain (record a version)  |  domaintune versions  |  domaintune monitor --batch FILE"
 
 # What CI runs (.ci/run): the linters (ruff; import-linter's layer contracts), then every test
-# except those marked slow.
+# except those marked slow, in two pytest-xdist workers (a test file stays on one worker, so its fixtures are
+# built once; each worker keeps to one thread: tests/conftest.py).
 test: setup lint
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .

@@ -5,7 +5,13 @@ import os
 from pathlib import Path
 
 import pytest
-from _fake_pipeline import make_tiny_bert
+
+# make test runs two pytest-xdist workers on two cores: each worker (and every process a test starts) keeps to one
+# BLAS/OpenMP thread, so the workers do not oversubscribe the cores. Set before torch is first imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+from _fake_pipeline import make_tiny_bert  # noqa: E402
 
 # Tests never touch a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,6 +58,29 @@ def prefect_harness():
 # whatever sys.stderr is at that moment. Done inside a test that captures output, that stream is closed
 # after the test and every later log record becomes a "--- Logging error ---" traceback on stderr. Set it
 # up now, while sys.stderr is the session's own stream.
+import logging  # noqa: E402
+import sys  # noqa: E402
+
 from prefect.logging.configuration import setup_logging  # noqa: E402
+from prefect.logging.handlers import PrefectConsoleHandler  # noqa: E402
 
 setup_logging()
+
+
+def _prefect_console_to_process_stderr() -> None:
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler) and handler.stream is not sys.__stderr__:
+                handler.setStream(sys.__stderr__)
+                handler.console.file = sys.__stderr__
+
+
+# Under pytest-xdist (make test runs two workers) Prefect may set its handlers up again inside a test, bound
+# to that test's capture stream, which is closed when the test ends: every later record would then be a
+# "--- Logging error ---" traceback. Before each test, Prefect's console handlers write to the process's stderr.
+_prefect_console_to_process_stderr()
+
+
+@pytest.fixture(autouse=True)
+def _prefect_console_on_process_stderr():
+    _prefect_console_to_process_stderr()

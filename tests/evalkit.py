@@ -86,3 +86,31 @@ def write_params(path: Path, **sections) -> Path:
         data.setdefault(sec, {}).update(over)
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+# Texts none of the tiny labels covers (evaluate.abstain tests).
+OOS_TEXTS = ["what is the weather like in paris tomorrow", "recommend a good pizza recipe for dinner",
+             "who won the football match yesterday evening", "play some relaxing jazz music now",
+             "translate good morning into japanese", "how tall is the eiffel tower"]
+
+
+def add_abstention(folder: Path, train_texts: list[str], train_labels: list[str], in_texts: list[str],
+                   method: str = "mahalanobis", recall: float = 0.9, label: str = "out_of_scope") -> dict:
+    """Give a saved classifier (or export) folder an abstention as the evaluate stage fits it: model.json
+    "abstain" and, for mahalanobis, abstain.safetensors (class means and shrunk covariance from the float32
+    model's vectors of `train_texts`), the threshold keeping `recall` of `in_texts`. Returns the abstain entry."""
+    from domaintune.core.io import read_json, write_json
+    from domaintune.evaluate import abstain as ab
+    from domaintune.predict.predictor import Predictor
+
+    p = Predictor.load(folder)
+    meta = read_json(folder / "model.json")
+    y = np.array([p.labels.index(lab) for lab in train_labels])
+    tr_logits, tr_vec = p.logits(train_texts, mean_pooled=True)
+    in_logits, in_vec = p.logits(in_texts, mean_pooled=True)
+    abstainer, _ = ab.fit_abstention(method, recall, label, p.temperature, len(p.labels),
+                                     ab.Split(tr_logits, tr_vec, y), ab.Split(in_logits, in_vec))
+    abstainer.save_arrays(folder)
+    meta["abstain"] = abstainer.to_json()
+    write_json(folder / "model.json", meta)
+    return meta["abstain"]

@@ -349,6 +349,53 @@ class FinetuneParams:
         _check_launch(self, s)
 
 
+OOS_DIR = "labels/oos"  # evaluate.abstain's out-of-scope text files live here: an evaluate dep in dvc.yaml
+ABSTAIN_METHODS = ("none", "max_prob", "energy", "mahalanobis", "auto")
+
+
+@dataclass(frozen=True)
+class AbstainParams:
+    """evaluate.abstain: calibrated abstention on out-of-scope texts (domaintune/evaluate/abstain.py)."""
+    # none | max_prob | energy | mahalanobis | auto (best validation AUROC against oos_texts, else max_prob)
+    method: str = "none"
+    # The threshold keeps at least this share of the in-scope validation rows.
+    in_scope_recall: float = 0.97
+    # Known out-of-scope texts (.txt one per line, or a csv/tsv/jsonl/parquet `text` column) in OOS_DIR: they
+    # choose the method (auto) and are scored on validation; null = none.
+    oos_texts: Optional[str] = None
+    # What predict / serve answer when the model abstains.
+    label: str = "out_of_scope"
+    # Out-of-scope test texts (same formats, in OOS_DIR): OOS recall / precision, AUROC, FPR@95TPR; null = none.
+    oos_test: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        s = "evaluate"
+        _one_of(self.method, ABSTAIN_METHODS, s, "abstain.method")
+        _check(isinstance(self.in_scope_recall, (int, float)) and not isinstance(self.in_scope_recall, bool)
+               and 0.5 <= self.in_scope_recall < 1.0, s, "abstain.in_scope_recall",
+               f"must be a number in [0.5, 1), got {self.in_scope_recall!r}")
+        _check(isinstance(self.label, str) and bool(self.label.strip()), s, "abstain.label",
+               f"must be a non-empty string, got {self.label!r}")
+        for key in ("oos_texts", "oos_test"):
+            path = getattr(self, key)
+            if path is None:
+                continue
+            inside = isinstance(path, str) and not os.path.isabs(path) and \
+                os.path.normpath(path).startswith(OOS_DIR + "/") and ".." not in Path(path).parts
+            _check(inside, s, f"abstain.{key}", f"must be a file in {OOS_DIR}/ (the folder dvc.yaml tracks as a "
+                   f"dependency of evaluate), e.g. {OOS_DIR}/out_of_scope.txt, or null; got {path!r}")
+
+
+def _abstain_params(raw: Any) -> AbstainParams:
+    if isinstance(raw, AbstainParams):
+        return raw
+    _check(isinstance(raw, dict), "evaluate", "abstain", f"must be a mapping, got {raw!r}")
+    known = {f.name: f for f in dataclasses.fields(AbstainParams)}
+    unknown = sorted(set(raw) - set(known))
+    _check(not unknown, "evaluate", "abstain", f"unknown key(s) {unknown}; known: {sorted(known)}")
+    return AbstainParams(**{k: _coerce("evaluate", f"abstain.{k}", v, known[k].type) for k, v in raw.items()})
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     bins: int = 15
@@ -366,8 +413,11 @@ class EvaluateParams:
     # generation: a declared label set (classification as generation): every validation/test response must be
     # one of them; each label is scored by its log-likelihood, calibrated, and gated like a classifier.
     label_set: tuple = ()
+    # Calibrated abstention on out-of-scope texts: AbstainParams above (a mapping in params.yaml).
+    abstain: Any = field(default_factory=AbstainParams)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "abstain", _abstain_params(self.abstain))
         object.__setattr__(self, "label_set", tuple(self.label_set or ()))
         _check(all(isinstance(v, str) and v.strip() for v in self.label_set) and len(set(self.label_set))
                == len(self.label_set) and len(self.label_set) != 1, "evaluate", "label_set",

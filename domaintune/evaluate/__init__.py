@@ -1,6 +1,7 @@
 """Evaluation: calibration math, metrics and reports, the label audit, the run summary.
 
 - calibration.py  scoring rules, reliability bins, temperature scaling, thresholds
+- abstain.py      calibrated abstention on out-of-scope texts: scores, threshold, metrics (evaluate.abstain)
 - report.py       plots and Markdown tables of the evaluate stage
 - classifier.py   the evaluate stage's work for a classifier: calibrate, score, gate, report
 - audit.py        the cleanlab label audit (labels that are classes; also a declared label set)

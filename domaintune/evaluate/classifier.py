@@ -25,6 +25,7 @@ from domaintune.core.io import atomic_output, read_json, write_json
 from domaintune.core.params import EvaluateParams, load_params
 from domaintune.core.stage import StageIO
 from domaintune.data.dataset import encode_labels, read_dataset, split_labels
+from domaintune.evaluate import abstain as ab
 from domaintune.evaluate import calibration as cal
 from domaintune.evaluate import report as rp
 from domaintune.evaluate.calibration import entropy
@@ -50,6 +51,9 @@ class EvalResult:
     reliability: dict[str, list[dict]] = field(default_factory=dict)
     confidence: dict[str, np.ndarray] = field(default_factory=dict)
     confusion: np.ndarray | None = None
+    abstainer: ab.Abstainer | None = None  # evaluate.abstain (None: method none)
+    abstain: dict | None = None            # its test metrics (metrics/evaluate.json "abstain")
+    risk_coverage: list[dict] | None = None
 
 
 # ---------------------------------------------------------------- input checks
@@ -288,6 +292,9 @@ def write_report(out: Path, res: EvalResult, metrics: dict, model_meta: dict, se
     rp.plot_reliability(res.reliability, out / "reliability.png", ece_by_series(res))
     rp.plot_confidence_hist(res.confidence, res.calibration["bins"], out / "confidence_hist.png")
     rp.plot_per_class_f1(res.tables["per_class"], out / "per_class_f1.png")
+    if res.abstainer is not None:
+        res.abstainer.save_arrays(out)  # abstain.safetensors beside calibration.json (mahalanobis)
+        rp.plot_risk_coverage(res.risk_coverage, res.abstain, out / "risk_coverage.png")
     (out / "report.md").write_text(render_markdown(res, metrics, model_meta, seeds), encoding="utf-8")
 
 
@@ -320,26 +327,53 @@ def render_markdown(res: EvalResult, metrics: dict, meta: dict, seeds: dict | No
            "## Most uncertain predictions\n", md_table(t["uncertain"]), ""]
     if "confused_pairs" in t:
         md += ["## Most confused class pairs\n", md_table(t["confused_pairs"]), ""]
+    if res.abstain is not None:
+        md += abstain_markdown(res.abstain)
     md += ["## Accuracy by text length (words)\n", md_table(t["by_length"]), "", "## Plots\n",
            "Interactive versions: `dvc plots show` (opens offline; data in plots/*.csv).\n"]
     pngs = [("Reliability diagram (ECE and rows per bin)", "reliability.png"),
             ("Confidence histogram", "confidence_hist.png"), ("Per-class F1", "per_class_f1.png")]
     if res.confusion is not None:
         pngs.insert(0, ("Confusion matrix", "confusion.png"))
+    if res.abstain is not None:
+        pngs.append(("Risk-coverage of the abstention score (test, in-scope rows)", "risk_coverage.png"))
     md += [f"![{title}]({name})\n" for title, name in pngs]
     return "\n".join(md)
 
 
+def abstain_markdown(a: dict) -> list[str]:
+    fit = a["fit"]
+    md = ["## Abstention (out of scope)\n",
+          f"Method **{a['method']}** ({fit['why']}), threshold {a['threshold']:.6g} fitted on the validation split "
+          f"to keep {fit['in_scope_recall']:.0%} of its {fit['validation_rows']} rows; below it the model answers "
+          f"`{a['label']}`. In-scope accuracy counts an abstention as an error.\n"]
+    rows = [{"metric": k, "test": f"{a[k]:.4f}"} for k in ("in_scope_accuracy", "abstain_rate", "accuracy_answered",
+                                                          "oos_recall", "oos_precision", "auroc", "fpr_at_95tpr")
+            if a.get(k) is not None]
+    md += [md_table(pd.DataFrame(rows)), ""]
+    if any("validation_auroc" in c for c in fit["candidates"].values()):
+        cand = pd.DataFrame([{"method": m, **c} for m, c in fit["candidates"].items()])
+        md += [f"Candidates on validation against {fit['oos_validation_rows']} out-of-scope texts:\n",
+               md_table(cand), ""]
+    return md
+
+
 # ---------------------------------------------------------------- model running
 def model_logits(model_dir: str | Path, splits: dict[str, pd.DataFrame], batch_size: int,
-                 names=("validation", "test"), device: str = "cpu") -> tuple[dict, dict[str, np.ndarray]]:
+                 names=("validation", "test"), device: str = "cpu", mean_pooled: bool = False,
+                 texts: dict[str, list[str]] | None = None):
+    """(meta, logits per split name) of `names`' texts (and of `texts`, more named lists); with
+    mean_pooled=True (meta, logits, mean-pooled text vectors) from the same passes."""
     set_threads()
     model, tok, meta = load_classifier(model_dir)
     devices.place_for_inference(model, device)  # half precision on CUDA (tolerance: tests/train/test_engine.py)
     batch_size = devices.batch_size_for(device, batch_size, max(256, batch_size))
-    logits = {n: predict_logits(model, tok, splits[n]["text"].tolist(), batch_size, int(meta.get("max_length", 128)))
-              for n in names}
-    return meta, logits
+    ml = int(meta.get("max_length", 128))
+    todo = {n: splits[n]["text"].tolist() for n in names} | (texts or {})
+    if not mean_pooled:
+        return meta, {n: predict_logits(model, tok, t, batch_size, ml) for n, t in todo.items()}
+    out = {n: predict_logits(model, tok, t, batch_size, ml, mean_pooled=True) for n, t in todo.items()}
+    return meta, {n: v[0] for n, v in out.items()}, {n: v[1] for n, v in out.items()}
 
 
 def seed_dirs(model_dir: str | Path) -> dict[str, Path]:
@@ -357,9 +391,23 @@ def evaluate(in_dir: str | Path, model_dir: str | Path, params: EvaluateParams,
     problem_type = meta.get("problem_type", "single_label")
     check_labels(meta["labels"], labels, splits, in_dir, problem_type)
     check_calibration_rows(splits["validation"], params, in_dir)
-    meta, logits = model_logits(model_dir, splits, params.batch_size, device=device)
+    abstain = params.abstain if problem_type == "single_label" else None
+    if problem_type != "single_label" and params.abstain.method != "none":
+        raise StageError(f"evaluate.abstain.method {params.abstain.method}: abstention applies to single-label "
+                         "classifiers (this model is multi-label); set it to none")
+    if abstain is not None and abstain.method != "none":
+        oos = {key: ab.read_texts(path, f"evaluate.abstain.{key}") for key in ("oos_texts", "oos_test")
+               if (path := getattr(abstain, key))}  # read (and checked) before any model runs
+        wants_train = abstain.method == "mahalanobis" or (abstain.method == "auto" and "oos_texts" in oos)
+        meta, logits, feats = model_logits(model_dir, splits, params.batch_size, device=device, mean_pooled=True,
+                                           names=("validation", "test") + (("train",) if wants_train else ()),
+                                           texts=oos)
+    else:
+        meta, logits = model_logits(model_dir, splits, params.batch_size, device=device)
     res = evaluate_logits(splits["validation"], splits["test"], logits["validation"], logits["test"],
                           meta["labels"], params, problem_type)
+    if abstain is not None and abstain.method != "none":
+        fit_abstention(res, splits, logits, feats, abstain)
     seeds = None
     if dirs := seed_dirs(model_dir):
         per_seed = {}
@@ -379,9 +427,33 @@ def evaluate(in_dir: str | Path, model_dir: str | Path, params: EvaluateParams,
     return res, metrics, meta, seeds
 
 
+def fit_abstention(res: EvalResult, splits: dict[str, pd.DataFrame], logits: dict, feats: dict, abstain) -> None:
+    """evaluate.abstain: fit the score on train (mahalanobis) and its threshold on validation, with the calibrated
+    temperature; score it on test (and the out-of-scope test texts). Fills res.abstainer / abstain /
+    risk_coverage and the calibration's "abstain" entry (what export and Predictor apply)."""
+    labels = res.labels
+
+    def split(name: str) -> ab.Split:
+        y = encode_labels(splits[name], labels, "single_label", name) if name in splits else None
+        return ab.Split(logits[name], feats[name], y)
+
+    T = float(res.calibration["temperature"])
+    abstainer, info = ab.fit_abstention(abstain.method, abstain.in_scope_recall, abstain.label, T, len(labels),
+                                        split("train") if "train" in logits else None, split("validation"),
+                                        split("oos_texts") if "oos_texts" in logits else None)
+    metrics, curve = ab.abstain_metrics(abstainer, split("test"), split("oos_test") if "oos_test" in logits
+                                        else None)
+    res.abstainer, res.risk_coverage = abstainer, curve
+    res.abstain = {**metrics, "fit": info}
+    res.calibration["abstain"] = abstainer.to_json()
+    res.plot_data["risk_coverage"] = pd.DataFrame(curve)
+
+
 def build_metrics(res: EvalResult, test_rows: int, seeds: dict | None) -> dict:
     m = {"test_rows": int(test_rows), "temperature": float(res.calibration["temperature"]),
          "before": res.before, "after": res.after}
+    if getattr(res, "abstain", None) is not None:  # duck-typed results (tests' fake pipeline) have none
+        m["abstain"] = res.abstain
     if seeds:
         m["seeds"] = {"n": seeds["n"], "mean": seeds["mean"]["after"], "std": seeds["std"]["after"],
                       **{s: v["after"] for s, v in seeds["per_seed"].items()}}
@@ -399,3 +471,8 @@ def evaluate_stage(io: StageIO) -> None:
     a, b = res.after, res.before
     log.info("T=%.3f accuracy %.4f macro-F1 %.4f ECE %.4f -> %.4f NLL %.4f -> %.4f", res.calibration["temperature"],
              a["accuracy"], a["macro_f1"], b["ece"], a["ece"], b["nll"], a["nll"])
+    if res.abstain is not None:
+        x = res.abstain
+        log.info("abstain: %s threshold %.6g, in-scope accuracy %.4f, abstain rate %.4f%s", x["method"],
+                 x["threshold"], x["in_scope_accuracy"], x["abstain_rate"],
+                 f", OOS recall {x['oos_recall']:.4f}, AUROC {x['auroc']:.4f}" if "oos_recall" in x else "")

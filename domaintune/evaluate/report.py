@@ -120,6 +120,28 @@ def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> list[str]:
     return texts
 
 
+def plot_risk_coverage(curve: list[dict], abstain: dict, path: Path) -> list[str]:
+    """Selective risk (errors among the answered in-scope test rows) against coverage, with the fitted threshold's
+    operating point marked. Returns the texts drawn."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot([c["coverage"] for c in curve], [c["risk"] for c in curve], color="tab:blue",
+            label=f"{abstain['method']} score")
+    cov = 1.0 - abstain["abstain_rate"]
+    risk = 1.0 - (abstain["accuracy_answered"] or 0.0)
+    ax.plot([cov], [risk], "o", color="tab:red", label=f"fitted threshold: coverage {cov:.3f}, risk {risk:.3f}")
+    ax.set_xlim(0, 1.01)
+    ax.set_xlabel("coverage (share of in-scope test rows answered)")
+    ax.set_ylabel("risk (error rate of the answered rows)")
+    ax.set_title("Risk-coverage of the abstention score (test)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    texts = _texts(fig)
+    plt.close(fig)
+    return texts
+
+
 def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"

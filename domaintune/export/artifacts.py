@@ -12,6 +12,9 @@ An export folder (models/export/, written by stages/export.py) holds:
   onnx-int8/           onnxruntime dynamic int8 quantisation of onnx/
   openvino-int8/       OpenVINO IR (model.xml + model.bin) of onnx/'s graph, static int8 by NNCF post-training
                        quantisation calibrated on a seeded sample of train texts; config.json and tokenizer as onnx/
+  abstain.safetensors  evaluate.abstain by Mahalanobis distance: class means and precision (also in int8/, onnx/,
+                       onnx-int8/, openvino-int8/); the ONNX/OpenVINO graphs then add a third output, `pooled`
+                       (the mean-pooled text vector the distance is measured on), and config.json says `abstain`
   checksums.json       the md5 of every other file, written last by the export stage (either task);
                        `verify_checksums` checks them when domaintune.tasks.load_predictor opens the export
 `load_variant(folder, variant)` returns a runner with `.logits(texts, batch_size, max_length, mean_pooled,
@@ -36,6 +39,7 @@ import numpy as np
 from domaintune.core import device as devices
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
+from domaintune.evaluate.abstain import ARRAYS_FILE as ABSTAIN_ARRAYS
 from domaintune.export.variants import canonical_variant
 from domaintune.modeling.encoders import TokenBatches, load_tokenizer, predict_logits, save_classifier
 from domaintune.modeling.quantize import QUANT_SCHEME, save_int8_encoder
@@ -45,6 +49,7 @@ ONNX_FILE = "model.onnx"
 OPENVINO_FILE = "model.xml"  # with its weights in model.bin beside it
 ONNX_INPUTS = ("input_ids", "attention_mask")
 ONNX_OUTPUTS = ("probabilities", "logits")
+POOLED_OUTPUT = "pooled"  # a third output, only for Mahalanobis abstention (graph_outputs)
 CHECKSUMS = "checksums.json"
 WRITTEN_BY = "the export stage writes it (`dvc repro export`)"
 STAGE_RECORDS = ("export_report.json", "export_info.json")  # what the export stage of each task writes
@@ -97,7 +102,15 @@ def write_int8(out: Path, model, meta: dict, embeddings: bool) -> dict:
     shutil.copytree(out / "tokenizer", qdir / "tokenizer")
     write_json(qdir / "model.json", {**meta, "quantization": {"scheme": QUANT_SCHEME, "embeddings": embeddings,
                                                               **qinfo}})
+    copy_abstain_arrays(out, qdir)
     return qinfo
+
+
+def graph_outputs(meta: dict) -> tuple[str, ...]:
+    """The ONNX graph's outputs: probabilities and logits, and the mean-pooled text vector (`pooled`) when the
+    model abstains by Mahalanobis distance (its score needs the vector; domaintune/evaluate/abstain.py)."""
+    wants_vector = (meta.get("abstain") or {}).get("method") == "mahalanobis"
+    return ONNX_OUTPUTS + ((POOLED_OUTPUT,) if wants_vector else ())
 
 
 def _calibrated_graph(model, meta: dict):
@@ -105,6 +118,7 @@ def _calibrated_graph(model, meta: dict):
 
     multi = meta.get("problem_type", "single_label") == "multi_label"
     temperature = float(meta.get("temperature") or 1.0)
+    pooled = POOLED_OUTPUT in graph_outputs(meta)
 
     class CalibratedClassifier(torch.nn.Module):
         def __init__(self):
@@ -112,9 +126,13 @@ def _calibrated_graph(model, meta: dict):
             self.model = model
 
         def forward(self, input_ids, attention_mask):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            if pooled:
+                logits, vector = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                            return_mean_pooled=True)
+            else:
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask)
             probs = torch.sigmoid(logits) if multi else torch.softmax(logits / temperature, dim=-1)
-            return probs, logits
+            return (probs, logits, vector) if pooled else (probs, logits)
 
     return CalibratedClassifier().eval()
 
@@ -131,14 +149,22 @@ def onnx_config(encoder_config, meta: dict) -> dict:
         "problem_type": "multi_label_classification" if meta.get("problem_type") == "multi_label"
         else "single_label_classification",
         "domaintune": {
-            "format": "onnx", "file": ONNX_FILE, "inputs": list(ONNX_INPUTS), "outputs": list(ONNX_OUTPUTS),
+            "format": "onnx", "file": ONNX_FILE, "inputs": list(ONNX_INPUTS), "outputs": list(graph_outputs(meta)),
             "probabilities": "sigmoid(logits)" if meta.get("problem_type") == "multi_label"
             else "softmax(logits / temperature)",
             "temperature": meta.get("temperature"), "thresholds": meta.get("thresholds"),
             "pooling": meta.get("pooling"), "max_length": meta.get("max_length"),
         },
     })
+    if meta.get("abstain"):  # evaluate.abstain: the score, its threshold and the label to answer below it
+        cfg["domaintune"]["abstain"] = meta["abstain"]
     return cfg
+
+
+def copy_abstain_arrays(src: Path, dest: Path) -> None:
+    """abstain.safetensors (Mahalanobis class means and precision) into a variant's folder, when there is one."""
+    if (src / ABSTAIN_ARRAYS).is_file() and src.resolve() != dest.resolve():
+        shutil.copy2(src / ABSTAIN_ARRAYS, dest / ABSTAIN_ARRAYS)
 
 
 def write_onnx(out: Path, model, tokenizer, meta: dict, opset: int = 17) -> Path:
@@ -150,8 +176,9 @@ def write_onnx(out: Path, model, tokenizer, meta: dict, opset: int = 17) -> Path
     # Trace with a padded batch, so the attention-mask path is in the graph.
     enc = tokenizer(["a longer example text for tracing the graph", "short"], padding=True, return_tensors="pt")
     args = (enc["input_ids"], enc["attention_mask"])
+    outputs = graph_outputs(meta)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            "probabilities": {0: "batch"}, "logits": {0: "batch"}}
+            **{name: {0: "batch"} for name in outputs}}
     # Traced with eager attention: plain MatMul/Softmax nodes, which onnxruntime ran 5% (float32) and
     # 10% (dynamic int8) faster than the traced SDPA graph on the BANKING77 model, same outputs within
     # 1e-6 (measured side by side on the AVX512 Xeon; the model keeps its own attention afterwards).
@@ -164,13 +191,14 @@ def write_onnx(out: Path, model, tokenizer, meta: dict, opset: int = 17) -> Path
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer chatter about Python bools in the mask code
             torch.onnx.export(_calibrated_graph(model, meta), args, str(d / ONNX_FILE),
-                              input_names=list(ONNX_INPUTS), output_names=list(ONNX_OUTPUTS), dynamic_axes=axes,
+                              input_names=list(ONNX_INPUTS), output_names=list(outputs), dynamic_axes=axes,
                               opset_version=opset, dynamo=False)
     finally:
         if swap:
             enc.set_attn_implementation(attn)
     write_json(d / "config.json", onnx_config(model.encoder.config, meta))
     tokenizer.save_pretrained(d)
+    copy_abstain_arrays(out, d)
     return d
 
 
@@ -382,21 +410,35 @@ class OnnxRunner:
 
     def logits(self, texts: Sequence[str], batch_size: int, max_length: int, mean_pooled: bool = False,
                max_batch_tokens: int | None = None):
-        if mean_pooled:
-            raise ValueError(f"the {self.kind} variants output probabilities and logits only; "
-                             "use variant float32 for text embeddings")
+        """Logits [n, labels]; mean_pooled=True: (logits, the graph's `pooled` vectors), for a graph that has
+        that output (an export that abstains by Mahalanobis distance)."""
+        if mean_pooled and POOLED_OUTPUT not in self.outputs():
+            raise ValueError(f"this {self.kind} graph outputs probabilities and logits only (it has a `pooled` "
+                             "output only for Mahalanobis abstention); use variant float32 for text embeddings")
         texts = list(texts)
         out = np.zeros((len(texts), self.num_labels), dtype=np.float32)
-        infer = self._infer()
+        vectors = None
+        infer = self._infer(mean_pooled)
         for idx, enc in TokenBatches(self.tokenizer, texts, max_length, batch_size, max_batch_tokens):
-            out[idx] = infer({k: enc[k] for k in ONNX_INPUTS})
+            got = infer({k: enc[k] for k in ONNX_INPUTS})
+            out[idx] = got[0]
+            if mean_pooled:
+                if vectors is None:
+                    vectors = np.zeros((len(texts), got[1].shape[1]), dtype=np.float32)
+                vectors[idx] = got[1]
+        if mean_pooled:
+            return out, vectors if vectors is not None else np.zeros((0, 0), dtype=np.float32)
         return out
 
     kind = "ONNX"
 
-    def _infer(self):
-        """feed -> logits for one call of logits()."""
-        return lambda feed: self.session.run(["logits"], feed)[0]
+    def outputs(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def _infer(self, pooled: bool = False):
+        """feed -> [logits] (+ pooled) for one call of logits()."""
+        names = ["logits", POOLED_OUTPUT] if pooled else ["logits"]
+        return lambda feed: self.session.run(names, feed)
 
 
 class OpenVinoRunner(OnnxRunner):
@@ -407,9 +449,18 @@ class OpenVinoRunner(OnnxRunner):
 
     kind = "OpenVINO"
 
-    def _infer(self):
+    def outputs(self) -> list[str]:
+        return [o.get_any_name() for o in self.compiled.outputs]
+
+    def _infer(self, pooled: bool = False):
         request = self.compiled.create_infer_request()  # one per call: callers on other threads get their own
-        return lambda feed: request.infer(feed)["logits"]
+        names = ["logits", POOLED_OUTPUT] if pooled else ["logits"]
+
+        def run(feed):
+            result = request.infer(feed)
+            return [result[n] for n in names]
+
+        return run
 
 
 def openvino_model(path: str | os.PathLike, threads: int | None = None):

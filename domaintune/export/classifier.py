@@ -33,6 +33,7 @@ from domaintune.core.params import as_dict, load_params
 from domaintune.core.stage import StageIO
 from domaintune.data.dataset import encode_labels, read_dataset
 from domaintune.evaluate import calibration as cal
+from domaintune.evaluate.abstain import Abstainer
 from domaintune.export import artifacts
 from domaintune.export.artifacts import TorchRunner, load_variant, thread_count, variant_bytes
 from domaintune.export.modelcard import base_model_name, cpu_name, model_card
@@ -171,6 +172,7 @@ def read_inputs(io: StageIO) -> dict:
             inputs[key] = read_json(path)
     manifest_path = in_dir / "upstream_manifest.json"
     inputs["manifest"] = read_json(manifest_path) if manifest_path.exists() else None
+    Abstainer.from_json(inputs["calib"].get("abstain"), cal_dir, cal_dir / "calibration.json")  # arrays there
     return inputs
 
 
@@ -198,10 +200,14 @@ def merged_model(model_dir: str, texts: list[str], params, ml: int, device: str 
 
 
 def write_variants(tmp: Path, merged, tok, export_meta: dict, params, calibration: list[str] = (),
-                   seed: int = 0, max_length: int = 512) -> dict:
+                   seed: int = 0, max_length: int = 512, abstain_dir: str | Path | None = None) -> dict:
     """Write every variant in params.variants under tmp; returns what quantisation reported. `calibration`:
-    the train texts the static int8 variant (openvino-int8) measures activation ranges on (seeded by `seed`)."""
+    the train texts the static int8 variant (openvino-int8) measures activation ranges on (seeded by `seed`);
+    `abstain_dir`: the evaluate report folder whose abstain.safetensors (Mahalanobis abstention) each variant
+    carries."""
     artifacts.write_float32(merged, tok, tmp, export_meta)
+    if abstain_dir is not None:  # Mahalanobis class means and precision, beside model.json (and in each variant)
+        artifacts.copy_abstain_arrays(Path(abstain_dir), tmp)
     fmeta = read_json(tmp / "model.json")
     info = {}
     if "int8" in params.variants:
@@ -261,7 +267,8 @@ def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict,
     CPU fast at bf16 (AVX512-BF16 or AMX) float32 under bf16 autocast is scored and timed as the row
     "bf16-autocast" (measured only: not a variant the export writes)."""
     latency = (params.latency_repeats, params.latency_single_texts)
-    rows, logits = {}, {}
+    rows, logits, abstained = {}, {}, {}
+    abstainer = Abstainer.from_json(calib.get("abstain"), tmp, tmp / "model.json")
     for name in params.variants:
         runner, _ = load_variant(tmp, name)
         logits[name], timing = time_runner(runner, texts, params.batch_size, ml, *latency)
@@ -278,15 +285,23 @@ def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict,
             rows[BF16_ROW] = {**score_variant(logits[BF16_ROW], test, meta, calib, params.bins),
                               "texts_per_s": texts_per_s(runner, list(speed_texts), params.batch_size, ml,
                                                          MAX_BATCH_TOKENS, params.latency_repeats, bf16=True)}
+        if abstainer is not None:  # the abstention each variant applies (the Mahalanobis one from its own vectors)
+            vectors = runner.logits(texts, params.batch_size, ml, mean_pooled=True)[1] \
+                if abstainer.needs_features else None
+            abstained[name] = abstainer.abstained(logits[name], vectors)
         del runner
         rows[name] = {**score_variant(logits[name], test, meta, calib, params.bins), **timing,
                       "size_bytes": variant_bytes(tmp, name)}
+        if abstainer is not None:
+            rows[name]["abstain_rate"] = float(abstained[name].mean())
         log.debug("verified %s: accuracy %.4f, ECE %.4f, %.1f ms/text batched", name, rows[name]["accuracy"],
                   rows[name]["ece"], rows[name]["batched_ms_per_text"])
     for name in logits:
         agree = logit_agreement(logits["float32"], logits[name])
         rows[name]["agreement_with_float32"] = agree["argmax_agreement"]
         rows[name]["max_abs_logit_diff_vs_float32"] = agree["max_abs_diff"]
+        if abstainer is not None and name in abstained:  # not the measured-only bf16 row
+            rows[name]["abstain_agreement_with_float32"] = float((abstained[name] == abstained["float32"]).mean())
     return rows, logits
 
 
@@ -328,6 +343,7 @@ def export_metadata(meta: dict, inputs: dict, model_dir: str, base, params, had_
         "base_model": base_model_name(((meta.get("params") or {}).get("base") or {}).get("model") or base.model),
         "merged_adapter": had_adapter, "temperature": float(calib["temperature"]),
         "thresholds": calib.get("thresholds"), "calibration": calib,
+        **({"abstain": calib["abstain"]} if calib.get("abstain") else {}),  # evaluate.abstain, applied by Predictor
         "dataset_hash": inputs["hashes"]["dataset"], "export_params": as_dict(params),
         "variants": list(params.variants),
     })
@@ -355,7 +371,8 @@ def export_stage(io: StageIO) -> None:
         io.model, texts, params, ml, device)
     export_meta = export_metadata(meta, inputs, io.model, base, params, merge_check["had_adapter"])
     with atomic_output(io.out) as tmp, atomic_output(io.metrics) as tmp_metrics:
-        quant = write_variants(tmp, merged.to("cpu"), tok, export_meta, params, calibration, base.seed, ml)
+        quant = write_variants(tmp, merged.to("cpu"), tok, export_meta, params, calibration, base.seed, ml,
+                               io.calibration)
         del merged
         speed_texts = artifacts.calibration_texts(texts, SPEED_TEXTS, base.seed)  # a seeded sample, <= 512
         variants, logits = verify_variants(tmp, texts, test, meta, calib, params, ml, speed_texts)

@@ -227,6 +227,12 @@ def evaluation_section(inputs: dict) -> list[str]:
         out += [f"Across {s['n']} seeds (after calibration): accuracy {fmt(s['mean']['accuracy'], 4)} ± "
                 f"{fmt(s['std']['accuracy'], 4)}, macro-F1 {fmt(s['mean']['macro_f1'], 4)} ± "
                 f"{fmt(s['std']['macro_f1'], 4)}.", ""]
+    if ab := em.get("abstain"):
+        oos = (f"; out-of-scope test texts: recall {fmt(ab['oos_recall'])}, precision {fmt(ab['oos_precision'])}, "
+               f"AUROC {fmt(ab['auroc'])}, FPR at 95% TPR {fmt(ab['fpr_at_95tpr'])}") if "oos_recall" in ab else ""
+        out += [f"Abstention ({ab['method']}, threshold {ab['threshold']:.6g} fitted on validation): in-scope "
+                f"accuracy {fmt(ab['in_scope_accuracy'], 4)} counting an abstention as an error, abstains on "
+                f"{fmt(ab['abstain_rate'], 4)} of the in-scope test rows{oos}.", ""]
     pc = inputs["per_class"]
     if pc is not None and len(pc):
         table = pd.DataFrame({"class": pc["class"], "precision": pc["precision"].map(lambda v: fmt(v)),
@@ -312,7 +318,13 @@ def usage_section(meta: dict, variants, speed: dict | None = None) -> list[str]:
     out.append("# or name one: " + ", ".join(f'variant="{v}"' + (" (the library default)" if v == "float32" else "")
                                              for v in variants))
     out += ['probs = p.predict_proba(["example text"])    # calibrated, columns in p.labels order',
-            'labels = p.predict(["example text"])', "```", "",
+            'labels = p.predict(["example text"])']
+    if (meta.get("abstain") or {}).get("method") in ("max_prob", "energy", "mahalanobis"):
+        out += ["# abstention (evaluate.abstain): abstained[i] is True where the answer is "
+                f"{meta['abstain'].get('label')!r}",
+                'probs, abstained = p.predict_with_abstention(["example text"])',
+                "labels = p.labels_with_abstention(probs, abstained)"]
+    out += ["```", "",
             "Or on the command line: `domaintune predict texts.csv --out predictions.jsonl` (`--variant auto`, "
             f"here {best}; `--variant NAME` runs another).", ""]
     onnx = [v for v in ("onnx", "onnx-int8") if v in variants]
@@ -332,6 +344,7 @@ def usage_section(meta: dict, variants, speed: dict | None = None) -> list[str]:
                 '        "attention_mask": np.array([e.attention_mask for e in batch], dtype=np.int64)}',
                 'probs, logits = session.run(["probabilities", "logits"], feed)',
                 'print([config["id2label"][str(i)] for i in probs.argmax(axis=1)], probs.max(axis=1))',
+                *abstain_lines(meta, '(pooled,) = session.run(["pooled"], feed)  # the mean-pooled text vector'),
                 "```", ""]
     if "openvino-int8" in variants:
         out += ["Without domaintune on OpenVINO (static int8): openvino + tokenizers + numpy only. The same inputs "
@@ -350,7 +363,49 @@ def usage_section(meta: dict, variants, speed: dict | None = None) -> list[str]:
                 "result = model(feed)",
                 'probs, logits = result["probabilities"], result["logits"]',
                 'print([config["id2label"][str(i)] for i in probs.argmax(axis=1)], probs.max(axis=1))',
+                *abstain_lines(meta, 'pooled = result["pooled"]  # the mean-pooled text vector'),
                 "```", ""]
+    return out
+
+
+def abstain_limitation(meta: dict) -> str:
+    ab = meta.get("abstain") or {}
+    if ab.get("method") in ("max_prob", "energy", "mahalanobis"):
+        return (f"- Knows only the {len(meta['labels'])} labels above. It abstains (answers `{ab['label']}`) when its "
+                f"{ab['method']} score is under {ab['threshold']:.6g}, fitted on validation to keep most in-scope "
+                "texts; out-of-scope texts that look like a label still get that label. Route low-confidence "
+                "predictions to a person.")
+    return (f"- Knows only the {len(meta['labels'])} labels above; every input is forced into one of them "
+            "(single-label), so out-of-scope texts still get a label. Route low-confidence predictions to a person.")
+
+
+def abstain_lines(meta: dict, outputs: str) -> list[str]:
+    """The abstention step of a no-domaintune snippet (evaluate.abstain), after `probs` and `logits` (and, for
+    Mahalanobis, `pooled`) are computed: `score` per text, `abstained` where it is under the threshold, and
+    `labels` with the abstention label there. `outputs`: how the snippet got `pooled` (a line), if needed."""
+    ab = meta.get("abstain") or {}
+    method = ab.get("method")
+    if method not in ("max_prob", "energy", "mahalanobis"):
+        return []
+    out = [f"# Abstention ({method}): under the threshold the model answers {ab.get('label')!r} (out of scope)",
+           'abstain = config["domaintune"]["abstain"]', 'T = abstain["temperature"]']
+    if method == "max_prob":
+        out += ["z = logits.astype(np.float64) / T", "e = np.exp(z - z.max(axis=1, keepdims=True))",
+                "score = (e / e.sum(axis=1, keepdims=True)).max(axis=1)"]
+    elif method == "energy":
+        out += ["z = logits.astype(np.float64) / T", "m = z.max(axis=1, keepdims=True)",
+                "score = T * (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]"]
+    else:
+        out += ["from safetensors.numpy import load_file", "",
+                'stats = load_file(f"{folder}/abstain.safetensors")  # class means, shared precision matrix',
+                outputs,
+                'x, mu, P = (a.astype(np.float64) for a in (pooled, stats["means"], stats["precision"]))',
+                "xP = x @ P",
+                "dist = (xP * x).sum(1)[:, None] - 2 * xP @ mu.T + ((mu @ P) * mu).sum(1)[None, :]",
+                "score = -dist.min(axis=1)"]
+    out += ['abstained = score < abstain["threshold"]',
+            'labels = [abstain["label"] if a else config["id2label"][str(i)]',
+            "          for a, i in zip(abstained, probs.argmax(axis=1))]", "print(labels)"]
     return out
 
 
@@ -381,8 +436,7 @@ def model_card(meta: dict, inputs: dict, split_sizes: dict, report: dict, params
             "decision, its reason and every number are in `metrics/promotion.json` at this version's commit and "
             "in its registry tag; `domaintune versions` lists each version's stage and why.", ""]
     out += ["## Intended use", "", params.intended_use, "", "## Limitations", "",
-            f"- Knows only the {len(meta['labels'])} labels above; every input is forced into one of them "
-            "(single-label), so out-of-scope texts still get a label. Route low-confidence predictions to a person.",
+            abstain_limitation(meta),
             f"- Inputs longer than {meta.get('max_length')} tokens are truncated.",
             "- The calibration was fitted on the validation split; it holds only while incoming texts look like "
             "the training data. Watch the drift report.",

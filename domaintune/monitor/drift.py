@@ -114,24 +114,27 @@ class BatchProfile:
     frame: pd.DataFrame      # text features, pcs, pred_label, confidence
     probs: np.ndarray        # calibrated probabilities [m, K]
     emb: np.ndarray          # mean-pooled embeddings [m, hidden]
+    abstained: np.ndarray | None = None  # where the model abstains (evaluate.abstain); None if it never does
 
     def take(self, idx: Sequence[int]) -> "BatchProfile":
         idx = np.asarray(idx)
         return BatchProfile([self.texts[i] for i in idx], self.frame.iloc[idx].reset_index(drop=True),
-                            self.probs[idx], self.emb[idx])
+                            self.probs[idx], self.emb[idx], None if self.abstained is None else self.abstained[idx])
 
 
-def model_outputs(predictor, texts: Sequence[str], bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated probabilities and mean-pooled embeddings, in input order (one forward pass, under
-    bf16 autocast when asked: the baseline and every batch take the same numeric path)."""
+def model_outputs(predictor, texts: Sequence[str], bf16: bool = False):
+    """Calibrated probabilities, mean-pooled embeddings and where the model abstains (evaluate.abstain; None
+    if it never does), in input order (one forward pass, under bf16 autocast when asked: the baseline and
+    every batch take the same numeric path)."""
     if not bf16 or predictor.model is None:
         logits, emb = predictor.logits(list(texts), mean_pooled=True)
-        return predictor.proba_from_logits(logits), emb
-    import torch
+    else:
+        import torch
 
-    with torch.autocast(next(predictor.model.parameters()).device.type, dtype=torch.bfloat16):
-        logits, emb = predictor.logits(list(texts), mean_pooled=True)
-    return predictor.proba_from_logits(logits), emb
+        with torch.autocast(next(predictor.model.parameters()).device.type, dtype=torch.bfloat16):
+            logits, emb = predictor.logits(list(texts), mean_pooled=True)
+    abstained = predictor.abstained(logits, emb) if getattr(predictor, "abstainer", None) is not None else None
+    return predictor.proba_from_logits(logits), emb, abstained
 
 
 def wants_bf16(predictor, mode: str) -> bool:
@@ -188,9 +191,9 @@ class Baseline:
         """Features and model outputs of a batch on the baseline's axes (and its bf16 choice)."""
         texts = list(texts)
         feats = text_features(texts, predictor.tokenizer, self.vocab, predictor.max_length)
-        probs, emb = model_outputs(predictor, texts, bool(self.profile.get("bf16", False)))
+        probs, emb, abstained = model_outputs(predictor, texts, bool(self.profile.get("bf16", False)))
         out = output_frame(predictor, probs, emb, self.arrays["pca_mean"], self.arrays["pca_components"])
-        return BatchProfile(texts, pd.concat([feats, out], axis=1), probs, emb)
+        return BatchProfile(texts, pd.concat([feats, out], axis=1), probs, emb, abstained)
 
 
 def _text_group(frame: pd.DataFrame) -> list[str]:
@@ -270,7 +273,7 @@ def build_baseline(splits: dict[str, pd.DataFrame], labels: list[str], predictor
                     ["train"] * len(train) + ["validation"] * len(val))
     text_ref.loc[text_ref["split"] == "train", "oov_rate"] = np.nan
     bf16 = wants_bf16(predictor, params.bf16)
-    probs, emb = model_outputs(predictor, val["text"].tolist(), bf16)
+    probs, emb, _ = model_outputs(predictor, val["text"].tolist(), bf16)
     pca_mean, pca_comps = fit_pca(emb, params.pca_components)
     out_ref = output_frame(predictor, probs, emb, pca_mean, pca_comps)
     out_ref.insert(0, "id", val["id"].astype(str).to_numpy())

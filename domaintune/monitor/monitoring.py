@@ -9,7 +9,8 @@ off unless the environment turns it on.
 Per batch, written to --out (replaced atomically): verdict.json and report.html (verdict first,
 domaintune.monitor_report). Then, outside --out:
   --history       one CSV row per verdict (time, batch, drift, estimated accuracy and its CI, the
-                  reference's estimate, smallest p-value): `dvc plots show` draws it (dvc.yaml)
+                  reference's estimate, smallest p-value, the abstention rate of an export that abstains):
+                  `dvc plots show` draws it (dvc.yaml)
   --review-queue  the batch's texts under drift.review_below confidence, as CSV rows ingest reads
                   (id, text, label left empty for a reviewer, predicted label, confidence)
   alarm           on drift: drift.alarm_command (or --alarm-command) is run with the verdict.json
@@ -56,7 +57,8 @@ log = logging.getLogger("domaintune")
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 BATCH_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 HISTORY_COLUMNS = ("time", "index", "batch", "sha256", "rows", "drift", "estimated_accuracy", "accuracy_low",
-                   "accuracy_high", "reference_accuracy", "min_p_value", "drifted", "alarm", "action", "error")
+                   "accuracy_high", "reference_accuracy", "min_p_value", "drifted", "alarm", "action", "error",
+                   "abstain_rate")
 REVIEW_COLUMNS = ("id", "text", "label", "predicted_label", "confidence", "batch", "batch_sha256")
 
 
@@ -187,6 +189,9 @@ def judge_texts(texts: Sequence[str], baseline_dir: str | Path, predictor, param
     # no label set (base.task generation): the confidence column is prompt familiarity, not a probability of
     # being right, so nothing is queued for review
     verdict["review_queued"] = int((prof.frame["confidence"] < params.review_below).sum()) if baseline.labels else 0
+    if prof.abstained is not None:  # evaluate.abstain: the share of the batch answered with the abstention label
+        verdict["abstention"] = {"rate": float(prof.abstained.mean()), "abstained": int(prof.abstained.sum()),
+                                 "label": predictor.abstainer.label, "method": predictor.abstainer.method}
     if act is not None:
         verdict["action"] = act(verdict, prof)
     lap("judge_s")
@@ -235,7 +240,8 @@ def append_history(path: Path, verdict: dict | None, batch: str, sha: str, alarm
            "accuracy_high": acc.get("ci_high", ""), "reference_accuracy": acc.get("reference_estimated", ""),
            "min_p_value": min(verdict["p_values"].values()) if verdict else "",
            "drifted": " ".join(s for s, v in (verdict or {}).get("signals", {}).items() if v["drifted"]),
-           "alarm": alarm, "action": action, "error": error}
+           "alarm": alarm, "action": action, "error": error,
+           "abstain_rate": ((verdict or {}).get("abstention") or {}).get("rate", "")}
     # `dvc plots show` copies every cell into a <script> unescaped: "</" would end it and blank the page
     row = {k: v.replace("</", "<\\/") if isinstance(v, str) else v for k, v in row.items()}
     if not new:
@@ -475,6 +481,8 @@ def summary_line(v: dict) -> str:
                               f" vs {acc['reference_estimated']:.3f} estimated the same way on the reference "
                               f"(measured there: {acc['reference_measured']:.3f})"
                               + ("" if acc.get("reliable", True) else f"; {acc['reliability']}"))
+    if ab := v.get("abstention"):
+        est += f"; abstained on {ab['abstained']} of {v['rows']} ({100 * ab['rate']:.1f}%, answered {ab['label']})"
     act = v.get("action") or {}
     if act.get("on_drift") == "retrain":  # the retrain policy says what it did and why, on every batch
         est += f"; action: {act['taken']} ({act['reason']})"

@@ -42,6 +42,11 @@ def verdict_section(v: dict) -> str:
     a = v.get("accuracy")
     if a:
         out.append(accuracy_section(a, v))
+    ab = v.get("abstention")
+    if ab:
+        out.append(f"<section id='abstention'><h2>Abstention</h2><p>The model answered "
+                   f"<code>{escape(ab['label'])}</code> ({escape(ab['method'])} score under its threshold) for "
+                   f"{ab['abstained']} of {v['rows']} texts: {100 * ab['rate']:.1f}%.</p></section>")
     rows = "".join(
         f"<tr class='{'bad' if s['drifted'] else ''}'><td>{escape(name)}</td><td>{_fmt(s['p_value'])}</td>"
         f"<td>{_fmt(s.get('effect'))}</td><td>{_verdict_word(s)}</td><td>{_fmt(s.get('reference_mean'))}</td>"

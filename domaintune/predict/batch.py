@@ -12,7 +12,8 @@ A bad file (not found, UTF-16, empty, old Mac line ends, no such column) stops b
 Ids: the id column's value as text (JSON numbers as written); a missing, null or empty id is the row number,
 as for a file without the id column. A CSV field has no size limit here (ingest.max_chars bounds training
 data, not what is predicted).
-Output: JSONL or CSV, one record per good row: id, text, label, calibrated confidence, top_k; for a
+Output: JSONL or CSV, one record per good row: id, text, label, calibrated confidence, top_k (and `abstained`,
+true where the label is evaluate.abstain.label, for an export that abstains); for a
 generation export (`generation=` given) id, text, the generated response, its finish_reason ("stop" or
 "length") and token counts. A prompt too long for the model's context with its token budget is a bad row
 too, found when its chunk is generated: with on_bad_row="error" the run stops there, after the rows before it
@@ -172,16 +173,32 @@ def chunks(path: Path, text_column: str, id_column: str, size: int) -> Iterator[
         yield buf
 
 
+def abstains(predictor) -> bool:
+    """Whether the export abstains (evaluate.abstain): its rows get an `abstained` column."""
+    return getattr(predictor, "abstainer", None) is not None
+
+
 def output_rows(predictor, batch: list[Record], top_k: int, log: PredictionLogger | None = None) -> list[dict]:
     texts = [r.text for r in batch]
-    probs = predictor.predict_proba(texts)
-    labels = predictor.labels_from_proba(probs)
+    if not abstains(predictor):
+        probs = predictor.predict_proba(texts)
+        labels = predictor.labels_from_proba(probs)
+        abstained = None
+    else:  # the label is evaluate.abstain.label where the model abstains; top_k still lists the trained labels
+        probs, abstained = predictor.predict_with_abstention(texts)
+        labels = predictor.labels_from_proba(probs)
     tops = predictor.top_k(probs, top_k)
     if log is not None:
-        log(predictor, batch, probs, labels)
-    return [{"id": r.id, "text": r.text, "label": lab, "confidence": round(top[0][1], 6),
+        log(predictor, batch, probs, labels)  # the log keeps the model's own label (feedback scores the model)
+    rows = [{"id": r.id, "text": r.text, "label": lab, "confidence": round(top[0][1], 6),
              "top_k": [{"label": name, "confidence": round(p, 6)} for name, p in top]}
             for r, lab, top in zip(batch, labels, tops)]
+    if abstained is not None:
+        for row, a in zip(rows, abstained):
+            row["abstained"] = bool(a)
+            if a:
+                row["label"] = predictor.abstainer.label
+    return rows
 
 
 @dataclass
@@ -264,7 +281,9 @@ def predict_file(predictor, path: Path, stream, fmt: str, *, text_column: str = 
     generated responses instead of labels; `log` logs each classifier prediction (module doc)."""
     scan = scan_file(path, text_column, id_column, on_bad_row)
     good = scan.rows - len(scan.bad)
-    writer = Writer(stream, fmt, CLASSIFIER_COLUMNS if generation is None else GENERATION_COLUMNS)
+    columns = GENERATION_COLUMNS if generation is not None else \
+        CLASSIFIER_COLUMNS + (("abstained",) if abstains(predictor) else ())
+    writer = Writer(stream, fmt, columns)
     bar = Progress(good, "predict", "row", stream=progress_stream or sys.stderr, interval=10.0, final=True)
     field = "line" if input_format(path) == "txt" else text_column
     late: list = []  # bad rows found only by the model (a prompt too long for its context)

@@ -11,6 +11,11 @@ An exported folder (stages/export.py) carries its calibration in model.json:
 `temperature` (single-label: probabilities are softmax(logits / T)) or
 `thresholds` (multi-label: per-label sigmoid cut-offs). A folder without them
 (e.g. models/finetuned) can be given the evaluate stage's calibration.json.
+With evaluate.abstain on, model.json's `abstain` (and abstain.safetensors beside it, for Mahalanobis) is applied
+after the calibration, one post-processing step on the same pass's logits (and text vectors):
+
+    probs, abstained = p.predict_with_abstention(texts)   # abstained: bool per text, None without abstention
+    labels = p.labels_with_abstention(probs, abstained)    # p.abstainer.label ("out_of_scope") where abstained
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from domaintune.core.device import MAX_BATCH_TOKENS
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json
 from domaintune.data.dataset import LABEL_SEPARATOR
+from domaintune.evaluate.abstain import Abstainer
 from domaintune.evaluate.calibration import sigmoid, softmax
 from domaintune.export.artifacts import load_variant
 from domaintune.export.variants import VariantChoice, resolve_variant
@@ -50,6 +56,7 @@ class Predictor:
             raise ValueError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size}, {max_batch_tokens}")
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
         self.variant_choice = VariantChoice(variant, variant)  # Predictor.load: how the variant was chosen
+        self.abstainer: Abstainer | None = None  # evaluate.abstain (set by load); None: every text gets a label
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, variant: str = "float32",
@@ -76,9 +83,13 @@ class Predictor:
         source = calibration or model_dir / "model.json"
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
             raise DataError(source, None, "temperature", f"must be a positive number, got {t!r}")
-        predictor = cls(runner, meta, float(t), cal.get("thresholds"), batch_size, variant, max_batch_tokens)
-        predictor.variant_choice = choice
-        return predictor
+        out = cls(runner, meta, float(t), cal.get("thresholds"), batch_size, variant, max_batch_tokens)
+        out.variant_choice = choice
+        if out.problem_type == "single_label":
+            folder = Path(calibration) if calibration else model_dir
+            out.abstainer = Abstainer.from_json(cal.get("abstain"), folder if folder.is_dir() else folder.parent,
+                                                source)
+        return out
 
     def logits(self, texts: Sequence[str], mean_pooled: bool = False):
         """Raw logits; mean_pooled=True also returns the mean-pooled text vectors of the same pass (torch only)."""
@@ -103,6 +114,27 @@ class Predictor:
             return [LABEL_SEPARATOR.join(lab for lab, on in zip(self.labels, row) if on)
                     for row in probs >= self.thresholds]
         return [self.labels[i] for i in probs.argmax(axis=1)]
+
+    def predict_with_abstention(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(calibrated probabilities, abstained per text) from one pass; abstained is None without abstention."""
+        if self.abstainer is None:
+            return self.predict_proba(texts), None
+        if self.abstainer.needs_features:
+            logits, vectors = self.logits(texts, mean_pooled=True)
+        else:
+            logits, vectors = self.logits(texts), None
+        return self.proba_from_logits(logits), self.abstained(logits, vectors)
+
+    def abstained(self, logits: np.ndarray, vectors: np.ndarray | None = None) -> np.ndarray | None:
+        """The post-processing step of abstention on a pass's logits (and mean-pooled vectors): True where the
+        model answers self.abstainer.label; None without abstention."""
+        return None if self.abstainer is None else self.abstainer.abstained(logits, vectors)
+
+    def labels_with_abstention(self, probs: np.ndarray, abstained: np.ndarray | None) -> list[str]:
+        labels = self.labels_from_proba(probs)
+        if abstained is None:
+            return labels
+        return [self.abstainer.label if a else lab for lab, a in zip(labels, abstained)]
 
     def top_k(self, probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """The k most probable labels of each row, highest first, with their calibrated probabilities."""

@@ -6,9 +6,11 @@ KServe Open Inference Protocol v2 (model name "domaintune"):
     GET  /v2/models/domaintune, /v2/models/domaintune/ready
     POST /v2/models/domaintune/infer   one BYTES input tensor of texts (ids: optional "parameters": {"ids": [...]})
          -> outputs label (BYTES), confidence (FP32), probabilities (FP32 [n, labels]; labels in its parameters),
-         and "parameters": {"ids": [...]}
+         and "parameters": {"ids": [...]}; an export that abstains (evaluate.abstain) adds abstained (BOOL [n]),
+         and its label is the abstention label ("out_of_scope") on those rows
 Plain JSON:
     POST /predict {"texts": [...], "top_k": 3, "ids": [...]} -> per text: id, label, calibrated confidence, top-k
+         (and "abstained": true/false, with the abstention label as `label`, for an export that abstains)
 Ids: a client may name each text (`ids`, strings or integers, unique in the request); a text without one gets a
 uuid4. The response returns them: they are the keys of the prediction log (--prediction-log, every answer and
 every shadow answer, domaintune/predict/log.py) that `domaintune feedback` scores delayed labels against.
@@ -56,7 +58,7 @@ log = logging.getLogger("domaintune.serve")
 V2 = f"/v2/models/{MODEL_NAME}"
 KNOWN_PATHS = {"/predict", "/version", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready", V2,
                f"{V2}/ready", f"{V2}/infer", *openai.PATHS}
-OUTPUT_NAMES = ("label", "confidence", "probabilities")
+OUTPUT_NAMES = ("label", "confidence", "probabilities", "abstained")  # abstained: an export that abstains
 CLIENT_GONE = 499  # the status /metrics counts a client that disconnected before it was answered under (nginx's)
 
 
@@ -100,7 +102,7 @@ def parse_infer(body, settings) -> tuple[list[str], list[str], object, list[str]
             and shape and math.prod(shape) == len(texts) and all(s == 1 for s in shape[1:])):
         raise ApiError(422, f"shape must be [{len(texts)}] or [{len(texts)}, 1] for {len(texts)} texts, "
                             f"got {shape!r}", "inputs[0].shape")
-    wanted = list(OUTPUT_NAMES)
+    wanted = list(OUTPUT_NAMES[:3])  # + abstained, added by infer_outputs for an export that abstains
     if body.get("outputs") is not None:
         outs = body["outputs"]
         if not isinstance(outs, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUT_NAMES
@@ -114,26 +116,44 @@ def parse_infer(body, settings) -> tuple[list[str], list[str], object, list[str]
     return texts, wanted, body.get("id"), check_ids((params or {}).get("ids"), len(texts), "parameters.ids")
 
 
-def predictions(model, probs: np.ndarray, top_k: int, ids: list[str]) -> list[dict]:
-    labels = model.labels
+def decided_labels(model, probs: np.ndarray, abstained: np.ndarray | None) -> list[str]:
+    """Each row's label: the model's, or evaluate.abstain.label where it abstains."""
     decided = model.decide(probs)
+    if abstained is None:
+        return decided
+    return [model.abstain_label if a else lab for lab, a in zip(decided, abstained)]
+
+
+def predictions(model, probs: np.ndarray, top_k: int, ids: list[str],
+                abstained: np.ndarray | None = None) -> list[dict]:
+    labels = model.labels
+    decided = decided_labels(model, probs, abstained)
     k = min(top_k, len(labels))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [{"id": ids[i], "label": decided[i], "confidence": float(probs[i].max()),
-             "top_k": [{"label": labels[j], "confidence": float(probs[i, j])} for j in order[i]]}
-            for i in range(len(probs))]
+    out = [{"id": ids[i], "label": decided[i], "confidence": float(probs[i].max()),
+            "top_k": [{"label": labels[j], "confidence": float(probs[i, j])} for j in order[i]]}
+           for i in range(len(probs))]
+    if abstained is not None:  # an export that abstains (evaluate.abstain) says so on every prediction
+        for p, a in zip(out, abstained):
+            p["abstained"] = bool(a)
+    return out
 
 
-def infer_outputs(model, probs: np.ndarray, wanted: list[str]) -> list[dict]:
+def infer_outputs(model, probs: np.ndarray, wanted: list[str], abstained: np.ndarray | None = None) -> list[dict]:
     n, k = probs.shape
     tensors = {
-        "label": {"name": "label", "datatype": "BYTES", "shape": [n], "data": model.decide(probs)},
+        "label": {"name": "label", "datatype": "BYTES", "shape": [n], "data": decided_labels(model, probs, abstained)},
         "confidence": {"name": "confidence", "datatype": "FP32", "shape": [n],
                        "data": probs.max(axis=1).astype(np.float32).tolist()},
         "probabilities": {"name": "probabilities", "datatype": "FP32", "shape": [n, k],
                           "data": probs.astype(np.float32).ravel().tolist(), "parameters": {"labels": model.labels}},
     }
-    return [tensors[name] for name in wanted]
+    if abstained is not None:
+        tensors["abstained"] = {"name": "abstained", "datatype": "BOOL", "shape": [n],
+                                "data": [bool(a) for a in abstained], "parameters": {"label": model.abstain_label}}
+        if "label" in wanted and "abstained" not in wanted:
+            wanted = [*wanted, "abstained"]  # a label may be the abstention label: say which rows
+    return [tensors[name] for name in wanted if name in tensors]
 
 
 def model_metadata(model) -> dict:
@@ -146,8 +166,10 @@ def model_metadata(model) -> dict:
             "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
             "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                         {"name": "confidence", "datatype": "FP32", "shape": [-1]},
-                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(model.labels)]}],
-            "parameters": {"task": model.task, "labels": model.labels, "variant": model.variant}}
+                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(model.labels)]}]
+            + ([{"name": "abstained", "datatype": "BOOL", "shape": [-1]}] if model.abstain_label is not None else []),
+            "parameters": {"task": model.task, "labels": model.labels, "variant": model.variant,
+                           **({"abstain_label": model.abstain_label} if model.abstain_label is not None else {})}}
 
 
 def create_app(holder, settings, metrics, shadow_log=None, prediction_log=None):
@@ -277,10 +299,10 @@ def _add_v2_routes(app, holder, batcher, settings) -> None:
         _need_classifier(holder)
         texts, wanted, req_id, ids = parse_infer(await read_json(request, settings), settings)
         ids = new_ids(ids, len(texts))
-        model, probs = await batcher.submit(texts, ids)
+        model, probs, abstained = await batcher.submit(texts, ids)
         body = {"model_name": MODEL_NAME, "model_version": model.version,
                 **({"id": req_id} if req_id is not None else {}), "parameters": {"ids": ids},
-                "outputs": infer_outputs(model, probs, wanted)}
+                "outputs": infer_outputs(model, probs, wanted, abstained)}
         return JSONResponse(body, headers={VERSION_HEADER: model.version})
 
 
@@ -302,8 +324,9 @@ def _add_plain_routes(app, holder, batcher, settings, metrics) -> None:
         _need_classifier(holder)
         texts, top_k, ids = parse_predict(await read_json(request, settings), settings)
         ids = new_ids(ids, len(texts))
-        model, probs = await batcher.submit(texts, ids)
-        return JSONResponse({"model_version": model.version, "predictions": predictions(model, probs, top_k, ids)},
+        model, probs, abstained = await batcher.submit(texts, ids)
+        return JSONResponse({"model_version": model.version,
+                             "predictions": predictions(model, probs, top_k, ids, abstained)},
                             headers={VERSION_HEADER: model.version})
 
     @app.get("/version")

@@ -68,6 +68,7 @@ class _Item:
     next: int = 0                        # texts [0, next) are answered
     model: object = None                 # the LoadedModel answering it (one for all its texts)
     probs: np.ndarray | None = None      # their probabilities, filled batch by batch
+    abstained: np.ndarray | None = None  # where the model abstains (evaluate.abstain), None if it never does
 
 
 @dataclass
@@ -142,8 +143,8 @@ class MicroBatcher:
         self._log.shutdown(wait=True)     # and the prediction log every answer already sent
 
     async def submit(self, texts: list[str], ids: list[str] | None = None):
-        """(the LoadedModel that answered, calibrated probabilities [len(texts), labels]); `ids` name the texts
-        in the prediction log."""
+        """(the LoadedModel that answered, calibrated probabilities [len(texts), labels], abstained [len(texts)] or
+        None for a model that never abstains); `ids` name the texts in the prediction log."""
         fut = asyncio.get_running_loop().create_future()
         await self._queue.put(_Item(texts, fut, time.perf_counter(), ids))
         return await fut
@@ -219,7 +220,7 @@ class MicroBatcher:
         live = [it for it in pending if not it.future.done()]
         for it in live:
             if it.model is not None and it.model is not model:  # swapped since its first texts: start again
-                it.next, it.model, it.probs = 0, None, None
+                it.next, it.model, it.probs, it.abstained = 0, None, None, None
         taken = [0] * len(live)
         n = chars = 0
         last, full = -1, False
@@ -244,7 +245,7 @@ class MicroBatcher:
         self.metrics.batch_requests.observe(len(batch))
         loop = asyncio.get_running_loop()
         try:
-            probs = await loop.run_in_executor(self._infer, self._predict, model, texts)
+            probs, abstained = await loop.run_in_executor(self._infer, self._predict, model, texts)
         except Exception as exc:  # noqa: BLE001 - a failed batch is retried request by request, not the loop
             if len(batch) == 1 or isinstance(exc, ApiError):
                 if not isinstance(exc, ApiError):
@@ -263,10 +264,13 @@ class MicroBatcher:
             if not it.future.done():
                 if it.model is None:
                     it.model, it.probs = model, np.empty((len(it.texts), probs.shape[1]), dtype=probs.dtype)
+                    it.abstained = None if abstained is None else np.zeros(len(it.texts), dtype=bool)
                 it.probs[piece.start:piece.stop] = probs[start:start + n]
+                if it.abstained is not None:
+                    it.abstained[piece.start:piece.stop] = abstained[start:start + n]
                 it.next = piece.stop
                 if it.next == len(it.texts):
-                    it.future.set_result((model, it.probs))
+                    it.future.set_result((model, it.probs, it.abstained))
                     answered.append(it)
             start += n
         if self.prediction_log is not None and answered:
@@ -274,12 +278,12 @@ class MicroBatcher:
         if self.holder.shadow is not None:
             self._run_shadow(model, texts, probs, [i for piece in batch for i in piece.ids])
 
-    def _predict(self, model, texts: list[str]) -> np.ndarray:
+    def _predict(self, model, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         if model.task != "classification":  # swapped to another task since the route checked
             raise wrong_task(model, "classification")
         # the predictor sorts the texts by token length and runs them in passes of at most infer_batch texts within
         # max_batch_tokens (ServeSettings -> Predictor), tokenising them here on this worker thread
-        return model.predict_proba(texts)
+        return model.predict_with_abstention(texts)
 
     async def _run_generation(self, batch: list[GenerationJob]) -> None:
         live = [job for job in batch if not job.future.done()]
@@ -388,7 +392,7 @@ class MicroBatcher:
         fut.add_done_callback(self._shadow_done)
 
     def _shadow_batch(self, shadow, model, texts, probs, ids) -> None:
-        cand = self._predict(shadow, texts)
+        cand = self._predict(shadow, texts)[0]
         self.metrics.texts.labels("shadow").inc(len(texts))
         if self.shadow_log is not None:
             self.shadow_log.write(texts, model, probs, shadow, cand, ids if None not in ids else None)

@@ -59,6 +59,19 @@ class LoadedModel:
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         return np.asarray(self.predictor.predict_proba(texts), dtype=np.float64)
 
+    @property
+    def abstain_label(self) -> str | None:
+        """What the model answers where it abstains (evaluate.abstain.label); None if it never abstains."""
+        ab = getattr(self.predictor, "abstainer", None)
+        return None if ab is None else ab.label
+
+    def predict_with_abstention(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(calibrated probabilities, abstained per text or None) from one pass."""
+        if self.abstain_label is None:
+            return self.predict_proba(texts), None
+        probs, abstained = self.predictor.predict_with_abstention(texts)
+        return np.asarray(probs, dtype=np.float64), np.asarray(abstained, dtype=bool)
+
     def decide(self, probs: np.ndarray) -> list[str]:
         """Predicted label per row (multi-label: the labels over their thresholds, joined)."""
         if getattr(self.predictor, "problem_type", "single_label") == "multi_label":

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import pytest
-from evalkit import LABELS, make_model, make_split
+from evalkit import LABELS, OOS_TEXTS, add_abstention, make_model, make_split
 
 # Runs under `python -I` (no PYTHONPATH, no cwd on sys.path) with domaintune blocked on top,
 # since the venv's editable install would otherwise still find it.
@@ -47,7 +47,11 @@ ns = {"TEXTS": texts}
 exec(compile(snippet, "README.md", "exec"), ns)
 assert "domaintune" not in sys.modules
 np.save(sys.argv[4], ns["probs"])
-print(json.dumps({"labels": [ns["config"]["id2label"][str(i)] for i in ns["probs"].argmax(1)]}))
+if "abstained" in ns:  # the card's abstention step (evaluate.abstain)
+    np.save(sys.argv[4] + ".abstained.npy", ns["abstained"])
+    print(json.dumps({"labels": ns["labels"]}))
+else:
+    print(json.dumps({"labels": [ns["config"]["id2label"][str(i)] for i in ns["probs"].argmax(1)]}))
 '''
 
 
@@ -197,3 +201,51 @@ def _tokenizer(out):
     from domaintune.modeling.encoders import load_tokenizer
 
     return load_tokenizer(str(out / "onnx"))
+
+
+@pytest.fixture(scope="module")
+def abstaining_export(tiny_bert, tmp_path_factory):
+    """An export that abstains by Mahalanobis distance (the score that needs the text vector): float32, onnx,
+    onnx-int8 and openvino-int8 written as the export stage writes them, after evaluate's abstention."""
+    from domaintune.core.io import read_json
+    from domaintune.export import artifacts
+    from domaintune.modeling.encoders import load_classifier
+
+    root = tmp_path_factory.mktemp("onnx_abstain")
+    ft = make_model(tiny_bert, root / "ft", seed=4)
+    model, tok, meta = load_classifier(ft)
+    meta = {**{k: v for k, v in meta.items() if k not in ("adapter", "num_labels", "hidden_size")},
+            "temperature": 1.3, "base_encoder": None}
+    out = root / "models/export"
+    artifacts.write_float32(model, tok, out, meta)
+    train = make_split("train", 8)
+    add_abstention(out, train["text"].tolist(), train["label"].tolist(), make_split("validation", 6)["text"].tolist(),
+                   method="mahalanobis", recall=0.8)
+    meta = read_json(out / "model.json")
+    artifacts.write_onnx(out, model, tok, meta)
+    artifacts.write_onnx_int8(out)
+    artifacts.write_openvino_int8(out, tok, train["text"].tolist()[:10], 32, seed=5)
+    return root, out, meta, make_split("test", 4)["text"].tolist() + OOS_TEXTS
+
+
+@pytest.mark.parametrize("variant", ["onnx", "onnx-int8", "openvino-int8"])
+def test_onnx_abstains_exactly_where_predictor_does(abstaining_export, tmp_path, variant):
+    """The card's no-domaintune snippet (onnxruntime / OpenVINO + safetensors + numpy) abstains on exactly the
+    texts Predictor abstains on, for the variant and for float32; the graph carries the pooled vector."""
+    from domaintune.predict.predictor import Predictor
+
+    root, out, meta, texts = abstaining_export
+    probs, labels = run_isolated(root, variant, texts, tmp_path, meta)
+    snippet = np.load(tmp_path / "probs.npy.abstained.npy")
+    own = Predictor.load(out, variant=variant)
+    own_probs, own_abstained = own.predict_with_abstention(texts)
+    _, ref_abstained = Predictor.load(out).predict_with_abstention(texts)
+    assert own.abstainer.method == "mahalanobis" and own.abstainer.label == "out_of_scope"
+    assert snippet.tolist() == own_abstained.tolist()
+    if variant == "onnx":  # the float graph: the same vectors as PyTorch up to float rounding
+        assert own_abstained.tolist() == ref_abstained.tolist()
+    assert 0 < own_abstained.sum() < len(texts)  # some texts answered, some not: the comparison means something
+    assert labels == own.labels_with_abstention(own_probs, own_abstained)
+    cfg = json.loads((out / variant / "config.json").read_text())
+    assert cfg["domaintune"]["outputs"] == ["probabilities", "logits", "pooled"]
+    assert cfg["domaintune"]["abstain"] == meta["abstain"] and (out / variant / "abstain.safetensors").is_file()

@@ -377,3 +377,33 @@ def test_on_drift_retrain_starts_the_retrain_once_on_drift_and_a_drop_and_never_
     with (root / "reports" / "monitor_history.csv").open(newline="") as fh:
         assert [r["action"] for r in csv.DictReader(fh)][-1] == "none"
     assert len(_wait_for_lines(record, 2, seconds=2.0)) == 1  # still the one retrain
+
+
+def test_abstention_rate_in_the_verdict_report_and_history(project, tmp_path, capsys):
+    """An export that abstains (evaluate.abstain): the verdict, its report, the summary line and the history
+    carry the share of the batch answered with the abstention label, computed by Predictor's own step."""
+    import shutil
+
+    import numpy as np
+    from evalkit import add_abstention
+
+    from domaintune.predict.predictor import Predictor
+
+    root = tmp_path / "p"
+    for part in ("models", "audited", "params.yaml", "other.txt"):
+        (shutil.copytree if (project / part).is_dir() else shutil.copy)(project / part, root / part)
+    splits, _ = tiny_splits(40)
+    add_abstention(root / "models/export", splits["train"]["text"].tolist(), splits["train"]["label"].tolist(),
+                   splits["validation"]["text"].tolist(), method="max_prob", recall=0.9)
+    assert cli("monitor", "--batch", "other.txt", "--repo", str(root), "--out", "reports/other") in (0, 1)
+    verdict = json.loads((root / "reports/other/verdict.json").read_text())
+    texts = (root / "other.txt").read_text().splitlines()
+    _, abstained = Predictor.load(root / "models/export").predict_with_abstention(texts)
+    ab = verdict["abstention"]
+    assert ab["abstained"] == int(np.sum(abstained)) and ab["rate"] == pytest.approx(np.mean(abstained))
+    assert ab["label"] == "out_of_scope" and ab["method"] == "max_prob"
+    assert "<section id='abstention'>" in (root / "reports/other/report.html").read_text(encoding="utf-8")
+    assert f"abstained on {ab['abstained']} of {verdict['rows']}" in capsys.readouterr().out
+    with (root / "reports/monitor_history.csv").open(newline="") as fh:
+        hist = list(csv.DictReader(fh))
+    assert float(hist[-1]["abstain_rate"]) == pytest.approx(ab["rate"])

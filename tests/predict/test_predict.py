@@ -430,3 +430,36 @@ def test_predict_defaults_to_auto_and_logs_the_variant_that_answered(export, tmp
     np.testing.assert_allclose([r["confidence"] for r in read_out(tmp_path / "b.jsonl")], float32.max(1), atol=1e-6)
     rows = [json.loads(x) for x in (repo / "reports/predictions/predict.jsonl").read_text().splitlines()]
     assert [r["variant"] for r in rows] == ["onnx"] * 9 + ["float32"] * 9
+
+
+def test_an_export_that_abstains_answers_the_abstention_label_in_an_abstained_column(export, tmp_path, capsys):
+    """evaluate.abstain in the export: predict writes `abstained` (CSV and JSONL) and the abstention label on
+    exactly the rows Predictor abstains on; the model's own ranking stays in top_k."""
+    import shutil
+
+    from evalkit import OOS_TEXTS, add_abstention
+
+    from domaintune.predict.predictor import Predictor
+
+    _, _, out = export
+    folder = tmp_path / "export"
+    shutil.copytree(out, folder, ignore=shutil.ignore_patterns("onnx"))
+    train = make_split("train", 6)
+    add_abstention(folder, train["text"].tolist(), train["label"].tolist(), TEXTS, method="energy", recall=0.8,
+                   label="not_mine")
+    texts = TEXTS + OOS_TEXTS
+    src = tmp_path / "in.csv"
+    pd.DataFrame({"id": [f"t{i}" for i in range(len(texts))], "text": texts}).to_csv(src, index=False)
+    p = Predictor.load(folder)
+    probs, abstained = p.predict_with_abstention(texts)
+    assert 0 < abstained.sum() < len(texts)
+    for dest in (tmp_path / "out.csv", tmp_path / "out.jsonl"):
+        assert cli(src, "--model", folder, "--out", dest) == 0
+        rows = read_out(dest)
+        got = [r["abstained"] in (True, "True") for r in rows]
+        assert got == abstained.tolist()
+        assert [r["label"] for r in rows] == p.labels_with_abstention(probs, abstained)
+        assert all(r["label"] == "not_mine" for r, a in zip(rows, got) if a)
+        assert all(r["top_k"][0]["label"] in LABELS for r in rows)
+    with open(tmp_path / "out.csv", newline="", encoding="utf-8") as f:
+        assert next(csv.reader(f)) == [*bp.CLASSIFIER_COLUMNS, "abstained"]

@@ -667,3 +667,12 @@ def test_model_metadata_names_the_runtime_of_each_variant(variant, platform):
 
     meta = model_metadata(SimpleNamespace(variant=variant, task="generation", version="v1"))
     assert meta["platform"] == platform and meta["parameters"]["variant"] == variant
+
+
+def test_serve_without_abstention_adds_no_field(server):
+    """method none: the answers are today's (no `abstained` field, no extra v2 output)."""
+    r = server.post("/predict", json={"texts": TEXTS[:2]})
+    assert all(set(x) == {"id", "label", "confidence", "top_k"} for x in r.json()["predictions"])
+    r = server.post("/v2/models/domaintune/infer",
+                    json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": TEXTS[:1]}]})
+    assert [o["name"] for o in r.json()["outputs"]] == ["label", "confidence", "probabilities"]
