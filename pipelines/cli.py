@@ -25,6 +25,8 @@ from domaintune.evaluate.summary import (
     load_metrics,
     write_summary,
 )
+from domaintune.export.variants import REQUESTS as VARIANT_REQUESTS
+from domaintune.export.variants import variant_arg
 from domaintune.monitor.settings import DEFAULTS, MonitorSettings
 from domaintune.registry import diff, plumbing, promotion, rollback, versions
 from domaintune.tasks import export_task, load_predictor  # the one loader of predict, serve and monitor
@@ -289,6 +291,9 @@ def add_monitor_options(p: argparse.ArgumentParser) -> None:
     src.add_argument("--watch", help="folder of incoming batch files: judge each one the history does not list yet")
     p.add_argument("--baseline", default=DEFAULTS["baseline"], help="drift baseline folder (the drift stage's out)")
     p.add_argument("--model", default=DEFAULTS["model"], help="exported model folder whose predictions are compared")
+    p.add_argument("--variant", default=DEFAULTS["variant"], type=variant_arg, choices=list(VARIANT_REQUESTS),
+                   help="exported variant to run (default: auto, the fastest variant that passed its gates among "
+                        "those that return text embeddings, float32 or int8: the drift signals compare them)")
     p.add_argument("--out", default=DEFAULTS["out"], help="folder for report.html and verdict.json (replaced); "
                    "with --watch, one subfolder per batch file")
     p.add_argument("--text-column", default=DEFAULTS["text_column"],

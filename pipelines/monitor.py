@@ -62,26 +62,28 @@ def _run(batch: str | None, watch: str | None, repo: str, **kw) -> list[dict]:
 
 @flow(name="domaintune-monitor")
 def monitor_flow(batch: str, repo: str = ".", baseline: str = DEFAULTS["baseline"], model: str = DEFAULTS["model"],
-                 out: str = DEFAULTS["out"], text_column: str = DEFAULTS["text_column"],
+                 variant: str = DEFAULTS["variant"], out: str = DEFAULTS["out"],
+                 text_column: str = DEFAULTS["text_column"],
                  id_column: str | None = None, history: str = DEFAULTS["history"],
                  review_queue: str = DEFAULTS["review_queue"], alarm_command: str | None = None,
                  alarm_webhook: str | None = None) -> dict:
     """Judge one batch file against the drift baseline."""
-    return _run(batch, None, repo, baseline=baseline, model=model, out=out, text_column=text_column,
-                id_column=id_column, history=history, review_queue=review_queue, alarm_command=alarm_command,
-                alarm_webhook=alarm_webhook)[0]
+    return _run(batch, None, repo, baseline=baseline, model=model, variant=variant, out=out,
+                text_column=text_column, id_column=id_column, history=history, review_queue=review_queue,
+                alarm_command=alarm_command, alarm_webhook=alarm_webhook)[0]
 
 
 @flow(name="domaintune-monitor-folder")
 def monitor_folder_flow(folder: str, repo: str = ".", baseline: str = DEFAULTS["baseline"],
-                        model: str = DEFAULTS["model"], out: str = DEFAULTS["out"], text_column: str = "text",
+                        model: str = DEFAULTS["model"], variant: str = DEFAULTS["variant"],
+                        out: str = DEFAULTS["out"], text_column: str = "text",
                         id_column: str | None = None, history: str = DEFAULTS["history"],
                         review_queue: str = DEFAULTS["review_queue"],
                         alarm_command: str | None = None, alarm_webhook: str | None = None) -> list[dict]:
     """Judge every batch file in `folder` that the history does not list yet (the scheduled monitor)."""
-    return _run(None, folder, repo, baseline=baseline, model=model, out=out, text_column=text_column,
-                id_column=id_column, history=history, review_queue=review_queue, alarm_command=alarm_command,
-                alarm_webhook=alarm_webhook)
+    return _run(None, folder, repo, baseline=baseline, model=model, variant=variant, out=out,
+                text_column=text_column, id_column=id_column, history=history, review_queue=review_queue,
+                alarm_command=alarm_command, alarm_webhook=alarm_webhook)
 
 
 def run_flows(ms: MonitorSettings) -> list[dict]:

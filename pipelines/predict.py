@@ -27,7 +27,7 @@ from domaintune.core.errors import DataError, StageError
 from domaintune.core.io import atomic_output
 from domaintune.core.params import project_id_column
 from domaintune.core.stage import check_apart
-from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS  # the one list
+from domaintune.export.variants import REQUESTS as EXPORT_VARIANTS  # the one list, and auto
 from domaintune.export.variants import variant_arg
 from domaintune.predict.log import BACKUPS, LOG_TEXT, MAX_BYTES, PredictionLog, file_sha256
 from domaintune.registry import release
@@ -58,8 +58,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="file of texts: .csv, .tsv, .jsonl, .parquet, or .txt (one text per line)")
     p.add_argument("--out", default=None, help="output file, .jsonl or .csv (default: JSONL on stdout)")
-    p.add_argument("--variant", default="float32", type=variant_arg, choices=list(EXPORT_VARIANTS),
-                   help="exported variant to run (default: float32; 'float' is accepted for float32)")
+    p.add_argument("--variant", default="auto", type=variant_arg, choices=list(EXPORT_VARIANTS),
+                   help="exported variant to run (default: auto, the fastest that passed its gates as the export "
+                        "stage measured them, float32 for an export without that record; 'float' is accepted for "
+                        "float32)")
     p.add_argument("--version", default=None,
                    help="a published version (e.g. v1.2.0) instead of --model, fetched from the DVC cache/remote "
                         "(default: none, use --model)")
@@ -180,13 +182,15 @@ def run(args) -> dict:
     args.id_column = id_column(args)
     kw = dict(text_column=args.text_column, id_column=args.id_column, top_k=args.top_k, chunk=args.chunk_size,
               on_bad_row=args.on_bad_row, generation=generation, log=prediction_logger(args, folder, generation))
+    choice = getattr(predictor, "variant_choice", None)  # a classifier: the variant auto resolved to, and why
     try:
         if out is None:
-            return bp.predict_file(predictor, src, sys.stdout, fmt, **kw)
-        with atomic_output(out) as tmp:
-            with open(tmp, "w", encoding="utf-8", newline="") as f:
-                result = bp.predict_file(predictor, src, f, fmt, **kw)
-        return result
+            result = bp.predict_file(predictor, src, sys.stdout, fmt, **kw)
+        else:
+            with atomic_output(out) as tmp:
+                with open(tmp, "w", encoding="utf-8", newline="") as f:
+                    result = bp.predict_file(predictor, src, f, fmt, **kw)
+        return {**result, "variant": choice.note if choice is not None else None}
     finally:
         if kw["log"] is not None:
             kw["log"].log.close()
@@ -222,5 +226,6 @@ def cmd_predict(args) -> int:
     print(f"domaintune predict: {result['predicted']:,} of {result['rows']:,} rows predicted"
           + (f", {len(result['bad_rows']):,} bad rows skipped" if result["bad_rows"] else "")
           + (f", {result['blank_lines']:,} blank lines ignored" if result["blank_lines"] else "")
-          + f" in {result['seconds']:.1f} s" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+          + f" in {result['seconds']:.1f} s" + (f" -> {args.out}" if args.out else "")
+          + (f" (variant: {result['variant']})" if result.get("variant") else ""), file=sys.stderr)
     return 0

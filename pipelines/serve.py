@@ -24,7 +24,7 @@ from pathlib import Path
 
 from domaintune.core.errors import DataError
 from domaintune.core.params import BaseParams, ReleaseParams, load_params
-from domaintune.export.variants import VARIANTS as EXPORT_VARIANTS
+from domaintune.export.variants import REQUESTS as EXPORT_VARIANTS
 from domaintune.export.variants import variant_arg
 from domaintune.serve.settings import ServeSettings
 
@@ -46,7 +46,9 @@ def register(add) -> None:
     p.add_argument("--host", default=S.host, help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=S.port, help="port to listen on")
     p.add_argument("--variant", default=S.variant, type=variant_arg, choices=EXPORT_VARIANTS,
-                   help=f"model variant to load: {', '.join(EXPORT_VARIANTS)} (default: {S.variant}; 'float' is "
+                   help=f"model variant to load: {', '.join(EXPORT_VARIANTS)} (default: {S.variant}, the fastest "
+                        "that passed its gates as the export stage measured them, float32 for an export without "
+                        "that record; /version names the one loaded; 'float' is "
                         "accepted for float32)")
     p.add_argument("--device", default=S.device, help="where a PyTorch model runs, e.g. cuda (default: cpu)")
     p.add_argument("--model", default=None, metavar="DIR",

@@ -15,6 +15,7 @@ same metrics dict as metrics/export.json.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from domaintune.core import device as devices
-from domaintune.core.device import stage_device
+from domaintune.core.device import MAX_BATCH_TOKENS, stage_device
 from domaintune.core.errors import DataError, StageError
 from domaintune.core.io import atomic_output, read_json, write_json
 from domaintune.core.params import as_dict, load_params
@@ -36,6 +37,7 @@ from domaintune.evaluate.abstain import Abstainer
 from domaintune.export import artifacts
 from domaintune.export.artifacts import TorchRunner, load_variant, thread_count, variant_bytes
 from domaintune.export.modelcard import base_model_name, cpu_name, model_card
+from domaintune.export.variants import AUTO_MIN_GAIN, fastest_passing
 from domaintune.modeling.chunks import LongText
 from domaintune.modeling.encoders import load_classifier, set_threads
 
@@ -110,27 +112,37 @@ def gate_allowances(params, test_rows: int) -> dict:
             "ece_points": max(params.max_ece_increase, 2 * one_row)}
 
 
-def check_gates(variants: dict, params, test_rows: int) -> dict:
-    """Fail on the first variant that loses too much accuracy or calibration against float32 (the allowances
-    of gate_allowances, returned)."""
+def gate_failures(variants: dict, params, test_rows: int, names=None) -> dict:
+    """{variant: why} for each variant (of `names`, default all but float32) that loses more accuracy or
+    calibration against float32 than gate_allowances allows; {} when all pass."""
     ref = variants["float32"]
     g = gate_allowances(params, test_rows)
     one_row = g["one_row_points"]
-    for name, v in variants.items():
+    out = {}
+    for name in names if names is not None else variants:
+        v = variants[name]
         if name in ("float32", "unmerged"):
             continue
         drop = 100 * (ref["accuracy"] - v["accuracy"])
-        if drop > g["accuracy_points"] * (1 + 1e-9):
-            raise StageError(f"variant {name}: accuracy {v['accuracy']:.4f} is {drop:.2f} points below float32's "
-                             f"{ref['accuracy']:.4f} (export.max_accuracy_drop {params.max_accuracy_drop:g}; "
-                             f"one of the {test_rows} test rows is {one_row:.2f} points)")
         # One row whose confidence moves to another bin changes ECE by up to one row in each of the two bins.
         rise = 100 * (v["ece"] - ref["ece"])
-        if rise > g["ece_points"] * (1 + 1e-9):
-            raise StageError(f"variant {name}: ECE {v['ece']:.4f} is {rise:.2f} points above float32's "
-                             f"{ref['ece']:.4f} (export.max_ece_increase {params.max_ece_increase:g}; "
-                             f"one row moving between two bins of the {test_rows} test rows is {2 * one_row:.2f})")
-    return g
+        if drop > g["accuracy_points"] * (1 + 1e-9):
+            out[name] = (f"accuracy {v['accuracy']:.4f} is {drop:.2f} points below float32's "
+                         f"{ref['accuracy']:.4f} (export.max_accuracy_drop {params.max_accuracy_drop:g}; "
+                         f"one of the {test_rows} test rows is {one_row:.2f} points)")
+        elif rise > g["ece_points"] * (1 + 1e-9):
+            out[name] = (f"ECE {v['ece']:.4f} is {rise:.2f} points above float32's "
+                         f"{ref['ece']:.4f} (export.max_ece_increase {params.max_ece_increase:g}; "
+                         f"one row moving between two bins of the {test_rows} test rows is {2 * one_row:.2f})")
+    return out
+
+
+def check_gates(variants: dict, params, test_rows: int) -> dict:
+    """Fail on the first variant that loses too much accuracy or calibration against float32 (the allowances
+    of gate_allowances, returned)."""
+    for name, why in gate_failures(variants, params, test_rows).items():
+        raise StageError(f"variant {name}: {why}")
+    return gate_allowances(params, test_rows)
 
 
 def latency_conditions(params, test_rows: int) -> dict:
@@ -215,9 +227,48 @@ def write_variants(tmp: Path, merged, tok, export_meta: dict, params, calibratio
     return info
 
 
+SPEED_TEXTS = 512  # test texts (a seeded sample when the split has more) each variant's texts/s is measured on
+
+
+def texts_per_s(runner, texts: list[str], batch_size: int, ml: int, max_batch_tokens: int, repeats: int,
+                bf16: bool = False, long_text: LongText | None = None) -> float:
+    """Texts per second of `runner` on `texts` the way predict and serve run them (sorted by token length, batches
+    of at most `batch_size` texts within `max_batch_tokens`): the best of `repeats` passes after a warm-up;
+    bf16: under torch's bf16 autocast (a PyTorch runner)."""
+    ctx = contextlib.nullcontext()
+    if bf16:
+        # lazy: torch only for the bf16 row (ONNX/OpenVINO runners do not need it)
+        import torch
+
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    with ctx:
+        runner.logits(texts[: min(len(texts), batch_size)], batch_size, ml, max_batch_tokens=max_batch_tokens,
+                      long_text=long_text)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runner.logits(texts, batch_size, ml, max_batch_tokens=max_batch_tokens, long_text=long_text)
+            best = min(best, time.perf_counter() - t0)
+    return len(texts) / best if best > 0 else float("inf")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's instruction sets that int8/bf16 inference speed depends on (as /proc/cpuinfo names them)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
+            if f in flags]
+
+
 def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict, calib: dict, params,
-                    ml: int) -> tuple[dict, dict]:
-    """Reload each written variant from disk, score and time it on the test split: (metrics, logits)."""
+                    ml: int, speed_texts: list[str] = ()) -> tuple[dict, dict]:
+    """Reload each written variant from disk, score and time it on the test split: (metrics, logits). With
+    `speed_texts`, each variant's texts/s on them the way predict runs it is rows[name]["texts_per_s"], and on a
+    CPU fast at bf16 (AVX512-BF16 or AMX) float32 under bf16 autocast is scored and timed as the row
+    "bf16-autocast" (measured only: not a variant the export writes)."""
     latency = (params.latency_repeats, params.latency_single_texts)
     rows, logits, abstained = {}, {}, {}
     abstainer = Abstainer.from_json(calib.get("abstain"), tmp, tmp / "model.json")
@@ -225,6 +276,21 @@ def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict,
         runner, _ = load_variant(tmp, name)
         long_text = LongText.from_meta(meta)
         logits[name], timing = time_runner(runner, texts, params.batch_size, ml, *latency, long_text)
+        if speed_texts:
+            timing["texts_per_s"] = texts_per_s(runner, list(speed_texts), params.batch_size, ml, MAX_BATCH_TOKENS,
+                                                params.latency_repeats, long_text=long_text)
+        if name == "float32" and speed_texts and devices.cpu_has_fast_bf16():
+            # lazy: torch, for the autocast context of the measured-only bf16 row
+            import torch
+
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16_logits = runner.logits(texts, params.batch_size, ml, max_batch_tokens=MAX_BATCH_TOKENS,
+                                            long_text=long_text)
+            logits[BF16_ROW] = np.asarray(bf16_logits, dtype=np.float32)
+            rows[BF16_ROW] = {**score_variant(logits[BF16_ROW], test, meta, calib, params.bins),
+                              "texts_per_s": texts_per_s(runner, list(speed_texts), params.batch_size, ml,
+                                                         MAX_BATCH_TOKENS, params.latency_repeats, bf16=True,
+                                                         long_text=long_text)}
         if abstainer is not None:  # the abstention each variant applies (the Mahalanobis one from its own vectors)
             vectors = runner.logits(texts, params.batch_size, ml, mean_pooled=True, long_text=long_text)[1] \
                 if abstainer.needs_features else None
@@ -236,13 +302,41 @@ def verify_variants(tmp: Path, texts: list[str], test: pd.DataFrame, meta: dict,
             rows[name]["abstain_rate"] = float(abstained[name].mean())
         log.debug("verified %s: accuracy %.4f, ECE %.4f, %.1f ms/text batched", name, rows[name]["accuracy"],
                   rows[name]["ece"], rows[name]["batched_ms_per_text"])
-    for name in params.variants:
+    for name in logits:
         agree = logit_agreement(logits["float32"], logits[name])
         rows[name]["agreement_with_float32"] = agree["argmax_agreement"]
         rows[name]["max_abs_logit_diff_vs_float32"] = agree["max_abs_diff"]
-        if abstainer is not None:
+        if abstainer is not None and name in abstained:  # not the measured-only bf16 row
             rows[name]["abstain_agreement_with_float32"] = float((abstained[name] == abstained["float32"]).mean())
     return rows, logits
+
+
+BF16_ROW = "bf16-autocast"  # float32 under torch's bf16 autocast: measured at export, not served (speed_record)
+
+
+def speed_record(variants: dict, params, test_rows: int, sample: int, gates_failed: dict) -> dict:
+    """What --variant auto chooses by (export.variants.resolve_variant), in export_report.json: each measured
+    row's texts/s and whether it passed its gates, the pick, and the conditions of the measurement."""
+    rows = {}
+    for name, v in variants.items():
+        if "texts_per_s" not in v:
+            continue
+        servable = name in params.variants
+        rows[name] = {"texts_per_s": round(v["texts_per_s"], 1), "passed_gates": name not in gates_failed,
+                      "servable": servable}  # fastest_passing takes exported variants (VARIANTS) only
+        if name in gates_failed:
+            rows[name]["gate_failure"] = gates_failed[name]
+        if not servable:
+            rows[name]["why_not_servable"] = (
+                "measured only: PyTorch float32 weights run under bf16 autocast, not an exported variant; "
+                "auto serves only exported variants that passed their gates")
+    best = fastest_passing({"variants": rows})
+    return {"variants": rows, "auto": {"variant": best[0], "texts_per_s": best[1], "why": best[2]} if best else None,
+            "rule": "auto = the fastest exported variant that passed its gates (accuracy drop, ECE increase), float32 "
+                    f"unless that one measured at least {AUTO_MIN_GAIN:.2f}x float32's texts/s",
+            "texts": sample, "of_test_rows": test_rows, "batch_size": params.batch_size,
+            "max_batch_tokens": MAX_BATCH_TOKENS, "passes": params.latency_repeats,
+            "threads": thread_count(), "cpu": cpu_name(), "cpu_flags": cpu_flags()}
 
 
 def export_metadata(meta: dict, inputs: dict, model_dir: str, base, params, had_adapter: bool) -> dict:
@@ -286,15 +380,23 @@ def export_stage(io: StageIO) -> None:
         quant = write_variants(tmp, merged.to("cpu"), tok, export_meta, params, calibration, base.seed, ml,
                                io.calibration)
         del merged
-        variants, logits = verify_variants(tmp, texts, test, meta, calib, params, ml)
+        speed_texts = artifacts.calibration_texts(texts, SPEED_TEXTS, base.seed)  # a seeded sample, <= 512
+        variants, logits = verify_variants(tmp, texts, test, meta, calib, params, ml, speed_texts)
         roundtrip = logit_agreement(merged_logits, logits["float32"])
         if roundtrip["max_rel_diff"] > params.merge_tolerance:
             raise StageError(f"saved export does not reproduce the merged model's logits ({roundtrip})")
         latency = latency_conditions(params, len(texts))  # right after the timed passes
+        measured = dict(variants)  # the exported variants and the measured-only bf16 autocast row
+        bf16 = variants.pop(BF16_ROW, None)
         gates = check_gates(variants, params, len(texts))
+        speed = speed_record(measured, params, len(texts), len(speed_texts),
+                             gate_failures(measured, params, len(texts)))
+        if bf16 is not None:
+            speed["variants"][BF16_ROW].update({k: bf16[k] for k in ("accuracy", "macro_f1", "ece",
+                                                                      "agreement_with_float32")})
         variants["unmerged"] = {**score_variant(unmerged_logits, test, meta, calib, params.bins), **unmerged_timing}
         metrics = {"test_rows": len(texts), "merge_check": merge_check, "variants": variants, "gates": gates,
-                   "latency": latency, "seconds": round(time.perf_counter() - t0, 1)}
+                   "latency": latency, "speed": speed, "seconds": round(time.perf_counter() - t0, 1)}
         if "int8" in variants:
             metrics["int8_vs_float32"] = logit_agreement(logits["float32"], logits["int8"])
             metrics["int8_size_ratio"] = variants["int8"]["size_bytes"] / variants["float32"]["size_bytes"]

@@ -17,6 +17,7 @@ import pandas as pd
 
 from domaintune.evaluate.report import md_table
 from domaintune.export.artifacts import thread_count
+from domaintune.export.variants import AUTO, VariantChoice
 from domaintune.modeling.chunks import LongText
 from domaintune.modeling.encoders import BUNDLED_ALIASES
 
@@ -278,18 +279,45 @@ def latency_text(c: dict) -> str:
             "not a promise")
 
 
+def auto_text(speed: dict | None) -> str:
+    """The variant `--variant auto` (the default of serve, predict and monitor) runs, as /version names it."""
+    if not speed or not speed.get("auto"):
+        return "float32 (auto: no speeds recorded in the export)"
+    auto = speed["auto"]
+    return VariantChoice(auto["variant"], AUTO, auto["texts_per_s"], auto.get("why", "fastest passing")).note
+
+
+def speed_text(speed: dict) -> str:
+    bf16 = speed["variants"].get("bf16-autocast")
+    out = (f"Default variant (`--variant auto`, what serve, predict and monitor run unless told otherwise): "
+           f"{auto_text(speed)}; {speed['rule']}. texts/s: the best of {speed['passes']} passes over "
+           f"{fmt(speed['texts'])} of the {fmt(speed['of_test_rows'])} test texts as predict runs them (sorted by "
+           f"length, batches of at most {speed['batch_size']} texts and {fmt(speed['max_batch_tokens'])} tokens), "
+           f"{speed['threads']} threads on {speed['cpu']} ({', '.join(speed['cpu_flags']) or 'no flags read'})")
+    if bf16:
+        out += (f". PyTorch float32 under bf16 autocast, measured only (not a variant): {fmt(bf16['texts_per_s'], 0)} "
+                f"texts/s, accuracy {pct(bf16.get('accuracy'))}, "
+                f"{'within' if bf16['passed_gates'] else 'over'} the gates")
+    return out
+
+
 def variants_section(report: dict) -> list[str]:
     variants, merge_check, lat = report["variants"], report["merge_check"], report["latency"]
+    speed = report.get("speed")
     ref_ece = variants["float32"]["ece"]
     rows = [{"variant": k, "folder": VARIANT_TEXT[k].split(" ", 1)[0], "accuracy": pct(v["accuracy"]),
              "macro-F1": fmt(v["macro_f1"]), "ECE": fmt(v["ece"], 4),
              "ECE change (points)": "-" if k == "float32" else f"{100 * (v['ece'] - ref_ece):+.2f}",
              "agrees with float32": pct(v.get("agreement_with_float32")), "size (MB)": f"{v['size_bytes'] / 1e6:.1f}",
              f"ms/text, batch {lat['batch_size']}": f"{v['batched_ms_per_text']:.1f}",
-             "ms, one text (p50)": "n/a" if v.get("single_text_p50_ms") is None else f"{v['single_text_p50_ms']:.1f}"}
+             "ms, one text (p50)": "n/a" if v.get("single_text_p50_ms") is None else f"{v['single_text_p50_ms']:.1f}",
+             **({"texts/s (token budget)": fmt(v.get("texts_per_s"), 0)} if speed else {})}
             for k, v in variants.items() if k in VARIANT_TEXT]
     out = ["## Variants", "", "Every variant was reloaded from disk and re-scored on the test split; "
-           f"{gates_text(report['gates'])}. {latency_text(lat)}.", "", md_table(pd.DataFrame(rows))]
+           f"{gates_text(report['gates'])}. {latency_text(lat)}.", ""]
+    if speed:
+        out += [f"variant: {auto_text(speed)}", "", speed_text(speed) + ".", ""]
+    out += [md_table(pd.DataFrame(rows))]
     out += [f"- {VARIANT_TEXT[k]}" for k in variants if k in VARIANT_TEXT]
     if merge_check["had_adapter"]:
         out.append(f"- The LoRA adapter was merged into the encoder; merged and unmerged logits differ by at most "
@@ -297,18 +325,17 @@ def variants_section(report: dict) -> list[str]:
     return out + [""]
 
 
-def usage_section(meta: dict, variants) -> list[str]:
+def usage_section(meta: dict, variants, speed: dict | None = None) -> list[str]:
     out = ["## How to use", "",
            "The root folder is not a `transformers` model (`AutoModelForSequenceClassification` refuses it rather "
            "than load a random head): use domaintune, or the ONNX variants with plain onnxruntime"
            + (" (openvino-int8 with plain OpenVINO)" if "openvino-int8" in variants else "") + ".", "",
            "With domaintune (`pip install` this project), from the folder that holds `models/export`:", "",
            "```python", "from domaintune.predict.predictor import Predictor", ""]
-    best = "onnx-int8" if "onnx-int8" in variants else "float32"
-    out.append(f'p = Predictor.load("models/export", variant="{best}")')
-    others = [f'variant="{v}"' + (" (the default)" if v == "float32" else "") for v in variants if v != best]
-    if others:
-        out.append("# the other exported variants: " + ", ".join(others))
+    best = (speed or {}).get("auto") and speed["auto"]["variant"] or "float32"
+    out.append(f'p = Predictor.load("models/export", variant="auto")   # {best}: {auto_text(speed)}')
+    out.append("# or name one: " + ", ".join(f'variant="{v}"' + (" (the library default)" if v == "float32" else "")
+                                             for v in variants))
     out += ['probs = p.predict_proba(["example text"])    # calibrated, columns in p.labels order',
             'labels = p.predict(["example text"])']
     if (meta.get("abstain") or {}).get("method") in ("max_prob", "energy", "mahalanobis"):
@@ -317,8 +344,8 @@ def usage_section(meta: dict, variants) -> list[str]:
                 'probs, abstained = p.predict_with_abstention(["example text"])',
                 "labels = p.labels_with_abstention(probs, abstained)"]
     out += ["```", "",
-            "Or on the command line: `domaintune predict texts.csv --out predictions.jsonl --variant "
-            f"{'onnx-int8' if 'onnx-int8' in variants else 'float32'}`.", ""]
+            "Or on the command line: `domaintune predict texts.csv --out predictions.jsonl` (`--variant auto`, "
+            f"here {best}; `--variant NAME` runs another).", ""]
     onnx = [v for v in ("onnx", "onnx-int8") if v in variants]
     if onnx and LongText.from_meta(meta).mode != "truncate":
         out += long_text_snippet(meta, onnx[-1])
@@ -495,7 +522,7 @@ def model_card(meta: dict, inputs: dict, split_sizes: dict, report: dict, params
     out += training_section(meta, inputs)
     out += evaluation_section(inputs)
     out += variants_section(report)
-    out += usage_section(meta, [v for v in params.variants])
+    out += usage_section(meta, [v for v in params.variants], report.get("speed"))
     out += ["## Promotion", "",
             "Whether this model is served is decided after it is exported: a retrain compares it with the served "
             "version on rows neither trained on (paired bootstrap, 95% intervals; params.yaml `release`). The "

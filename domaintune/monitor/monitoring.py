@@ -22,7 +22,7 @@ judged is one line on stderr; the others are still judged and reported, then the
 --out (and --history, --review-queue) are checked first, with the stages' check (core.stage.check_apart):
 never an input, inside one or holding one, and an existing --out folder only if domaintune wrote it.
 
-The model is opened by the caller's `load(folder, batch_size=, device=)` (pipelines/ passes
+The model is opened by the caller's `load(folder, variant=, batch_size=, device=)` (pipelines/ passes
 domaintune.tasks.load_predictor, the one loader `predict` and `serve` use too; this library sits below
 tasks/ and never imports it), and the folder is checked early by the caller's `check_model(folder)`
 (domaintune.tasks.export_task), so a folder that is no export is one line before any model loads.
@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -44,11 +45,14 @@ from domaintune.core.io import atomic_output, mark_output_folder, write_json
 from domaintune.core.params import load_params, project_id_column
 from domaintune.core.stage import check_apart
 from domaintune.data.sources import read_file, read_lines
+from domaintune.export.variants import AUTO, EMBEDDING_VARIANTS, resolve_variant
 from domaintune.modeling.encoders import set_threads
 from domaintune.monitor.drift import CONF_COLUMN, PRED_COLUMN, Baseline, judge, validation_frame
 from domaintune.monitor.policy import action_text, decide, running_retrain, start_local_retrain
 from domaintune.monitor.report import DetailsProcess, write_report
 from domaintune.monitor.settings import MonitorSettings
+
+log = logging.getLogger("domaintune")
 
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 BATCH_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
@@ -412,11 +416,22 @@ def monitor_folder(folder: Path, predictor, params, s: dict) -> list[dict]:
     return verdicts
 
 
+def monitor_variant(folder: Path, requested: str) -> str:
+    """The variant monitor runs: a named one as asked; for auto on a classifier export, the fastest passing variant
+    that returns text embeddings (float32 or int8: the drift signals compare embeddings, which the ONNX and
+    OpenVINO graphs do not output); a causal-LM export has one variant (its loader takes auto)."""
+    if requested != AUTO or not (Path(folder) / "model.json").is_file():
+        return requested
+    choice = resolve_variant(folder, AUTO, among=EMBEDDING_VARIANTS)
+    log.info("monitor: variant %s", choice.note)
+    return choice.variant
+
+
 def run_local(ms: MonitorSettings, texts: list[str], load: Callable,
               deployment_runner: Callable[[Path], dict | None] | None = None) -> list[dict]:
-    """The one-shot (or one watch pass) in this process: load the model once (`load(folder, batch_size=,
-    device=)`, the caller's loader), judge. `deployment_runner(root)` runs the retrain flow's Prefect deployment
-    when one exists (trigger_retrain)."""
+    """The one-shot (or one watch pass) in this process: load the model once (`load(folder, variant=,
+    batch_size=, device=)`, the caller's loader; the variant from monitor_variant), judge. `deployment_runner(root)`
+    runs the retrain flow's Prefect deployment when one exists (trigger_retrain)."""
     root = Path(ms.repo)
     base, params = load_params(root / "params.yaml", "base", "drift")
     s = _settings(ms, root, params)
@@ -424,7 +439,8 @@ def run_local(ms: MonitorSettings, texts: list[str], load: Callable,
     s["details"] = DetailsProcess()  # imports evidently on the other core while the model loads
     try:
         set_threads()
-        predictor = load(s["model"], batch_size=params.batch_size, device=stage_device(base))
+        predictor = load(s["model"], variant=monitor_variant(s["model"], ms.variant), batch_size=params.batch_size,
+                         device=stage_device(base))
         if ms.watch:
             return monitor_folder(root / ms.watch, predictor, params, s)
         return [monitor_file(root / ms.batch, texts, predictor, params, s, s["out"])]

@@ -16,6 +16,7 @@ class MonitorSettings:
     watch: str | None = None     # a folder of incoming batch files
     baseline: str = "models/drift_baseline"
     model: str = "models/export"
+    variant: str = "auto"         # auto: the fastest passing variant that returns text embeddings (drift needs them)
     out: str = "reports/monitor"
     text_column: str = "text"
     id_column: str | None = None  # None: params.yaml's ingest.id_column, else "id"; carried into the review queue

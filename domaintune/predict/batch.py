@@ -214,6 +214,8 @@ class PredictionLogger:
         ids = [f"{self.input_sha256[:12]}:{r.row}" if r.numbered else r.id for r in batch]
         extra = {"problem_type": "multi_label"} \
             if getattr(predictor, "problem_type", "single_label") == "multi_label" else {}
+        if getattr(predictor, "variant", None):  # the variant that answered (--variant auto resolved)
+            extra["variant"] = predictor.variant
         self.log.write(predlog.records(ids, [r.text for r in batch], self.version, list(predictor.labels), probs,
                                        labels, role="predict", source="predict", text=self.log.text,
                                        input_sha256=self.input_sha256, **extra))

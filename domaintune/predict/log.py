@@ -3,7 +3,7 @@ bounded and rotated; `domaintune feedback` reads it back to score each version o
 
 A line:
     {"id": "3f2a...", "time": "2025-01-01T12:00:00.000+00:00", "source": "serve", "role": "served",
-     "version": "v1.2.0", "label": "refund", "confidence": 0.91,
+     "version": "v1.2.0", "variant": "onnx-int8", "label": "refund", "confidence": 0.91,
      "probabilities": {"refund": 0.91, "parcel": 0.06, ...}, "text_sha256": "..."}
 - id: the request's own id for the text (serve: the client's `ids`, else a uuid4 the response returns; predict:
   the row's id column, or `<input sha256[:12]>:<row>` for a row without one, the monitor review queue's scheme)
@@ -11,6 +11,7 @@ A line:
   text, a line of its own under the same id and its own version; "predict" for `domaintune predict`)
 - version: the registry version ("v1.2.0"), "workspace" for the project's unversioned models/export, or
   "dir:<folder>" for another folder
+- variant: the export variant that answered (--variant auto resolved: "onnx-int8", "openvino-int8", ...)
 - probabilities: the calibrated probability of every label of the model (its label set)
 - the text as the `log_text` setting says (text_fields): "hash" (default) its SHA-256 as "text_sha256",
   "plain" the text as "text", "none" neither; predict lines also carry "input_sha256" (the input file's hash).

@@ -1,7 +1,8 @@
 """Calibrated predictions from an exported model: what flows, drift monitoring and serving call.
 
     from domaintune.predict.predictor import Predictor
-    p = Predictor.load("models/export")            # or variant="int8", "onnx", "onnx-int8", "openvino-int8"
+    p = Predictor.load("models/export")            # or variant="int8", "onnx", "onnx-int8", "openvino-int8",
+                                                   # or "auto": the fastest that passed its gates (p.variant_choice)
     probs = p.predict_proba(["my card was charged twice"])   # calibrated, rows sum to 1, in request order
     # batches: sorted by token length, <= batch_size texts, (longest x texts) <= max_batch_tokens (Predictor.load)
     labels = p.predict(["my card was charged twice"])
@@ -34,7 +35,7 @@ from domaintune.data.dataset import LABEL_SEPARATOR
 from domaintune.evaluate.abstain import Abstainer
 from domaintune.evaluate.calibration import sigmoid, softmax
 from domaintune.export.artifacts import load_variant
-from domaintune.export.variants import canonical_variant
+from domaintune.export.variants import VariantChoice, resolve_variant
 from domaintune.modeling.chunks import LongText
 
 
@@ -60,17 +61,21 @@ class Predictor:
         if batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
             raise ValueError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size}, {max_batch_tokens}")
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+        self.variant_choice = VariantChoice(variant, variant)  # Predictor.load: how the variant was chosen
         self.abstainer: Abstainer | None = None  # evaluate.abstain (set by load); None: every text gets a label
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, variant: str = "float32",
              calibration: str | os.PathLike | None = None, dynamic_int8: bool = False,
              batch_size: int = 64, max_batch_tokens: int | None = MAX_BATCH_TOKENS) -> "Predictor":
-        """variant: float32 (alias float), int8, onnx, onnx-int8 or openvino-int8 (export.variants.VARIANTS).
+        """variant: float32 (alias float), int8, onnx, onnx-int8 or openvino-int8 (export.variants.VARIANTS), or
+        auto: the fastest that passed its gates as the export stage measured them (export.variants.resolve_variant;
+        float32 for an export without speeds); self.variant is the one loaded, self.variant_choice says why.
         batch_size: the most texts per model call; max_batch_tokens: the token budget of one call (see __init__)."""
 
         model_dir = Path(model_dir)
-        variant = canonical_variant(variant)
+        choice = resolve_variant(model_dir, variant)
+        variant = choice.variant
         runner, meta = load_variant(model_dir, variant, dynamic_int8=dynamic_int8)
         cal = meta  # an exported model.json carries temperature/thresholds itself
         if calibration:
@@ -85,6 +90,7 @@ class Predictor:
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
             raise DataError(source, None, "temperature", f"must be a positive number, got {t!r}")
         out = cls(runner, meta, float(t), cal.get("thresholds"), batch_size, variant, max_batch_tokens)
+        out.variant_choice = choice
         if out.problem_type == "single_label":
             folder = Path(calibration) if calibration else model_dir
             out.abstainer = Abstainer.from_json(cal.get("abstain"), folder if folder.is_dir() else folder.parent,

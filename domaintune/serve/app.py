@@ -14,7 +14,8 @@ Plain JSON:
 Ids: a client may name each text (`ids`, strings or integers, unique in the request); a text without one gets a
 uuid4. The response returns them: they are the keys of the prediction log (--prediction-log, every answer and
 every shadow answer, domaintune/predict/log.py) that `domaintune feedback` scores delayed labels against.
-    GET  /version   tag, commit, dataset hash, variant, metrics of the served (and shadow) model
+    GET  /version   tag, commit, dataset hash, variant (auto resolved; variant_choice says why), metrics of the
+                    served (and shadow) model
     GET  /metrics   Prometheus
 On a token_classification export the same routes, the same limits and batching: /predict answers per text
 id and entities (start, end, text, label, calibrated score); /v2/.../infer one BYTES output "entities" holding
@@ -287,7 +288,8 @@ def _add_v2_routes(app, holder, batcher, settings) -> None:
     @app.get("/v2/health/ready")
     async def ready():
         cur = holder.current
-        body = {"ready": cur is not None, "version": cur.version if cur else None, "variant": settings.variant,
+        body = {"ready": cur is not None, "version": cur.version if cur else None,
+                "variant": cur.variant if cur else settings.variant,
                 "follows_registry": holder.follows_registry, "swaps": holder.swaps, "last_error": holder.last_error,
                 "shadow": holder.shadow.version if holder.shadow else None}
         return JSONResponse(body, status_code=200 if cur is not None else 503)

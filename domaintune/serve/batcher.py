@@ -417,7 +417,7 @@ def log_records(model, ids: list[str], texts: list[str], probs: np.ndarray, role
     extra = {"problem_type": "multi_label"} \
         if getattr(model.predictor, "problem_type", "single_label") == "multi_label" else {}
     return predlog.records(ids, texts, model.version, model.labels, probs, model.decide(probs), role=role,
-                           source="serve", text=text, **extra)
+                           source="serve", text=text, variant=model.variant, **extra)
 
 
 def _log_failure(fut) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from domaintune.core.device import MAX_BATCH_TOKENS
+from domaintune.export.variants import AUTO
 from domaintune.monitor import guard
 from domaintune.monitor.feedback import feedback_labels
 from domaintune.registry import diff, plumbing, promotion, release, rollback, versions
@@ -41,7 +42,7 @@ WARMUP_TEXTS = ["warm-up text for a freshly loaded model"]
 class LoadedModel:
     predictor: object            # domaintune.predict.predictor.Predictor or .generation.GenerationPredictor
     version: str                 # "v1.2.0", "workspace", or "dir:<name>" for a folder
-    variant: str
+    variant: str                 # the variant loaded (auto resolved: domaintune.export.variants.resolve_variant)
     path: Path
     task: str = "classification"  # domaintune.tasks.TASKS: which routes this model answers
     tag: str | None = None
@@ -49,6 +50,7 @@ class LoadedModel:
     dataset_hash: str | None = None
     metrics: dict = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
+    variant_choice: str | None = None  # how the variant was chosen, e.g. "onnx-int8 (auto: fastest passing, ...)"
 
     @property
     def labels(self) -> list[str]:
@@ -81,6 +83,7 @@ class LoadedModel:
         """What /version says of this model: the headline metrics (all of them with `full`)."""
         return {"version": self.version, "task": self.task, "tag": self.tag, "commit": self.commit,
                 "versioned": self.tag is not None, "variant": self.variant,
+                "variant_choice": self.variant_choice or self.variant,
                 "dataset_hash": self.dataset_hash, "metrics": self.metrics if full else diff.headline(self.metrics),
                 "labels": self.labels, "path": str(self.path), "loaded_at": self.loaded_at}
 
@@ -114,7 +117,10 @@ def load_folder(path: Path, variant: str, version: str, batch_size: int = 64, de
     task = export_task(path)
     budget = {"max_batch_tokens": max_batch_tokens} if task == "classification" else {}  # generation: by count
     predictor = load_predictor(path, variant=variant, batch_size=batch_size, device=device, verify=verify, **budget)
-    model = LoadedModel(predictor, version, variant, Path(path), task, **info)
+    choice = getattr(predictor, "variant_choice", None)  # a classifier says which variant auto resolved to
+    resolved = choice.variant if choice is not None else "float32" if variant == AUTO else variant
+    model = LoadedModel(predictor, version, resolved, Path(path), task, **info,
+                        variant_choice=choice.note if choice is not None else resolved)
     if task == "generation":
         out = predictor.generate(WARMUP_TEXTS, max_new_tokens=1)
         if len(out) != 1 or not isinstance(out[0].text, str):
@@ -210,7 +216,8 @@ class ModelHolder:
             if {self.current.task, self.shadow.task} - {"classification"}:
                 raise ValueError(f"--shadow compares the labels of two classifiers; the served model is a "
                                  f"{self.current.task} export and the candidate a {self.shadow.task} export")
-        log.info("serving %s (%s) from %s", self.current.version, s.variant, self.current.path)
+        log.info("serving %s (variant: %s) from %s", self.current.version, self.current.variant_choice,
+                 self.current.path)
         if self.metrics:
             self.metrics.set_models(self.current, self.shadow)
         return self.current

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domaintune.core.device import MAX_BATCH_TOKENS
-from domaintune.export.variants import canonical_variant
+from domaintune.export.variants import AUTO, requested_variant
 from domaintune.predict.log import BACKUPS, LOG_TEXT, MAX_BYTES
 
 MODEL_NAME = "domaintune"  # the model name in the KServe v2 paths
@@ -16,7 +16,8 @@ VERSION_HEADER = "X-Model-Version"
 class ServeSettings:
     host: str = "127.0.0.1"       # loopback unless told otherwise
     port: int = 8080
-    variant: str = "float32"      # the export's variant (domaintune.tasks.load_predictor)
+    variant: str = AUTO           # the export's variant (domaintune.tasks.load_predictor); auto: the fastest that
+                                  # passed its gates as the export stage measured them (float32 without a record)
     device: str = "cpu"           # where a PyTorch model runs (ONNX variants run where onnxruntime runs them)
     repo: Path = Path(".")        # registry: serve its GTO prod version
     model_dir: Path | None = None  # a plain folder instead of the registry (version "workspace")
@@ -70,7 +71,7 @@ class ServeSettings:
                   "log_text": self.log_text in LOG_TEXT, "prediction_log_bytes": self.prediction_log_bytes >= 1,
                   "prediction_log_files": self.prediction_log_files >= 0}
         try:  # one name per variant everywhere (/version, /metrics, logs); 'float' is accepted as float32
-            object.__setattr__(self, "variant", canonical_variant(self.variant))
+            object.__setattr__(self, "variant", requested_variant(self.variant))
         except ValueError:
             checks["variant"] = False
         bad = [k for k, ok in checks.items() if not ok]

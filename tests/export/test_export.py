@@ -177,7 +177,8 @@ def test_model_card_metadata_and_runnable_snippet(exported, monkeypatch):
     monkeypatch.chdir(root)
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)  # noqa: S102
-    assert ns["probs"].shape == (1, len(LABELS)) and ns["p"].variant == "onnx-int8"
+    auto = read_json(root / "metrics/export.json")["speed"]["auto"]["variant"]
+    assert ns["probs"].shape == (1, len(LABELS)) and ns["p"].variant == auto  # variant="auto": the recorded pick
 
 
 def test_card_without_dapt_summary_says_so(exported):
@@ -485,7 +486,7 @@ def test_a_missing_tokenizer_folder_says_which_stage_writes_it(exported, tmp_pat
     shutil.rmtree(copy / "tokenizer")
     src = tmp_path / "in.txt"
     src.write_text("hello\n")
-    rc, err = _predict_cli(capsys, src, "--model", copy)
+    rc, err = _predict_cli(capsys, src, "--model", copy, "--variant", "float32")  # the variant that reads tokenizer/
     assert rc == 2 and err == [f"domaintune predict: error: {copy / 'tokenizer'}: missing; the export stage writes it "
                                "(`dvc repro export`), or give the export folder"]
 
@@ -568,3 +569,38 @@ def test_model_card_names_the_warm_start_regulariser_and_extra_rows():
     assert lines[0] == "- Started from version v1.2.0 (its dataset `ffffffffffff`), regulariser ewc (strength 0.5)"
     assert lines[1] == "- Train had 30 extra rows (24 augmented, 6 replayed), hash `aaaaaaaaaaaa`"
     assert continual_lines({}) == ["- Started from the base encoder, no regulariser"]
+
+
+def test_the_export_measures_every_variant_and_records_what_auto_serves(exported):
+    """Each exported variant's texts/s (token-budget batches, the way predict runs them, on a seeded sample of at
+    most 512 test texts) and its gate verdict are in export_report.json and metrics/export.json; --variant auto
+    resolves to the recorded pick, and the card names it. Before: no speeds were recorded, auto did not exist."""
+    from domaintune.core.device import MAX_BATCH_TOKENS, cpu_has_fast_bf16
+    from domaintune.export.variants import fastest_passing, resolve_variant
+    from domaintune.tasks import load_predictor
+
+    root, _, test = exported
+    out = root / "models/export"
+    m = read_json(root / "metrics/export.json")
+    speed = m["speed"]
+    assert read_json(out / "export_report.json")["speed"] == speed
+    assert speed["texts"] == min(512, len(test)) and speed["of_test_rows"] == len(test)
+    assert speed["max_batch_tokens"] == MAX_BATCH_TOKENS and speed["cpu"] and speed["threads"] >= 1
+    for name in ("float32", "int8", "onnx", "onnx-int8"):
+        row = speed["variants"][name]
+        assert row["texts_per_s"] > 0 and row["passed_gates"] is True and row["servable"] is True
+        assert m["variants"][name]["texts_per_s"] == pytest.approx(row["texts_per_s"], abs=0.1)
+    # bf16 autocast: its own measured row where the CPU is fast at bf16, never a variant auto can pick
+    assert ("bf16-autocast" in speed["variants"]) == cpu_has_fast_bf16()
+    if cpu_has_fast_bf16():
+        bf16 = speed["variants"]["bf16-autocast"]
+        assert bf16["servable"] is False and bf16["texts_per_s"] > 0 and 0 <= bf16["accuracy"] <= 1
+        assert "bf16-autocast" not in m["variants"]  # the exported variants' table is unchanged
+    best = fastest_passing(speed)
+    assert speed["auto"] == {"variant": best[0], "texts_per_s": best[1], "why": best[2]}
+    choice = resolve_variant(out)
+    assert choice.variant == best[0] and choice.texts_per_s == best[1]
+    p = load_predictor(out, variant="auto")
+    assert p.variant == best[0] and p.variant_choice == choice
+    card = (out / "README.md").read_text()
+    assert f"variant: {choice.note}" in card and choice.note.startswith(f"{best[0]} (auto: ")

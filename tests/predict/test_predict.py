@@ -404,6 +404,34 @@ def test_max_batch_tokens_on_the_command_line(export, tmp_path, capsys):
     assert "--max-batch-tokens must be >= 1" in capsys.readouterr().err
 
 
+def test_predict_defaults_to_auto_and_logs_the_variant_that_answered(export, tmp_path, capsys):
+    """`domaintune predict` without --variant runs the export's recorded fastest passing variant (here onnx, by a
+    hand-written speed record), says which on stderr and in every prediction log line; --variant float32 still
+    runs float32. Before: predict ran float32 unless told otherwise, and the log did not name the variant."""
+    import shutil
+
+    from domaintune.core.io import write_json
+    from domaintune.predict.predictor import Predictor
+
+    model = tmp_path / "export"
+    shutil.copytree(export[2], model)
+    write_json(model / "export_report.json", {"speed": {"variants": {
+        "float32": {"texts_per_s": 100.0, "passed_gates": True}, "onnx": {"texts_per_s": 250.0, "passed_gates": True}}}})
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    src = write_inputs(tmp_path / "in")["csv"]
+    capsys.readouterr()
+    assert cli(src, "--model", model, "--out", tmp_path / "a.jsonl", "--repo", repo) == 0
+    assert "(variant: onnx (auto: fastest passing, 250 texts/s measured at export))" in capsys.readouterr().err
+    onnx = Predictor.load(model, variant="onnx").predict_proba(TEXTS)
+    np.testing.assert_allclose([r["confidence"] for r in read_out(tmp_path / "a.jsonl")], onnx.max(1), atol=1e-6)
+    assert cli(src, "--model", model, "--out", tmp_path / "b.jsonl", "--repo", repo, "--variant", "float32") == 0
+    float32 = Predictor.load(model).predict_proba(TEXTS)
+    np.testing.assert_allclose([r["confidence"] for r in read_out(tmp_path / "b.jsonl")], float32.max(1), atol=1e-6)
+    rows = [json.loads(x) for x in (repo / "reports/predictions/predict.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["onnx"] * 9 + ["float32"] * 9
+
+
 def test_an_export_that_abstains_answers_the_abstention_label_in_an_abstained_column(export, tmp_path, capsys):
     """evaluate.abstain in the export: predict writes `abstained` (CSV and JSONL) and the abstention label on
     exactly the rows Predictor abstains on; the model's own ranking stays in top_k."""

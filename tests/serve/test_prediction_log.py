@@ -94,3 +94,43 @@ def test_a_shadow_is_logged_under_the_same_ids_and_feedback_scores_both_versions
     # the log stored the texts (log_text plain): every labelled row joins the feedback source
     with (repo / "labels" / "feedback" / "feedback.csv").open(newline="") as fh:
         assert [tuple(r.values()) for r in csv.DictReader(fh)] == list(zip(ids, texts, truth))
+
+
+def test_serve_auto_runs_the_recorded_fastest_variant_and_names_it(models, tmp_path, caplog):
+    """The default --variant auto: on an export whose recorded speeds make onnx the fastest passing variant, the
+    server loads onnx, and /version, /v2/health/ready, the model metadata and every prediction log line name it;
+    an export without speeds (model a's folder as finetune writes it) runs float32, said in one notice.
+    Before: serve always loaded float32 unless told otherwise."""
+    import shutil
+
+    from domaintune.core.io import read_json, write_json
+    from domaintune.export import artifacts
+    from domaintune.modeling.encoders import load_classifier
+    from domaintune.predict.predictor import Predictor
+
+    folder = tmp_path / "export"
+    shutil.copytree(models[0], folder)
+    model, tok, meta = load_classifier(folder)
+    artifacts.write_onnx(folder, model, tok, read_json(folder / "model.json"))
+    write_json(folder / "export_report.json", {"speed": {"variants": {
+        "float32": {"texts_per_s": 100.0, "passed_gates": True},
+        "onnx": {"texts_per_s": 300.0, "passed_gates": True}}}})
+    log = tmp_path / "serve.jsonl"
+    s = settings(model_dir=folder, prediction_log=log)
+    assert s.variant == "auto"  # the default
+    ref = Predictor.load(folder, variant="onnx").predict_proba(TEXTS)
+    with ServerThread(build(s).app, s) as url, httpx.Client(base_url=url, timeout=30) as c:
+        v = c.get("/version").json()
+        assert v["variant"] == "onnx"
+        assert v["variant_choice"] == "onnx (auto: fastest passing, 300 texts/s measured at export)"
+        assert c.get("/v2/health/ready").json()["variant"] == "onnx"
+        assert c.get("/v2/models/domaintune").json()["platform"] == "onnxruntime"
+        got = c.post("/predict", json={"texts": TEXTS}).json()["predictions"]
+    assert np.allclose([p["confidence"] for p in got], ref.max(1), atol=1e-5)
+    assert [r["variant"] for r in lines(log)] == ["onnx"] * len(TEXTS)
+    with caplog.at_level("WARNING", logger="domaintune"):
+        s = settings(model_dir=models[0])
+        with ServerThread(build(s).app, s) as url, httpx.Client(base_url=url, timeout=30) as c:
+            v = c.get("/version").json()
+    assert v["variant"] == "float32" and v["variant_choice"] == "float32 (auto: no speeds recorded in the export)"
+    assert sum("no variant speeds recorded" in r.getMessage() for r in caplog.records) == 1
