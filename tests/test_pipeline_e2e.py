@@ -168,6 +168,9 @@ WRITTEN_LATER = {
     "reports/predictions/predict.jsonl": "predict", "metrics/feedback.json": "feedback",
     "reports/feedback_history.csv": "feedback",
     "models/export/openvino-int8/": "export with openvino-int8 in export.variants (not a default variant)",
+    "reports/eval/risk_coverage.png": "evaluate with evaluate.abstain.method other than none",
+    "reports/audit/token_issues.csv": "audit with base.task: token_classification",
+    "reports/eval/errors/": "evaluate with base.task: token_classification",
 }
 
 

@@ -95,6 +95,7 @@ def test_the_stage_streams_parquet_and_writes_what_a_whole_read_gives(tmp_path, 
     assert json.loads((tmp_path / "out" / "hashes.json").read_text()) == whole[0]
     metrics = json.loads((tmp_path / "m.json").read_text())
     metrics.pop("stage_seconds")
+    assert metrics.pop("length_tokens")["all"]["max_length"] == 128  # the task hook's token lengths (not streamed)
     assert metrics == json.loads(json.dumps(whole[2]))
     rejected = pd.read_csv(tmp_path / "out" / "rejected.csv")
     assert rejected["row"].tolist() == [10, 15, 18]
