@@ -366,7 +366,6 @@ class FinetuneRun:
     def _build_engine(self, checkpoint_dir: Optional[Path]) -> None:
         import torch
 
-
         ft = self.ft
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.trainable_names = {n for n, _ in trainable}
