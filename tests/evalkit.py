@@ -95,10 +95,12 @@ OOS_TEXTS = ["what is the weather like in paris tomorrow", "recommend a good piz
 
 
 def add_abstention(folder: Path, train_texts: list[str], train_labels: list[str], in_texts: list[str],
-                   method: str = "mahalanobis", recall: float = 0.9, label: str = "out_of_scope") -> dict:
+                   method: str = "mahalanobis", recall: float = 0.9, label: str = "out_of_scope",
+                   oos_texts: list[str] | None = None) -> dict:
     """Give a saved classifier (or export) folder an abstention as the evaluate stage fits it: model.json
     "abstain" and, for mahalanobis, abstain.safetensors (class means and shrunk covariance from the float32
-    model's vectors of `train_texts`), the threshold keeping `recall` of `in_texts`. Returns the abstain entry."""
+    model's vectors of `train_texts`; for trained, the detector of `train_texts` against `oos_texts`), the threshold
+    keeping `recall` of `in_texts`. Returns the abstain entry."""
     from domaintune.core.io import read_json, write_json
     from domaintune.evaluate import abstain as ab
     from domaintune.predict.predictor import Predictor
@@ -108,8 +110,9 @@ def add_abstention(folder: Path, train_texts: list[str], train_labels: list[str]
     y = np.array([p.labels.index(lab) for lab in train_labels])
     tr_logits, tr_vec = p.logits(train_texts, mean_pooled=True)
     in_logits, in_vec = p.logits(in_texts, mean_pooled=True)
+    oos = ab.Split(*p.logits(oos_texts, mean_pooled=True)) if oos_texts else None
     abstainer, _ = ab.fit_abstention(method, recall, label, p.temperature, len(p.labels),
-                                     ab.Split(tr_logits, tr_vec, y), ab.Split(in_logits, in_vec))
+                                     ab.Split(tr_logits, tr_vec, y), ab.Split(in_logits, in_vec), oos)
     abstainer.save_arrays(folder)
     meta["abstain"] = abstainer.to_json()
     write_json(folder / "model.json", meta)

@@ -429,13 +429,14 @@ class FinetuneParams:
 
 
 OOS_DIR = "labels/oos"  # evaluate.abstain's out-of-scope text files live here: an evaluate dep in dvc.yaml
-ABSTAIN_METHODS = ("none", "max_prob", "energy", "mahalanobis", "auto")
+ABSTAIN_METHODS = ("none", "max_prob", "energy", "mahalanobis", "trained", "auto")
 
 
 @dataclass(frozen=True)
 class AbstainParams:
     """evaluate.abstain: calibrated abstention on out-of-scope texts (domaintune/evaluate/abstain.py)."""
-    # none | max_prob | energy | mahalanobis | auto (best validation AUROC against oos_texts, else max_prob)
+    # none | max_prob | energy | mahalanobis | trained (a detector fitted on oos_texts; needs them) | auto (best
+    # held-out validation AUROC against oos_texts, else max_prob)
     method: str = "none"
     # The threshold keeps at least this share of the in-scope validation rows.
     in_scope_recall: float = 0.97
@@ -455,6 +456,9 @@ class AbstainParams:
                f"must be a number in [0.5, 1), got {self.in_scope_recall!r}")
         _check(isinstance(self.label, str) and bool(self.label.strip()), s, "abstain.label",
                f"must be a non-empty string, got {self.label!r}")
+        _check(self.method != "trained" or self.oos_texts is not None, s, "abstain.method",
+               "trained fits a detector on known out-of-scope texts: set evaluate.abstain.oos_texts to a file in "
+               f"{OOS_DIR}/ (or choose max_prob, energy or mahalanobis, which need none)")
         for key in ("oos_texts", "oos_test"):
             path = getattr(self, key)
             if path is None:

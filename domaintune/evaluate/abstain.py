@@ -9,13 +9,24 @@ Every score is an *in-scope score*: higher means more like the training labels, 
                on fine-tuned transformers). Class means and the covariance are fitted on the *train* split's
                vectors; the covariance is Ledoit-Wolf shrunk (sklearn.covariance.LedoitWolf), since with a few
                rows per class and a 384-wide vector the plain estimate is singular or near it.
+- trained      minus the out-of-scope logit of a class-balanced logistic-regression detector on the same vectors,
+               fitted to separate the *train* split's rows from `oos_texts` (the "oos-train" baselines of CLINC150,
+               Larson et al. 2019). It needs `oos_texts`, and it detects the kinds of foreign text it was shown:
+               its numbers on out-of-scope texts of the same kinds are no estimate for unseen kinds (the
+               unsupervised scores above are). The vectors are standardised for the fit and the scaling folded
+               into the stored weights, so the score is one affine map of the vector: -(x @ coef + intercept).
 The threshold is fitted on the *validation* split only (never test): the largest one that keeps at least
 `in_scope_recall` of the validation rows (abstentions on them are the price of the out-of-scope ones caught).
-`auto` picks the method with the best validation AUROC (validation rows vs `oos_texts`), else max_prob.
+`auto` picks the method with the best validation AUROC (validation rows vs `oos_texts`), else max_prob. With
+`trained` among the candidates, `oos_texts` is split once, seeded (OOS_SPLIT_SEED): the detector compared is fitted
+on one half, and every candidate's AUROC is measured on the other (held-out) half, so that no candidate is scored on
+texts it was fitted on; the chosen detector is then refitted on all of `oos_texts` (its threshold, like every
+method's, depends on the in-scope validation rows only).
 
 The fitted abstention travels with the model: its JSON part (method, threshold, temperature, label) in
 calibration.json and the export's model.json / ONNX config.json, the Mahalanobis arrays (class means,
-precision matrix) in abstain.safetensors beside them. `Abstainer` applies it from logits (and vectors).
+precision matrix; the trained detector's coef and intercept) in abstain.safetensors beside them.
+`Abstainer` applies it from logits (and vectors).
 """
 from __future__ import annotations
 
@@ -29,8 +40,11 @@ from domaintune.core.errors import DataError
 from domaintune.data.sources import read_file, read_lines
 from domaintune.evaluate.calibration import softmax
 
-METHODS = ("none", "max_prob", "energy", "mahalanobis", "auto")
-SCORES = ("max_prob", "energy", "mahalanobis")  # the methods that are a score (auto picks one of them)
+METHODS = ("none", "max_prob", "energy", "mahalanobis", "trained", "auto")
+SCORES = ("max_prob", "energy", "mahalanobis", "trained")  # the methods that are a score (auto picks one of them)
+FEATURE_METHODS = ("mahalanobis", "trained")  # the scores measured on the text vector (the ONNX `pooled` output)
+OOS_SPLIT_SEED = 0  # the split of oos_texts into the detector's fit half and the held-out half (auto, trained)
+DETECTOR_C = 1.0  # inverse L2 strength of the trained detector (sklearn's default), on standardised vectors
 ARRAYS_FILE = "abstain.safetensors"
 FEATURES = "mean-pooled text vector of the fine-tuned encoder"
 
@@ -74,6 +88,41 @@ def mahalanobis_score(features: np.ndarray, means: np.ndarray, precision: np.nda
     d = (xp * x).sum(axis=1)[:, None] - 2 * xp @ np.nan_to_num(mu).T + ((mu @ p) * mu).sum(axis=1)[None, :]
     d = np.where(np.isnan(d), np.inf, d)
     return -d.min(axis=1)
+
+
+def fit_detector(in_features: np.ndarray, oos_features: np.ndarray, seed: int = OOS_SPLIT_SEED,
+                 ) -> tuple[np.ndarray, float]:
+    """(coef [d], intercept) of a class-balanced logistic regression telling out-of-scope vectors (class 1)
+    from in-scope ones (class 0), on standardised vectors with the scaling folded back in: the out-of-scope
+    logit is x @ coef + intercept on the raw vector. Rounded to float32, as abstain.safetensors stores them."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.r_[np.asarray(in_features, dtype=np.float64), np.asarray(oos_features, dtype=np.float64)]
+    y = np.r_[np.zeros(len(in_features), dtype=int), np.ones(len(oos_features), dtype=int)]
+    if len(in_features) == 0 or len(oos_features) == 0:
+        raise ValueError("the trained detector needs in-scope train vectors and out-of-scope (oos_texts) vectors")
+    scaler = StandardScaler().fit(x)
+    lr = LogisticRegression(C=DETECTOR_C, class_weight="balanced", max_iter=5000, random_state=seed)
+    lr.fit(scaler.transform(x), y)
+    coef = lr.coef_[0] / scaler.scale_
+    intercept = float(lr.intercept_[0] - coef @ scaler.mean_)
+    return coef.astype(np.float32).astype(np.float64), float(np.float32(intercept))
+
+
+def trained_score(features: np.ndarray, coef: np.ndarray, intercept: float) -> np.ndarray:
+    """-(x @ coef + intercept): minus the detector's out-of-scope logit (higher = in scope)."""
+    return -(np.asarray(features, dtype=np.float64) @ np.asarray(coef, dtype=np.float64) + float(intercept))
+
+
+def split_oos(n: int, seed: int = OOS_SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, held-out rows) of n out-of-scope texts: a seeded permutation cut in half (held-out gets the
+    odd one); both non-empty, so n >= 2."""
+    if n < 2:
+        raise ValueError(f"evaluate.abstain.oos_texts has {n} text(s): the trained detector needs at least 2 (one "
+                         "to fit on, one held out to score it)")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2:])
 
 
 # ---------------------------------------------------------------- threshold and metrics
@@ -130,10 +179,12 @@ class Abstainer:
     label: str = "out_of_scope"
     means: np.ndarray | None = None
     precision: np.ndarray | None = None
+    coef: np.ndarray | None = None  # trained: the detector's out-of-scope weights [d] and intercept
+    intercept: float | None = None
 
     @property
     def needs_features(self) -> bool:
-        return self.method == "mahalanobis"
+        return self.method in FEATURE_METHODS
 
     def scores(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         if self.method == "max_prob":
@@ -144,6 +195,10 @@ class Abstainer:
             if features is None:
                 raise ValueError("mahalanobis abstention needs the text vectors (mean_pooled) of the same pass")
             return mahalanobis_score(features, self.means, self.precision)
+        if self.method == "trained":
+            if features is None:
+                raise ValueError("trained abstention needs the text vectors (mean_pooled) of the same pass")
+            return trained_score(features, self.coef, self.intercept)
         raise ValueError(f"unknown abstention method {self.method!r}")
 
     def abstained(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
@@ -156,13 +211,15 @@ class Abstainer:
                 **({"arrays": ARRAYS_FILE, "features": FEATURES} if self.needs_features else {})}
 
     def save_arrays(self, folder: str | Path) -> None:
-        """abstain.safetensors (mahalanobis only): float32 class means [k, d] and precision [d, d]."""
+        """abstain.safetensors: float32 class means [k, d] and precision [d, d] (mahalanobis), or the detector's
+        coef [d] and intercept [1] (trained); nothing for the logit scores."""
         if not self.needs_features:
             return
         from safetensors.numpy import save_file
 
-        save_file({"means": np.ascontiguousarray(self.means, dtype=np.float32),
-                   "precision": np.ascontiguousarray(self.precision, dtype=np.float32)},
+        arrays = ({"means": self.means, "precision": self.precision} if self.method == "mahalanobis"
+                  else {"coef": self.coef, "intercept": np.array([self.intercept])})
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
                   str(Path(folder) / ARRAYS_FILE))
 
     @classmethod
@@ -180,19 +237,28 @@ class Abstainer:
         if out.needs_features:
             path = Path(folder) / ARRAYS_FILE
             if not path.is_file():
-                raise DataError(path, None, None, "missing: mahalanobis abstention needs its class means and "
-                                "precision (the evaluate stage writes them, export copies them)")
+                raise DataError(path, None, None, f"missing: {method} abstention needs its arrays (class means and "
+                                "precision, or the detector's coef and intercept; the evaluate stage writes them, "
+                                "export copies them)")
             from safetensors.numpy import load_file
 
             arrays = load_file(str(path))
-            out.means, out.precision = arrays["means"].astype(np.float64), arrays["precision"].astype(np.float64)
+            want = ("means", "precision") if method == "mahalanobis" else ("coef", "intercept")
+            if missing := [k for k in want if k not in arrays]:
+                raise DataError(path, None, missing[0], f"missing: {method} abstention needs arrays {list(want)}")
+            if method == "mahalanobis":
+                out.means, out.precision = arrays["means"].astype(np.float64), arrays["precision"].astype(np.float64)
+            else:
+                out.coef, out.intercept = arrays["coef"].astype(np.float64), float(arrays["intercept"][0])
         return out
 
 
 SCORE_TEXT = {"max_prob": "max(softmax(logits / temperature))",
               "energy": "temperature * logsumexp(logits / temperature)",
               "mahalanobis": "-min over classes c of (x - means[c]) @ precision @ (x - means[c]), x the pooled "
-                             "output"}
+                             "output",
+              "trained": "-(x @ coef + intercept), x the pooled output: minus the out-of-scope logit of a "
+                         "logistic-regression detector fitted on train rows against evaluate.abstain.oos_texts"}
 
 
 # ---------------------------------------------------------------- out-of-scope text files
@@ -236,9 +302,12 @@ class Split:
     y: np.ndarray | None = None  # label ids (in-scope splits)
 
 
-def method_scores(method: str, split: Split, temperature: float, maha: tuple | None) -> np.ndarray:
+def method_scores(method: str, split: Split, temperature: float, maha: tuple | None,
+                  detector: tuple | None = None) -> np.ndarray:
     if method == "mahalanobis":
         return mahalanobis_score(split.features, maha[0], maha[1])
+    if method == "trained":
+        return trained_score(split.features, *detector)
     return max_prob_score(split.logits, temperature) if method == "max_prob" else energy_score(split.logits,
                                                                                                 temperature)
 
@@ -246,20 +315,31 @@ def method_scores(method: str, split: Split, temperature: float, maha: tuple | N
 def fit_abstention(method: str, in_scope_recall: float, label: str, temperature: float, num_labels: int,
                    train: Split | None, val: Split, oos_val: Split | None = None) -> tuple[Abstainer, dict]:
     """The abstention of `method` (auto: chosen by validation AUROC against `oos_val`, else max_prob), its
-    threshold fitted on `val`. Returns (abstainer, what was chosen and on which numbers)."""
+    threshold fitted on `val`. Returns (abstainer, what was chosen and on which numbers).
+    `trained` (alone or among auto's candidates) needs `oos_val` (the oos_texts): every candidate's validation
+    AUROC is then measured on the held-out half of them (split_oos), the detector compared being fitted on the
+    other half; the detector kept is refitted on all of them."""
     candidates = [method] if method != "auto" else (list(SCORES) if oos_val is not None else ["max_prob"])
-    maha = shrinkage = None
-    if "mahalanobis" in candidates:
+    maha = shrinkage = detector = None
+    for m in set(candidates) & set(FEATURE_METHODS):
         if train is None or train.features is None or val.features is None:
-            raise ValueError("mahalanobis needs the train and validation text vectors")
+            raise ValueError(f"{m} needs the train and validation text vectors")
+    if "mahalanobis" in candidates:
         means, precision, shrinkage = fit_mahalanobis(train.features, train.y, num_labels)
         maha = (means, precision)
+    oos_scored, held = oos_val, None
+    if "trained" in candidates:
+        if oos_val is None or oos_val.features is None:
+            raise ValueError("trained abstention needs evaluate.abstain.oos_texts (known out-of-scope texts)")
+        fit_rows, held = split_oos(len(oos_val.logits))
+        detector = fit_detector(train.features, oos_val.features[fit_rows])
+        oos_scored = Split(oos_val.logits[held], oos_val.features[held])
     fitted = {}
     for m in candidates:
-        s_val = method_scores(m, val, temperature, maha)
+        s_val = method_scores(m, val, temperature, maha, detector)
         row = {"threshold": fit_threshold(s_val, in_scope_recall)}
-        if oos_val is not None:
-            s_oos = method_scores(m, oos_val, temperature, maha)
+        if oos_scored is not None:
+            s_oos = method_scores(m, oos_scored, temperature, maha, detector)
             row.update(validation_auroc=auroc(s_val, s_oos), validation_fpr_at_95tpr=fpr_at_95tpr(s_val, s_oos),
                        validation_oos_recall=float((s_oos < row["threshold"]).mean()))
         fitted[m] = row
@@ -274,7 +354,21 @@ def fit_abstention(method: str, in_scope_recall: float, label: str, temperature:
                    *(maha if chosen == "mahalanobis" else (None, None)))
     info = {"requested": method, "chosen": chosen, "why": why, "in_scope_recall": in_scope_recall,
             "validation_rows": int(len(val.logits)), "candidates": fitted,
-            "oos_validation_rows": int(len(oos_val.logits)) if oos_val is not None else 0}
+            "oos_validation_rows": int(len(oos_scored.logits)) if oos_scored is not None else 0}
+    if held is not None:
+        info["oos_split"] = {"seed": OOS_SPLIT_SEED, "fit_rows": int(len(oos_val.logits) - len(held)),
+                             "held_out_rows": int(len(held)),
+                             "rule": "the detector compared is fitted on the fit rows; every candidate's validation "
+                                     "numbers are on the held-out rows"}
+    if chosen == "trained":
+        ab.coef, ab.intercept = fit_detector(train.features, oos_val.features)
+        ab.threshold = fit_threshold(trained_score(val.features, ab.coef, ab.intercept), in_scope_recall)
+        info.update(features=FEATURES, detector="sklearn LogisticRegression(class_weight='balanced', "
+                    f"C={DETECTOR_C}) on standardised vectors, train rows (in scope) vs oos_texts (out of scope); "
+                    "refitted on all oos_texts after the choice", train_rows=int(len(train.logits)),
+                    oos_fit_rows=int(len(oos_val.logits)), threshold_refit=ab.threshold,
+                    caveat="fitted on examples of out-of-scope text: it detects texts like those, not arbitrary "
+                           "foreign ones; its out-of-scope numbers hold for the kinds of text in oos_texts")
     if chosen == "mahalanobis":
         info.update(features=FEATURES, covariance="shared, Ledoit-Wolf shrinkage (sklearn.covariance.LedoitWolf)",
                     shrinkage=shrinkage, train_rows=int(len(train.logits)))

@@ -294,7 +294,7 @@ def write_report(out: Path, res: EvalResult, metrics: dict, model_meta: dict, se
     rp.plot_confidence_hist(res.confidence, res.calibration["bins"], out / "confidence_hist.png")
     rp.plot_per_class_f1(res.tables["per_class"], out / "per_class_f1.png")
     if res.abstainer is not None:
-        res.abstainer.save_arrays(out)  # abstain.safetensors beside calibration.json (mahalanobis)
+        res.abstainer.save_arrays(out)  # abstain.safetensors beside calibration.json (mahalanobis, trained)
         rp.plot_risk_coverage(res.risk_coverage, res.abstain, out / "risk_coverage.png")
     (out / "report.md").write_text(render_markdown(res, metrics, model_meta, seeds), encoding="utf-8")
 
@@ -403,7 +403,7 @@ def evaluate(in_dir: str | Path, model_dir: str | Path, params: EvaluateParams,
     if abstain is not None and abstain.method != "none":
         oos = {key: ab.read_texts(path, f"evaluate.abstain.{key}") for key in ("oos_texts", "oos_test")
                if (path := getattr(abstain, key))}  # read (and checked) before any model runs
-        wants_train = abstain.method == "mahalanobis" or (abstain.method == "auto" and "oos_texts" in oos)
+        wants_train = abstain.method in ab.FEATURE_METHODS or (abstain.method == "auto" and "oos_texts" in oos)
         meta, logits, feats = model_logits(model_dir, splits, params.batch_size, device=device, mean_pooled=True,
                                            names=("validation", "test") + (("train",) if wants_train else ()),
                                            texts=oos)
@@ -437,8 +437,8 @@ def evaluate(in_dir: str | Path, model_dir: str | Path, params: EvaluateParams,
 
 
 def fit_abstention(res: EvalResult, splits: dict[str, pd.DataFrame], logits: dict, feats: dict, abstain) -> None:
-    """evaluate.abstain: fit the score on train (mahalanobis) and its threshold on validation, with the calibrated
-    temperature; score it on test (and the out-of-scope test texts). Fills res.abstainer / abstain /
+    """evaluate.abstain: fit the score on train (mahalanobis, trained) and its threshold on validation, with the
+    calibrated temperature; score it on test (and the out-of-scope test texts). Fills res.abstainer / abstain /
     risk_coverage and the calibration's "abstain" entry (what export and Predictor apply)."""
     labels = res.labels
 

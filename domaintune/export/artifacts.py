@@ -12,7 +12,8 @@ An export folder (models/export/, written by stages/export.py) holds:
   onnx-int8/           onnxruntime dynamic int8 quantisation of onnx/
   openvino-int8/       OpenVINO IR (model.xml + model.bin) of onnx/'s graph, static int8 by NNCF post-training
                        quantisation calibrated on a seeded sample of train texts; config.json and tokenizer as onnx/
-  abstain.safetensors  evaluate.abstain by Mahalanobis distance: class means and precision (also in int8/, onnx/,
+  abstain.safetensors  evaluate.abstain by Mahalanobis distance: class means and precision; or by the trained
+                       detector: its coef and intercept (also in int8/, onnx/,
                        onnx-int8/, openvino-int8/); the ONNX/OpenVINO graphs then add a third output, `pooled`
                        (the mean-pooled text vector the distance is measured on), and config.json says `abstain`
   checksums.json       the md5 of every other file, written last by the export stage (either task);
@@ -40,6 +41,7 @@ from domaintune.core import device as devices
 from domaintune.core.errors import DataError
 from domaintune.core.io import read_json, write_json
 from domaintune.evaluate.abstain import ARRAYS_FILE as ABSTAIN_ARRAYS
+from domaintune.evaluate.abstain import FEATURE_METHODS
 from domaintune.export.variants import canonical_variant
 from domaintune.modeling.chunks import LongText, special_tokens
 from domaintune.modeling.encoders import TokenBatches, load_tokenizer, predict_logits, save_classifier
@@ -109,8 +111,9 @@ def write_int8(out: Path, model, meta: dict, embeddings: bool) -> dict:
 
 def graph_outputs(meta: dict) -> tuple[str, ...]:
     """The ONNX graph's outputs: probabilities and logits, and the mean-pooled text vector (`pooled`) when the
-    model abstains by Mahalanobis distance (its score needs the vector; domaintune/evaluate/abstain.py)."""
-    wants_vector = (meta.get("abstain") or {}).get("method") == "mahalanobis"
+    model abstains by Mahalanobis distance or the trained detector (their scores need the vector;
+    domaintune/evaluate/abstain.py)."""
+    wants_vector = (meta.get("abstain") or {}).get("method") in FEATURE_METHODS
     return ONNX_OUTPUTS + ((POOLED_OUTPUT,) if wants_vector else ())
 
 

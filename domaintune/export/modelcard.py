@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from domaintune.evaluate.abstain import SCORES as ABSTAIN_SCORES
 from domaintune.evaluate.report import md_table
 from domaintune.export.artifacts import thread_count
 from domaintune.export.variants import AUTO, VariantChoice
@@ -338,7 +339,7 @@ def usage_section(meta: dict, variants, speed: dict | None = None) -> list[str]:
                                              for v in variants))
     out += ['probs = p.predict_proba(["example text"])    # calibrated, columns in p.labels order',
             'labels = p.predict(["example text"])']
-    if (meta.get("abstain") or {}).get("method") in ("max_prob", "energy", "mahalanobis"):
+    if (meta.get("abstain") or {}).get("method") in ABSTAIN_SCORES:
         out += ["# abstention (evaluate.abstain): abstained[i] is True where the answer is "
                 f"{meta['abstain'].get('label')!r}",
                 'probs, abstained = p.predict_with_abstention(["example text"])',
@@ -391,7 +392,12 @@ def usage_section(meta: dict, variants, speed: dict | None = None) -> list[str]:
 
 def abstain_limitation(meta: dict) -> str:
     ab = meta.get("abstain") or {}
-    if ab.get("method") in ("max_prob", "energy", "mahalanobis"):
+    if ab.get("method") == "trained":
+        return (f"- Knows only the {len(meta['labels'])} labels above. It abstains (answers `{ab['label']}`) when a "
+                "detector fitted on examples of out-of-scope text (evaluate.abstain.oos_texts) scores a text under "
+                f"{ab['threshold']:.6g}: it catches texts like those examples, not arbitrary foreign ones, so a new "
+                "kind of out-of-scope question may still get a label. Route low-confidence predictions to a person.")
+    if ab.get("method") in ABSTAIN_SCORES:
         return (f"- Knows only the {len(meta['labels'])} labels above. It abstains (answers `{ab['label']}`) when its "
                 f"{ab['method']} score is under {ab['threshold']:.6g}, fitted on validation to keep most in-scope "
                 "texts; out-of-scope texts that look like a label still get that label. Route low-confidence "
@@ -402,11 +408,12 @@ def abstain_limitation(meta: dict) -> str:
 
 def abstain_lines(meta: dict, outputs: str) -> list[str]:
     """The abstention step of a no-domaintune snippet (evaluate.abstain), after `probs` and `logits` (and, for
-    Mahalanobis, `pooled`) are computed: `score` per text, `abstained` where it is under the threshold, and
-    `labels` with the abstention label there. `outputs`: how the snippet got `pooled` (a line), if needed."""
+    Mahalanobis and the trained detector, `pooled`) are computed: `score` per text, `abstained` where it is under
+    the threshold, and `labels` with the abstention label there. `outputs`: how the snippet got
+    `pooled` (a line), if needed."""
     ab = meta.get("abstain") or {}
     method = ab.get("method")
-    if method not in ("max_prob", "energy", "mahalanobis"):
+    if method not in ABSTAIN_SCORES:
         return []
     out = [f"# Abstention ({method}): under the threshold the model answers {ab.get('label')!r} (out of scope)",
            'abstain = config["domaintune"]["abstain"]', 'T = abstain["temperature"]']
@@ -416,7 +423,7 @@ def abstain_lines(meta: dict, outputs: str) -> list[str]:
     elif method == "energy":
         out += ["z = logits.astype(np.float64) / T", "m = z.max(axis=1, keepdims=True)",
                 "score = T * (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]"]
-    else:
+    elif method == "mahalanobis":
         out += ["from safetensors.numpy import load_file", "",
                 'stats = load_file(f"{folder}/abstain.safetensors")  # class means, shared precision matrix',
                 outputs,
@@ -424,6 +431,11 @@ def abstain_lines(meta: dict, outputs: str) -> list[str]:
                 "xP = x @ P",
                 "dist = (xP * x).sum(1)[:, None] - 2 * xP @ mu.T + ((mu @ P) * mu).sum(1)[None, :]",
                 "score = -dist.min(axis=1)"]
+    elif method == "trained":
+        out += ["from safetensors.numpy import load_file", "",
+                'det = load_file(f"{folder}/abstain.safetensors")  # out-of-scope detector: coef [d], intercept [1]',
+                outputs,
+                'score = -(pooled.astype(np.float64) @ det["coef"].astype(np.float64) + float(det["intercept"][0]))']
     out += ['abstained = score < abstain["threshold"]',
             'labels = [abstain["label"] if a else config["id2label"][str(i)]',
             "          for a, i in zip(abstained, probs.argmax(axis=1))]", "print(labels)"]

@@ -149,7 +149,9 @@ def test_stage_fits_on_validation_and_reports_on_test(data_and_model, tmp_path, 
     a = metrics["abstain"]
     fit = a["fit"]
     assert a["method"] == fit["chosen"] == max(fit["candidates"], key=lambda m: fit["candidates"][m]["validation_auroc"])
-    assert fit["oos_validation_rows"] == 3 and a["oos_rows"] == 3 and fit["validation_rows"] == 60
+    # auto considers trained: its detector is fitted on 1 of the 3 oos_texts, every candidate scored on the other 2
+    assert fit["oos_validation_rows"] == 2 and fit["oos_split"]["fit_rows"] == 1 and "trained" in fit["candidates"]
+    assert a["oos_rows"] == 3 and fit["validation_rows"] == 60
     for key in ("threshold", "in_scope_accuracy", "abstain_rate", "oos_recall", "oos_precision", "auroc",
                 "fpr_at_95tpr"):
         assert isinstance(a[key], float)
@@ -209,3 +211,70 @@ def test_a_bad_oos_texts_file_is_one_line_and_exit_2(data_and_model, tmp_path, m
     (tmp_path / "labels/oos/known.csv").unlink()  # a file that is not there: named too
     assert run_stage(root, model, tmp_path, params, tmp_path, monkeypatch) == 2
     assert "labels/oos/known.csv" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- trained: a detector fitted on oos_texts
+def near_domain(seed: int = 5):
+    """In-scope classes and out-of-scope texts that sit among them, shifted along one direction of a high in-scope
+    variance: logits say nothing, the distance to the class means little, a linear detector a lot."""
+    rng = np.random.default_rng(seed)
+    k, d = 3, 8
+    centres = rng.normal(0, 5, size=(k, d))
+    scale = np.r_[3.0, np.ones(d - 1)]
+
+    def draw(n, shift=0.0):
+        y = rng.integers(0, k, size=n)
+        x = centres[y] + rng.normal(size=(n, d)) * scale
+        x[:, 0] += shift
+        return ab.Split(np.tile([[2.0, 0.0, 0.0]], (n, 1)), x, y)
+
+    return k, draw(300), draw(400), draw(200, 9.0), draw(2000), draw(400, 9.0)
+
+
+def test_trained_detector_keeps_the_recall_and_auto_picks_it_by_held_out_auroc():
+    k, train, val, oos, fresh_in, fresh_oos = near_domain()
+    recall = 0.95
+    a, info = ab.fit_abstention("auto", recall, "out_of_scope", 1.0, k, train, val, oos)
+    c = info["candidates"]
+    assert a.method == info["chosen"] == "trained" == max(c, key=lambda m: c[m]["validation_auroc"])
+    assert c["trained"]["validation_auroc"] > c["mahalanobis"]["validation_auroc"] + 0.05
+    assert c["max_prob"]["validation_auroc"] == pytest.approx(0.5)
+    # every candidate scored on the held-out half of oos_texts only, the compared detector fitted on the other
+    assert info["oos_split"] == {**info["oos_split"], "fit_rows": 100, "held_out_rows": 100, "seed": ab.OOS_SPLIT_SEED}
+    assert info["oos_validation_rows"] == 100 and "caveat" in info and info["oos_fit_rows"] == 200
+    fit, held = ab.split_oos(200)
+    assert not set(fit) & set(held) and len(fit) + len(held) == 200 and (fit == ab.split_oos(200)[0]).all()
+    # the kept detector (refitted on all oos_texts): threshold keeps the recall on validation, and on new in-scope
+    # rows within binomial noise; the score is minus the out-of-scope logit
+    s_val = a.scores(val.logits, val.features)
+    assert recall <= (s_val >= a.threshold).mean() <= recall + 1 / len(s_val) + 1e-12
+    sigma = np.sqrt(recall * (1 - recall) / len(fresh_in.logits))
+    assert abs((~a.abstained(fresh_in.logits, fresh_in.features)).mean() - recall) <= 3 * sigma
+    np.testing.assert_allclose(s_val, -(val.features @ a.coef + a.intercept))
+    assert a.abstained(fresh_oos.logits, fresh_oos.features).mean() > 0.8
+
+
+def test_trained_needs_oos_texts_and_round_trips_through_safetensors(tmp_path):
+    k, train, val, oos, fresh_in, _ = near_domain()
+    with pytest.raises(ValueError, match="oos_texts"):
+        ab.fit_abstention("trained", 0.95, "out_of_scope", 1.0, k, train, val, None)
+    with pytest.raises(ParamsError, match="evaluate.abstain.method: trained fits a detector on known out-of-scope"):
+        parse_section("evaluate", {"abstain": {"method": "trained"}})
+    a, info = ab.fit_abstention("trained", 0.95, "out_of_scope", 1.0, k, train, val, oos)
+    assert set(info["candidates"]) == {"trained"} and "LogisticRegression(class_weight='balanced'" in info["detector"]
+    a.save_arrays(tmp_path)
+    back = ab.Abstainer.from_json(a.to_json(), tmp_path, tmp_path / "model.json")
+    assert back.method == "trained" and back.needs_features and a.to_json()["arrays"] == ab.ARRAYS_FILE
+    assert (back.abstained(fresh_in.logits, fresh_in.features) == a.abstained(fresh_in.logits, fresh_in.features)).all()
+    (tmp_path / ab.ARRAYS_FILE).unlink()
+    with pytest.raises(DataError, match="missing: trained abstention needs its arrays"):
+        ab.Abstainer.from_json(a.to_json(), tmp_path, tmp_path / "model.json")
+
+
+def test_trained_without_oos_texts_stops_the_stage_at_its_start(data_and_model, tmp_path, monkeypatch, capsys):
+    root, model = data_and_model
+    params = write_params(tmp_path / "params.yaml", evaluate={"abstain": {"method": "trained"}})
+    assert run_stage(root, model, tmp_path, params, tmp_path, monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "evaluate.abstain.method: trained fits a detector" in err[0], err
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "metrics").exists()

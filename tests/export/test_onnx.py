@@ -292,3 +292,37 @@ def test_onnx_snippet_reads_long_documents_as_predictor_does_without_domaintune(
     assert np.abs(truncated.predict_proba(texts) - own).max() > 1e-4
     cfg = json.loads((out / "onnx/config.json").read_text())["domaintune"]["long_text"]
     assert cfg["mode"] == meta["long_text"]["mode"] and cfg["prefix_ids"] == [101] and cfg["suffix_ids"] == [102]
+
+
+def test_onnx_abstains_where_predictor_does_with_the_trained_detector(abstaining_export, tmp_path):
+    """evaluate.abstain.method trained: the detector's coef and intercept (abstain.safetensors) on the same `pooled`
+    output; the card's no-domaintune snippet abstains exactly where Predictor does (the graph is the Mahalanobis
+    export's: both scores read the pooled vector, so only the stored abstention changes)."""
+    import shutil
+
+    from domaintune.core.io import read_json, write_json
+    from domaintune.predict.predictor import Predictor
+
+    root, out, _, texts = abstaining_export
+    new_root = tmp_path / "root"
+    new_out = new_root / "models/export"
+    shutil.copytree(out, new_out, ignore=shutil.ignore_patterns("onnx-int8", "openvino-int8"))
+    train = make_split("train", 8)
+    entry = add_abstention(new_out, train["text"].tolist(), train["label"].tolist(),
+                           make_split("validation", 6)["text"].tolist(), method="trained", recall=0.8,
+                           oos_texts=OOS_TEXTS[:4])
+    assert entry["method"] == "trained"
+    cfg = read_json(new_out / "onnx/config.json")
+    cfg["domaintune"]["abstain"] = entry
+    write_json(new_out / "onnx/config.json", cfg)
+    shutil.copy(new_out / "abstain.safetensors", new_out / "onnx/abstain.safetensors")
+    meta = read_json(new_out / "model.json")
+    _, labels = run_isolated(new_root, "onnx", texts, tmp_path, meta)
+    snippet = np.load(tmp_path / "probs.npy.abstained.npy")
+    own = Predictor.load(new_out, variant="onnx")
+    own_probs, own_abstained = own.predict_with_abstention(texts)
+    _, ref_abstained = Predictor.load(new_out).predict_with_abstention(texts)
+    assert own.abstainer.method == "trained" and own.abstainer.coef.shape == (64,)
+    assert snippet.tolist() == own_abstained.tolist() == ref_abstained.tolist()
+    assert 0 < own_abstained.sum() < len(texts)  # some texts answered, some not: the comparison means something
+    assert labels == own.labels_with_abstention(own_probs, own_abstained)
