@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -388,7 +389,16 @@ def export_stage(io: StageIO) -> None:
         latency = latency_conditions(params, len(texts))  # right after the timed passes
         measured = dict(variants)  # the exported variants and the measured-only bf16 autocast row
         bf16 = variants.pop(BF16_ROW, None)
-        gates = check_gates(variants, params, len(texts))
+        # A variant past its gates is not shipped: its folder is removed and the refusal recorded (with its
+        # numbers) in metrics and export_report.json, and `--variant auto` never picks it; float32 (the
+        # reference) and the variants within the gates still ship, so one noisy int8 graph does not stop the DAG.
+        refused = gate_failures(variants, params, len(texts))
+        for name, why in refused.items():
+            log.warning("export: variant %s refused, not shipped: %s", name, why)
+            if artifacts.SUBDIRS.get(name):
+                shutil.rmtree(tmp / artifacts.SUBDIRS[name], ignore_errors=True)
+        refused_rows = {name: {"why": why, **variants.pop(name)} for name, why in refused.items()}
+        gates = gate_allowances(params, len(texts))
         speed = speed_record(measured, params, len(texts), len(speed_texts),
                              gate_failures(measured, params, len(texts)))
         if bf16 is not None:
@@ -397,6 +407,8 @@ def export_stage(io: StageIO) -> None:
         variants["unmerged"] = {**score_variant(unmerged_logits, test, meta, calib, params.bins), **unmerged_timing}
         metrics = {"test_rows": len(texts), "merge_check": merge_check, "variants": variants, "gates": gates,
                    "latency": latency, "speed": speed, "seconds": round(time.perf_counter() - t0, 1)}
+        if refused_rows:
+            metrics["variants_refused"] = refused_rows
         if "int8" in variants:
             metrics["int8_vs_float32"] = logit_agreement(logits["float32"], logits["int8"])
             metrics["int8_size_ratio"] = variants["int8"]["size_bytes"] / variants["float32"]["size_bytes"]
@@ -408,7 +420,8 @@ def export_stage(io: StageIO) -> None:
         write_json(tmp / "export_report.json", metrics)
         artifacts.write_checksums(tmp)  # last: the md5 of every file above, checked when the export is loaded
         write_json(tmp_metrics, metrics)
-    log.info("export: %s written in %.0f s, every variant within the gates (%s)", ", ".join(params.variants),
+    log.info("export: %s written in %.0f s, every shipped variant within the gates (%s)",
+             ", ".join(v for v in params.variants if v not in refused_rows),
              metrics["seconds"], "; ".join(f"{k} acc {v['accuracy']:.4f} ECE {v['ece']:.4f} "
                                             f"{v['size_bytes'] / 1e6:.1f} MB" for k, v in variants.items()
                                             if k in params.variants))

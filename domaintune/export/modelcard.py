@@ -534,7 +534,11 @@ def model_card(meta: dict, inputs: dict, split_sizes: dict, report: dict, params
     out += training_section(meta, inputs)
     out += evaluation_section(inputs)
     out += variants_section(report)
-    out += usage_section(meta, [v for v in params.variants], report.get("speed"))
+    refused = report.get("variants_refused") or {}
+    if refused:
+        out += ["Not shipped (past their gates; `variants_refused` in export_report.json): "
+                + "; ".join(f"{name}: {row['why']}" for name, row in refused.items()) + ".", ""]
+    out += usage_section(meta, [v for v in params.variants if v not in refused], report.get("speed"))
     out += ["## Promotion", "",
             "Whether this model is served is decided after it is exported: a retrain compares it with the served "
             "version on rows neither trained on (paired bootstrap, 95% intervals; params.yaml `release`). The "
