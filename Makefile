@@ -23,7 +23,7 @@ run: setup
 	@echo
 	@$(BIN)/domaintune summary --write
 	@echo
-	@echo "model:   models/export (model card: models/export/README.md; ONNX: models/export/onnx, models/export/onnx-int8)"
+	@echo "model:   models/export (model card: models/export/README.md; ONNX: models/export/onnx/ and the other variants within their gates, see metrics/export.json)"
 	@echo "reports: reports/eval/report.md, reports/audit/, models/drift_baseline/ (monitor reports: reports/monitor/)"
 	@echo "plots:   dvc plots show  (writes dvc_plots/index.html, opens without network)"
 	@echo "next:    domaintune retrain (record a version)  |  domaintune versions  |  domaintune monitor --batch FILE"
