@@ -25,14 +25,24 @@ def summary_line(metrics: dict) -> str:
             + f"; {metrics['signals']} calibrated drift tests")
 
 
-def run(io: StageIO) -> str:
+def write_baseline(io: StageIO, task: str | None = None) -> dict:
+    """Build the reference profile of the exported model (io.model) on the audited splits (io.in_dir) into
+    io.out, its metrics into io.metrics (with `task` when given), both atomically; returns the metrics. The label
+    set is the predictor's own (a classifier's labels.json; a tagger's entity types)."""
     base, params = load_params(io.params, "base", "drift")
     device = stage_device(base)
     splits, labels = read_dataset(io.in_dir)
     dataset_hash = read_hashes(io.in_dir, splits, labels)["dataset"]
     set_threads()
     predictor = load_predictor(io.model, batch_size=params.batch_size, device=device)
+    label_set = labels if task is None else predictor.labels
     with atomic_output(io.out) as tmp, atomic_output(io.metrics) as tmp_metrics:
-        metrics = build_baseline(splits, labels, predictor, params, tmp, dataset_hash)
+        metrics = build_baseline(splits, label_set, predictor, params, tmp, dataset_hash)
+        if task is not None:
+            metrics["task"] = task
         write_json(tmp_metrics, metrics)
-    return summary_line(metrics)
+    return metrics
+
+
+def run(io: StageIO) -> str:
+    return summary_line(write_baseline(io))
