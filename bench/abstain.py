@@ -27,23 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-REPO = Path(__file__).resolve().parents[1]
-for p in (str(REPO), str(REPO / "bench")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
+from _common import REPO, cpu
 from banking77 import DATA, cache_root, finetune_key, load_banking77  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "abstain.json"
@@ -61,20 +51,6 @@ def choose_intents(labels: list[str]) -> tuple[list[str], list[str]]:
     order = np.random.default_rng(SPLIT_SEED).permutation(sorted(labels))
     return sorted(order[:IN_SCOPE].tolist()), sorted(order[IN_SCOPE:].tolist())
 
-
-def cpu() -> dict:
-    info = {"machine": platform.machine(), "cores": os.cpu_count()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "Flags"):
-                v = value.strip()
-                info[key.strip().lower().replace(" ", "_")] = v if key.strip() != "Flags" else \
-                    " ".join(f for f in v.split() if f.startswith(("avx", "amx", "fma", "sse4")))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
 
 
 def train_once(splits, labels, base, ft, ev, log=print) -> tuple[Path, float]:

@@ -25,8 +25,6 @@ accuracy_v1_subset, train_seconds. --smoke writes to a temp file unless --out is
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -34,13 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from fewshot import find_data, load_banking, machine  # noqa: E402
+from _common import REPO, cpu
+from fewshot import find_data, load_banking
 
 from domaintune.core.io import write_json  # noqa: E402
 from domaintune.core.params import as_dict, load_params  # noqa: E402
@@ -103,7 +96,7 @@ def main(argv=None) -> int:
                                       stratify=train_all["label"], random_state=base.seed)
     labels = sorted(train_all["label"].unique())
     result = {"benchmark": "continual retraining on BANKING77: full retrain vs warm starts",
-              "machine": machine(), "encoder": f"{base.model} ({encoder})", "finetune_params": as_dict(ft),
+              "machine": cpu(), "encoder": f"{base.model} ({encoder})", "finetune_params": as_dict(ft),
               "strength": args.strength, "smoke_run": bool(args.smoke), "test_rows": len(test), "results": {}}
     with tempfile.TemporaryDirectory(prefix="bench-continual-") as tmp:
         tmp = Path(tmp)

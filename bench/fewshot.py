@@ -26,10 +26,6 @@ with accuracy_mean, accuracy_std, seconds. --smoke writes to a temp file unless 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -37,10 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import DATASETS, REPO, cpu
 
 from domaintune.core.io import write_json  # noqa: E402
 from domaintune.core.params import as_dict, load_params  # noqa: E402
@@ -52,10 +45,10 @@ METHODS = ("head", "full", "setfit", "setfit_augment")
 
 
 def find_data() -> Path:
-    for cand in (REPO.parent / "shared" / "datasets" / "banking77", REPO.parents[1] / "shared" / "datasets" / "banking77"):
+    for cand in (DATASETS / "banking77", REPO.parents[1] / "shared" / "datasets" / "banking77"):
         if cand.is_dir():
             return cand
-    return REPO.parent / "shared" / "datasets" / "banking77"
+    return DATASETS / "banking77"
 
 
 def load_banking(data: Path, classes: int | None = None, max_test: int | None = None):
@@ -77,18 +70,6 @@ def draw(train: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
     """k rows per label, drawn by `seed`."""
     return (train.groupby("label", group_keys=False).apply(lambda g: g.sample(n=min(k, len(g)), random_state=seed))
             .reset_index(drop=True))
-
-
-def machine() -> dict:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        lscpu = ""
-    info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    flags = info.get("Flags", "").split()
-    return {"cpu": info.get("Model name", platform.processor()).strip(), "cores": os.cpu_count(),
-            "flags": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags],
-            "python": platform.python_version()}
 
 
 def accuracy(folder: Path, test: pd.DataFrame, max_length: int) -> float:
@@ -151,7 +132,7 @@ def main(argv=None) -> int:
     train, test = load_banking(Path(args.data), classes, max_test)
     labels = sorted(train["label"].unique())
     result = {"benchmark": "few-shot BANKING77: head probe vs full fine-tune vs setfit vs setfit + augmentation",
-              "machine": machine(), "encoder": f"{base.model} ({encoder}), {ft.pooling} pooling, "
+              "machine": cpu(), "encoder": f"{base.model} ({encoder}), {ft.pooling} pooling, "
               f"max_length {base.max_length}", "test_rows": len(test), "classes": len(labels),
               "draws": args.draws, "published": PUBLISHED, "finetune_params": as_dict(ft),
               "settings": {"head_epochs": args.head_epochs, "full_epochs": args.full_epochs,

@@ -26,22 +26,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _common import DATASETS as DATA
+from _common import REPO, cpu
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "datasets"
 RESULTS = REPO / "bench" / "results" / "long.json"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 MODES = {  # name -> (base.max_length, base.long_text)
     "truncate-128": (128, "truncate"),
@@ -57,20 +51,6 @@ SETS = {
                       "filler_intents": 10, "queries": [6, 12]},
 }
 SEED = 42
-
-
-def cpu() -> dict:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        out = ""
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    return {"model": fields.get("Model name", "unknown").strip(), "cores": len(os.sched_getaffinity(0)),
-            "avx2": "avx2" in flags, "avx512_vnni": "avx512_vnni" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "amx": any(f.startswith("amx") for f in flags),
-            "note": "2 cores shared with other work (run under nice -n 19 and a lock that serialises heavy jobs): "
-                    "seconds compare modes within this run, not machines"}
 
 
 def frame(texts, labels, split: str) -> pd.DataFrame:
@@ -244,7 +224,8 @@ def main() -> None:
         "reduced": "rows and epochs cut from the full sets so the whole bench holds the heavy lock <= 25 minutes "
                    "on 2 shared CPU cores (see rows / rows_in_release)",
         "wall_seconds": time.perf_counter() - t_all, "torch_threads": torch.get_num_threads()}
-    doc["cpu"] = cpu()
+    doc["cpu"] = cpu("2 cores shared with other work (run under nice -n 19 and a lock that serialises heavy jobs): "
+                     "seconds compare modes within this run, not machines")
     doc["about"] = ("issue 27 long-document benchmark (bench/long.py): test accuracy / macro-F1 per mode at equal "
                     "epochs, training seconds (the training loop, probe excluded) and Predictor.logits throughput "
                     "on the test documents")

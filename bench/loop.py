@@ -49,22 +49,13 @@ The target: the gate's served accuracy never drops by more than 0.005 from one w
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-REPO = Path(__file__).resolve().parents[1]
-for p in (str(REPO), str(REPO / "bench")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from _common import REPO, cpu
 
 OUT = REPO / "bench" / "results" / "loop.json"
 WEEKS = 6
@@ -78,19 +69,6 @@ TARGET_DROP = 0.005
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def cpu() -> dict:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        out = ""
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    return {"model": fields.get("Model name", "unknown").strip(), "cores": len(os.sched_getaffinity(0)),
-            "avx2": "avx2" in flags, "avx512_vnni": "avx512_vnni" in flags,
-            "amx": any(f.startswith("amx") for f in flags),
-            "note": "run under nice -n 19 on cores shared with other jobs: seconds are not speed measurements"}
 
 
 def truncate(text: str) -> str:
@@ -268,7 +246,7 @@ def run() -> dict:
     sources, pool, future, names, defects = weekly_sources(seed)
     truncated = sources[TRUNCATED_WEEK - 1]["text"].tolist()
     emb = all_embeddings(pool["text"].tolist() + future["text"].tolist(), truncated, base, ft)
-    result = {"complete": False, "cpu": cpu(), "dataset": "BANKING77 (train.csv as the weekly stream, test.csv as "
+    result = {"complete": False, "cpu": cpu("run under nice -n 19 on cores shared with other jobs: seconds are not speed measurements"), "dataset": "BANKING77 (train.csv as the weekly stream, test.csv as "
               "the future test set)", "seed": seed, "split": {k: ingest_p.split[k] for k in ingest_p.split},
               "release": {"max_regression": release.max_regression, "max_ece_increase": release.max_ece_increase,
                           "bootstrap_resamples": release.bootstrap_resamples},
