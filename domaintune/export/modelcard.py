@@ -447,6 +447,8 @@ def long_text_snippet(meta: dict, variant: str) -> list[str]:
     the graph runs per model input; cutting a document into inputs and pooling its chunks' logits into the
     document's logits (then softmax(logits / T)) are the steps below, as modeling/chunks.py does them."""
     lt = LongText.from_meta(meta)
+    method = (meta.get("abstain") or {}).get("method")
+    vectors = method in ("mahalanobis", "trained")  # scores that read the text vector: the graph's `pooled` output
     how = ("the first and the last tokens of a long document form its one input (head_tail)" if lt.mode == "head_tail"
            else f"a long document runs as windows of max_length tokens sharing {lt.overlap} tokens, at most "
                 f"{lt.max_chunks} per document, and its logits are the {lt.pooling} of its windows' logits")
@@ -480,14 +482,18 @@ def long_text_snippet(meta: dict, variant: str) -> list[str]:
             '    if lt["pooling"] == "logsumexp":', "        top = z.max(axis=0)",
             "        return top + np.log(np.exp(z - top).mean(axis=0))",
             "    return z.mean(axis=0)", "", "",
-            'texts = ["example text"]', "pad = config.get(\"pad_token_id\") or 0", "documents = []",
+            'texts = ["example text"]', "pad = config.get(\"pad_token_id\") or 0",
+            "documents, vectors = [], []" if vectors else "documents = []",
             "for text in texts:",
             "    rows = model_inputs(tokenizer.encode(text, add_special_tokens=False).ids)",
             "    longest = max(len(r) for r in rows)",
             '    feed = {"input_ids": np.array([r + [pad] * (longest - len(r)) for r in rows], dtype=np.int64),',
             '            "attention_mask": np.array([[1] * len(r) + [0] * (longest - len(r)) for r in rows],',
             "                                       dtype=np.int64)}",
-            '    documents.append(pool(session.run(["logits"], feed)[0].astype(np.float64)))',
+            *(['    z, v = session.run(["logits", "pooled"], feed)',
+               '    documents.append(pool(z.astype(np.float64)))',
+               "    vectors.append(v.astype(np.float64).mean(axis=0))  # a document's vector: its inputs' mean"]
+              if vectors else ['    documents.append(pool(session.run(["logits"], feed)[0].astype(np.float64)))']),
             "logits = np.stack(documents)",
             'if config["problem_type"] == "multi_label_classification":',
             "    probs = 1 / (1 + np.exp(-logits))",
@@ -496,8 +502,8 @@ def long_text_snippet(meta: dict, variant: str) -> list[str]:
             "    probs = np.exp(z - z.max(axis=1, keepdims=True))",
             "    probs /= probs.sum(axis=1, keepdims=True)",
             'print([config["id2label"][str(i)] for i in probs.argmax(axis=1)], probs.max(axis=1))',
-            # abstention on document logits (max_prob, energy); Mahalanobis needs the per-window pooled vectors
-            *(abstain_lines(meta, "") if (meta.get("abstain") or {}).get("method") in ("max_prob", "energy") else []),
+            # abstention on the document's logits (max_prob, energy) or its vector (mahalanobis, trained)
+            *abstain_lines(meta, "pooled = np.stack(vectors)  # the documents' mean-pooled vectors"),
             "```", ""]
 
 

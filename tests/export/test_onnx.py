@@ -326,3 +326,40 @@ def test_onnx_abstains_where_predictor_does_with_the_trained_detector(abstaining
     assert snippet.tolist() == own_abstained.tolist() == ref_abstained.tolist()
     assert 0 < own_abstained.sum() < len(texts)  # some texts answered, some not: the comparison means something
     assert labels == own.labels_with_abstention(own_probs, own_abstained)
+
+
+@pytest.mark.parametrize("method", ["mahalanobis", "trained"])
+def test_long_document_snippet_abstains_where_predictor_does(onnx_export, tmp_path, method):
+    """base.long_text chunks with a score that reads the text vector: the card's no-domaintune snippet runs the
+    graph per window, takes each document's vector as the mean of its windows' `pooled` outputs (as Predictor
+    does) and abstains on exactly the documents Predictor abstains on. (Before, the long-document snippet had
+    abstention for max_prob and energy only.)"""
+    from domaintune.core.io import read_json
+    from domaintune.export import artifacts
+    from domaintune.export.modelcard import usage_section
+    from domaintune.modeling.encoders import load_classifier
+    from domaintune.predict.predictor import Predictor
+
+    root0, _, meta0, _ = onnx_export
+    model, tok, _ = load_classifier(root0 / "ft")
+    root = tmp_path / "root"
+    out = root / "models/export"
+    artifacts.write_float32(model, tok, out, {**meta0, "long_text": {"mode": "chunks", "chunk_overlap": 8,
+                                                                      "max_chunks": 4, "pooling": "mean"}})
+    train = make_split("train", 8)
+    add_abstention(out, train["text"].tolist(), train["label"].tolist(), make_split("validation", 6)["text"].tolist(),
+                   method=method, recall=0.8, oos_texts=OOS_TEXTS[:4] if method == "trained" else None)
+    meta = read_json(out / "model.json")
+    artifacts.write_onnx(out, model, tok, meta)
+    texts = (make_split("test", 3)["text"].tolist() + OOS_TEXTS
+             + [" ".join(make_split("train", 4)["text"]), "refund " * 50 + "password"])
+    own = Predictor.load(out, variant="onnx")
+    assert own.long_text.mode == "chunks" and own.abstainer.method == method
+    assert len(own.tokenizer(texts[-2], add_special_tokens=False)["input_ids"]) > 32  # read as windows
+    assert "pooled = np.stack(vectors)" in "\n".join(usage_section(meta, ["float32", "onnx"]))
+    _, labels = run_isolated(root, "onnx", texts, tmp_path, meta)
+    snippet = np.load(tmp_path / "probs.npy.abstained.npy")
+    own_probs, own_abstained = own.predict_with_abstention(texts)
+    assert snippet.tolist() == own_abstained.tolist()
+    assert 0 < own_abstained.sum() < len(texts)  # some documents answered, some not: the comparison means something
+    assert labels == own.labels_with_abstention(own_probs, own_abstained)
