@@ -171,7 +171,8 @@ def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int]) -> 
     pre-tokenizer pieces of a word included: "INV-12345", "@user_1", "don't", URLs) and on special tokens;
     transformers' run_ner recipe. Labelling later pieces too (with the word's inside tag) was tried and cost
     8 points of WNUT-17 entity F1: on social-media text most pieces belong to O words (URLs, @mentions,
-    hashtags: 18.5k extra O labels on 3,394 train sentences, 2,171 of them name-like pieces of @mentions)."""
+    hashtags: 18.5k extra O labels on 3,394 train sentences, 2,171 of them alphabetic pieces
+    of @mentions, user names such as 'justin')."""
     out, prev = [], None
     for w in word_ids:
         out.append(int(word_labels[w]) if w is not None and w != prev else IGNORE)
