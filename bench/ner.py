@@ -8,6 +8,9 @@ sub-word's argmax, entity P/R/F1 by seqeval strict IOB2 (domaintune.data.tokens.
   domaintune  domaintune.train.tokens.train_tagger with params.yaml's finetune section (method full, label
               smoothing 0.1, length-grouped dynamic padding, validation entity F1 each epoch, best epoch kept),
               DAPT off (the base model as is); train_seconds include the per-epoch validation passes
+  domaintune_dapt  the same after the dapt stage's work (domaintune.train.dapt.run: whole-word-masked MLM on the
+              WNUT train sentences only, params.yaml's dapt section with dapt.epochs 1 instead of max_steps and no
+              extra corpus); train_seconds/samples_per_s are the finetune's, dapt_seconds the MLM's
   hf_trainer  AutoModelForTokenClassification + Trainer + DataCollatorForTokenClassification (dynamic padding,
               first sub-word labelled, the rest -100), no evaluation during training (run_ner's plain recipe)
 samples_per_s = training sentences seen / train_seconds. Results merge into bench/results/ner.json results[config].
@@ -34,7 +37,7 @@ from domaintune.core.params import IngestParams, load_params  # noqa: E402
 from domaintune.data.tagged import ingest_tokens  # noqa: E402
 from domaintune.data.tokens import align_labels, decode_rows, entity_scores  # noqa: E402
 from domaintune.modeling.encoders import resolve_model, set_threads  # noqa: E402
-from domaintune.modeling.tagger import torch_runner, word_logits  # noqa: E402
+from domaintune.modeling.tagger import predicted_tags, torch_runner, word_logits  # noqa: E402
 
 
 def cpu() -> dict:
@@ -49,15 +52,12 @@ def cpu() -> dict:
 def score(model, tok, test, names, max_length: int) -> dict:
     words, _, tags = decode_rows(test)
     wl = word_logits(torch_runner(model.eval()), tok, words, len(names), max_length, 64)
-    o = names.index("O")
-    pred = [[names[k] if keep else names[o] for k, keep in zip(lg.argmax(1), kept)]
-            for lg, kept in zip(wl.logits, wl.kept)]
-    s = entity_scores(tags, pred)
+    s = entity_scores(tags, predicted_tags(wl, names))
     return {"entity_f1": s["f1"], "precision": s["precision"], "recall": s["recall"], "per_type": s["per_type"],
             "token_accuracy": s["token_accuracy"]}
 
 
-def run_domaintune(splits, tags, base, ft) -> dict:
+def run_domaintune(splits, tags, base, ft, encoder: str | None = None) -> dict:
     from transformers import AutoModelForTokenClassification
 
     from domaintune.modeling.encoders import load_tokenizer
@@ -65,7 +65,7 @@ def run_domaintune(splits, tags, base, ft) -> dict:
 
     out = Path("/tmp/bench_ner_model")
     t0 = time.perf_counter()
-    m = train_tagger(splits["train"], splits["validation"], tags, resolve_model(base.model), base, ft, out,
+    m = train_tagger(splits["train"], splits["validation"], tags, encoder or resolve_model(base.model), base, ft, out,
                      progress=False)
     wall = time.perf_counter() - t0
     from domaintune.export.artifacts import ONNX_FILE
@@ -78,15 +78,29 @@ def run_domaintune(splits, tags, base, ft) -> dict:
     write_onnx(out, model, tok)
     write_onnx_int8(out)
     words, _, gold = decode_rows(splits["test"])
-    o = tags.index("O")
     for variant in ("onnx", "onnx-int8"):
         wl = word_logits(onnx_runner(out / variant / ONNX_FILE), tok, words, len(tags), base.max_length, 64)
-        pred = [[tags[k] if keep else tags[o] for k, keep in zip(lg.argmax(1), kept)]
-                for lg, kept in zip(wl.logits, wl.kept)]
-        res[f"{variant}_entity_f1"] = entity_scores(gold, pred)["f1"]
+        res[f"{variant}_entity_f1"] = entity_scores(gold, predicted_tags(wl, tags))["f1"]
     return {**res, "train_seconds": m["train_seconds"], "wall_seconds_incl_load": wall,
             "samples_per_s": m["train_samples_per_s"], "best_epoch": m["per_seed"][str(m["best_seed"])]["best_epoch"],
             "val_entity_f1": m.get("val_entity_f1")}
+
+
+def run_dapt(splits, tags, base, ft, dp) -> dict:
+    import shutil
+
+    from domaintune.data.dataset import write_dataset
+    from domaintune.train import dapt
+
+    root = Path("/tmp/bench_ner_dapt")
+    shutil.rmtree(root, ignore_errors=True)
+    write_dataset(root / "data", splits, tags)
+    t0 = time.perf_counter()
+    m = dapt.run(root / "data", root / "dapt", root / "dapt.json", base, dp, progress=False)
+    dapt_s = time.perf_counter() - t0
+    res = run_domaintune(splits, tags, base, ft, encoder=str(root / "dapt"))
+    return {**res, "dapt_seconds": dapt_s, "dapt_steps": m["steps"], "dapt_epochs": m["epochs"],
+            "dapt_train_texts": m["train_texts"], "dapt_perplexity": [m["perplexity_before"], m["perplexity_after"]]}
 
 
 def run_hf(splits, tags, base, ft) -> dict:
@@ -126,21 +140,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--configs", nargs="+", default=["domaintune", "hf_trainer"])
+    ap.add_argument("--configs", nargs="+", default=["domaintune", "domaintune_dapt", "hf_trainer"])
+    ap.add_argument("--dapt-epochs", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=None,
+                    help="train with this seed instead of params.yaml's (same splits); results go to <config>_seed<N>")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "ner.json")
     args = ap.parse_args()
     set_threads()
     base = dataclasses.replace(load_params(REPO / "params.yaml", "base"), task="token_classification")
     ft = dataclasses.replace(load_params(REPO / "params.yaml", "finetune"), epochs=args.epochs)
+    if args.seed is not None:
+        ft = dataclasses.replace(ft, seeds=[args.seed])
+    dp = dataclasses.replace(load_params(REPO / "params.yaml", "dapt"), corpus=(), epochs=args.dapt_epochs)
     r = ingest_tokens(str(args.data), IngestParams(feedback=None), base.seed)
     splits, tags = r.tables, r.tags
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
     results.setdefault("results", {})
-    results["setup"] = {
+    setup = {
         "dataset": "WNUT-17 (emerging entities), train 3,394 / validation 1,009 / test 1,287 sentences, 6 types",
-        "base_model": base.model, "dapt": "off (the base model as is)", "epochs": args.epochs,
-        "why_epochs": "sized to hold the shared 2-core machine's lock under 25 minutes for both configs; "
-                      "params.yaml's recipe otherwise (its 2 epochs)",
+        "base_model": base.model, "epochs": args.epochs,
+        "dapt": {"domaintune": "off (the base model as is)",
+                 "domaintune_dapt": f"on, reduced: {args.dapt_epochs} epoch(s) of whole-word-masked MLM over the "
+                                    "WNUT train sentences only (no extra corpus), instead of params.yaml's max_steps "
+                                    "over its example corpus; the rest of params.yaml's dapt section as is "
+                                    f"(block_size {dp.block_size}, batch {dp.batch_size}, lr {dp.lr}, "
+                                    f"head warm-up {dp.head_warmup_steps} steps)",
+                 "why_reduced": "a real DAPT corpus of tweets is not shipped and the shared 2-core machine's lock "
+                                "is held under ~15 minutes per bench command"},
+        "why_epochs": "params.yaml's finetune.epochs (2), for both domaintune and the Trainer",
         "finetune": {"method": ft.method, "batch_size": ft.batch_size, "lr": ft.lr, "weight_decay": ft.weight_decay,
                      "warmup_ratio": ft.warmup_ratio, "label_smoothing (domaintune only)": ft.label_smoothing,
                      "seed": ft.seeds[0]},
@@ -149,17 +176,24 @@ def main() -> None:
                       "BERTweet-base fine-tuned (Nguyen et al. 2020)": 0.56,
                       "BERT-base-size fine-tunes, reported range": "about 0.47-0.56"},
         "cpu": cpu(),
+        "seeds": "params.yaml's (42) for results[config]; results[<config>_seed<N>] are the same runs with seed N "
+                 "(--seed: the model init, the shuffles and dropout; same splits), a check of run-to-run spread",
     }
+    if args.seed is None or "setup" not in results:
+        results["setup"] = setup
     for cfg in args.configs:
         t0 = time.perf_counter()
         if cfg == "domaintune_fp32":  # the same recipe without bf16 autocast (the Trainer runs float32)
             res = run_domaintune(splits, tags, base, dataclasses.replace(ft, bf16="off"))
+        elif cfg == "domaintune_dapt":
+            res = run_dapt(splits, tags, base, ft, dp)
         elif cfg == "domaintune_no_smoothing":  # the same recipe with finetune.label_smoothing 0 (as the HF recipe)
             res = run_domaintune(splits, tags, base, dataclasses.replace(ft, label_smoothing=0.0))
         else:
             res = run_domaintune(splits, tags, base, ft) if cfg == "domaintune" else run_hf(splits, tags, base, ft)
         res["config_seconds"] = time.perf_counter() - t0
-        results["results"][cfg] = res
+        res["seed"] = ft.seeds[0]
+        results["results"][cfg if args.seed is None else f"{cfg}_seed{args.seed}"] = res
         print(cfg, json.dumps({k: v for k, v in res.items() if k != "per_type"}), flush=True)
         args.results.write_text(json.dumps(results, indent=2) + "\n")  # after each config: a crash keeps the rest
 

@@ -27,7 +27,7 @@ from domaintune.core.stage import StageIO
 from domaintune.data.dataset import read_dataset
 from domaintune.data.tokens import decode_rows, entities, entity_scores
 from domaintune.evaluate.calibration import ece_mce, fit_temperature, log_softmax, reliability_bins, softmax
-from domaintune.modeling.tagger import load_tagger, torch_runner, word_logits
+from domaintune.modeling.tagger import load_tagger, predicted_tags, torch_runner, word_logits
 
 log = logging.getLogger("domaintune")
 
@@ -76,13 +76,6 @@ def _flat(wl, tags, names):
     logits = np.concatenate([lg[k] for lg, k in zip(wl.logits, wl.kept)]) if wl.logits else np.zeros((0, len(names)))
     y = np.array([index[t] for seq, k in zip(tags, wl.kept) for t, keep in zip(seq, k) if keep], dtype=int)
     return logits, y
-
-
-def predicted_tags(wl, names: Sequence[str]) -> list[list[str]]:
-    """Each word's argmax tag; a word cut off by max_length is O."""
-    o = list(names).index("O")
-    return [[names[k] if keep else names[o] for k, keep in zip(lg.argmax(1), kept)]
-            for lg, kept in zip(wl.logits, wl.kept)]
 
 
 def evaluate_tagger(in_dir: str | Path, model_dir: str | Path, params, device: str = "cpu"):

@@ -31,7 +31,7 @@ from domaintune.data.tokens import decode_rows, entity_scores
 from domaintune.evaluate.calibration import ece_mce, softmax
 from domaintune.export.artifacts import ONNX_FILE, onnx_session, write_checksums
 from domaintune.export.variants import canonical_variant
-from domaintune.modeling.tagger import load_tagger, torch_runner, word_logits
+from domaintune.modeling.tagger import load_tagger, predicted_tags, torch_runner, word_logits
 
 log = logging.getLogger("domaintune")
 
@@ -99,10 +99,7 @@ def write_onnx_int8(out: Path, per_channel: bool = True) -> Path:
 
 
 def score(wl, tags, names, temperature: float, bins: int) -> dict:
-    o = names.index("O")
-    pred = [[names[k] if keep else names[o] for k, keep in zip(lg.argmax(1), kept)]
-            for lg, kept in zip(wl.logits, wl.kept)]
-    s = entity_scores(tags, pred)
+    s = entity_scores(tags, predicted_tags(wl, names))
     index = {t: i for i, t in enumerate(names)}
     lg = np.concatenate([x[k] for x, k in zip(wl.logits, wl.kept)])
     y = np.array([index[t] for seq, k in zip(tags, wl.kept) for t, keep in zip(seq, k) if keep])

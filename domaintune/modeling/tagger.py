@@ -163,6 +163,14 @@ def word_logits(run, tokenizer, rows: Sequence, num_labels: int, max_length: int
     return out
 
 
+def predicted_tags(wl: WordLogits, names: Sequence[str]) -> list[list[str]]:
+    """Each word's argmax tag; a word cut off by max_length is O (its logits row is zeros, whose argmax would
+    be tag 0). Validation, evaluation, the export gates and the bench all read tags this way."""
+    o = list(names).index("O")
+    return [[names[k] if keep else names[o] for k, keep in zip(lg.argmax(1), kept)]
+            for lg, kept in zip(wl.logits, wl.kept)]
+
+
 def _word_offsets(word_ids, offsets, n: int, text: str) -> list[tuple[int, int]]:
     """Character offsets of each pre-tokenizer word of a raw text (first sub-word start, last sub-word end)."""
     spans: list = [None] * n

@@ -22,9 +22,10 @@ from typing import Optional
 
 from domaintune.core.device import stage_device
 from domaintune.core.io import atomic_output, write_json
-from domaintune.core.params import BaseParams, DaptParams, as_dict
+from domaintune.core.params import BaseParams, DaptParams, as_dict, load_params
+from domaintune.core.stage import StageIO
 from domaintune.data.dataset import read_dataset
-from domaintune.modeling.encoders import resolve_model
+from domaintune.modeling.encoders import resolve_model, set_threads
 from domaintune.train import distributed
 from domaintune.train.mlm import (
     INFO_FILE,
@@ -103,3 +104,19 @@ def summary_line(m: dict) -> str:
             f"held-out perplexity {m['perplexity_before']:.1f} -> {m['perplexity_after']:.1f} "
             f"(loss {m['loss_before']:.4f} -> {m['loss_after']:.4f} on {m['heldout_blocks']} blocks)")
 
+
+def stage(io: StageIO) -> str:
+    """The dapt stage of an encoder task (classification, token_classification: their hooks call this): `run` in
+    one process, or data-parallel under torchrun (dapt.processes); returns the "done" line."""
+    base, params = load_params(io.params, "base", "dapt")
+
+    def train() -> dict:
+        if distributed.world_size() == 1 and not distributed.launched():
+            set_threads()
+        return run(io.in_dir, io.out, io.metrics, base, params, live_dir=io.live,
+                   checkpoint_root=io.checkpoints, progress=io.progress)
+
+    if not params.enabled:
+        return summary_line(train())
+    stage_device(base)  # a bad device is one line before anything is launched or read
+    return summary_line(distributed.run_in_processes("dapt", io.argv, params, io.metrics, train))

@@ -6,7 +6,8 @@ resumable checkpoints, best-epoch restore, multi-seed, DVCLive curves) with a pe
   they are: full, freeze (embeddings + bottom finetune.freeze_layers), lora (peft on the encoder, head trained
   fully), head (encoder frozen); qlora is refused (its 4-bit base cannot be merged into the standard
   transformers folder this task exports);
-- each word's tag labels its first sub-word; the other sub-words and special tokens are -100 (ignored);
+- each word's tag labels its first sub-word; the other sub-words (later pre-tokenizer pieces of a word
+  included) and special tokens are -100 (ignored), as transformers' run_ner does;
 - cross-entropy with finetune.label_smoothing, optional class weights (inverse tag frequency, capped at 10);
 - validation and early stopping on entity-level F1 (seqeval strict IOB2), finetune.early_stopping_patience;
 - the kept model is saved as a transformers token-classification folder (modeling/tagger.save_tagger).
@@ -24,10 +25,17 @@ import pandas as pd
 
 from domaintune.core.errors import DataError, ParamsError
 from domaintune.core.params import BaseParams, FinetuneParams, as_dict
-from domaintune.data.tokens import IGNORE, align_labels, continuation_ids, decode_rows, entity_scores, piece_starts
+from domaintune.data.tokens import IGNORE, align_labels, decode_rows, entity_scores
 from domaintune.modeling.adapters import encoder_layers
 from domaintune.modeling.encoders import count_parameters, set_threads
-from domaintune.modeling.tagger import build_tagger, save_tagger, to_token_classification, torch_runner, word_logits
+from domaintune.modeling.tagger import (
+    build_tagger,
+    predicted_tags,
+    save_tagger,
+    to_token_classification,
+    torch_runner,
+    word_logits,
+)
 from domaintune.train import distributed
 from domaintune.train.classifier import (
     FinetuneRun,
@@ -58,19 +66,11 @@ def check_method(ft: FinetuneParams) -> None:
                           "(single_label)")
 
 
-def encode_words(tokenizer, words: Sequence[Sequence[str]], tag_ids: Sequence[Sequence[int]], max_length: int,
-                 continuation: Sequence[int] | None = None):
-    """(input ids, aligned labels) per sentence: the first sub-word of each word carries its tag, the rest -100;
-    with `continuation`, the first sub-word of each later pre-tokenizer piece of a word its inside tag
-    (data/tokens.align_labels)."""
-    enc = tokenizer([list(w) for w in words], is_split_into_words=True, truncation=True, max_length=max_length,
-                    return_offsets_mapping=continuation is not None)
-    labels = []
-    for i in range(len(words)):
-        wid = enc.word_ids(i)
-        starts = piece_starts(tokenizer, words[i], wid, enc["offset_mapping"][i]) if continuation is not None else None
-        labels.append(align_labels(wid, tag_ids[i], starts, continuation))
-    return enc["input_ids"], labels
+def encode_words(tokenizer, words: Sequence[Sequence[str]], tag_ids: Sequence[Sequence[int]], max_length: int):
+    """(input ids, aligned labels) per sentence: the first sub-word of each word carries its tag, every other
+    sub-word -100 (data/tokens.align_labels)."""
+    enc = tokenizer([list(w) for w in words], is_split_into_words=True, truncation=True, max_length=max_length)
+    return enc["input_ids"], [align_labels(enc.word_ids(i), tag_ids[i]) for i in range(len(words))]
 
 
 def tag_ids(tags: Sequence[Sequence[str]], names: Sequence[str], file: str) -> list[list[int]]:
@@ -127,8 +127,7 @@ class TokenRun(FinetuneRun):
         self.trainable_count = sum(p.numel() for _, p in trainable)
         groups = _param_groups(self.model, trainable, ft, self.num_layers)
         self.group_depth = [g["depth"] for g in groups]
-        self.ids, self.token_labels = encode_words(self.tokenizer, self.words, self.y_words, self.base.max_length,
-                                                   continuation_ids(self.names))
+        self.ids, self.token_labels = encode_words(self.tokenizer, self.words, self.y_words, self.base.max_length)
         self.lengths = np.array([len(x) for x in self.ids])
         self.steps_per_epoch = math.ceil(len(self.ids) / ft.batch_size)
         total = self.steps_per_epoch * ft.epochs
@@ -166,7 +165,7 @@ class TokenRun(FinetuneRun):
 
     def validate(self) -> dict:
         wl = self.predict_val()
-        scores = entity_scores(self.val_tags, [[self.names[k] for k in lg.argmax(1)] for lg in wl.logits])
+        scores = entity_scores(self.val_tags, predicted_tags(wl, self.names))
         return {"val_entity_f1": scores["f1"], "val_entity_precision": scores["precision"],
                 "val_entity_recall": scores["recall"], "val_token_accuracy": scores["token_accuracy"]}
 

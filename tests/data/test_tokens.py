@@ -17,7 +17,6 @@ from domaintune.data.tagged import ingest_tokens, read_conll
 from domaintune.data.tokens import (
     IGNORE,
     align_labels,
-    continuation_ids,
     decode_label,
     entities,
     entity_scores,
@@ -175,21 +174,11 @@ def test_first_subword_labelling_round_trips_word_tags(tokenizer, sentence):
     assert (first >= 0).all()
     assert [labels[i] for i in first] == tags  # read back at each word's first sub-word: the word tags
     assert all(lab == IGNORE for i, lab in enumerate(labels) if i not in set(first.tolist()))
-    # The training encoding: later pre-tokenizer pieces of a word ("INV-1" -> INV, -, 1) carry its inside tag.
-    ids, train_labels = encode_words(tokenizer, [words], [tags], 512, continuation_ids(NAMES))
+    # The training encoding labels exactly these positions: a word the pre-tokenizer cuts into pieces ("INV-1"
+    # -> INV, -, 1; "don't"; URLs) is labelled on its first sub-word only, like transformers' run_ner.
+    ids, train_labels = encode_words(tokenizer, [words], [tags], 512)
     assert ids[0] == enc["input_ids"]
-    assert [train_labels[0][i] for i in first] == tags
-    inside = {0: 2, 1: 3, 2: 2, 3: 3, 4: 4}
-    for i, lab in enumerate(train_labels[0]):
-        if i not in set(first.tolist()) and lab != IGNORE:
-            assert lab == inside[tags[word_ids[i]]]
-
-
-def test_later_pieces_of_a_word_get_its_inside_tag(tokenizer):
-    names = ["B-order", "I-order", "O"]
-    _, labels = encode_words(tokenizer, [["Order", "INV-12345"]], [[2, 0]], 64, continuation_ids(names))
-    # [CLS] order in ##v - 123 ##45 [SEP]: the word opens with B-, its pieces "-" and "123" continue it
-    assert labels[0] == [IGNORE, 2, 0, IGNORE, 1, 1, IGNORE, IGNORE]
+    assert train_labels[0] == labels
 
 
 def test_a_missing_source_is_one_data_error(tmp_path):
