@@ -352,6 +352,10 @@ class FinetuneParams:
     ewc_rows: int = 2000
     # Warm start: this share of the previous version's train rows is mixed into train (seeded, recorded).
     replay: float = 0.0
+    # base.long_text chunks: document = the loss is on each training document's pooled logits (log-mean-exp of its
+    # windows', multiple-instance style: the window that holds the evidence carries the gradient); window = every
+    # window is a training row with its document's label.
+    chunk_loss: str = "document"
 
     def __post_init__(self) -> None:
         if self.target_modules != "auto":
@@ -375,6 +379,7 @@ class FinetuneParams:
         _check(0.0 <= self.label_smoothing < 1.0, s, "label_smoothing", "must be in [0, 1)")
         _one_of(self.problem_type, ("single_label", "multi_label"), s, "problem_type")
         _one_of(self.head_init, ("probe", "random"), s, "head_init")
+        _one_of(self.chunk_loss, ("document", "window"), s, "chunk_loss")
         _check(self.lora_r > 0, s, "lora_r", f"must be > 0, got {self.lora_r}")
         _check(self.lora_alpha > 0, s, "lora_alpha", "must be > 0")
         _check(0.0 <= self.lora_dropout < 1.0, s, "lora_dropout", "must be in [0, 1)")

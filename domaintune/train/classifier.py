@@ -96,6 +96,33 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: np.rand
 
 
 
+def window_packs(docs: np.ndarray, windows: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Split a batch of documents (finetune.chunk_loss document) into micro-batches of whole documents holding at
+    most `budget` windows each (a document with more windows than that goes alone), so memory stays that of a
+    window-level batch of `budget` rows."""
+    packs, cur, used = [], [], 0
+    for d in docs:
+        w = int(windows[d])
+        if cur and used + w > budget:
+            packs.append(np.array(cur))
+            cur, used = [], 0
+        cur.append(d)
+        used += w
+    if cur:
+        packs.append(np.array(cur))
+    return packs
+
+
+def pooled_document_logits(window_logits, counts):
+    """Each document's logits from its windows' (consecutive rows, `counts` per document): the log-mean-exp, a
+    smooth maximum (modeling.chunks.pool_logits' logsumexp), so the window that holds the evidence carries most of
+    the gradient (multiple-instance learning) while every window still gets some."""
+    import torch
+
+    parts = torch.split(window_logits, [int(c) for c in counts])
+    return torch.stack([torch.logsumexp(z, dim=0) - math.log(z.shape[0]) for z in parts])
+
+
 def collate(ids: Sequence[Sequence[int]], pad_id: int):
     """Pad a batch of token id lists to its own longest (dynamic padding)."""
     import torch
@@ -292,8 +319,9 @@ class FinetuneRun:
 
 
         self.base, self.ft, self.seed = base, ft, seed
-        # base.long_text: under chunks every window of a training document is a training row carrying the
-        # document's label; validation pools each document's windows (the pooling chosen on validation).
+        # base.long_text: under chunks a training document's windows are pooled into its logits and the loss is on
+        # those (finetune.chunk_loss document), or every window is a training row carrying the document's label
+        # (window); validation pools each document's windows (the pooling chosen on validation).
         self.long_text = chunking.LongText.from_params(base)
         self.pooling_scores: dict[str, float] = {}
         self.start = start  # warmstart.Start / setfit.Tuned: the weights to start from (None: encoder_dir)
@@ -379,7 +407,19 @@ class FinetuneRun:
             enc = chunking.encode(self.tokenizer, self.texts, self.base.max_length, self.long_text)
             self.ids, self.row_doc = enc.inputs["input_ids"], enc.doc
             self.lengths = np.array([len(x) for x in self.ids])
-        self.steps_per_epoch = math.ceil(len(self.lengths) / ft.batch_size)
+        # finetune.chunk_loss document: a batch is documents (their windows run together, pooled, one loss per
+        # document), as many per batch as make batch_size windows on average; micro-batches keep whole documents
+        # within batch_size windows (window_packs)
+        self.doc_level = (ft.method != "head" and self.long_text.mode == "chunks" and ft.chunk_loss == "document"
+                          and len(self.lengths) > len(self.texts))
+        self.batch_units = ft.batch_size
+        if self.doc_level:
+            self.doc_start = np.searchsorted(self.row_doc, np.arange(len(self.texts)))  # windows are consecutive
+            self.doc_windows = np.bincount(self.row_doc, minlength=len(self.texts))
+            self.row_lengths, self.lengths = self.lengths, np.bincount(self.row_doc, weights=self.lengths,
+                                                                       minlength=len(self.texts)).astype(int)
+            self.batch_units = max(1, round(ft.batch_size * len(self.texts) / len(self.row_doc)))
+        self.steps_per_epoch = math.ceil(len(self.lengths) / self.batch_units)
         total = self.steps_per_epoch * ft.epochs
         cfg = EngineConfig(lr=ft.lr, total_steps=total, warmup_steps=int(ft.warmup_ratio * total),
                            scheduler=ft.scheduler, max_grad_norm=ft.max_grad_norm, grad_accum=ft.grad_accum,
@@ -387,6 +427,7 @@ class FinetuneRun:
         self.engine = Engine(self.model, groups, cfg, checkpoint_dir=checkpoint_dir, device=self.device)
         self.loss_fn = _loss_function(ft, self.y_train, len(self.names), self.device)
         self.y_t = torch.from_numpy(self.y_train[self.row_doc]).to(self.device)  # each row's document label
+        self.y_doc_t = torch.from_numpy(self.y_train).to(self.device)
         self.feats_t = torch.from_numpy(self.feats).to(self.device) if ft.method == "head" else None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
@@ -395,6 +436,15 @@ class FinetuneRun:
         windows under base.long_text chunks)."""
         import torch
 
+        if self.doc_level:  # idx: documents; their windows run as one batch, pooled per document
+            counts = self.doc_windows[idx]
+            rows = np.concatenate([np.arange(self.doc_start[d], self.doc_start[d] + c) for d, c in zip(idx, counts)])
+            input_ids, mask = collate([self.ids[i] for i in rows], self.pad_id)
+            logits = model(input_ids=input_ids.to(self.device, non_blocking=True),
+                           attention_mask=mask.to(self.device, non_blocking=True))
+            docs = torch.from_numpy(np.asarray(idx)).to(self.device)
+            loss = self.loss_fn(pooled_document_logits(logits.float(), counts), self.y_doc_t[docs])
+            return loss + self.penalty() if self.penalty is not None else loss
         rows = torch.from_numpy(idx).to(self.device)
         if self.ft.method == "head":
             logits = model.head(model.dropout(self.feats_t[rows]))
@@ -454,6 +504,8 @@ class FinetuneRun:
         each weighted by its share of the global batch."""
         mine = shard(idx, self.world, self.rank)
         micro = [m for m in np.array_split(mine, self.ft.grad_accum) if len(m)]
+        if self.doc_level:  # whole documents, at most batch_size windows per micro-batch
+            micro = [p for m in micro for p in window_packs(m, self.doc_windows, self.ft.batch_size)]
         weights = [len(m) / len(idx) for m in micro]
         if not micro:  # a last batch smaller than the process count: take part with a zero-weight row, so
             micro, weights = [idx[:1]], [0.0]  # every process reduces the same gradients
@@ -510,7 +562,7 @@ class FinetuneRun:
             loop.epoch_rng_state = rng.bit_generator.state if epoch != loop.epoch or not loop.pos \
                 else loop.epoch_rng_state
             rng.bit_generator.state = loop.epoch_rng_state
-            batches = length_grouped_batches(self.lengths, ft.batch_size, rng)
+            batches = length_grouped_batches(self.lengths, self.batch_units, rng)
             self.set_unfrozen(epoch)
             self.model.train()
             if ft.method == "head":

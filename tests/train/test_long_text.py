@@ -37,7 +37,10 @@ def trained(tiny_bert, tmp_path_factory):
     out = {}
     for mode in ("truncate", "chunks", "head_tail"):
         base = BaseParams(model=str(tiny_bert), max_length=MAX_LENGTH, long_text=mode, chunk_overlap=4, device="cpu")
-        ft = dataclasses.replace(FinetuneParams(), epochs=4, batch_size=8, lr=1e-3, seeds=(0,), checkpoint_every=0)
+        # chunks trains on each document's pooled windows (finetune.chunk_loss document): the log-mean-exp shares a
+        # document's gradient among its windows at first (~1/n each), so the tiny random model takes 6 epochs
+        ft = dataclasses.replace(FinetuneParams(), epochs=6 if mode == "chunks" else 4, batch_size=8, lr=1e-3,
+                                 seeds=(0,), checkpoint_every=0)
         train_classifier(train, val, sorted(EVIDENCE), str(tiny_bert), base, ft, root / mode, progress=False)
         out[mode] = root / mode
     return out
@@ -118,3 +121,56 @@ def test_predict_file_and_serve_return_one_row_per_long_document(trained, tmp_pa
     assert [x["label"] for x in preds] == df["label"].tolist()
     np.testing.assert_allclose([x["confidence"] for x in preds], p.predict_proba(df["text"].tolist()).max(1),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_window_packs_keep_documents_whole_within_the_window_budget(seed):
+    """finetune.chunk_loss document: a batch of documents is cut into micro-batches of whole documents, each with
+    at most `budget` windows unless one document alone has more; every document once, in order."""
+    from domaintune.train.classifier import window_packs
+
+    rng = np.random.default_rng(seed)
+    windows = rng.integers(1, 12, size=40)
+    docs = rng.permutation(40)[: int(rng.integers(1, 40))]
+    budget = int(rng.integers(1, 20))
+    packs = window_packs(docs, windows, budget)
+    assert np.concatenate(packs).tolist() == docs.tolist()
+    for p in packs:
+        assert len(p) >= 1 and (windows[p].sum() <= budget or len(p) == 1)
+    for a, b in zip(packs, packs[1:]):  # greedy: a pack closes only when the next document would not fit
+        assert windows[a].sum() + windows[b[0]] > budget
+
+
+def test_document_loss_is_on_each_documents_pooled_windows(tiny_bert):
+    """Under chunks (chunk_loss document, the default) a training batch is documents: their windows run together,
+    each document's logits are the log-mean-exp of its windows' (the predictor's logsumexp pooling) and the loss
+    is the cross-entropy of those against the document labels. chunk_loss window keeps a row per window."""
+    import torch
+
+    from domaintune.core.params import BaseParams, FinetuneParams
+    from domaintune.modeling import chunks as C
+    from domaintune.train.classifier import FinetuneRun, collate
+
+    train, val = docs("train", 10, 0), docs("validation", 4, 1)
+    base = BaseParams(model=str(tiny_bert), max_length=MAX_LENGTH, long_text="chunks", chunk_overlap=4, device="cpu")
+    ft = dataclasses.replace(FinetuneParams(), batch_size=8, seeds=(0,), checkpoint_every=0, label_smoothing=0.0,
+                             head_dropout=0.0)
+    run = FinetuneRun(train, val, sorted(EVIDENCE), str(tiny_bert), base, ft, seed=0, device="cpu")
+    assert run.doc_level and run.doc_windows.sum() == len(run.ids) > len(train)
+    assert run.steps_per_epoch == int(np.ceil(len(train) / run.batch_units))
+    run.model.eval()
+    idx = np.array([3, 0, 7])
+    with torch.no_grad():
+        loss = float(run.objective(run.model, idx))
+        per_doc = []
+        for d in idx:
+            rows = np.flatnonzero(run.row_doc == d)
+            ids, mask = collate([run.ids[i] for i in rows], run.pad_id)
+            per_doc.append(run.model(input_ids=ids, attention_mask=mask).float().numpy())
+    pooled = C.pool_logits(np.concatenate(per_doc), np.repeat(np.arange(len(idx)), [len(z) for z in per_doc]),
+                           len(idx), "logsumexp")
+    expected = torch.nn.functional.cross_entropy(torch.from_numpy(pooled), torch.from_numpy(run.y_train[idx]))
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    window = FinetuneRun(train, val, sorted(EVIDENCE), str(tiny_bert), base,
+                         dataclasses.replace(ft, chunk_loss="window"), seed=0, device="cpu")
+    assert not window.doc_level and window.steps_per_epoch == int(np.ceil(len(window.ids) / 8))
