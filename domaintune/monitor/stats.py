@@ -319,7 +319,8 @@ def class_offsets(residual: np.ndarray, p: np.ndarray, classes: np.ndarray, k: i
     # E[between] = tau2 * (1 - sum share^2) + s2 * (classes - 1) / n under the model above
     tau2 = np.maximum(0.0, between - s2 * (classes_seen - 1) / total) / np.maximum(1.0 - (share ** 2).sum(
         axis=1, keepdims=True), 1e-12)
-    shrink = np.where(present & (tau2 > 0), nk * tau2 / (nk * tau2 + s2), 0.0)
+    real = present & (tau2 > 0)
+    shrink = np.where(real, nk * tau2 / np.where(real, nk * tau2 + s2, 1.0), 0.0)
     out = shrink * rk
     return out[0] if single else out
 
@@ -368,9 +369,11 @@ def estimated_accuracy(confidence: np.ndarray, ref_confidence: np.ndarray, ref_c
     if k:
         offset = class_offsets(ref_ok - ref_p, ref_p, ref_class, k)
         offset_b = class_offsets(ref_ok[None, :] - ref_p_b, ref_p_b, ref_class, k, counts)
-        p, p_b = np.clip(p + offset[batch_class], 0, 1), np.clip(p_b + offset_b[:, batch_class], 0, 1)
+        p = np.clip(p + offset[batch_class], 0, 1)
         ref_p = np.clip(ref_p + offset[ref_class], 0, 1)
-        ref_p_b = np.clip(ref_p_b + offset_b[:, ref_class], 0, 1)
+        for have, extra in ((p_b, offset_b[:, batch_class]), (ref_p_b, offset_b[:, ref_class])):
+            have += extra                               # in place: [boot, m] arrays of large batches
+            np.clip(have, 0, 1, out=have)
     acc = float(p.mean())
     ref_acc = float(ref_p.mean())
     sampling_var = batch_sampling_var(p, groups)
