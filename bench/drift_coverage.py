@@ -5,8 +5,9 @@
 
 The estimator is domaintune.monitor.stats.estimated_accuracy, what `domaintune monitor` reports: each text's
 calibrated top probability mapped to P(correct) by a logistic map fitted on the validation rows the
-temperature was fitted on, with an interval for both the batch's sampling and that calibration (the map
-refitted on bootstrap resamples of the validation rows). Coverage is a property of the estimator given the
+temperature was fitted on, plus its predicted class's offset on those rows (shrunk by empirical Bayes,
+stats.class_offsets), with an interval for both the batch's sampling and that calibration (the map
+and offsets refitted on bootstrap resamples of the validation rows). Coverage is a property of the estimator given the
 model's confidences and its calibration rows, so each model predicts once and batches are drawn from the
 cached predictions.
 
@@ -23,6 +24,9 @@ A row drawn twice is one text sent twice: the estimator is told which rows are t
 the monitor groups a batch by its texts), since copies are right or wrong together.
   project_split  the split of params.yaml's base.seed, BATCHES batches per size, three intervals:
                    recalibrated       domaintune's (above)
+                   recalibrated_one_map  the same without the per-class offsets (domaintune's until the offsets
+                                      were added; also in over_splits, not in the calibration-rows study, to
+                                      keep the run's length)
                    temperature_refit  mean calibrated confidence, temperature refitted per bootstrap resample
                                       of the validation rows, plus the Poisson-binomial sampling variance
                    mean_confidence    the previous estimator: mean calibrated confidence, Poisson-binomial only
@@ -141,10 +145,16 @@ def predictions(name: str, seed: int) -> dict:
 
 
 def confidences(logits: np.ndarray, y: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    return outputs(logits, y, temperature)[:2]
+
+
+def outputs(logits: np.ndarray, y: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Calibrated top probability, right or wrong, and the predicted class of each row."""
     from domaintune.evaluate.calibration import softmax
 
     probs = softmax(logits, temperature)
-    return probs.max(axis=1), (probs.argmax(axis=1) == y).astype(np.float64)
+    pred = probs.argmax(axis=1)
+    return probs.max(axis=1), (pred == y).astype(np.float64), pred
 
 
 def temperature_refits(val_logits: np.ndarray, val_y: np.ndarray, boot: int = 100, seed: int = 0) -> np.ndarray:
@@ -170,11 +180,11 @@ def coverage_table(arr: dict, log_name: str, z: float = 1.96) -> dict:
     val_logits, val_y, test_logits, test_y = (arr[k] for k in ("validation_logits", "validation_y", "test_logits",
                                                                "test_y"))
     temp = fit_temperature(val_logits, val_y)["temperature"]
-    val_conf, val_ok = confidences(val_logits, val_y, temp)
-    test_conf, test_ok = confidences(test_logits, test_y, temp)
+    val_conf, val_ok, val_pred = outputs(val_logits, val_y, temp)
+    test_conf, test_ok, test_pred = outputs(test_logits, test_y, temp)
     t_boot = temperature_refits(val_logits, val_y)
     conf_boot = np.stack([confidences(test_logits, test_y, t)[0] for t in t_boot])  # [B, test rows]
-    whole = estimated_accuracy(test_conf, val_conf, val_ok, z=z)
+    whole = estimated_accuracy(test_conf, val_conf, val_ok, z=z, predicted=test_pred, ref_predicted=val_pred)
     out = {"validation_rows": int(len(val_y)), "validation_errors": int(len(val_y) - val_ok.sum()),
            "whole_test_estimate": whole["accuracy"], "whole_test_calibration_sd": whole["calibration_sd"],
            # this one validation draw's calibration error, in its own standard deviations: every cell of the
@@ -185,13 +195,16 @@ def coverage_table(arr: dict, log_name: str, z: float = 1.96) -> dict:
            "test_mean_confidence": float(test_conf.mean()), "sizes": {}}
     for size in SIZES:
         rng = np.random.default_rng(size)
-        rows = {k: [] for k in ("recalibrated", "temperature_refit", "mean_confidence")}
+        rows = {k: [] for k in ("recalibrated", "recalibrated_one_map", "temperature_refit", "mean_confidence")}
         t = time.perf_counter()
         for _ in range(BATCHES):
             idx = draw(rng, len(test_y), size)
             truth, conf = float(test_ok[idx].mean()), test_conf[idx]
-            e = estimated_accuracy(conf, val_conf, val_ok, z=z, groups=idx)
+            e = estimated_accuracy(conf, val_conf, val_ok, z=z, groups=idx, predicted=test_pred[idx],
+                                   ref_predicted=val_pred)
             rows["recalibrated"].append((e["accuracy"], e["accuracy_low"], e["accuracy_high"], truth))
+            e = estimated_accuracy(conf, val_conf, val_ok, z=z, groups=idx)
+            rows["recalibrated_one_map"].append((e["accuracy"], e["accuracy_low"], e["accuracy_high"], truth))
             pb_sd = float(np.sqrt((conf * (1 - conf)).sum())) / size
             est = float(conf.mean())
             rows["mean_confidence"].append((est, est - z * pb_sd, est + z * pb_sd, truth))
@@ -212,17 +225,23 @@ def summarise(rows: list[tuple]) -> dict:
             "misses_high": int(np.sum(low > truth)), "misses_low": int(np.sum(high < truth))}
 
 
-def judge_batches(val_conf, val_ok, test_conf, test_ok, sizes, batches: int, rng, rows: dict) -> None:
-    """Append (estimate, low, high, truth) of domaintune's and the previous interval for `batches` iid
-    draws per size to rows[size][method]."""
+def judge_batches(val, test, sizes, batches: int, rng, rows: dict) -> None:
+    """Append (estimate, low, high, truth) of domaintune's and the previous intervals for `batches` iid
+    draws per size to rows[size][method]; `val` and `test` are outputs() of the two sets."""
     from domaintune.monitor.stats import estimated_accuracy
 
+    val_conf, val_ok, val_pred = val
+    test_conf, test_ok, test_pred = test
     for size in sizes:
         for _ in range(batches):
             idx = draw(rng, len(test_ok), size)
             truth, conf = float(test_ok[idx].mean()), test_conf[idx]
-            e = estimated_accuracy(conf, val_conf, val_ok, groups=idx)
+            e = estimated_accuracy(conf, val_conf, val_ok, groups=idx, predicted=test_pred[idx], ref_predicted=val_pred)
             rows[size]["recalibrated"].append((e["accuracy"], e["accuracy_low"], e["accuracy_high"], truth))
+            if "recalibrated_one_map" in rows[size]:
+                e = estimated_accuracy(conf, val_conf, val_ok, groups=idx)
+                rows[size]["recalibrated_one_map"].append((e["accuracy"], e["accuracy_low"], e["accuracy_high"],
+                                                           truth))
             est, sd = float(conf.mean()), float(np.sqrt((conf * (1 - conf)).sum())) / size
             rows[size]["mean_confidence"].append((est, est - 1.96 * sd, est + 1.96 * sd, truth))
 
@@ -232,16 +251,17 @@ def over_splits(name: str, seeds) -> dict:
     what the interval promises, as its calibration rows are themselves a random draw."""
     from domaintune.evaluate.calibration import fit_temperature
 
-    rows = {size: {"recalibrated": [], "mean_confidence": []} for size in SIZES}
+    methods = ("recalibrated", "recalibrated_one_map", "mean_confidence")
+    rows = {size: {k: [] for k in methods} for size in SIZES}
     per_seed = {}
     for seed in seeds:
         arr = predictions(name, seed)
         temp = fit_temperature(arr["validation_logits"], arr["validation_y"])["temperature"]
-        val_conf, val_ok = confidences(arr["validation_logits"], arr["validation_y"], temp)
-        test_conf, test_ok = confidences(arr["test_logits"], arr["test_y"], temp)
-        mine = {size: {"recalibrated": [], "mean_confidence": []} for size in SIZES}
-        judge_batches(val_conf, val_ok, test_conf, test_ok, SIZES, SEED_BATCHES, np.random.default_rng(seed), mine)
-        per_seed[str(seed)] = {"validation_accuracy": float(val_ok.mean()), "test_accuracy": float(test_ok.mean()),
+        val = outputs(arr["validation_logits"], arr["validation_y"], temp)
+        test = outputs(arr["test_logits"], arr["test_y"], temp)
+        mine = {size: {k: [] for k in methods} for size in SIZES}
+        judge_batches(val, test, SIZES, SEED_BATCHES, np.random.default_rng(seed), mine)
+        per_seed[str(seed)] = {"validation_accuracy": float(val[1].mean()), "test_accuracy": float(test[1].mean()),
                                **{str(s): summarise(mine[s]["recalibrated"])["coverage"] for s in SIZES}}
         for size in SIZES:
             for k in rows[size]:
@@ -274,10 +294,9 @@ def calibration_size_study(arr: dict) -> dict:
             perm = rng.permutation(len(y))
             cal, rest = perm[:n], perm[n:]
             temp = fit_temperature(logits[cal], y[cal])["temperature"]
-            val_conf, val_ok = confidences(logits[cal], y[cal], temp)
-            errors.append(n - val_ok.sum())
-            test_conf, test_ok = confidences(logits[rest], y[rest], temp)
-            judge_batches(val_conf, val_ok, test_conf, test_ok, SIZES, SUBSET_BATCHES, rng, rows)
+            val = outputs(logits[cal], y[cal], temp)
+            errors.append(n - val[1].sum())
+            judge_batches(val, outputs(logits[rest], y[rest], temp), SIZES, SUBSET_BATCHES, rng, rows)
         out[str(n)] = {"validation_errors_mean": float(np.mean(errors)),
                        **{str(size): {k: summarise(v) for k, v in r.items()} for size, r in rows.items()}}
         log(f"calibration rows {n}: " + ", ".join(f"{s}: {out[str(n)][str(s)]['recalibrated']['coverage']:.2f}"

@@ -489,7 +489,9 @@ def _accuracy_section(baseline: Baseline, batch: BatchProfile, params, level: fl
     rows: like with like; the measured reference accuracy is shown beside it, measured with measured), and
     the one-sided test of a drop larger than drift.max_accuracy_drop at the Bonferroni-corrected level."""
     ref_conf, ref_ok = reference_correct(baseline)
-    est = dt.estimated_accuracy(batch.probs.max(axis=1), ref_conf, ref_ok, groups=batch.texts)
+    est = dt.estimated_accuracy(batch.probs.max(axis=1), ref_conf, ref_ok, groups=batch.texts,
+                                predicted=batch.frame[PRED_COLUMN].astype(str).to_numpy(),
+                                ref_predicted=baseline.out_ref[PRED_COLUMN].astype(str).to_numpy())
     f1 = dt.estimated_performance(batch.probs)
     measured = baseline.profile["reference_measured"]
     expected = baseline.profile.get("reference_expected") or {}
@@ -520,11 +522,13 @@ def _accuracy_section(baseline: Baseline, batch: BatchProfile, params, level: fl
             "significance": significance, "calibration_rows": rows, "calibration_errors": est["calibration_errors"],
             "reliable": reliable, "reliability": reliability,
             "method": "CBPE with calibration uncertainty: each text's calibrated top probability is mapped to "
-                      "P(correct) by a logistic fit on the validation rows (those the temperature was fitted on); "
-                      "95% CI from the batch's Poisson-binomial variance (identical texts share one outcome) plus "
-                      "the spread of the estimate over "
-                      f"{dt.ACCURACY_BOOTSTRAP} refits on bootstrap resamples of those rows. Macro-F1 from the "
-                      "expected confusion matrix, Poisson-bootstrap CI (sampling only)"}
+                      "P(correct) by a logistic fit on the validation rows (those the temperature was fitted on), "
+                      "plus its predicted class's offset (how much more or less often that class's validation "
+                      "rows were right than the map says, shrunk by empirical Bayes); 95% CI from the batch's "
+                      "Poisson-binomial variance (identical texts share one outcome) plus the spread of the "
+                      f"estimate over {dt.ACCURACY_BOOTSTRAP} refits (map and offsets) on bootstrap resamples of "
+                      "those rows. Macro-F1 from the expected confusion matrix, Poisson-bootstrap CI (sampling "
+                      "only)"}
 
 
 def _examples(batch: BatchProfile, idx: np.ndarray, atyp: np.ndarray) -> list[dict]:

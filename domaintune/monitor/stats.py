@@ -288,15 +288,68 @@ def batch_sampling_var(p: np.ndarray, groups: Sequence | np.ndarray | None = Non
     return float((count * count * share * (1.0 - share)).sum()) / (m * m)
 
 
+def class_offsets(residual: np.ndarray, p: np.ndarray, classes: np.ndarray, k: int,
+                  weights: np.ndarray | None = None) -> np.ndarray:
+    """Per-predicted-class calibration offsets, shrunk by empirical Bayes: [k], or [B, k] with `weights` [B, n].
+
+    The confidence -> P(correct) map is one curve for every class; a class the model is over- or under-confident
+    on at the same confidence leaves a mean residual r_k = mean(correct - P) over the n_k validation rows predicted
+    k. Taken raw, r_k is mostly noise (a class has a handful of rows); each is treated as a random effect,
+    r_k ~ (offset_k, s2 / n_k) with offset_k ~ (0, tau2), s2 the rows' mean P (1 - P) (the Bernoulli variance the
+    map implies). tau2 is the method-of-moments (DerSimonian-Laird) estimate from the spread of the r_k around
+    their weighted mean, floored at 0; the offset is the posterior mean r_k * n_k / (n_k + s2 / tau2): 0 for every
+    class when the classes differ no more than noise would make them, r_k for a class with many rows that
+    really differs. Classes with no validation rows get 0."""
+    residual, p = np.asarray(residual, np.float64), np.asarray(p, np.float64)
+    single = weights is None
+    w = np.ones((1, residual.shape[-1])) if single else np.atleast_2d(np.asarray(weights, np.float64))
+    r, pp = np.atleast_2d(residual), np.atleast_2d(p)
+    onehot = np.zeros((len(classes), k))
+    onehot[np.arange(len(classes)), classes] = 1.0
+    total = w.sum(axis=1, keepdims=True)
+    nk = w @ onehot                                              # [B, k] rows predicted k (bootstrap counts)
+    present = nk > 0
+    safe = np.where(present, nk, 1.0)
+    rk = np.where(present, ((w * r) @ onehot) / safe, 0.0)
+    s2 = (w * pp * (1.0 - pp)).sum(axis=1, keepdims=True) / total
+    share = nk / total
+    mean = (share * rk).sum(axis=1, keepdims=True)
+    between = (share * (rk - mean) ** 2).sum(axis=1, keepdims=True)
+    classes_seen = present.sum(axis=1, keepdims=True)
+    # E[between] = tau2 * (1 - sum share^2) + s2 * (classes - 1) / n under the model above
+    tau2 = np.maximum(0.0, between - s2 * (classes_seen - 1) / total) / np.maximum(1.0 - (share ** 2).sum(
+        axis=1, keepdims=True), 1e-12)
+    real = present & (tau2 > 0)
+    shrink = np.where(real, nk * tau2 / np.where(real, nk * tau2 + s2, 1.0), 0.0)
+    out = shrink * rk
+    return out[0] if single else out
+
+
+def _class_codes(predicted, ref_predicted) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+    """Integer codes of the batch's and the validation rows' predicted labels on one axis."""
+    if predicted is None or ref_predicted is None:
+        return None, None, 0
+    ref = np.asarray(ref_predicted).astype(str)
+    batch = np.asarray(predicted).astype(str)
+    names, codes = np.unique(np.concatenate([ref, batch]), return_inverse=True)
+    return codes[len(ref):], codes[:len(ref)], len(names)
+
+
 def estimated_accuracy(confidence: np.ndarray, ref_confidence: np.ndarray, ref_correct: np.ndarray,
                        z: float = 1.96, boot: int = ACCURACY_BOOTSTRAP, seed: int = 0,
-                       prior: float = RECALIBRATION_PRIOR, groups: Sequence | np.ndarray | None = None) -> dict:
+                       prior: float = RECALIBRATION_PRIOR, groups: Sequence | np.ndarray | None = None,
+                       predicted: Sequence | np.ndarray | None = None,
+                       ref_predicted: Sequence | np.ndarray | None = None) -> dict:
     """The label-free accuracy of a batch from its calibrated top probabilities `confidence` [m], with an
     interval that holds both sources of error:
       calibration  the confidence -> P(correct) map (fit_recalibration) is fitted on the n validation rows
-                   the temperature was fitted on (`ref_confidence`, `ref_correct`); it is refitted on `boot`
-                   bootstrap resamples of those rows, and the spread of the batch's estimate over the refits
-                   is its calibration variance;
+                   the temperature was fitted on (`ref_confidence`, `ref_correct`); with the predicted labels
+                   of the batch and of those rows (`predicted`, `ref_predicted`) each text's P also gets its
+                   predicted class's offset (class_offsets: how much more or less often than the map says the
+                   validation rows predicted that class were right, shrunk by empirical Bayes), so a batch whose
+                   mix of predicted classes differs from validation's is judged by its own classes. Map and
+                   offsets are refitted on `boot` bootstrap resamples of the validation rows, and the spread of
+                   the batch's estimate over the refits is its calibration variance;
       sampling     given the map, the batch's correctness indicators are independent Bernoulli(P_i)
                    (Poisson-binomial variance sum P_i (1 - P_i) / m^2), identical texts (`groups`, e.g. the
                    texts themselves) sharing one outcome (batch_sampling_var).
@@ -308,14 +361,24 @@ def estimated_accuracy(confidence: np.ndarray, ref_confidence: np.ndarray, ref_c
     ref_ok = np.asarray(ref_correct, dtype=np.float64)
     n = len(ref_conf)
     theta = fit_recalibration(ref_conf, ref_ok, prior=prior)
-    p = recalibrated(conf, theta)
-    acc = float(p.mean())
-    ref_acc = float(recalibrated(ref_conf, theta).mean())
-    sampling_var = batch_sampling_var(p, groups)
     counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=boot).astype(np.float64)
     thetas = fit_recalibration(ref_conf, ref_ok, counts, prior=prior)
-    acc_b = recalibrated(conf, thetas).mean(axis=1)
-    ref_b = (recalibrated(ref_conf, thetas) * counts).sum(axis=1) / n
+    p, p_b = recalibrated(conf, theta), recalibrated(conf, thetas)
+    ref_p, ref_p_b = recalibrated(ref_conf, theta), recalibrated(ref_conf, thetas)
+    batch_class, ref_class, k = _class_codes(predicted, ref_predicted)
+    if k:
+        offset = class_offsets(ref_ok - ref_p, ref_p, ref_class, k)
+        offset_b = class_offsets(ref_ok[None, :] - ref_p_b, ref_p_b, ref_class, k, counts)
+        p = np.clip(p + offset[batch_class], 0, 1)
+        ref_p = np.clip(ref_p + offset[ref_class], 0, 1)
+        for have, extra in ((p_b, offset_b[:, batch_class]), (ref_p_b, offset_b[:, ref_class])):
+            have += extra                               # in place: [boot, m] arrays of large batches
+            np.clip(have, 0, 1, out=have)
+    acc = float(p.mean())
+    ref_acc = float(ref_p.mean())
+    sampling_var = batch_sampling_var(p, groups)
+    acc_b = p_b.mean(axis=1)
+    ref_b = (ref_p_b * counts).sum(axis=1) / n
     calibration_var = float(np.var(acc_b, ddof=1))
     sd = math.sqrt(sampling_var + calibration_var)
     drop_sd = math.sqrt(sampling_var + float(np.var(ref_b - acc_b, ddof=1)))
@@ -323,4 +386,5 @@ def estimated_accuracy(confidence: np.ndarray, ref_confidence: np.ndarray, ref_c
             "accuracy_high": min(1.0, acc + z * sd), "sampling_sd": math.sqrt(sampling_var),
             "calibration_sd": math.sqrt(calibration_var), "reference_accuracy": ref_acc,
             "drop": ref_acc - acc, "drop_sd": drop_sd, "calibration_rows": n,
-            "calibration_errors": int(n - ref_ok.sum()), "recalibration": [float(theta[0]), float(theta[1])]}
+            "calibration_errors": int(n - ref_ok.sum()), "recalibration": [float(theta[0]), float(theta[1])],
+            "class_offsets": bool(k)}

@@ -510,3 +510,61 @@ def test_the_verdict_says_why_a_drop_is_or_is_not_significant_and_when_the_estim
     assert not acc["reliable"]
     assert acc["reliability"].startswith(f"estimate unreliable: calibrated on 400 rows, {MIN_CALIBRATION_ERRORS - 1} "
                                          "of them wrong")
+
+
+def _class_dependent(conf: np.ndarray, cls: np.ndarray, rng) -> np.ndarray:
+    """Right or wrong at the same confidence, by predicted class: class 0 is 0.15 less often right than its
+    confidence says, the others 0.05 more (capped)."""
+    return rng.random(len(conf)) < np.clip(np.where(cls == 0, conf - 0.15, conf + 0.05), 0, 0.99)
+
+
+def test_the_accuracy_interval_holds_when_the_batch_predicts_another_mix_of_classes():
+    """Validation and batch differ only in the mix of predicted classes (a batch of mostly one intent), and the
+    model is overconfident on that class at the same confidence: one confidence -> P(correct) map, fitted on the
+    validation mix, overstates the batch's accuracy by ~0.1 and its interval misses in every batch; with each
+    class's empirical-Bayes offset (stats.class_offsets) the interval holds. On a batch whose classes do not
+    differ, the offsets shrink to ~0 and the estimate is the one-map estimate."""
+    from domaintune.monitor.stats import class_offsets, estimated_accuracy
+
+    rng = np.random.default_rng(11)
+    ref_cls = rng.integers(0, 4, 2000)
+    ref = rng.uniform(0.7, 0.97, 2000)
+    ref_ok = _class_dependent(ref, ref_cls, rng)
+    old_held = new_held = 0
+    for _ in range(10):
+        cls = np.where(rng.random(800) < 0.9, 0, rng.integers(1, 4, 800))
+        conf = rng.uniform(0.7, 0.97, 800)
+        truth = _class_dependent(conf, cls, rng).mean()
+        old = estimated_accuracy(conf, ref, ref_ok, boot=50)
+        new = estimated_accuracy(conf, ref, ref_ok, boot=50, predicted=cls, ref_predicted=ref_cls)
+        old_held += old["accuracy_low"] <= truth <= old["accuracy_high"]
+        new_held += new["accuracy_low"] <= truth <= new["accuracy_high"]
+        assert new["reference_accuracy"] == pytest.approx(ref_ok.mean(), abs=0.01) and new["class_offsets"]
+    assert old_held == 0 and new_held >= 9
+    same = rng.random(2000) < ref                       # calibrated alike in every class: nothing to correct
+    p = np.clip(ref, 0, 1)
+    assert np.abs(class_offsets(same - p, p, ref_cls, 4)).max() < 0.01
+    flat = estimated_accuracy(conf, ref, same, boot=50, predicted=cls, ref_predicted=ref_cls)
+    assert flat["accuracy"] == pytest.approx(estimated_accuracy(conf, ref, same, boot=50)["accuracy"], abs=0.01)
+
+
+def test_the_monitor_estimates_a_batch_of_one_predicted_class_by_that_class():
+    """drift.judge passes the batch's and the validation rows' predicted labels to the estimator: a batch of the
+    one class the model is overconfident on gets that class's accuracy, not the validation mix's."""
+    from domaintune.core.params import DriftParams
+    from domaintune.monitor.drift import BatchProfile, judge
+
+    rng = np.random.default_rng(4)
+    b = synthetic_baseline(2000, 800, rng, resamples=20)
+    out = b.out_ref
+    cls = (out["pred_label"] != "l0").to_numpy().astype(int)
+    right = _class_dependent(out["confidence"].to_numpy(), cls, rng)  # l0 is class 0: overconfident
+    out["label"] = np.where(right, out["pred_label"], [b.labels[(b.labels.index(p) + 1) % 6] for p in out["pred_label"]])
+    big = synthetic_batch(b, 6000, rng)
+    keep = np.flatnonzero(big.frame["pred_label"].to_numpy() == "l0")[:400]
+    batch = BatchProfile([big.texts[i] for i in keep], big.frame.iloc[keep].reset_index(drop=True), big.probs[keep],
+                         big.emb[keep])
+    truth = np.clip(batch.probs.max(1) - 0.15, 0, 0.99).mean()
+    acc = judge(b, batch, DriftParams())["accuracy"]
+    assert acc["ci_low"] <= truth <= acc["ci_high"], (acc["estimated"], truth)
+    assert acc["estimated"] < acc["reference_estimated"] - 0.1
