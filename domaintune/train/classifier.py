@@ -312,6 +312,11 @@ class FinetuneRun:
     """One seed's training on the engine: the classification objective, epochs over length-grouped
     shuffled batches, validation and early stopping, best-weights restore and exact resume."""
 
+    # Set by _build_engine under base.long_text chunks with finetune.chunk_loss document: batches are documents
+    # (batch_units per batch). A subclass with its own _build_engine (train/tokens.py) keeps these defaults.
+    doc_level = False
+    batch_units: Optional[int] = None
+
     def __init__(self, train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
                  base: BaseParams, ft: FinetuneParams, seed: int, checkpoint_dir: Optional[Path] = None,
                  device: Optional[str] = None, start: Any = None):
@@ -562,7 +567,7 @@ class FinetuneRun:
             loop.epoch_rng_state = rng.bit_generator.state if epoch != loop.epoch or not loop.pos \
                 else loop.epoch_rng_state
             rng.bit_generator.state = loop.epoch_rng_state
-            batches = length_grouped_batches(self.lengths, self.batch_units, rng)
+            batches = length_grouped_batches(self.lengths, self.batch_units or ft.batch_size, rng)
             self.set_unfrozen(epoch)
             self.model.train()
             if ft.method == "head":
