@@ -380,6 +380,10 @@ def main() -> int:
     ap.add_argument("--fold-serve", default=None, metavar="JSON", help="only fold bench/serve.py's results of "
                     "`serve --variant auto` into --out's checks (run after bench/serve.py, on this run's export)")
     ap.add_argument("--skip-timing", action="store_true", help="only write the speed record (for bench/serve.py)")
+    ap.add_argument("--finetune", default=None, metavar="DIR",
+                    help="a fine-tune bench/banking77.py cached (model/, info.json) instead of the one params.yaml's "
+                         "keys name: its key covers every base and finetune param, so a new param with a default "
+                         "that leaves the model as it was asks for a new 15-minute fine-tune")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     if args.fold_serve:
@@ -401,7 +405,12 @@ def main() -> int:
     set_threads()
     t_start = time.perf_counter()
     base, ex = load_params(args.params, "base", "export")
-    model_folder, info = cached_finetune(args.params)
+    if args.finetune:  # a cached fine-tune given by folder (bench/banking77.py's layout: model/, info.json)
+        model_folder = Path(args.finetune)
+        info = json.loads((model_folder / "info.json").read_text())
+        print(f"banking77: the given fine-tune {model_folder} (base {info.get('base')})", flush=True)
+    else:
+        model_folder, info = cached_finetune(args.params)
     splits, _ = load_banking77(base.seed)
     folder = cached_export(model_folder, info, ex, splits["train"]["text"].tolist(), base.seed)
     print(f"export: {folder}", flush=True)
@@ -474,6 +483,7 @@ def main() -> int:
     result = {"benchmark": "inference", "dataset": "banking77", "test_rows": len(test),
               "model": f"default fine-tune ({info['finetune']['method']}, {info['finetune']['epochs']} epochs) of "
                        f"{base.model}, T = {info['calibration']['temperature']:.3f}",
+              "finetune_folder": model_folder.name,
               "method": "Predictor.predict_proba (tokenise + model + calibrated softmax). token_budget = every test "
                         "text in one call, sorted by token length into batches of <= 64 texts within 8,192 tokens "
                         "(domaintune predict's defaults); batch 32 = shuffled requests of 32 (each request sorted "
