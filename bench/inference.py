@@ -24,7 +24,8 @@ domaintune.predict.predictor.Predictor.predict_proba (tokenisation + model + cal
 3,080 BANKING77 test texts in a fixed shuffled order (each variant runs --rounds rounds and keeps
 its fastest, as the machine is shared):
   batch 32: every test text, in requests of 32 -> p50/p95 ms per request, texts/s
-  batch 1:  the first --single texts one at a time -> p50/p95 ms per text, texts/s
+  batch 1:  the first --single texts one at a time -> p50/p95 ms per text, texts/s; batch_1_stages: the first
+            200 of them split into tokenise / runtime alone / the rest of Predictor.predict_proba (p50s)
 plus accuracy, macro-F1 and ECE (15 bins) with the fitted temperature, and agreement with float32.
 Targets (issue 11, 2 CPU cores): ONNX int8 >= 3x the batched texts/s of PyTorch float32 with
 <= 0.5 points of accuracy lost; single-text p50 <= 5 ms.
@@ -150,6 +151,7 @@ def versions() -> dict:
 MEASURED_ONLY = {"bf16-autocast": "PyTorch float32 weights under torch.autocast(bfloat16) (measured only)",
                  "onnx-qdq": "ONNX static QDQ int8 (onnxruntime quantize_static, calibrated on train texts; "
                              "measured only)"}
+STAGE_TEXTS = 200  # single texts whose time is split into tokenise / runtime / the rest (batch_1_stages)
 BUCKETS = {"<=16": (1, 16, 512), "<=64": (17, 64, 512), "<=256": (65, 256, 128), "<=512": (257, 512, 64)}
 # bucket: (min tokens, max tokens, texts measured): fewer of the long ones keeps the float32 rows short
 
@@ -264,6 +266,46 @@ def best_texts_per_s(fn, texts: list[str], rounds: int) -> float:
     return round(len(texts) / best, 1)
 
 
+def batch_1_stages(p, texts: list[str], bf16: bool = False) -> dict:
+    """Where a single text's time goes, p50 over `texts` one at a time, the three timed side by side per text (so
+    load drift hits each alike): tokenise (modeling.encoders.TokenBatches, the predictor's batching), runtime (the
+    model alone on the tokenised text: the runner's infer call, or the torch module), and the whole
+    Predictor.predict_proba; overhead = whole - tokenise - runtime (feed building, result copies, softmax)."""
+    import contextlib
+
+    import torch
+
+    from domaintune.export.artifacts import ONNX_INPUTS
+    from domaintune.modeling.encoders import TokenBatches
+
+    def tokenise(t):
+        return next(iter(TokenBatches(p.tokenizer, [t], p.max_length, 1, p.max_batch_tokens, p.long_text)))[1]
+
+    if p.model is None:
+        infer = p.runner._infer()
+
+        def runtime(enc):
+            return infer({k: enc[k] for k in ONNX_INPUTS})
+    else:
+        def runtime(enc):
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with torch.inference_mode(), ctx:
+                return p.model(**{k: torch.from_numpy(v) for k, v in enc.items()})
+    whole = autocast_bf16(p) if bf16 else p.predict_proba
+    feeds = [tokenise(t) for t in texts]
+    whole([texts[0]]), runtime(feeds[0])  # warm-up
+    ms = {"tokenise": [], "runtime": [], "predict_proba": []}
+    for t, enc in zip(texts, feeds):
+        for name, fn, arg in (("tokenise", tokenise, t), ("runtime", runtime, enc), ("predict_proba", whole, [t])):
+            t0 = time.perf_counter()
+            fn(arg)
+            ms[name].append(1000 * (time.perf_counter() - t0))
+    out = {f"{k}_p50_ms": round(float(np.percentile(v, 50)), 3) for k, v in ms.items()}
+    out["overhead_p50_ms"] = round(out["predict_proba_p50_ms"] - out["tokenise_p50_ms"] - out["runtime_p50_ms"], 3)
+    out["texts"] = len(texts)
+    return out
+
+
 def autocast_bf16(p):
     """p.predict_proba under torch's bf16 autocast (the bf16-autocast row)."""
     import torch
@@ -289,6 +331,7 @@ def checks(rows: dict, anchor: dict, auto: str, serve: dict | None) -> dict:
            "default_accuracy_drop_points": round(drop, 2), "default_accuracy_drop_le_0.5": drop <= 0.5,
            "batch_1_p50_ms": short, "default_batch_1_p50_le_2ms_at_le_64_tokens": short[auto] <= 2.0,
            "fastest_batch_1_p50": min(short, key=short.get),
+           "batch_1_stages_p50_ms": {k: v.get("batch_1_stages") for k, v in rows.items()},
            "onnx_qdq_vs": {k: round(tb["onnx-qdq"] / tb[k], 2) for k in ("onnx-int8", "openvino-int8")
                            if "onnx-qdq" in tb and k in tb},
            "bucket_texts_per_s": {k: {b: v["buckets"][b]["texts_per_s"] for b in BUCKETS} for k, v in rows.items()}}
@@ -337,6 +380,10 @@ def main() -> int:
     ap.add_argument("--fold-serve", default=None, metavar="JSON", help="only fold bench/serve.py's results of "
                     "`serve --variant auto` into --out's checks (run after bench/serve.py, on this run's export)")
     ap.add_argument("--skip-timing", action="store_true", help="only write the speed record (for bench/serve.py)")
+    ap.add_argument("--finetune", default=None, metavar="DIR",
+                    help="a fine-tune bench/banking77.py cached (model/, info.json) instead of the one params.yaml's "
+                         "keys name: its key covers every base and finetune param, so a new param with a default "
+                         "that leaves the model as it was asks for a new 15-minute fine-tune")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     if args.fold_serve:
@@ -358,7 +405,12 @@ def main() -> int:
     set_threads()
     t_start = time.perf_counter()
     base, ex = load_params(args.params, "base", "export")
-    model_folder, info = cached_finetune(args.params)
+    if args.finetune:  # a cached fine-tune given by folder (bench/banking77.py's layout: model/, info.json)
+        model_folder = Path(args.finetune)
+        info = json.loads((model_folder / "info.json").read_text())
+        print(f"banking77: the given fine-tune {model_folder} (base {info.get('base')})", flush=True)
+    else:
+        model_folder, info = cached_finetune(args.params)
     splits, _ = load_banking77(base.seed)
     folder = cached_export(model_folder, info, ex, splits["train"]["text"].tolist(), base.seed)
     print(f"export: {folder}", flush=True)
@@ -412,6 +464,7 @@ def main() -> int:
         for _ in range(args.rounds):
             ms.append(timed_calls(calls[k], [[t] for t in shuffled[:args.single]]))
         rows[k]["batch_1"] = latency_stats(min(ms, key=lambda m: m.sum()), [1] * args.single)
+        rows[k]["batch_1_stages"] = batch_1_stages(p, shuffled[:STAGE_TEXTS], bf16=k == "bf16-autocast")
         p.batch_size = 64
         buckets = {}
         for b, bt in bucket_sets.items():
@@ -430,6 +483,7 @@ def main() -> int:
     result = {"benchmark": "inference", "dataset": "banking77", "test_rows": len(test),
               "model": f"default fine-tune ({info['finetune']['method']}, {info['finetune']['epochs']} epochs) of "
                        f"{base.model}, T = {info['calibration']['temperature']:.3f}",
+              "finetune_folder": model_folder.name,
               "method": "Predictor.predict_proba (tokenise + model + calibrated softmax). token_budget = every test "
                         "text in one call, sorted by token length into batches of <= 64 texts within 8,192 tokens "
                         "(domaintune predict's defaults); batch 32 = shuffled requests of 32 (each request sorted "

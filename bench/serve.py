@@ -18,8 +18,13 @@ alternate in --rounds rounds (default 3), each round of budget/rounds seconds:
    once (its length-sorted batches of 64, as the export stage times a variant): the model's best
    batched throughput; (b) "batches": groups of --max-batch random texts through the server's own
    batch function (length-sorted passes of --infer-batch): a server's batches minus HTTP/queue/JSON;
-2. max load, 2/5: --concurrency closed-loop clients (keep-alive HTTP/1.1 on asyncio streams, one
-   text per request) -> served texts/s;
+   (c) "full": groups of the largest batch each load shape can form (clients x texts per request, at most
+   --max-batch) through the same batch function: what a server could reach under that load at best;
+2. max load, 2/5: --concurrency closed-loop clients (keep-alive HTTP/1.1 on asyncio streams, the first
+   --texts-per-request value per request, 1 by default: the headline) -> served texts/s, and the CPU ms each
+   request cost the server's event loop (its main thread: HTTP, JSON, routing, responses), its other threads
+   (infer thread, runtime pool, prediction log) and the load generator (/proc, cpu_seconds);
+   each further --texts-per-request value (default: 8) gets a max-load slice of 1/5 of its own ("shapes");
 3. half load, 2/5: an open loop (Poisson arrivals) at half of that round's maximum -> latency from
    each request's scheduled send time (client-side queueing included).
 In 2 and 3 one request in 20 is malformed (bad JSON, empty list, wrong type, text over the limit)
@@ -139,13 +144,15 @@ def load_raw(folder: Path, variant: str):
 
 
 def raw_slice(pred, texts: list[str], mode: str, max_batch: int, infer_batch: int, seconds: float,
-              rng: random.Random) -> tuple[int, float]:
+              rng: random.Random, group: int | None = None) -> tuple[int, float]:
     """(texts done, seconds) of in-process inference for about `seconds`.
 
     sorted:  Predictor.predict_proba on 256 texts at once (its own length-sorted batches of 64, as
              the export stage times a variant): the model's best batched throughput;
     batches: groups of max_batch random texts as the server's worker runs them (the predictor's token-budget
-             passes of at most infer_batch texts): a server's batches without HTTP, queue or JSON.
+             passes of at most infer_batch texts): a server's batches without HTTP, queue or JSON;
+    full:    the same with groups of `group` texts: the largest batch a load shape can form (clients x texts per
+             request, at most max_batch), i.e. the most a server could reach under that load.
     """
     server = copy.copy(pred)
     server.batch_size = infer_batch  # what `serve --infer-batch` gives the predictor
@@ -155,7 +162,7 @@ def raw_slice(pred, texts: list[str], mode: str, max_batch: int, infer_batch: in
             chunk = rng.sample(texts, 256)
             pred.predict_proba(chunk)
         else:
-            chunk = rng.sample(texts, max_batch)
+            chunk = rng.sample(texts, group if mode == "full" and group else max_batch)
             server.predict_proba(chunk)
         done += len(chunk)
     return done, time.perf_counter() - t0
@@ -191,12 +198,12 @@ class Tally:
     def __init__(self):
         self.latencies, self.texts, self.status, self.errors, self.bad_sent = [], 0, {}, [], 0
 
-    def record(self, status: int, seconds: float, malformed: bool) -> None:
+    def record(self, status: int, seconds: float, malformed: bool, n: int = 1) -> None:
         key = f"{status // 100}xx" + (" malformed" if malformed else "")
         self.status[key] = self.status.get(key, 0) + 1
         if not malformed and status == 200:
             self.latencies.append(seconds)
-            self.texts += 1
+            self.texts += n
 
     def summary(self, elapsed: float) -> dict:
         lat = np.array(self.latencies) * 1000
@@ -207,39 +214,73 @@ class Tally:
                 "first_errors": self.errors[:3], "_lat": self.latencies}
 
 
-def request_body(k: int, texts: list[str], rng: random.Random) -> tuple[bytes, bool]:
+def request_body(k: int, texts: list[str], rng: random.Random, n: int = 1) -> tuple[bytes, bool]:
     if k % 20 == 19:  # 5% malformed, every kind in turn
         return MALFORMED[(k // 20) % len(MALFORMED)], True
-    return json.dumps({"texts": [rng.choice(texts)]}).encode(), False
+    return json.dumps({"texts": [rng.choice(texts) for _ in range(n)]}).encode(), False
 
 
-async def one(conn: Conn, body: bytes, bad: bool, tally: Tally, started: float) -> None:
+async def one(conn: Conn, body: bytes, bad: bool, tally: Tally, started: float, n: int = 1) -> None:
     try:
         status, _ = await conn.post("/predict", body)
     except (OSError, asyncio.IncompleteReadError, ValueError, StopIteration) as exc:
         conn.close()
         tally.errors.append(repr(exc))
         return
-    tally.record(status, time.perf_counter() - started, bad)
+    tally.record(status, time.perf_counter() - started, bad, n)
 
 
-async def closed_loop(port: int, texts: list[str], clients: int, seconds: float) -> dict:
+async def closed_loop(port: int, texts: list[str], clients: int, seconds: float, per_request: int = 1) -> dict:
     tally, stop_at, counter = Tally(), time.perf_counter() + seconds, iter(range(10**9))
 
     async def client(seed: int):
         conn, rng = Conn(port), random.Random(seed)
         while time.perf_counter() < stop_at:
-            body, bad = request_body(next(counter), texts, rng)
+            body, bad = request_body(next(counter), texts, rng, per_request)
             tally.bad_sent += bad
-            await one(conn, body, bad, tally, time.perf_counter())
+            await one(conn, body, bad, tally, time.perf_counter(), per_request)
         conn.close()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
-    return {"clients": clients, **tally.summary(time.perf_counter() - t0)}
+    return {"clients": clients, "texts_per_request": per_request, **tally.summary(time.perf_counter() - t0)}
 
 
-async def open_loop(port: int, texts: list[str], rate: float, seconds: float, pool: int = 64) -> dict:
+def cpu_seconds(pid: int) -> dict:
+    """CPU seconds (user + system) so far of a server process's main thread (uvicorn's event loop: HTTP, JSON,
+    routing, responses) and of all its other threads together (the infer thread and the runtime's pool, the
+    prediction log), from /proc; and of this process (the load generator)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = other = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            f = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        sec = (int(f[11]) + int(f[12])) / tick
+        if task.name == str(pid):
+            main += sec
+        else:
+            other += sec
+    own = os.times()
+    return {"server_event_loop": main, "server_other_threads": other, "load_generator": own.user + own.system}
+
+
+async def measured_closed_loop(pid: int, port: int, texts: list[str], clients: int, seconds: float,
+                               per_request: int) -> dict:
+    """closed_loop, with the CPU milliseconds each request cost the server's event loop, its other threads and the
+    load generator (cpu_seconds before and after, divided by the requests answered)."""
+    before = cpu_seconds(pid)
+    out = await closed_loop(port, texts, clients, seconds, per_request)
+    after = cpu_seconds(pid)
+    answered = sum(out["status"].values())
+    out["cpu"] = {k: after[k] - before[k] for k in before}  # seconds; per request in pooled()
+    out["requests"] = answered
+    return out
+
+
+async def open_loop(port: int, texts: list[str], rate: float, seconds: float, pool: int = 64,
+                    per_request: int = 1) -> dict:
     """Poisson arrivals at `rate`/s; latency counts from the scheduled send time (client queueing included)."""
     tally, rng, free = Tally(), random.Random(1), asyncio.Queue()
     for _ in range(pool):
@@ -247,14 +288,14 @@ async def open_loop(port: int, texts: list[str], rate: float, seconds: float, po
 
     async def send(body, bad, scheduled):
         conn = await free.get()
-        await one(conn, body, bad, tally, scheduled)
+        await one(conn, body, bad, tally, scheduled, per_request)
         free.put_nowait(conn)
 
     tasks, t0, k, at = [], time.perf_counter(), 0, time.perf_counter()
     while at < t0 + seconds:
         at += rng.expovariate(rate)
         await asyncio.sleep(max(0.0, at - time.perf_counter()))
-        body, bad = request_body(k, texts, rng)
+        body, bad = request_body(k, texts, rng, per_request)
         tally.bad_sent += bad
         k += 1
         tasks.append(asyncio.create_task(send(body, bad, at)))
@@ -333,25 +374,49 @@ def pooled(parts: list[dict]) -> dict:
             status[k] = status.get(k, 0) + v
     seconds = sum(p["seconds"] for p in parts)
     texts = sum(p["texts_ok"] for p in parts)
-    return {"seconds": round(seconds, 2), "texts_ok": texts, "texts_per_s": round(texts / seconds, 2),
+    cpu = {}
+    if all("cpu" in p for p in parts):
+        requests = sum(p.pop("requests") for p in parts)
+        for p in parts:
+            for k, v in p.pop("cpu").items():
+                cpu[k] = cpu.get(k, 0.0) + v
+        cpu = {"cpu_ms_per_request": {k: round(1000 * v / requests, 3) for k, v in cpu.items()},
+               "cores_busy": round(sum(cpu.values()) / seconds, 2), "requests": requests}
+    return {"seconds": round(seconds, 2), "texts_ok": texts, "texts_per_s": round(texts / seconds, 2), **cpu,
             "p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
             "p95_ms": round(float(np.percentile(lat, 95)), 2) if lat.size else None, "status": status,
             "malformed_sent": sum(p["malformed_sent"] for p in parts),
             "transport_errors": sum(p["transport_errors"] for p in parts), "rounds": parts}
 
 
-def one_round(args, pred, port: int, texts: list[str], slot: float, rng: random.Random) -> dict:
+def one_round(args, pred, pid: int, port: int, texts: list[str], slot: float, rng: random.Random) -> dict:
+    """raw 1/5 of the slot, then each load shape at max load (the first 2/5, each further one 1/5), then half load
+    of the first shape (2/5)."""
     out = {}
     for mode in ("sorted", "batches"):
         n, sec = raw_slice(pred, texts, mode, args.max_batch, args.infer_batch, slot / 10, rng)
         out[f"raw_{mode}"] = (n, sec)
-    out["max_load"] = asyncio.run(closed_loop(port, texts, args.concurrency, 0.4 * slot))
-    rate = out["max_load"]["texts_per_s"] / 2 / 0.95  # requests/s whose 95% well-formed = half of max
-    out["half_load"] = asyncio.run(open_loop(port, texts, rate, 0.4 * slot))
+    for per in args.texts_per_request:
+        out[f"raw_full_{per}"] = raw_slice(pred, texts, "full", args.max_batch, args.infer_batch, slot / 20, rng,
+                                           full_batch(args, per))
+    first = args.texts_per_request[0]
+    for per in args.texts_per_request:
+        out[f"max_load_{per}"] = asyncio.run(measured_closed_loop(pid, port, texts, args.concurrency,
+                                                                  (0.4 if per == first else 0.2) * slot, per))
+    out["max_load"] = out.pop(f"max_load_{first}")
+    rate = out["max_load"]["texts_per_s"] / first / 2 / 0.95  # requests/s whose 95% well-formed = half of max
+    out["half_load"] = asyncio.run(open_loop(port, texts, rate, 0.4 * slot, per_request=first))
     print(f"round: raw sorted {out['raw_sorted'][0] / out['raw_sorted'][1]:.1f}/s, raw batches "
-          f"{out['raw_batches'][0] / out['raw_batches'][1]:.1f}/s, served {out['max_load']['texts_per_s']}/s, "
-          f"half-load p50 {out['half_load']['p50_ms']} ms", file=sys.stderr)
+          f"{out['raw_batches'][0] / out['raw_batches'][1]:.1f}/s, served {out['max_load']['texts_per_s']}/s "
+          f"({first} per request; " + ", ".join(f"{per} per request {out[f'max_load_{per}']['texts_per_s']}/s"
+                                                for per in args.texts_per_request[1:])
+          + f"), half-load p50 {out['half_load']['p50_ms']} ms", file=sys.stderr)
     return out
+
+
+def full_batch(args, per_request: int) -> int:
+    """The largest batch a load shape can form: every client's request waiting at once, at most --max-batch."""
+    return min(args.max_batch, args.concurrency * per_request)
 
 
 def run(args) -> dict:
@@ -363,7 +428,9 @@ def run(args) -> dict:
         info = {"machine": machine(), "model": model_desc, "variant": args.variant,
                 "settings": {"max_batch": args.max_batch, "infer_batch": args.infer_batch,
                              "max_wait_ms": args.max_wait_ms, "concurrency": args.concurrency,
-                             "budget_s": args.seconds, "rounds": args.rounds, "texts_per_request": 1,
+                             "budget_s": args.seconds, "rounds": args.rounds,
+                             "texts_per_request": args.texts_per_request[0],
+                             "further_shapes_texts_per_request": args.texts_per_request[1:],
                              "malformed_share": 0.05}}
         pred = load_raw(folder, args.variant)
         info["resolved"] = pred.variant_choice.note
@@ -382,7 +449,8 @@ def run(args) -> dict:
             asyncio.run(closed_loop(port, texts, args.concurrency, args.warmup))  # the same, in the server
             info["warmup_s"]["server"] = round(time.perf_counter() - t0, 1)
             rng = random.Random(0)
-            rounds = [one_round(args, pred, port, texts, args.seconds / args.rounds, rng) for _ in range(args.rounds)]
+            rounds = [one_round(args, pred, proc.pid, port, texts, args.seconds / args.rounds, rng)
+                      for _ in range(args.rounds)]
             info["server_metrics"] = scrape(port)
             import urllib.request
 
@@ -398,6 +466,18 @@ def run(args) -> dict:
         info[f"raw_{mode}"] = {"texts": n, "seconds": round(sec, 2), "texts_per_s": round(n / sec, 2)}
     info["max_load"] = {"clients": args.concurrency, **pooled([r["max_load"] for r in rounds])}
     info["half_load"] = pooled([r["half_load"] for r in rounds])
+    info["shapes"] = {}
+    for per in args.texts_per_request:
+        n, sec = (sum(r[f"raw_full_{per}"][i] for r in rounds) for i in (0, 1))
+        load = info["max_load"] if per == args.texts_per_request[0] else \
+            {"clients": args.concurrency, **pooled([r[f"max_load_{per}"] for r in rounds])}
+        info["shapes"][f"{per}_texts_per_request"] = {
+            "served_texts_per_s": load["texts_per_s"], "p50_ms": load["p50_ms"], "p95_ms": load["p95_ms"],
+            "status": load["status"], "transport_errors": load["transport_errors"],
+            "cpu_ms_per_request": load.get("cpu_ms_per_request"), "cores_busy": load.get("cores_busy"),
+            "raw_full_batch": {"texts": full_batch(args, per), "texts_per_s": round(n / sec, 2)},
+            "served_over_raw_sorted": round(load["texts_per_s"] / info["raw_sorted"]["texts_per_s"], 3),
+            "served_over_raw_full_batch": round(load["texts_per_s"] / (n / sec), 3)}
     info["summary"] = summary(info)
     info["machine"]["loadavg_end"] = os.getloadavg()
     return info
@@ -412,8 +492,14 @@ def summary(info: dict) -> dict:
             "served_over_raw_batches": round(served / info["raw_batches"]["texts_per_s"], 3),
             "target_served_over_raw": 0.80,
             "half_load_p50_ms": info["half_load"]["p50_ms"], "half_load_p95_ms": info["half_load"]["p95_ms"],
-            "responses_5xx": fives, "target_5xx": 0,
-            "transport_errors": info["max_load"]["transport_errors"] + info["half_load"]["transport_errors"]}
+            "responses_5xx": fives + sum(v for shape in info["shapes"].values() for k, v in shape["status"].items()
+                                         if k[0] == "5"), "target_5xx": 0,
+            "transport_errors": info["max_load"]["transport_errors"] + info["half_load"]["transport_errors"]
+            + sum(shape["transport_errors"] for shape in list(info["shapes"].values())[1:]),
+            "shapes": {k: {"served_texts_per_s": v["served_texts_per_s"],
+                           "served_over_raw_sorted": v["served_over_raw_sorted"],
+                           "served_over_raw_full_batch": v["served_over_raw_full_batch"]}
+                       for k, v in info["shapes"].items()}}
 
 
 def earlier_runs(out: Path, keep: int = 5) -> list[dict]:
@@ -442,6 +528,9 @@ def main(argv=None) -> int:
     ap.add_argument("--infer-batch", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--concurrency", type=int, default=96)
+    ap.add_argument("--texts-per-request", type=int, nargs="+", default=[1, 8], metavar="N",
+                    help="load shapes: texts per request; the first is the headline (max and half load), each "
+                         "further one a max-load row of its own (default: 1 8)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     info = run(args)
