@@ -5,19 +5,7 @@ A sentence is stored in the dataset schema (domaintune/data/dataset.py) as
 - text: the sentence (word-level and CoNLL sources: the words joined by single spaces; span sources: the
   text as written), so dedupe, DAPT and drift read it like any text;
 - label: its words as JSON `[[start, end, tag], ...]`, character offsets into text and one IOB2 tag each.
-labels.json holds the tag set (O plus B-/I- of every entity type).
-
-Readers, chosen per file:
-- JSONL / Parquet with `ingest.tokens_column` (a list of words) and `ingest.tags_column` (their tags);
-- JSONL / Parquet with `ingest.text_column` and `ingest.spans_column` (a list of {start, end, label} character
-  spans; the text is cut into words by WORD_RE and at every span edge, so a span always covers whole words);
-- CoNLL text (.conll, .iob, .bio, .txt): one token per line, the tag in the last whitespace-separated column,
-  a blank line between sentences, -DOCSTART- lines skipped.
-Tags: O, B-TYPE, I-TYPE. A source written in IOB1 (an entity opens with I-; B- only where an entity follows
-another of its type) is converted to IOB2 as a whole, with a warning and `tag_scheme` in the metrics. Otherwise
-an I- tag that opens an entity is a bad row, as is a list-length mismatch, a tag outside the scheme, an empty
-word, and a span off the text, empty, or overlapping another: one line naming file, row and field
-(`on_bad_row: error`) or a row of rejected.csv (`skip`). Nothing is silently fixed.
+labels.json holds the tag set (O plus B-/I- of every entity type); readers, tag schemes and bad rows: data/tagged.py.
 """
 from __future__ import annotations
 

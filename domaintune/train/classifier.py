@@ -396,15 +396,31 @@ class FinetuneRun:
         return regularize.diagonal_fisher(old, self.tokenizer, texts, y, list(regularize.encoder_params(self.model)),
                                           self.ft.batch_size, self.base.max_length, self.device)
 
+    def _trainable_groups(self) -> list[dict]:
+        """The optimizer's parameter groups of the weights that train (recorded: names, count, group depths)."""
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.trainable_names = {n for n, _ in trainable}
+        self.trainable_count = sum(p.numel() for _, p in trainable)
+        groups = _param_groups(self.model, trainable, self.ft, self.num_layers)
+        self.group_depth = [g["depth"] for g in groups]
+        return groups
+
+    def _make_engine(self, groups: list[dict], units: int, checkpoint_dir: Optional[Path]) -> None:
+        """The training engine for `units` rows (or documents) per epoch in batches of self.batch_units (or
+        finetune.batch_size): the schedule's length follows from them."""
+        ft = self.ft
+        self.steps_per_epoch = math.ceil(units / (self.batch_units or ft.batch_size))
+        total = self.steps_per_epoch * ft.epochs
+        cfg = EngineConfig(lr=ft.lr, total_steps=total, warmup_steps=int(ft.warmup_ratio * total),
+                           scheduler=ft.scheduler, max_grad_norm=ft.max_grad_norm, grad_accum=ft.grad_accum,
+                           bf16=ft.bf16, checkpoint_every=ft.checkpoint_every, compile=ft.compile)
+        self.engine = Engine(self.model, groups, cfg, checkpoint_dir=checkpoint_dir, device=self.device)
+
     def _build_engine(self, checkpoint_dir: Optional[Path]) -> None:
         import torch
 
         ft = self.ft
-        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.trainable_names = {n for n, _ in trainable}
-        self.trainable_count = sum(p.numel() for _, p in trainable)
-        groups = _param_groups(self.model, trainable, ft, self.num_layers)
-        self.group_depth = [g["depth"] for g in groups]
+        groups = self._trainable_groups()
         if ft.method == "head":  # batches of cached features (one per document): every row costs the same
             self.ids, self.lengths = None, np.ones(len(self.texts), dtype=int)
             self.row_doc = np.arange(len(self.texts))
@@ -417,19 +433,12 @@ class FinetuneRun:
         # within batch_size windows (window_packs)
         self.doc_level = (ft.method != "head" and self.long_text.mode == "chunks" and ft.chunk_loss == "document"
                           and len(self.lengths) > len(self.texts))
-        self.batch_units = ft.batch_size
         if self.doc_level:
             self.doc_start = np.searchsorted(self.row_doc, np.arange(len(self.texts)))  # windows are consecutive
             self.doc_windows = np.bincount(self.row_doc, minlength=len(self.texts))
-            self.row_lengths, self.lengths = self.lengths, np.bincount(self.row_doc, weights=self.lengths,
-                                                                       minlength=len(self.texts)).astype(int)
+            self.lengths = np.bincount(self.row_doc, weights=self.lengths, minlength=len(self.texts)).astype(int)
             self.batch_units = max(1, round(ft.batch_size * len(self.texts) / len(self.row_doc)))
-        self.steps_per_epoch = math.ceil(len(self.lengths) / self.batch_units)
-        total = self.steps_per_epoch * ft.epochs
-        cfg = EngineConfig(lr=ft.lr, total_steps=total, warmup_steps=int(ft.warmup_ratio * total),
-                           scheduler=ft.scheduler, max_grad_norm=ft.max_grad_norm, grad_accum=ft.grad_accum,
-                           bf16=ft.bf16, checkpoint_every=ft.checkpoint_every, compile=ft.compile)
-        self.engine = Engine(self.model, groups, cfg, checkpoint_dir=checkpoint_dir, device=self.device)
+        self._make_engine(groups, len(self.lengths), checkpoint_dir)
         self.loss_fn = _loss_function(ft, self.y_train, len(self.names), self.device)
         self.y_t = torch.from_numpy(self.y_train[self.row_doc]).to(self.device)  # each row's document label
         self.y_doc_t = torch.from_numpy(self.y_train).to(self.device)

@@ -40,7 +40,6 @@ from domaintune.train import distributed
 from domaintune.train.classifier import (
     FinetuneRun,
     _apply_method,
-    _param_groups,
     _snapshot,
     collate,
     epoch_line,
@@ -49,7 +48,7 @@ from domaintune.train.classifier import (
     validate_setup,
     write_live,
 )
-from domaintune.train.engine import Engine, EngineConfig, load_trainable_state
+from domaintune.train.engine import load_trainable_state
 from domaintune.train.runkey import run_key
 
 log = logging.getLogger("domaintune.training")
@@ -116,25 +115,14 @@ class TokenRun(FinetuneRun):
         self._build_engine(checkpoint_dir)
 
     def _build_engine(self, checkpoint_dir: Optional[Path]) -> None:
-        import math
-
         import torch
         import torch.nn.functional as F
 
         ft = self.ft
-        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.trainable_names = {n for n, _ in trainable}
-        self.trainable_count = sum(p.numel() for _, p in trainable)
-        groups = _param_groups(self.model, trainable, ft, self.num_layers)
-        self.group_depth = [g["depth"] for g in groups]
+        groups = self._trainable_groups()
         self.ids, self.token_labels = encode_words(self.tokenizer, self.words, self.y_words, self.base.max_length)
         self.lengths = np.array([len(x) for x in self.ids])
-        self.steps_per_epoch = math.ceil(len(self.ids) / ft.batch_size)
-        total = self.steps_per_epoch * ft.epochs
-        cfg = EngineConfig(lr=ft.lr, total_steps=total, warmup_steps=int(ft.warmup_ratio * total),
-                           scheduler=ft.scheduler, max_grad_norm=ft.max_grad_norm, grad_accum=ft.grad_accum,
-                           bf16=ft.bf16, checkpoint_every=ft.checkpoint_every, compile=ft.compile)
-        self.engine = Engine(self.model, groups, cfg, checkpoint_dir=checkpoint_dir, device=self.device)
+        self._make_engine(groups, len(self.ids), checkpoint_dir)
         weight = None
         if ft.class_weights:
             counts = np.bincount(np.concatenate([np.asarray(y) for y in self.y_words]),
