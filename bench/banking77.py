@@ -65,9 +65,10 @@ def finetune_key(base, ft, data: Path) -> str:
     """Cache key: every param that shapes the model, and the exact data files."""
     from domaintune.core.params import as_dict
 
-    # finetune.optimizer only chooses for base.task generation (the classifier always trains with AdamW): left
-    # out, so adding it kept the key of the cached fine-tune
-    ft_key = {k: v for k, v in as_dict(ft).items() if k != "optimizer"}
+    # finetune.optimizer only chooses for base.task generation (the classifier always trains with AdamW), and
+    # outlier_exposure at 0 trains nothing extra: left out, so adding them kept the key of the cached fine-tune
+    ft_key = {k: v for k, v in as_dict(ft).items()
+              if k != "optimizer" and not (k == "outlier_exposure" and v == 0)}
     blob = json.dumps({"base": as_dict(base), "finetune": ft_key,
                        "data": {n: _file_sha256(Path(data) / n) for n in ("train.csv", "test.csv")}},
                       sort_keys=True, default=str)

@@ -21,11 +21,13 @@ beyond the published points (between 91.2 and 94.0). This bench's encoder is par
 (the bundled all-MiniLM-L6-v2, 6 layers, 384 wide: smaller than MPNet's 12 x 768).
 
 Results: bench/results/fewshot.json, results["8"|"16"|"64"]["head"|"full"|"setfit"|"setfit_augment"] each
-with accuracy_mean, accuracy_std, seconds. --smoke writes to a temp file unless --out is given.
+with accuracy_mean, accuracy_std, seconds and the settings of the run that measured them (a run of some shots
+or methods adds to the file; --fresh starts it anew). --smoke writes to a temp file unless --out is given.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from dataclasses import replace
@@ -90,9 +92,9 @@ def run_method(method: str, rows: pd.DataFrame, labels: list, encoder: str, base
     params = {"head": dict(method="head", epochs=args.head_epochs, lr=1e-3),
               "full": dict(method="full", epochs=args.full_epochs),
               "setfit": dict(method="setfit", epochs=args.head_epochs, lr=1e-3,
-                             setfit_iterations=args.setfit_iterations),
+                             setfit_iterations=args.setfit_iterations, setfit_max_pairs=args.setfit_max_pairs),
               "setfit_augment": dict(method="setfit", epochs=args.head_epochs, lr=1e-3,
-                                     setfit_iterations=args.setfit_iterations,
+                                     setfit_iterations=args.setfit_iterations, setfit_max_pairs=args.setfit_max_pairs,
                                      augment={"copies": 1, "swap": 0.1, "delete": 0.1})}[method]
     run_ft = replace(ft, seeds=(seed,), restore_best=False, early_stopping_patience=0, checkpoint_every=0, **params)
     t0 = time.perf_counter()
@@ -115,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head-epochs", type=int, default=20)
     ap.add_argument("--full-epochs", type=int, default=10)
     ap.add_argument("--setfit-iterations", type=int, default=20)
+    ap.add_argument("--setfit-max-pairs", type=int, default=0, help="finetune.setfit_max_pairs (0 = no cap)")
+    ap.add_argument("--fresh", action="store_true", help="start a new results file instead of merging into it")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes to prove the bench runs; not a result")
     args = ap.parse_args(argv)
     classes = max_test = None
@@ -138,6 +142,10 @@ def main(argv=None) -> int:
               "settings": {"head_epochs": args.head_epochs, "full_epochs": args.full_epochs,
                            "setfit_iterations": args.setfit_iterations},
               "smoke_run": bool(args.smoke), "results": {}}
+    settings = dict(result["settings"], setfit_max_pairs=args.setfit_max_pairs, draws=args.draws)
+    if out_path.exists() and not args.fresh and not args.smoke:  # a run of some shots/methods adds to the file
+        old = json.loads(out_path.read_text())
+        result["results"] = old.get("results", {})
     with tempfile.TemporaryDirectory(prefix="bench-fewshot-") as tmp:
         for k in args.shots:
             per = result["results"].setdefault(str(k), {})
@@ -151,7 +159,7 @@ def main(argv=None) -> int:
                     print(f"{k}/class {method} draw {d}: accuracy {accs[-1]:.4f}, {s:.1f} s", flush=True)
                 per[method] = {"accuracy_mean": float(np.mean(accs)),
                                "accuracy_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
-                               "seconds": float(np.mean(secs)), "accuracies": accs}
+                               "seconds": float(np.mean(secs)), "accuracies": accs, "settings": settings}
                 write_json(out_path, result)
     eight = result["results"].get("8", {})
     if "setfit" in eight and "head" in eight:

@@ -356,6 +356,10 @@ class FinetuneParams:
     # windows', multiple-instance style: the window that holds the evidence carries the gradient); window = every
     # window is a training row with its document's label.
     chunk_loss: str = "document"
+    # Outlier exposure (Hendrycks et al. 2019): the weight of a loss that pulls the model's answer on known
+    # out-of-scope texts (evaluate.abstain.oos_texts; the half its detector fits on, abstain.split_oos) towards
+    # uniform over the labels, so abstention scores separate such texts. 0 = off.
+    outlier_exposure: float = 0.0
 
     def __post_init__(self) -> None:
         if self.target_modules != "auto":
@@ -380,6 +384,10 @@ class FinetuneParams:
         _one_of(self.problem_type, ("single_label", "multi_label"), s, "problem_type")
         _one_of(self.head_init, ("probe", "random"), s, "head_init")
         _one_of(self.chunk_loss, ("document", "window"), s, "chunk_loss")
+        _check(self.outlier_exposure >= 0, s, "outlier_exposure", f"must be >= 0, got {self.outlier_exposure}")
+        _check(self.outlier_exposure == 0 or (self.problem_type == "single_label" and self.method not in
+                                              ("head", "setfit")), s, "outlier_exposure",
+               "needs problem_type single_label and a method that trains the encoder (full, freeze, lora, qlora)")
         _check(self.lora_r > 0, s, "lora_r", f"must be > 0, got {self.lora_r}")
         _check(self.lora_alpha > 0, s, "lora_alpha", "must be > 0")
         _check(0.0 <= self.lora_dropout < 1.0, s, "lora_dropout", "must be in [0, 1)")

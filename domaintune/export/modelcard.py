@@ -179,7 +179,7 @@ def dapt_section(dapt: dict | None) -> list[str]:
 
 
 def continual_lines(meta: dict) -> list[str]:
-    """Where training started (a warm start), its regulariser, and the rows added to train."""
+    """Where training started (a warm start), its regulariser, the rows added to train, and outlier exposure."""
     ws, reg, extra = meta.get("warm_start"), meta.get("regularize"), meta.get("extra_rows") or {}
     reg_text = f", regulariser {reg['kind']} (strength {reg['strength']})" if reg else ", no regulariser"
     start = f"version {ws['version']} (its dataset `{str(ws.get('dataset_hash'))[:12]}`)" if ws else "the base encoder"
@@ -188,6 +188,10 @@ def continual_lines(meta: dict) -> list[str]:
         replay = (extra.get("replay") or {}).get("rows", 0)
         out.append(f"- Train had {fmt(extra['rows'])} extra rows ({fmt(extra.get('augmented', 0))} augmented, "
                    f"{fmt(replay)} replayed), hash `{extra.get('sha256', '')[:12]}`")
+    if oe := meta.get("outlier_exposure"):
+        out.append(f"- Outlier exposure (weight {oe['weight']}): {fmt(oe['texts'])} known out-of-scope texts from "
+                   f"{oe.get('source')} trained towards a uniform answer, hash `{str(oe.get('sha256'))[:12]}`; "
+                   "abstention on texts like them is better than on unseen kinds")
     return out
 
 

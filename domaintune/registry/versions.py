@@ -216,8 +216,10 @@ def build_record(root: Path, outs: list[Out]) -> dict:
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, dict)},
         "outs": {o.path: o.md5 for o in outs},
         # what finetune started from and added to train (a warm start's version, its regulariser, the hash of the
-        # augmented and replayed rows in data/extra_train.parquet, whose md5 is under outs)
-        **{k: (metrics.get("finetune") or {}).get(k) for k in ("warm_start", "regularize", "extra_rows")},
+        # augmented and replayed rows in data/extra_train.parquet, whose md5 is under outs; the out-of-scope texts
+        # of finetune.outlier_exposure: count, source, hash)
+        **{k: (metrics.get("finetune") or {}).get(k) for k in ("warm_start", "regularize", "extra_rows",
+                                                                "outlier_exposure")},
     }
 
 

@@ -44,7 +44,7 @@ import pandas as pd
 from domaintune.core.device import batch_size_for, resolve_device
 from domaintune.core.errors import DataError, ParamsError
 from domaintune.core.params import BaseParams, FinetuneParams, as_dict
-from domaintune.data.dataset import LABEL_SEPARATOR, encode_labels, split_labels
+from domaintune.data.dataset import LABEL_SEPARATOR, encode_labels, json_lines_sha256, split_labels
 from domaintune.modeling import chunks as chunking
 from domaintune.modeling import encoders
 from domaintune.modeling.adapters import (
@@ -308,6 +308,26 @@ def _loss_function(ft: FinetuneParams, y_train: np.ndarray, num_labels: int, dev
 
 
 
+OUTLIER = -1  # the target of an outlier-exposure row (finetune.outlier_exposure)
+
+
+def outlier_exposure_loss(loss_fn, weight: float):
+    """Outlier exposure (Hendrycks, Mazeika & Dietterich 2019): the loss of the in-scope rows of a batch plus
+    `weight` times the mean cross-entropy from uniform of the out-of-scope rows (target OUTLIER),
+    -mean_c log softmax(z)_c, which is smallest when the model spreads its answer evenly over the labels."""
+    import torch
+
+    def loss(logits, target):
+        out = target == OUTLIER
+        if not bool(out.any()):
+            return loss_fn(logits, target)
+        oe = -torch.log_softmax(logits[out], dim=-1).mean(dim=-1).mean()
+        if bool(out.all()):
+            return weight * oe
+        return loss_fn(logits[~out], target[~out]) + weight * oe
+    return loss
+
+
 class FinetuneRun:
     """One seed's training on the engine: the classification objective, epochs over length-grouped
     shuffled batches, validation and early stopping, best-weights restore and exact resume."""
@@ -319,7 +339,7 @@ class FinetuneRun:
 
     def __init__(self, train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
                  base: BaseParams, ft: FinetuneParams, seed: int, checkpoint_dir: Optional[Path] = None,
-                 device: Optional[str] = None, start: Any = None):
+                 device: Optional[str] = None, start: Any = None, outliers: Sequence[str] = ()):
         import torch
 
 
@@ -336,6 +356,9 @@ class FinetuneRun:
         self.y_train = encode_labels(train_df, self.names, ft.problem_type, "train.parquet")
         self.y_val = encode_labels(val_df, self.names, ft.problem_type, "validation.parquet")
         self.texts = train_df["text"].astype(str).tolist()
+        # finetune.outlier_exposure: out-of-scope texts trained towards uniform (rows after the train rows, target
+        # OUTLIER); the probe, class weights and validation see the train rows only
+        self.outliers = [str(t) for t in outliers] if ft.outlier_exposure > 0 else []
         self.val_texts = val_df["text"].astype(str).tolist()
         if not self.texts:
             raise DataError("train.parquet", None, None, "no training rows")
@@ -421,27 +444,31 @@ class FinetuneRun:
 
         ft = self.ft
         groups = self._trainable_groups()
+        texts = self.texts + self.outliers  # outlier-exposure rows after the train rows
         if ft.method == "head":  # batches of cached features (one per document): every row costs the same
-            self.ids, self.lengths = None, np.ones(len(self.texts), dtype=int)
-            self.row_doc = np.arange(len(self.texts))
+            self.ids, self.lengths = None, np.ones(len(texts), dtype=int)
+            self.row_doc = np.arange(len(texts))
         else:  # token ids pre-computed once (a row per window under chunks); each batch padded to its own longest
-            enc = chunking.encode(self.tokenizer, self.texts, self.base.max_length, self.long_text)
+            enc = chunking.encode(self.tokenizer, texts, self.base.max_length, self.long_text)
             self.ids, self.row_doc = enc.inputs["input_ids"], enc.doc
             self.lengths = np.array([len(x) for x in self.ids])
         # finetune.chunk_loss document: a batch is documents (their windows run together, pooled, one loss per
         # document), as many per batch as make batch_size windows on average; micro-batches keep whole documents
         # within batch_size windows (window_packs)
         self.doc_level = (ft.method != "head" and self.long_text.mode == "chunks" and ft.chunk_loss == "document"
-                          and len(self.lengths) > len(self.texts))
+                          and len(self.lengths) > len(texts))
         if self.doc_level:
-            self.doc_start = np.searchsorted(self.row_doc, np.arange(len(self.texts)))  # windows are consecutive
-            self.doc_windows = np.bincount(self.row_doc, minlength=len(self.texts))
-            self.lengths = np.bincount(self.row_doc, weights=self.lengths, minlength=len(self.texts)).astype(int)
-            self.batch_units = max(1, round(ft.batch_size * len(self.texts) / len(self.row_doc)))
+            self.doc_start = np.searchsorted(self.row_doc, np.arange(len(texts)))  # windows are consecutive
+            self.doc_windows = np.bincount(self.row_doc, minlength=len(texts))
+            self.lengths = np.bincount(self.row_doc, weights=self.lengths, minlength=len(texts)).astype(int)
+            self.batch_units = max(1, round(ft.batch_size * len(texts) / len(self.row_doc)))
         self._make_engine(groups, len(self.lengths), checkpoint_dir)
         self.loss_fn = _loss_function(ft, self.y_train, len(self.names), self.device)
-        self.y_t = torch.from_numpy(self.y_train[self.row_doc]).to(self.device)  # each row's document label
-        self.y_doc_t = torch.from_numpy(self.y_train).to(self.device)
+        if self.outliers:
+            self.loss_fn = outlier_exposure_loss(self.loss_fn, ft.outlier_exposure)
+        y_rows = np.r_[self.y_train, np.full(len(self.outliers), OUTLIER, dtype=self.y_train.dtype)]
+        self.y_t = torch.from_numpy(y_rows[self.row_doc]).to(self.device)  # each row's document label
+        self.y_doc_t = torch.from_numpy(y_rows).to(self.device)
         self.feats_t = torch.from_numpy(self.feats).to(self.device) if ft.method == "head" else None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
@@ -630,7 +657,7 @@ class FinetuneRun:
 
 def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str], encoder_dir: str,
               base: BaseParams, ft: FinetuneParams, seed: int, checkpoint_dir: Optional[Path] = None,
-              progress: bool = True, start: Optional[warmstart.Start] = None):
+              progress: bool = True, start: Optional[warmstart.Start] = None, outliers: Sequence[str] = ()):
     """Train one model with one seed. Returns (model, tokenizer, label names, result dict).
 
     result: history (per-step loss, lr, grad norm; per-epoch validation metrics),
@@ -642,7 +669,8 @@ def train_one(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Sequence[str
         start, contrastive = _setfit_phase(train_df, labels, encoder_dir, base, ft, seed, checkpoint_dir, progress,
                                            start)
         run_ft = dataclasses.replace(ft, method="head")
-    run = FinetuneRun(train_df, val_df, labels, encoder_dir, base, run_ft, seed, checkpoint_dir, start=start)
+    run = FinetuneRun(train_df, val_df, labels, encoder_dir, base, run_ft, seed, checkpoint_dir, start=start,
+                      outliers=outliers)
     result = run.train(progress)
     result["setfit"] = contrastive
     result["label_changes"] = run.label_changes
@@ -704,18 +732,31 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
                      base_encoder: Optional[str] = None, data_hash: str = "",
                      checkpoint_root: Optional[str | os.PathLike] = None,
                      live_dir: Optional[str | os.PathLike] = None, progress: bool = True,
-                     start: Optional[warmstart.Start] = None, extra_rows: Optional[dict] = None) -> dict:
+                     start: Optional[warmstart.Start] = None, extra_rows: Optional[dict] = None,
+                     outliers: Sequence[str] = (), outliers_source: str = "") -> dict:
     """Train one model per seed in ft.seeds; save the best on validation macro-F1 to out_dir
     (and every seed's under out_dir/seeds/<seed>/ when there is more than one). Returns metrics.
 
     base_encoder is what model.json records as the encoder (the path as given on the
     command line, e.g. "models/dapt"); defaults to encoder_dir. start: the warm start (finetune.init);
-    extra_rows: what the extra-rows file added to train (augmented and replayed rows, its hash), for model.json.
+    extra_rows: what the extra-rows file added to train (augmented and replayed rows, its hash), for model.json;
+    outliers: the out-of-scope texts of finetune.outlier_exposure (ignored when it is 0), `outliers_source` where
+    they came from (recorded with their count and hash).
     """
     validate_setup(ft, encoder_dir, finetune_device(base, ft))
     ckpt_root = Path(checkpoint_root) if checkpoint_root is not None else None
     long_text = chunking.LongText.from_params(base)
     reads = {"long_text": long_text.as_meta()} if long_text.mode != "truncate" else {}  # truncate: keys as before
+    outliers = list(outliers) if ft.outlier_exposure > 0 else []
+    if ft.outlier_exposure > 0 and not outliers:
+        raise ParamsError("params.yaml: finetune.outlier_exposure > 0 needs out-of-scope texts: set "
+                          "evaluate.abstain.oos_texts (or finetune.outlier_exposure: 0)")
+    exposure = {"weight": ft.outlier_exposure, "texts": len(outliers), "source": outliers_source,
+                "sha256": json_lines_sha256([t] for t in outliers),
+                "loss": "train rows' loss + weight * mean over these texts of -mean_c log softmax(logits)_c "
+                        "(cross-entropy from uniform; Hendrycks et al. 2019)"} if outliers else None
+    if exposure is not None:
+        reads["outlier_exposure"] = exposure["sha256"]
     keys = {s: run_key("finetune", ft, encoder_dir, max_length=base.max_length, data=data_hash, seed=s,
                        extra=(extra_rows or {}).get("sha256"), init=start.info() if start is not None else None,
                        **reads)
@@ -731,7 +772,7 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
     for seed in ft.seeds:
         ckpt = ckpt_root / keys[seed] if ckpt_root is not None else None
         model, tok, names, res = train_one(train_df, val_df, labels, encoder_dir, base, ft, seed, ckpt,
-                                           progress, start)
+                                           progress, start, outliers)
         meta = {
             "labels": names, "pooling": ft.pooling, "problem_type": ft.problem_type, "method": ft.method,
             "max_length": base.max_length, "base_encoder": base_encoder or str(encoder_dir),
@@ -749,6 +790,7 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
             "extra_rows": extra_rows, "warm_start": start.info() if start is not None else None,
             "regularize": {"kind": ft.regularize, "strength": ft.regularize_strength}
             if ft.regularize != "none" else None,
+            "outlier_exposure": exposure,
         }
         if out_dir is None:  # only metrics wanted: do not keep every seed's model in memory
             model = None
@@ -768,6 +810,7 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame, labels: Seque
     metrics["warm_start"] = dict(start.info(), **(kept["label_changes"] or {})) if start is not None else None
     metrics["regularize"] = kept["regularize"]
     metrics["setfit"] = kept["setfit"]
+    metrics["outlier_exposure"] = exposure
     log.info("%s", result_line(metrics, len(train_df)))
     distributed.barrier()
     if ckpt_root is not None and writer:  # finished: these checkpoints are done with

@@ -63,6 +63,9 @@ def check_method(ft: FinetuneParams) -> None:
     if ft.problem_type != "single_label":
         raise ParamsError("params.yaml: finetune.problem_type: token_classification tags one tag per word "
                           "(single_label)")
+    if ft.outlier_exposure > 0:
+        raise ParamsError("params.yaml: finetune.outlier_exposure: applies to base.task classification only (its "
+                          "abstention is per text, not per word)")
 
 
 def encode_words(tokenizer, words: Sequence[Sequence[str]], tag_ids: Sequence[Sequence[int]], max_length: int):

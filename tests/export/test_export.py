@@ -583,6 +583,10 @@ def test_model_card_names_the_warm_start_regulariser_and_extra_rows():
     assert lines[0] == "- Started from version v1.2.0 (its dataset `ffffffffffff`), regulariser ewc (strength 0.5)"
     assert lines[1] == "- Train had 30 extra rows (24 augmented, 6 replayed), hash `aaaaaaaaaaaa`"
     assert continual_lines({}) == ["- Started from the base encoder, no regulariser"]
+    oe = continual_lines({"outlier_exposure": {"weight": 0.5, "texts": 1114, "source": "labels/oos/known.txt",
+                                               "sha256": "b" * 64}})
+    assert oe[1].startswith("- Outlier exposure (weight 0.5): 1,114 known out-of-scope texts from "
+                            "labels/oos/known.txt") and "`bbbbbbbbbbbb`" in oe[1]
 
 
 def test_the_export_measures_every_variant_and_records_what_auto_serves(exported):

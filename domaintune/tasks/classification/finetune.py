@@ -11,6 +11,9 @@ Rows added to train -- finetune.augment's (train/augment.py) and finetune.replay
 version's train rows, train/warmstart.py) -- are written to --extra-rows (a DVC out: id, text, label,
 source_id, origin), and their hash goes into model.json and the metrics, so the version record says exactly
 what was trained on. Validation and test are read as they are, never augmented.
+
+finetune.outlier_exposure trains on half of evaluate.abstain.oos_texts (exposure_texts) as well: their count,
+source and hash go into model.json and the metrics.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from domaintune.core.io import atomic_output, write_json
 from domaintune.core.params import load_params
 from domaintune.core.stage import StageIO
 from domaintune.data.dataset import json_lines_sha256, read_dataset, read_hashes
+from domaintune.evaluate import abstain
 from domaintune.train import distributed, warmstart
 from domaintune.train.augment import EXTRA_COLUMNS, augment_rows
 from domaintune.train.classifier import finetune_device, train_classifier
@@ -70,6 +74,21 @@ def extra_train_rows(splits: dict, labels: list, base, ft, start) -> tuple[pd.Da
     return extra.reset_index(drop=True), info
 
 
+def exposure_texts(io: StageIO, ft) -> tuple[list[str], str]:
+    """finetune.outlier_exposure's texts: the half of evaluate.abstain.oos_texts that the evaluate stage's
+    detector fits on (abstain.split_oos), so that the other half stays unseen for comparing the methods."""
+    if ft.outlier_exposure == 0:
+        return [], ""
+    ev = load_params(io.params, "evaluate")
+    path = ev.abstain.oos_texts
+    if not path:
+        raise ParamsError("params.yaml: finetune.outlier_exposure: needs evaluate.abstain.oos_texts (known "
+                          "out-of-scope texts); set it, or finetune.outlier_exposure: 0")
+    texts = abstain.read_texts(path, "evaluate.abstain.oos_texts")
+    fit, _ = abstain.split_oos(len(texts))
+    return [texts[i] for i in fit], f"{path} (the fit half: seeded split, abstain.split_oos)"
+
+
 def train(io: StageIO) -> dict:
     base, ft = load_params(io.params, "base", "finetune")
     finetune_device(base, ft)  # a bad or absent device is one line before any data is read
@@ -79,6 +98,7 @@ def train(io: StageIO) -> dict:
         raise ParamsError("params.yaml: finetune.optimizer: paged_adamw_8bit is for base.task generation "
                           "(QLoRA/LoRA SFT); the classifier trains with AdamW (use auto or adamw)")
     start = open_start(io, ft)
+    outliers, outliers_source = exposure_texts(io, ft)  # a bad file fails before any data is read
     splits, labels = read_dataset(io.in_dir)
     data_hash = read_hashes(io.in_dir, splits, labels)["dataset"]
     extra, extra_info = extra_train_rows(splits, labels, base, ft, start)
@@ -87,7 +107,7 @@ def train(io: StageIO) -> dict:
     train_df = pd.concat([splits["train"], extra.loc[:, ["id", "text", "label"]]], ignore_index=True) \
         if len(extra) else splits["train"]
     kw = dict(base_encoder=io.encoder, data_hash=data_hash, checkpoint_root=io.checkpoints, progress=io.progress,
-              start=start, extra_rows=extra_info)
+              start=start, extra_rows=extra_info, outliers=outliers, outliers_source=outliers_source)
     if distributed.rank() != 0:  # a data-parallel helper process: trains, writes nothing
         return train_classifier(train_df, splits["validation"], labels, io.encoder, base, ft, None, **kw)
     with atomic_output(io.out) as out, atomic_output(io.live) as live, atomic_output(io.metrics) as met:

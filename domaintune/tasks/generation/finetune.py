@@ -26,7 +26,7 @@ def train(io: StageIO) -> dict:
     optimizer_for(ft, device)  # paged 8-bit AdamW without CUDA: one line before any data is read
     classifier_only = [k for k, on in (("augment", ft.augment["copies"] or ft.augment["back_translation"]),
                                        ("init", ft.init != "base"), ("regularize", ft.regularize != "none"),
-                                       ("replay", ft.replay)) if on]
+                                       ("replay", ft.replay), ("outlier_exposure", ft.outlier_exposure)) if on]
     if classifier_only:
         raise ParamsError(f"params.yaml: finetune.{classifier_only[0]}: applies to base.task classification only")
     splits, labels = read_dataset(io.in_dir)
