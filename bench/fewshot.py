@@ -3,6 +3,12 @@
     flock /tmp/heavy.lock .venv/bin/python bench/fewshot.py            # the full run (hours on 2 CPU cores)
     flock /tmp/heavy.lock .venv/bin/python bench/fewshot.py --smoke    # proves it runs (< 1 min); not a result
 
+The reduced run in bench/results/fewshot.json (about 50 minutes on 2 cores), one command after another:
+    bench/fewshot.py --shots 8 --methods head full
+    bench/fewshot.py --shots 8 --methods setfit --setfit-iterations 5
+    bench/fewshot.py --shots 8 --methods setfit_augment --setfit-iterations 5 --draws 1
+    bench/fewshot.py --shots 16 64 --methods head full setfit --setfit-iterations 5 --setfit-max-pairs 12000 --draws 1
+
 Data: BANKING77 (../shared/datasets/banking77). For each shot count k (8, 16, 64 per class) and each of 3
 seeded draws, k train rows per intent are drawn (seed = draw); the whole test.csv (3,080 rows) is scored.
 No validation split (few-shot: every labelled row trains; the last epoch is kept).

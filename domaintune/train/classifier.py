@@ -466,7 +466,8 @@ class FinetuneRun:
         self.loss_fn = _loss_function(ft, self.y_train, len(self.names), self.device)
         if self.outliers:
             self.loss_fn = outlier_exposure_loss(self.loss_fn, ft.outlier_exposure)
-        y_rows = np.r_[self.y_train, np.full(len(self.outliers), OUTLIER, dtype=self.y_train.dtype)]
+        y_rows = np.r_[self.y_train, np.full(len(self.outliers), OUTLIER, dtype=self.y_train.dtype)] \
+            if self.outliers else self.y_train  # (multi_label's 2-D targets never have outliers)
         self.y_t = torch.from_numpy(y_rows[self.row_doc]).to(self.device)  # each row's document label
         self.y_doc_t = torch.from_numpy(y_rows).to(self.device)
         self.feats_t = torch.from_numpy(self.feats).to(self.device) if ft.method == "head" else None
