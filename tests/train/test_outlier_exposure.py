@@ -94,3 +94,14 @@ def test_exposure_without_oos_texts_is_one_line_and_exit_2(tmp_path, tiny_bert, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "evaluate.abstain.oos_texts" in err[0]
     assert not (tmp_path / "model").exists()
+
+
+def test_exposure_with_a_single_oos_text_is_one_line_and_exit_2(tmp_path, tiny_bert, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = make_dataset(tmp_path / "audited")
+    params = with_oos(write_params(tmp_path / "params.yaml", epochs=1, outlier_exposure=0.5), tmp_path,
+                      texts=["what is the weather"])
+    assert run_stage_cli(tmp_path, tiny_bert, data, params) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "labels/oos/known.txt" in err[0] and "at least 2" in err[0]
+    assert not (tmp_path / "model").exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from domaintune.core.errors import ParamsError, StageError
+from domaintune.core.errors import DataError, ParamsError, StageError
 from domaintune.core.io import atomic_output, write_json
 from domaintune.core.params import load_params
 from domaintune.core.stage import StageIO
@@ -85,6 +85,9 @@ def exposure_texts(io: StageIO, ft) -> tuple[list[str], str]:
         raise ParamsError("params.yaml: finetune.outlier_exposure: needs evaluate.abstain.oos_texts (known "
                           "out-of-scope texts); set it, or finetune.outlier_exposure: 0")
     texts = abstain.read_texts(path, "evaluate.abstain.oos_texts")
+    if len(texts) < 2:
+        raise DataError(path, None, None, "evaluate.abstain.oos_texts: finetune.outlier_exposure needs at least 2 "
+                        "texts (half train, half stay unseen for the evaluate stage)")
     fit, _ = abstain.split_oos(len(texts))
     return [texts[i] for i in fit], f"{path} (the fit half: seeded split, abstain.split_oos)"
 
